@@ -1,0 +1,173 @@
+"""AdaGrad and its windowed descendant AdaDelta: steps scaled by accumulated squared gradients."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from adaopt._src import base
+from adaopt._src import moments as mo
+from adaopt._src.base import ScalarOrSchedule, Updates
+
+
+class AdagradState(NamedTuple):
+    sum_of_squares: Updates
+
+
+def scale_by_adagrad(
+    initial_accumulator_value: Any = 0.0,
+    eps: Any = 1e-10,
+    eps_root: Any = 0.0,
+    *,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""AdaGrad's block: :math:`s_t = s_{t-1} + g_t^2`, update :math:`g_t / (\sqrt{s_t + \epsilon_{root}} + \epsilon)`.
+
+    A zero denominator (a zero gradient with everything else zero) gives a zero update.
+    """
+    base.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
+    base.check_nonnegative("eps", eps)
+    base.check_nonnegative("eps_root", eps_root)
+    base.check_dtype("accumulator_dtype", accumulator_dtype)
+
+    def init_fn(params: base.Params) -> AdagradState:
+        return AdagradState(mo.init_like(params, accumulator_dtype, initial_accumulator_value))
+
+    def update_fn(
+        updates: Updates, state: AdagradState, params: base.Params | None = None
+    ) -> tuple[Updates, AdagradState]:
+        del params
+
+        def leaf(g: jax.Array, s: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (s32,) = mo.to_compute(g, s)
+            s_new = s32 + g32 * g32
+            step = g32 * mo.inv_root(s_new, mo.scalar(eps, dtype), mo.scalar(eps_root, dtype))
+            return step.astype(g.dtype), s_new.astype(s.dtype)
+
+        step, sums = mo.leafwise(leaf, 2, updates, state.sum_of_squares)
+        return step, AdagradState(sums)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _with_lr_decay(learning_rate: ScalarOrSchedule, lr_decay: Any) -> ScalarOrSchedule:
+    """torch's Adagrad learning rate: ``learning_rate(count) / (1 + count * lr_decay)``."""
+    if base.is_zero(lr_decay):
+        return learning_rate
+
+    def schedule(count: jax.Array) -> jax.Array:
+        value = learning_rate(count) if callable(learning_rate) else learning_rate
+        return value / (1 + count * lr_decay)
+
+    return schedule
+
+
+def adagrad(
+    learning_rate: ScalarOrSchedule = 1e-2,
+    lr_decay: Any = 0.0,
+    weight_decay: Any = 0.0,
+    initial_accumulator_value: Any = 0.0,
+    eps: Any = 1e-10,
+    eps_root: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaGrad: each parameter's step shrinks with the sum of its squared gradients.
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad\text{(coupled decay)} \\
+        s_t &= s_{t-1} + g_t^2 \;(s_0 = \text{initial\_accumulator\_value}), \qquad
+        \theta_t = \theta_{t-1} - \frac{\eta_t}{1 + (t - 1)\,\delta} \frac{g_t}{\sqrt{s_t + \epsilon_{root}} + \epsilon}
+
+    Args:
+      learning_rate: a non-negative number or a schedule.
+      lr_decay: :math:`\delta` >= 0, torch's learning-rate decay.
+      weight_decay, weight_decay_mask, decoupled_weight_decay: as :func:`adaopt.sgd`.
+      initial_accumulator_value: :math:`s_0` >= 0.
+      eps: added to the root (torch's placement); eps_root: added inside it (optax's).
+      accumulator_dtype: storage dtype of :math:`s`.
+
+    Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods", JMLR 2011.
+    ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)`` matches
+    this with the same numbers; ``optax.adagrad(lr, initial_accumulator_value, eps=e)`` matches
+    ``eps=0, eps_root=e``.
+    """
+    base.check_common(learning_rate, weight_decay)
+    base.check_nonnegative("lr_decay", lr_decay)
+    core = scale_by_adagrad(initial_accumulator_value, eps, eps_root, accumulator_dtype=accumulator_dtype)
+    return base.assemble(
+        core, _with_lr_decay(learning_rate, lr_decay), weight_decay, weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+    )  # fmt: skip
+
+
+class AdadeltaState(NamedTuple):
+    e_g: Updates  # EMA of squared gradients
+    e_x: Updates  # EMA of squared steps
+
+
+def scale_by_adadelta(
+    rho: Any = 0.9, eps: Any = 1e-6, *, accumulator_dtype: Any = None
+) -> optax.GradientTransformation:
+    r"""AdaDelta's block (see :func:`adadelta`)."""
+    base.check_decay("rho", rho)
+    base.check_nonnegative("eps", eps)
+    base.check_dtype("accumulator_dtype", accumulator_dtype)
+
+    def init_fn(params: base.Params) -> AdadeltaState:
+        return AdadeltaState(mo.init_like(params, accumulator_dtype), mo.init_like(params, accumulator_dtype))
+
+    def update_fn(
+        updates: Updates, state: AdadeltaState, params: base.Params | None = None
+    ) -> tuple[Updates, AdadeltaState]:
+        del params
+
+        def leaf(g: jax.Array, e_g: jax.Array, e_x: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (eg32, ex32) = mo.to_compute(g, e_g, e_x)
+            r, e = mo.scalar(rho, dtype), mo.scalar(eps, dtype)
+            eg_new = mo.ema(g32 * g32, eg32, r)
+            step = jax.numpy.sqrt(ex32 + e) * mo.inv_root(eg_new, 0.0, e) * g32
+            ex_new = mo.ema(step * step, ex32, r)
+            return step.astype(g.dtype), eg_new.astype(e_g.dtype), ex_new.astype(e_x.dtype)
+
+        step, e_g, e_x = mo.leafwise(leaf, 3, updates, state.e_g, state.e_x)
+        return step, AdadeltaState(e_g, e_x)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adadelta(
+    learning_rate: ScalarOrSchedule = 1.0,
+    rho: Any = 0.9,
+    eps: Any = 1e-6,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaDelta: AdaGrad over a window, with units matched by an EMA of past steps.
+
+    .. math::
+        E[g^2]_t &= \rho E[g^2]_{t-1} + (1 - \rho) g_t^2, \qquad
+        \Delta_t = \frac{\sqrt{E[\Delta^2]_{t-1} + \epsilon}}{\sqrt{E[g^2]_t + \epsilon}} g_t \\
+        E[\Delta^2]_t &= \rho E[\Delta^2]_{t-1} + (1 - \rho) \Delta_t^2, \qquad
+        \theta_t = \theta_{t-1} - \eta_t \Delta_t
+
+    Args:
+      learning_rate: a non-negative number or a schedule (1.0 is the paper's method).
+      rho: decay in [0, 1); eps: >= 0, inside both roots.
+      weight_decay, weight_decay_mask, decoupled_weight_decay, accumulator_dtype: as :func:`adaopt.sgd`.
+
+    Reference: Zeiler, "ADADELTA: An Adaptive Learning Rate Method", 2012.
+    ``torch.optim.Adadelta(lr, rho, eps, weight_decay)`` and ``optax.adadelta`` match.
+    """
+    base.check_common(learning_rate, weight_decay)
+    core = scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype)
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+    )

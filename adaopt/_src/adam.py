@@ -1,0 +1,630 @@
+"""The Adam family: Adam, AdamW, AMSGrad, AdaBelief, Yogi, Adamax, NAdam, NAdamW, RAdam.
+
+Adam, AMSGrad, AdaBelief and Yogi differ only in how the second moment is updated (and
+AMSGrad in a running maximum of it): one block, :func:`scale_by_adam`, holds them all. Adamax,
+NAdam and RAdam change the step itself and have blocks of their own built on the same moments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaopt._src import base
+from adaopt._src import moments as mo
+from adaopt._src.base import ScalarOrSchedule, Updates
+
+SecondMoment = Literal["adam", "belief", "yogi"]
+AmsgradMax = Literal["raw", "debiased"]
+
+
+class AdamState(NamedTuple):
+    """State of :func:`scale_by_adam`: the step count and the moments, mirroring the parameters."""
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    mu: Updates
+    nu: Updates
+    nu_max: Updates | None = None  # AMSGrad's running maximum of the second moment, else None
+
+
+def _check_moments(b1: Any, b2: Any, eps: Any, eps_root: Any, mu_dtype: Any, nu_dtype: Any) -> None:
+    base.check_decay("b1", b1)
+    base.check_decay("b2", b2)
+    base.check_nonnegative("eps", eps)
+    base.check_nonnegative("eps_root", eps_root)
+    base.check_dtype("mu_dtype", mu_dtype)
+    base.check_dtype("nu_dtype", nu_dtype)
+
+
+def scale_by_adam(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    second_moment: SecondMoment = "adam",
+    amsgrad: AmsgradMax | None = None,
+    bias_correction: bool = True,
+    initial_accumulator_value: Any = 0.0,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Rescale updates by Adam's moments; the one block behind Adam, AMSGrad, AdaBelief and Yogi.
+
+    .. math::
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        v_t &= \begin{cases}
+            \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 & \text{adam} \\
+            \beta_2 v_{t-1} + (1 - \beta_2) (g_t - m_t)^2 + \epsilon_{root} & \text{belief} \\
+            v_{t-1} - (1 - \beta_2)\,\mathrm{sign}(v_{t-1} - g_t^2)\, g_t^2 & \text{yogi}
+        \end{cases} \\
+        \hat v_t &= \begin{cases}
+            v_t / (1 - \beta_2^t) & \\
+            \max_{s \le t} v_s / (1 - \beta_2^t) & \text{amsgrad="raw" (torch)} \\
+            \max_{s \le t} \big(v_s / (1 - \beta_2^s)\big) & \text{amsgrad="debiased" (optax)}
+        \end{cases} \\
+        u_t &= \frac{m_t / (1 - \beta_1^t)}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}
+
+    (for "belief", :math:`\epsilon_{root}` is accumulated into :math:`v_t` and not added again).
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the root of the second moment, >= 0.
+      eps_root: added inside the root, >= 0.
+      second_moment: "adam", "belief" (AdaBelief) or "yogi".
+      amsgrad: None, or which running maximum to keep: "raw" (torch) or "debiased" (optax).
+      bias_correction: divide the moments by :math:`1 - \beta^t`; False gives the AMSGrad
+        paper's update.
+      initial_accumulator_value: initial value of both moments (Yogi's starts at 1e-6).
+      mu_dtype, nu_dtype: storage dtypes of the moments; None keeps the parameter's,
+        widened to float32 for half precision.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`AdamState`.
+    """
+    _check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    base.check_choice("second_moment", second_moment, ("adam", "belief", "yogi"))
+    base.check_choice("amsgrad", amsgrad, (None, "raw", "debiased"))
+    base.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
+    eps_in_root = 0.0 if second_moment == "belief" else eps_root
+
+    def init_fn(params: base.Params) -> AdamState:
+        return AdamState(
+            count=mo.zero_count(),
+            mu=mo.init_like(params, mu_dtype, initial_accumulator_value),
+            nu=mo.init_like(params, nu_dtype, initial_accumulator_value),
+            nu_max=mo.init_like(params, nu_dtype) if amsgrad else None,
+        )
+
+    def update_fn(updates: Updates, state: AdamState, params: base.Params | None = None) -> tuple[Updates, AdamState]:
+        del params
+        count = mo.safe_increment(state.count)
+
+        def leaf(g: jax.Array, m: jax.Array, v: jax.Array, *v_max: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+            beta1, beta2 = mo.scalar(b1, dtype), mo.scalar(b2, dtype)
+            m_new = mo.ema(g32, m32, beta1)
+            if second_moment == "adam":
+                v_new = mo.ema(g32 * g32, v32, beta2)
+            elif second_moment == "belief":
+                v_new = mo.ema(jnp.square(g32 - m_new), v32, beta2) + mo.scalar(eps_root, dtype)
+            else:
+                g2 = g32 * g32
+                v_new = v32 - (1 - beta2) * jnp.sign(v32 - g2) * g2
+            bc1 = mo.bias_correction(b1, count, dtype) if bias_correction else 1
+            bc2 = mo.bias_correction(b2, count, dtype) if bias_correction else 1
+            new_max: tuple[jax.Array, ...] = ()
+            if amsgrad is None:
+                v_hat = v_new / bc2
+            elif amsgrad == "raw":
+                running = jnp.maximum(v_max[0].astype(dtype), v_new)
+                v_hat = running / bc2
+                new_max = (running.astype(v.dtype),)
+            else:
+                v_hat = jnp.maximum(v_max[0].astype(dtype), v_new / bc2)
+                new_max = (v_hat.astype(v.dtype),)
+            step = (m_new / bc1) * mo.inv_root(v_hat, mo.scalar(eps, dtype), mo.scalar(eps_in_root, dtype))
+            return (step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype), *new_max)
+
+        trees = (state.mu, state.nu) + ((state.nu_max,) if amsgrad else ())
+        out = mo.leafwise(leaf, 3 + bool(amsgrad), updates, *trees)
+        return out[0], AdamState(count, out[1], out[2], out[3] if amsgrad else None)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam: steps scaled per parameter by bias-corrected first and second moments.
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad \text{(coupled decay, the default)} \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        \theta_t &= \theta_{t-1} - \eta_t \Big( \frac{m_t / (1 - \beta_1^t)}
+            {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+            \;[+\, \lambda \theta_{t-1} \text{ if decoupled}] \Big)
+
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1, b2: decays of the first and second moments, in [0, 1).
+      eps: added to the root of the second moment; eps_root: added inside it.
+      weight_decay: coefficient of the weight decay, >= 0.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      decoupled_weight_decay: add the decay to the step (AdamW) instead of to the gradient (L2).
+      mu_dtype, nu_dtype: storage dtypes of the moments (default: the parameter's, at least
+        float32).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.adam(1e-3)
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+      >>> adaopt.apply_updates(params, updates)["w"].round(4)
+      Array([0.999, 0.999, 0.999], dtype=float32)
+
+    Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+    ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay)`` is this with the same numbers;
+    ``optax.adam`` is this with ``weight_decay=0``.
+    """
+    base.check_common(learning_rate, weight_decay)
+    core = scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+    )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    weight_decay: Any = 1e-2,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdamW: :func:`adam` with decoupled weight decay, scaled by the learning rate.
+
+    .. math::
+        \theta_t = \theta_{t-1} - \eta_t \Big( \frac{m_t / (1 - \beta_1^t)}
+            {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} + \lambda \theta_{t-1} \Big)
+
+    Args: as :func:`adam`; ``weight_decay`` defaults to 0.01 as in torch.
+
+    Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    ``torch.optim.AdamW(lr, betas, eps, weight_decay)`` and ``optax.adamw`` (same arguments)
+    follow the same trajectory.
+    """
+    return adam(
+        learning_rate, b1, b2, eps, eps_root, weight_decay,
+        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+    )  # fmt: skip
+
+
+def amsgrad(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    weight_decay: Any = 0.0,
+    *,
+    max_of: AmsgradMax = "raw",
+    bias_correction: bool = True,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AMSGrad: Adam whose second moment never decreases (a running maximum).
+
+    .. math::
+        \hat v_t = \max_{s \le t} v_s / (1 - \beta_2^t) \;\text{("raw")} \quad\text{or}\quad
+        \max_{s \le t} \frac{v_s}{1 - \beta_2^s} \;\text{("debiased")}, \qquad
+        \theta_t = \theta_{t-1} - \eta_t \frac{m_t / (1 - \beta_1^t)}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}
+
+    Args: as :func:`adam`, and
+      max_of: "raw", the maximum of the raw second moments, then debiased, as
+        ``torch.optim.Adam(amsgrad=True)``; or "debiased", the maximum of debiased moments, as
+        ``optax.amsgrad``.
+      bias_correction: False gives the paper's Algorithm 2 (no bias correction at all), as
+        ``optax.scale_by_amsgrad(bias_correction_mu=False, bias_correction_nu=False)``.
+
+    Reference: Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
+    """
+    base.check_common(learning_rate, weight_decay)
+    base.check_choice("max_of", max_of, ("raw", "debiased"))
+    core = scale_by_adam(
+        b1, b2, eps, eps_root, amsgrad=max_of, bias_correction=bias_correction, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    )
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+    )
+
+
+def adabelief(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-16,
+    eps_root: Any = 1e-16,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaBelief: Adam with the variance of the gradient around its EMA (the "belief").
+
+    .. math::
+        s_t = \beta_2 s_{t-1} + (1 - \beta_2)(g_t - m_t)^2 + \epsilon_{root}, \qquad
+        \theta_t = \theta_{t-1} - \eta_t \Big( \frac{m_t / (1 - \beta_1^t)}{\sqrt{s_t / (1 - \beta_2^t)} + \epsilon}
+            + \lambda \theta_{t-1} \Big)
+
+    Args: as :func:`adam`; the decay is decoupled by default, as in the authors' package.
+
+    Reference: Zhuang et al., "AdaBelief Optimizer", NeurIPS 2020.
+    ``pytorch_optimizer.AdaBelief(lr, betas, eps=e, weight_decay)`` is this with ``eps=e``,
+    ``eps_root=e``; ``optax.adabelief`` is this with the same eps, eps_root and no decay.
+    """
+    base.check_common(learning_rate, weight_decay)
+    core = scale_by_adam(b1, b2, eps, eps_root, second_moment="belief", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+    )
+
+
+def yogi(
+    learning_rate: ScalarOrSchedule = 1e-2,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-3,
+    eps_root: Any = 0.0,
+    weight_decay: Any = 0.0,
+    *,
+    initial_accumulator_value: Any = 1e-6,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Yogi: Adam whose second moment moves additively, by at most :math:`(1 - \beta_2) g^2`.
+
+    .. math::
+        v_t = v_{t-1} - (1 - \beta_2)\,\mathrm{sign}(v_{t-1} - g_t^2)\, g_t^2, \qquad
+        \theta_t = \theta_{t-1} - \eta_t \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+
+    with both moments starting at ``initial_accumulator_value``.
+
+    Args: as :func:`adam`, and ``initial_accumulator_value`` (>= 0).
+
+    Reference: Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018.
+    ``pytorch_optimizer.Yogi(lr, betas, initial_accumulator, weight_decay, eps)`` and
+    ``optax.yogi`` are this with the same numbers.
+    """
+    base.check_common(learning_rate, weight_decay)
+    core = scale_by_adam(
+        b1, b2, eps, eps_root, second_moment="yogi", initial_accumulator_value=initial_accumulator_value,
+        mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+    )  # fmt: skip
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+    )
+
+
+class AdamaxState(NamedTuple):
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    mu: Updates
+    nu: Updates  # exponentially weighted infinity norm
+
+
+def scale_by_adamax(
+    b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, *, mu_dtype: Any = None, nu_dtype: Any = None
+) -> optax.GradientTransformation:
+    r"""Adamax's block: the step divided by an exponentially weighted infinity norm.
+
+    .. math::
+        u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon), \qquad
+        \text{update} = \frac{m_t / (1 - \beta_1^t)}{u_t}
+    """
+    _check_moments(b1, b2, eps, 0.0, mu_dtype, nu_dtype)
+
+    def init_fn(params: base.Params) -> AdamaxState:
+        return AdamaxState(mo.zero_count(), mo.init_like(params, mu_dtype), mo.init_like(params, nu_dtype))
+
+    def update_fn(
+        updates: Updates, state: AdamaxState, params: base.Params | None = None
+    ) -> tuple[Updates, AdamaxState]:
+        del params
+        count = mo.safe_increment(state.count)
+
+        def leaf(g: jax.Array, m: jax.Array, u: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (m32, u32) = mo.to_compute(g, m, u)
+            m_new = mo.ema(g32, m32, mo.scalar(b1, dtype))
+            u_new = jnp.maximum(mo.scalar(b2, dtype) * u32, jnp.abs(g32) + mo.scalar(eps, dtype))
+            step = (m_new / mo.bias_correction(b1, count, dtype)) / jnp.where(u_new > 0, u_new, 1)
+            return step.astype(g.dtype), m_new.astype(m.dtype), u_new.astype(u.dtype)
+
+        step, mu, nu = mo.leafwise(leaf, 3, updates, state.mu, state.nu)
+        return step, AdamaxState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamax(
+    learning_rate: ScalarOrSchedule = 2e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adamax: Adam with the infinity norm in place of the second moment.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+        u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon), \quad
+        \theta_t = \theta_{t-1} - \eta_t \frac{m_t}{(1 - \beta_1^t)\, u_t}
+
+    Args: as :func:`adam` (coupled decay by default, as in torch).
+
+    Reference: Kingma & Ba, "Adam", ICLR 2015, section 7. ``torch.optim.Adamax(lr, betas, eps,
+    weight_decay)`` and ``optax.adamax`` (which also puts eps inside the maximum) match.
+    """
+    base.check_common(learning_rate, weight_decay)
+    core = scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+    )
+
+
+class NadamState(NamedTuple):
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    mu_product: jax.Array  # product of the momentum schedule up to this step
+    mu: Updates
+    nu: Updates
+
+
+def _widest_float(params: base.Params) -> jnp.dtype:
+    return mo.compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
+
+
+def scale_by_nadam(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    momentum_decay: Any = 4e-3,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""NAdam's block: Nesterov momentum on Adam, with Dozat's momentum schedule.
+
+    .. math::
+        \mu_t &= \beta_1 \big(1 - \tfrac12 \cdot 0.96^{t \psi}\big) \;(\text{or } \beta_1 \text{ if } \psi
+            \text{ is None}), \qquad \Pi_t = \textstyle\prod_{s \le t} \mu_s \\
+        \text{update} &= \frac{1}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+            \Big( \frac{1 - \mu_t}{1 - \Pi_t} g_t + \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} m_t \Big)
+    """
+    _check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    if momentum_decay is not None:
+        base.check_nonnegative("momentum_decay", momentum_decay)
+
+    def schedule(step: jax.Array, dtype: Any) -> jax.Array:
+        beta1 = mo.scalar(b1, dtype)
+        if momentum_decay is None:
+            return jnp.asarray(beta1, dtype)
+        return beta1 * (1 - 0.5 * 0.96 ** (step.astype(dtype) * mo.scalar(momentum_decay, dtype)))
+
+    def init_fn(params: base.Params) -> NadamState:
+        return NadamState(
+            mo.zero_count(),
+            jnp.ones([], _widest_float(params)),
+            mo.init_like(params, mu_dtype),
+            mo.init_like(params, nu_dtype),
+        )
+
+    def update_fn(updates: Updates, state: NadamState, params: base.Params | None = None) -> tuple[Updates, NadamState]:
+        del params
+        count = mo.safe_increment(state.count)
+        mu_product = state.mu_product * schedule(count, state.mu_product.dtype)
+
+        def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+            mu_t, mu_next = schedule(count, dtype), schedule(count + 1, dtype)
+            product = mu_product.astype(dtype)
+            m_new = mo.ema(g32, m32, mo.scalar(b1, dtype))
+            v_new = mo.ema(g32 * g32, v32, mo.scalar(b2, dtype))
+            scale = mo.inv_root(
+                v_new / mo.bias_correction(b2, count, dtype), mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
+            )
+            step = scale * ((1 - mu_t) / (1 - product) * g32 + mu_next / (1 - product * mu_next) * m_new)
+            return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+
+        step, mu, nu = mo.leafwise(leaf, 3, updates, state.mu, state.nu)
+        return step, NadamState(count, mu_product, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def nadam(
+    learning_rate: ScalarOrSchedule = 2e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    weight_decay: Any = 0.0,
+    *,
+    momentum_decay: Any = 4e-3,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""NAdam: Adam with Nesterov momentum (:func:`scale_by_nadam`'s update times the learning rate).
+
+    Args: as :func:`adam`, and
+      momentum_decay: :math:`\psi` of the momentum schedule (torch's default 4e-3); None keeps
+        the momentum at ``b1``, which is optax's ``nadam``.
+
+    Reference: Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop.
+    ``torch.optim.NAdam(lr, betas, eps, weight_decay, momentum_decay)`` matches this with the
+    same numbers (``decoupled_weight_decay`` as torch's flag); ``optax.nadam`` matches
+    ``momentum_decay=None``.
+    """
+    base.check_common(learning_rate, weight_decay)
+    core = scale_by_nadam(b1, b2, eps, eps_root, momentum_decay, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+    )
+
+
+def nadamw(
+    learning_rate: ScalarOrSchedule = 2e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    weight_decay: Any = 1e-2,
+    *,
+    momentum_decay: Any = 4e-3,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""NAdamW: :func:`nadam` with decoupled weight decay.
+
+    ``torch.optim.NAdam(..., decoupled_weight_decay=True)`` matches; ``optax.nadamw`` matches
+    ``momentum_decay=None``.
+    """
+    return nadam(
+        learning_rate, b1, b2, eps, eps_root, weight_decay, momentum_decay=momentum_decay,
+        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+    )  # fmt: skip
+
+
+def scale_by_radam(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    threshold: Any = 5.0,
+    *,
+    eps_before_debias: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""RAdam's block: Adam's step rectified by the variance of its adaptive learning rate.
+
+    .. math::
+        \rho_\infty &= \frac{2}{1 - \beta_2} - 1, \qquad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t}, \qquad
+        r_t = \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}} \\
+        \text{update} &= \begin{cases}
+            \hat m_t\, r_t\, \dfrac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t + \epsilon_{root}} + \epsilon}
+                & \rho_t > \text{threshold},\ \texttt{eps\_before\_debias} \text{ (torch)} \\
+            \hat m_t\, r_t\, \dfrac{1}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+                & \rho_t > \text{threshold},\ \text{otherwise (optax)} \\
+            \hat m_t & \rho_t \le \text{threshold}
+        \end{cases}
+
+    with :math:`\hat m_t = m_t / (1 - \beta_1^t)`.
+    """
+    _check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    base.check_scalar("threshold", threshold, low=4.0)
+
+    def init_fn(params: base.Params) -> AdamState:
+        return AdamState(mo.zero_count(), mo.init_like(params, mu_dtype), mo.init_like(params, nu_dtype))
+
+    def update_fn(updates: Updates, state: AdamState, params: base.Params | None = None) -> tuple[Updates, AdamState]:
+        del params
+        count = mo.safe_increment(state.count)
+
+        def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+            beta2 = mo.scalar(b2, dtype)
+            m_new = mo.ema(g32, m32, mo.scalar(b1, dtype))
+            v_new = mo.ema(g32 * g32, v32, beta2)
+            bc2 = mo.bias_correction(b2, count, dtype)
+            rho_inf = 2 / (1 - beta2) - 1
+            rho = rho_inf - 2 * count.astype(dtype) * (1 - bc2) / bc2
+            rectify = rho > mo.scalar(threshold, dtype)
+            rho = jnp.where(rectify, rho, rho_inf)  # keeps the unused branch finite for jax.grad
+            r = jnp.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+            m_hat = m_new / mo.bias_correction(b1, count, dtype)
+            e, e_root = mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
+            if eps_before_debias:
+                adaptive = jnp.sqrt(bc2) * mo.inv_root(v_new, e, e_root)
+            else:
+                adaptive = mo.inv_root(v_new / bc2, e, e_root)
+            step = jnp.where(rectify, m_hat * r * adaptive, m_hat)
+            return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+
+        step, mu, nu = mo.leafwise(leaf, 3, updates, state.mu, state.nu)
+        return step, AdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def radam(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    weight_decay: Any = 0.0,
+    *,
+    threshold: Any = 5.0,
+    eps_before_debias: bool = True,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""RAdam: Adam with a rectified adaptive learning rate (:func:`scale_by_radam`), no warmup needed.
+
+    Args: as :func:`adam`, and
+      threshold: rectify once :math:`\rho_t` exceeds it (>= 4; the paper's 5).
+      eps_before_debias: add eps to :math:`\sqrt{v_t}` before the bias correction, as torch
+        does; False gives optax's placement.
+
+    Reference: Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020.
+    ``torch.optim.RAdam(lr, betas, eps, weight_decay, decoupled_weight_decay)`` matches this
+    with the same numbers; ``optax.radam`` matches ``eps_before_debias=False``.
+    """
+    base.check_common(learning_rate, weight_decay)
+    core = scale_by_radam(
+        b1, b2, eps, eps_root, threshold, eps_before_debias=eps_before_debias, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    )
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+    )

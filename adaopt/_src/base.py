@@ -1,0 +1,173 @@
+"""Types, hyperparameter validation and the assembly shared by every optimizer."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Params: TypeAlias = optax.Params
+Updates: TypeAlias = optax.Updates
+Schedule: TypeAlias = optax.Schedule
+ScalarOrSchedule: TypeAlias = optax.ScalarOrSchedule
+MaskOrFn: TypeAlias = Any  # a pytree of booleans matching the parameters, or a callable returning one
+
+
+class HyperparameterError(ValueError, TypeError):
+    """A hyperparameter is out of range or of the wrong type.
+
+    A ``ValueError`` (and, for wrong types, also a ``TypeError``), raised when the optimizer is
+    built, never inside the training loop.
+    """
+
+
+class TreeMismatchError(ValueError):
+    """The gradient tree does not have the structure the optimizer state was built for."""
+
+
+def _concrete_scalar(value: Any) -> float | None:
+    """The value as a Python float, or None when it is traced (inject_hyperparams, vmap, grad)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        dtype = np.asarray(value).dtype
+        numeric = np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+        if np.ndim(value) != 0 or not numeric:
+            raise TypeError
+        return float(np.asarray(value))
+    raise TypeError
+
+
+def check_scalar(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise ``HyperparameterError`` unless ``value`` is a real number in the given interval.
+
+    Traced values (under ``inject_hyperparams``, ``vmap`` or ``grad``) are not checked: they
+    were checked, as concrete numbers, when the optimizer was first built.
+    """
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    valid = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    try:
+        x = _concrete_scalar(value)
+    except TypeError:
+        raise HyperparameterError(
+            f"{name} must be a real number in {valid}, got {value!r} of type {type(value).__name__}."
+        ) from None
+    if x is None:
+        return
+    ok = not math.isnan(x)
+    if ok and low is not None:
+        ok = x > low if low_open else x >= low
+    if ok and high is not None:
+        ok = x < high if high_open else x <= high
+    if not ok:
+        raise HyperparameterError(f"{name} must be in {valid}, got {value!r}.")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    check_scalar(name, value, low=0.0)
+
+
+def check_decay(name: str, value: Any) -> None:
+    """A decay rate of an exponential moving average: 0 <= value < 1."""
+    check_scalar(name, value, low=0.0, high=1.0, high_open=True)
+
+
+def check_learning_rate(learning_rate: Any, name: str = "learning_rate") -> None:
+    """A non-negative number, or a schedule (a callable from the step count to a number)."""
+    if callable(learning_rate):
+        return
+    check_nonnegative(name, learning_rate)
+
+
+def check_dtype(name: str, dtype: Any) -> None:
+    if dtype is None:
+        return
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        raise HyperparameterError(f"{name} must be a floating dtype or None, got {dtype!r}.") from None
+    if not jnp.issubdtype(d, jnp.floating):
+        raise HyperparameterError(f"{name} must be a floating dtype or None, got {dtype!r}.")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise HyperparameterError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def check_tree_match(updates: Updates, state_tree: Any, what: str) -> None:
+    """Raise a readable error when the gradients do not have the state's tree structure."""
+    got: Any = jax.tree.structure(updates)
+    want = jax.tree.structure(state_tree)
+    if got == want:
+        return
+    raise TreeMismatchError(
+        f"The gradient tree does not match the optimizer's {what}: the state was built by "
+        f"`init` for a tree of structure\n  {want}\nbut `update` received\n  {got}\n"
+        "Call `init` on the same parameter tree whose gradients you pass to `update` "
+        "(after changing the model, build a new optimizer state)."
+    )
+
+
+def is_zero(value: Any) -> bool:
+    """True only for a concrete zero, so a traced hyperparameter keeps its transformation."""
+    try:
+        x = _concrete_scalar(value)
+    except TypeError:
+        return False
+    return x == 0.0
+
+
+def assemble(
+    core: optax.GradientTransformation,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: Any = 0.0,
+    weight_decay_mask: MaskOrFn | None = None,
+    *,
+    decoupled_weight_decay: bool = False,
+    after_decay: tuple[optax.GradientTransformation, ...] = (),
+) -> optax.GradientTransformationExtraArgs:
+    """Chain an optimizer's core with weight decay and the (negated) learning rate.
+
+    Coupled decay (L2, torch's ``weight_decay``) adds ``weight_decay * params`` to the gradient
+    before ``core``; decoupled decay (AdamW's) adds it to ``core``'s output, so the learning
+    rate scales both. ``after_decay`` blocks run between the decay and the learning rate.
+    """
+    decay = [] if is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    blocks = [*(() if decoupled_weight_decay else decay), core]
+    blocks += [*(decay if decoupled_weight_decay else ()), *after_decay]
+    blocks.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*blocks)
+
+
+def check_common(
+    learning_rate: Any,
+    weight_decay: Any,
+    **dtypes: Any,
+) -> None:
+    check_learning_rate(learning_rate)
+    check_nonnegative("weight_decay", weight_decay)
+    for name, dtype in dtypes.items():
+        check_dtype(name, dtype)
+
+
+Factory = Callable[..., optax.GradientTransformationExtraArgs]

@@ -1,0 +1,93 @@
+"""The shared math of every optimizer: moments, bias correction, safe roots and dtypes.
+
+An algorithm module composes these; it never re-writes an EMA or a bias correction. Each
+optimizer's per-leaf step is a function of arrays run by :func:`leafwise`, which checks the
+gradient tree against the state, upcasts half precision to float32 for the arithmetic, and
+keeps the update in the gradient's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaopt._src.base import check_tree_match
+
+safe_increment = optax.safe_increment
+"""Add one to an int32 step count, saturating at its maximum instead of overflowing."""
+
+
+def compute_dtype(*dtypes: Any) -> jnp.dtype:
+    """The dtype the arithmetic runs in: the widest of ``dtypes``, at least float32."""
+    return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
+
+
+def state_dtype(param_dtype: Any, requested: Any = None) -> jnp.dtype:
+    """A moment's storage dtype: ``requested`` if given, else the parameter's, at least float32.
+
+    Half-precision parameters keep float32 moments by default: a float16 second moment
+    underflows for gradients under 2.4e-4, and the step it divides would blow up.
+    """
+    if requested is not None:
+        return jnp.dtype(requested)
+    return compute_dtype(param_dtype)
+
+
+def init_like(params: Any, dtype: Any = None, fill: Any = 0.0) -> Any:
+    """A moment tree mirroring ``params``, filled with ``fill``, in :func:`state_dtype`."""
+    return jax.tree.map(lambda p: jnp.full(jnp.shape(p), fill, state_dtype(jnp.result_type(p), dtype)), params)
+
+
+def zero_count() -> jax.Array:
+    return jnp.zeros([], jnp.int32)
+
+
+def scalar(x: Any, dtype: Any) -> Any:
+    """A hyperparameter in the arithmetic's dtype: Python numbers stay weakly typed."""
+    if isinstance(x, (int, float)):
+        return x
+    return jnp.asarray(x).astype(dtype)
+
+
+def ema(new: jax.Array, old: jax.Array, decay: Any) -> jax.Array:
+    """Exponential moving average: ``decay * old + (1 - decay) * new``."""
+    return decay * old + (1 - decay) * new
+
+
+def bias_correction(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
+    """``1 - decay ** count``, the factor that debiases a zero-initialised EMA after ``count`` steps."""
+    return 1 - scalar(decay, dtype) ** count.astype(dtype)
+
+
+def inv_root(nu: jax.Array, eps: Any, eps_root: Any) -> jax.Array:
+    """``1 / (sqrt(nu + eps_root) + eps)``, with 0 where that denominator is 0 (a zero gradient)."""
+    denominator = jnp.sqrt(nu + eps_root) + eps
+    if isinstance(eps, (int, float)) and eps > 0:
+        return 1 / denominator
+    return jnp.where(denominator > 0, 1 / jnp.where(denominator > 0, denominator, 1), 0)
+
+
+LeafFn = Callable[..., Sequence[jax.Array]]
+
+
+def leafwise(fn: LeafFn, n_out: int, updates: Any, *trees: Any, what: str = "state") -> tuple[Any, ...]:
+    """Apply ``fn(g, *leaves) -> (out_0, ..., out_{n_out-1})`` leaf by leaf.
+
+    Every tree in ``trees`` must mirror ``updates``; a mismatch raises an error that says so.
+    Returns ``n_out`` trees with ``updates``' structure.
+    """
+    for tree in trees:
+        check_tree_match(updates, tree, what)
+    flat, treedef = jax.tree.flatten(updates)
+    outs = [fn(*args) for args in zip(flat, *map(jax.tree.leaves, trees), strict=True)]
+    return tuple(jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(n_out))
+
+
+def to_compute(g: jax.Array, *states: jax.Array) -> tuple[jnp.dtype, jax.Array, tuple[jax.Array, ...]]:
+    """Upcast a gradient leaf and its state leaves to one compute dtype."""
+    dtype = compute_dtype(g.dtype, *(s.dtype for s in states))
+    return dtype, g.astype(dtype), tuple(s.astype(dtype) for s in states)

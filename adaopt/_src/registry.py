@@ -1,0 +1,220 @@
+"""The one list of adaopt's optimizers, which the tests, the benchmarks, the demo and the docs iterate over.
+
+Each entry names the factory, the learning rate tuned for the digits workloads, the ranges of
+valid hyperparameters that tests draw from, the reference implementations it must match step
+for step (with the adaopt arguments that reproduce each), and its capabilities. A test skips by
+capability, never by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from adaopt._src import adagrad, adam, lamb, lion, rmsprop, sgd
+from adaopt._src.base import Factory
+
+# Capabilities.
+MOMENT_DTYPES = "moment_dtypes"  # takes mu_dtype / nu_dtype
+NEEDS_PARAMS = "needs_params"  # update() needs the parameters (trust ratios)
+SIGN_UPDATE = "sign_update"  # every coordinate moves by exactly the learning rate
+WEIGHT_DECAY = "weight_decay"  # takes weight_decay and weight_decay_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Valid values a test may draw for a hyperparameter: uniform, or log-uniform."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def sample(self, u: float) -> float:
+        """The value at quantile ``u`` in [0, 1)."""
+        if self.log:
+            return math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+        return self.low + u * (self.high - self.low)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """An implementation the optimizer must match step for step.
+
+    ``kwargs`` fixes hyperparameters on both sides (e.g. ``centered=True``); ``convention``
+    maps the hyperparameters, in adaopt's names, to the adaopt arguments that reproduce the
+    reference's placement of eps and similar conventions.
+    """
+
+    name: str
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    convention: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    weight_decay: bool = True  # whether the reference takes weight decay
+    note: str = ""
+
+    def adaopt_kwargs(self, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+        merged = {**hyperparameters, **self.kwargs}
+        return self.convention(merged) if self.convention else merged
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    factory: Factory
+    learning_rate: float  # tuned on the digits workloads, all else at defaults
+    hyperparameters: Mapping[str, Range]
+    references: tuple[Reference, ...]
+    capabilities: frozenset[str]
+    summary: str = ""
+
+    def make(self, **overrides: Any) -> Any:
+        """The optimizer at its defaults with the tuned learning rate, updated by ``overrides``."""
+        return self.factory(**{"learning_rate": self.learning_rate, **overrides})
+
+
+def _eps_inside(hp: dict[str, Any]) -> dict[str, Any]:
+    """optax's placement: eps inside the root."""
+    return {**hp, "eps": 0.0, "eps_root": hp.get("eps", 0.0)}
+
+
+def _eps_both(hp: dict[str, Any]) -> dict[str, Any]:
+    """pytorch-optimizer's AdaBelief: the same eps inside the EMA and outside the root."""
+    return {**hp, "eps_root": hp["eps"]}
+
+
+BETAS = {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.9999)}
+EPS = {"eps": Range(1e-8, 1e-3, log=True)}
+_ADAM_FAMILY = frozenset({MOMENT_DTYPES, WEIGHT_DECAY})
+_ACCUMULATOR = frozenset({WEIGHT_DECAY})
+
+OPTIMIZERS: tuple[OptimizerSpec, ...] = (
+    OptimizerSpec(
+        "sgd", sgd.sgd, 0.5,
+        {"momentum": Range(0.0, 0.95), "dampening": Range(0.0, 0.5)},
+        (
+            Reference("torch.optim.SGD"),
+            Reference("torch.optim.SGD", kwargs={"nesterov": True, "dampening": 0.0}),
+            Reference("optax.sgd", kwargs={"dampening": 0.0}, weight_decay=False),
+        ),
+        _ACCUMULATOR, "momentum, Nesterov, dampening",
+    ),
+    OptimizerSpec(
+        "adagrad", adagrad.adagrad, 0.1,
+        {"lr_decay": Range(0.0, 0.05), "initial_accumulator_value": Range(0.0, 0.5), **EPS},
+        (
+            Reference("torch.optim.Adagrad"),
+            Reference("optax.adagrad", kwargs={"lr_decay": 0.0}, convention=_eps_inside, weight_decay=False),
+        ),
+        _ACCUMULATOR, "sum of squared gradients",
+    ),
+    OptimizerSpec(
+        "rmsprop", rmsprop.rmsprop, 3e-3,
+        {"decay": Range(0.8, 0.999), "momentum": Range(0.0, 0.9), **EPS},
+        (
+            Reference("torch.optim.RMSprop"),
+            Reference("torch.optim.RMSprop", kwargs={"centered": True}),
+            Reference("optax.rmsprop", convention=_eps_inside, weight_decay=False),
+            Reference("optax.rmsprop", kwargs={"centered": True}, convention=_eps_inside, weight_decay=False),
+        ),
+        frozenset({WEIGHT_DECAY, MOMENT_DTYPES}), "EMA of squared gradients, centered, momentum",
+    ),
+    OptimizerSpec(
+        "adadelta", adagrad.adadelta, 1.0,
+        {"rho": Range(0.8, 0.99), "eps": Range(1e-7, 1e-4, log=True)},
+        (Reference("torch.optim.Adadelta"), Reference("optax.adadelta", weight_decay=False)),
+        _ACCUMULATOR, "windowed AdaGrad with unit correction",
+    ),
+    OptimizerSpec(
+        "adam", adam.adam, 3e-3, {**BETAS, **EPS},
+        (Reference("torch.optim.Adam"), Reference("optax.adam", weight_decay=False)),
+        _ADAM_FAMILY, "bias-corrected first and second moments",
+    ),
+    OptimizerSpec(
+        "adamw", adam.adamw, 3e-3, {**BETAS, **EPS},
+        (Reference("torch.optim.AdamW"), Reference("optax.adamw")),
+        _ADAM_FAMILY, "Adam with decoupled weight decay",
+    ),
+    OptimizerSpec(
+        "amsgrad", adam.amsgrad, 3e-3, {**BETAS, **EPS},
+        (
+            Reference("torch.optim.Adam(amsgrad=True)", kwargs={"max_of": "raw"}),
+            Reference("optax.amsgrad", kwargs={"max_of": "debiased"}, weight_decay=False),
+            Reference(
+                "optax.scale_by_amsgrad(bias_correction_mu=False, bias_correction_nu=False)",
+                kwargs={"bias_correction": False}, weight_decay=False, note="the paper's Algorithm 2",
+            ),
+        ),
+        _ADAM_FAMILY, "Adam with a non-decreasing second moment",
+    ),
+    OptimizerSpec(
+        "adamax", adam.adamax, 1e-2, {**BETAS, **EPS},
+        (Reference("torch.optim.Adamax"), Reference("optax.adamax", weight_decay=False)),
+        _ADAM_FAMILY, "Adam with the infinity norm",
+    ),
+    OptimizerSpec(
+        "nadam", adam.nadam, 3e-3, {**BETAS, **EPS, "momentum_decay": Range(1e-3, 1e-2, log=True)},
+        (
+            Reference("torch.optim.NAdam"),
+            Reference("optax.nadam", kwargs={"momentum_decay": None}, weight_decay=False),
+        ),
+        _ADAM_FAMILY, "Adam with Nesterov momentum",
+    ),
+    OptimizerSpec(
+        "nadamw", adam.nadamw, 3e-3, {**BETAS, **EPS, "momentum_decay": Range(1e-3, 1e-2, log=True)},
+        (
+            Reference("torch.optim.NAdam(decoupled_weight_decay=True)"),
+            Reference("optax.nadamw", kwargs={"momentum_decay": None}),
+        ),
+        _ADAM_FAMILY, "NAdam with decoupled weight decay",
+    ),
+    OptimizerSpec(
+        "radam", adam.radam, 3e-3, {**BETAS, **EPS},
+        (
+            Reference("torch.optim.RAdam"),
+            Reference("torch.optim.RAdam", kwargs={"decoupled_weight_decay": True}),
+            Reference("optax.radam", kwargs={"eps_before_debias": False}, weight_decay=False),
+        ),
+        _ADAM_FAMILY, "Adam with a rectified adaptive learning rate",
+    ),
+    OptimizerSpec(
+        "adabelief", adam.adabelief, 3e-3, {**BETAS, "eps": Range(1e-16, 1e-8, log=True)},
+        (
+            Reference("pytorch_optimizer.AdaBelief", convention=_eps_both),
+            Reference("optax.adabelief", convention=_eps_both, weight_decay=False),
+        ),
+        _ADAM_FAMILY, "Adam with the variance around the EMA",
+    ),
+    OptimizerSpec(
+        "yogi", adam.yogi, 1e-2, {**BETAS, "eps": Range(1e-4, 1e-2, log=True)},
+        (Reference("pytorch_optimizer.Yogi"), Reference("optax.yogi", weight_decay=False)),
+        _ADAM_FAMILY, "Adam with an additive second-moment update",
+    ),
+    OptimizerSpec(
+        "lion", lion.lion, 3e-4, {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.999)},
+        (Reference("pytorch_optimizer.Lion"), Reference("optax.lion")),
+        frozenset({WEIGHT_DECAY, MOMENT_DTYPES, SIGN_UPDATE}), "sign of interpolated momentum",
+    ),
+    OptimizerSpec(
+        "lamb", lamb.lamb, 1e-2, {**BETAS, "eps": Range(1e-8, 1e-4, log=True)},
+        (
+            Reference(
+                "pytorch_optimizer.Lamb(weight_decouple=False)",
+                convention=lambda hp: {**hp, "debias": "step", "max_param_norm": 10.0, "trust_eps": hp["eps"]},
+            ),
+            Reference("optax.lamb"),
+        ),
+        _ADAM_FAMILY | {NEEDS_PARAMS}, "Adam with layer-wise trust ratios",
+    ),
+)  # fmt: skip
+
+REGISTRY: Mapping[str, OptimizerSpec] = MappingProxyType({spec.name: spec for spec in OPTIMIZERS})
+
+
+def get(name: str) -> OptimizerSpec:
+    """The registry entry of ``name``; a ``KeyError`` lists the known names."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"Unknown optimizer {name!r}; adaopt has {sorted(REGISTRY)}.") from None

@@ -1,0 +1,120 @@
+"""Stochastic gradient descent with (heavy-ball or Nesterov) momentum and dampening."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from adaopt._src import base
+from adaopt._src import moments as mo
+from adaopt._src.base import ScalarOrSchedule, Updates
+
+
+class MomentumState(NamedTuple):
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    trace: Updates  # the momentum buffer, mirroring the parameters
+
+
+def scale_by_momentum(
+    momentum: Any = 0.9,
+    dampening: Any = 0.0,
+    *,
+    nesterov: bool = False,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Momentum as torch defines it: the first step's buffer is the gradient itself.
+
+    .. math::
+        b_1 = g_1, \qquad b_t = \mu b_{t-1} + (1 - \tau) g_t, \qquad
+        \text{update} = g_t + \mu b_t \;\text{(nesterov)} \quad\text{or}\quad b_t
+
+    Args:
+      momentum: :math:`\mu`, in [0, 1).
+      dampening: :math:`\tau`, in [0, 1].
+      nesterov: use Nesterov's momentum (requires dampening 0, as torch does).
+      accumulator_dtype: storage dtype of the buffer (default: the parameter's, at least float32).
+    """
+    base.check_decay("momentum", momentum)
+    base.check_scalar("dampening", dampening, low=0.0, high=1.0)
+    base.check_dtype("accumulator_dtype", accumulator_dtype)
+    if nesterov and not base.is_zero(dampening):
+        raise base.HyperparameterError(f"nesterov=True requires dampening=0, got dampening={dampening!r}.")
+    # With no dampening, mu * 0 + g already gives the first step's buffer g.
+    first_step_special = not base.is_zero(dampening)
+
+    def init_fn(params: base.Params) -> MomentumState:
+        return MomentumState(mo.zero_count(), mo.init_like(params, accumulator_dtype))
+
+    def update_fn(
+        updates: Updates, state: MomentumState, params: base.Params | None = None
+    ) -> tuple[Updates, MomentumState]:
+        del params
+
+        def leaf(g: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (b32,) = mo.to_compute(g, b)
+            mu = mo.scalar(momentum, dtype)
+            b_new = mu * b32 + (1 - mo.scalar(dampening, dtype)) * g32
+            if first_step_special:
+                b_new = jax.numpy.where(state.count == 0, g32, b_new)
+            step = g32 + mu * b_new if nesterov else b_new
+            return step.astype(g.dtype), b_new.astype(b.dtype)
+
+        step, trace = mo.leafwise(leaf, 2, updates, state.trace)
+        return step, MomentumState(mo.safe_increment(state.count), trace)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sgd(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    momentum: Any = 0.0,
+    dampening: Any = 0.0,
+    weight_decay: Any = 0.0,
+    *,
+    nesterov: bool = False,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Stochastic gradient descent, with optional momentum, dampening and Nesterov momentum.
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad\text{(coupled decay)} \\
+        b_t &= \mu b_{t-1} + (1 - \tau) g_t \;(b_1 = g_1), \qquad
+        \theta_t = \theta_{t-1} - \eta_t \,(g_t + \mu b_t \text{ if nesterov else } b_t)
+
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value``.
+      momentum: :math:`\mu` in [0, 1); 0 keeps no state.
+      dampening: :math:`\tau` in [0, 1].
+      weight_decay: coefficient :math:`\lambda` >= 0 (coupled L2 by default, as torch).
+      nesterov: Nesterov momentum.
+      weight_decay_mask: tree of booleans (or a function returning one) selecting decayed leaves.
+      decoupled_weight_decay: add :math:`\lambda\theta` to the step instead of to the gradient.
+      accumulator_dtype: storage dtype of the momentum buffer.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.sgd(0.1, momentum=0.9)
+      >>> params = jnp.array([1.0])
+      >>> updates, _ = opt.update(jnp.array([2.0]), opt.init(params), params)
+      >>> updates
+      Array([-0.2], dtype=float32)
+
+    Reference: Polyak (1964); Sutskever et al. (2013) for Nesterov's form.
+    ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)`` matches this with the
+    same numbers; ``optax.sgd(lr, momentum, nesterov)`` matches it with no dampening or decay.
+    """
+    base.check_common(learning_rate, weight_decay)
+    if base.is_zero(momentum):
+        base.check_scalar("dampening", dampening, low=0.0, high=1.0)
+        if nesterov:
+            raise base.HyperparameterError("nesterov=True requires momentum > 0, got momentum=0.")
+        core: optax.GradientTransformation = optax.identity()
+    else:
+        core = scale_by_momentum(momentum, dampening, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+    )
