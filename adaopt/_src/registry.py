@@ -52,6 +52,7 @@ class Reference:
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     convention: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     weight_decay: bool = True  # whether the reference takes weight decay
+    schedule: bool = True  # whether it follows the same trajectory under a learning-rate schedule
     note: str = ""
 
     def adaopt_kwargs(self, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,6 +85,10 @@ def _eps_both(hp: dict[str, Any]) -> dict[str, Any]:
     return {**hp, "eps_root": hp["eps"]}
 
 
+_OPTAX_RMS = (
+    "optax.rmsprop applies the learning rate before the momentum (torch, and adaopt, after it): "
+    "the two agree for a constant learning rate and differ under a schedule."
+)
 BETAS = {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.9999)}
 EPS = {"eps": Range(1e-8, 1e-3, log=True)}
 _ADAM_FAMILY = frozenset({MOMENT_DTYPES, WEIGHT_DECAY})
@@ -115,8 +120,11 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         (
             Reference("torch.optim.RMSprop"),
             Reference("torch.optim.RMSprop", kwargs={"centered": True}),
-            Reference("optax.rmsprop", convention=_eps_inside, weight_decay=False),
-            Reference("optax.rmsprop", kwargs={"centered": True}, convention=_eps_inside, weight_decay=False),
+            Reference("optax.rmsprop", convention=_eps_inside, weight_decay=False, schedule=False, note=_OPTAX_RMS),
+            Reference(
+                "optax.rmsprop", kwargs={"centered": True}, convention=_eps_inside, weight_decay=False,
+                schedule=False, note=_OPTAX_RMS,
+            ),
         ),
         frozenset({WEIGHT_DECAY, MOMENT_DTYPES}), "EMA of squared gradients, centered, momentum",
     ),

@@ -1,0 +1,109 @@
+"""The reference implementations, keyed by the names the registry gives them.
+
+Each reference is built from hyperparameters in adaopt's names (the registry entry's drawn
+values merged with the reference's fixed ``kwargs``). torch references get a list of parameter
+groups; optax references get the learning rate (a number or a schedule) and the decay mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optax
+import pytorch_optimizer
+import torch
+
+HP = dict[str, Any]
+TorchFactory = Callable[[list[dict[str, Any]], HP], torch.optim.Optimizer]
+OptaxFactory = Callable[[Any, HP, Any], optax.GradientTransformation]
+
+
+def _betas(hp: HP) -> tuple[float, float]:
+    return (hp["b1"], hp["b2"])
+
+
+TORCH: dict[str, TorchFactory] = {
+    "torch.optim.SGD": lambda groups, hp: torch.optim.SGD(
+        groups, lr=1.0, momentum=hp["momentum"], dampening=hp["dampening"], nesterov=hp.get("nesterov", False)
+    ),
+    "torch.optim.Adagrad": lambda groups, hp: torch.optim.Adagrad(
+        groups,
+        lr=1.0,
+        lr_decay=hp["lr_decay"],
+        initial_accumulator_value=hp["initial_accumulator_value"],
+        eps=hp["eps"],
+    ),
+    "torch.optim.RMSprop": lambda groups, hp: torch.optim.RMSprop(
+        groups, lr=1.0, alpha=hp["decay"], eps=hp["eps"], momentum=hp["momentum"], centered=hp.get("centered", False)
+    ),
+    "torch.optim.Adadelta": lambda groups, hp: torch.optim.Adadelta(groups, lr=1.0, rho=hp["rho"], eps=hp["eps"]),
+    "torch.optim.Adam": lambda groups, hp: torch.optim.Adam(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
+    "torch.optim.AdamW": lambda groups, hp: torch.optim.AdamW(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
+    "torch.optim.Adam(amsgrad=True)": lambda groups, hp: torch.optim.Adam(
+        groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], amsgrad=True
+    ),
+    "torch.optim.Adamax": lambda groups, hp: torch.optim.Adamax(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
+    "torch.optim.NAdam": lambda groups, hp: torch.optim.NAdam(
+        groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], momentum_decay=hp["momentum_decay"]
+    ),
+    "torch.optim.NAdam(decoupled_weight_decay=True)": lambda groups, hp: torch.optim.NAdam(
+        groups,
+        lr=1.0,
+        betas=_betas(hp),
+        eps=hp["eps"],
+        momentum_decay=hp["momentum_decay"],
+        decoupled_weight_decay=True,
+    ),
+    "torch.optim.RAdam": lambda groups, hp: torch.optim.RAdam(
+        groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], decoupled_weight_decay=hp.get("decoupled_weight_decay", False)
+    ),
+    "pytorch_optimizer.AdaBelief": lambda groups, hp: pytorch_optimizer.AdaBelief(
+        groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
+    ),
+    "pytorch_optimizer.Yogi": lambda groups, hp: pytorch_optimizer.Yogi(
+        groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
+    ),
+    "pytorch_optimizer.Lion": lambda groups, hp: pytorch_optimizer.Lion(groups, lr=1.0, betas=_betas(hp)),
+    "pytorch_optimizer.Lamb(weight_decouple=False)": lambda groups, hp: pytorch_optimizer.Lamb(
+        groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], weight_decouple=False
+    ),
+}
+
+
+def _amsgrad_paper(lr: Any, hp: HP, mask: Any) -> optax.GradientTransformation:
+    del mask
+    core = optax.scale_by_amsgrad(hp["b1"], hp["b2"], hp["eps"], bias_correction_mu=False, bias_correction_nu=False)
+    return optax.chain(core, optax.scale_by_learning_rate(lr))
+
+
+OPTAX: dict[str, OptaxFactory] = {
+    "optax.sgd": lambda lr, hp, mask: optax.sgd(lr, hp["momentum"] or None, nesterov=hp.get("nesterov", False)),
+    "optax.adagrad": lambda lr, hp, mask: optax.adagrad(lr, hp["initial_accumulator_value"], hp["eps"]),
+    "optax.rmsprop": lambda lr, hp, mask: optax.rmsprop(
+        lr, hp["decay"], hp["eps"], centered=hp.get("centered", False), momentum=hp["momentum"] or None
+    ),
+    "optax.adadelta": lambda lr, hp, mask: optax.adadelta(lr, hp["rho"], hp["eps"]),
+    "optax.adam": lambda lr, hp, mask: optax.adam(lr, hp["b1"], hp["b2"], hp["eps"]),
+    "optax.adamw": lambda lr, hp, mask: optax.adamw(
+        lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"], mask=mask
+    ),
+    "optax.amsgrad": lambda lr, hp, mask: optax.amsgrad(lr, hp["b1"], hp["b2"], hp["eps"]),
+    "optax.scale_by_amsgrad(bias_correction_mu=False, bias_correction_nu=False)": _amsgrad_paper,
+    "optax.adamax": lambda lr, hp, mask: optax.adamax(lr, hp["b1"], hp["b2"], hp["eps"]),
+    "optax.nadam": lambda lr, hp, mask: optax.nadam(lr, hp["b1"], hp["b2"], hp["eps"]),
+    "optax.nadamw": lambda lr, hp, mask: optax.nadamw(
+        lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"], mask=mask
+    ),
+    "optax.radam": lambda lr, hp, mask: optax.radam(lr, hp["b1"], hp["b2"], hp["eps"]),
+    "optax.adabelief": lambda lr, hp, mask: optax.adabelief(lr, hp["b1"], hp["b2"], hp["eps"], hp["eps"]),
+    "optax.yogi": lambda lr, hp, mask: optax.yogi(lr, hp["b1"], hp["b2"], hp["eps"]),
+    "optax.lion": lambda lr, hp, mask: optax.lion(lr, hp["b1"], hp["b2"], weight_decay=hp["weight_decay"], mask=mask),
+    "optax.lamb": lambda lr, hp, mask: optax.lamb(
+        lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"], mask=mask
+    ),
+}
+
+
+def is_known(name: str) -> bool:
+    return name in TORCH or name in OPTAX

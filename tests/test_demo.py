@@ -1,0 +1,62 @@
+"""The digits demo (benchmarks/demo.py) runs end to end: a table on stdout and a non-empty PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "demo.py"
+
+
+def _load_demo() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("adaopt_digits_demo", DEMO)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo() -> ModuleType:
+    pytest.importorskip("sklearn")
+    pytest.importorskip("tqdm")
+    pytest.importorskip("matplotlib")
+    return _load_demo()
+
+
+def test_demo_prints_table_and_writes_plot(
+    demo: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert demo.main(["--steps", "100", "--optimizers", "adam,sgd", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("optimizer"))
+    assert set(lines[header + 1]) <= {"-", " "}
+    rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 4]}
+    assert set(rows) == {"adam", "sgd"}
+    assert all(len(row) == 7 for row in rows.values())
+    assert len({len(line) for line in lines[header : header + 4]}) == 1  # aligned columns
+    png = tmp_path / "digits_mlp.png"
+    assert str(png) in out
+    assert png.stat().st_size > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_returns_one_result_per_optimizer(demo: ModuleType) -> None:
+    results = demo.run(["sgd"], steps=25, chunk=10, progress=False)
+    assert [r["name"] for r in results] == ["sgd"]
+    for r in results:
+        assert r["steps"] == [0, 10, 20, 25]  # the last chunk is shorter
+        assert len(r["train_loss"]) == len(r["test_accuracy"]) == 4
+        assert r["train_loss"][-1] < r["train_loss"][0]
+        assert 0.0 <= r["final_test_accuracy"] <= 1.0
+
+
+def test_unknown_optimizer_is_rejected(demo: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        demo.main(["--optimizers", "adam,nosuch"])
