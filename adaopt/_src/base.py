@@ -128,13 +128,28 @@ def check_tree_match(updates: Updates, state_tree: Any, what: str) -> None:
     )
 
 
+def check_gradient_tree() -> optax.GradientTransformation:
+    """A stateless first block: the gradients must have the parameters' tree structure.
+
+    Runs at trace time only, so it costs nothing in the compiled step; it gives stateless
+    optimizers (plain SGD) the same clear error as the others.
+    """
+
+    def update_fn(updates: Updates, state: optax.EmptyState, params: Params | None = None) -> tuple[Updates, Any]:
+        if params is not None:
+            check_tree_match(updates, params, "parameters")
+        return updates, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def is_zero(value: Any) -> bool:
-    """True only for a concrete zero, so a traced hyperparameter keeps its transformation."""
-    try:
-        x = _concrete_scalar(value)
-    except TypeError:
-        return False
-    return x == 0.0
+    """True only for a Python number equal to zero.
+
+    Arrays, even concrete ones, count as non-zero: ``inject_hyperparams`` passes arrays to
+    ``init`` and tracers to ``update``, and both must build the same chain and state.
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def assemble(
@@ -153,7 +168,7 @@ def assemble(
     rate scales both. ``after_decay`` blocks run between the decay and the learning rate.
     """
     decay = [] if is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
-    blocks = [*(() if decoupled_weight_decay else decay), core]
+    blocks = [check_gradient_tree(), *(() if decoupled_weight_decay else decay), core]
     blocks += [*(decay if decoupled_weight_decay else ()), *after_decay]
     blocks.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*blocks)

@@ -22,8 +22,12 @@ safe_increment = optax.safe_increment
 
 
 def compute_dtype(*dtypes: Any) -> jnp.dtype:
-    """The dtype the arithmetic runs in: the widest of ``dtypes``, at least float32."""
-    return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
+    """The dtype the arithmetic runs in: float64 if any of ``dtypes`` is 8 bytes wide, else float32.
+
+    Chosen by width rather than by promotion, so it holds under strict dtype promotion.
+    """
+    widest = max((jnp.dtype(d).itemsize for d in dtypes), default=4)
+    return jnp.dtype(jnp.float64 if widest >= 8 else jnp.float32)
 
 
 def state_dtype(param_dtype: Any, requested: Any = None) -> jnp.dtype:
@@ -39,7 +43,8 @@ def state_dtype(param_dtype: Any, requested: Any = None) -> jnp.dtype:
 
 def init_like(params: Any, dtype: Any = None, fill: Any = 0.0) -> Any:
     """A moment tree mirroring ``params``, filled with ``fill``, in :func:`state_dtype`."""
-    return jax.tree.map(lambda p: jnp.full(jnp.shape(p), fill, state_dtype(jnp.result_type(p), dtype)), params)
+    # full_like keeps each parameter's sharding (and Flax metadata) on its moments.
+    return jax.tree.map(lambda p: jnp.full_like(p, fill, dtype=state_dtype(jnp.result_type(p), dtype)), params)
 
 
 def zero_count() -> jax.Array:

@@ -1,0 +1,271 @@
+"""The contract every optimizer in the registry keeps: jit, vmap, grad, optax wrappers, trees, dtypes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaopt
+from adaopt._src.registry import OPTIMIZERS, WEIGHT_DECAY, OptimizerSpec
+
+SPECS = pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
+
+
+def _params(dtype: Any = jnp.float32) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "dense": {"w": jnp.asarray(rng.normal(size=(4, 3)), dtype), "b": jnp.asarray(rng.normal(size=3), dtype)},
+        "scale": jnp.asarray(1.5, dtype),
+    }
+
+
+def _grads(params: Any, seed: int) -> Any:
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jax.random.normal(k, jnp.shape(x), jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
+    )
+
+
+def _loss(params: dict) -> jax.Array:
+    """A smooth loss whose gradient depends on the parameters, so steps interact."""
+    w, b, s = params["dense"]["w"], params["dense"]["b"], params["scale"]
+    return jnp.sum(jnp.tanh(s * (jnp.ones(4) @ w) + b) ** 2) + 0.1 * jnp.sum(w**2)
+
+
+def _run(tx: optax.GradientTransformation, params: Any, steps: int, grads_fn: Any = None) -> tuple[Any, Any]:
+    state = tx.init(params)
+    for t in range(steps):
+        grads = grads_fn(params, t) if grads_fn else jax.grad(_loss)(params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _assert_trees_close(a: Any, b: Any, rtol: float = 1e-6, atol: float = 1e-7) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
+
+
+@SPECS
+def test_jit_compiles_once_and_matches_eager(spec: OptimizerSpec) -> None:
+    tx = spec.make()
+    traces = 0
+
+    @jax.jit
+    def step(params: Any, state: Any) -> tuple[Any, Any]:
+        nonlocal traces
+        traces += 1
+        updates, state = tx.update(jax.grad(_loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = _params(), tx.init(_params())
+    for _ in range(3):
+        params, state = step(params, state)
+    assert traces == 1, "the step recompiled: the state's types or shapes changed between steps"
+    eager, _ = _run(tx, _params(), 3)
+    _assert_trees_close(params, eager, rtol=1e-5, atol=1e-6)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, _params())
+    assert max(jax.tree.leaves(moved)) > 0, "three steps did not move the parameters"
+
+
+@SPECS
+def test_vmap_over_a_batch_of_parameter_trees(spec: OptimizerSpec) -> None:
+    tx = spec.make()
+    batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), _params())
+
+    def two_steps(params: Any) -> Any:
+        return _run(tx, params, 2)[0]
+
+    batched = jax.jit(jax.vmap(two_steps))(batch)
+    for i in range(3):
+        single = two_steps(jax.tree.map(lambda x: x[i], batch))
+        _assert_trees_close(jax.tree.map(lambda x: x[i], batched), single, rtol=1e-5, atol=1e-6)
+
+
+@SPECS
+def test_grad_through_updates_with_respect_to_the_learning_rate(spec: OptimizerSpec) -> None:
+    """Meta-learning: d(loss after two steps)/d(learning rate) agrees with finite differences."""
+    with jax.enable_x64(True):
+        params = _params(jnp.float64)
+
+        def loss_after(lr: jax.Array) -> jax.Array:
+            return _loss(_run(spec.factory(learning_rate=lr), params, 2)[0])
+
+        lr = jnp.asarray(spec.learning_rate * 0.1, jnp.float64)
+        grad = jax.grad(loss_after)(lr)
+        h = 1e-6 * lr
+        numeric = (loss_after(lr + h) - loss_after(lr - h)) / (2 * h)
+        assert np.isfinite(float(grad))
+        np.testing.assert_allclose(float(grad), float(numeric), rtol=1e-4, atol=1e-8)
+
+
+@SPECS
+def test_inject_hyperparams_matches_fixed_hyperparameters(spec: OptimizerSpec) -> None:
+    numeric = {"learning_rate": spec.learning_rate, **{k: r.sample(0.5) for k, r in spec.hyperparameters.items()}}
+    injected = adaopt.inject_hyperparams(spec.factory)(**numeric)
+    fixed = spec.factory(**numeric)
+    ours, state = jax.jit(lambda p: _run(injected, p, 3))(_params())
+    _assert_trees_close(ours, _run(fixed, _params(), 3)[0], rtol=1e-5, atol=1e-6)
+    # Changing the injected learning rate changes the step, without rebuilding anything.
+    state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    grads = jax.grad(_loss)(ours)
+    updates, _ = injected.update(grads, state, ours)
+    assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
+
+
+@SPECS
+def test_chained_with_clipping_equals_clipping_first(spec: OptimizerSpec) -> None:
+    schedule = adaopt.warmup_cosine_decay_schedule(0.0, spec.learning_rate, 2, 10)
+    chained = adaopt.chain(adaopt.clip_by_global_norm(0.5), spec.make(learning_rate=schedule))
+    plain = spec.make(learning_rate=schedule)
+    big = lambda p, t: jax.tree.map(lambda g: 100.0 * g, jax.grad(_loss)(p))
+
+    def clipped(p: Any, t: int) -> Any:
+        g = big(p, t)
+        norm = optax.tree.norm(g)
+        return jax.tree.map(lambda x: x * (0.5 / norm), g)
+
+    _assert_trees_close(_run(chained, _params(), 4, big)[0], _run(plain, _params(), 4, clipped)[0], 1e-5, 1e-6)
+
+
+@SPECS
+def test_multisteps_accumulates_to_the_mean_gradient(spec: OptimizerSpec) -> None:
+    tx = spec.make()
+    multi = adaopt.MultiSteps(tx, every_k_schedule=3)
+    params = _params()
+    micro = [_grads(params, t) for t in range(3)]
+    state = multi.init(params)
+    for g in micro:
+        updates, state = multi.update(g, state, params)
+    mean = jax.tree.map(lambda *g: sum(g) / 3, *micro)
+    expected, _ = tx.update(mean, tx.init(params), params)
+    _assert_trees_close(updates, expected, rtol=1e-5, atol=1e-6)
+
+
+@SPECS
+def test_apply_if_finite_skips_a_nan_step(spec: OptimizerSpec) -> None:
+    tx = adaopt.apply_if_finite(spec.make(), max_consecutive_errors=5)
+    params = _params()
+    state = tx.init(params)
+    bad = jax.tree.map(lambda g: g.at[()].set(jnp.nan) if g.ndim == 0 else g.at[0].set(jnp.inf), _grads(params, 0))
+    updates, state = tx.update(bad, state, params)
+    assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
+    good = _grads(params, 1)
+    updates, _ = tx.update(good, state, params)
+    expected, _ = spec.make().update(good, spec.make().init(params), params)
+    _assert_trees_close(updates, expected)
+
+
+def _mirrors(state: Any, params: Any) -> list[Any]:
+    """The subtrees of ``state`` that have the parameters' tree structure."""
+    target = jax.tree.structure(params)
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if jax.tree.structure(node) == target:
+            found.append(node)
+        elif isinstance(node, tuple | list):
+            for child in node:
+                visit(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                visit(child)
+
+    visit(state)
+    return found
+
+
+@SPECS
+def test_state_mirrors_the_parameter_tree(spec: OptimizerSpec) -> None:
+    params = _params()
+    state = spec.make().init(params)
+    mirrors = _mirrors(state, params)
+    in_mirrors = {id(x) for m in mirrors for x in jax.tree.leaves(m)}
+    # Every non-scalar state leaf belongs to a subtree that mirrors the parameters.
+    assert all(id(x) in in_mirrors for x in jax.tree.leaves(state) if jnp.ndim(x) > 0)
+    for m in mirrors:
+        for s, p in zip(jax.tree.leaves(m), jax.tree.leaves(params)):
+            assert s.shape == p.shape
+
+
+AWKWARD_TREES = {
+    "nested": {"a": {"b": [jnp.ones((2, 3)), (jnp.ones(4), jnp.ones(()))]}, "c": jnp.ones((1, 1))},
+    "none_leaves": {"a": jnp.ones(3), "frozen": None, "b": [None, jnp.ones(2)]},
+    "scalar_leaves": [jnp.asarray(2.0), jnp.asarray(-1.0)],
+    "zero_size": {"empty": jnp.ones((0, 3)), "w": jnp.ones(2)},
+    "no_leaves": {},
+}
+
+
+@SPECS
+@pytest.mark.parametrize("tree", list(AWKWARD_TREES), ids=str)
+def test_awkward_trees(spec: OptimizerSpec, tree: str) -> None:
+    params = AWKWARD_TREES[tree]
+    tx = spec.make()
+    grads = jax.tree.map(lambda x: 0.1 * x + 0.05, params)
+
+    @jax.jit
+    def step(p: Any, s: Any) -> tuple[Any, Any]:
+        u, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    for _ in range(2):
+        new, state = step(params if _ == 0 else new, state)
+    assert jax.tree.structure(new) == jax.tree.structure(params)
+    for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
+        assert x.shape == p.shape and x.dtype == p.dtype
+        assert bool(jnp.all(jnp.isfinite(x)))
+    if jax.tree.leaves(params):
+        assert any(bool(jnp.any(x != p)) for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(params)) if x.size)
+
+
+DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64]
+
+
+@SPECS
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_dtypes_are_kept_and_half_precision_is_safe(spec: OptimizerSpec, dtype: Any) -> None:
+    with jax.enable_x64(dtype == jnp.float64), jax.numpy_dtype_promotion("strict"):
+        params = _params(dtype)
+        tx = spec.make()
+        state = tx.init(params)
+        for grads in (jax.tree.map(jnp.zeros_like, params), _grads(params, 0), _grads(params, 1)):
+            updates, state = jax.jit(tx.update)(grads, state, params)
+            for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+                assert u.dtype == p.dtype, f"update in {u.dtype} for a {p.dtype} gradient"
+                assert bool(jnp.all(jnp.isfinite(u))), f"non-finite update in {dtype}"
+            params = optax.apply_updates(params, updates)
+        for p in jax.tree.leaves(params):
+            assert p.dtype == jnp.dtype(dtype)
+
+
+@SPECS
+def test_mismatched_gradient_tree_is_a_clear_error(spec: OptimizerSpec) -> None:
+    tx = spec.make()
+    params = _params()
+    state = tx.init(params)
+    wrong = {"dense": {"w": params["dense"]["w"]}, "scale": params["scale"]}
+    with pytest.raises(ValueError, match="does not match"):
+        tx.update(wrong, state, params)
+
+
+@pytest.mark.parametrize("spec", [s for s in OPTIMIZERS if WEIGHT_DECAY in s.capabilities], ids=lambda s: s.name)
+def test_weight_decay_mask_selects_the_decayed_leaves(spec: OptimizerSpec) -> None:
+    params = _params()
+    mask = {"dense": {"w": True, "b": False}, "scale": False}
+    grads = _grads(params, 0)
+    decayed, _ = _run(spec.make(weight_decay=0.5, weight_decay_mask=mask), params, 2, lambda p, t: grads)
+    plain, _ = _run(spec.make(weight_decay=0.0), params, 2, lambda p, t: grads)
+    # Adaptive steps normalise the decay away in part: any change to the decayed leaf shows
+    # the decay acted, and the others must be bitwise untouched.
+    assert not np.array_equal(decayed["dense"]["w"], plain["dense"]["w"]), "decay had no effect"
+    np.testing.assert_array_equal(decayed["dense"]["b"], plain["dense"]["b"])
+    np.testing.assert_array_equal(decayed["scale"], plain["scale"])

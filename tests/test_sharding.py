@@ -1,0 +1,134 @@
+"""Every optimizer under a sharded parameter tree: a (4, 2) mesh of the 8 CPU devices set up by conftest.
+
+The mesh's axes are explicit (sharding in types), so the sharding of every array traced under
+``jit`` is fixed by the code that builds it, not left to the compiler. An optimizer's state that
+mirrors the parameters (moments, accumulators, momentum buffers) must then have the sharding of
+the parameter it mirrors, both after ``init`` and after training steps; scalar leaves (step counts,
+running products) are replicated. The sharded run must also give the numbers of the same
+computation on single-device arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adaopt
+from adaopt._src.registry import OptimizerSpec
+
+N_STEPS = 3
+SHAPES = {"w": (64, 32), "b": (32,), "k": (16, 8)}
+SPECS = {"w": P("data", None), "b": P(), "k": P("data", "model")}
+
+
+def _mesh() -> Mesh:
+    assert jax.device_count() >= 8, "conftest.py should give the test process 8 CPU devices"
+    return jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+
+
+def _host_params() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {name: rng.normal(size=shape).astype(np.float32) for name, shape in SHAPES.items()}
+
+
+def _targets() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {name: rng.normal(size=shape).astype(np.float32) for name, shape in SHAPES.items()}
+
+
+def _loss(params: dict[str, jax.Array], step: jax.Array) -> jax.Array:
+    """A smooth loss whose gradients depend on the parameters and change from step to step."""
+    scale = 1.0 + 0.5 * step.astype(jnp.float32)
+    total = jnp.zeros([], jnp.float32)
+    for name, target in _targets().items():
+        p = params[name]
+        total += jnp.sum((p - target) ** 2) + 0.1 * scale * jnp.sum(jnp.sin(3.0 * p))
+    return total
+
+
+def _train(tx: optax.GradientTransformationExtraArgs, params: dict[str, jax.Array]) -> tuple[Any, Any, Any]:
+    """``init`` under jit, then N_STEPS jitted update + apply_updates steps.
+
+    Returns the initial state, the final parameters and the final state.
+    """
+
+    @jax.jit
+    def step(params: Any, state: Any, i: jax.Array) -> tuple[Any, Any]:
+        grads = jax.grad(_loss)(params, i)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    init_state = state = jax.jit(tx.init)(params)
+    for i in range(N_STEPS):
+        params, state = step(params, state, jnp.asarray(i, jnp.int32))
+    return init_state, params, state
+
+
+def _mirroring_subtrees(state: Any, params: Any) -> tuple[list[Any], list[Any]]:
+    """The subtrees of ``state`` with the parameters' tree structure, and the leaves outside them."""
+    treedef = jax.tree.structure(params)
+
+    def mirrors(x: Any) -> bool:
+        return jax.tree.structure(x) == treedef
+
+    nodes = jax.tree.leaves(state, is_leaf=mirrors)
+    mirroring = [node for node in nodes if mirrors(node)]
+    others = [node for node in nodes if not mirrors(node)]
+    return mirroring, others
+
+
+def _spec_of(x: jax.Array) -> Any:
+    sharding = x.sharding
+    assert isinstance(sharding, NamedSharding), f"expected a NamedSharding, got {sharding}"
+    return sharding.spec
+
+
+def _check_state_shardings(state: Any, params: dict[str, jax.Array], mesh: Mesh, when: str) -> None:
+    mirroring, others = _mirroring_subtrees(state, params)
+    for subtree in mirroring:
+        got = jax.tree.map(_spec_of, subtree)
+        want = jax.tree.map(_spec_of, params)
+        # Compare as normalised NamedShardings: P() and P(None, None) are the same placement.
+        same = jax.tree.map(
+            lambda s, p: s.sharding.is_equivalent_to(p.sharding, p.ndim) and s.sharding.mesh == mesh, subtree, params
+        )
+        assert all(jax.tree.leaves(same)), f"{when}: state leaves {got} do not mirror the parameters' shardings {want}"
+    for leaf in others:
+        assert leaf.ndim == 0, f"{when}: a state leaf of shape {leaf.shape} does not mirror a parameter"
+        assert leaf.sharding.is_fully_replicated, f"{when}: scalar state leaf is not replicated: {leaf.sharding}"
+
+
+@pytest.mark.parametrize("spec", list(adaopt.REGISTRY.values()), ids=list(adaopt.REGISTRY))
+def test_sharded_state_and_steps_match_unsharded(spec: OptimizerSpec) -> None:
+    tx = spec.make()
+
+    # Reference: the same computation on unsharded arrays of one device.
+    device = jax.devices()[0]
+    single = jax.device_put(_host_params(), device)
+    _, want_params, _ = _train(tx, single)
+
+    mesh = _mesh()
+    shardings = {name: NamedSharding(mesh, spec_) for name, spec_ in SPECS.items()}
+    with jax.set_mesh(mesh):
+        params = jax.device_put(_host_params(), shardings)
+        init_state, got_params, state = _train(tx, params)
+
+        _check_state_shardings(init_state, params, mesh, "after init")
+        _check_state_shardings(state, got_params, mesh, f"after {N_STEPS} steps")
+
+    for name, sharding in shardings.items():
+        assert got_params[name].sharding.is_equivalent_to(sharding, len(SHAPES[name])), (
+            f"{name}: {got_params[name].sharding} != {sharding}"
+        )
+    for name in SHAPES:
+        np.testing.assert_allclose(
+            np.asarray(got_params[name]), np.asarray(want_params[name]), rtol=1e-6, atol=1e-7, err_msg=name
+        )
+        assert not np.allclose(np.asarray(got_params[name]), _host_params()[name]), f"{name} did not move"
