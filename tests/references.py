@@ -83,7 +83,9 @@ OPTAX: dict[str, OptaxFactory] = {
     "optax.rmsprop": lambda lr, hp, mask: optax.rmsprop(
         lr, hp["decay"], hp["eps"], centered=hp.get("centered", False), momentum=hp["momentum"] or None
     ),
-    "optax.adadelta": lambda lr, hp, mask: optax.adadelta(lr, hp["rho"], hp["eps"]),
+    "optax.adadelta": lambda lr, hp, mask: optax.adadelta(
+        lr, hp["rho"], hp["eps"], weight_decay=hp["weight_decay"], weight_decay_mask=mask
+    ),
     "optax.adam": lambda lr, hp, mask: optax.adam(lr, hp["b1"], hp["b2"], hp["eps"]),
     "optax.adamw": lambda lr, hp, mask: optax.adamw(
         lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"], mask=mask

@@ -28,7 +28,8 @@ def _grads(params: Any, seed: int) -> Any:
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(
-        treedef, [jax.random.normal(k, jnp.shape(x), jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
+        treedef,
+        [jax.random.normal(k, jnp.shape(x), jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves, strict=True)],
     )
 
 
@@ -49,7 +50,7 @@ def _run(tx: optax.GradientTransformation, params: Any, steps: int, grads_fn: An
 
 def _assert_trees_close(a: Any, b: Any, rtol: float = 1e-6, atol: float = 1e-7) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
 
 
@@ -191,7 +192,7 @@ def test_state_mirrors_the_parameter_tree(spec: OptimizerSpec) -> None:
     # Every non-scalar state leaf belongs to a subtree that mirrors the parameters.
     assert all(id(x) in in_mirrors for x in jax.tree.leaves(state) if jnp.ndim(x) > 0)
     for m in mirrors:
-        for s, p in zip(jax.tree.leaves(m), jax.tree.leaves(params)):
+        for s, p in zip(jax.tree.leaves(m), jax.tree.leaves(params), strict=True):
             assert s.shape == p.shape
 
 
@@ -217,14 +218,17 @@ def test_awkward_trees(spec: OptimizerSpec, tree: str) -> None:
         return optax.apply_updates(p, u), s
 
     state = tx.init(params)
+    new = params
     for _ in range(2):
-        new, state = step(params if _ == 0 else new, state)
+        new, state = step(new, state)
     assert jax.tree.structure(new) == jax.tree.structure(params)
-    for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
+    for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True):
         assert x.shape == p.shape and x.dtype == p.dtype
         assert bool(jnp.all(jnp.isfinite(x)))
     if jax.tree.leaves(params):
-        assert any(bool(jnp.any(x != p)) for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(params)) if x.size)
+        assert any(
+            bool(jnp.any(x != p)) for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True) if x.size
+        )
 
 
 DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64]
@@ -239,7 +243,7 @@ def test_dtypes_are_kept_and_half_precision_is_safe(spec: OptimizerSpec, dtype: 
         state = tx.init(params)
         for grads in (jax.tree.map(jnp.zeros_like, params), _grads(params, 0), _grads(params, 1)):
             updates, state = jax.jit(tx.update)(grads, state, params)
-            for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+            for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
                 assert u.dtype == p.dtype, f"update in {u.dtype} for a {p.dtype} gradient"
                 assert bool(jnp.all(jnp.isfinite(u))), f"non-finite update in {dtype}"
             params = optax.apply_updates(params, updates)

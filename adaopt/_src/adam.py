@@ -180,8 +180,8 @@ def adam(
       >>> params = {"w": jnp.ones(3)}
       >>> state = opt.init(params)
       >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
-      >>> adaopt.apply_updates(params, updates)["w"].round(4)
-      Array([0.999, 0.999, 0.999], dtype=float32)
+      >>> updates["w"]  # the first step is -learning_rate * sign(g), up to eps
+      Array([-0.001, -0.001, -0.001], dtype=float32)
 
     Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
     ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay)`` is this with the same numbers;

@@ -73,7 +73,7 @@ def check_scalar(
         ) from None
     if x is None:
         return
-    ok = not math.isnan(x)
+    ok = math.isfinite(x)
     if ok and low is not None:
         ok = x > low if low_open else x >= low
     if ok and high is not None:

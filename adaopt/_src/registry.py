@@ -131,7 +131,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
         "adadelta", adagrad.adadelta, 1.0,
         {"rho": Range(0.8, 0.99), "eps": Range(1e-7, 1e-4, log=True)},
-        (Reference("torch.optim.Adadelta"), Reference("optax.adadelta", weight_decay=False)),
+        (Reference("torch.optim.Adadelta"), Reference("optax.adadelta")),
         _ACCUMULATOR, "windowed AdaGrad with unit correction",
     ),
     OptimizerSpec(
@@ -178,7 +178,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY, "NAdam with decoupled weight decay",
     ),
     OptimizerSpec(
-        "radam", adam.radam, 3e-3, {**BETAS, **EPS},
+        "radam", adam.radam, 1e-2, {**BETAS, **EPS},
         (
             Reference("torch.optim.RAdam"),
             Reference("torch.optim.RAdam", kwargs={"decoupled_weight_decay": True}),
@@ -200,12 +200,12 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY, "Adam with an additive second-moment update",
     ),
     OptimizerSpec(
-        "lion", lion.lion, 3e-4, {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.999)},
+        "lion", lion.lion, 1e-3, {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.999)},
         (Reference("pytorch_optimizer.Lion"), Reference("optax.lion")),
         frozenset({WEIGHT_DECAY, MOMENT_DTYPES, SIGN_UPDATE}), "sign of interpolated momentum",
     ),
     OptimizerSpec(
-        "lamb", lamb.lamb, 1e-2, {**BETAS, "eps": Range(1e-8, 1e-4, log=True)},
+        "lamb", lamb.lamb, 5e-3, {**BETAS, "eps": Range(1e-8, 1e-4, log=True)},
         (
             Reference(
                 "pytorch_optimizer.Lamb(weight_decouple=False)",

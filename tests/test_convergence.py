@@ -1,0 +1,105 @@
+"""Every optimizer solves small real problems at its defaults (with the registry's learning rate)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.optimize
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from adaopt._src.registry import OPTIMIZERS, OptimizerSpec
+
+SPECS = pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
+L2 = 1e-3
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    return (x_train - mean) / std, (x_test - mean) / std, y_train, y_test
+
+
+def _logistic_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    logits = x @ params["w"] + params["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + L2 * jnp.sum(params["w"] ** 2)
+
+
+@functools.cache
+def _optimal_logistic_loss() -> float:
+    """The minimum of the (strictly convex) objective, by L-BFGS in float64."""
+    x, _, y, _ = _digits()
+    onehot = np.eye(10)[y]
+
+    def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = flat[:640].reshape(64, 10), flat[640:]
+        logits = x @ w + b
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(1, keepdims=True)
+        loss = -np.mean(np.log(p[np.arange(len(y)), y])) + L2 * np.sum(w**2)
+        dlogits = (p - onehot) / len(y)
+        return loss, np.concatenate([(x.T @ dlogits + 2 * L2 * w).ravel(), dlogits.sum(0)])
+
+    result = scipy.optimize.minimize(objective, np.zeros(650), jac=True, method="L-BFGS-B", options={"gtol": 1e-10})
+    return float(result.fun)
+
+
+@SPECS
+def test_logistic_regression_on_digits(spec: OptimizerSpec) -> None:
+    x_train, x_test, y_train, y_test = (jnp.asarray(a) for a in _digits())
+    x_train, x_test = x_train.astype(jnp.float32), x_test.astype(jnp.float32)
+    tx = spec.make()
+
+    @jax.jit
+    def train() -> dict:
+        def step(carry: tuple, _: None) -> tuple[tuple, None]:
+            params, state = carry
+            updates, state = tx.update(jax.grad(_logistic_loss)(params, x_train, y_train), state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        params = {"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=2000)
+        return params
+
+    params = train()
+    accuracy = float(jnp.mean(jnp.argmax(x_test @ params["w"] + params["b"], -1) == y_test))
+    loss = float(_logistic_loss(params, x_train, y_train))
+    assert accuracy >= 0.95, f"test accuracy {accuracy:.3f}"
+    assert loss <= 1.05 * _optimal_logistic_loss(), f"loss {loss:.4f} vs optimum {_optimal_logistic_loss():.4f}"
+
+
+def _rosenbrock(p: jax.Array) -> jax.Array:
+    return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
+
+
+@SPECS
+def test_rosenbrock_from_the_standard_start(spec: OptimizerSpec) -> None:
+    """From (-1.2, 1), with a cosine-decayed learning rate, the best of a 7-point grid reaches (1, 1)."""
+    steps = 20_000
+    grid = jnp.asarray([1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
+
+    def final_point(peak: jax.Array) -> jax.Array:
+        tx = spec.factory(learning_rate=optax.cosine_decay_schedule(peak, steps), weight_decay=0.0)
+
+        def step(carry: tuple, _: None) -> tuple[tuple, None]:
+            p, state = carry
+            updates, state = tx.update(jax.grad(_rosenbrock)(p), state, p)
+            return (optax.apply_updates(p, updates), state), None
+
+        start = jnp.asarray([-1.2, 1.0])
+        (p, _), _ = jax.lax.scan(step, (start, tx.init(start)), None, length=steps)
+        return p
+
+    points = jax.jit(jax.vmap(final_point))(grid)
+    losses = jax.vmap(_rosenbrock)(points)
+    best = int(jnp.nanargmin(losses))
+    assert float(losses[best]) < 1e-6, f"best loss {float(losses[best]):.2e} at learning rate {float(grid[best])}"
+    np.testing.assert_allclose(np.asarray(points[best]), [1.0, 1.0], atol=1e-2)

@@ -1,0 +1,99 @@
+"""Bad hyperparameters fail loudly when the optimizer is built, naming the argument, value and range."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import pytest
+from hypothesis import given
+
+import adaopt
+from adaopt._src.registry import OPTIMIZERS, WEIGHT_DECAY, OptimizerSpec
+
+# Hyperparameters that are decay rates of a moving average: valid in [0, 1).
+DECAYS = {"b1", "b2", "decay", "rho", "momentum"}
+
+
+def _arguments(spec: OptimizerSpec) -> list[str]:
+    names = ["learning_rate", *spec.hyperparameters]
+    return [*names, "weight_decay"] if WEIGHT_DECAY in spec.capabilities else names
+
+
+CASES = [
+    (spec, name, bad)
+    for spec in OPTIMIZERS
+    for name in _arguments(spec)
+    for bad in [-1.0, math.nan, math.inf, "0.1", True, [0.1], *([1.0, 1.5] if name in DECAYS else [])]
+]
+
+
+@pytest.mark.parametrize(("spec", "name", "bad"), CASES, ids=[f"{s.name}-{n}-{b!r}" for s, n, b in CASES])
+def test_invalid_hyperparameter_is_rejected_at_construction(spec: OptimizerSpec, name: str, bad: Any) -> None:
+    with pytest.raises(ValueError) as info:
+        spec.make(**{name: bad})
+    message = str(info.value)
+    assert name in message, message
+    assert repr(bad) in message, message
+    assert "must be" in message and ("[" in message or "(" in message), message
+
+
+def test_wrong_type_is_also_a_type_error() -> None:
+    with pytest.raises(TypeError, match="learning_rate"):
+        adaopt.adam(learning_rate="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
+@given(value=st.floats(allow_nan=True, allow_infinity=True, width=64))
+def test_learning_rate_valid_exactly_when_finite_and_nonnegative(spec: OptimizerSpec, value: float) -> None:
+    if math.isfinite(value) and value >= 0:
+        spec.make(learning_rate=value)
+    else:
+        with pytest.raises(adaopt.HyperparameterError, match="learning_rate"):
+            spec.make(learning_rate=value)
+
+
+@given(b1=st.floats(-2, 2), b2=st.floats(-2, 2), eps=st.floats(-1, 1))
+def test_adam_betas_and_eps(b1: float, b2: float, eps: float) -> None:
+    valid = 0 <= b1 < 1 and 0 <= b2 < 1 and eps >= 0
+    if valid:
+        adaopt.adam(1e-3, b1, b2, eps)
+    else:
+        with pytest.raises(adaopt.HyperparameterError):
+            adaopt.adam(1e-3, b1, b2, eps)
+
+
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
+@given(data=st.data())
+def test_drawn_valid_hyperparameters_build(spec: OptimizerSpec, data: st.DataObject) -> None:
+    values = {name: r.sample(data.draw(st.floats(0, 1, exclude_max=True))) for name, r in spec.hyperparameters.items()}
+    spec.make(**values)
+
+
+def test_schedules_and_arrays_are_accepted() -> None:
+    adaopt.adam(adaopt.linear_schedule(1e-3, 0.0, 100))
+    adaopt.adam(jnp.asarray(1e-3), b1=jnp.asarray(0.9))
+
+
+def test_moment_dtype_must_be_floating() -> None:
+    with pytest.raises(ValueError, match="mu_dtype"):
+        adaopt.adam(mu_dtype=jnp.int32)
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "name"),
+    [
+        (adaopt.sgd, {"momentum": 0.0, "nesterov": True}, "nesterov"),
+        (adaopt.sgd, {"momentum": 0.9, "dampening": 0.1, "nesterov": True}, "dampening"),
+        (adaopt.amsgrad, {"max_of": "largest"}, "max_of"),
+        (adaopt.lamb, {"debias": "never"}, "debias"),
+        (adaopt.radam, {"threshold": 3.0}, "threshold"),
+        (adaopt.lamb, {"max_param_norm": 0.0}, "max_param_norm"),
+        (adaopt.sgd, {"dampening": 1.5}, "dampening"),
+    ],
+)
+def test_inconsistent_options(factory: Any, kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        factory(**kwargs)
