@@ -21,8 +21,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/python benchmarks/demo.py
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff format --check adaopt tests benchmarks
-	$(BIN)/ruff check adaopt tests benchmarks
+	$(BIN)/ruff format --check adaopt tests benchmarks notebooks
+	$(BIN)/ruff check adaopt tests benchmarks notebooks
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy
