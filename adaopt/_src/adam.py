@@ -180,7 +180,7 @@ def adam(
       >>> params = {"w": jnp.ones(3)}
       >>> state = opt.init(params)
       >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
-      >>> updates["w"]  # the first step is -learning_rate * sign(g), up to eps
+      >>> updates["w"].round(6)  # the first step is -learning_rate * sign(g), up to eps
       Array([-0.001, -0.001, -0.001], dtype=float32)
 
     Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.

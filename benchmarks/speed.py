@@ -1,0 +1,681 @@
+"""Time one full optimizer step of adaopt against optax and torch.optim, and write a Markdown report.
+
+One step is ``update`` plus ``optax.apply_updates``, compiled with ``jax.jit`` with the
+parameters and the optimizer state donated (``donate_argnums=(0, 1)``), exactly as a training
+loop runs it. For each parameter tree and each optimizer the script times:
+
+- ``adaopt``: adaopt's optimizer;
+- ``optax``: optax's implementation of the same algorithm and hyperparameters;
+- ``torch fused`` and ``torch foreach``: ``torch.optim``'s, ``opt.step()`` on a list of float32
+  tensors whose ``.grad`` is set once ("n/a" where torch has no such implementation).
+
+JAX: the first compile is timed as the wall time of ``step.lower(...).compile()``; then 2 warm-up
+calls and ``--reps`` timed calls, each followed by ``jax.block_until_ready``, each feeding the
+returned (donated) parameters and state into the next. The gradients are a fixed tree, not
+donated. torch: 2 warm-up ``opt.step()`` calls, then ``--reps`` timed ones, with
+``torch.set_num_threads`` set to the number of usable cores.
+
+The machine's memory bandwidth is measured in the same run with streaming kernels over buffers far
+larger than the caches (``--bandwidth-mb`` per buffer): in-place ``x = a * x + y`` (3 buffer sizes
+moved per call) and a copy (2 sizes), in JAX (jitted, ``x`` donated) and in torch. The highest
+rate, computed from median times like the optimizer rows, is the "measured bandwidth".
+
+An optimizer step must at least read and write the parameters, read the gradients and read and
+write each state buffer: 7 x 4 bytes per parameter for Adam and AdamW (two moments), 5 x 4 bytes
+for RMSProp, AdaGrad and SGD with momentum (one buffer). The report gives each row's achieved
+rate (those bytes / median time), its fraction of the measured bandwidth, the optimizer state
+bytes per parameter (from the actual state), and adaopt's median time divided by the row's.
+
+If JAX's default device is a GPU, JAX runs there and torch on CUDA (when torch has CUDA); the
+code path is the same.
+
+The results go between ``<!-- speed:begin -->`` and ``<!-- speed:end -->`` in ``--out``; the rest of
+an existing file is kept.
+
+Usage::
+
+    python benchmarks/speed.py [--trees gpt2,resnet,single,small] [--optimizers adam,sgd]
+                               [--reps 10] [--out benchmarks/RESULTS.md] [--no-torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adaopt
+
+BEGIN = "<!-- speed:begin -->"
+END = "<!-- speed:end -->"
+DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
+DEFAULT_OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd")
+WARMUP = 2
+F32 = 4  # bytes per float32
+IMPLS = ("adaopt", "optax", "torch fused", "torch foreach")
+COLUMNS = (
+    "optimizer",
+    "impl",
+    "median ms",
+    "min ms",
+    "compile s",
+    "state bytes/param",
+    "bytes moved (MB)",
+    "achieved GB/s",
+    "% of measured bw",
+    "ratio vs adaopt",
+)
+
+# A tree of shapes: nested dicts whose leaves are ShapeDtypeStructs.
+Shapes = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter trees.
+
+
+def _leaf(*shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _layer_norm(width: int) -> Shapes:
+    return {"scale": _leaf(width), "bias": _leaf(width)}
+
+
+def _dense(fan_in: int, fan_out: int) -> Shapes:
+    return {"kernel": _leaf(fan_in, fan_out), "bias": _leaf(fan_out)}
+
+
+def gpt2_tree(width: int = 512, layers: int = 12, vocab: int = 32_000, context: int = 1024) -> Shapes:
+    """A GPT-2-style transformer: embeddings, ``layers`` pre-LN blocks, a final layer norm."""
+    tree: Shapes = {"wte": _leaf(vocab, width), "wpe": _leaf(context, width)}
+    for i in range(layers):
+        tree[f"h_{i}"] = {
+            "ln_1": _layer_norm(width),
+            "attn": {"c_attn": _dense(width, 3 * width), "c_proj": _dense(width, width)},
+            "ln_2": _layer_norm(width),
+            "mlp": {"c_fc": _dense(width, 4 * width), "c_proj": _dense(4 * width, width)},
+        }
+    tree["ln_f"] = _layer_norm(width)
+    return tree
+
+
+def _conv_bn(k: int, cin: int, cout: int) -> Shapes:
+    return {"kernel": _leaf(k, k, cin, cout), "bn": {"scale": _leaf(cout), "bias": _leaf(cout)}}
+
+
+def resnet_tree(blocks: Sequence[int] = (3, 4, 6, 3), classes: int = 1000) -> Shapes:
+    """A ResNet-50-like tree: a 7x7 stem, bottleneck stages, a dense head; batch norm after every conv."""
+    tree: Shapes = {"stem": _conv_bn(7, 3, 64)}
+    cin = 64
+    for stage, count in enumerate(blocks):
+        width = 64 * 2**stage
+        for b in range(count):
+            block = {
+                "conv1": _conv_bn(1, cin, width),
+                "conv2": _conv_bn(3, width, width),
+                "conv3": _conv_bn(1, width, 4 * width),
+            }
+            if b == 0:
+                block["downsample"] = _conv_bn(1, cin, 4 * width)
+            tree[f"stage{stage + 1}_block{b + 1}"] = block
+            cin = 4 * width
+    tree["head"] = _dense(cin, classes)
+    return tree
+
+
+def single_tree(size: int = 50_000_000) -> Shapes:
+    """One flat leaf."""
+    return {"w": _leaf(size)}
+
+
+def small_tree(leaves: int = 1000, size: int = 100) -> Shapes:
+    """Many tiny leaves: the step is bound by per-leaf overhead, not by memory."""
+    return {f"p{i:04d}": _leaf(size) for i in range(leaves)}
+
+
+TREES: dict[str, Callable[[], Shapes]] = {
+    "gpt2": gpt2_tree,
+    "resnet": resnet_tree,
+    "single": single_tree,
+    "small": small_tree,
+}
+
+
+def count(shapes: Shapes) -> tuple[int, int]:
+    """(number of leaves, number of parameters)."""
+    leaves = jax.tree.leaves(shapes)
+    return len(leaves), sum(int(np.prod(s.shape)) for s in leaves)
+
+
+def host_arrays(shapes: Shapes, seed: int, scale: float) -> Any:
+    """A deterministic tree of float32 numpy arrays, normal with standard deviation ``scale``."""
+    rng = np.random.default_rng(seed)
+
+    def make(s: jax.ShapeDtypeStruct) -> np.ndarray:
+        x = rng.standard_normal(s.shape, dtype=np.float32)
+        x *= np.float32(scale)
+        return x
+
+    return jax.tree.map(make, shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizers: adaopt's, optax's and torch's configuration of the same algorithm.
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """One algorithm with one set of hyperparameters, in the three libraries."""
+
+    adaopt: Callable[[], optax.GradientTransformation]
+    optax: Callable[[], optax.GradientTransformation]
+    torch_class: str  # a class in torch.optim
+    torch_kwargs: Mapping[str, Any]
+    state_buffers: int  # per-parameter state buffers the algorithm needs
+
+    @property
+    def bytes_per_param(self) -> int:
+        """Bytes a step must move per parameter: params read+write, grads read, each buffer read+write."""
+        return F32 * (3 + 2 * self.state_buffers)
+
+
+CONTENDERS: dict[str, Contender] = {
+    "adam": Contender(
+        adaopt=lambda: adaopt.adam(1e-3),
+        optax=lambda: optax.adam(1e-3),
+        torch_class="Adam",
+        torch_kwargs={"lr": 1e-3},
+        state_buffers=2,
+    ),
+    "adamw": Contender(
+        adaopt=lambda: adaopt.adamw(1e-3, weight_decay=1e-2),
+        optax=lambda: optax.adamw(1e-3, weight_decay=1e-2),
+        torch_class="AdamW",
+        torch_kwargs={"lr": 1e-3, "weight_decay": 1e-2},
+        state_buffers=2,
+    ),
+    "rmsprop": Contender(  # decay 0.99, eps outside the root: torch's convention
+        adaopt=lambda: adaopt.rmsprop(1e-3, decay=0.99, eps=1e-8),
+        optax=lambda: optax.rmsprop(1e-3, decay=0.99, eps=1e-8, eps_in_sqrt=False),
+        torch_class="RMSprop",
+        torch_kwargs={"lr": 1e-3, "alpha": 0.99, "eps": 1e-8},
+        state_buffers=1,
+    ),
+    "adagrad": Contender(
+        adaopt=lambda: adaopt.adagrad(1e-2),
+        optax=lambda: optax.adagrad(1e-2, initial_accumulator_value=0.0, eps=1e-10),
+        torch_class="Adagrad",
+        torch_kwargs={"lr": 1e-2, "initial_accumulator_value": 0.0, "eps": 1e-10},
+        state_buffers=1,
+    ),
+    "sgd": Contender(  # heavy-ball momentum 0.9
+        adaopt=lambda: adaopt.sgd(1e-2, momentum=0.9),
+        optax=lambda: optax.sgd(1e-2, momentum=0.9),
+        torch_class="SGD",
+        torch_kwargs={"lr": 1e-2, "momentum": 0.9},
+        state_buffers=1,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements.
+
+
+@dataclasses.dataclass
+class Timing:
+    """The result of timing one implementation on one tree (``times`` empty when unavailable)."""
+
+    optimizer: str
+    impl: str
+    times: list[float]
+    compile_s: float | None = None
+    state_bytes: int | None = None
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+
+@dataclasses.dataclass
+class Bandwidth:
+    framework: str
+    kernel: str
+    bytes_per_call: int
+    times: list[float]
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second at the median time."""
+        return self.bytes_per_call / statistics.median(self.times)
+
+    @property
+    def best_rate(self) -> float:
+        return self.bytes_per_call / min(self.times)
+
+
+@dataclasses.dataclass
+class TreeResult:
+    name: str
+    leaves: int
+    params: int
+    timings: list[Timing]
+
+
+@dataclasses.dataclass
+class Report:
+    bandwidths: list[Bandwidth]
+    trees: list[TreeResult]
+    torch_device: str | None
+
+    @property
+    def measured_bandwidth(self) -> float:
+        return max(b.rate for b in self.bandwidths)
+
+
+def _free() -> None:
+    gc.collect()
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def torch_device() -> str:
+    """Where torch runs: CUDA when JAX runs on a GPU and torch has CUDA, else the CPU."""
+    torch = _torch()
+    if jax.devices()[0].platform == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(usable_cores())
+    return "cpu"
+
+
+def _torch_sync(device: str) -> None:
+    if device == "cuda":
+        _torch().cuda.synchronize()
+
+
+def _timed(call: Callable[[], None], reps: int) -> list[float]:
+    for _ in range(WARMUP):
+        call()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _jax_stream(fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], n: int, reps: int) -> list[float]:
+    # keep_unused: else the copy kernel drops its unused ``x``, the donation with it, and each call
+    # writes into freshly allocated (page-faulting) memory.
+    step = jax.jit(fn, donate_argnums=0, keep_unused=True)
+    carry = {"x": jnp.ones(n, jnp.float32)}
+    y = jnp.full(n, 0.5, jnp.float32)
+    a = jnp.float32(0.999)
+
+    def call() -> None:
+        carry["x"] = jax.block_until_ready(step(carry["x"], y, a))
+
+    return _timed(call, reps)
+
+
+def jax_bandwidth(nbytes: int, reps: int) -> list[Bandwidth]:
+    """In-place ``x = a * x + y`` and a copy ``x = a * y``, jitted, ``x`` donated."""
+    n = nbytes // F32
+    kernels: list[tuple[str, int, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]]] = [
+        ("x = a*x + y (in place)", 3, lambda x, y, a: a * x + y),
+        ("x = a*y (copy)", 2, lambda x, y, a: a * y),
+    ]
+    results = []
+    for kernel, moved, fn in kernels:
+        results.append(Bandwidth("jax", kernel, moved * n * F32, _jax_stream(fn, n, reps)))
+        _free()
+    return results
+
+
+def torch_bandwidth(nbytes: int, reps: int, device: str) -> list[Bandwidth]:
+    """In-place ``x.add_(y, alpha=a)`` (one pass, like ``a*x + y``) and ``x.copy_(y)``."""
+    torch = _torch()
+    n = nbytes // F32
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    y = torch.full((n,), 0.5, dtype=torch.float32, device=device)
+    results = []
+    kernels: list[tuple[str, int, Callable[[], Any]]] = [
+        ("x.add_(y, alpha=a) (in place)", 3, lambda: x.add_(y, alpha=0.999)),
+        ("x.copy_(y) (copy)", 2, lambda: x.copy_(y)),
+    ]
+    for kernel, moved, fn in kernels:
+
+        def call(fn: Callable[[], Any] = fn) -> None:
+            fn()
+            _torch_sync(device)
+
+        results.append(Bandwidth("torch", kernel, moved * n * F32, _timed(call, reps)))
+    return results
+
+
+def state_nbytes(state: Any) -> int:
+    return sum(int(x.nbytes) for x in jax.tree.leaves(state))
+
+
+def time_jax(optimizer: optax.GradientTransformation, host_params: Any, grads: Any, reps: int) -> Timing:
+    """Compile time and step times of one optimizer, donating the parameters and the state."""
+
+    def fn(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    carry: dict[str, Any] = {"params": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
+    carry["state"] = optimizer.init(carry["params"])
+    nbytes = state_nbytes(carry["state"])
+    step = jax.jit(fn, donate_argnums=(0, 1))
+    start = time.perf_counter()
+    step.lower(carry["params"], carry["state"], grads).compile()
+    compile_s = time.perf_counter() - start
+
+    def call() -> None:
+        carry["params"], carry["state"] = jax.block_until_ready(step(carry["params"], carry["state"], grads))
+
+    return Timing("", "", _timed(call, reps), compile_s=compile_s, state_bytes=nbytes)
+
+
+def time_torch(contender: Contender, impl: str, host_params: Any, host_grads: Any, reps: int, device: str) -> Timing:
+    """Step times of ``torch.optim`` with ``fused=True`` or ``foreach=True`` (``impl``)."""
+    torch = _torch()
+    params = [torch.from_numpy(x).to(device, copy=True) for x in jax.tree.leaves(host_params)]
+    for p, g in zip(params, jax.tree.leaves(host_grads), strict=True):
+        p.grad = torch.from_numpy(g).to(device, copy=True)
+    try:
+        opt = getattr(torch.optim, contender.torch_class)(params, **contender.torch_kwargs, **{impl: True})
+        opt.step()
+    except (TypeError, RuntimeError, ValueError) as error:
+        return Timing("", "", [], note=f"{type(error).__name__}: {error}")
+
+    def call() -> None:
+        opt.step()
+        _torch_sync(device)
+
+    times = _timed(call, reps)
+    nbytes = sum(int(t.nbytes) for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return Timing("", "", times, state_bytes=nbytes)
+
+
+def run(
+    trees: Mapping[str, Shapes],
+    optimizers: Sequence[str],
+    reps: int = 10,
+    use_torch: bool = True,
+    bandwidth_bytes: int = 512 * 2**20,
+    log: Callable[[str], None] = print,
+) -> Report:
+    """Measure the bandwidth, then every (tree, optimizer, implementation)."""
+    device = torch_device() if use_torch else None
+    log(f"JAX device: {jax.devices()[0]}; torch device: {device or 'not run'}")
+    bandwidths = jax_bandwidth(bandwidth_bytes, reps)
+    if device is not None:
+        bandwidths += torch_bandwidth(bandwidth_bytes, reps, device)
+        _free()
+    for b in bandwidths:
+        log(f"bandwidth {b.framework} {b.kernel}: {b.rate / 1e9:.2f} GB/s (best {b.best_rate / 1e9:.2f})")
+
+    results = []
+    for tree_name, shapes in trees.items():
+        leaves, n = count(shapes)
+        log(f"[{tree_name}] {leaves} leaves, {n:,} parameters")
+        host_params = host_arrays(shapes, seed=0, scale=0.02)
+        host_grads = host_arrays(shapes, seed=1, scale=1e-3)
+        grads = jax.tree.map(lambda x: jnp.array(x, copy=True), host_grads)
+        timings = []
+        for opt_name in optimizers:
+            contender = CONTENDERS[opt_name]
+            for impl in IMPLS:
+                if impl.startswith("torch"):
+                    if device is None:
+                        continue
+                    flag = impl.removeprefix("torch ")
+                    timing = time_torch(contender, flag, host_params, host_grads, reps, device)
+                else:
+                    factory = contender.adaopt if impl == "adaopt" else contender.optax
+                    timing = time_jax(factory(), host_params, grads, reps)
+                _free()  # the step's parameters and state are gone with the timing function's frame
+                timing.optimizer, timing.impl = opt_name, impl
+                timings.append(timing)
+                log(f"[{tree_name}] {opt_name:8s} {impl:13s} {_describe(timing, n)}")
+        del host_params, host_grads, grads
+        jax.clear_caches()
+        _free()
+        results.append(TreeResult(tree_name, leaves, n, timings))
+    return Report(bandwidths, results, device)
+
+
+def _describe(t: Timing, n: int) -> str:
+    if not t.times:
+        return f"n/a ({t.note})"
+    text = f"median {t.median * 1e3:.2f} ms, min {t.best * 1e3:.2f} ms"
+    if t.compile_s is not None:
+        text += f", compile {t.compile_s:.2f} s"
+    if t.state_bytes is not None:
+        text += f", state {t.state_bytes / n:.2f} B/param"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> dict[str, str]:
+    mem = _proc_field("/proc/meminfo", "MemTotal")
+    mem_text = f"{int(mem.split()[0]) / 2**20:.1f} GiB" if mem else "unknown"
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "unknown"
+    info = {
+        "CPU": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cores": f"{usable_cores()} usable ({os.cpu_count()} logical)",
+        "memory": mem_text,
+        "load average at start (1, 5, 15 min)": load,
+        "Python": platform.python_version(),
+        "jax / jaxlib": f"{jax.__version__} / {_version('jaxlib')}",
+        "optax": optax.__version__,
+        "JAX device": str(jax.devices()[0]),
+    }
+    info["torch"] = _version("torch")
+    return info
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def table_rows(tree: TreeResult, measured: float) -> Iterator[list[str]]:
+    adaopt_median = {t.optimizer: t.median for t in tree.timings if t.impl == "adaopt" and t.times}
+    for t in tree.timings:
+        moved = CONTENDERS[t.optimizer].bytes_per_param * tree.params
+        available = bool(t.times)
+        median = t.median if available else None
+        rate = moved / t.median if available else None
+        ratio = adaopt_median[t.optimizer] / t.median if available and t.optimizer in adaopt_median else None
+        yield [
+            t.optimizer,
+            t.impl,
+            _cell(None if median is None else median * 1e3, ".2f"),
+            _cell(t.best * 1e3 if available else None, ".2f"),
+            _cell(t.compile_s, ".2f") if t.impl in ("adaopt", "optax") else "",
+            _cell(t.state_bytes / tree.params if available and t.state_bytes is not None else None, ".2f"),
+            f"{moved / 1e6:.1f}",
+            _cell(None if rate is None else rate / 1e9, ".2f"),
+            _cell(None if rate is None else 100 * rate / measured, ".1f"),
+            _cell(ratio, ".2f"),
+        ]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(report: Report, command: str, elapsed_s: float) -> str:
+    """The Markdown section (between the markers, markers included)."""
+    measured = report.measured_bandwidth
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [BEGIN, "## Speed: one optimizer step", ""]
+    parts += [f"Run {now}, {elapsed_s:.0f} s in all, with:", "", "```", command, "```", ""]
+    parts += [f"- {key}: {value}" for key, value in machine().items()]
+    parts += [f"- torch device: {report.torch_device or 'not run'}", ""]
+    parts += [
+        "One step is `update` + `optax.apply_updates`, jitted with the parameters and the state donated;",
+        "torch times `opt.step()`. Times are over the timed calls after 2 warm-up calls; compile is the",
+        'wall time of the first `step.lower(...).compile()`. "bytes moved" is the least a step must move',
+        "(parameters read and written, gradients read, each state buffer read and written, 4 bytes each);",
+        '"achieved GB/s" is that divided by the median time. "ratio vs adaopt" is adaopt\'s median time',
+        "divided by the row's: above 1, adaopt is slower than that implementation.",
+        "",
+        "### Memory bandwidth",
+        "",
+    ]
+    bw_rows = [
+        [
+            b.framework,
+            f"`{b.kernel}`",
+            f"{b.bytes_per_call / 1e6:.0f}",
+            f"{statistics.median(b.times) * 1e3:.2f}",
+            f"{b.rate / 1e9:.2f}",
+            f"{b.best_rate / 1e9:.2f}",
+        ]
+        for b in report.bandwidths
+    ]
+    parts += [
+        markdown_table(
+            ["framework", "kernel", "bytes per call (MB)", "median ms", "GB/s (median)", "GB/s (best)"], bw_rows
+        ),
+        "",
+        f"Measured bandwidth (highest median rate): **{measured / 1e9:.2f} GB/s**.",
+        "",
+    ]
+    for tree in report.trees:
+        parts += [f"### `{tree.name}`: {tree.leaves} leaves, {tree.params:,} parameters", ""]
+        parts += [markdown_table(COLUMNS, list(table_rows(tree, measured))), ""]
+        notes = {f"{t.optimizer} {t.impl}: {t.note}" for t in tree.timings if not t.times}
+        parts += [f"- n/a: {note}" for note in sorted(notes)]
+        if notes:
+            parts.append("")
+    parts.append(END)
+    return "\n".join(parts) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the speed section of ``path`` (or append it, or create the file), keeping the rest."""
+    if path.exists():
+        text = path.read_text()
+        start, end = text.find(BEGIN), text.find(END)
+        if start >= 0 and end > start:
+            text = text[:start] + section.rstrip("\n") + text[end + len(END) :]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+    else:
+        text = "# adaopt benchmark results\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _names(text: str, known: Mapping[str, Any], what: str, parser: argparse.ArgumentParser) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in known]
+    if unknown or not names:
+        parser.error(f"unknown {what} {unknown}; choose from {', '.join(known)}")
+    return names
+
+
+def _portable(argument: str) -> str:
+    """``argument``, with an absolute path made relative to the working directory (or cut to its name)."""
+    path = Path(argument)
+    if not path.is_absolute():
+        return argument
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return path.name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--trees", default=",".join(TREES), help="comma-separated: " + ", ".join(TREES))
+    parser.add_argument(
+        "--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help="comma-separated: " + ", ".join(CONTENDERS)
+    )
+    parser.add_argument("--reps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown file to write the results into")
+    parser.add_argument("--no-torch", action="store_true", help="skip torch.optim")
+    parser.add_argument("--bandwidth-mb", type=int, default=512, help="size of each bandwidth-test buffer, MiB")
+    args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+    trees = {name: TREES[name]() for name in _names(args.trees, TREES, "trees", parser)}
+    optimizers = _names(args.optimizers, CONTENDERS, "optimizers", parser)
+    arguments = [_portable(a) for a in (sys.argv[1:] if argv is None else argv)]
+    command = shlex.join(["python", "benchmarks/speed.py", *arguments])
+
+    start = time.perf_counter()
+    report = run(
+        trees, optimizers, args.reps, not args.no_torch, args.bandwidth_mb * 2**20, lambda s: print(s, flush=True)
+    )
+    elapsed = time.perf_counter() - start
+    write_section(args.out, render(report, command, elapsed))
+    print(f"total {elapsed:.1f} s; wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The speed benchmark (benchmarks/speed.py) runs end to end on a toy tree and writes its Markdown section.
+
+Nothing here is about speed: only that every configuration is timed and reported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+@pytest.fixture(scope="module")
+def speed() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("adaopt_speed_benchmark", SPEED)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(text: str, heading: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("### ") and heading in line)
+    header = next(i for i in range(start, len(lines)) if lines[i].startswith("| "))
+    rows = []
+    for line in lines[header:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_toy_run_writes_table_and_keeps_other_sections(speed: ModuleType, tmp_path: Path) -> None:
+    use_torch = importlib.util.find_spec("torch") is not None
+    trees = {"small": speed.small_tree(leaves=10, size=50)}
+    report = speed.run(trees, ["sgd"], reps=2, use_torch=use_torch, bandwidth_bytes=2**20, log=lambda _: None)
+    out = tmp_path / "RESULTS.md"
+    out.write_text(f"# Results\n\n{speed.BEGIN}\nstale\n{speed.END}\n\n## Convergence\n\nkept\n")
+    speed.write_section(out, speed.render(report, "python benchmarks/speed.py --trees small", 1.0))
+    text = out.read_text()
+
+    assert "stale" not in text
+    assert text.count(speed.BEGIN) == text.count(speed.END) == 1
+    assert text.index(speed.END) < text.index("## Convergence") and text.endswith("kept\n")
+    assert "Measured bandwidth" in text
+
+    rows = _table(text, "`small`: 10 leaves, 500 parameters")
+    assert tuple(rows[0]) == speed.COLUMNS
+    assert set(rows[1][0]) == {"-"}
+    impls = [row[1] for row in rows[2:]]
+    assert impls == (["adaopt", "optax", "torch fused", "torch foreach"] if use_torch else ["adaopt", "optax"])
+    for row in rows[2:]:
+        assert row[0] == "sgd" and len(row) == len(speed.COLUMNS)
+        assert row[6] == f"{20 * 500 / 1e6:.1f}"  # 5 x 4 bytes per parameter
+        assert float(row[2]) > 0 and float(row[3]) > 0
+    adaopt_row, optax_row = rows[2], rows[3]
+    assert float(adaopt_row[4]) > 0 and float(optax_row[4]) > 0  # compile times
+    for row in (adaopt_row, optax_row):  # one float32 momentum buffer per parameter, and maybe a step count
+        assert 4.0 <= float(row[5]) < 4.1
+    assert adaopt_row[9] == "1.00"
+
+
+def test_section_is_appended_to_a_file_without_markers(speed: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Other\n")
+    speed.write_section(out, f"{speed.BEGIN}\nnew\n{speed.END}\n")
+    assert out.read_text() == f"# Other\n\n{speed.BEGIN}\nnew\n{speed.END}\n"
+
+
+def test_trees_have_the_documented_sizes(speed: ModuleType) -> None:
+    assert speed.count(speed.gpt2_tree()) == (148, 54_737_920)
+    leaves, params = speed.count(speed.resnet_tree())
+    assert leaves == 161 and 25_000_000 < params < 26_000_000
+    assert speed.count(speed.single_tree()) == (1, 50_000_000)
+    assert speed.count(speed.small_tree()) == (1000, 100_000)
+
+
+def test_unknown_optimizer_is_rejected(speed: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        speed.main(["--optimizers", "adam,nosuch"])
