@@ -14,8 +14,9 @@ import optax
 import pytorch_optimizer
 import torch
 
+from tests.parity import TorchFactory
+
 HP = dict[str, Any]
-TorchFactory = Callable[[list[dict[str, Any]], HP], torch.optim.Optimizer]
 OptaxFactory = Callable[[Any, HP, Any], optax.GradientTransformation]
 
 

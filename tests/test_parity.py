@@ -9,7 +9,6 @@ compared, not only the end point.
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from typing import Any
 
@@ -18,30 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 
 import adaopt
 from adaopt._src.registry import OPTIMIZERS, OptimizerSpec, Reference
-from tests import references
-
-STEPS = 200
-SHAPES = {"w": (7, 5), "b": (5,), "s": (), "conv": (3, 2, 2, 2)}  # flattened in sorted key order
-DECAY_MASK = {"w": True, "b": False, "s": False, "conv": True}
-TOLERANCE = {np.float64: 1e-10, np.float32: 1e-5}
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    weight_decay: bool
-    schedule: bool
-    dtype: type
-
-    @property
-    def label(self) -> str:
-        wd = "wd" if self.weight_decay else "nowd"
-        lr = "schedule" if self.schedule else "constant"
-        return f"{wd}-{lr}-{np.dtype(self.dtype).name}"
-
+from tests import parity, references
+from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 
 CASES = [
     Case(False, False, np.float64),
@@ -69,65 +49,6 @@ def _draw(spec: OptimizerSpec, ref: Reference, case: Case, seed: int) -> tuple[d
     else:
         lr = peak
     return {**hp, **ref.kwargs}, lr
-
-
-def _run_adaopt(tx: optax.GradientTransformation, params: dict, grads: dict) -> dict:
-    """The parameter trajectory (STEPS, *shape) per leaf, the whole run in one compiled scan."""
-
-    def step(carry: tuple, g: dict) -> tuple[tuple, dict]:
-        p, s = carry
-        updates, s = tx.update(g, s, p)
-        p = optax.apply_updates(p, updates)
-        return (p, s), p
-
-    @jax.jit
-    def run(p: dict, gs: dict) -> dict:
-        _, trajectory = jax.lax.scan(step, (p, tx.init(p)), gs)
-        return trajectory
-
-    return jax.tree.map(np.asarray, run(params, grads))
-
-
-def _run_torch(make: references.TorchFactory, hp: dict, lr: Any, params: dict, grads: dict, case: Case) -> dict:
-    names = sorted(params)
-    tensors = {k: torch.tensor(params[k]) for k in names}
-    if case.weight_decay:
-        groups = [
-            {"params": [tensors[k] for k in names if DECAY_MASK[k]], "weight_decay": hp["weight_decay"]},
-            {"params": [tensors[k] for k in names if not DECAY_MASK[k]], "weight_decay": 0.0},
-        ]
-    else:
-        groups = [{"params": [tensors[k] for k in names], "weight_decay": 0.0}]
-    # torch keeps scalar state (NAdam's mu_product) in the default dtype: match the case's.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64 if case.dtype == np.float64 else torch.float32)
-    try:
-        return _torch_trajectory(make(groups, hp), tensors, lr, grads)
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _torch_trajectory(opt: torch.optim.Optimizer, tensors: dict, lr: Any, grads: dict) -> dict:
-    names = sorted(tensors)
-    trajectory: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for t in range(STEPS):
-        rate = float(lr(t)) if callable(lr) else lr
-        for group in opt.param_groups:
-            group["lr"] = rate
-        for k in names:
-            tensors[k].grad = torch.tensor(grads[k][t])
-        opt.step()
-        for k in names:
-            trajectory[k].append(tensors[k].detach().numpy().copy())
-    return {k: np.stack(v) for k, v in trajectory.items()}
-
-
-def _relative_error(ours: dict, theirs: dict) -> float:
-    worst = 0.0
-    for k in theirs:
-        scale = max(float(np.max(np.abs(theirs[k]))), 1e-30)
-        worst = max(worst, float(np.max(np.abs(ours[k] - theirs[k]))) / scale)
-    return worst
 
 
 PAIRS = [(spec, ref) for spec in OPTIMIZERS for ref in spec.references]
@@ -160,19 +81,20 @@ def test_parity(spec: OptimizerSpec, ref: Reference, case: Case) -> None:
     with jax.enable_x64(case.dtype == np.float64):
         kwargs = ref.adaopt_kwargs(hp)
         tx = spec.factory(learning_rate=lr, weight_decay_mask=mask, **kwargs)
-        ours = _run_adaopt(tx, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads))
+        ours = parity.run_adaopt(tx, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads))
         if ref.name in references.TORCH:
-            theirs = _run_torch(references.TORCH[ref.name], hp, lr, params, grads, case)
+            theirs = parity.run_torch(references.TORCH[ref.name], hp, lr, params, grads, case)
         else:
             other = references.OPTAX[ref.name](lr, hp, mask)
-            theirs = _run_adaopt(other, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads))
+            theirs = parity.run_adaopt(other, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads))
 
     for k in SHAPES:
         assert ours[k].dtype == case.dtype, f"{k}: adaopt returned {ours[k].dtype}, expected {case.dtype}"
-    moved = _relative_error(theirs, {k: np.broadcast_to(params[k], theirs[k].shape) for k in theirs})
+    moved = parity.relative_error(theirs, {k: np.broadcast_to(params[k], theirs[k].shape) for k in theirs})
     assert moved > 1e-3, "the reference barely moved the parameters; the comparison would prove nothing"
-    error = _relative_error(ours, theirs)
-    assert error <= TOLERANCE[case.dtype], f"relative error {error:.3g} vs {ref.name} with {hp}"
+    error = parity.relative_error(ours, theirs)
+    tolerance = ref.tolerance_float64 if case.dtype == np.float64 else ref.tolerance_float32
+    assert error <= tolerance, f"relative error {error:.3g} vs {ref.name} with {hp}"
 
 
 def test_parity_detects_a_wrong_hyperparameter() -> None:
@@ -186,6 +108,6 @@ def test_parity_detects_a_wrong_hyperparameter() -> None:
     grads = {k: rng.normal(size=(STEPS, *shape)) for k, shape in SHAPES.items()}
     with jax.enable_x64(True):
         tx = adaopt.adam(lr, hp["b1"], hp["b2"] - 1e-4, hp["eps"])
-        ours = _run_adaopt(tx, params, grads)
-    theirs = _run_torch(references.TORCH[ref.name], hp, lr, params, grads, case)
-    assert _relative_error(ours, theirs) > 1e-6
+        ours = parity.run_adaopt(tx, params, grads)
+    theirs = parity.run_torch(references.TORCH[ref.name], hp, lr, params, grads, case)
+    assert parity.relative_error(ours, theirs) > 1e-6

@@ -53,6 +53,8 @@ class Reference:
     convention: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     weight_decay: bool = True  # whether the reference takes weight decay
     schedule: bool = True  # whether it follows the same trajectory under a learning-rate schedule
+    tolerance_float64: float = 1e-10  # largest relative error over the trajectory
+    tolerance_float32: float = 1e-5
     note: str = ""
 
     def adaopt_kwargs(self, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
