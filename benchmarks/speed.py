@@ -289,6 +289,8 @@ class Report:
     bandwidths: list[Bandwidth]
     trees: list[TreeResult]
     torch_device: str | None
+    load_start: str = "unknown"  # load average (1, 5, 15 min) when the run began
+    load_end: str = "unknown"
 
     @property
     def measured_bandwidth(self) -> float:
@@ -434,6 +436,7 @@ def run(
     log: Callable[[str], None] = print,
 ) -> Report:
     """Measure the bandwidth, then every (tree, optimizer, implementation)."""
+    load_start = load_average()
     device = torch_device() if use_torch else None
     log(f"JAX device: {jax.devices()[0]}; torch device: {device or 'not run'}")
     bandwidths = jax_bandwidth(bandwidth_bytes, reps)
@@ -470,7 +473,7 @@ def run(
         jax.clear_caches()
         _free()
         results.append(TreeResult(tree_name, leaves, n, timings))
-    return Report(bandwidths, results, device)
+    return Report(bandwidths, results, device, load_start, load_average())
 
 
 def _describe(t: Timing, n: int) -> str:
@@ -513,18 +516,21 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: other processes sharing the cores make timings noisy."""
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (OSError, AttributeError):
+        return "unknown"
+
+
 def machine() -> dict[str, str]:
     mem = _proc_field("/proc/meminfo", "MemTotal")
     mem_text = f"{int(mem.split()[0]) / 2**20:.1f} GiB" if mem else "unknown"
-    try:
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "unknown"
     info = {
         "CPU": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
         "cores": f"{usable_cores()} usable ({os.cpu_count()} logical)",
         "memory": mem_text,
-        "load average at start (1, 5, 15 min)": load,
         "Python": platform.python_version(),
         "jax / jaxlib": f"{jax.__version__} / {_version('jaxlib')}",
         "optax": optax.__version__,
@@ -571,9 +577,13 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
     measured = report.measured_bandwidth
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [BEGIN, "## Speed: one optimizer step", ""]
-    parts += [f"Run {now}, {elapsed_s:.0f} s in all, with:", "", "```", command, "```", ""]
+    parts += [f"Finished {now}, {elapsed_s:.0f} s in all, with:", "", "```", command, "```", ""]
     parts += [f"- {key}: {value}" for key, value in machine().items()]
-    parts += [f"- torch device: {report.torch_device or 'not run'}", ""]
+    parts += [
+        f"- torch device: {report.torch_device or 'not run'}",
+        f"- load average (1, 5, 15 min): {report.load_start} at the start, {report.load_end} at the end",
+        "",
+    ]
     parts += [
         "One step is `update` + `optax.apply_updates`, jitted with the parameters and the state donated;",
         "torch times `opt.step()`. Times are over the timed calls after 2 warm-up calls; compile is the",
