@@ -57,6 +57,15 @@ from adaopt._src.registry import Reference as Reference
 from adaopt._src.rmsprop import RmsState as RmsState
 from adaopt._src.rmsprop import rmsprop as rmsprop
 from adaopt._src.rmsprop import scale_by_rms as scale_by_rms
+from adaopt._src.schedule_free import DebiasedRmsState as DebiasedRmsState
+from adaopt._src.schedule_free import ScheduleFreeState as ScheduleFreeState
+from adaopt._src.schedule_free import radam_rectification as radam_rectification
+from adaopt._src.schedule_free import scale_by_debiased_rms as scale_by_debiased_rms
+from adaopt._src.schedule_free import scale_by_schedule_free as scale_by_schedule_free
+from adaopt._src.schedule_free import schedule_free_adamw as schedule_free_adamw
+from adaopt._src.schedule_free import schedule_free_eval_params as schedule_free_eval_params
+from adaopt._src.schedule_free import schedule_free_radam as schedule_free_radam
+from adaopt._src.schedule_free import schedule_free_sgd as schedule_free_sgd
 from adaopt._src.sgd import MomentumState as MomentumState
 from adaopt._src.sgd import scale_by_momentum as scale_by_momentum
 from adaopt._src.sgd import sgd as sgd

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import optax
+import optax.contrib
 import pytorch_optimizer
+import schedulefree
 import torch
 
 from tests.parity import TorchFactory
@@ -22,6 +24,17 @@ OptaxFactory = Callable[[Any, HP, Any], optax.GradientTransformation]
 
 def _betas(hp: HP) -> tuple[float, float]:
     return (hp["b1"], hp["b2"])
+
+
+def _train_mode(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The schedulefree package steps only in train mode; before the first step, train() moves nothing."""
+    opt.train()  # type: ignore[attr-defined]
+    return opt
+
+
+def _schedule_free(cls: Any, hp: HP, groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    averaging = {"r": hp.get("r", 0.0), "weight_lr_power": hp.get("weight_lr_power", 2.0)}
+    return _train_mode(cls(groups, lr=1.0, warmup_steps=hp.get("warmup_steps", 0), **averaging, **kwargs))
 
 
 TORCH: dict[str, TorchFactory] = {
@@ -69,7 +82,49 @@ TORCH: dict[str, TorchFactory] = {
     "pytorch_optimizer.Lamb(weight_decouple=False)": lambda groups, hp: pytorch_optimizer.Lamb(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], weight_decouple=False
     ),
+    "schedulefree.SGDScheduleFree": lambda groups, hp: _schedule_free(
+        schedulefree.SGDScheduleFree, hp, groups, momentum=hp["momentum"]
+    ),
+    "schedulefree.SGDScheduleFreeReference": lambda groups, hp: _schedule_free(
+        schedulefree.SGDScheduleFreeReference, hp, groups, momentum=hp["momentum"]
+    ),
+    "schedulefree.AdamWScheduleFree": lambda groups, hp: _schedule_free(
+        schedulefree.AdamWScheduleFree, hp, groups, betas=_betas(hp), eps=hp["eps"]
+    ),
+    "schedulefree.AdamWScheduleFreeReference": lambda groups, hp: _schedule_free(
+        schedulefree.AdamWScheduleFreeReference, hp, groups, betas=_betas(hp), eps=hp["eps"]
+    ),
+    "schedulefree.AdamWScheduleFreePaper": lambda groups, hp: _schedule_free(
+        schedulefree.AdamWScheduleFreePaper, hp, groups, betas=_betas(hp), eps=hp["eps"]
+    ),
+    "schedulefree.RAdamScheduleFree": lambda groups, hp: _train_mode(
+        schedulefree.RAdamScheduleFree(
+            groups,
+            lr=1.0,
+            betas=_betas(hp),
+            eps=hp["eps"],
+            silent_sgd_phase=hp.get("silent_sgd_phase", True),
+            r=hp.get("r", 0.0),
+            weight_lr_power=hp.get("weight_lr_power", 2.0),
+        )
+    ),
 }
+
+
+def _optax_schedule_free_sgd(lr: Any, hp: HP, mask: Any) -> optax.GradientTransformation:
+    """optax.contrib.schedule_free_sgd's own chain, with the decay mask it does not take."""
+    inner = optax.chain(optax.add_decayed_weights(hp["weight_decay"], mask), optax.sgd(lr))
+    return optax.contrib.schedule_free(inner, lr, b1=hp["momentum"], weight_lr_power=hp["weight_lr_power"])
+
+
+def _optax_schedule_free_adamw(lr: Any, hp: HP, mask: Any) -> optax.GradientTransformation:
+    """optax.contrib.schedule_free_adamw's own chain, with the decay mask it does not take."""
+    inner = optax.chain(
+        optax.scale_by_rms(decay=hp["b2"], eps=hp["eps"], eps_in_sqrt=False, bias_correction=True),
+        optax.add_decayed_weights(hp["weight_decay"], mask),
+        optax.scale_by_learning_rate(lr),
+    )
+    return optax.contrib.schedule_free(inner, lr, b1=hp["b1"], weight_lr_power=hp["weight_lr_power"])
 
 
 def _amsgrad_paper(lr: Any, hp: HP, mask: Any) -> optax.GradientTransformation:
@@ -105,6 +160,8 @@ OPTAX: dict[str, OptaxFactory] = {
     "optax.lamb": lambda lr, hp, mask: optax.lamb(
         lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"], mask=mask
     ),
+    "optax.contrib.schedule_free_sgd": _optax_schedule_free_sgd,
+    "optax.contrib.schedule_free_adamw": _optax_schedule_free_adamw,
 }
 
 

@@ -13,7 +13,8 @@ import scipy.optimize
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from adaopt._src.registry import OPTIMIZERS, OptimizerSpec
+import adaopt
+from adaopt._src.registry import AVERAGED_ITERATES, OPTIMIZERS, OptimizerSpec
 
 SPECS = pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
 L2 = 1e-3
@@ -87,7 +88,10 @@ def test_rosenbrock_from_the_standard_start(spec: OptimizerSpec) -> None:
     grid = jnp.asarray([1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
 
     def final_point(peak: jax.Array) -> jax.Array:
-        tx = spec.factory(learning_rate=optax.cosine_decay_schedule(peak, steps), weight_decay=0.0)
+        # Schedule-Free is meant to run without a schedule, and to be evaluated at its average x.
+        averaged = AVERAGED_ITERATES in spec.capabilities
+        lr = peak if averaged else optax.cosine_decay_schedule(peak, steps)
+        tx = spec.factory(learning_rate=lr, weight_decay=0.0)
 
         def step(carry: tuple, _: None) -> tuple[tuple, None]:
             p, state = carry
@@ -95,8 +99,8 @@ def test_rosenbrock_from_the_standard_start(spec: OptimizerSpec) -> None:
             return (optax.apply_updates(p, updates), state), None
 
         start = jnp.asarray([-1.2, 1.0])
-        (p, _), _ = jax.lax.scan(step, (start, tx.init(start)), None, length=steps)
-        return p
+        (p, state), _ = jax.lax.scan(step, (start, tx.init(start)), None, length=steps)
+        return adaopt.schedule_free_eval_params(state, p) if averaged else p
 
     points = jax.jit(jax.vmap(final_point))(grid)
     losses = jax.vmap(_rosenbrock)(points)

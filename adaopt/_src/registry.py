@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from adaopt._src import adagrad, adam, lamb, lion, rmsprop, sgd
+from adaopt._src import adagrad, adam, lamb, lion, rmsprop, schedule_free, sgd
 from adaopt._src.base import Factory
 
 # Capabilities.
@@ -22,6 +22,8 @@ MOMENT_DTYPES = "moment_dtypes"  # takes mu_dtype / nu_dtype
 NEEDS_PARAMS = "needs_params"  # update() needs the parameters (trust ratios)
 SIGN_UPDATE = "sign_update"  # every coordinate moves by exactly the learning rate
 WEIGHT_DECAY = "weight_decay"  # takes weight_decay and weight_decay_mask
+AVERAGED_ITERATES = "averaged_iterates"  # params hold y; evaluate at schedule_free_eval_params; lr 0 still moves y
+DELAYED_START = "delayed_start"  # the first few updates are exactly zero (Schedule-Free RAdam's silent phase)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,13 @@ BETAS = {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.9999)}
 EPS = {"eps": Range(1e-8, 1e-3, log=True)}
 _ADAM_FAMILY = frozenset({MOMENT_DTYPES, WEIGHT_DECAY})
 _ACCUMULATOR = frozenset({WEIGHT_DECAY})
+
+_SCHEDULE_FREE = frozenset({WEIGHT_DECAY, NEEDS_PARAMS, AVERAGED_ITERATES})
+_SF_AVERAGING = {"r": Range(0.0, 2.0), "weight_lr_power": Range(0.0, 3.0)}
+_OPTAX_SCHEDULE_FREE = (
+    "optax.contrib steps z with the learning rate at count but weighs the average with the one at count + 1 "
+    "(the package: both at count), warms up from 0, and has no r: it agrees with a constant learning rate."
+)
 
 OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
@@ -216,6 +225,38 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("optax.lamb"),
         ),
         _ADAM_FAMILY | {NEEDS_PARAMS}, "Adam with layer-wise trust ratios",
+    ),
+    OptimizerSpec(
+        "schedule_free_sgd", schedule_free.schedule_free_sgd, 0.5,
+        {"momentum": Range(0.5, 0.98), **_SF_AVERAGING},
+        (
+            Reference("schedulefree.SGDScheduleFree"),
+            Reference("schedulefree.SGDScheduleFree", kwargs={"warmup_steps": 10}),
+            Reference("schedulefree.SGDScheduleFreeReference"),
+            Reference("optax.contrib.schedule_free_sgd", kwargs={"r": 0.0}, schedule=False, note=_OPTAX_SCHEDULE_FREE),
+        ),
+        _SCHEDULE_FREE, "Schedule-Free SGD: interpolation and averaging in place of a schedule",
+    ),
+    OptimizerSpec(
+        "schedule_free_adamw", schedule_free.schedule_free_adamw, 3e-3,
+        {**BETAS, **EPS, **_SF_AVERAGING},
+        (
+            Reference("schedulefree.AdamWScheduleFree"),
+            Reference("schedulefree.AdamWScheduleFree", kwargs={"warmup_steps": 10}),
+            Reference("schedulefree.AdamWScheduleFreeReference"),
+            Reference("schedulefree.AdamWScheduleFreePaper", kwargs={"debias": "learning_rate"}),
+            Reference("optax.contrib.schedule_free_adamw", kwargs={"r": 0.0}, schedule=False, note=_OPTAX_SCHEDULE_FREE),
+        ),
+        _SCHEDULE_FREE | {MOMENT_DTYPES}, "Schedule-Free AdamW",
+    ),
+    OptimizerSpec(
+        "schedule_free_radam", schedule_free.schedule_free_radam, 1e-2,
+        {**BETAS, **EPS, **_SF_AVERAGING},
+        (
+            Reference("schedulefree.RAdamScheduleFree"),
+            Reference("schedulefree.RAdamScheduleFree", kwargs={"silent_sgd_phase": False}),
+        ),
+        _SCHEDULE_FREE | {MOMENT_DTYPES, DELAYED_START}, "Schedule-Free RAdam: rectified, no warmup",
     ),
 )  # fmt: skip
 

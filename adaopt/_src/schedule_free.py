@@ -1,0 +1,492 @@
+"""Schedule-Free SGD, AdamW and RAdam: interpolation and iterate averaging in place of a schedule.
+
+One block, :func:`scale_by_schedule_free`, turns a direction (the gradient, or a preconditioned
+gradient plus weight decay) into the Schedule-Free step; the optimizers differ only in the
+direction they feed it (:func:`scale_by_debiased_rms` for AdamW and RAdam) and in a factor on
+the learning rate (RAdam's rectification). The parameters the optimizer updates are the points
+where gradients are taken (:math:`y`); the averaged iterate to evaluate (:math:`x`) comes from
+:func:`schedule_free_eval_params`. This is how the authors' package (``schedulefree``) keeps its
+parameters in train mode (its ``*Reference`` classes also store :math:`x` and :math:`y`; only its
+``*Closure`` classes keep :math:`x` in the parameters between steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaopt._src import base
+from adaopt._src import moments as mo
+from adaopt._src.base import ScalarOrSchedule, Updates
+
+LearningRateFactor = Callable[[jax.Array], jax.Array]
+"""A factor on the learning rate, a function of the step :math:`t` (1, 2, ...) in the scalar dtype."""
+
+
+class ScheduleFreeState(NamedTuple):
+    """State of :func:`scale_by_schedule_free`.
+
+    The scalars are 0-d arrays in the parameters' widest float dtype (at least float32); ``z``
+    mirrors the parameters.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    b1: jax.Array  # the interpolation weight of the last step, kept for schedule_free_eval_params
+    weight_sum: jax.Array  # sum of the averaging weights so far
+    lr_max: jax.Array  # largest learning rate so far (-1 before the first step, as the package)
+    z: Updates  # the base sequence
+
+
+class DebiasedRmsState(NamedTuple):
+    """State of :func:`scale_by_debiased_rms`: the step count and the second moment."""
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    nu: Updates
+
+
+def _widest_float(params: base.Params) -> jnp.dtype:
+    return mo.compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
+
+
+def _check_warmup_steps(warmup_steps: Any) -> None:
+    base.check_nonnegative("warmup_steps", warmup_steps)
+    if isinstance(warmup_steps, float) and not warmup_steps.is_integer():
+        raise base.HyperparameterError(f"warmup_steps must be an integer in [0, inf], got {warmup_steps!r}.")
+
+
+def _check_interpolation(name: str, value: Any) -> None:
+    # b1 = 0 would make y = z: the averaged iterate could not be recovered from y and z.
+    base.check_scalar(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
+
+
+def _rho(b2: Any, step: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """RAdam's :math:`\\rho_\\infty`, :math:`\\rho_t` and the bias correction :math:`1 - \\beta_2^t`."""
+    beta2 = mo.scalar(b2, dtype)
+    bc2 = 1 - beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    return rho_inf, rho_inf - 2 * step * (1 - bc2) / bc2, bc2
+
+
+def radam_rectification(b2: Any, *, silent_sgd_phase: bool = True) -> LearningRateFactor:
+    r"""RAdam's rectification as a factor on the learning rate, a function of the step :math:`t`.
+
+    .. math::
+        r_t = \begin{cases}
+            \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}
+                & \rho_t > 4 \\
+            0 \text{ (silent SGD phase)} \text{ or } 1 & \rho_t \le 4
+        \end{cases}
+    """
+
+    def factor(step: jax.Array) -> jax.Array:
+        dtype = step.dtype
+        rho_inf, rho, _ = _rho(b2, step, dtype)
+        rectify = rho > 4
+        ratio = (rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)
+        # The unused branch stays finite, so that gradients through the step do not turn NaN.
+        r = jnp.sqrt(jnp.where(rectify, ratio, 1))
+        return jnp.where(rectify, r, jnp.asarray(0.0 if silent_sgd_phase else 1.0, dtype))
+
+    return factor
+
+
+def scale_by_debiased_rms(
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    *,
+    debias: bool = True,
+    rectify: bool = False,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Divide by the root of the (bias-corrected) second moment: Adam's step without momentum.
+
+    .. math::
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        \text{update} &= \begin{cases}
+            g_t \,/\, \big(\sqrt{v_t / (1 - \beta_2^t)} + \epsilon\big) & \text{debias} \\
+            g_t \,/\, \big(\sqrt{v_t} + \epsilon\big) & \text{otherwise} \\
+            g_t & \text{rectify and } \rho_t \le 4 \text{ (RAdam's SGD phase)}
+        \end{cases}
+
+    Args:
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the root, >= 0.
+      debias: divide the second moment by :math:`1 - \beta_2^t`.
+      rectify: pass the gradient through unscaled while RAdam's :math:`\rho_t \le 4`.
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`DebiasedRmsState`.
+    """
+    base.check_decay("b2", b2)
+    base.check_nonnegative("eps", eps)
+    base.check_dtype("nu_dtype", nu_dtype)
+
+    def init_fn(params: base.Params) -> DebiasedRmsState:
+        return DebiasedRmsState(mo.zero_count(), mo.init_like(params, nu_dtype))
+
+    def update_fn(
+        updates: Updates, state: DebiasedRmsState, params: base.Params | None = None
+    ) -> tuple[Updates, DebiasedRmsState]:
+        del params
+        count = mo.safe_increment(state.count)
+
+        def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (v32,) = mo.to_compute(g, v)
+            v_new = mo.ema(g32 * g32, v32, mo.scalar(b2, dtype))
+            bc2 = mo.bias_correction(b2, count, dtype) if debias else 1
+            step = g32 * mo.inv_root(v_new / bc2, mo.scalar(eps, dtype), 0)
+            if rectify:
+                _, rho, _ = _rho(b2, count.astype(dtype), dtype)
+                step = jnp.where(rho > 4, step, g32)
+            return step.astype(g.dtype), v_new.astype(v.dtype)
+
+        step, nu = mo.leafwise(leaf, 2, updates, state.nu)
+        return step, DebiasedRmsState(count, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_schedule_free(
+    learning_rate: ScalarOrSchedule,
+    b1: Any = 0.9,
+    *,
+    warmup_steps: Any = 0,
+    r: Any = 0.0,
+    weight_lr_power: Any = 2.0,
+    learning_rate_factor: LearningRateFactor | None = None,
+    z_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""The Schedule-Free step: a direction :math:`d_t` moves :math:`z`; :math:`y` interpolates.
+
+    The parameters are :math:`y`, where gradients are taken; :math:`d_t` is this block's input
+    (the gradient, or a preconditioned gradient plus weight decay at :math:`y`). With
+    :math:`k = t - 1` steps taken before this one:
+
+    .. math::
+        \gamma_t &= \eta(k) \cdot \min(1, t / T_{warmup}) \cdot \phi(t) \\
+        \gamma^{max}_t &= \max(\gamma^{max}_{t-1}, \gamma_t), \qquad \gamma^{max}_0 = -1 \\
+        w_t &= t^r \, (\gamma^{max}_t)^p, \qquad W_t = W_{t-1} + w_t, \qquad
+            c_t = w_t / W_t \;\; (0 \text{ if } W_t = 0) \\
+        z_t &= z_{t-1} - \gamma_t d_t \\
+        y_t &= y_{t-1} + c_t (z_{t-1} - y_{t-1}) + \gamma_t \big(\beta_1 (1 - c_t) - 1\big) d_t
+
+    with :math:`z_0 = y_0` (the initial parameters) and :math:`\phi` the ``learning_rate_factor``
+    (1 if None). This is :math:`x_t = (1 - c_t) x_{t-1} + c_t z_t`,
+    :math:`y_t = \beta_1 x_t + (1 - \beta_1) z_t` without storing :math:`x`; it is recovered
+    by :func:`schedule_free_eval_params` as :math:`x_t = y_t + (1 - 1/\beta_1)(z_t - y_t)`.
+
+    Args:
+      learning_rate: :math:`\eta`, a non-negative number or a schedule ``count -> value``
+        (count from 0).
+      b1: :math:`\beta_1`, the interpolation between the average and :math:`z`, in (0, 1).
+      warmup_steps: :math:`T_{warmup}`, a linear warmup of the learning rate (an integer >= 0).
+      r: :math:`r` >= 0, polynomial weighting of the average.
+      weight_lr_power: :math:`p` >= 0, the power of the largest learning rate in the weights.
+      learning_rate_factor: :math:`\phi`, a function of the step :math:`t` (a float array),
+        e.g. :func:`radam_rectification`.
+      z_dtype: storage dtype of :math:`z` (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScheduleFreeState`; ``update``
+      needs the parameters.
+    """
+    base.check_learning_rate(learning_rate)
+    _check_interpolation("b1", b1)
+    _check_warmup_steps(warmup_steps)
+    base.check_nonnegative("r", r)
+    base.check_nonnegative("weight_lr_power", weight_lr_power)
+    base.check_dtype("z_dtype", z_dtype)
+
+    def init_fn(params: base.Params) -> ScheduleFreeState:
+        dtype = _widest_float(params)
+        z = jax.tree.map(lambda p: jnp.asarray(p).astype(mo.state_dtype(jnp.result_type(p), z_dtype)), params)
+        return ScheduleFreeState(
+            count=mo.zero_count(),
+            b1=jnp.asarray(b1).astype(dtype),
+            weight_sum=jnp.zeros([], dtype),
+            lr_max=jnp.full([], -1.0, dtype),
+            z=z,
+        )
+
+    def update_fn(
+        updates: Updates, state: ScheduleFreeState, params: base.Params | None = None
+    ) -> tuple[Updates, ScheduleFreeState]:
+        if params is None:
+            raise ValueError("Schedule-Free needs the parameters: call update(grads, state, params).")
+        base.check_tree_match(updates, params, "parameters")
+        dtype = state.weight_sum.dtype
+        count = mo.safe_increment(state.count)
+        step = count.astype(dtype)
+        lr = mo.scalar(learning_rate(state.count) if callable(learning_rate) else learning_rate, dtype)
+        if not base.is_zero(warmup_steps):
+            warmup = mo.scalar(warmup_steps, dtype)
+            lr = lr * jnp.where(step <= warmup, step / jnp.where(warmup > 0, warmup, 1), 1)
+        if learning_rate_factor is not None:
+            lr = lr * learning_rate_factor(step)
+        lr = jnp.asarray(lr).astype(dtype)
+        lr_max = jnp.maximum(state.lr_max, lr)
+        weight = step ** mo.scalar(r, dtype) * lr_max ** mo.scalar(weight_lr_power, dtype)
+        weight_sum = state.weight_sum + weight
+        nonzero = weight_sum != 0
+        c = jnp.where(nonzero, weight / jnp.where(nonzero, weight_sum, 1), 0)
+        beta1 = jnp.asarray(mo.scalar(b1, dtype)).astype(dtype)
+        y_lr = lr * (beta1 * (1 - c) - 1)
+
+        def leaf(d: jax.Array, y: jax.Array, z: jax.Array) -> tuple[jax.Array, ...]:
+            ldtype, d32, (y32, z32) = mo.to_compute(d, y, z)
+            z_new = z32 - lr.astype(ldtype) * d32
+            u = c.astype(ldtype) * (z32 - y32) + y_lr.astype(ldtype) * d32
+            return u.astype(d.dtype), z_new.astype(z.dtype)
+
+        step_tree, z = mo.leafwise(leaf, 2, updates, params, state.z)
+        return step_tree, ScheduleFreeState(count, beta1, weight_sum, lr_max, z)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
+    r"""The averaged iterate :math:`x` to evaluate, from training parameters :math:`y`.
+
+    .. math::
+        x_t = y_t + (1 - 1/\beta_1)(z_t - y_t)
+
+    (the package's ``optimizer.eval()``; training goes on from ``params``, untouched).
+
+    Args:
+      state: the optimizer's state, or any pytree holding exactly one :class:`ScheduleFreeState`
+        (an ``optax.chain``'s, ``inject_hyperparams``', ``MultiSteps``' ...).
+      params: the parameters being trained (:math:`y`).
+
+    Returns:
+      :math:`x`, with the parameters' tree and dtypes.
+    """
+    found = [
+        node
+        for node in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, ScheduleFreeState))
+        if isinstance(node, ScheduleFreeState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"schedule_free_eval_params needs a state holding exactly one ScheduleFreeState, found {len(found)}: "
+            "pass the state of a schedule-free optimizer (adaopt.schedule_free_sgd, _adamw, _radam)."
+        )
+    sf = found[0]
+
+    def leaf(y: jax.Array, z: jax.Array) -> tuple[jax.Array]:
+        dtype, y32, (z32,) = mo.to_compute(y, z)
+        x = y32 + (1 - 1 / sf.b1.astype(dtype)) * (z32 - y32)
+        return (x.astype(y.dtype),)
+
+    (x,) = mo.leafwise(leaf, 1, params, sf.z)
+    return x
+
+
+def _schedule_free(
+    direction: tuple[optax.GradientTransformation, ...],
+    learning_rate: ScalarOrSchedule,
+    b1: Any,
+    weight_decay: Any,
+    weight_decay_mask: base.MaskOrFn | None,
+    **options: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """Direction, weight decay at y, then the Schedule-Free step (which holds the learning rate)."""
+    decay = [] if base.is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    return optax.chain(
+        base.check_gradient_tree(), *direction, *decay, scale_by_schedule_free(learning_rate, b1, **options)
+    )
+
+
+def schedule_free_sgd(
+    learning_rate: ScalarOrSchedule = 1.0,
+    momentum: Any = 0.9,
+    weight_decay: Any = 0.0,
+    *,
+    warmup_steps: Any = 0,
+    r: Any = 0.0,
+    weight_lr_power: Any = 2.0,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    z_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Schedule-Free SGD: gradient steps on :math:`z`, gradients taken at an interpolation :math:`y`.
+
+    .. math::
+        d_t &= g_t + \lambda y_{t-1} \\
+        z_t &= z_{t-1} - \gamma_t d_t, \qquad
+        y_t = y_{t-1} + c_t (z_{t-1} - y_{t-1}) + \gamma_t \big(\mu (1 - c_t) - 1\big) d_t
+
+    with :math:`\gamma_t` (warmup) and :math:`c_t` (averaging weights) as in
+    :func:`scale_by_schedule_free`. The parameters are :math:`y`; evaluate at
+    :func:`schedule_free_eval_params`.
+
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value``; with a schedule,
+        the package's semantics of changing ``group['lr']`` every step.
+      momentum: :math:`\mu` (the paper's :math:`\beta`), in (0, 1).
+      weight_decay: :math:`\lambda` >= 0, taken at :math:`y` and added to the gradient.
+      warmup_steps: length of the linear warmup (an integer >= 0).
+      r: polynomial weighting of the average, >= 0.
+      weight_lr_power: power of the largest learning rate in the averaging weights, >= 0.
+      weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
+      z_dtype: storage dtype of :math:`z`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, adaopt
+      >>> opt = adaopt.schedule_free_sgd(0.5)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(50):
+      ...     updates, state = opt.update(2 * params, state, params)  # the gradient of |params|^2
+      ...     params = optax.apply_updates(params, updates)
+      >>> x = adaopt.schedule_free_eval_params(state, params)  # evaluate here
+      >>> bool(jnp.sum(x**2) < 1e-2)
+      True
+
+    Reference: Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
+    ``schedulefree.SGDScheduleFree(lr, momentum, weight_decay, warmup_steps, r,
+    weight_lr_power)`` (1.4.1, in train mode) matches this with the same numbers, and its
+    ``eval()`` parameters :func:`schedule_free_eval_params`; ``SGDScheduleFreeReference``, which
+    stores :math:`x` and :math:`y` as well, follows the same trajectory. Per-group learning rates
+    set before each ``step()`` follow ``learning_rate`` as a schedule.
+    ``optax.contrib.schedule_free_sgd(lr, warmup_steps=None, b1=momentum, weight_decay,
+    weight_lr_power)`` matches this with a constant learning rate, no warmup and ``r=0``, but not
+    under a schedule or a warmup: it steps :math:`z` with :math:`\eta(k)` but weighs the average
+    with :math:`\eta(k + 1)` (its count starts at 1, its base optimizer's at 0), and its warmup is
+    such a schedule rising from 0 (its first step moves nothing, the package's moves by
+    :math:`-\eta\, d_1 / T_{warmup}`). It also has no ``r`` and no decay mask, and keeps
+    :math:`z` and its scalars in the parameters' own (lowest) dtype.
+    """
+    base.check_learning_rate(learning_rate)
+    _check_interpolation("momentum", momentum)
+    base.check_nonnegative("weight_decay", weight_decay)
+    options = dict(warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, z_dtype=z_dtype)
+    return _schedule_free((), learning_rate, momentum, weight_decay, weight_decay_mask, **options)
+
+
+def schedule_free_adamw(
+    learning_rate: ScalarOrSchedule = 2.5e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    *,
+    warmup_steps: Any = 0,
+    r: Any = 0.0,
+    weight_lr_power: Any = 2.0,
+    debias: Literal["moment", "learning_rate"] = "moment",
+    weight_decay_mask: base.MaskOrFn | None = None,
+    nu_dtype: Any = None,
+    z_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Schedule-Free AdamW: Adam's second moment without momentum, with Schedule-Free averaging.
+
+    .. math::
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        d_t &= \frac{g_t}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon} + \lambda y_{t-1} \\
+        z_t &= z_{t-1} - \gamma_t d_t, \qquad
+        y_t = y_{t-1} + c_t (z_{t-1} - y_{t-1}) + \gamma_t \big(\beta_1 (1 - c_t) - 1\big) d_t
+
+    with :math:`\gamma_t` and :math:`c_t` as in :func:`scale_by_schedule_free`. With
+    ``debias="learning_rate"`` (the paper's experiments), :math:`d_t` divides by
+    :math:`\sqrt{v_t} + \epsilon` and :math:`\gamma_t` is multiplied by
+    :math:`\sqrt{1 - \beta_2^t}`, which then enters the averaging weights too.
+
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value``.
+      b1: :math:`\beta_1`, the interpolation, in (0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the root of the second moment, >= 0.
+      weight_decay: :math:`\lambda` >= 0, taken at :math:`y`, added after the scaling.
+      warmup_steps, r, weight_lr_power: as :func:`schedule_free_sgd`.
+      debias: "moment" (the package's ``AdamWScheduleFree``) or "learning_rate"
+        (``AdamWScheduleFreePaper``), as above.
+      weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
+      nu_dtype, z_dtype: storage dtypes of :math:`v` and :math:`z`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
+
+    Reference: Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
+    ``schedulefree.AdamWScheduleFree(lr, betas=(b1, b2), eps, weight_decay, warmup_steps, r,
+    weight_lr_power)`` (1.4.1, in train mode) matches this with the same numbers, and its
+    ``eval()`` parameters :func:`schedule_free_eval_params`; so does
+    ``AdamWScheduleFreeReference`` (its default ``decay_at_z=False``; decay at :math:`z` is not
+    offered here). ``AdamWScheduleFreePaper`` matches ``debias="learning_rate"``.
+    ``optax.contrib.schedule_free_adamw(lr, warmup_steps=None, b1, b2, eps, weight_decay)``
+    matches with a constant learning rate and no warmup, and differs under a schedule or a
+    warmup as described in :func:`schedule_free_sgd`.
+    """
+    base.check_learning_rate(learning_rate)
+    _check_interpolation("b1", b1)
+    base.check_nonnegative("weight_decay", weight_decay)
+    base.check_choice("debias", debias, ("moment", "learning_rate"))
+    factor: LearningRateFactor | None = None
+    if debias == "learning_rate":
+        factor = lambda step: jnp.sqrt(_rho(b2, step, step.dtype)[2])
+    direction = scale_by_debiased_rms(b2, eps, debias=debias == "moment", nu_dtype=nu_dtype)
+    options = dict(warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, z_dtype=z_dtype)
+    return _schedule_free(
+        (direction,), learning_rate, b1, weight_decay, weight_decay_mask, learning_rate_factor=factor, **options
+    )
+
+
+def schedule_free_radam(
+    learning_rate: ScalarOrSchedule = 2.5e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    *,
+    r: Any = 0.0,
+    weight_lr_power: Any = 2.0,
+    silent_sgd_phase: bool = True,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    nu_dtype: Any = None,
+    z_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Schedule-Free RAdam: Schedule-Free AdamW whose learning rate is RAdam's rectification, no warmup.
+
+    .. math::
+        \rho_\infty &= \frac{2}{1 - \beta_2} - 1, \qquad
+            \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t} \\
+        d_t &= \begin{cases}
+            \frac{g_t}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon} + \lambda y_{t-1} & \rho_t > 4 \\
+            g_t + \lambda y_{t-1} & \rho_t \le 4
+        \end{cases} \\
+        \gamma_t &= \eta(k)\, r_t, \qquad z_t = z_{t-1} - \gamma_t d_t, \qquad
+        y_t = y_{t-1} + c_t (z_{t-1} - y_{t-1}) + \gamma_t \big(\beta_1 (1 - c_t) - 1\big) d_t
+
+    with :math:`r_t` from :func:`radam_rectification` (0 while :math:`\rho_t \le 4` with
+    ``silent_sgd_phase``: the first 4 steps at :math:`\beta_2 = 0.999` only update :math:`v`)
+    and :math:`c_t` as in :func:`scale_by_schedule_free`.
+
+    Args: as :func:`schedule_free_adamw` (no warmup), and
+      silent_sgd_phase: while :math:`\rho_t \le 4`, do not move (True, the package's default)
+        or take plain SGD steps (False).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
+
+    Reference: Defazio et al., "The Road Less Scheduled", NeurIPS 2024; Liu et al., "On the
+    Variance of the Adaptive Learning Rate and Beyond", ICLR 2020.
+    ``schedulefree.RAdamScheduleFree(lr, betas=(b1, b2), eps, weight_decay, r,
+    weight_lr_power, silent_sgd_phase)`` (1.4.1, in train mode) matches this with the same
+    numbers, and its ``eval()`` parameters :func:`schedule_free_eval_params`. optax has no
+    Schedule-Free RAdam.
+    """
+    base.check_learning_rate(learning_rate)
+    _check_interpolation("b1", b1)
+    base.check_nonnegative("weight_decay", weight_decay)
+    direction = scale_by_debiased_rms(b2, eps, rectify=True, nu_dtype=nu_dtype)
+    factor = radam_rectification(b2, silent_sgd_phase=silent_sgd_phase)
+    options = dict(r=r, weight_lr_power=weight_lr_power, z_dtype=z_dtype)
+    return _schedule_free(
+        (direction,), learning_rate, b1, weight_decay, weight_decay_mask, learning_rate_factor=factor, **options
+    )
