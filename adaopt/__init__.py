@@ -51,6 +51,9 @@ from adaopt._src.lamb import scale_by_trust_ratio as scale_by_trust_ratio
 from adaopt._src.lion import LionState as LionState
 from adaopt._src.lion import lion as lion
 from adaopt._src.lion import scale_by_lion as scale_by_lion
+from adaopt._src.plateau import ReduceOnPlateau as ReduceOnPlateau
+from adaopt._src.plateau import ReduceOnPlateauState as ReduceOnPlateauState
+from adaopt._src.plateau import reduce_on_plateau as reduce_on_plateau
 from adaopt._src.registry import REGISTRY as REGISTRY
 from adaopt._src.registry import OptimizerSpec as OptimizerSpec
 from adaopt._src.registry import Reference as Reference
@@ -66,6 +69,12 @@ from adaopt._src.schedule_free import schedule_free_adamw as schedule_free_adamw
 from adaopt._src.schedule_free import schedule_free_eval_params as schedule_free_eval_params
 from adaopt._src.schedule_free import schedule_free_radam as schedule_free_radam
 from adaopt._src.schedule_free import schedule_free_sgd as schedule_free_sgd
+from adaopt._src.schedules import cosine_annealing_schedule as cosine_annealing_schedule
+from adaopt._src.schedules import cosine_warm_restarts_schedule as cosine_warm_restarts_schedule
+from adaopt._src.schedules import cyclic_schedule as cyclic_schedule
+from adaopt._src.schedules import onecycle_momentum_schedule as onecycle_momentum_schedule
+from adaopt._src.schedules import onecycle_schedule as onecycle_schedule
+from adaopt._src.schedules import warmup_stable_decay_schedule as warmup_stable_decay_schedule
 from adaopt._src.sgd import MomentumState as MomentumState
 from adaopt._src.sgd import scale_by_momentum as scale_by_momentum
 from adaopt._src.sgd import sgd as sgd
