@@ -46,6 +46,17 @@ from adaopt._src.adam import scale_by_radam as scale_by_radam
 from adaopt._src.adam import yogi as yogi
 from adaopt._src.base import HyperparameterError as HyperparameterError
 from adaopt._src.base import TreeMismatchError as TreeMismatchError
+from adaopt._src.distance_over_gradients import DoGEstimate as DoGEstimate
+from adaopt._src.distance_over_gradients import DoGState as DoGState
+from adaopt._src.distance_over_gradients import DoWGState as DoWGState
+from adaopt._src.distance_over_gradients import PolynomialAverageState as PolynomialAverageState
+from adaopt._src.distance_over_gradients import averaged_params as averaged_params
+from adaopt._src.distance_over_gradients import dog as dog
+from adaopt._src.distance_over_gradients import dowg as dowg
+from adaopt._src.distance_over_gradients import ldog as ldog
+from adaopt._src.distance_over_gradients import polynomial_decay_averaging as polynomial_decay_averaging
+from adaopt._src.distance_over_gradients import scale_by_dog as scale_by_dog
+from adaopt._src.distance_over_gradients import scale_by_dowg as scale_by_dowg
 from adaopt._src.lamb import lamb as lamb
 from adaopt._src.lamb import scale_by_trust_ratio as scale_by_trust_ratio
 from adaopt._src.lion import LionState as LionState

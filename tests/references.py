@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import dog
 import optax
 import optax.contrib
 import pytorch_optimizer
@@ -35,6 +36,25 @@ def _train_mode(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 def _schedule_free(cls: Any, hp: HP, groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
     averaging = {"r": hp.get("r", 0.0), "weight_lr_power": hp.get("weight_lr_power", 2.0)}
     return _train_mode(cls(groups, lr=1.0, warmup_steps=hp.get("warmup_steps", 0), **averaging, **kwargs))
+
+
+class _DoGOneGroup(dog.DoG):
+    """dog.DoG with every tensor in one group (its r-bar and G are per group); the masked decay is
+    added to the gradients before the step exactly as dog.DoG adds its own (p.grad.add_(p, alpha=wd))."""
+
+    def __init__(self, groups: list[dict[str, Any]], **kwargs: Any) -> None:
+        self._decayed = [(p, g["weight_decay"]) for g in groups for p in g["params"] if g["weight_decay"] > 0]
+        super().__init__([{"params": [p for g in groups for p in g["params"]]}], **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for p, weight_decay in self._decayed:
+            p.grad.add_(p, alpha=weight_decay)
+        return super().step(closure)
+
+
+def _dog_kwargs(hp: HP) -> dict[str, Any]:
+    return {"lr": 1.0, "reps_rel": hp["reps_rel"], "eps": hp["eps"], "init_eta": hp.get("init_eta")}
 
 
 TORCH: dict[str, TorchFactory] = {
@@ -97,6 +117,8 @@ TORCH: dict[str, TorchFactory] = {
     "schedulefree.AdamWScheduleFreePaper": lambda groups, hp: _schedule_free(
         schedulefree.AdamWScheduleFreePaper, hp, groups, betas=_betas(hp), eps=hp["eps"]
     ),
+    "dog.DoG": lambda groups, hp: _DoGOneGroup(groups, **_dog_kwargs(hp)),
+    "dog.LDoG": lambda groups, hp: dog.LDoG(groups, **_dog_kwargs(hp)),  # per-tensor statistics
     "schedulefree.RAdamScheduleFree": lambda groups, hp: _train_mode(
         schedulefree.RAdamScheduleFree(
             groups,
@@ -159,6 +181,12 @@ OPTAX: dict[str, OptaxFactory] = {
     "optax.lion": lambda lr, hp, mask: optax.lion(lr, hp["b1"], hp["b2"], weight_decay=hp["weight_decay"], mask=mask),
     "optax.lamb": lambda lr, hp, mask: optax.lamb(
         lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"], mask=mask
+    ),
+    "optax.contrib.dog": lambda lr, hp, mask: optax.contrib.dog(
+        lr, ("heuristic", hp["reps_rel"]), hp["eps"], weight_decay=hp["weight_decay"] or None, mask=mask
+    ),
+    "optax.contrib.dowg": lambda lr, hp, mask: optax.contrib.dowg(
+        lr, hp.get("init_estim_sq_dist"), hp["eps"], weight_decay=hp["weight_decay"] or None, mask=mask
     ),
     "optax.contrib.schedule_free_sgd": _optax_schedule_free_sgd,
     "optax.contrib.schedule_free_adamw": _optax_schedule_free_adamw,

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import adaopt
-from adaopt._src.registry import AVERAGED_ITERATES, OPTIMIZERS, OptimizerSpec
+from adaopt._src.registry import AVERAGED_ITERATES, CONSTANT_LEARNING_RATE, OPTIMIZERS, OptimizerSpec
 
 SPECS = pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
 L2 = 1e-3
@@ -90,7 +90,8 @@ def test_rosenbrock_from_the_standard_start(spec: OptimizerSpec) -> None:
     def final_point(peak: jax.Array) -> jax.Array:
         # Schedule-Free is meant to run without a schedule, and to be evaluated at its average x.
         averaged = AVERAGED_ITERATES in spec.capabilities
-        lr = peak if averaged else optax.cosine_decay_schedule(peak, steps)
+        constant = averaged or CONSTANT_LEARNING_RATE in spec.capabilities
+        lr = peak if constant else optax.cosine_decay_schedule(peak, steps)
         tx = spec.factory(learning_rate=lr, weight_decay=0.0)
 
         def step(carry: tuple, _: None) -> tuple[tuple, None]:

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from adaopt._src import adagrad, adam, lamb, lion, rmsprop, schedule_free, sgd
+from adaopt._src import distance_over_gradients as dog_family
 from adaopt._src.base import Factory
 
 # Capabilities.
@@ -23,6 +24,8 @@ NEEDS_PARAMS = "needs_params"  # update() needs the parameters (trust ratios)
 SIGN_UPDATE = "sign_update"  # every coordinate moves by exactly the learning rate
 WEIGHT_DECAY = "weight_decay"  # takes weight_decay and weight_decay_mask
 AVERAGED_ITERATES = "averaged_iterates"  # params hold y; evaluate at schedule_free_eval_params; lr 0 still moves y
+GLOBAL_STEP_SIZE = "global_step_size"  # one step size from whole-tree norms: decaying some leaves rescales all
+CONSTANT_LEARNING_RATE = "constant_learning_rate"  # its step size decays by itself: run it at a constant rate
 DELAYED_START = "delayed_start"  # the first few updates are exactly zero (Schedule-Free RAdam's silent phase)
 
 
@@ -103,6 +106,12 @@ _SF_AVERAGING = {"r": Range(0.0, 2.0), "weight_lr_power": Range(0.0, 3.0)}
 _OPTAX_SCHEDULE_FREE = (
     "optax.contrib steps z with the learning rate at count but weighs the average with the one at count + 1 "
     "(the package: both at count), warms up from 0, and has no r: it agrees with a constant learning rate."
+)
+
+_DOG = {"reps_rel": Range(1e-3, 1e-1, log=True), "eps": Range(1e-10, 1e-6, log=True)}
+_DOG_GROUPS = (
+    "dog.DoG keeps r-bar and G per parameter group: the runner puts every tensor in one group and adds "
+    "the masked decay to the gradients before the step, as DoG adds its own."
 )
 
 OPTIMIZERS: tuple[OptimizerSpec, ...] = (
@@ -257,6 +266,32 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("schedulefree.RAdamScheduleFree", kwargs={"silent_sgd_phase": False}),
         ),
         _SCHEDULE_FREE | {MOMENT_DTYPES, DELAYED_START}, "Schedule-Free RAdam: rectified, no warmup",
+    ),
+    OptimizerSpec(
+        "dog", dog_family.dog, 1.0, _DOG,
+        (
+            Reference("dog.DoG", note=_DOG_GROUPS),
+            Reference("dog.DoG", kwargs={"init_eta": 1e-2}, note=_DOG_GROUPS + " The first step is init_eta, unscaled by lr."),
+            Reference("optax.contrib.dog"),
+        ),
+        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE, CONSTANT_LEARNING_RATE}),
+        "distance over gradients: one learning-rate-free step size",
+    ),
+    OptimizerSpec(
+        "ldog", dog_family.ldog, 1.0, _DOG,
+        (Reference("dog.LDoG"), Reference("dog.LDoG", kwargs={"init_eta": 1e-2})),
+        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, CONSTANT_LEARNING_RATE}),
+        "layer-wise DoG: one step size per leaf",
+    ),
+    OptimizerSpec(
+        "dowg", dog_family.dowg, 1.0,
+        {"init_estim_sq_dist": Range(1e-4, 1e-1, log=True), "eps": Range(1e-8, 1e-4, log=True)},
+        (
+            Reference("optax.contrib.dowg"),
+            Reference("optax.contrib.dowg", kwargs={"eps": 0.0}, note="eps = 0: Algorithm 1 of the paper exactly"),
+        ),
+        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE}),
+        "distance over weighted gradients",
     ),
 )  # fmt: skip
 

@@ -1,0 +1,515 @@
+"""Learning-rate-free step sizes from the distance travelled: DoG, layer-wise LDoG, DoWG, and iterate averaging.
+
+DoG and DoWG set the step size from two running statistics: the largest distance of the iterates
+from the initial point, and a (weighted) sum of squared gradient norms. DoG takes these over the
+whole parameter tree, LDoG over each leaf separately; both are one block, :func:`scale_by_dog`.
+Their authors recommend evaluating the polynomial-decay average of the iterates, kept by the
+wrapper :func:`polynomial_decay_averaging` and read with :func:`averaged_params`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, cast
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaopt._src import base
+from adaopt._src import moments as mo
+from adaopt._src.base import Params, ScalarOrSchedule, Updates
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` with 0, and a zero derivative, at ``x = 0`` (the distance at the first step)."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``numerator / denominator``, 0 where the denominator is 0 (no gradient seen yet, eps = 0)."""
+    positive = denominator > 0
+    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1), 0)
+
+
+def _sum_of_squares(leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
+    """The squared norm of the leaves taken as one vector, summed in ``dtype`` (0 for no leaves)."""
+    return sum((jnp.sum(jnp.square(jnp.asarray(x).astype(dtype))) for x in leaves), jnp.zeros([], dtype))
+
+
+def _squared_distance(params: Sequence[jax.Array], init_params: Sequence[jax.Array], dtype: Any) -> jax.Array:
+    differences = [jnp.asarray(p).astype(dtype) - x0.astype(dtype) for p, x0 in zip(params, init_params, strict=True)]
+    return _sum_of_squares(differences, dtype)
+
+
+def _widest_float(params: Params) -> jnp.dtype:
+    return mo.compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
+
+
+def _copy(params: Params) -> Params:
+    """The initial point, a copy of the parameters (a copy, so that donating both buffers is safe)."""
+    return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+
+
+def _leaves(updates: Updates, params: Params | None, init_params: Params, who: str) -> tuple[list, list, list]:
+    """The leaves of the gradients, the parameters and the initial point, in the same order."""
+    if params is None:
+        raise ValueError(f"{who} needs the parameters: call update(grads, state, params).")
+    base.check_tree_match(updates, params, "parameters")
+    base.check_tree_match(updates, init_params, "initial parameters")
+    return jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(init_params)
+
+
+class DoGEstimate(NamedTuple):
+    """DoG's running statistics of one block: the whole tree (DoG) or one leaf (LDoG)."""
+
+    max_distance: jax.Array  # r-bar: the largest distance from the initial point so far
+    sum_sq_grads: jax.Array  # G: eps plus the sum of the squared gradient norms so far
+
+
+class DoGState(NamedTuple):
+    """State of :func:`scale_by_dog`.
+
+    ``estimate`` is one :class:`DoGEstimate` of 0-d arrays for DoG, and for LDoG a tuple of them,
+    one per leaf in the order of ``jax.tree.leaves(params)``. A tuple rather than a tree that
+    mirrors the parameters: per-leaf scalars are not per-coordinate state (they stay replicated
+    under sharding), and Flax NNX wraps each leaf of a mirroring tree in a variable, which a
+    record of two scalars cannot be.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    init_params: Params  # x_0, mirroring the parameters
+    estimate: DoGEstimate | tuple[DoGEstimate, ...]  # the whole tree (DoG), or one per leaf (LDoG)
+
+
+def scale_by_dog(
+    learning_rate: ScalarOrSchedule = 1.0,
+    reps_rel: Any = 1e-6,
+    eps: Any = 1e-8,
+    *,
+    init_eta: Any = None,
+    layer_wise: bool = False,
+) -> optax.GradientTransformation:
+    r"""DoG's block: scale the gradient by :math:`\eta_t = c_t\, \bar r_t / \sqrt{G_t}` (a positive step).
+
+    At step :math:`t = 0, 1, \dots`, with parameters :math:`x_t` and gradient :math:`g_t`:
+
+    .. math::
+        \bar r_{-1} &= \texttt{reps\_rel}\,(1 + \|x_0\|) \;\;(0 \text{ if init\_eta is given}),
+            \qquad G_{-1} = \epsilon \\
+        \bar r_t &= \max(\bar r_{t-1}, \|x_t - x_0\|) \\
+        G_t &= G_{t-1} + \|g_t\|^2 \\
+        \eta_t &= c_t\, \bar r_t / \sqrt{G_t} \quad (\eta_0 = \texttt{init\_eta} \text{ if given}) \\
+        u_t &= \eta_t\, g_t
+
+    where :math:`c_t` is ``learning_rate`` at step ``t``. The norms are over the whole tree, or,
+    with ``layer_wise``, over each leaf, which then has its own :math:`\bar r, G, \eta`.
+    :math:`\eta_t` is 0 while :math:`G_t = 0` (possible only with ``eps = 0``).
+
+    Args:
+      learning_rate: :math:`c_t`, a non-negative number or a schedule ``count -> value``.
+      reps_rel: :math:`\bar r_{-1}` relative to :math:`1 + \|x_0\|`, > 0.
+      eps: the initial value of :math:`G`, >= 0.
+      init_eta: None, or the first step size :math:`\eta_0` (> 0), which then ignores
+        ``learning_rate`` and ``reps_rel``.
+      layer_wise: LDoG: one step size per leaf.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`DoGState`; ``update`` needs the
+      parameters.
+    """
+    base.check_learning_rate(learning_rate)
+    base.check_scalar("reps_rel", reps_rel, low=0.0, low_open=True)
+    base.check_nonnegative("eps", eps)
+    if init_eta is not None:
+        base.check_scalar("init_eta", init_eta, low=0.0, low_open=True)
+
+    def initial_estimate(leaves: Sequence[jax.Array], dtype: Any) -> DoGEstimate:
+        if init_eta is None:
+            rbar = mo.scalar(reps_rel, dtype) * (1 + _safe_sqrt(_sum_of_squares(leaves, dtype)))
+        else:
+            rbar = jnp.zeros([], dtype)
+        return DoGEstimate(jnp.asarray(rbar, dtype), jnp.asarray(mo.scalar(eps, dtype), dtype))
+
+    def init_fn(params: Params) -> DoGState:
+        estimate: DoGEstimate | tuple[DoGEstimate, ...]
+        if layer_wise:
+            leaves = jax.tree.leaves(params)
+            estimate = tuple(initial_estimate([p], mo.compute_dtype(jnp.result_type(p))) for p in leaves)
+        else:
+            estimate = initial_estimate(jax.tree.leaves(params), _widest_float(params))
+        return DoGState(mo.zero_count(), _copy(params), estimate)
+
+    def step_size(
+        est: DoGEstimate,
+        grads: Sequence[jax.Array],
+        params: Sequence[jax.Array],
+        init_params: Sequence[jax.Array],
+        rate: Any,
+        first: jax.Array,
+    ) -> tuple[jax.Array, DoGEstimate]:
+        dtype = est.max_distance.dtype
+        rbar = jnp.maximum(est.max_distance, _safe_sqrt(_squared_distance(params, init_params, dtype)))
+        sum_sq = est.sum_sq_grads + _sum_of_squares(grads, dtype)
+        eta = _safe_divide(mo.scalar(rate, dtype) * rbar, _safe_sqrt(sum_sq))
+        if init_eta is not None:
+            eta = jnp.where(first, mo.scalar(init_eta, dtype), eta)
+        return eta, DoGEstimate(rbar, sum_sq)
+
+    def update_fn(updates: Updates, state: DoGState, params: Params | None = None) -> tuple[Updates, DoGState]:
+        flat, flat_params, flat_init = _leaves(updates, params, state.init_params, "DoG")
+        rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        first = state.count == 0
+        estimate: DoGEstimate | tuple[DoGEstimate, ...]
+        if layer_wise:
+            per_leaf = cast(tuple[DoGEstimate, ...], state.estimate)
+            pairs = [
+                step_size(est, [g], [p], [x0], rate, first)
+                for est, g, p, x0 in zip(per_leaf, flat, flat_params, flat_init, strict=True)
+            ]
+            etas = [eta for eta, _ in pairs]
+            estimate = tuple(est for _, est in pairs)
+        else:
+            eta, estimate = step_size(cast(DoGEstimate, state.estimate), flat, flat_params, flat_init, rate, first)
+            etas = [eta] * len(flat)
+
+        def scaled(g: jax.Array, eta: jax.Array) -> jax.Array:
+            dtype = mo.compute_dtype(g.dtype)
+            return (eta.astype(dtype) * g.astype(dtype)).astype(g.dtype)
+
+        new_updates = jax.tree.unflatten(
+            jax.tree.structure(updates), [scaled(g, eta) for g, eta in zip(flat, etas, strict=True)]
+        )
+        return new_updates, DoGState(mo.safe_increment(state.count), state.init_params, estimate)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _dog(
+    learning_rate: ScalarOrSchedule,
+    reps_rel: Any,
+    eps: Any,
+    weight_decay: Any,
+    init_eta: Any,
+    weight_decay_mask: base.MaskOrFn | None,
+    layer_wise: bool,
+) -> optax.GradientTransformationExtraArgs:
+    base.check_common(learning_rate, weight_decay)
+    core = scale_by_dog(learning_rate, reps_rel, eps, init_eta=init_eta, layer_wise=layer_wise)
+    # The learning rate multiplies the step inside the block (with init_eta the package's first
+    # step ignores it); the assembly adds the coupled decay and the sign.
+    return base.assemble(core, 1.0, weight_decay, weight_decay_mask)
+
+
+def dog(
+    learning_rate: ScalarOrSchedule = 1.0,
+    reps_rel: Any = 1e-6,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    *,
+    init_eta: Any = None,
+    weight_decay_mask: base.MaskOrFn | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""DoG (Distance over Gradients): SGD whose step size is the distance travelled over the root gradient sum.
+
+    At step :math:`t = 0, 1, \dots`, with norms over the whole parameter tree:
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda x_t \quad \text{(coupled decay)} \\
+        \bar r_t &= \max(\bar r_{t-1}, \|x_t - x_0\|), \qquad
+            \bar r_{-1} = \texttt{reps\_rel}\,(1 + \|x_0\|) \\
+        G_t &= G_{t-1} + \|g_t\|^2, \qquad G_{-1} = \epsilon \\
+        \eta_t &= c_t\, \bar r_t / \sqrt{G_t} \\
+        x_{t+1} &= x_t - \eta_t\, g_t
+
+    With ``init_eta``, :math:`\bar r_{-1} = 0` and :math:`\eta_0 = \texttt{init\_eta}`
+    (not multiplied by :math:`c_0`). The authors recommend evaluating the averaged iterates of
+    :func:`polynomial_decay_averaging` (``gamma=8``), as DoG has no decaying schedule.
+
+    Args:
+      learning_rate: :math:`c_t`, a multiplier of the step size (the paper's ``c``; 1 is
+        recommended), a non-negative number or a schedule ``count -> value``.
+      reps_rel: the initial distance :math:`r_\epsilon` relative to :math:`1 + \|x_0\|`, > 0:
+        small enough for a harmless first step (1e-6; the authors suggest 1e-4 with batch norm).
+      eps: added to the sum of squared gradient norms, >= 0.
+      weight_decay: :math:`\lambda` >= 0, added to the gradient before the statistics.
+      init_eta: None, or the first step size (> 0), replacing ``reps_rel``.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, adaopt
+      >>> loss = lambda p: jnp.sum((p["w"] - 3.0) ** 2)
+      >>> opt = adaopt.dog()
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = opt.init(params)
+      >>> for _ in range(200):  # the step grows from reps_rel-sized to the problem's scale
+      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(loss(params) < 1e-6)
+      True
+
+    Reference: Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step
+    Size Schedule", ICML 2023. The authors' package ``dog-optimizer`` (1.0.3):
+    ``dog.DoG(params, reps_rel, lr=c, weight_decay, eps, init_eta)`` with every parameter in
+    one group is this with the same numbers; ``lr`` set in the group before each step is a
+    schedule. (Its statistics are per parameter group, so a decay mask, which torch expresses
+    with groups, has no exact counterpart there; adding ``weight_decay * p`` to the masked
+    gradients before its step, as it adds its own decay, reproduces this.) Unlike the package,
+    ``learning_rate = 0`` is allowed and ``eps = 0`` with a zero gradient gives a zero step, not
+    an error. ``optax.contrib.dog(learning_rate, ("heuristic", reps_rel), eps, weight_decay,
+    mask)`` is this without ``init_eta`` (its ``("learning_rate", eta0)`` multiplies the first
+    step by the learning rate).
+    """
+    return _dog(learning_rate, reps_rel, eps, weight_decay, init_eta, weight_decay_mask, layer_wise=False)
+
+
+def ldog(
+    learning_rate: ScalarOrSchedule = 1.0,
+    reps_rel: Any = 1e-6,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    *,
+    init_eta: Any = None,
+    weight_decay_mask: base.MaskOrFn | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""LDoG: layer-wise DoG, one DoG step size per leaf of the parameter tree.
+
+    For each leaf :math:`i` separately (norms over that leaf):
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda x_t \quad \text{(coupled decay)} \\
+        \bar r_{t,i} &= \max(\bar r_{t-1,i}, \|x_{t,i} - x_{0,i}\|), \qquad
+            \bar r_{-1,i} = \texttt{reps\_rel}\,(1 + \|x_{0,i}\|) \\
+        G_{t,i} &= G_{t-1,i} + \|g_{t,i}\|^2, \qquad G_{-1,i} = \epsilon \\
+        \eta_{t,i} &= c_t\, \bar r_{t,i} / \sqrt{G_{t,i}} \\
+        x_{t+1,i} &= x_{t,i} - \eta_{t,i}\, g_{t,i}
+
+    With ``init_eta``, every leaf's :math:`\bar r_{-1,i} = 0` and :math:`\eta_{0,i} = \texttt{init\_eta}`.
+
+    Args: as :func:`dog`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
+
+    Reference: Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend", ICML 2023, section 4 (L-DoG).
+    ``dog.LDoG(params, reps_rel, lr=c, weight_decay, eps, init_eta)`` from ``dog-optimizer``
+    1.0.3 is this with the same numbers, its parameter groups giving the decay mask (its
+    statistics are per tensor, so groups change nothing else).
+    """
+    return _dog(learning_rate, reps_rel, eps, weight_decay, init_eta, weight_decay_mask, layer_wise=True)
+
+
+class DoWGState(NamedTuple):
+    """State of :func:`scale_by_dowg` (optax.contrib's field names)."""
+
+    init_params: Params  # x_0, mirroring the parameters
+    weighted_sq_norm_grads: jax.Array  # v_t
+    estim_sq_dist: jax.Array  # r-bar_t squared
+
+
+def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.GradientTransformation:
+    r"""DoWG's block: scale the gradient by :math:`\eta_t = \bar r_t^2 / (\sqrt{v_t} + \epsilon)` (a positive step).
+
+    .. math::
+        \bar r_{-1}^2 &= \texttt{init\_estim\_sq\_dist} \;(\epsilon \text{ if None}), \qquad v_{-1} = 0 \\
+        \bar r_t^2 &= \max(\bar r_{t-1}^2, \|x_t - x_0\|^2) \\
+        v_t &= \bar r_t^2 \|g_t\|^2 + v_{t-1} \\
+        \eta_t &= \bar r_t^2 / (\sqrt{v_t} + \epsilon) \\
+        u_t &= \eta_t\, g_t
+
+    with norms over the whole tree; :math:`\eta_t` is 0 while :math:`\sqrt{v_t} + \epsilon = 0`.
+
+    Args:
+      init_estim_sq_dist: the initial squared distance :math:`r_\epsilon^2` (> 0), or None for
+        ``eps``.
+      eps: added to :math:`\sqrt{v_t}`, >= 0; > 0 when ``init_estim_sq_dist`` is None.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`DoWGState`; ``update`` needs the
+      parameters.
+    """
+    base.check_nonnegative("eps", eps)
+    if init_estim_sq_dist is None:
+        if base.is_zero(eps):
+            raise base.HyperparameterError(
+                f"eps must be in (0, inf] when init_estim_sq_dist is None (eps is then the initial squared "
+                f"distance, and 0 would never move), got {eps!r}; give init_estim_sq_dist > 0 to use eps = 0."
+            )
+    else:
+        base.check_scalar("init_estim_sq_dist", init_estim_sq_dist, low=0.0, low_open=True)
+
+    def init_fn(params: Params) -> DoWGState:
+        dtype = _widest_float(params)
+        initial = eps if init_estim_sq_dist is None else init_estim_sq_dist
+        return DoWGState(
+            init_params=_copy(params),
+            weighted_sq_norm_grads=jnp.zeros([], dtype),
+            estim_sq_dist=jnp.asarray(mo.scalar(initial, dtype), dtype),
+        )
+
+    def update_fn(updates: Updates, state: DoWGState, params: Params | None = None) -> tuple[Updates, DoWGState]:
+        _, flat_params, flat_init = _leaves(updates, params, state.init_params, "DoWG")
+        dtype = state.estim_sq_dist.dtype
+        estim_sq_dist = jnp.maximum(state.estim_sq_dist, _squared_distance(flat_params, flat_init, dtype))
+        weighted = estim_sq_dist * _sum_of_squares(jax.tree.leaves(updates), dtype) + state.weighted_sq_norm_grads
+        eta = _safe_divide(estim_sq_dist, _safe_sqrt(weighted) + mo.scalar(eps, dtype))
+
+        def scaled(g: jax.Array) -> jax.Array:
+            compute = mo.compute_dtype(g.dtype)
+            return (eta.astype(compute) * g.astype(compute)).astype(g.dtype)
+
+        new_updates = jax.tree.map(scaled, updates)
+        return new_updates, DoWGState(state.init_params, weighted, estim_sq_dist)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def dowg(
+    learning_rate: ScalarOrSchedule = 1.0,
+    init_estim_sq_dist: Any = None,
+    eps: Any = 1e-4,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""DoWG (Distance over Weighted Gradients): DoG with gradients weighted by the squared distance.
+
+    At step :math:`t = 0, 1, \dots`, with norms over the whole parameter tree:
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda x_t \quad \text{(coupled decay)} \\
+        \bar r_t^2 &= \max(\bar r_{t-1}^2, \|x_t - x_0\|^2), \qquad
+            \bar r_{-1}^2 = \texttt{init\_estim\_sq\_dist} \;(\epsilon \text{ if None}) \\
+        v_t &= \bar r_t^2 \|g_t\|^2 + v_{t-1}, \qquad v_{-1} = 0 \\
+        \eta_t &= \bar r_t^2 / (\sqrt{v_t} + \epsilon) \\
+        x_{t+1} &= x_t - c_t\, \eta_t\, g_t
+
+    Args:
+      learning_rate: :math:`c_t`, a multiplier of the step (1 is the method), a non-negative
+        number or a schedule ``count -> value``.
+      init_estim_sq_dist: :math:`r_\epsilon^2`, the initial squared distance estimate (> 0), or
+        None to use ``eps``.
+      eps: added to :math:`\sqrt{v_t}` (and the initial squared distance when
+        ``init_estim_sq_dist`` is None), >= 0.
+      weight_decay: :math:`\lambda` >= 0, added to the gradient before the statistics.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
+
+    Reference: Khaled, Mishchenko & Jin, "DoWG Unleashed: An Efficient Universal Parameter-Free
+    Gradient Descent Method", NeurIPS 2023, Algorithm 1; it has no package of its own.
+    ``optax.contrib.dowg(learning_rate, init_estim_sq_dist, eps, weight_decay, mask)`` is this
+    with the same arguments, and the defaults are its. Algorithm 1 (unconstrained, so the
+    projection is the identity) keeps :math:`\bar r_t = \max(\|x_t - x_0\|, \bar r_{t-1})` from
+    :math:`\bar r_{-1} = r_\epsilon`, :math:`v_t = v_{t-1} + \bar r_t^2 \|\nabla f(x_t)\|^2` from
+    :math:`v_{-1} = 0`, and :math:`\eta_t = \bar r_t^2 / \sqrt{v_t}`: the same recursion, kept
+    here (as in optax) in squared distances, with no :math:`\epsilon` in the denominator and an
+    explicit :math:`r_\epsilon`. ``dowg(1.0, init_estim_sq_dist=r_eps**2, eps=0.0)`` is Algorithm 1
+    exactly; optax's default instead starts from :math:`r_\epsilon^2 = \epsilon = 10^{-4}` and
+    adds :math:`\epsilon` to :math:`\sqrt{v_t}`.
+    """
+    base.check_common(learning_rate, weight_decay)
+    core = scale_by_dowg(init_estim_sq_dist, eps)
+    return base.assemble(core, learning_rate, weight_decay, weight_decay_mask)
+
+
+class PolynomialAverageState(NamedTuple):
+    """State of :func:`polynomial_decay_averaging`."""
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; the number of averaged iterates
+    average: Params  # the averaged parameters, mirroring the parameters
+    inner_state: Any  # the wrapped optimizer's state
+
+
+def polynomial_decay_averaging(
+    inner: optax.GradientTransformation, gamma: Any = 8.0, *, average_dtype: Any = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Keep the polynomial-decay average of the iterates of ``inner`` in the state.
+
+    The updates are ``inner``'s, unchanged; after the :math:`t`-th update (:math:`t = 1, 2, \dots`),
+    with :math:`x_t` the parameters that update produces (``apply_updates(params, updates)``):
+
+    .. math::
+        w_t &= (1 + \gamma) / (t + \gamma) \\
+        \bar x_t &= (1 - w_t)\, \bar x_{t-1} + w_t\, x_t, \qquad \bar x_0 = x_0
+
+    so :math:`\bar x_1 = x_1`, :math:`\gamma = 0` is the uniform average of :math:`x_1, \dots, x_t`,
+    and a larger :math:`\gamma` forgets old iterates faster. Read the average with
+    :func:`averaged_params`.
+
+    Args:
+      inner: the optimizer whose iterates are averaged.
+      gamma: :math:`\gamma` >= 0 (8 in the DoG paper and package).
+      average_dtype: storage dtype of the average (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`PolynomialAverageState`;
+      ``update`` needs the parameters and passes extra arguments on to ``inner``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.polynomial_decay_averaging(adaopt.dog(), gamma=8.0)
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+      >>> adaopt.averaged_params(state)["w"].shape
+      (3,)
+
+    Reference: Shamir & Zhang, "Stochastic Gradient Descent for Non-smooth Optimization:
+    Convergence Results and Optimal Averaging Schemes", ICML 2013; recommended with DoG by Ivgi,
+    Hinder & Carmon (2023). ``dog.PolynomialDecayAverager(model, gamma)`` from ``dog-optimizer``
+    1.0.3, stepped after each optimizer step, keeps the same average in ``averaged_model``.
+    """
+    base.check_nonnegative("gamma", gamma)
+    base.check_dtype("average_dtype", average_dtype)
+    wrapped = optax.with_extra_args_support(inner)
+
+    def init_fn(params: Params) -> PolynomialAverageState:
+        average = jax.tree.map(
+            lambda p: jnp.array(p, dtype=mo.state_dtype(jnp.result_type(p), average_dtype), copy=True), params
+        )
+        return PolynomialAverageState(mo.zero_count(), average, wrapped.init(params))
+
+    def update_fn(
+        updates: Updates, state: PolynomialAverageState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, PolynomialAverageState]:
+        if params is None:
+            raise ValueError("polynomial_decay_averaging needs the parameters: call update(grads, state, params).")
+        updates, inner_state = wrapped.update(updates, state.inner_state, params, **extra_args)
+        count = mo.safe_increment(state.count)
+
+        def leaf(x: jax.Array, average: jax.Array) -> tuple[jax.Array]:
+            dtype = mo.compute_dtype(x.dtype, average.dtype)
+            g = mo.scalar(gamma, dtype)
+            weight = (1 + g) / (count.astype(dtype) + g)
+            return (mo.ema(x.astype(dtype), average.astype(dtype), 1 - weight).astype(average.dtype),)
+
+        (average,) = mo.leafwise(
+            leaf, 1, optax.apply_updates(params, updates), state.average, what="averaged parameters"
+        )
+        return updates, PolynomialAverageState(count, average, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def averaged_params(state: Any) -> Params:
+    """The averaged parameters kept by :func:`polynomial_decay_averaging`, found anywhere in ``state``.
+
+    Works on the state of the wrapper itself or of anything that holds it (``chain``,
+    ``inject_hyperparams``, ``MultiSteps``); the first :class:`PolynomialAverageState` found wins.
+    """
+    is_average = lambda x: isinstance(x, PolynomialAverageState)
+    for node in jax.tree.leaves(state, is_leaf=is_average):
+        if is_average(node):
+            return node.average
+    raise ValueError(
+        "This optimizer state holds no polynomial-decay average: build the optimizer with "
+        "adaopt.polynomial_decay_averaging(optimizer) to keep one."
+    )
