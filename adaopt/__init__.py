@@ -46,6 +46,9 @@ from adaopt._src.adam import scale_by_radam as scale_by_radam
 from adaopt._src.adam import yogi as yogi
 from adaopt._src.base import HyperparameterError as HyperparameterError
 from adaopt._src.base import TreeMismatchError as TreeMismatchError
+from adaopt._src.bold_driver import BoldDriverState as BoldDriverState
+from adaopt._src.bold_driver import bold_driver as bold_driver
+from adaopt._src.bold_driver import scale_by_bold_driver as scale_by_bold_driver
 from adaopt._src.distance_over_gradients import DoGEstimate as DoGEstimate
 from adaopt._src.distance_over_gradients import DoGState as DoGState
 from adaopt._src.distance_over_gradients import DoWGState as DoWGState
@@ -57,6 +60,11 @@ from adaopt._src.distance_over_gradients import ldog as ldog
 from adaopt._src.distance_over_gradients import polynomial_decay_averaging as polynomial_decay_averaging
 from adaopt._src.distance_over_gradients import scale_by_dog as scale_by_dog
 from adaopt._src.distance_over_gradients import scale_by_dowg as scale_by_dowg
+from adaopt._src.hypergradient import HypergradientState as HypergradientState
+from adaopt._src.hypergradient import adam_hd as adam_hd
+from adaopt._src.hypergradient import hypergradient as hypergradient
+from adaopt._src.hypergradient import sgd_hd as sgd_hd
+from adaopt._src.hypergradient import sgdn_hd as sgdn_hd
 from adaopt._src.lamb import lamb as lamb
 from adaopt._src.lamb import scale_by_trust_ratio as scale_by_trust_ratio
 from adaopt._src.lion import LionState as LionState
@@ -65,6 +73,9 @@ from adaopt._src.lion import scale_by_lion as scale_by_lion
 from adaopt._src.plateau import ReduceOnPlateau as ReduceOnPlateau
 from adaopt._src.plateau import ReduceOnPlateauState as ReduceOnPlateauState
 from adaopt._src.plateau import reduce_on_plateau as reduce_on_plateau
+from adaopt._src.polyak import PolyakState as PolyakState
+from adaopt._src.polyak import polyak_sgd as polyak_sgd
+from adaopt._src.polyak import scale_by_polyak as scale_by_polyak
 from adaopt._src.registry import REGISTRY as REGISTRY
 from adaopt._src.registry import OptimizerSpec as OptimizerSpec
 from adaopt._src.registry import Reference as Reference
