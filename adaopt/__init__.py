@@ -49,6 +49,15 @@ from adaopt._src.base import TreeMismatchError as TreeMismatchError
 from adaopt._src.bold_driver import BoldDriverState as BoldDriverState
 from adaopt._src.bold_driver import bold_driver as bold_driver
 from adaopt._src.bold_driver import scale_by_bold_driver as scale_by_bold_driver
+from adaopt._src.dadapt import DAdaptAdaGradState as DAdaptAdaGradState
+from adaopt._src.dadapt import DAdaptAdamState as DAdaptAdamState
+from adaopt._src.dadapt import DAdaptSGDState as DAdaptSGDState
+from adaopt._src.dadapt import dadapt_adagrad as dadapt_adagrad
+from adaopt._src.dadapt import dadapt_adam as dadapt_adam
+from adaopt._src.dadapt import dadapt_sgd as dadapt_sgd
+from adaopt._src.dadapt import scale_by_dadapt_adagrad as scale_by_dadapt_adagrad
+from adaopt._src.dadapt import scale_by_dadapt_adam as scale_by_dadapt_adam
+from adaopt._src.dadapt import scale_by_dadapt_sgd as scale_by_dadapt_sgd
 from adaopt._src.distance_over_gradients import DoGEstimate as DoGEstimate
 from adaopt._src.distance_over_gradients import DoGState as DoGState
 from adaopt._src.distance_over_gradients import DoWGState as DoWGState
@@ -76,6 +85,9 @@ from adaopt._src.plateau import reduce_on_plateau as reduce_on_plateau
 from adaopt._src.polyak import PolyakState as PolyakState
 from adaopt._src.polyak import polyak_sgd as polyak_sgd
 from adaopt._src.polyak import scale_by_polyak as scale_by_polyak
+from adaopt._src.prodigy import ProdigyState as ProdigyState
+from adaopt._src.prodigy import prodigy as prodigy
+from adaopt._src.prodigy import scale_by_prodigy as scale_by_prodigy
 from adaopt._src.registry import REGISTRY as REGISTRY
 from adaopt._src.registry import OptimizerSpec as OptimizerSpec
 from adaopt._src.registry import Reference as Reference

@@ -1,0 +1,718 @@
+r"""D-Adaptation: Adam, SGD and AdaGrad whose step size is estimated, not tuned.
+
+Each method keeps an estimate :math:`d` of the distance from the initial point to a solution,
+a lower bound built from global sums over the whole parameter tree (dot products of the
+gradients with accumulated steps, norms of the accumulated steps); the step size is
+:math:`d` times the learning rate, which stays at 1 unless the method is unstable. The
+learning rate enters the accumulators themselves, so it is an argument of each block, not a
+factor applied after it: a schedule scales the steps and the accumulated quantities exactly as
+the reference package does when its parameter group's ``lr`` changes each step.
+
+The shared machinery (the learning rate at a step, sums over the tree, the capped growth of
+:math:`d`, decoupled weight decay inside a block) lives here; :mod:`adaopt._src.prodigy`
+builds on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaopt._src import base
+from adaopt._src import moments as mo
+from adaopt._src.base import ScalarOrSchedule, Updates
+
+ADAGRAD_INITIAL_ACCUMULATOR = 1e-6  # dadaptation's DAdaptAdaGrad starts its accumulator here (hard-coded)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machinery shared by the D-Adaptation family (and Prodigy).
+
+
+def scalar_dtype(params: base.Params) -> jnp.dtype:
+    """The dtype of the scalar estimates: the parameters' widest float, at least float32."""
+    return mo.compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
+
+
+def learning_rate_at(learning_rate: ScalarOrSchedule, count: jax.Array, dtype: Any) -> jax.Array:
+    """The learning rate of the step numbered ``count`` (from 0), as a 0-d array of ``dtype``."""
+    value = learning_rate(count) if callable(learning_rate) else learning_rate
+    return jnp.asarray(value).astype(dtype)
+
+
+def tree_total(tree: Any, dtype: Any) -> jax.Array:
+    """The sum of a tree of per-leaf scalars, in ``dtype``; 0 for a tree with no leaves."""
+    return sum((jnp.asarray(x).astype(dtype) for x in jax.tree.leaves(tree)), jnp.zeros([], dtype))
+
+
+def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``numerator / denominator``, 0 where the denominator is 0 (a skipped step), with finite gradients."""
+    ok = denominator != 0
+    return jnp.where(ok, numerator / jnp.where(ok, denominator, 1), 0)
+
+
+def scalar_sqrt(x: Any, dtype: Any) -> Any:
+    """The square root of a hyperparameter: a Python float for a Python number, as the packages compute it."""
+    if isinstance(x, (int, float)):
+        return x**0.5
+    return jnp.sqrt(jnp.asarray(x).astype(dtype))
+
+
+def capped(candidate: jax.Array, d: jax.Array, growth_rate: Any) -> jax.Array:
+    """``min(candidate, growth_rate * d)``; an infinite ``growth_rate`` (the default) caps nothing."""
+    if isinstance(growth_rate, (int, float)):
+        return candidate if math.isinf(growth_rate) else jnp.minimum(candidate, growth_rate * d)
+    rate = jnp.asarray(growth_rate).astype(d.dtype)
+    finite = jnp.isfinite(rate)
+    # The inner where keeps d * inf out of the unused branch, so that gradients stay finite.
+    return jnp.where(finite, jnp.minimum(candidate, d * jnp.where(finite, rate, 1)), candidate)
+
+
+def check_growth_rate(growth_rate: Any) -> None:
+    """A multiplicative cap on the growth of d per step: in [1, inf], infinity (no cap) included."""
+    try:
+        value = base._concrete_scalar(growth_rate)
+    except TypeError:
+        value = None
+    if value == math.inf:
+        return
+    base.check_scalar("growth_rate", growth_rate, low=1.0)
+
+
+def check_d0(d0: Any) -> None:
+    base.check_scalar("d0", d0, low=0.0, low_open=True)
+
+
+def require_params(params: base.Params | None, name: str) -> base.Params:
+    if params is None:
+        raise ValueError(
+            f"{name} needs the parameters (it steps from the initial point, or decays the weights): "
+            "call update(grads, state, params)."
+        )
+    return params
+
+
+def decay_mask(weight_decay_mask: base.MaskOrFn | None, params: base.Params) -> Any:
+    """The tree of booleans selecting the decayed leaves (all of them when no mask is given)."""
+    if weight_decay_mask is None:
+        return jax.tree.map(lambda _: True, params)
+    return weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
+
+
+def decay_term(p: jax.Array, selected: Any, weight_decay: Any, dtype: Any) -> Any:
+    """``weight_decay * p`` for a selected leaf, else 0, in ``dtype``."""
+    if isinstance(selected, bool):
+        return mo.scalar(weight_decay, dtype) * p if selected else 0
+    return jnp.where(jnp.asarray(selected), mo.scalar(weight_decay, dtype) * p, 0)
+
+
+def decay_then_step(p: jax.Array, decay: Any, step: jax.Array) -> jax.Array:
+    """``step + decay``, what to subtract from ``p``, rounded as the packages' ``p -= decay; p -= step``.
+
+    Where the decay is non-zero the result is ``p - ((p - decay) - step)``: subtracted from ``p``,
+    it gives the packages' two roundings exactly, so float32 runs agree bit for bit (one rounding
+    would differ in the last bit, and the first, tiny steps feed the estimate of d). The update
+    then carries the rounding of ``p``, as the packages' own ``p_new - p`` does.
+    """
+    return jnp.where(decay != 0, p - ((p - decay) - step), step + decay)
+
+
+def initial_point(params: base.Params) -> Any:
+    """A copy of the parameters in :func:`moments.state_dtype`, with each parameter's sharding."""
+    return jax.tree.map(lambda z, p: z + p.astype(z.dtype), mo.init_like(params), params)
+
+
+def gate(keep: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    return jnp.where(keep, new, old)
+
+
+def check_common(learning_rate: Any, weight_decay: Any, d0: Any, growth_rate: Any) -> None:
+    base.check_common(learning_rate, weight_decay)
+    check_d0(d0)
+    check_growth_rate(growth_rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# D-Adapt Adam.
+
+
+class DAdaptAdamState(NamedTuple):
+    """State of :func:`scale_by_dadapt_adam`."""
+
+    count: jax.Array  # type: ignore[assignment]  # calls of update: the learning-rate schedule's step
+    step: jax.Array  # steps taken, k (a skipped step does not count); drives the bias correction
+    d: jax.Array  # the distance estimate
+    numerator: jax.Array  # r_k, the weighted sum of <g, s / denominator>
+    mu: Updates  # exp_avg (it already holds the step size d * lr)
+    nu: Updates  # exp_avg_sq
+    s: Updates  # the weighted sum of steps
+
+
+def scale_by_dadapt_adam(
+    learning_rate: ScalarOrSchedule = 1.0,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    *,
+    weight_decay: Any = 0.0,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    bias_correction: bool = False,
+    d0: Any = 1e-6,
+    growth_rate: Any = math.inf,
+    layer_scale: Any = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""D-Adapt Adam's block: the whole step :math:`\theta_{t-1} - \theta_t`, learning rate included.
+
+    With :math:`\eta_t` the learning rate, :math:`k` the number of steps taken so far and
+    :math:`\rho` the leaf's layer scale (1 by default), every sum running over the whole tree:
+
+    .. math::
+        c_k &= \sqrt{1 - \beta_2^{k+1}} / (1 - \beta_1^{k+1}) \;\text{(bias\_correction, else 1)}, \qquad
+        \gamma_k = d_k \eta_t c_k \\
+        a_k &= \gamma_k \textstyle\sum \rho \langle g_t, s_{k-1} / (\sqrt{v_{k-1}} + \epsilon) \rangle \\
+        m_k &= \beta_1 m_{k-1} + (1 - \beta_1) \rho \gamma_k g_t, \qquad
+        v_k = \beta_2 v_{k-1} + (1 - \beta_2) g_t^2, \qquad
+        s_k = \sqrt{\beta_2} s_{k-1} + (1 - \sqrt{\beta_2}) \gamma_k g_t \\
+        r_k &= \sqrt{\beta_2} r_{k-1} + (1 - \sqrt{\beta_2}) a_k, \qquad
+        \ell_k = \textstyle\sum \rho \|s_k\|_1 \\
+        \hat d_k &= \frac{r_k}{(1 - \sqrt{\beta_2}) \ell_k}, \qquad
+        d_{k+1} = \max\big(d_k, \min(\hat d_k, \text{growth\_rate} \cdot d_k)\big) \\
+        \text{update} &= \frac{m_k}{\sqrt{v_k} + \epsilon} + \gamma_k \lambda \theta_{t-1}
+            \quad (\lambda \text{: the decoupled weight decay, on the masked leaves})
+
+    A step with :math:`\eta_t = 0`, or with :math:`\ell_k = 0` (no gradient seen yet), is
+    skipped as the package skips it: the update is zero and :math:`d, r, k` stay; the moments
+    still move when :math:`\eta_t > 0`.
+
+    Args:
+      learning_rate: multiplies the estimated step size (1: the method's own); a schedule
+        ``count -> value`` (count from 0, every call of ``update``).
+      b1, b2: decays of the moments, in [0, 1).
+      eps: added to :math:`\sqrt{v}`, > 0.
+      weight_decay: decoupled weight decay :math:`\lambda` (>= 0), scaled by :math:`\gamma_k`;
+        chain ``optax.add_decayed_weights`` before this block for the coupled (L2) form.
+      weight_decay_mask: a tree of booleans, or a function of the parameters returning one,
+        selecting the decayed leaves.
+      bias_correction: use :math:`c_k` (the package's ``use_bias_correction``).
+      d0: initial estimate :math:`d_0` > 0.
+      growth_rate: cap on :math:`d_{k+1} / d_k`, in [1, inf] (inf: no cap).
+      layer_scale: :math:`\rho`, None (1 everywhere) or a tree of non-negative numbers with the
+        parameters' structure (or a function of the parameters returning one): the package's
+        per-parameter-group ``layer_scale``.
+      mu_dtype, nu_dtype: storage dtypes of :math:`m, v` (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`DAdaptAdamState`; its update is to
+      be subtracted (``dadapt_adam`` negates it).
+    """
+    base.check_learning_rate(learning_rate)
+    base.check_decay("b1", b1)
+    base.check_decay("b2", b2)
+    base.check_scalar("eps", eps, low=0.0, low_open=True)
+    base.check_nonnegative("weight_decay", weight_decay)
+    check_d0(d0)
+    check_growth_rate(growth_rate)
+    base.check_dtype("mu_dtype", mu_dtype)
+    base.check_dtype("nu_dtype", nu_dtype)
+    if layer_scale is not None and not callable(layer_scale):
+        for value in jax.tree.leaves(layer_scale):
+            base.check_nonnegative("layer_scale", value)
+    decoupled = not base.is_zero(weight_decay)
+
+    def init_fn(params: base.Params) -> DAdaptAdamState:
+        dtype = scalar_dtype(params)
+        return DAdaptAdamState(
+            count=mo.zero_count(),
+            step=mo.zero_count(),
+            d=jnp.asarray(d0).astype(dtype),
+            numerator=jnp.zeros([], dtype),
+            mu=mo.init_like(params, mu_dtype),
+            nu=mo.init_like(params, nu_dtype),
+            s=mo.init_like(params),
+        )
+
+    def update_fn(
+        updates: Updates, state: DAdaptAdamState, params: base.Params | None = None
+    ) -> tuple[Updates, DAdaptAdamState]:
+        dtype = state.d.dtype
+        lr = learning_rate_at(learning_rate, state.count, dtype)
+        active = lr > 0
+        k1 = state.step + 1
+        bc = jnp.sqrt(mo.bias_correction(b2, k1, dtype)) / mo.bias_correction(b1, k1, dtype) if bias_correction else 1
+        d = state.d
+        dlr = d * lr * bc
+        sqrt_b2 = scalar_sqrt(b2, dtype)
+        scales = () if layer_scale is None else (layer_scale(params) if callable(layer_scale) else layer_scale,)
+
+        def accumulate(g: jax.Array, m: jax.Array, v: jax.Array, s: jax.Array, *r: Any) -> tuple[jax.Array, ...]:
+            cd, g32, (m32, v32, s32) = mo.to_compute(g, m, v, s)
+            rho = mo.scalar(r[0], cd) if r else 1
+            gamma, e, sb2 = dlr.astype(cd), mo.scalar(eps, cd), mo.scalar(sqrt_b2, cd)
+            dot = rho * jnp.sum(g32 * (s32 / (jnp.sqrt(v32) + e)))
+            m_new = mo.ema(rho * gamma * g32, m32, mo.scalar(b1, cd))
+            v_new = mo.ema(g32 * g32, v32, mo.scalar(b2, cd))
+            s_new = mo.ema(gamma * g32, s32, sb2)
+            l1 = rho * jnp.sum(jnp.abs(s_new))
+            return (
+                gate(active, m_new, m32).astype(m.dtype),
+                gate(active, v_new, v32).astype(v.dtype),
+                gate(active, s_new, s32).astype(s.dtype),
+                dot,
+                jnp.where(active, l1, 0),
+            )
+
+        mu, nu, s, dots, l1s = mo.leafwise(accumulate, 5, updates, state.mu, state.nu, state.s, *scales)
+        numerator = mo.ema(dlr * tree_total(dots, dtype), state.numerator, sqrt_b2)
+        sk_l1 = tree_total(l1s, dtype)
+        taken = sk_l1 != 0
+        d_hat = safe_ratio(numerator, (1 - sqrt_b2) * sk_l1)
+        d_new = jnp.maximum(d, capped(d_hat, d, growth_rate))
+
+        if decoupled:
+            mask = decay_mask(weight_decay_mask, require_params(params, "dadapt_adam with decoupled weight decay"))
+            decay_trees: tuple[Any, ...] = (params, mask)
+        else:
+            decay_trees = ()
+
+        def step(g: jax.Array, m: jax.Array, v: jax.Array, *decay: Any) -> tuple[jax.Array]:
+            cd, _, (m32, v32) = mo.to_compute(g, m, v)
+            u = m32 / (jnp.sqrt(v32) + mo.scalar(eps, cd))
+            if decay:
+                p32 = decay[0].astype(cd)
+                u = decay_then_step(p32, dlr.astype(cd) * decay_term(p32, decay[1], weight_decay, cd), u)
+            return (jnp.where(taken, u, 0).astype(g.dtype),)
+
+        (out,) = mo.leafwise(step, 1, updates, mu, nu, *decay_trees)
+        return out, DAdaptAdamState(
+            count=mo.safe_increment(state.count),
+            step=jnp.where(taken, mo.safe_increment(state.step), state.step),
+            d=gate(taken, d_new, d),
+            numerator=gate(taken, numerator, state.numerator),
+            mu=mu,
+            nu=nu,
+            s=s,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def dadapt_adam(
+    learning_rate: ScalarOrSchedule = 1.0,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    bias_correction: bool = False,
+    d0: Any = 1e-6,
+    growth_rate: Any = math.inf,
+    layer_scale: Any = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""D-Adapt Adam: Adam whose step size :math:`d_k \eta_t` is estimated on the fly (no learning rate to tune).
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad \text{(coupled decay, the default)} \\
+        \theta_t &= \theta_{t-1} - \Big( \frac{m_k}{\sqrt{v_k} + \epsilon}
+            \;[+\, d_k \eta_t c_k \lambda \theta_{t-1} \text{ if decoupled}] \Big)
+
+    with :math:`m_k, v_k, d_k, c_k` as in :func:`scale_by_dadapt_adam` (:math:`m_k` already
+    carries the step size :math:`d_k \eta_t c_k`).
+
+    Args:
+      learning_rate: multiplies the estimated step size; keep 1 unless the method is unstable.
+        A number or a schedule ``count -> value`` (count from 0).
+      b1, b2, eps, bias_correction, d0, growth_rate, layer_scale, mu_dtype, nu_dtype: as
+        :func:`scale_by_dadapt_adam`.
+      weight_decay: coefficient :math:`\lambda` >= 0; weight_decay_mask: the leaves it decays.
+      decoupled_weight_decay: decay the weights by :math:`d_k \eta_t c_k \lambda \theta` beside the
+        step (AdamW style, the package's ``decouple=True``) instead of adding
+        :math:`\lambda \theta` to the gradient.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` when the decay
+      is decoupled.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adaopt
+      >>> opt = adaopt.dadapt_adam()  # no learning rate to tune
+      >>> params = jnp.array([1.0, -2.0, 3.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(100):  # minimise sum(x^2) / 2, whose gradient is x
+      ...     updates, state = opt.update(params, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(jnp.abs(params).max() < 0.05)
+      True
+
+    Reference: Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023.
+    ``dadaptation.DAdaptAdam(lr, betas=(b1, b2), eps, weight_decay, decouple, use_bias_correction,
+    d0, growth_rate)`` (version 3.2), with ``layer_scale`` set per parameter group, follows the
+    same trajectory (the package's ``log_every`` only logs; read :math:`d` from the state).
+    ``optax.contrib.dadapt_adamw`` is this with ``decoupled_weight_decay=True,
+    bias_correction=True`` and no mask, for a learning rate that is never 0 (optax does not
+    skip steps). Where a parameter group's ``lr`` is 0 while others' are not, the package
+    still applies the stale step of that group; adaopt has one learning rate for the tree.
+    """
+    check_common(learning_rate, weight_decay, d0, growth_rate)
+    core = scale_by_dadapt_adam(
+        learning_rate, b1, b2, eps,
+        weight_decay=weight_decay if decoupled_weight_decay else 0.0, weight_decay_mask=weight_decay_mask,
+        bias_correction=bias_correction, d0=d0, growth_rate=growth_rate, layer_scale=layer_scale,
+        mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+    )  # fmt: skip
+    coupled = 0.0 if decoupled_weight_decay else weight_decay
+    return base.assemble(core, 1.0, coupled, weight_decay_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# D-Adapt SGD.
+
+
+class DAdaptSGDState(NamedTuple):
+    """State of :func:`scale_by_dadapt_sgd`."""
+
+    count: jax.Array  # type: ignore[assignment]  # calls of update: the learning-rate schedule's step
+    step: jax.Array  # steps taken, k (a skipped step does not count)
+    d: jax.Array  # the distance estimate
+    numerator: jax.Array  # the sum of gamma_k <g, s_{k-1}>
+    g0_norm: jax.Array  # the norm of the first gradient (without weight decay, as the package)
+    s: Updates  # the sum of steps gamma_k g
+    x0: Updates  # the initial point
+
+
+def scale_by_dadapt_sgd(
+    learning_rate: ScalarOrSchedule = 1.0,
+    momentum: Any = 0.0,
+    *,
+    weight_decay: Any = 0.0,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    d0: Any = 1e-6,
+    growth_rate: Any = math.inf,
+) -> optax.GradientTransformation:
+    r"""D-Adapt SGD's block (dual averaging): the update :math:`\theta_{t-1} - \theta_t`, learning rate included.
+
+    With :math:`\eta_t` the learning rate, :math:`k` the number of steps taken so far, every
+    sum and norm running over the whole tree:
+
+    .. math::
+        G &= \|g_{t_0}\|_2 \;\text{(the first step's raw gradient, before weight decay)}, \qquad
+        \gamma_k = d_k \eta_t / G, \qquad g_t \leftarrow g_t + \lambda \theta_{t-1} \\
+        r_k &= r_{k-1} + \gamma_k \langle g_t, s_{k-1} \rangle, \qquad
+        s_k = s_{k-1} + \gamma_k g_t \\
+        \hat d_k &= 2 r_k / \|s_k\|_2, \qquad
+        d_{k+1} = \max\big(d_k, \min(\hat d_k, \text{growth\_rate} \cdot d_k)\big) \\
+        z_k &= \theta_0 - s_k, \qquad
+        \text{update} = \theta_{t-1} - \theta_t = (1 - \mu)\,(\theta_{t-1} - z_k)
+
+    so that :math:`\theta_t = \mu \theta_{t-1} + (1 - \mu) z_k`. A step with
+    :math:`\eta_t = 0`, :math:`G = 0` or :math:`s_k = 0` is skipped: the update is zero and
+    :math:`d, r, k` stay (the package raises an error there instead).
+
+    Args:
+      learning_rate: multiplies the estimated step size; a number or a schedule ``count -> value``.
+      momentum: :math:`\mu` in [0, 1), an average of the iterates (0: none).
+      weight_decay: coupled decay :math:`\lambda` >= 0, added to the gradient after :math:`G`
+        is measured; weight_decay_mask: the leaves it decays.
+      d0: initial estimate > 0; growth_rate: cap on :math:`d_{k+1} / d_k` in [1, inf].
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`DAdaptSGDState`; ``update`` needs
+      ``params``.
+    """
+    base.check_learning_rate(learning_rate)
+    base.check_decay("momentum", momentum)
+    base.check_nonnegative("weight_decay", weight_decay)
+    check_d0(d0)
+    check_growth_rate(growth_rate)
+    decayed = not base.is_zero(weight_decay)
+
+    def init_fn(params: base.Params) -> DAdaptSGDState:
+        dtype = scalar_dtype(params)
+        zero = jnp.zeros([], dtype)
+        return DAdaptSGDState(
+            count=mo.zero_count(),
+            step=mo.zero_count(),
+            d=jnp.asarray(d0).astype(dtype),
+            numerator=zero,
+            g0_norm=zero,
+            s=mo.init_like(params),
+            x0=initial_point(params),
+        )
+
+    def update_fn(
+        updates: Updates, state: DAdaptSGDState, params: base.Params | None = None
+    ) -> tuple[Updates, DAdaptSGDState]:
+        params = require_params(params, "dadapt_sgd")
+        dtype = state.d.dtype
+        lr = learning_rate_at(learning_rate, state.count, dtype)
+        active = lr > 0
+        g_sq = tree_total(
+            jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(mo.compute_dtype(g.dtype)))), updates), dtype
+        )
+        # The inner where keeps sqrt's infinite slope at 0 out of gradients through the update.
+        norm = jnp.where(g_sq > 0, jnp.sqrt(jnp.where(g_sq > 0, g_sq, 1)), 0)
+        g0_norm = jnp.where(state.step == 0, norm, state.g0_norm)
+        d = state.d
+        dlr = safe_ratio(d * lr, g0_norm)
+        mask = (decay_mask(weight_decay_mask, params),) if decayed else ()
+
+        def accumulate(g: jax.Array, p: jax.Array, s: jax.Array, *selected: Any) -> tuple[jax.Array, ...]:
+            cd, g32, (p32, s32) = mo.to_compute(g, p, s)
+            if selected:
+                g32 = g32 + decay_term(p32, selected[0], weight_decay, cd)
+            gamma = dlr.astype(cd)
+            dot = jnp.sum(g32 * s32)
+            s_new = s32 + gamma * g32
+            return gate(active, s_new, s32).astype(s.dtype), dot, jnp.where(active, jnp.sum(s_new * s_new), 0)
+
+        s, dots, squares = mo.leafwise(accumulate, 3, updates, params, state.s, *mask, what="parameters and state")
+        numerator = state.numerator + dlr * tree_total(dots, dtype)
+        sk_sq = tree_total(squares, dtype)
+        taken = (sk_sq != 0) & (g0_norm != 0)
+        sk_norm = jnp.sqrt(jnp.where(taken, sk_sq, 1))
+        d_hat = 2 * numerator / sk_norm
+        d_new = jnp.maximum(d, capped(d_hat, d, growth_rate))
+        ck = 1 - mo.scalar(momentum, dtype)
+
+        def step(g: jax.Array, p: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:
+            cd, _, (p32, s32, x032) = mo.to_compute(g, p, s, x0)
+            z = x032 - s32
+            u = mo.scalar(ck, cd) * (p32 - z)
+            return (jnp.where(taken, u, 0).astype(g.dtype),)
+
+        (out,) = mo.leafwise(step, 1, updates, params, s, state.x0, what="parameters and state")
+        return out, DAdaptSGDState(
+            count=mo.safe_increment(state.count),
+            step=jnp.where(taken, mo.safe_increment(state.step), state.step),
+            d=gate(taken, d_new, d),
+            numerator=gate(taken, numerator, state.numerator),
+            g0_norm=g0_norm,
+            s=s,
+            x0=state.x0,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def dadapt_sgd(
+    learning_rate: ScalarOrSchedule = 1.0,
+    momentum: Any = 0.0,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    d0: Any = 1e-6,
+    growth_rate: Any = math.inf,
+) -> optax.GradientTransformationExtraArgs:
+    r"""D-Adapt SGD: dual averaging with a step size :math:`d_k \eta_t / \|g_{t_0}\|` estimated on the fly.
+
+    .. math::
+        \theta_t = \mu \theta_{t-1} + (1 - \mu) (\theta_0 - s_k), \qquad
+        s_k = s_{k-1} + \frac{d_k \eta_t}{\|g_{t_0}\|} (g_t + \lambda \theta_{t-1})
+
+    with :math:`d_k` as in :func:`scale_by_dadapt_sgd`.
+
+    Args:
+      learning_rate: multiplies the estimated step size; keep 1 unless the method is unstable.
+      momentum: :math:`\mu` in [0, 1); weight_decay: coupled decay :math:`\lambda` >= 0, on the
+        leaves selected by weight_decay_mask; d0, growth_rate: as :func:`scale_by_dadapt_sgd`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adaopt
+      >>> opt = adaopt.dadapt_sgd()  # no learning rate to tune
+      >>> params = jnp.array([1.0, -2.0, 3.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(100):  # minimise sum(x^2) / 2, whose gradient is x
+      ...     updates, state = opt.update(params, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(jnp.abs(params).max() < 0.05)
+      True
+
+    Reference: Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023.
+    ``dadaptation.DAdaptSGD(lr, momentum, weight_decay, d0, growth_rate)`` (version 3.2) follows
+    the same trajectory, with two caveats of the package: it applies the first parameter
+    group's ``weight_decay`` to every group (so it matches only an unmasked decay), and it
+    raises an error at a step with learning rate 0 (adaopt skips that step, the package's
+    intent). Like the package, :math:`\|g_{t_0}\|` is the norm of the raw gradient, before
+    weight decay.
+    """
+    check_common(learning_rate, weight_decay, d0, growth_rate)
+    core = scale_by_dadapt_sgd(
+        learning_rate, momentum, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, d0=d0,
+        growth_rate=growth_rate,
+    )  # fmt: skip
+    return base.assemble(core, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# D-Adapt AdaGrad.
+
+
+class DAdaptAdaGradState(NamedTuple):
+    """State of :func:`scale_by_dadapt_adagrad`."""
+
+    count: jax.Array  # type: ignore[assignment]  # calls of update: the learning-rate schedule's step
+    d: jax.Array  # the distance estimate
+    gsq_weighted: jax.Array  # the sum of gamma_k^2 <g^2, 1 / (sqrt(alpha_k) + eps)>
+    alpha: Updates  # the sum of squared gradients, from 1e-6
+    s: Updates  # the sum of steps gamma_k g
+    x0: Updates  # the initial point
+
+
+def scale_by_dadapt_adagrad(
+    learning_rate: ScalarOrSchedule = 1.0,
+    momentum: Any = 0.0,
+    eps: Any = 1e-6,
+    *,
+    d0: Any = 1e-6,
+    growth_rate: Any = math.inf,
+) -> optax.GradientTransformation:
+    r"""D-Adapt AdaGrad's block (dual averaging): the update :math:`\theta_{t-1} - \theta_t`.
+
+    With :math:`\eta_t` the learning rate, :math:`\gamma_t = d_t \eta_t`, every sum and norm over
+    the whole tree, and :math:`\alpha_0 = 10^{-6}` (the package's constant):
+
+    .. math::
+        \alpha_t &= \alpha_{t-1} + g_t^2, \qquad s_t = s_{t-1} + \gamma_t g_t, \qquad
+        w_t = 1 / (\sqrt{\alpha_t} + \epsilon) \\
+        q_t &= q_{t-1} + \gamma_t^2 \textstyle\sum w_t g_t^2, \qquad
+        \hat d_t = \frac{\sum w_t s_t^2 - q_t}{\|s_t\|_1} \\
+        d_{t+1} &= \max\big(d_t, \min(\hat d_t, \text{growth\_rate} \cdot d_t)\big)
+            \;\text{(if } \eta_t > 0\text{, else } d_t) \\
+        z_t &= \theta_0 - w_t s_t, \qquad
+        \text{update} = \theta_{t-1} - \theta_t = (1 - \mu)\,(\theta_{t-1} - z_t)
+
+    :math:`\alpha` takes every gradient, even at :math:`\eta_t = 0`; a step with
+    :math:`\|s_t\|_1 = 0` is skipped (zero update, :math:`d, q` stay). Because the iterate is
+    :math:`\theta_0 - w_t s_t`, a zero learning rate does not freeze the parameters: new
+    gradients still grow :math:`\alpha_t` and so shrink the distance travelled.
+
+    Args:
+      learning_rate: multiplies the estimated step size; a number or a schedule ``count -> value``.
+      momentum: :math:`\mu` in [0, 1), an average of the iterates (0: none).
+      eps: added to :math:`\sqrt{\alpha}`, > 0.
+      d0: initial estimate > 0; growth_rate: cap on :math:`d_{t+1} / d_t` in [1, inf].
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`DAdaptAdaGradState`; ``update``
+      needs ``params``.
+    """
+    base.check_learning_rate(learning_rate)
+    base.check_decay("momentum", momentum)
+    base.check_scalar("eps", eps, low=0.0, low_open=True)
+    check_d0(d0)
+    check_growth_rate(growth_rate)
+
+    def init_fn(params: base.Params) -> DAdaptAdaGradState:
+        dtype = scalar_dtype(params)
+        return DAdaptAdaGradState(
+            count=mo.zero_count(),
+            d=jnp.asarray(d0).astype(dtype),
+            gsq_weighted=jnp.zeros([], dtype),
+            alpha=mo.init_like(params, fill=ADAGRAD_INITIAL_ACCUMULATOR),
+            s=mo.init_like(params),
+            x0=initial_point(params),
+        )
+
+    def update_fn(
+        updates: Updates, state: DAdaptAdaGradState, params: base.Params | None = None
+    ) -> tuple[Updates, DAdaptAdaGradState]:
+        params = require_params(params, "dadapt_adagrad")
+        dtype = state.d.dtype
+        lr = learning_rate_at(learning_rate, state.count, dtype)
+        d = state.d
+        dlr = d * lr
+
+        def accumulate(g: jax.Array, a: jax.Array, s: jax.Array) -> tuple[jax.Array, ...]:
+            cd, g32, (a32, s32) = mo.to_compute(g, a, s)
+            a_new = a32 + g32 * g32
+            denominator = jnp.sqrt(a_new) + mo.scalar(eps, cd)
+            s_new = s32 + dlr.astype(cd) * g32
+            g_sq = jnp.sum(g32 * g32 / denominator)
+            sk_sq = jnp.sum(s_new * s_new / denominator)
+            return a_new.astype(a.dtype), s_new.astype(s.dtype), g_sq, sk_sq, jnp.sum(jnp.abs(s_new))
+
+        alpha, s, g_sqs, sk_sqs, l1s = mo.leafwise(accumulate, 5, updates, state.alpha, state.s)
+        skl1 = tree_total(l1s, dtype)
+        taken = skl1 != 0
+        gsq_weighted = state.gsq_weighted + dlr * dlr * tree_total(g_sqs, dtype)
+        d_hat = safe_ratio(tree_total(sk_sqs, dtype) - gsq_weighted, skl1)
+        d_new = jnp.where(lr > 0, jnp.maximum(d, capped(d_hat, d, growth_rate)), d)
+        ck = 1 - mo.scalar(momentum, dtype)
+
+        def step(g: jax.Array, p: jax.Array, a: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:
+            cd, _, (p32, a32, s32, x032) = mo.to_compute(g, p, a, s, x0)
+            z = x032 - s32 / (jnp.sqrt(a32) + mo.scalar(eps, cd))
+            u = mo.scalar(ck, cd) * (p32 - z)
+            return (jnp.where(taken, u, 0).astype(g.dtype),)
+
+        (out,) = mo.leafwise(step, 1, updates, params, alpha, s, state.x0, what="parameters and state")
+        return out, DAdaptAdaGradState(
+            count=mo.safe_increment(state.count),
+            d=gate(taken, d_new, d),
+            gsq_weighted=gate(taken, gsq_weighted, state.gsq_weighted),
+            alpha=alpha,
+            s=s,
+            x0=state.x0,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def dadapt_adagrad(
+    learning_rate: ScalarOrSchedule = 1.0,
+    momentum: Any = 0.0,
+    eps: Any = 1e-6,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    d0: Any = 1e-6,
+    growth_rate: Any = math.inf,
+) -> optax.GradientTransformationExtraArgs:
+    r"""D-Adapt AdaGrad: dual-averaged AdaGrad with a step size :math:`d_t \eta_t` estimated on the fly.
+
+    .. math::
+        g_t \leftarrow g_t + \lambda \theta_{t-1}, \qquad
+        \theta_t = \mu \theta_{t-1} + (1 - \mu) \Big( \theta_0 - \frac{s_t}{\sqrt{\alpha_t} + \epsilon} \Big)
+
+    with :math:`s_t, \alpha_t, d_t` as in :func:`scale_by_dadapt_adagrad`.
+
+    Args:
+      learning_rate: multiplies the estimated step size; keep 1 unless the method is unstable.
+      momentum: :math:`\mu` in [0, 1); eps: > 0; d0, growth_rate: as :func:`scale_by_dadapt_adagrad`.
+      weight_decay: coupled decay :math:`\lambda` >= 0 on the leaves selected by weight_decay_mask.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adaopt
+      >>> opt = adaopt.dadapt_adagrad()  # no learning rate to tune
+      >>> params = jnp.array([1.0, -2.0, 3.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(100):  # minimise sum(x^2) / 2, whose gradient is x
+      ...     updates, state = opt.update(params, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> float(state[1].d) > 0.1  # the distance estimate, grown from d0 = 1e-6
+      True
+
+    Reference: Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023.
+    ``dadaptation.DAdaptAdaGrad(lr, momentum, weight_decay, eps, d0, growth_rate)`` (version
+    3.2) follows the same trajectory for dense gradients (its sparse-gradient path has no JAX
+    counterpart). Its running totals of :math:`\sum w s^2` and :math:`\|s\|_1` are recomputed
+    here each step (equal in exact arithmetic).
+    """
+    check_common(learning_rate, weight_decay, d0, growth_rate)
+    core = scale_by_dadapt_adagrad(learning_rate, momentum, eps, d0=d0, growth_rate=growth_rate)
+    return base.assemble(core, 1.0, weight_decay, weight_decay_mask)

@@ -1,0 +1,313 @@
+r"""Prodigy: D-Adaptation's Adam with a faster-growing distance estimate (no learning rate to tune).
+
+Prodigy estimates the distance :math:`d` to a solution from the correlation of the gradients
+with the distance travelled from the initial point :math:`\theta_0`, which it keeps, weighting
+recent steps more than D-Adapt Adam does (:mod:`adaopt._src.dadapt`, whose machinery it shares).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adaopt._src import base
+from adaopt._src import dadapt as da
+from adaopt._src import moments as mo
+from adaopt._src.base import ScalarOrSchedule, Updates
+
+
+class ProdigyState(NamedTuple):
+    """State of :func:`scale_by_prodigy`.
+
+    With ``slice_p > 1``, ``s`` and ``p0`` hold every ``slice_p``-th entry of each flattened
+    parameter (flat vectors, without the parameter's sharding); otherwise every per-parameter
+    field mirrors the parameters.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # calls of update: the learning-rate schedule's step
+    step: jax.Array  # steps taken, k (a skipped step does not count); drives the bias correction
+    d: jax.Array  # the distance estimate
+    d_max: jax.Array  # the largest estimate so far
+    numerator: jax.Array  # r_k, the weighted sum of <g, theta_0 - theta>
+    mu: Updates | None  # exp_avg (None when b1 is 0)
+    nu: Updates  # exp_avg_sq
+    s: Updates  # the weighted sum of gradients
+    p0: Updates  # the initial point
+
+
+def _check(b1: Any, b2: Any, b3: Any, eps: Any, d_coef: Any, slice_p: Any) -> None:
+    base.check_decay("b1", b1)
+    base.check_decay("b2", b2)
+    if b3 is not None:
+        base.check_decay("b3", b3)
+    base.check_scalar("eps", eps, low=0.0, low_open=True)
+    base.check_scalar("d_coef", d_coef, low=0.0, low_open=True)
+    if slice_p is None:
+        return
+    if isinstance(slice_p, jax.core.Tracer):
+        raise base.HyperparameterError(
+            f"slice_p sets the shapes of the state: it must be a Python integer, got {slice_p!r}. "
+            "Under inject_hyperparams, name it static: inject_hyperparams(prodigy, static_args=('slice_p',))."
+        )
+    if isinstance(slice_p, bool) or not isinstance(slice_p, (int, np.integer)) or slice_p < 1:
+        raise base.HyperparameterError(f"slice_p must be None or an integer in [1, inf), got {slice_p!r}.")
+
+
+def scale_by_prodigy(
+    learning_rate: ScalarOrSchedule = 1.0,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    b3: Any = None,
+    eps: Any = 1e-8,
+    *,
+    weight_decay: Any = 0.0,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    bias_correction: bool = False,
+    safeguard_warmup: bool = False,
+    d0: Any = 1e-6,
+    d_coef: Any = 1.0,
+    growth_rate: Any = math.inf,
+    slice_p: int | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Prodigy's block: the whole step :math:`\theta_{t-1} - \theta_t`, learning rate included.
+
+    With :math:`\eta_t` the learning rate, :math:`k` the number of steps taken so far,
+    :math:`\beta_3` = ``b3`` (default :math:`\sqrt{\beta_2}`) and every sum over the whole tree
+    (over every ``slice_p``-th entry of each flattened leaf for :math:`r` and :math:`s`):
+
+    .. math::
+        c_k &= \sqrt{1 - \beta_2^{k+1}} / (1 - \beta_1^{k+1}) \;\text{(bias\_correction, else 1)}, \qquad
+        \gamma_k = d_k \eta_t c_k \\
+        r_k &= \beta_3 r_{k-1} + \tfrac{d_k}{d_0} \gamma_k \langle g_t, \theta_0 - \theta_{t-1} \rangle \\
+        m_k &= \beta_1 m_{k-1} + (1 - \beta_1) d_k g_t, \qquad
+        v_k = \beta_2 v_{k-1} + (1 - \beta_2) d_k^2 g_t^2 \\
+        s_k &= \beta_3 s_{k-1} + \tfrac{d_k}{d_0} \gamma_k g_t
+            \quad (\tfrac{d_k}{d_0} d_k g_t \text{ with safeguard\_warmup}) \\
+        \hat d_k &= \text{d\_coef} \cdot r_k / \|s_k\|_1, \qquad
+        d'_k = \max(d_k, \hat d_k) \text{ if } d_k = d_0 \text{ else } d_k \\
+        d^{\max}_k &= \max(d^{\max}_{k-1}, \hat d_k), \qquad
+        d_{k+1} = \min(d^{\max}_k, \text{growth\_rate} \cdot d'_k) \\
+        \text{update} &= \gamma_k \Big( \frac{m_k}{\sqrt{v_k} + d_{k+1} \epsilon} + \lambda \theta_{t-1} \Big)
+            \qquad \Big( \gamma_k \frac{d_{k+1} g_t}{\sqrt{v_k} + d_{k+1} \epsilon} + \dots
+            \text{ when } \beta_1 = 0 \Big)
+
+    with :math:`\lambda` the decoupled weight decay on the masked leaves. A step with
+    :math:`\eta_t = 0`, or with :math:`\|s_k\|_1 = 0` (no gradient seen yet), is skipped as
+    the package skips it: the update is zero and :math:`d, d^{\max}, r, k` stay; the moments
+    and :math:`s` still move when :math:`\eta_t > 0`.
+
+    Args:
+      learning_rate: multiplies the estimated step size (1: the method's own); a number or a
+        schedule ``count -> value`` (count from 0, every call of ``update``).
+      b1, b2: decays of the moments, in [0, 1); b3: decay of :math:`r, s` in [0, 1), None for
+        :math:`\sqrt{\beta_2}`.
+      eps: > 0, added to :math:`\sqrt{v}` after scaling by :math:`d_{k+1}`.
+      weight_decay: decoupled weight decay :math:`\lambda` >= 0, scaled by :math:`\gamma_k`;
+        chain ``optax.add_decayed_weights`` before this block for the coupled (L2) form.
+      weight_decay_mask: a tree of booleans, or a function of the parameters returning one.
+      bias_correction: use :math:`c_k` (the package's ``use_bias_correction``).
+      safeguard_warmup: leave :math:`\eta_t` out of :math:`s` (for warm-up schedules).
+      d0: initial estimate :math:`d_0` > 0; d_coef: > 0, scales :math:`\hat d`.
+      growth_rate: cap on the growth of :math:`d` per step, in [1, inf] (inf: no cap).
+      slice_p: estimate :math:`d` from every ``slice_p``-th entry of each flattened parameter
+        only: None or 1 (the default, exact Prodigy: every entry) or a Python integer (~11 saves
+        memory; a static argument under ``inject_hyperparams``).
+      mu_dtype, nu_dtype: storage dtypes of :math:`m, v` (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ProdigyState`; its update is to be
+      subtracted (``prodigy`` negates it). ``update`` needs ``params``.
+    """
+    base.check_learning_rate(learning_rate)
+    _check(b1, b2, b3, eps, d_coef, slice_p)
+    base.check_nonnegative("weight_decay", weight_decay)
+    da.check_d0(d0)
+    da.check_growth_rate(growth_rate)
+    base.check_dtype("mu_dtype", mu_dtype)
+    base.check_dtype("nu_dtype", nu_dtype)
+    decoupled = not base.is_zero(weight_decay)
+    with_momentum = not base.is_zero(b1)
+    stride = 1 if slice_p is None else int(slice_p)
+
+    def sliced(x: jax.Array) -> jax.Array:
+        return x if stride == 1 else x.ravel()[::stride]
+
+    def init_fn(params: base.Params) -> ProdigyState:
+        dtype = da.scalar_dtype(params)
+        if stride == 1:
+            s, p0 = mo.init_like(params), da.initial_point(params)
+        else:
+            s = jax.tree.map(lambda p: jnp.zeros_like(sliced(p), dtype=mo.state_dtype(jnp.result_type(p))), params)
+            p0 = jax.tree.map(lambda p: sliced(p).astype(mo.state_dtype(jnp.result_type(p))), params)
+        return ProdigyState(
+            count=mo.zero_count(),
+            step=mo.zero_count(),
+            d=jnp.asarray(d0).astype(dtype),
+            d_max=jnp.asarray(d0).astype(dtype),
+            numerator=jnp.zeros([], dtype),
+            mu=mo.init_like(params, mu_dtype) if with_momentum else None,
+            nu=mo.init_like(params, nu_dtype),
+            s=s,
+            p0=p0,
+        )
+
+    def update_fn(
+        updates: Updates, state: ProdigyState, params: base.Params | None = None
+    ) -> tuple[Updates, ProdigyState]:
+        params = da.require_params(params, "prodigy")
+        dtype = state.d.dtype
+        lr = da.learning_rate_at(learning_rate, state.count, dtype)
+        active = lr > 0
+        k1 = state.step + 1
+        bc = jnp.sqrt(mo.bias_correction(b2, k1, dtype)) / mo.bias_correction(b1, k1, dtype) if bias_correction else 1
+        d, first_d = state.d, mo.scalar(d0, dtype)
+        dlr = d * lr * bc
+        beta3 = da.scalar_sqrt(b2, dtype) if b3 is None else b3
+        s_rate = (d / first_d) * (d if safeguard_warmup else dlr)
+        moments = (state.nu,) if state.mu is None else (state.nu, state.mu)
+
+        def accumulate(
+            g: jax.Array, p: jax.Array, p0: jax.Array, s: jax.Array, v: jax.Array, *m: jax.Array
+        ) -> tuple[jax.Array, ...]:
+            cd, g32, (p32, p032, s32, v32, *m32) = mo.to_compute(g, p, p0, s, v, *m)
+            dd, gs = d.astype(cd), sliced(g32)
+            dot = jnp.sum(gs * (p032 - sliced(p32)))
+            v_new = mo.ema(dd * dd * (g32 * g32), v32, mo.scalar(b2, cd))
+            s_new = mo.scalar(beta3, cd) * s32 + s_rate.astype(cd) * gs
+            out = [
+                da.gate(active, s_new, s32).astype(s.dtype),
+                da.gate(active, v_new, v32).astype(v.dtype),
+                dot,
+                jnp.where(active, jnp.sum(jnp.abs(s_new)), 0),
+            ]
+            if m:
+                m_new = mo.ema(dd * g32, m32[0], mo.scalar(b1, cd))
+                out.append(da.gate(active, m_new, m32[0]).astype(m[0].dtype))
+            return tuple(out)
+
+        out = mo.leafwise(accumulate, 4 + with_momentum, updates, params, state.p0, state.s, *moments, what="state")
+        s, nu, dots, l1s = out[:4]
+        mu = out[4] if with_momentum else None
+        numerator = beta3 * state.numerator + (d / first_d) * dlr * da.tree_total(dots, dtype)
+        d_denom = da.tree_total(l1s, dtype)
+        taken = d_denom != 0
+        d_hat = mo.scalar(d_coef, dtype) * da.safe_ratio(numerator, d_denom)
+        d_grown = jnp.where(d == first_d, jnp.maximum(d, d_hat), d)
+        d_max = jnp.maximum(state.d_max, d_hat)
+        d_new = da.capped(d_max, d_grown, growth_rate)
+        decay = (da.decay_mask(weight_decay_mask, params),) if decoupled else ()
+
+        def step(g: jax.Array, p: jax.Array, v: jax.Array, *rest: Any) -> tuple[jax.Array]:
+            m, selected = (rest[0], rest[1:]) if with_momentum else (None, rest)
+            cd, g32, (p32, v32) = mo.to_compute(g, p, v)
+            dn, gamma = d_new.astype(cd), dlr.astype(cd)
+            denominator = jnp.sqrt(v32) + dn * mo.scalar(eps, cd)
+            momentum_free = (gamma * dn) * (g32 / denominator)
+            if m is None:
+                u = momentum_free
+            else:
+                u = gamma * (m.astype(cd) / denominator)
+                if not isinstance(b1, (int, float)):  # an injected b1 of 0 takes the package's momentum-free step
+                    u = jnp.where(mo.scalar(b1, cd) > 0, u, momentum_free)
+            if selected:
+                u = da.decay_then_step(p32, gamma * da.decay_term(p32, selected[0], weight_decay, cd), u)
+            return (jnp.where(taken, u, 0).astype(g.dtype),)
+
+        momentum_tree = (mu,) if with_momentum else ()
+        (result,) = mo.leafwise(step, 1, updates, params, nu, *momentum_tree, *decay, what="state")
+        return result, ProdigyState(
+            count=mo.safe_increment(state.count),
+            step=jnp.where(taken, mo.safe_increment(state.step), state.step),
+            d=da.gate(taken, d_new, d),
+            d_max=da.gate(taken, d_max, state.d_max),
+            numerator=da.gate(taken, numerator, state.numerator),
+            mu=mu,
+            nu=nu,
+            s=s,
+            p0=state.p0,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def prodigy(
+    learning_rate: ScalarOrSchedule = 1.0,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    b3: Any = None,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = True,
+    bias_correction: bool = False,
+    safeguard_warmup: bool = False,
+    d0: Any = 1e-6,
+    d_coef: Any = 1.0,
+    growth_rate: Any = math.inf,
+    slice_p: int | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Prodigy: Adam whose step size :math:`d_k \eta_t` is estimated on the fly (no learning rate to tune).
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad \text{(if not decoupled)} \\
+        \theta_t &= \theta_{t-1} - d_k \eta_t c_k \Big( \frac{m_k}{\sqrt{v_k} + d_{k+1} \epsilon}
+            \;[+\, \lambda \theta_{t-1} \text{ if decoupled, the default}] \Big)
+
+    with :math:`m_k, v_k, d_k, c_k` as in :func:`scale_by_prodigy`.
+
+    Args:
+      learning_rate: multiplies the estimated step size; keep 1 unless the method is unstable
+        (a schedule, e.g. cosine decay from 1, helps). A number or a schedule ``count -> value``.
+      b1, b2, b3, eps, bias_correction, safeguard_warmup, d0, d_coef, growth_rate, slice_p,
+        mu_dtype, nu_dtype: as :func:`scale_by_prodigy`.
+      weight_decay: coefficient :math:`\lambda` >= 0; weight_decay_mask: the leaves it decays.
+      decoupled_weight_decay: decay the weights beside the step, scaled by :math:`d_k \eta_t c_k`
+        (AdamW style, the package's default ``decouple=True``), or add the decay to the gradient.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adaopt
+      >>> opt = adaopt.prodigy()  # no learning rate to tune
+      >>> params = jnp.array([1.0, -2.0, 3.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(100):  # minimise sum(x^2) / 2, whose gradient is x
+      ...     updates, state = opt.update(params, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(jnp.abs(params).max() < 0.05)
+      True
+
+    Reference: Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free
+    Learner", ICML 2024. ``prodigyopt.Prodigy(lr, betas=(b1, b2), beta3=b3, eps, weight_decay,
+    decouple, use_bias_correction, safeguard_warmup, d0, d_coef, growth_rate, slice_p)``
+    (version 1.1.2) follows the same trajectory. adaopt follows the package where it departs from
+    the paper's algorithm: :math:`r` and :math:`s` drop the :math:`1 - \beta_3` factors and are
+    scaled by :math:`1 / d_0` (which leaves :math:`\hat d` unchanged), and the
+    package adds ``d_coef``, ``growth_rate``, ``safeguard_warmup``, ``slice_p``, an optional bias
+    correction, and the rule for :math:`d'_k` (while :math:`d_k = d_0`, the growth cap applies to
+    :math:`\max(d_0, \hat d_k)`). ``optax.contrib.prodigy`` is this with
+    ``bias_correction=True`` and an unmasked decay, for a learning rate that is never 0 (optax
+    does not skip steps). The package's ``fsdp_in_use`` has no counterpart: sums over sharded
+    arrays are global under ``jit``. The package keeps ``p0`` of an all-zero parameter as a 0-d
+    zero, to save memory; adaopt keeps the zeros (the same numbers).
+    """
+    da.check_common(learning_rate, weight_decay, d0, growth_rate)
+    core = scale_by_prodigy(
+        learning_rate, b1, b2, b3, eps,
+        weight_decay=weight_decay if decoupled_weight_decay else 0.0, weight_decay_mask=weight_decay_mask,
+        bias_correction=bias_correction, safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef,
+        growth_rate=growth_rate, slice_p=slice_p, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+    )  # fmt: skip
+    coupled = 0.0 if decoupled_weight_decay else weight_decay
+    return base.assemble(core, 1.0, coupled, weight_decay_mask)
