@@ -413,10 +413,6 @@ class NadamState(NamedTuple):
     nu: Updates
 
 
-def _widest_float(params: base.Params) -> jnp.dtype:
-    return mo.compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
-
-
 def scale_by_nadam(
     b1: Any = 0.9,
     b2: Any = 0.999,
@@ -448,7 +444,7 @@ def scale_by_nadam(
     def init_fn(params: base.Params) -> NadamState:
         return NadamState(
             mo.zero_count(),
-            jnp.ones([], _widest_float(params)),
+            jnp.ones([], mo.scalar_dtype(params)),
             mo.init_like(params, mu_dtype),
             mo.init_like(params, nu_dtype),
         )

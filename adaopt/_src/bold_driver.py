@@ -10,7 +10,6 @@ import optax
 
 from adaopt._src import base
 from adaopt._src import moments as mo
-from adaopt._src.adam import _widest_float
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
@@ -100,7 +99,7 @@ def scale_by_bold_driver(
     _check_factors(increase, decrease)
 
     def init_fn(params: base.Params) -> BoldDriverState:
-        dtype = _widest_float(params)
+        dtype = mo.scalar_dtype(params)
         count = mo.zero_count()
         eta = learning_rate(count) if callable(learning_rate) else learning_rate
         return BoldDriverState(

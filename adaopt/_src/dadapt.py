@@ -33,11 +33,6 @@ ADAGRAD_INITIAL_ACCUMULATOR = 1e-6  # dadaptation's DAdaptAdaGrad starts its acc
 # The machinery shared by the D-Adaptation family (and Prodigy).
 
 
-def scalar_dtype(params: base.Params) -> jnp.dtype:
-    """The dtype of the scalar estimates: the parameters' widest float, at least float32."""
-    return mo.compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
-
-
 def learning_rate_at(learning_rate: ScalarOrSchedule, count: jax.Array, dtype: Any) -> jax.Array:
     """The learning rate of the step numbered ``count`` (from 0), as a 0-d array of ``dtype``."""
     value = learning_rate(count) if callable(learning_rate) else learning_rate
@@ -226,7 +221,7 @@ def scale_by_dadapt_adam(
     decoupled = not base.is_zero(weight_decay)
 
     def init_fn(params: base.Params) -> DAdaptAdamState:
-        dtype = scalar_dtype(params)
+        dtype = mo.scalar_dtype(params)
         return DAdaptAdamState(
             count=mo.zero_count(),
             step=mo.zero_count(),
@@ -436,7 +431,7 @@ def scale_by_dadapt_sgd(
     decayed = not base.is_zero(weight_decay)
 
     def init_fn(params: base.Params) -> DAdaptSGDState:
-        dtype = scalar_dtype(params)
+        dtype = mo.scalar_dtype(params)
         zero = jnp.zeros([], dtype)
         return DAdaptSGDState(
             count=mo.zero_count(),
@@ -615,7 +610,7 @@ def scale_by_dadapt_adagrad(
     check_growth_rate(growth_rate)
 
     def init_fn(params: base.Params) -> DAdaptAdaGradState:
-        dtype = scalar_dtype(params)
+        dtype = mo.scalar_dtype(params)
         return DAdaptAdaGradState(
             count=mo.zero_count(),
             d=jnp.asarray(d0).astype(dtype),

@@ -43,10 +43,6 @@ def _squared_distance(params: Sequence[jax.Array], init_params: Sequence[jax.Arr
     return _sum_of_squares(differences, dtype)
 
 
-def _widest_float(params: Params) -> jnp.dtype:
-    return mo.compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
-
-
 def _copy(params: Params) -> Params:
     """The initial point, a copy of the parameters (a copy, so that donating both buffers is safe)."""
     return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
@@ -138,7 +134,7 @@ def scale_by_dog(
             leaves = jax.tree.leaves(params)
             estimate = tuple(initial_estimate([p], mo.compute_dtype(jnp.result_type(p))) for p in leaves)
         else:
-            estimate = initial_estimate(jax.tree.leaves(params), _widest_float(params))
+            estimate = initial_estimate(jax.tree.leaves(params), mo.scalar_dtype(params))
         return DoGState(mo.zero_count(), _copy(params), estimate)
 
     def step_size(
@@ -344,7 +340,7 @@ def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.Grad
         base.check_scalar("init_estim_sq_dist", init_estim_sq_dist, low=0.0, low_open=True)
 
     def init_fn(params: Params) -> DoWGState:
-        dtype = _widest_float(params)
+        dtype = mo.scalar_dtype(params)
         initial = eps if init_estim_sq_dist is None else init_estim_sq_dist
         return DoWGState(
             init_params=_copy(params),

@@ -16,7 +16,7 @@ import optax
 
 from adaopt._src import base
 from adaopt._src import moments as mo
-from adaopt._src.adam import _widest_float, scale_by_adam
+from adaopt._src.adam import scale_by_adam
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.sgd import scale_by_momentum
 
@@ -144,7 +144,7 @@ def hypergradient(
     inner_tx = optax.with_extra_args_support(inner)
 
     def init_fn(params: base.Params) -> HypergradientState:
-        dtype = _widest_float(params)
+        dtype = mo.scalar_dtype(params)
         count = mo.zero_count()
         return HypergradientState(
             count=count,

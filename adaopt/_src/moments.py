@@ -41,6 +41,11 @@ def state_dtype(param_dtype: Any, requested: Any = None) -> jnp.dtype:
     return compute_dtype(param_dtype)
 
 
+def scalar_dtype(params: Any) -> jnp.dtype:
+    """The dtype of a state's scalars (step-size estimates, products): the parameters' widest float, at least float32."""
+    return compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
+
+
 def init_like(params: Any, dtype: Any = None, fill: Any = 0.0) -> Any:
     """A moment tree mirroring ``params``, filled with ``fill``, in :func:`state_dtype`."""
     # full_like keeps each parameter's sharding (and Flax metadata) on its moments.

@@ -166,7 +166,7 @@ def reduce_on_plateau(
     _check_count("accumulation_size", accumulation_size, 1)
 
     def init_fn(params: base.Params) -> ReduceOnPlateauState:
-        dtype = mo.compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
+        dtype = mo.scalar_dtype(params)
         lr = jnp.asarray(base_learning_rate).astype(dtype)
         return ReduceOnPlateauState(
             scale=jnp.ones([], dtype),

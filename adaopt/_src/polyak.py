@@ -10,7 +10,6 @@ import optax
 
 from adaopt._src import base
 from adaopt._src import moments as mo
-from adaopt._src.adam import _widest_float
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.bold_driver import _loss_value
 
@@ -66,7 +65,7 @@ def scale_by_polyak(
     _check_polyak(c, f_min, max_learning_rate, eps, variant)
 
     def init_fn(params: base.Params) -> PolyakState:
-        return PolyakState(jnp.zeros([], _widest_float(params)))
+        return PolyakState(jnp.zeros([], mo.scalar_dtype(params)))
 
     def update_fn(
         updates: Updates,

@@ -140,7 +140,7 @@ def scale_by_prodigy(
         return x if stride == 1 else x.ravel()[::stride]
 
     def init_fn(params: base.Params) -> ProdigyState:
-        dtype = da.scalar_dtype(params)
+        dtype = mo.scalar_dtype(params)
         if stride == 1:
             s, p0 = mo.init_like(params), da.initial_point(params)
         else:

@@ -48,10 +48,6 @@ class DebiasedRmsState(NamedTuple):
     nu: Updates
 
 
-def _widest_float(params: base.Params) -> jnp.dtype:
-    return mo.compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
-
-
 def _check_warmup_steps(warmup_steps: Any) -> None:
     base.check_nonnegative("warmup_steps", warmup_steps)
     if isinstance(warmup_steps, float) and not warmup_steps.is_integer():
@@ -203,7 +199,7 @@ def scale_by_schedule_free(
     base.check_dtype("z_dtype", z_dtype)
 
     def init_fn(params: base.Params) -> ScheduleFreeState:
-        dtype = _widest_float(params)
+        dtype = mo.scalar_dtype(params)
         z = jax.tree.map(lambda p: jnp.asarray(p).astype(mo.state_dtype(jnp.result_type(p), z_dtype)), params)
         return ScheduleFreeState(
             count=mo.zero_count(),
