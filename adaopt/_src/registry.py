@@ -27,6 +27,8 @@ AVERAGED_ITERATES = "averaged_iterates"  # params hold y; evaluate at schedule_f
 GLOBAL_STEP_SIZE = "global_step_size"  # one step size from whole-tree norms: decaying some leaves rescales all
 CONSTANT_LEARNING_RATE = "constant_learning_rate"  # its step size decays by itself: run it at a constant rate
 DELAYED_START = "delayed_start"  # the first few updates are exactly zero (Schedule-Free RAdam's silent phase)
+NEEDS_VALUE = "needs_value"  # update() needs the loss: update(grads, state, params, value=loss)
+TUNING_FREE = "tuning_free"  # meant to run at its defaults, with no learning rate to tune
 
 
 @dataclasses.dataclass(frozen=True)
