@@ -49,6 +49,9 @@ from adaopt._src.base import TreeMismatchError as TreeMismatchError
 from adaopt._src.bold_driver import BoldDriverState as BoldDriverState
 from adaopt._src.bold_driver import bold_driver as bold_driver
 from adaopt._src.bold_driver import scale_by_bold_driver as scale_by_bold_driver
+from adaopt._src.cocob import CocobState as CocobState
+from adaopt._src.cocob import cocob as cocob
+from adaopt._src.cocob import scale_by_cocob as scale_by_cocob
 from adaopt._src.dadapt import DAdaptAdaGradState as DAdaptAdaGradState
 from adaopt._src.dadapt import DAdaptAdamState as DAdaptAdamState
 from adaopt._src.dadapt import DAdaptSGDState as DAdaptSGDState
@@ -79,6 +82,8 @@ from adaopt._src.lamb import scale_by_trust_ratio as scale_by_trust_ratio
 from adaopt._src.lion import LionState as LionState
 from adaopt._src.lion import lion as lion
 from adaopt._src.lion import scale_by_lion as scale_by_lion
+from adaopt._src.mechanic import MechanicState as MechanicState
+from adaopt._src.mechanic import mechanic as mechanic
 from adaopt._src.plateau import ReduceOnPlateau as ReduceOnPlateau
 from adaopt._src.plateau import ReduceOnPlateauState as ReduceOnPlateauState
 from adaopt._src.plateau import reduce_on_plateau as reduce_on_plateau

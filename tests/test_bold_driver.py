@@ -67,7 +67,7 @@ def test_rule_on_scripted_losses(undo: bool) -> None:
 
 def test_schedule_is_multiplied_by_the_learned_factor() -> None:
     rates = [0.1, 0.3, 0.2, 0.05]
-    tx = bold_driver(lambda count: jnp.asarray(rates)[count], 2.0, 0.5)
+    tx = bold_driver(lambda count: jnp.asarray(rates)[count], 2.0, 0.5, undo=False)
     params = jnp.ones(2)
     state = tx.init(params)
     factors = [1.0, 2.0, 1.0, 2.0]  # first step, fall, rise, fall
@@ -183,7 +183,7 @@ def test_recovers_from_a_rate_that_diverges_with_a_fixed_rate() -> None:
 
 # ---- jit, dtypes, the loss requirement and validation. ----
 
-FACTORIES = {"bold_driver": lambda: bold_driver(0.1), "bold_driver_undo": lambda: bold_driver(0.1, undo=True)}
+FACTORIES = {"bold_driver": lambda: bold_driver(0.1, undo=False), "bold_driver_undo": lambda: bold_driver(0.1)}
 
 
 def _loss(p: dict) -> jax.Array:

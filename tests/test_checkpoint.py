@@ -26,7 +26,8 @@ def test_resume_is_bitwise_identical(spec: OptimizerSpec, tmp_path: pathlib.Path
 
     @jax.jit
     def step(p: Any, s: Any) -> tuple[Any, Any]:
-        updates, s = tx.update(jax.grad(_loss)(p), s, p)
+        loss, grads = jax.value_and_grad(_loss)(p)
+        updates, s = tx.update(grads, s, p, value=loss)
         return optax.apply_updates(p, updates), s
 
     params: Any = {"w": jnp.linspace(-1.0, 2.0, 12).reshape(3, 4), "b": jnp.zeros(4), "frozen": None}

@@ -1,7 +1,9 @@
 """Hypergradient descent (SGD-HD, SGDN-HD, Adam-HD) against the authors' algorithm, step for step, and at work.
 
 The reference is the authors' torch code (github gbaydin/hypergradient-descent, ``hypergrad/sgd_hd.py``
-and ``hypergrad/adam_hd.py``, MIT licence), which is not on PyPI. ``SGDHDReference`` and
+and ``hypergrad/adam_hd.py``, MIT licence; the registry's ``hypergradient-descent:SGDHD``,
+``hypergradient-descent:SGDHD(nesterov=True)`` and ``hypergradient-descent:AdamHD``), which is not on
+PyPI (the PyPI package named ``hypergrad`` is unrelated bilevel-optimisation code). ``SGDHDReference`` and
 ``AdamHDReference`` below restate its ``step`` in today's torch, operation for operation
 (``SGDHD``: one flat vector, the learning rate moved by ``hypergrad_lr * dot(grad, grad_prev)``
 before the step, ``grad_prev`` the direction after momentum; ``AdamHD``: the learning rate moved

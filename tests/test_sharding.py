@@ -63,8 +63,8 @@ def _train(
 
     @jax.jit
     def step(params: Any, state: Any, i: jax.Array) -> tuple[Any, Any]:
-        grads = jax.grad(_loss)(params, i)
-        updates, state = tx.update(grads, state, params)
+        loss, grads = jax.value_and_grad(_loss)(params, i)
+        updates, state = tx.update(grads, state, params, value=loss)
         return optax.apply_updates(params, updates), state
 
     init_state = state = jax.jit(tx.init)(params)
@@ -132,6 +132,12 @@ def test_sharded_state_and_steps_match_unsharded(spec: OptimizerSpec) -> None:
         )
     for name in SHAPES:
         np.testing.assert_allclose(
-            np.asarray(got_params[name]), np.asarray(want_params[name]), rtol=1e-6, atol=1e-7, err_msg=name
+            # atol: global norms summed across shards in another order move a step of O(1) by an ulp.
+            np.asarray(got_params[name]),
+            np.asarray(want_params[name]),
+            rtol=1e-6,
+            atol=5e-7,
+            err_msg=name,
         )
-        assert not np.allclose(np.asarray(got_params[name]), _host_params()[name]), f"{name} did not move"
+        # Exact comparison: D-Adaptation's first steps (d0 = 1e-6) move float32 parameters by an ulp.
+        assert not np.array_equal(np.asarray(got_params[name]), _host_params()[name]), f"{name} did not move"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given
 
 import adaopt
-from adaopt._src.registry import OPTIMIZERS, WEIGHT_DECAY, OptimizerSpec
+from adaopt._src.registry import OPTIMIZERS, TUNING_FREE, WEIGHT_DECAY, OptimizerSpec
 
 # Hyperparameters that are decay rates of a moving average: valid in [0, 1).
 DECAYS = {"b1", "b2", "decay", "rho", "momentum"}
@@ -97,3 +98,10 @@ def test_moment_dtype_must_be_floating() -> None:
 def test_inconsistent_options(factory: Any, kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         factory(**kwargs)
+
+
+@pytest.mark.parametrize("spec", [s for s in OPTIMIZERS if TUNING_FREE in s.capabilities], ids=lambda s: s.name)
+def test_tuning_free_entries_run_at_the_factory_defaults(spec: OptimizerSpec) -> None:
+    """What the registry runs for a tuning-free method is what a user gets by calling it with no arguments."""
+    default = inspect.signature(spec.factory).parameters["learning_rate"].default
+    assert spec.learning_rate == default, f"{spec.name}: registry {spec.learning_rate}, factory default {default}"

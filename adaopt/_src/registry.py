@@ -14,9 +14,24 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from adaopt._src import adagrad, adam, lamb, lion, rmsprop, schedule_free, sgd
+from adaopt._src import (
+    adagrad,
+    adam,
+    bold_driver,
+    cocob,
+    dadapt,
+    hypergradient,
+    lamb,
+    lion,
+    mechanic,
+    polyak,
+    prodigy,
+    rmsprop,
+    schedule_free,
+    sgd,
+)
 from adaopt._src import distance_over_gradients as dog_family
-from adaopt._src.base import Factory
+from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
 
 # Capabilities.
 MOMENT_DTYPES = "moment_dtypes"  # takes mu_dtype / nu_dtype
@@ -29,6 +44,10 @@ CONSTANT_LEARNING_RATE = "constant_learning_rate"  # its step size decays by its
 DELAYED_START = "delayed_start"  # the first few updates are exactly zero (Schedule-Free RAdam's silent phase)
 NEEDS_VALUE = "needs_value"  # update() needs the loss: update(grads, state, params, value=loss)
 TUNING_FREE = "tuning_free"  # meant to run at its defaults, with no learning rate to tune
+FULL_BATCH = "full_batch"  # compares the loss between steps: needs the same (full-batch) objective every step
+MOVES_AT_ZERO_LR = (
+    "moves_at_zero_lr"  # a learning rate of 0 does not freeze the parameters (dual averaging, learned scale)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +82,10 @@ class Reference:
     tolerance_float64: float = 1e-10  # largest relative error over the trajectory
     tolerance_float32: float = 1e-5
     note: str = ""
+    # The family test file that runs this comparison, where random gradients would prove nothing
+    # (step sizes estimated from the progress on a real problem, or driven by the loss); empty:
+    # tests/test_parity.py runs it.
+    tested_in: str = ""
 
     def adaopt_kwargs(self, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
         merged = {**hyperparameters, **self.kwargs}
@@ -73,7 +96,7 @@ class Reference:
 class OptimizerSpec:
     name: str
     factory: Factory
-    learning_rate: float  # tuned on the digits workloads, all else at defaults
+    learning_rate: float  # tuned on the digits workloads, all else at defaults; TUNING_FREE: the factory's default
     hyperparameters: Mapping[str, Range]
     references: tuple[Reference, ...]
     capabilities: frozenset[str]
@@ -103,7 +126,7 @@ EPS = {"eps": Range(1e-8, 1e-3, log=True)}
 _ADAM_FAMILY = frozenset({MOMENT_DTYPES, WEIGHT_DECAY})
 _ACCUMULATOR = frozenset({WEIGHT_DECAY})
 
-_SCHEDULE_FREE = frozenset({WEIGHT_DECAY, NEEDS_PARAMS, AVERAGED_ITERATES})
+_SCHEDULE_FREE = frozenset({WEIGHT_DECAY, NEEDS_PARAMS, AVERAGED_ITERATES, TUNING_FREE})
 _SF_AVERAGING = {"r": Range(0.0, 2.0), "weight_lr_power": Range(0.0, 3.0)}
 _OPTAX_SCHEDULE_FREE = (
     "optax.contrib steps z with the learning rate at count but weighs the average with the one at count + 1 "
@@ -115,6 +138,40 @@ _DOG_GROUPS = (
     "dog.DoG keeps r-bar and G per parameter group: the runner puts every tensor in one group and adds "
     "the masked decay to the gradients before the step, as DoG adds its own."
 )
+
+_D_ADAPT = {"d0": Range(1e-7, 1e-5, log=True)}  # growth_rate may be inf: tests/test_dadapt.py
+_TUNING_FREE = frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE, TUNING_FREE})
+_ESTIMATES_D = (
+    "D is estimated from the progress on a real problem: compared there (a noisy quadratic at each side's own "
+    "iterates), not on tests/test_parity.py's pure-noise gradients, on which D never grows."
+)
+_LOSS_DRIVEN = "driven by the loss: compared on a real problem, each side at its own iterates"
+_HD = (
+    "the paper's authors' code (github gbaydin/hypergradient-descent), not on PyPI: the test restates its step "
+    "operation for operation"
+)
+
+
+def _mechanic_adamw(
+    learning_rate: ScalarOrSchedule = 1.0,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    *,
+    weight_decay_mask: MaskOrFn | None = None,
+    s_decay: Any = 0.01,
+    s_init: Any = 1e-8,
+    store_delta: bool = False,
+) -> Any:
+    """Mechanic around AdamW, as the registry runs it: ``mechanic(adamw(learning_rate, ...), s_decay, s_init=...)``.
+
+    Any optimizer can be wrapped with :func:`adaopt.mechanic`; AdamW at learning rate 1 is the
+    package's recommended use (Mechanic learns the scale).
+    """
+    inner = adam.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask)
+    return mechanic.mechanic(inner, s_decay, s_init=s_init, store_delta=store_delta)
+
 
 OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
@@ -238,7 +295,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY | {NEEDS_PARAMS}, "Adam with layer-wise trust ratios",
     ),
     OptimizerSpec(
-        "schedule_free_sgd", schedule_free.schedule_free_sgd, 0.5,
+        "schedule_free_sgd", schedule_free.schedule_free_sgd, 1.0,
         {"momentum": Range(0.5, 0.98), **_SF_AVERAGING},
         (
             Reference("schedulefree.SGDScheduleFree"),
@@ -249,7 +306,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _SCHEDULE_FREE, "Schedule-Free SGD: interpolation and averaging in place of a schedule",
     ),
     OptimizerSpec(
-        "schedule_free_adamw", schedule_free.schedule_free_adamw, 3e-3,
+        "schedule_free_adamw", schedule_free.schedule_free_adamw, 2.5e-3,
         {**BETAS, **EPS, **_SF_AVERAGING},
         (
             Reference("schedulefree.AdamWScheduleFree"),
@@ -261,7 +318,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _SCHEDULE_FREE | {MOMENT_DTYPES}, "Schedule-Free AdamW",
     ),
     OptimizerSpec(
-        "schedule_free_radam", schedule_free.schedule_free_radam, 1e-2,
+        "schedule_free_radam", schedule_free.schedule_free_radam, 2.5e-3,
         {**BETAS, **EPS, **_SF_AVERAGING},
         (
             Reference("schedulefree.RAdamScheduleFree"),
@@ -276,13 +333,13 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("dog.DoG", kwargs={"init_eta": 1e-2}, note=_DOG_GROUPS + " The first step is init_eta, unscaled by lr."),
             Reference("optax.contrib.dog"),
         ),
-        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE, CONSTANT_LEARNING_RATE}),
+        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE, CONSTANT_LEARNING_RATE, TUNING_FREE}),
         "distance over gradients: one learning-rate-free step size",
     ),
     OptimizerSpec(
         "ldog", dog_family.ldog, 1.0, _DOG,
         (Reference("dog.LDoG"), Reference("dog.LDoG", kwargs={"init_eta": 1e-2})),
-        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, CONSTANT_LEARNING_RATE}),
+        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, CONSTANT_LEARNING_RATE, TUNING_FREE}),
         "layer-wise DoG: one step size per leaf",
     ),
     OptimizerSpec(
@@ -292,8 +349,78 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("optax.contrib.dowg"),
             Reference("optax.contrib.dowg", kwargs={"eps": 0.0}, note="eps = 0: Algorithm 1 of the paper exactly"),
         ),
-        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE}),
+        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE, TUNING_FREE}),
         "distance over weighted gradients",
+    ),
+    OptimizerSpec(
+        "prodigy", prodigy.prodigy, 1.0,
+        {**BETAS, "eps": Range(1e-8, 1e-6, log=True), "d0": Range(1e-7, 1e-5, log=True), "d_coef": Range(0.5, 2.0)},
+        (
+            Reference("prodigyopt.Prodigy", tested_in="tests/test_prodigy.py", tolerance_float64=1e-8, note=_ESTIMATES_D),
+            Reference("optax.contrib.prodigy", tested_in="tests/test_prodigy.py", weight_decay=False),
+        ),
+        _TUNING_FREE | {MOMENT_DTYPES}, "Prodigy: D-Adaptation's Adam with a faster-growing D",
+    ),
+    OptimizerSpec(
+        "dadapt_adam", dadapt.dadapt_adam, 1.0, {**BETAS, "eps": Range(1e-8, 1e-6, log=True), **_D_ADAPT},
+        (
+            Reference("dadaptation.DAdaptAdam", tested_in="tests/test_dadapt.py", note=_ESTIMATES_D),
+            Reference("optax.contrib.dadapt_adamw", tested_in="tests/test_dadapt.py", weight_decay=False),
+        ),
+        _TUNING_FREE | {MOMENT_DTYPES}, "D-Adaptation Adam: the step size from a lower bound on the distance",
+    ),
+    OptimizerSpec(
+        "dadapt_sgd", dadapt.dadapt_sgd, 1.0, {"momentum": Range(0.0, 0.95), **_D_ADAPT},
+        (Reference("dadaptation.DAdaptSGD", tested_in="tests/test_dadapt.py", note=_ESTIMATES_D),),
+        _TUNING_FREE, "D-Adaptation SGD",
+    ),
+    OptimizerSpec(
+        "dadapt_adagrad", dadapt.dadapt_adagrad, 1.0,
+        {"momentum": Range(0.0, 0.95), "eps": Range(1e-8, 1e-4, log=True), **_D_ADAPT},
+        (Reference("dadaptation.DAdaptAdaGrad", tested_in="tests/test_dadapt.py", note=_ESTIMATES_D),),
+        _TUNING_FREE | {MOVES_AT_ZERO_LR}, "D-Adaptation AdaGrad (dual averaging)",
+    ),
+    OptimizerSpec(
+        "cocob", cocob.cocob, 1.0, {"alpha": Range(10.0, 200.0), "eps": Range(1e-8, 1e-4, log=True)},
+        (
+            Reference("parameterfree.COCOB", tested_in="tests/test_cocob.py"),
+            Reference("optax.contrib.cocob", tested_in="tests/test_cocob.py"),
+        ),
+        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, TUNING_FREE}), "COCOB-Backprop: coin betting per coordinate",
+    ),
+    OptimizerSpec(
+        "mechanic", _mechanic_adamw, 1.0,
+        {**BETAS, **EPS, "s_decay": Range(0.0, 0.05), "s_init": Range(1e-8, 1e-6, log=True)},
+        (
+            Reference("mechanic_pytorch.mechanize", tested_in="tests/test_mechanic.py"),
+            Reference("optax.contrib.mechanize", tested_in="tests/test_mechanic.py", weight_decay=False),
+        ),
+        _TUNING_FREE | {MOVES_AT_ZERO_LR}, "Mechanic around AdamW: a learned scale for any optimizer's steps",
+    ),
+    OptimizerSpec(
+        "sgd_hd", hypergradient.sgd_hd, 1e-3, {"hyper_lr": Range(1e-5, 1e-3, log=True), "momentum": Range(0.0, 0.9)},
+        (Reference("hypergradient-descent:SGDHD", tested_in="tests/test_hypergradient.py", note=_HD),),
+        frozenset({WEIGHT_DECAY, TUNING_FREE, GLOBAL_STEP_SIZE, MOVES_AT_ZERO_LR}), "SGD whose learning rate descends its own hypergradient",
+    ),
+    OptimizerSpec(
+        "sgdn_hd", hypergradient.sgdn_hd, 1e-3, {"hyper_lr": Range(1e-5, 1e-3, log=True), "momentum": Range(0.5, 0.95)},
+        (Reference("hypergradient-descent:SGDHD(nesterov=True)", tested_in="tests/test_hypergradient.py", note=_HD),),
+        frozenset({WEIGHT_DECAY, TUNING_FREE, GLOBAL_STEP_SIZE, MOVES_AT_ZERO_LR}), "Nesterov SGD with hypergradient descent on the learning rate",
+    ),
+    OptimizerSpec(
+        "adam_hd", hypergradient.adam_hd, 1e-3, {**BETAS, **EPS, "hyper_lr": Range(1e-9, 1e-7, log=True)},
+        (Reference("hypergradient-descent:AdamHD", tested_in="tests/test_hypergradient.py", note=_HD),),
+        _ADAM_FAMILY | {TUNING_FREE, GLOBAL_STEP_SIZE, MOVES_AT_ZERO_LR}, "Adam with hypergradient descent on the learning rate",
+    ),
+    OptimizerSpec(
+        "bold_driver", bold_driver.bold_driver, 1e-2, {"increase": Range(1.01, 1.2), "decrease": Range(0.3, 0.9)},
+        (),  # no reference implementation exists: tests/test_bold_driver.py checks the rule itself
+        frozenset({WEIGHT_DECAY, NEEDS_VALUE, TUNING_FREE, FULL_BATCH}), "grow the learning rate while the loss falls, cut it when it rises",
+    ),
+    OptimizerSpec(
+        "polyak_sgd", polyak.polyak_sgd, 1.0, {"c": Range(0.2, 1.0), "max_learning_rate": Range(0.1, 10.0, log=True)},
+        (Reference("optax.polyak_sgd", tested_in="tests/test_polyak.py", note=_LOSS_DRIVEN),),
+        frozenset({WEIGHT_DECAY, NEEDS_VALUE, TUNING_FREE, GLOBAL_STEP_SIZE}), "Polyak step sizes (SPS, SPS-max)",
     ),
 )  # fmt: skip
 
