@@ -5,11 +5,16 @@ arrays). The 1797 digits are split 80/20 (stratified, ``random_state=0``) and st
 with the training split's statistics. Every optimizer starts from the same initial parameters
 and sees the same deterministic sequence of minibatches of 128, for a fixed number of steps.
 Each optimizer is built with ``spec.make()``: its defaults plus the learning rate tuned in the
-registry.
+registry; the tuning-free ones (learning-rate-free and loss-driven methods) run at their
+defaults, untouched. Every step passes the minibatch loss as ``update(..., value=loss)`` (the
+loss-driven methods use it); a method that compares losses between steps (bold driver) gets the
+full training set each step; Schedule-Free is evaluated at its averaged parameters.
 
 Training runs in jitted chunks of ``--chunk`` steps (``jax.lax.scan``); after each chunk the
-full training loss and the test accuracy are evaluated. The script prints a table and writes a
-two-panel plot (training loss, test accuracy) to ``<out>/digits_mlp.png``.
+full training loss and the test accuracy are evaluated. The script prints two tables, the
+optimizers with a tuned learning rate and the tuning-free ones beside tuned Adam, and writes a
+two-panel plot (training loss, test accuracy) for each: ``<out>/digits_mlp.png`` and
+``<out>/digits_mlp_tuning_free.png``.
 
 Usage::
 
@@ -37,6 +42,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import adaopt
+from adaopt._src.registry import AVERAGED_ITERATES, FULL_BATCH, TUNING_FREE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -46,6 +52,8 @@ Params = dict[str, jax.Array]
 TARGET_ACCURACY = 0.95
 HIDDEN = 64
 PLOT_NAME = "digits_mlp.png"
+TUNING_FREE_PLOT_NAME = "digits_mlp_tuning_free.png"
+BASELINE = "adam"  # shown beside the tuning-free methods, at its tuned learning rate
 
 
 class Data(TypedDict):
@@ -58,6 +66,7 @@ class Data(TypedDict):
 class Result(TypedDict):
     name: str
     learning_rate: float
+    tuning_free: bool  # run at its defaults, no learning rate tuned
     steps: list[int]  # the steps at which the model was evaluated (0, chunk, 2 * chunk, ...)
     train_loss: list[float]  # full training-set loss at those steps
     test_accuracy: list[float]  # test accuracy at those steps
@@ -139,13 +148,18 @@ def make_chunk_fn(opt: optax.GradientTransformation) -> jax.stages.Wrapped:
         def step(carry: tuple[Params, Any], batch: jax.Array) -> tuple[tuple[Params, Any], jax.Array]:
             p, s = carry
             loss, grads = jax.value_and_grad(loss_fn)(p, x[batch], y[batch])
-            updates, s = opt.update(grads, s, p)  # always pass params (LAMB needs them)
+            updates, s = opt.update(grads, s, p, value=loss)  # params: LAMB needs them; value: the loss-driven
             return (adaopt.apply_updates(p, updates), s), loss
 
         (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), idx)
         return params, opt_state, losses
 
     return jax.jit(chunk)
+
+
+def evaluation_point(params: Params, opt_state: Any, averaged: bool) -> Params:
+    """Where the model is evaluated: Schedule-Free's averaged parameters, else the parameters."""
+    return adaopt.schedule_free_eval_params(opt_state, params) if averaged else params
 
 
 def chunk_sizes(steps: int, chunk: int) -> list[int]:
@@ -179,7 +193,9 @@ def run(
     specs = select(names)
     data = load_data()
     params0 = init_mlp(jax.random.key(seed))
-    idx = jnp.asarray(batch_indices(data["x_train"].shape[0], steps, batch_size, seed))
+    n_train = data["x_train"].shape[0]
+    minibatches = jnp.asarray(batch_indices(n_train, steps, batch_size, seed))
+    full_batches = jnp.broadcast_to(jnp.arange(n_train, dtype=jnp.int32), (steps, n_train))
     sizes = chunk_sizes(steps, chunk)
     bounds = np.cumsum([0, *sizes])
     eval_fn = jax.jit(evaluate).lower(params0, data).compile()  # shared by all optimizers
@@ -192,6 +208,8 @@ def run(
             opt = spec.make()
             params, opt_state = params0, opt.init(params0)
             jitted = make_chunk_fn(opt)
+            idx = full_batches if FULL_BATCH in spec.capabilities else minibatches
+            averaged = AVERAGED_ITERATES in spec.capabilities
 
             t0 = time.perf_counter()
             compiled = {
@@ -201,13 +219,13 @@ def run(
             compile_s = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            loss0, acc0 = eval_fn(params, data)
+            loss0, acc0 = eval_fn(evaluation_point(params, opt_state, averaged), data)
             train_loss, test_accuracy = [float(loss0)], [float(acc0)]
             for n, start in zip(sizes, bounds[:-1], strict=True):
                 params, opt_state, _ = compiled[n](
                     params, opt_state, data["x_train"], data["y_train"], idx[start : start + n]
                 )
-                loss, acc = eval_fn(params, data)
+                loss, acc = eval_fn(evaluation_point(params, opt_state, averaged), data)
                 train_loss.append(float(loss))
                 test_accuracy.append(float(acc))
                 bar.set_postfix(loss=f"{train_loss[-1]:.2e}", acc=f"{test_accuracy[-1]:.3f}")
@@ -220,6 +238,7 @@ def run(
                 Result(
                     name=spec.name,
                     learning_rate=float(spec.learning_rate),
+                    tuning_free=TUNING_FREE in spec.capabilities,
                     steps=evaluated,
                     train_loss=train_loss,
                     test_accuracy=test_accuracy,
@@ -262,7 +281,7 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
-def plot(results: Sequence[Result], path: Path) -> Path:
+def plot(results: Sequence[Result], path: Path, title: str) -> Path:
     """Two panels, training loss (log scale) and test accuracy against the step; one line per optimizer."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(14, 5.5), constrained_layout=True)
@@ -279,7 +298,7 @@ def plot(results: Sequence[Result], path: Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.grid(True, which="both", alpha=0.3)
     ax_acc.legend(loc="lower right", ncol=3, fontsize="small", title="optimizer")
-    fig.suptitle("digits, 64-64-10 tanh MLP, batch 128: every adaopt optimizer at its tuned learning rate")
+    fig.suptitle(title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -307,19 +326,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
     results = run(args.optimizers, args.steps, chunk=args.chunk, progress=not args.no_progress)
+    tuned = [r for r in results if not r["tuning_free"]]
+    free = [r for r in results if r["tuning_free"]]
+    model = f"digits MLP 64-64-10, {args.steps} steps of batch 128, on {jax.devices()[0].platform}"
+    sections = [(tuned, f"{model}: learning rate tuned (the registry's)", PLOT_NAME)] if tuned else []
+    if free:
+        baseline = [r for r in tuned if r["name"] == BASELINE]
+        title = f"{model}: tuning-free methods at their defaults, beside {BASELINE} at its tuned learning rate"
+        sections.append((free + baseline, title, TUNING_FREE_PLOT_NAME))
+    for rows, title, plot_name in sections:
+        print()
+        print(f"{title}:")
+        print(format_table(rows))
+        path = plot(rows, args.out / plot_name, title.replace(f" on {jax.devices()[0].platform}", ""))
+        print(f"Plot written to {path}")
     print()
-    print(f"digits MLP 64-64-10, {args.steps} steps of batch 128, on {jax.devices()[0].platform}:")
-    print(format_table(results))
     print(
         f"Rows sorted by final test accuracy. Steps to {TARGET_ACCURACY:.0%}: first evaluation (every "
         f"{args.chunk} steps) at which test accuracy reached it. 'train s' excludes compilation, "
-        "timed separately under 'compile s'; it includes the per-chunk evaluations."
+        "timed separately under 'compile s'; it includes the per-chunk evaluations. Bold driver "
+        "trains on the full training split each step (it compares losses between steps)."
     )
     missed = [r["name"] for r in results if r["steps_to_target"] is None]
     if missed:
         print(f"Never reached {TARGET_ACCURACY:.0%} test accuracy: {', '.join(missed)}")
-    path = plot(results, args.out / PLOT_NAME)
-    print(f"Plot written to {path}")
     print(f"Total wall time {time.perf_counter() - start:.1f} s (after imports)")
     return 0
 

@@ -60,3 +60,15 @@ def test_run_returns_one_result_per_optimizer(demo: ModuleType) -> None:
 def test_unknown_optimizer_is_rejected(demo: ModuleType) -> None:
     with pytest.raises(SystemExit):
         demo.main(["--optimizers", "adam,nosuch"])
+
+
+def test_tuning_free_section_beside_tuned_adam(
+    demo: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--steps", "40", "--chunk", "20", "--optimizers", "adam,prodigy,bold_driver", "--out", str(tmp_path)]
+    assert demo.main([*args, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    free = out[out.index("tuning-free methods at their defaults") :]
+    rows = {line.split()[0] for line in free.splitlines()[3:6]}
+    assert rows == {"adam", "prodigy", "bold_driver"}  # tuned Adam beside the tuning-free methods
+    assert (tmp_path / "digits_mlp_tuning_free.png").stat().st_size > 0
