@@ -100,16 +100,18 @@ def test_jit_compiles_once_and_matches_eager(spec: OptimizerSpec) -> None:
 
 @SPECS
 def test_vmap_over_a_batch_of_parameter_trees(spec: OptimizerSpec) -> None:
-    tx = spec.make()
-    batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), _params())
+    """In float64: large first steps (Schedule-Free SGD at learning rate 1) amplify float32 rounding."""
+    with jax.enable_x64(True):
+        tx = spec.make()
+        batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), _params(jnp.float64))
 
-    def two_steps(params: Any) -> Any:
-        return _run(tx, params, 2)[0]
+        def two_steps(params: Any) -> Any:
+            return _run(tx, params, 2)[0]
 
-    batched = jax.jit(jax.vmap(two_steps))(batch)
-    for i in range(3):
-        single = two_steps(jax.tree.map(lambda x: x[i], batch))
-        _assert_trees_close(jax.tree.map(lambda x: x[i], batched), single, rtol=1e-5, atol=1e-6)
+        batched = jax.jit(jax.vmap(two_steps))(batch)
+        singles = [jax.jit(two_steps)(jax.tree.map(lambda x: x[i], batch)) for i in range(3)]
+    for i, single in enumerate(singles):
+        _assert_trees_close(jax.tree.map(lambda x: x[i], batched), single, rtol=1e-10, atol=1e-12)
 
 
 @SPECS
@@ -168,8 +170,9 @@ def test_multisteps_accumulates_to_the_mean_gradient(spec: OptimizerSpec) -> Non
     params = _params()
     micro = [_grads(params, t) for t in range(3)]
     state = multi.init(params)
+    update = jax.jit(lambda g, s, p: _update(multi, g, s, p))  # one compile for the three calls
     for g in micro:
-        updates, state = _update(multi, g, state, params)
+        updates, state = update(g, state, params)
     mean = jax.tree.map(lambda *g: sum(g) / 3, *micro)
     expected, _ = _update(tx, mean, tx.init(params), params)
     _assert_trees_close(updates, expected, rtol=1e-5, atol=1e-6)
@@ -222,10 +225,14 @@ def test_state_mirrors_the_parameter_tree(spec: OptimizerSpec) -> None:
 
 
 AWKWARD_TREES = {
-    "nested": {"a": {"b": [jnp.ones((2, 3)), (jnp.ones(4), jnp.ones(()))]}, "c": jnp.ones((1, 1))},
-    "none_leaves": {"a": jnp.ones(3), "frozen": None, "b": [None, jnp.ones(2)]},
-    "scalar_leaves": [jnp.asarray(2.0), jnp.asarray(-1.0)],
-    "zero_size": {"empty": jnp.ones((0, 3)), "w": jnp.ones(2)},
+    # Nesting of dicts, lists and tuples; None (frozen) leaves; scalar, (1, 1) and zero-size leaves.
+    "awkward": {
+        "a": {"b": [jnp.ones((2, 3)), (jnp.ones(4), jnp.asarray(2.0))]},
+        "c": jnp.ones((1, 1)),
+        "frozen": None,
+        "d": [None, jnp.asarray(-1.0)],
+        "empty": jnp.ones((0, 3)),
+    },
     "no_leaves": {},
 }
 
@@ -251,13 +258,11 @@ def test_awkward_trees(spec: OptimizerSpec, tree: str) -> None:
     for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True):
         assert x.shape == p.shape and x.dtype == p.dtype
         assert bool(jnp.all(jnp.isfinite(x)))
-    if jax.tree.leaves(params):
-        assert any(
-            bool(jnp.any(x != p)) for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True) if x.size
-        )
+    for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True):
+        assert x.size == 0 or bool(jnp.any(x != p)), f"a leaf of shape {p.shape} did not move"
 
 
-DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64]
+DTYPES = [jnp.float16, jnp.bfloat16, jnp.float64]  # float32 is every other test's
 
 
 @SPECS

@@ -26,7 +26,6 @@ from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 
 CASES = [
     Case(False, False, np.float64),
-    Case(True, False, np.float64),
     Case(False, True, np.float64),
     Case(True, True, np.float64),
     Case(True, True, np.float32),
