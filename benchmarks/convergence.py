@@ -1,0 +1,1056 @@
+"""Train every optimizer in adaopt's registry on five small real workloads, and report how fast each converges.
+
+The workloads (``benchmarks/workloads.py``): softmax regression, an MLP and a small convolutional
+network on scikit-learn's digits, a character-level transformer language model on a text shipped
+with CPython, and a noisy ill-conditioned quadratic. Each has a fixed budget of steps and a fixed
+target of its reported metric.
+
+For each optimizer and workload the learning rate runs on a 7-point geometric grid around the
+registry's learning rate ``lr``: ``lr * 3**k`` for ``k = -3, ..., 3``. The 7 runs are one compiled
+program: ``jax.vmap`` over the learning rate of a jitted ``lax.scan`` training loop (the factories
+take traced learning rates), so each (optimizer, workload) pair compiles once.
+
+- "defaults": the registry's learning rate (``k = 0``, a point of the grid), all else at the
+  factory's defaults.
+- "tuned": the grid point with the lowest final value of the reported metric (the training
+  objective on the whole training split for the digits workloads, held-out bits per character for
+  the language model, the noiseless loss for the quadratic). A run whose metric is ever NaN or
+  infinite has diverged: its final loss counts as infinite and it never reaches the target.
+
+Schedules (``--schedule``, default ``cosine``): optimizers whose learning rate is tuned get a
+cosine decay from the learning rate to 0 over the budget; those that are meant to run at their
+defaults (``TUNING_FREE``), Schedule-Free (``AVERAGED_ITERATES``) and those whose step size decays
+by itself (``CONSTANT_LEARNING_RATE``) get the constant learning rate, as their authors run them.
+``--schedule constant`` gives every optimizer a constant learning rate.
+
+Every step calls ``tx.update(grads, state, params, value=loss)`` (the loss-driven methods use the
+loss). Optimizers with ``AVERAGED_ITERATES`` are evaluated at ``adaopt.schedule_free_eval_params``.
+Optimizers with ``FULL_BATCH`` (they compare the loss between steps) see the whole training set
+every step on the workloads that have one, and are "n/a" on those that do not (the language model).
+The minibatch sequences are fixed (seeded) and the same for every optimizer and learning rate.
+
+Steps to target: the first evaluation (``--evals`` evenly spaced evaluations per run) at which the
+metric is at or below the target. Seconds to target: steps to target times the seconds per step,
+which is the sum of two timings taken after compilation (each the best of 3 calls): the
+workload's loss-and-gradient step (once per workload, a tenth of the budget, one learning rate, no
+evaluations; shared by every optimizer) and the optimizer's ``update`` and ``apply_updates`` on the
+workload's parameters (200 steps, per optimizer and workload, at the registry's learning rate).
+Compilation is timed separately and never counted.
+
+The performance profile (as in AlgoPerf, Dahl et al. 2023): on each workload the ratio of an
+optimizer's seconds to target to the best optimizer's; an optimizer's profile at ``tau`` is the
+fraction of workloads on which that ratio is at most ``tau`` (a workload not solved counts as an
+infinite ratio).
+
+``--tuning-free`` runs the ``TUNING_FREE`` optimizers at their defaults only, beside Adam tuned on
+the grid, and writes its own section: per workload, each method's final loss and its ratio to
+tuned Adam's (within 5%?), steps and seconds to target, and the performance profile of these
+methods against tuned Adam.
+
+Results go between ``<!-- convergence:begin -->`` and ``<!-- convergence:end -->`` in ``--out``,
+and the tuning-free comparison between ``<!-- tuning-free:begin -->`` and ``<!-- tuning-free:end -->``
+(written by ``--tuning-free``, and by any run that holds Adam and a tuning-free method: the grid's
+default points are the defaults); the rest of the file is kept. Plots (PNG) go to ``--plots``.
+
+Usage::
+
+    python benchmarks/convergence.py [--workloads softmax,mlp] [--optimizers adam,sgd]
+                                     [--steps-scale 1.0 | --quick] [--tuning-free]
+                                     [--out benchmarks/RESULTS.md] [--plots benchmarks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import adaopt
+from adaopt._src.registry import AVERAGED_ITERATES, CONSTANT_LEARNING_RATE, FULL_BATCH, TUNING_FREE, OptimizerSpec
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # run as a file, or loaded by a test: the sibling module
+    sys.path.insert(0, str(HERE))
+import workloads as wl  # noqa: E402
+
+BEGIN = "<!-- convergence:begin -->"
+END = "<!-- convergence:end -->"
+TF_BEGIN = "<!-- tuning-free:begin -->"
+TF_END = "<!-- tuning-free:end -->"
+DEFAULT_OUT = HERE / "RESULTS.md"
+BASELINE = "adam"  # the tuned baseline of the tuning-free comparison
+GRID_FACTOR = 3.0
+GRID_POWERS = tuple(range(-3, 4))  # lr * 3**k: 7 points, the registry's learning rate in the middle
+DEFAULT_INDEX = GRID_POWERS.index(0)
+TAUS = (1.0, 1.5, 2.0, 4.0, 8.0, math.inf)
+WITHIN = 0.05  # issue 4: the tuning-free method's final loss within 5% of tuned Adam's
+GRADIENT_TIMING_FRACTION = 0.1  # of the budget: the steps of the gradient's timing run
+UPDATE_TIMING_STEPS = 200  # steps of the optimizer's timing run
+TIMING_REPS = 3  # timed calls of each timing run, after compilation; the fastest counts
+QUICK_SCALE = 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+
+@dataclasses.dataclass
+class Run:
+    """One optimizer on one workload, at each learning rate of its grid (or at its default only)."""
+
+    optimizer: str
+    workload: str
+    learning_rates: list[float]
+    default_index: int  # the registry's learning rate in ``learning_rates``
+    eval_steps: list[int]  # 0, every, 2 * every, ..., steps
+    losses: list[list[float]]  # (learning rate, evaluation)
+    accuracies: list[list[float]]
+    seconds_per_step: float  # gradient_s + update_s
+    gradient_s: float  # the workload's loss and gradient, per step (the same for every optimizer)
+    update_s: float  # the optimizer's update and apply_updates, per step
+    compile_s: float  # the grid program and the update's timing program
+    run_s: float  # the grid program, after compilation
+    scheduled: bool  # cosine-decayed learning rate
+    full_batch: bool
+    skipped: str = ""  # why the pair did not run ("" when it did)
+
+    def diverged(self, i: int) -> bool:
+        return not all(math.isfinite(x) for x in self.losses[i])
+
+    def final(self, i: int) -> float:
+        return math.inf if self.diverged(i) else self.losses[i][-1]
+
+    def final_accuracy(self, i: int) -> float:
+        return math.nan if self.diverged(i) else self.accuracies[i][-1]
+
+    def steps_to(self, i: int, target: float) -> int | None:
+        if self.diverged(i):
+            return None
+        return next((s for s, x in zip(self.eval_steps, self.losses[i], strict=True) if x <= target), None)
+
+    def seconds_to(self, i: int, target: float) -> float | None:
+        steps = self.steps_to(i, target)
+        return None if steps is None else steps * self.seconds_per_step
+
+    @property
+    def tuned_index(self) -> int | None:
+        """The learning rate with the lowest final loss; None when every one diverged."""
+        if self.skipped:
+            return None
+        finals = [self.final(i) for i in range(len(self.learning_rates))]
+        best = min(range(len(finals)), key=finals.__getitem__) if finals else None
+        return None if best is None or not math.isfinite(finals[best]) else best
+
+
+def learning_rate_grid(spec: OptimizerSpec) -> list[float]:
+    """``lr * 3**k`` for ``k = -3, ..., 3`` around the registry's learning rate."""
+    return [spec.learning_rate * GRID_FACTOR**k for k in GRID_POWERS]
+
+
+def is_scheduled(spec: OptimizerSpec, schedule: str) -> bool:
+    """Whether the optimizer gets a cosine-decayed learning rate (see the module docstring)."""
+    own = {TUNING_FREE, AVERAGED_ITERATES, CONSTANT_LEARNING_RATE}
+    return schedule == "cosine" and not (own & spec.capabilities)
+
+
+def budget(workload: wl.Workload, scale: float, evals: int | None) -> tuple[int, int]:
+    """(steps, steps between evaluations): the budget scaled, rounded to a multiple of the evaluations.
+
+    ``evals`` None: the workload's own number of evaluations.
+    """
+    steps = max(1, round(workload.steps * scale))
+    n_evals = max(1, min(evals or workload.evals, steps))
+    every = max(1, round(steps / n_evals))
+    return every * n_evals, every
+
+
+def _chunked(batches: Any, n_evals: int, every: int) -> Any:
+    return jax.tree.map(lambda b: jnp.asarray(b).reshape(n_evals, every, *b.shape[1:]), batches)
+
+
+def _optimizer(spec: OptimizerSpec, lr: Any, steps: int, scheduled: bool) -> optax.GradientTransformationExtraArgs:
+    rate = optax.cosine_decay_schedule(lr, steps) if scheduled else lr
+    return spec.factory(learning_rate=rate)
+
+
+def _grad_fn(workload: wl.Workload) -> Callable[..., Any]:
+    return jax.value_and_grad(workload.loss, has_aux=True)
+
+
+def _train_fn(spec: OptimizerSpec, workload: wl.Workload, steps: int, scheduled: bool) -> Callable[..., Any]:
+    """``train(lr, params, data, chunks) -> (losses, accuracies)``, evaluated after each chunk of steps."""
+    averaged = AVERAGED_ITERATES in spec.capabilities
+    grad = _grad_fn(workload)
+
+    def train(lr: Any, params: Any, data: Any, chunks: Any) -> tuple[jax.Array, jax.Array]:
+        tx = _optimizer(spec, lr, steps, scheduled)
+
+        def step(carry: tuple[Any, Any], batch: Any) -> tuple[tuple[Any, Any], None]:
+            params, state = carry
+            (_, value), grads = grad(params, data, batch)
+            updates, state = tx.update(grads, state, params, value=value)
+            return (optax.apply_updates(params, updates), state), None
+
+        def chunk(carry: tuple[Any, Any], batches: Any) -> tuple[tuple[Any, Any], tuple[jax.Array, jax.Array]]:
+            carry, _ = jax.lax.scan(step, carry, batches)
+            params, state = carry
+            point = adaopt.schedule_free_eval_params(state, params) if averaged else params
+            return carry, workload.evaluate(point, data)
+
+        _, (losses, accuracies) = jax.lax.scan(chunk, (params, tx.init(params)), chunks)
+        return losses, accuracies
+
+    return train
+
+
+def _best_time(fn: Callable[[], Any], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def time_gradient(workload: wl.Workload, params: Any, data: Any, batches: Any) -> tuple[float, float]:
+    """(seconds per step, compile seconds) of the workload's loss and gradient, over the given batches.
+
+    Each step also moves the parameters by ``1e-9`` times the gradient, so that nothing is
+    optimised away and every step starts from new parameters.
+    """
+    grad = _grad_fn(workload)
+
+    def steps(params: Any, data: Any, batches: Any) -> jax.Array:
+        def step(p: Any, batch: Any) -> tuple[Any, jax.Array]:
+            (_, value), g = grad(p, data, batch)
+            return jax.tree.map(lambda a, b: a - 1e-9 * b, p, g), value
+
+        return jax.lax.scan(step, params, batches)[1]
+
+    start = time.perf_counter()
+    compiled = jax.jit(steps).lower(params, data, batches).compile()
+    compile_s = time.perf_counter() - start
+    n = len(jax.tree.leaves(batches)[0])
+    return _best_time(lambda: compiled(params, data, batches), TIMING_REPS) / n, compile_s
+
+
+def time_update(
+    spec: OptimizerSpec, lr: float, steps: int, scheduled: bool, params: Any, grads: Any, value: Any
+) -> tuple[float, float]:
+    """(seconds per step, compile seconds) of ``tx.update`` + ``optax.apply_updates`` at the learning rate ``lr``."""
+
+    def run(params: Any, grads: Any, value: Any) -> Any:
+        tx = _optimizer(spec, lr, steps, scheduled)
+
+        def step(carry: tuple[Any, Any], _: None) -> tuple[tuple[Any, Any], None]:
+            p, s = carry
+            updates, s = tx.update(grads, s, p, value=value)
+            return (optax.apply_updates(p, updates), s), None
+
+        return jax.lax.scan(step, (params, tx.init(params)), None, length=UPDATE_TIMING_STEPS)[0][0]
+
+    start = time.perf_counter()
+    compiled = jax.jit(run).lower(params, grads, value).compile()
+    compile_s = time.perf_counter() - start
+    return _best_time(lambda: compiled(params, grads, value), TIMING_REPS) / UPDATE_TIMING_STEPS, compile_s
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What every optimizer shares on one workload: initial parameters, data, batches, gradient timings."""
+
+    workload: wl.Workload
+    params: Any
+    data: Any
+    loss0: float
+    accuracy0: float
+    _batches: dict[tuple[int, bool], Any] = dataclasses.field(default_factory=dict)
+    _gradient: dict[tuple[int, bool], tuple[float, float, Any, Any]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, workload: wl.Workload) -> Prepared:
+        params = jax.tree.map(jnp.asarray, workload.init())
+        data = jax.tree.map(jnp.asarray, workload.data)
+        loss0, accuracy0 = jax.jit(workload.evaluate)(params, data)
+        return cls(workload, params, data, float(loss0), float(accuracy0))
+
+    def batches(self, steps: int, full_batch: bool) -> Any:
+        key = (steps, full_batch)
+        if key not in self._batches:
+            self._batches[key] = jax.tree.map(jnp.asarray, self.workload.batches(steps, full_batch))
+        return self._batches[key]
+
+    def gradient(self, steps: int, full_batch: bool) -> tuple[float, float, Any, Any]:
+        """(seconds per step, compile seconds, gradient, value) of the gradient; the gradient at the start."""
+        key = (steps, full_batch)
+        if key not in self._gradient:
+            batches = self.batches(steps, full_batch)
+            n = max(1, round(GRADIENT_TIMING_FRACTION * steps))
+            seconds, compile_s = time_gradient(
+                self.workload, self.params, self.data, jax.tree.map(lambda b: b[:n], batches)
+            )
+            first = jax.tree.map(lambda b: b[0], batches)
+            (_, value), grads = jax.jit(_grad_fn(self.workload))(self.params, self.data, first)
+            self._gradient[key] = (seconds, compile_s, grads, value)
+        return self._gradient[key]
+
+
+def run_pair(spec: OptimizerSpec, prepared: Prepared, learning_rates: Sequence[float], default_index: int, *,
+             scale: float, evals: int | None, schedule: str) -> Run:  # fmt: skip
+    """Train ``spec`` at every learning rate (one vmapped program), and time its step at the default one."""
+    workload = prepared.workload
+    full_batch = FULL_BATCH in spec.capabilities
+    scheduled = is_scheduled(spec, schedule)
+    steps, every = budget(workload, scale, evals)
+    n_evals = steps // every
+    if full_batch and not workload.has_full_batch:
+        return Run(
+            spec.name, workload.name, list(learning_rates), default_index, [], [], [], math.nan, math.nan,
+            math.nan, 0.0, 0.0, scheduled, full_batch,
+            skipped="needs the same objective every step (full_batch); this workload has no full batch",
+        )  # fmt: skip
+    batches = prepared.batches(steps, full_batch)
+    chunks = _chunked(batches, n_evals, every)
+    rates = jnp.asarray(learning_rates, jnp.float32)
+    grad_s, _, grads, value = prepared.gradient(steps, full_batch)
+
+    start = time.perf_counter()
+    train = jax.jit(jax.vmap(_train_fn(spec, workload, steps, scheduled), in_axes=(0, None, None, None)))
+    grid = train.lower(rates, prepared.params, prepared.data, chunks).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    losses, accuracies = jax.block_until_ready(grid(rates, prepared.params, prepared.data, chunks))
+    run_s = time.perf_counter() - start
+    update_s, update_compile_s = time_update(
+        spec, float(learning_rates[default_index]), steps, scheduled, prepared.params, grads, value
+    )
+
+    def curves(values: Any, first: float) -> list[list[float]]:
+        values = np.asarray(values, np.float64)
+        return np.concatenate([np.full((len(learning_rates), 1), first), values], 1).tolist()
+
+    return Run(
+        spec.name,
+        workload.name,
+        [float(x) for x in learning_rates],
+        default_index,
+        [every * i for i in range(n_evals + 1)],
+        curves(losses, prepared.loss0),
+        curves(accuracies, prepared.accuracy0),
+        grad_s + update_s,
+        grad_s,
+        update_s,
+        compile_s + update_compile_s,
+        run_s,
+        scheduled,
+        full_batch,
+    )
+
+
+@dataclasses.dataclass
+class Suite:
+    """All the runs of one invocation, and what it needs to render them."""
+
+    mode: str  # "grid" or "tuning-free"
+    workloads: dict[str, wl.Workload]
+    runs: dict[tuple[str, str], Run]  # (optimizer, workload)
+    optimizers: list[str]
+    schedule: str
+    scale: float
+    evals: int | None
+    load_start: str = "unknown"
+    load_end: str = "unknown"
+    elapsed_s: float = 0.0
+    gradient_compile_s: float = 0.0  # the gradient timing programs, one per workload (and batch kind)
+
+
+def run_suite(
+    specs: Sequence[OptimizerSpec],
+    workload_names: Sequence[str],
+    *,
+    tuning_free: bool = False,
+    scale: float = 1.0,
+    evals: int | None = None,
+    schedule: str = "cosine",
+    progress: bool = True,
+) -> Suite:
+    """Every (optimizer, workload) pair: on the grid, or (``tuning_free``) at the defaults only but the baseline."""
+    start = time.perf_counter()
+    load_start = load_average()
+    workloads = {name: wl.WORKLOADS[name]() for name in workload_names}
+    runs: dict[tuple[str, str], Run] = {}
+    pairs = [(spec, w) for w in workloads.values() for spec in specs]
+    bar = tqdm(pairs, disable=not progress, unit="run", dynamic_ncols=True)
+    gradient_compile_s = 0.0
+    for workload in workloads.values():
+        prepared = Prepared.of(workload)
+        for spec in specs:
+            bar.set_description(f"{workload.name:>9} {spec.name:>20}")
+            if tuning_free and spec.name != BASELINE:
+                rates, default_index = [spec.learning_rate], 0
+            else:
+                rates, default_index = learning_rate_grid(spec), DEFAULT_INDEX
+            try:
+                run = run_pair(spec, prepared, rates, default_index, scale=scale, evals=evals, schedule=schedule)
+            except Exception as error:  # one broken pair is reported, not allowed to end a long run
+                reason = f"failed with {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                run = Run(spec.name, workload.name, list(rates), default_index, [], [], [], math.nan, math.nan,
+                          math.nan, 0.0, 0.0, is_scheduled(spec, schedule), FULL_BATCH in spec.capabilities,
+                          skipped=reason)  # fmt: skip
+            runs[spec.name, workload.name] = run
+            if not run.skipped and run.tuned_index is not None:
+                bar.set_postfix(final=f"{run.final(run.tuned_index):.3g}")
+            bar.update()
+        gradient_compile_s += sum(g[1] for g in prepared._gradient.values())
+        jax.clear_caches()
+    bar.close()
+    return Suite(
+        "tuning-free" if tuning_free else "grid",
+        workloads,
+        runs,
+        [s.name for s in specs],
+        schedule,
+        scale,
+        evals,
+        load_start,
+        load_average(),
+        time.perf_counter() - start,
+        gradient_compile_s,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Performance profiles.
+
+
+Times = Mapping[str, Mapping[str, float | None]]  # optimizer -> workload -> seconds to target (None: not reached)
+
+
+def ratios(times: Times) -> dict[str, list[float]]:
+    """Each optimizer's time to target over the best optimizer's, per workload (in sorted workload order).
+
+    Not reached, or a workload no optimizer solved: an infinite ratio.
+    """
+    workloads = sorted({w for per in times.values() for w in per})
+    best: dict[str, float | None] = {}
+    for w in workloads:
+        reached = [x for per in times.values() if (x := per.get(w)) is not None]
+        best[w] = min(reached) if reached else None
+    out: dict[str, list[float]] = {}
+    for name, per in times.items():
+        out[name] = []
+        for w in workloads:
+            x, b = per.get(w), best[w]
+            if x is None or b is None:
+                out[name].append(math.inf)
+            else:
+                out[name].append(x / b if b > 0 else 1.0)
+    return out
+
+
+def profile(times: Times, taus: Sequence[float] = TAUS) -> dict[str, list[float]]:
+    """For each optimizer, the fraction of workloads whose time to target is within ``tau`` x the best.
+
+    τ = ∞ counts the workloads solved at all; a workload that no optimizer solved counts as unsolved.
+    """
+    return {
+        name: [sum(math.isfinite(r) and r <= tau for r in rs) / max(1, len(rs)) for tau in taus]
+        for name, rs in ratios(times).items()
+    }
+
+
+def ratio_curve(times: Times) -> dict[str, list[float]]:
+    """Each optimizer's finite ratios, sorted (the steps of its profile plot)."""
+    return {name: sorted(r for r in rs if math.isfinite(r)) for name, rs in ratios(times).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+def machine() -> dict[str, str]:
+    """The machine and library versions: speed.py's description when it can be imported, else a short one."""
+    name = "adaopt_speed_benchmark"
+    try:
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, HERE / "speed.py")
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses look their module up there
+            spec.loader.exec_module(module)
+        return dict(module.machine())
+    except Exception:  # speed.py is maintained apart: fall back rather than fail the benchmark
+        sys.modules.pop(name, None)
+        return {
+            "CPU": platform.processor() or platform.machine(),
+            "cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+            "Python": platform.python_version(),
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "JAX device": str(jax.devices()[0]),
+        }
+
+
+def _g(x: float | None, fmt: str = ".4g") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and math.isnan(x):
+        return "n/a"
+    if isinstance(x, float) and math.isinf(x):
+        return "diverged"
+    return format(x, fmt)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _tau(tau: float) -> str:
+    return "∞" if math.isinf(tau) else f"{tau:g}"
+
+
+def _header(suite: Suite, command: str, title: str) -> list[str]:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    compile_s = suite.gradient_compile_s + sum(r.compile_s for r in suite.runs.values())
+    parts = [f"## {title}", "", f"Finished {now}, {suite.elapsed_s:.0f} s in all ({compile_s:.0f} s compiling), with:"]
+    parts += ["", "```", command, "```", ""]
+    parts += [f"- {key}: {value}" for key, value in machine().items()]
+    parts += [f"- load average (1, 5, 15 min): {suite.load_start} at the start, {suite.load_end} at the end", ""]
+    return parts
+
+
+def _workload_lines(w: wl.Workload, steps: int, every: int) -> list[str]:
+    return [
+        f"### `{w.name}`: {w.summary}",
+        "",
+        f"{steps} steps; metric: {w.metric}, evaluated every {every} steps; target: **{w.target:.4g}**.",
+        "",
+    ]
+
+
+def _lr_text(run: Run, i: int | None) -> str:
+    return "—" if i is None else f"{run.learning_rates[i]:.3g}"
+
+
+def render_grid(suite: Suite, command: str, plots: Mapping[str, str]) -> str:
+    """The ``convergence`` section (markers included)."""
+    parts = [BEGIN, *_header(suite, command, "Convergence: small real workloads")]
+    parts += [
+        f"Learning rates: a 7-point grid `lr * 3**k`, k = -3..3, around the registry's `lr`, run as one vmapped "
+        f"program; **tuned** = the grid point with the lowest final metric; **default** = the registry's `lr` "
+        f"(k = 0). Schedule: {suite.schedule} (cosine decay for the optimizers whose learning rate is tuned; "
+        "constant for tuning-free, Schedule-Free and self-decaying ones). Steps to target: first of the evenly "
+        "spaced evaluations at or below the target; seconds = steps x ms/step, where ms/step = the workload's "
+        "loss-and-gradient step (timed once per workload) + the optimizer's `update` and `apply_updates` (timed "
+        "per pair), compilation excluded (compile s: the pair's programs). Diverged: a NaN or infinite metric. "
+        "Accuracy: test accuracy (digits), next-character validation accuracy (charlm).",
+        "",
+    ]
+    for w in suite.workloads.values():
+        steps, every = budget(w, suite.scale, suite.evals)
+        parts += _workload_lines(w, steps, every)
+        header = [
+            "optimizer", "lr default", "lr tuned", "final tuned", "final default", "acc tuned", "acc default",
+            "steps to target tuned", "s to target tuned", "steps to target default", "s to target default",
+            "ms/step", "compile s",
+        ]  # fmt: skip
+        rows, notes = [], []
+        runs = [suite.runs[name, w.name] for name in suite.optimizers]
+        for run in sorted(runs, key=lambda r: (bool(r.skipped), _sort_key(r))):
+            if run.skipped:
+                notes.append(f"- {run.optimizer}: n/a, {run.skipped}.")
+                continue
+            t, d = run.tuned_index, run.default_index
+            rows.append(
+                [
+                    run.optimizer,
+                    _lr_text(run, d),
+                    _lr_text(run, t),
+                    _g(math.inf if t is None else run.final(t)),
+                    _g(run.final(d)),
+                    _pct(run.final_accuracy(t)) if t is not None and w.has_accuracy else "n/a",
+                    _pct(run.final_accuracy(d)) if w.has_accuracy else "n/a",
+                    _g(None if t is None else run.steps_to(t, w.target), "d"),
+                    _g(None if t is None else run.seconds_to(t, w.target), ".3g"),
+                    _g(run.steps_to(d, w.target), "d"),
+                    _g(run.seconds_to(d, w.target), ".3g"),
+                    f"{1e3 * run.seconds_per_step:.3g}",
+                    f"{run.compile_s:.1f}",
+                ]
+            )
+        parts += [markdown_table(header, rows), ""]
+        edge = [r.optimizer for r in runs if not r.skipped and r.tuned_index in (0, len(r.learning_rates) - 1)]
+        if edge:
+            notes.append(f"- tuned at an end of the grid (the best rate may lie outside it): {', '.join(edge)}.")
+        parts += [*notes, ""] if notes else []
+        if w.name in plots:
+            parts += [f"![{w.name} loss curves]({plots[w.name]})", ""]
+    parts += _profile_lines(suite, _times(suite, "tuned"), "tuned learning rate", plots.get("profile"))
+    parts += _profile_lines(suite, _times(suite, "default"), "registry learning rate (defaults)", None)
+    parts.append(END)
+    return "\n".join(parts) + "\n"
+
+
+def _sort_key(run: Run) -> tuple[float, str]:
+    t = run.tuned_index
+    return (math.inf if t is None else run.final(t), run.optimizer)
+
+
+def _times(suite: Suite, which: str) -> dict[str, dict[str, float | None]]:
+    """Seconds to target per optimizer and workload, of the tuned or the default run (skipped pairs left out)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in suite.optimizers:
+        out[name] = {}
+        for w in suite.workloads.values():
+            run = suite.runs[name, w.name]
+            if run.skipped:
+                out[name][w.name] = None
+                continue
+            i = run.tuned_index if which == "tuned" else run.default_index
+            out[name][w.name] = None if i is None else run.seconds_to(i, w.target)
+    return out
+
+
+def _profile_lines(suite: Suite, times: Times, what: str, plot: str | None) -> list[str]:
+    prof = profile(times)
+    header = ["optimizer", *(f"τ = {_tau(t)}" for t in TAUS), "solved"]
+    ranked = sorted(prof, key=lambda n: (-sum(prof[n]), n))
+    n = len(suite.workloads)
+    rows = [[name, *(f"{x:.2f}" for x in prof[name]), f"{round(prof[name][-1] * n)}/{n}"] for name in ranked]
+    parts = [
+        f"### Performance profile: {what}",
+        "",
+        "Fraction of the workloads on which the optimizer reaches the target within τ times the fastest "
+        "optimizer's seconds to target (τ = ∞: reaches it at all).",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+    if plot:
+        parts += [f"![performance profile]({plot})", ""]
+    return parts
+
+
+def render_tuning_free(suite: Suite, command: str, plots: Mapping[str, str]) -> str:
+    """The ``tuning-free`` section (markers included): issue 4's table."""
+    parts = [TF_BEGIN, *_header(suite, command, f"Tuning-free methods at their defaults against tuned {BASELINE}")]
+    free = tuning_free_names(suite)
+    parts += [
+        f"Each `TUNING_FREE` method runs once, at its defaults; {BASELINE} runs on the 7-point grid "
+        f"`lr * 3**k` (k = -3..3, lr = {adaopt.REGISTRY[BASELINE].learning_rate:g}) with a {suite.schedule} "
+        f"schedule, and the grid point with the lowest final metric is its tuned run. **ratio** = the method's "
+        f"final metric / tuned {BASELINE}'s; **within 5%**: ratio <= {1 + WITHIN:g}. Seconds to target = steps "
+        "to target x seconds per step (compilation excluded).",
+        "",
+    ]
+    baseline_final: dict[str, float] = {}
+    for w in suite.workloads.values():
+        steps, every = budget(w, suite.scale, suite.evals)
+        parts += _workload_lines(w, steps, every)
+        base = suite.runs[BASELINE, w.name]
+        t = base.tuned_index
+        adam_final = math.inf if t is None else base.final(t)
+        baseline_final[w.name] = adam_final
+        header = ["method", "final", f"ratio to tuned {BASELINE}", "within 5%", "accuracy", "steps to target",
+                  "s to target", "ms/step"]  # fmt: skip
+        rows = [
+            [
+                f"**{BASELINE} (tuned, lr {_lr_text(base, t)})**",
+                _g(adam_final),
+                "1",
+                "—",
+                _pct(base.final_accuracy(t)) if t is not None and w.has_accuracy else "n/a",
+                _g(None if t is None else base.steps_to(t, w.target), "d"),
+                _g(None if t is None else base.seconds_to(t, w.target), ".3g"),
+                f"{1e3 * base.seconds_per_step:.3g}",
+            ]
+        ]
+        notes = []
+        for name in sorted(free, key=lambda n: (bool(suite.runs[n, w.name].skipped), _final_default(suite, n, w))):
+            run = suite.runs[name, w.name]
+            if run.skipped:
+                notes.append(f"- {name}: n/a, {run.skipped}.")
+                continue
+            d = run.default_index
+            final = run.final(d)
+            ratio = final / adam_final if math.isfinite(adam_final) and adam_final > 0 else math.nan
+            rows.append(
+                [
+                    name,
+                    _g(final),
+                    _g(ratio, ".3f"),
+                    "n/a" if math.isnan(ratio) else ("yes" if ratio <= 1 + WITHIN else "no"),
+                    _pct(run.final_accuracy(d)) if w.has_accuracy else "n/a",
+                    _g(run.steps_to(d, w.target), "d"),
+                    _g(run.seconds_to(d, w.target), ".3g"),
+                    f"{1e3 * run.seconds_per_step:.3g}",
+                ]
+            )
+        parts += [markdown_table(header, rows), "", *notes, *([""] if notes else [])]
+    if plots.get("tf_curves"):
+        parts += [f"![tuning-free loss curves]({plots['tf_curves']})", ""]
+
+    times = {name: dict(per) for name, per in _times_tf(suite).items()}
+    parts += _profile_lines(suite, times, f"tuning-free methods at their defaults and tuned {BASELINE}", None)
+    if plots.get("tf_profile"):
+        parts += [f"![tuning-free performance profile]({plots['tf_profile']})", ""]
+    parts += _verdict(suite, free, baseline_final, times)
+    parts.append(TF_END)
+    return "\n".join(parts) + "\n"
+
+
+def _final_default(suite: Suite, name: str, w: wl.Workload) -> float:
+    run = suite.runs[name, w.name]
+    return math.inf if run.skipped else run.final(run.default_index)
+
+
+def tuning_free_names(suite: Suite) -> list[str]:
+    """The suite's ``TUNING_FREE`` optimizers (the baseline left out)."""
+    return [n for n in suite.optimizers if n != BASELINE and TUNING_FREE in adaopt.REGISTRY[n].capabilities]
+
+
+def has_tuning_free_comparison(suite: Suite) -> bool:
+    return BASELINE in suite.optimizers and bool(tuning_free_names(suite))
+
+
+def _times_tf(suite: Suite) -> dict[str, dict[str, float | None]]:
+    """Tuned time for the baseline, default-run time for the tuning-free methods."""
+    tuned = _times(suite, "tuned")
+    default = _times(suite, "default")
+    return {BASELINE: tuned[BASELINE], **{name: default[name] for name in tuning_free_names(suite)}}
+
+
+def _verdict(
+    suite: Suite,
+    free: Sequence[str],
+    baseline_final: Mapping[str, float],
+    times: Times,
+) -> list[str]:
+    """Issue 4's goal, method by method: within 5% on every workload, and a profile at least as good."""
+    prof = profile(times)
+    n = len(suite.workloads)
+    rows = []
+    winners = []
+    for name in free:
+        within = 0
+        for w in suite.workloads.values():
+            run = suite.runs[name, w.name]
+            if run.skipped:
+                continue
+            base = baseline_final[w.name]
+            if math.isfinite(base) and run.final(run.default_index) <= (1 + WITHIN) * base:
+                within += 1
+        dominates = all(a >= b for a, b in zip(prof[name], prof[BASELINE], strict=True))
+        if within == n and dominates:
+            winners.append(name)
+        rows.append([name, f"{within}/{n}", "yes" if dominates else "no", "yes" if within == n and dominates else "no"])
+    rows.sort(key=lambda r: (r[3] != "yes", -int(r[1].split("/")[0]), r[2] != "yes", r[0]))
+    verdict = (
+        f"**Goal met** by {', '.join(winners)}."
+        if winners
+        else f"**Goal not met**: no tuning-free method is within 5% of tuned {BASELINE} on every workload with a "
+        "performance profile at least as good."
+    )
+    return [
+        "### The goal of issue 4",
+        "",
+        f"The best tuning-free method should end within 5% of tuned {BASELINE}'s final metric on every workload "
+        f"and have a performance profile at least as good as tuned {BASELINE}'s (at every τ above).",
+        "",
+        markdown_table(["method", "workloads within 5%", f"profile >= tuned {BASELINE}", "goal met"], rows),
+        "",
+        verdict,
+        "",
+    ]
+
+
+def write_section(path: Path, section: str, begin: str, end: str, after: str | None = None) -> None:
+    """Replace the text between ``begin`` and ``end`` in ``path``, keeping the rest of the file.
+
+    Without those markers, the section goes right after the marker ``after`` when the file has it,
+    else at the end; a missing file is created.
+    """
+    section = section.rstrip("\n")
+    if path.exists():
+        text = path.read_text()
+        start, stop = text.find(begin), text.find(end)
+        anchor = text.find(after) if after else -1
+        if start >= 0 and stop > start:
+            text = text[:start] + section + text[stop + len(end) :]
+        elif anchor >= 0:
+            cut = anchor + len(after or "")
+            text = text[:cut] + "\n\n" + section + text[cut:]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+    else:
+        text = "# adaopt benchmark results\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+_STYLES = ("-", "--", "-.", ":")
+
+
+def _style(i: int) -> dict[str, Any]:
+    return {"color": plt.get_cmap("tab10")(i % 10), "linestyle": _STYLES[(i // 10) % len(_STYLES)], "lw": 1.3}
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Log-scale y ticks written as plain numbers (0.1, 0.2, 3.5), not as powers of ten."""
+    formatter = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:.3g}")
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_formatter(formatter)
+    if high < 20 * low:  # under about a decade: label the minor ticks too, there are few
+        ax.yaxis.set_minor_formatter(formatter)
+        ax.tick_params(axis="y", which="minor", labelsize="x-small")
+    else:
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _curve(ax: Any, run: Run, i: int, **kw: Any) -> None:
+    y = np.asarray(run.losses[i], np.float64)
+    y = np.where(np.isfinite(y), y, np.nan)
+    ax.plot(run.eval_steps, y, **kw)
+
+
+def plot_workload(suite: Suite, w: wl.Workload, path: Path) -> None:
+    """Two panels: every optimizer at its tuned learning rate, and at its default; log y."""
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True, constrained_layout=True)
+    for ax, which in zip(axes, ("tuned", "default"), strict=True):
+        for k, name in enumerate(suite.optimizers):
+            run = suite.runs[name, w.name]
+            if run.skipped:
+                continue
+            i = run.tuned_index if which == "tuned" else run.default_index
+            if i is None:
+                continue
+            _curve(ax, run, i, label=name, **_style(k))
+        ax.axhline(w.target, color="black", lw=0.8, ls=":", label="target")
+        ax.set(xlabel="step", yscale="log", title=f"{which} learning rate")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(w.metric)
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="x-small", ncol=2)
+    _clip_y(axes[0], w)
+    fig.suptitle(f"{w.name}: {w.summary}", fontsize="medium")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _clip_y(ax: Any, w: wl.Workload) -> None:
+    """Keep the target in view and cut off blow-ups far above the start."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, w.target / 30), min(high, 1e3 * max(w.target, 1e-12)))
+    _plain_log_ticks(ax)
+
+
+def plot_profile(times: Times, path: Path, title: str, highlight: str | None = None) -> None:
+    """Step curves: the fraction of workloads solved within τ times the best, against τ (log x)."""
+    curves = ratio_curve(times)
+    n = len({w for t in times.values() for w in t})
+    finite = [r for c in curves.values() for r in c]
+    tau_max = max([8.0, *finite]) * 1.5
+    fig, ax = plt.subplots(figsize=(10, 5.5), constrained_layout=True)
+    for k, (name, ratios) in enumerate(curves.items()):
+        xs = [*sorted({1.0, *ratios}), tau_max]
+        ys = [sum(r <= x for r in ratios) / n for x in xs]
+        style = _style(k)
+        if name == highlight:
+            style.update(color="black", lw=2.5, linestyle="-")
+        ax.step(xs, ys, where="post", label=name, **style)
+    ax.set(xscale="log", xlabel="τ (time to target / best time to target)", ylabel="fraction of workloads")
+    ax.set(ylim=(-0.02, 1.02), xlim=(1.0, tau_max), title=title)
+    ticks = [t for t in (1, 1.5, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if t <= tau_max]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="x-small", ncol=2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_tuning_free_curves(suite: Suite, path: Path) -> None:
+    """One panel per workload: each tuning-free method at its defaults, tuned Adam in black."""
+    ws = list(suite.workloads.values())
+    cols = min(3, len(ws))
+    rows = -(-len(ws) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False, constrained_layout=True)
+    for ax, w in zip(axes.flat, ws, strict=False):
+        for k, name in enumerate([BASELINE, *tuning_free_names(suite)]):
+            run = suite.runs[name, w.name]
+            if run.skipped:
+                continue
+            if name == BASELINE:
+                t = run.tuned_index
+                if t is not None:
+                    _curve(ax, run, t, label=f"{name} (tuned)", color="black", lw=2.5)
+            else:
+                _curve(ax, run, run.default_index, label=name, **_style(k))
+        ax.axhline(w.target, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="step", ylabel=w.metric, yscale="log", title=w.name)
+        ax.grid(True, which="both", alpha=0.3)
+        _clip_y(ax, w)
+    for ax in list(axes.flat)[len(ws) :]:
+        ax.axis("off")
+    legend: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="outside right center", fontsize="x-small")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def make_plots(suite: Suite, out_dir: Path, link_base: Path) -> dict[str, str]:
+    """Write the PNGs; returns their paths relative to ``link_base`` (the results file's folder)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def link(path: Path) -> str:
+        return os.path.relpath(path, link_base).replace(os.sep, "/")
+
+    links = {}
+    if suite.mode == "grid":
+        for w in suite.workloads.values():
+            path = out_dir / f"convergence_{w.name}.png"
+            plot_workload(suite, w, path)
+            links[w.name] = link(path)
+        path = out_dir / "convergence_profile.png"
+        plot_profile(_times(suite, "tuned"), path, "Performance profile, tuned learning rates")
+        links["profile"] = link(path)
+    if has_tuning_free_comparison(suite):
+        path = out_dir / "convergence_tuning_free.png"
+        plot_tuning_free_curves(suite, path)
+        links["tf_curves"] = link(path)
+        path = out_dir / "convergence_tuning_free_profile.png"
+        plot_profile(_times_tf(suite), path, f"Tuning-free at defaults vs tuned {BASELINE}", highlight=BASELINE)
+        links["tf_profile"] = link(path)
+    return links
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+
+def select(names: Sequence[str] | None, tuning_free: bool) -> list[OptimizerSpec]:
+    """The registry entries to run, in registry order (``tuning_free``: the TUNING_FREE ones and the baseline)."""
+    specs = [s for s in adaopt.REGISTRY.values() if names is None or s.name in names]
+    if tuning_free:
+        specs = [s for s in specs if TUNING_FREE in s.capabilities]
+        specs.insert(0, adaopt.REGISTRY[BASELINE])
+    return specs
+
+
+def _portable(argument: str) -> str:
+    path = Path(argument)
+    if not path.is_absolute():
+        return argument
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return path.name
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument(
+        "--workloads", default=",".join(wl.WORKLOADS), help="comma-separated: " + ",".join(wl.WORKLOADS)
+    )
+    parser.add_argument("--optimizers", default=None, help="comma-separated registry names (default: all)")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget (default 1)")
+    parser.add_argument("--quick", action="store_true", help=f"--steps-scale {QUICK_SCALE}: a smoke run")
+    parser.add_argument(
+        "--tuning-free", action="store_true", help=f"TUNING_FREE methods at their defaults against tuned {BASELINE}"
+    )
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    parser.add_argument(
+        "--evals", type=int, default=None, help="evaluations per run (default: each workload's, 20 to 50)"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the Markdown results file")
+    parser.add_argument("--plots", type=Path, default=None, help="folder of the PNGs (default: --out's folder)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every run's curves as JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    args.workloads = [x.strip() for x in args.workloads.split(",") if x.strip()]
+    unknown = [x for x in args.workloads if x not in wl.WORKLOADS]
+    if unknown or not args.workloads:
+        parser.error(f"unknown workloads {unknown}; choose from {', '.join(wl.WORKLOADS)}")
+    if args.optimizers is not None:
+        args.optimizers = [x.strip() for x in args.optimizers.split(",") if x.strip()]
+        unknown = [x for x in args.optimizers if x not in adaopt.REGISTRY]
+        if unknown or not args.optimizers:
+            parser.error(f"unknown optimizers {unknown}; choose from {', '.join(adaopt.REGISTRY)}")
+    if args.quick:
+        args.steps_scale = QUICK_SCALE
+    if args.steps_scale <= 0 or (args.evals is not None and args.evals < 1):
+        parser.error("--steps-scale and --evals must be positive")
+    if args.tuning_free and not select(args.optimizers, True)[1:]:
+        parser.error("--tuning-free: none of the chosen optimizers is TUNING_FREE")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    arguments = [_portable(a) for a in (sys.argv[1:] if argv is None else argv)]
+    command = shlex.join(["python", "benchmarks/convergence.py", *arguments])
+    specs = select(args.optimizers, args.tuning_free)
+    suite = run_suite(
+        specs,
+        args.workloads,
+        tuning_free=args.tuning_free,
+        scale=args.steps_scale,
+        evals=args.evals,
+        schedule=args.schedule,
+        progress=not args.no_progress,
+    )
+    out: Path = args.out
+    plots = make_plots(suite, args.plots or out.parent, out.parent)
+    if not args.tuning_free:
+        write_section(out, render_grid(suite, command, plots), BEGIN, END)
+    if has_tuning_free_comparison(suite):  # the grid run holds the defaults and tuned Adam too
+        write_section(out, render_tuning_free(suite, command, plots), TF_BEGIN, TF_END, after=END)
+    if args.json is not None:
+        args.json.write_text(json.dumps({f"{o}/{w}": dataclasses.asdict(r) for (o, w), r in suite.runs.items()}))
+    print(f"total {suite.elapsed_s:.1f} s; wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The convergence benchmark (benchmarks/convergence.py) runs end to end on a tiny budget and writes its sections.
+
+Nothing here is about which optimizer wins: only that every run is trained, scored and reported,
+that divergence and unsolved workloads are handled, and that the rest of the results file is kept.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+import adaopt
+from adaopt._src.registry import AVERAGED_ITERATES, FULL_BATCH, TUNING_FREE
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+OPTIMIZERS = ("adam", "schedule_free_sgd")  # the baseline, and a tuning-free method evaluated at its average
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def conv() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("adaopt_convergence_benchmark", BENCHMARKS / "convergence.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(text: str, heading: str) -> list[list[str]]:
+    """The rows (header first, separator dropped) of the first table after the heading that contains ``heading``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("##") and heading in line)
+    header = next(i for i in range(start, len(lines)) if lines[i].startswith("| "))
+    rows = []
+    for line in lines[header:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return [rows[0], *rows[2:]]
+
+
+def _section(text: str, begin: str, end: str) -> str:
+    assert text.count(begin) == text.count(end) == 1
+    return text[text.index(begin) : text.index(end)]
+
+
+def test_tiny_run_writes_both_sections_and_keeps_the_rest(conv: ModuleType, tmp_path: Path) -> None:
+    assert AVERAGED_ITERATES in adaopt.REGISTRY["schedule_free_sgd"].capabilities
+    out = tmp_path / "RESULTS.md"
+    speed = "<!-- speed:begin -->\nspeed table, kept\n<!-- speed:end -->"
+    out.write_text(f"# Results\n\n{speed}\n\n{conv.BEGIN}\nstale\n{conv.END}\n\n## Notes\n\nkept\n")
+    argv = ["--workloads", "softmax,quadratic", "--optimizers", ",".join(OPTIMIZERS), "--steps-scale", "0.02"]
+    argv += ["--out", str(out), "--plots", str(tmp_path / "plots"), "--no-progress"]
+    assert conv.main(argv) == 0
+    text = out.read_text()
+
+    assert speed in text and text.endswith("## Notes\n\nkept\n") and "stale" not in text
+    grid = _section(text, conv.BEGIN, conv.END)
+    free = _section(text, conv.TF_BEGIN, conv.TF_END)
+    assert text.index(conv.END) < text.index(conv.TF_BEGIN) < text.index("## Notes")  # placed beside its sibling
+    assert "--steps-scale 0.02" in grid and "load average" in grid
+
+    for workload, steps, initial in (("softmax", 20, math.log(10)), ("quadratic", 30, None)):
+        rows = _table(grid, f"`{workload}`")
+        header, body = rows[0], rows[1:]
+        assert header[:5] == ["optimizer", "lr default", "lr tuned", "final tuned", "final default"]
+        assert sorted(r[0] for r in body) == sorted(OPTIMIZERS)
+        assert f"{steps} steps" in grid
+        for row in body:
+            spec = adaopt.REGISTRY[row[0]]
+            assert len(row) == len(header)
+            assert float(row[1]) == pytest.approx(spec.learning_rate, rel=1e-2)
+            grid_rates = [spec.learning_rate * 3.0**k for k in range(-3, 4)]
+            assert min(abs(float(row[2]) / r - 1) for r in grid_rates) < 1e-2  # a point of the grid
+            tuned, default = float(row[3]), float(row[4])
+            assert tuned <= default  # the tuned run is the best of the grid, which holds the default
+            if initial is not None:
+                assert tuned < initial  # 20 steps of the best rate make progress from zero weights
+                assert 0 < float(row[5].rstrip("%")) <= 100  # test accuracy
+            else:
+                assert row[5] == "n/a"
+            assert float(row[11]) > 0  # ms per step
+
+    profile = _table(grid, "Performance profile: tuned")
+    assert profile[0] == ["optimizer", "τ = 1", "τ = 1.5", "τ = 2", "τ = 4", "τ = 8", "τ = ∞", "solved"]
+    assert sorted(r[0] for r in profile[1:]) == sorted(OPTIMIZERS)
+    for row in profile[1:]:
+        values = [float(x) for x in row[1:7]]
+        assert values == sorted(values) and all(0 <= v <= 1 for v in values)
+
+    # The tuning-free section: schedule_free_sgd at its defaults against tuned Adam.
+    rows = _table(free, "`softmax`")
+    assert rows[1][0].startswith("**adam (tuned")
+    assert [r[0] for r in rows[2:]] == ["schedule_free_sgd"]
+    ratio = float(rows[2][2])
+    assert ratio == pytest.approx(float(rows[2][1]) / float(rows[1][1]), rel=1e-2)
+    assert rows[2][3] == ("yes" if ratio <= 1.05 else "no")
+    assert "The goal of issue 4" in free
+
+    links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    names = {Path(link).name for link in links}
+    assert names == {
+        "convergence_softmax.png", "convergence_quadratic.png", "convergence_profile.png",
+        "convergence_tuning_free.png", "convergence_tuning_free_profile.png",
+    }  # fmt: skip
+    for link in links:
+        assert not Path(link).is_absolute()
+        assert (out.parent / link).read_bytes()[:8] == PNG_MAGIC
+
+
+def _run(conv: ModuleType, losses: list[list[float]]) -> Any:
+    n = len(losses[0])
+    return conv.Run(
+        "x", "w", [0.1, 1.0, 10.0][: len(losses)], 1, [10 * i for i in range(n)], losses,
+        [[0.5] * n for _ in losses], 0.002, 0.001, 0.001, 1.0, 1.0, False, False,
+    )  # fmt: skip
+
+
+def test_diverged_runs_never_win_nor_reach_the_target(conv: ModuleType) -> None:
+    run = _run(conv, [[3.0, 2.0, 1.5], [3.0, 0.5, 0.4], [3.0, 0.1, math.nan]])
+    assert run.diverged(2) and run.final(2) == math.inf and math.isnan(run.final_accuracy(2))
+    assert run.steps_to(2, 0.2) is None  # it was below the target before it diverged
+    assert run.tuned_index == 1
+    assert run.steps_to(1, 0.5) == 10 and run.seconds_to(1, 0.5) == pytest.approx(0.02)
+    assert run.steps_to(0, 0.5) is None and run.seconds_to(0, 0.5) is None
+
+    all_diverged = _run(conv, [[3.0, math.inf], [3.0, math.nan]])
+    assert all_diverged.tuned_index is None
+
+
+def test_sections_replace_their_markers_only(conv: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    conv.write_section(out, f"{conv.BEGIN}\none\n{conv.END}\n", conv.BEGIN, conv.END)
+    assert out.read_text() == f"# adaopt benchmark results\n\n{conv.BEGIN}\none\n{conv.END}\n"
+    out.write_text(f"# R\n\n{conv.BEGIN}\nold\n{conv.END}\n\ntail\n")
+    conv.write_section(out, f"{conv.TF_BEGIN}\nfree\n{conv.TF_END}\n", conv.TF_BEGIN, conv.TF_END, after=conv.END)
+    conv.write_section(out, f"{conv.BEGIN}\nnew\n{conv.END}\n", conv.BEGIN, conv.END)
+    expected = f"# R\n\n{conv.BEGIN}\nnew\n{conv.END}\n\n{conv.TF_BEGIN}\nfree\n{conv.TF_END}\n\ntail\n"
+    assert out.read_text() == expected
+    conv.write_section(out, f"{conv.TF_BEGIN}\nfree 2\n{conv.TF_END}\n", conv.TF_BEGIN, conv.TF_END, after=conv.END)
+    assert out.read_text() == expected.replace("\nfree\n", "\nfree 2\n")
+
+
+def test_performance_profile(conv: ModuleType) -> None:
+    times = {
+        "a": {"w1": 1.0, "w2": 4.0, "w3": None, "w4": None},
+        "b": {"w1": 2.0, "w2": 2.0, "w3": 5.0, "w4": None},
+    }
+    profile = conv.profile(times, taus=(1.0, 2.0, 3.0, math.inf))
+    assert profile["a"] == [0.25, 0.5, 0.5, 0.5]  # best on w1, twice the best on w2, never solves w3
+    assert profile["b"] == [0.5, 0.75, 0.75, 0.75]  # w4: solved by nobody, counted as unsolved
+    assert conv.ratio_curve(times)["a"] == [1.0, 2.0]
+
+
+def test_grid_budget_and_schedule(conv: ModuleType) -> None:
+    spec = adaopt.REGISTRY["adam"]
+    rates = conv.learning_rate_grid(spec)
+    assert len(rates) == 7 and rates[conv.DEFAULT_INDEX] == spec.learning_rate
+    np.testing.assert_allclose(np.diff(np.log(rates)), math.log(3.0))
+    workload = conv.wl.WORKLOADS["quadratic"]()
+    assert conv.budget(workload, 1.0, None) == (workload.steps, workload.steps // workload.evals)
+    steps, every = conv.budget(workload, 0.013, 7)
+    assert steps % every == 0 and steps // every == 7
+    for spec in adaopt.REGISTRY.values():  # tuned methods get the cosine decay, tuning-free ones their constant rate
+        assert conv.is_scheduled(spec, "cosine") == (TUNING_FREE not in spec.capabilities and not spec.capabilities
+                                                      & {AVERAGED_ITERATES, conv.CONSTANT_LEARNING_RATE})  # fmt: skip
+        assert not conv.is_scheduled(spec, "constant")
+
+
+def test_full_batch_methods_skip_the_workloads_without_one(conv: ModuleType) -> None:
+    specs = [s for s in adaopt.REGISTRY.values() if FULL_BATCH in s.capabilities]
+    assert specs  # the bold driver
+    lm = conv.wl.char_lm()
+    assert not lm.has_full_batch
+    prepared = conv.Prepared(lm, None, None, 7.0, 0.0)
+    run = conv.run_pair(specs[0], prepared, [1.0], 0, scale=1.0, evals=None, schedule="cosine")
+    assert run.skipped and run.tuned_index is None
+
+
+def test_workloads_are_real_and_deterministic(conv: ModuleType) -> None:
+    wl = conv.wl
+    text = wl.corpus()
+    assert len(text) > 100_000 and text.isascii()
+    assert b" the " in text and text.count(b"\n") > 1000  # English prose, many lines
+    softmax = wl.softmax_regression()
+    assert softmax.target == pytest.approx(1.01 * wl.softmax_optimum())
+    assert 0.05 < wl.softmax_optimum() < math.log(10)
+    for name, make in wl.WORKLOADS.items():
+        workload = make()
+        assert workload.name == name and workload.steps > 0 and workload.target > 0
+        a, b = workload.init(), workload.init()
+        for x, y in zip(*(conv.jax.tree.leaves(t) for t in (a, b)), strict=True):
+            assert x.dtype == np.float32
+            np.testing.assert_array_equal(x, y)
+        batches = workload.batches(40, False)
+        np.testing.assert_array_equal(
+            conv.jax.tree.leaves(batches)[0], conv.jax.tree.leaves(workload.batches(40, False))[0]
+        )
+        assert len(conv.jax.tree.leaves(batches)[0]) == 40
+
+
+def test_bad_arguments_are_rejected(conv: ModuleType) -> None:
+    for argv in (["--optimizers", "adam,nosuch"], ["--workloads", "mnist"], ["--tuning-free", "--optimizers", "sgd"]):
+        with pytest.raises(SystemExit):
+            conv.main(argv)
