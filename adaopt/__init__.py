@@ -84,6 +84,11 @@ from adaopt._src.lion import lion as lion
 from adaopt._src.lion import scale_by_lion as scale_by_lion
 from adaopt._src.mechanic import MechanicState as MechanicState
 from adaopt._src.mechanic import mechanic as mechanic
+from adaopt._src.multi_tensor import FlatTree as FlatTree
+from adaopt._src.multi_tensor import MultiTensorState as MultiTensorState
+from adaopt._src.multi_tensor import NotElementwiseError as NotElementwiseError
+from adaopt._src.multi_tensor import flatten_params as flatten_params
+from adaopt._src.multi_tensor import multi_tensor as multi_tensor
 from adaopt._src.plateau import ReduceOnPlateau as ReduceOnPlateau
 from adaopt._src.plateau import ReduceOnPlateauState as ReduceOnPlateauState
 from adaopt._src.plateau import reduce_on_plateau as reduce_on_plateau

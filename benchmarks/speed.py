@@ -7,7 +7,13 @@ loop runs it. For each parameter tree and each optimizer the script times:
 - ``adaopt``: adaopt's optimizer;
 - ``optax``: optax's implementation of the same algorithm and hyperparameters;
 - ``torch fused`` and ``torch foreach``: ``torch.optim``'s, ``opt.step()`` on a list of float32
-  tensors whose ``.grad`` is set once ("n/a" where torch has no such implementation).
+  tensors whose ``.grad`` is set once ("n/a" where torch has no such implementation);
+- with ``--layouts`` (by default both), adaopt's optimizer in a multi-tensor layout:
+  ``adaopt (multi-tensor)`` is ``adaopt.multi_tensor(optimizer)`` on the same parameter tree (the
+  state of the leaves under 16,384 elements in one flat buffer per dtype), and
+  ``adaopt (flat params)`` the same optimizer on ``adaopt.flatten_params(params)`` (the parameters
+  and gradients kept as one flat buffer per dtype, as a training loop that unflattens the
+  parameters inside its loss would hold them).
 
 JAX: the first compile is timed as the wall time of ``step.lower(...).compile()``; then 2 warm-up
 calls and ``--reps`` timed calls, each followed by ``jax.block_until_ready``, each feeding the
@@ -36,6 +42,7 @@ Usage::
 
     python benchmarks/speed.py [--trees gpt2,resnet,single,small] [--optimizers adam,sgd]
                                [--reps 10] [--out benchmarks/RESULTS.md] [--no-torch]
+                               [--layouts multi-tensor,flat-params|none]
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ import numpy as np
 import optax
 
 import adaopt
+from adaopt._src.multi_tensor import flatten_params, multi_tensor
 
 BEGIN = "<!-- speed:begin -->"
 END = "<!-- speed:end -->"
@@ -69,6 +77,7 @@ DEFAULT_OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd")
 WARMUP = 2
 F32 = 4  # bytes per float32
 IMPLS = ("adaopt", "optax", "torch fused", "torch foreach")
+LAYOUTS = {"multi-tensor": "adaopt (multi-tensor)", "flat-params": "adaopt (flat params)"}  # --layouts -> impl
 COLUMNS = (
     "optimizer",
     "impl",
@@ -385,13 +394,20 @@ def state_nbytes(state: Any) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(state))
 
 
-def time_jax(optimizer: optax.GradientTransformation, host_params: Any, grads: Any, reps: int) -> Timing:
-    """Compile time and step times of one optimizer, donating the parameters and the state."""
+def time_jax(
+    optimizer: optax.GradientTransformation, host_params: Any, grads: Any, reps: int, flat: bool = False
+) -> Timing:
+    """Compile time and step times of one optimizer, donating the parameters and the state.
+
+    ``flat``: the parameters and the gradients in the layout of ``adaopt.flatten_params``.
+    """
 
     def fn(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
+    if flat:
+        host_params, grads = flatten_params(host_params)[0], flatten_params(grads)[0]
     carry: dict[str, Any] = {"params": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
     carry["state"] = optimizer.init(carry["params"])
     nbytes = state_nbytes(carry["state"])
@@ -434,8 +450,9 @@ def run(
     use_torch: bool = True,
     bandwidth_bytes: int = 512 * 2**20,
     log: Callable[[str], None] = print,
+    layouts: Sequence[str] = (),
 ) -> Report:
-    """Measure the bandwidth, then every (tree, optimizer, implementation)."""
+    """Measure the bandwidth, then every (tree, optimizer, implementation); ``layouts``: keys of ``LAYOUTS``."""
     load_start = load_average()
     device = torch_device() if use_torch else None
     log(f"JAX device: {jax.devices()[0]}; torch device: {device or 'not run'}")
@@ -456,12 +473,16 @@ def run(
         timings = []
         for opt_name in optimizers:
             contender = CONTENDERS[opt_name]
-            for impl in IMPLS:
+            for impl in (*IMPLS, *(LAYOUTS[layout] for layout in layouts)):
                 if impl.startswith("torch"):
                     if device is None:
                         continue
                     flag = impl.removeprefix("torch ")
                     timing = time_torch(contender, flag, host_params, host_grads, reps, device)
+                elif impl == LAYOUTS["multi-tensor"]:
+                    timing = time_jax(multi_tensor(contender.adaopt()), host_params, grads, reps)
+                elif impl == LAYOUTS["flat-params"]:
+                    timing = time_jax(contender.adaopt(), host_params, grads, reps, flat=True)
                 else:
                     factory = contender.adaopt if impl == "adaopt" else contender.optax
                     timing = time_jax(factory(), host_params, grads, reps)
@@ -557,7 +578,7 @@ def table_rows(tree: TreeResult, measured: float) -> Iterator[list[str]]:
             t.impl,
             _cell(None if median is None else median * 1e3, ".2f"),
             _cell(t.best * 1e3 if available else None, ".2f"),
-            _cell(t.compile_s, ".2f") if t.impl in ("adaopt", "optax") else "",
+            "" if t.impl.startswith("torch") else _cell(t.compile_s, ".2f"),
             _cell(t.state_bytes / tree.params if available and t.state_bytes is not None else None, ".2f"),
             f"{moved / 1e6:.1f}",
             _cell(None if rate is None else rate / 1e9, ".2f"),
@@ -590,7 +611,9 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
         'wall time of the first `step.lower(...).compile()`. "bytes moved" is the least a step must move',
         "(parameters read and written, gradients read, each state buffer read and written, 4 bytes each);",
         '"achieved GB/s" is that divided by the median time. "ratio vs adaopt" is adaopt\'s median time',
-        "divided by the row's: above 1, adaopt is slower than that implementation.",
+        "divided by the row's: above 1, adaopt is slower than that implementation. The rows `adaopt (multi-tensor)`",
+        "(`adaopt.multi_tensor(optimizer)`, the same tree) and `adaopt (flat params)` (the parameters and gradients",
+        "as `adaopt.flatten_params` lays them out) time adaopt's multi-tensor layouts.",
         "",
         "### Memory bandwidth",
         "",
@@ -669,17 +692,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown file to write the results into")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.optim")
     parser.add_argument("--bandwidth-mb", type=int, default=512, help="size of each bandwidth-test buffer, MiB")
+    parser.add_argument(
+        "--layouts",
+        default=",".join(LAYOUTS),
+        help="adaopt's multi-tensor layouts to time as well, comma-separated: " + ", ".join(LAYOUTS) + "; or none",
+    )
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be at least 1")
     trees = {name: TREES[name]() for name in _names(args.trees, TREES, "trees", parser)}
     optimizers = _names(args.optimizers, CONTENDERS, "optimizers", parser)
+    layouts = [] if args.layouts.strip() == "none" else _names(args.layouts, LAYOUTS, "layouts", parser)
     arguments = [_portable(a) for a in (sys.argv[1:] if argv is None else argv)]
     command = shlex.join(["python", "benchmarks/speed.py", *arguments])
 
     start = time.perf_counter()
     report = run(
-        trees, optimizers, args.reps, not args.no_torch, args.bandwidth_mb * 2**20, lambda s: print(s, flush=True)
+        trees,
+        optimizers,
+        args.reps,
+        not args.no_torch,
+        args.bandwidth_mb * 2**20,
+        lambda s: print(s, flush=True),
+        layouts,
     )
     elapsed = time.perf_counter() - start
     write_section(args.out, render(report, command, elapsed))

@@ -40,10 +40,14 @@ def scale_by_adagrad(
     ) -> tuple[Updates, AdagradState]:
         del params
 
+        @mo.per_dtype
+        def scalars(dtype: jax.numpy.dtype) -> tuple[Any, Any]:
+            return mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
+
         def leaf(g: jax.Array, s: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (s32,) = mo.to_compute(g, s)
             s_new = s32 + g32 * g32
-            step = g32 * mo.inv_root(s_new, mo.scalar(eps, dtype), mo.scalar(eps_root, dtype))
+            step = g32 * mo.inv_root(s_new, *scalars(dtype))
             return step.astype(g.dtype), s_new.astype(s.dtype)
 
         step, sums = mo.leafwise(leaf, 2, updates, state.sum_of_squares)
@@ -126,9 +130,13 @@ def scale_by_adadelta(
     ) -> tuple[Updates, AdadeltaState]:
         del params
 
+        @mo.per_dtype
+        def scalars(dtype: jax.numpy.dtype) -> tuple[Any, Any]:
+            return mo.scalar(rho, dtype), mo.scalar(eps, dtype)
+
         def leaf(g: jax.Array, e_g: jax.Array, e_x: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (eg32, ex32) = mo.to_compute(g, e_g, e_x)
-            r, e = mo.scalar(rho, dtype), mo.scalar(eps, dtype)
+            r, e = scalars(dtype)
             eg_new = mo.ema(g32 * g32, eg32, r)
             step = jax.numpy.sqrt(ex32 + e) * mo.inv_root(eg_new, 0.0, e) * g32
             ex_new = mo.ema(step * step, ex32, r)

@@ -69,6 +69,8 @@ def scale_by_adam(
         u_t &= \frac{m_t / (1 - \beta_1^t)}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}
 
     (for "belief", :math:`\epsilon_{root}` is accumulated into :math:`v_t` and not added again).
+    Dividing by :math:`1 - \beta^t` is done as a multiplication by its reciprocal, computed once
+    per step (:func:`adaopt._src.moments.debias`), here and in the other blocks of this module.
 
     Args:
       b1: decay of the first moment, in [0, 1).
@@ -104,30 +106,35 @@ def scale_by_adam(
         del params
         count = mo.safe_increment(state.count)
 
+        @mo.per_dtype
+        def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
+            debias1 = mo.debias(b1, count, dtype) if bias_correction else 1
+            debias2 = mo.debias(b2, count, dtype) if bias_correction else 1
+            e, e_root = mo.scalar(eps, dtype), mo.scalar(eps_in_root, dtype)
+            return mo.scalar(b1, dtype), mo.scalar(b2, dtype), debias1, debias2, e, e_root, mo.scalar(eps_root, dtype)
+
         def leaf(g: jax.Array, m: jax.Array, v: jax.Array, *v_max: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
-            beta1, beta2 = mo.scalar(b1, dtype), mo.scalar(b2, dtype)
+            beta1, beta2, debias1, debias2, e, e_root, belief_root = scalars(dtype)
             m_new = mo.ema(g32, m32, beta1)
             if second_moment == "adam":
                 v_new = mo.ema(g32 * g32, v32, beta2)
             elif second_moment == "belief":
-                v_new = mo.ema(jnp.square(g32 - m_new), v32, beta2) + mo.scalar(eps_root, dtype)
+                v_new = mo.ema(jnp.square(g32 - m_new), v32, beta2) + belief_root
             else:
                 g2 = g32 * g32
                 v_new = v32 - (1 - beta2) * jnp.sign(v32 - g2) * g2
-            bc1 = mo.bias_correction(b1, count, dtype) if bias_correction else 1
-            bc2 = mo.bias_correction(b2, count, dtype) if bias_correction else 1
             new_max: tuple[jax.Array, ...] = ()
             if amsgrad is None:
-                v_hat = v_new / bc2
+                v_hat = v_new * debias2
             elif amsgrad == "raw":
                 running = jnp.maximum(v_max[0].astype(dtype), v_new)
-                v_hat = running / bc2
+                v_hat = running * debias2
                 new_max = (running.astype(v.dtype),)
             else:
-                v_hat = jnp.maximum(v_max[0].astype(dtype), v_new / bc2)
+                v_hat = jnp.maximum(v_max[0].astype(dtype), v_new * debias2)
                 new_max = (v_hat.astype(v.dtype),)
-            step = (m_new / bc1) * mo.inv_root(v_hat, mo.scalar(eps, dtype), mo.scalar(eps_in_root, dtype))
+            step = (m_new * debias1) * mo.inv_root(v_hat, e, e_root)
             return (step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype), *new_max)
 
         trees = (state.mu, state.nu) + ((state.nu_max,) if amsgrad else ())
@@ -362,11 +369,21 @@ def scale_by_adamax(
         del params
         count = mo.safe_increment(state.count)
 
+        @mo.per_dtype
+        def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
+            return (
+                mo.scalar(b1, dtype),
+                mo.scalar(b2, dtype),
+                mo.scalar(eps, dtype),
+                mo.debias(b1, count, dtype),
+            )
+
         def leaf(g: jax.Array, m: jax.Array, u: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (m32, u32) = mo.to_compute(g, m, u)
-            m_new = mo.ema(g32, m32, mo.scalar(b1, dtype))
-            u_new = jnp.maximum(mo.scalar(b2, dtype) * u32, jnp.abs(g32) + mo.scalar(eps, dtype))
-            step = (m_new / mo.bias_correction(b1, count, dtype)) / jnp.where(u_new > 0, u_new, 1)
+            beta1, beta2, e, debias1 = scalars(dtype)
+            m_new = mo.ema(g32, m32, beta1)
+            u_new = jnp.maximum(beta2 * u32, jnp.abs(g32) + e)
+            step = (m_new * debias1) / jnp.where(u_new > 0, u_new, 1)
             return step.astype(g.dtype), m_new.astype(m.dtype), u_new.astype(u.dtype)
 
         step, mu, nu = mo.leafwise(leaf, 3, updates, state.mu, state.nu)
@@ -454,15 +471,20 @@ def scale_by_nadam(
         count = mo.safe_increment(state.count)
         mu_product = state.mu_product * schedule(count, state.mu_product.dtype)
 
-        def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+        @mo.per_dtype
+        def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
             mu_t, mu_next = schedule(count, dtype), schedule(count + 1, dtype)
             product = mu_product.astype(dtype)
-            m_new = mo.ema(g32, m32, mo.scalar(b1, dtype))
-            v_new = mo.ema(g32 * g32, v32, mo.scalar(b2, dtype))
-            scale = mo.inv_root(
-                v_new / mo.bias_correction(b2, count, dtype), mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
-            )
+            e, e_root = mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
+            debias2 = mo.debias(b2, count, dtype)
+            return mu_t, mu_next, product, mo.scalar(b1, dtype), mo.scalar(b2, dtype), debias2, e, e_root
+
+        def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+            mu_t, mu_next, product, beta1, beta2, debias2, e, e_root = scalars(dtype)
+            m_new = mo.ema(g32, m32, beta1)
+            v_new = mo.ema(g32 * g32, v32, beta2)
+            scale = mo.inv_root(v_new * debias2, e, e_root)
             step = scale * ((1 - mu_t) / (1 - product) * g32 + mu_next / (1 - product * mu_next) * m_new)
             return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
@@ -565,23 +587,38 @@ def scale_by_radam(
         del params
         count = mo.safe_increment(state.count)
 
-        def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+        @mo.per_dtype
+        def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
             beta2 = mo.scalar(b2, dtype)
-            m_new = mo.ema(g32, m32, mo.scalar(b1, dtype))
-            v_new = mo.ema(g32 * g32, v32, beta2)
             bc2 = mo.bias_correction(b2, count, dtype)
             rho_inf = 2 / (1 - beta2) - 1
             rho = rho_inf - 2 * count.astype(dtype) * (1 - bc2) / bc2
             rectify = rho > mo.scalar(threshold, dtype)
             rho = jnp.where(rectify, rho, rho_inf)  # keeps the unused branch finite for jax.grad
             r = jnp.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
-            m_hat = m_new / mo.bias_correction(b1, count, dtype)
             e, e_root = mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
+            return (
+                mo.scalar(b1, dtype),
+                beta2,
+                1 / bc2,
+                jnp.sqrt(bc2),
+                mo.debias(b1, count, dtype),
+                rectify,
+                r,
+                e,
+                e_root,
+            )
+
+        def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+            beta1, beta2, debias2, sqrt_bc2, debias1, rectify, r, e, e_root = scalars(dtype)
+            m_new = mo.ema(g32, m32, beta1)
+            v_new = mo.ema(g32 * g32, v32, beta2)
+            m_hat = m_new * debias1
             if eps_before_debias:
-                adaptive = jnp.sqrt(bc2) * mo.inv_root(v_new, e, e_root)
+                adaptive = sqrt_bc2 * mo.inv_root(v_new, e, e_root)
             else:
-                adaptive = mo.inv_root(v_new / bc2, e, e_root)
+                adaptive = mo.inv_root(v_new * debias2, e, e_root)
             step = jnp.where(rectify, m_hat * r * adaptive, m_hat)
             return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 

@@ -30,10 +30,15 @@ def scale_by_lion(b1: Any = 0.9, b2: Any = 0.99, *, mu_dtype: Any = None) -> opt
     def update_fn(updates: Updates, state: LionState, params: base.Params | None = None) -> tuple[Updates, LionState]:
         del params
 
+        @mo.per_dtype
+        def scalars(dtype: jnp.dtype) -> tuple[Any, Any]:
+            return mo.scalar(b1, dtype), mo.scalar(b2, dtype)
+
         def leaf(g: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (m32,) = mo.to_compute(g, m)
-            step = jnp.sign(mo.ema(g32, m32, mo.scalar(b1, dtype)))
-            m_new = mo.ema(g32, m32, mo.scalar(b2, dtype))
+            beta1, beta2 = scalars(dtype)
+            step = jnp.sign(mo.ema(g32, m32, beta1))
+            m_new = mo.ema(g32, m32, beta2)
             return step.astype(g.dtype), m_new.astype(m.dtype)
 
         step, mu = mo.leafwise(leaf, 2, updates, state.mu)

@@ -8,8 +8,9 @@ keeps the update in the gradient's dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,20 @@ def scalar(x: Any, dtype: Any) -> Any:
     return jnp.asarray(x).astype(dtype)
 
 
+T = TypeVar("T")
+
+
+def per_dtype(fn: Callable[[jnp.dtype], T]) -> Callable[[jnp.dtype], T]:
+    """``fn(dtype)``, computed once per compute dtype and shared by every leaf of that dtype.
+
+    For the scalars of a step (hyperparameters cast to the compute dtype, bias corrections):
+    computed inside the per-leaf function they are traced once per leaf, and a tree of a
+    thousand leaves then traces, lowers and compiles thousands of copies of the same scalar
+    arithmetic. Wrap the function inside ``update`` (the cache must not outlive one trace).
+    """
+    return functools.cache(fn)
+
+
 def ema(new: jax.Array, old: jax.Array, decay: Any) -> jax.Array:
     """Exponential moving average: ``decay * old + (1 - decay) * new``."""
     return decay * old + (1 - decay) * new
@@ -71,6 +86,15 @@ def ema(new: jax.Array, old: jax.Array, decay: Any) -> jax.Array:
 def bias_correction(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
     """``1 - decay ** count``, the factor that debiases a zero-initialised EMA after ``count`` steps."""
     return 1 - scalar(decay, dtype) ** count.astype(dtype)
+
+
+def debias(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
+    """``1 / (1 - decay ** count)``: a zero-initialised EMA times this is debiased.
+
+    One division per step: multiplying every element by it is cheaper than dividing every
+    element by :func:`bias_correction` (XLA:CPU makes the same rewrite by itself only sometimes).
+    """
+    return 1 / bias_correction(decay, count, dtype)
 
 
 def inv_root(nu: jax.Array, eps: Any, eps_root: Any) -> jax.Array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from adaopt._src import base
@@ -49,13 +50,17 @@ def scale_by_rms(
     def update_fn(updates: Updates, state: RmsState, params: base.Params | None = None) -> tuple[Updates, RmsState]:
         del params
 
+        @mo.per_dtype
+        def scalars(dtype: jnp.dtype) -> tuple[Any, Any, Any]:
+            return mo.scalar(decay, dtype), mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
+
         def leaf(g: jax.Array, v: jax.Array, *m: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (v32, *m32) = mo.to_compute(g, v, *m)
-            alpha = mo.scalar(decay, dtype)
+            alpha, e, e_root = scalars(dtype)
             v_new = mo.ema(g32 * g32, v32, alpha)
             m_new = tuple(mo.ema(g32, x, alpha) for x in m32)
             variance = v_new - m_new[0] * m_new[0] if centered else v_new
-            step = g32 * mo.inv_root(variance, mo.scalar(eps, dtype), mo.scalar(eps_root, dtype))
+            step = g32 * mo.inv_root(variance, e, e_root)
             return (step.astype(g.dtype), v_new.astype(v.dtype), *(x.astype(v.dtype) for x in m_new))
 
         trees = (state.nu, state.mu) if centered else (state.nu,)

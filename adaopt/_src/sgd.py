@@ -52,12 +52,18 @@ def scale_by_momentum(
     ) -> tuple[Updates, MomentumState]:
         del params
 
+        first_step = state.count == 0
+
+        @mo.per_dtype
+        def scalars(dtype: jax.numpy.dtype) -> tuple[Any, Any]:
+            return mo.scalar(momentum, dtype), 1 - mo.scalar(dampening, dtype)
+
         def leaf(g: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (b32,) = mo.to_compute(g, b)
-            mu = mo.scalar(momentum, dtype)
-            b_new = mu * b32 + (1 - mo.scalar(dampening, dtype)) * g32
+            mu, undamped = scalars(dtype)
+            b_new = mu * b32 + undamped * g32
             if first_step_special:
-                b_new = jax.numpy.where(state.count == 0, g32, b_new)
+                b_new = jax.numpy.where(first_step, g32, b_new)
             step = g32 + mu * b_new if nesterov else b_new
             return step.astype(g.dtype), b_new.astype(b.dtype)
 
