@@ -17,7 +17,9 @@ thousand small leaves that overhead is almost the whole step. Two explicit layou
   such as LAMB's trust ratios are then computed per buffer).
 
 Neither changes an elementwise optimizer's arithmetic: each coordinate goes through the same
-operations, so trajectories equal the tree-shaped optimizer's.
+operations, so trajectories equal the tree-shaped optimizer's: bit for bit op by op, and to the
+last bit or so under ``jit``, where XLA:CPU contracts ``a * b + c`` into fused multiply-adds
+according to where its kernels start and end, which the layout moves.
 """
 
 from __future__ import annotations
@@ -119,33 +121,52 @@ class Layout:
                 buffers[dtype] = jnp.zeros([size], dtypes[dtype])
         return FlatTree(buffers, tuple(large))
 
-    def unpack(self, flat: FlatTree, *, shared_kernels: bool = False) -> Any:
-        """The tree of this layout from ``flat``; its buffers may have another dtype than the layout's.
+    def unpack(self, flat: FlatTree) -> Any:
+        """The tree of this layout from ``flat`` (whose buffers may have other dtypes than the layout's).
 
-        ``shared_kernels``: read each leaf with a dynamic slice whose offset XLA cannot see as a
-        constant. XLA:CPU compiles every distinct kernel separately, ~20-30 ms each: a thousand
-        static slices (each a distinct kernel, fused with whatever consumes it) cost ~30 s of
-        compilation; with run-time offsets the kernels of all leaves of one shape are the same
-        one, compiled once. Costs one small conditional per step; for an optimizer's output,
-        not for code that is differentiated (a dynamic slice transposes into a full-size
+        Linear, and differentiable in both modes. Two implementations of the same slicing, for
+        the compiler's sake: XLA:CPU compiles every distinct kernel separately (~20-30 ms each),
+        and a static slice at each leaf's offset makes each leaf's kernels distinct (a thousand
+        leaves: ~30 s of compilation, the cost of ``optax.flatten``). The values are read with
+        dynamic slices at offsets XLA cannot see as constants (:meth:`_offsets`), so the kernels
+        of all leaves of one shape are one kernel, compiled once; derivatives use ``lax.split``,
+        whose transpose is one concatenate per buffer (a dynamic slice's would be a full-size
         buffer per leaf).
         """
-        offsets = self._offsets(flat) if shared_kernels else None
+
+        @jax.custom_jvp
+        def unpack(flat: FlatTree) -> Any:
+            return self._read(flat, self._offsets(flat))
+
+        @unpack.defjvp
+        def unpack_jvp(primals: tuple[FlatTree], tangents: tuple[FlatTree]) -> tuple[Any, Any]:
+            return unpack(primals[0]), self._split(tangents[0])
+
+        return unpack(flat)
+
+    def _read(self, flat: FlatTree, offsets: list[jax.Array | None]) -> Any:
         large = iter(flat.leaves)
         leaves = []
-        for i, slot in enumerate(self.slots):
+        for slot, offset in zip(self.slots, offsets, strict=True):
             if slot.offset < 0:
                 leaves.append(next(large))
-                continue
-            buffer = flat.buffers[slot.dtype]
-            if slot.size == 0:
-                leaves.append(jnp.zeros(slot.shape, buffer.dtype))
-            elif offsets is not None and (offset := offsets[i]) is not None:
-                part = jax.lax.dynamic_slice(buffer, (offset,), (slot.size,))
+            elif slot.size == 0:
+                leaves.append(jnp.zeros(slot.shape, flat.buffers[slot.dtype].dtype))
+            elif offset is None:
+                part = jax.lax.slice(flat.buffers[slot.dtype], (slot.offset,), (slot.offset + slot.size,))
                 leaves.append(part.reshape(slot.shape))
             else:
-                part = jax.lax.slice(buffer, (slot.offset,), (slot.offset + slot.size,))
+                part = jax.lax.dynamic_slice(flat.buffers[slot.dtype], (offset,), (slot.size,))
                 leaves.append(part.reshape(slot.shape))
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def _split(self, flat: FlatTree) -> Any:
+        large = iter(flat.leaves)
+        pieces = {}
+        for dtype, _ in self.sizes:
+            sizes = [s.size for s in self.slots if s.offset >= 0 and s.dtype == dtype]
+            pieces[dtype] = iter(jax.lax.split(flat.buffers[dtype], sizes))
+        leaves = [next(large) if s.offset < 0 else next(pieces[s.dtype]).reshape(s.shape) for s in self.slots]
         return jax.tree.unflatten(self.treedef, leaves)
 
     def _offsets(self, flat: FlatTree) -> list[jax.Array | None]:
@@ -164,8 +185,11 @@ class Layout:
         def branch() -> tuple[jax.Array, ...]:
             return tuple(jnp.asarray(c) for c in constants)
 
-        predicate = jax.lax.stop_gradient(nonempty[0][0]) > 0
-        values = jax.lax.cond(predicate, branch, branch)
+        if isinstance(nonempty[0], jax.core.Tracer):
+            predicate = jax.lax.stop_gradient(nonempty[0][0]) > 0
+            values = jax.lax.cond(predicate, branch, branch)
+        else:  # run op by op: the offsets are arguments of the compiled slice already
+            values = branch()
         out: list[jax.Array | None] = [None] * len(self.slots)
         for i, value in zip(indices, values, strict=True):
             out[i] = value
@@ -179,8 +203,11 @@ def flatten_params(params: Any, *, min_size: int | None = None) -> tuple[FlatTre
     promotion: bfloat16 leaves stay bfloat16), and, if ``min_size`` is given, the leaves of at
     least ``min_size`` elements as they are (their shardings kept, and no copy of a large matrix
     in the loss). Keep ``flat`` as the parameters, call ``unflatten`` inside the loss, and the
-    optimizer steps a tree of a few leaves. ``unflatten`` is linear and differentiable: its
-    gradient is one concatenate per dtype.
+    optimizer steps a tree of a few leaves. ``unflatten`` is linear and differentiable in both
+    modes: its gradient is one concatenate per dtype. It reads the leaves at offsets XLA cannot
+    see as constants, so a training step over many leaves of few shapes compiles about as fast
+    as the tree-shaped one (static slices, as ``ravel_pytree``'s, make a distinct kernel per
+    leaf, which XLA:CPU compiles one by one).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, adaopt
@@ -198,8 +225,9 @@ def flatten_params(params: Any, *, min_size: int | None = None) -> tuple[FlatTre
       (3, 2)
 
     Differs from ``jax.flatten_util.ravel_pytree``: one buffer per dtype instead of one vector
-    promoted to a common dtype, large leaves optionally kept apart, and a result that is a
-    pytree (:class:`FlatTree`) any optax transformation accepts.
+    promoted to a common dtype, large leaves optionally kept apart, a result that is a pytree
+    (:class:`FlatTree`) any optax transformation accepts, and the compilation above. With the
+    parameters flat, per-leaf statistics (LAMB's trust ratios, LDoG) span a whole buffer.
 
     Args:
       params: a pytree of arrays.
@@ -213,19 +241,7 @@ def flatten_params(params: Any, *, min_size: int | None = None) -> tuple[FlatTre
         base.check_scalar("min_size", min_size, low=1)
     layout = Layout.of(params, min_size)
 
-    def unflatten(flat: FlatTree) -> Any:
-        leaves = iter(flat.leaves)
-        pieces: dict[str, Any] = {}
-        for dtype, _ in layout.sizes:
-            sizes = [s.size for s in layout.slots if s.offset >= 0 and s.dtype == dtype]
-            # lax.split, not slices: its transpose is one concatenate, where a slice's is a pad.
-            pieces[dtype] = iter(jax.lax.split(flat.buffers[dtype], sizes))
-        out = []
-        for slot in layout.slots:
-            out.append(next(leaves) if slot.offset < 0 else next(pieces[slot.dtype]).reshape(slot.shape))
-        return jax.tree.unflatten(layout.treedef, out)
-
-    return layout.pack(params), unflatten
+    return layout.pack(params), layout.unpack
 
 
 class MultiTensorState(NamedTuple):
@@ -284,7 +300,8 @@ def multi_tensor(
         \text{updates} = \mathrm{flat}^{-1}(u)
 
     Every coordinate goes through the same arithmetic as under ``tx`` alone, so the trajectory is
-    the same; what changes is the number of buffers and kernels of a step. On a tree of many
+    the same (under ``jit``, up to XLA's fused multiply-adds, which depend on kernel boundaries);
+    what changes is the number of buffers and kernels of a step. On a tree of many
     small leaves (1000 leaves of 100 floats) the state of the small leaves becomes one buffer per
     dtype per state field, and the state's kernels one per field (Adam: 2 in place of 2000);
     the parameters and gradients keep one buffer each per leaf. Leaves of at least ``min_size``
@@ -373,6 +390,6 @@ def multi_tensor(
         flat_params = None if params is None else layout.pack(params)
         check(grads, state.inner, flat_params, extra_args)
         flat_updates, inner_state = inner.update(grads, state.inner, flat_params, **extra_args)
-        return layout.unpack(flat_updates, shared_kernels=True), MultiTensorState(inner_state)
+        return layout.unpack(flat_updates), MultiTensorState(inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
