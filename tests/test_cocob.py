@@ -11,11 +11,10 @@ import optax
 import optax.contrib
 import parameterfree
 import pytest
-import scipy.optimize
 
 from adaopt._src.base import HyperparameterError
 from adaopt._src.cocob import CocobState, cocob
-from tests import parity
+from tests import parity, problems
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 
 SEEDS = (0, 1)
@@ -208,31 +207,7 @@ def test_update_needs_the_parameters() -> None:
 
 def test_solves_a_logistic_regression() -> None:
     """No learning rate to tune: the default reaches near the optimum of a real problem."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(200, 5)), jnp.float32)
-    y = (x @ jnp.asarray([1.0, -2.0, 0.5, 0.0, 3.0]) + 0.3 * jnp.asarray(rng.normal(size=200)) > 0).astype(jnp.float32)
-
-    def loss(p: dict) -> jax.Array:
-        logits = x @ p["w"] + p["b"]
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y)) + 1e-2 * jnp.sum(p["w"] ** 2)
-
-    tx = cocob()
-
-    @jax.jit
-    def train(p: dict) -> dict:
-        def step(carry: tuple, _: None) -> tuple[tuple, None]:
-            p, s = carry
-            u, s = tx.update(jax.grad(loss)(p), s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        return jax.lax.scan(step, (p, tx.init(p)), None, length=500)[0][0]
-
-    start = {"w": jnp.zeros(5), "b": jnp.zeros(())}
-    final = float(loss(train(start)))
-    flat = lambda v: {"w": jnp.asarray(v[:5], jnp.float32), "b": jnp.asarray(v[5], jnp.float32)}
-    value_and_grad = jax.jit(jax.value_and_grad(lambda v: loss(flat(v))))
-    best = scipy.optimize.minimize(
-        lambda v: tuple(np.asarray(a, np.float64) for a in value_and_grad(v)), np.zeros(6), jac=True, method="L-BFGS-B"
-    ).fun
+    loss, start, best = problems.binary_logistic_regression()
+    final = float(loss(problems.train(cocob(), loss, start, 500)))
     assert final < 0.5 * float(loss(start))
     assert final <= best + 0.01, f"loss {final:.4f} vs optimum {best:.4f}"

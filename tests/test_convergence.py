@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import scipy.optimize
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import adaopt
 from adaopt._src.registry import AVERAGED_ITERATES, CONSTANT_LEARNING_RATE, OPTIMIZERS, TUNING_FREE, OptimizerSpec
+from tests import problems
 
 SPECS = pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
 L2 = 1e-3
@@ -29,28 +29,13 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _logistic_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    logits = x @ params["w"] + params["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + L2 * jnp.sum(params["w"] ** 2)
+    return problems.softmax_regression_loss(params, x, y, L2)
 
 
 @functools.cache
 def _optimal_logistic_loss() -> float:
-    """The minimum of the (strictly convex) objective, by L-BFGS in float64."""
     x, _, y, _ = _digits()
-    onehot = np.eye(10)[y]
-
-    def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = flat[:640].reshape(64, 10), flat[640:]
-        logits = x @ w + b
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(1, keepdims=True)
-        loss = -np.mean(np.log(p[np.arange(len(y)), y])) + L2 * np.sum(w**2)
-        dlogits = (p - onehot) / len(y)
-        return loss, np.concatenate([(x.T @ dlogits + 2 * L2 * w).ravel(), dlogits.sum(0)])
-
-    result = scipy.optimize.minimize(objective, np.zeros(650), jac=True, method="L-BFGS-B", options={"gtol": 1e-10})
-    return float(result.fun)
+    return problems.optimal_softmax_regression_loss(x, y, L2)
 
 
 @SPECS

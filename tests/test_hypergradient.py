@@ -29,14 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import scipy.optimize
 import torch
 from sklearn.datasets import load_digits
 
 from adaopt._src import adam as adam_module
 from adaopt._src import sgd as sgd_module
 from adaopt._src.hypergradient import HypergradientState, adam_hd, hypergradient, sgd_hd, sgdn_hd
-from tests import parity
+from tests import parity, problems
 from tests.parity import SHAPES, STEPS
 
 TOLERANCE = {np.float64: 1e-10, np.float32: 1e-5}
@@ -409,25 +408,11 @@ def _digits() -> tuple[np.ndarray, np.ndarray, float]:
     """Standardised digits and the minimum of the L2-regularised logistic loss (L-BFGS, float64)."""
     x, y = load_digits(return_X_y=True)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    onehot = np.eye(10)[y]
-
-    def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = flat[:640].reshape(64, 10), flat[640:]
-        logits = x @ w + b
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(1, keepdims=True)
-        loss = -np.mean(np.log(p[np.arange(len(y)), y])) + L2 * np.sum(w**2)
-        d = (p - onehot) / len(y)
-        return loss, np.concatenate([(x.T @ d + 2 * L2 * w).ravel(), d.sum(0)])
-
-    result = scipy.optimize.minimize(objective, np.zeros(650), jac=True, method="L-BFGS-B", options={"gtol": 1e-10})
-    return x.astype(np.float32), y, float(result.fun)
+    return x.astype(np.float32), y, problems.optimal_softmax_regression_loss(x, y, L2)
 
 
 def _logistic_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    logits = x @ params["w"] + params["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + L2 * jnp.sum(params["w"] ** 2)
+    return problems.softmax_regression_loss(params, x, y, L2)
 
 
 def _suboptimality(runs: dict[str, tuple[Any, list[float]]]) -> dict[str, np.ndarray]:

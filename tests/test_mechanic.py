@@ -16,7 +16,6 @@ import numpy as np
 import optax
 import optax.contrib
 import pytest
-import scipy.optimize
 import torch
 from mechanic_pytorch import mechanize
 
@@ -26,7 +25,7 @@ from adaopt._src.lamb import lamb
 from adaopt._src.mechanic import DEFAULT_BETAS, MechanicState, mechanic
 from adaopt._src.rmsprop import rmsprop
 from adaopt._src.sgd import sgd
-from tests import parity
+from tests import parity, problems
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 
 INNER = {
@@ -314,30 +313,6 @@ def test_update_needs_the_parameters() -> None:
 
 def test_solves_a_logistic_regression() -> None:
     """SGD's learning rate left at 1: Mechanic finds the scale and reaches near the optimum."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(200, 5)), jnp.float32)
-    y = (x @ jnp.asarray([1.0, -2.0, 0.5, 0.0, 3.0]) + 0.3 * jnp.asarray(rng.normal(size=200)) > 0).astype(jnp.float32)
-
-    def loss(p: dict) -> jax.Array:
-        logits = x @ p["w"] + p["b"]
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y)) + 1e-2 * jnp.sum(p["w"] ** 2)
-
-    tx = mechanic(sgd(1.0))
-
-    @jax.jit
-    def train(p: dict) -> dict:
-        def step(carry: tuple, _: None) -> tuple[tuple, None]:
-            p, s = carry
-            u, s = tx.update(jax.grad(loss)(p), s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        return jax.lax.scan(step, (p, tx.init(p)), None, length=500)[0][0]
-
-    start = {"w": jnp.zeros(5), "b": jnp.zeros(())}
-    final = float(loss(train(start)))
-    flat = lambda v: {"w": jnp.asarray(v[:5], jnp.float32), "b": jnp.asarray(v[5], jnp.float32)}
-    value_and_grad = jax.jit(jax.value_and_grad(lambda v: loss(flat(v))))
-    best = scipy.optimize.minimize(
-        lambda v: tuple(np.asarray(a, np.float64) for a in value_and_grad(v)), np.zeros(6), jac=True, method="L-BFGS-B"
-    ).fun
+    loss, start, best = problems.binary_logistic_regression()
+    final = float(loss(problems.train(mechanic(sgd(1.0)), loss, start, 500)))
     assert final <= best + 0.01, f"loss {final:.4f} vs optimum {best:.4f} (start {float(loss(start)):.4f})"

@@ -1,0 +1,75 @@
+"""Small real problems that several test files train on, and their optima by L-BFGS in float64."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.optimize
+
+
+def softmax_regression_loss(params: dict, x: jax.Array, y: jax.Array, l2: float) -> jax.Array:
+    """Cross-entropy of ``x @ w + b`` against integer labels, plus ``l2 * |w|^2``."""
+    logits = x @ params["w"] + params["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + l2 * jnp.sum(params["w"] ** 2)
+
+
+def optimal_softmax_regression_loss(x: np.ndarray, y: np.ndarray, l2: float) -> float:
+    """The minimum of :func:`softmax_regression_loss` (strictly convex for l2 > 0), by L-BFGS in float64."""
+    n_features, n_classes = x.shape[1], int(y.max()) + 1
+    n_weights = n_features * n_classes
+    onehot = np.eye(n_classes)[y]
+
+    def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = flat[:n_weights].reshape(n_features, n_classes), flat[n_weights:]
+        logits = x @ w + b
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(1, keepdims=True)
+        loss = -np.mean(np.log(p[np.arange(len(y)), y])) + l2 * np.sum(w**2)
+        dlogits = (p - onehot) / len(y)
+        return loss, np.concatenate([(x.T @ dlogits + 2 * l2 * w).ravel(), dlogits.sum(0)])
+
+    start = np.zeros(n_weights + n_classes)
+    result = scipy.optimize.minimize(objective, start, jac=True, method="L-BFGS-B", options={"gtol": 1e-10})
+    return float(result.fun)
+
+
+@functools.cache
+def binary_logistic_regression() -> tuple[Callable[[dict], jax.Array], dict, float]:
+    """A 5-feature binary logistic regression with L2 1e-2: the loss, the start (zeros) and its minimum."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(200, 5)), jnp.float32)
+    y = (x @ jnp.asarray([1.0, -2.0, 0.5, 0.0, 3.0]) + 0.3 * jnp.asarray(rng.normal(size=200)) > 0).astype(jnp.float32)
+
+    def loss(p: dict) -> jax.Array:
+        logits = x @ p["w"] + p["b"]
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y)) + 1e-2 * jnp.sum(p["w"] ** 2)
+
+    flat = lambda v: {"w": jnp.asarray(v[:5], jnp.float32), "b": jnp.asarray(v[5], jnp.float32)}
+    value_and_grad = jax.jit(jax.value_and_grad(lambda v: loss(flat(v))))
+    best = scipy.optimize.minimize(
+        lambda v: tuple(np.asarray(a, np.float64) for a in value_and_grad(v)), np.zeros(6), jac=True, method="L-BFGS-B"
+    ).fun
+    return loss, {"w": jnp.zeros(5), "b": jnp.zeros(())}, float(best)
+
+
+def train(tx: optax.GradientTransformation, loss: Callable[[Any], jax.Array], start: Any, steps: int) -> Any:
+    """``steps`` full-batch steps of ``tx`` from ``start`` in one compiled scan, the loss passed as ``value=``."""
+
+    @jax.jit
+    def run(p: Any) -> Any:
+        def step(carry: tuple, _: None) -> tuple[tuple, None]:
+            p, s = carry
+            value, grads = jax.value_and_grad(loss)(p)
+            u, s = tx.update(grads, s, p, value=value)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(step, (p, tx.init(p)), None, length=steps)[0][0]
+
+    return run(start)
