@@ -186,3 +186,15 @@ def check_common(
 
 
 Factory = Callable[..., optax.GradientTransformationExtraArgs]
+
+
+def loss_value(value: Any, dtype: Any, who: str) -> jax.Array:
+    """The loss passed as ``update(..., value=loss)``, as a 0-d array in ``dtype``; a clear error if missing or not scalar."""
+    if value is None:
+        raise ValueError(
+            f"{who} needs the loss at the current parameters: call update(grads, state, params, value=loss)."
+        )
+    value = jnp.asarray(value)
+    if value.ndim != 0:
+        raise ValueError(f"{who} needs a scalar loss as value=, got an array of shape {value.shape}.")
+    return value.astype(dtype)

@@ -32,17 +32,6 @@ class BoldDriverState(NamedTuple):
     previous_update: Updates | None = None
 
 
-def _loss_value(value: Any, dtype: Any, who: str) -> jax.Array:
-    if value is None:
-        raise ValueError(
-            f"{who} needs the loss at the current parameters: call update(grads, state, params, value=loss)."
-        )
-    value = jnp.asarray(value)
-    if value.ndim != 0:
-        raise ValueError(f"{who} needs a scalar loss as value=, got an array of shape {value.shape}.")
-    return value.astype(dtype)
-
-
 def _check_factors(increase: Any, decrease: Any) -> None:
     base.check_scalar("increase", increase, low=1.0)
     base.check_scalar("decrease", decrease, low=0.0, high=1.0, low_open=True)
@@ -122,7 +111,7 @@ def scale_by_bold_driver(
     ) -> tuple[Updates, BoldDriverState]:
         del params, extra_args
         dtype = state.scale.dtype
-        f = _loss_value(value, dtype, "bold_driver")
+        f = base.loss_value(value, dtype, "bold_driver")
         fell = state.compare & (f <= state.previous_value)
         rose = state.compare & ~(f <= state.previous_value)
         factor = jnp.where(rose, mo.scalar(decrease, dtype), jnp.where(fell, mo.scalar(increase, dtype), 1))

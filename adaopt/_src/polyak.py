@@ -11,7 +11,6 @@ import optax
 from adaopt._src import base
 from adaopt._src import moments as mo
 from adaopt._src.base import ScalarOrSchedule, Updates
-from adaopt._src.bold_driver import _loss_value
 
 Variant = Literal["sps", "sps+"]
 
@@ -77,7 +76,7 @@ def scale_by_polyak(
     ) -> tuple[Updates, PolyakState]:
         del params, extra_args
         dtype = state.step_size.dtype
-        f = _loss_value(value, dtype, "polyak_sgd")
+        f = base.loss_value(value, dtype, "polyak_sgd")
         leaves = jax.tree.leaves(updates)
         squares = [jnp.sum(jnp.square(g.astype(mo.compute_dtype(g.dtype)))).astype(dtype) for g in leaves]
         grad_sq_norm = sum(squares, jnp.zeros([], dtype))
