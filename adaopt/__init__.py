@@ -122,5 +122,7 @@ from adaopt._src.schedules import warmup_stable_decay_schedule as warmup_stable_
 from adaopt._src.sgd import MomentumState as MomentumState
 from adaopt._src.sgd import scale_by_momentum as scale_by_momentum
 from adaopt._src.sgd import sgd as sgd
+from adaopt._src.single_pass import cpu_multi_output_fusion_enabled as cpu_multi_output_fusion_enabled
+from adaopt._src.single_pass import single_pass as single_pass
 
 __version__ = "0.1.0"

@@ -8,12 +8,14 @@ loop runs it. For each parameter tree and each optimizer the script times:
 - ``optax``: optax's implementation of the same algorithm and hyperparameters;
 - ``torch fused`` and ``torch foreach``: ``torch.optim``'s, ``opt.step()`` on a list of float32
   tensors whose ``.grad`` is set once ("n/a" where torch has no such implementation);
-- with ``--layouts`` (by default both), adaopt's optimizer in a multi-tensor layout:
+- with ``--layouts`` (by default all three), adaopt's optimizer in another layout:
   ``adaopt (multi-tensor)`` is ``adaopt.multi_tensor(optimizer)`` on the same parameter tree (the
   state of the leaves under 16,384 elements in one flat buffer per dtype), and
   ``adaopt (flat params)`` the same optimizer on ``adaopt.flatten_params(params)`` (the parameters
   and gradients kept as one flat buffer per dtype, as a training loop that unflattens the
-  parameters inside its loss would hold them).
+  parameters inside its loss would hold them); ``adaopt (single pass)`` is
+  ``adaopt.single_pass(optimizer)``, one kernel per leaf for the whole step when XLA:CPU's
+  multi-output fusion is on (the plain optimizer when it is off).
 
 JAX: the first compile is timed as the wall time of ``step.lower(...).compile()``; then 2 warm-up
 calls and ``--reps`` timed calls, each followed by ``jax.block_until_ready``, each feeding the
@@ -36,13 +38,16 @@ If JAX's default device is a GPU, JAX runs there and torch on CUDA (when torch h
 code path is the same.
 
 The results go between ``<!-- speed:begin -->`` and ``<!-- speed:end -->`` in ``--out``; the rest of
-an existing file is kept.
+an existing file is kept. XLA:CPU's multi-output fusion is an option of the CPU backend, read from
+``XLA_FLAGS`` when JAX starts; a run with it on (``XLA_FLAGS=--xla_backend_extra_options=
+xla_cpu_use_multi_output_fusion``) writes its own section, between
+``<!-- speed-multi-output-fusion:begin -->`` and ``<!-- speed-multi-output-fusion:end -->``.
 
 Usage::
 
     python benchmarks/speed.py [--trees gpt2,resnet,single,small] [--optimizers adam,sgd]
                                [--reps 10] [--out benchmarks/RESULTS.md] [--no-torch]
-                               [--layouts multi-tensor,flat-params|none]
+                               [--layouts multi-tensor,flat-params,single-pass|none]
 """
 
 from __future__ import annotations
@@ -69,15 +74,22 @@ import optax
 
 import adaopt
 from adaopt._src.multi_tensor import flatten_params, multi_tensor
+from adaopt._src.single_pass import XLA_FLAG, cpu_multi_output_fusion_enabled, single_pass
 
 BEGIN = "<!-- speed:begin -->"
 END = "<!-- speed:end -->"
+MOF_BEGIN = "<!-- speed-multi-output-fusion:begin -->"  # a run with XLA:CPU's multi-output fusion on
+MOF_END = "<!-- speed-multi-output-fusion:end -->"
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 DEFAULT_OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd")
 WARMUP = 2
 F32 = 4  # bytes per float32
 IMPLS = ("adaopt", "optax", "torch fused", "torch foreach")
-LAYOUTS = {"multi-tensor": "adaopt (multi-tensor)", "flat-params": "adaopt (flat params)"}  # --layouts -> impl
+LAYOUTS = {  # --layouts -> impl
+    "multi-tensor": "adaopt (multi-tensor)",
+    "flat-params": "adaopt (flat params)",
+    "single-pass": "adaopt (single pass)",
+}
 COLUMNS = (
     "optimizer",
     "impl",
@@ -483,6 +495,8 @@ def run(
                     timing = time_jax(multi_tensor(contender.adaopt()), host_params, grads, reps)
                 elif impl == LAYOUTS["flat-params"]:
                     timing = time_jax(contender.adaopt(), host_params, grads, reps, flat=True)
+                elif impl == LAYOUTS["single-pass"]:
+                    timing = time_jax(single_pass(contender.adaopt()), host_params, grads, reps)
                 else:
                     factory = contender.adaopt if impl == "adaopt" else contender.optax
                     timing = time_jax(factory(), host_params, grads, reps)
@@ -556,6 +570,7 @@ def machine() -> dict[str, str]:
         "jax / jaxlib": f"{jax.__version__} / {_version('jaxlib')}",
         "optax": optax.__version__,
         "JAX device": str(jax.devices()[0]),
+        "XLA:CPU multi-output fusion": "on" if cpu_multi_output_fusion_enabled() else "off (the default)",
     }
     info["torch"] = _version("torch")
     return info
@@ -593,11 +608,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def markers() -> tuple[str, str]:
+    """The markers of this run's section: its own section when XLA:CPU's multi-output fusion is on."""
+    return (MOF_BEGIN, MOF_END) if cpu_multi_output_fusion_enabled() else (BEGIN, END)
+
+
 def render(report: Report, command: str, elapsed_s: float) -> str:
     """The Markdown section (between the markers, markers included)."""
     measured = report.measured_bandwidth
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [BEGIN, "## Speed: one optimizer step", ""]
+    begin, end = markers()
+    title = "with XLA:CPU's multi-output fusion" if cpu_multi_output_fusion_enabled() else "XLA's defaults"
+    parts = [begin, f"## Speed: one optimizer step ({title})", ""]
     parts += [f"Finished {now}, {elapsed_s:.0f} s in all, with:", "", "```", command, "```", ""]
     parts += [f"- {key}: {value}" for key, value in machine().items()]
     parts += [
@@ -613,7 +635,9 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
         '"achieved GB/s" is that divided by the median time. "ratio vs adaopt" is adaopt\'s median time',
         "divided by the row's: above 1, adaopt is slower than that implementation. The rows `adaopt (multi-tensor)`",
         "(`adaopt.multi_tensor(optimizer)`, the same tree) and `adaopt (flat params)` (the parameters and gradients",
-        "as `adaopt.flatten_params` lays them out) time adaopt's multi-tensor layouts.",
+        "as `adaopt.flatten_params` lays them out) time adaopt's multi-tensor layouts; `adaopt (single pass)` is",
+        "`adaopt.single_pass(optimizer)`, which computes each leaf's step in one kernel when XLA:CPU's multi-output",
+        f"fusion is on (`XLA_FLAGS={XLA_FLAG}`), and is the plain optimizer when it is off.",
         "",
         "### Memory bandwidth",
         "",
@@ -644,17 +668,18 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
         parts += [f"- n/a: {note}" for note in sorted(notes)]
         if notes:
             parts.append("")
-    parts.append(END)
+    parts.append(end)
     return "\n".join(parts) + "\n"
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace the speed section of ``path`` (or append it, or create the file), keeping the rest."""
+    """Replace this run's section of ``path`` (or append it, or create the file), keeping the rest."""
+    begin, end = markers()
     if path.exists():
         text = path.read_text()
-        start, end = text.find(BEGIN), text.find(END)
-        if start >= 0 and end > start:
-            text = text[:start] + section.rstrip("\n") + text[end + len(END) :]
+        start, stop = text.find(begin), text.find(end)
+        if start >= 0 and stop > start:
+            text = text[:start] + section.rstrip("\n") + text[stop + len(end) :]
         else:
             text = text.rstrip("\n") + "\n\n" + section
     else:

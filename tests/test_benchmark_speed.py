@@ -74,6 +74,22 @@ def test_section_is_appended_to_a_file_without_markers(speed: ModuleType, tmp_pa
     assert out.read_text() == f"# Other\n\n{speed.BEGIN}\nnew\n{speed.END}\n"
 
 
+def test_a_run_with_multi_output_fusion_writes_its_own_section(
+    speed: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "RESULTS.md"
+    out.write_text(f"# R\n\n{speed.BEGIN}\ndefault run, kept\n{speed.END}\n")
+    monkeypatch.setenv("XLA_FLAGS", speed.XLA_FLAG)
+    assert speed.markers() == (speed.MOF_BEGIN, speed.MOF_END)
+    assert speed.machine()["XLA:CPU multi-output fusion"] == "on"
+    speed.write_section(out, f"{speed.MOF_BEGIN}\nfused run\n{speed.MOF_END}\n")
+    speed.write_section(out, f"{speed.MOF_BEGIN}\nfused run 2\n{speed.MOF_END}\n")
+    text = out.read_text()
+    assert "default run, kept" in text and "fused run 2" in text and "fused run\n" not in text
+    monkeypatch.delenv("XLA_FLAGS")
+    assert speed.markers() == (speed.BEGIN, speed.END)
+
+
 def test_trees_have_the_documented_sizes(speed: ModuleType) -> None:
     assert speed.count(speed.gpt2_tree()) == (148, 54_737_920)
     leaves, params = speed.count(speed.resnet_tree())

@@ -1,0 +1,172 @@
+"""``single_pass``: the same steps as the wrapped optimizer, in one XLA:CPU kernel per leaf when multi-output fusion is on.
+
+XLA:CPU reads its options when JAX starts its CPU backend, so the tests with the fusion on run
+in a fresh Python process started with ``XLA_FLAGS``; the others run here, where it is off, and
+where ``XLA_FLAGS`` is set only in ``os.environ`` (which ``single_pass`` reads) to trace the
+wrapper's sibling form, which is then compiled without the fusion: the numbers must still agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaopt
+from adaopt._src.registry import get
+from adaopt._src.single_pass import XLA_FLAG, cpu_multi_output_fusion_enabled
+
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd", "lamb", "prodigy", "polyak_sgd")
+STEPS = 20
+
+
+def tree() -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "w": jnp.asarray(rng.standard_normal((30, 7)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(5), jnp.float32),
+        "s": jnp.asarray(0.5, jnp.float32),
+        "half": jnp.asarray(rng.standard_normal(6), jnp.bfloat16),
+        "empty": jnp.zeros((0, 3), jnp.float32),
+        "none": None,
+    }
+
+
+def run(tx: optax.GradientTransformation, params: Any, steps: int = STEPS) -> Any:
+    """The parameters and state after ``steps`` jitted steps on deterministic gradients, with the loss as value=."""
+
+    @jax.jit
+    def step(p: Any, s: Any, k: jax.Array) -> tuple[Any, Any]:
+        g = jax.tree.map(lambda x: jnp.sin(3 * x + k).astype(x.dtype), p)
+        updates, s = tx.update(g, s, p, value=1.0 + 1.0 / (1.0 + k))
+        return optax.apply_updates(p, updates), s
+
+    p, s = params, tx.init(params)
+    for k in range(steps):
+        p, s = step(p, s, jnp.float32(k))
+    return p, s
+
+
+def assert_trees_close(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "flags, enabled",
+    [
+        ("", False),
+        (XLA_FLAG, True),
+        ("--xla_force_host_platform_device_count=8 " + XLA_FLAG, True),
+        ("--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=true,other=1", True),
+        ("--xla_backend_extra_options=other,xla_cpu_use_multi_output_fusion", True),
+        ("--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=false", False),
+        ("--xla_backend_extra_options=xla_cpu_use_thunk_runtime", False),
+    ],
+)
+def test_the_flag_is_read_from_xla_flags(monkeypatch: pytest.MonkeyPatch, flags: str, enabled: bool) -> None:
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert cpu_multi_output_fusion_enabled() is enabled
+
+
+def test_without_the_fusion_it_is_the_optimizer_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    tx = adaopt.adam(1e-2)
+    params = tree()
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    plain = jax.make_jaxpr(tx.update)(grads, state, params)
+    wrapped = jax.make_jaxpr(adaopt.single_pass(tx).update)(grads, state, params)
+    assert str(plain) == str(wrapped)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_sibling_form_follows_the_optimizer(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Traced as on a CPU with the fusion on (compiled here without it): the same trajectory and state."""
+    monkeypatch.setenv("XLA_FLAGS", XLA_FLAG)
+    spec = get(name)
+    params = tree()
+    wrapped = adaopt.single_pass(spec.make())
+    grads = jax.tree.map(jnp.ones_like, params)
+    jaxpr = str(jax.make_jaxpr(wrapped.update)(grads, wrapped.init(params), params, value=1.0))
+    assert "optimization_barrier" in jaxpr and "platform_index" in jaxpr
+    # The last bits may differ: XLA:CPU contracts a * b + c into fused multiply-adds kernel by kernel.
+    assert_trees_close(run(wrapped, params), run(spec.make(), params), rtol=1e-5, atol=1e-6)
+
+
+def test_sibling_form_chains_differentiates_and_vmaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XLA_FLAGS", XLA_FLAG)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros(4)}
+    grads = jax.tree.map(lambda x: 0.3 * x + 0.1, params)
+
+    def loss_after_step(lr: jax.Array, wrap: bool) -> jax.Array:
+        tx = optax.chain(optax.clip_by_global_norm(1.0), adaopt.adamw(lr, weight_decay=0.1))
+        tx = adaopt.single_pass(tx) if wrap else tx
+        state = tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(grads, state, params)
+        new = optax.apply_updates(params, updates)
+        return sum(jnp.sum(x**2) for x in jax.tree.leaves(new))
+
+    for wrap_grad in (jax.grad, jax.vmap):
+        arg = jnp.float32(1e-2) if wrap_grad is jax.grad else jnp.array([1e-3, 1e-2])
+        got = wrap_grad(lambda lr: loss_after_step(lr, True))(arg)
+        want = wrap_grad(lambda lr: loss_after_step(lr, False))(arg)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+FUSED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    import adaopt
+    sys.path.insert(0, sys.argv[1])
+    import test_single_pass as t
+
+    assert adaopt.cpu_multi_output_fusion_enabled()
+    out = {}
+    leaves = {f"l{i}": jnp.full((64, 32), 0.01 * i, jnp.float32) for i in range(6)}
+    grads = jax.tree.map(lambda x: x + 0.5, leaves)
+    for name, tx in (("adam", adaopt.adam(1e-2)), ("sgd_momentum", adaopt.sgd(1e-2, momentum=0.9))):
+        row = {}
+        for label, opt in (("plain", tx), ("single_pass", adaopt.single_pass(tx))):
+            def step(p, s, g, opt=opt):
+                u, s = opt.update(g, s, p)
+                return optax.apply_updates(p, u), s
+            hlo = jax.jit(step, donate_argnums=(0, 1)).lower(leaves, opt.init(leaves), grads).compile().as_text()
+            entry = hlo.split("ENTRY")[1]
+            row[label] = sum(" fusion(" in line for line in entry.splitlines())
+            p, s = t.run(opt, t.tree())
+            row[label + "_state"] = [np.asarray(x, np.float64).tolist() for x in jax.tree.leaves((p, s))]
+        out[name] = row
+    print(json.dumps(out))
+    """
+)
+
+
+def test_with_the_fusion_each_leaf_is_one_kernel() -> None:
+    """In a process with XLA:CPU's multi-output fusion on: one kernel per leaf, and the same trajectory."""
+    env = {**os.environ, "XLA_FLAGS": XLA_FLAG, "JAX_PLATFORMS": "cpu"}
+    here = os.path.dirname(__file__)
+    result = subprocess.run(
+        [sys.executable, "-c", FUSED_SCRIPT, here], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, row in out.items():
+        # 6 leaves: one kernel each for the parameter and its state, a few for the step count; without
+        # the wrapper the parameter's kernel reads the moments the state's kernel writes: two per leaf.
+        assert row["single_pass"] <= 6 + 3 < row["plain"], (name, row)
+        for got, want in zip(row["single_pass_state"], row["plain_state"], strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
