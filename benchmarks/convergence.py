@@ -43,7 +43,8 @@ fraction of workloads on which that ratio is at most ``tau`` (a workload not sol
 infinite ratio).
 
 ``--tuning-free`` runs the ``TUNING_FREE`` optimizers at their defaults only, beside Adam tuned on
-the grid, and writes its own section: per workload, each method's final loss and its ratio to
+the grid (and, named ``<name>+cosine``, those of ``DECAYED_VARIANTS`` with their default learning
+rate under a cosine decay over the budget, as their authors run them), and writes its own section: per workload, each method's final loss and its ratio to
 tuned Adam's (within 5%?), steps and seconds to target, and the performance profile of these
 methods against tuned Adam.
 
@@ -110,6 +111,12 @@ GRADIENT_TIMING_FRACTION = 0.1  # of the budget: the steps of the gradient's tim
 UPDATE_TIMING_STEPS = 200  # steps of the optimizer's timing run
 TIMING_REPS = 3  # timed calls of each timing run, after compilation; the fastest counts
 QUICK_SCALE = 0.1
+COSINE = "+cosine"  # the suffix of a decayed variant's name
+# Tuning-free methods whose learning rate multiplies the step size they estimate. The authors of
+# Prodigy and D-Adaptation pair them with a decaying schedule (cosine annealing), Mechanic keeps its
+# base optimizer's schedule; so ``--tuning-free`` also runs these (and DoG's family, to compare) with
+# the default learning rate decayed to 0 by a cosine over the budget: still no tuning.
+DECAYED_VARIANTS = ("prodigy", "dadapt_adam", "dadapt_sgd", "dadapt_adagrad", "mechanic", "dog", "ldog", "dowg")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,8 +176,22 @@ def learning_rate_grid(spec: OptimizerSpec) -> list[float]:
     return [spec.learning_rate * GRID_FACTOR**k for k in GRID_POWERS]
 
 
+def cosine_variant(spec: OptimizerSpec) -> OptimizerSpec:
+    """``spec`` run with its default learning rate under a cosine decay (one of ``DECAYED_VARIANTS``)."""
+    return dataclasses.replace(spec, name=spec.name + COSINE)
+
+
+def spec_of(name: str) -> OptimizerSpec:
+    """The registry entry ``name``, or the decayed variant that ``name + COSINE`` names."""
+    if name.endswith(COSINE):
+        return cosine_variant(adaopt.REGISTRY[name.removesuffix(COSINE)])
+    return adaopt.REGISTRY[name]
+
+
 def is_scheduled(spec: OptimizerSpec, schedule: str) -> bool:
     """Whether the optimizer gets a cosine-decayed learning rate (see the module docstring)."""
+    if spec.name.endswith(COSINE):
+        return True
     own = {TUNING_FREE, AVERAGED_ITERATES, CONSTANT_LEARNING_RATE}
     return schedule == "cosine" and not (own & spec.capabilities)
 
@@ -672,7 +693,9 @@ def render_tuning_free(suite: Suite, command: str, plots: Mapping[str, str]) -> 
     parts = [TF_BEGIN, *_header(suite, command, f"Tuning-free methods at their defaults against tuned {BASELINE}")]
     free = tuning_free_names(suite)
     parts += [
-        f"Each `TUNING_FREE` method runs once, at its defaults; {BASELINE} runs on the 7-point grid "
+        f"Each `TUNING_FREE` method runs once, at its defaults (`<name>{COSINE}`: the same with its default "
+        "learning rate decayed to 0 by a cosine over the budget, as the authors of Prodigy and D-Adaptation run "
+        f"them); {BASELINE} runs on the 7-point grid "
         f"`lr * 3**k` (k = -3..3, lr = {adaopt.REGISTRY[BASELINE].learning_rate:g}) with a {suite.schedule} "
         f"schedule, and the grid point with the lowest final metric is its tuned run. **ratio** = the method's "
         f"final metric / tuned {BASELINE}'s; **within 5%**: ratio <= {1 + WITHIN:g}. Seconds to target = steps "
@@ -742,7 +765,7 @@ def _final_default(suite: Suite, name: str, w: wl.Workload) -> float:
 
 def tuning_free_names(suite: Suite) -> list[str]:
     """The suite's ``TUNING_FREE`` optimizers (the baseline left out)."""
-    return [n for n in suite.optimizers if n != BASELINE and TUNING_FREE in adaopt.REGISTRY[n].capabilities]
+    return [n for n in suite.optimizers if n != BASELINE and TUNING_FREE in spec_of(n).capabilities]
 
 
 def has_tuning_free_comparison(suite: Suite) -> bool:
@@ -970,11 +993,15 @@ def make_plots(suite: Suite, out_dir: Path, link_base: Path) -> dict[str, str]:
 
 
 def select(names: Sequence[str] | None, tuning_free: bool) -> list[OptimizerSpec]:
-    """The registry entries to run, in registry order (``tuning_free``: the TUNING_FREE ones and the baseline)."""
+    """The registry entries to run, in registry order.
+
+    ``tuning_free``: the baseline, the TUNING_FREE entries, then the cosine variants of those in
+    ``DECAYED_VARIANTS``.
+    """
     specs = [s for s in adaopt.REGISTRY.values() if names is None or s.name in names]
     if tuning_free:
         specs = [s for s in specs if TUNING_FREE in s.capabilities]
-        specs.insert(0, adaopt.REGISTRY[BASELINE])
+        specs = [adaopt.REGISTRY[BASELINE], *specs, *(cosine_variant(s) for s in specs if s.name in DECAYED_VARIANTS)]
     return specs
 
 

@@ -175,6 +175,31 @@ def test_grid_budget_and_schedule(conv: ModuleType) -> None:
         assert not conv.is_scheduled(spec, "constant")
 
 
+def test_tuning_free_runs_add_the_cosine_variants(conv: ModuleType) -> None:
+    specs = conv.select(None, tuning_free=True)
+    names = [s.name for s in specs]
+    assert names[0] == conv.BASELINE
+    variants = [n for n in names if n.endswith(conv.COSINE)]
+    assert sorted(v.removesuffix(conv.COSINE) for v in variants) == sorted(conv.DECAYED_VARIANTS)
+    for name in conv.DECAYED_VARIANTS:
+        spec = adaopt.REGISTRY[name]
+        assert TUNING_FREE in spec.capabilities and name in names
+        variant = conv.spec_of(name + conv.COSINE)
+        assert variant.learning_rate == spec.learning_rate and variant.factory is spec.factory
+        assert conv.is_scheduled(variant, "constant") and conv.is_scheduled(variant, "cosine")
+        assert not conv.is_scheduled(spec, "cosine")
+    assert conv.select(["dog"], tuning_free=True)[1:] == [adaopt.REGISTRY["dog"], conv.spec_of("dog+cosine")]
+
+    # The variant is trained under the decay: not the constant run's trajectory.
+    prepared = conv.Prepared.of(conv.wl.WORKLOADS["quadratic"]())
+    runs = [
+        conv.run_pair(spec, prepared, [1.0], 0, scale=0.02, evals=4, schedule="constant")
+        for spec in (adaopt.REGISTRY["dadapt_sgd"], conv.spec_of("dadapt_sgd+cosine"))
+    ]
+    assert [r.scheduled for r in runs] == [False, True]
+    assert runs[0].losses != runs[1].losses
+
+
 def test_full_batch_methods_skip_the_workloads_without_one(conv: ModuleType) -> None:
     specs = [s for s in adaopt.REGISTRY.values() if FULL_BATCH in s.capabilities]
     assert specs  # the bold driver
