@@ -99,7 +99,8 @@ def debias(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
 
 def inv_root(nu: jax.Array, eps: Any, eps_root: Any) -> jax.Array:
     """``1 / (sqrt(nu + eps_root) + eps)``, with 0 where that denominator is 0 (a zero gradient)."""
-    denominator = jnp.sqrt(nu + eps_root) + eps
+    inside = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root  # no "+ 0" per leaf
+    denominator = jnp.sqrt(inside) + eps
     if isinstance(eps, (int, float)) and eps > 0:
         return 1 / denominator
     return jnp.where(denominator > 0, 1 / jnp.where(denominator > 0, denominator, 1), 0)

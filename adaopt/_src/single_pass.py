@@ -57,14 +57,20 @@ def single_pass(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     Wrap the whole optimizer (a chain included) and apply the updates in the same jitted step:
     with XLA:CPU's multi-output fusion on (``XLA_FLAGS`` as in the module's docstring), the
     parameters, the state and the update of each leaf are then computed by one kernel that reads
-    each buffer once. Adam on a 55M-parameter tree on 2 CPU cores: 33 ms a step against 48 ms
-    without the wrapper (and torch's fused Adam 34 ms); ``benchmarks/RESULTS.md``.
+    each buffer once. Adam on a 55M-parameter tree on 2 CPU cores: 37 ms a step against 49 ms
+    without the wrapper (and torch's fused Adam 35 ms), at 94% of the measured memory bandwidth;
+    ``benchmarks/RESULTS.md``.
 
     The state and the updates are those of ``tx``, by the same operations on the same values;
     under ``jit`` the last bit may differ, as XLA:CPU contracts ``a * b + c`` into fused
     multiply-adds depending on where its kernels start and end. ``update`` traces ``tx.update``
-    twice (compilation takes a little longer); what each trace does not need is dropped. A
-    non-elementwise optimizer (global norms, trust ratios) computes its reductions twice.
+    twice (compilation takes longer); what each trace does not need is dropped.
+
+    It pays for elementwise optimizers on large leaves (the Adam family, RMSProp, AdaGrad, SGD,
+    Lion). An optimizer with reductions over the tree computes them twice, which can cost more
+    than the fusion saves (on the ResNet-style tree of ``benchmarks/speed.py``: LAMB 65 -> 57 ms,
+    Prodigy 40 -> 58 ms). On many small leaves, bound by per-buffer costs, it saves nothing
+    and compiles about twice as long: use :func:`adaopt.multi_tensor` there.
 
     Where the multi-output fusion is off, or the step is compiled for another platform than the
     CPU, ``single_pass(tx)`` behaves exactly as ``tx`` (the same program).
