@@ -24,10 +24,12 @@ import optax.contrib
 import pytest
 import torch
 from hypothesis import given, settings
+from sklearn.datasets import load_digits
 
 import adaopt
 from adaopt._src import plateau as P
 from adaopt._src.base import HyperparameterError
+from tests.problems import optimal_softmax_regression_loss, softmax_regression_loss
 
 LENGTH = 160  # losses per drawn sequence (ours runs them in one compiled scan)
 NUMERIC = ("factor", "patience", "threshold", "cooldown", "min_lr", "eps", "accumulation_size", "base_learning_rate")
@@ -238,6 +240,46 @@ def test_training_trajectory_matches_torch() -> None:
         )()
     assert float(final[1].scale) < 0.5, "the run must include reductions"
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_cuts_the_rate_when_minibatch_noise_stalls_the_loss() -> None:
+    """Softmax regression on digits, SGD on minibatches of 16 at a rate too large to settle: the
+    full-batch loss stalls at the noise floor; observed once per epoch, the plateau cuts the rate
+    and the loss ends an order of magnitude closer to the optimum (L-BFGS, float64)."""
+    x, y = load_digits(return_X_y=True)
+    x, y, l2, batch, epochs = (x / 16.0).astype(np.float32), y.astype(np.int32), 1e-3, 16, 25
+    best = optimal_softmax_regression_loss(x, y, l2)
+    xs, ys = jnp.asarray(x), jnp.asarray(y)
+    rng = np.random.default_rng(0)
+    n = len(x) // batch * batch
+    orders = [jnp.asarray(rng.permutation(len(x))[:n].reshape(-1, batch)) for _ in range(epochs)]
+    full_loss = jax.jit(lambda p: softmax_regression_loss(p, xs, ys, l2))
+
+    def excess_after_training(plateau: P.ReduceOnPlateau | None) -> tuple[float, Any]:
+        tx = adaopt.sgd(1.0) if plateau is None else adaopt.chain(adaopt.sgd(1.0), plateau)
+
+        @jax.jit
+        def epoch(p: Any, s: Any, order: jax.Array) -> tuple[Any, Any]:
+            def step(carry: tuple, idx: jax.Array) -> tuple[tuple, None]:
+                p, s = carry
+                g = jax.grad(softmax_regression_loss)(p, xs[idx], ys[idx], l2)
+                updates, s = tx.update(g, s, p)
+                return (optax.apply_updates(p, updates), s), None
+
+            (p, s), _ = jax.lax.scan(step, (p, s), order)
+            return p, (s if plateau is None else plateau.observe(s, full_loss(p)))
+
+        p = {"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
+        s = tx.init(p)
+        for order in orders:
+            p, s = epoch(p, s, order)
+        return float(full_loss(p)) - best, s
+
+    constant, _ = excess_after_training(None)
+    plateau = adaopt.reduce_on_plateau(factor=0.3, patience=1)
+    reduced, state = excess_after_training(plateau)
+    assert float(state[1].scale) < 0.3**2, "the rate must have been cut at least twice"
+    assert 0 < reduced < constant / 5, (reduced, constant)
 
 
 def test_observe_evaluation_losses_between_epochs() -> None:
