@@ -6,9 +6,7 @@ that divergence and unsolved workloads are handled, and that the rest of the res
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,20 +16,15 @@ import pytest
 
 import adaopt
 from adaopt._src.registry import AVERAGED_ITERATES, FULL_BATCH, TUNING_FREE
+from tests import benchmark_scripts
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 OPTIMIZERS = ("adam", "schedule_free_sgd")  # the baseline, and a tuning-free method evaluated at its average
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def conv() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("adaopt_convergence_benchmark", BENCHMARKS / "convergence.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("convergence.py", "adaopt_convergence_benchmark")
 
 
 def _table(text: str, heading: str) -> list[list[str]]:

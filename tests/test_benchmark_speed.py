@@ -6,23 +6,17 @@ Nothing here is about speed: only that every configuration is timed and reported
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+from tests import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def speed() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("adaopt_speed_benchmark", SPEED)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("speed.py", "adaopt_speed_benchmark")
 
 
 def _table(text: str, heading: str) -> list[list[str]]:
