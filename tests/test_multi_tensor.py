@@ -265,6 +265,8 @@ def test_bad_min_size_is_refused() -> None:
     with pytest.raises(ValueError, match="min_size"):
         multi_tensor(adaopt.adam(1e-3), min_size=0)
     with pytest.raises(ValueError, match="min_size"):
+        multi_tensor(adaopt.adam(1e-3), min_size=2.5)
+    with pytest.raises(ValueError, match="min_size"):
         flatten_params({"a": jnp.ones(2)}, min_size=-3)
 
 

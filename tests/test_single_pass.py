@@ -80,24 +80,37 @@ def test_the_flag_is_read_from_xla_flags(monkeypatch: pytest.MonkeyPatch, flags:
     assert cpu_multi_output_fusion_enabled() is enabled
 
 
-def test_without_the_fusion_it_is_the_optimizer_itself(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+@pytest.mark.parametrize("flags, min_size", [("", 1), (XLA_FLAG, 211)])
+def test_without_the_fusion_or_a_large_leaf_it_is_the_optimizer_itself(
+    monkeypatch: pytest.MonkeyPatch, flags: str, min_size: int
+) -> None:
+    """The fusion off, or every leaf under ``min_size`` (the largest of ``tree()`` has 210 elements)."""
+    monkeypatch.setenv("XLA_FLAGS", flags)
     tx = adaopt.adam(1e-2)
     params = tree()
     grads = jax.tree.map(jnp.ones_like, params)
     state = tx.init(params)
     plain = jax.make_jaxpr(tx.update)(grads, state, params)
-    wrapped = jax.make_jaxpr(adaopt.single_pass(tx).update)(grads, state, params)
+    wrapped = jax.make_jaxpr(adaopt.single_pass(tx, min_size=min_size).update)(grads, state, params)
     assert str(plain) == str(wrapped)
+
+
+@pytest.mark.parametrize("min_size", [0, -3, 2.5, "1"])
+def test_min_size_is_checked(min_size: Any) -> None:
+    with pytest.raises(adaopt.HyperparameterError, match="min_size"):
+        adaopt.single_pass(adaopt.adam(1e-2), min_size=min_size)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_sibling_form_follows_the_optimizer(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """Traced as on a CPU with the fusion on (compiled here without it): the same trajectory and state."""
+    """Traced as on a CPU with the fusion on (compiled here without it): the same trajectory and state.
+
+    ``w`` (210 elements) takes the single-pass form, the smaller leaves the plain one.
+    """
     monkeypatch.setenv("XLA_FLAGS", XLA_FLAG)
     spec = get(name)
     params = tree()
-    wrapped = adaopt.single_pass(spec.make())
+    wrapped = adaopt.single_pass(spec.make(), min_size=200)
     grads = jax.tree.map(jnp.ones_like, params)
     jaxpr = str(jax.make_jaxpr(wrapped.update)(grads, wrapped.init(params), params, value=1.0))
     assert "optimization_barrier" in jaxpr and "platform_index" in jaxpr
@@ -112,7 +125,7 @@ def test_sibling_form_chains_differentiates_and_vmaps(monkeypatch: pytest.Monkey
 
     def loss_after_step(lr: jax.Array, wrap: bool) -> jax.Array:
         tx = optax.chain(optax.clip_by_global_norm(1.0), adaopt.adamw(lr, weight_decay=0.1))
-        tx = adaopt.single_pass(tx) if wrap else tx
+        tx = adaopt.single_pass(tx, min_size=1) if wrap else tx
         state = tx.init(params)
         for _ in range(3):
             updates, state = tx.update(grads, state, params)
@@ -127,8 +140,8 @@ def test_sibling_form_chains_differentiates_and_vmaps(monkeypatch: pytest.Monkey
 
 
 FUSED_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
+    r"""
+    import json, re, sys
     import jax, jax.numpy as jnp, numpy as np, optax
     import adaopt
     sys.path.insert(0, sys.argv[1])
@@ -136,17 +149,23 @@ FUSED_SCRIPT = textwrap.dedent(
 
     assert adaopt.cpu_multi_output_fusion_enabled()
     out = {}
-    leaves = {f"l{i}": jnp.full((64, 32), 0.01 * i, jnp.float32) for i in range(6)}
+    # Three leaves of at least 16,384 elements (single_pass's default min_size) and three smaller
+    # ones, of different shapes (XLA would merge the kernels of leaves of the same shape).
+    shapes = [(128, 128), (129, 128), (130, 128), (64, 32), (65, 32), (66, 32)]
+    leaves = {f"l{i}": jnp.full(shape, 0.01 * i, jnp.float32) for i, shape in enumerate(shapes)}
     grads = jax.tree.map(lambda x: x + 0.5, leaves)
     for name, tx in (("adam", adaopt.adam(1e-2)), ("sgd_momentum", adaopt.sgd(1e-2, momentum=0.9))):
         row = {}
-        for label, opt in (("plain", tx), ("single_pass", adaopt.single_pass(tx))):
+        forms = (("plain", tx), ("large_leaves", adaopt.single_pass(tx)), ("all_leaves", adaopt.single_pass(tx, min_size=1)))
+        for label, opt in forms:
             def step(p, s, g, opt=opt):
                 u, s = opt.update(g, s, p)
                 return optax.apply_updates(p, u), s
             hlo = jax.jit(step, donate_argnums=(0, 1)).lower(leaves, opt.init(leaves), grads).compile().as_text()
             entry = hlo.split("ENTRY")[1]
-            row[label] = sum(" fusion(" in line for line in entry.splitlines())
+            # Kernels over arrays (not over the scalars of the step count and the bias corrections).
+            row[label] = sum(re.search(r"= \(?\w+\[\d[^=]* fusion\(", line) is not None for line in entry.splitlines())
+        for label, opt in (("plain", tx), ("all_leaves", adaopt.single_pass(tx, min_size=1))):
             p, s = t.run(opt, t.tree())
             row[label + "_state"] = [np.asarray(x, np.float64).tolist() for x in jax.tree.leaves((p, s))]
         out[name] = row
@@ -156,7 +175,7 @@ FUSED_SCRIPT = textwrap.dedent(
 
 
 def test_with_the_fusion_each_leaf_is_one_kernel() -> None:
-    """In a process with XLA:CPU's multi-output fusion on: one kernel per leaf, and the same trajectory."""
+    """With XLA:CPU's multi-output fusion on: one kernel per leaf of ``min_size`` elements, and the same trajectory."""
     env = {**os.environ, "XLA_FLAGS": XLA_FLAG, "JAX_PLATFORMS": "cpu"}
     here = os.path.dirname(__file__)
     result = subprocess.run(
@@ -165,8 +184,9 @@ def test_with_the_fusion_each_leaf_is_one_kernel() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     for name, row in out.items():
-        # 6 leaves: one kernel each for the parameter and its state, a few for the step count; without
-        # the wrapper the parameter's kernel reads the moments the state's kernel writes: two per leaf.
-        assert row["single_pass"] <= 6 + 3 < row["plain"], (name, row)
-        for got, want in zip(row["single_pass_state"], row["plain_state"], strict=True):
+        # One kernel per leaf for its parameter and its state; without the wrapper the parameter's kernel
+        # reads the moments the state's kernel writes: two per leaf. By default only the three large
+        # leaves take the single-pass form.
+        assert (row["all_leaves"], row["large_leaves"], row["plain"]) == (6, 3 + 2 * 3, 2 * 6), (name, row)
+        for got, want in zip(row["all_leaves_state"], row["plain_state"], strict=True):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

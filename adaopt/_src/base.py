@@ -82,6 +82,16 @@ def check_scalar(
         raise HyperparameterError(f"{name} must be in {valid}, got {value!r}.")
 
 
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def check_integer(name: str, value: Any, low: int, high: int = INT32_MAX) -> None:
+    """Raise ``HyperparameterError`` unless ``value`` is an integer (not a bool) in [low, high]."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not is_int or not low <= value <= high:
+        raise HyperparameterError(f"{name} must be an integer in [{low}, {high}], got {value!r}.")
+
+
 def check_nonnegative(name: str, value: Any) -> None:
     check_scalar(name, value, low=0.0)
 

@@ -238,7 +238,7 @@ def flatten_params(params: Any, *, min_size: int | None = None) -> tuple[FlatTre
       parameters, their gradients or updates) to the original structure.
     """
     if min_size is not None:
-        base.check_scalar("min_size", min_size, low=1)
+        base.check_integer("min_size", min_size, 1)
     layout = Layout.of(params, min_size)
 
     return layout.pack(params), layout.unpack
@@ -345,7 +345,7 @@ def multi_tensor(
       >>> updates["w"].shape
       (200, 100)
     """
-    base.check_scalar("min_size", min_size, low=1)
+    base.check_integer("min_size", min_size, 1)
     inner = optax.with_extra_args_support(tx)
     checked: set[Hashable] = set()
 

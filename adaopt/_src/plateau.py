@@ -19,7 +19,6 @@ import optax
 from adaopt._src import base
 from adaopt._src import moments as mo
 from adaopt._src.base import Updates
-from adaopt._src.schedules import check_integer
 
 
 class ReduceOnPlateauState(NamedTuple):
@@ -248,7 +247,7 @@ def _check_count(name: str, value: Any, low: int) -> None:
         return
     if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
         value = int(value)
-    check_integer(name, value, low)
+    base.check_integer(name, value, low)
 
 
 __all__ = ["ReduceOnPlateau", "ReduceOnPlateauState", "reduce_on_plateau"]

@@ -45,24 +45,14 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from adaopt._src import base
 from adaopt._src.base import HyperparameterError, Schedule
-
-_INT32_MAX = int(np.iinfo(np.int32).max)
 
 CyclicMode = Literal["triangular", "triangular2", "exp_range"]
 AnnealStrategy = Literal["cos", "linear"]
 WarmupShape = Literal["linear", "cosine"]
 DecayShape = Literal["linear", "cosine", "1-sqrt"]
-
-
-def check_integer(name: str, value: Any, low: int, high: int = _INT32_MAX) -> None:
-    """Raise ``HyperparameterError`` unless ``value`` is an integer (not a bool) in [low, high]."""
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not is_int or not low <= value <= high:
-        raise HyperparameterError(f"{name} must be an integer in [{low}, {high}], got {value!r}.")
 
 
 def _float(count: Any) -> jax.Array:
@@ -102,14 +92,14 @@ def cosine_annealing_schedule(init_value: Any, t_max: int, eta_min: Any = 0.0) -
     alpha=eta_min / init_value)`` is the same up to ``t_max`` and then stays at ``eta_min``.
     """
     base.check_scalar("init_value", init_value)
-    check_integer("t_max", t_max, 1)
+    base.check_integer("t_max", t_max, 1)
     base.check_scalar("eta_min", eta_min)
 
     period = 2 * t_max
 
     def schedule(count: Any) -> jax.Array:
         t = jnp.asarray(count)
-        t = _float(jnp.mod(t, period) if period <= _INT32_MAX else t)  # an int32 count never gets there
+        t = _float(jnp.mod(t, period) if period <= base.INT32_MAX else t)  # an int32 count never gets there
         return eta_min + (init_value - eta_min) * (1 + jnp.cos(jnp.pi * t / t_max)) / 2
 
     return schedule
@@ -145,12 +135,12 @@ def cosine_warm_restarts_schedule(init_value: Any, t_0: int, t_mult: int = 1, et
     stepped once per update (its ``step(epoch)`` form with fractional epochs is not covered).
     """
     base.check_scalar("init_value", init_value)
-    check_integer("t_0", t_0, 1)
-    check_integer("t_mult", t_mult, 1)
+    base.check_integer("t_0", t_0, 1)
+    base.check_integer("t_mult", t_mult, 1)
     base.check_scalar("eta_min", eta_min)
     starts, periods = [0], [t_0]
     if t_mult > 1:
-        while starts[-1] + periods[-1] <= _INT32_MAX:
+        while starts[-1] + periods[-1] <= base.INT32_MAX:
             starts.append(starts[-1] + periods[-1])
             periods.append(periods[-1] * t_mult)
 
@@ -269,7 +259,7 @@ def _onecycle(
     values: Sequence[tuple[Any, Any]],
 ) -> Schedule:
     """Torch's OneCycleLR phase machine: interpolate ``values[i]`` over phase ``i``."""
-    check_integer("total_steps", total_steps, 1)
+    base.check_integer("total_steps", total_steps, 1)
     base.check_scalar("pct_start", pct_start, low=0.0, high=1.0)
     base.check_choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
     if not isinstance(three_phase, bool):
@@ -461,8 +451,8 @@ def warmup_stable_decay_schedule(
     ``LambdaLR`` ("1-sqrt") with milestones ``[W, T - D]`` is the same schedule up to ``T``.
     """
     base.check_scalar("peak_value", peak_value)
-    check_integer("total_steps", total_steps, 1)
-    check_integer("warmup_steps", warmup_steps, 0)
+    base.check_integer("total_steps", total_steps, 1)
+    base.check_integer("warmup_steps", warmup_steps, 0)
     base.check_scalar("decay_fraction", decay_fraction, low=0.0, high=1.0)
     base.check_scalar("init_value", init_value)
     base.check_scalar("end_value", end_value)

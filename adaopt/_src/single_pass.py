@@ -37,6 +37,8 @@ from adaopt._src import base
 
 MULTI_OUTPUT_FUSION_OPTION = "xla_cpu_use_multi_output_fusion"
 XLA_FLAG = f"--xla_backend_extra_options={MULTI_OUTPUT_FUSION_OPTION}"
+DEFAULT_MIN_SIZE = 16_384
+"""Leaves of at least this many elements take the single-pass form (see :func:`single_pass`)."""
 
 
 def cpu_multi_output_fusion_enabled() -> bool:
@@ -51,53 +53,65 @@ def cpu_multi_output_fusion_enabled() -> bool:
     return False
 
 
-def single_pass(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def single_pass(
+    tx: optax.GradientTransformation, *, min_size: int = DEFAULT_MIN_SIZE
+) -> optax.GradientTransformationExtraArgs:
     """``tx`` with its update and its new state computed as siblings, for one pass over memory on XLA:CPU.
 
     Wrap the whole optimizer (a chain included) and apply the updates in the same jitted step:
     with XLA:CPU's multi-output fusion on (``XLA_FLAGS`` as in the module's docstring), the
-    parameters, the state and the update of each leaf are then computed by one kernel that reads
-    each buffer once. Adam on a 55M-parameter tree on 2 CPU cores: 37 ms a step against 49 ms
-    without the wrapper (and torch's fused Adam 35 ms), at 94% of the measured memory bandwidth;
-    ``benchmarks/RESULTS.md``.
+    parameter, the state and the update of each leaf of at least ``min_size`` elements are then
+    computed by one kernel that reads each buffer once. Adam on a 55M-parameter tree on 2 CPU
+    cores: 33 ms a step against 49 ms without the wrapper (optax's Adam 49 ms, torch's fused Adam
+    34 ms), at 98% of the measured memory bandwidth; ``benchmarks/RESULTS.md``.
 
     The state and the updates are those of ``tx``, by the same operations on the same values;
     under ``jit`` the last bit may differ, as XLA:CPU contracts ``a * b + c`` into fused
     multiply-adds depending on where its kernels start and end. ``update`` traces ``tx.update``
-    twice (compilation takes longer); what each trace does not need is dropped.
+    twice when a leaf is large enough; what each trace does not need is dropped.
 
     It pays for elementwise optimizers on large leaves (the Adam family, RMSProp, AdaGrad, SGD,
-    Lion). An optimizer with reductions over the tree computes them twice, which can cost more
-    than the fusion saves (on the ResNet-style tree of ``benchmarks/speed.py``: LAMB 65 -> 57 ms,
-    Prodigy 40 -> 58 ms). On many small leaves, bound by per-buffer costs, it saves nothing
-    and compiles about twice as long: use :func:`adaopt.multi_tensor` there.
+    Lion). Smaller leaves, bound by per-buffer costs rather than by bandwidth, gain little and
+    compile longer in the sibling form (2M parameters on 2 cores, Adam / SGD with momentum: leaves
+    of 1,024 elements 38 -> 32 / 23 -> 22 ms a step but 1.6x the compile time; 16,384 elements
+    3.5 -> 2.6 / 2.1 -> 1.8 ms), so leaves under ``min_size`` keep the plain form; for many
+    small leaves use :func:`adaopt.multi_tensor` or :func:`adaopt.flatten_params`. An optimizer
+    with reductions over the tree computes them twice, which can cost more than the fusion
+    saves (on the ResNet-style tree of ``benchmarks/speed.py``: Prodigy 40 -> 58 ms, while LAMB
+    still gains, 65 -> 57 ms).
 
-    Where the multi-output fusion is off, or the step is compiled for another platform than the
-    CPU, ``single_pass(tx)`` behaves exactly as ``tx`` (the same program).
+    Where the multi-output fusion is off, where no leaf has ``min_size`` elements, or where the
+    step is compiled for another platform than the CPU, ``single_pass(tx)`` behaves exactly as
+    ``tx`` (the same program).
 
     Args:
       tx: any gradient transformation; extra arguments of ``update`` (``value=``) pass through.
+      min_size: leaves of at least this many elements take the single-pass form (>= 1).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with ``tx``'s ``init`` and state.
     """
+    base.check_integer("min_size", min_size, 1)
     inner = optax.with_extra_args_support(tx)
 
     def update_fn(
         updates: base.Updates, state: Any, params: base.Params | None = None, **extra: Any
     ) -> tuple[base.Updates, Any]:
-        if not cpu_multi_output_fusion_enabled():
-            return inner.update(updates, state, params, **extra)
-
-        def cpu(updates: Any, state: Any, params: Any, extra: Any) -> tuple[Any, Any]:
-            _, new_state = inner.update(updates, state, params, **extra)
-            again = jax.lax.optimization_barrier((updates, state, params, extra))
-            new_updates, _ = inner.update(again[0], again[1], again[2], **again[3])
+        new_updates, new_state = inner.update(updates, state, params, **extra)
+        if not cpu_multi_output_fusion_enabled() or not any(
+            leaf.size >= min_size for leaf in jax.tree.leaves(new_updates)
+        ):
             return new_updates, new_state
 
-        def other(updates: Any, state: Any, params: Any, extra: Any) -> tuple[Any, Any]:
-            return inner.update(updates, state, params, **extra)
+        def siblings(updates: Any, state: Any, params: Any, extra: Any) -> Any:
+            again = jax.lax.optimization_barrier((updates, state, params, extra))
+            return inner.update(again[0], again[1], again[2], **again[3])[0]
 
-        return jax.lax.platform_dependent(updates, state, params, extra, cpu=cpu, default=other)
+        def plain(updates: Any, state: Any, params: Any, extra: Any) -> Any:
+            return new_updates
+
+        sibling_updates = jax.lax.platform_dependent(updates, state, params, extra, cpu=siblings, default=plain)
+        chosen = jax.tree.map(lambda u, s: s if u.size >= min_size else u, new_updates, sibling_updates)
+        return chosen, new_state
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
