@@ -65,11 +65,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -95,6 +93,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # run as a file, or loaded by a test: the sibling module
     sys.path.insert(0, str(HERE))
 import workloads as wl  # noqa: E402
+from report import load_average, machine, markdown_table, portable, write_section  # noqa: E402
 
 BEGIN = "<!-- convergence:begin -->"
 END = "<!-- convergence:end -->"
@@ -511,37 +510,6 @@ def ratio_curve(times: Times) -> dict[str, list[float]]:
 # The report.
 
 
-def load_average() -> str:
-    try:
-        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except (OSError, AttributeError):
-        return "unknown"
-
-
-def machine() -> dict[str, str]:
-    """The machine and library versions: speed.py's description when it can be imported, else a short one."""
-    name = "adaopt_speed_benchmark"
-    try:
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(name, HERE / "speed.py")
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses look their module up there
-            spec.loader.exec_module(module)
-        return dict(module.machine())
-    except Exception:  # speed.py is maintained apart: fall back rather than fail the benchmark
-        sys.modules.pop(name, None)
-        return {
-            "CPU": platform.processor() or platform.machine(),
-            "cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
-            "Python": platform.python_version(),
-            "jax": jax.__version__,
-            "optax": optax.__version__,
-            "JAX device": str(jax.devices()[0]),
-        }
-
-
 def _g(x: float | None, fmt: str = ".4g") -> str:
     if x is None:
         return "—"
@@ -554,12 +522,6 @@ def _g(x: float | None, fmt: str = ".4g") -> str:
 
 def _pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _tau(tau: float) -> str:
@@ -823,30 +785,6 @@ def _verdict(
     ]
 
 
-def write_section(path: Path, section: str, begin: str, end: str, after: str | None = None) -> None:
-    """Replace the text between ``begin`` and ``end`` in ``path``, keeping the rest of the file.
-
-    Without those markers, the section goes right after the marker ``after`` when the file has it,
-    else at the end; a missing file is created.
-    """
-    section = section.rstrip("\n")
-    if path.exists():
-        text = path.read_text()
-        start, stop = text.find(begin), text.find(end)
-        anchor = text.find(after) if after else -1
-        if start >= 0 and stop > start:
-            text = text[:start] + section + text[stop + len(end) :]
-        elif anchor >= 0:
-            cut = anchor + len(after or "")
-            text = text[:cut] + "\n\n" + section + text[cut:]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        text = "# adaopt benchmark results\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # ---------------------------------------------------------------------------------------------
 # Plots.
 
@@ -1005,16 +943,6 @@ def select(names: Sequence[str] | None, tuning_free: bool) -> list[OptimizerSpec
     return specs
 
 
-def _portable(argument: str) -> str:
-    path = Path(argument)
-    if not path.is_absolute():
-        return argument
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return path.name
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument(
@@ -1055,7 +983,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    arguments = [_portable(a) for a in (sys.argv[1:] if argv is None else argv)]
+    arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
     command = shlex.join(["python", "benchmarks/convergence.py", *arguments])
     specs = select(args.optimizers, args.tuning_free)
     suite = run_suite(

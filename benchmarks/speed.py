@@ -56,9 +56,6 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import importlib.metadata
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -75,6 +72,12 @@ import optax
 import adaopt
 from adaopt._src.multi_tensor import flatten_params, multi_tensor
 from adaopt._src.single_pass import XLA_FLAG, cpu_multi_output_fusion_enabled, single_pass
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # run as a file, or loaded by a test: the sibling module
+    sys.path.insert(0, str(HERE))
+import report  # noqa: E402
+from report import load_average, machine, markdown_table, portable, usable_cores  # noqa: E402
 
 BEGIN = "<!-- speed:begin -->"
 END = "<!-- speed:end -->"
@@ -526,56 +529,6 @@ def _describe(t: Timing, n: int) -> str:
 # The report.
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _proc_field(path: str, key: str) -> str | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages: other processes sharing the cores make timings noisy."""
-    try:
-        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except (OSError, AttributeError):
-        return "unknown"
-
-
-def machine() -> dict[str, str]:
-    mem = _proc_field("/proc/meminfo", "MemTotal")
-    mem_text = f"{int(mem.split()[0]) / 2**20:.1f} GiB" if mem else "unknown"
-    info = {
-        "CPU": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
-        "cores": f"{usable_cores()} usable ({os.cpu_count()} logical)",
-        "memory": mem_text,
-        "Python": platform.python_version(),
-        "jax / jaxlib": f"{jax.__version__} / {_version('jaxlib')}",
-        "optax": optax.__version__,
-        "JAX device": str(jax.devices()[0]),
-        "XLA:CPU multi-output fusion": "on" if cpu_multi_output_fusion_enabled() else "off (the default)",
-    }
-    info["torch"] = _version("torch")
-    return info
-
-
 def _cell(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
@@ -600,12 +553,6 @@ def table_rows(tree: TreeResult, measured: float) -> Iterator[list[str]]:
             _cell(None if rate is None else 100 * rate / measured, ".1f"),
             _cell(ratio, ".2f"),
         ]
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def markers() -> tuple[str, str]:
@@ -673,19 +620,9 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace this run's section of ``path`` (or append it, or create the file), keeping the rest."""
+    """Replace this run's section of ``path`` (the fused run's right after the default one), keeping the rest."""
     begin, end = markers()
-    if path.exists():
-        text = path.read_text()
-        start, stop = text.find(begin), text.find(end)
-        if start >= 0 and stop > start:
-            text = text[:start] + section.rstrip("\n") + text[stop + len(end) :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = "# adaopt benchmark results\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    report.write_section(path, section, begin, end, after=None if begin == BEGIN else END)
 
 
 def _names(text: str, known: Mapping[str, Any], what: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -694,17 +631,6 @@ def _names(text: str, known: Mapping[str, Any], what: str, parser: argparse.Argu
     if unknown or not names:
         parser.error(f"unknown {what} {unknown}; choose from {', '.join(known)}")
     return names
-
-
-def _portable(argument: str) -> str:
-    """``argument``, with an absolute path made relative to the working directory (or cut to its name)."""
-    path = Path(argument)
-    if not path.is_absolute():
-        return argument
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return path.name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -728,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trees = {name: TREES[name]() for name in _names(args.trees, TREES, "trees", parser)}
     optimizers = _names(args.optimizers, CONTENDERS, "optimizers", parser)
     layouts = [] if args.layouts.strip() == "none" else _names(args.layouts, LAYOUTS, "layouts", parser)
-    arguments = [_portable(a) for a in (sys.argv[1:] if argv is None else argv)]
+    arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
     command = shlex.join(["python", "benchmarks/speed.py", *arguments])
 
     start = time.perf_counter()
