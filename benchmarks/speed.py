@@ -8,14 +8,15 @@ loop runs it. For each parameter tree and each optimizer the script times:
 - ``optax``: optax's implementation of the same algorithm and hyperparameters;
 - ``torch fused`` and ``torch foreach``: ``torch.optim``'s, ``opt.step()`` on a list of float32
   tensors whose ``.grad`` is set once ("n/a" where torch has no such implementation);
-- with ``--layouts`` (by default all three), adaopt's optimizer in another layout:
+- with ``--layouts`` (by default all four), adaopt's optimizer in another layout:
   ``adaopt (multi-tensor)`` is ``adaopt.multi_tensor(optimizer)`` on the same parameter tree (the
   state of the leaves under 16,384 elements in one flat buffer per dtype), and
   ``adaopt (flat params)`` the same optimizer on ``adaopt.flatten_params(params)`` (the parameters
   and gradients kept as one flat buffer per dtype, as a training loop that unflattens the
   parameters inside its loss would hold them); ``adaopt (single pass)`` is
-  ``adaopt.single_pass(optimizer)``, one kernel per leaf for the whole step when XLA:CPU's
-  multi-output fusion is on (the plain optimizer when it is off).
+  ``adaopt.single_pass(optimizer)``, one kernel per large leaf for the whole step when XLA:CPU's
+  multi-output fusion is on (the plain optimizer when it is off), and
+  ``adaopt (single pass, multi-tensor)`` both: ``adaopt.single_pass(adaopt.multi_tensor(optimizer))``.
 
 JAX: the first compile is timed as the wall time of ``step.lower(...).compile()``; then 2 warm-up
 calls and ``--reps`` timed calls, each followed by ``jax.block_until_ready``, each feeding the
@@ -47,7 +48,7 @@ Usage::
 
     python benchmarks/speed.py [--trees gpt2,resnet,single,small] [--optimizers adam,sgd]
                                [--reps 10] [--out benchmarks/RESULTS.md] [--no-torch]
-                               [--layouts multi-tensor,flat-params,single-pass|none]
+                               [--layouts multi-tensor,flat-params,single-pass,...|none]
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ from adaopt._src.single_pass import XLA_FLAG, cpu_multi_output_fusion_enabled, s
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # run as a file, or loaded by a test: the sibling module
     sys.path.insert(0, str(HERE))
-import report  # noqa: E402
 from report import load_average, machine, markdown_table, portable, usable_cores  # noqa: E402
+from report import write_section as write_between_markers  # noqa: E402
 
 BEGIN = "<!-- speed:begin -->"
 END = "<!-- speed:end -->"
@@ -88,10 +89,25 @@ DEFAULT_OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd")
 WARMUP = 2
 F32 = 4  # bytes per float32
 IMPLS = ("adaopt", "optax", "torch fused", "torch foreach")
-LAYOUTS = {  # --layouts -> impl
-    "multi-tensor": "adaopt (multi-tensor)",
-    "flat-params": "adaopt (flat params)",
-    "single-pass": "adaopt (single pass)",
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutRow:
+    """A row of adaopt's optimizer in another layout: the row's name, how the optimizer is wrapped,
+    and whether the parameters and gradients are laid out by ``adaopt.flatten_params``."""
+
+    impl: str
+    wrap: Callable[[optax.GradientTransformation], optax.GradientTransformation]
+    flat: bool = False
+
+
+LAYOUTS = {  # --layouts -> the row
+    "multi-tensor": LayoutRow("adaopt (multi-tensor)", multi_tensor),
+    "flat-params": LayoutRow("adaopt (flat params)", lambda tx: tx, flat=True),
+    "single-pass": LayoutRow("adaopt (single pass)", single_pass),
+    "single-pass-multi-tensor": LayoutRow(
+        "adaopt (single pass, multi-tensor)", lambda tx: single_pass(multi_tensor(tx))
+    ),
 }
 COLUMNS = (
     "optimizer",
@@ -488,18 +504,16 @@ def run(
         timings = []
         for opt_name in optimizers:
             contender = CONTENDERS[opt_name]
-            for impl in (*IMPLS, *(LAYOUTS[layout] for layout in layouts)):
+            for impl in (*IMPLS, *layouts):
                 if impl.startswith("torch"):
                     if device is None:
                         continue
                     flag = impl.removeprefix("torch ")
                     timing = time_torch(contender, flag, host_params, host_grads, reps, device)
-                elif impl == LAYOUTS["multi-tensor"]:
-                    timing = time_jax(multi_tensor(contender.adaopt()), host_params, grads, reps)
-                elif impl == LAYOUTS["flat-params"]:
-                    timing = time_jax(contender.adaopt(), host_params, grads, reps, flat=True)
-                elif impl == LAYOUTS["single-pass"]:
-                    timing = time_jax(single_pass(contender.adaopt()), host_params, grads, reps)
+                elif impl in LAYOUTS:
+                    layout = LAYOUTS[impl]
+                    timing = time_jax(layout.wrap(contender.adaopt()), host_params, grads, reps, flat=layout.flat)
+                    impl = layout.impl
                 else:
                     factory = contender.adaopt if impl == "adaopt" else contender.optax
                     timing = time_jax(factory(), host_params, grads, reps)
@@ -555,6 +569,88 @@ def table_rows(tree: TreeResult, measured: float) -> Iterator[list[str]]:
         ]
 
 
+# The targets of the speed work (benchmarks/README.md): on the large tree, the fastest adaopt row
+# against optax and torch's fused step, its share of the measured bandwidth and its compile time;
+# on the tree of many small leaves, how many times faster than optax and torch's fused step.
+LARGE_TARGET = {"tree": "gpt2", "vs optax": 0.9, "vs torch fused": 1.0, "bandwidth": 0.8, "compile vs optax": 1.0}
+SMALL_TARGET = {"tree": "small", "speed-up": 5.0}
+TARGET_COLUMNS = (
+    "tree",
+    "optimizer",
+    "fastest adaopt row",
+    "median ms",
+    "vs optax (time)",
+    "vs torch fused (time)",
+    "% of measured bw",
+    "compile vs optax",
+    "targets met",
+)
+
+
+def target_rows(report: Report) -> list[list[str]]:
+    """Per optimizer, the fastest adaopt row on the targets' trees, and which targets it meets."""
+    rows = []
+    for tree in report.trees:
+        if tree.name not in (LARGE_TARGET["tree"], SMALL_TARGET["tree"]):
+            continue
+        timed = {(t.optimizer, t.impl): t for t in tree.timings if t.times}
+        for name in dict.fromkeys(t.optimizer for t in tree.timings):
+            ours = [t for (opt, impl), t in timed.items() if opt == name and impl.startswith("adaopt")]
+            optax_t, fused = timed.get((name, "optax")), timed.get((name, "torch fused"))
+            if not ours or optax_t is None:
+                continue
+            best = min(ours, key=lambda t: t.median)
+            vs_optax, vs_fused = best.median / optax_t.median, fused and best.median / fused.median
+            rate = CONTENDERS[name].bytes_per_param * tree.params / best.median / report.measured_bandwidth
+            compile_ratio = (best.compile_s or 0.0) / (optax_t.compile_s or float("inf"))
+            missed = []
+            if tree.name == LARGE_TARGET["tree"]:
+                missed += [f"vs optax {vs_optax:.2f}x"] if vs_optax > LARGE_TARGET["vs optax"] else []
+                missed += (
+                    [f"vs torch fused {vs_fused:.2f}x"]
+                    if vs_fused and vs_fused > LARGE_TARGET["vs torch fused"]
+                    else []
+                )
+                missed += [f"bandwidth {100 * rate:.0f}%"] if rate < LARGE_TARGET["bandwidth"] else []
+                missed += [f"compile {compile_ratio:.2f}x"] if compile_ratio > LARGE_TARGET["compile vs optax"] else []
+            else:
+                speed_ups = {"optax": 1 / vs_optax, "torch fused": fused and fused.median / best.median}
+                missed += [f"{k} only {v:.1f}x" for k, v in speed_ups.items() if v and v < SMALL_TARGET["speed-up"]]
+            rows.append(
+                [
+                    f"`{tree.name}`",
+                    name,
+                    best.impl,
+                    f"{best.median * 1e3:.2f}",
+                    f"{vs_optax:.2f}x",
+                    "n/a" if not vs_fused else f"{vs_fused:.2f}x",
+                    f"{100 * rate:.1f}",
+                    f"{compile_ratio:.2f}x",
+                    "yes" if not missed else "no: " + ", ".join(missed),
+                ]
+            )
+    return rows
+
+
+def render_targets(report: Report) -> list[str]:
+    rows = target_rows(report)
+    if not rows:
+        return []
+    large, small = LARGE_TARGET, SMALL_TARGET
+    return [
+        "### The targets",
+        "",
+        f"On `{large['tree']}`, the fastest adaopt row of each optimizer takes at most {large['vs optax']}x optax's time "
+        f"and {large['vs torch fused']}x torch's fused step, moves at least {100 * large['bandwidth']:.0f}% of the "
+        f"measured bandwidth and compiles no slower than optax; on `{small['tree']}` it is at least "
+        f"{small['speed-up']:.0f}x faster than optax and torch's fused step (times are medians of this run; "
+        "\"vs\" is adaopt's time divided by the other's).",
+        "",
+        markdown_table(TARGET_COLUMNS, rows),
+        "",
+    ]
+
+
 def markers() -> tuple[str, str]:
     """The markers of this run's section: its own section when XLA:CPU's multi-output fusion is on."""
     return (MOF_BEGIN, MOF_END) if cpu_multi_output_fusion_enabled() else (BEGIN, END)
@@ -583,8 +679,9 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
         "divided by the row's: above 1, adaopt is slower than that implementation. The rows `adaopt (multi-tensor)`",
         "(`adaopt.multi_tensor(optimizer)`, the same tree) and `adaopt (flat params)` (the parameters and gradients",
         "as `adaopt.flatten_params` lays them out) time adaopt's multi-tensor layouts; `adaopt (single pass)` is",
-        "`adaopt.single_pass(optimizer)`, which computes each leaf's step in one kernel when XLA:CPU's multi-output",
-        f"fusion is on (`XLA_FLAGS={XLA_FLAG}`), and is the plain optimizer when it is off.",
+        "`adaopt.single_pass(optimizer)`, which computes the step of each leaf of at least 16,384 elements in one",
+        f"kernel when XLA:CPU's multi-output fusion is on (`XLA_FLAGS={XLA_FLAG}`), and is the plain",
+        "optimizer when it is off; `adaopt (single pass, multi-tensor)` is `adaopt.single_pass(adaopt.multi_tensor(optimizer))`.",
         "",
         "### Memory bandwidth",
         "",
@@ -615,6 +712,7 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
         parts += [f"- n/a: {note}" for note in sorted(notes)]
         if notes:
             parts.append("")
+    parts += render_targets(report)
     parts.append(end)
     return "\n".join(parts) + "\n"
 
@@ -622,7 +720,7 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
 def write_section(path: Path, section: str) -> None:
     """Replace this run's section of ``path`` (the fused run's right after the default one), keeping the rest."""
     begin, end = markers()
-    report.write_section(path, section, begin, end, after=None if begin == BEGIN else END)
+    write_between_markers(path, section, begin, end, after=None if begin == BEGIN else END)
 
 
 def _names(text: str, known: Mapping[str, Any], what: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -646,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--layouts",
         default=",".join(LAYOUTS),
-        help="adaopt's multi-tensor layouts to time as well, comma-separated: " + ", ".join(LAYOUTS) + "; or none",
+        help="adaopt's other layouts to time as well, comma-separated: " + ", ".join(LAYOUTS) + "; or none",
     )
     args = parser.parse_args(argv)
     if args.reps < 1:

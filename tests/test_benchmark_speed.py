@@ -95,3 +95,51 @@ def test_trees_have_the_documented_sizes(speed: ModuleType) -> None:
 def test_unknown_optimizer_is_rejected(speed: ModuleType) -> None:
     with pytest.raises(SystemExit):
         speed.main(["--optimizers", "adam,nosuch"])
+
+
+def test_targets_name_the_fastest_adaopt_row_and_what_it_misses(speed: ModuleType) -> None:
+    def timing(optimizer: str, impl: str, ms: float, compile_s: float | None = 1.0) -> object:
+        return speed.Timing(optimizer, impl, [ms / 1e3] * 3, compile_s=compile_s)
+
+    params = 10_000_000  # Adam moves 280 MB a step: 28 ms at the 10 GB/s measured below
+    gpt2 = speed.TreeResult(
+        "gpt2",
+        148,
+        params,
+        [
+            timing("adam", "adaopt", 40.0),
+            timing("adam", "adaopt (single pass)", 30.0, compile_s=0.9),
+            timing("adam", "optax", 40.0),
+            timing("adam", "torch fused", 31.0, compile_s=None),
+            timing("sgd", "adaopt", 30.0, compile_s=2.0),
+            timing("sgd", "optax", 30.0),
+            timing("sgd", "torch fused", 20.0, compile_s=None),
+        ],
+    )
+    small = speed.TreeResult(
+        "small",
+        1000,
+        100_000,
+        [
+            timing("adam", "adaopt (flat params)", 0.2),
+            timing("adam", "optax", 12.0),
+            timing("adam", "torch fused", 0.8),
+        ],
+    )
+    bandwidth = speed.Bandwidth("jax", "x = a*x + y", 10**9, [0.1])
+    report = speed.Report([bandwidth], [gpt2, small], "cpu")
+    rows = {(row[0], row[1]): row for row in speed.target_rows(report)}
+
+    assert rows["`gpt2`", "adam"][2:] == [
+        "adaopt (single pass)",
+        "30.00",
+        "0.75x",
+        "0.97x",
+        "93.3",
+        "0.90x",
+        "yes",
+    ]
+    assert rows["`gpt2`", "sgd"][-1] == "no: vs optax 1.00x, vs torch fused 1.50x, bandwidth 67%, compile 2.00x"
+    assert rows["`small`", "adam"][2] == "adaopt (flat params)"
+    assert rows["`small`", "adam"][-1] == "no: torch fused only 4.0x"
+    assert "### The targets" in speed.render(report, "python benchmarks/speed.py", 1.0)
