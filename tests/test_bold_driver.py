@@ -21,6 +21,7 @@ from sklearn.datasets import load_diabetes
 
 from adaopt._src.bold_driver import BoldDriverState, bold_driver, scale_by_bold_driver
 from adaopt._src.sgd import sgd
+from tests import steps
 
 
 def _bold_state(state: Any) -> BoldDriverState:
@@ -186,45 +187,15 @@ def test_recovers_from_a_rate_that_diverges_with_a_fixed_rate() -> None:
 FACTORIES = {"bold_driver": lambda: bold_driver(0.1, undo=False), "bold_driver_undo": lambda: bold_driver(0.1)}
 
 
-def _loss(p: dict) -> jax.Array:
-    return jnp.sum(jnp.tanh(p["w"] @ p["v"]) ** 2) + jnp.sum(p["v"] ** 2)
-
-
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_jit_compiles_once(name: str) -> None:
-    tx = FACTORIES[name]()
-    traces = 0
-
-    @jax.jit
-    def step(p: dict, s: Any) -> tuple[dict, Any]:
-        nonlocal traces
-        traces += 1
-        value, grads = jax.value_and_grad(_loss)(p)
-        u, s = tx.update(grads, s, p, value=value)
-        return optax.apply_updates(p, u), s
-
-    params = {"w": jnp.ones((3, 2), jnp.float32), "v": jnp.full((2,), 0.5, jnp.float32)}
-    state = tx.init(params)
-    start = _loss(params)
-    for _ in range(3):
-        params, state = step(params, state)
-    assert traces == 1
-    assert float(_loss(params)) < float(start)
+    steps.assert_compiles_once_and_descends(FACTORIES[name]())
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
 def test_half_precision_zero_gradient_is_finite(name: str, dtype: Any) -> None:
-    with jax.numpy_dtype_promotion("strict"):
-        tx = FACTORIES[name]()
-        params = {"w": jnp.ones((3, 2), dtype), "s": jnp.asarray(2.0, dtype)}
-        state = tx.init(params)
-        for grads, value in ((jax.tree.map(jnp.zeros_like, params), 1.0), (jax.tree.map(jnp.ones_like, params), 2.0)):
-            updates, state = jax.jit(tx.update)(grads, state, params, value=jnp.asarray(value, dtype))
-            for u in jax.tree.leaves(updates):
-                assert u.dtype == jnp.dtype(dtype)
-                assert bool(jnp.all(jnp.isfinite(u)))
-            params = optax.apply_updates(params, updates)
+    steps.assert_half_precision_steps_are_finite(FACTORIES[name](), dtype)
 
 
 def test_the_loss_is_required() -> None:

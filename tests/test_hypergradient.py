@@ -35,7 +35,7 @@ from sklearn.datasets import load_digits
 from adaopt._src import adam as adam_module
 from adaopt._src import sgd as sgd_module
 from adaopt._src.hypergradient import HypergradientState, adam_hd, hypergradient, sgd_hd, sgdn_hd
-from tests import parity, problems
+from tests import parity, problems, steps
 from tests.parity import SHAPES, STEPS
 
 TOLERANCE = {np.float64: 1e-10, np.float32: 1e-5}
@@ -506,42 +506,14 @@ FACTORIES = {
 
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_jit_compiles_once(name: str) -> None:
-    tx = FACTORIES[name]()
-    traces = 0
-
-    def loss(p: dict) -> jax.Array:
-        return jnp.sum(jnp.tanh(p["w"] @ p["v"]) ** 2) + jnp.sum(p["v"] ** 2)
-
-    @jax.jit
-    def step(p: dict, s: Any) -> tuple[dict, Any]:
-        nonlocal traces
-        traces += 1
-        u, s = tx.update(jax.grad(loss)(p), s, p)
-        return optax.apply_updates(p, u), s
-
-    params = {"w": jnp.ones((3, 2), jnp.float32), "v": jnp.full((2,), 0.5, jnp.float32)}
-    state = tx.init(params)
-    start = loss(params)
-    for _ in range(3):
-        params, state = step(params, state)
-    assert traces == 1
-    assert float(loss(params)) < float(start)
+    steps.assert_compiles_once_and_descends(FACTORIES[name]())
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
 def test_half_precision_zero_gradient_is_finite(name: str, dtype: Any) -> None:
-    with jax.numpy_dtype_promotion("strict"):
-        tx = FACTORIES[name]()
-        params = {"w": jnp.ones((3, 2), dtype), "s": jnp.asarray(2.0, dtype)}
-        state = tx.init(params)
-        for grads in (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.ones_like, params)):
-            updates, state = jax.jit(tx.update)(grads, state, params)
-            for u in jax.tree.leaves(updates):
-                assert u.dtype == jnp.dtype(dtype)
-                assert bool(jnp.all(jnp.isfinite(u)))
-            params = optax.apply_updates(params, updates)
-        assert jnp.isfinite(state[-1].learning_rate)
+    state = steps.assert_half_precision_steps_are_finite(FACTORIES[name](), dtype)
+    assert jnp.isfinite(state[-1].learning_rate)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from sklearn.datasets import load_diabetes
 
 from adaopt._src.polyak import PolyakState, polyak_sgd, scale_by_polyak
 from adaopt._src.sgd import sgd
-from tests import parity
+from tests import parity, steps
 
 TOLERANCE = {np.float64: 1e-10, np.float32: 1e-4}
 STEPS, BATCH, DRAWS = 200, 16, 3
@@ -190,44 +190,14 @@ def test_learning_rate_multiplies_the_step_and_follows_a_schedule() -> None:
 # ---- jit, dtypes, the loss requirement and validation. ----
 
 
-def _tanh_loss(p: dict) -> jax.Array:
-    return jnp.sum(jnp.tanh(p["w"] @ p["v"]) ** 2) + jnp.sum(p["v"] ** 2)
-
-
 @pytest.mark.parametrize("max_learning_rate", [None, 1.0], ids=["sps", "sps_max"])
 def test_jit_compiles_once(max_learning_rate: Any) -> None:
-    tx = polyak_sgd(max_learning_rate=max_learning_rate)
-    traces = 0
-
-    @jax.jit
-    def step(p: dict, s: Any) -> tuple[dict, Any]:
-        nonlocal traces
-        traces += 1
-        value, grads = jax.value_and_grad(_tanh_loss)(p)
-        u, s = tx.update(grads, s, p, value=value)
-        return optax.apply_updates(p, u), s
-
-    params = {"w": jnp.ones((3, 2), jnp.float32), "v": jnp.full((2,), 0.5, jnp.float32)}
-    state = tx.init(params)
-    start = _tanh_loss(params)
-    for _ in range(3):
-        params, state = step(params, state)
-    assert traces == 1
-    assert float(_tanh_loss(params)) < float(start)
+    steps.assert_compiles_once_and_descends(polyak_sgd(max_learning_rate=max_learning_rate))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
 def test_half_precision_zero_gradient_is_finite(dtype: Any) -> None:
-    with jax.numpy_dtype_promotion("strict"):
-        tx = polyak_sgd(max_learning_rate=1.0)
-        params = {"w": jnp.ones((3, 2), dtype), "s": jnp.asarray(2.0, dtype)}
-        state = tx.init(params)
-        for grads in (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.ones_like, params)):
-            updates, state = jax.jit(tx.update)(grads, state, params, value=jnp.asarray(1.0, dtype))
-            for u in jax.tree.leaves(updates):
-                assert u.dtype == jnp.dtype(dtype)
-                assert bool(jnp.all(jnp.isfinite(u)))
-            params = optax.apply_updates(params, updates)
+    steps.assert_half_precision_steps_are_finite(polyak_sgd(max_learning_rate=1.0), dtype)
 
 
 def test_the_loss_is_required() -> None:
