@@ -8,7 +8,7 @@ loop runs it. For each parameter tree and each optimizer the script times:
 - ``optax``: optax's implementation of the same algorithm and hyperparameters;
 - ``torch fused`` and ``torch foreach``: ``torch.optim``'s, ``opt.step()`` on a list of float32
   tensors whose ``.grad`` is set once ("n/a" where torch has no such implementation);
-- with ``--layouts`` (by default all four), adaopt's optimizer in another layout:
+- with ``--layouts`` (by default all five), adaopt's optimizer in another layout:
   ``adaopt (multi-tensor)`` is ``adaopt.multi_tensor(optimizer)`` on the same parameter tree (the
   state of the leaves under 16,384 elements in one flat buffer per dtype), and
   ``adaopt (flat params)`` the same optimizer on ``adaopt.flatten_params(params)`` (the parameters
@@ -16,7 +16,8 @@ loop runs it. For each parameter tree and each optimizer the script times:
   parameters inside its loss would hold them); ``adaopt (single pass)`` is
   ``adaopt.single_pass(optimizer)``, one kernel per large leaf for the whole step when XLA:CPU's
   multi-output fusion is on (the plain optimizer when it is off), and
-  ``adaopt (single pass, multi-tensor)`` both: ``adaopt.single_pass(adaopt.multi_tensor(optimizer))``.
+  ``adaopt (single pass, multi-tensor)`` is ``adaopt.single_pass(adaopt.multi_tensor(optimizer))``
+  and ``adaopt (single pass, flat params)`` ``adaopt.single_pass(optimizer)`` on the flat parameters.
 
 JAX: the first compile is timed as the wall time of ``step.lower(...).compile()``; then 2 warm-up
 calls and ``--reps`` timed calls, each followed by ``jax.block_until_ready``, each feeding the
@@ -108,6 +109,7 @@ LAYOUTS = {  # --layouts -> the row
     "single-pass-multi-tensor": LayoutRow(
         "adaopt (single pass, multi-tensor)", lambda tx: single_pass(multi_tensor(tx))
     ),
+    "single-pass-flat-params": LayoutRow("adaopt (single pass, flat params)", single_pass, flat=True),
 }
 COLUMNS = (
     "optimizer",
@@ -681,7 +683,8 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
         "as `adaopt.flatten_params` lays them out) time adaopt's multi-tensor layouts; `adaopt (single pass)` is",
         "`adaopt.single_pass(optimizer)`, which computes the step of each leaf of at least 16,384 elements in one",
         f"kernel when XLA:CPU's multi-output fusion is on (`XLA_FLAGS={XLA_FLAG}`), and is the plain",
-        "optimizer when it is off; `adaopt (single pass, multi-tensor)` is `adaopt.single_pass(adaopt.multi_tensor(optimizer))`.",
+        "optimizer when it is off; `adaopt (single pass, multi-tensor)` is `adaopt.single_pass(adaopt.multi_tensor(optimizer))`",
+        "and `adaopt (single pass, flat params)` is `adaopt.single_pass(optimizer)` on the flat parameters.",
         "",
         "### Memory bandwidth",
         "",
