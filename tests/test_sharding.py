@@ -10,6 +10,7 @@ computation on single-device arrays.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -21,7 +22,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adaopt
+from adaopt._src.multi_tensor import FlatTree
 from adaopt._src.registry import DELAYED_START, OptimizerSpec
+from adaopt._src.single_pass import XLA_FLAG
 
 N_STEPS = 3
 SHAPES = {"w": (64, 32), "b": (32,), "k": (16, 8)}
@@ -141,3 +144,40 @@ def test_sharded_state_and_steps_match_unsharded(spec: OptimizerSpec) -> None:
         )
         # Exact comparison: D-Adaptation's first steps (d0 = 1e-6) move float32 parameters by an ulp.
         assert not np.array_equal(np.asarray(got_params[name]), _host_params()[name]), f"{name} did not move"
+
+
+@pytest.mark.parametrize("wrapper", ["single_pass", "multi_tensor"])
+def test_speed_wrappers_keep_shardings_and_steps(monkeypatch: pytest.MonkeyPatch, wrapper: str) -> None:
+    """``single_pass`` (traced in its sibling form) and ``multi_tensor`` around Adam on the sharded tree.
+
+    The parameters keep their shardings; ``single_pass``'s state mirrors them like Adam's, and
+    ``multi_tensor`` keeps the large leaf's state apart with its parameter's sharding (the small
+    leaves' state is one packed buffer). The steps are Adam's.
+    """
+    if wrapper == "single_pass":
+        monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}")
+        tx = adaopt.single_pass(adaopt.adam(1e-2), min_size=1)
+    else:
+        tx = adaopt.multi_tensor(adaopt.adam(1e-2), min_size=1024)  # w (2048 elements) apart; b and k packed
+    _, want_params, _ = _train(adaopt.adam(1e-2), jax.device_put(_host_params(), jax.devices()[0]))
+
+    mesh = _mesh()
+    shardings = {name: NamedSharding(mesh, spec_) for name, spec_ in SPECS.items()}
+    with jax.set_mesh(mesh):
+        params = jax.device_put(_host_params(), shardings)
+        init_state, got_params, state = _train(tx, params)
+        if wrapper == "single_pass":
+            _check_state_shardings(init_state, params, mesh, "after init")
+            _check_state_shardings(state, got_params, mesh, f"after {N_STEPS} steps")
+        else:
+            packed = [
+                x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, FlatTree)) if isinstance(x, FlatTree)
+            ]
+            assert len(packed) == 2  # Adam's two moments
+            for moment in packed:
+                (w_state,) = moment.leaves
+                assert w_state.sharding.is_equivalent_to(shardings["w"], 2), w_state.sharding
+
+    for name, sharding in shardings.items():
+        assert got_params[name].sharding.is_equivalent_to(sharding, len(SHAPES[name])), name
+        np.testing.assert_allclose(np.asarray(got_params[name]), np.asarray(want_params[name]), rtol=1e-6, atol=5e-7)

@@ -34,6 +34,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from adaopt._src import base
 
@@ -44,6 +45,33 @@ About where packing stops paying on a CPU: packing moves ~12 extra bytes per ele
 gradient concatenated, the flat update written), the per-buffer cost it saves is ~10 us, and
 10 us at ~20 GB/s is ~16k elements of 12 bytes.
 """
+
+
+def _explicit_sharding(x: Any) -> NamedSharding | None:
+    """The sharding in ``x``'s type under a mesh with explicit axes (sharding in types), else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if not isinstance(sharding, NamedSharding) or mesh is None or mesh.empty:
+        return None
+    return sharding if AxisType.Explicit in mesh.axis_types else None
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    """``x`` replicated where its type carries a sharding: the packed leaves, sharded each their own
+    way, are concatenated into one replicated buffer (small leaves: little to copy)."""
+    sharding = _explicit_sharding(x)
+    if sharding is None or sharding.is_fully_replicated:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+def _sharded_like(x: Any, like: Any) -> Any:
+    """``x`` with the sharding of ``like`` where ``like``'s type carries one (the unpacked updates
+    of small leaves get their gradients' shardings back)."""
+    sharding = _explicit_sharding(like)
+    if sharding is None or _explicit_sharding(x) == sharding:
+        return x
+    return jax.sharding.reshard(x, sharding)
 
 
 class FlatTree(NamedTuple):
@@ -110,7 +138,7 @@ class Layout:
                 continue
             dtypes.setdefault(slot.dtype, jnp.result_type(leaf))
             if slot.size:
-                parts[slot.dtype].append(jnp.ravel(leaf))
+                parts[slot.dtype].append(_replicated(jnp.ravel(leaf)))
         buffers = {}
         for dtype, size in self.sizes:
             if len(parts[dtype]) == 1:
@@ -390,6 +418,7 @@ def multi_tensor(
         flat_params = None if params is None else layout.pack(params)
         check(grads, state.inner, flat_params, extra_args)
         flat_updates, inner_state = inner.update(grads, state.inner, flat_params, **extra_args)
-        return layout.unpack(flat_updates), MultiTensorState(inner_state)
+        new_updates = jax.tree.map(_sharded_like, layout.unpack(flat_updates), updates)
+        return new_updates, MultiTensorState(inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
