@@ -12,6 +12,7 @@ optimizer in ``adaopt.REGISTRY`` at its tuned learning rate (``spec.make()``).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ from sklearn.preprocessing import StandardScaler
 
 import adaopt
 from adaopt._src.registry import FULL_BATCH, OptimizerSpec
+from adaopt._src.single_pass import XLA_FLAG
 
 HIDDEN = 32
 N_CLASSES = 10
@@ -163,6 +165,26 @@ def test_flax_nnx() -> None:
     for batch in _batches(STEPS):
         _nnx_train_step(model, optimizer, x, y, batch)
     assert int(optimizer.step[...]) == STEPS
+    final_loss = float(_cross_entropy(_nnx_logits(model, x), y))
+    _check_trained(initial_loss, final_loss, _accuracy(_nnx_logits(model, jnp.asarray(data.x_test)), data.y_test))
+
+
+@pytest.mark.parametrize("layout", ["multi_tensor", "single_pass"])
+def test_flax_nnx_with_the_speed_layouts(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """``nnx.Optimizer`` holds the state of ``multi_tensor`` (the hidden kernel apart, the other
+    leaves packed) and of ``single_pass`` (traced in its sibling form, as with the fusion on)."""
+    adamw = adaopt.adamw(_schedule(), weight_decay=1e-4)
+    if layout == "multi_tensor":
+        tx = adaopt.chain(adaopt.clip_by_global_norm(1.0), adaopt.multi_tensor(adamw, min_size=64 * HIDDEN))
+    else:
+        monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}")
+        tx = adaopt.single_pass(adaopt.chain(adaopt.clip_by_global_norm(1.0), adamw), min_size=1)
+    data = _digits()
+    model = NnxMLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    initial_loss = float(_cross_entropy(_nnx_logits(model, x), y))
+    _nnx_train_steps(model, optimizer, x, y, jnp.asarray(_batches(STEPS)))
     final_loss = float(_cross_entropy(_nnx_logits(model, x), y))
     _check_trained(initial_loss, final_loss, _accuracy(_nnx_logits(model, jnp.asarray(data.x_test)), data.y_test))
 
