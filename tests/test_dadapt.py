@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from adaopt._src.dadapt import dadapt_adagrad, dadapt_adam, dadapt_sgd
-from tests import parity
+from tests import parity, steps
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 
 TOLERANCE = {np.float64: 1e-8, np.float32: 1e-4}
@@ -376,14 +376,6 @@ def _core(state: Any) -> Any:
 # ---- Semantics, dtypes, jit, validation, convergence. ----
 
 
-def _params(dtype: Any = jnp.float32) -> dict:
-    return {
-        "w": jnp.linspace(-1.0, 1.0, 6, dtype=dtype).reshape(2, 3),
-        "b": jnp.zeros(3, dtype),
-        "s": jnp.ones((), dtype),
-    }
-
-
 OPTIMIZERS = {
     "dadapt_adam": dadapt_adam,
     "dadapt_adamw": functools.partial(dadapt_adam, weight_decay=0.01, decoupled_weight_decay=True),
@@ -392,64 +384,25 @@ OPTIMIZERS = {
 }
 
 
-def _quadratic_loss(params: Any) -> jax.Array:
-    return sum(jnp.sum((x.astype(jnp.float32) - 2.0) ** 2) for x in jax.tree.leaves(params))
-
-
 def test_jit_compiles_once() -> None:
-    """Every optimizer of the module in one step function: traced once over three steps, and moving."""
-    txs = [make() for make in OPTIMIZERS.values()]
-    traces = 0
-
-    @jax.jit
-    def step(params: list, states: list) -> tuple[list, list]:
-        nonlocal traces
-        traces += 1
-        out = [tx.update(jax.grad(_quadratic_loss)(p), s, p) for tx, p, s in zip(txs, params, states, strict=True)]
-        return [optax.apply_updates(p, u) for p, (u, _) in zip(params, out, strict=True)], [s for _, s in out]
-
-    params = [_params() for _ in txs]
-    states = [tx.init(p) for tx, p in zip(txs, params, strict=True)]
-    for _ in range(3):
-        params, states = step(params, states)
-    assert traces == 1
-    for p in params:
-        assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(_params()), strict=True))
+    """Every variant in one step function: traced once over three steps, and moving."""
+    steps.assert_all_compile_once_and_move([make() for make in OPTIMIZERS.values()])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_half_precision_zero_gradient_is_finite(dtype: Any) -> None:
     """A zero first gradient, then ones: finite updates in the parameters' dtype, float32 states."""
-    txs = [make() for make in OPTIMIZERS.values()]
-
-    @jax.jit
-    def two_steps(params: dict) -> list:
-        out = []
-        for tx in txs:
-            p, state = params, tx.init(params)
-            for grads in (jax.tree.map(jnp.zeros_like, p), jax.tree.map(jnp.ones_like, p)):
-                updates, state = tx.update(grads, state, p)
-                out.append(updates)
-                p = optax.apply_updates(p, updates)
-            out.append(state)
-        return out
-
-    with jax.numpy_dtype_promotion("strict"):
-        results = two_steps(_params(dtype))
-    for result in results:
-        for x in jax.tree.leaves(result):
-            if x.ndim and jnp.issubdtype(x.dtype, jnp.floating):  # an update, or a state mirroring the parameters
+    for state in steps.half_precision_two_steps([make() for make in OPTIMIZERS.values()], dtype):
+        for x in jax.tree.leaves(state):
+            if x.ndim and jnp.issubdtype(x.dtype, jnp.floating):  # a state mirroring the parameters
                 assert x.dtype in (jnp.dtype(dtype), jnp.float32)
                 assert bool(jnp.all(jnp.isfinite(x)))
-    for updates in results[0::3] + results[1::3]:
-        assert all(u.dtype == jnp.dtype(dtype) for u in jax.tree.leaves(updates))
-    for state in results[2::3]:
         assert _core(state).d.dtype == jnp.float32
 
 
 def test_a_zero_gradient_first_step_is_skipped() -> None:
     """No gradient yet, no estimate: the update is zero, and d and the step counter stay."""
-    params = _params()
+    params = steps.mixed_tree()
     txs = [make() for make in OPTIMIZERS.values()]
     zeros = jax.tree.map(jnp.zeros_like, params)
     results = jax.jit(lambda p: [tx.update(zeros, tx.init(p), p) for tx in txs])(params)
@@ -462,7 +415,7 @@ def test_a_zero_gradient_first_step_is_skipped() -> None:
 
 def test_a_zero_learning_rate_is_a_skipped_step_for_adam_and_sgd() -> None:
     """The whole state but the schedule's count stays; the update is zero."""
-    params = _params()
+    params = steps.mixed_tree()
     grads = jax.tree.map(jnp.ones_like, params)
     txs = [make(learning_rate=lambda count: jnp.where(count == 1, 0.0, 1.0)) for make in (dadapt_adam, dadapt_sgd)]
 
@@ -483,7 +436,7 @@ def test_a_zero_learning_rate_is_a_skipped_step_for_adam_and_sgd() -> None:
 
 def test_adagrad_moves_at_zero_learning_rate_as_the_package_does() -> None:
     """Dual averaging: the iterate is x0 - s / sqrt(alpha), and alpha takes every gradient."""
-    grads = jax.tree.map(jnp.ones_like, _params())
+    grads = jax.tree.map(jnp.ones_like, steps.mixed_tree())
     tx = dadapt_adagrad(learning_rate=lambda count: jnp.where(count == 1, 0.0, 1.0))
 
     @jax.jit
@@ -491,11 +444,11 @@ def test_adagrad_moves_at_zero_learning_rate_as_the_package_does() -> None:
         updates, state = tx.update(grads, tx.init(params), params)
         return tx.update(grads, state, optax.apply_updates(params, updates))[0]
 
-    assert float(jnp.max(jnp.abs(second_update(_params())["w"]))) > 0
+    assert float(jnp.max(jnp.abs(second_update(steps.mixed_tree())["w"]))) > 0
 
 
 def test_layer_scale_accepts_a_function_of_the_parameters() -> None:
-    params = _params()
+    params = steps.mixed_tree()
     grads = jax.tree.map(jnp.ones_like, params)
     fixed = dadapt_adam(layer_scale={"w": 2.0, "b": 0.5, "s": 1.0})
     by_fn = dadapt_adam(layer_scale=lambda p: {"w": 2.0, "b": 0.5, "s": 1.0})
@@ -516,7 +469,7 @@ def test_state_scalars_are_in_the_widest_parameter_dtype() -> None:
 
 
 def test_params_are_required() -> None:
-    params = _params()
+    params = steps.mixed_tree()
     for make in (
         dadapt_sgd,
         dadapt_adagrad,

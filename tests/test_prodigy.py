@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from adaopt._src.prodigy import ProdigyState, prodigy
-from tests import parity
+from tests import parity, steps
 from tests.parity import DECAY_MASK, STEPS, Case
 from tests.test_dadapt import (
     CASE_IDS,
@@ -187,14 +187,6 @@ def _core(state: Any) -> ProdigyState:
     return next(s for s in state if isinstance(s, ProdigyState))
 
 
-def _params(dtype: Any = jnp.float32) -> dict:
-    return {
-        "w": jnp.linspace(-1.0, 1.0, 6, dtype=dtype).reshape(2, 3),
-        "b": jnp.zeros(3, dtype),
-        "s": jnp.ones((), dtype),
-    }
-
-
 OPTIMIZERS = {
     "prodigy": functools.partial(prodigy, weight_decay=0.01),
     "prodigy_coupled_no_momentum": functools.partial(prodigy, b1=0.0, weight_decay=0.01, decoupled_weight_decay=False),
@@ -202,53 +194,15 @@ OPTIMIZERS = {
 }
 
 
-def _quadratic_loss(params: Any) -> jax.Array:
-    return sum(jnp.sum((x.astype(jnp.float32) - 2.0) ** 2) for x in jax.tree.leaves(params))
-
-
 def test_jit_compiles_once() -> None:
-    txs = [make() for make in OPTIMIZERS.values()]
-    traces = 0
-
-    @jax.jit
-    def step(params: list, states: list) -> tuple[list, list]:
-        nonlocal traces
-        traces += 1
-        out = [tx.update(jax.grad(_quadratic_loss)(p), s, p) for tx, p, s in zip(txs, params, states, strict=True)]
-        return [optax.apply_updates(p, u) for p, (u, _) in zip(params, out, strict=True)], [s for _, s in out]
-
-    params = [_params() for _ in txs]
-    states = [tx.init(p) for tx, p in zip(txs, params, strict=True)]
-    for _ in range(3):
-        params, states = step(params, states)
-    assert traces == 1
-    for p in params:
-        assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(_params()), strict=True))
+    """Every variant in one step function: traced once over three steps, and moving."""
+    steps.assert_all_compile_once_and_move([make() for make in OPTIMIZERS.values()])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_half_precision_zero_gradient_is_finite(dtype: Any) -> None:
     """A zero first gradient, then ones: finite updates in the parameters' dtype, float32 states."""
-    txs = [make() for make in OPTIMIZERS.values()]
-
-    @jax.jit
-    def two_steps(params: dict) -> list:
-        out = []
-        for tx in txs:
-            p, state = params, tx.init(params)
-            for grads in (jax.tree.map(jnp.zeros_like, p), jax.tree.map(jnp.ones_like, p)):
-                updates, state = tx.update(grads, state, p)
-                out.append(updates)
-                p = optax.apply_updates(p, updates)
-            out.append(state)
-        return out
-
-    with jax.numpy_dtype_promotion("strict"):
-        results = two_steps(_params(dtype))
-    for updates in results[0::3] + results[1::3]:
-        for u in jax.tree.leaves(updates):
-            assert u.dtype == jnp.dtype(dtype) and bool(jnp.all(jnp.isfinite(u)))
-    for state in results[2::3]:
+    for state in steps.half_precision_two_steps([make() for make in OPTIMIZERS.values()], dtype):
         core = _core(state)
         assert core.d.dtype == jnp.float32 and float(core.d) > 0
         for x in jax.tree.leaves((core.mu, core.nu, core.s, core.p0)):
@@ -257,13 +211,13 @@ def test_half_precision_zero_gradient_is_finite(dtype: Any) -> None:
 
 def test_a_zero_gradient_first_step_and_a_zero_learning_rate_are_skipped() -> None:
     """The update is zero and d, its numerator and the step counter stay (the schedule's count moves on)."""
-    params = _params()
+    params = steps.mixed_tree()
     ones = jax.tree.map(jnp.ones_like, params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     tx = prodigy(learning_rate=lambda count: jnp.where(count == 2, 0.0, 1.0))
 
     @jax.jit
-    def steps(p: dict) -> list:
+    def three_updates(p: dict) -> list:
         state = tx.init(p)
         out = []
         for grads in (zeros, ones, ones):  # no gradient yet; a step; a step at learning rate 0
@@ -272,7 +226,7 @@ def test_a_zero_gradient_first_step_and_a_zero_learning_rate_are_skipped() -> No
             state = new
         return out
 
-    (before, u0, after0), (_, u1, _), (before2, u2, after2) = steps(params)
+    (before, u0, after0), (_, u1, _), (before2, u2, after2) = three_updates(params)
     for updates in (u0, u2):
         assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
     assert float(jnp.max(jnp.abs(u1["w"]))) > 0
@@ -297,7 +251,7 @@ def test_an_injected_zero_b1_takes_the_momentum_free_step() -> None:
 
 
 def test_state_mirrors_the_parameters_and_keeps_the_initial_point() -> None:
-    params = _params()
+    params = steps.mixed_tree()
     state = _core(prodigy().init(params))
     for tree in (state.mu, state.nu, state.s, state.p0):
         assert jax.tree.structure(tree) == jax.tree.structure(params)
@@ -320,7 +274,7 @@ def test_state_scalars_are_in_the_widest_parameter_dtype() -> None:
 def test_params_are_required() -> None:
     tx = prodigy()
     with pytest.raises(ValueError, match="needs the parameters"):
-        tx.update(_params(), tx.init(_params()))
+        tx.update(steps.mixed_tree(), tx.init(steps.mixed_tree()))
 
 
 BAD = [
@@ -382,7 +336,7 @@ def test_reduces_the_loss_of_a_least_squares_problem() -> None:
 
 
 def test_slice_p_is_a_static_argument_under_inject_hyperparams() -> None:
-    params = _params()
+    params = steps.mixed_tree()
     grads = jax.tree.map(jnp.ones_like, params)
     injected = optax.inject_hyperparams(prodigy, static_args=("slice_p",))(slice_p=2)
     fixed = prodigy(slice_p=2)
