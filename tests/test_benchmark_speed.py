@@ -69,11 +69,10 @@ def test_section_is_appended_to_a_file_without_markers(speed: ModuleType, tmp_pa
 
 
 def test_a_run_with_multi_output_fusion_writes_its_own_section(
-    speed: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    speed: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fusion_on: None
 ) -> None:
     out = tmp_path / "RESULTS.md"
     out.write_text(f"# R\n\n{speed.BEGIN}\ndefault run, kept\n{speed.END}\n")
-    monkeypatch.setenv("XLA_FLAGS", speed.XLA_FLAG)
     assert speed.markers() == (speed.MOF_BEGIN, speed.MOF_END)
     assert speed.machine()["XLA:CPU multi-output fusion"] == "on"
     speed.write_section(out, f"{speed.MOF_BEGIN}\nfused run\n{speed.MOF_END}\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 
 import adaopt
 from adaopt._src.registry import OPTIMIZERS, OptimizerSpec
-from adaopt._src.single_pass import XLA_FLAG
 
 
 def _loss(params: dict) -> jax.Array:
@@ -63,6 +61,7 @@ def test_resume_is_bitwise_identical(spec: OptimizerSpec, tmp_path: pathlib.Path
 
 
 @pytest.mark.parametrize("layout", ["multi_tensor", "single_pass", "flatten_params"])
+@pytest.mark.usefixtures("fusion_on")
 def test_the_speed_layouts_resume_bitwise(layout: str, tmp_path: pathlib.Path) -> None:
     """The state of ``multi_tensor`` (w, 12 elements, apart; b packed), of ``single_pass`` (traced in
     its sibling form, as with the fusion on) and of an optimizer of flat parameters."""
@@ -70,9 +69,7 @@ def test_the_speed_layouts_resume_bitwise(layout: str, tmp_path: pathlib.Path) -
     if layout == "multi_tensor":
         _assert_resumes_bitwise(adaopt.multi_tensor(adam, min_size=12), _params(), _loss, tmp_path)
     elif layout == "single_pass":
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}")
-            _assert_resumes_bitwise(adaopt.single_pass(adam, min_size=1), _params(), _loss, tmp_path)
+        _assert_resumes_bitwise(adaopt.single_pass(adam, min_size=1), _params(), _loss, tmp_path)
     else:
         flat, unflatten = adaopt.flatten_params(_params())
         _assert_resumes_bitwise(adam, flat, lambda p: _loss(unflatten(p)), tmp_path)

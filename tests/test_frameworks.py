@@ -12,7 +12,6 @@ optimizer in ``adaopt.REGISTRY`` at its tuned learning rate (``spec.make()``).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,7 +31,6 @@ from sklearn.preprocessing import StandardScaler
 
 import adaopt
 from adaopt._src.registry import FULL_BATCH, OptimizerSpec
-from adaopt._src.single_pass import XLA_FLAG
 
 HIDDEN = 32
 N_CLASSES = 10
@@ -170,14 +168,14 @@ def test_flax_nnx() -> None:
 
 
 @pytest.mark.parametrize("layout", ["multi_tensor", "single_pass"])
-def test_flax_nnx_with_the_speed_layouts(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+@pytest.mark.usefixtures("fusion_on")
+def test_flax_nnx_with_the_speed_layouts(layout: str) -> None:
     """``nnx.Optimizer`` holds the state of ``multi_tensor`` (the hidden kernel apart, the other
     leaves packed) and of ``single_pass`` (traced in its sibling form, as with the fusion on)."""
     adamw = adaopt.adamw(_schedule(), weight_decay=1e-4)
     if layout == "multi_tensor":
         tx = adaopt.chain(adaopt.clip_by_global_norm(1.0), adaopt.multi_tensor(adamw, min_size=64 * HIDDEN))
     else:
-        monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}")
         tx = adaopt.single_pass(adaopt.chain(adaopt.clip_by_global_norm(1.0), adamw), min_size=1)
     data = _digits()
     model = NnxMLP(nnx.Rngs(0))

@@ -10,7 +10,6 @@ computation on single-device arrays.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -24,7 +23,6 @@ from jax.sharding import PartitionSpec as P
 import adaopt
 from adaopt._src.multi_tensor import FlatTree
 from adaopt._src.registry import DELAYED_START, OptimizerSpec
-from adaopt._src.single_pass import XLA_FLAG
 
 N_STEPS = 3
 SHAPES = {"w": (64, 32), "b": (32,), "k": (16, 8)}
@@ -147,7 +145,8 @@ def test_sharded_state_and_steps_match_unsharded(spec: OptimizerSpec) -> None:
 
 
 @pytest.mark.parametrize("wrapper", ["single_pass", "multi_tensor"])
-def test_speed_wrappers_keep_shardings_and_steps(monkeypatch: pytest.MonkeyPatch, wrapper: str) -> None:
+@pytest.mark.usefixtures("fusion_on")
+def test_speed_wrappers_keep_shardings_and_steps(wrapper: str) -> None:
     """``single_pass`` (traced in its sibling form) and ``multi_tensor`` around Adam on the sharded tree.
 
     The parameters keep their shardings; ``single_pass``'s state mirrors them like Adam's, and
@@ -155,7 +154,6 @@ def test_speed_wrappers_keep_shardings_and_steps(monkeypatch: pytest.MonkeyPatch
     leaves' state is one packed buffer). The steps are Adam's.
     """
     if wrapper == "single_pass":
-        monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}")
         tx = adaopt.single_pass(adaopt.adam(1e-2), min_size=1)
     else:
         tx = adaopt.multi_tensor(adaopt.adam(1e-2), min_size=1024)  # w (2048 elements) apart; b and k packed

@@ -2,8 +2,8 @@
 
 XLA:CPU reads its options when JAX starts its CPU backend, so the tests with the fusion on run
 in a fresh Python process started with ``XLA_FLAGS``; the others run here, where it is off, and
-where ``XLA_FLAGS`` is set only in ``os.environ`` (which ``single_pass`` reads) to trace the
-wrapper's sibling form, which is then compiled without the fusion: the numbers must still agree.
+trace the wrapper's sibling form as with the fusion on (the ``fusion_on`` fixture of conftest.py),
+which is then compiled without the fusion: the numbers must still agree.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 
 import adaopt
 from adaopt._src.registry import get
-from adaopt._src.single_pass import XLA_FLAG, cpu_multi_output_fusion_enabled
+from adaopt._src.single_pass import XLA_FLAG, cpu_multi_output_fusion_enabled, flag_in_environment
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd", "lamb", "prodigy", "polyak_sgd")
 STEPS = 20
@@ -77,7 +77,19 @@ def assert_trees_close(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> 
 )
 def test_the_flag_is_read_from_xla_flags(monkeypatch: pytest.MonkeyPatch, flags: str, enabled: bool) -> None:
     monkeypatch.setenv("XLA_FLAGS", flags)
-    assert cpu_multi_output_fusion_enabled() is enabled
+    assert flag_in_environment() is enabled
+
+
+def test_a_flag_set_after_the_backend_started_is_not_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's backend started without the fusion: a flag set now changes nothing (the
+    sibling form would compile to 3x slower kernels without the fusion)."""
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}")
+    assert flag_in_environment() and not cpu_multi_output_fusion_enabled()
+    tx = adaopt.adam(1e-2)
+    params = {"w": jnp.ones((200, 100))}
+    state = tx.init(params)
+    plain = jax.make_jaxpr(tx.update)(params, state, params)
+    assert str(jax.make_jaxpr(adaopt.single_pass(tx, min_size=1).update)(params, state, params)) == str(plain)
 
 
 @pytest.mark.parametrize("flags, min_size", [("", 1), (XLA_FLAG, 211)])
@@ -102,12 +114,12 @@ def test_min_size_is_checked(min_size: Any) -> None:
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_sibling_form_follows_the_optimizer(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+@pytest.mark.usefixtures("fusion_on")
+def test_sibling_form_follows_the_optimizer(name: str) -> None:
     """Traced as on a CPU with the fusion on (compiled here without it): the same trajectory and state.
 
     ``w`` (210 elements) takes the single-pass form, the smaller leaves the plain one.
     """
-    monkeypatch.setenv("XLA_FLAGS", XLA_FLAG)
     spec = get(name)
     params = tree()
     wrapped = adaopt.single_pass(spec.make(), min_size=200)
@@ -118,8 +130,8 @@ def test_sibling_form_follows_the_optimizer(monkeypatch: pytest.MonkeyPatch, nam
     assert_trees_close(run(wrapped, params), run(spec.make(), params), rtol=1e-5, atol=1e-6)
 
 
-def test_sibling_form_chains_differentiates_and_vmaps(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XLA_FLAGS", XLA_FLAG)
+@pytest.mark.usefixtures("fusion_on")
+def test_sibling_form_chains_differentiates_and_vmaps() -> None:
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros(4)}
     grads = jax.tree.map(lambda x: 0.3 * x + 0.1, params)
 
