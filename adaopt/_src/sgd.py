@@ -41,8 +41,9 @@ def scale_by_momentum(
     base.check_dtype("accumulator_dtype", accumulator_dtype)
     if nesterov and not base.is_zero(dampening):
         raise base.HyperparameterError(f"nesterov=True requires dampening=0, got dampening={dampening!r}.")
-    # With no dampening, mu * 0 + g already gives the first step's buffer g.
-    first_step_special = not base.is_zero(dampening)
+    # With no dampening, mu * 0 + g already gives the first step's buffer g, and g needs no
+    # multiplication by 1 - 0 (a Python zero: one operation less per leaf to trace and compile).
+    damped = not base.is_zero(dampening)
 
     def init_fn(params: base.Params) -> MomentumState:
         return MomentumState(mo.zero_count(), mo.init_like(params, accumulator_dtype))
@@ -61,8 +62,8 @@ def scale_by_momentum(
         def leaf(g: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (b32,) = mo.to_compute(g, b)
             mu, undamped = scalars(dtype)
-            b_new = mu * b32 + undamped * g32
-            if first_step_special:
+            b_new = mu * b32 + (undamped * g32 if damped else g32)
+            if damped:
                 b_new = jax.numpy.where(first_step, g32, b_new)
             step = g32 + mu * b_new if nesterov else b_new
             return step.astype(g.dtype), b_new.astype(b.dtype)
