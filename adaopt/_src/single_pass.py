@@ -93,8 +93,8 @@ def single_pass(
     with XLA:CPU's multi-output fusion on (``XLA_FLAGS`` as in the module's docstring), the
     parameter, the state and the update of each leaf of at least ``min_size`` elements are then
     computed by one kernel that reads each buffer once. Adam on a 55M-parameter tree on 2 CPU
-    cores: 33 ms a step against 49 ms without the wrapper (optax's Adam 49 ms, torch's fused Adam
-    34 ms), at 98% of the measured memory bandwidth; on the same parameters laid out by
+    cores: 35 ms a step against 50 ms without the wrapper (optax's Adam 50 ms, torch's fused Adam
+    34 ms), at the memory bandwidth measured in the same run; on the same parameters laid out by
     :func:`adaopt.flatten_params` (a few buffers, so fewer per-buffer costs), 32 ms;
     ``benchmarks/RESULTS.md``.
 
