@@ -149,6 +149,23 @@ def test_inject_hyperparams_matches_fixed_hyperparameters(spec: OptimizerSpec) -
 
 
 @SPECS
+def test_injected_hyperparameters_keep_each_leafs_dtype(spec: OptimizerSpec) -> None:
+    """inject_hyperparams passes every numeric hyperparameter as an array of the tree's widest
+    dtype (float32 here): the bfloat16 leaves' updates stay bfloat16, and finite."""
+    params = {"half": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.bfloat16).reshape(3, 2), "full": jnp.ones(4)}
+    numeric = {"learning_rate": spec.learning_rate, **{k: r.sample(0.5) for k, r in spec.hyperparameters.items()}}
+    injected = adaopt.inject_hyperparams(spec.factory)(**numeric)
+    state = injected.init(params)
+    for t in range(_steps(spec, 3)):
+        grads = _grads(params, t)
+        updates, state = jax.jit(injected.update)(grads, state, params, value=jnp.asarray(1.0 / (1 + t)))
+        for name, u in updates.items():
+            assert u.dtype == params[name].dtype, f"{name}: update in {u.dtype} for a {params[name].dtype} parameter"
+            assert bool(jnp.all(jnp.isfinite(u)))
+        params = optax.apply_updates(params, updates)
+
+
+@SPECS
 def test_chained_with_clipping_equals_clipping_first(spec: OptimizerSpec) -> None:
     schedule = adaopt.warmup_cosine_decay_schedule(0.0, spec.learning_rate, 2, 10)
     chained = adaopt.chain(adaopt.clip_by_global_norm(0.5), spec.make(learning_rate=schedule))

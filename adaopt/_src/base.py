@@ -162,6 +162,61 @@ def is_zero(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
+def _in_dtype_of(value: Any, update: jax.Array) -> Any:
+    """A hyperparameter for multiplying ``update``: a Python number stays weakly typed, an array
+    (from ``inject_hyperparams``, ``vmap``, ``grad`` or a schedule) takes the update's dtype."""
+    return value if isinstance(value, (int, float)) else jnp.asarray(value, update.dtype)
+
+
+def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> optax.GradientTransformation:
+    """``optax.scale_by_learning_rate``, with every update kept in its own dtype.
+
+    optax casts a schedule's value to each update's dtype but multiplies by a fixed learning rate
+    as it is: one given as an array (``inject_hyperparams`` passes one; ``vmap`` and ``grad`` over
+    the learning rate trace one) would turn bfloat16 and float16 updates into float32 ones, or
+    fail under strict dtype promotion. Here it is cast like a schedule's value.
+    """
+    sign = -1 if flip_sign else 1
+    if callable(learning_rate) or isinstance(learning_rate, (int, float)):
+        return optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)
+
+    def update_fn(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:
+        del params
+        return jax.tree.map(lambda g: _in_dtype_of(sign * learning_rate, g) * g, updates), state
+
+    return optax.GradientTransformation(optax.scale(1.0).init, update_fn)
+
+
+def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> optax.GradientTransformation:
+    """``optax.add_decayed_weights``, with every update kept in its own dtype.
+
+    optax adds ``weight_decay * params`` as it is: a weight decay given as an array or a schedule
+    (``inject_hyperparams`` passes an array for every numeric hyperparameter) would turn bfloat16
+    and float16 updates into float32 ones. Here it is cast to each update's dtype. Same state.
+    """
+    if isinstance(weight_decay, (int, float)):
+        return optax.add_decayed_weights(weight_decay, mask)
+    plain = optax.add_decayed_weights(weight_decay)
+
+    def update_fn(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:
+        if params is None:
+            raise ValueError("add_decayed_weights needs the parameters: call update(updates, state, params).")
+        if callable(weight_decay):
+            value, state = weight_decay(state.count), state._replace(count=optax.safe_increment(state.count))
+        else:
+            value = weight_decay
+        new = jax.tree.map(
+            lambda g, p: None if g is None else g + _in_dtype_of(value, g) * p,
+            updates,
+            params,
+            is_leaf=lambda x: x is None,
+        )
+        return new, state
+
+    tx = optax.GradientTransformation(plain.init, update_fn)
+    return tx if mask is None else optax.masked(tx, mask)
+
+
 def assemble(
     core: optax.GradientTransformation,
     learning_rate: ScalarOrSchedule,
@@ -177,10 +232,10 @@ def assemble(
     before ``core``; decoupled decay (AdamW's) adds it to ``core``'s output, so the learning
     rate scales both. ``after_decay`` blocks run between the decay and the learning rate.
     """
-    decay = [] if is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    decay = [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay, weight_decay_mask)]
     blocks = [check_gradient_tree(), *(() if decoupled_weight_decay else decay), core]
     blocks += [*(decay if decoupled_weight_decay else ()), *after_decay]
-    blocks.append(optax.scale_by_learning_rate(learning_rate))
+    blocks.append(scale_by_learning_rate(learning_rate))
     return optax.chain(*blocks)
 
 

@@ -205,6 +205,6 @@ def bold_driver(
     rule itself.
     """
     base.check_nonnegative("weight_decay", weight_decay)
-    decay = [] if base.is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    decay = [] if base.is_zero(weight_decay) else [base.add_decayed_weights(weight_decay, weight_decay_mask)]
     core = scale_by_bold_driver(learning_rate, increase, decrease, undo=undo)
     return optax.chain(base.check_gradient_tree(), *decay, core)

@@ -160,6 +160,6 @@ def cocob(
     base.check_common(learning_rate, weight_decay)
     blocks = [base.check_gradient_tree()]
     if not base.is_zero(weight_decay):
-        blocks.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-    blocks += [optax.scale_by_learning_rate(learning_rate, flip_sign=False), scale_by_cocob(alpha, eps)]
+        blocks.append(base.add_decayed_weights(weight_decay, weight_decay_mask))
+    blocks += [base.scale_by_learning_rate(learning_rate, flip_sign=False), scale_by_cocob(alpha, eps)]
     return optax.chain(*blocks)

@@ -199,7 +199,7 @@ def _chain(
     core: optax.GradientTransformation, weight_decay: Any, weight_decay_mask: base.MaskOrFn | None
 ) -> optax.GradientTransformationExtraArgs:
     """The tree check, coupled (L2) weight decay, then ``core``, which applies the learning rate itself."""
-    decay = [] if base.is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    decay = [] if base.is_zero(weight_decay) else [base.add_decayed_weights(weight_decay, weight_decay_mask)]
     return optax.chain(base.check_gradient_tree(), *decay, core)
 
 

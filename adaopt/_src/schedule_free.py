@@ -291,7 +291,7 @@ def _schedule_free(
     **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """Direction, weight decay at y, then the Schedule-Free step (which holds the learning rate)."""
-    decay = [] if base.is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    decay = [] if base.is_zero(weight_decay) else [base.add_decayed_weights(weight_decay, weight_decay_mask)]
     return optax.chain(
         base.check_gradient_tree(), *direction, *decay, scale_by_schedule_free(learning_rate, b1, **options)
     )
