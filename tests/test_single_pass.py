@@ -202,3 +202,18 @@ def test_with_the_fusion_each_leaf_is_one_kernel() -> None:
         assert (row["all_leaves"], row["large_leaves"], row["plain"]) == (6, 3 + 2 * 3, 2 * 6), (name, row)
         for got, want in zip(row["all_leaves_state"], row["plain_state"], strict=True):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("fusion_on")
+def test_sibling_form_inside_optax_wrappers() -> None:
+    """inject_hyperparams inside, MultiSteps and apply_if_finite outside: the wrapped optimizer's steps."""
+    params = tree()
+
+    def wrapped(wrap: bool) -> optax.GradientTransformation:
+        adam = optax.inject_hyperparams(adaopt.adam)(learning_rate=3e-2)
+        inner = adaopt.single_pass(adam, min_size=1) if wrap else adam
+        return optax.MultiSteps(optax.apply_if_finite(inner, max_consecutive_errors=3), every_k_schedule=2)
+
+    got, want = run(wrapped(True), params), run(wrapped(False), params)
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(got[0]["w"] - params["w"]))) > 0
