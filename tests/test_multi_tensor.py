@@ -209,6 +209,18 @@ def test_grad_through_the_update_with_respect_to_the_learning_rate() -> None:
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
+def test_vmap_over_learning_rates_is_a_sweep() -> None:
+    """A vmapped sweep over the learning rate (as benchmarks/convergence.py runs its grid) equals
+    the tree-shaped optimizer run at each learning rate."""
+    params = {"a": jnp.linspace(-1.0, 1.0, 6), "b": jnp.ones((2, 3)), "big": jnp.full((40, 30), 0.5)}
+    grads = jax.tree.map(lambda x: jnp.stack([jnp.sin(3 * x + k) for k in range(4)]), params)
+    rates = jnp.asarray([1e-3, 1e-2, 1e-1])
+    ours = jax.jit(jax.vmap(lambda lr: trajectory(multi_tensor(adaopt.adam(lr), min_size=1000), params, grads)))(rates)
+    for i, lr in enumerate(rates):
+        theirs = trajectory(adaopt.adam(lr), params, grads)
+        assert_close(jax.tree.map(lambda x: x[i], ours), theirs, rtol=1e-6)
+
+
 @pytest.mark.parametrize("tree", [{}, {"n": None}, {"z": jnp.zeros((0,))}, jnp.asarray(2.0)], ids=str)
 def test_awkward_trees(tree: Any) -> None:
     tx = multi_tensor(adaopt.adam(1e-2))
