@@ -19,7 +19,8 @@ loop runs it. For each parameter tree and each optimizer the script times:
   ``adaopt (single pass, multi-tensor)`` is ``adaopt.single_pass(adaopt.multi_tensor(optimizer))``
   and ``adaopt (single pass, flat params)`` ``adaopt.single_pass(optimizer)`` on the flat parameters.
 
-JAX: the first compile is timed as the wall time of ``step.lower(...).compile()``; then 2 warm-up
+JAX: the first compile is timed as the wall time of ``step.lower(...).compile()`` (each tree first
+compiles one untimed step, so that no row pays for filling JAX's caches); then 2 warm-up
 calls and ``--reps`` timed calls, each followed by ``jax.block_until_ready``, each feeding the
 returned (donated) parameters and state into the next. The gradients are a fixed tree, not
 donated. torch: 2 warm-up ``opt.step()`` calls, then ``--reps`` timed ones, with
@@ -678,7 +679,8 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
     parts += [
         "One step is `update` + `optax.apply_updates`, jitted with the parameters and the state donated;",
         "torch times `opt.step()`. Times are over the timed calls after 2 warm-up calls; compile is the",
-        'wall time of the first `step.lower(...).compile()`. "bytes moved" is the least a step must move',
+        "wall time of the first `step.lower(...).compile()` (each tree first compiles one untimed step, so that",
+        'no row pays for filling JAX\'s caches). "bytes moved" is the least a step must move',
         "(parameters read and written, gradients read, each state buffer read and written, 4 bytes each);",
         '"achieved GB/s" is that divided by the median time. "ratio vs adaopt" is adaopt\'s median time',
         "divided by the row's: above 1, adaopt is slower than that implementation. The rows `adaopt (multi-tensor)`",
