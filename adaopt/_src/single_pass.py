@@ -93,9 +93,9 @@ def single_pass(
     with XLA:CPU's multi-output fusion on (``XLA_FLAGS`` as in the module's docstring), the
     parameter, the state and the update of each leaf of at least ``min_size`` elements are then
     computed by one kernel that reads each buffer once. Adam on a 55M-parameter tree on 2 CPU
-    cores: 35 ms a step against 50 ms without the wrapper (optax's Adam 50 ms, torch's fused Adam
-    34 ms), at the memory bandwidth measured in the same run; on the same parameters laid out by
-    :func:`adaopt.flatten_params` (a few buffers, so fewer per-buffer costs), 32 ms;
+    cores: 36 ms a step against 52 ms without the wrapper (optax's Adam 52 ms, torch's fused Adam
+    34 ms), at 90% of the memory bandwidth measured in the same run; on the same parameters laid
+    out by :func:`adaopt.flatten_params` (a few buffers, so fewer per-buffer costs), 33 ms;
     ``benchmarks/RESULTS.md``.
 
     The state and the updates are those of ``tx``, by the same operations on the same values;
