@@ -217,3 +217,37 @@ def test_sibling_form_inside_optax_wrappers() -> None:
     got, want = run(wrapped(True), params), run(wrapped(False), params)
     assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
     assert float(jnp.max(jnp.abs(got[0]["w"] - params["w"]))) > 0
+
+
+MESH_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, optax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import adaopt
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+    tx = adaopt.single_pass(adaopt.adam(1e-2), min_size=1)
+    with jax.set_mesh(mesh):
+        params = {"w": jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("data", None)))}
+
+        @jax.jit
+        def step(p, s):
+            updates, s = tx.update(p, s, p)
+            return optax.apply_updates(p, updates), s
+
+        new, _ = step(params, jax.jit(tx.init)(params))  # the fusion probe runs in this trace
+    assert adaopt.cpu_multi_output_fusion_enabled()
+    assert new["w"].sharding.spec == P("data", None), new["w"].sharding
+    print("ok")
+    """
+)
+
+
+def test_the_fusion_probe_runs_inside_a_trace_under_a_mesh() -> None:
+    """With the fusion on, the first ``update`` (which compiles the probe) is traced under ``jax.set_mesh``."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {XLA_FLAG}", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

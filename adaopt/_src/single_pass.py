@@ -31,6 +31,7 @@ a small probe once per process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 from typing import Any
@@ -65,13 +66,19 @@ def cpu_backend_fuses_siblings() -> bool:
 
     XLA reads ``XLA_FLAGS`` once, when JAX starts its CPU backend: a flag set later (in a notebook,
     after the first computation) is in the environment but not in the compiler. This compiles a
-    probe with two sibling outputs once per process and looks for one kernel writing both.
+    probe with two sibling outputs once per process and looks for one kernel writing both. It
+    runs in a thread of its own, outside the caller's trace and mesh contexts (JAX keeps them per
+    thread): a step traced under ``jax.set_mesh`` would otherwise place the probe on the mesh.
     """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_probe_fuses_siblings).result()
+
+
+def _probe_fuses_siblings() -> bool:
     try:
         cpu = jax.devices("cpu")[0]
     except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu)
         return False
-    # An abstract argument on the CPU: nothing is staged into a trace this may be called from.
     x = jax.ShapeDtypeStruct((64,), np.float32, sharding=jax.sharding.SingleDeviceSharding(cpu))
     hlo = jax.jit(lambda x: (x * 2 + 1, x * 3 - 1)).lower(x).compile().as_text() or ""
     entry = hlo.split("ENTRY", 1)[-1]
