@@ -176,13 +176,13 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     the learning rate trace one) would turn bfloat16 and float16 updates into float32 ones, or
     fail under strict dtype promotion. Here it is cast like a schedule's value.
     """
-    sign = -1 if flip_sign else 1
     if callable(learning_rate) or isinstance(learning_rate, (int, float)):
         return optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)
 
     def update_fn(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:
         del params
-        return jax.tree.map(lambda g: _in_dtype_of(sign * learning_rate, g) * g, updates), state
+        step_size = -learning_rate if flip_sign else learning_rate
+        return jax.tree.map(lambda g: _in_dtype_of(step_size, g) * g, updates), state
 
     return optax.GradientTransformation(optax.scale(1.0).init, update_fn)
 
@@ -190,30 +190,25 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
 def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> optax.GradientTransformation:
     """``optax.add_decayed_weights``, with every update kept in its own dtype.
 
-    optax adds ``weight_decay * params`` as it is: a weight decay given as an array or a schedule
-    (``inject_hyperparams`` passes an array for every numeric hyperparameter) would turn bfloat16
-    and float16 updates into float32 ones. Here it is cast to each update's dtype. Same state.
+    optax adds ``weight_decay * params`` as it is: a weight decay given as an array
+    (``inject_hyperparams`` passes one for every numeric hyperparameter) would turn bfloat16 and
+    float16 updates into float32 ones. Here it is cast to each update's dtype. Same state.
     """
-    if isinstance(weight_decay, (int, float)):
+    if callable(weight_decay) or isinstance(weight_decay, (int, float)):
         return optax.add_decayed_weights(weight_decay, mask)
-    plain = optax.add_decayed_weights(weight_decay)
 
     def update_fn(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:
         if params is None:
             raise ValueError("add_decayed_weights needs the parameters: call update(updates, state, params).")
-        if callable(weight_decay):
-            value, state = weight_decay(state.count), state._replace(count=optax.safe_increment(state.count))
-        else:
-            value = weight_decay
         new = jax.tree.map(
-            lambda g, p: None if g is None else g + _in_dtype_of(value, g) * p,
+            lambda g, p: None if g is None else g + _in_dtype_of(weight_decay, g) * p,
             updates,
             params,
             is_leaf=lambda x: x is None,
         )
         return new, state
 
-    tx = optax.GradientTransformation(plain.init, update_fn)
+    tx = optax.GradientTransformation(optax.add_decayed_weights(0.0).init, update_fn)
     return tx if mask is None else optax.masked(tx, mask)
 
 
