@@ -74,6 +74,7 @@ import optax
 
 import adaopt
 from adaopt._src.multi_tensor import flatten_params, multi_tensor
+from adaopt._src.single_pass import DEFAULT_MIN_SIZE as SINGLE_PASS_MIN_SIZE
 from adaopt._src.single_pass import XLA_FLAG, cpu_multi_output_fusion_enabled, single_pass
 
 HERE = Path(__file__).resolve().parent
@@ -553,10 +554,15 @@ def _cell(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def bytes_moved(optimizer: str, tree: TreeResult) -> int:
+    """The least one step of ``optimizer`` on ``tree`` must move (see the report's text)."""
+    return CONTENDERS[optimizer].bytes_per_param * tree.params
+
+
 def table_rows(tree: TreeResult, measured: float) -> Iterator[list[str]]:
     adaopt_median = {t.optimizer: t.median for t in tree.timings if t.impl == "adaopt" and t.times}
     for t in tree.timings:
-        moved = CONTENDERS[t.optimizer].bytes_per_param * tree.params
+        moved = bytes_moved(t.optimizer, tree)
         available = bool(t.times)
         median = t.median if available else None
         rate = moved / t.median if available else None
@@ -607,7 +613,7 @@ def target_rows(report: Report) -> list[list[str]]:
                 continue
             best = min(ours, key=lambda t: t.median)
             vs_optax, vs_fused = best.median / optax_t.median, fused and best.median / fused.median
-            rate = CONTENDERS[name].bytes_per_param * tree.params / best.median / report.measured_bandwidth
+            rate = bytes_moved(name, tree) / best.median / report.measured_bandwidth
             compile_ratio = (best.compile_s or 0.0) / (optax_t.compile_s or float("inf"))
             missed = []
             if tree.name == LARGE_TARGET["tree"]:
@@ -686,7 +692,7 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
         "divided by the row's: above 1, adaopt is slower than that implementation. The rows `adaopt (multi-tensor)`",
         "(`adaopt.multi_tensor(optimizer)`, the same tree) and `adaopt (flat params)` (the parameters and gradients",
         "as `adaopt.flatten_params` lays them out) time adaopt's multi-tensor layouts; `adaopt (single pass)` is",
-        "`adaopt.single_pass(optimizer)`, which computes the step of each leaf of at least 16,384 elements in one",
+        f"`adaopt.single_pass(optimizer)`, which computes the step of each leaf of at least {SINGLE_PASS_MIN_SIZE:,} elements in one",
         f"kernel when XLA:CPU's multi-output fusion is on (`XLA_FLAGS={XLA_FLAG}`), and is the plain",
         "optimizer when it is off; `adaopt (single pass, multi-tensor)` is `adaopt.single_pass(adaopt.multi_tensor(optimizer))`",
         "and `adaopt (single pass, flat params)` is `adaopt.single_pass(optimizer)` on the flat parameters.",
