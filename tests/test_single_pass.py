@@ -92,12 +92,15 @@ def test_a_flag_set_after_the_backend_started_is_not_taken(monkeypatch: pytest.M
     assert str(jax.make_jaxpr(adaopt.single_pass(tx, min_size=1).update)(params, state, params)) == str(plain)
 
 
-@pytest.mark.parametrize("flags, min_size", [("", 1), (XLA_FLAG, 211)])
+@pytest.mark.parametrize("fusion, min_size", [(False, 1), (True, 211)], ids=["fusion-off", "no-large-leaf"])
 def test_without_the_fusion_or_a_large_leaf_it_is_the_optimizer_itself(
-    monkeypatch: pytest.MonkeyPatch, flags: str, min_size: int
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, fusion: bool, min_size: int
 ) -> None:
-    """The fusion off, or every leaf under ``min_size`` (the largest of ``tree()`` has 210 elements)."""
-    monkeypatch.setenv("XLA_FLAGS", flags)
+    """The fusion off, or on with every leaf under ``min_size`` (the largest of ``tree()`` has 210 elements)."""
+    if fusion:
+        request.getfixturevalue("fusion_on")
+    else:
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
     tx = adaopt.adam(1e-2)
     params = tree()
     grads = jax.tree.map(jnp.ones_like, params)
