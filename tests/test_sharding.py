@@ -149,7 +149,7 @@ def test_sharded_state_and_steps_match_unsharded(spec: OptimizerSpec) -> None:
 def test_speed_wrappers_keep_shardings_and_steps(wrapper: str) -> None:
     """``single_pass`` (traced in its sibling form) and ``multi_tensor`` around Adam on the sharded tree.
 
-    The parameters keep their shardings; ``single_pass``'s state mirrors them like Adam's, and
+    The parameters and the updates keep their shardings; ``single_pass``'s state mirrors them like Adam's, and
     ``multi_tensor`` keeps the large leaf's state apart with its parameter's sharding (the small
     leaves' state is one packed buffer). The steps are Adam's.
     """
@@ -164,6 +164,10 @@ def test_speed_wrappers_keep_shardings_and_steps(wrapper: str) -> None:
     with jax.set_mesh(mesh):
         params = jax.device_put(_host_params(), shardings)
         init_state, got_params, state = _train(tx, params)
+        grads = jax.grad(_loss)(params, jnp.asarray(0, jnp.int32))
+        updates, _ = jax.jit(tx.update)(grads, init_state, params)
+        for name, sharding in shardings.items():  # the updates carry the gradients' shardings
+            assert updates[name].sharding.is_equivalent_to(sharding, len(SHAPES[name])), (name, updates[name].sharding)
         if wrapper == "single_pass":
             _check_state_shardings(init_state, params, mesh, "after init")
             _check_state_shardings(state, got_params, mesh, f"after {N_STEPS} steps")
