@@ -83,7 +83,8 @@ import optax
 from tqdm import tqdm
 
 import adaopt
-from adaopt._src.registry import AVERAGED_ITERATES, CONSTANT_LEARNING_RATE, FULL_BATCH, TUNING_FREE, OptimizerSpec
+from adaopt import OptimizerSpec
+from adaopt._src.registry import AVERAGED_ITERATES, CONSTANT_LEARNING_RATE, FULL_BATCH, TUNING_FREE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

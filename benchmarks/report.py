@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import optax
 
-from adaopt._src.single_pass import cpu_multi_output_fusion_enabled
+from adaopt import cpu_multi_output_fusion_enabled
 
 TITLE = "# adaopt benchmark results"
 

@@ -73,9 +73,9 @@ import numpy as np
 import optax
 
 import adaopt
-from adaopt._src.multi_tensor import flatten_params, multi_tensor
-from adaopt._src.single_pass import DEFAULT_MIN_SIZE as SINGLE_PASS_MIN_SIZE
-from adaopt._src.single_pass import XLA_FLAG, cpu_multi_output_fusion_enabled, single_pass
+from adaopt import cpu_multi_output_fusion_enabled, flatten_params, multi_tensor, single_pass
+from adaopt._src.layouts.single_pass import DEFAULT_MIN_SIZE as SINGLE_PASS_MIN_SIZE
+from adaopt._src.layouts.single_pass import XLA_FLAG
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # run as a file, or loaded by a test: the sibling module

@@ -11,7 +11,7 @@ import hypothesis
 import jax
 import pytest
 
-from adaopt._src import single_pass
+from adaopt._src.layouts import single_pass
 
 # Start the backends now, with these flags: tests that set XLA_FLAGS later (to trace single_pass's
 # sibling form) must not be the ones that start them.

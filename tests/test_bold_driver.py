@@ -19,8 +19,7 @@ import optax
 import pytest
 from sklearn.datasets import load_diabetes
 
-from adaopt._src.bold_driver import BoldDriverState, bold_driver, scale_by_bold_driver
-from adaopt._src.sgd import sgd
+from adaopt import BoldDriverState, bold_driver, scale_by_bold_driver, sgd
 from tests import steps
 
 

@@ -13,7 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import adaopt
-from adaopt._src.registry import OPTIMIZERS, OptimizerSpec
+from adaopt import OptimizerSpec
+from adaopt._src.registry import OPTIMIZERS
 
 
 def _loss(params: dict) -> jax.Array:

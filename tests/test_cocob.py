@@ -12,8 +12,7 @@ import optax.contrib
 import parameterfree
 import pytest
 
-from adaopt._src.base import HyperparameterError
-from adaopt._src.cocob import CocobState, cocob
+from adaopt import CocobState, HyperparameterError, cocob
 from tests import parity, problems
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 

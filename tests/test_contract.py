@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import adaopt
+from adaopt import OptimizerSpec
 from adaopt._src.registry import (
     AVERAGED_ITERATES,
     DELAYED_START,
@@ -18,7 +19,6 @@ from adaopt._src.registry import (
     MOVES_AT_ZERO_LR,
     OPTIMIZERS,
     WEIGHT_DECAY,
-    OptimizerSpec,
 )
 
 SPECS = pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)

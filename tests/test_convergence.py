@@ -13,7 +13,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import adaopt
-from adaopt._src.registry import AVERAGED_ITERATES, CONSTANT_LEARNING_RATE, OPTIMIZERS, TUNING_FREE, OptimizerSpec
+from adaopt import OptimizerSpec
+from adaopt._src.registry import AVERAGED_ITERATES, CONSTANT_LEARNING_RATE, OPTIMIZERS, TUNING_FREE
 from tests import problems
 
 SPECS = pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)

@@ -33,7 +33,7 @@ import optax
 import pytest
 import torch
 
-from adaopt._src.dadapt import dadapt_adagrad, dadapt_adam, dadapt_sgd
+from adaopt import dadapt_adagrad, dadapt_adam, dadapt_sgd
 from tests import parity, steps
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 

@@ -27,15 +27,8 @@ import pytest
 import torch
 
 import adaopt
-from adaopt._src.distance_over_gradients import (
-    DoGEstimate,
-    averaged_params,
-    dowg,
-    ldog,
-    polynomial_decay_averaging,
-    scale_by_dog,
-)
-from adaopt._src.distance_over_gradients import dog as adaopt_dog
+from adaopt import DoGEstimate, averaged_params, dowg, ldog, polynomial_decay_averaging, scale_by_dog
+from adaopt import dog as adaopt_dog
 from tests import parity
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 

@@ -30,7 +30,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import adaopt
-from adaopt._src.registry import FULL_BATCH, OptimizerSpec
+from adaopt import OptimizerSpec
+from adaopt._src.registry import FULL_BATCH
 
 HIDDEN = 32
 N_CLASSES = 10

@@ -32,9 +32,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from adaopt._src import adam as adam_module
-from adaopt._src import sgd as sgd_module
-from adaopt._src.hypergradient import HypergradientState, adam_hd, hypergradient, sgd_hd, sgdn_hd
+import adaopt
+from adaopt import HypergradientState, adam_hd, hypergradient, sgd_hd, sgdn_hd
 from tests import parity, problems, steps
 from tests.parity import SHAPES, STEPS
 
@@ -299,9 +298,9 @@ def test_hyper_lr_zero_is_the_inner_algorithm() -> None:
     with jax.enable_x64(True):
         lr = lambda count: schedule(jnp.asarray(count, jnp.float64))
         pairs = [
-            (sgd_hd(lr, 0.0, 0.9, 0.1), sgd_module.sgd(lr, 0.9, 0.1)),
-            (sgdn_hd(lr, 0.0, 0.8), sgd_module.sgd(lr, 0.8, nesterov=True)),
-            (adam_hd(lr, 0.0, eps_before_debias=False, weight_decay=0.01), adam_module.adam(lr, weight_decay=0.01)),
+            (sgd_hd(lr, 0.0, 0.9, 0.1), adaopt.sgd(lr, 0.9, 0.1)),
+            (sgdn_hd(lr, 0.0, 0.8), adaopt.sgd(lr, 0.8, nesterov=True)),
+            (adam_hd(lr, 0.0, eps_before_debias=False, weight_decay=0.01), adaopt.adam(lr, weight_decay=0.01)),
         ]
 
         def final(tx: optax.GradientTransformation) -> dict:
@@ -343,7 +342,7 @@ def test_multiplicative_rule() -> None:
     lr, beta, mu = 0.01, 0.5, 0.6
     names = sorted(params)
     with jax.enable_x64(True):
-        tx = hypergradient(sgd_module.scale_by_momentum(mu), lr, beta, multiplicative=True)
+        tx = hypergradient(adaopt.scale_by_momentum(mu), lr, beta, multiplicative=True)
         ours, rates = jax.tree.map(np.asarray, jax.jit(functools.partial(_trajectory, tx))(params, grads))
     theta = np.concatenate([params[k].ravel() for k in names])
     buf, d_prev, alpha = np.zeros_like(theta), np.zeros_like(theta), lr
@@ -455,7 +454,7 @@ def test_adam_hd_forgives_a_learning_rate_10x_off() -> None:
     off = [grid[0], grid[-1]]
     gaps = _suboptimality(
         {
-            "adam": (adam_module.adam, grid),
+            "adam": (adaopt.adam, grid),
             "additive": (lambda lr: adam_hd(lr, 1e-2), off),
             "multiplicative": (lambda lr: adam_hd(lr, 0.1, multiplicative=True), off),
         }

@@ -19,12 +19,8 @@ import pytest
 import torch
 from mechanic_pytorch import mechanize
 
-from adaopt._src.adam import adam, adamw
-from adaopt._src.base import HyperparameterError
-from adaopt._src.lamb import lamb
-from adaopt._src.mechanic import DEFAULT_BETAS, MechanicState, mechanic
-from adaopt._src.rmsprop import rmsprop
-from adaopt._src.sgd import sgd
+from adaopt import HyperparameterError, MechanicState, adam, adamw, lamb, mechanic, rmsprop, sgd
+from adaopt._src.tuning_free.mechanic import DEFAULT_BETAS
 from tests import parity, problems
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 

@@ -11,8 +11,7 @@ import optax
 import pytest
 
 import adaopt
-from adaopt._src.base import TreeMismatchError
-from adaopt._src.multi_tensor import FlatTree, MultiTensorState, NotElementwiseError, flatten_params, multi_tensor
+from adaopt import FlatTree, MultiTensorState, NotElementwiseError, TreeMismatchError, flatten_params, multi_tensor
 from adaopt._src.registry import get
 
 MIN_SIZE = 256  # small enough that the test tree has leaves on both sides

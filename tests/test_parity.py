@@ -20,7 +20,8 @@ import optax
 import pytest
 
 import adaopt
-from adaopt._src.registry import OPTIMIZERS, OptimizerSpec, Reference
+from adaopt import OptimizerSpec, Reference
+from adaopt._src.registry import OPTIMIZERS
 from tests import parity, references
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 

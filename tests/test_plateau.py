@@ -27,8 +27,8 @@ from hypothesis import given, settings
 from sklearn.datasets import load_digits
 
 import adaopt
-from adaopt._src import plateau as P
-from adaopt._src.base import HyperparameterError
+from adaopt import HyperparameterError
+from adaopt._src.loss_driven import plateau as P
 from tests.problems import optimal_softmax_regression_loss, softmax_regression_loss
 
 LENGTH = 160  # losses per drawn sequence (ours runs them in one compiled scan)

@@ -23,8 +23,7 @@ import optax
 import pytest
 from sklearn.datasets import load_diabetes
 
-from adaopt._src.polyak import PolyakState, polyak_sgd, scale_by_polyak
-from adaopt._src.sgd import sgd
+from adaopt import PolyakState, polyak_sgd, scale_by_polyak, sgd
 from tests import parity, steps
 
 TOLERANCE = {np.float64: 1e-10, np.float32: 1e-4}

@@ -24,7 +24,7 @@ import prodigyopt
 import pytest
 import torch
 
-from adaopt._src.prodigy import ProdigyState, prodigy
+from adaopt import ProdigyState, prodigy
 from tests import parity, steps
 from tests.parity import DECAY_MASK, STEPS, Case
 from tests.test_dadapt import (

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from adaopt._src.registry import OPTIMIZERS, OptimizerSpec
+from adaopt import OptimizerSpec
+from adaopt._src.registry import OPTIMIZERS
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)

@@ -22,8 +22,8 @@ import schedulefree
 import torch
 
 import adaopt
-from adaopt._src.base import HyperparameterError
-from adaopt._src.schedule_free import (
+from adaopt import (
+    HyperparameterError,
     ScheduleFreeState,
     schedule_free_adamw,
     schedule_free_eval_params,

@@ -33,8 +33,8 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as L
 
+from adaopt import HyperparameterError
 from adaopt._src import schedules as S
-from adaopt._src.base import HyperparameterError
 
 DRAWS = 2
 HORIZON = 2001  # the longest run compared

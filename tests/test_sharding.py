@@ -21,8 +21,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adaopt
-from adaopt._src.multi_tensor import FlatTree
-from adaopt._src.registry import DELAYED_START, OptimizerSpec
+from adaopt import FlatTree, OptimizerSpec
+from adaopt._src.registry import DELAYED_START
 
 N_STEPS = 3
 SHAPES = {"w": (64, 32), "b": (32,), "k": (16, 8)}

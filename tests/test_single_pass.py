@@ -22,8 +22,9 @@ import optax
 import pytest
 
 import adaopt
+from adaopt import cpu_multi_output_fusion_enabled
+from adaopt._src.layouts.single_pass import XLA_FLAG, flag_in_environment
 from adaopt._src.registry import get
-from adaopt._src.single_pass import XLA_FLAG, cpu_multi_output_fusion_enabled, flag_in_environment
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd", "lamb", "prodigy", "polyak_sgd")
 STEPS = 20

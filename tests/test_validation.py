@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 
 import adaopt
-from adaopt._src.registry import OPTIMIZERS, TUNING_FREE, WEIGHT_DECAY, OptimizerSpec
+from adaopt import OptimizerSpec
+from adaopt._src.registry import OPTIMIZERS, TUNING_FREE, WEIGHT_DECAY
 
 # Hyperparameters that are decay rates of a moving average: valid in [0, 1).
 DECAYS = {"b1", "b2", "decay", "rho", "momentum"}

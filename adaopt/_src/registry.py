@@ -14,24 +14,11 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from adaopt._src import (
-    adagrad,
-    adam,
-    bold_driver,
-    cocob,
-    dadapt,
-    hypergradient,
-    lamb,
-    lion,
-    mechanic,
-    polyak,
-    prodigy,
-    rmsprop,
-    schedule_free,
-    sgd,
-)
-from adaopt._src import distance_over_gradients as dog_family
 from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
+from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
+from adaopt._src.optimizers import adagrad, adam, lamb, lion, rmsprop, sgd
+from adaopt._src.tuning_free import cocob, dadapt, mechanic, prodigy, schedule_free
+from adaopt._src.tuning_free import dog as dog_family
 
 # Capabilities.
 MOMENT_DTYPES = "moment_dtypes"  # takes mu_dtype / nu_dtype

@@ -2,7 +2,7 @@ r"""Prodigy: D-Adaptation's Adam with a faster-growing distance estimate (no lea
 
 Prodigy estimates the distance :math:`d` to a solution from the correlation of the gradients
 with the distance travelled from the initial point :math:`\theta_0`, which it keeps, weighting
-recent steps more than D-Adapt Adam does (:mod:`adaopt._src.dadapt`, whose machinery it shares).
+recent steps more than D-Adapt Adam does (:mod:`adaopt._src.tuning_free.dadapt`, whose machinery it shares).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base
-from adaopt._src import dadapt as da
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.tuning_free import dadapt
 
 
 class ProdigyState(NamedTuple):
@@ -128,8 +127,8 @@ def scale_by_prodigy(
     base.check_learning_rate(learning_rate)
     _check(b1, b2, b3, eps, d_coef, slice_p)
     base.check_nonnegative("weight_decay", weight_decay)
-    da.check_d0(d0)
-    da.check_growth_rate(growth_rate)
+    dadapt.check_d0(d0)
+    dadapt.check_growth_rate(growth_rate)
     base.check_dtype("mu_dtype", mu_dtype)
     base.check_dtype("nu_dtype", nu_dtype)
     decoupled = not base.is_zero(weight_decay)
@@ -140,20 +139,20 @@ def scale_by_prodigy(
         return x if stride == 1 else x.ravel()[::stride]
 
     def init_fn(params: base.Params) -> ProdigyState:
-        dtype = mo.scalar_dtype(params)
+        dtype = moments.scalar_dtype(params)
         if stride == 1:
-            s, p0 = mo.init_like(params), da.initial_point(params)
+            s, p0 = moments.init_like(params), dadapt.initial_point(params)
         else:
-            s = jax.tree.map(lambda p: jnp.zeros_like(sliced(p), dtype=mo.state_dtype(jnp.result_type(p))), params)
-            p0 = jax.tree.map(lambda p: sliced(p).astype(mo.state_dtype(jnp.result_type(p))), params)
+            s = jax.tree.map(lambda p: jnp.zeros_like(sliced(p), dtype=moments.state_dtype(jnp.result_type(p))), params)
+            p0 = jax.tree.map(lambda p: sliced(p).astype(moments.state_dtype(jnp.result_type(p))), params)
         return ProdigyState(
-            count=mo.zero_count(),
-            step=mo.zero_count(),
+            count=moments.zero_count(),
+            step=moments.zero_count(),
             d=jnp.asarray(d0).astype(dtype),
             d_max=jnp.asarray(d0).astype(dtype),
             numerator=jnp.zeros([], dtype),
-            mu=mo.init_like(params, mu_dtype) if with_momentum else None,
-            nu=mo.init_like(params, nu_dtype),
+            mu=moments.init_like(params, mu_dtype) if with_momentum else None,
+            nu=moments.init_like(params, nu_dtype),
             s=s,
             p0=p0,
         )
@@ -161,73 +160,79 @@ def scale_by_prodigy(
     def update_fn(
         updates: Updates, state: ProdigyState, params: base.Params | None = None
     ) -> tuple[Updates, ProdigyState]:
-        params = da.require_params(params, "prodigy")
+        params = dadapt.require_params(params, "prodigy")
         dtype = state.d.dtype
-        lr = da.learning_rate_at(learning_rate, state.count, dtype)
+        lr = dadapt.learning_rate_at(learning_rate, state.count, dtype)
         active = lr > 0
         k1 = state.step + 1
-        bc = jnp.sqrt(mo.bias_correction(b2, k1, dtype)) / mo.bias_correction(b1, k1, dtype) if bias_correction else 1
-        d, first_d = state.d, mo.scalar(d0, dtype)
+        bc = (
+            jnp.sqrt(moments.bias_correction(b2, k1, dtype)) / moments.bias_correction(b1, k1, dtype)
+            if bias_correction
+            else 1
+        )
+        d, first_d = state.d, moments.scalar(d0, dtype)
         dlr = d * lr * bc
-        beta3 = da.scalar_sqrt(b2, dtype) if b3 is None else b3
+        beta3 = dadapt.scalar_sqrt(b2, dtype) if b3 is None else b3
         s_rate = (d / first_d) * (d if safeguard_warmup else dlr)
-        moments = (state.nu,) if state.mu is None else (state.nu, state.mu)
+        moment_trees = (state.nu,) if state.mu is None else (state.nu, state.mu)
 
         def accumulate(
             g: jax.Array, p: jax.Array, p0: jax.Array, s: jax.Array, v: jax.Array, *m: jax.Array
         ) -> tuple[jax.Array, ...]:
-            cd, g32, (p32, p032, s32, v32, *m32) = mo.to_compute(g, p, p0, s, v, *m)
+            cd, g32, (p32, p032, s32, v32, *m32) = moments.to_compute(g, p, p0, s, v, *m)
             dd, gs = d.astype(cd), sliced(g32)
             dot = jnp.sum(gs * (p032 - sliced(p32)))
-            v_new = mo.ema(dd * dd * (g32 * g32), v32, mo.scalar(b2, cd))
-            s_new = mo.scalar(beta3, cd) * s32 + s_rate.astype(cd) * gs
+            v_new = moments.ema(dd * dd * (g32 * g32), v32, moments.scalar(b2, cd))
+            s_new = moments.scalar(beta3, cd) * s32 + s_rate.astype(cd) * gs
             out = [
-                da.gate(active, s_new, s32).astype(s.dtype),
-                da.gate(active, v_new, v32).astype(v.dtype),
+                dadapt.gate(active, s_new, s32).astype(s.dtype),
+                dadapt.gate(active, v_new, v32).astype(v.dtype),
                 dot,
                 jnp.where(active, jnp.sum(jnp.abs(s_new)), 0),
             ]
             if m:
-                m_new = mo.ema(dd * g32, m32[0], mo.scalar(b1, cd))
-                out.append(da.gate(active, m_new, m32[0]).astype(m[0].dtype))
+                m_new = moments.ema(dd * g32, m32[0], moments.scalar(b1, cd))
+                out.append(dadapt.gate(active, m_new, m32[0]).astype(m[0].dtype))
             return tuple(out)
 
-        out = mo.leafwise(accumulate, 4 + with_momentum, updates, params, state.p0, state.s, *moments, what="state")
+        out = moments.leafwise(
+            accumulate, 4 + with_momentum, updates, params, state.p0, state.s, *moment_trees, what="state"
+        )
         s, nu, dots, l1s = out[:4]
         mu = out[4] if with_momentum else None
-        numerator = beta3 * state.numerator + (d / first_d) * dlr * da.tree_total(dots, dtype)
-        d_denom = da.tree_total(l1s, dtype)
+        numerator = beta3 * state.numerator + (d / first_d) * dlr * dadapt.tree_total(dots, dtype)
+        d_denom = dadapt.tree_total(l1s, dtype)
         taken = d_denom != 0
-        d_hat = mo.scalar(d_coef, dtype) * da.safe_ratio(numerator, d_denom)
+        d_hat = moments.scalar(d_coef, dtype) * dadapt.safe_ratio(numerator, d_denom)
         d_grown = jnp.where(d == first_d, jnp.maximum(d, d_hat), d)
         d_max = jnp.maximum(state.d_max, d_hat)
-        d_new = da.capped(d_max, d_grown, growth_rate)
-        decay = (da.decay_mask(weight_decay_mask, params),) if decoupled else ()
+        d_new = dadapt.capped(d_max, d_grown, growth_rate)
+        decay = (dadapt.decay_mask(weight_decay_mask, params),) if decoupled else ()
 
         def step(g: jax.Array, p: jax.Array, v: jax.Array, *rest: Any) -> tuple[jax.Array]:
             m, selected = (rest[0], rest[1:]) if with_momentum else (None, rest)
-            cd, g32, (p32, v32) = mo.to_compute(g, p, v)
+            cd, g32, (p32, v32) = moments.to_compute(g, p, v)
             dn, gamma = d_new.astype(cd), dlr.astype(cd)
-            denominator = jnp.sqrt(v32) + dn * mo.scalar(eps, cd)
+            denominator = jnp.sqrt(v32) + dn * moments.scalar(eps, cd)
             momentum_free = (gamma * dn) * (g32 / denominator)
             if m is None:
                 u = momentum_free
             else:
                 u = gamma * (m.astype(cd) / denominator)
                 if not isinstance(b1, (int, float)):  # an injected b1 of 0 takes the package's momentum-free step
-                    u = jnp.where(mo.scalar(b1, cd) > 0, u, momentum_free)
+                    u = jnp.where(moments.scalar(b1, cd) > 0, u, momentum_free)
             if selected:
-                u = da.decay_then_step(p32, gamma * da.decay_term(p32, selected[0], weight_decay, cd), u)
+                u = dadapt.decay_then_step(p32, gamma * dadapt.decay_term(p32, selected[0], weight_decay, cd), u)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
         momentum_tree = (mu,) if with_momentum else ()
-        (result,) = mo.leafwise(step, 1, updates, params, nu, *momentum_tree, *decay, what="state")
+        (result,) = moments.leafwise(step, 1, updates, params, nu, *momentum_tree, *decay, what="state")
         return result, ProdigyState(
-            count=mo.safe_increment(state.count),
-            step=jnp.where(taken, mo.safe_increment(state.step), state.step),
-            d=da.gate(taken, d_new, d),
-            d_max=da.gate(taken, d_max, state.d_max),
-            numerator=da.gate(taken, numerator, state.numerator),
+            count=moments.safe_increment(state.count),
+            step=jnp.where(taken, moments.safe_increment(state.step), state.step),
+            d=dadapt.gate(taken, d_new, d),
+            d_max=dadapt.gate(taken, d_max, state.d_max),
+            numerator=dadapt.gate(taken, numerator, state.numerator),
             mu=mu,
             nu=nu,
             s=s,
@@ -302,7 +307,7 @@ def prodigy(
     arrays are global under ``jit``. The package keeps ``p0`` of an all-zero parameter as a 0-d
     zero, to save memory; adaopt keeps the zeros (the same numbers).
     """
-    da.check_common(learning_rate, weight_decay, d0, growth_rate)
+    dadapt.check_common(learning_rate, weight_decay, d0, growth_rate)
     core = scale_by_prodigy(
         learning_rate, b1, b2, b3, eps,
         weight_decay=weight_decay if decoupled_weight_decay else 0.0, weight_decay_mask=weight_decay_mask,

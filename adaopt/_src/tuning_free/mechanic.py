@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import Updates
 
 Variant = Literal["pytorch", "optax"]
@@ -143,13 +142,13 @@ def mechanic(
     inner_tx = optax.with_extra_args_support(inner)
 
     def init_fn(params: base.Params) -> MechanicState:
-        dtype = mo.scalar_dtype(params)
+        dtype = moments.scalar_dtype(params)
         scalars: Callable[[Any], tuple[jax.Array, ...]] = lambda fill: tuple(jnp.asarray(fill, dtype) for _ in range(n))
         return MechanicState(
-            count=mo.zero_count(),
+            count=moments.zero_count(),
             inner_state=inner_tx.init(params),
             reference=jax.tree.map(jnp.copy, params),
-            delta=mo.init_like(params) if store_delta else None,
+            delta=moments.init_like(params) if store_delta else None,
             s=scalars(0.0) if pytorch else tuple(jnp.asarray(s_init, dtype) for _ in range(n)),
             max_product=scalars(1e-6 if pytorch else 0.0),
             sum_squared_products=scalars(0.0),
@@ -168,32 +167,32 @@ def mechanic(
             jnp.stack(x) for x in (state.s, state.max_product, state.sum_squared_products, state.reward)
         )
         dtype = s_old.dtype
-        e = mo.scalar(eps, dtype)
+        e = moments.scalar(eps, dtype)
         s_sum = jnp.sum(s_old)
 
         def offset(x: jax.Array, ref: jax.Array, *delta: jax.Array) -> tuple[jax.Array, ...]:
             """The reference point (taken at the first update) and Delta_t, in the leaf's compute dtype."""
             ref = jnp.where(first, x, ref)
             if store_delta:
-                return ref, delta[0].astype(mo.compute_dtype(x.dtype, delta[0].dtype))
-            cdt = mo.compute_dtype(x.dtype)
+                return ref, delta[0].astype(moments.compute_dtype(x.dtype, delta[0].dtype))
+            cdt = moments.compute_dtype(x.dtype)
             return ref, (x.astype(cdt) - ref.astype(cdt)) / (s_sum + e).astype(cdt)
 
         delta_trees = (state.delta,) if store_delta else ()
-        reference, delta_prev = mo.leafwise(offset, 2, params, state.reference, *delta_trees)
+        reference, delta_prev = moments.leafwise(offset, 2, params, state.reference, *delta_trees)
 
         def point(x: jax.Array, u: jax.Array) -> jax.Array:
-            cdt = mo.compute_dtype(x.dtype, u.dtype)
+            cdt = moments.compute_dtype(x.dtype, u.dtype)
             return x.astype(cdt) + u.astype(cdt) if pytorch else x.astype(cdt)
 
         points = jax.tree.map(point, params, steps)
-        sq = lambda a: jnp.sum(jnp.square(a.astype(mo.compute_dtype(a.dtype))))
+        sq = lambda a: jnp.sum(jnp.square(a.astype(moments.compute_dtype(a.dtype))))
         grad_norm = _safe_sqrt(_tree_sum([sq(g) for g in jax.tree.leaves(updates)], dtype))
         point_norm = _safe_sqrt(_tree_sum([sq(y) for y in jax.tree.leaves(points)], dtype))
-        coef = mo.scalar(s_decay, dtype) * s_sum * grad_norm / (point_norm + e)
+        coef = moments.scalar(s_decay, dtype) * s_sum * grad_norm / (point_norm + e)
 
         def product(d: jax.Array, g: jax.Array, y: jax.Array) -> jax.Array:
-            cdt = mo.compute_dtype(d.dtype, g.dtype, y.dtype)
+            cdt = moments.compute_dtype(d.dtype, g.dtype, y.dtype)
             return jnp.sum(d.astype(cdt) * (g.astype(cdt) + coef.astype(cdt) * y.astype(cdt)))
 
         h = _tree_sum(jax.tree.leaves(jax.tree.map(product, delta_prev, updates, points)), dtype)
@@ -203,25 +202,25 @@ def mechanic(
         if pytorch:
             m = jnp.maximum(beta * m_old, jnp.abs(h))
             r = jnp.maximum(beta * r_old - s_old * h, 0)
-            wealth = m * mo.scalar(s_init, dtype) / n + r
+            wealth = m * moments.scalar(s_init, dtype) / n + r
         else:
             m = jnp.maximum(beta * m_old, jnp.abs(h) + e)
             r = beta * r_old - jnp.clip(h, -m_old, m_old) * s_old
-            wealth = mo.scalar(s_init, dtype) / n * m + jnp.maximum(r, 0)
+            wealth = moments.scalar(s_init, dtype) / n * m + jnp.maximum(r, 0)
         s = wealth / (_safe_sqrt(v) + e)
         scale = jnp.maximum(jnp.sum(s), 0)
 
         def finish(g: jax.Array, x: jax.Array, u: jax.Array, ref: jax.Array, d: jax.Array) -> tuple[jax.Array, ...]:
-            cdt = mo.compute_dtype(x.dtype, d.dtype, u.dtype)
+            cdt = moments.compute_dtype(x.dtype, d.dtype, u.dtype)
             d_new = d.astype(cdt) + u.astype(cdt)
             x_new = ref.astype(cdt) + d_new * scale.astype(cdt)
             return (x_new - x.astype(cdt)).astype(g.dtype), d_new
 
-        out, d_new = mo.leafwise(finish, 2, updates, params, steps, reference, delta_prev)
+        out, d_new = moments.leafwise(finish, 2, updates, params, steps, reference, delta_prev)
         delta = jax.tree.map(lambda a, old: a.astype(old.dtype), d_new, state.delta) if store_delta else None
         unstack = lambda a: tuple(a[i] for i in range(n))
         return out, MechanicState(
-            mo.safe_increment(state.count),
+            moments.safe_increment(state.count),
             inner_state,
             reference,
             delta,

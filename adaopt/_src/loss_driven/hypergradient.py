@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
-from adaopt._src.adam import scale_by_adam
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
-from adaopt._src.sgd import scale_by_momentum
+from adaopt._src.optimizers.adam import scale_by_adam
+from adaopt._src.optimizers.sgd import scale_by_momentum
 
 
 class HypergradientState(NamedTuple):
@@ -47,10 +46,10 @@ def _leaf_sums(fn: Any, updates: Updates, tree: Any, dtype: Any) -> list[jax.Arr
     """``fn(g, d)`` summed over each leaf in their compute dtype, one scalar per leaf in ``dtype``."""
 
     def leaf(g: jax.Array, d: jax.Array) -> tuple[jax.Array]:
-        _, g32, (d32,) = mo.to_compute(g, d)
+        _, g32, (d32,) = moments.to_compute(g, d)
         return (jnp.sum(fn(g32, d32)).astype(dtype),)
 
-    (sums,) = mo.leafwise(leaf, 1, updates, tree, what="hypergradient state")
+    (sums,) = moments.leafwise(leaf, 1, updates, tree, what="hypergradient state")
     return jax.tree.leaves(sums)
 
 
@@ -144,13 +143,13 @@ def hypergradient(
     inner_tx = optax.with_extra_args_support(inner)
 
     def init_fn(params: base.Params) -> HypergradientState:
-        dtype = mo.scalar_dtype(params)
-        count = mo.zero_count()
+        dtype = moments.scalar_dtype(params)
+        count = moments.zero_count()
         return HypergradientState(
             count=count,
             learning_rate=_rate_at(learning_rate, count, dtype),
             adaptation=jnp.asarray(1.0 if multiplicative else 0.0, dtype),
-            direction=mo.init_like(params),
+            direction=moments.init_like(params),
             inner_state=inner_tx.init(params),
         )
 
@@ -158,7 +157,7 @@ def hypergradient(
         updates: Updates, state: HypergradientState, params: base.Params | None = None, **extra_args: Any
     ) -> tuple[Updates, HypergradientState]:
         dtype = state.learning_rate.dtype
-        beta = mo.scalar(hyper_lr, dtype)
+        beta = moments.scalar(hyper_lr, dtype)
         eta = _rate_at(learning_rate, state.count, dtype)
         h_leaves = _leaf_sums(lambda g, d: -(g * d), updates, state.direction, dtype)
         h = _total(h_leaves, dtype)
@@ -183,13 +182,13 @@ def hypergradient(
         base.check_tree_match(direction, state.direction, "previous direction (inner must keep the tree)")
 
         def step(rate: jax.Array, d: jax.Array) -> jax.Array:
-            cdtype = mo.compute_dtype(d.dtype)
+            cdtype = moments.compute_dtype(d.dtype)
             return (-rate.astype(cdtype) * d.astype(cdtype)).astype(d.dtype)
 
         flat, treedef = jax.tree.flatten(direction)
         steps = [step(rate, d) for rate, d in zip(rates, flat, strict=True)]
         stored = jax.tree.map(lambda d, old: d.astype(old.dtype), direction, state.direction)
-        new_state = HypergradientState(mo.safe_increment(state.count), alpha, adaptation, stored, inner_state)
+        new_state = HypergradientState(moments.safe_increment(state.count), alpha, adaptation, stored, inner_state)
         return jax.tree.unflatten(treedef, steps), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -301,16 +300,16 @@ def _scale_by_debiased_step(b1: Any, b2: Any) -> optax.GradientTransformation:
         updates: Updates, state: DebiasedStepState, params: base.Params | None = None
     ) -> tuple[Updates, DebiasedStepState]:
         del params
-        count = mo.safe_increment(state.count)
+        count = moments.safe_increment(state.count)
 
         def leaf(u: jax.Array) -> jax.Array:
-            dtype = mo.compute_dtype(u.dtype)
-            factor = jnp.sqrt(mo.bias_correction(b2, count, dtype)) / mo.bias_correction(b1, count, dtype)
+            dtype = moments.compute_dtype(u.dtype)
+            factor = jnp.sqrt(moments.bias_correction(b2, count, dtype)) / moments.bias_correction(b1, count, dtype)
             return (u.astype(dtype) * factor).astype(u.dtype)
 
         return jax.tree.map(leaf, updates), DebiasedStepState(count)
 
-    return optax.GradientTransformation(lambda params: DebiasedStepState(mo.zero_count()), update_fn)
+    return optax.GradientTransformation(lambda params: DebiasedStepState(moments.zero_count()), update_fn)
 
 
 def adam_hd(

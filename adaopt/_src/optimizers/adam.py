@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 SecondMoment = Literal["adam", "belief", "yogi"]
@@ -96,31 +95,39 @@ def scale_by_adam(
 
     def init_fn(params: base.Params) -> AdamState:
         return AdamState(
-            count=mo.zero_count(),
-            mu=mo.init_like(params, mu_dtype, initial_accumulator_value),
-            nu=mo.init_like(params, nu_dtype, initial_accumulator_value),
-            nu_max=mo.init_like(params, nu_dtype) if amsgrad else None,
+            count=moments.zero_count(),
+            mu=moments.init_like(params, mu_dtype, initial_accumulator_value),
+            nu=moments.init_like(params, nu_dtype, initial_accumulator_value),
+            nu_max=moments.init_like(params, nu_dtype) if amsgrad else None,
         )
 
     def update_fn(updates: Updates, state: AdamState, params: base.Params | None = None) -> tuple[Updates, AdamState]:
         del params
-        count = mo.safe_increment(state.count)
+        count = moments.safe_increment(state.count)
 
-        @mo.per_dtype
+        @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
-            debias1 = mo.debias(b1, count, dtype) if bias_correction else 1
-            debias2 = mo.debias(b2, count, dtype) if bias_correction else 1
-            e, e_root = mo.scalar(eps, dtype), mo.scalar(eps_in_root, dtype)
-            return mo.scalar(b1, dtype), mo.scalar(b2, dtype), debias1, debias2, e, e_root, mo.scalar(eps_root, dtype)
+            debias1 = moments.debias(b1, count, dtype) if bias_correction else 1
+            debias2 = moments.debias(b2, count, dtype) if bias_correction else 1
+            e, e_root = moments.scalar(eps, dtype), moments.scalar(eps_in_root, dtype)
+            return (
+                moments.scalar(b1, dtype),
+                moments.scalar(b2, dtype),
+                debias1,
+                debias2,
+                e,
+                e_root,
+                moments.scalar(eps_root, dtype),
+            )
 
         def leaf(g: jax.Array, m: jax.Array, v: jax.Array, *v_max: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+            dtype, g32, (m32, v32) = moments.to_compute(g, m, v)
             beta1, beta2, debias1, debias2, e, e_root, belief_root = scalars(dtype)
-            m_new = mo.ema(g32, m32, beta1)
+            m_new = moments.ema(g32, m32, beta1)
             if second_moment == "adam":
-                v_new = mo.ema(g32 * g32, v32, beta2)
+                v_new = moments.ema(g32 * g32, v32, beta2)
             elif second_moment == "belief":
-                v_new = mo.ema(jnp.square(g32 - m_new), v32, beta2) + belief_root
+                v_new = moments.ema(jnp.square(g32 - m_new), v32, beta2) + belief_root
             else:
                 g2 = g32 * g32
                 v_new = v32 - (1 - beta2) * jnp.sign(v32 - g2) * g2
@@ -134,11 +141,11 @@ def scale_by_adam(
             else:
                 v_hat = jnp.maximum(v_max[0].astype(dtype), v_new * debias2)
                 new_max = (v_hat.astype(v.dtype),)
-            step = (m_new * debias1) * mo.inv_root(v_hat, e, e_root)
+            step = (m_new * debias1) * moments.inv_root(v_hat, e, e_root)
             return (step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype), *new_max)
 
         trees = (state.mu, state.nu) + ((state.nu_max,) if amsgrad else ())
-        out = mo.leafwise(leaf, 3 + bool(amsgrad), updates, *trees)
+        out = moments.leafwise(leaf, 3 + bool(amsgrad), updates, *trees)
         return out[0], AdamState(count, out[1], out[2], out[3] if amsgrad else None)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -361,32 +368,34 @@ def scale_by_adamax(
     _check_moments(b1, b2, eps, 0.0, mu_dtype, nu_dtype)
 
     def init_fn(params: base.Params) -> AdamaxState:
-        return AdamaxState(mo.zero_count(), mo.init_like(params, mu_dtype), mo.init_like(params, nu_dtype))
+        return AdamaxState(
+            moments.zero_count(), moments.init_like(params, mu_dtype), moments.init_like(params, nu_dtype)
+        )
 
     def update_fn(
         updates: Updates, state: AdamaxState, params: base.Params | None = None
     ) -> tuple[Updates, AdamaxState]:
         del params
-        count = mo.safe_increment(state.count)
+        count = moments.safe_increment(state.count)
 
-        @mo.per_dtype
+        @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
             return (
-                mo.scalar(b1, dtype),
-                mo.scalar(b2, dtype),
-                mo.scalar(eps, dtype),
-                mo.debias(b1, count, dtype),
+                moments.scalar(b1, dtype),
+                moments.scalar(b2, dtype),
+                moments.scalar(eps, dtype),
+                moments.debias(b1, count, dtype),
             )
 
         def leaf(g: jax.Array, m: jax.Array, u: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (m32, u32) = mo.to_compute(g, m, u)
+            dtype, g32, (m32, u32) = moments.to_compute(g, m, u)
             beta1, beta2, e, debias1 = scalars(dtype)
-            m_new = mo.ema(g32, m32, beta1)
+            m_new = moments.ema(g32, m32, beta1)
             u_new = jnp.maximum(beta2 * u32, jnp.abs(g32) + e)
             step = (m_new * debias1) / jnp.where(u_new > 0, u_new, 1)
             return step.astype(g.dtype), m_new.astype(m.dtype), u_new.astype(u.dtype)
 
-        step, mu, nu = mo.leafwise(leaf, 3, updates, state.mu, state.nu)
+        step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
         return step, AdamaxState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -453,42 +462,42 @@ def scale_by_nadam(
         base.check_nonnegative("momentum_decay", momentum_decay)
 
     def schedule(step: jax.Array, dtype: Any) -> jax.Array:
-        beta1 = mo.scalar(b1, dtype)
+        beta1 = moments.scalar(b1, dtype)
         if momentum_decay is None:
             return jnp.asarray(beta1, dtype)
-        return beta1 * (1 - 0.5 * 0.96 ** (step.astype(dtype) * mo.scalar(momentum_decay, dtype)))
+        return beta1 * (1 - 0.5 * 0.96 ** (step.astype(dtype) * moments.scalar(momentum_decay, dtype)))
 
     def init_fn(params: base.Params) -> NadamState:
         return NadamState(
-            mo.zero_count(),
-            jnp.ones([], mo.scalar_dtype(params)),
-            mo.init_like(params, mu_dtype),
-            mo.init_like(params, nu_dtype),
+            moments.zero_count(),
+            jnp.ones([], moments.scalar_dtype(params)),
+            moments.init_like(params, mu_dtype),
+            moments.init_like(params, nu_dtype),
         )
 
     def update_fn(updates: Updates, state: NadamState, params: base.Params | None = None) -> tuple[Updates, NadamState]:
         del params
-        count = mo.safe_increment(state.count)
+        count = moments.safe_increment(state.count)
         mu_product = state.mu_product * schedule(count, state.mu_product.dtype)
 
-        @mo.per_dtype
+        @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
             mu_t, mu_next = schedule(count, dtype), schedule(count + 1, dtype)
             product = mu_product.astype(dtype)
-            e, e_root = mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
-            debias2 = mo.debias(b2, count, dtype)
-            return mu_t, mu_next, product, mo.scalar(b1, dtype), mo.scalar(b2, dtype), debias2, e, e_root
+            e, e_root = moments.scalar(eps, dtype), moments.scalar(eps_root, dtype)
+            debias2 = moments.debias(b2, count, dtype)
+            return mu_t, mu_next, product, moments.scalar(b1, dtype), moments.scalar(b2, dtype), debias2, e, e_root
 
         def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+            dtype, g32, (m32, v32) = moments.to_compute(g, m, v)
             mu_t, mu_next, product, beta1, beta2, debias2, e, e_root = scalars(dtype)
-            m_new = mo.ema(g32, m32, beta1)
-            v_new = mo.ema(g32 * g32, v32, beta2)
-            scale = mo.inv_root(v_new * debias2, e, e_root)
+            m_new = moments.ema(g32, m32, beta1)
+            v_new = moments.ema(g32 * g32, v32, beta2)
+            scale = moments.inv_root(v_new * debias2, e, e_root)
             step = scale * ((1 - mu_t) / (1 - product) * g32 + mu_next / (1 - product * mu_next) * m_new)
             return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
-        step, mu, nu = mo.leafwise(leaf, 3, updates, state.mu, state.nu)
+        step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
         return step, NadamState(count, mu_product, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -581,28 +590,28 @@ def scale_by_radam(
     base.check_scalar("threshold", threshold, low=4.0)
 
     def init_fn(params: base.Params) -> AdamState:
-        return AdamState(mo.zero_count(), mo.init_like(params, mu_dtype), mo.init_like(params, nu_dtype))
+        return AdamState(moments.zero_count(), moments.init_like(params, mu_dtype), moments.init_like(params, nu_dtype))
 
     def update_fn(updates: Updates, state: AdamState, params: base.Params | None = None) -> tuple[Updates, AdamState]:
         del params
-        count = mo.safe_increment(state.count)
+        count = moments.safe_increment(state.count)
 
-        @mo.per_dtype
+        @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
-            beta2 = mo.scalar(b2, dtype)
-            bc2 = mo.bias_correction(b2, count, dtype)
+            beta2 = moments.scalar(b2, dtype)
+            bc2 = moments.bias_correction(b2, count, dtype)
             rho_inf = 2 / (1 - beta2) - 1
             rho = rho_inf - 2 * count.astype(dtype) * (1 - bc2) / bc2
-            rectify = rho > mo.scalar(threshold, dtype)
+            rectify = rho > moments.scalar(threshold, dtype)
             rho = jnp.where(rectify, rho, rho_inf)  # keeps the unused branch finite for jax.grad
             r = jnp.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
-            e, e_root = mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
+            e, e_root = moments.scalar(eps, dtype), moments.scalar(eps_root, dtype)
             return (
-                mo.scalar(b1, dtype),
+                moments.scalar(b1, dtype),
                 beta2,
                 1 / bc2,
                 jnp.sqrt(bc2),
-                mo.debias(b1, count, dtype),
+                moments.debias(b1, count, dtype),
                 rectify,
                 r,
                 e,
@@ -610,19 +619,19 @@ def scale_by_radam(
             )
 
         def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (m32, v32) = mo.to_compute(g, m, v)
+            dtype, g32, (m32, v32) = moments.to_compute(g, m, v)
             beta1, beta2, debias2, sqrt_bc2, debias1, rectify, r, e, e_root = scalars(dtype)
-            m_new = mo.ema(g32, m32, beta1)
-            v_new = mo.ema(g32 * g32, v32, beta2)
+            m_new = moments.ema(g32, m32, beta1)
+            v_new = moments.ema(g32 * g32, v32, beta2)
             m_hat = m_new * debias1
             if eps_before_debias:
-                adaptive = sqrt_bc2 * mo.inv_root(v_new, e, e_root)
+                adaptive = sqrt_bc2 * moments.inv_root(v_new, e, e_root)
             else:
-                adaptive = mo.inv_root(v_new * debias2, e, e_root)
+                adaptive = moments.inv_root(v_new * debias2, e, e_root)
             step = jnp.where(rectify, m_hat * r * adaptive, m_hat)
             return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
-        step, mu, nu = mo.leafwise(leaf, 3, updates, state.mu, state.nu)
+        step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
         return step, AdamState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)

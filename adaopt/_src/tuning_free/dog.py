@@ -1,10 +1,11 @@
-"""Learning-rate-free step sizes from the distance travelled: DoG, layer-wise LDoG, DoWG, and iterate averaging.
+"""Learning-rate-free step sizes from the distance travelled: DoG, layer-wise LDoG and DoWG.
 
 DoG and DoWG set the step size from two running statistics: the largest distance of the iterates
 from the initial point, and a (weighted) sum of squared gradient norms. DoG takes these over the
 whole parameter tree, LDoG over each leaf separately; both are one block, :func:`scale_by_dog`.
 Their authors recommend evaluating the polynomial-decay average of the iterates, kept by the
-wrapper :func:`polynomial_decay_averaging` and read with :func:`averaged_params`.
+wrapper :func:`adaopt.polynomial_decay_averaging` (in :mod:`adaopt._src.wrappers.averaging`) and
+read with :func:`adaopt.averaged_params`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import Params, ScalarOrSchedule, Updates
 
 
@@ -123,19 +123,19 @@ def scale_by_dog(
 
     def initial_estimate(leaves: Sequence[jax.Array], dtype: Any) -> DoGEstimate:
         if init_eta is None:
-            rbar = mo.scalar(reps_rel, dtype) * (1 + _safe_sqrt(_sum_of_squares(leaves, dtype)))
+            rbar = moments.scalar(reps_rel, dtype) * (1 + _safe_sqrt(_sum_of_squares(leaves, dtype)))
         else:
             rbar = jnp.zeros([], dtype)
-        return DoGEstimate(jnp.asarray(rbar, dtype), jnp.asarray(mo.scalar(eps, dtype), dtype))
+        return DoGEstimate(jnp.asarray(rbar, dtype), jnp.asarray(moments.scalar(eps, dtype), dtype))
 
     def init_fn(params: Params) -> DoGState:
         estimate: DoGEstimate | tuple[DoGEstimate, ...]
         if layer_wise:
             leaves = jax.tree.leaves(params)
-            estimate = tuple(initial_estimate([p], mo.compute_dtype(jnp.result_type(p))) for p in leaves)
+            estimate = tuple(initial_estimate([p], moments.compute_dtype(jnp.result_type(p))) for p in leaves)
         else:
-            estimate = initial_estimate(jax.tree.leaves(params), mo.scalar_dtype(params))
-        return DoGState(mo.zero_count(), _copy(params), estimate)
+            estimate = initial_estimate(jax.tree.leaves(params), moments.scalar_dtype(params))
+        return DoGState(moments.zero_count(), _copy(params), estimate)
 
     def step_size(
         est: DoGEstimate,
@@ -148,9 +148,9 @@ def scale_by_dog(
         dtype = est.max_distance.dtype
         rbar = jnp.maximum(est.max_distance, _safe_sqrt(_squared_distance(params, init_params, dtype)))
         sum_sq = est.sum_sq_grads + _sum_of_squares(grads, dtype)
-        eta = _safe_divide(mo.scalar(rate, dtype) * rbar, _safe_sqrt(sum_sq))
+        eta = _safe_divide(moments.scalar(rate, dtype) * rbar, _safe_sqrt(sum_sq))
         if init_eta is not None:
-            eta = jnp.where(first, mo.scalar(init_eta, dtype), eta)
+            eta = jnp.where(first, moments.scalar(init_eta, dtype), eta)
         return eta, DoGEstimate(rbar, sum_sq)
 
     def update_fn(updates: Updates, state: DoGState, params: Params | None = None) -> tuple[Updates, DoGState]:
@@ -171,13 +171,13 @@ def scale_by_dog(
             etas = [eta] * len(flat)
 
         def scaled(g: jax.Array, eta: jax.Array) -> jax.Array:
-            dtype = mo.compute_dtype(g.dtype)
+            dtype = moments.compute_dtype(g.dtype)
             return (eta.astype(dtype) * g.astype(dtype)).astype(g.dtype)
 
         new_updates = jax.tree.unflatten(
             jax.tree.structure(updates), [scaled(g, eta) for g, eta in zip(flat, etas, strict=True)]
         )
-        return new_updates, DoGState(mo.safe_increment(state.count), state.init_params, estimate)
+        return new_updates, DoGState(moments.safe_increment(state.count), state.init_params, estimate)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -340,12 +340,12 @@ def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.Grad
         base.check_scalar("init_estim_sq_dist", init_estim_sq_dist, low=0.0, low_open=True)
 
     def init_fn(params: Params) -> DoWGState:
-        dtype = mo.scalar_dtype(params)
+        dtype = moments.scalar_dtype(params)
         initial = eps if init_estim_sq_dist is None else init_estim_sq_dist
         return DoWGState(
             init_params=_copy(params),
             weighted_sq_norm_grads=jnp.zeros([], dtype),
-            estim_sq_dist=jnp.asarray(mo.scalar(initial, dtype), dtype),
+            estim_sq_dist=jnp.asarray(moments.scalar(initial, dtype), dtype),
         )
 
     def update_fn(updates: Updates, state: DoWGState, params: Params | None = None) -> tuple[Updates, DoWGState]:
@@ -353,10 +353,10 @@ def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.Grad
         dtype = state.estim_sq_dist.dtype
         estim_sq_dist = jnp.maximum(state.estim_sq_dist, _squared_distance(flat_params, flat_init, dtype))
         weighted = estim_sq_dist * _sum_of_squares(jax.tree.leaves(updates), dtype) + state.weighted_sq_norm_grads
-        eta = _safe_divide(estim_sq_dist, _safe_sqrt(weighted) + mo.scalar(eps, dtype))
+        eta = _safe_divide(estim_sq_dist, _safe_sqrt(weighted) + moments.scalar(eps, dtype))
 
         def scaled(g: jax.Array) -> jax.Array:
-            compute = mo.compute_dtype(g.dtype)
+            compute = moments.compute_dtype(g.dtype)
             return (eta.astype(compute) * g.astype(compute)).astype(g.dtype)
 
         new_updates = jax.tree.map(scaled, updates)
@@ -414,98 +414,3 @@ def dowg(
     base.check_common(learning_rate, weight_decay)
     core = scale_by_dowg(init_estim_sq_dist, eps)
     return base.assemble(core, learning_rate, weight_decay, weight_decay_mask)
-
-
-class PolynomialAverageState(NamedTuple):
-    """State of :func:`polynomial_decay_averaging`."""
-
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; the number of averaged iterates
-    average: Params  # the averaged parameters, mirroring the parameters
-    inner_state: Any  # the wrapped optimizer's state
-
-
-def polynomial_decay_averaging(
-    inner: optax.GradientTransformation, gamma: Any = 8.0, *, average_dtype: Any = None
-) -> optax.GradientTransformationExtraArgs:
-    r"""Keep the polynomial-decay average of the iterates of ``inner`` in the state.
-
-    The updates are ``inner``'s, unchanged; after the :math:`t`-th update (:math:`t = 1, 2, \dots`),
-    with :math:`x_t` the parameters that update produces (``apply_updates(params, updates)``):
-
-    .. math::
-        w_t &= (1 + \gamma) / (t + \gamma) \\
-        \bar x_t &= (1 - w_t)\, \bar x_{t-1} + w_t\, x_t, \qquad \bar x_0 = x_0
-
-    so :math:`\bar x_1 = x_1`, :math:`\gamma = 0` is the uniform average of :math:`x_1, \dots, x_t`,
-    and a larger :math:`\gamma` forgets old iterates faster. Read the average with
-    :func:`averaged_params`.
-
-    Args:
-      inner: the optimizer whose iterates are averaged.
-      gamma: :math:`\gamma` >= 0 (8 in the DoG paper and package).
-      average_dtype: storage dtype of the average (default: the parameter's, at least float32).
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` with state :class:`PolynomialAverageState`;
-      ``update`` needs the parameters and passes extra arguments on to ``inner``.
-
-    Example:
-      >>> import jax.numpy as jnp, adaopt
-      >>> opt = adaopt.polynomial_decay_averaging(adaopt.dog(), gamma=8.0)
-      >>> params = {"w": jnp.ones(3)}
-      >>> state = opt.init(params)
-      >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
-      >>> adaopt.averaged_params(state)["w"].shape
-      (3,)
-
-    Reference: Shamir & Zhang, "Stochastic Gradient Descent for Non-smooth Optimization:
-    Convergence Results and Optimal Averaging Schemes", ICML 2013; recommended with DoG by Ivgi,
-    Hinder & Carmon (2023). ``dog.PolynomialDecayAverager(model, gamma)`` from ``dog-optimizer``
-    1.0.3, stepped after each optimizer step, keeps the same average in ``averaged_model``.
-    """
-    base.check_nonnegative("gamma", gamma)
-    base.check_dtype("average_dtype", average_dtype)
-    wrapped = optax.with_extra_args_support(inner)
-
-    def init_fn(params: Params) -> PolynomialAverageState:
-        average = jax.tree.map(
-            lambda p: jnp.array(p, dtype=mo.state_dtype(jnp.result_type(p), average_dtype), copy=True), params
-        )
-        return PolynomialAverageState(mo.zero_count(), average, wrapped.init(params))
-
-    def update_fn(
-        updates: Updates, state: PolynomialAverageState, params: Params | None = None, **extra_args: Any
-    ) -> tuple[Updates, PolynomialAverageState]:
-        if params is None:
-            raise ValueError("polynomial_decay_averaging needs the parameters: call update(grads, state, params).")
-        updates, inner_state = wrapped.update(updates, state.inner_state, params, **extra_args)
-        count = mo.safe_increment(state.count)
-
-        def leaf(x: jax.Array, average: jax.Array) -> tuple[jax.Array]:
-            dtype = mo.compute_dtype(x.dtype, average.dtype)
-            g = mo.scalar(gamma, dtype)
-            weight = (1 + g) / (count.astype(dtype) + g)
-            return (mo.ema(x.astype(dtype), average.astype(dtype), 1 - weight).astype(average.dtype),)
-
-        (average,) = mo.leafwise(
-            leaf, 1, optax.apply_updates(params, updates), state.average, what="averaged parameters"
-        )
-        return updates, PolynomialAverageState(count, average, inner_state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def averaged_params(state: Any) -> Params:
-    """The averaged parameters kept by :func:`polynomial_decay_averaging`, found anywhere in ``state``.
-
-    Works on the state of the wrapper itself or of anything that holds it (``chain``,
-    ``inject_hyperparams``, ``MultiSteps``); the first :class:`PolynomialAverageState` found wins.
-    """
-    is_average = lambda x: isinstance(x, PolynomialAverageState)
-    for node in jax.tree.leaves(state, is_leaf=is_average):
-        if is_average(node):
-            return node.average
-    raise ValueError(
-        "This optimizer state holds no polynomial-decay average: build the optimizer with "
-        "adaopt.polynomial_decay_averaging(optimizer) to keep one."
-    )

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
-from adaopt._src.adam import scale_by_adam
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.optimizers.adam import scale_by_adam
 
 
 def scale_by_trust_ratio(max_param_norm: Any = None, eps: Any = 0.0) -> optax.GradientTransformation:
@@ -31,17 +30,17 @@ def scale_by_trust_ratio(max_param_norm: Any = None, eps: Any = 0.0) -> optax.Gr
             raise ValueError("scale_by_trust_ratio (LAMB) needs the parameters: call update(grads, state, params).")
 
         def leaf(u: jax.Array, p: jax.Array) -> tuple[jax.Array]:
-            dtype = mo.compute_dtype(u.dtype, p.dtype)
+            dtype = moments.compute_dtype(u.dtype, p.dtype)
             u32 = u.astype(dtype)
             p_norm = jnp.linalg.norm(p.astype(dtype).ravel())
             if max_param_norm is not None:
-                p_norm = jnp.minimum(p_norm, mo.scalar(max_param_norm, dtype))
+                p_norm = jnp.minimum(p_norm, moments.scalar(max_param_norm, dtype))
             u_norm = jnp.linalg.norm(u32.ravel())
             ok = (p_norm > 0) & (u_norm > 0)
-            ratio = jnp.where(ok, p_norm / jnp.where(ok, u_norm + mo.scalar(eps, dtype), 1), 1)
+            ratio = jnp.where(ok, p_norm / jnp.where(ok, u_norm + moments.scalar(eps, dtype), 1), 1)
             return ((u32 * ratio).astype(u.dtype),)
 
-        (scaled,) = mo.leafwise(leaf, 1, updates, params, what="parameters")
+        (scaled,) = moments.leafwise(leaf, 1, updates, params, what="parameters")
         return scaled, state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -58,16 +57,17 @@ def _scale_by_first_moment_correction(b1: Any) -> optax.GradientTransformation:
         updates: Updates, state: StepCountState, params: base.Params | None = None
     ) -> tuple[Updates, StepCountState]:
         del params
-        count = mo.safe_increment(state.count)
+        count = moments.safe_increment(state.count)
         scaled = jax.tree.map(
             lambda u: (
-                u.astype(mo.compute_dtype(u.dtype)) / mo.bias_correction(b1, count, mo.compute_dtype(u.dtype))
+                u.astype(moments.compute_dtype(u.dtype))
+                / moments.bias_correction(b1, count, moments.compute_dtype(u.dtype))
             ).astype(u.dtype),
             updates,
         )
         return scaled, StepCountState(count)
 
-    return optax.GradientTransformation(lambda params: StepCountState(mo.zero_count()), update_fn)
+    return optax.GradientTransformation(lambda params: StepCountState(moments.zero_count()), update_fn)
 
 
 def lamb(

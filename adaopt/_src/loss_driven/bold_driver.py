@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
@@ -88,8 +87,8 @@ def scale_by_bold_driver(
     _check_factors(increase, decrease)
 
     def init_fn(params: base.Params) -> BoldDriverState:
-        dtype = mo.scalar_dtype(params)
-        count = mo.zero_count()
+        dtype = moments.scalar_dtype(params)
+        count = moments.zero_count()
         eta = learning_rate(count) if callable(learning_rate) else learning_rate
         return BoldDriverState(
             count=count,
@@ -114,14 +113,14 @@ def scale_by_bold_driver(
         f = base.loss_value(value, dtype, "bold_driver")
         fell = state.compare & (f <= state.previous_value)
         rose = state.compare & ~(f <= state.previous_value)
-        factor = jnp.where(rose, mo.scalar(decrease, dtype), jnp.where(fell, mo.scalar(increase, dtype), 1))
+        factor = jnp.where(rose, moments.scalar(decrease, dtype), jnp.where(fell, moments.scalar(increase, dtype), 1))
         scale = state.scale * factor.astype(dtype)
         eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
         alpha = jnp.asarray(eta).astype(dtype) * scale
         revert = rose if undo else jnp.zeros([], jnp.bool_)
 
         def leaf(d: jax.Array, *previous: jax.Array) -> tuple[jax.Array, ...]:
-            cdtype = mo.compute_dtype(d.dtype)
+            cdtype = moments.compute_dtype(d.dtype)
             step = (-alpha.astype(cdtype) * d.astype(cdtype)).astype(d.dtype)
             if not undo:
                 return (step,)
@@ -129,11 +128,11 @@ def scale_by_bold_driver(
             return step, step.astype(previous[0].dtype)
 
         if undo:
-            steps, applied = mo.leafwise(leaf, 2, updates, state.previous_update)
+            steps, applied = moments.leafwise(leaf, 2, updates, state.previous_update)
         else:
-            (steps,), applied = mo.leafwise(leaf, 1, updates), None
+            (steps,), applied = moments.leafwise(leaf, 1, updates), None
         new_state = BoldDriverState(
-            count=mo.safe_increment(state.count),
+            count=moments.safe_increment(state.count),
             learning_rate=alpha,
             scale=scale,
             previous_value=jnp.where(revert, state.previous_value, f),

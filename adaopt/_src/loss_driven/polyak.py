@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 Variant = Literal["sps", "sps+"]
@@ -64,7 +63,7 @@ def scale_by_polyak(
     _check_polyak(c, f_min, max_learning_rate, eps, variant)
 
     def init_fn(params: base.Params) -> PolyakState:
-        return PolyakState(jnp.zeros([], mo.scalar_dtype(params)))
+        return PolyakState(jnp.zeros([], moments.scalar_dtype(params)))
 
     def update_fn(
         updates: Updates,
@@ -78,19 +77,19 @@ def scale_by_polyak(
         dtype = state.step_size.dtype
         f = base.loss_value(value, dtype, "polyak_sgd")
         leaves = jax.tree.leaves(updates)
-        squares = [jnp.sum(jnp.square(g.astype(mo.compute_dtype(g.dtype)))).astype(dtype) for g in leaves]
+        squares = [jnp.sum(jnp.square(g.astype(moments.compute_dtype(g.dtype)))).astype(dtype) for g in leaves]
         grad_sq_norm = sum(squares, jnp.zeros([], dtype))
-        gap = f - mo.scalar(f_min, dtype)
+        gap = f - moments.scalar(f_min, dtype)
         if variant == "sps+":
             gap = jnp.maximum(gap, 0)
-        denominator = mo.scalar(c, dtype) * grad_sq_norm + mo.scalar(eps, dtype)
+        denominator = moments.scalar(c, dtype) * grad_sq_norm + moments.scalar(eps, dtype)
         ok = denominator > 0
         step_size = jnp.where(ok, gap / jnp.where(ok, denominator, 1), 0).astype(dtype)
         if max_learning_rate is not None:
-            step_size = jnp.minimum(step_size, mo.scalar(max_learning_rate, dtype))
+            step_size = jnp.minimum(step_size, moments.scalar(max_learning_rate, dtype))
 
         def leaf(g: jax.Array) -> jax.Array:
-            cdtype = mo.compute_dtype(g.dtype)
+            cdtype = moments.compute_dtype(g.dtype)
             return (step_size.astype(cdtype) * g.astype(cdtype)).astype(g.dtype)
 
         return jax.tree.map(leaf, updates), PolyakState(step_size)

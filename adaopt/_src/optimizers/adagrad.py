@@ -7,8 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
@@ -33,24 +32,24 @@ def scale_by_adagrad(
     base.check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: base.Params) -> AdagradState:
-        return AdagradState(mo.init_like(params, accumulator_dtype, initial_accumulator_value))
+        return AdagradState(moments.init_like(params, accumulator_dtype, initial_accumulator_value))
 
     def update_fn(
         updates: Updates, state: AdagradState, params: base.Params | None = None
     ) -> tuple[Updates, AdagradState]:
         del params
 
-        @mo.per_dtype
+        @moments.per_dtype
         def scalars(dtype: jax.numpy.dtype) -> tuple[Any, Any]:
-            return mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
+            return moments.scalar(eps, dtype), moments.scalar(eps_root, dtype)
 
         def leaf(g: jax.Array, s: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (s32,) = mo.to_compute(g, s)
+            dtype, g32, (s32,) = moments.to_compute(g, s)
             s_new = s32 + g32 * g32
-            step = g32 * mo.inv_root(s_new, *scalars(dtype))
+            step = g32 * moments.inv_root(s_new, *scalars(dtype))
             return step.astype(g.dtype), s_new.astype(s.dtype)
 
-        step, sums = mo.leafwise(leaf, 2, updates, state.sum_of_squares)
+        step, sums = moments.leafwise(leaf, 2, updates, state.sum_of_squares)
         return step, AdagradState(sums)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -123,26 +122,26 @@ def scale_by_adadelta(
     base.check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: base.Params) -> AdadeltaState:
-        return AdadeltaState(mo.init_like(params, accumulator_dtype), mo.init_like(params, accumulator_dtype))
+        return AdadeltaState(moments.init_like(params, accumulator_dtype), moments.init_like(params, accumulator_dtype))
 
     def update_fn(
         updates: Updates, state: AdadeltaState, params: base.Params | None = None
     ) -> tuple[Updates, AdadeltaState]:
         del params
 
-        @mo.per_dtype
+        @moments.per_dtype
         def scalars(dtype: jax.numpy.dtype) -> tuple[Any, Any]:
-            return mo.scalar(rho, dtype), mo.scalar(eps, dtype)
+            return moments.scalar(rho, dtype), moments.scalar(eps, dtype)
 
         def leaf(g: jax.Array, e_g: jax.Array, e_x: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (eg32, ex32) = mo.to_compute(g, e_g, e_x)
+            dtype, g32, (eg32, ex32) = moments.to_compute(g, e_g, e_x)
             r, e = scalars(dtype)
-            eg_new = mo.ema(g32 * g32, eg32, r)
-            step = jax.numpy.sqrt(ex32 + e) * mo.inv_root(eg_new, 0.0, e) * g32
-            ex_new = mo.ema(step * step, ex32, r)
+            eg_new = moments.ema(g32 * g32, eg32, r)
+            step = jax.numpy.sqrt(ex32 + e) * moments.inv_root(eg_new, 0.0, e) * g32
+            ex_new = moments.ema(step * step, ex32, r)
             return step.astype(g.dtype), eg_new.astype(e_g.dtype), ex_new.astype(e_x.dtype)
 
-        step, e_g, e_x = mo.leafwise(leaf, 3, updates, state.e_g, state.e_x)
+        step, e_g, e_x = moments.leafwise(leaf, 3, updates, state.e_g, state.e_x)
         return step, AdadeltaState(e_g, e_x)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -9,7 +9,7 @@ factor applied after it: a schedule scales the steps and the accumulated quantit
 the reference package does when its parameter group's ``lr`` changes each step.
 
 The shared machinery (the learning rate at a step, sums over the tree, the capped growth of
-:math:`d`, decoupled weight decay inside a block) lives here; :mod:`adaopt._src.prodigy`
+:math:`d`, decoupled weight decay inside a block) lives here; :mod:`adaopt._src.tuning_free.prodigy`
 builds on it.
 """
 
@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 ADAGRAD_INITIAL_ACCUMULATOR = 1e-6  # dadaptation's DAdaptAdaGrad starts its accumulator here (hard-coded)
@@ -101,8 +100,8 @@ def decay_mask(weight_decay_mask: base.MaskOrFn | None, params: base.Params) -> 
 def decay_term(p: jax.Array, selected: Any, weight_decay: Any, dtype: Any) -> Any:
     """``weight_decay * p`` for a selected leaf, else 0, in ``dtype``."""
     if isinstance(selected, bool):
-        return mo.scalar(weight_decay, dtype) * p if selected else 0
-    return jnp.where(jnp.asarray(selected), mo.scalar(weight_decay, dtype) * p, 0)
+        return moments.scalar(weight_decay, dtype) * p if selected else 0
+    return jnp.where(jnp.asarray(selected), moments.scalar(weight_decay, dtype) * p, 0)
 
 
 def decay_then_step(p: jax.Array, decay: Any, step: jax.Array) -> jax.Array:
@@ -118,7 +117,7 @@ def decay_then_step(p: jax.Array, decay: Any, step: jax.Array) -> jax.Array:
 
 def initial_point(params: base.Params) -> Any:
     """A copy of the parameters in :func:`moments.state_dtype`, with each parameter's sharding."""
-    return jax.tree.map(lambda z, p: z + p.astype(z.dtype), mo.init_like(params), params)
+    return jax.tree.map(lambda z, p: z + p.astype(z.dtype), moments.init_like(params), params)
 
 
 def gate(keep: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
@@ -221,15 +220,15 @@ def scale_by_dadapt_adam(
     decoupled = not base.is_zero(weight_decay)
 
     def init_fn(params: base.Params) -> DAdaptAdamState:
-        dtype = mo.scalar_dtype(params)
+        dtype = moments.scalar_dtype(params)
         return DAdaptAdamState(
-            count=mo.zero_count(),
-            step=mo.zero_count(),
+            count=moments.zero_count(),
+            step=moments.zero_count(),
             d=jnp.asarray(d0).astype(dtype),
             numerator=jnp.zeros([], dtype),
-            mu=mo.init_like(params, mu_dtype),
-            nu=mo.init_like(params, nu_dtype),
-            s=mo.init_like(params),
+            mu=moments.init_like(params, mu_dtype),
+            nu=moments.init_like(params, nu_dtype),
+            s=moments.init_like(params),
         )
 
     def update_fn(
@@ -239,20 +238,24 @@ def scale_by_dadapt_adam(
         lr = learning_rate_at(learning_rate, state.count, dtype)
         active = lr > 0
         k1 = state.step + 1
-        bc = jnp.sqrt(mo.bias_correction(b2, k1, dtype)) / mo.bias_correction(b1, k1, dtype) if bias_correction else 1
+        bc = (
+            jnp.sqrt(moments.bias_correction(b2, k1, dtype)) / moments.bias_correction(b1, k1, dtype)
+            if bias_correction
+            else 1
+        )
         d = state.d
         dlr = d * lr * bc
         sqrt_b2 = scalar_sqrt(b2, dtype)
         scales = () if layer_scale is None else (layer_scale(params) if callable(layer_scale) else layer_scale,)
 
         def accumulate(g: jax.Array, m: jax.Array, v: jax.Array, s: jax.Array, *r: Any) -> tuple[jax.Array, ...]:
-            cd, g32, (m32, v32, s32) = mo.to_compute(g, m, v, s)
-            rho = mo.scalar(r[0], cd) if r else 1
-            gamma, e, sb2 = dlr.astype(cd), mo.scalar(eps, cd), mo.scalar(sqrt_b2, cd)
+            cd, g32, (m32, v32, s32) = moments.to_compute(g, m, v, s)
+            rho = moments.scalar(r[0], cd) if r else 1
+            gamma, e, sb2 = dlr.astype(cd), moments.scalar(eps, cd), moments.scalar(sqrt_b2, cd)
             dot = rho * jnp.sum(g32 * (s32 / (jnp.sqrt(v32) + e)))
-            m_new = mo.ema(rho * gamma * g32, m32, mo.scalar(b1, cd))
-            v_new = mo.ema(g32 * g32, v32, mo.scalar(b2, cd))
-            s_new = mo.ema(gamma * g32, s32, sb2)
+            m_new = moments.ema(rho * gamma * g32, m32, moments.scalar(b1, cd))
+            v_new = moments.ema(g32 * g32, v32, moments.scalar(b2, cd))
+            s_new = moments.ema(gamma * g32, s32, sb2)
             l1 = rho * jnp.sum(jnp.abs(s_new))
             return (
                 gate(active, m_new, m32).astype(m.dtype),
@@ -262,8 +265,8 @@ def scale_by_dadapt_adam(
                 jnp.where(active, l1, 0),
             )
 
-        mu, nu, s, dots, l1s = mo.leafwise(accumulate, 5, updates, state.mu, state.nu, state.s, *scales)
-        numerator = mo.ema(dlr * tree_total(dots, dtype), state.numerator, sqrt_b2)
+        mu, nu, s, dots, l1s = moments.leafwise(accumulate, 5, updates, state.mu, state.nu, state.s, *scales)
+        numerator = moments.ema(dlr * tree_total(dots, dtype), state.numerator, sqrt_b2)
         sk_l1 = tree_total(l1s, dtype)
         taken = sk_l1 != 0
         d_hat = safe_ratio(numerator, (1 - sqrt_b2) * sk_l1)
@@ -276,17 +279,17 @@ def scale_by_dadapt_adam(
             decay_trees = ()
 
         def step(g: jax.Array, m: jax.Array, v: jax.Array, *decay: Any) -> tuple[jax.Array]:
-            cd, _, (m32, v32) = mo.to_compute(g, m, v)
-            u = m32 / (jnp.sqrt(v32) + mo.scalar(eps, cd))
+            cd, _, (m32, v32) = moments.to_compute(g, m, v)
+            u = m32 / (jnp.sqrt(v32) + moments.scalar(eps, cd))
             if decay:
                 p32 = decay[0].astype(cd)
                 u = decay_then_step(p32, dlr.astype(cd) * decay_term(p32, decay[1], weight_decay, cd), u)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
-        (out,) = mo.leafwise(step, 1, updates, mu, nu, *decay_trees)
+        (out,) = moments.leafwise(step, 1, updates, mu, nu, *decay_trees)
         return out, DAdaptAdamState(
-            count=mo.safe_increment(state.count),
-            step=jnp.where(taken, mo.safe_increment(state.step), state.step),
+            count=moments.safe_increment(state.count),
+            step=jnp.where(taken, moments.safe_increment(state.step), state.step),
             d=gate(taken, d_new, d),
             numerator=gate(taken, numerator, state.numerator),
             mu=mu,
@@ -431,15 +434,15 @@ def scale_by_dadapt_sgd(
     decayed = not base.is_zero(weight_decay)
 
     def init_fn(params: base.Params) -> DAdaptSGDState:
-        dtype = mo.scalar_dtype(params)
+        dtype = moments.scalar_dtype(params)
         zero = jnp.zeros([], dtype)
         return DAdaptSGDState(
-            count=mo.zero_count(),
-            step=mo.zero_count(),
+            count=moments.zero_count(),
+            step=moments.zero_count(),
             d=jnp.asarray(d0).astype(dtype),
             numerator=zero,
             g0_norm=zero,
-            s=mo.init_like(params),
+            s=moments.init_like(params),
             x0=initial_point(params),
         )
 
@@ -451,7 +454,7 @@ def scale_by_dadapt_sgd(
         lr = learning_rate_at(learning_rate, state.count, dtype)
         active = lr > 0
         g_sq = tree_total(
-            jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(mo.compute_dtype(g.dtype)))), updates), dtype
+            jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(moments.compute_dtype(g.dtype)))), updates), dtype
         )
         # The inner where keeps sqrt's infinite slope at 0 out of gradients through the update.
         norm = jnp.where(g_sq > 0, jnp.sqrt(jnp.where(g_sq > 0, g_sq, 1)), 0)
@@ -461,7 +464,7 @@ def scale_by_dadapt_sgd(
         mask = (decay_mask(weight_decay_mask, params),) if decayed else ()
 
         def accumulate(g: jax.Array, p: jax.Array, s: jax.Array, *selected: Any) -> tuple[jax.Array, ...]:
-            cd, g32, (p32, s32) = mo.to_compute(g, p, s)
+            cd, g32, (p32, s32) = moments.to_compute(g, p, s)
             if selected:
                 g32 = g32 + decay_term(p32, selected[0], weight_decay, cd)
             gamma = dlr.astype(cd)
@@ -469,25 +472,25 @@ def scale_by_dadapt_sgd(
             s_new = s32 + gamma * g32
             return gate(active, s_new, s32).astype(s.dtype), dot, jnp.where(active, jnp.sum(s_new * s_new), 0)
 
-        s, dots, squares = mo.leafwise(accumulate, 3, updates, params, state.s, *mask, what="parameters and state")
+        s, dots, squares = moments.leafwise(accumulate, 3, updates, params, state.s, *mask, what="parameters and state")
         numerator = state.numerator + dlr * tree_total(dots, dtype)
         sk_sq = tree_total(squares, dtype)
         taken = (sk_sq != 0) & (g0_norm != 0)
         sk_norm = jnp.sqrt(jnp.where(taken, sk_sq, 1))
         d_hat = 2 * numerator / sk_norm
         d_new = jnp.maximum(d, capped(d_hat, d, growth_rate))
-        ck = 1 - mo.scalar(momentum, dtype)
+        ck = 1 - moments.scalar(momentum, dtype)
 
         def step(g: jax.Array, p: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:
-            cd, _, (p32, s32, x032) = mo.to_compute(g, p, s, x0)
+            cd, _, (p32, s32, x032) = moments.to_compute(g, p, s, x0)
             z = x032 - s32
-            u = mo.scalar(ck, cd) * (p32 - z)
+            u = moments.scalar(ck, cd) * (p32 - z)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
-        (out,) = mo.leafwise(step, 1, updates, params, s, state.x0, what="parameters and state")
+        (out,) = moments.leafwise(step, 1, updates, params, s, state.x0, what="parameters and state")
         return out, DAdaptSGDState(
-            count=mo.safe_increment(state.count),
-            step=jnp.where(taken, mo.safe_increment(state.step), state.step),
+            count=moments.safe_increment(state.count),
+            step=jnp.where(taken, moments.safe_increment(state.step), state.step),
             d=gate(taken, d_new, d),
             numerator=gate(taken, numerator, state.numerator),
             g0_norm=g0_norm,
@@ -610,13 +613,13 @@ def scale_by_dadapt_adagrad(
     check_growth_rate(growth_rate)
 
     def init_fn(params: base.Params) -> DAdaptAdaGradState:
-        dtype = mo.scalar_dtype(params)
+        dtype = moments.scalar_dtype(params)
         return DAdaptAdaGradState(
-            count=mo.zero_count(),
+            count=moments.zero_count(),
             d=jnp.asarray(d0).astype(dtype),
             gsq_weighted=jnp.zeros([], dtype),
-            alpha=mo.init_like(params, fill=ADAGRAD_INITIAL_ACCUMULATOR),
-            s=mo.init_like(params),
+            alpha=moments.init_like(params, fill=ADAGRAD_INITIAL_ACCUMULATOR),
+            s=moments.init_like(params),
             x0=initial_point(params),
         )
 
@@ -630,31 +633,31 @@ def scale_by_dadapt_adagrad(
         dlr = d * lr
 
         def accumulate(g: jax.Array, a: jax.Array, s: jax.Array) -> tuple[jax.Array, ...]:
-            cd, g32, (a32, s32) = mo.to_compute(g, a, s)
+            cd, g32, (a32, s32) = moments.to_compute(g, a, s)
             a_new = a32 + g32 * g32
-            denominator = jnp.sqrt(a_new) + mo.scalar(eps, cd)
+            denominator = jnp.sqrt(a_new) + moments.scalar(eps, cd)
             s_new = s32 + dlr.astype(cd) * g32
             g_sq = jnp.sum(g32 * g32 / denominator)
             sk_sq = jnp.sum(s_new * s_new / denominator)
             return a_new.astype(a.dtype), s_new.astype(s.dtype), g_sq, sk_sq, jnp.sum(jnp.abs(s_new))
 
-        alpha, s, g_sqs, sk_sqs, l1s = mo.leafwise(accumulate, 5, updates, state.alpha, state.s)
+        alpha, s, g_sqs, sk_sqs, l1s = moments.leafwise(accumulate, 5, updates, state.alpha, state.s)
         skl1 = tree_total(l1s, dtype)
         taken = skl1 != 0
         gsq_weighted = state.gsq_weighted + dlr * dlr * tree_total(g_sqs, dtype)
         d_hat = safe_ratio(tree_total(sk_sqs, dtype) - gsq_weighted, skl1)
         d_new = jnp.where(lr > 0, jnp.maximum(d, capped(d_hat, d, growth_rate)), d)
-        ck = 1 - mo.scalar(momentum, dtype)
+        ck = 1 - moments.scalar(momentum, dtype)
 
         def step(g: jax.Array, p: jax.Array, a: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:
-            cd, _, (p32, a32, s32, x032) = mo.to_compute(g, p, a, s, x0)
-            z = x032 - s32 / (jnp.sqrt(a32) + mo.scalar(eps, cd))
-            u = mo.scalar(ck, cd) * (p32 - z)
+            cd, _, (p32, a32, s32, x032) = moments.to_compute(g, p, a, s, x0)
+            z = x032 - s32 / (jnp.sqrt(a32) + moments.scalar(eps, cd))
+            u = moments.scalar(ck, cd) * (p32 - z)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
-        (out,) = mo.leafwise(step, 1, updates, params, alpha, s, state.x0, what="parameters and state")
+        (out,) = moments.leafwise(step, 1, updates, params, alpha, s, state.x0, what="parameters and state")
         return out, DAdaptAdaGradState(
-            count=mo.safe_increment(state.count),
+            count=moments.safe_increment(state.count),
             d=gate(taken, d_new, d),
             gsq_weighted=gate(taken, gsq_weighted, state.gsq_weighted),
             alpha=alpha,

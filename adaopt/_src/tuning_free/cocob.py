@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
@@ -54,12 +53,12 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
 
     def init_fn(params: base.Params) -> CocobState:
         return CocobState(
-            count=mo.zero_count(),
+            count=moments.zero_count(),
             reference=jax.tree.map(jnp.copy, params),
-            neg_grad_sum=mo.init_like(params),
-            max_grad=mo.init_like(params, fill=eps),
-            abs_grad_sum=mo.init_like(params),
-            reward=mo.init_like(params),
+            neg_grad_sum=moments.init_like(params),
+            max_grad=moments.init_like(params, fill=eps),
+            abs_grad_sum=moments.init_like(params),
+            reward=moments.init_like(params),
         )
 
     def update_fn(updates: Updates, state: CocobState, params: base.Params | None = None) -> tuple[Updates, CocobState]:
@@ -71,13 +70,13 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
             # The reference is taken at the first update (as the authors' package does), so
             # parameters loaded between init and the first step are the origin of the bets.
             w1 = jnp.where(first, w, w1)
-            dtype, g32, (w32, w1_32, theta, big_l, big_g, reward) = mo.to_compute(g, w, w1, *acc)
+            dtype, g32, (w32, w1_32, theta, big_l, big_g, reward) = moments.to_compute(g, w, w1, *acc)
             abs_g = jnp.abs(g32)
             big_l = jnp.maximum(big_l, abs_g)
             big_g = big_g + abs_g
             reward = jnp.maximum(reward - g32 * (w32 - w1_32), 0)
             theta = theta - g32
-            den = big_l * jnp.maximum(big_g + big_l, mo.scalar(alpha, dtype) * big_l)
+            den = big_l * jnp.maximum(big_g + big_l, moments.scalar(alpha, dtype) * big_l)
             ok = den > 0
             bet = jnp.where(ok, theta / jnp.where(ok, den, 1) * (big_l + reward), 0)
             step = w1_32 + bet - w32
@@ -86,8 +85,8 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
 
         base.check_tree_match(updates, params, "parameters")
         trees = (state.reference, state.neg_grad_sum, state.max_grad, state.abs_grad_sum, state.reward)
-        step, *new = mo.leafwise(leaf, 6, updates, params, *trees)
-        return step, CocobState(mo.safe_increment(state.count), *new)
+        step, *new = moments.leafwise(leaf, 6, updates, params, *trees)
+        return step, CocobState(moments.safe_increment(state.count), *new)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -7,8 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
@@ -46,7 +45,7 @@ def scale_by_momentum(
     damped = not base.is_zero(dampening)
 
     def init_fn(params: base.Params) -> MomentumState:
-        return MomentumState(mo.zero_count(), mo.init_like(params, accumulator_dtype))
+        return MomentumState(moments.zero_count(), moments.init_like(params, accumulator_dtype))
 
     def update_fn(
         updates: Updates, state: MomentumState, params: base.Params | None = None
@@ -55,12 +54,12 @@ def scale_by_momentum(
 
         first_step = state.count == 0
 
-        @mo.per_dtype
+        @moments.per_dtype
         def scalars(dtype: jax.numpy.dtype) -> tuple[Any, Any]:
-            return mo.scalar(momentum, dtype), 1 - mo.scalar(dampening, dtype)
+            return moments.scalar(momentum, dtype), 1 - moments.scalar(dampening, dtype)
 
         def leaf(g: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (b32,) = mo.to_compute(g, b)
+            dtype, g32, (b32,) = moments.to_compute(g, b)
             mu, undamped = scalars(dtype)
             b_new = mu * b32 + (undamped * g32 if damped else g32)
             if damped:
@@ -68,8 +67,8 @@ def scale_by_momentum(
             step = g32 + mu * b_new if nesterov else b_new
             return step.astype(g.dtype), b_new.astype(b.dtype)
 
-        step, trace = mo.leafwise(leaf, 2, updates, state.trace)
-        return step, MomentumState(mo.safe_increment(state.count), trace)
+        step, trace = moments.leafwise(leaf, 2, updates, state.trace)
+        return step, MomentumState(moments.safe_increment(state.count), trace)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
@@ -25,23 +24,23 @@ def scale_by_lion(b1: Any = 0.9, b2: Any = 0.99, *, mu_dtype: Any = None) -> opt
     base.check_dtype("mu_dtype", mu_dtype)
 
     def init_fn(params: base.Params) -> LionState:
-        return LionState(mo.init_like(params, mu_dtype))
+        return LionState(moments.init_like(params, mu_dtype))
 
     def update_fn(updates: Updates, state: LionState, params: base.Params | None = None) -> tuple[Updates, LionState]:
         del params
 
-        @mo.per_dtype
+        @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, Any]:
-            return mo.scalar(b1, dtype), mo.scalar(b2, dtype)
+            return moments.scalar(b1, dtype), moments.scalar(b2, dtype)
 
         def leaf(g: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (m32,) = mo.to_compute(g, m)
+            dtype, g32, (m32,) = moments.to_compute(g, m)
             beta1, beta2 = scalars(dtype)
-            step = jnp.sign(mo.ema(g32, m32, beta1))
-            m_new = mo.ema(g32, m32, beta2)
+            step = jnp.sign(moments.ema(g32, m32, beta1))
+            m_new = moments.ema(g32, m32, beta2)
             return step.astype(g.dtype), m_new.astype(m.dtype)
 
-        step, mu = mo.leafwise(leaf, 2, updates, state.mu)
+        step, mu = moments.leafwise(leaf, 2, updates, state.mu)
         return step, LionState(mu)
 
     return optax.GradientTransformation(init_fn, update_fn)

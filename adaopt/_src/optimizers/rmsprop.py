@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
-from adaopt._src.sgd import scale_by_momentum
+from adaopt._src.optimizers.sgd import scale_by_momentum
 
 
 class RmsState(NamedTuple):
@@ -44,27 +43,27 @@ def scale_by_rms(
     base.check_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> RmsState:
-        mu = mo.init_like(params, nu_dtype) if centered else None
-        return RmsState(mo.init_like(params, nu_dtype, initial_scale), mu)
+        mu = moments.init_like(params, nu_dtype) if centered else None
+        return RmsState(moments.init_like(params, nu_dtype, initial_scale), mu)
 
     def update_fn(updates: Updates, state: RmsState, params: base.Params | None = None) -> tuple[Updates, RmsState]:
         del params
 
-        @mo.per_dtype
+        @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, Any, Any]:
-            return mo.scalar(decay, dtype), mo.scalar(eps, dtype), mo.scalar(eps_root, dtype)
+            return moments.scalar(decay, dtype), moments.scalar(eps, dtype), moments.scalar(eps_root, dtype)
 
         def leaf(g: jax.Array, v: jax.Array, *m: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (v32, *m32) = mo.to_compute(g, v, *m)
+            dtype, g32, (v32, *m32) = moments.to_compute(g, v, *m)
             alpha, e, e_root = scalars(dtype)
-            v_new = mo.ema(g32 * g32, v32, alpha)
-            m_new = tuple(mo.ema(g32, x, alpha) for x in m32)
+            v_new = moments.ema(g32 * g32, v32, alpha)
+            m_new = tuple(moments.ema(g32, x, alpha) for x in m32)
             variance = v_new - m_new[0] * m_new[0] if centered else v_new
-            step = g32 * mo.inv_root(variance, e, e_root)
+            step = g32 * moments.inv_root(variance, e, e_root)
             return (step.astype(g.dtype), v_new.astype(v.dtype), *(x.astype(v.dtype) for x in m_new))
 
         trees = (state.nu, state.mu) if centered else (state.nu,)
-        out = mo.leafwise(leaf, 2 + centered, updates, *trees)
+        out = moments.leafwise(leaf, 2 + centered, updates, *trees)
         return out[0], RmsState(out[1], out[2] if centered else None)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 LearningRateFactor = Callable[[jax.Array], jax.Array]
@@ -61,7 +60,7 @@ def _check_interpolation(name: str, value: Any) -> None:
 
 def _rho(b2: Any, step: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """RAdam's :math:`\\rho_\\infty`, :math:`\\rho_t` and the bias correction :math:`1 - \\beta_2^t`."""
-    beta2 = mo.scalar(b2, dtype)
+    beta2 = moments.scalar(b2, dtype)
     bc2 = 1 - beta2**step
     rho_inf = 2 / (1 - beta2) - 1
     return rho_inf, rho_inf - 2 * step * (1 - bc2) / bc2, bc2
@@ -123,25 +122,25 @@ def scale_by_debiased_rms(
     base.check_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> DebiasedRmsState:
-        return DebiasedRmsState(mo.zero_count(), mo.init_like(params, nu_dtype))
+        return DebiasedRmsState(moments.zero_count(), moments.init_like(params, nu_dtype))
 
     def update_fn(
         updates: Updates, state: DebiasedRmsState, params: base.Params | None = None
     ) -> tuple[Updates, DebiasedRmsState]:
         del params
-        count = mo.safe_increment(state.count)
+        count = moments.safe_increment(state.count)
 
         def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (v32,) = mo.to_compute(g, v)
-            v_new = mo.ema(g32 * g32, v32, mo.scalar(b2, dtype))
-            bc2 = mo.bias_correction(b2, count, dtype) if debias else 1
-            step = g32 * mo.inv_root(v_new / bc2, mo.scalar(eps, dtype), 0)
+            dtype, g32, (v32,) = moments.to_compute(g, v)
+            v_new = moments.ema(g32 * g32, v32, moments.scalar(b2, dtype))
+            bc2 = moments.bias_correction(b2, count, dtype) if debias else 1
+            step = g32 * moments.inv_root(v_new / bc2, moments.scalar(eps, dtype), 0)
             if rectify:
                 _, rho, _ = _rho(b2, count.astype(dtype), dtype)
                 step = jnp.where(rho > 4, step, g32)
             return step.astype(g.dtype), v_new.astype(v.dtype)
 
-        step, nu = mo.leafwise(leaf, 2, updates, state.nu)
+        step, nu = moments.leafwise(leaf, 2, updates, state.nu)
         return step, DebiasedRmsState(count, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -199,10 +198,10 @@ def scale_by_schedule_free(
     base.check_dtype("z_dtype", z_dtype)
 
     def init_fn(params: base.Params) -> ScheduleFreeState:
-        dtype = mo.scalar_dtype(params)
-        z = jax.tree.map(lambda p: jnp.asarray(p).astype(mo.state_dtype(jnp.result_type(p), z_dtype)), params)
+        dtype = moments.scalar_dtype(params)
+        z = jax.tree.map(lambda p: jnp.asarray(p).astype(moments.state_dtype(jnp.result_type(p), z_dtype)), params)
         return ScheduleFreeState(
-            count=mo.zero_count(),
+            count=moments.zero_count(),
             b1=jnp.asarray(b1).astype(dtype),
             weight_sum=jnp.zeros([], dtype),
             lr_max=jnp.full([], -1.0, dtype),
@@ -216,30 +215,30 @@ def scale_by_schedule_free(
             raise ValueError("Schedule-Free needs the parameters: call update(grads, state, params).")
         base.check_tree_match(updates, params, "parameters")
         dtype = state.weight_sum.dtype
-        count = mo.safe_increment(state.count)
+        count = moments.safe_increment(state.count)
         step = count.astype(dtype)
-        lr = mo.scalar(learning_rate(state.count) if callable(learning_rate) else learning_rate, dtype)
+        lr = moments.scalar(learning_rate(state.count) if callable(learning_rate) else learning_rate, dtype)
         if not base.is_zero(warmup_steps):
-            warmup = mo.scalar(warmup_steps, dtype)
+            warmup = moments.scalar(warmup_steps, dtype)
             lr = lr * jnp.where(step <= warmup, step / jnp.where(warmup > 0, warmup, 1), 1)
         if learning_rate_factor is not None:
             lr = lr * learning_rate_factor(step)
         lr = jnp.asarray(lr).astype(dtype)
         lr_max = jnp.maximum(state.lr_max, lr)
-        weight = step ** mo.scalar(r, dtype) * lr_max ** mo.scalar(weight_lr_power, dtype)
+        weight = step ** moments.scalar(r, dtype) * lr_max ** moments.scalar(weight_lr_power, dtype)
         weight_sum = state.weight_sum + weight
         nonzero = weight_sum != 0
         c = jnp.where(nonzero, weight / jnp.where(nonzero, weight_sum, 1), 0)
-        beta1 = jnp.asarray(mo.scalar(b1, dtype)).astype(dtype)
+        beta1 = jnp.asarray(moments.scalar(b1, dtype)).astype(dtype)
         y_lr = lr * (beta1 * (1 - c) - 1)
 
         def leaf(d: jax.Array, y: jax.Array, z: jax.Array) -> tuple[jax.Array, ...]:
-            ldtype, d32, (y32, z32) = mo.to_compute(d, y, z)
+            ldtype, d32, (y32, z32) = moments.to_compute(d, y, z)
             z_new = z32 - lr.astype(ldtype) * d32
             u = c.astype(ldtype) * (z32 - y32) + y_lr.astype(ldtype) * d32
             return u.astype(d.dtype), z_new.astype(z.dtype)
 
-        step_tree, z = mo.leafwise(leaf, 2, updates, params, state.z)
+        step_tree, z = moments.leafwise(leaf, 2, updates, params, state.z)
         return step_tree, ScheduleFreeState(count, beta1, weight_sum, lr_max, z)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -274,11 +273,11 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
     sf = found[0]
 
     def leaf(y: jax.Array, z: jax.Array) -> tuple[jax.Array]:
-        dtype, y32, (z32,) = mo.to_compute(y, z)
+        dtype, y32, (z32,) = moments.to_compute(y, z)
         x = y32 + (1 - 1 / sf.b1.astype(dtype)) * (z32 - y32)
         return (x.astype(y.dtype),)
 
-    (x,) = mo.leafwise(leaf, 1, params, sf.z)
+    (x,) = moments.leafwise(leaf, 1, params, sf.z)
     return x
 
 

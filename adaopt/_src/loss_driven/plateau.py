@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base
-from adaopt._src import moments as mo
+from adaopt._src import base, moments
 from adaopt._src.base import Updates
 
 
@@ -165,7 +164,7 @@ def reduce_on_plateau(
     _check_count("accumulation_size", accumulation_size, 1)
 
     def init_fn(params: base.Params) -> ReduceOnPlateauState:
-        dtype = mo.scalar_dtype(params)
+        dtype = moments.scalar_dtype(params)
         lr = jnp.asarray(base_learning_rate).astype(dtype)
         return ReduceOnPlateauState(
             scale=jnp.ones([], dtype),
@@ -182,25 +181,27 @@ def reduce_on_plateau(
         if threshold_mode == "rel":
             # torch multiplies by (1 - threshold) computed first, in Python: keep that rounding.
             rel = 1.0 - threshold if mode == "min" else threshold + 1.0
-            bound = best * mo.scalar(rel, dtype)
+            bound = best * moments.scalar(rel, dtype)
         else:
-            bound = best - mo.scalar(threshold, dtype) if mode == "min" else best + mo.scalar(threshold, dtype)
+            bound = (
+                best - moments.scalar(threshold, dtype) if mode == "min" else best + moments.scalar(threshold, dtype)
+            )
         return current < bound if mode == "min" else current > bound
 
     def decide(state: ReduceOnPlateauState, current: jax.Array) -> ReduceOnPlateauState:
         dtype = state.learning_rate.dtype
         better = is_better(current, state.best)
         best = jnp.where(better, current, state.best)
-        num_bad = jnp.where(better, 0, mo.safe_increment(state.num_bad))
+        num_bad = jnp.where(better, 0, moments.safe_increment(state.num_bad))
         in_cooldown = state.cooldown_counter > 0
         cooldown_counter = jnp.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)
         num_bad = jnp.where(in_cooldown, 0, num_bad)
         reduce = num_bad > patience
         lr = state.learning_rate
-        new_lr = jnp.maximum(lr * mo.scalar(factor, dtype), mo.scalar(min_lr, dtype))
-        lr = jnp.where(reduce & (lr - new_lr > mo.scalar(eps, dtype)), new_lr, lr)
+        new_lr = jnp.maximum(lr * moments.scalar(factor, dtype), moments.scalar(min_lr, dtype))
+        lr = jnp.where(reduce & (lr - new_lr > moments.scalar(eps, dtype)), new_lr, lr)
         return ReduceOnPlateauState(
-            scale=lr / mo.scalar(base_learning_rate, dtype),
+            scale=lr / moments.scalar(base_learning_rate, dtype),
             learning_rate=lr,
             best=best,
             num_bad=jnp.where(reduce, 0, num_bad).astype(jnp.int32),
@@ -214,7 +215,7 @@ def reduce_on_plateau(
         if value.ndim != 0:
             raise ValueError(f"value must be a scalar loss, got an array of shape {value.shape}.")
         total = state.value_sum + value.astype(state.value_sum.dtype)
-        count = mo.safe_increment(state.count)
+        count = moments.safe_increment(state.count)
         accumulated = state._replace(count=count, value_sum=total)
         decided = decide(state, total / count.astype(total.dtype))
         ready = count >= accumulation_size
@@ -231,7 +232,7 @@ def reduce_on_plateau(
         del params, extra_args
 
         def scale(g: jax.Array) -> jax.Array:
-            dtype = mo.compute_dtype(g.dtype, state.scale.dtype)
+            dtype = moments.compute_dtype(g.dtype, state.scale.dtype)
             return (g.astype(dtype) * state.scale.astype(dtype)).astype(g.dtype)
 
         scaled = jax.tree.map(scale, updates)

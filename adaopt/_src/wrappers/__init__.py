@@ -1,0 +1,1 @@
+"""What wraps any optimizer without changing its step: iterate averaging."""

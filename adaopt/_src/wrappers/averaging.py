@@ -1,0 +1,107 @@
+"""Iterate averaging: a wrapper that keeps an average of any optimizer's iterates in its state."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaopt._src import base, moments
+from adaopt._src.base import Params, Updates
+
+
+class PolynomialAverageState(NamedTuple):
+    """State of :func:`polynomial_decay_averaging`."""
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; the number of averaged iterates
+    average: Params  # the averaged parameters, mirroring the parameters
+    inner_state: Any  # the wrapped optimizer's state
+
+
+def polynomial_decay_averaging(
+    inner: optax.GradientTransformation, gamma: Any = 8.0, *, average_dtype: Any = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Keep the polynomial-decay average of the iterates of ``inner`` in the state.
+
+    The updates are ``inner``'s, unchanged; after the :math:`t`-th update (:math:`t = 1, 2, \dots`),
+    with :math:`x_t` the parameters that update produces (``apply_updates(params, updates)``):
+
+    .. math::
+        w_t &= (1 + \gamma) / (t + \gamma) \\
+        \bar x_t &= (1 - w_t)\, \bar x_{t-1} + w_t\, x_t, \qquad \bar x_0 = x_0
+
+    so :math:`\bar x_1 = x_1`, :math:`\gamma = 0` is the uniform average of :math:`x_1, \dots, x_t`,
+    and a larger :math:`\gamma` forgets old iterates faster. Read the average with
+    :func:`averaged_params`.
+
+    Args:
+      inner: the optimizer whose iterates are averaged.
+      gamma: :math:`\gamma` >= 0 (8 in the DoG paper and package).
+      average_dtype: storage dtype of the average (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`PolynomialAverageState`;
+      ``update`` needs the parameters and passes extra arguments on to ``inner``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.polynomial_decay_averaging(adaopt.dog(), gamma=8.0)
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+      >>> adaopt.averaged_params(state)["w"].shape
+      (3,)
+
+    Reference: Shamir & Zhang, "Stochastic Gradient Descent for Non-smooth Optimization:
+    Convergence Results and Optimal Averaging Schemes", ICML 2013; recommended with DoG by Ivgi,
+    Hinder & Carmon (2023). ``dog.PolynomialDecayAverager(model, gamma)`` from ``dog-optimizer``
+    1.0.3, stepped after each optimizer step, keeps the same average in ``averaged_model``.
+    """
+    base.check_nonnegative("gamma", gamma)
+    base.check_dtype("average_dtype", average_dtype)
+    wrapped = optax.with_extra_args_support(inner)
+
+    def init_fn(params: Params) -> PolynomialAverageState:
+        average = jax.tree.map(
+            lambda p: jnp.array(p, dtype=moments.state_dtype(jnp.result_type(p), average_dtype), copy=True), params
+        )
+        return PolynomialAverageState(moments.zero_count(), average, wrapped.init(params))
+
+    def update_fn(
+        updates: Updates, state: PolynomialAverageState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, PolynomialAverageState]:
+        if params is None:
+            raise ValueError("polynomial_decay_averaging needs the parameters: call update(grads, state, params).")
+        updates, inner_state = wrapped.update(updates, state.inner_state, params, **extra_args)
+        count = moments.safe_increment(state.count)
+
+        def leaf(x: jax.Array, average: jax.Array) -> tuple[jax.Array]:
+            dtype = moments.compute_dtype(x.dtype, average.dtype)
+            g = moments.scalar(gamma, dtype)
+            weight = (1 + g) / (count.astype(dtype) + g)
+            return (moments.ema(x.astype(dtype), average.astype(dtype), 1 - weight).astype(average.dtype),)
+
+        (average,) = moments.leafwise(
+            leaf, 1, optax.apply_updates(params, updates), state.average, what="averaged parameters"
+        )
+        return updates, PolynomialAverageState(count, average, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def averaged_params(state: Any) -> Params:
+    """The averaged parameters kept by :func:`polynomial_decay_averaging`, found anywhere in ``state``.
+
+    Works on the state of the wrapper itself or of anything that holds it (``chain``,
+    ``inject_hyperparams``, ``MultiSteps``); the first :class:`PolynomialAverageState` found wins.
+    """
+    is_average = lambda x: isinstance(x, PolynomialAverageState)
+    for node in jax.tree.leaves(state, is_leaf=is_average):
+        if is_average(node):
+            return node.average
+    raise ValueError(
+        "This optimizer state holds no polynomial-decay average: build the optimizer with "
+        "adaopt.polynomial_decay_averaging(optimizer) to keep one."
+    )
