@@ -48,6 +48,13 @@ def _concrete_scalar(value: Any) -> float | None:
     raise TypeError
 
 
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """The interval as it is: an infinite end is always open (``[0.0, inf)``), since values must be finite."""
+    lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+    hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+    return f"{lo}, {hi}"
+
+
 def check_scalar(
     name: str,
     value: Any,
@@ -57,14 +64,12 @@ def check_scalar(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    """Raise ``HyperparameterError`` unless ``value`` is a real number in the given interval.
+    """Raise ``HyperparameterError`` unless ``value`` is a finite real number in the given interval.
 
     Traced values (under ``inject_hyperparams``, ``vmap`` or ``grad``) are not checked: they
     were checked, as concrete numbers, when the optimizer was first built.
     """
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    valid = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    valid = _interval(low, high, low_open, high_open)
     try:
         x = _concrete_scalar(value)
     except TypeError:
@@ -79,7 +84,7 @@ def check_scalar(
     if ok and high is not None:
         ok = x < high if high_open else x <= high
     if not ok:
-        raise HyperparameterError(f"{name} must be in {valid}, got {value!r}.")
+        raise HyperparameterError(f"{name} must be a finite number in {valid}, got {value!r}.")
 
 
 INT32_MAX = int(np.iinfo(np.int32).max)
@@ -124,18 +129,30 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise HyperparameterError(f"{name} must be one of {choices}, got {value!r}.")
 
 
-def check_tree_match(updates: Updates, state_tree: Any, what: str) -> None:
-    """Raise a readable error when the gradients do not have the state's tree structure."""
-    got: Any = jax.tree.structure(updates)
-    want = jax.tree.structure(state_tree)
+def check_tree_match(tree: Any, reference: Any, what: str, *, subject: str = "gradients") -> None:
+    """Raise a readable ``TreeMismatchError`` when ``tree`` (the ``subject``) lacks the structure of ``reference`` (the ``what``)."""
+    got: Any = jax.tree.structure(tree)
+    want = jax.tree.structure(reference)
     if got == want:
         return
+    if what == "parameters":
+        fix = f"Pass the {subject} of the parameters given as `params`, with the same tree structure."
+    else:
+        fix = (
+            f"The optimizer's {what} was built by `init` for a parameter tree of the structure expected: call `init` "
+            f"on the parameters whose {subject} you pass (after changing the model, build a new optimizer state)."
+        )
     raise TreeMismatchError(
-        f"The gradient tree does not match the optimizer's {what}: the state was built by "
-        f"`init` for a tree of structure\n  {want}\nbut `update` received\n  {got}\n"
-        "Call `init` on the same parameter tree whose gradients you pass to `update` "
-        "(after changing the model, build a new optimizer state)."
+        f"The {subject} do not have the structure of the optimizer's {what}: expected a tree of structure\n"
+        f"  {want}\nbut got\n  {got}\n{fix}"
     )
+
+
+def require_params(params: Params | None, who: str) -> Params:
+    """``params``, or the one error for an ``update`` that needs the parameters and was not given them."""
+    if params is None:
+        raise ValueError(f"{who} needs the parameters: call update(grads, state, params).")
+    return params
 
 
 def check_gradient_tree() -> optax.GradientTransformation:
@@ -198,8 +215,7 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
         return optax.add_decayed_weights(weight_decay, mask)
 
     def update_fn(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:
-        if params is None:
-            raise ValueError("add_decayed_weights needs the parameters: call update(updates, state, params).")
+        require_params(params, "add_decayed_weights")
         new = jax.tree.map(
             lambda g, p: None if g is None else g + _in_dtype_of(weight_decay, g) * p,
             updates,
@@ -210,6 +226,11 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
 
     tx = optax.GradientTransformation(optax.add_decayed_weights(0.0).init, update_fn)
     return tx if mask is None else optax.masked(tx, mask)
+
+
+def weight_decay_blocks(weight_decay: Any, mask: MaskOrFn | None = None) -> list[optax.GradientTransformation]:
+    """``[add_decayed_weights(weight_decay, mask)]``, or no block at all for a Python zero (see :func:`is_zero`)."""
+    return [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay, mask)]
 
 
 def assemble(
@@ -227,7 +248,7 @@ def assemble(
     before ``core``; decoupled decay (AdamW's) adds it to ``core``'s output, so the learning
     rate scales both. ``after_decay`` blocks run between the decay and the learning rate.
     """
-    decay = [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay, weight_decay_mask)]
+    decay = weight_decay_blocks(weight_decay, weight_decay_mask)
     blocks = [check_gradient_tree(), *(() if decoupled_weight_decay else decay), core]
     blocks += [*(decay if decoupled_weight_decay else ()), *after_decay]
     blocks.append(scale_by_learning_rate(learning_rate))

@@ -53,6 +53,15 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0) -> Any:
     return jax.tree.map(lambda p: jnp.full_like(p, fill, dtype=state_dtype(jnp.result_type(p), dtype)), params)
 
 
+def init_copy(params: Any, dtype: Any = None) -> Any:
+    """A copy of ``params`` for the state (an initial point, a running average), each leaf in :func:`state_dtype`.
+
+    A copy, so that donating the parameters' and the state's buffers together is safe; each leaf
+    keeps its parameter's sharding (and Flax metadata), like :func:`init_like`.
+    """
+    return jax.tree.map(lambda z, p: z + p.astype(z.dtype), init_like(params, dtype), params)
+
+
 def zero_count() -> jax.Array:
     return jnp.zeros([], jnp.int32)
 
@@ -97,26 +106,58 @@ def debias(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
     return 1 / bias_correction(decay, count, dtype)
 
 
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` for ``x >= 0``, with 0 and a zero (not infinite) derivative at ``x = 0``, so ``jax.grad`` stays finite."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def safe_divide(numerator: Any, denominator: jax.Array, fallback: Any = 0) -> jax.Array:
+    """``numerator / denominator``, and ``fallback`` where the denominator is 0 (nothing seen yet, eps = 0).
+
+    The division never sees a zero, so ``jax.grad`` through it stays finite too.
+    """
+    nonzero = denominator != 0
+    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), fallback)
+
+
 def inv_root(nu: jax.Array, eps: Any, eps_root: Any) -> jax.Array:
     """``1 / (sqrt(nu + eps_root) + eps)``, with 0 where that denominator is 0 (a zero gradient)."""
     inside = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root  # no "+ 0" per leaf
     denominator = jnp.sqrt(inside) + eps
     if isinstance(eps, (int, float)) and eps > 0:
         return 1 / denominator
-    return jnp.where(denominator > 0, 1 / jnp.where(denominator > 0, denominator, 1), 0)
+    return safe_divide(1, denominator)
+
+
+def radam_rho(b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""RAdam's :math:`\rho_\infty = 2 / (1 - \beta_2) - 1`, :math:`\rho_t = \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t)`
+    and the bias correction :math:`1 - \beta_2^t`, at step ``count`` (from 1), in ``dtype``."""
+    beta2 = scalar(b2, dtype)
+    bc2 = bias_correction(b2, count, dtype)
+    rho_inf = 2 / (1 - beta2) - 1
+    return rho_inf, rho_inf - 2 * count.astype(dtype) * (1 - bc2) / bc2, bc2
+
+
+def scale_leaf(factor: jax.Array, g: jax.Array) -> jax.Array:
+    """``factor * g`` in the leaf's compute dtype, returned in ``g``'s dtype (a step size times a direction)."""
+    dtype = compute_dtype(g.dtype)
+    return (jnp.asarray(factor).astype(dtype) * g.astype(dtype)).astype(g.dtype)
 
 
 LeafFn = Callable[..., Sequence[jax.Array]]
 
 
-def leafwise(fn: LeafFn, n_out: int, updates: Any, *trees: Any, what: str = "state") -> tuple[Any, ...]:
+def leafwise(
+    fn: LeafFn, n_out: int, updates: Any, *trees: Any, what: str = "state", subject: str = "gradients"
+) -> tuple[Any, ...]:
     """Apply ``fn(g, *leaves) -> (out_0, ..., out_{n_out-1})`` leaf by leaf.
 
-    Every tree in ``trees`` must mirror ``updates``; a mismatch raises an error that says so.
-    Returns ``n_out`` trees with ``updates``' structure.
+    Every tree in ``trees`` (the optimizer's ``what``) must mirror ``updates`` (the ``subject``);
+    a mismatch raises an error that says so. Returns ``n_out`` trees with ``updates``' structure.
     """
     for tree in trees:
-        check_tree_match(updates, tree, what)
+        check_tree_match(updates, tree, what, subject=subject)
     flat, treedef = jax.tree.flatten(updates)
     outs = [fn(*args) for args in zip(flat, *map(jax.tree.leaves, trees), strict=True)]
     return tuple(jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(n_out))
