@@ -18,7 +18,7 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed
-	$(BIN)/python benchmarks/demo.py
+	$(BIN)/python -m benchmarks.demo
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff format --check adaopt tests benchmarks notebooks

@@ -29,6 +29,7 @@ from adaopt._src.layouts.multi_tensor import MultiTensorState as MultiTensorStat
 from adaopt._src.layouts.multi_tensor import NotElementwiseError as NotElementwiseError
 from adaopt._src.layouts.multi_tensor import flatten_params as flatten_params
 from adaopt._src.layouts.multi_tensor import multi_tensor as multi_tensor
+from adaopt._src.layouts.single_pass import CPU_MULTI_OUTPUT_FUSION_FLAG as CPU_MULTI_OUTPUT_FUSION_FLAG
 from adaopt._src.layouts.single_pass import cpu_multi_output_fusion_enabled as cpu_multi_output_fusion_enabled
 from adaopt._src.layouts.single_pass import single_pass as single_pass
 from adaopt._src.loss_driven.bold_driver import BoldDriverState as BoldDriverState
@@ -79,7 +80,9 @@ from adaopt._src.optimizers.sgd import MomentumState as MomentumState
 from adaopt._src.optimizers.sgd import scale_by_momentum as scale_by_momentum
 from adaopt._src.optimizers.sgd import sgd as sgd
 from adaopt._src.registry import REGISTRY as REGISTRY
+from adaopt._src.registry import Capability as Capability
 from adaopt._src.registry import OptimizerSpec as OptimizerSpec
+from adaopt._src.registry import Range as Range
 from adaopt._src.registry import Reference as Reference
 from adaopt._src.schedules import cosine_annealing_schedule as cosine_annealing_schedule
 from adaopt._src.schedules import cosine_warm_restarts_schedule as cosine_warm_restarts_schedule

@@ -55,7 +55,7 @@ default points are the defaults); the rest of the file is kept. Plots (PNG) go t
 
 Usage::
 
-    python benchmarks/convergence.py [--workloads softmax,mlp] [--optimizers adam,sgd]
+    python -m benchmarks.convergence [--workloads softmax,mlp] [--optimizers adam,sgd]
                                      [--steps-scale 1.0 | --quick] [--tuning-free]
                                      [--out benchmarks/RESULTS.md] [--plots benchmarks]
 """
@@ -83,18 +83,17 @@ import optax
 from tqdm import tqdm
 
 import adaopt
-from adaopt import OptimizerSpec
-from adaopt._src.registry import AVERAGED_ITERATES, CONSTANT_LEARNING_RATE, FULL_BATCH, TUNING_FREE
+from adaopt import Capability, OptimizerSpec
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
+from benchmarks import workloads as wl
+from benchmarks.learning_rates import TUNED
+from benchmarks.report import load_average, machine, markdown_table, portable, write_section
+
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # run as a file, or loaded by a test: the sibling module
-    sys.path.insert(0, str(HERE))
-import workloads as wl  # noqa: E402
-from report import load_average, machine, markdown_table, portable, write_section  # noqa: E402
 
 BEGIN = "<!-- convergence:begin -->"
 END = "<!-- convergence:end -->"
@@ -171,9 +170,14 @@ class Run:
         return None if best is None or not math.isfinite(finals[best]) else best
 
 
+def tuned_rate(spec: OptimizerSpec) -> float:
+    """The learning rate ``spec`` runs at by default: the tuned one of its registry entry (a decayed variant's too)."""
+    return TUNED[spec.name.removesuffix(COSINE)]
+
+
 def learning_rate_grid(spec: OptimizerSpec) -> list[float]:
     """``lr * 3**k`` for ``k = -3, ..., 3`` around the registry's learning rate."""
-    return [spec.learning_rate * GRID_FACTOR**k for k in GRID_POWERS]
+    return [tuned_rate(spec) * GRID_FACTOR**k for k in GRID_POWERS]
 
 
 def cosine_variant(spec: OptimizerSpec) -> OptimizerSpec:
@@ -192,7 +196,7 @@ def is_scheduled(spec: OptimizerSpec, schedule: str) -> bool:
     """Whether the optimizer gets a cosine-decayed learning rate (see the module docstring)."""
     if spec.name.endswith(COSINE):
         return True
-    own = {TUNING_FREE, AVERAGED_ITERATES, CONSTANT_LEARNING_RATE}
+    own = {Capability.TUNING_FREE, Capability.AVERAGED_ITERATES, Capability.CONSTANT_LEARNING_RATE}
     return schedule == "cosine" and not (own & spec.capabilities)
 
 
@@ -222,7 +226,7 @@ def _grad_fn(workload: wl.Workload) -> Callable[..., Any]:
 
 def _train_fn(spec: OptimizerSpec, workload: wl.Workload, steps: int, scheduled: bool) -> Callable[..., Any]:
     """``train(lr, params, data, chunks) -> (losses, accuracies)``, evaluated after each chunk of steps."""
-    averaged = AVERAGED_ITERATES in spec.capabilities
+    averaged = Capability.AVERAGED_ITERATES in spec.capabilities
     grad = _grad_fn(workload)
 
     def train(lr: Any, params: Any, data: Any, chunks: Any) -> tuple[jax.Array, jax.Array]:
@@ -342,7 +346,7 @@ def run_pair(spec: OptimizerSpec, prepared: Prepared, learning_rates: Sequence[f
              scale: float, evals: int | None, schedule: str) -> Run:  # fmt: skip
     """Train ``spec`` at every learning rate (one vmapped program), and time its step at the default one."""
     workload = prepared.workload
-    full_batch = FULL_BATCH in spec.capabilities
+    full_batch = Capability.FULL_BATCH in spec.capabilities
     scheduled = is_scheduled(spec, schedule)
     steps, every = budget(workload, scale, evals)
     n_evals = steps // every
@@ -430,7 +434,7 @@ def run_suite(
         for spec in specs:
             bar.set_description(f"{workload.name:>9} {spec.name:>20}")
             if tuning_free and spec.name != BASELINE:
-                rates, default_index = [spec.learning_rate], 0
+                rates, default_index = [tuned_rate(spec)], 0
             else:
                 rates, default_index = learning_rate_grid(spec), DEFAULT_INDEX
             try:
@@ -438,7 +442,7 @@ def run_suite(
             except Exception as error:  # one broken pair is reported, not allowed to end a long run
                 reason = f"failed with {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 run = Run(spec.name, workload.name, list(rates), default_index, [], [], [], math.nan, math.nan,
-                          math.nan, 0.0, 0.0, is_scheduled(spec, schedule), FULL_BATCH in spec.capabilities,
+                          math.nan, 0.0, 0.0, is_scheduled(spec, schedule), Capability.FULL_BATCH in spec.capabilities,
                           skipped=reason)  # fmt: skip
             runs[spec.name, workload.name] = run
             if not run.skipped and run.tuned_index is not None:
@@ -656,10 +660,10 @@ def render_tuning_free(suite: Suite, command: str, plots: Mapping[str, str]) -> 
     parts = [TF_BEGIN, *_header(suite, command, f"Tuning-free methods at their defaults against tuned {BASELINE}")]
     free = tuning_free_names(suite)
     parts += [
-        f"Each `TUNING_FREE` method runs once, at its defaults (`<name>{COSINE}`: the same with its default "
+        f"Each `Capability.TUNING_FREE` method runs once, at its defaults (`<name>{COSINE}`: the same with its default "
         "learning rate decayed to 0 by a cosine over the budget, as the authors of Prodigy and D-Adaptation run "
         f"them); {BASELINE} runs on the 7-point grid "
-        f"`lr * 3**k` (k = -3..3, lr = {adaopt.REGISTRY[BASELINE].learning_rate:g}) with a {suite.schedule} "
+        f"`lr * 3**k` (k = -3..3, lr = {TUNED[BASELINE]:g}) with a {suite.schedule} "
         f"schedule, and the grid point with the lowest final metric is its tuned run. **ratio** = the method's "
         f"final metric / tuned {BASELINE}'s; **within 5%**: ratio <= {1 + WITHIN:g}. Seconds to target = steps "
         "to target x seconds per step (compilation excluded).",
@@ -727,8 +731,8 @@ def _final_default(suite: Suite, name: str, w: wl.Workload) -> float:
 
 
 def tuning_free_names(suite: Suite) -> list[str]:
-    """The suite's ``TUNING_FREE`` optimizers (the baseline left out)."""
-    return [n for n in suite.optimizers if n != BASELINE and TUNING_FREE in spec_of(n).capabilities]
+    """The suite's ``Capability.TUNING_FREE`` optimizers (the baseline left out)."""
+    return [n for n in suite.optimizers if n != BASELINE and Capability.TUNING_FREE in spec_of(n).capabilities]
 
 
 def has_tuning_free_comparison(suite: Suite) -> bool:
@@ -934,12 +938,12 @@ def make_plots(suite: Suite, out_dir: Path, link_base: Path) -> dict[str, str]:
 def select(names: Sequence[str] | None, tuning_free: bool) -> list[OptimizerSpec]:
     """The registry entries to run, in registry order.
 
-    ``tuning_free``: the baseline, the TUNING_FREE entries, then the cosine variants of those in
+    ``tuning_free``: the baseline, the Capability.TUNING_FREE entries, then the cosine variants of those in
     ``DECAYED_VARIANTS``.
     """
     specs = [s for s in adaopt.REGISTRY.values() if names is None or s.name in names]
     if tuning_free:
-        specs = [s for s in specs if TUNING_FREE in s.capabilities]
+        specs = [s for s in specs if Capability.TUNING_FREE in s.capabilities]
         specs = [adaopt.REGISTRY[BASELINE], *specs, *(cosine_variant(s) for s in specs if s.name in DECAYED_VARIANTS)]
     return specs
 
@@ -953,7 +957,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget (default 1)")
     parser.add_argument("--quick", action="store_true", help=f"--steps-scale {QUICK_SCALE}: a smoke run")
     parser.add_argument(
-        "--tuning-free", action="store_true", help=f"TUNING_FREE methods at their defaults against tuned {BASELINE}"
+        "--tuning-free",
+        action="store_true",
+        help=f"Capability.TUNING_FREE methods at their defaults against tuned {BASELINE}",
     )
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     parser.add_argument(
@@ -978,14 +984,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.steps_scale <= 0 or (args.evals is not None and args.evals < 1):
         parser.error("--steps-scale and --evals must be positive")
     if args.tuning_free and not select(args.optimizers, True)[1:]:
-        parser.error("--tuning-free: none of the chosen optimizers is TUNING_FREE")
+        parser.error("--tuning-free: none of the chosen optimizers is Capability.TUNING_FREE")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
-    command = shlex.join(["python", "benchmarks/convergence.py", *arguments])
+    command = shlex.join(["python", "-m", "benchmarks.convergence", *arguments])
     specs = select(args.optimizers, args.tuning_free)
     suite = run_suite(
         specs,

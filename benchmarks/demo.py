@@ -4,7 +4,7 @@ The model is a 64 -> 64 -> 10 tanh MLP written in plain JAX (the parameters are 
 arrays). The 1797 digits are split 80/20 (stratified, ``random_state=0``) and standardised
 with the training split's statistics. Every optimizer starts from the same initial parameters
 and sees the same deterministic sequence of minibatches of 128, for a fixed number of steps.
-Each optimizer is built with ``spec.make()``: its defaults plus the learning rate tuned in the
+Each optimizer is built with ``learning_rates.make(spec)``: its defaults plus the learning rate tuned in the
 registry; the tuning-free ones (learning-rate-free and loss-driven methods) run at their
 defaults, untouched. Every step passes the minibatch loss as ``update(..., value=loss)`` (the
 loss-driven methods use it); a method that compares losses between steps (bold driver) gets the
@@ -18,7 +18,7 @@ two-panel plot (training loss, test accuracy) for each: ``<out>/digits_mlp.png``
 
 Usage::
 
-    python benchmarks/demo.py [--steps 1500] [--optimizers adam,sgd] [--out demo_output]
+    python -m benchmarks.demo [--steps 1500] [--optimizers adam,sgd] [--out demo_output]
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import adaopt
-from adaopt._src.registry import AVERAGED_ITERATES, FULL_BATCH, TUNING_FREE
+from adaopt import Capability
+from benchmarks import learning_rates
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -205,11 +206,11 @@ def run(
     try:
         for spec in specs:
             bar.set_description(f"{spec.name:>9}")
-            opt = spec.make()
+            opt = learning_rates.make(spec)
             params, opt_state = params0, opt.init(params0)
             jitted = make_chunk_fn(opt)
-            idx = full_batches if FULL_BATCH in spec.capabilities else minibatches
-            averaged = AVERAGED_ITERATES in spec.capabilities
+            idx = full_batches if Capability.FULL_BATCH in spec.capabilities else minibatches
+            averaged = Capability.AVERAGED_ITERATES in spec.capabilities
 
             t0 = time.perf_counter()
             compiled = {
@@ -237,8 +238,8 @@ def run(
             results.append(
                 Result(
                     name=spec.name,
-                    learning_rate=float(spec.learning_rate),
-                    tuning_free=TUNING_FREE in spec.capabilities,
+                    learning_rate=float(learning_rates.TUNED[spec.name]),
+                    tuning_free=Capability.TUNING_FREE in spec.capabilities,
                     steps=evaluated,
                     train_loss=train_loss,
                     test_accuracy=test_accuracy,

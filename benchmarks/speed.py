@@ -48,7 +48,7 @@ xla_cpu_use_multi_output_fusion``) writes its own section, between
 
 Usage::
 
-    python benchmarks/speed.py [--trees gpt2,resnet,single,small] [--optimizers adam,sgd]
+    python -m benchmarks.speed [--trees gpt2,resnet,single,small] [--optimizers adam,sgd]
                                [--reps 10] [--out benchmarks/RESULTS.md] [--no-torch]
                                [--layouts multi-tensor,flat-params,single-pass,...|none]
 """
@@ -59,6 +59,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import inspect
 import shlex
 import statistics
 import sys
@@ -74,14 +75,11 @@ import optax
 
 import adaopt
 from adaopt import cpu_multi_output_fusion_enabled, flatten_params, multi_tensor, single_pass
-from adaopt._src.layouts.single_pass import DEFAULT_MIN_SIZE as SINGLE_PASS_MIN_SIZE
-from adaopt._src.layouts.single_pass import XLA_FLAG
+from benchmarks.report import load_average, machine, markdown_table, portable, usable_cores
+from benchmarks.report import write_section as write_between_markers
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # run as a file, or loaded by a test: the sibling module
-    sys.path.insert(0, str(HERE))
-from report import load_average, machine, markdown_table, portable, usable_cores  # noqa: E402
-from report import write_section as write_between_markers  # noqa: E402
+SINGLE_PASS_MIN_SIZE = inspect.signature(single_pass).parameters["min_size"].default
 
 BEGIN = "<!-- speed:begin -->"
 END = "<!-- speed:end -->"
@@ -693,7 +691,7 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
         "(`adaopt.multi_tensor(optimizer)`, the same tree) and `adaopt (flat params)` (the parameters and gradients",
         "as `adaopt.flatten_params` lays them out) time adaopt's multi-tensor layouts; `adaopt (single pass)` is",
         f"`adaopt.single_pass(optimizer)`, which computes the step of each leaf of at least {SINGLE_PASS_MIN_SIZE:,} elements in one",
-        f"kernel when XLA:CPU's multi-output fusion is on (`XLA_FLAGS={XLA_FLAG}`), and is the plain",
+        f"kernel when XLA:CPU's multi-output fusion is on (`XLA_FLAGS={adaopt.CPU_MULTI_OUTPUT_FUSION_FLAG}`), and is the plain",
         "optimizer when it is off; `adaopt (single pass, multi-tensor)` is `adaopt.single_pass(adaopt.multi_tensor(optimizer))`",
         "and `adaopt (single pass, flat params)` is `adaopt.single_pass(optimizer)` on the flat parameters.",
         "",
@@ -767,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizers = _names(args.optimizers, CONTENDERS, "optimizers", parser)
     layouts = [] if args.layouts.strip() == "none" else _names(args.layouts, LAYOUTS, "layouts", parser)
     arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
-    command = shlex.join(["python", "benchmarks/speed.py", *arguments])
+    command = shlex.join(["python", "-m", "benchmarks.speed", *arguments])
 
     start = time.perf_counter()
     report = run(

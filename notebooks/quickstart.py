@@ -58,7 +58,9 @@ def train(optimizer: optax.GradientTransformation, steps: int = 300) -> np.ndarr
     return np.asarray(losses)
 
 
-curves = {name: train(adaopt.REGISTRY[name].make()) for name in ["sgd", "adam", "adabelief", "lion", "lamb"]}
+# Learning rates that suit this problem (each factory's own default is a safe start, not a tuned value).
+rates = {"sgd": 0.5, "adam": 3e-3, "adabelief": 3e-3, "lion": 1e-3, "lamb": 5e-3}
+curves = {name: train(adaopt.REGISTRY[name].make(learning_rate=lr)) for name, lr in rates.items()}
 for name, losses in curves.items():
     plt.semilogy(losses, label=name)
 plt.xlabel("step")

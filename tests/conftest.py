@@ -26,5 +26,5 @@ def fusion_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """Trace as on a CPU backend started with XLA:CPU's multi-output fusion: ``single_pass`` takes
     its sibling form. This process's backend runs without the fusion, so the programs compile to
     more kernels, with the same numbers."""
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {single_pass.XLA_FLAG}")
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {single_pass.CPU_MULTI_OUTPUT_FUSION_FLAG}")
     monkeypatch.setattr(single_pass, "cpu_backend_fuses_siblings", lambda: True)

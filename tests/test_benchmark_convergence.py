@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import adaopt
-from adaopt._src.registry import AVERAGED_ITERATES, FULL_BATCH, TUNING_FREE
-from tests import benchmark_scripts
+from adaopt import Capability
+from benchmarks import convergence, learning_rates
 
 OPTIMIZERS = ("adam", "schedule_free_sgd")  # the baseline, and a tuning-free method evaluated at its average
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def conv() -> ModuleType:
-    return benchmark_scripts.load("convergence.py", "adaopt_convergence_benchmark")
+    return convergence
 
 
 def _table(text: str, heading: str) -> list[list[str]]:
@@ -46,7 +46,7 @@ def _section(text: str, begin: str, end: str) -> str:
 
 
 def test_tiny_run_writes_both_sections_and_keeps_the_rest(conv: ModuleType, tmp_path: Path) -> None:
-    assert AVERAGED_ITERATES in adaopt.REGISTRY["schedule_free_sgd"].capabilities
+    assert Capability.AVERAGED_ITERATES in adaopt.REGISTRY["schedule_free_sgd"].capabilities
     out = tmp_path / "RESULTS.md"
     speed = "<!-- speed:begin -->\nspeed table, kept\n<!-- speed:end -->"
     out.write_text(f"# Results\n\n{speed}\n\n{conv.BEGIN}\nstale\n{conv.END}\n\n## Notes\n\nkept\n")
@@ -70,8 +70,8 @@ def test_tiny_run_writes_both_sections_and_keeps_the_rest(conv: ModuleType, tmp_
         for row in body:
             spec = adaopt.REGISTRY[row[0]]
             assert len(row) == len(header)
-            assert float(row[1]) == pytest.approx(spec.learning_rate, rel=1e-2)
-            grid_rates = [spec.learning_rate * 3.0**k for k in range(-3, 4)]
+            assert float(row[1]) == pytest.approx(learning_rates.TUNED[spec.name], rel=1e-2)
+            grid_rates = [learning_rates.TUNED[spec.name] * 3.0**k for k in range(-3, 4)]
             assert min(abs(float(row[2]) / r - 1) for r in grid_rates) < 1e-2  # a point of the grid
             tuned, default = float(row[3]), float(row[4])
             assert tuned <= default  # the tuned run is the best of the grid, which holds the default
@@ -156,15 +156,15 @@ def test_performance_profile(conv: ModuleType) -> None:
 def test_grid_budget_and_schedule(conv: ModuleType) -> None:
     spec = adaopt.REGISTRY["adam"]
     rates = conv.learning_rate_grid(spec)
-    assert len(rates) == 7 and rates[conv.DEFAULT_INDEX] == spec.learning_rate
+    assert len(rates) == 7 and rates[conv.DEFAULT_INDEX] == learning_rates.TUNED[spec.name]
     np.testing.assert_allclose(np.diff(np.log(rates)), math.log(3.0))
     workload = conv.wl.WORKLOADS["quadratic"]()
     assert conv.budget(workload, 1.0, None) == (workload.steps, workload.steps // workload.evals)
     steps, every = conv.budget(workload, 0.013, 7)
     assert steps % every == 0 and steps // every == 7
     for spec in adaopt.REGISTRY.values():  # tuned methods get the cosine decay, tuning-free ones their constant rate
-        assert conv.is_scheduled(spec, "cosine") == (TUNING_FREE not in spec.capabilities and not spec.capabilities
-                                                      & {AVERAGED_ITERATES, conv.CONSTANT_LEARNING_RATE})  # fmt: skip
+        assert conv.is_scheduled(spec, "cosine") == (Capability.TUNING_FREE not in spec.capabilities and not spec.capabilities
+                                                      & {Capability.AVERAGED_ITERATES, Capability.CONSTANT_LEARNING_RATE})  # fmt: skip
         assert not conv.is_scheduled(spec, "constant")
 
 
@@ -176,9 +176,9 @@ def test_tuning_free_runs_add_the_cosine_variants(conv: ModuleType) -> None:
     assert sorted(v.removesuffix(conv.COSINE) for v in variants) == sorted(conv.DECAYED_VARIANTS)
     for name in conv.DECAYED_VARIANTS:
         spec = adaopt.REGISTRY[name]
-        assert TUNING_FREE in spec.capabilities and name in names
+        assert Capability.TUNING_FREE in spec.capabilities and name in names
         variant = conv.spec_of(name + conv.COSINE)
-        assert variant.learning_rate == spec.learning_rate and variant.factory is spec.factory
+        assert conv.tuned_rate(variant) == learning_rates.TUNED[spec.name] and variant.factory is spec.factory
         assert conv.is_scheduled(variant, "constant") and conv.is_scheduled(variant, "cosine")
         assert not conv.is_scheduled(spec, "cosine")
     assert conv.select(["dog"], tuning_free=True)[1:] == [adaopt.REGISTRY["dog"], conv.spec_of("dog+cosine")]
@@ -194,7 +194,7 @@ def test_tuning_free_runs_add_the_cosine_variants(conv: ModuleType) -> None:
 
 
 def test_full_batch_methods_skip_the_workloads_without_one(conv: ModuleType) -> None:
-    specs = [s for s in adaopt.REGISTRY.values() if FULL_BATCH in s.capabilities]
+    specs = [s for s in adaopt.REGISTRY.values() if Capability.FULL_BATCH in s.capabilities]
     assert specs  # the bold driver
     lm = conv.wl.char_lm()
     assert not lm.has_full_batch

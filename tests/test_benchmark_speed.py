@@ -11,12 +11,12 @@ from types import ModuleType
 
 import pytest
 
-from tests import benchmark_scripts
+from benchmarks import speed as speed_benchmark
 
 
 @pytest.fixture(scope="module")
 def speed() -> ModuleType:
-    return benchmark_scripts.load("speed.py", "adaopt_speed_benchmark")
+    return speed_benchmark
 
 
 def _table(text: str, heading: str) -> list[list[str]]:
@@ -37,7 +37,7 @@ def test_toy_run_writes_table_and_keeps_other_sections(speed: ModuleType, tmp_pa
     report = speed.run(trees, ["sgd"], reps=2, use_torch=use_torch, bandwidth_bytes=2**20, log=lambda _: None)
     out = tmp_path / "RESULTS.md"
     out.write_text(f"# Results\n\n{speed.BEGIN}\nstale\n{speed.END}\n\n## Convergence\n\nkept\n")
-    speed.write_section(out, speed.render(report, "python benchmarks/speed.py --trees small", 1.0))
+    speed.write_section(out, speed.render(report, "python -m benchmarks.speed --trees small", 1.0))
     text = out.read_text()
 
     assert "stale" not in text
@@ -141,4 +141,4 @@ def test_targets_name_the_fastest_adaopt_row_and_what_it_misses(speed: ModuleTyp
     assert rows["`gpt2`", "sgd"][-1] == "no: vs optax 1.00x, vs torch fused 1.50x, bandwidth 67%, compile 2.00x"
     assert rows["`small`", "adam"][2] == "adaopt (flat params)"
     assert rows["`small`", "adam"][-1] == "no: torch fused only 4.0x"
-    assert "### The targets" in speed.render(report, "python benchmarks/speed.py", 1.0)
+    assert "### The targets" in speed.render(report, "python -m benchmarks.speed", 1.0)

@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import adaopt
-from adaopt import OptimizerSpec
-from adaopt._src.registry import OPTIMIZERS
+from adaopt import REGISTRY, OptimizerSpec
+from benchmarks import learning_rates
 
 
 def _loss(params: dict) -> jax.Array:
@@ -55,10 +55,10 @@ def _params() -> Any:
     return {"w": jnp.linspace(-1.0, 2.0, 12).reshape(3, 4), "b": jnp.zeros(4), "frozen": None}
 
 
-@pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", tuple(REGISTRY.values()), ids=lambda s: s.name)
 def test_resume_is_bitwise_identical(spec: OptimizerSpec, tmp_path: pathlib.Path) -> None:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, spec.learning_rate, 3, 10)
-    _assert_resumes_bitwise(spec.make(learning_rate=schedule), _params(), _loss, tmp_path)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rates.TUNED[spec.name], 3, 10)
+    _assert_resumes_bitwise(learning_rates.make(spec, learning_rate=schedule), _params(), _loss, tmp_path)
 
 
 @pytest.mark.parametrize("layout", ["multi_tensor", "single_pass", "flatten_params"])

@@ -11,22 +11,15 @@ import optax
 import pytest
 
 import adaopt
-from adaopt import OptimizerSpec
-from adaopt._src.registry import (
-    AVERAGED_ITERATES,
-    DELAYED_START,
-    GLOBAL_STEP_SIZE,
-    MOVES_AT_ZERO_LR,
-    OPTIMIZERS,
-    WEIGHT_DECAY,
-)
+from adaopt import REGISTRY, Capability, OptimizerSpec
+from benchmarks import learning_rates
 
-SPECS = pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
+SPECS = pytest.mark.parametrize("spec", tuple(REGISTRY.values()), ids=lambda s: s.name)
 
 
 def _steps(spec: OptimizerSpec, n: int) -> int:
-    """``n`` steps that move the parameters: a DELAYED_START optimizer's first updates are zero."""
-    return n + 6 if DELAYED_START in spec.capabilities else n
+    """``n`` steps that move the parameters: a Capability.DELAYED_START optimizer's first updates are zero."""
+    return n + 6 if Capability.DELAYED_START in spec.capabilities else n
 
 
 def _params(dtype: Any = jnp.float32) -> dict:
@@ -78,7 +71,7 @@ def _assert_trees_close(a: Any, b: Any, rtol: float = 1e-6, atol: float = 1e-7) 
 
 @SPECS
 def test_jit_compiles_once_and_matches_eager(spec: OptimizerSpec) -> None:
-    tx = spec.make()
+    tx = learning_rates.make(spec)
     traces = 0
 
     @jax.jit
@@ -102,7 +95,7 @@ def test_jit_compiles_once_and_matches_eager(spec: OptimizerSpec) -> None:
 def test_vmap_over_a_batch_of_parameter_trees(spec: OptimizerSpec) -> None:
     """In float64: large first steps (Schedule-Free SGD at learning rate 1) amplify float32 rounding."""
     with jax.enable_x64(True):
-        tx = spec.make()
+        tx = learning_rates.make(spec)
         batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), _params(jnp.float64))
 
         def two_steps(params: Any) -> Any:
@@ -123,7 +116,7 @@ def test_grad_through_updates_with_respect_to_the_learning_rate(spec: OptimizerS
         def loss_after(lr: jax.Array) -> jax.Array:
             return _loss(_run(spec.factory(learning_rate=lr), params, 2)[0])
 
-        lr = jnp.asarray(spec.learning_rate * 0.1, jnp.float64)
+        lr = jnp.asarray(learning_rates.TUNED[spec.name] * 0.1, jnp.float64)
         grad = jax.grad(loss_after)(lr)
         h = 1e-6 * lr
         numeric = (loss_after(lr + h) - loss_after(lr - h)) / (2 * h)
@@ -133,7 +126,10 @@ def test_grad_through_updates_with_respect_to_the_learning_rate(spec: OptimizerS
 
 @SPECS
 def test_inject_hyperparams_matches_fixed_hyperparameters(spec: OptimizerSpec) -> None:
-    numeric = {"learning_rate": spec.learning_rate, **{k: r.sample(0.5) for k, r in spec.hyperparameters.items()}}
+    numeric = {
+        "learning_rate": learning_rates.TUNED[spec.name],
+        **{k: r.sample(0.5) for k, r in spec.hyperparameters.items()},
+    }
     injected = adaopt.inject_hyperparams(spec.factory)(**numeric)
     fixed = spec.factory(**numeric)
     ours, state = jax.jit(lambda p: _run(injected, p, 3))(_params())
@@ -144,7 +140,7 @@ def test_inject_hyperparams_matches_fixed_hyperparameters(spec: OptimizerSpec) -
     updates, _ = _update(injected, grads, state, ours)
     # Schedule-Free: learning rate 0 still moves y toward the average; dual averaging and learned
     # scales move at learning rate 0 by design.
-    if not spec.capabilities & {AVERAGED_ITERATES, MOVES_AT_ZERO_LR}:
+    if not spec.capabilities & {Capability.AVERAGED_ITERATES, Capability.MOVES_AT_ZERO_LR}:
         assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
 
 
@@ -153,7 +149,10 @@ def test_injected_hyperparameters_keep_each_leafs_dtype(spec: OptimizerSpec) -> 
     """inject_hyperparams passes every numeric hyperparameter as an array of the tree's widest
     dtype (float32 here): the bfloat16 leaves' updates stay bfloat16, and finite."""
     params = {"half": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.bfloat16).reshape(3, 2), "full": jnp.ones(4)}
-    numeric = {"learning_rate": spec.learning_rate, **{k: r.sample(0.5) for k, r in spec.hyperparameters.items()}}
+    numeric = {
+        "learning_rate": learning_rates.TUNED[spec.name],
+        **{k: r.sample(0.5) for k, r in spec.hyperparameters.items()},
+    }
     injected = adaopt.inject_hyperparams(spec.factory)(**numeric)
     state = injected.init(params)
     for t in range(_steps(spec, 3)):
@@ -167,9 +166,9 @@ def test_injected_hyperparameters_keep_each_leafs_dtype(spec: OptimizerSpec) -> 
 
 @SPECS
 def test_chained_with_clipping_equals_clipping_first(spec: OptimizerSpec) -> None:
-    schedule = adaopt.warmup_cosine_decay_schedule(0.0, spec.learning_rate, 2, 10)
-    chained = adaopt.chain(adaopt.clip_by_global_norm(0.5), spec.make(learning_rate=schedule))
-    plain = spec.make(learning_rate=schedule)
+    schedule = adaopt.warmup_cosine_decay_schedule(0.0, learning_rates.TUNED[spec.name], 2, 10)
+    chained = adaopt.chain(adaopt.clip_by_global_norm(0.5), learning_rates.make(spec, learning_rate=schedule))
+    plain = learning_rates.make(spec, learning_rate=schedule)
     big = lambda p, t: jax.tree.map(lambda g: 100.0 * g, jax.grad(_loss)(p))
 
     def clipped(p: Any, t: int) -> Any:
@@ -182,7 +181,7 @@ def test_chained_with_clipping_equals_clipping_first(spec: OptimizerSpec) -> Non
 
 @SPECS
 def test_multisteps_accumulates_to_the_mean_gradient(spec: OptimizerSpec) -> None:
-    tx = spec.make()
+    tx = learning_rates.make(spec)
     multi = adaopt.MultiSteps(tx, every_k_schedule=3)
     params = _params()
     micro = [_grads(params, t) for t in range(3)]
@@ -197,7 +196,7 @@ def test_multisteps_accumulates_to_the_mean_gradient(spec: OptimizerSpec) -> Non
 
 @SPECS
 def test_apply_if_finite_skips_a_nan_step(spec: OptimizerSpec) -> None:
-    tx = adaopt.apply_if_finite(spec.make(), max_consecutive_errors=5)
+    tx = adaopt.apply_if_finite(learning_rates.make(spec), max_consecutive_errors=5)
     params = _params()
     state = tx.init(params)
     bad = jax.tree.map(lambda g: g.at[()].set(jnp.nan) if g.ndim == 0 else g.at[0].set(jnp.inf), _grads(params, 0))
@@ -205,7 +204,7 @@ def test_apply_if_finite_skips_a_nan_step(spec: OptimizerSpec) -> None:
     assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
     good = _grads(params, 1)
     updates, _ = _update(tx, good, state, params)
-    expected, _ = _update(spec.make(), good, spec.make().init(params), params)
+    expected, _ = _update(learning_rates.make(spec), good, learning_rates.make(spec).init(params), params)
     _assert_trees_close(updates, expected)
 
 
@@ -231,7 +230,7 @@ def _mirrors(state: Any, params: Any) -> list[Any]:
 @SPECS
 def test_state_mirrors_the_parameter_tree(spec: OptimizerSpec) -> None:
     params = _params()
-    state = spec.make().init(params)
+    state = learning_rates.make(spec).init(params)
     mirrors = _mirrors(state, params)
     in_mirrors = {id(x) for m in mirrors for x in jax.tree.leaves(m)}
     # Every non-scalar state leaf belongs to a subtree that mirrors the parameters.
@@ -258,7 +257,7 @@ AWKWARD_TREES = {
 @pytest.mark.parametrize("tree", list(AWKWARD_TREES), ids=str)
 def test_awkward_trees(spec: OptimizerSpec, tree: str) -> None:
     params = AWKWARD_TREES[tree]
-    tx = spec.make()
+    tx = learning_rates.make(spec)
     grads = jax.tree.map(lambda x: 0.1 * x + 0.05, params)
 
     @jax.jit
@@ -287,7 +286,7 @@ DTYPES = [jnp.float16, jnp.bfloat16, jnp.float64]  # float32 is every other test
 def test_dtypes_are_kept_and_half_precision_is_safe(spec: OptimizerSpec, dtype: Any) -> None:
     with jax.enable_x64(dtype == jnp.float64), jax.numpy_dtype_promotion("strict"):
         params = _params(dtype)
-        tx = spec.make()
+        tx = learning_rates.make(spec)
         state = tx.init(params)
         for grads in (jax.tree.map(jnp.zeros_like, params), _grads(params, 0), _grads(params, 1)):
             updates, state = jax.jit(tx.update)(grads, state, params, value=jnp.asarray(1.0, dtype))
@@ -301,7 +300,7 @@ def test_dtypes_are_kept_and_half_precision_is_safe(spec: OptimizerSpec, dtype: 
 
 @SPECS
 def test_mismatched_gradient_tree_is_a_clear_error(spec: OptimizerSpec) -> None:
-    tx = spec.make()
+    tx = learning_rates.make(spec)
     params = _params()
     state = tx.init(params)
     wrong = {"dense": {"w": params["dense"]["w"]}, "scale": params["scale"]}
@@ -309,7 +308,9 @@ def test_mismatched_gradient_tree_is_a_clear_error(spec: OptimizerSpec) -> None:
         _update(tx, wrong, state, params)
 
 
-@pytest.mark.parametrize("spec", [s for s in OPTIMIZERS if WEIGHT_DECAY in s.capabilities], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "spec", [s for s in REGISTRY.values() if Capability.WEIGHT_DECAY in s.capabilities], ids=lambda s: s.name
+)
 def test_weight_decay_mask_selects_the_decayed_leaves(spec: OptimizerSpec) -> None:
     """In float64, where the tiny first steps of D-Adaptation (d0 = 1e-6) are exact."""
     mask = {"dense": {"w": True, "b": False}, "scale": False}
@@ -317,7 +318,10 @@ def test_weight_decay_mask_selects_the_decayed_leaves(spec: OptimizerSpec) -> No
     with jax.enable_x64(True):
         params = _params(jnp.float64)
         grads = _grads(params, 0)
-        tx_d, tx_p = spec.make(weight_decay=0.5, weight_decay_mask=mask), spec.make(weight_decay=0.0)
+        tx_d, tx_p = (
+            learning_rates.make(spec, weight_decay=0.5, weight_decay_mask=mask),
+            learning_rates.make(spec, weight_decay=0.0),
+        )
         decayed, _ = _run(tx_d, params, n, lambda p, t: grads)
         plain, _ = _run(tx_p, params, n, lambda p, t: grads)
         u_d, _ = _update(tx_d, grads, tx_d.init(params), params)
@@ -325,7 +329,7 @@ def test_weight_decay_mask_selects_the_decayed_leaves(spec: OptimizerSpec) -> No
     # Adaptive steps normalise the decay away in part: any change to the decayed leaf shows
     # the decay acted, and the others must be bitwise untouched.
     assert not np.array_equal(decayed["dense"]["w"], plain["dense"]["w"]), "decay had no effect"
-    if GLOBAL_STEP_SIZE in spec.capabilities:
+    if Capability.GLOBAL_STEP_SIZE in spec.capabilities:
         # One step size from whole-tree norms: the decay rescales the undecayed leaves' step, all by one factor.
         ratio = np.concatenate([np.ravel(u_d["dense"]["b"] / u_p["dense"]["b"]), np.ravel(u_d["scale"] / u_p["scale"])])
         np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)

@@ -13,11 +13,11 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import adaopt
-from adaopt import OptimizerSpec
-from adaopt._src.registry import AVERAGED_ITERATES, CONSTANT_LEARNING_RATE, OPTIMIZERS, TUNING_FREE
+from adaopt import REGISTRY, Capability, OptimizerSpec
+from benchmarks import learning_rates
 from tests import problems
 
-SPECS = pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
+SPECS = pytest.mark.parametrize("spec", tuple(REGISTRY.values()), ids=lambda s: s.name)
 L2 = 1e-3
 
 
@@ -43,7 +43,7 @@ def _optimal_logistic_loss() -> float:
 def test_logistic_regression_on_digits(spec: OptimizerSpec) -> None:
     x_train, x_test, y_train, y_test = (jnp.asarray(a) for a in _digits())
     x_train, x_test = x_train.astype(jnp.float32), x_test.astype(jnp.float32)
-    tx = spec.make()
+    tx = learning_rates.make(spec)
 
     @jax.jit
     def train() -> dict:
@@ -68,7 +68,9 @@ def _rosenbrock(p: jax.Array) -> jax.Array:
     return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
 
 
-@pytest.mark.parametrize("spec", [s for s in OPTIMIZERS if TUNING_FREE not in s.capabilities], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "spec", [s for s in REGISTRY.values() if Capability.TUNING_FREE not in s.capabilities], ids=lambda s: s.name
+)
 def test_rosenbrock_from_the_standard_start(spec: OptimizerSpec) -> None:
     """From (-1.2, 1), with a cosine-decayed learning rate, the best of a 7-point grid reaches (1, 1).
 
@@ -81,8 +83,8 @@ def test_rosenbrock_from_the_standard_start(spec: OptimizerSpec) -> None:
 
     def final_point(peak: jax.Array) -> jax.Array:
         # Schedule-Free is meant to run without a schedule, and to be evaluated at its average x.
-        averaged = AVERAGED_ITERATES in spec.capabilities
-        constant = averaged or CONSTANT_LEARNING_RATE in spec.capabilities
+        averaged = Capability.AVERAGED_ITERATES in spec.capabilities
+        constant = averaged or Capability.CONSTANT_LEARNING_RATE in spec.capabilities
         lr = peak if constant else optax.cosine_decay_schedule(peak, steps)
         tx = spec.factory(learning_rate=lr, weight_decay=0.0)
 

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "demo.py"
-
-
-def _load_demo() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("adaopt_digits_demo", DEMO)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def demo() -> ModuleType:
-    pytest.importorskip("sklearn")
-    pytest.importorskip("tqdm")
-    pytest.importorskip("matplotlib")
-    return _load_demo()
+    return importlib.import_module("benchmarks.demo")
 
 
 def test_demo_prints_table_and_writes_plot(

@@ -6,7 +6,7 @@ of minibatches of 128, with a jitted training step, and checks that the full tra
 well below its start and that the test accuracy is high: targets an optimizer that did nothing
 (loss ~2.3, accuracy ~0.1) or diverged cannot meet. The four framework tests use AdamW chained
 after gradient clipping, with a warmup-cosine schedule; the NNX test is also run for every
-optimizer in ``adaopt.REGISTRY`` at its tuned learning rate (``spec.make()``).
+optimizer in ``adaopt.REGISTRY`` at its tuned learning rate (``learning_rates.make(spec)``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import adaopt
-from adaopt import OptimizerSpec
-from adaopt._src.registry import FULL_BATCH
+from adaopt import Capability, OptimizerSpec
+from benchmarks import learning_rates
 
 HIDDEN = 32
 N_CLASSES = 10
@@ -192,11 +192,11 @@ def test_flax_nnx_with_the_speed_layouts(layout: str) -> None:
 def test_flax_nnx_every_registry_optimizer(spec: OptimizerSpec) -> None:
     data = _digits()
     model = NnxMLP(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, spec.make(), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, learning_rates.make(spec), wrt=nnx.Param)
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     initial_loss = float(_cross_entropy(_nnx_logits(model, x), y))
     batches = _batches(REGISTRY_STEPS)
-    if FULL_BATCH in spec.capabilities:  # it compares losses between steps: give it the same objective
+    if Capability.FULL_BATCH in spec.capabilities:  # it compares losses between steps: give it the same objective
         batches = np.broadcast_to(np.arange(x.shape[0], dtype=np.int32), (REGISTRY_STEPS, x.shape[0]))
     _nnx_train_steps(model, optimizer, x, y, jnp.asarray(batches))
     final_loss = float(_cross_entropy(_nnx_logits(model, x), y))

@@ -11,8 +11,16 @@ import optax
 import pytest
 
 import adaopt
-from adaopt import FlatTree, MultiTensorState, NotElementwiseError, TreeMismatchError, flatten_params, multi_tensor
-from adaopt._src.registry import get
+from adaopt import (
+    REGISTRY,
+    FlatTree,
+    MultiTensorState,
+    NotElementwiseError,
+    TreeMismatchError,
+    flatten_params,
+    multi_tensor,
+)
+from benchmarks import learning_rates
 
 MIN_SIZE = 256  # small enough that the test tree has leaves on both sides
 STEPS = 50
@@ -86,8 +94,8 @@ ELEMENTWISE = {
 
 
 def make(name: str) -> optax.GradientTransformation:
-    spec = get(name)
-    return spec.make(**ELEMENTWISE[name])
+    spec = REGISTRY[name]
+    return learning_rates.make(spec, **ELEMENTWISE[name])
 
 
 @pytest.mark.parametrize("name", list(ELEMENTWISE))

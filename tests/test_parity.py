@@ -20,8 +20,8 @@ import optax
 import pytest
 
 import adaopt
-from adaopt import OptimizerSpec, Reference
-from adaopt._src.registry import OPTIMIZERS
+from adaopt import REGISTRY, OptimizerSpec, Reference
+from benchmarks import learning_rates
 from tests import parity, references
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 
@@ -39,7 +39,7 @@ def _draw(spec: OptimizerSpec, ref: Reference, case: Case, seed: int) -> tuple[d
     rng = np.random.default_rng(seed)
     hp = {name: r.sample(float(rng.uniform())) for name, r in spec.hyperparameters.items()}
     hp["weight_decay"] = float(rng.uniform(1e-3, 0.1)) if case.weight_decay else 0.0
-    peak = spec.learning_rate * float(np.exp(rng.uniform(np.log(0.3), np.log(3.0))))
+    peak = learning_rates.TUNED[spec.name] * float(np.exp(rng.uniform(np.log(0.3), np.log(3.0))))
     if case.schedule:
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, peak, warmup_steps=20, decay_steps=STEPS, end_value=peak / 10
@@ -52,10 +52,24 @@ def _draw(spec: OptimizerSpec, ref: Reference, case: Case, seed: int) -> tuple[d
     return {**hp, **ref.kwargs}, lr
 
 
-PAIRS = [(spec, ref) for spec in OPTIMIZERS for ref in spec.references if not ref.tested_in]
+TOLERANCE = {np.float64: 1e-10, np.float32: 1e-5}  # the largest relative error over the trajectory
+
 # Comparisons that need a real problem (estimated step sizes, loss-driven rates) run in their
-# family's test file, which must exist and name the reference.
-ELSEWHERE = [(spec, ref) for spec in OPTIMIZERS for ref in spec.references if ref.tested_in]
+# family's test file, which must exist and name the reference: random gradients prove nothing there.
+COMPARED_IN = {
+    "prodigy": "tests/test_prodigy.py",
+    "dadapt_adam": "tests/test_dadapt.py",
+    "dadapt_sgd": "tests/test_dadapt.py",
+    "dadapt_adagrad": "tests/test_dadapt.py",
+    "cocob": "tests/test_cocob.py",
+    "mechanic": "tests/test_mechanic.py",
+    "sgd_hd": "tests/test_hypergradient.py",
+    "sgdn_hd": "tests/test_hypergradient.py",
+    "adam_hd": "tests/test_hypergradient.py",
+    "polyak_sgd": "tests/test_polyak.py",
+}
+PAIRS = [(spec, ref) for spec in REGISTRY.values() for ref in spec.references if spec.name not in COMPARED_IN]
+ELSEWHERE = [(spec, ref) for spec in REGISTRY.values() for ref in spec.references if spec.name in COMPARED_IN]
 # Each pair under every case its reference supports: weight decay only where the reference
 # takes it, schedules only where it follows the same trajectory under one (see its note).
 RUNS = [
@@ -68,10 +82,11 @@ RUNS = [
 
 @pytest.mark.parametrize(("spec", "ref"), ELSEWHERE, ids=[f"{s.name}-vs-{r.name}" for s, r in ELSEWHERE])
 def test_references_compared_elsewhere_are_compared_there(spec: OptimizerSpec, ref: Reference) -> None:
-    path = pathlib.Path(__file__).parent.parent / ref.tested_in
-    assert path.is_file(), f"{spec.name}: {ref.name} is said to be compared in {ref.tested_in}, which does not exist"
+    tested_in = COMPARED_IN[spec.name]
+    path = pathlib.Path(__file__).parent.parent / tested_in
+    assert path.is_file(), f"{spec.name}: {ref.name} is said to be compared in {tested_in}, which does not exist"
     source = path.read_text()
-    assert ref.name in source, f"{ref.tested_in} does not mention {ref.name!r}"
+    assert ref.name in source, f"{tested_in} does not mention {ref.name!r}"
     assert "def test_" in source
 
 
@@ -106,7 +121,7 @@ def test_parity(spec: OptimizerSpec, ref: Reference, case: Case) -> None:
     moved = parity.relative_error(theirs, {k: np.broadcast_to(params[k], theirs[k].shape) for k in theirs})
     assert moved > 1e-3, "the reference barely moved the parameters; the comparison would prove nothing"
     error = parity.relative_error(ours, theirs)
-    tolerance = ref.tolerance_float64 if case.dtype == np.float64 else ref.tolerance_float32
+    tolerance = TOLERANCE[case.dtype]
     assert error <= tolerance, f"relative error {error:.3g} vs {ref.name} with {hp}"
 
 

@@ -21,8 +21,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adaopt
-from adaopt import FlatTree, OptimizerSpec
-from adaopt._src.registry import DELAYED_START
+from adaopt import Capability, FlatTree, OptimizerSpec
+from benchmarks import learning_rates
 
 N_STEPS = 3
 SHAPES = {"w": (64, 32), "b": (32,), "k": (16, 8)}
@@ -110,8 +110,8 @@ def _check_state_shardings(state: Any, params: dict[str, jax.Array], mesh: Mesh,
 
 @pytest.mark.parametrize("spec", list(adaopt.REGISTRY.values()), ids=list(adaopt.REGISTRY))
 def test_sharded_state_and_steps_match_unsharded(spec: OptimizerSpec) -> None:
-    tx = spec.make()
-    n_steps = N_STEPS + 6 if DELAYED_START in spec.capabilities else N_STEPS  # its first updates are zero
+    tx = learning_rates.make(spec)
+    n_steps = N_STEPS + 6 if Capability.DELAYED_START in spec.capabilities else N_STEPS  # its first updates are zero
 
     # Reference: the same computation on unsharded arrays of one device.
     device = jax.devices()[0]

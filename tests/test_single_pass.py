@@ -22,9 +22,9 @@ import optax
 import pytest
 
 import adaopt
-from adaopt import cpu_multi_output_fusion_enabled
-from adaopt._src.layouts.single_pass import XLA_FLAG, flag_in_environment
-from adaopt._src.registry import get
+from adaopt import REGISTRY, cpu_multi_output_fusion_enabled
+from adaopt._src.layouts.single_pass import CPU_MULTI_OUTPUT_FUSION_FLAG, flag_in_environment
+from benchmarks import learning_rates
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd", "lamb", "prodigy", "polyak_sgd")
 STEPS = 20
@@ -68,8 +68,8 @@ def assert_trees_close(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> 
     "flags, enabled",
     [
         ("", False),
-        (XLA_FLAG, True),
-        ("--xla_force_host_platform_device_count=8 " + XLA_FLAG, True),
+        (CPU_MULTI_OUTPUT_FUSION_FLAG, True),
+        ("--xla_force_host_platform_device_count=8 " + CPU_MULTI_OUTPUT_FUSION_FLAG, True),
         ("--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=true,other=1", True),
         ("--xla_backend_extra_options=other,xla_cpu_use_multi_output_fusion", True),
         ("--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=false", False),
@@ -84,7 +84,7 @@ def test_the_flag_is_read_from_xla_flags(monkeypatch: pytest.MonkeyPatch, flags:
 def test_a_flag_set_after_the_backend_started_is_not_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     """This process's backend started without the fusion: a flag set now changes nothing (the
     sibling form would compile to 3x slower kernels without the fusion)."""
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}")
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {CPU_MULTI_OUTPUT_FUSION_FLAG}")
     assert flag_in_environment() and not cpu_multi_output_fusion_enabled()
     tx = adaopt.adam(1e-2)
     params = {"w": jnp.ones((200, 100))}
@@ -124,14 +124,14 @@ def test_sibling_form_follows_the_optimizer(name: str) -> None:
 
     ``w`` (210 elements) takes the single-pass form, the smaller leaves the plain one.
     """
-    spec = get(name)
+    spec = REGISTRY[name]
     params = tree()
-    wrapped = adaopt.single_pass(spec.make(), min_size=200)
+    wrapped = adaopt.single_pass(learning_rates.make(spec), min_size=200)
     grads = jax.tree.map(jnp.ones_like, params)
     jaxpr = str(jax.make_jaxpr(wrapped.update)(grads, wrapped.init(params), params, value=1.0))
     assert "optimization_barrier" in jaxpr and "platform_index" in jaxpr
     # The last bits may differ: XLA:CPU contracts a * b + c into fused multiply-adds kernel by kernel.
-    assert_trees_close(run(wrapped, params), run(spec.make(), params), rtol=1e-5, atol=1e-6)
+    assert_trees_close(run(wrapped, params), run(learning_rates.make(spec), params), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.usefixtures("fusion_on")
@@ -192,7 +192,7 @@ FUSED_SCRIPT = textwrap.dedent(
 
 def test_with_the_fusion_each_leaf_is_one_kernel() -> None:
     """With XLA:CPU's multi-output fusion on: one kernel per leaf of ``min_size`` elements, and the same trajectory."""
-    env = {**os.environ, "XLA_FLAGS": XLA_FLAG, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": CPU_MULTI_OUTPUT_FUSION_FLAG, "JAX_PLATFORMS": "cpu"}
     here = os.path.dirname(__file__)
     result = subprocess.run(
         [sys.executable, "-c", FUSED_SCRIPT, here], env=env, capture_output=True, text=True, timeout=600, check=False
@@ -249,7 +249,11 @@ MESH_SCRIPT = textwrap.dedent(
 
 def test_the_fusion_probe_runs_inside_a_trace_under_a_mesh() -> None:
     """With the fusion on, the first ``update`` (which compiles the probe) is traced under ``jax.set_mesh``."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {XLA_FLAG}", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {CPU_MULTI_OUTPUT_FUSION_FLAG}",
+        "JAX_PLATFORMS": "cpu",
+    }
     result = subprocess.run(
         [sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
     )

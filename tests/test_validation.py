@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 
 import adaopt
-from adaopt import OptimizerSpec
-from adaopt._src.registry import OPTIMIZERS, TUNING_FREE, WEIGHT_DECAY
+from adaopt import REGISTRY, Capability, OptimizerSpec
+from benchmarks import learning_rates
 
 # Hyperparameters that are decay rates of a moving average: valid in [0, 1).
 DECAYS = {"b1", "b2", "decay", "rho", "momentum"}
@@ -21,12 +21,12 @@ DECAYS = {"b1", "b2", "decay", "rho", "momentum"}
 
 def _arguments(spec: OptimizerSpec) -> list[str]:
     names = ["learning_rate", *spec.hyperparameters]
-    return [*names, "weight_decay"] if WEIGHT_DECAY in spec.capabilities else names
+    return [*names, "weight_decay"] if Capability.WEIGHT_DECAY in spec.capabilities else names
 
 
 CASES = [
     (spec, name, bad)
-    for spec in OPTIMIZERS
+    for spec in REGISTRY.values()
     for name in _arguments(spec)
     for bad in [-1.0, math.nan, math.inf, "0.1", True, [0.1], *([1.0, 1.5] if name in DECAYS else [])]
 ]
@@ -47,7 +47,7 @@ def test_wrong_type_is_also_a_type_error() -> None:
         adaopt.adam(learning_rate="fast")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
 @given(value=st.floats(allow_nan=True, allow_infinity=True, width=64))
 def test_learning_rate_valid_exactly_when_finite_and_nonnegative(spec: OptimizerSpec, value: float) -> None:
     if math.isfinite(value) and value >= 0:
@@ -67,7 +67,7 @@ def test_adam_betas_and_eps(b1: float, b2: float, eps: float) -> None:
             adaopt.adam(1e-3, b1, b2, eps)
 
 
-@pytest.mark.parametrize("spec", OPTIMIZERS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
 @given(data=st.data())
 def test_drawn_valid_hyperparameters_build(spec: OptimizerSpec, data: st.DataObject) -> None:
     values = {name: r.sample(data.draw(st.floats(0, 1, exclude_max=True))) for name, r in spec.hyperparameters.items()}
@@ -101,8 +101,15 @@ def test_inconsistent_options(factory: Any, kwargs: dict, name: str) -> None:
         factory(**kwargs)
 
 
-@pytest.mark.parametrize("spec", [s for s in OPTIMIZERS if TUNING_FREE in s.capabilities], ids=lambda s: s.name)
-def test_tuning_free_entries_run_at_the_factory_defaults(spec: OptimizerSpec) -> None:
-    """What the registry runs for a tuning-free method is what a user gets by calling it with no arguments."""
+@pytest.mark.parametrize(
+    "spec", [s for s in REGISTRY.values() if Capability.TUNING_FREE in s.capabilities], ids=lambda s: s.name
+)
+def test_tuning_free_methods_are_measured_at_the_factory_defaults(spec: OptimizerSpec) -> None:
+    """What the benchmarks and tests run for a tuning-free method is what a user gets by calling it with no arguments."""
     default = inspect.signature(spec.factory).parameters["learning_rate"].default
-    assert spec.learning_rate == default, f"{spec.name}: registry {spec.learning_rate}, factory default {default}"
+    tuned = learning_rates.TUNED[spec.name]
+    assert tuned == default, f"{spec.name}: measured at {tuned}, factory default {default}"
+
+
+def test_every_registry_optimizer_has_a_tuned_learning_rate() -> None:
+    assert sorted(learning_rates.TUNED) == sorted(REGISTRY)

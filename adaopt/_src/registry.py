@@ -1,14 +1,16 @@
 """The one list of adaopt's optimizers, which the tests, the benchmarks, the demo and the docs iterate over.
 
-Each entry names the factory, the learning rate tuned for the digits workloads, the ranges of
-valid hyperparameters that tests draw from, the reference implementations it must match step
-for step (with the adaopt arguments that reproduce each), and its capabilities. A test skips by
-capability, never by name.
+Each entry holds what a user needs: the factory, the ranges of valid hyperparameters, the
+reference implementations it matches step for step (with the adaopt arguments that reproduce
+each), and its capabilities, which say what it needs and how it behaves. Code that selects
+optimizers (a test, a benchmark, a sweep) filters by :class:`Capability`, never by name.
+Tolerances, test paths and tuned learning rates belong to ``tests/`` and ``benchmarks/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -17,24 +19,42 @@ from typing import Any
 from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
 from adaopt._src.optimizers import adagrad, adam, lamb, lion, rmsprop, sgd
-from adaopt._src.tuning_free import cocob, dadapt, mechanic, prodigy, schedule_free
-from adaopt._src.tuning_free import dog as dog_family
+from adaopt._src.tuning_free import cocob, dadapt, dog, mechanic, prodigy, schedule_free
 
-# Capabilities.
-MOMENT_DTYPES = "moment_dtypes"  # takes mu_dtype / nu_dtype
-NEEDS_PARAMS = "needs_params"  # update() needs the parameters (trust ratios)
-SIGN_UPDATE = "sign_update"  # every coordinate moves by exactly the learning rate
-WEIGHT_DECAY = "weight_decay"  # takes weight_decay and weight_decay_mask
-AVERAGED_ITERATES = "averaged_iterates"  # params hold y; evaluate at schedule_free_eval_params; lr 0 still moves y
-GLOBAL_STEP_SIZE = "global_step_size"  # one step size from whole-tree norms: decaying some leaves rescales all
-CONSTANT_LEARNING_RATE = "constant_learning_rate"  # its step size decays by itself: run it at a constant rate
-DELAYED_START = "delayed_start"  # the first few updates are exactly zero (Schedule-Free RAdam's silent phase)
-NEEDS_VALUE = "needs_value"  # update() needs the loss: update(grads, state, params, value=loss)
-TUNING_FREE = "tuning_free"  # meant to run at its defaults, with no learning rate to tune
-FULL_BATCH = "full_batch"  # compares the loss between steps: needs the same (full-batch) objective every step
-MOVES_AT_ZERO_LR = (
-    "moves_at_zero_lr"  # a learning rate of 0 does not freeze the parameters (dual averaging, learned scale)
-)
+
+class Capability(enum.StrEnum):
+    """What an optimizer needs or how it behaves: filter :data:`REGISTRY` by these, never by name.
+
+    Example:
+      >>> import adaopt
+      >>> [s.name for s in adaopt.REGISTRY.values() if adaopt.Capability.NEEDS_VALUE in s.capabilities]
+      ['bold_driver', 'polyak_sgd']
+    """
+
+    MOMENT_DTYPES = "moment_dtypes"
+    """Takes ``mu_dtype`` / ``nu_dtype``: the storage dtypes of its moments."""
+    NEEDS_PARAMS = "needs_params"
+    """``update`` needs the parameters: ``update(grads, state, params)``."""
+    SIGN_UPDATE = "sign_update"
+    """Every coordinate moves by exactly the learning rate (Lion)."""
+    WEIGHT_DECAY = "weight_decay"
+    """Takes ``weight_decay`` and ``weight_decay_mask``."""
+    AVERAGED_ITERATES = "averaged_iterates"
+    """The parameters trained are not the ones to evaluate (:func:`adaopt.schedule_free_eval_params`)."""
+    GLOBAL_STEP_SIZE = "global_step_size"
+    """One step size from whole-tree statistics: decaying some leaves rescales the steps of all."""
+    CONSTANT_LEARNING_RATE = "constant_learning_rate"
+    """Its step size decays by itself: run it at a constant learning rate, not under a decaying schedule."""
+    DELAYED_START = "delayed_start"
+    """Its first few updates are exactly zero (Schedule-Free RAdam's silent phase)."""
+    NEEDS_VALUE = "needs_value"
+    """``update`` needs the loss: ``update(grads, state, params, value=loss)``."""
+    TUNING_FREE = "tuning_free"
+    """Meant to run at its defaults, with no learning rate to tune."""
+    FULL_BATCH = "full_batch"
+    """Compares the loss between steps: it needs the same (full-batch) objective at every step."""
+    MOVES_AT_ZERO_LR = "moves_at_zero_lr"
+    """A learning rate of 0 does not freeze the parameters (dual averaging, a learned scale)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +86,7 @@ class Reference:
     convention: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     weight_decay: bool = True  # whether the reference takes weight decay
     schedule: bool = True  # whether it follows the same trajectory under a learning-rate schedule
-    tolerance_float64: float = 1e-10  # largest relative error over the trajectory
-    tolerance_float32: float = 1e-5
-    note: str = ""
-    # The family test file that runs this comparison, where random gradients would prove nothing
-    # (step sizes estimated from the progress on a real problem, or driven by the loss); empty:
-    # tests/test_parity.py runs it.
-    tested_in: str = ""
+    note: str = ""  # where the two differ, or what the comparison needs
 
     def adaopt_kwargs(self, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
         merged = {**hyperparameters, **self.kwargs}
@@ -81,17 +95,28 @@ class Reference:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
+    """One optimizer of the registry.
+
+    Attributes:
+      name: the key in :data:`REGISTRY`, the factory's name where it has one.
+      factory: builds the optimizer; every argument has a default.
+      hyperparameters: the valid range of each numeric hyperparameter beside the learning rate
+        (what tests and sweeps may draw from).
+      references: the implementations it matches step for step.
+      capabilities: what it needs and how it behaves.
+      summary: one line on what adapts the step.
+    """
+
     name: str
     factory: Factory
-    learning_rate: float  # tuned on the digits workloads, all else at defaults; TUNING_FREE: the factory's default
     hyperparameters: Mapping[str, Range]
     references: tuple[Reference, ...]
-    capabilities: frozenset[str]
+    capabilities: frozenset[Capability]
     summary: str = ""
 
     def make(self, **overrides: Any) -> Any:
-        """The optimizer at its defaults with the tuned learning rate, updated by ``overrides``."""
-        return self.factory(**{"learning_rate": self.learning_rate, **overrides})
+        """The optimizer at the factory's defaults, updated by ``overrides``."""
+        return self.factory(**overrides)
 
 
 def _eps_inside(hp: dict[str, Any]) -> dict[str, Any]:
@@ -110,10 +135,12 @@ _OPTAX_RMS = (
 )
 BETAS = {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.9999)}
 EPS = {"eps": Range(1e-8, 1e-3, log=True)}
-_ADAM_FAMILY = frozenset({MOMENT_DTYPES, WEIGHT_DECAY})
-_ACCUMULATOR = frozenset({WEIGHT_DECAY})
+_ADAM_FAMILY = frozenset({Capability.MOMENT_DTYPES, Capability.WEIGHT_DECAY})
+_ACCUMULATOR = frozenset({Capability.WEIGHT_DECAY})
 
-_SCHEDULE_FREE = frozenset({WEIGHT_DECAY, NEEDS_PARAMS, AVERAGED_ITERATES, TUNING_FREE})
+_SCHEDULE_FREE = frozenset(
+    {Capability.WEIGHT_DECAY, Capability.NEEDS_PARAMS, Capability.AVERAGED_ITERATES, Capability.TUNING_FREE}
+)
 _SF_AVERAGING = {"r": Range(0.0, 2.0), "weight_lr_power": Range(0.0, 3.0)}
 _OPTAX_SCHEDULE_FREE = (
     "optax.contrib steps z with the learning rate at count but weighs the average with the one at count + 1 "
@@ -127,7 +154,9 @@ _DOG_GROUPS = (
 )
 
 _D_ADAPT = {"d0": Range(1e-7, 1e-5, log=True)}  # growth_rate may be inf: tests/test_dadapt.py
-_TUNING_FREE = frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE, TUNING_FREE})
+_TUNING_FREE = frozenset(
+    {Capability.WEIGHT_DECAY, Capability.NEEDS_PARAMS, Capability.GLOBAL_STEP_SIZE, Capability.TUNING_FREE}
+)
 _ESTIMATES_D = (
     "D is estimated from the progress on a real problem: compared there (a noisy quadratic at each side's own "
     "iterates), not on tests/test_parity.py's pure-noise gradients, on which D never grows."
@@ -162,7 +191,7 @@ def _mechanic_adamw(
 
 OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
-        "sgd", sgd.sgd, 0.5,
+        "sgd", sgd.sgd,
         {"momentum": Range(0.0, 0.95), "dampening": Range(0.0, 0.5)},
         (
             Reference("torch.optim.SGD"),
@@ -172,7 +201,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ACCUMULATOR, "momentum, Nesterov, dampening",
     ),
     OptimizerSpec(
-        "adagrad", adagrad.adagrad, 0.1,
+        "adagrad", adagrad.adagrad,
         {"lr_decay": Range(0.0, 0.05), "initial_accumulator_value": Range(0.0, 0.5), **EPS},
         (
             Reference("torch.optim.Adagrad"),
@@ -181,7 +210,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ACCUMULATOR, "sum of squared gradients",
     ),
     OptimizerSpec(
-        "rmsprop", rmsprop.rmsprop, 3e-3,
+        "rmsprop", rmsprop.rmsprop,
         {"decay": Range(0.8, 0.999), "momentum": Range(0.0, 0.9), **EPS},
         (
             Reference("torch.optim.RMSprop"),
@@ -192,26 +221,26 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
                 schedule=False, note=_OPTAX_RMS,
             ),
         ),
-        frozenset({WEIGHT_DECAY, MOMENT_DTYPES}), "EMA of squared gradients, centered, momentum",
+        frozenset({Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES}), "EMA of squared gradients, centered, momentum",
     ),
     OptimizerSpec(
-        "adadelta", adagrad.adadelta, 1.0,
+        "adadelta", adagrad.adadelta,
         {"rho": Range(0.8, 0.99), "eps": Range(1e-7, 1e-4, log=True)},
         (Reference("torch.optim.Adadelta"), Reference("optax.adadelta")),
         _ACCUMULATOR, "windowed AdaGrad with unit correction",
     ),
     OptimizerSpec(
-        "adam", adam.adam, 3e-3, {**BETAS, **EPS},
+        "adam", adam.adam, {**BETAS, **EPS},
         (Reference("torch.optim.Adam"), Reference("optax.adam", weight_decay=False)),
         _ADAM_FAMILY, "bias-corrected first and second moments",
     ),
     OptimizerSpec(
-        "adamw", adam.adamw, 3e-3, {**BETAS, **EPS},
+        "adamw", adam.adamw, {**BETAS, **EPS},
         (Reference("torch.optim.AdamW"), Reference("optax.adamw")),
         _ADAM_FAMILY, "Adam with decoupled weight decay",
     ),
     OptimizerSpec(
-        "amsgrad", adam.amsgrad, 3e-3, {**BETAS, **EPS},
+        "amsgrad", adam.amsgrad, {**BETAS, **EPS},
         (
             Reference("torch.optim.Adam(amsgrad=True)", kwargs={"max_of": "raw"}),
             Reference("optax.amsgrad", kwargs={"max_of": "debiased"}, weight_decay=False),
@@ -223,12 +252,12 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY, "Adam with a non-decreasing second moment",
     ),
     OptimizerSpec(
-        "adamax", adam.adamax, 1e-2, {**BETAS, **EPS},
+        "adamax", adam.adamax, {**BETAS, **EPS},
         (Reference("torch.optim.Adamax"), Reference("optax.adamax", weight_decay=False)),
         _ADAM_FAMILY, "Adam with the infinity norm",
     ),
     OptimizerSpec(
-        "nadam", adam.nadam, 3e-3, {**BETAS, **EPS, "momentum_decay": Range(1e-3, 1e-2, log=True)},
+        "nadam", adam.nadam, {**BETAS, **EPS, "momentum_decay": Range(1e-3, 1e-2, log=True)},
         (
             Reference("torch.optim.NAdam"),
             Reference("optax.nadam", kwargs={"momentum_decay": None}, weight_decay=False),
@@ -236,7 +265,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY, "Adam with Nesterov momentum",
     ),
     OptimizerSpec(
-        "nadamw", adam.nadamw, 3e-3, {**BETAS, **EPS, "momentum_decay": Range(1e-3, 1e-2, log=True)},
+        "nadamw", adam.nadamw, {**BETAS, **EPS, "momentum_decay": Range(1e-3, 1e-2, log=True)},
         (
             Reference("torch.optim.NAdam(decoupled_weight_decay=True)"),
             Reference("optax.nadamw", kwargs={"momentum_decay": None}),
@@ -244,7 +273,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY, "NAdam with decoupled weight decay",
     ),
     OptimizerSpec(
-        "radam", adam.radam, 1e-2, {**BETAS, **EPS},
+        "radam", adam.radam, {**BETAS, **EPS},
         (
             Reference("torch.optim.RAdam"),
             Reference("torch.optim.RAdam", kwargs={"decoupled_weight_decay": True}),
@@ -253,7 +282,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY, "Adam with a rectified adaptive learning rate",
     ),
     OptimizerSpec(
-        "adabelief", adam.adabelief, 3e-3, {**BETAS, "eps": Range(1e-16, 1e-8, log=True)},
+        "adabelief", adam.adabelief, {**BETAS, "eps": Range(1e-16, 1e-8, log=True)},
         (
             Reference("pytorch_optimizer.AdaBelief", convention=_eps_both),
             Reference("optax.adabelief", convention=_eps_both, weight_decay=False),
@@ -261,17 +290,17 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY, "Adam with the variance around the EMA",
     ),
     OptimizerSpec(
-        "yogi", adam.yogi, 1e-2, {**BETAS, "eps": Range(1e-4, 1e-2, log=True)},
+        "yogi", adam.yogi, {**BETAS, "eps": Range(1e-4, 1e-2, log=True)},
         (Reference("pytorch_optimizer.Yogi"), Reference("optax.yogi", weight_decay=False)),
         _ADAM_FAMILY, "Adam with an additive second-moment update",
     ),
     OptimizerSpec(
-        "lion", lion.lion, 1e-3, {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.999)},
+        "lion", lion.lion, {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.999)},
         (Reference("pytorch_optimizer.Lion"), Reference("optax.lion")),
-        frozenset({WEIGHT_DECAY, MOMENT_DTYPES, SIGN_UPDATE}), "sign of interpolated momentum",
+        frozenset({Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.SIGN_UPDATE}), "sign of interpolated momentum",
     ),
     OptimizerSpec(
-        "lamb", lamb.lamb, 5e-3, {**BETAS, "eps": Range(1e-8, 1e-4, log=True)},
+        "lamb", lamb.lamb, {**BETAS, "eps": Range(1e-8, 1e-4, log=True)},
         (
             Reference(
                 "pytorch_optimizer.Lamb(weight_decouple=False)",
@@ -279,10 +308,10 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             ),
             Reference("optax.lamb"),
         ),
-        _ADAM_FAMILY | {NEEDS_PARAMS}, "Adam with layer-wise trust ratios",
+        _ADAM_FAMILY | {Capability.NEEDS_PARAMS}, "Adam with layer-wise trust ratios",
     ),
     OptimizerSpec(
-        "schedule_free_sgd", schedule_free.schedule_free_sgd, 1.0,
+        "schedule_free_sgd", schedule_free.schedule_free_sgd,
         {"momentum": Range(0.5, 0.98), **_SF_AVERAGING},
         (
             Reference("schedulefree.SGDScheduleFree"),
@@ -293,7 +322,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _SCHEDULE_FREE, "Schedule-Free SGD: interpolation and averaging in place of a schedule",
     ),
     OptimizerSpec(
-        "schedule_free_adamw", schedule_free.schedule_free_adamw, 2.5e-3,
+        "schedule_free_adamw", schedule_free.schedule_free_adamw,
         {**BETAS, **EPS, **_SF_AVERAGING},
         (
             Reference("schedulefree.AdamWScheduleFree"),
@@ -302,112 +331,112 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("schedulefree.AdamWScheduleFreePaper", kwargs={"debias": "learning_rate"}),
             Reference("optax.contrib.schedule_free_adamw", kwargs={"r": 0.0}, schedule=False, note=_OPTAX_SCHEDULE_FREE),
         ),
-        _SCHEDULE_FREE | {MOMENT_DTYPES}, "Schedule-Free AdamW",
+        _SCHEDULE_FREE | {Capability.MOMENT_DTYPES}, "Schedule-Free AdamW",
     ),
     OptimizerSpec(
-        "schedule_free_radam", schedule_free.schedule_free_radam, 2.5e-3,
+        "schedule_free_radam", schedule_free.schedule_free_radam,
         {**BETAS, **EPS, **_SF_AVERAGING},
         (
             Reference("schedulefree.RAdamScheduleFree"),
             Reference("schedulefree.RAdamScheduleFree", kwargs={"silent_sgd_phase": False}),
         ),
-        _SCHEDULE_FREE | {MOMENT_DTYPES, DELAYED_START}, "Schedule-Free RAdam: rectified, no warmup",
+        _SCHEDULE_FREE | {Capability.MOMENT_DTYPES, Capability.DELAYED_START}, "Schedule-Free RAdam: rectified, no warmup",
     ),
     OptimizerSpec(
-        "dog", dog_family.dog, 1.0, _DOG,
+        "dog", dog.dog, _DOG,
         (
             Reference("dog.DoG", note=_DOG_GROUPS),
             Reference("dog.DoG", kwargs={"init_eta": 1e-2}, note=_DOG_GROUPS + " The first step is init_eta, unscaled by lr."),
             Reference("optax.contrib.dog"),
         ),
-        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE, CONSTANT_LEARNING_RATE, TUNING_FREE}),
+        frozenset({Capability.WEIGHT_DECAY, Capability.NEEDS_PARAMS, Capability.GLOBAL_STEP_SIZE, Capability.CONSTANT_LEARNING_RATE, Capability.TUNING_FREE}),
         "distance over gradients: one learning-rate-free step size",
     ),
     OptimizerSpec(
-        "ldog", dog_family.ldog, 1.0, _DOG,
+        "ldog", dog.ldog, _DOG,
         (Reference("dog.LDoG"), Reference("dog.LDoG", kwargs={"init_eta": 1e-2})),
-        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, CONSTANT_LEARNING_RATE, TUNING_FREE}),
+        frozenset({Capability.WEIGHT_DECAY, Capability.NEEDS_PARAMS, Capability.CONSTANT_LEARNING_RATE, Capability.TUNING_FREE}),
         "layer-wise DoG: one step size per leaf",
     ),
     OptimizerSpec(
-        "dowg", dog_family.dowg, 1.0,
+        "dowg", dog.dowg,
         {"init_estim_sq_dist": Range(1e-4, 1e-1, log=True), "eps": Range(1e-8, 1e-4, log=True)},
         (
             Reference("optax.contrib.dowg"),
             Reference("optax.contrib.dowg", kwargs={"eps": 0.0}, note="eps = 0: Algorithm 1 of the paper exactly"),
         ),
-        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, GLOBAL_STEP_SIZE, TUNING_FREE}),
+        frozenset({Capability.WEIGHT_DECAY, Capability.NEEDS_PARAMS, Capability.GLOBAL_STEP_SIZE, Capability.TUNING_FREE}),
         "distance over weighted gradients",
     ),
     OptimizerSpec(
-        "prodigy", prodigy.prodigy, 1.0,
+        "prodigy", prodigy.prodigy,
         {**BETAS, "eps": Range(1e-8, 1e-6, log=True), "d0": Range(1e-7, 1e-5, log=True), "d_coef": Range(0.5, 2.0)},
         (
-            Reference("prodigyopt.Prodigy", tested_in="tests/test_prodigy.py", tolerance_float64=1e-8, note=_ESTIMATES_D),
-            Reference("optax.contrib.prodigy", tested_in="tests/test_prodigy.py", weight_decay=False),
+            Reference("prodigyopt.Prodigy", note=_ESTIMATES_D),
+            Reference("optax.contrib.prodigy", weight_decay=False),
         ),
-        _TUNING_FREE | {MOMENT_DTYPES}, "Prodigy: D-Adaptation's Adam with a faster-growing D",
+        _TUNING_FREE | {Capability.MOMENT_DTYPES}, "Prodigy: D-Adaptation's Adam with a faster-growing D",
     ),
     OptimizerSpec(
-        "dadapt_adam", dadapt.dadapt_adam, 1.0, {**BETAS, "eps": Range(1e-8, 1e-6, log=True), **_D_ADAPT},
+        "dadapt_adam", dadapt.dadapt_adam, {**BETAS, "eps": Range(1e-8, 1e-6, log=True), **_D_ADAPT},
         (
-            Reference("dadaptation.DAdaptAdam", tested_in="tests/test_dadapt.py", note=_ESTIMATES_D),
-            Reference("optax.contrib.dadapt_adamw", tested_in="tests/test_dadapt.py", weight_decay=False),
+            Reference("dadaptation.DAdaptAdam", note=_ESTIMATES_D),
+            Reference("optax.contrib.dadapt_adamw", weight_decay=False),
         ),
-        _TUNING_FREE | {MOMENT_DTYPES}, "D-Adaptation Adam: the step size from a lower bound on the distance",
+        _TUNING_FREE | {Capability.MOMENT_DTYPES}, "D-Adaptation Adam: the step size from a lower bound on the distance",
     ),
     OptimizerSpec(
-        "dadapt_sgd", dadapt.dadapt_sgd, 1.0, {"momentum": Range(0.0, 0.95), **_D_ADAPT},
-        (Reference("dadaptation.DAdaptSGD", tested_in="tests/test_dadapt.py", note=_ESTIMATES_D),),
+        "dadapt_sgd", dadapt.dadapt_sgd, {"momentum": Range(0.0, 0.95), **_D_ADAPT},
+        (Reference("dadaptation.DAdaptSGD", note=_ESTIMATES_D),),
         _TUNING_FREE, "D-Adaptation SGD",
     ),
     OptimizerSpec(
-        "dadapt_adagrad", dadapt.dadapt_adagrad, 1.0,
+        "dadapt_adagrad", dadapt.dadapt_adagrad,
         {"momentum": Range(0.0, 0.95), "eps": Range(1e-8, 1e-4, log=True), **_D_ADAPT},
-        (Reference("dadaptation.DAdaptAdaGrad", tested_in="tests/test_dadapt.py", note=_ESTIMATES_D),),
-        _TUNING_FREE | {MOVES_AT_ZERO_LR}, "D-Adaptation AdaGrad (dual averaging)",
+        (Reference("dadaptation.DAdaptAdaGrad", note=_ESTIMATES_D),),
+        _TUNING_FREE | {Capability.MOVES_AT_ZERO_LR}, "D-Adaptation AdaGrad (dual averaging)",
     ),
     OptimizerSpec(
-        "cocob", cocob.cocob, 1.0, {"alpha": Range(10.0, 200.0), "eps": Range(1e-8, 1e-4, log=True)},
+        "cocob", cocob.cocob, {"alpha": Range(10.0, 200.0), "eps": Range(1e-8, 1e-4, log=True)},
         (
-            Reference("parameterfree.COCOB", tested_in="tests/test_cocob.py"),
-            Reference("optax.contrib.cocob", tested_in="tests/test_cocob.py"),
+            Reference("parameterfree.COCOB"),
+            Reference("optax.contrib.cocob"),
         ),
-        frozenset({WEIGHT_DECAY, NEEDS_PARAMS, TUNING_FREE}), "COCOB-Backprop: coin betting per coordinate",
+        frozenset({Capability.WEIGHT_DECAY, Capability.NEEDS_PARAMS, Capability.TUNING_FREE}), "COCOB-Backprop: coin betting per coordinate",
     ),
     OptimizerSpec(
-        "mechanic", _mechanic_adamw, 1.0,
+        "mechanic", _mechanic_adamw,
         {**BETAS, **EPS, "s_decay": Range(0.0, 0.05), "s_init": Range(1e-8, 1e-6, log=True)},
         (
-            Reference("mechanic_pytorch.mechanize", tested_in="tests/test_mechanic.py"),
-            Reference("optax.contrib.mechanize", tested_in="tests/test_mechanic.py", weight_decay=False),
+            Reference("mechanic_pytorch.mechanize"),
+            Reference("optax.contrib.mechanize", weight_decay=False),
         ),
-        _TUNING_FREE | {MOVES_AT_ZERO_LR}, "Mechanic around AdamW: a learned scale for any optimizer's steps",
+        _TUNING_FREE | {Capability.MOVES_AT_ZERO_LR}, "Mechanic around AdamW: a learned scale for any optimizer's steps",
     ),
     OptimizerSpec(
-        "sgd_hd", hypergradient.sgd_hd, 1e-3, {"hyper_lr": Range(1e-5, 1e-3, log=True), "momentum": Range(0.0, 0.9)},
-        (Reference("hypergradient-descent:SGDHD", tested_in="tests/test_hypergradient.py", note=_HD),),
-        frozenset({WEIGHT_DECAY, TUNING_FREE, GLOBAL_STEP_SIZE, MOVES_AT_ZERO_LR}), "SGD whose learning rate descends its own hypergradient",
+        "sgd_hd", hypergradient.sgd_hd, {"hyper_lr": Range(1e-5, 1e-3, log=True), "momentum": Range(0.0, 0.9)},
+        (Reference("hypergradient-descent:SGDHD", note=_HD),),
+        frozenset({Capability.WEIGHT_DECAY, Capability.TUNING_FREE, Capability.GLOBAL_STEP_SIZE, Capability.MOVES_AT_ZERO_LR}), "SGD whose learning rate descends its own hypergradient",
     ),
     OptimizerSpec(
-        "sgdn_hd", hypergradient.sgdn_hd, 1e-3, {"hyper_lr": Range(1e-5, 1e-3, log=True), "momentum": Range(0.5, 0.95)},
-        (Reference("hypergradient-descent:SGDHD(nesterov=True)", tested_in="tests/test_hypergradient.py", note=_HD),),
-        frozenset({WEIGHT_DECAY, TUNING_FREE, GLOBAL_STEP_SIZE, MOVES_AT_ZERO_LR}), "Nesterov SGD with hypergradient descent on the learning rate",
+        "sgdn_hd", hypergradient.sgdn_hd, {"hyper_lr": Range(1e-5, 1e-3, log=True), "momentum": Range(0.5, 0.95)},
+        (Reference("hypergradient-descent:SGDHD(nesterov=True)", note=_HD),),
+        frozenset({Capability.WEIGHT_DECAY, Capability.TUNING_FREE, Capability.GLOBAL_STEP_SIZE, Capability.MOVES_AT_ZERO_LR}), "Nesterov SGD with hypergradient descent on the learning rate",
     ),
     OptimizerSpec(
-        "adam_hd", hypergradient.adam_hd, 1e-3, {**BETAS, **EPS, "hyper_lr": Range(1e-9, 1e-7, log=True)},
-        (Reference("hypergradient-descent:AdamHD", tested_in="tests/test_hypergradient.py", note=_HD),),
-        _ADAM_FAMILY | {TUNING_FREE, GLOBAL_STEP_SIZE, MOVES_AT_ZERO_LR}, "Adam with hypergradient descent on the learning rate",
+        "adam_hd", hypergradient.adam_hd, {**BETAS, **EPS, "hyper_lr": Range(1e-9, 1e-7, log=True)},
+        (Reference("hypergradient-descent:AdamHD", note=_HD),),
+        _ADAM_FAMILY | {Capability.TUNING_FREE, Capability.GLOBAL_STEP_SIZE, Capability.MOVES_AT_ZERO_LR}, "Adam with hypergradient descent on the learning rate",
     ),
     OptimizerSpec(
-        "bold_driver", bold_driver.bold_driver, 1e-2, {"increase": Range(1.01, 1.2), "decrease": Range(0.3, 0.9)},
+        "bold_driver", bold_driver.bold_driver, {"increase": Range(1.01, 1.2), "decrease": Range(0.3, 0.9)},
         (),  # no reference implementation exists: tests/test_bold_driver.py checks the rule itself
-        frozenset({WEIGHT_DECAY, NEEDS_VALUE, TUNING_FREE, FULL_BATCH}), "grow the learning rate while the loss falls, cut it when it rises",
+        frozenset({Capability.WEIGHT_DECAY, Capability.NEEDS_VALUE, Capability.TUNING_FREE, Capability.FULL_BATCH}), "grow the learning rate while the loss falls, cut it when it rises",
     ),
     OptimizerSpec(
-        "polyak_sgd", polyak.polyak_sgd, 1.0, {"c": Range(0.2, 1.0), "max_learning_rate": Range(0.1, 10.0, log=True)},
-        (Reference("optax.polyak_sgd", tested_in="tests/test_polyak.py", note=_LOSS_DRIVEN),),
-        frozenset({WEIGHT_DECAY, NEEDS_VALUE, TUNING_FREE, GLOBAL_STEP_SIZE}), "Polyak step sizes (SPS, SPS-max)",
+        "polyak_sgd", polyak.polyak_sgd, {"c": Range(0.2, 1.0), "max_learning_rate": Range(0.1, 10.0, log=True)},
+        (Reference("optax.polyak_sgd", note=_LOSS_DRIVEN),),
+        frozenset({Capability.WEIGHT_DECAY, Capability.NEEDS_VALUE, Capability.TUNING_FREE, Capability.GLOBAL_STEP_SIZE}), "Polyak step sizes (SPS, SPS-max)",
     ),
 )  # fmt: skip
 

@@ -43,7 +43,7 @@ import optax
 from adaopt._src import base
 
 MULTI_OUTPUT_FUSION_OPTION = "xla_cpu_use_multi_output_fusion"
-XLA_FLAG = f"--xla_backend_extra_options={MULTI_OUTPUT_FUSION_OPTION}"
+CPU_MULTI_OUTPUT_FUSION_FLAG = f"--xla_backend_extra_options={MULTI_OUTPUT_FUSION_OPTION}"
 DEFAULT_MIN_SIZE = 16_384
 """Leaves of at least this many elements take the single-pass form (see :func:`single_pass`)."""
 
