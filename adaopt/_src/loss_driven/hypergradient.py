@@ -14,20 +14,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.optimizers.adam import scale_by_adam
 from adaopt._src.optimizers.sgd import scale_by_momentum
 
 
 class HypergradientState(NamedTuple):
-    """State of :func:`hypergradient`.
+    r"""State of :func:`hypergradient`: the learned learning rate, the previous direction and the inner state.
 
-    ``learning_rate`` is the rate :math:`\\alpha_t` of the last step (:math:`\\alpha_0` before
-    the first); ``adaptation`` is what the hypergradient has learned on top of the given rate
-    :math:`\\eta_t`: the offset :math:`\\delta_t` (additive rule, starts at 0) or the factor
-    :math:`\\rho_t` (multiplicative rule, starts at 1). ``direction`` is :math:`d_{t-1}`, one copy
-    of the parameters' size.
+    Attributes:
+      count: the number of updates so far, a saturating int32.
+      learning_rate: the rate :math:`\alpha_t` of the last step (:math:`\alpha_0` before the first).
+      adaptation: what the hypergradient has learned on top of the given rate :math:`\eta_t`: the
+        offset :math:`\delta_t` (additive rule, starts at 0) or the factor :math:`\rho_t`
+        (multiplicative rule, starts at 1).
+      direction: :math:`d_{t-1}`, one copy of the parameters' size.
+      inner_state: the state of the wrapped direction transformation.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
@@ -35,26 +38,6 @@ class HypergradientState(NamedTuple):
     adaptation: jax.Array
     direction: Updates
     inner_state: optax.OptState
-
-
-def _rate_at(learning_rate: ScalarOrSchedule, count: jax.Array, dtype: Any) -> jax.Array:
-    value = learning_rate(count) if callable(learning_rate) else learning_rate
-    return jnp.asarray(value).astype(dtype)
-
-
-def _leaf_sums(fn: Any, updates: Updates, tree: Any, dtype: Any) -> list[jax.Array]:
-    """``fn(g, d)`` summed over each leaf in their compute dtype, one scalar per leaf in ``dtype``."""
-
-    def leaf(g: jax.Array, d: jax.Array) -> tuple[jax.Array]:
-        _, g32, (d32,) = moments.to_compute(g, d)
-        return (jnp.sum(fn(g32, d32)).astype(dtype),)
-
-    (sums,) = moments.leafwise(leaf, 1, updates, tree, what="hypergradient state")
-    return jax.tree.leaves(sums)
-
-
-def _total(values: list[jax.Array], dtype: Any) -> jax.Array:
-    return sum(values, jnp.zeros([], dtype))
 
 
 def hypergradient(
@@ -92,11 +75,11 @@ def hypergradient(
     same as without it.
 
     The hypergradient costs one copy of the parameters' size (the previous direction) and one
-    global dot product per step (three reductions with the multiplicative rule), summed in the
-    compute dtype. The learning rate lives in the
-    state: ``learning_rate`` only sets where it starts (and, as a schedule, the base it follows),
-    so changing it through ``inject_hyperparams`` after ``init`` shifts the rate by the change
-    (additive rule) or scales it (multiplicative rule) but keeps what was learned. The
+    global dot product per step (three reductions with the multiplicative rule), accumulated in
+    the state's scalar dtype (the parameters' widest float, at least float32). The learning rate
+    lives in the state: ``learning_rate`` only sets where it starts (and, as a schedule, the base
+    it follows), so changing it through ``inject_hyperparams`` after ``init`` shifts the rate by
+    the change (additive rule) or scales it (multiplicative rule) but keeps what was learned. The
     wrapper applies the learning rate itself: chain nothing that rescales after it.
 
     Args:
@@ -125,11 +108,16 @@ def hypergradient(
       >>> state.learning_rate  # 0.1 + 0.01 * (0.9 * 1 + 1.8 * 2): raised, as the gradients agree
       Array(0.145, dtype=float32)
 
-    Reference: Baydin, Cornish, Martínez Rubio, Schmidt & Wood, "Online Learning Rate
-    Adaptation with Hypergradient Descent", ICLR 2018 (additive rule, Algorithms 1 to 3);
-    Martínez Rubio, "Convergence Analysis of an Adaptive Method of Gradient Descent", MSc
-    thesis, University of Oxford, 2017 (the multiplicative rule, which the paper cites). See :func:`sgd_hd` and
-    :func:`adam_hd` for the authors' code.
+    References:
+      Baydin, Cornish, Martínez Rubio, Schmidt & Wood, "Online Learning Rate Adaptation with
+      Hypergradient Descent", ICLR 2018, https://arxiv.org/abs/1703.04782 (the additive rule,
+      Algorithms 1 to 3).
+
+      Martínez Rubio, "Convergence Analysis of an Adaptive Method of Gradient Descent", MSc
+      thesis, University of Oxford, 2017 (the multiplicative rule, which the paper cites).
+
+      Reference package: the authors' torch code, https://github.com/gbaydin/hypergradient-descent;
+      :func:`sgd_hd` and :func:`adam_hd` give the arguments that reproduce its ``SGDHD`` and ``AdamHD``.
     """
     base.check_learning_rate(learning_rate)
     if multiplicative:
@@ -147,7 +135,7 @@ def hypergradient(
         count = moments.zero_count()
         return HypergradientState(
             count=count,
-            learning_rate=_rate_at(learning_rate, count, dtype),
+            learning_rate=numerics.learning_rate_at(learning_rate, count, dtype),
             adaptation=jnp.asarray(1.0 if multiplicative else 0.0, dtype),
             direction=moments.init_like(params),
             inner_state=inner_tx.init(params),
@@ -158,38 +146,40 @@ def hypergradient(
     ) -> tuple[Updates, HypergradientState]:
         dtype = state.learning_rate.dtype
         beta = moments.scalar(hyper_lr, dtype)
-        eta = _rate_at(learning_rate, state.count, dtype)
-        h_leaves = _leaf_sums(lambda g, d: -(g * d), updates, state.direction, dtype)
-        h = _total(h_leaves, dtype)
+        eta = numerics.learning_rate_at(learning_rate, state.count, dtype)
+        base.check_tree_match(updates, state.direction, "hypergradient state")
+        if per_leaf_update:
+            h_tree = jax.tree.map(lambda g, d: -numerics.vdot(g, d, dtype), updates, state.direction)
+            h_leaves = jax.tree.leaves(h_tree)
+            h = numerics.tree_sum(h_leaves, dtype)
+        else:
+            h = -numerics.vdot(updates, state.direction, dtype)
         if multiplicative:
-            g_sq = _total(_leaf_sums(lambda g, d: g * g, updates, state.direction, dtype), dtype)
-            d_sq = _total(_leaf_sums(lambda g, d: d * d, updates, state.direction, dtype), dtype)
-            ok = (g_sq > 0) & (d_sq > 0)  # no sqrt at 0 either: its derivative would poison jax.grad
-            norms = jnp.sqrt(jnp.where(ok, g_sq, 1)) * jnp.sqrt(jnp.where(ok, d_sq, 1))
-            h_normalized = jnp.where(ok, h / norms, 0)
-            adaptation = state.adaptation * (1 - beta * h_normalized)
+            norms = numerics.norm(updates, dtype) * numerics.norm(state.direction, dtype)
+            adaptation = state.adaptation * (1 - beta * moments.safe_divide(h, norms))
             alpha = eta * adaptation
         else:
             adaptation = state.adaptation - beta * h
             alpha = eta + adaptation
-        if per_leaf_update:
-            partial = jnp.cumsum(jnp.stack(h_leaves)) if h_leaves else jnp.zeros([0], dtype)
-            rates = list(eta + state.adaptation - beta * partial)
-        else:
-            rates = [alpha] * len(h_leaves)
 
         direction, inner_state = inner_tx.update(updates, state.inner_state, params, **extra_args)
-        base.check_tree_match(direction, state.direction, "previous direction (inner must keep the tree)")
-
-        def step(rate: jax.Array, d: jax.Array) -> jax.Array:
-            cdtype = moments.compute_dtype(d.dtype)
-            return (-rate.astype(cdtype) * d.astype(cdtype)).astype(d.dtype)
-
-        flat, treedef = jax.tree.flatten(direction)
-        steps = [step(rate, d) for rate, d in zip(rates, flat, strict=True)]
+        base.check_tree_match(
+            direction,
+            state.direction,
+            "previous direction (`inner` must return a tree of the gradients' structure)",
+            subject="directions computed by `inner`",
+        )
+        if per_leaf_update:
+            # The rate reached after each leaf, in the tree's leaf order (the authors' AdamHD).
+            partial = jnp.cumsum(jnp.stack(h_leaves)) if h_leaves else jnp.zeros([0], dtype)
+            rates = list(eta + state.adaptation - beta * partial)
+            flat, treedef = jax.tree.flatten(direction)
+            steps = jax.tree.unflatten(treedef, [moments.scale_leaf(-r, d) for r, d in zip(rates, flat, strict=True)])
+        else:
+            steps = jax.tree.map(lambda d: moments.scale_leaf(-alpha, d), direction)
         stored = jax.tree.map(lambda d, old: d.astype(old.dtype), direction, state.direction)
         new_state = HypergradientState(moments.safe_increment(state.count), alpha, adaptation, stored, inner_state)
-        return jax.tree.unflatten(treedef, steps), new_state
+        return steps, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -198,8 +188,7 @@ def _chain(
     core: optax.GradientTransformation, weight_decay: Any, weight_decay_mask: base.MaskOrFn | None
 ) -> optax.GradientTransformationExtraArgs:
     """The tree check, coupled (L2) weight decay, then ``core``, which applies the learning rate itself."""
-    decay = [] if base.is_zero(weight_decay) else [base.add_decayed_weights(weight_decay, weight_decay_mask)]
-    return optax.chain(base.check_gradient_tree(), *decay, core)
+    return optax.chain(base.check_gradient_tree(), *base.weight_decay_blocks(weight_decay, weight_decay_mask), core)
 
 
 def sgd_hd(
@@ -230,20 +219,39 @@ def sgd_hd(
         or a schedule the learned offset is added to.
       hyper_lr: :math:`\beta` >= 0; the paper's experiments use 1e-3 (the authors' ``SGDHD``
         defaults to 1e-6). With ``multiplicative=True``, in [0, 1).
-      momentum, dampening, nesterov, accumulator_dtype: as :func:`adaopt.sgd`.
+      momentum: :math:`\mu` in [0, 1); 0 is plain SGD-HD, with no momentum buffer.
+      dampening: :math:`\tau` in [0, 1], torch's dampening of the momentum.
       weight_decay: coupled (L2) decay coefficient, >= 0, added to the gradient before the
         hypergradient, as the authors' code does.
+      nesterov: Nesterov momentum (requires ``momentum > 0`` and no dampening): Algorithm 2.
       multiplicative: the multiplicative rule of :func:`hypergradient`.
       weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
+      accumulator_dtype: storage dtype of the momentum buffer (default: the parameter's, at least
+        float32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (state: :class:`HypergradientState` inside a chain).
 
-    Reference: Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent",
-    ICLR 2018, Algorithm 1 (SGD-HD) and, with ``nesterov=True``, Algorithm 2 (SGDN-HD). The
-    authors' torch ``SGDHD(lr, momentum, dampening, weight_decay, nesterov, hypergrad_lr)``
-    (github gbaydin/hypergradient-descent) follows the same trajectory with ``hyper_lr=hypergrad_lr``
-    and the same numbers (it takes a single parameter group: decay on every parameter).
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.sgd_hd(learning_rate=0.1, hyper_lr=0.01)
+      >>> params = jnp.array([1.0, 2.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(2):
+      ...     updates, state = opt.update(params, state, params)  # the gradient of |x|^2 / 2
+      ...     params = params + updates
+      >>> state[-1].learning_rate  # the rate rose: consecutive gradients agree
+      Array(0.145, dtype=float32)
+
+    References:
+      Baydin, Cornish, Martínez Rubio, Schmidt & Wood, "Online Learning Rate Adaptation with
+      Hypergradient Descent", ICLR 2018, https://arxiv.org/abs/1703.04782, Algorithm 1 (SGD-HD)
+      and, with ``nesterov=True``, Algorithm 2 (SGDN-HD).
+
+      Reference package: the authors' torch ``SGDHD(lr, momentum, dampening, weight_decay,
+      nesterov, hypergrad_lr)`` (https://github.com/gbaydin/hypergradient-descent) follows the
+      same trajectory with ``hyper_lr=hypergrad_lr`` and the same other numbers (it takes a single
+      parameter group: decay on every parameter).
     """
     base.check_learning_rate(learning_rate)
     base.check_nonnegative("weight_decay", weight_decay)
@@ -274,11 +282,38 @@ def sgdn_hd(
         h_t = -\, g_t \cdot d_{t-1}, \quad \alpha_t = \alpha_{t-1} - \beta h_t, \quad
         b_t = \mu b_{t-1} + g_t, \quad d_t = g_t + \mu b_t, \quad \theta_t = \theta_{t-1} - \alpha_t d_t
 
-    Args: as :func:`sgd_hd` (``momentum`` :math:`\mu` in [0, 1), the paper's 0.9).
+    (:func:`sgd_hd` with ``nesterov=True`` and no dampening).
 
-    Reference: Baydin et al. (ICLR 2018), Algorithm 2. The authors' torch
-    ``SGDHD(lr, momentum, nesterov=True, weight_decay, hypergrad_lr)`` follows the same
-    trajectory with the same numbers.
+    Args:
+      learning_rate: the initial learning rate :math:`\alpha_0` (the paper's experiments: 1e-3),
+        or a schedule the learned offset is added to.
+      hyper_lr: :math:`\beta` >= 0 (the paper's experiments: 1e-3). With ``multiplicative=True``,
+        in [0, 1).
+      momentum: :math:`\mu` in (0, 1) (the paper's 0.9).
+      weight_decay: coupled (L2) decay coefficient, >= 0, added to the gradient before the
+        hypergradient.
+      multiplicative: the multiplicative rule of :func:`hypergradient`.
+      weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
+      accumulator_dtype: storage dtype of the momentum buffer.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (state: :class:`HypergradientState` inside a chain).
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.sgdn_hd(learning_rate=0.1, hyper_lr=0.01, momentum=0.9)
+      >>> params = jnp.array([1.0])
+      >>> updates, state = opt.update(jnp.array([2.0]), opt.init(params), params)
+      >>> updates  # the first step: -0.1 * (g + 0.9 * g)
+      Array([-0.38], dtype=float32)
+
+    References:
+      Baydin, Cornish, Martínez Rubio, Schmidt & Wood, "Online Learning Rate Adaptation with
+      Hypergradient Descent", ICLR 2018, https://arxiv.org/abs/1703.04782, Algorithm 2.
+
+      Reference package: the authors' torch ``SGDHD(lr, momentum, nesterov=True, weight_decay,
+      hypergrad_lr)`` (https://github.com/gbaydin/hypergradient-descent) follows the same
+      trajectory with ``hyper_lr=hypergrad_lr`` and the same other numbers.
     """
     base.check_decay("momentum", momentum)
     if base.is_zero(momentum):
@@ -290,6 +325,8 @@ def sgdn_hd(
 
 
 class DebiasedStepState(NamedTuple):
+    """State of the debiasing block of :func:`adam_hd`: the step count."""
+
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
@@ -302,12 +339,12 @@ def _scale_by_debiased_step(b1: Any, b2: Any) -> optax.GradientTransformation:
         del params
         count = moments.safe_increment(state.count)
 
-        def leaf(u: jax.Array) -> jax.Array:
-            dtype = moments.compute_dtype(u.dtype)
-            factor = jnp.sqrt(moments.bias_correction(b2, count, dtype)) / moments.bias_correction(b1, count, dtype)
-            return (u.astype(dtype) * factor).astype(u.dtype)
+        @moments.per_dtype
+        def factor(dtype: jnp.dtype) -> jax.Array:
+            return jnp.sqrt(moments.bias_correction(b2, count, dtype)) / moments.bias_correction(b1, count, dtype)
 
-        return jax.tree.map(leaf, updates), DebiasedStepState(count)
+        scaled = jax.tree.map(lambda u: moments.scale_leaf(factor(moments.compute_dtype(u.dtype)), u), updates)
+        return scaled, DebiasedStepState(count)
 
     return optax.GradientTransformation(lambda params: DebiasedStepState(moments.zero_count()), update_fn)
 
@@ -346,7 +383,9 @@ def adam_hd(
         or a schedule the learned offset is added to.
       hyper_lr: :math:`\beta` >= 0; the paper's experiments use 1e-7 (1e-8 for VGG on
         CIFAR-10), the authors' ``AdamHD`` defaults to 1e-8. With ``multiplicative=True``, in [0, 1).
-      b1, b2: decays of the moments, in [0, 1); eps: >= 0.
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
       weight_decay: coupled (L2) decay coefficient, >= 0, added to the gradient before the
         hypergradient, as the authors' code does.
       multiplicative: the multiplicative rule of :func:`hypergradient` (implies
@@ -357,18 +396,32 @@ def adam_hd(
       per_leaf_update: move the rate after each leaf, as the authors' code does per parameter
         tensor; False moves it once per step with the global :math:`h_t`, as the paper writes it.
       weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
-      mu_dtype, nu_dtype: storage dtypes of the moments.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (state: :class:`HypergradientState` inside a chain).
 
-    Reference: Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent",
-    ICLR 2018, Algorithm 3. The authors' torch ``AdamHD(lr, betas=(b1, b2), eps, weight_decay,
-    hypergrad_lr)`` (github gbaydin/hypergradient-descent) follows the same trajectory with
-    ``hyper_lr=hypergrad_lr``, the defaults ``eps_before_debias=True, per_leaf_update=True``, the
-    parameters in the same order as the tree's leaves, and a single parameter group (torch keeps
-    one learning rate per group). Its per-tensor update makes a leaf's step depend on the leaves
-    before it; ``per_leaf_update=False`` removes that dependence on the tree's order.
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.adam_hd(learning_rate=1e-3, hyper_lr=1e-7)
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+      >>> updates["w"].round(6)  # the first step is -learning_rate * sign(g), up to eps
+      Array([-0.001, -0.001, -0.001], dtype=float32)
+
+    References:
+      Baydin, Cornish, Martínez Rubio, Schmidt & Wood, "Online Learning Rate Adaptation with
+      Hypergradient Descent", ICLR 2018, https://arxiv.org/abs/1703.04782, Algorithm 3.
+
+      Reference package: the authors' torch ``AdamHD(lr, betas=(b1, b2), eps, weight_decay,
+      hypergrad_lr)`` (https://github.com/gbaydin/hypergradient-descent) follows the same
+      trajectory with ``hyper_lr=hypergrad_lr``, the defaults ``eps_before_debias=True,
+      per_leaf_update=True``, the parameters in the same order as the tree's leaves, and a single
+      parameter group (torch keeps one learning rate per group). Its per-tensor update makes a
+      leaf's step depend on the leaves before it; ``per_leaf_update=False`` removes that
+      dependence on the tree's order.
     """
     base.check_learning_rate(learning_rate)
     base.check_nonnegative("weight_decay", weight_decay)
