@@ -265,6 +265,39 @@ def test_an_optimizer_that_mixes_coordinates_is_refused(tx: optax.GradientTransf
         wrapped.update(params, state, params)
 
 
+def _stateless(step: Any) -> optax.GradientTransformation:
+    return optax.GradientTransformation(optax.init_empty_state, lambda g, s, p=None: (jax.tree.map(step, g), s))
+
+
+@pytest.mark.parametrize(
+    ("step", "primitive"),
+    [
+        # Each depends on more than the coordinate itself, through a primitive no list of mixing
+        # operations named before: only an allow list of elementwise primitives catches them all.
+        (lambda g: g * jnp.arange(g.size, dtype=g.dtype).reshape(g.shape), "iota"),  # the coordinate's position
+        (lambda g: g - jax.lax.reduce(g, np.array(0, g.dtype), jax.lax.add, tuple(range(g.ndim))), "reduce"),
+        (lambda g: g + jax.random.normal(jax.random.key(0), g.shape, g.dtype), "random"),  # a draw per position
+    ],
+    ids=["iota", "reduce", "random"],
+)
+def test_an_update_outside_the_elementwise_primitives_is_refused(step: Any, primitive: str) -> None:
+    params = mixed_tree()
+    wrapped = multi_tensor(_stateless(step))
+    state = wrapped.init(params)
+    with pytest.raises(NotElementwiseError, match=rf"applies `[^`]*{primitive}[^`]*`"):
+        wrapped.update(params, state, params)
+
+
+def test_an_elementwise_update_with_scalar_arithmetic_and_broadcasts_is_accepted() -> None:
+    params = mixed_tree()
+    scale = lambda g: (
+        jnp.where(jnp.sum(jnp.ones(())) > 0, jnp.broadcast_to(jnp.asarray(2.0, g.dtype), g.shape), 1.0) * g
+    )
+    wrapped = multi_tensor(_stateless(scale), min_size=MIN_SIZE)
+    updates, _ = wrapped.update(params, wrapped.init(params), params)
+    assert_close(updates, jax.tree.map(lambda p: 2 * p, params), rtol=0)
+
+
 def test_clipping_chained_outside_the_wrapper_is_accepted() -> None:
     params = mixed_tree()
     grads = gradient_sequence(params, steps=10)

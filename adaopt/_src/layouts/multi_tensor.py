@@ -278,18 +278,32 @@ class MultiTensorState(NamedTuple):
     inner: Any
 
 
-# Primitives that combine different coordinates of an array: a transformation that applies one
-# to a per-parameter array (more than one element) is not elementwise.
-_CROSS_COORDINATE = frozenset(
+# The primitives known to act on each coordinate alone. An allow list fails safe: a primitive
+# missing here (a reduction, a collective, a gather, a position-dependent iota or random draw)
+# makes multi_tensor refuse the optimizer instead of silently changing its result.
+_ELEMENTWISE = frozenset(
     {
-        "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor",
-        "reduce_precision_sum", "argmax", "argmin", "dot_general", "cumsum", "cumprod", "cummax", "cummin",
-        "cumlogsumexp", "sort", "top_k", "conv_general_dilated", "reduce_window", "reduce_window_sum",
-        "reduce_window_max", "reduce_window_min", "gather", "scatter", "scatter_add", "scatter-add",
-        "scatter_mul", "scatter_min", "scatter_max", "dynamic_slice", "dynamic_update_slice", "slice", "pad",
-        "concatenate", "split", "rev", "transpose", "fft", "psum", "pmax", "pmin", "all_gather",
+        "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "bitcast_convert_type",
+        "cbrt", "ceil", "clamp", "clz", "complex", "conj", "convert_element_type", "copy", "copy_p", "cos",
+        "cosh", "digamma", "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt",
+        "imag", "integer_pow", "is_finite", "le", "lgamma", "log", "log1p", "logistic", "lt", "max", "min", "mul",
+        "ne", "neg", "nextafter", "not", "or", "population_count", "pow", "real", "reduce_precision", "rem",
+        "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sign", "sin",
+        "sinh", "sqrt", "square", "stop_gradient", "sub", "tan", "tanh", "xor",
+        # Calls and control flow: their bodies are inspected in turn.
+        "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+        "remat", "checkpoint", "cond", "while",
+        # Placement only.
+        "sharding_constraint", "mesh_cast", "reshard", "optimization_barrier",
     }
 )  # fmt: skip
+# Shape changes keep each coordinate's value apart as long as they only add or drop unit axes
+# (or broadcast a single value): the size is kept, or the operand has one element.
+_RESHAPING = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims"})
+
+
+def _size(var: Any) -> int:
+    return math.prod(getattr(var.aval, "shape", ()))
 
 
 def _subjaxprs(value: Any) -> list[Any]:
@@ -302,15 +316,21 @@ def _subjaxprs(value: Any) -> list[Any]:
     return []
 
 
-def _cross_coordinate_op(jaxpr: Any) -> str | None:
-    """The first primitive in ``jaxpr`` (or a sub-jaxpr) that combines coordinates of a non-scalar array."""
+def _not_elementwise_op(jaxpr: Any) -> str | None:
+    """The first primitive in ``jaxpr`` (or a sub-jaxpr) not known to act coordinate by coordinate on an array.
+
+    Equations on scalars only (a bias correction, a learning rate) are elementwise whatever they do.
+    """
     for eqn in jaxpr.eqns:
-        mixing = eqn.primitive.name in _CROSS_COORDINATE
-        if mixing and any(math.prod(getattr(v.aval, "shape", ())) > 1 for v in eqn.invars):
-            return eqn.primitive.name
+        sizes = [_size(v) for v in (*eqn.invars, *eqn.outvars)]
+        name = eqn.primitive.name
+        if max(sizes, default=1) > 1 and name not in _ELEMENTWISE:
+            operand = _size(eqn.invars[0]) if eqn.invars else 0
+            if name not in _RESHAPING or operand not in (1, _size(eqn.outvars[0])):
+                return name
         for value in eqn.params.values():
             for sub in _subjaxprs(value):
-                found = _cross_coordinate_op(sub)
+                found = _not_elementwise_op(sub)
                 if found:
                     return found
     return None
@@ -383,12 +403,12 @@ def multi_tensor(
         if key in checked:
             return
         jaxpr = jax.make_jaxpr(lambda g, s, p, e: inner.update(g, s, p, **e))(grads, state, params, extra)
-        op = _cross_coordinate_op(jaxpr.jaxpr)
+        op = _not_elementwise_op(jaxpr.jaxpr)
         if op is not None:
             raise NotElementwiseError(
                 f"adaopt.multi_tensor needs an elementwise optimizer (each coordinate's step depending only on that "
-                f"coordinate's gradient, state and parameter), but the wrapped update applies `{op}` to per-parameter "
-                "arrays: packing leaves into one buffer would change its result (per-leaf statistics such as LAMB's "
+                f"coordinate's gradient, state and parameter), but the wrapped update applies `{op}`, which is not known to act coordinate by "
+                "coordinate, to per-parameter arrays: packing leaves into one buffer could change its result (per-leaf statistics such as LAMB's "
                 "trust ratios would span a whole buffer; whole-tree norms would be summed in another order). Use it "
                 "without multi_tensor, or wrap only its elementwise part, e.g. "
                 "optax.chain(optax.clip_by_global_norm(1.0), adaopt.multi_tensor(adaopt.adam(1e-3)))."
