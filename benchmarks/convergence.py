@@ -105,7 +105,7 @@ GRID_FACTOR = 3.0
 GRID_POWERS = tuple(range(-3, 4))  # lr * 3**k: 7 points, the registry's learning rate in the middle
 DEFAULT_INDEX = GRID_POWERS.index(0)
 TAUS = (1.0, 1.5, 2.0, 4.0, 8.0, math.inf)
-WITHIN = 0.05  # issue 4: the tuning-free method's final loss within 5% of tuned Adam's
+WITHIN = 0.05  # the goal: the tuning-free method's final loss within 5% of tuned Adam's
 GRADIENT_TIMING_FRACTION = 0.1  # of the budget: the steps of the gradient's timing run
 UPDATE_TIMING_STEPS = 200  # steps of the optimizer's timing run
 TIMING_REPS = 3  # timed calls of each timing run, after compilation; the fastest counts
@@ -656,7 +656,7 @@ def _profile_lines(suite: Suite, times: Times, what: str, plot: str | None) -> l
 
 
 def render_tuning_free(suite: Suite, command: str, plots: Mapping[str, str]) -> str:
-    """The ``tuning-free`` section (markers included): issue 4's table."""
+    """The ``tuning-free`` section (markers included): the tuning-free methods against tuned Adam."""
     parts = [TF_BEGIN, *_header(suite, command, f"Tuning-free methods at their defaults against tuned {BASELINE}")]
     free = tuning_free_names(suite)
     parts += [
@@ -752,7 +752,7 @@ def _verdict(
     baseline_final: Mapping[str, float],
     times: Times,
 ) -> list[str]:
-    """Issue 4's goal, method by method: within 5% on every workload, and a profile at least as good."""
+    """The goal, method by method: within 5% on every workload, and a profile at least as good."""
     prof = profile(times)
     n = len(suite.workloads)
     rows = []
@@ -778,7 +778,7 @@ def _verdict(
         "performance profile at least as good."
     )
     return [
-        "### The goal of issue 4",
+        "### The goal: within 5% of tuned Adam",
         "",
         f"The best tuning-free method should end within 5% of tuned {BASELINE}'s final metric on every workload "
         f"and have a performance profile at least as good as tuned {BASELINE}'s (at every τ above).",

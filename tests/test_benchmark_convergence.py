@@ -96,7 +96,7 @@ def test_tiny_run_writes_both_sections_and_keeps_the_rest(conv: ModuleType, tmp_
     ratio = float(rows[2][2])
     assert ratio == pytest.approx(float(rows[2][1]) / float(rows[1][1]), rel=1e-2)
     assert rows[2][3] == ("yes" if ratio <= 1.05 else "no")
-    assert "The goal of issue 4" in free
+    assert "The goal: within 5% of tuned Adam" in free
 
     links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     names = {Path(link).name for link in links}

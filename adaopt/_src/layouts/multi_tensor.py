@@ -41,9 +41,10 @@ from adaopt._src import base
 DEFAULT_MIN_SIZE = 16_384
 """Leaves of at least this many elements keep their own buffers.
 
-About where packing stops paying on a CPU: packing moves ~12 extra bytes per element (the
-gradient concatenated, the flat update written), the per-buffer cost it saves is ~10 us, and
-10 us at ~20 GB/s is ~16k elements of 12 bytes.
+About where packing stops paying on a CPU: packing moves about 12 extra bytes per element (the
+gradient concatenated, the flat update written) to save one buffer's fixed cost, which is worth
+as much time as moving some tens of thousands of elements at the memory bandwidth
+(``benchmarks/RESULTS.md``).
 """
 
 
@@ -153,9 +154,9 @@ class Layout:
         """The tree of this layout from ``flat`` (whose buffers may have other dtypes than the layout's).
 
         Linear, and differentiable in both modes. Two implementations of the same slicing, for
-        the compiler's sake: XLA:CPU compiles every distinct kernel separately (~20-30 ms each),
-        and a static slice at each leaf's offset makes each leaf's kernels distinct (a thousand
-        leaves: ~30 s of compilation, the cost of ``optax.flatten``). The values are read with
+        the compiler's sake: XLA:CPU compiles every distinct kernel separately, and a static slice
+        at each leaf's offset makes each leaf's kernels distinct (a thousand leaves then compile a
+        thousand kernels, the cost of ``optax.flatten``). The values are read with
         dynamic slices at offsets XLA cannot see as constants (:meth:`_offsets`), so the kernels
         of all leaves of one shape are one kernel, compiled once; derivatives use ``lax.split``,
         whose transpose is one concatenate per buffer (a dynamic slice's would be a full-size

@@ -4,7 +4,7 @@ An optimizer step reads the gradients, the parameters and the state and writes t
 the state back; at the memory-bandwidth limit it passes once over each buffer (Adam: read p, g,
 m, v and write p, m, v, seven passes). XLA:CPU emits one kernel per output buffer by default, so
 the step runs three kernels per Adam leaf, and the parameter's kernel reads the gradient and the
-moments a second time (ten passes, about 1.5x the floor). XLA:CPU has a multi-output fusion pass,
+moments a second time (ten passes instead of seven). XLA:CPU has a multi-output fusion pass,
 off by default, that merges kernels reading the same inputs; turned on, it merges the kernels of
 m and v, but the parameter's kernel reads the new m and v they write (a producer and its consumer,
 which it does not merge): nine passes.
@@ -22,8 +22,8 @@ backend, from the environment variable ``XLA_FLAGS``::
     XLA_FLAGS="--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
 
 Without it (or on another platform: GPUs fuse producers into consumers themselves) the sibling
-form would compile to separate kernels that each recompute the step (Adam on a 55M-parameter tree:
-185 ms against 54), so :func:`single_pass` then leaves the optimizer as it is. A flag set after
+form would compile to separate kernels that each recompute the step, several times slower than the
+plain one, so :func:`single_pass` then leaves the optimizer as it is. A flag set after
 the CPU backend started (in a notebook, after the first computation) is in the environment but
 not in the compiler: :func:`cpu_multi_output_fusion_enabled` checks both, the second by compiling
 a small probe once per process.
@@ -99,11 +99,9 @@ def single_pass(
     Wrap the whole optimizer (a chain included) and apply the updates in the same jitted step:
     with XLA:CPU's multi-output fusion on (``XLA_FLAGS`` as in the module's docstring), the
     parameter, the state and the update of each leaf of at least ``min_size`` elements are then
-    computed by one kernel that reads each buffer once. Adam on a 55M-parameter tree on 2 CPU
-    cores: 36 ms a step against 52 ms without the wrapper (optax's Adam 52 ms, torch's fused Adam
-    34 ms), at 90% of the memory bandwidth measured in the same run; on the same parameters laid
-    out by :func:`adaopt.flatten_params` (a few buffers, so fewer per-buffer costs), 33 ms;
-    ``benchmarks/RESULTS.md``.
+    computed by one kernel that reads each buffer once. Combined with :func:`adaopt.flatten_params`
+    (a few buffers, so fewer per-buffer costs) it is adaopt's fastest CPU step; the measured
+    figures, against optax and torch's fused optimizers, are in ``benchmarks/RESULTS.md``.
 
     The state and the updates are those of ``tx``, by the same operations on the same values;
     under ``jit`` the last bit may differ, as XLA:CPU contracts ``a * b + c`` into fused
@@ -112,13 +110,10 @@ def single_pass(
 
     It pays for elementwise optimizers on large leaves (the Adam family, RMSProp, AdaGrad, SGD,
     Lion). Smaller leaves, bound by per-buffer costs rather than by bandwidth, gain little and
-    compile longer in the sibling form (2M parameters on 2 cores, Adam / SGD with momentum: leaves
-    of 1,024 elements 38 -> 32 / 23 -> 22 ms a step but 1.6x the compile time; 16,384 elements
-    3.5 -> 2.6 / 2.1 -> 1.8 ms), so leaves under ``min_size`` keep the plain form; for many
+    compile longer in the sibling form, so leaves under ``min_size`` keep the plain form; for many
     small leaves use :func:`adaopt.multi_tensor` or :func:`adaopt.flatten_params`. An optimizer
     with reductions over the tree computes them twice, which can cost more than the fusion
-    saves (on the ResNet-style tree of ``benchmarks/speed.py``: Prodigy 40 -> 58 ms, while LAMB
-    still gains, 65 -> 57 ms).
+    saves (Prodigy on the ResNet-style tree of ``benchmarks/speed.py``; ``benchmarks/RESULTS.md``).
 
     Where the multi-output fusion is off, where no leaf has ``min_size`` elements, or where the
     step is compiled for another platform than the CPU, ``single_pass(tx)`` behaves exactly as
