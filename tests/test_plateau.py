@@ -28,7 +28,7 @@ from sklearn.datasets import load_digits
 
 import adaopt
 from adaopt import HyperparameterError
-from adaopt._src.loss_driven import plateau as P
+from adaopt._src.loss_driven import plateau
 from tests.problems import optimal_softmax_regression_loss, softmax_regression_loss
 
 LENGTH = 160  # losses per drawn sequence (ours runs them in one compiled scan)
@@ -62,11 +62,11 @@ def _make_runner(mode: str, threshold_mode: str) -> Callable[..., tuple[jax.Arra
 
     @jax.jit
     def run(losses: jax.Array, numeric: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        tx = P.reduce_on_plateau(mode=mode, threshold_mode=threshold_mode, **numeric)
+        tx = plateau.reduce_on_plateau(mode=mode, threshold_mode=threshold_mode, **numeric)
         grads = {"w": jnp.ones(3, losses.dtype)}
         state = tx.init(grads)
 
-        def step(state: P.ReduceOnPlateauState, loss: jax.Array) -> tuple[Any, tuple[jax.Array, ...]]:
+        def step(state: plateau.ReduceOnPlateauState, loss: jax.Array) -> tuple[Any, tuple[jax.Array, ...]]:
             updates, new_state = tx.update(grads, state, value=loss)
             return new_state, (state.learning_rate, state.scale, updates["w"][0])
 
@@ -225,7 +225,7 @@ def test_training_trajectory_matches_torch() -> None:
     losses = [float(v) for v in 5.0 + np.cumsum(rng.normal(0.0, 0.1, steps))]
     theirs = _torch_training(params, grads, losses, hp, momentum=0.9)
     with jax.enable_x64(True):
-        opt = adaopt.chain(adaopt.sgd(hp["base_learning_rate"], momentum=0.9), P.reduce_on_plateau(**hp))
+        opt = adaopt.chain(adaopt.sgd(hp["base_learning_rate"], momentum=0.9), plateau.reduce_on_plateau(**hp))
 
         def step(carry: tuple, inputs: tuple) -> tuple[tuple, jax.Array]:
             p, s = carry
@@ -255,8 +255,8 @@ def test_cuts_the_rate_when_minibatch_noise_stalls_the_loss() -> None:
     orders = [jnp.asarray(rng.permutation(len(x))[:n].reshape(-1, batch)) for _ in range(epochs)]
     full_loss = jax.jit(lambda p: softmax_regression_loss(p, xs, ys, l2))
 
-    def excess_after_training(plateau: P.ReduceOnPlateau | None) -> tuple[float, Any]:
-        tx = adaopt.sgd(1.0) if plateau is None else adaopt.chain(adaopt.sgd(1.0), plateau)
+    def excess_after_training(on_plateau: plateau.ReduceOnPlateau | None) -> tuple[float, Any]:
+        tx = adaopt.sgd(1.0) if on_plateau is None else adaopt.chain(adaopt.sgd(1.0), on_plateau)
 
         @jax.jit
         def epoch(p: Any, s: Any, order: jax.Array) -> tuple[Any, Any]:
@@ -267,7 +267,7 @@ def test_cuts_the_rate_when_minibatch_noise_stalls_the_loss() -> None:
                 return (optax.apply_updates(p, updates), s), None
 
             (p, s), _ = jax.lax.scan(step, (p, s), order)
-            return p, (s if plateau is None else plateau.observe(s, full_loss(p)))
+            return p, (s if on_plateau is None else on_plateau.observe(s, full_loss(p)))
 
         p = {"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
         s = tx.init(p)
@@ -276,8 +276,8 @@ def test_cuts_the_rate_when_minibatch_noise_stalls_the_loss() -> None:
         return float(full_loss(p)) - best, s
 
     constant, _ = excess_after_training(None)
-    plateau = adaopt.reduce_on_plateau(factor=0.3, patience=1)
-    reduced, state = excess_after_training(plateau)
+    on_plateau = adaopt.reduce_on_plateau(factor=0.3, patience=1)
+    reduced, state = excess_after_training(on_plateau)
     assert float(state[1].scale) < 0.3**2, "the rate must have been cut at least twice"
     assert 0 < reduced < constant / 5, (reduced, constant)
 
@@ -292,14 +292,14 @@ def test_observe_evaluation_losses_between_epochs() -> None:
     torch_per_epoch = torch_lrs(eval_losses, hp)  # the lr during each epoch
     traces = []
     with jax.enable_x64(True):
-        plateau = P.reduce_on_plateau(**hp)
-        opt = adaopt.chain(adaopt.sgd(hp["base_learning_rate"]), plateau)
+        on_plateau = plateau.reduce_on_plateau(**hp)
+        opt = adaopt.chain(adaopt.sgd(hp["base_learning_rate"]), on_plateau)
         params = {"w": jnp.zeros(2)}
         state = opt.init(params)
 
         def observe(state: Any, loss: Any) -> Any:
             traces.append(1)
-            return plateau.observe(state, loss)
+            return on_plateau.observe(state, loss)
 
         observe_jit = jax.jit(observe)
         update = jax.jit(opt.update)
@@ -316,7 +316,7 @@ def test_observe_evaluation_losses_between_epochs() -> None:
 
 
 def test_update_compiles_once() -> None:
-    tx = adaopt.chain(adaopt.adam(1e-3), P.reduce_on_plateau(1e-3, patience=0))
+    tx = adaopt.chain(adaopt.adam(1e-3), plateau.reduce_on_plateau(1e-3, patience=0))
     params = {"w": jnp.ones(3), "b": jnp.zeros(())}
     traces = []
 
@@ -352,7 +352,7 @@ def test_differs_from_optax_contrib_as_documented() -> None:
         return np.asarray(out[0]), np.asarray(out[1])
 
     ours_state, ours_applied = scales(
-        P.reduce_on_plateau(factor=factor, patience=patience, threshold=rtol, cooldown=cooldown, eps=0.0)
+        plateau.reduce_on_plateau(factor=factor, patience=patience, threshold=rtol, cooldown=cooldown, eps=0.0)
     )
     late_state, late_applied = scales(
         optax.contrib.reduce_on_plateau(factor=factor, patience=patience + 1, rtol=rtol, cooldown=cooldown)
@@ -371,7 +371,7 @@ def test_differs_from_optax_contrib_as_documented() -> None:
 def test_dtypes_and_strict_promotion() -> None:
     """The state is float32 for float32 (and half-precision) parameters, float64 for float64;
     the updates keep their dtype."""
-    tx = P.reduce_on_plateau(1e-3, patience=0)
+    tx = plateau.reduce_on_plateau(1e-3, patience=0)
     for x64, dtype, state_dtype in [
         (False, jnp.float32, jnp.float32),
         (False, jnp.bfloat16, jnp.float32),
@@ -390,7 +390,7 @@ def test_dtypes_and_strict_promotion() -> None:
 
 
 def test_inject_hyperparams() -> None:
-    tx = optax.inject_hyperparams(P.reduce_on_plateau, static_args=("mode", "threshold_mode"))(
+    tx = optax.inject_hyperparams(plateau.reduce_on_plateau, static_args=("mode", "threshold_mode"))(
         base_learning_rate=0.1, factor=0.5, patience=0
     )
     state = tx.init({"w": jnp.ones(2)})
@@ -401,16 +401,16 @@ def test_inject_hyperparams() -> None:
 
 
 def test_observe_needs_exactly_one_plateau_state() -> None:
-    plateau = P.reduce_on_plateau()
+    on_plateau = plateau.reduce_on_plateau()
     params = {"w": jnp.ones(2)}
     with pytest.raises(ValueError, match="exactly one ReduceOnPlateauState, found 0"):
-        plateau.observe(adaopt.adam().init(params), 1.0)
-    two = adaopt.chain(plateau, plateau).init(params)
+        on_plateau.observe(adaopt.adam().init(params), 1.0)
+    two = adaopt.chain(on_plateau, on_plateau).init(params)
     with pytest.raises(ValueError, match="found 2"):
-        plateau.observe(two, 1.0)
-    assert plateau.observe(plateau.init(params), 1.0).best == 1.0
+        on_plateau.observe(two, 1.0)
+    assert on_plateau.observe(on_plateau.init(params), 1.0).best == 1.0
     with pytest.raises(ValueError, match="scalar"):
-        plateau.update(params, plateau.init(params), value=jnp.ones(2))
+        on_plateau.update(params, on_plateau.init(params), value=jnp.ones(2))
 
 
 INVALID = [
@@ -436,6 +436,6 @@ INVALID = [
 @pytest.mark.parametrize(("name", "bad"), INVALID, ids=[f"{n}-{b!r}" for n, b in INVALID])
 def test_invalid_hyperparameters(name: str, bad: Any) -> None:
     with pytest.raises(HyperparameterError) as info:
-        P.reduce_on_plateau(**{name: bad})
+        plateau.reduce_on_plateau(**{name: bad})
     message = str(info.value)
     assert name in message and repr(bad) in message and "must be" in message, message

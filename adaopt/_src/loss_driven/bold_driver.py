@@ -8,19 +8,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
 class BoldDriverState(NamedTuple):
-    """State of :func:`scale_by_bold_driver`.
+    r"""State of :func:`scale_by_bold_driver`: the learned rate and the loss it is compared with.
 
-    ``learning_rate`` is the current rate :math:`\\eta_t m_t` (:math:`\\eta_0` before the first
-    step); ``scale`` is :math:`m_t`, the product of the increases and decreases so far;
-    ``previous_value`` is the loss at the point the last step started from and ``compare``
-    whether the next loss is compared with it (not on the first step, nor right after an undo).
-    ``previous_update`` (``undo=True`` only) is the update last applied, one copy of the
-    parameters' size.
+    Attributes:
+      count: the number of updates so far, a saturating int32.
+      learning_rate: the current rate :math:`\eta_t m_t` (:math:`\eta_0` before the first step).
+      scale: :math:`m_t`, the product of the increases and decreases so far.
+      previous_value: the loss at the point the last step started from.
+      compare: whether the next loss is compared with it (not on the first step, nor right after
+        an undo).
+      previous_update: the update last applied, one copy of the parameters' size (``undo=True``
+        only, else None).
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
@@ -82,6 +85,27 @@ def scale_by_bold_driver(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`BoldDriverState`, whose
       ``update`` requires ``value=``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_bold_driver(0.5, increase=2.0, decrease=0.25)
+      >>> g = jnp.array([1.0])
+      >>> state = tx.init(g)
+      >>> for loss in [2.0, 1.0, 3.0]:  # the first is not compared; a fall; a rise, undone
+      ...     updates, state = tx.update(g, state, value=loss)
+      ...     print(updates, state.learning_rate)
+      [-0.5] 0.5
+      [-1.] 1.0
+      [1.] 0.25
+
+    References:
+      Vogl, Mangis, Rigler, Zink & Alkon, "Accelerating the convergence of the back-propagation
+      method", Biological Cybernetics 59, 1988, https://doi.org/10.1007/BF00332914 (with the undo).
+
+      Battiti, "Accelerated backpropagation learning: two optimization methods", Complex Systems 3,
+      1989 (the name "bold driver").
+
+      There is no reference package to match; its tests check the rule itself.
     """
     base.check_learning_rate(learning_rate)
     _check_factors(increase, decrease)
@@ -89,10 +113,9 @@ def scale_by_bold_driver(
     def init_fn(params: base.Params) -> BoldDriverState:
         dtype = moments.scalar_dtype(params)
         count = moments.zero_count()
-        eta = learning_rate(count) if callable(learning_rate) else learning_rate
         return BoldDriverState(
             count=count,
-            learning_rate=jnp.asarray(eta).astype(dtype),
+            learning_rate=numerics.learning_rate_at(learning_rate, count, dtype),
             scale=jnp.ones([], dtype),
             previous_value=jnp.zeros([], dtype),
             compare=jnp.zeros([], jnp.bool_),
@@ -115,13 +138,11 @@ def scale_by_bold_driver(
         rose = state.compare & ~(f <= state.previous_value)
         factor = jnp.where(rose, moments.scalar(decrease, dtype), jnp.where(fell, moments.scalar(increase, dtype), 1))
         scale = state.scale * factor.astype(dtype)
-        eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        alpha = jnp.asarray(eta).astype(dtype) * scale
+        alpha = numerics.learning_rate_at(learning_rate, state.count, dtype) * scale
         revert = rose if undo else jnp.zeros([], jnp.bool_)
 
         def leaf(d: jax.Array, *previous: jax.Array) -> tuple[jax.Array, ...]:
-            cdtype = moments.compute_dtype(d.dtype)
-            step = (-alpha.astype(cdtype) * d.astype(cdtype)).astype(d.dtype)
+            step = moments.scale_leaf(-alpha, d)
             if not undo:
                 return (step,)
             step = jnp.where(revert, -previous[0].astype(d.dtype), step)
@@ -197,13 +218,15 @@ def bold_driver(
       [1.] 0.75
       [-0.5] 0.75
 
-    Reference: Vogl, Mangis, Rigler, Zink & Alkon, "Accelerating the convergence of the
-    back-propagation method", Biological Cybernetics, 1988 (with the undo); Battiti,
-    "Accelerated backpropagation learning: two optimization methods", Complex Systems, 1989
-    (the name "bold driver"). There is no reference package to match; its tests check the
-    rule itself.
+    References:
+      Vogl, Mangis, Rigler, Zink & Alkon, "Accelerating the convergence of the back-propagation
+      method", Biological Cybernetics 59, 1988, https://doi.org/10.1007/BF00332914 (with the undo).
+
+      Battiti, "Accelerated backpropagation learning: two optimization methods", Complex Systems 3,
+      1989 (the name "bold driver").
+
+      There is no reference package to match; its tests check the rule itself.
     """
     base.check_nonnegative("weight_decay", weight_decay)
-    decay = [] if base.is_zero(weight_decay) else [base.add_decayed_weights(weight_decay, weight_decay_mask)]
     core = scale_by_bold_driver(learning_rate, increase, decrease, undo=undo)
-    return optax.chain(base.check_gradient_tree(), *decay, core)
+    return optax.chain(base.check_gradient_tree(), *base.weight_decay_blocks(weight_decay, weight_decay_mask), core)

@@ -16,19 +16,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import Updates
 
 
 class ReduceOnPlateauState(NamedTuple):
     """State of :func:`reduce_on_plateau`: torch's scheduler state, as arrays.
 
-    ``learning_rate`` is torch's ``param_groups[i]["lr"]``: the effective learning rate;
-    ``scale = learning_rate / base_learning_rate`` multiplies the updates; ``best``,
-    ``num_bad`` (torch's ``num_bad_epochs``) and ``cooldown_counter`` are torch's; ``count`` and
-    ``value_sum`` accumulate the losses of the current group of ``accumulation_size``. The
-    floats are in the parameters' widest float dtype, at least float32 (float64 parameters give
-    torch's float64 learning rates exactly); a loss is cast to it.
+    The floats are in the parameters' widest float dtype, at least float32 (float64 parameters
+    give torch's float64 learning rates exactly); a loss is cast to it.
+
+    Attributes:
+      scale: ``learning_rate / base_learning_rate``, which multiplies the updates.
+      learning_rate: torch's ``param_groups[i]["lr"]``: the effective learning rate.
+      best: the best evaluation so far (torch's ``best``).
+      num_bad: evaluations without improvement (torch's ``num_bad_epochs``).
+      cooldown_counter: evaluations of cooldown left (torch's ``cooldown_counter``).
+      count: the losses accumulated into the current evaluation.
+      value_sum: their sum.
     """
 
     scale: jax.Array
@@ -55,12 +60,11 @@ class ReduceOnPlateau(optax.GradientTransformationExtraArgs):
           ``state`` with its :class:`ReduceOnPlateauState` updated as by ``update(...,
           value=value)``, the rest untouched. Pure and jittable.
         """
-        found = [s for s in jax.tree.leaves(state, is_leaf=_is_plateau_state) if _is_plateau_state(s)]
-        if len(found) != 1:
-            raise ValueError(
-                f"observe needs a state holding exactly one ReduceOnPlateauState, found {len(found)}: pass the "
-                "optimizer state that contains this transformation's state (or that state itself)."
-            )
+        numerics.find_state(
+            state,
+            ReduceOnPlateauState,
+            "pass to observe the optimizer state that contains this transformation's state (or that state itself).",
+        )
 
         def feed(s: Any) -> Any:
             return self.update({}, s, value=value)[1] if isinstance(s, ReduceOnPlateauState) else s
@@ -106,7 +110,8 @@ def reduce_on_plateau(
     with :math:`b` the best loss (starting at :math:`+\infty`, or :math:`-\infty` for "max"),
     :math:`n` the evaluations without improvement, :math:`c` the cooldown counter,
     :math:`\phi` = ``factor``, :math:`\theta` = ``threshold``, and the learning rate
-    :math:`\eta` starting at :math:`\eta_0` = ``base_learning_rate``.
+    :math:`\eta` starting at :math:`\eta_0` = ``base_learning_rate``. Each update leaf is
+    multiplied by :math:`s` in its compute dtype (float32 for half precision and float32 leaves).
 
     Args:
       base_learning_rate: the learning rate of the optimizer this is chained after (torch's
@@ -143,14 +148,19 @@ def reduce_on_plateau(
       (0.005, 0.5)
       >>> state = plateau.observe(state, 1.0)  # an evaluation loss between steps
 
-    torch: ``ReduceLROnPlateau(optimizer, mode, factor, patience, threshold, threshold_mode,
-    cooldown, min_lr, eps)`` with ``optimizer`` at ``lr=base_learning_rate``, stepped with
-    each loss after ``optimizer.step()``, gives the learning rates ``state.learning_rate``
-    (the same floats, in float64). It differs from ``optax.contrib.reduce_on_plateau``, which
-    reduces after ``patience`` bad evaluations (torch: ``patience + 1``), applies a new scale
-    to the update of the loss that triggered it (torch: from the next update), combines
-    ``rtol`` and ``atol`` as :math:`v < (1 - \text{rtol}) b - \text{atol}`, has no "max" mode,
-    no ``eps`` and a ``min_scale`` relative to the base learning rate.
+    References:
+      There is no paper: the rule is torch's scheduler,
+      https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.ReduceLROnPlateau.html.
+
+      Reference package: torch's ``ReduceLROnPlateau(optimizer, mode, factor, patience, threshold,
+      threshold_mode, cooldown, min_lr, eps)`` with ``optimizer`` at ``lr=base_learning_rate``,
+      stepped with each loss after ``optimizer.step()``, gives the learning rates
+      ``state.learning_rate`` (the same floats, in float64). It differs from
+      ``optax.contrib.reduce_on_plateau``, which reduces after ``patience`` bad evaluations
+      (torch: ``patience + 1``), applies a new scale to the update of the loss that triggered it
+      (torch: from the next update), combines ``rtol`` and ``atol`` as
+      :math:`v < (1 - \text{rtol}) b - \text{atol}`, has no "max" mode, no ``eps`` and a
+      ``min_scale`` relative to the base learning rate.
     """
     base.check_scalar("base_learning_rate", base_learning_rate, low=0.0, low_open=True)
     base.check_choice("mode", mode, ("min", "max"))
@@ -231,11 +241,7 @@ def reduce_on_plateau(
     ) -> tuple[Updates, ReduceOnPlateauState]:
         del params, extra_args
 
-        def scale(g: jax.Array) -> jax.Array:
-            dtype = moments.compute_dtype(g.dtype, state.scale.dtype)
-            return (g.astype(dtype) * state.scale.astype(dtype)).astype(g.dtype)
-
-        scaled = jax.tree.map(scale, updates)
+        scaled = jax.tree.map(lambda g: moments.scale_leaf(state.scale, g), updates)
         return scaled, state if value is None else observe(state, value)
 
     return ReduceOnPlateau(init_fn, update_fn)

@@ -8,14 +8,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 Variant = Literal["sps", "sps+"]
 
 
 class PolyakState(NamedTuple):
-    """State of :func:`scale_by_polyak`: the Polyak step size of the last update (telemetry only)."""
+    r"""State of :func:`scale_by_polyak`: the Polyak step size of the last update (telemetry only).
+
+    Attributes:
+      step_size: :math:`\gamma_t` of the last update (0 before the first), in the parameters'
+        widest float dtype, at least float32.
+    """
 
     step_size: jax.Array
 
@@ -46,8 +51,8 @@ def scale_by_polyak(
         \text{update}_t &= \gamma_t\, g_t
 
     with :math:`f_t` the loss at the current parameters (of the same batch as :math:`g_t`),
-    :math:`\|g_t\|^2` summed over all leaves in the compute dtype, and no cap when
-    ``max_learning_rate`` is None.
+    :math:`\|g_t\|^2` summed over all leaves in the state's dtype (the parameters' widest float,
+    at least float32), and no cap when ``max_learning_rate`` is None.
 
     Args:
       c: :math:`c > 0` (the paper's theory and experiments on convex problems: 1/2).
@@ -59,6 +64,26 @@ def scale_by_polyak(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`PolyakState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_polyak(c=0.5)
+      >>> g = jnp.array([2.0, -4.0])  # the gradient of |x|^2 at x = (1, -2), where the loss is 5
+      >>> updates, state = tx.update(g, tx.init(g), value=5.0)
+      >>> state.step_size, updates  # 5 / (0.5 * 20) = 0.5
+      (Array(0.5, dtype=float32), Array([ 1., -2.], dtype=float32))
+
+    References:
+      Loizou, Vaswani, Laradji & Lacoste-Julien, "Stochastic Polyak Step-size for SGD: An
+      Adaptive Learning Rate for Fast Convergence", AISTATS 2021, https://arxiv.org/abs/2002.10542
+      (SPS and SPS-max).
+
+      Garrigos, Gower & Schaipp, "Function Value Learning: Adaptive Learning Rates Based on the
+      Polyak Stepsize and Function Splitting in ERM", 2023, https://arxiv.org/abs/2307.14528
+      ("sps+").
+
+      Reference packages: :func:`polyak_sgd` gives the arguments that reproduce
+      ``optax.polyak_sgd`` and the authors' torch ``Sps``.
     """
     _check_polyak(c, f_min, max_learning_rate, eps, variant)
 
@@ -76,23 +101,15 @@ def scale_by_polyak(
         del params, extra_args
         dtype = state.step_size.dtype
         f = base.loss_value(value, dtype, "polyak_sgd")
-        leaves = jax.tree.leaves(updates)
-        squares = [jnp.sum(jnp.square(g.astype(moments.compute_dtype(g.dtype)))).astype(dtype) for g in leaves]
-        grad_sq_norm = sum(squares, jnp.zeros([], dtype))
+        grad_sq_norm = numerics.sum_of_squares(updates, dtype)
         gap = f - moments.scalar(f_min, dtype)
         if variant == "sps+":
             gap = jnp.maximum(gap, 0)
         denominator = moments.scalar(c, dtype) * grad_sq_norm + moments.scalar(eps, dtype)
-        ok = denominator > 0
-        step_size = jnp.where(ok, gap / jnp.where(ok, denominator, 1), 0).astype(dtype)
+        step_size = moments.safe_divide(gap, denominator).astype(dtype)
         if max_learning_rate is not None:
             step_size = jnp.minimum(step_size, moments.scalar(max_learning_rate, dtype))
-
-        def leaf(g: jax.Array) -> jax.Array:
-            cdtype = moments.compute_dtype(g.dtype)
-            return (step_size.astype(cdtype) * g.astype(cdtype)).astype(g.dtype)
-
-        return jax.tree.map(leaf, updates), PolyakState(step_size)
+        return jax.tree.map(lambda g: moments.scale_leaf(step_size, g), updates), PolyakState(step_size)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -150,20 +167,25 @@ def polyak_sgd(
       >>> x + updates
       Array([0., 0.], dtype=float32)
 
-    Reference: Loizou, Vaswani, Laradji & Lacoste-Julien, "Stochastic Polyak Step-size for SGD:
-    An Adaptive Learning Rate for Fast Convergence", AISTATS 2021 (SPS and SPS-max); Garrigos,
-    Gower & Schaipp, 2023 ("sps+").
+    References:
+      Loizou, Vaswani, Laradji & Lacoste-Julien, "Stochastic Polyak Step-size for SGD: An
+      Adaptive Learning Rate for Fast Convergence", AISTATS 2021, https://arxiv.org/abs/2002.10542
+      (SPS and SPS-max).
 
-    ``optax.polyak_sgd(max_learning_rate=M, scaling=s, f_min, eps=e, variant)`` with a constant
-    ``s`` is this with ``learning_rate=1, c=s, max_learning_rate=s * M, eps=e / s`` and the same
-    ``f_min``, ``variant``: optax applies ``scaling`` to the gradient before it measures its norm,
-    so its step is :math:`\min(\Delta / (s\|g\|^2 + e/s), sM)\, g`, not the
-    :math:`s \min(\Delta / (\|g\|^2 + e), M)\, g` its docstring states (the two agree for
-    ``s = 1``); and it gives a zero step when :math:`s^2\|g\|^2 + e` is at most float64's machine
-    epsilon, where this takes the step unless the denominator is exactly 0. The authors' torch
-    ``Sps(c, eta_max, adapt_flag="constant", eps)`` (github IssamLaradji/sps) is this with
-    ``variant="sps+"``, ``max_learning_rate=eta_max`` and the same ``c``, ``eps``, except that it
-    takes no step when :math:`\|g\| < 10^{-8}`.
+      Garrigos, Gower & Schaipp, "Function Value Learning: Adaptive Learning Rates Based on the
+      Polyak Stepsize and Function Splitting in ERM", 2023, https://arxiv.org/abs/2307.14528
+      ("sps+").
+
+      Reference packages: ``optax.polyak_sgd(max_learning_rate=M, scaling=s, f_min, eps=e,
+      variant)`` with a constant ``s`` is this with ``learning_rate=1, c=s, max_learning_rate=s * M,
+      eps=e / s`` and the same ``f_min``, ``variant``: optax applies ``scaling`` to the gradient
+      before it measures its norm, so its step is :math:`\min(\Delta / (s\|g\|^2 + e/s), sM)\, g`,
+      not the :math:`s \min(\Delta / (\|g\|^2 + e), M)\, g` its docstring states (the two agree for
+      ``s = 1``); and it gives a zero step when :math:`s^2\|g\|^2 + e` is at most float64's machine
+      epsilon, where this takes the step unless the denominator is exactly 0. The authors' torch
+      ``Sps(c, eta_max, adapt_flag="constant", eps)`` (https://github.com/IssamLaradji/sps) is this
+      with ``variant="sps+"``, ``max_learning_rate=eta_max`` and the same ``c``, ``eps``, except that
+      it takes no step when :math:`\|g\| < 10^{-8}`.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_polyak(c, f_min, max_learning_rate, eps, variant=variant)
