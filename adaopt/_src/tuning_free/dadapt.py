@@ -8,9 +8,10 @@ learning rate enters the accumulators themselves, so it is an argument of each b
 factor applied after it: a schedule scales the steps and the accumulated quantities exactly as
 the reference package does when its parameter group's ``lr`` changes each step.
 
-The shared machinery (the learning rate at a step, sums over the tree, the capped growth of
-:math:`d`, decoupled weight decay inside a block) lives here; :mod:`adaopt._src.tuning_free.prodigy`
-builds on it.
+Each leaf's share of a global sum is reduced inside the leaf's step (one pass over its state);
+the shares are added with :func:`adaopt._src.numerics.tree_sum`. The machinery of the family
+(the capped growth of :math:`d`, decoupled weight decay inside a block, the skipped step) lives
+here; :mod:`adaopt._src.tuning_free.prodigy` builds on it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 ADAGRAD_INITIAL_ACCUMULATOR = 1e-6  # dadaptation's DAdaptAdaGrad starts its accumulator here (hard-coded)
@@ -32,32 +33,32 @@ ADAGRAD_INITIAL_ACCUMULATOR = 1e-6  # dadaptation's DAdaptAdaGrad starts its acc
 # The machinery shared by the D-Adaptation family (and Prodigy).
 
 
-def learning_rate_at(learning_rate: ScalarOrSchedule, count: jax.Array, dtype: Any) -> jax.Array:
-    """The learning rate of the step numbered ``count`` (from 0), as a 0-d array of ``dtype``."""
-    value = learning_rate(count) if callable(learning_rate) else learning_rate
-    return jnp.asarray(value).astype(dtype)
-
-
-def tree_total(tree: Any, dtype: Any) -> jax.Array:
-    """The sum of a tree of per-leaf scalars, in ``dtype``; 0 for a tree with no leaves."""
-    return sum((jnp.asarray(x).astype(dtype) for x in jax.tree.leaves(tree)), jnp.zeros([], dtype))
-
-
-def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """``numerator / denominator``, 0 where the denominator is 0 (a skipped step), with finite gradients."""
-    ok = denominator != 0
-    return jnp.where(ok, numerator / jnp.where(ok, denominator, 1), 0)
-
-
 def scalar_sqrt(x: Any, dtype: Any) -> Any:
-    """The square root of a hyperparameter: a Python float for a Python number, as the packages compute it."""
+    """The square root of a hyperparameter, computed as the packages compute it.
+
+    Args:
+      x: the hyperparameter, a Python number or an array (a traced one under ``inject_hyperparams``).
+      dtype: the dtype of the root of an array.
+
+    Returns:
+      ``x ** 0.5``, a Python float for a Python number, else a 0-d array of ``dtype``.
+    """
     if isinstance(x, (int, float)):
         return x**0.5
     return jnp.sqrt(jnp.asarray(x).astype(dtype))
 
 
 def capped(candidate: jax.Array, d: jax.Array, growth_rate: Any) -> jax.Array:
-    """``min(candidate, growth_rate * d)``; an infinite ``growth_rate`` (the default) caps nothing."""
+    """The candidate estimate, capped at ``growth_rate`` times the current one.
+
+    Args:
+      candidate: the new estimate of :math:`d`, a 0-d array.
+      d: the current estimate, a 0-d array.
+      growth_rate: the cap on the ratio, in [1, inf]; an infinite one (the default) caps nothing.
+
+    Returns:
+      ``min(candidate, growth_rate * d)``, in ``d``'s dtype.
+    """
     if isinstance(growth_rate, (int, float)):
         return candidate if math.isinf(growth_rate) else jnp.minimum(candidate, growth_rate * d)
     rate = jnp.asarray(growth_rate).astype(d.dtype)
@@ -67,64 +68,106 @@ def capped(candidate: jax.Array, d: jax.Array, growth_rate: Any) -> jax.Array:
 
 
 def check_growth_rate(growth_rate: Any) -> None:
-    """A multiplicative cap on the growth of d per step: in [1, inf], infinity (no cap) included."""
+    """Raise ``HyperparameterError`` unless ``growth_rate`` is a number in [1, inf], infinity (no cap) included.
+
+    Args:
+      growth_rate: the multiplicative cap on the growth of :math:`d` per step; a traced value
+        is not checked.
+    """
+    valid = "[1.0, inf] (inf: no cap)"
     try:
         value = base._concrete_scalar(growth_rate)
     except TypeError:
-        value = None
-    if value == math.inf:
-        return
-    base.check_scalar("growth_rate", growth_rate, low=1.0)
+        raise base.HyperparameterError(
+            f"growth_rate must be a real number in {valid}, got {growth_rate!r} of type {type(growth_rate).__name__}."
+        ) from None
+    if value is not None and not value >= 1.0:  # NaN fails too
+        raise base.HyperparameterError(f"growth_rate must be a number in {valid}, got {growth_rate!r}.")
 
 
 def check_d0(d0: Any) -> None:
+    """Raise ``HyperparameterError`` unless ``d0``, the initial estimate of :math:`d`, is a finite number > 0.
+
+    Args:
+      d0: the initial estimate; a traced value is not checked.
+    """
     base.check_scalar("d0", d0, low=0.0, low_open=True)
 
 
-def require_params(params: base.Params | None, name: str) -> base.Params:
-    if params is None:
-        raise ValueError(
-            f"{name} needs the parameters (it steps from the initial point, or decays the weights): "
-            "call update(grads, state, params)."
-        )
-    return params
-
-
 def decay_mask(weight_decay_mask: base.MaskOrFn | None, params: base.Params) -> Any:
-    """The tree of booleans selecting the decayed leaves (all of them when no mask is given)."""
+    """The tree of booleans selecting the decayed leaves.
+
+    Args:
+      weight_decay_mask: a tree of booleans, a function of the parameters returning one, or None.
+      params: the parameters.
+
+    Returns:
+      The mask, a tree with the parameters' structure; all True when ``weight_decay_mask`` is None.
+    """
     if weight_decay_mask is None:
         return jax.tree.map(lambda _: True, params)
     return weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
 
 
 def decay_term(p: jax.Array, selected: Any, weight_decay: Any, dtype: Any) -> Any:
-    """``weight_decay * p`` for a selected leaf, else 0, in ``dtype``."""
+    r"""One leaf's decoupled weight decay :math:`\lambda p`, where its mask selects it.
+
+    Args:
+      p: the parameter leaf, in ``dtype``.
+      selected: the leaf's mask entry, a Python bool or a boolean array.
+      weight_decay: :math:`\lambda`, a Python number or an array.
+      dtype: the compute dtype of the leaf.
+
+    Returns:
+      ``weight_decay * p`` where selected, else 0 (a Python 0 for an unselected leaf).
+    """
     if isinstance(selected, bool):
         return moments.scalar(weight_decay, dtype) * p if selected else 0
     return jnp.where(jnp.asarray(selected), moments.scalar(weight_decay, dtype) * p, 0)
 
 
 def decay_then_step(p: jax.Array, decay: Any, step: jax.Array) -> jax.Array:
-    """``step + decay``, what to subtract from ``p``, rounded as the packages' ``p -= decay; p -= step``.
+    """What to subtract from ``p`` for a decay then a step, rounded as the packages' ``p -= decay; p -= step``.
 
     Where the decay is non-zero the result is ``p - ((p - decay) - step)``: subtracted from ``p``,
     it gives the packages' two roundings exactly, so float32 runs agree bit for bit (one rounding
     would differ in the last bit, and the first, tiny steps feed the estimate of d). The update
     then carries the rounding of ``p``, as the packages' own ``p_new - p`` does.
+
+    Args:
+      p: the parameter leaf, in its compute dtype.
+      decay: the decay to subtract first (see :func:`decay_term`), an array or a Python 0.
+      step: the step to subtract next.
+
+    Returns:
+      ``step + decay``, rounded as described.
     """
     return jnp.where(decay != 0, p - ((p - decay) - step), step + decay)
 
 
-def initial_point(params: base.Params) -> Any:
-    """A copy of the parameters in :func:`moments.state_dtype`, with each parameter's sharding."""
-    return jax.tree.map(lambda z, p: z + p.astype(z.dtype), moments.init_like(params), params)
-
-
 def gate(keep: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """The new value where a step is taken, the old one where it is skipped.
+
+    Args:
+      keep: a boolean, whether the step is taken.
+      new: the value after the step.
+      old: the value before it.
+
+    Returns:
+      ``new`` if ``keep`` else ``old``.
+    """
     return jnp.where(keep, new, old)
 
 
 def check_common(learning_rate: Any, weight_decay: Any, d0: Any, growth_rate: Any) -> None:
+    """Validate the hyperparameters every optimizer of the family has.
+
+    Args:
+      learning_rate: a non-negative number or a schedule.
+      weight_decay: a number >= 0.
+      d0: the initial estimate of :math:`d`, > 0.
+      growth_rate: the cap on the growth of :math:`d` per step, in [1, inf].
+    """
     base.check_common(learning_rate, weight_decay)
     check_d0(d0)
     check_growth_rate(growth_rate)
@@ -235,7 +278,7 @@ def scale_by_dadapt_adam(
         updates: Updates, state: DAdaptAdamState, params: base.Params | None = None
     ) -> tuple[Updates, DAdaptAdamState]:
         dtype = state.d.dtype
-        lr = learning_rate_at(learning_rate, state.count, dtype)
+        lr = numerics.learning_rate_at(learning_rate, state.count, dtype)
         active = lr > 0
         k1 = state.step + 1
         bc = (
@@ -266,14 +309,14 @@ def scale_by_dadapt_adam(
             )
 
         mu, nu, s, dots, l1s = moments.leafwise(accumulate, 5, updates, state.mu, state.nu, state.s, *scales)
-        numerator = moments.ema(dlr * tree_total(dots, dtype), state.numerator, sqrt_b2)
-        sk_l1 = tree_total(l1s, dtype)
+        numerator = moments.ema(dlr * numerics.tree_sum(dots, dtype), state.numerator, sqrt_b2)
+        sk_l1 = numerics.tree_sum(l1s, dtype)
         taken = sk_l1 != 0
-        d_hat = safe_ratio(numerator, (1 - sqrt_b2) * sk_l1)
+        d_hat = moments.safe_divide(numerator, (1 - sqrt_b2) * sk_l1)
         d_new = jnp.maximum(d, capped(d_hat, d, growth_rate))
 
         if decoupled:
-            mask = decay_mask(weight_decay_mask, require_params(params, "dadapt_adam with decoupled weight decay"))
+            mask = decay_mask(weight_decay_mask, base.require_params(params, "dadapt_adam with decoupled weight decay"))
             decay_trees: tuple[Any, ...] = (params, mask)
         else:
             decay_trees = ()
@@ -443,24 +486,19 @@ def scale_by_dadapt_sgd(
             numerator=zero,
             g0_norm=zero,
             s=moments.init_like(params),
-            x0=initial_point(params),
+            x0=moments.init_copy(params),
         )
 
     def update_fn(
         updates: Updates, state: DAdaptSGDState, params: base.Params | None = None
     ) -> tuple[Updates, DAdaptSGDState]:
-        params = require_params(params, "dadapt_sgd")
+        params = base.require_params(params, "dadapt_sgd")
         dtype = state.d.dtype
-        lr = learning_rate_at(learning_rate, state.count, dtype)
+        lr = numerics.learning_rate_at(learning_rate, state.count, dtype)
         active = lr > 0
-        g_sq = tree_total(
-            jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(moments.compute_dtype(g.dtype)))), updates), dtype
-        )
-        # The inner where keeps sqrt's infinite slope at 0 out of gradients through the update.
-        norm = jnp.where(g_sq > 0, jnp.sqrt(jnp.where(g_sq > 0, g_sq, 1)), 0)
-        g0_norm = jnp.where(state.step == 0, norm, state.g0_norm)
+        g0_norm = jnp.where(state.step == 0, numerics.norm(updates, dtype), state.g0_norm)
         d = state.d
-        dlr = safe_ratio(d * lr, g0_norm)
+        dlr = moments.safe_divide(d * lr, g0_norm)
         mask = (decay_mask(weight_decay_mask, params),) if decayed else ()
 
         def accumulate(g: jax.Array, p: jax.Array, s: jax.Array, *selected: Any) -> tuple[jax.Array, ...]:
@@ -473,11 +511,10 @@ def scale_by_dadapt_sgd(
             return gate(active, s_new, s32).astype(s.dtype), dot, jnp.where(active, jnp.sum(s_new * s_new), 0)
 
         s, dots, squares = moments.leafwise(accumulate, 3, updates, params, state.s, *mask, what="parameters and state")
-        numerator = state.numerator + dlr * tree_total(dots, dtype)
-        sk_sq = tree_total(squares, dtype)
+        numerator = state.numerator + dlr * numerics.tree_sum(dots, dtype)
+        sk_sq = numerics.tree_sum(squares, dtype)
         taken = (sk_sq != 0) & (g0_norm != 0)
-        sk_norm = jnp.sqrt(jnp.where(taken, sk_sq, 1))
-        d_hat = 2 * numerator / sk_norm
+        d_hat = moments.safe_divide(2 * numerator, moments.safe_sqrt(sk_sq))
         d_new = jnp.maximum(d, capped(d_hat, d, growth_rate))
         ck = 1 - moments.scalar(momentum, dtype)
 
@@ -620,15 +657,15 @@ def scale_by_dadapt_adagrad(
             gsq_weighted=jnp.zeros([], dtype),
             alpha=moments.init_like(params, fill=ADAGRAD_INITIAL_ACCUMULATOR),
             s=moments.init_like(params),
-            x0=initial_point(params),
+            x0=moments.init_copy(params),
         )
 
     def update_fn(
         updates: Updates, state: DAdaptAdaGradState, params: base.Params | None = None
     ) -> tuple[Updates, DAdaptAdaGradState]:
-        params = require_params(params, "dadapt_adagrad")
+        params = base.require_params(params, "dadapt_adagrad")
         dtype = state.d.dtype
-        lr = learning_rate_at(learning_rate, state.count, dtype)
+        lr = numerics.learning_rate_at(learning_rate, state.count, dtype)
         d = state.d
         dlr = d * lr
 
@@ -642,10 +679,10 @@ def scale_by_dadapt_adagrad(
             return a_new.astype(a.dtype), s_new.astype(s.dtype), g_sq, sk_sq, jnp.sum(jnp.abs(s_new))
 
         alpha, s, g_sqs, sk_sqs, l1s = moments.leafwise(accumulate, 5, updates, state.alpha, state.s)
-        skl1 = tree_total(l1s, dtype)
+        skl1 = numerics.tree_sum(l1s, dtype)
         taken = skl1 != 0
-        gsq_weighted = state.gsq_weighted + dlr * dlr * tree_total(g_sqs, dtype)
-        d_hat = safe_ratio(tree_total(sk_sqs, dtype) - gsq_weighted, skl1)
+        gsq_weighted = state.gsq_weighted + dlr * dlr * numerics.tree_sum(g_sqs, dtype)
+        d_hat = moments.safe_divide(numerics.tree_sum(sk_sqs, dtype) - gsq_weighted, skl1)
         d_new = jnp.where(lr > 0, jnp.maximum(d, capped(d_hat, d, growth_rate)), d)
         ck = 1 - moments.scalar(momentum, dtype)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.tuning_free import dadapt
 
@@ -140,11 +140,7 @@ def scale_by_prodigy(
 
     def init_fn(params: base.Params) -> ProdigyState:
         dtype = moments.scalar_dtype(params)
-        if stride == 1:
-            s, p0 = moments.init_like(params), dadapt.initial_point(params)
-        else:
-            s = jax.tree.map(lambda p: jnp.zeros_like(sliced(p), dtype=moments.state_dtype(jnp.result_type(p))), params)
-            p0 = jax.tree.map(lambda p: sliced(p).astype(moments.state_dtype(jnp.result_type(p))), params)
+        kept = jax.tree.map(sliced, params)  # the parameters themselves when slice_p is None or 1
         return ProdigyState(
             count=moments.zero_count(),
             step=moments.zero_count(),
@@ -153,16 +149,16 @@ def scale_by_prodigy(
             numerator=jnp.zeros([], dtype),
             mu=moments.init_like(params, mu_dtype) if with_momentum else None,
             nu=moments.init_like(params, nu_dtype),
-            s=s,
-            p0=p0,
+            s=moments.init_like(kept),
+            p0=moments.init_copy(kept),
         )
 
     def update_fn(
         updates: Updates, state: ProdigyState, params: base.Params | None = None
     ) -> tuple[Updates, ProdigyState]:
-        params = dadapt.require_params(params, "prodigy")
+        params = base.require_params(params, "prodigy")
         dtype = state.d.dtype
-        lr = dadapt.learning_rate_at(learning_rate, state.count, dtype)
+        lr = numerics.learning_rate_at(learning_rate, state.count, dtype)
         active = lr > 0
         k1 = state.step + 1
         bc = (
@@ -200,10 +196,10 @@ def scale_by_prodigy(
         )
         s, nu, dots, l1s = out[:4]
         mu = out[4] if with_momentum else None
-        numerator = beta3 * state.numerator + (d / first_d) * dlr * dadapt.tree_total(dots, dtype)
-        d_denom = dadapt.tree_total(l1s, dtype)
+        numerator = beta3 * state.numerator + (d / first_d) * dlr * numerics.tree_sum(dots, dtype)
+        d_denom = numerics.tree_sum(l1s, dtype)
         taken = d_denom != 0
-        d_hat = moments.scalar(d_coef, dtype) * dadapt.safe_ratio(numerator, d_denom)
+        d_hat = moments.scalar(d_coef, dtype) * moments.safe_divide(numerator, d_denom)
         d_grown = jnp.where(d == first_d, jnp.maximum(d, d_hat), d)
         d_max = jnp.maximum(state.d_max, d_hat)
         d_new = dadapt.capped(d_max, d_grown, growth_rate)
