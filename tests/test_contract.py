@@ -304,7 +304,7 @@ def test_mismatched_gradient_tree_is_a_clear_error(spec: OptimizerSpec) -> None:
     params = _params()
     state = tx.init(params)
     wrong = {"dense": {"w": params["dense"]["w"]}, "scale": params["scale"]}
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(adaopt.TreeMismatchError, match=r"do not have the structure of the optimizer's parameters"):
         _update(tx, wrong, state, params)
 
 

@@ -113,3 +113,26 @@ def test_tuning_free_methods_are_measured_at_the_factory_defaults(spec: Optimize
 
 def test_every_registry_optimizer_has_a_tuned_learning_rate() -> None:
     assert sorted(learning_rates.TUNED) == sorted(REGISTRY)
+
+
+def test_an_infinite_bound_is_printed_open() -> None:
+    """The range in the message is the one enforced: no finite value equals inf, so inf is excluded."""
+    with pytest.raises(
+        adaopt.HyperparameterError, match=r"^learning_rate must be a finite number in \[0\.0, inf\), got inf\.$"
+    ):
+        adaopt.adam(learning_rate=math.inf)
+    with pytest.raises(adaopt.HyperparameterError, match=r"^b1 must be a finite number in \[0\.0, 1\.0\), got 1\.0\.$"):
+        adaopt.adam(b1=1.0)
+
+
+def test_a_tree_mismatch_names_what_it_was_compared_with() -> None:
+    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    tx = adaopt.adam(1e-3)
+    state = tx.init(params)
+    wrong = {"a": jnp.ones(2)}
+    with pytest.raises(
+        adaopt.TreeMismatchError, match=r"(?s)structure of the optimizer's parameters.*given as `params`"
+    ):
+        tx.update(wrong, state, params)
+    with pytest.raises(adaopt.TreeMismatchError, match=r"(?s)structure of the optimizer's state.*built by `init`"):
+        tx.update(wrong, state)

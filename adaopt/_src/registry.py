@@ -441,11 +441,3 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
 )  # fmt: skip
 
 REGISTRY: Mapping[str, OptimizerSpec] = MappingProxyType({spec.name: spec for spec in OPTIMIZERS})
-
-
-def get(name: str) -> OptimizerSpec:
-    """The registry entry of ``name``; a ``KeyError`` lists the known names."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"Unknown optimizer {name!r}; adaopt has {sorted(REGISTRY)}.") from None
