@@ -17,43 +17,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import Params, ScalarOrSchedule, Updates
-
-
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` with 0, and a zero derivative, at ``x = 0`` (the distance at the first step)."""
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
-
-
-def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """``numerator / denominator``, 0 where the denominator is 0 (no gradient seen yet, eps = 0)."""
-    positive = denominator > 0
-    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1), 0)
-
-
-def _sum_of_squares(leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
-    """The squared norm of the leaves taken as one vector, summed in ``dtype`` (0 for no leaves)."""
-    return sum((jnp.sum(jnp.square(jnp.asarray(x).astype(dtype))) for x in leaves), jnp.zeros([], dtype))
-
-
-def _squared_distance(params: Sequence[jax.Array], init_params: Sequence[jax.Array], dtype: Any) -> jax.Array:
-    differences = [jnp.asarray(p).astype(dtype) - x0.astype(dtype) for p, x0 in zip(params, init_params, strict=True)]
-    return _sum_of_squares(differences, dtype)
-
-
-def _copy(params: Params) -> Params:
-    """The initial point, a copy of the parameters (a copy, so that donating both buffers is safe)."""
-    return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
 
 
 def _leaves(updates: Updates, params: Params | None, init_params: Params, who: str) -> tuple[list, list, list]:
     """The leaves of the gradients, the parameters and the initial point, in the same order."""
-    if params is None:
-        raise ValueError(f"{who} needs the parameters: call update(grads, state, params).")
+    params = base.require_params(params, who)
     base.check_tree_match(updates, params, "parameters")
-    base.check_tree_match(updates, init_params, "initial parameters")
+    base.check_tree_match(updates, init_params, "state")
     return jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(init_params)
 
 
@@ -123,7 +95,7 @@ def scale_by_dog(
 
     def initial_estimate(leaves: Sequence[jax.Array], dtype: Any) -> DoGEstimate:
         if init_eta is None:
-            rbar = moments.scalar(reps_rel, dtype) * (1 + _safe_sqrt(_sum_of_squares(leaves, dtype)))
+            rbar = moments.scalar(reps_rel, dtype) * (1 + numerics.norm(leaves, dtype))
         else:
             rbar = jnp.zeros([], dtype)
         return DoGEstimate(jnp.asarray(rbar, dtype), jnp.asarray(moments.scalar(eps, dtype), dtype))
@@ -135,47 +107,40 @@ def scale_by_dog(
             estimate = tuple(initial_estimate([p], moments.compute_dtype(jnp.result_type(p))) for p in leaves)
         else:
             estimate = initial_estimate(jax.tree.leaves(params), moments.scalar_dtype(params))
-        return DoGState(moments.zero_count(), _copy(params), estimate)
+        return DoGState(moments.zero_count(), moments.init_copy(params), estimate)
 
     def step_size(
         est: DoGEstimate,
         grads: Sequence[jax.Array],
         params: Sequence[jax.Array],
         init_params: Sequence[jax.Array],
-        rate: Any,
-        first: jax.Array,
+        count: jax.Array,
     ) -> tuple[jax.Array, DoGEstimate]:
         dtype = est.max_distance.dtype
-        rbar = jnp.maximum(est.max_distance, _safe_sqrt(_squared_distance(params, init_params, dtype)))
-        sum_sq = est.sum_sq_grads + _sum_of_squares(grads, dtype)
-        eta = _safe_divide(moments.scalar(rate, dtype) * rbar, _safe_sqrt(sum_sq))
+        rbar = jnp.maximum(est.max_distance, moments.safe_sqrt(numerics.squared_distance(params, init_params, dtype)))
+        sum_sq = est.sum_sq_grads + numerics.sum_of_squares(grads, dtype)
+        rate = numerics.learning_rate_at(learning_rate, count, dtype)
+        eta = moments.safe_divide(rate * rbar, moments.safe_sqrt(sum_sq))
         if init_eta is not None:
-            eta = jnp.where(first, moments.scalar(init_eta, dtype), eta)
+            eta = jnp.where(count == 0, moments.scalar(init_eta, dtype), eta)
         return eta, DoGEstimate(rbar, sum_sq)
 
     def update_fn(updates: Updates, state: DoGState, params: Params | None = None) -> tuple[Updates, DoGState]:
         flat, flat_params, flat_init = _leaves(updates, params, state.init_params, "DoG")
-        rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        first = state.count == 0
         estimate: DoGEstimate | tuple[DoGEstimate, ...]
         if layer_wise:
             per_leaf = cast(tuple[DoGEstimate, ...], state.estimate)
             pairs = [
-                step_size(est, [g], [p], [x0], rate, first)
+                step_size(est, [g], [p], [x0], state.count)
                 for est, g, p, x0 in zip(per_leaf, flat, flat_params, flat_init, strict=True)
             ]
             etas = [eta for eta, _ in pairs]
             estimate = tuple(est for _, est in pairs)
         else:
-            eta, estimate = step_size(cast(DoGEstimate, state.estimate), flat, flat_params, flat_init, rate, first)
+            eta, estimate = step_size(cast(DoGEstimate, state.estimate), flat, flat_params, flat_init, state.count)
             etas = [eta] * len(flat)
-
-        def scaled(g: jax.Array, eta: jax.Array) -> jax.Array:
-            dtype = moments.compute_dtype(g.dtype)
-            return (eta.astype(dtype) * g.astype(dtype)).astype(g.dtype)
-
         new_updates = jax.tree.unflatten(
-            jax.tree.structure(updates), [scaled(g, eta) for g, eta in zip(flat, etas, strict=True)]
+            jax.tree.structure(updates), [moments.scale_leaf(eta, g) for g, eta in zip(flat, etas, strict=True)]
         )
         return new_updates, DoGState(moments.safe_increment(state.count), state.init_params, estimate)
 
@@ -343,7 +308,7 @@ def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.Grad
         dtype = moments.scalar_dtype(params)
         initial = eps if init_estim_sq_dist is None else init_estim_sq_dist
         return DoWGState(
-            init_params=_copy(params),
+            init_params=moments.init_copy(params),
             weighted_sq_norm_grads=jnp.zeros([], dtype),
             estim_sq_dist=jnp.asarray(moments.scalar(initial, dtype), dtype),
         )
@@ -351,15 +316,10 @@ def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.Grad
     def update_fn(updates: Updates, state: DoWGState, params: Params | None = None) -> tuple[Updates, DoWGState]:
         _, flat_params, flat_init = _leaves(updates, params, state.init_params, "DoWG")
         dtype = state.estim_sq_dist.dtype
-        estim_sq_dist = jnp.maximum(state.estim_sq_dist, _squared_distance(flat_params, flat_init, dtype))
-        weighted = estim_sq_dist * _sum_of_squares(jax.tree.leaves(updates), dtype) + state.weighted_sq_norm_grads
-        eta = _safe_divide(estim_sq_dist, _safe_sqrt(weighted) + moments.scalar(eps, dtype))
-
-        def scaled(g: jax.Array) -> jax.Array:
-            compute = moments.compute_dtype(g.dtype)
-            return (eta.astype(compute) * g.astype(compute)).astype(g.dtype)
-
-        new_updates = jax.tree.map(scaled, updates)
+        estim_sq_dist = jnp.maximum(state.estim_sq_dist, numerics.squared_distance(flat_params, flat_init, dtype))
+        weighted = estim_sq_dist * numerics.sum_of_squares(updates, dtype) + state.weighted_sq_norm_grads
+        eta = moments.safe_divide(estim_sq_dist, moments.safe_sqrt(weighted) + moments.scalar(eps, dtype))
+        new_updates = jax.tree.map(lambda g: moments.scale_leaf(eta, g), updates)
         return new_updates, DoWGState(state.init_params, weighted, estim_sq_dist)
 
     return optax.GradientTransformation(init_fn, update_fn)

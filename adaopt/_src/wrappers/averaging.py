@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import Params, Updates
 
 
@@ -64,16 +63,14 @@ def polynomial_decay_averaging(
     wrapped = optax.with_extra_args_support(inner)
 
     def init_fn(params: Params) -> PolynomialAverageState:
-        average = jax.tree.map(
-            lambda p: jnp.array(p, dtype=moments.state_dtype(jnp.result_type(p), average_dtype), copy=True), params
+        return PolynomialAverageState(
+            moments.zero_count(), moments.init_copy(params, average_dtype), wrapped.init(params)
         )
-        return PolynomialAverageState(moments.zero_count(), average, wrapped.init(params))
 
     def update_fn(
         updates: Updates, state: PolynomialAverageState, params: Params | None = None, **extra_args: Any
     ) -> tuple[Updates, PolynomialAverageState]:
-        if params is None:
-            raise ValueError("polynomial_decay_averaging needs the parameters: call update(grads, state, params).")
+        params = base.require_params(params, "polynomial_decay_averaging")
         updates, inner_state = wrapped.update(updates, state.inner_state, params, **extra_args)
         count = moments.safe_increment(state.count)
 
@@ -97,11 +94,5 @@ def averaged_params(state: Any) -> Params:
     Works on the state of the wrapper itself or of anything that holds it (``chain``,
     ``inject_hyperparams``, ``MultiSteps``); the first :class:`PolynomialAverageState` found wins.
     """
-    is_average = lambda x: isinstance(x, PolynomialAverageState)
-    for node in jax.tree.leaves(state, is_leaf=is_average):
-        if is_average(node):
-            return node.average
-    raise ValueError(
-        "This optimizer state holds no polynomial-decay average: build the optimizer with "
-        "adaopt.polynomial_decay_averaging(optimizer) to keep one."
-    )
+    fix = "build the optimizer with adaopt.polynomial_decay_averaging(optimizer), once, and pass its state."
+    return numerics.find_state(state, PolynomialAverageState, fix).average
