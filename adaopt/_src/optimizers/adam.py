@@ -21,7 +21,14 @@ AmsgradMax = Literal["raw", "debiased"]
 
 
 class AdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: the step count and the moments, mirroring the parameters."""
+    """State of :func:`scale_by_adam` (and of :func:`scale_by_radam`): the step count and the moments.
+
+    Attributes:
+      count: the number of updates so far, a saturating int32.
+      mu: the first moment :math:`m_t`, mirroring the parameters.
+      nu: the second moment :math:`v_t`, mirroring the parameters.
+      nu_max: AMSGrad's running maximum of the second moment, or None without AMSGrad.
+    """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     mu: Updates
@@ -81,11 +88,27 @@ def scale_by_adam(
       bias_correction: divide the moments by :math:`1 - \beta^t`; False gives the AMSGrad
         paper's update.
       initial_accumulator_value: initial value of both moments (Yogi's starts at 1e-6).
-      mu_dtype, nu_dtype: storage dtypes of the moments; None keeps the parameter's,
-        widened to float32 for half precision.
+      mu_dtype: storage dtype of the first moment; None keeps the parameter's, widened to
+        float32 for half precision.
+      nu_dtype: storage dtype of the second moment (and of AMSGrad's maximum); None keeps the
+        parameter's, widened to float32 for half precision.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdamState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_adam()
+      >>> g = jnp.array([0.5, -2.0])
+      >>> updates, state = tx.update(g, tx.init(g))
+      >>> updates.round(4)  # the first direction is sign(g), up to eps and float32's 1 - 0.999
+      Array([ 1., -1.], dtype=float32)
+
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, https://arxiv.org/abs/1412.6980.
+
+      Reference packages: :func:`adam`, :func:`amsgrad`, :func:`adabelief` and :func:`yogi` give
+      the arguments that reproduce torch, optax and pytorch-optimizer.
     """
     _check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
     base.check_choice("second_moment", second_moment, ("adam", "belief", "yogi"))
@@ -176,14 +199,16 @@ def adam(
 
     Args:
       learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
-      b1, b2: decays of the first and second moments, in [0, 1).
-      eps: added to the root of the second moment; eps_root: added inside it.
-      weight_decay: coefficient of the weight decay, >= 0.
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0.
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
         that selects the leaves to decay.
       decoupled_weight_decay: add the decay to the step (AdamW) instead of to the gradient (L2).
-      mu_dtype, nu_dtype: storage dtypes of the moments (default: the parameter's, at least
-        float32).
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -197,9 +222,11 @@ def adam(
       >>> updates["w"].round(6)  # the first step is -learning_rate * sign(g), up to eps
       Array([-0.001, -0.001, -0.001], dtype=float32)
 
-    Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
-    ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay)`` is this with the same numbers;
-    ``optax.adam`` is this with ``weight_decay=0``.
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, https://arxiv.org/abs/1412.6980.
+
+      Reference packages: ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay)`` is this
+      with the same numbers; ``optax.adam`` is this with ``weight_decay=0``.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
@@ -226,11 +253,35 @@ def adamw(
         \theta_t = \theta_{t-1} - \eta_t \Big( \frac{m_t / (1 - \beta_1^t)}
             {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} + \lambda \theta_{t-1} \Big)
 
-    Args: as :func:`adam`; ``weight_decay`` defaults to 0.01 as in torch.
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      weight_decay: coefficient :math:`\lambda` of the decoupled decay, >= 0; 0.01 by default, as in torch.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
-    Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
-    ``torch.optim.AdamW(lr, betas, eps, weight_decay)`` and ``optax.adamw`` (same arguments)
-    follow the same trajectory.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.adamw(1e-3, weight_decay=0.1)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> updates, state = opt.update(jnp.array([0.5, 0.5]), opt.init(params), params)
+      >>> updates.round(6)  # -learning_rate * (sign(g) + 0.1 * params), up to eps
+      Array([-0.0011, -0.0008], dtype=float32)
+
+    References:
+      Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
+      https://arxiv.org/abs/1711.05101.
+
+      Reference packages: ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay)`` and
+      ``optax.adamw`` (same arguments) follow the same trajectory.
     """
     return adam(
         learning_rate, b1, b2, eps, eps_root, weight_decay,
@@ -260,14 +311,44 @@ def amsgrad(
         \max_{s \le t} \frac{v_s}{1 - \beta_2^s} \;\text{("debiased")}, \qquad
         \theta_t = \theta_{t-1} - \eta_t \frac{m_t / (1 - \beta_1^t)}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}
 
-    Args: as :func:`adam`, and
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
       max_of: "raw", the maximum of the raw second moments, then debiased, as
         ``torch.optim.Adam(amsgrad=True)``; or "debiased", the maximum of debiased moments, as
         ``optax.amsgrad``.
       bias_correction: False gives the paper's Algorithm 2 (no bias correction at all), as
         ``optax.scale_by_amsgrad(bias_correction_mu=False, bias_correction_nu=False)``.
+      decoupled_weight_decay: add the decay to the step instead of to the gradient.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
-    Reference: Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.amsgrad(1e-3)
+      >>> params = jnp.array([1.0])
+      >>> state = opt.init(params)
+      >>> for g in (1.0, 0.0):  # the second moment decays; its maximum does not
+      ...     updates, state = opt.update(jnp.array([g]), state, params)
+      >>> state[1].nu, state[1].nu_max
+      (Array([0.000999], dtype=float32), Array([0.001], dtype=float32))
+
+    References:
+      Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018,
+      https://openreview.net/forum?id=ryQu7f-RZ.
+
+      Reference packages: ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay,
+      amsgrad=True)`` is this with ``max_of="raw"`` and the same numbers; ``optax.amsgrad`` is
+      this with ``max_of="debiased"``, ``eps_root`` as optax's and no decay.
     """
     base.check_common(learning_rate, weight_decay)
     base.check_choice("max_of", max_of, ("raw", "debiased"))
@@ -299,11 +380,39 @@ def adabelief(
         \theta_t = \theta_{t-1} - \eta_t \Big( \frac{m_t / (1 - \beta_1^t)}{\sqrt{s_t / (1 - \beta_2^t)} + \epsilon}
             + \lambda \theta_{t-1} \Big)
 
-    Args: as :func:`adam`; the decay is decoupled by default, as in the authors' package.
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, accumulated into :math:`s_t` at every step, >= 0.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      decoupled_weight_decay: decoupled by default, as in the authors' package; False adds the
+        decay to the gradient.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
-    Reference: Zhuang et al., "AdaBelief Optimizer", NeurIPS 2020.
-    ``pytorch_optimizer.AdaBelief(lr, betas, eps=e, weight_decay)`` is this with ``eps=e``,
-    ``eps_root=e``; ``optax.adabelief`` is this with the same eps, eps_root and no decay.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.adabelief(1e-3)
+      >>> params = jnp.array([1.0])
+      >>> updates, state = opt.update(jnp.array([1.0]), opt.init(params), params)
+      >>> updates.round(6)  # the first belief is (0.9 g)^2: a step of learning_rate / 0.9
+      Array([-0.001111], dtype=float32)
+
+    References:
+      Zhuang, Tang, Ding, Tatikonda, Dvornek, Papademetris & Duncan, "AdaBelief Optimizer:
+      Adapting Stepsizes by the Belief in Observed Gradients", NeurIPS 2020,
+      https://arxiv.org/abs/2010.07468.
+
+      Reference packages: ``pytorch_optimizer.AdaBelief(lr, betas, eps=e, weight_decay)`` is this
+      with ``eps=e``, ``eps_root=e``; ``optax.adabelief`` is this with the same eps, eps_root and
+      no decay.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_adam(b1, b2, eps, eps_root, second_moment="belief", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
@@ -334,11 +443,37 @@ def yogi(
 
     with both moments starting at ``initial_accumulator_value``.
 
-    Args: as :func:`adam`, and ``initial_accumulator_value`` (>= 0).
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      initial_accumulator_value: the initial value of both moments, >= 0.
+      decoupled_weight_decay: decoupled by default; False adds the decay to the gradient.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
-    Reference: Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018.
-    ``pytorch_optimizer.Yogi(lr, betas, initial_accumulator, weight_decay, eps)`` and
-    ``optax.yogi`` are this with the same numbers.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.yogi(1e-2)
+      >>> params = jnp.array([1.0])
+      >>> updates, state = opt.update(jnp.array([1.0]), opt.init(params), params)
+      >>> updates.round(5)  # about -learning_rate: eps = 1e-3 takes a little off
+      Array([-0.00999], dtype=float32)
+
+    References:
+      Zaheer, Reddi, Sachan, Kale & Kumar, "Adaptive Methods for Nonconvex Optimization",
+      NeurIPS 2018, https://papers.nips.cc/paper/8186-adaptive-methods-for-nonconvex-optimization.
+
+      Reference packages: ``pytorch_optimizer.Yogi(lr, betas, initial_accumulator, weight_decay,
+      eps)`` and ``optax.yogi`` are this with the same numbers.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_adam(
@@ -351,6 +486,14 @@ def yogi(
 
 
 class AdamaxState(NamedTuple):
+    """State of :func:`scale_by_adamax`: the step count, the first moment and the weighted infinity norm.
+
+    Attributes:
+      count: the number of updates so far, a saturating int32.
+      mu: the first moment :math:`m_t`, mirroring the parameters.
+      nu: the exponentially weighted infinity norm :math:`u_t`, mirroring the parameters.
+    """
+
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     mu: Updates
     nu: Updates  # exponentially weighted infinity norm
@@ -363,7 +506,30 @@ def scale_by_adamax(
 
     .. math::
         u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon), \qquad
-        \text{update} = \frac{m_t / (1 - \beta_1^t)}{u_t}
+        \text{update} = \frac{m_t / (1 - \beta_1^t)}{u_t} \quad (0 \text{ where } u_t = 0)
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the infinity norm, in [0, 1).
+      eps: added to :math:`|g_t|` inside the maximum, >= 0.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the infinity norm (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`AdamaxState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_adamax()
+      >>> g = jnp.array([0.5, -2.0])
+      >>> updates, state = tx.update(g, tx.init(g))
+      >>> updates.round(6)  # the first direction is sign(g), up to eps
+      Array([ 1., -1.], dtype=float32)
+
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, https://arxiv.org/abs/1412.6980. Section 7.
+
+      Reference packages: :func:`adamax` gives the arguments that reproduce torch and optax.
     """
     _check_moments(b1, b2, eps, 0.0, mu_dtype, nu_dtype)
 
@@ -392,7 +558,7 @@ def scale_by_adamax(
             beta1, beta2, e, debias1 = scalars(dtype)
             m_new = moments.ema(g32, m32, beta1)
             u_new = jnp.maximum(beta2 * u32, jnp.abs(g32) + e)
-            step = (m_new * debias1) / jnp.where(u_new > 0, u_new, 1)
+            step = moments.safe_divide(m_new * debias1, u_new)
             return step.astype(g.dtype), m_new.astype(m.dtype), u_new.astype(u.dtype)
 
         step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
@@ -420,10 +586,34 @@ def adamax(
         u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon), \quad
         \theta_t = \theta_{t-1} - \eta_t \frac{m_t}{(1 - \beta_1^t)\, u_t}
 
-    Args: as :func:`adam` (coupled decay by default, as in torch).
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the infinity norm, in [0, 1).
+      eps: :math:`\epsilon`, added to :math:`|g_t|` inside the maximum, >= 0.
+      weight_decay: coefficient of the weight decay, >= 0 (coupled by default, as in torch).
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      decoupled_weight_decay: add the decay to the step instead of to the gradient.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the infinity norm (default: the parameter's, at least float32).
 
-    Reference: Kingma & Ba, "Adam", ICLR 2015, section 7. ``torch.optim.Adamax(lr, betas, eps,
-    weight_decay)`` and ``optax.adamax`` (which also puts eps inside the maximum) match.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.adamax(2e-3)
+      >>> params = jnp.array([1.0])
+      >>> updates, state = opt.update(jnp.array([3.0]), opt.init(params), params)
+      >>> updates.round(6)  # the first step is -learning_rate * sign(g), up to eps
+      Array([-0.002], dtype=float32)
+
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, https://arxiv.org/abs/1412.6980. Section 7.
+
+      Reference packages: ``torch.optim.Adamax(lr, betas=(b1, b2), eps, weight_decay)`` and
+      ``optax.adamax`` (which also puts eps inside the maximum) are this with the same numbers.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
@@ -433,6 +623,15 @@ def adamax(
 
 
 class NadamState(NamedTuple):
+    r"""State of :func:`scale_by_nadam`: the step count, the product of the momentum schedule and the moments.
+
+    Attributes:
+      count: the number of updates so far, a saturating int32.
+      mu_product: :math:`\Pi_t`, the product of the momentum schedule up to this step.
+      mu: the first moment :math:`m_t`, mirroring the parameters.
+      nu: the second moment :math:`v_t`, mirroring the parameters.
+    """
+
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     mu_product: jax.Array  # product of the momentum schedule up to this step
     mu: Updates
@@ -456,6 +655,34 @@ def scale_by_nadam(
             \text{ is None}), \qquad \Pi_t = \textstyle\prod_{s \le t} \mu_s \\
         \text{update} &= \frac{1}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
             \Big( \frac{1 - \mu_t}{1 - \Pi_t} g_t + \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} m_t \Big)
+
+    Args:
+      b1: :math:`\beta_1`, the decay of the first moment and the base of the momentum schedule,
+        in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      momentum_decay: :math:`\psi` >= 0 of the momentum schedule (torch's 4e-3), or None for a
+        constant momentum ``b1`` (optax's).
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`NadamState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_nadam(momentum_decay=None)
+      >>> g = jnp.array([1.0])
+      >>> updates, state = tx.update(g, tx.init(g))
+      >>> round(float(updates[0]), 4)  # g + 0.9 m / (1 - 0.81): the look-ahead of Nesterov's momentum
+      1.4737
+
+    References:
+      Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop,
+      https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ.
+
+      Reference packages: :func:`nadam` gives the arguments that reproduce torch and optax.
     """
     _check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
     if momentum_decay is not None:
@@ -519,14 +746,47 @@ def nadam(
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam: Adam with Nesterov momentum (:func:`scale_by_nadam`'s update times the learning rate).
 
-    Args: as :func:`adam`, and
+    .. math::
+        g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad \text{(coupled decay, the default)} \\
+        \theta_t &= \theta_{t-1} - \eta_t \Big( \frac{1}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+            \Big( \frac{1 - \mu_t}{1 - \Pi_t} g_t + \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} m_t \Big)
+            \;[+\, \lambda \theta_{t-1} \text{ if decoupled}] \Big)
+
+    with :math:`\mu_t` and :math:`\Pi_t` as in :func:`scale_by_nadam`.
+
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
       momentum_decay: :math:`\psi` of the momentum schedule (torch's default 4e-3); None keeps
         the momentum at ``b1``, which is optax's ``nadam``.
+      decoupled_weight_decay: add the decay to the step (NAdamW) instead of to the gradient.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
-    Reference: Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop.
-    ``torch.optim.NAdam(lr, betas, eps, weight_decay, momentum_decay)`` matches this with the
-    same numbers (``decoupled_weight_decay`` as torch's flag); ``optax.nadam`` matches
-    ``momentum_decay=None``.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.nadam(2e-3, momentum_decay=None)
+      >>> params = jnp.array([1.0])
+      >>> updates, state = opt.update(jnp.array([1.0]), opt.init(params), params)
+      >>> updates.round(6)  # -learning_rate * 1.4737 (see scale_by_nadam)
+      Array([-0.002947], dtype=float32)
+
+    References:
+      Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop,
+      https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ.
+
+      Reference packages: ``torch.optim.NAdam(lr, betas=(b1, b2), eps, weight_decay,
+      momentum_decay)`` is this with the same numbers (``decoupled_weight_decay`` as torch's
+      flag); ``optax.nadam`` is this with ``momentum_decay=None``.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_nadam(b1, b2, eps, eps_root, momentum_decay, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
@@ -550,8 +810,45 @@ def nadamw(
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdamW: :func:`nadam` with decoupled weight decay.
 
-    ``torch.optim.NAdam(..., decoupled_weight_decay=True)`` matches; ``optax.nadamw`` matches
-    ``momentum_decay=None``.
+    .. math::
+        \theta_t = \theta_{t-1} - \eta_t \Big( \frac{1}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+            \Big( \frac{1 - \mu_t}{1 - \Pi_t} g_t + \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} m_t \Big)
+            + \lambda \theta_{t-1} \Big)
+
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      weight_decay: coefficient :math:`\lambda` of the decoupled decay, >= 0 (0.01 by default).
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      momentum_decay: :math:`\psi` of the momentum schedule (torch's default 4e-3); None keeps
+        the momentum at ``b1``, which is optax's ``nadamw``.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.nadamw(2e-3, weight_decay=0.5, momentum_decay=None)
+      >>> params = jnp.array([1.0])
+      >>> updates, state = opt.update(jnp.array([1.0]), opt.init(params), params)
+      >>> updates.round(6)  # -learning_rate * (1.4737 + 0.5 * params)
+      Array([-0.003947], dtype=float32)
+
+    References:
+      Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop,
+      https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ.
+
+      Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
+      https://arxiv.org/abs/1711.05101.
+
+      Reference packages: ``torch.optim.NAdam(..., decoupled_weight_decay=True)`` is this with
+      the same numbers; ``optax.nadamw`` is this with ``momentum_decay=None``.
     """
     return nadam(
         learning_rate, b1, b2, eps, eps_root, weight_decay, momentum_decay=momentum_decay,
@@ -585,6 +882,34 @@ def scale_by_radam(
         \end{cases}
 
     with :math:`\hat m_t = m_t / (1 - \beta_1^t)`.
+
+    Args:
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      threshold: rectify once :math:`\rho_t` exceeds it (>= 4; the paper's 5).
+      eps_before_debias: add eps to :math:`\sqrt{v_t}` before the bias correction, as torch
+        does; False gives optax's placement.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`AdamState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_radam()
+      >>> g = jnp.array([0.5, -2.0])
+      >>> updates, state = tx.update(g, tx.init(g))
+      >>> updates.round(4)  # rho_1 = 1 <= 5: the first steps are the debiased momentum, unscaled
+      Array([ 0.5, -2. ], dtype=float32)
+
+    References:
+      Liu, Jiang, He, Chen, Liu, Gao & Han, "On the Variance of the Adaptive Learning Rate and
+      Beyond", ICLR 2020, https://arxiv.org/abs/1908.03265.
+
+      Reference packages: :func:`radam` gives the arguments that reproduce torch and optax.
     """
     _check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
     base.check_scalar("threshold", threshold, low=4.0)
@@ -598,17 +923,14 @@ def scale_by_radam(
 
         @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
-            beta2 = moments.scalar(b2, dtype)
-            bc2 = moments.bias_correction(b2, count, dtype)
-            rho_inf = 2 / (1 - beta2) - 1
-            rho = rho_inf - 2 * count.astype(dtype) * (1 - bc2) / bc2
+            rho_inf, rho, bc2 = moments.radam_rho(b2, count, dtype)
             rectify = rho > moments.scalar(threshold, dtype)
             rho = jnp.where(rectify, rho, rho_inf)  # keeps the unused branch finite for jax.grad
             r = jnp.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
             e, e_root = moments.scalar(eps, dtype), moments.scalar(eps_root, dtype)
             return (
                 moments.scalar(b1, dtype),
-                beta2,
+                moments.scalar(b2, dtype),
                 1 / bc2,
                 jnp.sqrt(bc2),
                 moments.debias(b1, count, dtype),
@@ -654,14 +976,46 @@ def radam(
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam: Adam with a rectified adaptive learning rate (:func:`scale_by_radam`), no warmup needed.
 
-    Args: as :func:`adam`, and
+    .. math::
+        g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad \text{(coupled decay, the default)} \\
+        \theta_t &= \theta_{t-1} - \eta_t \big( u_t \;[+\, \lambda \theta_{t-1} \text{ if decoupled}] \big)
+
+    with :math:`u_t` the update of :func:`scale_by_radam`.
+
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to the root of the second moment, >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
       threshold: rectify once :math:`\rho_t` exceeds it (>= 4; the paper's 5).
       eps_before_debias: add eps to :math:`\sqrt{v_t}` before the bias correction, as torch
         does; False gives optax's placement.
+      decoupled_weight_decay: add the decay to the step instead of to the gradient.
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
-    Reference: Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020.
-    ``torch.optim.RAdam(lr, betas, eps, weight_decay, decoupled_weight_decay)`` matches this
-    with the same numbers; ``optax.radam`` matches ``eps_before_debias=False``.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.radam(1e-3)
+      >>> params = jnp.array([1.0, 1.0])
+      >>> updates, state = opt.update(jnp.array([0.5, -2.0]), opt.init(params), params)
+      >>> updates  # the first steps are SGD with the debiased momentum
+      Array([-0.0005,  0.002 ], dtype=float32)
+
+    References:
+      Liu, Jiang, He, Chen, Liu, Gao & Han, "On the Variance of the Adaptive Learning Rate and
+      Beyond", ICLR 2020, https://arxiv.org/abs/1908.03265.
+
+      Reference packages: ``torch.optim.RAdam(lr, betas=(b1, b2), eps, weight_decay,
+      decoupled_weight_decay)`` is this with the same numbers; ``optax.radam`` is this with
+      ``eps_before_debias=False``.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_radam(
