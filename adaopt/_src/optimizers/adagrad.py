@@ -5,13 +5,20 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
 class AdagradState(NamedTuple):
+    """State of :func:`scale_by_adagrad`.
+
+    Attributes:
+      sum_of_squares: :math:`s_t`, the sum of the squared gradients, mirroring the parameters.
+    """
+
     sum_of_squares: Updates
 
 
@@ -22,9 +29,36 @@ def scale_by_adagrad(
     *,
     accumulator_dtype: Any = None,
 ) -> optax.GradientTransformation:
-    r"""AdaGrad's block: :math:`s_t = s_{t-1} + g_t^2`, update :math:`g_t / (\sqrt{s_t + \epsilon_{root}} + \epsilon)`.
+    r"""AdaGrad's block: each coordinate divided by the root of its accumulated squared gradients.
+
+    .. math::
+        s_t = s_{t-1} + g_t^2, \qquad \text{update} = \frac{g_t}{\sqrt{s_t + \epsilon_{root}} + \epsilon}
 
     A zero denominator (a zero gradient with everything else zero) gives a zero update.
+
+    Args:
+      initial_accumulator_value: :math:`s_0` >= 0.
+      eps: :math:`\epsilon`, added to the root (torch's placement), >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root (optax's), >= 0.
+      accumulator_dtype: storage dtype of :math:`s` (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`AdagradState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_adagrad(eps=0.0)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for g in (3.0, 4.0):
+      ...     updates, state = tx.update(jnp.array([g]), state)
+      >>> updates, state.sum_of_squares  # 4 / sqrt(9 + 16)
+      (Array([0.8], dtype=float32), Array([25.], dtype=float32))
+
+    References:
+      Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and Stochastic
+      Optimization", JMLR 12, 2011, https://jmlr.org/papers/v12/duchi11a.html.
+
+      Reference packages: :func:`adagrad` gives the arguments that reproduce torch and optax.
     """
     base.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
     base.check_nonnegative("eps", eps)
@@ -61,8 +95,8 @@ def _with_lr_decay(learning_rate: ScalarOrSchedule, lr_decay: Any) -> ScalarOrSc
         return learning_rate
 
     def schedule(count: jax.Array) -> jax.Array:
-        value = learning_rate(count) if callable(learning_rate) else learning_rate
-        return value / (1 + count * lr_decay)
+        # In JAX's default float dtype, the dtype ``count * lr_decay`` takes.
+        return numerics.learning_rate_at(learning_rate, count, jnp.result_type(float)) / (1 + count * lr_decay)
 
     return schedule
 
@@ -87,17 +121,35 @@ def adagrad(
         \theta_t = \theta_{t-1} - \frac{\eta_t}{1 + (t - 1)\,\delta} \frac{g_t}{\sqrt{s_t + \epsilon_{root}} + \epsilon}
 
     Args:
-      learning_rate: a non-negative number or a schedule.
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
       lr_decay: :math:`\delta` >= 0, torch's learning-rate decay.
-      weight_decay, weight_decay_mask, decoupled_weight_decay: as :func:`adaopt.sgd`.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0 (coupled L2 by default, as torch).
       initial_accumulator_value: :math:`s_0` >= 0.
-      eps: added to the root (torch's placement); eps_root: added inside it (optax's).
-      accumulator_dtype: storage dtype of :math:`s`.
+      eps: :math:`\epsilon`, added to the root (torch's placement), >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root (optax's), >= 0.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      decoupled_weight_decay: add :math:`\lambda\theta` to the step instead of to the gradient.
+      accumulator_dtype: storage dtype of :math:`s` (default: the parameter's, at least float32).
 
-    Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods", JMLR 2011.
-    ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)`` matches
-    this with the same numbers; ``optax.adagrad(lr, initial_accumulator_value, eps=e)`` matches
-    ``eps=0, eps_root=e``.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.adagrad(0.1, eps=0.0)
+      >>> params = jnp.array([1.0, 1.0])
+      >>> updates, state = opt.update(jnp.array([3.0, -0.5]), opt.init(params), params)
+      >>> updates  # the first step is -learning_rate * sign(g)
+      Array([-0.1,  0.1], dtype=float32)
+
+    References:
+      Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and Stochastic
+      Optimization", JMLR 12, 2011, https://jmlr.org/papers/v12/duchi11a.html.
+
+      Reference packages: ``torch.optim.Adagrad(lr, lr_decay, weight_decay,
+      initial_accumulator_value, eps)`` is this with the same numbers;
+      ``optax.adagrad(lr, initial_accumulator_value, eps=e)`` is this with ``eps=0, eps_root=e``.
     """
     base.check_common(learning_rate, weight_decay)
     base.check_nonnegative("lr_decay", lr_decay)
@@ -109,6 +161,13 @@ def adagrad(
 
 
 class AdadeltaState(NamedTuple):
+    r"""State of :func:`scale_by_adadelta`: the two EMAs, mirroring the parameters.
+
+    Attributes:
+      e_g: :math:`E[g^2]_t`, the EMA of the squared gradients.
+      e_x: :math:`E[\Delta^2]_t`, the EMA of the squared steps.
+    """
+
     e_g: Updates  # EMA of squared gradients
     e_x: Updates  # EMA of squared steps
 
@@ -116,7 +175,35 @@ class AdadeltaState(NamedTuple):
 def scale_by_adadelta(
     rho: Any = 0.9, eps: Any = 1e-6, *, accumulator_dtype: Any = None
 ) -> optax.GradientTransformation:
-    r"""AdaDelta's block (see :func:`adadelta`)."""
+    r"""AdaDelta's block: the gradient scaled by the ratio of the RMS of past steps to the RMS of gradients.
+
+    .. math::
+        E[g^2]_t &= \rho E[g^2]_{t-1} + (1 - \rho) g_t^2, \qquad
+        \Delta_t = \frac{\sqrt{E[\Delta^2]_{t-1} + \epsilon}}{\sqrt{E[g^2]_t + \epsilon}} g_t \\
+        E[\Delta^2]_t &= \rho E[\Delta^2]_{t-1} + (1 - \rho) \Delta_t^2, \qquad
+        \text{update} = \Delta_t
+
+    Args:
+      rho: :math:`\rho`, the decay of both EMAs, in [0, 1).
+      eps: :math:`\epsilon`, inside both roots, >= 0.
+      accumulator_dtype: storage dtype of both EMAs (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`AdadeltaState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_adadelta(rho=0.5, eps=1.0)
+      >>> g = jnp.array([3.0])
+      >>> updates, state = tx.update(g, tx.init(g))
+      >>> updates.round(6)  # sqrt(0 + 1) / sqrt(0.5 * 9 + 1) * 3
+      Array([1.279204], dtype=float32)
+
+    References:
+      Zeiler, "ADADELTA: An Adaptive Learning Rate Method", 2012, https://arxiv.org/abs/1212.5701.
+
+      Reference packages: :func:`adadelta` gives the arguments that reproduce torch and optax.
+    """
     base.check_decay("rho", rho)
     base.check_nonnegative("eps", eps)
     base.check_dtype("accumulator_dtype", accumulator_dtype)
@@ -167,11 +254,30 @@ def adadelta(
 
     Args:
       learning_rate: a non-negative number or a schedule (1.0 is the paper's method).
-      rho: decay in [0, 1); eps: >= 0, inside both roots.
-      weight_decay, weight_decay_mask, decoupled_weight_decay, accumulator_dtype: as :func:`adaopt.sgd`.
+      rho: :math:`\rho`, the decay of both EMAs, in [0, 1).
+      eps: :math:`\epsilon`, inside both roots, >= 0.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0 (coupled L2 by default, as torch).
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      decoupled_weight_decay: add :math:`\lambda\theta` to the step instead of to the gradient.
+      accumulator_dtype: storage dtype of both EMAs (default: the parameter's, at least float32).
 
-    Reference: Zeiler, "ADADELTA: An Adaptive Learning Rate Method", 2012.
-    ``torch.optim.Adadelta(lr, rho, eps, weight_decay)`` and ``optax.adadelta`` match.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.adadelta(1.0, rho=0.5, eps=1.0)
+      >>> params = jnp.array([1.0])
+      >>> updates, state = opt.update(jnp.array([3.0]), opt.init(params), params)
+      >>> updates.round(6)  # -learning_rate * scale_by_adadelta's step
+      Array([-1.279204], dtype=float32)
+
+    References:
+      Zeiler, "ADADELTA: An Adaptive Learning Rate Method", 2012, https://arxiv.org/abs/1212.5701.
+
+      Reference packages: ``torch.optim.Adadelta(lr, rho, eps, weight_decay)`` and
+      ``optax.adadelta(lr, rho, eps)`` are this with the same numbers.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype)

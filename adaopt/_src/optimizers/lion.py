@@ -13,12 +13,44 @@ from adaopt._src.base import ScalarOrSchedule, Updates
 
 
 class LionState(NamedTuple):
+    """State of :func:`scale_by_lion`.
+
+    Attributes:
+      mu: the momentum :math:`m_t`, mirroring the parameters.
+    """
+
     mu: Updates
 
 
 def scale_by_lion(b1: Any = 0.9, b2: Any = 0.99, *, mu_dtype: Any = None) -> optax.GradientTransformation:
-    r"""Lion's block: update :math:`\mathrm{sign}(\beta_1 m_{t-1} + (1 - \beta_1) g_t)`, then
-    :math:`m_t = \beta_2 m_{t-1} + (1 - \beta_2) g_t`."""
+    r"""Lion's block: the sign of an interpolation between the gradient and its momentum.
+
+    .. math::
+        \text{update} = \mathrm{sign}(\beta_1 m_{t-1} + (1 - \beta_1) g_t), \qquad
+        m_t = \beta_2 m_{t-1} + (1 - \beta_2) g_t
+
+    Args:
+      b1: :math:`\beta_1`, the interpolation of the update, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the momentum, in [0, 1).
+      mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`LionState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_lion()
+      >>> g = jnp.array([0.5, -2.0, 0.0])
+      >>> updates, state = tx.update(g, tx.init(g))
+      >>> updates
+      Array([ 1., -1.,  0.], dtype=float32)
+
+    References:
+      Chen, Liang, Huang, Real, Wang, Pham, Dong, Luong, Hsieh, Lu & Le, "Symbolic Discovery of
+      Optimization Algorithms", NeurIPS 2023, https://arxiv.org/abs/2302.06675.
+
+      Reference packages: :func:`lion` gives the arguments that reproduce pytorch-optimizer and optax.
+    """
     base.check_decay("b1", b1)
     base.check_decay("b2", b2)
     base.check_dtype("mu_dtype", mu_dtype)
@@ -64,13 +96,32 @@ def lion(
 
     Args:
       learning_rate: a non-negative number or a schedule (typically 3-10x smaller than Adam's).
-      b1, b2: interpolation and momentum decays in [0, 1).
-      weight_decay, weight_decay_mask: decoupled decay (the paper's), as :func:`adaopt.adamw`.
-      decoupled_weight_decay: False adds the decay to the gradient instead.
-      mu_dtype: storage dtype of the momentum.
+      b1: :math:`\beta_1`, the interpolation of the update, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the momentum, in [0, 1).
+      weight_decay: coefficient :math:`\lambda` >= 0 of the decoupled decay (the paper's).
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      decoupled_weight_decay: True (the default) adds :math:`\lambda\theta` to the step; False
+        adds it to the gradient instead.
+      mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
 
-    Reference: Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023.
-    ``pytorch_optimizer.Lion(lr, betas, weight_decay)`` and ``optax.lion`` match.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.lion(1e-4)
+      >>> params = jnp.array([1.0, 1.0])
+      >>> updates, state = opt.update(jnp.array([0.5, -2.0]), opt.init(params), params)
+      >>> updates  # -learning_rate * sign(...)
+      Array([-0.0001,  0.0001], dtype=float32)
+
+    References:
+      Chen, Liang, Huang, Real, Wang, Pham, Dong, Luong, Hsieh, Lu & Le, "Symbolic Discovery of
+      Optimization Algorithms", NeurIPS 2023, https://arxiv.org/abs/2302.06675.
+
+      Reference packages: ``pytorch_optimizer.Lion(lr, betas=(b1, b2), weight_decay)`` and
+      ``optax.lion`` are this with the same numbers.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_lion(b1, b2, mu_dtype=mu_dtype)

@@ -14,6 +14,13 @@ from adaopt._src.optimizers.sgd import scale_by_momentum
 
 
 class RmsState(NamedTuple):
+    r"""State of :func:`scale_by_rms`.
+
+    Attributes:
+      nu: :math:`v_t`, the EMA of the squared gradients, mirroring the parameters.
+      mu: :math:`\bar g_t`, the EMA of the gradients when centered, else None.
+    """
+
     nu: Updates  # EMA of squared gradients
     mu: Updates | None = None  # EMA of gradients when centered, else None
 
@@ -27,7 +34,7 @@ def scale_by_rms(
     initial_scale: Any = 0.0,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
-    r"""RMSProp's block.
+    r"""RMSProp's block: each coordinate divided by the root of an EMA of its squared gradients.
 
     .. math::
         v_t = \alpha v_{t-1} + (1 - \alpha) g_t^2, \quad
@@ -35,6 +42,34 @@ def scale_by_rms(
         \text{update} = \frac{g_t}{\sqrt{v_t - \bar g_t^2 + \epsilon_{root}} + \epsilon}
 
     (:math:`\bar g_t = 0` when not centered).
+
+    Args:
+      decay: :math:`\alpha` in [0, 1) (torch's ``alpha``).
+      eps: :math:`\epsilon`, added to the root (torch's placement), >= 0.
+      eps_root: :math:`\epsilon_{root}`, added inside the root (optax's), >= 0.
+      centered: divide by the root of the variance rather than of the second moment.
+      initial_scale: :math:`v_0` >= 0.
+      nu_dtype: storage dtype of both EMAs (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`RmsState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_rms(decay=0.75, eps=0.0)
+      >>> g = jnp.array([2.0])
+      >>> updates, state = tx.update(g, tx.init(g))
+      >>> updates, state.nu  # 2 / sqrt(0.25 * 4)
+      (Array([2.], dtype=float32), Array([1.], dtype=float32))
+
+    References:
+      Hinton, Srivastava & Swersky, "Neural Networks for Machine Learning", Lecture 6e, 2012,
+      https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf.
+
+      Graves, "Generating Sequences With Recurrent Neural Networks", 2013,
+      https://arxiv.org/abs/1308.0850 (centered).
+
+      Reference packages: :func:`rmsprop` gives the arguments that reproduce torch and optax.
     """
     base.check_decay("decay", decay)
     base.check_nonnegative("eps", eps)
@@ -95,21 +130,42 @@ def rmsprop(
         \theta_t = \theta_{t-1} - \eta_t b_t
 
     Args:
-      learning_rate: a non-negative number or a schedule.
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
       decay: :math:`\alpha` in [0, 1) (torch's ``alpha``).
-      eps: added to the root (torch); eps_root: added inside it (optax's default placement).
-      weight_decay, weight_decay_mask, decoupled_weight_decay: as :func:`adaopt.sgd`.
+      eps: :math:`\epsilon`, added to the root (torch's placement), >= 0.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0 (coupled L2 by default, as torch).
       momentum: :math:`\mu` in [0, 1); 0 keeps no buffer.
       centered: divide by the root of the variance rather than of the second moment.
-      initial_scale: initial value of :math:`v`.
-      nesterov: Nesterov momentum on the scaled gradient (optax's option).
-      nu_dtype, accumulator_dtype: storage dtypes of the moments and of the momentum buffer.
+      eps_root: :math:`\epsilon_{root}`, added inside the root (optax's placement), >= 0.
+      initial_scale: :math:`v_0` >= 0.
+      nesterov: Nesterov momentum on the scaled gradient (optax's option; requires ``momentum > 0``).
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      decoupled_weight_decay: add :math:`\lambda\theta` to the step instead of to the gradient.
+      nu_dtype: storage dtype of the EMAs :math:`v` and :math:`\bar g`.
+      accumulator_dtype: storage dtype of the momentum buffer :math:`b`.
 
-    Reference: Hinton, Lecture 6e of "Neural Networks for Machine Learning", 2012; Graves,
-    "Generating Sequences With Recurrent Neural Networks", 2013 (centered).
-    ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum, centered)`` matches this with
-    the same numbers; ``optax.rmsprop(lr, decay, eps=e, centered, momentum)`` matches ``eps=0,
-    eps_root=e``.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.rmsprop(0.01, decay=0.75, eps=0.0)
+      >>> params = jnp.array([1.0])
+      >>> updates, state = opt.update(jnp.array([2.0]), opt.init(params), params)
+      >>> updates  # -learning_rate * 2 / sqrt(0.25 * 4)
+      Array([-0.02], dtype=float32)
+
+    References:
+      Hinton, Srivastava & Swersky, "Neural Networks for Machine Learning", Lecture 6e, 2012,
+      https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf.
+
+      Graves, "Generating Sequences With Recurrent Neural Networks", 2013,
+      https://arxiv.org/abs/1308.0850 (centered).
+
+      Reference packages: ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum,
+      centered)`` is this with the same numbers; ``optax.rmsprop(lr, decay, eps=e, centered,
+      momentum)`` is this with ``eps=0, eps_root=e``.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_rms(decay, eps, eps_root, centered=centered, initial_scale=initial_scale, nu_dtype=nu_dtype)

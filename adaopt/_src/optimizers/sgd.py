@@ -12,6 +12,13 @@ from adaopt._src.base import ScalarOrSchedule, Updates
 
 
 class MomentumState(NamedTuple):
+    """State of :func:`scale_by_momentum`.
+
+    Attributes:
+      count: the number of updates so far, a saturating int32 (the first step sets the buffer).
+      trace: the momentum buffer :math:`b_t`, mirroring the parameters.
+    """
+
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     trace: Updates  # the momentum buffer, mirroring the parameters
 
@@ -34,6 +41,29 @@ def scale_by_momentum(
       dampening: :math:`\tau`, in [0, 1].
       nesterov: use Nesterov's momentum (requires dampening 0, as torch does).
       accumulator_dtype: storage dtype of the buffer (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`MomentumState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_momentum(0.5, dampening=0.5)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for g in (2.0, 2.0):
+      ...     updates, state = tx.update(jnp.array([g]), state)
+      ...     print(updates)  # b_1 = g_1, then 0.5 * 2 + 0.5 * 2
+      [2.]
+      [2.]
+
+    References:
+      Polyak, "Some methods of speeding up the convergence of iteration methods", USSR
+      Computational Mathematics and Mathematical Physics 4(5), 1964,
+      https://doi.org/10.1016/0041-5553(64)90137-5 (heavy-ball momentum).
+
+      Sutskever, Martens, Dahl & Hinton, "On the importance of initialization and momentum in deep
+      learning", ICML 2013, https://proceedings.mlr.press/v28/sutskever13.html (Nesterov's form).
+
+      Reference packages: :func:`sgd` gives the arguments that reproduce torch and optax.
     """
     base.check_decay("momentum", momentum)
     base.check_scalar("dampening", dampening, low=0.0, high=1.0)
@@ -101,6 +131,9 @@ def sgd(
       decoupled_weight_decay: add :math:`\lambda\theta` to the step instead of to the gradient.
       accumulator_dtype: storage dtype of the momentum buffer.
 
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
     Example:
       >>> import jax.numpy as jnp, adaopt
       >>> opt = adaopt.sgd(0.1, momentum=0.9)
@@ -109,9 +142,17 @@ def sgd(
       >>> updates
       Array([-0.2], dtype=float32)
 
-    Reference: Polyak (1964); Sutskever et al. (2013) for Nesterov's form.
-    ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)`` matches this with the
-    same numbers; ``optax.sgd(lr, momentum, nesterov)`` matches it with no dampening or decay.
+    References:
+      Polyak, "Some methods of speeding up the convergence of iteration methods", USSR
+      Computational Mathematics and Mathematical Physics 4(5), 1964,
+      https://doi.org/10.1016/0041-5553(64)90137-5 (heavy-ball momentum).
+
+      Sutskever, Martens, Dahl & Hinton, "On the importance of initialization and momentum in deep
+      learning", ICML 2013, https://proceedings.mlr.press/v28/sutskever13.html (Nesterov's form).
+
+      Reference packages: ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)`` is
+      this with the same numbers; ``optax.sgd(lr, momentum, nesterov)`` is this with no dampening
+      or decay.
     """
     base.check_common(learning_rate, weight_decay)
     if base.is_zero(momentum):
