@@ -31,10 +31,10 @@ import numpy as np
 import optax
 import pytest
 import torch
-from torch.optim import lr_scheduler as L
+from torch.optim import lr_scheduler
 
 from adaopt import HyperparameterError
-from adaopt._src import schedules as S
+from adaopt._src import schedules
 
 DRAWS = 2
 HORIZON = 2001  # the longest run compared
@@ -123,7 +123,7 @@ def _i(rng: np.random.Generator, low: int, high: int) -> int:
 def draw_step(rng: np.random.Generator) -> Pair:
     lr, step_size, gamma = _u(rng, 0.01, 1.0), _i(rng, 1, 150), _u(rng, 0.05, 0.99)
     return Pair(
-        lambda opt: L.StepLR(opt, step_size, gamma),
+        lambda opt: lr_scheduler.StepLR(opt, step_size, gamma),
         lambda: optax.exponential_decay(lr, step_size, gamma, staircase=True),
         1000,
         lr,
@@ -137,7 +137,7 @@ def draw_multistep(rng: np.random.Generator) -> Pair:
     milestones.append(milestones[-1])  # a repeated milestone decays twice
     scales = {m: gamma ** milestones.count(m) for m in milestones}
     return Pair(
-        lambda opt: L.MultiStepLR(opt, milestones, gamma),
+        lambda opt: lr_scheduler.MultiStepLR(opt, milestones, gamma),
         lambda: optax.piecewise_constant_schedule(lr, scales),
         1000,
         lr,
@@ -147,7 +147,7 @@ def draw_multistep(rng: np.random.Generator) -> Pair:
 def draw_constant(rng: np.random.Generator) -> Pair:
     lr, factor, total_iters = _u(rng, 0.01, 1.0), _u(rng, 0.05, 0.95), _i(rng, 1, 900)
     return Pair(
-        lambda opt: L.ConstantLR(opt, factor, total_iters),
+        lambda opt: lr_scheduler.ConstantLR(opt, factor, total_iters),
         lambda: optax.piecewise_constant_schedule(lr * factor, {total_iters: 1 / factor}),
         1000,
         lr,
@@ -158,7 +158,7 @@ def draw_linear(rng: np.random.Generator) -> Pair:
     lr, start, total_iters = _u(rng, 0.01, 1.0), _u(rng, 0.01, 1.0), _i(rng, 1, 900)
     end = 0.0 if rng.uniform() < 0.3 else _u(rng, 0.0, 1.0)
     return Pair(
-        lambda opt: L.LinearLR(opt, start, end, total_iters),
+        lambda opt: lr_scheduler.LinearLR(opt, start, end, total_iters),
         lambda: optax.linear_schedule(lr * start, lr * end, total_iters),
         1000,
         lr,
@@ -168,7 +168,7 @@ def draw_linear(rng: np.random.Generator) -> Pair:
 def draw_exponential(rng: np.random.Generator) -> Pair:
     lr, gamma = _u(rng, 0.01, 1.0), _u(rng, 0.99, 0.9999)
     return Pair(
-        lambda opt: L.ExponentialLR(opt, gamma),
+        lambda opt: lr_scheduler.ExponentialLR(opt, gamma),
         lambda: optax.exponential_decay(lr, 1, gamma),
         1000,
         lr,
@@ -179,7 +179,7 @@ def draw_exponential(rng: np.random.Generator) -> Pair:
 def draw_polynomial(rng: np.random.Generator) -> Pair:
     lr, total_iters, power = _u(rng, 0.01, 1.0), _i(rng, 1, 900), _u(rng, 0.3, 3.0)
     return Pair(
-        lambda opt: L.PolynomialLR(opt, total_iters, power),
+        lambda opt: lr_scheduler.PolynomialLR(opt, total_iters, power),
         lambda: optax.polynomial_schedule(lr, 0.0, power, total_iters),
         1000,
         lr,
@@ -195,8 +195,8 @@ def draw_cosine_annealing(rng: np.random.Generator) -> Pair:
     lr, t_max = _u(rng, 0.01, 1.0), _i(rng, 2, 400)
     eta_min = _eta_min(rng, lr)
     return Pair(
-        lambda opt: L.CosineAnnealingLR(opt, t_max, eta_min),
-        lambda: S.cosine_annealing_schedule(lr, t_max, eta_min),
+        lambda opt: lr_scheduler.CosineAnnealingLR(opt, t_max, eta_min),
+        lambda: schedules.cosine_annealing_schedule(lr, t_max, eta_min),
         1200,
         lr,
     )
@@ -207,7 +207,7 @@ def draw_optax_cosine_decay(rng: np.random.Generator) -> Pair:
     lr, t_max = _u(rng, 0.01, 1.0), _i(rng, 2, 1000)
     eta_min = _eta_min(rng, lr)
     return Pair(
-        lambda opt: L.CosineAnnealingLR(opt, t_max, eta_min),
+        lambda opt: lr_scheduler.CosineAnnealingLR(opt, t_max, eta_min),
         lambda: optax.cosine_decay_schedule(lr, t_max, alpha=eta_min / lr),
         t_max + 1,
         lr,
@@ -218,8 +218,8 @@ def draw_warm_restarts(rng: np.random.Generator) -> Pair:
     lr, t_0, t_mult = _u(rng, 0.01, 1.0), _i(rng, 1, 60), _i(rng, 1, 3)
     eta_min = _eta_min(rng, lr)
     return Pair(
-        lambda opt: L.CosineAnnealingWarmRestarts(opt, t_0, t_mult, eta_min),
-        lambda: S.cosine_warm_restarts_schedule(lr, t_0, t_mult, eta_min),
+        lambda opt: lr_scheduler.CosineAnnealingWarmRestarts(opt, t_0, t_mult, eta_min),
+        lambda: schedules.cosine_warm_restarts_schedule(lr, t_0, t_mult, eta_min),
         1500,
         lr,
     )
@@ -242,11 +242,11 @@ def draw_cyclic(mode: str, scale_mode: str = "cycle") -> Callable[[np.random.Gen
         scale_fn = (lambda x: 0.5 ** (x / 7.0)) if mode == "custom" else None
         torch_mode = "triangular" if mode == "custom" else mode
         return Pair(
-            lambda opt: L.CyclicLR(
+            lambda opt: lr_scheduler.CyclicLR(
                 opt, base_lr, max_lr, mode=torch_mode, scale_fn=scale_fn, scale_mode=scale_mode,
                 cycle_momentum=False, **kw,
             ),
-            lambda: S.cyclic_schedule(base_lr, max_lr, mode=torch_mode, scale_fn=scale_fn, scale_mode=scale_mode, **kw),  # type: ignore[arg-type]
+            lambda: schedules.cyclic_schedule(base_lr, max_lr, mode=torch_mode, scale_fn=scale_fn, scale_mode=scale_mode, **kw),  # type: ignore[arg-type]
             2000,
         )  # fmt: skip
 
@@ -260,10 +260,10 @@ def draw_cyclic_momentum(rng: np.random.Generator) -> Pair:
     mode = ("triangular", "triangular2", "exp_range")[_i(rng, 0, 2)]
     kw = _cyclic_arguments(rng)
     return Pair(
-        lambda opt: L.CyclicLR(
+        lambda opt: lr_scheduler.CyclicLR(
             opt, 0.01, 0.1, mode=mode, cycle_momentum=True, base_momentum=base_m, max_momentum=max_m, **kw
         ),
-        lambda: S.cyclic_schedule(max_m, base_m, mode=mode, **kw),  # type: ignore[arg-type]
+        lambda: schedules.cyclic_schedule(max_m, base_m, mode=mode, **kw),  # type: ignore[arg-type]
         2000,
         key="momentum",
     )
@@ -282,8 +282,8 @@ def draw_onecycle(rng: np.random.Generator) -> Pair:
     div, final_div = _u(rng, 2.0, 50.0), _u(rng, 10.0, 1e4)
     kw = _onecycle_arguments(rng)
     return Pair(
-        lambda opt: L.OneCycleLR(opt, peak, total, div_factor=div, final_div_factor=final_div, **kw),
-        lambda: S.onecycle_schedule(total, peak, div_factor=div, final_div_factor=final_div, **kw),
+        lambda opt: lr_scheduler.OneCycleLR(opt, peak, total, div_factor=div, final_div_factor=final_div, **kw),
+        lambda: schedules.onecycle_schedule(total, peak, div_factor=div, final_div_factor=final_div, **kw),
         total,
     )
 
@@ -293,8 +293,8 @@ def draw_onecycle_momentum(rng: np.random.Generator) -> Pair:
     max_m = base_m + _u(rng, 0.01, 0.09)
     kw = _onecycle_arguments(rng)
     return Pair(
-        lambda opt: L.OneCycleLR(opt, 0.1, total, base_momentum=base_m, max_momentum=max_m, **kw),
-        lambda: S.onecycle_momentum_schedule(total, base_m, max_m, **kw),
+        lambda opt: lr_scheduler.OneCycleLR(opt, 0.1, total, base_momentum=base_m, max_momentum=max_m, **kw),
+        lambda: schedules.onecycle_momentum_schedule(total, base_m, max_m, **kw),
         total,
         key="momentum",
     )
@@ -314,22 +314,26 @@ def torch_wsd(
         schedulers, milestones = [], []
         if warmup > 0:
             if warmup_shape == "linear":
-                schedulers.append(L.LinearLR(opt, init / peak, 1.0, warmup))
+                schedulers.append(lr_scheduler.LinearLR(opt, init / peak, 1.0, warmup))
             else:
                 schedulers.append(
-                    L.LambdaLR(opt, lambda k: (init + (peak - init) * (1 - math.cos(math.pi * k / warmup)) / 2) / peak)
+                    lr_scheduler.LambdaLR(
+                        opt, lambda k: (init + (peak - init) * (1 - math.cos(math.pi * k / warmup)) / 2) / peak
+                    )
                 )
             milestones.append(warmup)
         if total - decay > warmup:
-            schedulers.append(L.ConstantLR(opt, 1.0, 0))
+            schedulers.append(lr_scheduler.ConstantLR(opt, 1.0, 0))
             milestones.append(total - decay)
         if decay_shape == "linear":
-            schedulers.append(L.LinearLR(opt, 1.0, end / peak, decay))
+            schedulers.append(lr_scheduler.LinearLR(opt, 1.0, end / peak, decay))
         elif decay_shape == "cosine":
-            schedulers.append(L.CosineAnnealingLR(opt, decay, end))
+            schedulers.append(lr_scheduler.CosineAnnealingLR(opt, decay, end))
         else:
-            schedulers.append(L.LambdaLR(opt, lambda k: (end + (peak - end) * (1 - math.sqrt(k / decay))) / peak))
-        return L.SequentialLR(opt, schedulers, milestones[: len(schedulers) - 1])
+            schedulers.append(
+                lr_scheduler.LambdaLR(opt, lambda k: (end + (peak - end) * (1 - math.sqrt(k / decay))) / peak)
+            )
+        return lr_scheduler.SequentialLR(opt, schedulers, milestones[: len(schedulers) - 1])
 
     return make
 
@@ -343,7 +347,7 @@ def draw_wsd(warmup_shape: str, decay_shape: str) -> Callable[[np.random.Generat
         init, end = _u(rng, 0.01, 0.5) * peak, (0.0 if rng.uniform() < 0.3 else _u(rng, 0.0, 0.5) * peak)
         return Pair(
             torch_wsd(peak, total, warmup, decay, init, end, warmup_shape, decay_shape),
-            lambda: S.warmup_stable_decay_schedule(
+            lambda: schedules.warmup_stable_decay_schedule(
                 peak, total, warmup, fraction, init_value=init, end_value=end,
                 warmup_shape=warmup_shape, decay_shape=decay_shape,  # type: ignore[arg-type]
             ),
@@ -391,21 +395,29 @@ def test_reproduces_torch(name: str, draw: int) -> None:
 def test_comparison_is_sharp() -> None:
     """A schedule one hyperparameter off, or with another shape, fails the comparison."""
     wrong = [
-        Pair(lambda o: L.CosineAnnealingLR(o, 100, 0.0), lambda: S.cosine_annealing_schedule(1.0, 101), 300),
-        Pair(lambda o: L.CosineAnnealingWarmRestarts(o, 10, 2), lambda: S.cosine_warm_restarts_schedule(1.0, 10), 300),
         Pair(
-            lambda o: L.CyclicLR(o, 0.1, 1.0, 10, mode="exp_range", gamma=0.999, cycle_momentum=False),
-            lambda: S.cyclic_schedule(0.1, 1.0, 10, mode="exp_range", gamma=0.9991),
+            lambda o: lr_scheduler.CosineAnnealingLR(o, 100, 0.0),
+            lambda: schedules.cosine_annealing_schedule(1.0, 101),
+            300,
+        ),
+        Pair(
+            lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, 10, 2),
+            lambda: schedules.cosine_warm_restarts_schedule(1.0, 10),
+            300,
+        ),
+        Pair(
+            lambda o: lr_scheduler.CyclicLR(o, 0.1, 1.0, 10, mode="exp_range", gamma=0.999, cycle_momentum=False),
+            lambda: schedules.cyclic_schedule(0.1, 1.0, 10, mode="exp_range", gamma=0.9991),
             300,
         ),
         Pair(
             torch_wsd(1.0, 300, 30, 60, 0.1, 0.0, "linear", "1-sqrt"),
-            lambda: S.warmup_stable_decay_schedule(1.0, 300, 30, 0.2, init_value=0.1, decay_shape="cosine"),
+            lambda: schedules.warmup_stable_decay_schedule(1.0, 300, 30, 0.2, init_value=0.1, decay_shape="cosine"),
             301,
         ),
         Pair(
             torch_wsd(1.0, 300, 30, 60, 0.1, 0.0, "linear", "linear"),
-            lambda: S.warmup_stable_decay_schedule(1.0, 300, 30, 0.2, init_value=0.1, warmup_shape="cosine"),
+            lambda: schedules.warmup_stable_decay_schedule(1.0, 300, 30, 0.2, init_value=0.1, warmup_shape="cosine"),
             301,
         ),
     ]
@@ -418,7 +430,10 @@ def test_comparison_is_sharp() -> None:
 def test_optax_cosine_decay_stops_at_t_max_torch_does_not() -> None:
     """Past T_max torch's CosineAnnealingLR climbs back up; optax's stays at eta_min; ours follows torch."""
     pair = Pair(
-        lambda o: L.CosineAnnealingLR(o, 50, 0.01), lambda: S.cosine_annealing_schedule(0.5, 50, 0.01), 200, 0.5
+        lambda o: lr_scheduler.CosineAnnealingLR(o, 50, 0.01),
+        lambda: schedules.cosine_annealing_schedule(0.5, 50, 0.01),
+        200,
+        0.5,
     )
     theirs = torch_sequence(pair)
     assert theirs[100] == pytest.approx(0.5, rel=1e-12)  # back at the top after 2 * T_max
@@ -435,7 +450,7 @@ def test_optax_onecycle_is_not_torchs(schedule: Callable[..., optax.Schedule]) -
     anneal = "cos" if schedule is optax.cosine_onecycle_schedule else "linear"
     theirs = torch_sequence(
         Pair(
-            lambda o: L.OneCycleLR(o, peak, total, anneal_strategy=anneal, three_phase=anneal == "linear"),
+            lambda o: lr_scheduler.OneCycleLR(o, peak, total, anneal_strategy=anneal, three_phase=anneal == "linear"),
             lambda: schedule(total, peak),
             total,
         )
@@ -446,14 +461,14 @@ def test_optax_onecycle_is_not_torchs(schedule: Callable[..., optax.Schedule]) -
 
 
 OURS = {
-    "cosine": S.cosine_annealing_schedule(1e-3, 1000, 1e-5),
-    "restarts": S.cosine_warm_restarts_schedule(1e-3, 10, 2, 1e-5),
-    "restarts-1": S.cosine_warm_restarts_schedule(1e-3, 7),
-    "triangular2": S.cyclic_schedule(1e-4, 1e-2, 100, mode="triangular2"),
-    "exp_range": S.cyclic_schedule(1e-4, 1e-2, 100, 50, mode="exp_range", gamma=0.9999),
-    "onecycle": S.onecycle_schedule(1000, 1e-2, three_phase=True),
-    "momentum": S.onecycle_momentum_schedule(1000),
-    "wsd": S.warmup_stable_decay_schedule(1e-3, 1000, 100, decay_shape="1-sqrt"),
+    "cosine": schedules.cosine_annealing_schedule(1e-3, 1000, 1e-5),
+    "restarts": schedules.cosine_warm_restarts_schedule(1e-3, 10, 2, 1e-5),
+    "restarts-1": schedules.cosine_warm_restarts_schedule(1e-3, 7),
+    "triangular2": schedules.cyclic_schedule(1e-4, 1e-2, 100, mode="triangular2"),
+    "exp_range": schedules.cyclic_schedule(1e-4, 1e-2, 100, 50, mode="exp_range", gamma=0.9999),
+    "onecycle": schedules.onecycle_schedule(1000, 1e-2, three_phase=True),
+    "momentum": schedules.onecycle_momentum_schedule(1000),
+    "wsd": schedules.warmup_stable_decay_schedule(1e-3, 1000, 100, decay_shape="1-sqrt"),
 }
 
 
@@ -493,34 +508,54 @@ def test_past_the_horizon() -> None:
 
 
 INVALID = [
-    (S.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 0}, "t_max"),
-    (S.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 10.0}, "t_max"),
-    (S.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 10, "eta_min": math.nan}, "eta_min"),
-    (S.cosine_annealing_schedule, {"init_value": "1", "t_max": 10}, "init_value"),
-    (S.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 0}, "t_0"),
-    (S.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 5, "t_mult": 0}, "t_mult"),
-    (S.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 5, "t_mult": 1.5}, "t_mult"),
-    (S.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": True}, "t_0"),
-    (S.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_up": 0}, "step_size_up"),
-    (S.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_down": -1}, "step_size_down"),
-    (S.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "mode": "sawtooth"}, "mode"),
-    (S.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "gamma": 0.0}, "gamma"),
-    (S.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_mode": "epoch"}, "scale_mode"),
-    (S.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_fn": 0.5}, "scale_fn"),
-    (S.cyclic_schedule, {"base_value": 0.1, "max_value": math.inf}, "max_value"),
-    (S.onecycle_schedule, {"total_steps": 0, "peak_value": 1.0}, "total_steps"),
-    (S.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "pct_start": 1.5}, "pct_start"),
-    (S.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "anneal_strategy": "cosine"}, "anneal_strategy"),
-    (S.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "div_factor": 0.0}, "div_factor"),
-    (S.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "final_div_factor": -1.0}, "final_div_factor"),
-    (S.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "three_phase": 1}, "three_phase"),
-    (S.onecycle_momentum_schedule, {"total_steps": 10, "max_momentum": math.nan}, "max_momentum"),
-    (S.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 0}, "total_steps"),
-    (S.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 10, "warmup_steps": -1}, "warmup_steps"),
-    (S.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 10, "decay_fraction": 1.2}, "decay_fraction"),
-    (S.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 10, "warmup_steps": 9}, "warmup_steps"),
-    (S.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 10, "warmup_shape": "1-sqrt"}, "warmup_shape"),
-    (S.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 10, "decay_shape": "exp"}, "decay_shape"),
+    (schedules.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 0}, "t_max"),
+    (schedules.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 10.0}, "t_max"),
+    (schedules.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 10, "eta_min": math.nan}, "eta_min"),
+    (schedules.cosine_annealing_schedule, {"init_value": "1", "t_max": 10}, "init_value"),
+    (schedules.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 0}, "t_0"),
+    (schedules.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 5, "t_mult": 0}, "t_mult"),
+    (schedules.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 5, "t_mult": 1.5}, "t_mult"),
+    (schedules.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": True}, "t_0"),
+    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_up": 0}, "step_size_up"),
+    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_down": -1}, "step_size_down"),
+    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "mode": "sawtooth"}, "mode"),
+    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "gamma": 0.0}, "gamma"),
+    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_mode": "epoch"}, "scale_mode"),
+    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_fn": 0.5}, "scale_fn"),
+    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": math.inf}, "max_value"),
+    (schedules.onecycle_schedule, {"total_steps": 0, "peak_value": 1.0}, "total_steps"),
+    (schedules.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "pct_start": 1.5}, "pct_start"),
+    (
+        schedules.onecycle_schedule,
+        {"total_steps": 10, "peak_value": 1.0, "anneal_strategy": "cosine"},
+        "anneal_strategy",
+    ),
+    (schedules.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "div_factor": 0.0}, "div_factor"),
+    (schedules.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "final_div_factor": -1.0}, "final_div_factor"),
+    (schedules.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "three_phase": 1}, "three_phase"),
+    (schedules.onecycle_momentum_schedule, {"total_steps": 10, "max_momentum": math.nan}, "max_momentum"),
+    (schedules.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 0}, "total_steps"),
+    (
+        schedules.warmup_stable_decay_schedule,
+        {"peak_value": 1.0, "total_steps": 10, "warmup_steps": -1},
+        "warmup_steps",
+    ),
+    (
+        schedules.warmup_stable_decay_schedule,
+        {"peak_value": 1.0, "total_steps": 10, "decay_fraction": 1.2},
+        "decay_fraction",
+    ),
+    (schedules.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 10, "warmup_steps": 9}, "warmup_steps"),
+    (
+        schedules.warmup_stable_decay_schedule,
+        {"peak_value": 1.0, "total_steps": 10, "warmup_shape": "1-sqrt"},
+        "warmup_shape",
+    ),
+    (
+        schedules.warmup_stable_decay_schedule,
+        {"peak_value": 1.0, "total_steps": 10, "decay_shape": "exp"},
+        "decay_shape",
+    ),
 ]
 
 

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from adaopt._src import base
+from adaopt._src import base, moments
 from adaopt._src.base import HyperparameterError, Schedule
 
 CyclicMode = Literal["triangular", "triangular2", "exp_range"]
@@ -87,9 +87,14 @@ def cosine_annealing_schedule(init_value: Any, t_max: int, eta_min: Any = 0.0) -
       >>> [round(float(schedule(t)), 6) for t in (0, 5, 10, 15, 20)]
       [0.1, 0.055, 0.01, 0.055, 0.1]
 
-    torch: ``CosineAnnealingLR(opt, T_max, eta_min)`` with ``lr=init_value``. Its recursive
-    update telescopes to this closed form; ``optax.cosine_decay_schedule(init_value, t_max,
-    alpha=eta_min / init_value)`` is the same up to ``t_max`` and then stays at ``eta_min``.
+    References:
+      Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017,
+      https://arxiv.org/abs/1608.03983.
+
+      Reference package: torch's ``CosineAnnealingLR(opt, T_max, eta_min)`` with
+      ``lr=init_value``. Its recursive update telescopes to this closed form;
+      ``optax.cosine_decay_schedule(init_value, t_max, alpha=eta_min / init_value)`` is the same
+      up to ``t_max`` and then stays at ``eta_min``.
     """
     base.check_scalar("init_value", init_value)
     base.check_integer("t_max", t_max, 1)
@@ -131,8 +136,13 @@ def cosine_warm_restarts_schedule(init_value: Any, t_0: int, t_mult: int = 1, et
       >>> [round(float(schedule(t)), 6) for t in range(7)]
       [1.0, 0.5, 1.0, 0.853553, 0.5, 0.146447, 1.0]
 
-    torch: ``CosineAnnealingWarmRestarts(opt, T_0, T_mult, eta_min)`` with ``lr=init_value``,
-    stepped once per update (its ``step(epoch)`` form with fractional epochs is not covered).
+    References:
+      Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017,
+      https://arxiv.org/abs/1608.03983.
+
+      Reference package: torch's ``CosineAnnealingWarmRestarts(opt, T_0, T_mult, eta_min)`` with
+      ``lr=init_value``, stepped once per update (its ``step(epoch)`` form with fractional epochs
+      is not covered).
     """
     base.check_scalar("init_value", init_value)
     base.check_integer("t_0", t_0, 1)
@@ -207,10 +217,15 @@ def cyclic_schedule(
       >>> [round(float(schedule(t)), 6) for t in range(9)]
       [0.1, 0.3, 0.5, 0.3, 0.1, 0.2, 0.3, 0.2, 0.1]
 
-    torch: ``CyclicLR(opt, base_lr, max_lr, step_size_up, step_size_down, mode, gamma, scale_fn,
-    scale_mode)``. With ``cycle_momentum=True`` (torch's default) torch also cycles the
-    momentum (or Adam's ``beta1``): that is this schedule with ``base_value=max_momentum`` and
-    ``max_value=base_momentum``, e.g. as ``b1`` through ``optax.inject_hyperparams``.
+    References:
+      Smith, "Cyclical Learning Rates for Training Neural Networks", WACV 2017,
+      https://arxiv.org/abs/1506.01186.
+
+      Reference package: torch's ``CyclicLR(opt, base_lr, max_lr, step_size_up, step_size_down,
+      mode, gamma, scale_fn, scale_mode)``. With ``cycle_momentum=True`` (torch's default) torch
+      also cycles the momentum (or Adam's ``beta1``): that is this schedule with
+      ``base_value=max_momentum`` and ``max_value=base_momentum``, e.g. as ``b1`` through
+      ``optax.inject_hyperparams``.
     """
     base.check_scalar("base_value", base_value)
     base.check_scalar("max_value", max_value)
@@ -336,13 +351,17 @@ def onecycle_schedule(
       >>> [round(float(schedule(t)), 4) for t in (0, 2, 4, 6, 8, 10, 20)]
       [0.1, 0.5, 0.9, 0.73, 0.37, 0.01, 0.01]
 
-    torch: ``OneCycleLR(opt, max_lr=peak_value, total_steps, pct_start, anneal_strategy,
-    div_factor=div_factor, final_div_factor=final_div_factor, three_phase=three_phase)``.
-    ``optax.cosine_onecycle_schedule`` and ``optax.linear_onecycle_schedule`` reach the peak
-    one step later (at ``int(pct_start * T)``) and the end value at ``T`` instead of ``T - 1``;
-    the linear one also fixes the second phase's end at ``pct_final``. With
-    ``cycle_momentum=True`` (torch's default) torch also cycles the momentum:
-    :func:`onecycle_momentum_schedule`.
+    References:
+      Smith & Topin, "Super-Convergence: Very Fast Training of Neural Networks Using Large
+      Learning Rates", 2017, https://arxiv.org/abs/1708.07120.
+
+      Reference package: torch's ``OneCycleLR(opt, max_lr=peak_value, total_steps, pct_start,
+      anneal_strategy, div_factor=div_factor, final_div_factor=final_div_factor,
+      three_phase=three_phase)``. ``optax.cosine_onecycle_schedule`` and
+      ``optax.linear_onecycle_schedule`` reach the peak one step later (at
+      ``int(pct_start * T)``) and the end value at ``T`` instead of ``T - 1``; the linear one
+      also fixes the second phase's end at ``pct_final``. With ``cycle_momentum=True`` (torch's
+      default) torch also cycles the momentum: :func:`onecycle_momentum_schedule`.
     """
     base.check_scalar("peak_value", peak_value)
     base.check_scalar("div_factor", div_factor, low=0.0, low_open=True)
@@ -368,12 +387,26 @@ def onecycle_momentum_schedule(
 
     The phases of :func:`onecycle_schedule`, interpolating ``max_momentum`` to
     ``base_momentum`` over the first and back over the second (with ``three_phase``, held at
-    ``max_momentum`` over the third).
+    ``max_momentum`` over the third). With :math:`a` and :math:`e_1 = pT - 1` as in
+    :func:`onecycle_schedule`:
+
+    .. math::
+        m_t = \begin{cases}
+            a(m_{max}, m_{base}, t / e_1) & t \le e_1 \\
+            a(m_{base}, m_{max}, (t - e_1) / (T - 1 - e_1)) & \text{otherwise}
+        \end{cases}
+
+    and with ``three_phase``: down over :math:`[0, e_1]`, back up over
+    :math:`[e_1, e_2 = 2pT - 2]`, then :math:`m_{max}` over :math:`[e_2, T - 1]`.
 
     Args:
-      total_steps, pct_start, anneal_strategy, three_phase: as :func:`onecycle_schedule`.
+      total_steps: the length of the cycle, an integer >= 1.
       base_momentum: the momentum at the peak learning rate.
       max_momentum: the momentum at the start and the end.
+      pct_start: the fraction of the cycle spent going up (the momentum going down), in [0, 1].
+      anneal_strategy: "cos" or "linear".
+      three_phase: come back to ``max_momentum`` before the final phase, as
+        :func:`onecycle_schedule` comes back to its start value.
 
     Returns:
       A schedule ``count -> value``, e.g. Adam's ``b1`` through ``optax.inject_hyperparams``.
@@ -384,8 +417,12 @@ def onecycle_momentum_schedule(
       >>> [round(float(schedule(t)), 4) for t in (0, 4, 10)]
       [0.95, 0.8611, 0.95]
 
-    torch: the ``momentum`` (or ``betas[0]``) that ``OneCycleLR(opt, ..., cycle_momentum=True,
-    base_momentum, max_momentum)`` writes into the optimizer at each step.
+    References:
+      Smith & Topin, "Super-Convergence: Very Fast Training of Neural Networks Using Large
+      Learning Rates", 2017, https://arxiv.org/abs/1708.07120.
+
+      Reference package: the ``momentum`` (or ``betas[0]``) that torch's ``OneCycleLR(opt, ...,
+      cycle_momentum=True, base_momentum, max_momentum)`` writes into the optimizer at each step.
     """
     base.check_scalar("base_momentum", base_momentum)
     base.check_scalar("max_momentum", max_momentum)
@@ -445,10 +482,19 @@ def warmup_stable_decay_schedule(
       >>> [round(float(schedule(t)), 4) for t in range(11)]
       [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.2929, 0.134, 0.0]
 
-    torch has no WSD scheduler; ``SequentialLR`` of ``LinearLR(start_factor=init/peak,
-    total_iters=W)``, ``ConstantLR(factor=1.0)`` and ``LinearLR(end_factor=end/peak,
-    total_iters=D)`` ("linear"), ``CosineAnnealingLR(T_max=D, eta_min=end)`` ("cosine") or a
-    ``LambdaLR`` ("1-sqrt") with milestones ``[W, T - D]`` is the same schedule up to ``T``.
+    References:
+      Hu et al., "MiniCPM: Unveiling the Potential of Small Language Models with Scalable
+      Training Strategies", 2024, https://arxiv.org/abs/2404.06395 (the schedule).
+
+      Hägele, Bakouch, Kosson, Ben Allal, Von Werra & Jaggi, "Scaling Laws and Compute-Optimal
+      Training Beyond Fixed Training Durations", NeurIPS 2024, https://arxiv.org/abs/2405.18392
+      (the "1-sqrt" cooldown).
+
+      Reference package: torch has no WSD scheduler; ``SequentialLR`` of
+      ``LinearLR(start_factor=init/peak, total_iters=W)``, ``ConstantLR(factor=1.0)`` and
+      ``LinearLR(end_factor=end/peak, total_iters=D)`` ("linear"),
+      ``CosineAnnealingLR(T_max=D, eta_min=end)`` ("cosine") or a ``LambdaLR`` ("1-sqrt") with
+      milestones ``[W, T - D]`` is the same schedule up to ``T``.
     """
     base.check_scalar("peak_value", peak_value)
     base.check_integer("total_steps", total_steps, 1)
@@ -477,7 +523,7 @@ def warmup_stable_decay_schedule(
         elif decay_shape == "cosine":
             d = (1 + jnp.cos(jnp.pi * p)) / 2
         else:
-            d = 1 - jnp.where(p > 0, jnp.sqrt(jnp.where(p > 0, p, 1.0)), 0.0)  # no NaN in grad at p = 0
+            d = 1 - moments.safe_sqrt(p)
         warm = init_value + (peak_value - init_value) * w
         decay = end_value + (peak_value - end_value) * d
         value = jnp.where(t < decay_start, peak_value, decay)
