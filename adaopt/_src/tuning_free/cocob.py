@@ -54,7 +54,7 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
     def init_fn(params: base.Params) -> CocobState:
         return CocobState(
             count=moments.zero_count(),
-            reference=jax.tree.map(jnp.copy, params),
+            reference=jax.tree.map(lambda p: moments.init_copy(p, jnp.result_type(p)), params),  # each in its dtype
             neg_grad_sum=moments.init_like(params),
             max_grad=moments.init_like(params, fill=eps),
             abs_grad_sum=moments.init_like(params),
@@ -62,8 +62,7 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
         )
 
     def update_fn(updates: Updates, state: CocobState, params: base.Params | None = None) -> tuple[Updates, CocobState]:
-        if params is None:
-            raise ValueError("cocob needs the parameters: call update(grads, state, params).")
+        params = base.require_params(params, "cocob")
         first = state.count == 0
 
         def leaf(g: jax.Array, w: jax.Array, w1: jax.Array, *acc: jax.Array) -> tuple[jax.Array, ...]:
@@ -77,8 +76,7 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
             reward = jnp.maximum(reward - g32 * (w32 - w1_32), 0)
             theta = theta - g32
             den = big_l * jnp.maximum(big_g + big_l, moments.scalar(alpha, dtype) * big_l)
-            ok = den > 0
-            bet = jnp.where(ok, theta / jnp.where(ok, den, 1) * (big_l + reward), 0)
+            bet = moments.safe_divide(theta, den) * (big_l + reward)
             step = w1_32 + bet - w32
             new = (theta, big_l, big_g, reward)
             return (step.astype(g.dtype), w1, *(x.astype(a.dtype) for x, a in zip(new, acc, strict=True)))
@@ -157,8 +155,9 @@ def cocob(
       this at the first ``update`` (the same parameters unless they are replaced in between).
     """
     base.check_common(learning_rate, weight_decay)
-    blocks = [base.check_gradient_tree()]
-    if not base.is_zero(weight_decay):
-        blocks.append(base.add_decayed_weights(weight_decay, weight_decay_mask))
-    blocks += [base.scale_by_learning_rate(learning_rate, flip_sign=False), scale_by_cocob(alpha, eps)]
-    return optax.chain(*blocks)
+    return optax.chain(
+        base.check_gradient_tree(),
+        *base.weight_decay_blocks(weight_decay, weight_decay_mask),
+        base.scale_by_learning_rate(learning_rate, flip_sign=False),
+        scale_by_cocob(alpha, eps),
+    )

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import Updates
 
 Variant = Literal["pytorch", "optax"]
@@ -31,20 +31,6 @@ class MechanicState(NamedTuple):
     max_product: tuple[jax.Array, ...]  # m: running maximum of |h|
     sum_squared_products: tuple[jax.Array, ...]  # v: discounted sum of h^2
     reward: tuple[jax.Array, ...]  # r: the wealth won by the scale, clamped at 0 ("pytorch")
-
-
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` for ``x >= 0``, with a zero (not infinite) derivative at 0."""
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
-
-
-def _tree_sum(values: list[jax.Array], dtype: Any) -> jax.Array:
-    """The sum of per-leaf scalars in ``dtype`` (0 for a tree with no leaves)."""
-    total = jnp.zeros([], dtype)
-    for value in values:
-        total = total + value.astype(dtype)
-    return total
 
 
 def mechanic(
@@ -147,7 +133,7 @@ def mechanic(
         return MechanicState(
             count=moments.zero_count(),
             inner_state=inner_tx.init(params),
-            reference=jax.tree.map(jnp.copy, params),
+            reference=jax.tree.map(lambda p: moments.init_copy(p, jnp.result_type(p)), params),  # each in its dtype
             delta=moments.init_like(params) if store_delta else None,
             s=scalars(0.0) if pytorch else tuple(jnp.asarray(s_init, dtype) for _ in range(n)),
             max_product=scalars(1e-6 if pytorch else 0.0),
@@ -158,8 +144,7 @@ def mechanic(
     def update_fn(
         updates: Updates, state: MechanicState, params: base.Params | None = None, **extra_args: Any
     ) -> tuple[Updates, MechanicState]:
-        if params is None:
-            raise ValueError("mechanic needs the parameters: call update(grads, state, params).")
+        params = base.require_params(params, "mechanic")
         base.check_tree_match(updates, params, "parameters")
         steps, inner_state = inner_tx.update(updates, state.inner_state, params, **extra_args)
         first = state.count == 0
@@ -186,16 +171,15 @@ def mechanic(
             return x.astype(cdt) + u.astype(cdt) if pytorch else x.astype(cdt)
 
         points = jax.tree.map(point, params, steps)
-        sq = lambda a: jnp.sum(jnp.square(a.astype(moments.compute_dtype(a.dtype))))
-        grad_norm = _safe_sqrt(_tree_sum([sq(g) for g in jax.tree.leaves(updates)], dtype))
-        point_norm = _safe_sqrt(_tree_sum([sq(y) for y in jax.tree.leaves(points)], dtype))
+        grad_norm = numerics.norm(updates, dtype)
+        point_norm = numerics.norm(points, dtype)
         coef = moments.scalar(s_decay, dtype) * s_sum * grad_norm / (point_norm + e)
 
         def product(d: jax.Array, g: jax.Array, y: jax.Array) -> jax.Array:
             cdt = moments.compute_dtype(d.dtype, g.dtype, y.dtype)
             return jnp.sum(d.astype(cdt) * (g.astype(cdt) + coef.astype(cdt) * y.astype(cdt)))
 
-        h = _tree_sum(jax.tree.leaves(jax.tree.map(product, delta_prev, updates, points)), dtype)
+        h = numerics.tree_sum(jax.tree.map(product, delta_prev, updates, points), dtype)
 
         beta = jnp.asarray(betas, dtype)
         v = beta**2 * v_old + h**2
@@ -207,7 +191,7 @@ def mechanic(
             m = jnp.maximum(beta * m_old, jnp.abs(h) + e)
             r = beta * r_old - jnp.clip(h, -m_old, m_old) * s_old
             wealth = moments.scalar(s_init, dtype) / n * m + jnp.maximum(r, 0)
-        s = wealth / (_safe_sqrt(v) + e)
+        s = wealth / (moments.safe_sqrt(v) + e)
         scale = jnp.maximum(jnp.sum(s), 0)
 
         def finish(g: jax.Array, x: jax.Array, u: jax.Array, ref: jax.Array, d: jax.Array) -> tuple[jax.Array, ...]:
