@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 LearningRateFactor = Callable[[jax.Array], jax.Array]
@@ -48,22 +48,16 @@ class DebiasedRmsState(NamedTuple):
 
 
 def _check_warmup_steps(warmup_steps: Any) -> None:
+    """A whole number of steps >= 0: an integer, or a number with no fraction (an array under inject_hyperparams)."""
     base.check_nonnegative("warmup_steps", warmup_steps)
-    if isinstance(warmup_steps, float) and not warmup_steps.is_integer():
-        raise base.HyperparameterError(f"warmup_steps must be an integer in [0, inf], got {warmup_steps!r}.")
+    value = base._concrete_scalar(warmup_steps)  # a real number or None (traced): check_nonnegative took the rest
+    if value is not None and not value.is_integer():
+        raise base.HyperparameterError(f"warmup_steps must be a finite whole number >= 0, got {warmup_steps!r}.")
 
 
 def _check_interpolation(name: str, value: Any) -> None:
     # b1 = 0 would make y = z: the averaged iterate could not be recovered from y and z.
     base.check_scalar(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
-
-
-def _rho(b2: Any, step: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """RAdam's :math:`\\rho_\\infty`, :math:`\\rho_t` and the bias correction :math:`1 - \\beta_2^t`."""
-    beta2 = moments.scalar(b2, dtype)
-    bc2 = 1 - beta2**step
-    rho_inf = 2 / (1 - beta2) - 1
-    return rho_inf, rho_inf - 2 * step * (1 - bc2) / bc2, bc2
 
 
 def radam_rectification(b2: Any, *, silent_sgd_phase: bool = True) -> LearningRateFactor:
@@ -79,7 +73,7 @@ def radam_rectification(b2: Any, *, silent_sgd_phase: bool = True) -> LearningRa
 
     def factor(step: jax.Array) -> jax.Array:
         dtype = step.dtype
-        rho_inf, rho, _ = _rho(b2, step, dtype)
+        rho_inf, rho, _ = moments.radam_rho(b2, step, dtype)
         rectify = rho > 4
         ratio = (rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)
         # The unused branch stays finite, so that gradients through the step do not turn NaN.
@@ -136,7 +130,7 @@ def scale_by_debiased_rms(
             bc2 = moments.bias_correction(b2, count, dtype) if debias else 1
             step = g32 * moments.inv_root(v_new / bc2, moments.scalar(eps, dtype), 0)
             if rectify:
-                _, rho, _ = _rho(b2, count.astype(dtype), dtype)
+                _, rho, _ = moments.radam_rho(b2, count, dtype)
                 step = jnp.where(rho > 4, step, g32)
             return step.astype(g.dtype), v_new.astype(v.dtype)
 
@@ -199,36 +193,33 @@ def scale_by_schedule_free(
 
     def init_fn(params: base.Params) -> ScheduleFreeState:
         dtype = moments.scalar_dtype(params)
-        z = jax.tree.map(lambda p: jnp.asarray(p).astype(moments.state_dtype(jnp.result_type(p), z_dtype)), params)
         return ScheduleFreeState(
             count=moments.zero_count(),
             b1=jnp.asarray(b1).astype(dtype),
             weight_sum=jnp.zeros([], dtype),
             lr_max=jnp.full([], -1.0, dtype),
-            z=z,
+            z=moments.init_copy(params, z_dtype),
         )
 
     def update_fn(
         updates: Updates, state: ScheduleFreeState, params: base.Params | None = None
     ) -> tuple[Updates, ScheduleFreeState]:
-        if params is None:
-            raise ValueError("Schedule-Free needs the parameters: call update(grads, state, params).")
+        params = base.require_params(params, "Schedule-Free")
         base.check_tree_match(updates, params, "parameters")
         dtype = state.weight_sum.dtype
         count = moments.safe_increment(state.count)
         step = count.astype(dtype)
-        lr = moments.scalar(learning_rate(state.count) if callable(learning_rate) else learning_rate, dtype)
+        lr = numerics.learning_rate_at(learning_rate, state.count, dtype)
         if not base.is_zero(warmup_steps):
             warmup = moments.scalar(warmup_steps, dtype)
             lr = lr * jnp.where(step <= warmup, step / jnp.where(warmup > 0, warmup, 1), 1)
         if learning_rate_factor is not None:
             lr = lr * learning_rate_factor(step)
-        lr = jnp.asarray(lr).astype(dtype)
+        lr = lr.astype(dtype)  # a learning_rate_factor may return another dtype
         lr_max = jnp.maximum(state.lr_max, lr)
         weight = step ** moments.scalar(r, dtype) * lr_max ** moments.scalar(weight_lr_power, dtype)
         weight_sum = state.weight_sum + weight
-        nonzero = weight_sum != 0
-        c = jnp.where(nonzero, weight / jnp.where(nonzero, weight_sum, 1), 0)
+        c = moments.safe_divide(weight, weight_sum)
         beta1 = jnp.asarray(moments.scalar(b1, dtype)).astype(dtype)
         y_lr = lr * (beta1 * (1 - c) - 1)
 
@@ -260,17 +251,8 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
     Returns:
       :math:`x`, with the parameters' tree and dtypes.
     """
-    found = [
-        node
-        for node in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, ScheduleFreeState))
-        if isinstance(node, ScheduleFreeState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"schedule_free_eval_params needs a state holding exactly one ScheduleFreeState, found {len(found)}: "
-            "pass the state of a schedule-free optimizer (adaopt.schedule_free_sgd, _adamw, _radam)."
-        )
-    sf = found[0]
+    fix = "pass the state of a schedule-free optimizer (adaopt.schedule_free_sgd, _adamw, _radam) to schedule_free_eval_params."
+    sf = numerics.find_state(state, ScheduleFreeState, fix)
 
     def leaf(y: jax.Array, z: jax.Array) -> tuple[jax.Array]:
         dtype, y32, (z32,) = moments.to_compute(y, z)
@@ -290,7 +272,7 @@ def _schedule_free(
     **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """Direction, weight decay at y, then the Schedule-Free step (which holds the learning rate)."""
-    decay = [] if base.is_zero(weight_decay) else [base.add_decayed_weights(weight_decay, weight_decay_mask)]
+    decay = base.weight_decay_blocks(weight_decay, weight_decay_mask)
     return optax.chain(
         base.check_gradient_tree(), *direction, *decay, scale_by_schedule_free(learning_rate, b1, **options)
     )
@@ -424,7 +406,7 @@ def schedule_free_adamw(
     base.check_choice("debias", debias, ("moment", "learning_rate"))
     factor: LearningRateFactor | None = None
     if debias == "learning_rate":
-        factor = lambda step: jnp.sqrt(_rho(b2, step, step.dtype)[2])
+        factor = lambda step: jnp.sqrt(moments.bias_correction(b2, step, step.dtype))
     direction = scale_by_debiased_rms(b2, eps, debias=debias == "moment", nu_dtype=nu_dtype)
     options = dict(warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, z_dtype=z_dtype)
     return _schedule_free(
