@@ -178,15 +178,25 @@ def check_common(learning_rate: Any, weight_decay: Any, d0: Any, growth_rate: An
 
 
 class DAdaptAdamState(NamedTuple):
-    """State of :func:`scale_by_dadapt_adam`."""
+    r"""State of :func:`scale_by_dadapt_adam`: the estimate :math:`d`, its running sums and the moments.
 
-    count: jax.Array  # type: ignore[assignment]  # calls of update: the learning-rate schedule's step
-    step: jax.Array  # steps taken, k (a skipped step does not count); drives the bias correction
-    d: jax.Array  # the distance estimate
-    numerator: jax.Array  # r_k, the weighted sum of <g, s / denominator>
-    mu: Updates  # exp_avg (it already holds the step size d * lr)
-    nu: Updates  # exp_avg_sq
-    s: Updates  # the weighted sum of steps
+    Attributes:
+      count: the calls of ``update``, the learning-rate schedule's step (a saturating int32).
+      step: :math:`k`, the steps taken (a skipped step does not count); drives the bias correction.
+      d: the distance estimate :math:`d_k`, in the parameters' widest float dtype (at least float32).
+      numerator: :math:`r_k`, the weighted sum of :math:`\langle g, s / (\sqrt{v} + \epsilon) \rangle`.
+      mu: :math:`m`, the package's ``exp_avg`` (it already holds the step size :math:`d_k \eta_t c_k`).
+      nu: :math:`v`, the package's ``exp_avg_sq``.
+      s: the weighted sum of steps :math:`s_k`.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    step: jax.Array
+    d: jax.Array
+    numerator: jax.Array
+    mu: Updates
+    nu: Updates
+    s: Updates
 
 
 def scale_by_dadapt_adam(
@@ -228,25 +238,44 @@ def scale_by_dadapt_adam(
     still move when :math:`\eta_t > 0`.
 
     Args:
-      learning_rate: multiplies the estimated step size (1: the method's own); a schedule
-        ``count -> value`` (count from 0, every call of ``update``).
-      b1, b2: decays of the moments, in [0, 1).
-      eps: added to :math:`\sqrt{v}`, > 0.
+      learning_rate: multiplies the estimated step size (1: the method's own); a number or a
+        schedule ``count -> value`` (count from 0, every call of ``update``).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to :math:`\sqrt{v}`, > 0.
       weight_decay: decoupled weight decay :math:`\lambda` (>= 0), scaled by :math:`\gamma_k`;
         chain ``optax.add_decayed_weights`` before this block for the coupled (L2) form.
       weight_decay_mask: a tree of booleans, or a function of the parameters returning one,
-        selecting the decayed leaves.
+        selecting the decayed leaves (None: all of them).
       bias_correction: use :math:`c_k` (the package's ``use_bias_correction``).
-      d0: initial estimate :math:`d_0` > 0.
-      growth_rate: cap on :math:`d_{k+1} / d_k`, in [1, inf] (inf: no cap).
+      d0: the initial estimate :math:`d_0` > 0.
+      growth_rate: the cap on :math:`d_{k+1} / d_k`, in [1, inf] (inf: no cap).
       layer_scale: :math:`\rho`, None (1 everywhere) or a tree of non-negative numbers with the
         parameters' structure (or a function of the parameters returning one): the package's
         per-parameter-group ``layer_scale``.
-      mu_dtype, nu_dtype: storage dtypes of :math:`m, v` (default: the parameter's, at least float32).
+      mu_dtype: the storage dtype of :math:`m` (default: the parameter's, at least float32).
+      nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`DAdaptAdamState`; its update is to
-      be subtracted (``dadapt_adam`` negates it).
+      be subtracted (``dadapt_adam`` negates it). ``update`` needs ``params`` when
+      ``weight_decay`` is not 0 or ``layer_scale`` is a function.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_dadapt_adam()
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = block.init(params)
+      >>> step, state = block.update(params, state)  # the first step only builds s: d stays d0
+      >>> print(state.d, state.step)
+      1e-06 1
+
+    References:
+      Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
+      https://arxiv.org/abs/2301.07733 (Algorithm 4, D-Adapt Adam).
+
+      Reference package: ``dadaptation`` (https://github.com/facebookresearch/dadaptation);
+      :func:`dadapt_adam` gives the arguments that reproduce its ``DAdaptAdam``.
     """
     base.check_learning_rate(learning_rate)
     base.check_decay("b1", b1)
@@ -372,12 +401,22 @@ def dadapt_adam(
     Args:
       learning_rate: multiplies the estimated step size; keep 1 unless the method is unstable.
         A number or a schedule ``count -> value`` (count from 0).
-      b1, b2, eps, bias_correction, d0, growth_rate, layer_scale, mu_dtype, nu_dtype: as
-        :func:`scale_by_dadapt_adam`.
-      weight_decay: coefficient :math:`\lambda` >= 0; weight_decay_mask: the leaves it decays.
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, added to :math:`\sqrt{v}`, > 0.
+      weight_decay: the coefficient :math:`\lambda` >= 0.
+      weight_decay_mask: a tree of booleans, or a function of the parameters returning one,
+        selecting the leaves to decay (None: all of them).
       decoupled_weight_decay: decay the weights by :math:`d_k \eta_t c_k \lambda \theta` beside the
         step (AdamW style, the package's ``decouple=True``) instead of adding
         :math:`\lambda \theta` to the gradient.
+      bias_correction: use :math:`c_k` (the package's ``use_bias_correction``).
+      d0: the initial estimate :math:`d_0` > 0.
+      growth_rate: the cap on :math:`d_{k+1} / d_k`, in [1, inf] (inf: no cap).
+      layer_scale: :math:`\rho`, None (1 everywhere) or a tree of non-negative numbers with the
+        parameters' structure (or a function of the parameters returning one).
+      mu_dtype: the storage dtype of :math:`m` (default: the parameter's, at least float32).
+      nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` when the decay
@@ -394,14 +433,21 @@ def dadapt_adam(
       >>> bool(jnp.abs(params).max() < 0.05)
       True
 
-    Reference: Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023.
-    ``dadaptation.DAdaptAdam(lr, betas=(b1, b2), eps, weight_decay, decouple, use_bias_correction,
-    d0, growth_rate)`` (version 3.2), with ``layer_scale`` set per parameter group, follows the
-    same trajectory (the package's ``log_every`` only logs; read :math:`d` from the state).
-    ``optax.contrib.dadapt_adamw`` is this with ``decoupled_weight_decay=True,
-    bias_correction=True`` and no mask, for a learning rate that is never 0 (optax does not
-    skip steps). Where a parameter group's ``lr`` is 0 while others' are not, the package
-    still applies the stale step of that group; adaopt has one learning rate for the tree.
+    References:
+      Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
+      https://arxiv.org/abs/2301.07733 (Algorithm 4, D-Adapt Adam).
+
+      Reference package: ``dadaptation`` 3.2 (https://github.com/facebookresearch/dadaptation).
+      ``dadaptation.DAdaptAdam(lr, betas=(b1, b2), eps, weight_decay, decouple, use_bias_correction,
+      d0, growth_rate)``, with ``layer_scale`` set per parameter group, follows the same
+      trajectory as ``dadapt_adam(learning_rate=lr, b1, b2, eps, weight_decay,
+      decoupled_weight_decay=decouple, bias_correction=use_bias_correction, d0=d0,
+      growth_rate=growth_rate)`` (the package's ``log_every`` only logs; read :math:`d` from the
+      state). Where a parameter group's ``lr`` is 0 while others' are not, the package still
+      applies the stale step of that group; adaopt has one learning rate for the tree.
+      ``optax.contrib.dadapt_adamw`` is this with ``decoupled_weight_decay=True,
+      bias_correction=True`` and no mask, for a learning rate that is never 0 (optax does not
+      skip steps).
     """
     check_common(learning_rate, weight_decay, d0, growth_rate)
     core = scale_by_dadapt_adam(
@@ -419,15 +465,25 @@ def dadapt_adam(
 
 
 class DAdaptSGDState(NamedTuple):
-    """State of :func:`scale_by_dadapt_sgd`."""
+    r"""State of :func:`scale_by_dadapt_sgd`: the estimate :math:`d`, its running sums and the initial point.
 
-    count: jax.Array  # type: ignore[assignment]  # calls of update: the learning-rate schedule's step
-    step: jax.Array  # steps taken, k (a skipped step does not count)
-    d: jax.Array  # the distance estimate
-    numerator: jax.Array  # the sum of gamma_k <g, s_{k-1}>
-    g0_norm: jax.Array  # the norm of the first gradient (without weight decay, as the package)
-    s: Updates  # the sum of steps gamma_k g
-    x0: Updates  # the initial point
+    Attributes:
+      count: the calls of ``update``, the learning-rate schedule's step (a saturating int32).
+      step: :math:`k`, the steps taken (a skipped step does not count).
+      d: the distance estimate :math:`d_k`, in the parameters' widest float dtype (at least float32).
+      numerator: :math:`r_k`, the sum of :math:`\gamma_k \langle g, s_{k-1} \rangle`.
+      g0_norm: :math:`G`, the norm of the first step's gradient (before weight decay, as the package).
+      s: :math:`s_k`, the sum of the steps :math:`\gamma_k g`.
+      x0: :math:`\theta_0`, the initial point.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    step: jax.Array
+    d: jax.Array
+    numerator: jax.Array
+    g0_norm: jax.Array
+    s: Updates
+    x0: Updates
 
 
 def scale_by_dadapt_sgd(
@@ -459,15 +515,35 @@ def scale_by_dadapt_sgd(
     :math:`d, r, k` stay (the package raises an error there instead).
 
     Args:
-      learning_rate: multiplies the estimated step size; a number or a schedule ``count -> value``.
+      learning_rate: multiplies the estimated step size; a number or a schedule ``count -> value``
+        (count from 0, every call of ``update``).
       momentum: :math:`\mu` in [0, 1), an average of the iterates (0: none).
-      weight_decay: coupled decay :math:`\lambda` >= 0, added to the gradient after :math:`G`
-        is measured; weight_decay_mask: the leaves it decays.
-      d0: initial estimate > 0; growth_rate: cap on :math:`d_{k+1} / d_k` in [1, inf].
+      weight_decay: the coupled decay :math:`\lambda` >= 0, added to the gradient after :math:`G`
+        is measured.
+      weight_decay_mask: a tree of booleans, or a function of the parameters returning one,
+        selecting the leaves to decay (None: all of them).
+      d0: the initial estimate :math:`d_0` > 0.
+      growth_rate: the cap on :math:`d_{k+1} / d_k`, in [1, inf] (inf: no cap).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`DAdaptSGDState`; ``update`` needs
-      ``params``.
+      An ``optax.GradientTransformation`` with state :class:`DAdaptSGDState`; its update is to be
+      subtracted (``dadapt_sgd`` negates it). ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_dadapt_sgd()
+      >>> params = jnp.array([3.0, -4.0])
+      >>> state = block.init(params)
+      >>> step, state = block.update(params, state, params)
+      >>> float(state.g0_norm)  # the norm of the first gradient
+      5.0
+
+    References:
+      Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
+      https://arxiv.org/abs/2301.07733 (Algorithm 1, dual averaging, with the package's momentum).
+
+      Reference package: ``dadaptation`` (https://github.com/facebookresearch/dadaptation);
+      :func:`dadapt_sgd` gives the arguments that reproduce its ``DAdaptSGD``.
     """
     base.check_learning_rate(learning_rate)
     base.check_decay("momentum", momentum)
@@ -557,8 +633,13 @@ def dadapt_sgd(
 
     Args:
       learning_rate: multiplies the estimated step size; keep 1 unless the method is unstable.
-      momentum: :math:`\mu` in [0, 1); weight_decay: coupled decay :math:`\lambda` >= 0, on the
-        leaves selected by weight_decay_mask; d0, growth_rate: as :func:`scale_by_dadapt_sgd`.
+        A number or a schedule ``count -> value`` (count from 0).
+      momentum: :math:`\mu` in [0, 1), an average of the iterates (0: none).
+      weight_decay: the coupled decay :math:`\lambda` >= 0.
+      weight_decay_mask: a tree of booleans, or a function of the parameters returning one,
+        selecting the leaves to decay (None: all of them).
+      d0: the initial estimate :math:`d_0` > 0.
+      growth_rate: the cap on :math:`d_{k+1} / d_k`, in [1, inf] (inf: no cap).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -574,13 +655,18 @@ def dadapt_sgd(
       >>> bool(jnp.abs(params).max() < 0.05)
       True
 
-    Reference: Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023.
-    ``dadaptation.DAdaptSGD(lr, momentum, weight_decay, d0, growth_rate)`` (version 3.2) follows
-    the same trajectory, with two caveats of the package: it applies the first parameter
-    group's ``weight_decay`` to every group (so it matches only an unmasked decay), and it
-    raises an error at a step with learning rate 0 (adaopt skips that step, the package's
-    intent). Like the package, :math:`\|g_{t_0}\|` is the norm of the raw gradient, before
-    weight decay.
+    References:
+      Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
+      https://arxiv.org/abs/2301.07733 (Algorithm 1, dual averaging, with the package's momentum).
+
+      Reference package: ``dadaptation`` 3.2 (https://github.com/facebookresearch/dadaptation).
+      ``dadaptation.DAdaptSGD(lr, momentum, weight_decay, d0, growth_rate)`` follows the same
+      trajectory as ``dadapt_sgd(learning_rate=lr, momentum, weight_decay, d0=d0,
+      growth_rate=growth_rate)``, with two caveats of the package: it applies the first
+      parameter group's ``weight_decay`` to every group (so it matches only an unmasked decay),
+      and it raises an error at a step with learning rate 0 (adaopt skips that step, the
+      package's intent). Like the package, :math:`\|g_{t_0}\|` is the norm of the raw gradient,
+      before weight decay.
     """
     check_common(learning_rate, weight_decay, d0, growth_rate)
     core = scale_by_dadapt_sgd(
@@ -595,14 +681,23 @@ def dadapt_sgd(
 
 
 class DAdaptAdaGradState(NamedTuple):
-    """State of :func:`scale_by_dadapt_adagrad`."""
+    r"""State of :func:`scale_by_dadapt_adagrad`: the estimate :math:`d`, the accumulators and the initial point.
 
-    count: jax.Array  # type: ignore[assignment]  # calls of update: the learning-rate schedule's step
-    d: jax.Array  # the distance estimate
-    gsq_weighted: jax.Array  # the sum of gamma_k^2 <g^2, 1 / (sqrt(alpha_k) + eps)>
-    alpha: Updates  # the sum of squared gradients, from 1e-6
-    s: Updates  # the sum of steps gamma_k g
-    x0: Updates  # the initial point
+    Attributes:
+      count: the calls of ``update``, the learning-rate schedule's step (a saturating int32).
+      d: the distance estimate :math:`d_t`, in the parameters' widest float dtype (at least float32).
+      gsq_weighted: :math:`q_t`, the sum of :math:`\gamma_t^2 \langle g^2, 1 / (\sqrt{\alpha_t} + \epsilon) \rangle`.
+      alpha: :math:`\alpha_t`, the sum of squared gradients, from :math:`10^{-6}`.
+      s: :math:`s_t`, the sum of the steps :math:`\gamma_t g`.
+      x0: :math:`\theta_0`, the initial point.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    d: jax.Array
+    gsq_weighted: jax.Array
+    alpha: Updates
+    s: Updates
+    x0: Updates
 
 
 def scale_by_dadapt_adagrad(
@@ -634,14 +729,32 @@ def scale_by_dadapt_adagrad(
     gradients still grow :math:`\alpha_t` and so shrink the distance travelled.
 
     Args:
-      learning_rate: multiplies the estimated step size; a number or a schedule ``count -> value``.
+      learning_rate: multiplies the estimated step size; a number or a schedule ``count -> value``
+        (count from 0, every call of ``update``).
       momentum: :math:`\mu` in [0, 1), an average of the iterates (0: none).
-      eps: added to :math:`\sqrt{\alpha}`, > 0.
-      d0: initial estimate > 0; growth_rate: cap on :math:`d_{t+1} / d_t` in [1, inf].
+      eps: :math:`\epsilon`, added to :math:`\sqrt{\alpha}`, > 0.
+      d0: the initial estimate :math:`d_0` > 0.
+      growth_rate: the cap on :math:`d_{t+1} / d_t`, in [1, inf] (inf: no cap).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`DAdaptAdaGradState`; ``update``
-      needs ``params``.
+      An ``optax.GradientTransformation`` with state :class:`DAdaptAdaGradState`; its update is
+      to be subtracted (``dadapt_adagrad`` negates it). ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_dadapt_adagrad()
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = block.init(params)
+      >>> step, state = block.update(params, state, params)
+      >>> state.alpha  # 1e-6 + g^2
+      Array([1.000001, 4.000001], dtype=float32)
+
+    References:
+      Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
+      https://arxiv.org/abs/2301.07733 (Algorithm 3, D-Adapt AdaGrad).
+
+      Reference package: ``dadaptation`` (https://github.com/facebookresearch/dadaptation);
+      :func:`dadapt_adagrad` gives the arguments that reproduce its ``DAdaptAdaGrad``.
     """
     base.check_learning_rate(learning_rate)
     base.check_decay("momentum", momentum)
@@ -725,8 +838,14 @@ def dadapt_adagrad(
 
     Args:
       learning_rate: multiplies the estimated step size; keep 1 unless the method is unstable.
-      momentum: :math:`\mu` in [0, 1); eps: > 0; d0, growth_rate: as :func:`scale_by_dadapt_adagrad`.
-      weight_decay: coupled decay :math:`\lambda` >= 0 on the leaves selected by weight_decay_mask.
+        A number or a schedule ``count -> value`` (count from 0).
+      momentum: :math:`\mu` in [0, 1), an average of the iterates (0: none).
+      eps: :math:`\epsilon`, added to :math:`\sqrt{\alpha}`, > 0.
+      weight_decay: the coupled decay :math:`\lambda` >= 0.
+      weight_decay_mask: a tree of booleans, or a function of the parameters returning one,
+        selecting the leaves to decay (None: all of them).
+      d0: the initial estimate :math:`d_0` > 0.
+      growth_rate: the cap on :math:`d_{t+1} / d_t`, in [1, inf] (inf: no cap).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -742,11 +861,16 @@ def dadapt_adagrad(
       >>> float(state[1].d) > 0.1  # the distance estimate, grown from d0 = 1e-6
       True
 
-    Reference: Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023.
-    ``dadaptation.DAdaptAdaGrad(lr, momentum, weight_decay, eps, d0, growth_rate)`` (version
-    3.2) follows the same trajectory for dense gradients (its sparse-gradient path has no JAX
-    counterpart). Its running totals of :math:`\sum w s^2` and :math:`\|s\|_1` are recomputed
-    here each step (equal in exact arithmetic).
+    References:
+      Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
+      https://arxiv.org/abs/2301.07733 (Algorithm 3, D-Adapt AdaGrad).
+
+      Reference package: ``dadaptation`` 3.2 (https://github.com/facebookresearch/dadaptation).
+      ``dadaptation.DAdaptAdaGrad(lr, momentum, weight_decay, eps, d0, growth_rate)`` follows the
+      same trajectory as ``dadapt_adagrad(learning_rate=lr, momentum, eps, weight_decay, d0=d0,
+      growth_rate=growth_rate)`` for dense gradients (its sparse-gradient path has no JAX
+      counterpart). Its running totals of :math:`\sum w s^2` and :math:`\|s\|_1` are
+      recomputed here each step (equal in exact arithmetic).
     """
     check_common(learning_rate, weight_decay, d0, growth_rate)
     core = scale_by_dadapt_adagrad(learning_rate, momentum, eps, d0=d0, growth_rate=growth_rate)
