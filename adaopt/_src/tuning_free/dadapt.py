@@ -272,7 +272,7 @@ def scale_by_dadapt_adam(
 
     References:
       Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
-      https://arxiv.org/abs/2301.07733 (Algorithm 4, D-Adapt Adam).
+      https://arxiv.org/abs/2301.07733 (D-Adapt Adam, Adam with D-Adaptation).
 
       Reference package: ``dadaptation`` (https://github.com/facebookresearch/dadaptation);
       :func:`dadapt_adam` gives the arguments that reproduce its ``DAdaptAdam``.
@@ -435,7 +435,7 @@ def dadapt_adam(
 
     References:
       Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
-      https://arxiv.org/abs/2301.07733 (Algorithm 4, D-Adapt Adam).
+      https://arxiv.org/abs/2301.07733 (D-Adapt Adam, Adam with D-Adaptation).
 
       Reference package: ``dadaptation`` 3.2 (https://github.com/facebookresearch/dadaptation).
       ``dadaptation.DAdaptAdam(lr, betas=(b1, b2), eps, weight_decay, decouple, use_bias_correction,
@@ -540,7 +540,7 @@ def scale_by_dadapt_sgd(
 
     References:
       Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
-      https://arxiv.org/abs/2301.07733 (Algorithm 1, dual averaging, with the package's momentum).
+      https://arxiv.org/abs/2301.07733 (D-Adapt SGD by dual averaging; the momentum is the package's).
 
       Reference package: ``dadaptation`` (https://github.com/facebookresearch/dadaptation);
       :func:`dadapt_sgd` gives the arguments that reproduce its ``DAdaptSGD``.
@@ -657,7 +657,7 @@ def dadapt_sgd(
 
     References:
       Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
-      https://arxiv.org/abs/2301.07733 (Algorithm 1, dual averaging, with the package's momentum).
+      https://arxiv.org/abs/2301.07733 (D-Adapt SGD by dual averaging; the momentum is the package's).
 
       Reference package: ``dadaptation`` 3.2 (https://github.com/facebookresearch/dadaptation).
       ``dadaptation.DAdaptSGD(lr, momentum, weight_decay, d0, growth_rate)`` follows the same
@@ -751,7 +751,7 @@ def scale_by_dadapt_adagrad(
 
     References:
       Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
-      https://arxiv.org/abs/2301.07733 (Algorithm 3, D-Adapt AdaGrad).
+      https://arxiv.org/abs/2301.07733 (D-Adapt AdaGrad, dual averaging).
 
       Reference package: ``dadaptation`` (https://github.com/facebookresearch/dadaptation);
       :func:`dadapt_adagrad` gives the arguments that reproduce its ``DAdaptAdaGrad``.
@@ -863,7 +863,7 @@ def dadapt_adagrad(
 
     References:
       Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
-      https://arxiv.org/abs/2301.07733 (Algorithm 3, D-Adapt AdaGrad).
+      https://arxiv.org/abs/2301.07733 (D-Adapt AdaGrad, dual averaging).
 
       Reference package: ``dadaptation`` 3.2 (https://github.com/facebookresearch/dadaptation).
       ``dadaptation.DAdaptAdaGrad(lr, momentum, weight_decay, eps, d0, growth_rate)`` follows the

@@ -21,22 +21,33 @@ from adaopt._src.tuning_free import dadapt
 
 
 class ProdigyState(NamedTuple):
-    """State of :func:`scale_by_prodigy`.
+    r"""State of :func:`scale_by_prodigy`: the estimate :math:`d`, its running sums, the moments and the initial point.
 
     With ``slice_p > 1``, ``s`` and ``p0`` hold every ``slice_p``-th entry of each flattened
     parameter (flat vectors, without the parameter's sharding); otherwise every per-parameter
     field mirrors the parameters.
+
+    Attributes:
+      count: the calls of ``update``, the learning-rate schedule's step (a saturating int32).
+      step: :math:`k`, the steps taken (a skipped step does not count); drives the bias correction.
+      d: the distance estimate :math:`d_k`, in the parameters' widest float dtype (at least float32).
+      d_max: :math:`d^{\max}`, the largest estimate so far.
+      numerator: :math:`r_k`, the weighted sum of :math:`\langle g, \theta_0 - \theta \rangle`.
+      mu: :math:`m`, the package's ``exp_avg`` (None when ``b1`` is a Python 0).
+      nu: :math:`v`, the package's ``exp_avg_sq``.
+      s: :math:`s_k`, the weighted sum of gradients.
+      p0: :math:`\theta_0`, the initial point.
     """
 
-    count: jax.Array  # type: ignore[assignment]  # calls of update: the learning-rate schedule's step
-    step: jax.Array  # steps taken, k (a skipped step does not count); drives the bias correction
-    d: jax.Array  # the distance estimate
-    d_max: jax.Array  # the largest estimate so far
-    numerator: jax.Array  # r_k, the weighted sum of <g, theta_0 - theta>
-    mu: Updates | None  # exp_avg (None when b1 is 0)
-    nu: Updates  # exp_avg_sq
-    s: Updates  # the weighted sum of gradients
-    p0: Updates  # the initial point
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    step: jax.Array
+    d: jax.Array
+    d_max: jax.Array
+    numerator: jax.Array
+    mu: Updates | None
+    nu: Updates
+    s: Updates
+    p0: Updates
 
 
 def _check(b1: Any, b2: Any, b3: Any, eps: Any, d_coef: Any, slice_p: Any) -> None:
@@ -105,24 +116,45 @@ def scale_by_prodigy(
     Args:
       learning_rate: multiplies the estimated step size (1: the method's own); a number or a
         schedule ``count -> value`` (count from 0, every call of ``update``).
-      b1, b2: decays of the moments, in [0, 1); b3: decay of :math:`r, s` in [0, 1), None for
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1) (a Python 0 keeps no :math:`m`).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      b3: :math:`\beta_3`, the decay of :math:`r` and :math:`s`, in [0, 1); None for
         :math:`\sqrt{\beta_2}`.
-      eps: > 0, added to :math:`\sqrt{v}` after scaling by :math:`d_{k+1}`.
+      eps: :math:`\epsilon` > 0, added to :math:`\sqrt{v}` after scaling by :math:`d_{k+1}`.
       weight_decay: decoupled weight decay :math:`\lambda` >= 0, scaled by :math:`\gamma_k`;
         chain ``optax.add_decayed_weights`` before this block for the coupled (L2) form.
-      weight_decay_mask: a tree of booleans, or a function of the parameters returning one.
+      weight_decay_mask: a tree of booleans, or a function of the parameters returning one,
+        selecting the decayed leaves (None: all of them).
       bias_correction: use :math:`c_k` (the package's ``use_bias_correction``).
       safeguard_warmup: leave :math:`\eta_t` out of :math:`s` (for warm-up schedules).
-      d0: initial estimate :math:`d_0` > 0; d_coef: > 0, scales :math:`\hat d`.
-      growth_rate: cap on the growth of :math:`d` per step, in [1, inf] (inf: no cap).
+      d0: the initial estimate :math:`d_0` > 0.
+      d_coef: a factor > 0 on :math:`\hat d`.
+      growth_rate: the cap on the growth of :math:`d` per step, in [1, inf] (inf: no cap).
       slice_p: estimate :math:`d` from every ``slice_p``-th entry of each flattened parameter
         only: None or 1 (the default, exact Prodigy: every entry) or a Python integer (~11 saves
         memory; a static argument under ``inject_hyperparams``).
-      mu_dtype, nu_dtype: storage dtypes of :math:`m, v` (default: the parameter's, at least float32).
+      mu_dtype: the storage dtype of :math:`m` (default: the parameter's, at least float32).
+      nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ProdigyState`; its update is to be
       subtracted (``prodigy`` negates it). ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_prodigy()
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = block.init(params)
+      >>> step, state = block.update(params, state, params)  # no distance travelled yet: r = 0
+      >>> print(state.d, state.numerator)
+      1e-06 0.0
+
+    References:
+      Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner", ICML
+      2024, https://arxiv.org/abs/2306.06101 (Prodigy's Adam version).
+
+      Reference package: ``prodigyopt`` (https://github.com/konstmish/prodigy); :func:`prodigy`
+      gives the arguments that reproduce its ``Prodigy``.
     """
     base.check_learning_rate(learning_rate)
     _check(b1, b2, b3, eps, d_coef, slice_p)
@@ -269,11 +301,25 @@ def prodigy(
     Args:
       learning_rate: multiplies the estimated step size; keep 1 unless the method is unstable
         (a schedule, e.g. cosine decay from 1, helps). A number or a schedule ``count -> value``.
-      b1, b2, b3, eps, bias_correction, safeguard_warmup, d0, d_coef, growth_rate, slice_p,
-        mu_dtype, nu_dtype: as :func:`scale_by_prodigy`.
-      weight_decay: coefficient :math:`\lambda` >= 0; weight_decay_mask: the leaves it decays.
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      b3: :math:`\beta_3`, the decay of :math:`r` and :math:`s`, in [0, 1); None for
+        :math:`\sqrt{\beta_2}`.
+      eps: :math:`\epsilon` > 0, added to :math:`\sqrt{v}` after scaling by :math:`d_{k+1}`.
+      weight_decay: the coefficient :math:`\lambda` >= 0.
+      weight_decay_mask: a tree of booleans, or a function of the parameters returning one,
+        selecting the leaves to decay (None: all of them).
       decoupled_weight_decay: decay the weights beside the step, scaled by :math:`d_k \eta_t c_k`
         (AdamW style, the package's default ``decouple=True``), or add the decay to the gradient.
+      bias_correction: use :math:`c_k` (the package's ``use_bias_correction``).
+      safeguard_warmup: leave :math:`\eta_t` out of :math:`s` (for warm-up schedules).
+      d0: the initial estimate :math:`d_0` > 0.
+      d_coef: a factor > 0 on :math:`\hat d`.
+      growth_rate: the cap on the growth of :math:`d` per step, in [1, inf] (inf: no cap).
+      slice_p: estimate :math:`d` from every ``slice_p``-th entry of each flattened parameter
+        only (None or 1: every entry; a Python integer such as 11 saves memory).
+      mu_dtype: the storage dtype of :math:`m` (default: the parameter's, at least float32).
+      nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -289,19 +335,25 @@ def prodigy(
       >>> bool(jnp.abs(params).max() < 0.05)
       True
 
-    Reference: Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free
-    Learner", ICML 2024. ``prodigyopt.Prodigy(lr, betas=(b1, b2), beta3=b3, eps, weight_decay,
-    decouple, use_bias_correction, safeguard_warmup, d0, d_coef, growth_rate, slice_p)``
-    (version 1.1.2) follows the same trajectory. adaopt follows the package where it departs from
-    the paper's algorithm: :math:`r` and :math:`s` drop the :math:`1 - \beta_3` factors and are
-    scaled by :math:`1 / d_0` (which leaves :math:`\hat d` unchanged), and the
-    package adds ``d_coef``, ``growth_rate``, ``safeguard_warmup``, ``slice_p``, an optional bias
-    correction, and the rule for :math:`d'_k` (while :math:`d_k = d_0`, the growth cap applies to
-    :math:`\max(d_0, \hat d_k)`). ``optax.contrib.prodigy`` is this with
-    ``bias_correction=True`` and an unmasked decay, for a learning rate that is never 0 (optax
-    does not skip steps). The package's ``fsdp_in_use`` has no counterpart: sums over sharded
-    arrays are global under ``jit``. The package keeps ``p0`` of an all-zero parameter as a 0-d
-    zero, to save memory; adaopt keeps the zeros (the same numbers).
+    References:
+      Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner", ICML
+      2024, https://arxiv.org/abs/2306.06101 (Prodigy's Adam version).
+
+      Reference package: ``prodigyopt`` 1.1.2 (https://github.com/konstmish/prodigy).
+      ``prodigyopt.Prodigy(lr, betas=(b1, b2), beta3=b3, eps, weight_decay, decouple,
+      use_bias_correction, safeguard_warmup, d0, d_coef, growth_rate, slice_p)`` follows the
+      same trajectory as ``prodigy(learning_rate=lr, b1, b2, b3, eps, weight_decay,
+      decoupled_weight_decay=decouple, bias_correction=use_bias_correction, ...)`` with the other
+      arguments by the same names. adaopt follows the package where it departs from the paper's
+      algorithm: :math:`r` and :math:`s` drop the :math:`1 - \beta_3` factors and are scaled by
+      :math:`1 / d_0` (which leaves :math:`\hat d` unchanged), and the package adds ``d_coef``,
+      ``growth_rate``, ``safeguard_warmup``, ``slice_p``, an optional bias correction, and the
+      rule for :math:`d'_k` (while :math:`d_k = d_0`, the growth cap applies to
+      :math:`\max(d_0, \hat d_k)`). The package's ``fsdp_in_use`` has no counterpart: sums over
+      sharded arrays are global under ``jit``. The package keeps ``p0`` of an all-zero parameter
+      as a 0-d zero, to save memory; adaopt keeps the zeros (the same numbers).
+      ``optax.contrib.prodigy`` is this with ``bias_correction=True`` and an unmasked decay, for
+      a learning rate that is never 0 (optax does not skip steps).
     """
     dadapt.check_common(learning_rate, weight_decay, d0, growth_rate)
     core = scale_by_prodigy(
