@@ -35,25 +35,35 @@ def _leaves(updates: Updates, params: Params | None, init_params: Params, who: s
 
 
 class DoGEstimate(NamedTuple):
-    """DoG's running statistics of one block: the whole tree (DoG) or one leaf (LDoG)."""
+    r"""DoG's running statistics of one block: the whole tree (DoG) or one leaf (LDoG).
 
-    max_distance: jax.Array  # r-bar: the largest distance from the initial point so far
-    sum_sq_grads: jax.Array  # G: eps plus the sum of the squared gradient norms so far
+    Attributes:
+      max_distance: :math:`\bar r_t`, the largest distance from the initial point so far.
+      sum_sq_grads: :math:`G_t`, ``eps`` plus the sum of the squared gradient norms so far.
+    """
+
+    max_distance: jax.Array
+    sum_sq_grads: jax.Array
 
 
 class DoGState(NamedTuple):
-    """State of :func:`scale_by_dog`.
+    """State of :func:`scale_by_dog`: the step count, the initial point and the running statistics.
 
     ``estimate`` is one :class:`DoGEstimate` of 0-d arrays for DoG, and for LDoG a tuple of them,
     one per leaf in the order of ``jax.tree.leaves(params)``. A tuple rather than a tree that
     mirrors the parameters: per-leaf scalars are not per-coordinate state (they stay replicated
     under sharding), and Flax NNX wraps each leaf of a mirroring tree in a variable, which a
     record of two scalars cannot be.
+
+    Attributes:
+      count: the number of updates so far, a saturating int32 (the schedule's step).
+      init_params: :math:`x_0`, a copy of the parameters in their own dtypes.
+      estimate: the statistics of the whole tree (DoG), or a tuple of one per leaf (LDoG).
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
-    init_params: Params  # x_0, mirroring the parameters
-    estimate: DoGEstimate | tuple[DoGEstimate, ...]  # the whole tree (DoG), or one per leaf (LDoG)
+    init_params: Params
+    estimate: DoGEstimate | tuple[DoGEstimate, ...]
 
 
 def scale_by_dog(
@@ -91,6 +101,22 @@ def scale_by_dog(
     Returns:
       An ``optax.GradientTransformation`` with state :class:`DoGState`; ``update`` needs the
       parameters.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_dog(reps_rel=0.1, eps=0.0)
+      >>> params = jnp.array([0.0, 0.0])
+      >>> state = block.init(params)
+      >>> step, state = block.update(jnp.array([3.0, 4.0]), state, params)
+      >>> step  # eta_0 = 0.1 * (1 + |x_0|) / |g_0| = 0.1 / 5, times g
+      Array([0.06, 0.08], dtype=float32)
+
+    References:
+      Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
+      Schedule", ICML 2023, https://arxiv.org/abs/2302.12022.
+
+      Reference package: ``dog-optimizer`` (https://github.com/formll/dog); :func:`dog` and
+      :func:`ldog` give the arguments that reproduce its ``DoG`` and ``LDoG``.
     """
     base.check_learning_rate(learning_rate)
     base.check_scalar("reps_rel", reps_rel, low=0.0, low_open=True)
@@ -219,17 +245,21 @@ def dog(
       >>> bool(loss(params) < 1e-6)
       True
 
-    Reference: Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step
-    Size Schedule", ICML 2023. The authors' package ``dog-optimizer`` (1.0.3):
-    ``dog.DoG(params, reps_rel, lr=c, weight_decay, eps, init_eta)`` with every parameter in
-    one group is this with the same numbers; ``lr`` set in the group before each step is a
-    schedule. (Its statistics are per parameter group, so a decay mask, which torch expresses
-    with groups, has no exact counterpart there; adding ``weight_decay * p`` to the masked
-    gradients before its step, as it adds its own decay, reproduces this.) Unlike the package,
-    ``learning_rate = 0`` is allowed and ``eps = 0`` with a zero gradient gives a zero step, not
-    an error. ``optax.contrib.dog(learning_rate, ("heuristic", reps_rel), eps, weight_decay,
-    mask)`` is this without ``init_eta`` (its ``("learning_rate", eta0)`` multiplies the first
-    step by the learning rate).
+    References:
+      Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
+      Schedule", ICML 2023, https://arxiv.org/abs/2302.12022.
+
+      Reference package: the authors' ``dog-optimizer`` 1.0.3 (https://github.com/formll/dog).
+      ``dog.DoG(params, reps_rel, lr=c, weight_decay, eps, init_eta)`` with every parameter in
+      one group is ``dog(learning_rate=c, reps_rel, eps, weight_decay, init_eta=init_eta)`` with
+      the same numbers; ``lr`` set in the group before each step is a schedule. (Its statistics
+      are per parameter group, so a decay mask, which torch expresses with groups, has no exact
+      counterpart there; adding ``weight_decay * p`` to the masked gradients before its step, as
+      it adds its own decay, reproduces this.) Unlike the package, ``learning_rate = 0`` is
+      allowed and ``eps = 0`` with a zero gradient gives a zero step, not an error.
+      ``optax.contrib.dog(learning_rate, ("heuristic", reps_rel), eps, weight_decay, mask)`` is
+      this without ``init_eta`` (its ``("learning_rate", eta0)`` multiplies the first step by
+      the learning rate).
     """
     return _dog(learning_rate, reps_rel, eps, weight_decay, init_eta, weight_decay_mask, layer_wise=False)
 
@@ -257,25 +287,56 @@ def ldog(
 
     With ``init_eta``, every leaf's :math:`\bar r_{-1,i} = 0` and :math:`\eta_{0,i} = \texttt{init\_eta}`.
 
-    Args: as :func:`dog`.
+    Args:
+      learning_rate: :math:`c_t`, a multiplier of every leaf's step size (1 is recommended), a
+        non-negative number or a schedule ``count -> value``.
+      reps_rel: each leaf's initial distance relative to :math:`1 + \|x_{0,i}\|`, > 0.
+      eps: the initial value of each leaf's :math:`G`, >= 0.
+      weight_decay: :math:`\lambda` >= 0, added to the gradient before the statistics.
+      init_eta: None, or every leaf's first step size (> 0), replacing ``reps_rel``.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
 
-    Reference: Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend", ICML 2023, section 4 (L-DoG).
-    ``dog.LDoG(params, reps_rel, lr=c, weight_decay, eps, init_eta)`` from ``dog-optimizer``
-    1.0.3 is this with the same numbers, its parameter groups giving the decay mask (its
-    statistics are per tensor, so groups change nothing else).
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, adaopt
+      >>> loss = lambda p: jnp.sum((p["w"] - 3.0) ** 2) + jnp.sum((p["b"] + 1.0) ** 2)
+      >>> opt = adaopt.ldog()
+      >>> params = {"w": jnp.zeros(2), "b": jnp.zeros(1)}
+      >>> state = opt.init(params)
+      >>> for _ in range(200):  # each leaf's step grows to its own scale
+      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(loss(params) < 1e-6)
+      True
+
+    References:
+      Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
+      Schedule", ICML 2023, https://arxiv.org/abs/2302.12022, section 4 (L-DoG).
+
+      Reference package: the authors' ``dog-optimizer`` 1.0.3 (https://github.com/formll/dog).
+      ``dog.LDoG(params, reps_rel, lr=c, weight_decay, eps, init_eta)`` is
+      ``ldog(learning_rate=c, reps_rel, eps, weight_decay, init_eta=init_eta)`` with the same
+      numbers, its parameter groups giving the decay mask (its statistics are per tensor, so
+      groups change nothing else).
     """
     return _dog(learning_rate, reps_rel, eps, weight_decay, init_eta, weight_decay_mask, layer_wise=True)
 
 
 class DoWGState(NamedTuple):
-    """State of :func:`scale_by_dowg` (optax.contrib's field names)."""
+    r"""State of :func:`scale_by_dowg`, with ``optax.contrib``'s field names.
 
-    init_params: Params  # x_0, mirroring the parameters
-    weighted_sq_norm_grads: jax.Array  # v_t
-    estim_sq_dist: jax.Array  # r-bar_t squared
+    Attributes:
+      init_params: :math:`x_0`, a copy of the parameters in their own dtypes.
+      weighted_sq_norm_grads: :math:`v_t`, the weighted sum of squared gradient norms.
+      estim_sq_dist: :math:`\bar r_t^2`, the largest squared distance from :math:`x_0` so far.
+    """
+
+    init_params: Params
+    weighted_sq_norm_grads: jax.Array
+    estim_sq_dist: jax.Array
 
 
 def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.GradientTransformation:
@@ -298,6 +359,21 @@ def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.Grad
     Returns:
       An ``optax.GradientTransformation`` with state :class:`DoWGState`; ``update`` needs the
       parameters.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_dowg(init_estim_sq_dist=1.0, eps=0.0)
+      >>> params = jnp.array([0.0, 0.0])
+      >>> state = block.init(params)
+      >>> step, state = block.update(jnp.array([3.0, 4.0]), state, params)
+      >>> step  # eta_0 = r^2 / sqrt(r^2 |g|^2) = 1 / 5, times g
+      Array([0.6, 0.8], dtype=float32)
+
+    References:
+      Khaled, Mishchenko & Jin, "DoWG Unleashed: An Efficient Universal Parameter-Free
+      Gradient Descent Method", NeurIPS 2023, https://arxiv.org/abs/2305.16284, Algorithm 1.
+
+      :func:`dowg` gives the arguments that reproduce Algorithm 1 and ``optax.contrib.dowg``.
     """
     base.check_nonnegative("eps", eps)
     if init_estim_sq_dist is None:
@@ -364,17 +440,33 @@ def dowg(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
 
-    Reference: Khaled, Mishchenko & Jin, "DoWG Unleashed: An Efficient Universal Parameter-Free
-    Gradient Descent Method", NeurIPS 2023, Algorithm 1; it has no package of its own.
-    ``optax.contrib.dowg(learning_rate, init_estim_sq_dist, eps, weight_decay, mask)`` is this
-    with the same arguments, and the defaults are its. Algorithm 1 (unconstrained, so the
-    projection is the identity) keeps :math:`\bar r_t = \max(\|x_t - x_0\|, \bar r_{t-1})` from
-    :math:`\bar r_{-1} = r_\epsilon`, :math:`v_t = v_{t-1} + \bar r_t^2 \|\nabla f(x_t)\|^2` from
-    :math:`v_{-1} = 0`, and :math:`\eta_t = \bar r_t^2 / \sqrt{v_t}`: the same recursion, kept
-    here (as in optax) in squared distances, with no :math:`\epsilon` in the denominator and an
-    explicit :math:`r_\epsilon`. ``dowg(1.0, init_estim_sq_dist=r_eps**2, eps=0.0)`` is Algorithm 1
-    exactly; optax's default instead starts from :math:`r_\epsilon^2 = \epsilon = 10^{-4}` and
-    adds :math:`\epsilon` to :math:`\sqrt{v_t}`.
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, adaopt
+      >>> loss = lambda p: jnp.sum((p["w"] - 3.0) ** 2)
+      >>> opt = adaopt.dowg()
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = opt.init(params)
+      >>> for _ in range(100):
+      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(loss(params) < 1e-3)
+      True
+
+    References:
+      Khaled, Mishchenko & Jin, "DoWG Unleashed: An Efficient Universal Parameter-Free
+      Gradient Descent Method", NeurIPS 2023, https://arxiv.org/abs/2305.16284, Algorithm 1.
+
+      Reference implementations: the paper has no package of its own.
+      ``dowg(1.0, init_estim_sq_dist=r_eps**2, eps=0.0)`` is Algorithm 1 exactly: unconstrained
+      (so the projection is the identity), it keeps
+      :math:`\bar r_t = \max(\|x_t - x_0\|, \bar r_{t-1})` from :math:`\bar r_{-1} = r_\epsilon`,
+      :math:`v_t = v_{t-1} + \bar r_t^2 \|\nabla f(x_t)\|^2` from :math:`v_{-1} = 0`, and
+      :math:`\eta_t = \bar r_t^2 / \sqrt{v_t}`: the same recursion, kept here (as in optax) in
+      squared distances, with no :math:`\epsilon` in the denominator and an explicit
+      :math:`r_\epsilon`. ``optax.contrib.dowg(learning_rate, init_estim_sq_dist, eps,
+      weight_decay, mask)`` is ``dowg`` with the same arguments, and the defaults are its: it
+      starts from :math:`r_\epsilon^2 = \epsilon = 10^{-4}` and adds :math:`\epsilon` to
+      :math:`\sqrt{v_t}`.
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_dowg(init_estim_sq_dist, eps)
