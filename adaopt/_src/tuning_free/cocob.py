@@ -13,14 +13,24 @@ from adaopt._src.base import ScalarOrSchedule, Updates
 
 
 class CocobState(NamedTuple):
-    """State of :func:`scale_by_cocob`; every field but the count mirrors the parameters."""
+    r"""State of :func:`scale_by_cocob`; every field but the count mirrors the parameters.
+
+    Attributes:
+      count: the number of updates so far, a saturating int32.
+      reference: :math:`w_1`, the parameters at the first update (the bets' origin), each in its
+        own dtype.
+      neg_grad_sum: :math:`\theta`, the sum of the negative gradients.
+      max_grad: :math:`L`, the largest :math:`|g|` seen (from ``eps``).
+      abs_grad_sum: :math:`G`, the sum of :math:`|g|`.
+      reward: :math:`R`, the wealth won by the bets, clamped at 0.
+    """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
-    reference: Updates  # w_1, the parameters at the first update (the betting's origin)
-    neg_grad_sum: Updates  # theta, the sum of the negative gradients
-    max_grad: Updates  # L, the largest |g| seen (starts at eps)
-    abs_grad_sum: Updates  # G, the sum of |g|
-    reward: Updates  # the wealth won by the bets, clamped at 0
+    reference: Updates
+    neg_grad_sum: Updates
+    max_grad: Updates
+    abs_grad_sum: Updates
+    reward: Updates
 
 
 def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransformation:
@@ -46,7 +56,24 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
       eps: :math:`\epsilon` >= 0, the initial :math:`L_0`; 0 is the paper's initialisation.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`CocobState`.
+      An ``optax.GradientTransformation`` with state :class:`CocobState`; ``update`` needs the
+      parameters.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_cocob(alpha=10.0, eps=0.0)
+      >>> params = jnp.zeros(2)
+      >>> state = block.init(params)
+      >>> step, state = block.update(jnp.array([2.0, -1.0]), state, params)
+      >>> step  # theta L / (L max(G + L, alpha L)) = -g / (alpha |g|)
+      Array([-0.1,  0.1], dtype=float32)
+
+    References:
+      Orabona & Tommasi, "Training Deep Networks without Learning Rates Through Coin Betting",
+      NeurIPS 2017, https://arxiv.org/abs/1705.07795, Algorithm 2 (COCOB-Backprop).
+
+      Reference package: the authors' ``parameterfree`` (https://github.com/bremen79/parameterfree);
+      :func:`cocob` gives the arguments that reproduce its ``COCOB``.
     """
     base.check_nonnegative("alpha", alpha)
     base.check_nonnegative("eps", eps)
@@ -138,18 +165,20 @@ def cocob(
       >>> updates["w"]  # the first bet: -g / (alpha |g|) * |g|, i.e. -sign(g) / alpha
       Array([-0.01,  0.01], dtype=float32)
 
-    Reference: Orabona & Tommasi, "Training Deep Networks without Learning Rates Through Coin
-    Betting", NeurIPS 2017, Algorithm 2 (COCOB-Backprop). Mapping, equation by equation:
+    References:
+      Orabona & Tommasi, "Training Deep Networks without Learning Rates Through Coin Betting",
+      NeurIPS 2017, https://arxiv.org/abs/1705.07795, Algorithm 2 (COCOB-Backprop). It
+      initialises :math:`L_{0} = 0`, :math:`G_0 = R_0 = \theta_0 = 0` and has neither learning
+      rate nor decay: ``cocob(eps=0)`` with a constant learning rate and ``weight_decay=0`` is
+      Algorithm 2; :math:`L`, :math:`G`, :math:`R`, :math:`\theta` and :math:`w_{t+1}` above are
+      its lines, in its order.
 
-    - the paper's Algorithm 2 initialises :math:`L_{0} = 0`, :math:`G_0 = R_0 = \theta_0 = 0`
-      and has neither learning rate nor decay: ``cocob(eps=0)`` with a constant learning rate
-      and ``weight_decay=0`` is Algorithm 2; :math:`L`, :math:`G`, :math:`R`, :math:`\theta`
-      and :math:`w_{t+1}` above are its lines, in its order.
-    - the authors' package, ``parameterfree.COCOB(params, alpha, eps, weight_decay)``, starts
-      :math:`L_0 = \epsilon` (as their original TensorFlow code, with 1e-8) and adds
-      :math:`\lambda w_t` to the gradient per parameter group: this with the same numbers and
-      any constant learning rate (it has none) follows the same trajectory.
-    - ``optax.contrib.cocob(learning_rate, alpha, eps, weight_decay, mask)`` is this with the
+      Reference package: the authors' ``parameterfree`` (https://github.com/bremen79/parameterfree).
+      ``parameterfree.COCOB(params, alpha, eps, weight_decay)`` starts :math:`L_0 = \epsilon`
+      (as their original TensorFlow code, with 1e-8) and adds :math:`\lambda w_t` to the
+      gradient per parameter group: ``cocob(1.0, alpha, eps, weight_decay)`` (or any constant
+      learning rate: it has none) follows the same trajectory.
+      ``optax.contrib.cocob(learning_rate, alpha, eps, weight_decay, mask)`` is this with the
       same arguments, schedules included: it also adds the decay first and multiplies the
       gradient by the learning rate before the betting. It takes :math:`w_1` at ``init``,
       this at the first ``update`` (the same parameters unless they are replaced in between).

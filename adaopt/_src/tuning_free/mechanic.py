@@ -17,20 +17,30 @@ DEFAULT_BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
 
 
 class MechanicState(NamedTuple):
-    """State of :func:`mechanic`: the inner optimizer's, the reference point, and per-beta scalars.
+    r"""State of :func:`mechanic`: the inner optimizer's, the reference point, and per-beta scalars.
 
     The per-beta quantities are tuples of 0-d arrays (one per beta), in the parameters' widest
     float dtype (at least float32); ``sum(s)`` is the scale applied to the inner steps.
+
+    Attributes:
+      count: the number of updates so far, a saturating int32 (the package's ``iter_count``).
+      inner_state: the state of the optimizer whose steps are scaled.
+      reference: :math:`x_{ref}`, the parameters at the first update, each in its own dtype.
+      delta: :math:`\Delta_t`, the sum of the inner steps (None unless ``store_delta``).
+      s: the scales :math:`s_i`, one per beta.
+      max_product: :math:`m`, the running maximum of :math:`|h|`, one per beta.
+      sum_squared_products: :math:`v`, the discounted sum of :math:`h^2`, one per beta.
+      reward: :math:`r`, the wealth won by the scale (clamped at 0 for "pytorch"), one per beta.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     inner_state: optax.OptState
-    reference: Updates  # x_ref, the parameters at the first update
-    delta: Updates | None  # Delta_t, the sum of the inner steps (store_delta=True only)
-    s: tuple[jax.Array, ...]  # the scales, one per beta
-    max_product: tuple[jax.Array, ...]  # m: running maximum of |h|
-    sum_squared_products: tuple[jax.Array, ...]  # v: discounted sum of h^2
-    reward: tuple[jax.Array, ...]  # r: the wealth won by the scale, clamped at 0 ("pytorch")
+    reference: Updates
+    delta: Updates | None
+    s: tuple[jax.Array, ...]
+    max_product: tuple[jax.Array, ...]
+    sum_squared_products: tuple[jax.Array, ...]
+    reward: tuple[jax.Array, ...]
 
 
 def mechanic(
@@ -101,19 +111,24 @@ def mechanic(
       >>> float(sum(state.s))  # the first scale: sum(betas) * 1e-6 * s_init / (n * eps)
       9.81...e-07
 
-    Reference: Cutkosky, Defazio & Mehta, "Mechanic: A Learning Rate Tuner", NeurIPS 2023.
-    ``mechanic_pytorch.mechanize(Base, s_decay, betas, s_init, eps, store_delta)(params,
-    **base_kwargs)`` matches ``mechanic(base(**base_kwargs), s_decay, betas, s_init, eps,
-    store_delta=store_delta)`` where ``base`` is adaopt's match of the torch optimizer ``Base``
-    (``adaopt.sgd`` for ``torch.optim.SGD``, ``adaopt.adam`` for ``Adam``, ``adaopt.adamw`` for
-    ``AdamW``). Its ``log_func`` and ``log_every`` have no counterpart: the logged value is
-    ``sum(state.s)``, its ``iter_count`` is ``state.count``. The package evaluates the decay
-    term at the parameters after the inner step (:math:`y_t = x_t + u_t`); the paper writes
-    :math:`x_t`, as optax does.
-    ``optax.contrib.mechanize(base, weight_decay, eps, s_init, num_betas)`` matches
-    ``mechanic(base, s_decay=weight_decay, betas=tuple(1 - 0.1**i for i in range(1, num_betas + 1)),
-    s_init=s_init, eps=eps, variant="optax")`` (its ``s_init`` defaults to 1e-6, this to the
-    package's 1e-8); it keeps its scalars in the parameters' narrowest dtype, this in the widest.
+    References:
+      Cutkosky, Defazio & Mehta, "Mechanic: A Learning Rate Tuner", NeurIPS 2023,
+      https://arxiv.org/abs/2306.00144.
+
+      Reference package: the authors' ``mechanic_pytorch``
+      (https://github.com/optimizedlearning/mechanic).
+      ``mechanic_pytorch.mechanize(Base, s_decay, betas, s_init, eps, store_delta)(params,
+      **base_kwargs)`` matches ``mechanic(base(**base_kwargs), s_decay, betas, s_init, eps,
+      store_delta=store_delta)`` where ``base`` is adaopt's match of the torch optimizer ``Base``
+      (``adaopt.sgd`` for ``torch.optim.SGD``, ``adaopt.adam`` for ``Adam``, ``adaopt.adamw`` for
+      ``AdamW``). Its ``log_func`` and ``log_every`` have no counterpart: the logged value is
+      ``sum(state.s)``, its ``iter_count`` is ``state.count``. The package evaluates the decay
+      term at the parameters after the inner step (:math:`y_t = x_t + u_t`); the paper writes
+      :math:`x_t`, as optax does.
+      ``optax.contrib.mechanize(base, weight_decay, eps, s_init, num_betas)`` matches
+      ``mechanic(base, s_decay=weight_decay, betas=tuple(1 - 0.1**i for i in range(1, num_betas + 1)),
+      s_init=s_init, eps=eps, variant="optax")`` (its ``s_init`` defaults to 1e-6, this to the
+      package's 1e-8); it keeps its scalars in the parameters' narrowest dtype, this in the widest.
     """
     base.check_nonnegative("s_decay", s_decay)
     base.check_scalar("s_init", s_init, low=0.0, low_open=True)

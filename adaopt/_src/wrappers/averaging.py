@@ -12,11 +12,17 @@ from adaopt._src.base import Params, Updates
 
 
 class PolynomialAverageState(NamedTuple):
-    """State of :func:`polynomial_decay_averaging`."""
+    r"""State of :func:`polynomial_decay_averaging`: the count, the average and the wrapped optimizer's state.
 
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; the number of averaged iterates
-    average: Params  # the averaged parameters, mirroring the parameters
-    inner_state: Any  # the wrapped optimizer's state
+    Attributes:
+      count: :math:`t`, the number of averaged iterates, a saturating int32.
+      average: :math:`\bar x_t`, the averaged parameters, mirroring the parameters.
+      inner_state: the state of the wrapped optimizer.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    average: Params
+    inner_state: Any
 
 
 def polynomial_decay_averaging(
@@ -53,10 +59,15 @@ def polynomial_decay_averaging(
       >>> adaopt.averaged_params(state)["w"].shape
       (3,)
 
-    Reference: Shamir & Zhang, "Stochastic Gradient Descent for Non-smooth Optimization:
-    Convergence Results and Optimal Averaging Schemes", ICML 2013; recommended with DoG by Ivgi,
-    Hinder & Carmon (2023). ``dog.PolynomialDecayAverager(model, gamma)`` from ``dog-optimizer``
-    1.0.3, stepped after each optimizer step, keeps the same average in ``averaged_model``.
+    References:
+      Shamir & Zhang, "Stochastic Gradient Descent for Non-smooth Optimization: Convergence
+      Results and Optimal Averaging Schemes", ICML 2013, https://arxiv.org/abs/1212.1824;
+      recommended with DoG by Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend", ICML 2023,
+      https://arxiv.org/abs/2302.12022.
+
+      Reference package: ``dog-optimizer`` 1.0.3 (https://github.com/formll/dog).
+      ``dog.PolynomialDecayAverager(model, gamma)``, stepped after each optimizer step, keeps the
+      same average in ``averaged_model`` as ``polynomial_decay_averaging(inner, gamma)``.
     """
     base.check_nonnegative("gamma", gamma)
     base.check_dtype("average_dtype", average_dtype)
@@ -89,10 +100,29 @@ def polynomial_decay_averaging(
 
 
 def averaged_params(state: Any) -> Params:
-    """The averaged parameters kept by :func:`polynomial_decay_averaging`, found anywhere in ``state``.
+    r"""The averaged parameters :math:`\bar x_t` kept by :func:`polynomial_decay_averaging`, found anywhere in ``state``.
 
-    Works on the state of the wrapper itself or of anything that holds it (``chain``,
-    ``inject_hyperparams``, ``MultiSteps``); the first :class:`PolynomialAverageState` found wins.
+    Args:
+      state: the state of the wrapper itself, or of anything that holds it (``chain``,
+        ``inject_hyperparams``, ``MultiSteps``), holding exactly one
+        :class:`PolynomialAverageState`.
+
+    Returns:
+      The average, with the parameters' tree (each leaf in the average's storage dtype).
+
+    Raises:
+      ValueError: ``state`` holds no :class:`PolynomialAverageState`, or more than one.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adaopt
+      >>> opt = optax.chain(optax.clip(1.0), adaopt.polynomial_decay_averaging(optax.sgd(0.5), gamma=0.0))
+      >>> params = jnp.array([1.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(2):  # x_1 = 0.5, x_2 = 0: their uniform average
+      ...     updates, state = opt.update(jnp.array([1.0]), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> adaopt.averaged_params(state)
+      Array([0.25], dtype=float32)
     """
     fix = "build the optimizer with adaopt.polynomial_decay_averaging(optimizer), once, and pass its state."
     return numerics.find_state(state, PolynomialAverageState, fix).average
