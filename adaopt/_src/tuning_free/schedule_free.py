@@ -27,21 +27,35 @@ LearningRateFactor = Callable[[jax.Array], jax.Array]
 
 
 class ScheduleFreeState(NamedTuple):
-    """State of :func:`scale_by_schedule_free`.
+    r"""State of :func:`scale_by_schedule_free`: the step count, the averaging's scalars and :math:`z`.
 
     The scalars are 0-d arrays in the parameters' widest float dtype (at least float32); ``z``
     mirrors the parameters.
+
+    Attributes:
+      count: :math:`t`, the number of updates so far, a saturating int32.
+      b1: :math:`\beta_1`, the interpolation weight of the last step, kept for
+        :func:`schedule_free_eval_params`.
+      weight_sum: :math:`W_t`, the sum of the averaging weights so far.
+      lr_max: :math:`\gamma^{max}_t`, the largest learning rate so far (-1 before the first step,
+        as the package).
+      z: :math:`z_t`, the base sequence.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
-    b1: jax.Array  # the interpolation weight of the last step, kept for schedule_free_eval_params
-    weight_sum: jax.Array  # sum of the averaging weights so far
-    lr_max: jax.Array  # largest learning rate so far (-1 before the first step, as the package)
-    z: Updates  # the base sequence
+    b1: jax.Array
+    weight_sum: jax.Array
+    lr_max: jax.Array
+    z: Updates
 
 
 class DebiasedRmsState(NamedTuple):
-    """State of :func:`scale_by_debiased_rms`: the step count and the second moment."""
+    """State of :func:`scale_by_debiased_rms`: the step count and the second moment.
+
+    Attributes:
+      count: :math:`t`, the number of updates so far, a saturating int32.
+      nu: :math:`v_t`, the second moment, mirroring the parameters.
+    """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     nu: Updates
@@ -69,6 +83,27 @@ def radam_rectification(b2: Any, *, silent_sgd_phase: bool = True) -> LearningRa
                 & \rho_t > 4 \\
             0 \text{ (silent SGD phase)} \text{ or } 1 & \rho_t \le 4
         \end{cases}
+
+    with :math:`\rho_\infty = 2 / (1 - \beta_2) - 1` and
+    :math:`\rho_t = \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t)`.
+
+    Args:
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      silent_sgd_phase: the factor while :math:`\rho_t \le 4`: 0 (True, no step) or 1 (False).
+
+    Returns:
+      A :data:`LearningRateFactor`: the function :math:`t \mapsto r_t`, for
+      :func:`scale_by_schedule_free`'s ``learning_rate_factor``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> factor = adaopt.radam_rectification(0.999)
+      >>> factor(jnp.asarray(4.0)), factor(jnp.asarray(5.0)) > 0  # rho_t > 4 from t = 5 at b2 = 0.999
+      (Array(0., dtype=float32), Array(True, dtype=bool))
+
+    References:
+      Liu, Jiang, He, Chen, Liu, Gao & Han, "On the Variance of the Adaptive Learning Rate and
+      Beyond", ICLR 2020, https://arxiv.org/abs/1908.03265.
     """
 
     def factor(step: jax.Array) -> jax.Array:
@@ -110,6 +145,20 @@ def scale_by_debiased_rms(
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`DebiasedRmsState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_debiased_rms(eps=0.0)
+      >>> step, state = block.update(jnp.array([2.0, -0.5]), block.init(jnp.zeros(2)))
+      >>> step  # the first debiased step is sign(g), up to rounding
+      Array([ 0.99999..., -0.99999...], dtype=float32)
+
+    References:
+      Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled",
+      NeurIPS 2024, https://arxiv.org/abs/2405.15682 (the direction of Schedule-Free AdamW).
+
+      Liu, Jiang, He, Chen, Liu, Gao & Han, "On the Variance of the Adaptive Learning Rate and
+      Beyond", ICLR 2020, https://arxiv.org/abs/1908.03265 (the rectified phase).
     """
     base.check_decay("b2", b2)
     base.check_nonnegative("eps", eps)
@@ -183,6 +232,23 @@ def scale_by_schedule_free(
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScheduleFreeState`; ``update``
       needs the parameters.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_schedule_free(0.1)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = block.init(params)
+      >>> step, state = block.update(params, state, params)  # c_1 = 1: y moves to z_1 = y - 0.1 d
+      >>> step, state.z
+      (Array([-0.1,  0.2], dtype=float32), Array([ 0.9, -1.8], dtype=float32))
+
+    References:
+      Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled",
+      NeurIPS 2024, https://arxiv.org/abs/2405.15682.
+
+      Reference package: ``schedulefree`` 1.4.1 (https://github.com/facebookresearch/schedule_free);
+      :func:`schedule_free_sgd`, :func:`schedule_free_adamw` and :func:`schedule_free_radam` give
+      the arguments that reproduce its optimizers.
     """
     base.check_learning_rate(learning_rate)
     _check_interpolation("b1", b1)
@@ -250,8 +316,27 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
 
     Returns:
       :math:`x`, with the parameters' tree and dtypes.
+
+    Raises:
+      ValueError: ``state`` holds no :class:`ScheduleFreeState`, or more than one.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.schedule_free_sgd(0.1, momentum=0.5)
+      >>> params = jnp.array([1.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(2):
+      ...     updates, state = opt.update(params, state, params)
+      ...     params = params + updates
+      >>> x = adaopt.schedule_free_eval_params(state, params)
+      >>> params, jnp.round(x, 6)  # y_2, and the average x_2 = (z_1 + z_2) / 2 = (0.9 + 0.81) / 2
+      (Array([0.8325], dtype=float32), Array([0.855], dtype=float32))
+
+    References:
+      Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled",
+      NeurIPS 2024, https://arxiv.org/abs/2405.15682.
     """
-    fix = "pass the state of a schedule-free optimizer (adaopt.schedule_free_sgd, _adamw, _radam) to schedule_free_eval_params."
+    fix = "pass the state of one schedule-free optimizer (adaopt.schedule_free_sgd, _adamw or _radam)."
     sf = numerics.find_state(state, ScheduleFreeState, fix)
 
     def leaf(y: jax.Array, z: jax.Array) -> tuple[jax.Array]:
@@ -326,19 +411,24 @@ def schedule_free_sgd(
       >>> bool(jnp.sum(x**2) < 1e-2)
       True
 
-    Reference: Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
-    ``schedulefree.SGDScheduleFree(lr, momentum, weight_decay, warmup_steps, r,
-    weight_lr_power)`` (1.4.1, in train mode) matches this with the same numbers, and its
-    ``eval()`` parameters :func:`schedule_free_eval_params`; ``SGDScheduleFreeReference``, which
-    stores :math:`x` and :math:`y` as well, follows the same trajectory. Per-group learning rates
-    set before each ``step()`` follow ``learning_rate`` as a schedule.
-    ``optax.contrib.schedule_free_sgd(lr, warmup_steps=None, b1=momentum, weight_decay,
-    weight_lr_power)`` matches this with a constant learning rate, no warmup and ``r=0``, but not
-    under a schedule or a warmup: it steps :math:`z` with :math:`\eta(k)` but weighs the average
-    with :math:`\eta(k + 1)` (its count starts at 1, its base optimizer's at 0), and its warmup is
-    such a schedule rising from 0 (its first step moves nothing, the package's moves by
-    :math:`-\eta\, d_1 / T_{warmup}`). It also has no ``r`` and no decay mask, and keeps
-    :math:`z` and its scalars in the parameters' own (lowest) dtype.
+    References:
+      Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled",
+      NeurIPS 2024, https://arxiv.org/abs/2405.15682.
+
+      Reference package: ``schedulefree`` 1.4.1 (https://github.com/facebookresearch/schedule_free).
+      ``schedulefree.SGDScheduleFree(lr, momentum, weight_decay, warmup_steps, r,
+      weight_lr_power)`` (in train mode) matches ``schedule_free_sgd(lr, momentum, weight_decay,
+      warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)``, and its ``eval()``
+      parameters :func:`schedule_free_eval_params`; ``SGDScheduleFreeReference``, which stores
+      :math:`x` and :math:`y` as well, follows the same trajectory. Per-group learning rates set
+      before each ``step()`` follow ``learning_rate`` as a schedule.
+      ``optax.contrib.schedule_free_sgd(lr, warmup_steps=None, b1=momentum, weight_decay,
+      weight_lr_power)`` matches this with a constant learning rate, no warmup and ``r=0``, but
+      not under a schedule or a warmup: it steps :math:`z` with :math:`\eta(k)` but weighs the
+      average with :math:`\eta(k + 1)` (its count starts at 1, its base optimizer's at 0), and
+      its warmup is such a schedule rising from 0 (its first step moves nothing, the package's
+      moves by :math:`-\eta\, d_1 / T_{warmup}`). It also has no ``r`` and no decay mask, and
+      keeps :math:`z` and its scalars in the parameters' own (lowest) dtype.
     """
     base.check_learning_rate(learning_rate)
     _check_interpolation("momentum", momentum)
@@ -381,24 +471,44 @@ def schedule_free_adamw(
       b2: decay of the second moment, in [0, 1).
       eps: added to the root of the second moment, >= 0.
       weight_decay: :math:`\lambda` >= 0, taken at :math:`y`, added after the scaling.
-      warmup_steps, r, weight_lr_power: as :func:`schedule_free_sgd`.
+      warmup_steps: the length of the linear warmup (an integer >= 0).
+      r: the polynomial weighting of the average, >= 0.
+      weight_lr_power: the power of the largest learning rate in the averaging weights, >= 0.
       debias: "moment" (the package's ``AdamWScheduleFree``) or "learning_rate"
         (``AdamWScheduleFreePaper``), as above.
       weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
-      nu_dtype, z_dtype: storage dtypes of :math:`v` and :math:`z`.
+      nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
+      z_dtype: the storage dtype of :math:`z` (default: the parameter's, at least float32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
 
-    Reference: Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
-    ``schedulefree.AdamWScheduleFree(lr, betas=(b1, b2), eps, weight_decay, warmup_steps, r,
-    weight_lr_power)`` (1.4.1, in train mode) matches this with the same numbers, and its
-    ``eval()`` parameters :func:`schedule_free_eval_params`; so does
-    ``AdamWScheduleFreeReference`` (its default ``decay_at_z=False``; decay at :math:`z` is not
-    offered here). ``AdamWScheduleFreePaper`` matches ``debias="learning_rate"``.
-    ``optax.contrib.schedule_free_adamw(lr, warmup_steps=None, b1, b2, eps, weight_decay)``
-    matches with a constant learning rate and no warmup, and differs under a schedule or a
-    warmup as described in :func:`schedule_free_sgd`.
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, adaopt
+      >>> opt = adaopt.schedule_free_adamw(0.1)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(100):
+      ...     updates, state = opt.update(2 * params, state, params)  # the gradient of |params|^2
+      ...     params = optax.apply_updates(params, updates)
+      >>> x = adaopt.schedule_free_eval_params(state, params)  # evaluate here
+      >>> bool(jnp.sum(x**2) < 0.1)
+      True
+
+    References:
+      Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled",
+      NeurIPS 2024, https://arxiv.org/abs/2405.15682.
+
+      Reference package: ``schedulefree`` 1.4.1 (https://github.com/facebookresearch/schedule_free).
+      ``schedulefree.AdamWScheduleFree(lr, betas=(b1, b2), eps, weight_decay, warmup_steps, r,
+      weight_lr_power)`` (in train mode) matches ``schedule_free_adamw(lr, b1, b2, eps,
+      weight_decay, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)``, and its
+      ``eval()`` parameters :func:`schedule_free_eval_params`; so does
+      ``AdamWScheduleFreeReference`` (its default ``decay_at_z=False``; decay at :math:`z` is not
+      offered here). ``AdamWScheduleFreePaper`` matches ``debias="learning_rate"``.
+      ``optax.contrib.schedule_free_adamw(lr, warmup_steps=None, b1, b2, eps, weight_decay)``
+      matches with a constant learning rate and no warmup, and differs under a schedule or a
+      warmup as described in :func:`schedule_free_sgd`.
     """
     base.check_learning_rate(learning_rate)
     _check_interpolation("b1", b1)
@@ -444,19 +554,45 @@ def schedule_free_radam(
     ``silent_sgd_phase``: the first 4 steps at :math:`\beta_2 = 0.999` only update :math:`v`)
     and :math:`c_t` as in :func:`scale_by_schedule_free`.
 
-    Args: as :func:`schedule_free_adamw` (no warmup), and
+    Args:
+      learning_rate: :math:`\eta`, a non-negative number or a schedule ``count -> value``.
+      b1: :math:`\beta_1`, the interpolation, in (0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the root of the second moment, >= 0.
+      weight_decay: :math:`\lambda` >= 0, taken at :math:`y`, added after the scaling.
+      r: the polynomial weighting of the average, >= 0.
+      weight_lr_power: the power of the largest learning rate in the averaging weights, >= 0.
       silent_sgd_phase: while :math:`\rho_t \le 4`, do not move (True, the package's default)
         or take plain SGD steps (False).
+      weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
+      nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
+      z_dtype: the storage dtype of :math:`z` (default: the parameter's, at least float32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
 
-    Reference: Defazio et al., "The Road Less Scheduled", NeurIPS 2024; Liu et al., "On the
-    Variance of the Adaptive Learning Rate and Beyond", ICLR 2020.
-    ``schedulefree.RAdamScheduleFree(lr, betas=(b1, b2), eps, weight_decay, r,
-    weight_lr_power, silent_sgd_phase)`` (1.4.1, in train mode) matches this with the same
-    numbers, and its ``eval()`` parameters :func:`schedule_free_eval_params`. optax has no
-    Schedule-Free RAdam.
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.schedule_free_radam(0.1)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(4):  # rho_t <= 4 for t <= 4 at b2 = 0.999: the silent SGD phase
+      ...     updates, state = opt.update(2 * params, state, params)
+      >>> updates
+      Array([0., 0.], dtype=float32)
+
+    References:
+      Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled",
+      NeurIPS 2024, https://arxiv.org/abs/2405.15682;
+      Liu, Jiang, He, Chen, Liu, Gao & Han, "On the Variance of the Adaptive Learning Rate and
+      Beyond", ICLR 2020, https://arxiv.org/abs/1908.03265.
+
+      Reference package: ``schedulefree`` 1.4.1 (https://github.com/facebookresearch/schedule_free).
+      ``schedulefree.RAdamScheduleFree(lr, betas=(b1, b2), eps, weight_decay, r,
+      weight_lr_power, silent_sgd_phase)`` (in train mode) matches ``schedule_free_radam(lr, b1,
+      b2, eps, weight_decay, r=r, weight_lr_power=weight_lr_power,
+      silent_sgd_phase=silent_sgd_phase)``, and its ``eval()`` parameters
+      :func:`schedule_free_eval_params`. optax has no Schedule-Free RAdam.
     """
     base.check_learning_rate(learning_rate)
     _check_interpolation("b1", b1)

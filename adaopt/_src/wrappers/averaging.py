@@ -100,7 +100,7 @@ def polynomial_decay_averaging(
 
 
 def averaged_params(state: Any) -> Params:
-    r"""The averaged parameters :math:`\bar x_t` kept by :func:`polynomial_decay_averaging`, found anywhere in ``state``.
+    r"""The average :math:`\bar x_t` kept by :func:`polynomial_decay_averaging`, found anywhere in ``state``.
 
     Args:
       state: the state of the wrapper itself, or of anything that holds it (``chain``,
