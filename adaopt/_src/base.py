@@ -31,7 +31,7 @@ class TreeMismatchError(ValueError):
     """The gradient tree does not have the structure the optimizer state was built for."""
 
 
-def _concrete_scalar(value: Any) -> float | None:
+def concrete_scalar(value: Any) -> float | None:
     """The value as a Python float, or None when it is traced (inject_hyperparams, vmap, grad)."""
     if isinstance(value, jax.core.Tracer):
         return None
@@ -71,7 +71,7 @@ def check_scalar(
     """
     valid = _interval(low, high, low_open, high_open)
     try:
-        x = _concrete_scalar(value)
+        x = concrete_scalar(value)
     except TypeError:
         raise HyperparameterError(
             f"{name} must be a real number in {valid}, got {value!r} of type {type(value).__name__}."
@@ -235,7 +235,7 @@ def weight_decay_blocks(weight_decay: Any, mask: MaskOrFn | None = None) -> list
 
 def assemble(
     core: optax.GradientTransformation,
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule | None,
     weight_decay: Any = 0.0,
     weight_decay_mask: MaskOrFn | None = None,
     *,
@@ -246,12 +246,15 @@ def assemble(
 
     Coupled decay (L2, torch's ``weight_decay``) adds ``weight_decay * params`` to the gradient
     before ``core``; decoupled decay (AdamW's) adds it to ``core``'s output, so the learning
-    rate scales both. ``after_decay`` blocks run between the decay and the learning rate.
+    rate scales both. ``after_decay`` blocks run between the decay and the learning rate. A
+    ``learning_rate`` of None adds no learning-rate block: the core applies the rate (and the
+    sign) itself, as the loss-driven methods that learn it do.
     """
     decay = weight_decay_blocks(weight_decay, weight_decay_mask)
     blocks = [check_gradient_tree(), *(() if decoupled_weight_decay else decay), core]
     blocks += [*(decay if decoupled_weight_decay else ()), *after_decay]
-    blocks.append(scale_by_learning_rate(learning_rate))
+    if learning_rate is not None:
+        blocks.append(scale_by_learning_rate(learning_rate))
     return optax.chain(*blocks)
 
 

@@ -53,12 +53,17 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0) -> Any:
     return jax.tree.map(lambda p: jnp.full_like(p, fill, dtype=state_dtype(jnp.result_type(p), dtype)), params)
 
 
-def init_copy(params: Any, dtype: Any = None) -> Any:
+def init_copy(params: Any, dtype: Any = None, *, keep_dtype: bool = False) -> Any:
     """A copy of ``params`` for the state (an initial point, a running average), each leaf in :func:`state_dtype`.
 
-    A copy, so that donating the parameters' and the state's buffers together is safe; each leaf
-    keeps its parameter's sharding (and Flax metadata), like :func:`init_like`.
+    With ``keep_dtype``, each leaf stays in its parameter's own dtype: a reference point that is
+    only read back (an initial point, the origin of bets) is exact there, and a wider copy of a
+    half-precision parameter would only cost memory. A copy, so that donating the parameters'
+    and the state's buffers together is safe; each leaf keeps its parameter's sharding (and Flax
+    metadata), like :func:`init_like`.
     """
+    if keep_dtype:
+        return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
     return jax.tree.map(lambda z, p: z + p.astype(z.dtype), init_like(params, dtype), params)
 
 

@@ -229,4 +229,4 @@ def bold_driver(
     """
     base.check_nonnegative("weight_decay", weight_decay)
     core = scale_by_bold_driver(learning_rate, increase, decrease, undo=undo)
-    return optax.chain(base.check_gradient_tree(), *base.weight_decay_blocks(weight_decay, weight_decay_mask), core)
+    return base.assemble(core, None, weight_decay, weight_decay_mask)

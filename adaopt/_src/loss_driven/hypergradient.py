@@ -184,13 +184,6 @@ def hypergradient(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _chain(
-    core: optax.GradientTransformation, weight_decay: Any, weight_decay_mask: base.MaskOrFn | None
-) -> optax.GradientTransformationExtraArgs:
-    """The tree check, coupled (L2) weight decay, then ``core``, which applies the learning rate itself."""
-    return optax.chain(base.check_gradient_tree(), *base.weight_decay_blocks(weight_decay, weight_decay_mask), core)
-
-
 def sgd_hd(
     learning_rate: ScalarOrSchedule = 1e-3,
     hyper_lr: Any = 1e-3,
@@ -263,7 +256,7 @@ def sgd_hd(
     else:
         inner = scale_by_momentum(momentum, dampening, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
     core = hypergradient(inner, learning_rate, hyper_lr, multiplicative)
-    return _chain(core, weight_decay, weight_decay_mask)
+    return base.assemble(core, None, weight_decay, weight_decay_mask)  # core applies the learning rate
 
 
 def sgdn_hd(
@@ -435,4 +428,4 @@ def adam_hd(
     core = hypergradient(
         inner, learning_rate, hyper_lr, multiplicative, per_leaf_update=per_leaf_update and not multiplicative
     )
-    return _chain(core, weight_decay, weight_decay_mask)
+    return base.assemble(core, None, weight_decay, weight_decay_mask)  # core applies the learning rate

@@ -81,7 +81,7 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
     def init_fn(params: base.Params) -> CocobState:
         return CocobState(
             count=moments.zero_count(),
-            reference=jax.tree.map(lambda p: moments.init_copy(p, jnp.result_type(p)), params),  # each in its dtype
+            reference=moments.init_copy(params, keep_dtype=True),
             neg_grad_sum=moments.init_like(params),
             max_grad=moments.init_like(params, fill=eps),
             abs_grad_sum=moments.init_like(params),

@@ -76,7 +76,7 @@ def check_growth_rate(growth_rate: Any) -> None:
     """
     valid = "[1.0, inf] (inf: no cap)"
     try:
-        value = base._concrete_scalar(growth_rate)
+        value = base.concrete_scalar(growth_rate)
     except TypeError:
         raise base.HyperparameterError(
             f"growth_rate must be a real number in {valid}, got {growth_rate!r} of type {type(growth_rate).__name__}."

@@ -21,11 +21,6 @@ from adaopt._src import base, moments, numerics
 from adaopt._src.base import Params, ScalarOrSchedule, Updates
 
 
-def _initial_point(params: Params) -> Params:
-    """x_0, a copy of the parameters in each parameter's own dtype (as the package's ``p.clone()``)."""
-    return jax.tree.map(lambda p: moments.init_copy(p, jnp.result_type(p)), params)
-
-
 def _leaves(updates: Updates, params: Params | None, init_params: Params, who: str) -> tuple[list, list, list]:
     """The leaves of the gradients, the parameters and the initial point, in the same order."""
     params = base.require_params(params, who)
@@ -138,7 +133,7 @@ def scale_by_dog(
             estimate = tuple(initial_estimate([p], moments.compute_dtype(jnp.result_type(p))) for p in leaves)
         else:
             estimate = initial_estimate(jax.tree.leaves(params), moments.scalar_dtype(params))
-        return DoGState(moments.zero_count(), _initial_point(params), estimate)
+        return DoGState(moments.zero_count(), moments.init_copy(params, keep_dtype=True), estimate)
 
     def step_size(
         est: DoGEstimate,
@@ -389,7 +384,7 @@ def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.Grad
         dtype = moments.scalar_dtype(params)
         initial = eps if init_estim_sq_dist is None else init_estim_sq_dist
         return DoWGState(
-            init_params=_initial_point(params),
+            init_params=moments.init_copy(params, keep_dtype=True),
             weighted_sq_norm_grads=jnp.zeros([], dtype),
             estim_sq_dist=jnp.asarray(moments.scalar(initial, dtype), dtype),
         )

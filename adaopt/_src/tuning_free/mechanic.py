@@ -148,7 +148,7 @@ def mechanic(
         return MechanicState(
             count=moments.zero_count(),
             inner_state=inner_tx.init(params),
-            reference=jax.tree.map(lambda p: moments.init_copy(p, jnp.result_type(p)), params),  # each in its dtype
+            reference=moments.init_copy(params, keep_dtype=True),
             delta=moments.init_like(params) if store_delta else None,
             s=scalars(0.0) if pytorch else tuple(jnp.asarray(s_init, dtype) for _ in range(n)),
             max_product=scalars(1e-6 if pytorch else 0.0),

@@ -64,7 +64,7 @@ class DebiasedRmsState(NamedTuple):
 def _check_warmup_steps(warmup_steps: Any) -> None:
     """A whole number of steps >= 0: an integer, or a number with no fraction (an array under inject_hyperparams)."""
     base.check_nonnegative("warmup_steps", warmup_steps)
-    value = base._concrete_scalar(warmup_steps)  # a real number or None (traced): check_nonnegative took the rest
+    value = base.concrete_scalar(warmup_steps)  # a real number or None (traced): check_nonnegative took the rest
     if value is not None and not value.is_integer():
         raise base.HyperparameterError(f"warmup_steps must be a finite whole number >= 0, got {warmup_steps!r}.")
 
