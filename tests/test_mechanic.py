@@ -8,6 +8,7 @@ not depend on the parameters, so the comparison is not blurred by a chaotic feed
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -20,7 +21,6 @@ import torch
 from mechanic_pytorch import mechanize
 
 from adaopt import HyperparameterError, MechanicState, adam, adamw, lamb, mechanic, rmsprop, sgd
-from adaopt._src.tuning_free.mechanic import DEFAULT_BETAS
 from tests import parity, problems
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 
@@ -260,7 +260,7 @@ def test_state_layout_and_dtypes() -> None:
         assert jax.tree.structure(state.reference) == jax.tree.structure(params)
         assert jax.tree.structure(state.delta) == jax.tree.structure(params)
         for scalars in (state.s, state.max_product, state.sum_squared_products, state.reward):
-            assert len(scalars) == len(DEFAULT_BETAS)
+            assert len(scalars) == len(inspect.signature(mechanic).parameters["betas"].default)
             assert all(x.shape == () and x.dtype == jnp.float64 for x in scalars)
     half = mechanic(sgd(1.0)).init({"w": jnp.ones(2, jnp.bfloat16)})
     assert half.s[0].dtype == jnp.float32 and half.reference["w"].dtype == jnp.bfloat16

@@ -28,7 +28,6 @@ from sklearn.datasets import load_digits
 
 import adaopt
 from adaopt import HyperparameterError
-from adaopt._src.loss_driven import plateau
 from tests.problems import optimal_softmax_regression_loss, softmax_regression_loss
 
 LENGTH = 160  # losses per drawn sequence (ours runs them in one compiled scan)
@@ -62,11 +61,11 @@ def _make_runner(mode: str, threshold_mode: str) -> Callable[..., tuple[jax.Arra
 
     @jax.jit
     def run(losses: jax.Array, numeric: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        tx = plateau.reduce_on_plateau(mode=mode, threshold_mode=threshold_mode, **numeric)
+        tx = adaopt.reduce_on_plateau(mode=mode, threshold_mode=threshold_mode, **numeric)
         grads = {"w": jnp.ones(3, losses.dtype)}
         state = tx.init(grads)
 
-        def step(state: plateau.ReduceOnPlateauState, loss: jax.Array) -> tuple[Any, tuple[jax.Array, ...]]:
+        def step(state: adaopt.ReduceOnPlateauState, loss: jax.Array) -> tuple[Any, tuple[jax.Array, ...]]:
             updates, new_state = tx.update(grads, state, value=loss)
             return new_state, (state.learning_rate, state.scale, updates["w"][0])
 
@@ -225,7 +224,7 @@ def test_training_trajectory_matches_torch() -> None:
     losses = [float(v) for v in 5.0 + np.cumsum(rng.normal(0.0, 0.1, steps))]
     theirs = _torch_training(params, grads, losses, hp, momentum=0.9)
     with jax.enable_x64(True):
-        opt = adaopt.chain(adaopt.sgd(hp["base_learning_rate"], momentum=0.9), plateau.reduce_on_plateau(**hp))
+        opt = adaopt.chain(adaopt.sgd(hp["base_learning_rate"], momentum=0.9), adaopt.reduce_on_plateau(**hp))
 
         def step(carry: tuple, inputs: tuple) -> tuple[tuple, jax.Array]:
             p, s = carry
@@ -255,7 +254,7 @@ def test_cuts_the_rate_when_minibatch_noise_stalls_the_loss() -> None:
     orders = [jnp.asarray(rng.permutation(len(x))[:n].reshape(-1, batch)) for _ in range(epochs)]
     full_loss = jax.jit(lambda p: softmax_regression_loss(p, xs, ys, l2))
 
-    def excess_after_training(on_plateau: plateau.ReduceOnPlateau | None) -> tuple[float, Any]:
+    def excess_after_training(on_plateau: adaopt.ReduceOnPlateau | None) -> tuple[float, Any]:
         tx = adaopt.sgd(1.0) if on_plateau is None else adaopt.chain(adaopt.sgd(1.0), on_plateau)
 
         @jax.jit
@@ -292,7 +291,7 @@ def test_observe_evaluation_losses_between_epochs() -> None:
     torch_per_epoch = torch_lrs(eval_losses, hp)  # the lr during each epoch
     traces = []
     with jax.enable_x64(True):
-        on_plateau = plateau.reduce_on_plateau(**hp)
+        on_plateau = adaopt.reduce_on_plateau(**hp)
         opt = adaopt.chain(adaopt.sgd(hp["base_learning_rate"]), on_plateau)
         params = {"w": jnp.zeros(2)}
         state = opt.init(params)
@@ -316,7 +315,7 @@ def test_observe_evaluation_losses_between_epochs() -> None:
 
 
 def test_update_compiles_once() -> None:
-    tx = adaopt.chain(adaopt.adam(1e-3), plateau.reduce_on_plateau(1e-3, patience=0))
+    tx = adaopt.chain(adaopt.adam(1e-3), adaopt.reduce_on_plateau(1e-3, patience=0))
     params = {"w": jnp.ones(3), "b": jnp.zeros(())}
     traces = []
 
@@ -352,7 +351,7 @@ def test_differs_from_optax_contrib_as_documented() -> None:
         return np.asarray(out[0]), np.asarray(out[1])
 
     ours_state, ours_applied = scales(
-        plateau.reduce_on_plateau(factor=factor, patience=patience, threshold=rtol, cooldown=cooldown, eps=0.0)
+        adaopt.reduce_on_plateau(factor=factor, patience=patience, threshold=rtol, cooldown=cooldown, eps=0.0)
     )
     late_state, late_applied = scales(
         optax.contrib.reduce_on_plateau(factor=factor, patience=patience + 1, rtol=rtol, cooldown=cooldown)
@@ -371,7 +370,7 @@ def test_differs_from_optax_contrib_as_documented() -> None:
 def test_dtypes_and_strict_promotion() -> None:
     """The state is float32 for float32 (and half-precision) parameters, float64 for float64;
     the updates keep their dtype."""
-    tx = plateau.reduce_on_plateau(1e-3, patience=0)
+    tx = adaopt.reduce_on_plateau(1e-3, patience=0)
     for x64, dtype, state_dtype in [
         (False, jnp.float32, jnp.float32),
         (False, jnp.bfloat16, jnp.float32),
@@ -390,7 +389,7 @@ def test_dtypes_and_strict_promotion() -> None:
 
 
 def test_inject_hyperparams() -> None:
-    tx = optax.inject_hyperparams(plateau.reduce_on_plateau, static_args=("mode", "threshold_mode"))(
+    tx = optax.inject_hyperparams(adaopt.reduce_on_plateau, static_args=("mode", "threshold_mode"))(
         base_learning_rate=0.1, factor=0.5, patience=0
     )
     state = tx.init({"w": jnp.ones(2)})
@@ -401,7 +400,7 @@ def test_inject_hyperparams() -> None:
 
 
 def test_observe_needs_exactly_one_plateau_state() -> None:
-    on_plateau = plateau.reduce_on_plateau()
+    on_plateau = adaopt.reduce_on_plateau()
     params = {"w": jnp.ones(2)}
     with pytest.raises(ValueError, match="exactly one ReduceOnPlateauState, found 0"):
         on_plateau.observe(adaopt.adam().init(params), 1.0)
@@ -436,6 +435,6 @@ INVALID = [
 @pytest.mark.parametrize(("name", "bad"), INVALID, ids=[f"{n}-{b!r}" for n, b in INVALID])
 def test_invalid_hyperparameters(name: str, bad: Any) -> None:
     with pytest.raises(HyperparameterError) as info:
-        plateau.reduce_on_plateau(**{name: bad})
+        adaopt.reduce_on_plateau(**{name: bad})
     message = str(info.value)
     assert name in message and repr(bad) in message and "must be" in message, message

@@ -33,8 +33,8 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
+import adaopt
 from adaopt import HyperparameterError
-from adaopt._src import schedules
 
 DRAWS = 2
 HORIZON = 2001  # the longest run compared
@@ -196,7 +196,7 @@ def draw_cosine_annealing(rng: np.random.Generator) -> Pair:
     eta_min = _eta_min(rng, lr)
     return Pair(
         lambda opt: lr_scheduler.CosineAnnealingLR(opt, t_max, eta_min),
-        lambda: schedules.cosine_annealing_schedule(lr, t_max, eta_min),
+        lambda: adaopt.cosine_annealing_schedule(lr, t_max, eta_min),
         1200,
         lr,
     )
@@ -219,7 +219,7 @@ def draw_warm_restarts(rng: np.random.Generator) -> Pair:
     eta_min = _eta_min(rng, lr)
     return Pair(
         lambda opt: lr_scheduler.CosineAnnealingWarmRestarts(opt, t_0, t_mult, eta_min),
-        lambda: schedules.cosine_warm_restarts_schedule(lr, t_0, t_mult, eta_min),
+        lambda: adaopt.cosine_warm_restarts_schedule(lr, t_0, t_mult, eta_min),
         1500,
         lr,
     )
@@ -246,7 +246,7 @@ def draw_cyclic(mode: str, scale_mode: str = "cycle") -> Callable[[np.random.Gen
                 opt, base_lr, max_lr, mode=torch_mode, scale_fn=scale_fn, scale_mode=scale_mode,
                 cycle_momentum=False, **kw,
             ),
-            lambda: schedules.cyclic_schedule(base_lr, max_lr, mode=torch_mode, scale_fn=scale_fn, scale_mode=scale_mode, **kw),  # type: ignore[arg-type]
+            lambda: adaopt.cyclic_schedule(base_lr, max_lr, mode=torch_mode, scale_fn=scale_fn, scale_mode=scale_mode, **kw),  # type: ignore[arg-type]
             2000,
         )  # fmt: skip
 
@@ -263,7 +263,7 @@ def draw_cyclic_momentum(rng: np.random.Generator) -> Pair:
         lambda opt: lr_scheduler.CyclicLR(
             opt, 0.01, 0.1, mode=mode, cycle_momentum=True, base_momentum=base_m, max_momentum=max_m, **kw
         ),
-        lambda: schedules.cyclic_schedule(max_m, base_m, mode=mode, **kw),  # type: ignore[arg-type]
+        lambda: adaopt.cyclic_schedule(max_m, base_m, mode=mode, **kw),  # type: ignore[arg-type]
         2000,
         key="momentum",
     )
@@ -283,7 +283,7 @@ def draw_onecycle(rng: np.random.Generator) -> Pair:
     kw = _onecycle_arguments(rng)
     return Pair(
         lambda opt: lr_scheduler.OneCycleLR(opt, peak, total, div_factor=div, final_div_factor=final_div, **kw),
-        lambda: schedules.onecycle_schedule(total, peak, div_factor=div, final_div_factor=final_div, **kw),
+        lambda: adaopt.onecycle_schedule(total, peak, div_factor=div, final_div_factor=final_div, **kw),
         total,
     )
 
@@ -294,7 +294,7 @@ def draw_onecycle_momentum(rng: np.random.Generator) -> Pair:
     kw = _onecycle_arguments(rng)
     return Pair(
         lambda opt: lr_scheduler.OneCycleLR(opt, 0.1, total, base_momentum=base_m, max_momentum=max_m, **kw),
-        lambda: schedules.onecycle_momentum_schedule(total, base_m, max_m, **kw),
+        lambda: adaopt.onecycle_momentum_schedule(total, base_m, max_m, **kw),
         total,
         key="momentum",
     )
@@ -347,7 +347,7 @@ def draw_wsd(warmup_shape: str, decay_shape: str) -> Callable[[np.random.Generat
         init, end = _u(rng, 0.01, 0.5) * peak, (0.0 if rng.uniform() < 0.3 else _u(rng, 0.0, 0.5) * peak)
         return Pair(
             torch_wsd(peak, total, warmup, decay, init, end, warmup_shape, decay_shape),
-            lambda: schedules.warmup_stable_decay_schedule(
+            lambda: adaopt.warmup_stable_decay_schedule(
                 peak, total, warmup, fraction, init_value=init, end_value=end,
                 warmup_shape=warmup_shape, decay_shape=decay_shape,  # type: ignore[arg-type]
             ),
@@ -397,27 +397,27 @@ def test_comparison_is_sharp() -> None:
     wrong = [
         Pair(
             lambda o: lr_scheduler.CosineAnnealingLR(o, 100, 0.0),
-            lambda: schedules.cosine_annealing_schedule(1.0, 101),
+            lambda: adaopt.cosine_annealing_schedule(1.0, 101),
             300,
         ),
         Pair(
             lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, 10, 2),
-            lambda: schedules.cosine_warm_restarts_schedule(1.0, 10),
+            lambda: adaopt.cosine_warm_restarts_schedule(1.0, 10),
             300,
         ),
         Pair(
             lambda o: lr_scheduler.CyclicLR(o, 0.1, 1.0, 10, mode="exp_range", gamma=0.999, cycle_momentum=False),
-            lambda: schedules.cyclic_schedule(0.1, 1.0, 10, mode="exp_range", gamma=0.9991),
+            lambda: adaopt.cyclic_schedule(0.1, 1.0, 10, mode="exp_range", gamma=0.9991),
             300,
         ),
         Pair(
             torch_wsd(1.0, 300, 30, 60, 0.1, 0.0, "linear", "1-sqrt"),
-            lambda: schedules.warmup_stable_decay_schedule(1.0, 300, 30, 0.2, init_value=0.1, decay_shape="cosine"),
+            lambda: adaopt.warmup_stable_decay_schedule(1.0, 300, 30, 0.2, init_value=0.1, decay_shape="cosine"),
             301,
         ),
         Pair(
             torch_wsd(1.0, 300, 30, 60, 0.1, 0.0, "linear", "linear"),
-            lambda: schedules.warmup_stable_decay_schedule(1.0, 300, 30, 0.2, init_value=0.1, warmup_shape="cosine"),
+            lambda: adaopt.warmup_stable_decay_schedule(1.0, 300, 30, 0.2, init_value=0.1, warmup_shape="cosine"),
             301,
         ),
     ]
@@ -431,7 +431,7 @@ def test_optax_cosine_decay_stops_at_t_max_torch_does_not() -> None:
     """Past T_max torch's CosineAnnealingLR climbs back up; optax's stays at eta_min; ours follows torch."""
     pair = Pair(
         lambda o: lr_scheduler.CosineAnnealingLR(o, 50, 0.01),
-        lambda: schedules.cosine_annealing_schedule(0.5, 50, 0.01),
+        lambda: adaopt.cosine_annealing_schedule(0.5, 50, 0.01),
         200,
         0.5,
     )
@@ -461,14 +461,14 @@ def test_optax_onecycle_is_not_torchs(schedule: Callable[..., optax.Schedule]) -
 
 
 OURS = {
-    "cosine": schedules.cosine_annealing_schedule(1e-3, 1000, 1e-5),
-    "restarts": schedules.cosine_warm_restarts_schedule(1e-3, 10, 2, 1e-5),
-    "restarts-1": schedules.cosine_warm_restarts_schedule(1e-3, 7),
-    "triangular2": schedules.cyclic_schedule(1e-4, 1e-2, 100, mode="triangular2"),
-    "exp_range": schedules.cyclic_schedule(1e-4, 1e-2, 100, 50, mode="exp_range", gamma=0.9999),
-    "onecycle": schedules.onecycle_schedule(1000, 1e-2, three_phase=True),
-    "momentum": schedules.onecycle_momentum_schedule(1000),
-    "wsd": schedules.warmup_stable_decay_schedule(1e-3, 1000, 100, decay_shape="1-sqrt"),
+    "cosine": adaopt.cosine_annealing_schedule(1e-3, 1000, 1e-5),
+    "restarts": adaopt.cosine_warm_restarts_schedule(1e-3, 10, 2, 1e-5),
+    "restarts-1": adaopt.cosine_warm_restarts_schedule(1e-3, 7),
+    "triangular2": adaopt.cyclic_schedule(1e-4, 1e-2, 100, mode="triangular2"),
+    "exp_range": adaopt.cyclic_schedule(1e-4, 1e-2, 100, 50, mode="exp_range", gamma=0.9999),
+    "onecycle": adaopt.onecycle_schedule(1000, 1e-2, three_phase=True),
+    "momentum": adaopt.onecycle_momentum_schedule(1000),
+    "wsd": adaopt.warmup_stable_decay_schedule(1e-3, 1000, 100, decay_shape="1-sqrt"),
 }
 
 
@@ -508,51 +508,51 @@ def test_past_the_horizon() -> None:
 
 
 INVALID = [
-    (schedules.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 0}, "t_max"),
-    (schedules.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 10.0}, "t_max"),
-    (schedules.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 10, "eta_min": math.nan}, "eta_min"),
-    (schedules.cosine_annealing_schedule, {"init_value": "1", "t_max": 10}, "init_value"),
-    (schedules.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 0}, "t_0"),
-    (schedules.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 5, "t_mult": 0}, "t_mult"),
-    (schedules.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 5, "t_mult": 1.5}, "t_mult"),
-    (schedules.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": True}, "t_0"),
-    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_up": 0}, "step_size_up"),
-    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_down": -1}, "step_size_down"),
-    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "mode": "sawtooth"}, "mode"),
-    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "gamma": 0.0}, "gamma"),
-    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_mode": "epoch"}, "scale_mode"),
-    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_fn": 0.5}, "scale_fn"),
-    (schedules.cyclic_schedule, {"base_value": 0.1, "max_value": math.inf}, "max_value"),
-    (schedules.onecycle_schedule, {"total_steps": 0, "peak_value": 1.0}, "total_steps"),
-    (schedules.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "pct_start": 1.5}, "pct_start"),
+    (adaopt.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 0}, "t_max"),
+    (adaopt.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 10.0}, "t_max"),
+    (adaopt.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 10, "eta_min": math.nan}, "eta_min"),
+    (adaopt.cosine_annealing_schedule, {"init_value": "1", "t_max": 10}, "init_value"),
+    (adaopt.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 0}, "t_0"),
+    (adaopt.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 5, "t_mult": 0}, "t_mult"),
+    (adaopt.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": 5, "t_mult": 1.5}, "t_mult"),
+    (adaopt.cosine_warm_restarts_schedule, {"init_value": 1.0, "t_0": True}, "t_0"),
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_up": 0}, "step_size_up"),
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_down": -1}, "step_size_down"),
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "mode": "sawtooth"}, "mode"),
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "gamma": 0.0}, "gamma"),
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_mode": "epoch"}, "scale_mode"),
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_fn": 0.5}, "scale_fn"),
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": math.inf}, "max_value"),
+    (adaopt.onecycle_schedule, {"total_steps": 0, "peak_value": 1.0}, "total_steps"),
+    (adaopt.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "pct_start": 1.5}, "pct_start"),
     (
-        schedules.onecycle_schedule,
+        adaopt.onecycle_schedule,
         {"total_steps": 10, "peak_value": 1.0, "anneal_strategy": "cosine"},
         "anneal_strategy",
     ),
-    (schedules.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "div_factor": 0.0}, "div_factor"),
-    (schedules.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "final_div_factor": -1.0}, "final_div_factor"),
-    (schedules.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "three_phase": 1}, "three_phase"),
-    (schedules.onecycle_momentum_schedule, {"total_steps": 10, "max_momentum": math.nan}, "max_momentum"),
-    (schedules.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 0}, "total_steps"),
+    (adaopt.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "div_factor": 0.0}, "div_factor"),
+    (adaopt.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "final_div_factor": -1.0}, "final_div_factor"),
+    (adaopt.onecycle_schedule, {"total_steps": 10, "peak_value": 1.0, "three_phase": 1}, "three_phase"),
+    (adaopt.onecycle_momentum_schedule, {"total_steps": 10, "max_momentum": math.nan}, "max_momentum"),
+    (adaopt.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 0}, "total_steps"),
     (
-        schedules.warmup_stable_decay_schedule,
+        adaopt.warmup_stable_decay_schedule,
         {"peak_value": 1.0, "total_steps": 10, "warmup_steps": -1},
         "warmup_steps",
     ),
     (
-        schedules.warmup_stable_decay_schedule,
+        adaopt.warmup_stable_decay_schedule,
         {"peak_value": 1.0, "total_steps": 10, "decay_fraction": 1.2},
         "decay_fraction",
     ),
-    (schedules.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 10, "warmup_steps": 9}, "warmup_steps"),
+    (adaopt.warmup_stable_decay_schedule, {"peak_value": 1.0, "total_steps": 10, "warmup_steps": 9}, "warmup_steps"),
     (
-        schedules.warmup_stable_decay_schedule,
+        adaopt.warmup_stable_decay_schedule,
         {"peak_value": 1.0, "total_steps": 10, "warmup_shape": "1-sqrt"},
         "warmup_shape",
     ),
     (
-        schedules.warmup_stable_decay_schedule,
+        adaopt.warmup_stable_decay_schedule,
         {"peak_value": 1.0, "total_steps": 10, "decay_shape": "exp"},
         "decay_shape",
     ),

@@ -44,8 +44,12 @@ def squared_distance(tree: Any, other: Any, dtype: Any) -> jax.Array:
 
 
 def vdot(tree: Any, other: Any, dtype: Any) -> jax.Array:
-    """The inner product of two trees of one structure, taken as vectors, in ``dtype``."""
-    return jnp.asarray(optax.tree.vdot(optax.tree.cast(tree, dtype), optax.tree.cast(other, dtype)), dtype)
+    """The inner product of two real trees of one structure, taken as vectors, in ``dtype``.
+
+    A sum of elementwise products, not ``optax.tree.vdot``: its ``dot_general`` refuses operands
+    sharded along the contracted axis on a mesh with explicit axes.
+    """
+    return tree_sum(jax.tree.map(jnp.multiply, optax.tree.cast(tree, dtype), optax.tree.cast(other, dtype)), dtype)
 
 
 S = TypeVar("S")

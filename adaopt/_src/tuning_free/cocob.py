@@ -103,7 +103,7 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
             reward = jnp.maximum(reward - g32 * (w32 - w1_32), 0)
             theta = theta - g32
             den = big_l * jnp.maximum(big_g + big_l, moments.scalar(alpha, dtype) * big_l)
-            bet = moments.safe_divide(theta, den) * (big_l + reward)
+            bet = moments.safe_divide((reward + big_l) * theta, den)  # in the package's order of operations
             step = w1_32 + bet - w32
             new = (theta, big_l, big_g, reward)
             return (step.astype(g.dtype), w1, *(x.astype(a.dtype) for x, a in zip(new, acc, strict=True)))

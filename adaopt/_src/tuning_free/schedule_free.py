@@ -278,7 +278,7 @@ def scale_by_schedule_free(
         lr = numerics.learning_rate_at(learning_rate, state.count, dtype)
         if not base.is_zero(warmup_steps):
             warmup = moments.scalar(warmup_steps, dtype)
-            lr = lr * jnp.where(step <= warmup, step / jnp.where(warmup > 0, warmup, 1), 1)
+            lr = lr * jnp.where(step <= warmup, moments.safe_divide(step, warmup), 1)
         if learning_rate_factor is not None:
             lr = lr * learning_rate_factor(step)
         lr = lr.astype(dtype)  # a learning_rate_factor may return another dtype
