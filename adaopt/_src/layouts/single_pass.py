@@ -125,6 +125,17 @@ def single_pass(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with ``tx``'s ``init`` and state.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adaopt
+      >>> tx = adaopt.adamw(1e-3)
+      >>> opt = adaopt.single_pass(tx, min_size=4)
+      >>> params = {"w": jnp.linspace(-1.0, 1.0, 16).reshape(4, 4)}
+      >>> state = opt.init(params)  # the state of adamw itself
+      >>> ours, _ = jax.jit(opt.update)(params, state, params)
+      >>> theirs, _ = jax.jit(tx.update)(params, state, params)
+      >>> bool(jnp.allclose(ours["w"], theirs["w"], rtol=1e-6))
+      True
     """
     base.check_integer("min_size", min_size, 1)
     inner = optax.with_extra_args_support(tx)
