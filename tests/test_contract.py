@@ -308,6 +308,16 @@ def test_mismatched_gradient_tree_is_a_clear_error(spec: OptimizerSpec) -> None:
         _update(tx, wrong, state, params)
 
 
+@SPECS
+def test_a_gradient_of_the_wrong_shape_names_its_leaf_and_both_shapes(spec: OptimizerSpec) -> None:
+    tx = learning_rates.make(spec)
+    params = _params()
+    state = tx.init(params)
+    wrong = {**params, "dense": {**params["dense"], "w": jnp.ones((5, 3))}}
+    with pytest.raises(adaopt.TreeMismatchError, match=r"\['dense'\]\['w'\] have shape \(5, 3\).* has shape \(4, 3\)"):
+        _update(tx, wrong, state, params)
+
+
 @pytest.mark.parametrize(
     "spec", [s for s in REGISTRY.values() if Capability.WEIGHT_DECAY in s.capabilities], ids=lambda s: s.name
 )

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import hypothesis.strategies as st
+import jax
 import jax.numpy as jnp
 import pytest
 from hypothesis import given
@@ -136,3 +137,18 @@ def test_a_tree_mismatch_names_what_it_was_compared_with() -> None:
         tx.update(wrong, state, params)
     with pytest.raises(adaopt.TreeMismatchError, match=r"(?s)structure of the optimizer's state.*built by `init`"):
         tx.update(wrong, state)
+    wrong_shape = {"a": jnp.ones(2), "b": jnp.ones(4)}
+    with pytest.raises(
+        adaopt.TreeMismatchError, match=r"\['b'\] have shape \(4,\), but the optimizer's state there has shape \(3,\)"
+    ):
+        tx.update(wrong_shape, state)
+
+
+def test_prodigy_with_sliced_statistics_still_checks_the_shapes() -> None:
+    """p0 and s hold every slice_p-th coordinate: the check of shapes falls to the whole-leaf trees."""
+    params = {"a": jnp.ones((4, 4))}
+    tx = adaopt.prodigy(slice_p=3)
+    state = tx.init(params)
+    tx.update(jax.tree.map(jnp.ones_like, params), state, params)  # the slices themselves are not a mismatch
+    with pytest.raises(adaopt.TreeMismatchError, match=r"\['a'\] have shape \(4, 3\)"):
+        tx.update({"a": jnp.ones((4, 3))}, state, params)

@@ -129,23 +129,44 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise HyperparameterError(f"{name} must be one of {choices}, got {value!r}.")
 
 
-def check_tree_match(tree: Any, reference: Any, what: str, *, subject: str = "gradients") -> None:
-    """Raise a readable ``TreeMismatchError`` when ``tree`` (the ``subject``) lacks the structure of ``reference`` (the ``what``)."""
+PER_LEAF_OPTIONS = "per-leaf options (weight_decay_mask, layer_scale)"
+
+
+def _fix_for(what: str, subject: str) -> str:
+    if what == PER_LEAF_OPTIONS:
+        return "Give each of them one entry per parameter leaf, in a tree of the parameters' structure."
+    if what == "parameters":
+        return f"Pass the {subject} of the parameters given as `params`, with the same tree structure and shapes."
+    return (
+        f"The optimizer's {what} was built by `init` for other parameters: call `init` on the parameters whose "
+        f"{subject} you pass (after changing the model, build a new optimizer state)."
+    )
+
+
+def check_tree_match(tree: Any, reference: Any, what: str, *, subject: str = "gradients", shapes: bool = True) -> None:
+    """Raise a readable ``TreeMismatchError`` when ``tree`` (the ``subject``) does not mirror ``reference`` (the ``what``).
+
+    The tree structures must be equal and, with ``shapes``, each leaf's shape too (a leaf of the
+    wrong shape would otherwise fail inside the arithmetic, or broadcast silently). Runs at trace
+    time only.
+    """
     got: Any = jax.tree.structure(tree)
     want = jax.tree.structure(reference)
-    if got == want:
-        return
-    if what == "parameters":
-        fix = f"Pass the {subject} of the parameters given as `params`, with the same tree structure."
-    else:
-        fix = (
-            f"The optimizer's {what} was built by `init` for a parameter tree of the structure expected: call `init` "
-            f"on the parameters whose {subject} you pass (after changing the model, build a new optimizer state)."
+    if got != want:
+        raise TreeMismatchError(
+            f"The {subject} do not have the structure of the optimizer's {what}: expected a tree of structure\n"
+            f"  {want}\nbut got\n  {got}\n{_fix_for(what, subject)}"
         )
-    raise TreeMismatchError(
-        f"The {subject} do not have the structure of the optimizer's {what}: expected a tree of structure\n"
-        f"  {want}\nbut got\n  {got}\n{fix}"
-    )
+    if not shapes:
+        return
+    for (path, leaf), expected in zip(
+        jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference), strict=True
+    ):
+        if np.shape(leaf) != np.shape(expected):
+            raise TreeMismatchError(
+                f"The {subject} at {jax.tree_util.keystr(path) or 'the root'} have shape {np.shape(leaf)}, but the "
+                f"optimizer's {what} there has shape {np.shape(expected)}. {_fix_for(what, subject)}"
+            )
 
 
 def require_params(params: Params | None, who: str) -> Params:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src.base import check_tree_match
+from adaopt._src.base import PER_LEAF_OPTIONS, check_tree_match
 
 safe_increment = optax.safe_increment
 """Add one to an int32 step count, saturating at its maximum instead of overflowing."""
@@ -154,15 +154,28 @@ LeafFn = Callable[..., Sequence[jax.Array]]
 
 
 def leafwise(
-    fn: LeafFn, n_out: int, updates: Any, *trees: Any, what: str = "state", subject: str = "gradients"
+    fn: LeafFn,
+    n_out: int,
+    updates: Any,
+    *trees: Any,
+    options: Sequence[Any] = (),
+    what: str = "state",
+    subject: str = "gradients",
+    shapes: bool = True,
 ) -> tuple[Any, ...]:
-    """Apply ``fn(g, *leaves) -> (out_0, ..., out_{n_out-1})`` leaf by leaf.
+    """Apply ``fn(g, *leaves, *option_leaves) -> (out_0, ..., out_{n_out-1})`` leaf by leaf.
 
-    Every tree in ``trees`` (the optimizer's ``what``) must mirror ``updates`` (the ``subject``);
-    a mismatch raises an error that says so. Returns ``n_out`` trees with ``updates``' structure.
+    Every tree in ``trees`` (the optimizer's ``what``) must mirror ``updates`` (the ``subject``):
+    the same structure and, with ``shapes`` (off for a state that holds slices of each leaf),
+    the same shape at each leaf; a mismatch raises an error that says where. The trees in
+    ``options`` hold one value per leaf (a decay mask, a layer scale): their structure is
+    checked, not their shapes. Returns ``n_out`` trees with ``updates``' structure.
     """
     for tree in trees:
-        check_tree_match(updates, tree, what, subject=subject)
+        check_tree_match(updates, tree, what, subject=subject, shapes=shapes)
+    for tree in options:
+        check_tree_match(updates, tree, PER_LEAF_OPTIONS, subject=subject, shapes=False)
+    trees = (*trees, *options)
     flat, treedef = jax.tree.flatten(updates)
     outs = [fn(*args) for args in zip(flat, *map(jax.tree.leaves, trees), strict=True)]
     return tuple(jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(n_out))

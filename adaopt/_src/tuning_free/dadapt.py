@@ -337,18 +337,18 @@ def scale_by_dadapt_adam(
                 jnp.where(active, l1, 0),
             )
 
-        mu, nu, s, dots, l1s = moments.leafwise(accumulate, 5, updates, state.mu, state.nu, state.s, *scales)
+        mu, nu, s, dots, l1s = moments.leafwise(accumulate, 5, updates, state.mu, state.nu, state.s, options=scales)
         numerator = moments.ema(dlr * numerics.tree_sum(dots, dtype), state.numerator, sqrt_b2)
         sk_l1 = numerics.tree_sum(l1s, dtype)
         taken = sk_l1 != 0
         d_hat = moments.safe_divide(numerator, (1 - sqrt_b2) * sk_l1)
         d_new = jnp.maximum(d, capped(d_hat, d, growth_rate))
 
+        decay_trees: tuple[Any, ...] = ()
+        mask: tuple[Any, ...] = ()
         if decoupled:
-            mask = decay_mask(weight_decay_mask, base.require_params(params, "dadapt_adam with decoupled weight decay"))
-            decay_trees: tuple[Any, ...] = (params, mask)
-        else:
-            decay_trees = ()
+            decay_trees = (base.require_params(params, "dadapt_adam with decoupled weight decay"),)
+            mask = (decay_mask(weight_decay_mask, params),)
 
         def step(g: jax.Array, m: jax.Array, v: jax.Array, *decay: Any) -> tuple[jax.Array]:
             cd, _, (m32, v32) = moments.to_compute(g, m, v)
@@ -358,7 +358,7 @@ def scale_by_dadapt_adam(
                 u = decay_then_step(p32, dlr.astype(cd) * decay_term(p32, decay[1], weight_decay, cd), u)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
-        (out,) = moments.leafwise(step, 1, updates, mu, nu, *decay_trees)
+        (out,) = moments.leafwise(step, 1, updates, mu, nu, *decay_trees, options=mask)
         return out, DAdaptAdamState(
             count=moments.safe_increment(state.count),
             step=jnp.where(taken, moments.safe_increment(state.step), state.step),
@@ -586,7 +586,9 @@ def scale_by_dadapt_sgd(
             s_new = s32 + gamma * g32
             return gate(active, s_new, s32).astype(s.dtype), dot, jnp.where(active, jnp.sum(s_new * s_new), 0)
 
-        s, dots, squares = moments.leafwise(accumulate, 3, updates, params, state.s, *mask, what="parameters and state")
+        s, dots, squares = moments.leafwise(
+            accumulate, 3, updates, params, state.s, options=mask, what="parameters and state"
+        )
         numerator = state.numerator + dlr * numerics.tree_sum(dots, dtype)
         sk_sq = numerics.tree_sum(squares, dtype)
         taken = (sk_sq != 0) & (g0_norm != 0)

@@ -223,9 +223,14 @@ def scale_by_prodigy(
                 out.append(dadapt.gate(active, m_new, m32[0]).astype(m[0].dtype))
             return tuple(out)
 
+        if stride != 1:  # p0 and s hold slices of each leaf: check the shapes of the whole-leaf trees alone
+            base.check_tree_match(updates, params, "parameters")
+            for tree in moment_trees:
+                base.check_tree_match(updates, tree, "state")
         out = moments.leafwise(
-            accumulate, 4 + with_momentum, updates, params, state.p0, state.s, *moment_trees, what="state"
-        )
+            accumulate, 4 + with_momentum, updates, params, state.p0, state.s, *moment_trees, what="state",
+            shapes=stride == 1,
+        )  # fmt: skip
         s, nu, dots, l1s = out[:4]
         mu = out[4] if with_momentum else None
         numerator = beta3 * state.numerator + (d / first_d) * dlr * numerics.tree_sum(dots, dtype)
@@ -254,7 +259,7 @@ def scale_by_prodigy(
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
         momentum_tree = (mu,) if with_momentum else ()
-        (result,) = moments.leafwise(step, 1, updates, params, nu, *momentum_tree, *decay, what="state")
+        (result,) = moments.leafwise(step, 1, updates, params, nu, *momentum_tree, options=decay, what="state")
         return result, ProdigyState(
             count=moments.safe_increment(state.count),
             step=jnp.where(taken, moments.safe_increment(state.step), state.step),
