@@ -6,11 +6,11 @@ with CPython, and a noisy ill-conditioned quadratic. Each has a fixed budget of 
 target of its reported metric.
 
 For each optimizer and workload the learning rate runs on a 7-point geometric grid around the
-registry's learning rate ``lr``: ``lr * 3**k`` for ``k = -3, ..., 3``. The 7 runs are one compiled
+learning rate ``lr`` of :mod:`benchmarks.learning_rates`: ``lr * 3**k`` for ``k = -3, ..., 3``. The 7 runs are one compiled
 program: ``jax.vmap`` over the learning rate of a jitted ``lax.scan`` training loop (the factories
 take traced learning rates), so each (optimizer, workload) pair compiles once.
 
-- "defaults": the registry's learning rate (``k = 0``, a point of the grid), all else at the
+- "defaults": that learning rate (``k = 0``, a point of the grid), all else at the
   factory's defaults.
 - "tuned": the grid point with the lowest final value of the reported metric (the training
   objective on the whole training split for the digits workloads, held-out bits per character for
@@ -34,7 +34,7 @@ metric is at or below the target. Seconds to target: steps to target times the s
 which is the sum of two timings taken after compilation (each the best of 3 calls): the
 workload's loss-and-gradient step (once per workload, a tenth of the budget, one learning rate, no
 evaluations; shared by every optimizer) and the optimizer's ``update`` and ``apply_updates`` on the
-workload's parameters (200 steps, per optimizer and workload, at the registry's learning rate).
+workload's parameters (200 steps, per optimizer and workload, at that learning rate).
 Compilation is timed separately and never counted.
 
 The performance profile (as in AlgoPerf, Dahl et al. 2023): on each workload the ratio of an
@@ -102,7 +102,7 @@ TF_END = "<!-- tuning-free:end -->"
 DEFAULT_OUT = HERE / "RESULTS.md"
 BASELINE = "adam"  # the tuned baseline of the tuning-free comparison
 GRID_FACTOR = 3.0
-GRID_POWERS = tuple(range(-3, 4))  # lr * 3**k: 7 points, the registry's learning rate in the middle
+GRID_POWERS = tuple(range(-3, 4))  # lr * 3**k: 7 points, the tuned learning rate in the middle
 DEFAULT_INDEX = GRID_POWERS.index(0)
 TAUS = (1.0, 1.5, 2.0, 4.0, 8.0, math.inf)
 WITHIN = 0.05  # the goal: the tuning-free method's final loss within 5% of tuned Adam's
@@ -129,7 +129,7 @@ class Run:
     optimizer: str
     workload: str
     learning_rates: list[float]
-    default_index: int  # the registry's learning rate in ``learning_rates``
+    default_index: int  # the tuned learning rate's index in ``learning_rates``
     eval_steps: list[int]  # 0, every, 2 * every, ..., steps
     losses: list[list[float]]  # (learning rate, evaluation)
     accuracies: list[list[float]]
@@ -176,7 +176,7 @@ def tuned_rate(spec: OptimizerSpec) -> float:
 
 
 def learning_rate_grid(spec: OptimizerSpec) -> list[float]:
-    """``lr * 3**k`` for ``k = -3, ..., 3`` around the registry's learning rate."""
+    """``lr * 3**k`` for ``k = -3, ..., 3`` around the tuned learning rate (benchmarks/learning_rates.py)."""
     return [tuned_rate(spec) * GRID_FACTOR**k for k in GRID_POWERS]
 
 
@@ -560,8 +560,8 @@ def render_grid(suite: Suite, command: str, plots: Mapping[str, str]) -> str:
     """The ``convergence`` section (markers included)."""
     parts = [BEGIN, *_header(suite, command, "Convergence: small real workloads")]
     parts += [
-        f"Learning rates: a 7-point grid `lr * 3**k`, k = -3..3, around the registry's `lr`, run as one vmapped "
-        f"program; **tuned** = the grid point with the lowest final metric; **default** = the registry's `lr` "
+        f"Learning rates: a 7-point grid `lr * 3**k`, k = -3..3, around the tuned `lr` of benchmarks/learning_rates.py, run as one vmapped "
+        f"program; **tuned** = the grid point with the lowest final metric; **default** = that `lr` "
         f"(k = 0). Schedule: {suite.schedule} (cosine decay for the optimizers whose learning rate is tuned; "
         "constant for tuning-free, Schedule-Free and self-decaying ones). Steps to target: first of the evenly "
         "spaced evaluations at or below the target; seconds = steps x ms/step, where ms/step = the workload's "

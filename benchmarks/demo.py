@@ -4,8 +4,8 @@ The model is a 64 -> 64 -> 10 tanh MLP written in plain JAX (the parameters are 
 arrays). The 1797 digits are split 80/20 (stratified, ``random_state=0``) and standardised
 with the training split's statistics. Every optimizer starts from the same initial parameters
 and sees the same deterministic sequence of minibatches of 128, for a fixed number of steps.
-Each optimizer is built with ``learning_rates.make(spec)``: its defaults plus the learning rate tuned in the
-registry; the tuning-free ones (learning-rate-free and loss-driven methods) run at their
+Each optimizer is built with ``learning_rates.make(spec)``: its defaults plus the learning rate
+tuned for these workloads (:mod:`benchmarks.learning_rates`); the tuning-free ones (learning-rate-free and loss-driven methods) run at their
 defaults, untouched. Every step passes the minibatch loss as ``update(..., value=loss)`` (the
 loss-driven methods use it); a method that compares losses between steps (bold driver) gets the
 full training set each step; Schedule-Free is evaluated at its averaged parameters.
@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tuned = [r for r in results if not r["tuning_free"]]
     free = [r for r in results if r["tuning_free"]]
     model = f"digits MLP 64-64-10, {args.steps} steps of batch 128, on {jax.devices()[0].platform}"
-    sections = [(tuned, f"{model}: learning rate tuned (the registry's)", PLOT_NAME)] if tuned else []
+    sections = [(tuned, f"{model}: tuned learning rates (benchmarks/learning_rates.py)", PLOT_NAME)] if tuned else []
     if free:
         baseline = [r for r in tuned if r["name"] == BASELINE]
         title = f"{model}: tuning-free methods at their defaults, beside {BASELINE} at its tuned learning rate"

@@ -1,4 +1,4 @@
-"""Every optimizer solves small real problems at its defaults (with the registry's learning rate)."""
+"""Every optimizer solves small real problems at its defaults (with the learning rate of benchmarks/learning_rates.py)."""
 
 from __future__ import annotations
 

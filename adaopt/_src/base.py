@@ -28,7 +28,11 @@ class HyperparameterError(ValueError, TypeError):
 
 
 class TreeMismatchError(ValueError):
-    """The gradient tree does not have the structure the optimizer state was built for."""
+    """A tree passed to ``update`` does not mirror the one it must: another structure, or a leaf of another shape.
+
+    The message names what was compared (the parameters, the optimizer's state), where a shape
+    differs (the leaf's path and both shapes) and the fix.
+    """
 
 
 def concrete_scalar(value: Any) -> float | None:
