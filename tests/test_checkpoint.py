@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import adaopt
-from adaopt import REGISTRY, OptimizerSpec
+from adaopt import REGISTRY, Capability, OptimizerSpec
 from benchmarks import learning_rates
 
 
@@ -74,3 +74,32 @@ def test_the_speed_layouts_resume_bitwise(layout: str, tmp_path: pathlib.Path) -
     else:
         flat, unflatten = adaopt.flatten_params(_params())
         _assert_resumes_bitwise(adam, flat, lambda p: _loss(unflatten(p)), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "spec", [s for s in REGISTRY.values() if Capability.WEIGHT_DECAY in s.capabilities], ids=lambda s: s.name
+)
+def test_a_checkpoint_restores_across_weight_decays_and_inject_hyperparams(
+    spec: OptimizerSpec, tmp_path: pathlib.Path
+) -> None:
+    """A zero weight decay keeps its (empty) block: a state written without decay restores into the
+    optimizer with decay and into its inject_hyperparams form, which then step from it."""
+    numeric = {
+        "learning_rate": learning_rates.TUNED[spec.name],
+        **{k: r.sample(0.5) for k, r in spec.hyperparameters.items()},
+    }
+    params = {k: v for k, v in _params().items() if v is not None}
+    plain = spec.factory(**numeric, weight_decay=0.0)
+    decayed = spec.factory(**numeric, weight_decay=0.1)
+    injected = adaopt.inject_hyperparams(spec.factory)(**numeric, weight_decay=0.1)
+    written = plain.update(jax.grad(_loss)(params), plain.init(params), params, value=_loss(params))[1]
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", written)
+    checkpointer.wait_until_finished()
+    for tx, wrap in ((decayed, lambda s: s), (injected, lambda s: injected.init(params)._replace(inner_state=s))):
+        target = jax.eval_shape(lambda tx=tx: tx.init(params))
+        inner_target = target.inner_state if tx is injected else target
+        restored = checkpointer.restore(tmp_path / "ckpt", inner_target)
+        assert jax.tree.structure(restored) == jax.tree.structure(inner_target)
+        updates, _ = tx.update(jax.grad(_loss)(params), wrap(restored), params, value=_loss(params))
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

@@ -141,7 +141,7 @@ def test_state_is_flat_for_small_leaves_and_a_plain_pytree_of_arrays() -> None:
     tx = multi_tensor(adaopt.adam(1e-2), min_size=MIN_SIZE)
     state = tx.init(params)
     assert isinstance(state, MultiTensorState)
-    mu = state.inner[1].mu
+    mu = optax.tree.get(state.inner, "mu")
     assert isinstance(mu, FlatTree)
     # 7 + 1 + 0 + 4*6 + 1 float32 and 15 + 0 bfloat16 elements, one buffer each; the two large leaves apart.
     assert {k: v.shape for k, v in mu.buffers.items()} == {"bfloat16": (15,), "float32": (33,)}

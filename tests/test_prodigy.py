@@ -257,7 +257,7 @@ def test_state_mirrors_the_parameters_and_keeps_the_initial_point() -> None:
         assert jax.tree.structure(tree) == jax.tree.structure(params)
         assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(params), strict=True))
     np.testing.assert_array_equal(np.asarray(state.p0["w"]), np.asarray(params["w"]))
-    assert prodigy(b1=0.0).init(params)[1].mu is None
+    assert _core(prodigy(b1=0.0).init(params)).mu is None
     sliced = _core(prodigy(slice_p=4).init(params))
     assert sliced.s["w"].shape == sliced.p0["w"].shape == (2,)  # every 4th of 6 entries
     assert sliced.s["s"].shape == (1,)

@@ -235,7 +235,16 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
     optax adds ``weight_decay * params`` as it is: a weight decay given as an array
     (``inject_hyperparams`` passes one for every numeric hyperparameter) would turn bfloat16 and
     float16 updates into float32 ones. Here it is cast to each update's dtype. Same state.
+
+    A Python zero (see :func:`is_zero`) adds no operation to the step but keeps the block and its
+    state: the state's structure then does not depend on the decay's value, so a checkpoint
+    restores into the optimizer built with another decay, or under ``inject_hyperparams``.
     """
+    if is_zero(weight_decay):
+        tx = optax.GradientTransformation(
+            optax.add_decayed_weights(0.0).init, lambda updates, state, params=None: (updates, state)
+        )
+        return tx if mask is None else optax.masked(tx, mask)
     if callable(weight_decay) or isinstance(weight_decay, (int, float)):
         return optax.add_decayed_weights(weight_decay, mask)
 
@@ -251,11 +260,6 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
 
     tx = optax.GradientTransformation(optax.add_decayed_weights(0.0).init, update_fn)
     return tx if mask is None else optax.masked(tx, mask)
-
-
-def weight_decay_blocks(weight_decay: Any, mask: MaskOrFn | None = None) -> list[optax.GradientTransformation]:
-    """``[add_decayed_weights(weight_decay, mask)]``, or no block at all for a Python zero (see :func:`is_zero`)."""
-    return [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay, mask)]
 
 
 def assemble(
@@ -275,9 +279,9 @@ def assemble(
     ``learning_rate`` of None adds no learning-rate block: the core applies the rate (and the
     sign) itself, as the loss-driven methods that learn it do.
     """
-    decay = weight_decay_blocks(weight_decay, weight_decay_mask)
-    blocks = [check_gradient_tree(), *(() if decoupled_weight_decay else decay), core]
-    blocks += [*(decay if decoupled_weight_decay else ()), *after_decay]
+    decay = add_decayed_weights(weight_decay, weight_decay_mask)
+    blocks = [check_gradient_tree(), *(() if decoupled_weight_decay else (decay,)), core]
+    blocks += [*((decay,) if decoupled_weight_decay else ()), *after_decay]
     if learning_rate is not None:
         blocks.append(scale_by_learning_rate(learning_rate))
     return optax.chain(*blocks)

@@ -383,11 +383,11 @@ def multi_tensor(
       An ``optax.GradientTransformationExtraArgs`` with state :class:`MultiTensorState`.
 
     Example:
-      >>> import jax.numpy as jnp, adaopt
+      >>> import jax.numpy as jnp, optax, adaopt
       >>> opt = adaopt.multi_tensor(adaopt.adam(1e-3))
       >>> params = {f"b{i}": jnp.zeros(3) for i in range(4)} | {"w": jnp.zeros((200, 100))}
       >>> state = opt.init(params)
-      >>> mu = state.inner[1].mu  # Adam's first moment: the four small leaves in one buffer, w apart
+      >>> mu = optax.tree.get(state.inner, "mu")  # Adam's first moment: the four small leaves in one buffer, w apart
       >>> mu.buffers["float32"].shape, [leaf.shape for leaf in mu.leaves]
       ((12,), [(200, 100)])
       >>> updates, state = opt.update(params, state, params)

@@ -90,13 +90,16 @@ def scale_by_adagrad(
 
 
 def _with_lr_decay(learning_rate: ScalarOrSchedule, lr_decay: Any) -> ScalarOrSchedule:
-    """torch's Adagrad learning rate: ``learning_rate(count) / (1 + count * lr_decay)``."""
-    if base.is_zero(lr_decay):
-        return learning_rate
+    """torch's Adagrad learning rate: ``learning_rate(count) / (1 + count * lr_decay)``.
+
+    Always a schedule, so that the state's structure does not depend on ``lr_decay``'s value;
+    a Python zero adds no division.
+    """
 
     def schedule(count: jax.Array) -> jax.Array:
         # In JAX's default float dtype, the dtype ``count * lr_decay`` takes.
-        return numerics.learning_rate_at(learning_rate, count, jnp.result_type(float)) / (1 + count * lr_decay)
+        rate = numerics.learning_rate_at(learning_rate, count, jnp.result_type(float))
+        return rate if base.is_zero(lr_decay) else rate / (1 + count * lr_decay)
 
     return schedule
 

@@ -333,13 +333,13 @@ def amsgrad(
       An ``optax.GradientTransformationExtraArgs``.
 
     Example:
-      >>> import jax.numpy as jnp, adaopt
+      >>> import jax.numpy as jnp, optax, adaopt
       >>> opt = adaopt.amsgrad(1e-3)
       >>> params = jnp.array([1.0])
       >>> state = opt.init(params)
       >>> for g in (1.0, 0.0):  # the second moment decays; its maximum does not
       ...     updates, state = opt.update(jnp.array([g]), state, params)
-      >>> state[1].nu, state[1].nu_max
+      >>> optax.tree.get(state, "nu"), optax.tree.get(state, "nu_max")
       (Array([0.000999], dtype=float32), Array([0.001], dtype=float32))
 
     References:

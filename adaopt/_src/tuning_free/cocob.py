@@ -186,7 +186,7 @@ def cocob(
     base.check_common(learning_rate, weight_decay)
     return optax.chain(
         base.check_gradient_tree(),
-        *base.weight_decay_blocks(weight_decay, weight_decay_mask),
+        base.add_decayed_weights(weight_decay, weight_decay_mask),
         base.scale_by_learning_rate(learning_rate, flip_sign=False),
         scale_by_cocob(alpha, eps),
     )

@@ -860,7 +860,7 @@ def dadapt_adagrad(
       >>> for _ in range(100):  # minimise sum(x^2) / 2, whose gradient is x
       ...     updates, state = opt.update(params, state, params)
       ...     params = optax.apply_updates(params, updates)
-      >>> float(state[1].d) > 0.1  # the distance estimate, grown from d0 = 1e-6
+      >>> float(optax.tree.get(state, "d")) > 0.1  # the distance estimate, grown from d0 = 1e-6
       True
 
     References:

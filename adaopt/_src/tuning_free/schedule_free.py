@@ -357,9 +357,9 @@ def _schedule_free(
     **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """Direction, weight decay at y, then the Schedule-Free step (which holds the learning rate)."""
-    decay = base.weight_decay_blocks(weight_decay, weight_decay_mask)
+    decay = base.add_decayed_weights(weight_decay, weight_decay_mask)
     return optax.chain(
-        base.check_gradient_tree(), *direction, *decay, scale_by_schedule_free(learning_rate, b1, **options)
+        base.check_gradient_tree(), *direction, decay, scale_by_schedule_free(learning_rate, b1, **options)
     )
 
 
