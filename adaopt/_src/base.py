@@ -240,15 +240,12 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
     state: the state's structure then does not depend on the decay's value, so a checkpoint
     restores into the optimizer built with another decay, or under ``inject_hyperparams``.
     """
-    if is_zero(weight_decay):
-        tx = optax.GradientTransformation(
-            optax.add_decayed_weights(0.0).init, lambda updates, state, params=None: (updates, state)
-        )
-        return tx if mask is None else optax.masked(tx, mask)
-    if callable(weight_decay) or isinstance(weight_decay, (int, float)):
+    if not is_zero(weight_decay) and (callable(weight_decay) or isinstance(weight_decay, (int, float))):
         return optax.add_decayed_weights(weight_decay, mask)
 
     def update_fn(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:
+        if is_zero(weight_decay):
+            return updates, state
         require_params(params, "add_decayed_weights")
         new = jax.tree.map(
             lambda g, p: None if g is None else g + _in_dtype_of(weight_decay, g) * p,
