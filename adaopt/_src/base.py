@@ -28,7 +28,8 @@ class HyperparameterError(ValueError, TypeError):
 
 
 class TreeMismatchError(ValueError):
-    """A tree passed to ``update`` does not mirror the one it must: another structure, or a leaf of another shape.
+    """A tree passed to ``update`` (or to a helper that reads the state) does not mirror the one it must: another
+    structure, or a leaf of another shape.
 
     The message names what was compared (the parameters, the optimizer's state), where a shape
     differs (the leaf's path and both shapes) and the fix.
@@ -141,6 +142,11 @@ def _fix_for(what: str, subject: str) -> str:
         return "Give each of them one entry per parameter leaf, in a tree of the parameters' structure."
     if what == "parameters":
         return f"Pass the {subject} of the parameters given as `params`, with the same tree structure and shapes."
+    if subject == "parameters":
+        return (
+            f"The optimizer's {what} was built by `init` for other parameters: pass the parameters it was built for, "
+            "as `init` received them (after changing the model, build a new optimizer state)."
+        )
     return (
         f"The optimizer's {what} was built by `init` for other parameters: call `init` on the parameters whose "
         f"{subject} you pass (after changing the model, build a new optimizer state)."
