@@ -1,5 +1,6 @@
 """The whole-tree helpers: sums, norms and distances over every leaf, a schedule's value at a step
-count, and finding one state inside a nested optimizer state.
+count, finding one state inside a nested optimizer state, and reading a tree whose leaves are
+Flax NNX variables (an ``nnx.Optimizer``'s ``opt_state``, ``nnx.state(model, nnx.Param)``).
 
 Reductions run on ``optax.tree`` after an explicit cast to the dtype they accumulate in (the
 state's scalar dtype, :func:`adaopt._src.moments.scalar_dtype`), so a bfloat16 leaf is summed in
@@ -8,6 +9,8 @@ float32 and a float64 tree in float64, in the order of the tree's leaves.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
@@ -52,15 +55,76 @@ def vdot(tree: Any, other: Any, dtype: Any) -> jax.Array:
     return tree_sum(jax.tree.map(jnp.multiply, optax.tree.cast(tree, dtype), optax.tree.cast(other, dtype)), dtype)
 
 
+T = TypeVar("T")
 S = TypeVar("S")
+
+
+def _nnx_variable_types() -> tuple[type, ...]:
+    """Flax NNX's variable classes, or none when the program has not imported ``flax.nnx`` (then
+    no tree can hold one, and adaopt does not import Flax itself)."""
+    # vars(), not getattr: recent Flax keeps VariableState as a deprecated alias of Variable.
+    namespace = vars(sys.modules.get("flax.nnx", sys))
+    return tuple(namespace[name] for name in ("Variable", "VariableState") if isinstance(namespace.get(name), type))
+
+
+def _raise_if_nnx_optimizer(tree: Any, name: str) -> None:
+    optimizer_type = getattr(sys.modules.get("flax.nnx"), "Optimizer", None)
+    if optimizer_type is not None and isinstance(tree, optimizer_type):
+        raise TypeError(
+            f"{name} is an nnx.Optimizer: pass its state, `optimizer.opt_state`. adaopt's helpers read and "
+            "return optimizer states, plain or NNX, never the optimizer object."
+        )
+
+
+def _variable_value(variable: Any) -> Any:
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def unwrap_variables(tree: T, name: str = "state") -> tuple[Any, Callable[[Any], T]]:
+    """``tree`` with each Flax NNX variable replaced by its value, and the way back to ``tree``'s form.
+
+    An ``nnx.Optimizer`` keeps its state as ``OptArray``/``OptVariable`` variables and
+    ``nnx.state(model, nnx.Param)`` holds ``Param`` variables: the math reads their values, and a
+    helper returns its result in the form it was given. A tree without variables (optax's own
+    states, linen's, Haiku's, Equinox's) comes back as it is.
+
+    Args:
+      tree: any pytree, with or without NNX variables.
+      name: the argument ``tree`` was passed as, for the error when it is an ``nnx.Optimizer``.
+
+    Returns:
+      ``(values, rewrap)``: the tree of values, and a function that takes a tree of the values'
+      structure (e.g. an updated state) and returns it in ``tree``'s form: new variables of the
+      same types and metadata (the ones in ``tree`` are not changed), or the tree itself when
+      ``tree`` held none.
+
+    Raises:
+      TypeError: ``tree`` is an ``nnx.Optimizer`` rather than its ``opt_state``.
+    """
+    _raise_if_nnx_optimizer(tree, name)
+    variable_types = _nnx_variable_types()
+    is_variable = lambda x: isinstance(x, variable_types)
+    if not variable_types or not any(map(is_variable, jax.tree.leaves(tree, is_leaf=is_variable))):
+        return tree, lambda values: values
+    values = jax.tree.map(lambda x: _variable_value(x) if is_variable(x) else x, tree, is_leaf=is_variable)
+    treedef = jax.tree.structure(tree)
+
+    def rewrap(new_values: Any) -> T:
+        # A variable is a pytree node whose one child is its value: the same leaves, in order.
+        return jax.tree.unflatten(treedef, jax.tree.leaves(new_values))
+
+    return values, rewrap
 
 
 def find_state(state: Any, state_type: type[S], fix: str) -> S:
     """The one ``state_type`` held anywhere in ``state`` (a chain's, ``inject_hyperparams``', ``MultiSteps``'...).
 
-    Found by the state's class name with ``optax.tree.get_all_with_path``. No match, or more than
-    one, raises a ``ValueError`` that says how many were found and ends with ``fix``.
+    Found by the state's class name with ``optax.tree.get_all_with_path``, in ``state``'s values
+    (:func:`unwrap_variables`: an ``nnx.Optimizer``'s ``opt_state`` is read as a plain state).
+    No match, or more than one, raises a ``ValueError`` that says how many were found and ends
+    with ``fix``.
     """
+    state, _ = unwrap_variables(state)
     found = [node for _, node in optax.tree.get_all_with_path(state, state_type.__name__)]
     found = [node for node in found if isinstance(node, state_type)]
     if len(found) != 1:

@@ -53,15 +53,23 @@ class ReduceOnPlateau(optax.GradientTransformationExtraArgs):
 
         Args:
           state: the state of this transformation, or of any chain, ``inject_hyperparams`` or
-            ``MultiSteps`` that holds it (exactly one :class:`ReduceOnPlateauState`).
+            ``MultiSteps`` that holds it (exactly one :class:`ReduceOnPlateauState`), plain or
+            an ``nnx.Optimizer``'s ``opt_state``.
           value: the loss, a scalar.
 
         Returns:
           ``state`` with its :class:`ReduceOnPlateauState` updated as by ``update(...,
-          value=value)``, the rest untouched. Pure and jittable.
+          value=value)``, the rest untouched, in ``state``'s form: for an ``nnx.Optimizer``'s
+          state, new variables to assign back, ``optimizer.opt_state = plateau.observe(
+          optimizer.opt_state, loss)`` (also inside ``nnx.jit``). Pure and jittable.
+
+        Raises:
+          ValueError: ``state`` holds no :class:`ReduceOnPlateauState`, or more than one.
+          TypeError: ``state`` is the ``nnx.Optimizer`` itself, not its ``opt_state``.
         """
+        values, rewrap = numerics.unwrap_variables(state)
         numerics.find_state(
-            state,
+            values,
             ReduceOnPlateauState,
             "pass to observe the optimizer state that contains this transformation's state (or that state itself).",
         )
@@ -69,7 +77,7 @@ class ReduceOnPlateau(optax.GradientTransformationExtraArgs):
         def feed(s: Any) -> Any:
             return self.update({}, s, value=value)[1] if isinstance(s, ReduceOnPlateauState) else s
 
-        return jax.tree.map(feed, state, is_leaf=_is_plateau_state)
+        return rewrap(jax.tree.map(feed, values, is_leaf=_is_plateau_state))
 
 
 def _is_plateau_state(x: Any) -> bool:

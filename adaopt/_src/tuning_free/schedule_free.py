@@ -311,14 +311,20 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
 
     Args:
       state: the optimizer's state, or any pytree holding exactly one :class:`ScheduleFreeState`
-        (an ``optax.chain``'s, ``inject_hyperparams``', ``MultiSteps``' ...).
-      params: the parameters being trained (:math:`y`).
+        (an ``optax.chain``'s, ``inject_hyperparams``', ``MultiSteps``' ...), plain or an
+        ``nnx.Optimizer``'s ``opt_state``.
+      params: the parameters being trained (:math:`y`), as a plain tree or as Flax NNX
+        variables (``nnx.state(model, nnx.Param)``).
 
     Returns:
-      :math:`x`, with the parameters' tree and dtypes.
+      :math:`x`, with the parameters' tree and dtypes, in ``params``' form: NNX ``Param``
+      variables (new ones; ``params``' are untouched) for NNX parameters, ready for
+      ``nnx.merge`` or ``nnx.update``.
 
     Raises:
       ValueError: ``state`` holds no :class:`ScheduleFreeState`, or more than one.
+      TreeMismatchError: ``params`` are not the parameters the state was built for.
+      TypeError: ``state`` is the ``nnx.Optimizer`` itself, not its ``opt_state``.
 
     Example:
       >>> import jax.numpy as jnp, adaopt
@@ -338,14 +344,15 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
     """
     fix = "pass the state of one schedule-free optimizer (adaopt.schedule_free_sgd, _adamw or _radam)."
     sf = numerics.find_state(state, ScheduleFreeState, fix)
+    y, as_params = numerics.unwrap_variables(params, "params")
 
     def leaf(y: jax.Array, z: jax.Array) -> tuple[jax.Array]:
         dtype, y32, (z32,) = moments.to_compute(y, z)
         x = y32 + (1 - 1 / sf.b1.astype(dtype)) * (z32 - y32)
         return (x.astype(y.dtype),)
 
-    (x,) = moments.leafwise(leaf, 1, params, sf.z)
-    return x
+    (x,) = moments.leafwise(leaf, 1, y, sf.z, what="state", subject="parameters")
+    return as_params(x)
 
 
 def _schedule_free(

@@ -105,13 +105,16 @@ def averaged_params(state: Any) -> Params:
     Args:
       state: the state of the wrapper itself, or of anything that holds it (``chain``,
         ``inject_hyperparams``, ``MultiSteps``), holding exactly one
-        :class:`PolynomialAverageState`.
+        :class:`PolynomialAverageState`; plain or an ``nnx.Optimizer``'s ``opt_state``.
 
     Returns:
-      The average, with the parameters' tree (each leaf in the average's storage dtype).
+      The average, with the parameters' tree (each leaf in the average's storage dtype). From
+      an ``nnx.Optimizer``'s state, the arrays without the optimizer's variable wrappers (an
+      ``nnx.State`` of arrays, which ``nnx.merge`` and ``nnx.update`` take as parameters).
 
     Raises:
       ValueError: ``state`` holds no :class:`PolynomialAverageState`, or more than one.
+      TypeError: ``state`` is the ``nnx.Optimizer`` itself, not its ``opt_state``.
 
     Example:
       >>> import jax.numpy as jnp, optax, adaopt
