@@ -127,5 +127,6 @@ from adaopt._src.tuning_free.schedule_free import schedule_free_sgd as schedule_
 from adaopt._src.wrappers.averaging import PolynomialAverageState as PolynomialAverageState
 from adaopt._src.wrappers.averaging import averaged_params as averaged_params
 from adaopt._src.wrappers.averaging import polynomial_decay_averaging as polynomial_decay_averaging
+from adaopt._src.wrappers.lookahead import lookahead as lookahead
 
 __version__ = "0.1.0"

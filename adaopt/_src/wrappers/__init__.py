@@ -1,1 +1,1 @@
-"""What wraps any optimizer without changing its step: iterate averaging."""
+"""What wraps any optimizer and passes ``update``'s extra arguments (``value=``) on: iterate averaging, lookahead."""
