@@ -792,12 +792,24 @@ def _verdict(
 
 # ---------------------------------------------------------------------------------------------
 # Plots.
+#
+# Thirty curves in one panel cannot be told apart, so every plot draws the best few in colour, the
+# baseline (Adam) in black, and the rest as thin grey lines under one legend entry: "the others".
 
-_STYLES = ("-", "--", "-.", ":")
+HIGHLIGHT = 5  # optimizers drawn in colour per panel, beside the baseline
+_BASELINE_STYLE: dict[str, Any] = {"color": "black", "lw": 2.4, "zorder": 4}
+_OTHERS_STYLE: dict[str, Any] = {"color": "0.72", "lw": 0.8, "alpha": 0.8, "zorder": 1}
 
 
-def _style(i: int) -> dict[str, Any]:
-    return {"color": plt.get_cmap("tab10")(i % 10), "linestyle": _STYLES[(i // 10) % len(_STYLES)], "lw": 1.3}
+def highlighted(ranked: Sequence[str], baseline: str | None, n: int = HIGHLIGHT) -> list[str]:
+    """The names drawn in colour: the first ``n`` of ``ranked`` (best first) that are not the baseline."""
+    return [name for name in ranked if name != baseline][:n]
+
+
+def _colours(names: Sequence[str]) -> dict[str, Any]:
+    """One colour per name, the same in every panel of a figure."""
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {name: cmap(k % cmap.N) for k, name in enumerate(names)}
 
 
 def _plain_log_ticks(ax: Any) -> None:
@@ -818,27 +830,69 @@ def _curve(ax: Any, run: Run, i: int, **kw: Any) -> None:
     ax.plot(run.eval_steps, y, **kw)
 
 
-def plot_workload(suite: Suite, w: wl.Workload, path: Path) -> None:
-    """Two panels: every optimizer at its tuned learning rate, and at its default; log y."""
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True, constrained_layout=True)
-    for ax, which in zip(axes, ("tuned", "default"), strict=True):
-        for k, name in enumerate(suite.optimizers):
+def _final_text(x: float) -> str:
+    return "diverged" if not math.isfinite(x) else f"{x:.4g}"
+
+
+def _panel(
+    ax: Any,
+    curves: Mapping[str, tuple[Run, int]],
+    baseline: str | None,
+    colours: Mapping[str, Any],
+    shown: Sequence[str],
+) -> list[str]:
+    """Draw ``curves`` (name -> run and learning-rate index): ``shown`` in colour, the baseline in black,
+    the rest in grey; returns the legend's labels, in order."""
+    others = [name for name in curves if name not in shown and name != baseline]
+    for k, name in enumerate(others):
+        run, i = curves[name]
+        _curve(ax, run, i, label=f"the {len(others)} others" if k == 0 else None, **_OTHERS_STYLE)
+    for name in shown:
+        run, i = curves[name]
+        _curve(ax, run, i, label=f"{name} ({_final_text(run.final(i))})", color=colours[name], lw=1.8, zorder=3)
+    if baseline in curves:
+        run, i = curves[baseline]
+        _curve(ax, run, i, label=f"{baseline}, baseline ({_final_text(run.final(i))})", **_BASELINE_STYLE)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda j: labels[j].startswith("the ") and labels[j].endswith(" others"))
+    ax.legend([handles[j] for j in order], [labels[j] for j in order], loc="upper right", fontsize="x-small")
+    return [labels[j] for j in order]
+
+
+def _ranked(curves: Mapping[str, tuple[Run, int]]) -> list[str]:
+    """Best final metric first (diverged runs last)."""
+    return sorted(curves, key=lambda name: (curves[name][0].final(curves[name][1]), name))
+
+
+def plot_workload(suite: Suite, w: wl.Workload, path: Path) -> dict[str, list[str]]:
+    """Two panels, at the tuned and at the default learning rate (log y): in each, the ``HIGHLIGHT``
+    optimizers with the lowest final metric in colour, Adam in black, the others in grey.
+
+    Returns each panel's legend labels.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True, constrained_layout=True)
+    panels: dict[str, dict[str, tuple[Run, int]]] = {}
+    for which in ("tuned", "default"):
+        panels[which] = {}
+        for name in suite.optimizers:
             run = suite.runs[name, w.name]
-            if run.skipped:
-                continue
             i = run.tuned_index if which == "tuned" else run.default_index
-            if i is None:
-                continue
-            _curve(ax, run, i, label=name, **_style(k))
-        ax.axhline(w.target, color="black", lw=0.8, ls=":", label="target")
-        ax.set(xlabel="step", yscale="log", title=f"{which} learning rate")
+            if not run.skipped and i is not None:
+                panels[which][name] = (run, i)
+    shown = {which: highlighted(_ranked(curves), BASELINE) for which, curves in panels.items()}
+    colours = _colours(list(dict.fromkeys(shown["tuned"] + shown["default"])))
+    legends = {}
+    for ax, (which, curves) in zip(axes, panels.items(), strict=True):
+        legends[which] = _panel(ax, curves, BASELINE, colours, shown[which])
+        ax.axhline(w.target, color="black", lw=0.8, ls=":")
+        ax.set(xlabel="step", yscale="log", title=f"{which} learning rate (final metric in the legend)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel(w.metric)
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="x-small", ncol=2)
+    axes[0].set_ylabel(f"{w.metric} (dotted: target)")
     _clip_y(axes[0], w)
     fig.suptitle(f"{w.name}: {w.summary}", fontsize="medium")
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return legends
 
 
 def _clip_y(ax: Any, w: wl.Workload) -> None:
@@ -848,61 +902,78 @@ def _clip_y(ax: Any, w: wl.Workload) -> None:
     _plain_log_ticks(ax)
 
 
-def plot_profile(times: Times, path: Path, title: str, highlight: str | None = None) -> None:
-    """Step curves: the fraction of workloads solved within τ times the best, against τ (log x)."""
+def plot_profile(times: Times, path: Path, title: str, baseline: str | None = BASELINE) -> list[str]:
+    """Step curves: the fraction of workloads solved within τ times the best, against τ (log x). The
+    ``HIGHLIGHT`` optimizers with the best profile (the table's order) in colour, the baseline in
+    black, the others in grey. Returns the legend's labels."""
     curves = ratio_curve(times)
+    prof = profile(times)
+    ranked = sorted(prof, key=lambda name: (-sum(prof[name]), name))
+    shown = highlighted(ranked, baseline)
+    colours = _colours(shown)
     n = len({w for t in times.values() for w in t})
     finite = [r for c in curves.values() for r in c]
     tau_max = max([8.0, *finite]) * 1.5
-    fig, ax = plt.subplots(figsize=(10, 5.5), constrained_layout=True)
-    for k, (name, ratios) in enumerate(curves.items()):
-        xs = [*sorted({1.0, *ratios}), tau_max]
-        ys = [sum(r <= x for r in ratios) / n for x in xs]
-        style = _style(k)
-        if name == highlight:
-            style.update(color="black", lw=2.5, linestyle="-")
-        ax.step(xs, ys, where="post", label=name, **style)
+    fig, ax = plt.subplots(figsize=(9, 5.5), constrained_layout=True)
+    others = [name for name in ranked if name not in shown and name != baseline]
+    for name in [*others, *shown, *([baseline] if baseline in curves else [])]:
+        xs = [*sorted({1.0, *curves[name]}), tau_max]
+        ys = [sum(r <= x for r in curves[name]) / n for x in xs]
+        if name == baseline:
+            style, label = _BASELINE_STYLE, f"{name}, baseline"
+        elif name in shown:
+            style, label = {"color": colours[name], "lw": 1.8, "zorder": 3}, name
+        else:
+            style, label = _OTHERS_STYLE, f"the {len(others)} others" if name == others[0] else None
+        ax.step(xs, ys, where="post", label=label, **style)
     ax.set(xscale="log", xlabel="τ (time to target / best time to target)", ylabel="fraction of workloads")
     ax.set(ylim=(-0.02, 1.02), xlim=(1.0, tau_max), title=title)
     ticks = [t for t in (1, 1.5, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if t <= tau_max]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="x-small", ncol=2)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda j: labels[j].startswith("the ") and labels[j].endswith(" others"))
+    ax.legend([handles[j] for j in order], [labels[j] for j in order], loc="lower right", fontsize="small")
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return [labels[j] for j in order]
 
 
-def plot_tuning_free_curves(suite: Suite, path: Path) -> None:
-    """One panel per workload: each tuning-free method at its defaults, tuned Adam in black."""
+def plot_tuning_free_curves(suite: Suite, path: Path) -> dict[str, list[str]]:
+    """One panel per workload: tuned Adam in black, the ``HIGHLIGHT`` tuning-free methods (at their
+    defaults) with the lowest final metric on that workload in colour, the others in grey. A method
+    keeps its colour across panels. Returns each panel's legend labels."""
     ws = list(suite.workloads.values())
     cols = min(3, len(ws))
     rows = -(-len(ws) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False, constrained_layout=True)
-    for ax, w in zip(axes.flat, ws, strict=False):
-        for k, name in enumerate([BASELINE, *tuning_free_names(suite)]):
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.8 * rows), squeeze=False, constrained_layout=True)
+    panels: dict[str, dict[str, tuple[Run, int]]] = {}
+    for w in ws:
+        panels[w.name] = {}
+        base = suite.runs[BASELINE, w.name]
+        if not base.skipped and base.tuned_index is not None:
+            panels[w.name][f"{BASELINE} (tuned)"] = (base, base.tuned_index)
+        for name in tuning_free_names(suite):
             run = suite.runs[name, w.name]
-            if run.skipped:
-                continue
-            if name == BASELINE:
-                t = run.tuned_index
-                if t is not None:
-                    _curve(ax, run, t, label=f"{name} (tuned)", color="black", lw=2.5)
-            else:
-                _curve(ax, run, run.default_index, label=name, **_style(k))
-        ax.axhline(w.target, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="step", ylabel=w.metric, yscale="log", title=w.name)
+            if not run.skipped:
+                panels[w.name][name] = (run, run.default_index)
+    baseline = f"{BASELINE} (tuned)"
+    shown = {w: highlighted(_ranked(curves), baseline) for w, curves in panels.items()}
+    colours = _colours(sorted({name for names in shown.values() for name in names}))
+    legends = {}
+    for ax, w in zip(axes.flat, ws, strict=False):
+        legends[w.name] = _panel(ax, panels[w.name], baseline, colours, shown[w.name])
+        ax.axhline(w.target, color="black", lw=0.8, ls=":")
+        ax.set(xlabel="step", ylabel=w.metric, yscale="log", title=f"{w.name} (dotted: target)")
         ax.grid(True, which="both", alpha=0.3)
         _clip_y(ax, w)
     for ax in list(axes.flat)[len(ws) :]:
         ax.axis("off")
-    legend: dict[str, Any] = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="outside right center", fontsize="x-small")
+    fig.suptitle("Tuning-free methods at their defaults (final metric in the legend) against tuned Adam")
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return legends
 
 
 def make_plots(suite: Suite, out_dir: Path, link_base: Path) -> dict[str, str]:
@@ -926,7 +997,7 @@ def make_plots(suite: Suite, out_dir: Path, link_base: Path) -> dict[str, str]:
         plot_tuning_free_curves(suite, path)
         links["tf_curves"] = link(path)
         path = out_dir / "convergence_tuning_free_profile.png"
-        plot_profile(_times_tf(suite), path, f"Tuning-free at defaults vs tuned {BASELINE}", highlight=BASELINE)
+        plot_profile(_times_tf(suite), path, f"Tuning-free at defaults vs tuned {BASELINE}")
         links["tf_profile"] = link(path)
     return links
 

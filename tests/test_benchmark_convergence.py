@@ -6,6 +6,7 @@ that divergence and unsolved workloads are handled, and that the rest of the res
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from types import ModuleType
@@ -229,3 +230,54 @@ def test_bad_arguments_are_rejected(conv: ModuleType) -> None:
     for argv in (["--optimizers", "adam,nosuch"], ["--workloads", "mnist"], ["--tuning-free", "--optimizers", "sgd"]):
         with pytest.raises(SystemExit):
             conv.main(argv)
+
+
+def _suite(conv: ModuleType, names: list[str], finals: dict[str, list[float]]) -> Any:
+    """A grid suite of made-up runs on the quadratic workload(s) named in ``finals``: optimizer k ends
+    at ``finals[workload][k]`` at its best (middle) learning rate, 0.1 higher at the others."""
+    workloads = {w: dataclasses.replace(conv.wl.WORKLOADS["quadratic"](), name=w) for w in finals}
+    runs = {}
+    for w, ends in finals.items():
+        for name, end in zip(names, ends, strict=True):
+            losses = [[1.0, 0.5, end + (0.0 if i == 3 else 0.1)] for i in range(7)]
+            runs[name, w] = conv.Run(
+                name, w, [0.1 * 3.0**k for k in range(-3, 4)], 3, [0, 10, 20], losses, [[0.5] * 3] * 7,
+                0.001, 0.0005, 0.0005, 1.0, 1.0, False, False,
+            )  # fmt: skip
+    return conv.Suite("grid", workloads, runs, list(names), "cosine", 1.0, None)
+
+
+def test_plots_highlight_the_best_and_the_baseline_and_group_the_rest(conv: ModuleType, tmp_path: Path) -> None:
+    assert conv.highlighted(["a", "adam", "b", "c"], "adam", n=2) == ["a", "b"]
+    names = [s.name for s in adaopt.REGISTRY.values()][:12]
+    assert conv.BASELINE in names
+    ends = [0.3 - 0.02 * k for k in range(12)]  # the last of the list ends lowest
+    ends[names.index("sgd")] = math.nan  # a diverged run is one of the others
+    suite = _suite(conv, names, {"w1": ends})
+    legends = conv.plot_workload(suite, suite.workloads["w1"], tmp_path / "w1.png")
+    assert (tmp_path / "w1.png").read_bytes()[:8] == PNG_MAGIC
+    best = [n for n in reversed(names) if n != conv.BASELINE][: conv.HIGHLIGHT]
+    others = {"tuned": len(names) - conv.HIGHLIGHT - 2, "default": len(names) - conv.HIGHLIGHT - 1}  # sgd: no tuned run
+    for which, labels in legends.items():
+        assert [label.split(" ")[0] for label in labels[: conv.HIGHLIGHT]] == best
+        assert labels[conv.HIGHLIGHT].startswith(f"{conv.BASELINE}, baseline")
+        assert labels[conv.HIGHLIGHT + 1 :] == [f"the {others[which]} others"]
+
+    times = {name: {"w1": 1.0 + k, "w2": 2.0 + k} for k, name in enumerate(names)}  # the first is fastest
+    labels = conv.plot_profile(times, tmp_path / "profile.png", "profile")
+    assert labels[: conv.HIGHLIGHT] == [n for n in names if n != conv.BASELINE][: conv.HIGHLIGHT]
+    assert labels[conv.HIGHLIGHT :] == [f"{conv.BASELINE}, baseline", f"the {len(names) - conv.HIGHLIGHT - 1} others"]
+
+
+def test_tuning_free_plot_highlights_per_workload(conv: ModuleType, tmp_path: Path) -> None:
+    free = [s.name for s in adaopt.REGISTRY.values() if Capability.TUNING_FREE in s.capabilities]
+    names = [conv.BASELINE, *free]
+    rising = [0.1 + 0.01 * k for k in range(len(names))]  # the registry's order is the ranking on w1
+    suite = _suite(conv, names, {"w1": rising, "w2": rising[:1] + rising[1:][::-1]})  # and reversed on w2
+    legends = conv.plot_tuning_free_curves(suite, tmp_path / "free.png")
+    assert (tmp_path / "free.png").read_bytes()[:8] == PNG_MAGIC
+    for workload, order in (("w1", free), ("w2", free[::-1])):
+        labels = legends[workload]
+        assert [label.split(" ")[0] for label in labels[: conv.HIGHLIGHT]] == order[: conv.HIGHLIGHT]
+        assert labels[conv.HIGHLIGHT].startswith(f"{conv.BASELINE} (tuned), baseline")
+        assert labels[-1] == f"the {len(free) - conv.HIGHLIGHT} others"
