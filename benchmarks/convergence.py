@@ -850,7 +850,7 @@ def _panel(
     for name in shown:
         run, i = curves[name]
         _curve(ax, run, i, label=f"{name} ({_final_text(run.final(i))})", color=colours[name], lw=1.8, zorder=3)
-    if baseline in curves:
+    if baseline is not None and baseline in curves:
         run, i = curves[baseline]
         _curve(ax, run, i, label=f"{baseline}, baseline ({_final_text(run.final(i))})", **_BASELINE_STYLE)
     handles, labels = ax.get_legend_handles_labels()
@@ -916,9 +916,10 @@ def plot_profile(times: Times, path: Path, title: str, baseline: str | None = BA
     tau_max = max([8.0, *finite]) * 1.5
     fig, ax = plt.subplots(figsize=(9, 5.5), constrained_layout=True)
     others = [name for name in ranked if name not in shown and name != baseline]
-    for name in [*others, *shown, *([baseline] if baseline in curves else [])]:
+    for name in [*others, *shown, *([baseline] if baseline is not None and baseline in curves else [])]:
         xs = [*sorted({1.0, *curves[name]}), tau_max]
         ys = [sum(r <= x for r in curves[name]) / n for x in xs]
+        label: str | None
         if name == baseline:
             style, label = _BASELINE_STYLE, f"{name}, baseline"
         elif name in shown:
