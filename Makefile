@@ -1,9 +1,11 @@
 # The README's two commands: `make demo` and `make test`. Each creates .venv when missing.
+# `make docs` builds the documentation into docs/_build/html (every warning an error);
+# `make notebooks` executes the notebooks/*.py scripts and writes their .ipynb with the outputs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest docs notebooks bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,16 +15,21 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[demo]'
 	touch $@
 
+$(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $@
+
+# The test suite builds the docs and executes the notebooks: it installs what they need too.
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
-	touch $@ $(VENV)/.demo-installed
+	$(BIN)/python -m pip install --quiet -e '.[test,demo,docs]'
+	touch $@ $(VENV)/.demo-installed $(VENV)/.docs-installed
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python -m benchmarks.demo
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff format --check adaopt tests benchmarks notebooks
-	$(BIN)/ruff check adaopt tests benchmarks notebooks
+	$(BIN)/ruff format --check adaopt tests benchmarks notebooks docs
+	$(BIN)/ruff check adaopt tests benchmarks notebooks docs
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy
@@ -32,5 +39,11 @@ pytest: $(VENV)/.test-installed
 
 test: lint typecheck pytest
 
+docs: $(VENV)/.docs-installed
+	$(BIN)/python -m sphinx -W --keep-going -b html -d docs/_build/doctrees docs docs/_build/html
+
+notebooks: $(VENV)/.test-installed
+	$(BIN)/python -m tests.test_notebooks
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache docs/_build
