@@ -235,6 +235,24 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     return optax.GradientTransformation(optax.scale(1.0).init, update_fn)
 
 
+def check_mask(mask: Any, name: str = "weight_decay_mask") -> None:
+    """Refuse a mask that is one boolean: what ``optax.inject_hyperparams`` makes of a mask function.
+
+    It calls every callable argument as a schedule of the step count, so a function of the
+    parameters, given the count, returns one boolean: a mask that silently decays all leaves or none.
+    """
+    if isinstance(mask, (bool, np.bool_)) or (
+        isinstance(mask, (np.ndarray, jax.Array)) and mask.ndim == 0 and mask.dtype == np.bool_
+    ):
+        raise HyperparameterError(
+            f"{name} must be None (every leaf), a tree of booleans with the parameters' structure, or a function of "
+            f"the parameters returning one; got the single value {mask!r}. optax.inject_hyperparams makes this of a "
+            "mask function, which it calls as a schedule of the step count: use adaopt.inject_hyperparams(factory), "
+            f"which keeps masks static, or optax.inject_hyperparams(factory, static_args=('{name}',)). "
+            "(To decay no leaf, pass weight_decay=0.)"
+        )
+
+
 def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> optax.GradientTransformation:
     """``optax.add_decayed_weights``, with every update kept in its own dtype.
 
@@ -246,6 +264,7 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
     state: the state's structure then does not depend on the decay's value, so a checkpoint
     restores into the optimizer built with another decay, or under ``inject_hyperparams``.
     """
+    check_mask(mask)
     if not is_zero(weight_decay) and (callable(weight_decay) or isinstance(weight_decay, (int, float))):
         return optax.add_decayed_weights(weight_decay, mask)
 
