@@ -10,7 +10,6 @@ from optax import apply_updates as apply_updates
 from optax import chain as chain
 from optax import clip as clip
 from optax import clip_by_global_norm as clip_by_global_norm
-from optax import inject_hyperparams as inject_hyperparams
 from optax import schedules as schedules
 from optax.schedules import constant_schedule as constant_schedule
 from optax.schedules import cosine_decay_schedule as cosine_decay_schedule
@@ -24,6 +23,7 @@ from optax.schedules import warmup_exponential_decay_schedule as warmup_exponent
 
 from adaopt._src.base import HyperparameterError as HyperparameterError
 from adaopt._src.base import TreeMismatchError as TreeMismatchError
+from adaopt._src.complex_params import as_real_imag as as_real_imag
 from adaopt._src.layouts.multi_tensor import FlatTree as FlatTree
 from adaopt._src.layouts.multi_tensor import MultiTensorState as MultiTensorState
 from adaopt._src.layouts.multi_tensor import NotElementwiseError as NotElementwiseError
@@ -127,6 +127,7 @@ from adaopt._src.tuning_free.schedule_free import schedule_free_sgd as schedule_
 from adaopt._src.wrappers.averaging import PolynomialAverageState as PolynomialAverageState
 from adaopt._src.wrappers.averaging import averaged_params as averaged_params
 from adaopt._src.wrappers.averaging import polynomial_decay_averaging as polynomial_decay_averaging
+from adaopt._src.wrappers.hyperparams import inject_hyperparams as inject_hyperparams
 from adaopt._src.wrappers.lookahead import lookahead as lookahead
 
 __version__ = "0.1.0"

@@ -1,0 +1,111 @@
+r"""``optax.inject_hyperparams`` that knows which of a factory's arguments are not numbers.
+
+optax injects every numeric argument as an array in the state and calls every callable one as a
+schedule of the step count, unless it is named in ``static_args``. A mask function
+(``weight_decay_mask=fn``) or a dtype class (``mu_dtype=jnp.bfloat16``) is callable too: optax
+would call it with the step count and pass what it returns on as the mask or the dtype.
+:func:`inject_hyperparams` names those arguments static by itself, from the factory's signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import optax
+
+_STRUCTURAL_INT = re.compile(r"^(int|int \| None|None \| int|Optional\[int\])$")
+
+
+def _annotation(parameter: inspect.Parameter) -> str:
+    annotation = parameter.annotation
+    if annotation is inspect.Parameter.empty:
+        return ""
+    return annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+
+
+def is_static(parameter: inspect.Parameter) -> bool:
+    """Whether a factory's argument is an option rather than a numeric hyperparameter, by its role.
+
+    Static: a mask (named ``mask`` or ``*_mask``, or annotated ``MaskOrFn``), a dtype (``dtype``
+    or ``*_dtype``), a boolean or string option (by its default or its annotation, ``bool``,
+    ``str`` or a ``Literal``), and an integer that sets shapes (annotated ``int`` or
+    ``int | None``, e.g. Prodigy's ``slice_p``). Everything else (``learning_rate``, ``b1``,
+    ``weight_decay`` ...) stays injectable, as a number or as a schedule: static-ness is decided
+    by the argument's name, annotation and default, never by whether the value is callable.
+    """
+    name, default, annotation = parameter.name, parameter.default, _annotation(parameter)
+    if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        return False
+    if name == "mask" or name.endswith("_mask") or "MaskOrFn" in annotation:
+        return True
+    if name == "dtype" or name.endswith("_dtype"):
+        return True
+    if isinstance(default, (bool, str)) or annotation in ("bool", "str") or "Literal" in annotation:
+        return True
+    return bool(_STRUCTURAL_INT.match(annotation))
+
+
+def static_args_of(factory: Callable[..., Any]) -> tuple[str, ...]:
+    """The arguments of ``factory`` that :func:`is_static` finds, in the signature's order."""
+    return tuple(name for name, p in inspect.signature(factory).parameters.items() if is_static(p))
+
+
+def inject_hyperparams(
+    factory: Callable[..., optax.GradientTransformation],
+    static_args: str | Iterable[str] = (),
+    hyperparam_dtype: Any = None,
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    r"""``optax.inject_hyperparams``, with the factory's non-numeric arguments static by themselves.
+
+    The numeric hyperparameters live in ``state.hyperparams``, where they can be changed between
+    steps, or follow the schedules given in their place, exactly as in optax (this calls it).
+    The options are passed to ``factory`` as they are: masks (``weight_decay_mask=fn`` stays a
+    function of the parameters, where optax alone would call it as a schedule of the step count
+    and decay no leaf), dtypes, boolean and string options and shape-setting integers; see
+    :func:`is_static` for the rule, which reads the factory's signature, so it serves optax's
+    factories too (``optax.adamw``'s ``mask``, ``mu_dtype``, ``nesterov``).
+
+    Args:
+      factory: a function returning a gradient transformation, e.g. ``adaopt.adamw``.
+      static_args: more arguments to pass as they are, beyond those found static.
+      hyperparam_dtype: the dtype of the injected float hyperparameters (default: the
+        parameters' widest float dtype).
+
+    Returns:
+      A function with ``factory``'s arguments that returns an
+      ``optax.GradientTransformationExtraArgs`` with state ``optax.InjectHyperparamsState``.
+
+    Raises:
+      ValueError: a name in ``static_args`` is not an argument of ``factory``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adaopt
+      >>> decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+      >>> opt = adaopt.inject_hyperparams(adaopt.adamw)(
+      ...     learning_rate=adaopt.linear_schedule(1e-3, 0.0, 100), weight_decay=0.1,
+      ...     weight_decay_mask=decay_matrices)
+      >>> params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+      >>> state = opt.init(params)
+      >>> sorted(state.hyperparams)  # the numeric hyperparameters, not the mask
+      ['b1', 'b2', 'eps', 'eps_root', 'learning_rate', 'weight_decay']
+      >>> state.hyperparams["weight_decay"] = jnp.asarray(0.05)  # changed between steps
+      >>> updates, state = opt.update(jax.tree.map(jnp.zeros_like, params), state, params)
+      >>> updates["w"][0, 0] < 0, updates["b"][0] == 0  # a zero gradient: only w decays
+      (Array(True, dtype=bool), Array(True, dtype=bool))
+    """
+    requested = {static_args} if isinstance(static_args, str) else set(static_args)
+    parameters = inspect.signature(factory).parameters
+    unknown = sorted(requested - set(parameters))
+    if unknown:
+        raise ValueError(
+            f"static_args names {unknown}, which are not arguments of {getattr(factory, '__name__', factory)}: "
+            f"name some of {list(parameters)}."
+        )
+    static = tuple(name for name in parameters if name in requested or is_static(parameters[name]))
+    return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=hyperparam_dtype)
+
+
+__all__ = ["inject_hyperparams", "is_static", "static_args_of"]

@@ -1,0 +1,137 @@
+"""adaopt.inject_hyperparams keeps each factory's options static by itself (a mask function stays a
+function of the parameters, a dtype a dtype), the numbers injectable (a schedule stays a schedule);
+plain optax.inject_hyperparams with a mask function is refused with the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaopt
+from adaopt import Capability, OptimizerSpec
+
+WEIGHT_DECAY = 0.5
+
+
+def _params() -> dict:
+    """Small values: a tuning-free method's first steps (~1e-6) and their decay stay above float32's resolution."""
+    return {"w": jnp.linspace(-1e-2, 1e-2, 6).reshape(3, 2), "v": jnp.array([5e-3, -2.5e-3])}
+
+
+def _loss(p: dict) -> jax.Array:
+    """Separable (w's decay does not change v's gradients), and a leaf's decay is not a multiple of its
+    gradient (a scale-free method would take the same steps with and without it)."""
+    return jnp.sum(jnp.tanh(p["w"] - 2e-2) ** 2) + jnp.sum((p["v"] - 1e-2) ** 2)
+
+
+def _steps(spec: OptimizerSpec) -> int:
+    """Steps that move the parameters: a Capability.DELAYED_START optimizer's first updates are zero."""
+    return 9 if Capability.DELAYED_START in spec.capabilities else 3
+
+
+def _run(tx: optax.GradientTransformation, steps: int) -> dict:
+    params = _params()
+    state = tx.init(params)
+    for _ in range(steps):
+        value, grads = jax.value_and_grad(_loss)(params)
+        updates, state = tx.update(grads, state, params, value=value)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def _close(a: Any, b: Any) -> bool:
+    return bool(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6))
+
+
+class RecordingMask:
+    """Decays the matrices only, and records the tree structure of every argument it is called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def __call__(self, params: Any) -> Any:
+        self.calls.append(jax.tree.structure(params))
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+@pytest.mark.parametrize("spec", adaopt.REGISTRY.values(), ids=lambda s: s.name)
+def test_every_registry_optimizer_builds_and_steps(spec: OptimizerSpec) -> None:
+    injected = adaopt.inject_hyperparams(spec.factory)()
+    state = injected.init(_params())
+    assert "learning_rate" in state.hyperparams
+    assert not any(k.endswith(("_mask", "_dtype")) for k in state.hyperparams)
+    params = _run(injected, _steps(spec))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+WEIGHT_DECAY_SPECS = [s for s in adaopt.REGISTRY.values() if Capability.WEIGHT_DECAY in s.capabilities]
+
+
+@pytest.mark.parametrize("spec", WEIGHT_DECAY_SPECS, ids=lambda s: s.name)
+def test_a_mask_function_decays_only_the_masked_leaves(spec: OptimizerSpec) -> None:
+    """Against the same injected optimizer decaying no leaf and every leaf (the step of injected
+    and fixed hyperparameters is compared by tests/test_contract.py)."""
+    injected = adaopt.inject_hyperparams(spec.factory)
+    steps = _steps(spec)
+    mask = RecordingMask()
+    masked = _run(injected(weight_decay=WEIGHT_DECAY, weight_decay_mask=mask), steps)
+    # The factory was given the function, which was called with the parameters, never the step count.
+    assert mask.calls and all(s == jax.tree.structure(_params()) for s in mask.calls)
+    undecayed = _run(injected(weight_decay=0.0), steps)
+    all_decayed = _run(injected(weight_decay=WEIGHT_DECAY), steps)
+    # Exact comparisons: the decays are small, the runs deterministic.
+    assert not np.array_equal(masked["w"], undecayed["w"])  # w decays
+    if Capability.GLOBAL_STEP_SIZE in spec.capabilities:  # decaying w rescales v's steps too
+        assert not np.array_equal(masked["v"], all_decayed["v"]) or not np.array_equal(masked["w"], all_decayed["w"])
+    else:
+        np.testing.assert_array_equal(masked["v"], undecayed["v"])  # v does not
+        assert not np.array_equal(masked["v"], all_decayed["v"])  # which the mask made the difference for
+
+
+def test_a_schedule_stays_a_schedule() -> None:
+    schedule = adaopt.linear_schedule(1e-2, 0.0, 4)
+    opt = adaopt.inject_hyperparams(adaopt.adamw)(learning_rate=schedule, weight_decay_mask=RecordingMask())
+    params = _params()
+    state = opt.init(params)
+    for t in range(2):  # the state holds the value the update at count t used
+        _, state = opt.update(jax.grad(_loss)(params), state, params)
+        np.testing.assert_allclose(state.hyperparams["learning_rate"], schedule(t), rtol=1e-6)
+    assert float(state.hyperparams["learning_rate"]) < 1e-2
+
+
+def test_a_dtype_class_stays_a_dtype() -> None:
+    """``jnp.bfloat16`` is callable: optax alone would call it as a schedule."""
+    opt = adaopt.inject_hyperparams(adaopt.adam)(mu_dtype=jnp.bfloat16)
+    state = opt.init(_params())
+    (mu,) = [node for _, node in optax.tree.get_all_with_path(state, "mu")]
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(mu))
+
+
+def test_optax_factories_too() -> None:
+    mask = RecordingMask()
+    injected = _run(adaopt.inject_hyperparams(optax.adamw)(1e-2, weight_decay=WEIGHT_DECAY, mask=mask), 3)
+    fixed = _run(optax.adamw(1e-2, weight_decay=WEIGHT_DECAY, mask=mask), 3)
+    assert all(_close(a, b) for a, b in zip(jax.tree.leaves(injected), jax.tree.leaves(fixed), strict=True))
+
+
+def test_plain_optax_inject_hyperparams_with_a_mask_function_is_refused() -> None:
+    tx = optax.inject_hyperparams(adaopt.adamw)(weight_decay=WEIGHT_DECAY, weight_decay_mask=RecordingMask())
+    with pytest.raises(adaopt.HyperparameterError) as info:
+        tx.init(_params())
+    message = str(info.value)
+    assert "weight_decay_mask" in message and "adaopt.inject_hyperparams" in message
+    assert "static_args=('weight_decay_mask',)" in message
+    # With the argument named static, optax's own works.
+    optax.inject_hyperparams(adaopt.adamw, static_args=("weight_decay_mask",))(weight_decay_mask=RecordingMask()).init(
+        _params()
+    )
+
+
+def test_unknown_static_args_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"static_args names \['mask'\], which are not arguments of adamw"):
+        adaopt.inject_hyperparams(adaopt.adamw, static_args=("mask",))
