@@ -62,6 +62,7 @@ autodoc_type_aliases = {  # shown as optax names rather than expanded into their
 # ``TypeAliasForwardRef('optax.Updates')``: show its name, as it does outside a union.
 sphinx.util.inspect.TypeAliasForwardRef.__repr__ = lambda self: self.name  # type: ignore[method-assign]
 add_module_names = False
+python_use_unqualified_type_names = True
 
 # Notebooks: rendered with the outputs stored in them (`make notebooks` regenerates those).
 nb_execution_mode = "off"

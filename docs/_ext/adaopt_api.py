@@ -12,6 +12,7 @@ public name cannot be left out of the reference.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import re
@@ -34,6 +35,7 @@ PACKAGE = "adaopt"
 logger = logging.getLogger(__name__)
 
 
+@functools.cache
 def public_names(package: str = PACKAGE) -> dict[str, str]:
     """Each public name of ``package`` -> the module it is imported from in ``__init__.py``.
 
@@ -236,7 +238,30 @@ def _restore_attribute_doc(app: Sphinx, what: str, name: str, obj: Any, options:
         lines[:] = _ATTRIBUTE_DOCS.pop(name)
 
 
+def _public_target(target: str) -> str | None:
+    """``adaopt._src.registry.Range`` (where a type annotation names it) -> ``adaopt.Range``."""
+    names = public_names()
+    parts = target.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        if names.get(parts[cut]) == ".".join(parts[:cut]):
+            return ".".join([PACKAGE, *parts[cut:]])
+    return None
+
+
+def _resolve_private_path(app: Sphinx, env: BuildEnvironment, node: Any, contnode: nodes.Element) -> Any:
+    """Link a reference to a public object by its private path (as annotations name it) to its entry."""
+    target = node.get("reftarget", "")
+    if node.get("refdomain") != "py" or not target.startswith(f"{PACKAGE}._src."):
+        return None
+    public = _public_target(target)
+    if public is None:
+        return None
+    domain = env.domains["py"]
+    return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], public, node, contnode)
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("missing-reference", _resolve_private_path)
     app.add_directive("adaopt-api", AdaoptApi)
     app.connect("autodoc-process-docstring", _keep_attribute_doc, priority=400)
     app.connect("autodoc-process-docstring", _restore_attribute_doc, priority=600)
