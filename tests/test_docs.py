@@ -3,6 +3,7 @@ README's tables and the notebooks' plots, and documents every public name of ``a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import re
@@ -89,3 +90,19 @@ def test_a_public_name_left_out_fails_the_build(tmp_path: pathlib.Path) -> None:
     assert result.returncode != 0
     assert "the public name adaopt.adam (from adaopt._src.optimizers.adam) is on no page" in result.stderr
     assert "adaopt.REGISTRY" not in result.stderr  # documented by the one page
+
+
+def test_readme_links_to_repository_files_fit_the_docs() -> None:
+    """The README links files for a code-hosting site; the docs' front page keeps those it can."""
+    spec = importlib.util.spec_from_file_location("adaopt_api", DOCS / "_ext" / "adaopt_api.py")
+    assert spec is not None and spec.loader is not None
+    extension = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extension)
+    readme = (
+        "[the parity test](tests/test_parity.py), [quickstart](notebooks/quickstart.ipynb), "
+        "[below](#optimizers), [optax](https://github.com/google-deepmind/optax), ![plot](notebooks/speed.py)"
+    )
+    assert extension.readme_links(readme, ROOT, DOCS) == (
+        "the parity test, [quickstart](notebooks/quickstart.ipynb), "
+        "[below](#optimizers), [optax](https://github.com/google-deepmind/optax), ![plot](../notebooks/speed.py)"
+    )

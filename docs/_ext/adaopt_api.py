@@ -15,6 +15,8 @@ import ast
 import functools
 import importlib
 import inspect
+import os
+import pathlib
 import re
 import types
 from collections.abc import Iterable
@@ -260,7 +262,42 @@ def _resolve_private_path(app: Sphinx, env: BuildEnvironment, node: Any, contnod
     return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], public, node, contnode)
 
 
+_LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def readme_links(text: str, repo: pathlib.Path, docs: pathlib.Path) -> str:
+    """The README's Markdown, with its links to repository files fitted to the docs' front page.
+
+    A link or image relative to the repository (``tests/test_parity.py``, ``notebooks/x.ipynb``)
+    works on a code-hosting site but not from docs/index.md: a page of the docs
+    (``notebooks/x.ipynb`` through the docs/notebooks link) stays a link, an image is pointed at
+    the file, and any other file keeps its text without the link (the docs have no page for it).
+    """
+
+    def fit(match: re.Match[str]) -> str:
+        bang, label, target = match.groups()
+        if "://" in target or target.startswith(("#", "mailto:")):
+            return match.group(0)
+        path = target.split("#")[0]
+        if bang:
+            return (
+                f"{bang}[{label}]({os.path.relpath(repo / path, docs)})" if (repo / path).exists() else match.group(0)
+            )
+        if pathlib.Path(path).suffix in {".md", ".ipynb", ".rst"} and (docs / path).exists():
+            return match.group(0)
+        return label
+
+    return _LINK.sub(fit, text)
+
+
+def _fit_readme(app: Sphinx, relative_path: pathlib.Path, parent_docname: str, content: list[str]) -> None:
+    if relative_path.name == "README.md":
+        srcdir = pathlib.Path(app.srcdir)
+        content[0] = readme_links(content[0], (srcdir / relative_path).resolve().parent, srcdir)
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("include-read", _fit_readme)
     app.connect("missing-reference", _resolve_private_path)
     app.add_directive("adaopt-api", AdaoptApi)
     app.connect("autodoc-process-docstring", _keep_attribute_doc, priority=400)
