@@ -65,7 +65,7 @@ def inject_hyperparams(
     The options are passed to ``factory`` as they are: masks (``weight_decay_mask=fn`` stays a
     function of the parameters, where optax alone would call it as a schedule of the step count
     and decay no leaf), dtypes, boolean and string options and shape-setting integers; see
-    :func:`is_static` for the rule, which reads the factory's signature, so it serves optax's
+    :func:`~adaopt._src.wrappers.hyperparams.is_static` for the rule, which reads the factory's signature, so it serves optax's
     factories too (``optax.adamw``'s ``mask``, ``mu_dtype``, ``nesterov``).
 
     Args:
