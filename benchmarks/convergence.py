@@ -806,10 +806,9 @@ def highlighted(ranked: Sequence[str], baseline: str | None, n: int = HIGHLIGHT)
     return [name for name in ranked if name != baseline][:n]
 
 
-def _colours(names: Sequence[str]) -> dict[str, Any]:
-    """One colour per name, the same in every panel of a figure."""
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    return {name: cmap(k % cmap.N) for k, name in enumerate(names)}
+def _colour(rank: int) -> Any:
+    """The colour of the ``rank``-th highlighted curve of a panel: saturated, never grey."""
+    return plt.get_cmap("tab10")((0, 1, 2, 3, 4, 5, 6, 8, 9)[rank % 9])
 
 
 def _plain_log_ticks(ax: Any) -> None:
@@ -834,22 +833,16 @@ def _final_text(x: float) -> str:
     return "diverged" if not math.isfinite(x) else f"{x:.4g}"
 
 
-def _panel(
-    ax: Any,
-    curves: Mapping[str, tuple[Run, int]],
-    baseline: str | None,
-    colours: Mapping[str, Any],
-    shown: Sequence[str],
-) -> list[str]:
+def _panel(ax: Any, curves: Mapping[str, tuple[Run, int]], baseline: str | None, shown: Sequence[str]) -> list[str]:
     """Draw ``curves`` (name -> run and learning-rate index): ``shown`` in colour, the baseline in black,
     the rest in grey; returns the legend's labels, in order."""
     others = [name for name in curves if name not in shown and name != baseline]
     for k, name in enumerate(others):
         run, i = curves[name]
         _curve(ax, run, i, label=f"the {len(others)} others" if k == 0 else None, **_OTHERS_STYLE)
-    for name in shown:
+    for rank, name in enumerate(shown):
         run, i = curves[name]
-        _curve(ax, run, i, label=f"{name} ({_final_text(run.final(i))})", color=colours[name], lw=1.8, zorder=3)
+        _curve(ax, run, i, label=f"{name} ({_final_text(run.final(i))})", color=_colour(rank), lw=1.8, zorder=3)
     if baseline is not None and baseline in curves:
         run, i = curves[baseline]
         _curve(ax, run, i, label=f"{baseline}, baseline ({_final_text(run.final(i))})", **_BASELINE_STYLE)
@@ -879,11 +872,9 @@ def plot_workload(suite: Suite, w: wl.Workload, path: Path) -> dict[str, list[st
             i = run.tuned_index if which == "tuned" else run.default_index
             if not run.skipped and i is not None:
                 panels[which][name] = (run, i)
-    shown = {which: highlighted(_ranked(curves), BASELINE) for which, curves in panels.items()}
-    colours = _colours(list(dict.fromkeys(shown["tuned"] + shown["default"])))
     legends = {}
     for ax, (which, curves) in zip(axes, panels.items(), strict=True):
-        legends[which] = _panel(ax, curves, BASELINE, colours, shown[which])
+        legends[which] = _panel(ax, curves, BASELINE, highlighted(_ranked(curves), BASELINE))
         ax.axhline(w.target, color="black", lw=0.8, ls=":")
         ax.set(xlabel="step", yscale="log", title=f"{which} learning rate (final metric in the legend)")
         ax.grid(True, which="both", alpha=0.3)
@@ -910,7 +901,6 @@ def plot_profile(times: Times, path: Path, title: str, baseline: str | None = BA
     prof = profile(times)
     ranked = sorted(prof, key=lambda name: (-sum(prof[name]), name))
     shown = highlighted(ranked, baseline)
-    colours = _colours(shown)
     n = len({w for t in times.values() for w in t})
     finite = [r for c in curves.values() for r in c]
     tau_max = max([8.0, *finite]) * 1.5
@@ -923,7 +913,7 @@ def plot_profile(times: Times, path: Path, title: str, baseline: str | None = BA
         if name == baseline:
             style, label = _BASELINE_STYLE, f"{name}, baseline"
         elif name in shown:
-            style, label = {"color": colours[name], "lw": 1.8, "zorder": 3}, name
+            style, label = {"color": _colour(shown.index(name)), "lw": 1.8, "zorder": 3}, name
         else:
             style, label = _OTHERS_STYLE, f"the {len(others)} others" if name == others[0] else None
         ax.step(xs, ys, where="post", label=label, **style)
@@ -943,8 +933,8 @@ def plot_profile(times: Times, path: Path, title: str, baseline: str | None = BA
 
 def plot_tuning_free_curves(suite: Suite, path: Path) -> dict[str, list[str]]:
     """One panel per workload: tuned Adam in black, the ``HIGHLIGHT`` tuning-free methods (at their
-    defaults) with the lowest final metric on that workload in colour, the others in grey. A method
-    keeps its colour across panels. Returns each panel's legend labels."""
+    defaults) with the lowest final metric on that workload in colour, the others in grey. Returns
+    each panel's legend labels."""
     ws = list(suite.workloads.values())
     cols = min(3, len(ws))
     rows = -(-len(ws) // cols)
@@ -960,11 +950,9 @@ def plot_tuning_free_curves(suite: Suite, path: Path) -> dict[str, list[str]]:
             if not run.skipped:
                 panels[w.name][name] = (run, run.default_index)
     baseline = f"{BASELINE} (tuned)"
-    shown = {w: highlighted(_ranked(curves), baseline) for w, curves in panels.items()}
-    colours = _colours(sorted({name for names in shown.values() for name in names}))
     legends = {}
     for ax, w in zip(axes.flat, ws, strict=False):
-        legends[w.name] = _panel(ax, panels[w.name], baseline, colours, shown[w.name])
+        legends[w.name] = _panel(ax, panels[w.name], baseline, highlighted(_ranked(panels[w.name]), baseline))
         ax.axhline(w.target, color="black", lw=0.8, ls=":")
         ax.set(xlabel="step", ylabel=w.metric, yscale="log", title=f"{w.name} (dotted: target)")
         ax.grid(True, which="both", alpha=0.3)
