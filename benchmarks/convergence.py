@@ -819,6 +819,11 @@ def _plain_log_ticks(ax: Any) -> None:
     if high < 20 * low:  # under about a decade: label the minor ticks too, there are few
         ax.yaxis.set_minor_formatter(formatter)
         ax.tick_params(axis="y", which="minor", labelsize="x-small")
+    elif high < 200 * low:  # two decades or so: label 2 and 5 times each power of ten
+        ax.yaxis.set_minor_formatter(
+            matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:.3g}" if f"{y:.1e}"[0] in "25" else "")
+        )
+        ax.tick_params(axis="y", which="minor", labelsize="x-small")
     else:
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
@@ -852,14 +857,22 @@ def _panel(ax: Any, curves: Mapping[str, tuple[Run, int]], baseline: str | None,
     return [labels[j] for j in order]
 
 
-def _ranked(curves: Mapping[str, tuple[Run, int]]) -> list[str]:
-    """Best final metric first (diverged runs last)."""
-    return sorted(curves, key=lambda name: (curves[name][0].final(curves[name][1]), name))
+def _ranked(curves: Mapping[str, tuple[Run, int]], target: float) -> list[str]:
+    """Best first: the lowest final metric as the tables print it (4 digits, diverged runs last), then
+    the fewest steps to the target (a tie on the final metric goes to the faster run), then the name."""
+
+    def key(name: str) -> tuple[float, float, str]:
+        run, i = curves[name]
+        final, steps = run.final(i), run.steps_to(i, target)
+        return (float(f"{final:.4g}") if math.isfinite(final) else math.inf, math.inf if steps is None else steps, name)
+
+    return sorted(curves, key=key)
 
 
 def plot_workload(suite: Suite, w: wl.Workload, path: Path) -> dict[str, list[str]]:
     """Two panels, at the tuned and at the default learning rate (log y): in each, the ``HIGHLIGHT``
-    optimizers with the lowest final metric in colour, Adam in black, the others in grey.
+    optimizers with the lowest final metric (on a tie, the fewest steps to the target) in colour, Adam in
+    black, the others in grey.
 
     Returns each panel's legend labels.
     """
@@ -874,7 +887,7 @@ def plot_workload(suite: Suite, w: wl.Workload, path: Path) -> dict[str, list[st
                 panels[which][name] = (run, i)
     legends = {}
     for ax, (which, curves) in zip(axes, panels.items(), strict=True):
-        legends[which] = _panel(ax, curves, BASELINE, highlighted(_ranked(curves), BASELINE))
+        legends[which] = _panel(ax, curves, BASELINE, highlighted(_ranked(curves, w.target), BASELINE))
         ax.axhline(w.target, color="black", lw=0.8, ls=":")
         ax.set(xlabel="step", yscale="log", title=f"{which} learning rate (final metric in the legend)")
         ax.grid(True, which="both", alpha=0.3)
@@ -952,7 +965,7 @@ def plot_tuning_free_curves(suite: Suite, path: Path) -> dict[str, list[str]]:
     baseline = f"{BASELINE} (tuned)"
     legends = {}
     for ax, w in zip(axes.flat, ws, strict=False):
-        legends[w.name] = _panel(ax, panels[w.name], baseline, highlighted(_ranked(panels[w.name]), baseline))
+        legends[w.name] = _panel(ax, panels[w.name], baseline, highlighted(_ranked(panels[w.name], w.target), baseline))
         ax.axhline(w.target, color="black", lw=0.8, ls=":")
         ax.set(xlabel="step", ylabel=w.metric, yscale="log", title=f"{w.name} (dotted: target)")
         ax.grid(True, which="both", alpha=0.3)
