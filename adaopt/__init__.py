@@ -23,6 +23,7 @@ from optax.schedules import warmup_exponential_decay_schedule as warmup_exponent
 
 from adaopt._src.base import HyperparameterError as HyperparameterError
 from adaopt._src.base import TreeMismatchError as TreeMismatchError
+from adaopt._src.complex_params import as_real_imag as as_real_imag
 from adaopt._src.layouts.multi_tensor import FlatTree as FlatTree
 from adaopt._src.layouts.multi_tensor import MultiTensorState as MultiTensorState
 from adaopt._src.layouts.multi_tensor import NotElementwiseError as NotElementwiseError

@@ -64,7 +64,8 @@ def run_torch(make: TorchFactory, hp: dict, lr: Any, params: dict, grads: dict, 
         groups = [{"params": [tensors[k] for k in names], "weight_decay": 0.0}]
     # torch keeps scalar state (NAdam's mu_product) in the default dtype: match the case's.
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64 if case.dtype == np.float64 else torch.float32)
+    wide = np.finfo(case.dtype).bits == 64  # float64 and complex128
+    torch.set_default_dtype(torch.float64 if wide else torch.float32)
     try:
         return _torch_trajectory(make(groups, hp), tensors, lr, grads)
     finally:

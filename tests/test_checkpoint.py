@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import adaopt
-from adaopt import REGISTRY, Capability, OptimizerSpec
+from adaopt import REGISTRY, OptimizerSpec
 from benchmarks import learning_rates
 
 
@@ -76,22 +76,24 @@ def test_the_speed_layouts_resume_bitwise(layout: str, tmp_path: pathlib.Path) -
         _assert_resumes_bitwise(adam, flat, lambda p: _loss(unflatten(p)), tmp_path)
 
 
-@pytest.mark.parametrize(
-    "spec", [s for s in REGISTRY.values() if Capability.WEIGHT_DECAY in s.capabilities], ids=lambda s: s.name
-)
-def test_a_checkpoint_restores_across_weight_decays_and_inject_hyperparams(
+@pytest.mark.parametrize("spec", tuple(REGISTRY.values()), ids=lambda s: s.name)
+def test_a_checkpoint_restores_across_hyperparameter_values_and_inject_hyperparams(
     spec: OptimizerSpec, tmp_path: pathlib.Path
 ) -> None:
-    """A zero weight decay keeps its (empty) block: a state written without decay restores into the
-    optimizer with decay and into its inject_hyperparams form, which then step from it."""
-    numeric = {
-        "learning_rate": learning_rates.TUNED[spec.name],
-        **{k: r.sample(0.5) for k, r in spec.hyperparameters.items()},
-    }
+    """The state's structure depends on no numeric value: a state written with every hyperparameter
+    at the low end of its range (zeros included) and no weight decay restores into the optimizer
+    at the high end with decay, and into its inject_hyperparams form, which then step from it."""
+
+    def numeric(at: float) -> dict[str, Any]:
+        return {
+            "learning_rate": learning_rates.TUNED[spec.name],
+            **{k: r.sample(at) for k, r in spec.hyperparameters.items()},
+        }
+
     params = {k: v for k, v in _params().items() if v is not None}
-    plain = spec.factory(**numeric, weight_decay=0.0)
-    decayed = spec.factory(**numeric, weight_decay=0.1)
-    injected = adaopt.inject_hyperparams(spec.factory)(**numeric, weight_decay=0.1)
+    plain = spec.factory(**numeric(0.0), weight_decay=0.0)
+    decayed = spec.factory(**numeric(0.99), weight_decay=0.1)
+    injected = adaopt.inject_hyperparams(spec.factory)(**numeric(0.99), weight_decay=0.1)
     written = plain.update(jax.grad(_loss)(params), plain.init(params), params, value=_loss(params))[1]
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp_path / "ckpt", written)

@@ -85,10 +85,31 @@ def test_moment_dtype_must_be_floating() -> None:
         adaopt.adam(mu_dtype=jnp.int32)
 
 
+_DTYPE_ARGUMENTS = [
+    (spec, name)
+    for spec in REGISTRY.values()
+    for name in inspect.signature(spec.factory).parameters
+    if name.endswith("_dtype")
+]
+
+
+@pytest.mark.parametrize(
+    "dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float4_e2m1fn], ids=lambda d: jnp.dtype(d).name
+)
+@pytest.mark.parametrize(("spec", "name"), _DTYPE_ARGUMENTS, ids=[f"{s.name}-{n}" for s, n in _DTYPE_ARGUMENTS])
+def test_an_eight_bit_float_cannot_hold_a_moment(spec: OptimizerSpec, name: str, dtype: Any) -> None:
+    """float8 moments turn Adam into NaN or noise within tens of steps: refused at construction, with what to use."""
+    with pytest.raises(adaopt.HyperparameterError, match=rf"{name} cannot be {jnp.dtype(dtype).name}.*bfloat16"):
+        learning_rates.make(spec, **{name: dtype})
+
+
 @pytest.mark.parametrize(
     ("factory", "kwargs", "name"),
     [
         (adaopt.sgd, {"momentum": 0.0, "nesterov": True}, "nesterov"),
+        (adaopt.sgd, {"nesterov": True}, "nesterov"),
+        (adaopt.rmsprop, {"nesterov": True}, "nesterov"),
+        (adaopt.sgd_hd, {"momentum": 0.0, "nesterov": True}, "nesterov"),
         (adaopt.sgd, {"momentum": 0.9, "dampening": 0.1, "nesterov": True}, "dampening"),
         (adaopt.amsgrad, {"max_of": "largest"}, "max_of"),
         (adaopt.lamb, {"debias": "never"}, "debias"),

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adaopt._src import complex_params
+
 Params: TypeAlias = optax.Params
 Updates: TypeAlias = optax.Updates
 Schedule: TypeAlias = optax.Schedule
@@ -127,6 +129,18 @@ def check_dtype(name: str, dtype: Any) -> None:
         raise HyperparameterError(f"{name} must be a floating dtype or None, got {dtype!r}.") from None
     if not jnp.issubdtype(d, jnp.floating):
         raise HyperparameterError(f"{name} must be a floating dtype or None, got {dtype!r}.")
+    if d.itemsize < 2:
+        raise HyperparameterError(
+            f"{name} cannot be {d.name}: an 8-bit float has too few mantissa bits (and, for e4m3, too small a range) "
+            "to hold a moment, which then turns the step into NaN or noise. Use bfloat16 or float16 for half the "
+            "memory of float32, or None (the parameter's dtype, at least float32)."
+        )
+
+
+def check_nesterov(momentum: Any, nesterov: bool) -> None:
+    """Nesterov's look-ahead needs a momentum: None (no buffer) or a Python 0 with ``nesterov=True`` is refused."""
+    if nesterov and (momentum is None or is_zero(momentum)):
+        raise HyperparameterError(f"nesterov=True requires a momentum > 0, got momentum={momentum!r}.")
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -292,6 +306,7 @@ def assemble(
     *,
     decoupled_weight_decay: bool = False,
     after_decay: tuple[optax.GradientTransformation, ...] = (),
+    complex_convention: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Chain an optimizer's core with weight decay and the (negated) learning rate.
 
@@ -299,14 +314,20 @@ def assemble(
     before ``core``; decoupled decay (AdamW's) adds it to ``core``'s output, so the learning
     rate scales both. ``after_decay`` blocks run between the decay and the learning rate. A
     ``learning_rate`` of None adds no learning-rate block: the core applies the rate (and the
-    sign) itself, as the loss-driven methods that learn it do.
+    sign) itself, as the loss-driven methods that learn it do. ``complex_convention`` is
+    ``"modulus"`` for a core with complex math of its own; ``"real_imag"``, or None for a core
+    without, views complex parameters as real pairs (:func:`complex_params.as_real_imag`).
     """
     decay = add_decayed_weights(weight_decay, weight_decay_mask)
     blocks = [check_gradient_tree(), *(() if decoupled_weight_decay else (decay,)), core]
     blocks += [*((decay,) if decoupled_weight_decay else ()), *after_decay]
     if learning_rate is not None:
         blocks.append(scale_by_learning_rate(learning_rate))
-    return optax.chain(*blocks)
+    return complex_params.with_convention(optax.chain(*blocks), complex_convention)
+
+
+def check_complex_convention(complex_convention: Any) -> None:
+    check_choice("complex_convention", complex_convention, complex_params.CONVENTIONS)
 
 
 def check_common(

@@ -17,29 +17,62 @@ import jax.numpy as jnp
 import optax
 
 from adaopt._src.base import PER_LEAF_OPTIONS, check_tree_match
+from adaopt._src.complex_params import is_complex
 
 safe_increment = optax.safe_increment
 """Add one to an int32 step count, saturating at its maximum instead of overflowing."""
 
 
 def compute_dtype(*dtypes: Any) -> jnp.dtype:
-    """The dtype the arithmetic runs in: float64 if any of ``dtypes`` is 8 bytes wide, else float32.
+    """The real dtype the arithmetic runs in: float64 if any of ``dtypes`` has 8-byte components, else float32.
 
-    Chosen by width rather than by promotion, so it holds under strict dtype promotion.
+    Chosen by the width of a real component (a complex64 is two float32s), not by promotion,
+    so it holds under strict dtype promotion. A complex array computes in the complex dtype of
+    this precision (:func:`in_precision`); scalars (bias corrections, step sizes) stay real.
     """
-    widest = max((jnp.dtype(d).itemsize for d in dtypes), default=4)
+    widest = max((_component_bytes(d) for d in dtypes), default=4)
     return jnp.dtype(jnp.float64 if widest >= 8 else jnp.float32)
 
 
-def state_dtype(param_dtype: Any, requested: Any = None) -> jnp.dtype:
+def _component_bytes(dtype: Any) -> int:
+    d = jnp.dtype(dtype)
+    return d.itemsize // 2 if jnp.issubdtype(d, jnp.complexfloating) else d.itemsize
+
+
+def complex_of(dtype: Any) -> jnp.dtype:
+    """The complex dtype whose components are ``dtype`` (float32 -> complex64, float64 -> complex128)."""
+    return jnp.dtype(jnp.complex128 if _component_bytes(dtype) >= 8 else jnp.complex64)
+
+
+def in_precision(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` cast to the real ``dtype``, or to its complex counterpart if ``x`` is complex (never a silent real cast)."""
+    return x.astype(complex_of(dtype) if is_complex(x) else dtype)
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|^2``, real: ``x * x`` for a real array, ``re^2 + im^2`` for a complex one."""
+    if is_complex(x):
+        return jnp.real(x) * jnp.real(x) + jnp.imag(x) * jnp.imag(x)
+    return x * x
+
+
+def state_dtype(param_dtype: Any, requested: Any = None, *, real: bool = False) -> jnp.dtype:
     """A moment's storage dtype: ``requested`` if given, else the parameter's, at least float32.
 
     Half-precision parameters keep float32 moments by default: a float16 second moment
-    underflows for gradients under 2.4e-4, and the step it divides would blow up.
+    underflows for gradients under 2.4e-4, and the step it divides would blow up. A complex
+    parameter's moment is complex (of the requested precision) unless it is ``real`` (a second
+    moment of ``|g|^2``, a running maximum).
     """
-    if requested is not None:
-        return jnp.dtype(requested)
-    return compute_dtype(param_dtype)
+    dtype = compute_dtype(param_dtype) if requested is None else jnp.dtype(requested)
+    if not is_complex(param_dtype) or real:
+        return dtype
+    if jnp.dtype(dtype).itemsize < 4:
+        raise ValueError(
+            f"A complex parameter's moment cannot be stored in {jnp.dtype(dtype).name}: there is no complex dtype of "
+            "that precision. Pass float32 or float64 (stored as complex64 or complex128), or None."
+        )
+    return complex_of(dtype)
 
 
 def scalar_dtype(params: Any) -> jnp.dtype:
@@ -47,10 +80,12 @@ def scalar_dtype(params: Any) -> jnp.dtype:
     return compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
 
 
-def init_like(params: Any, dtype: Any = None, fill: Any = 0.0) -> Any:
-    """A moment tree mirroring ``params``, filled with ``fill``, in :func:`state_dtype`."""
+def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = False) -> Any:
+    """A moment tree mirroring ``params``, filled with ``fill``, in :func:`state_dtype` (``real`` passes through)."""
     # full_like keeps each parameter's sharding (and Flax metadata) on its moments.
-    return jax.tree.map(lambda p: jnp.full_like(p, fill, dtype=state_dtype(jnp.result_type(p), dtype)), params)
+    return jax.tree.map(
+        lambda p: jnp.full_like(p, fill, dtype=state_dtype(jnp.result_type(p), dtype, real=real)), params
+    )
 
 
 def init_copy(params: Any, dtype: Any = None, *, keep_dtype: bool = False) -> Any:
@@ -92,9 +127,27 @@ def per_dtype(fn: Callable[[jnp.dtype], T]) -> Callable[[jnp.dtype], T]:
     return functools.cache(fn)
 
 
+def times(x: jax.Array, factor: Any) -> jax.Array:
+    """``x * factor`` for a real ``factor`` (a number or an array), ``x`` real or complex.
+
+    A complex ``x`` is scaled part by part, so the product needs no complex multiplication and
+    no implicit promotion of the real factor (which strict dtype promotion refuses).
+    """
+    if isinstance(factor, (int, float)) or not is_complex(x):
+        return x * factor
+    return jax.lax.complex(jnp.real(x) * factor, jnp.imag(x) * factor)
+
+
+def over(x: jax.Array, divisor: Any) -> jax.Array:
+    """``x / divisor`` for a real ``divisor``, ``x`` real or complex (part by part, as :func:`times`)."""
+    if isinstance(divisor, (int, float)) or not is_complex(x):
+        return x / divisor
+    return jax.lax.complex(jnp.real(x) / divisor, jnp.imag(x) / divisor)
+
+
 def ema(new: jax.Array, old: jax.Array, decay: Any) -> jax.Array:
     """Exponential moving average: ``decay * old + (1 - decay) * new``."""
-    return decay * old + (1 - decay) * new
+    return times(old, decay) + times(new, 1 - decay)
 
 
 def bias_correction(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
@@ -147,7 +200,7 @@ def radam_rho(b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Arr
 def scale_leaf(factor: jax.Array, g: jax.Array) -> jax.Array:
     """``factor * g`` in the leaf's compute dtype, returned in ``g``'s dtype (a step size times a direction)."""
     dtype = compute_dtype(g.dtype)
-    return (jnp.asarray(factor).astype(dtype) * g.astype(dtype)).astype(g.dtype)
+    return times(in_precision(g, dtype), jnp.asarray(factor).astype(dtype)).astype(g.dtype)
 
 
 LeafFn = Callable[..., Sequence[jax.Array]]
@@ -182,6 +235,9 @@ def leafwise(
 
 
 def to_compute(g: jax.Array, *states: jax.Array) -> tuple[jnp.dtype, jax.Array, tuple[jax.Array, ...]]:
-    """Upcast a gradient leaf and its state leaves to one compute dtype."""
+    """Upcast a gradient leaf and its state leaves to one compute precision; complex arrays stay complex.
+
+    Returns the real compute dtype (for the step's scalars) and the cast arrays.
+    """
     dtype = compute_dtype(g.dtype, *(s.dtype for s in states))
-    return dtype, g.astype(dtype), tuple(s.astype(dtype) for s in states)
+    return dtype, in_precision(g, dtype), tuple(in_precision(s, dtype) for s in states)

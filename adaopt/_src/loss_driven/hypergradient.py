@@ -187,7 +187,7 @@ def hypergradient(
 def sgd_hd(
     learning_rate: ScalarOrSchedule = 1e-3,
     hyper_lr: Any = 1e-3,
-    momentum: Any = 0.0,
+    momentum: Any = None,
     dampening: Any = 0.0,
     weight_decay: Any = 0.0,
     *,
@@ -212,7 +212,8 @@ def sgd_hd(
         or a schedule the learned offset is added to.
       hyper_lr: :math:`\beta` >= 0; the paper's experiments use 1e-3 (the authors' ``SGDHD``
         defaults to 1e-6). With ``multiplicative=True``, in [0, 1).
-      momentum: :math:`\mu` in [0, 1); 0 is plain SGD-HD, with no momentum buffer.
+      momentum: :math:`\mu` in [0, 1), or None for plain SGD-HD with no momentum buffer. A
+        number, even 0, keeps one, so that the state's structure does not depend on the value.
       dampening: :math:`\tau` in [0, 1], torch's dampening of the momentum.
       weight_decay: coupled (L2) decay coefficient, >= 0, added to the gradient before the
         hypergradient, as the authors' code does.
@@ -248,10 +249,10 @@ def sgd_hd(
     """
     base.check_learning_rate(learning_rate)
     base.check_nonnegative("weight_decay", weight_decay)
-    if base.is_zero(momentum):
+    base.check_dtype("accumulator_dtype", accumulator_dtype)
+    base.check_nesterov(momentum, nesterov)
+    if momentum is None:
         base.check_scalar("dampening", dampening, low=0.0, high=1.0)
-        if nesterov:
-            raise base.HyperparameterError("nesterov=True requires momentum > 0, got momentum=0.")
         inner: optax.GradientTransformation = optax.identity()
     else:
         inner = scale_by_momentum(momentum, dampening, nesterov=nesterov, accumulator_dtype=accumulator_dtype)

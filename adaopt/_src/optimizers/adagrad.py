@@ -66,7 +66,7 @@ def scale_by_adagrad(
     base.check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: base.Params) -> AdagradState:
-        return AdagradState(moments.init_like(params, accumulator_dtype, initial_accumulator_value))
+        return AdagradState(moments.init_like(params, accumulator_dtype, initial_accumulator_value, real=True))
 
     def update_fn(
         updates: Updates, state: AdagradState, params: base.Params | None = None
@@ -79,8 +79,8 @@ def scale_by_adagrad(
 
         def leaf(g: jax.Array, s: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (s32,) = moments.to_compute(g, s)
-            s_new = s32 + g32 * g32
-            step = g32 * moments.inv_root(s_new, *scalars(dtype))
+            s_new = s32 + moments.abs_sq(g32)
+            step = moments.times(g32, moments.inv_root(s_new, *scalars(dtype)))
             return step.astype(g.dtype), s_new.astype(s.dtype)
 
         step, sums = moments.leafwise(leaf, 2, updates, state.sum_of_squares)
@@ -115,6 +115,7 @@ def adagrad(
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
     accumulator_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaGrad: each parameter's step shrinks with the sum of its squared gradients.
 
@@ -134,6 +135,9 @@ def adagrad(
         that selects the leaves to decay.
       decoupled_weight_decay: add :math:`\lambda\theta` to the step instead of to the gradient.
       accumulator_dtype: storage dtype of :math:`s` (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -155,11 +159,12 @@ def adagrad(
       ``optax.adagrad(lr, initial_accumulator_value, eps=e)`` is this with ``eps=0, eps_root=e``.
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     base.check_nonnegative("lr_decay", lr_decay)
     core = scale_by_adagrad(initial_accumulator_value, eps, eps_root, accumulator_dtype=accumulator_dtype)
     return base.assemble(
         core, _with_lr_decay(learning_rate, lr_decay), weight_decay, weight_decay_mask,
-        decoupled_weight_decay=decoupled_weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay, complex_convention=complex_convention
     )  # fmt: skip
 
 
@@ -212,7 +217,10 @@ def scale_by_adadelta(
     base.check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: base.Params) -> AdadeltaState:
-        return AdadeltaState(moments.init_like(params, accumulator_dtype), moments.init_like(params, accumulator_dtype))
+        return AdadeltaState(
+            moments.init_like(params, accumulator_dtype, real=True),
+            moments.init_like(params, accumulator_dtype, real=True),
+        )
 
     def update_fn(
         updates: Updates, state: AdadeltaState, params: base.Params | None = None
@@ -226,9 +234,9 @@ def scale_by_adadelta(
         def leaf(g: jax.Array, e_g: jax.Array, e_x: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (eg32, ex32) = moments.to_compute(g, e_g, e_x)
             r, e = scalars(dtype)
-            eg_new = moments.ema(g32 * g32, eg32, r)
-            step = jax.numpy.sqrt(ex32 + e) * moments.inv_root(eg_new, 0.0, e) * g32
-            ex_new = moments.ema(step * step, ex32, r)
+            eg_new = moments.ema(moments.abs_sq(g32), eg32, r)
+            step = moments.times(g32, jax.numpy.sqrt(ex32 + e) * moments.inv_root(eg_new, 0.0, e))
+            ex_new = moments.ema(moments.abs_sq(step), ex32, r)
             return step.astype(g.dtype), eg_new.astype(e_g.dtype), ex_new.astype(e_x.dtype)
 
         step, e_g, e_x = moments.leafwise(leaf, 3, updates, state.e_g, state.e_x)
@@ -246,6 +254,7 @@ def adadelta(
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
     accumulator_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaDelta: AdaGrad over a window, with units matched by an EMA of past steps.
 
@@ -264,6 +273,9 @@ def adadelta(
         that selects the leaves to decay.
       decoupled_weight_decay: add :math:`\lambda\theta` to the step instead of to the gradient.
       accumulator_dtype: storage dtype of both EMAs (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -283,7 +295,13 @@ def adadelta(
       ``optax.adadelta(lr, rho, eps)`` are this with the same numbers.
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     core = scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype)
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )

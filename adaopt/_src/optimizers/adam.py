@@ -120,8 +120,8 @@ def scale_by_adam(
         return AdamState(
             count=moments.zero_count(),
             mu=moments.init_like(params, mu_dtype, initial_accumulator_value),
-            nu=moments.init_like(params, nu_dtype, initial_accumulator_value),
-            nu_max=moments.init_like(params, nu_dtype) if amsgrad else None,
+            nu=moments.init_like(params, nu_dtype, initial_accumulator_value, real=True),
+            nu_max=moments.init_like(params, nu_dtype, real=True) if amsgrad else None,
         )
 
     def update_fn(updates: Updates, state: AdamState, params: base.Params | None = None) -> tuple[Updates, AdamState]:
@@ -148,11 +148,11 @@ def scale_by_adam(
             beta1, beta2, debias1, debias2, e, e_root, belief_root = scalars(dtype)
             m_new = moments.ema(g32, m32, beta1)
             if second_moment == "adam":
-                v_new = moments.ema(g32 * g32, v32, beta2)
+                v_new = moments.ema(moments.abs_sq(g32), v32, beta2)
             elif second_moment == "belief":
-                v_new = moments.ema(jnp.square(g32 - m_new), v32, beta2) + belief_root
+                v_new = moments.ema(moments.abs_sq(g32 - m_new), v32, beta2) + belief_root
             else:
-                g2 = g32 * g32
+                g2 = moments.abs_sq(g32)
                 v_new = v32 - (1 - beta2) * jnp.sign(v32 - g2) * g2
             new_max: tuple[jax.Array, ...] = ()
             if amsgrad is None:
@@ -164,7 +164,7 @@ def scale_by_adam(
             else:
                 v_hat = jnp.maximum(v_max[0].astype(dtype), v_new * debias2)
                 new_max = (v_hat.astype(v.dtype),)
-            step = (m_new * debias1) * moments.inv_root(v_hat, e, e_root)
+            step = moments.times(moments.times(m_new, debias1), moments.inv_root(v_hat, e, e_root))
             return (step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype), *new_max)
 
         trees = (state.mu, state.nu) + ((state.nu_max,) if amsgrad else ())
@@ -186,6 +186,7 @@ def adam(
     decoupled_weight_decay: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam: steps scaled per parameter by bias-corrected first and second moments.
 
@@ -209,6 +210,9 @@ def adam(
       decoupled_weight_decay: add the decay to the step (AdamW) instead of to the gradient (L2).
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -229,9 +233,15 @@ def adam(
       with the same numbers; ``optax.adam`` is this with ``weight_decay=0``.
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     core = scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )
 
 
@@ -246,6 +256,7 @@ def adamw(
     weight_decay_mask: base.MaskOrFn | None = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW: :func:`adam` with decoupled weight decay, scaled by the learning rate.
 
@@ -264,6 +275,9 @@ def adamw(
         that selects the leaves to decay.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -285,7 +299,7 @@ def adamw(
     """
     return adam(
         learning_rate, b1, b2, eps, eps_root, weight_decay,
-        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, mu_dtype=mu_dtype, nu_dtype=nu_dtype, complex_convention=complex_convention,
     )  # fmt: skip
 
 
@@ -303,6 +317,7 @@ def amsgrad(
     decoupled_weight_decay: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""AMSGrad: Adam whose second moment never decreases (a running maximum).
 
@@ -328,6 +343,9 @@ def amsgrad(
       decoupled_weight_decay: add the decay to the step instead of to the gradient.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -351,12 +369,18 @@ def amsgrad(
       this with ``max_of="debiased"``, ``eps_root`` as optax's and no decay.
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     base.check_choice("max_of", max_of, ("raw", "debiased"))
     core = scale_by_adam(
         b1, b2, eps, eps_root, amsgrad=max_of, bias_correction=bias_correction, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     )
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )
 
 
@@ -372,6 +396,7 @@ def adabelief(
     decoupled_weight_decay: bool = True,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaBelief: Adam with the variance of the gradient around its EMA (the "belief").
 
@@ -393,6 +418,9 @@ def adabelief(
         decay to the gradient.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -415,9 +443,15 @@ def adabelief(
       no decay.
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     core = scale_by_adam(b1, b2, eps, eps_root, second_moment="belief", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )
 
 
@@ -434,6 +468,7 @@ def yogi(
     decoupled_weight_decay: bool = True,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Yogi: Adam whose second moment moves additively, by at most :math:`(1 - \beta_2) g^2`.
 
@@ -456,6 +491,9 @@ def yogi(
       decoupled_weight_decay: decoupled by default; False adds the decay to the gradient.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -476,12 +514,18 @@ def yogi(
       eps)`` and ``optax.yogi`` are this with the same numbers.
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     core = scale_by_adam(
         b1, b2, eps, eps_root, second_moment="yogi", initial_accumulator_value=initial_accumulator_value,
         mu_dtype=mu_dtype, nu_dtype=nu_dtype,
     )  # fmt: skip
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )
 
 
@@ -535,7 +579,7 @@ def scale_by_adamax(
 
     def init_fn(params: base.Params) -> AdamaxState:
         return AdamaxState(
-            moments.zero_count(), moments.init_like(params, mu_dtype), moments.init_like(params, nu_dtype)
+            moments.zero_count(), moments.init_like(params, mu_dtype), moments.init_like(params, nu_dtype, real=True)
         )
 
     def update_fn(
@@ -558,7 +602,7 @@ def scale_by_adamax(
             beta1, beta2, e, debias1 = scalars(dtype)
             m_new = moments.ema(g32, m32, beta1)
             u_new = jnp.maximum(beta2 * u32, jnp.abs(g32) + e)
-            step = moments.safe_divide(m_new * debias1, u_new)
+            step = moments.times(moments.times(m_new, debias1), moments.safe_divide(1, u_new))
             return step.astype(g.dtype), m_new.astype(m.dtype), u_new.astype(u.dtype)
 
         step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
@@ -578,6 +622,7 @@ def adamax(
     decoupled_weight_decay: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adamax: Adam with the infinity norm in place of the second moment.
 
@@ -597,6 +642,9 @@ def adamax(
       decoupled_weight_decay: add the decay to the step instead of to the gradient.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the infinity norm (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -616,9 +664,15 @@ def adamax(
       ``optax.adamax`` (which also puts eps inside the maximum) are this with the same numbers.
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     core = scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )
 
 
@@ -699,7 +753,7 @@ def scale_by_nadam(
             moments.zero_count(),
             jnp.ones([], moments.scalar_dtype(params)),
             moments.init_like(params, mu_dtype),
-            moments.init_like(params, nu_dtype),
+            moments.init_like(params, nu_dtype, real=True),
         )
 
     def update_fn(updates: Updates, state: NadamState, params: base.Params | None = None) -> tuple[Updates, NadamState]:
@@ -719,9 +773,13 @@ def scale_by_nadam(
             dtype, g32, (m32, v32) = moments.to_compute(g, m, v)
             mu_t, mu_next, product, beta1, beta2, debias2, e, e_root = scalars(dtype)
             m_new = moments.ema(g32, m32, beta1)
-            v_new = moments.ema(g32 * g32, v32, beta2)
+            v_new = moments.ema(moments.abs_sq(g32), v32, beta2)
             scale = moments.inv_root(v_new * debias2, e, e_root)
-            step = scale * ((1 - mu_t) / (1 - product) * g32 + mu_next / (1 - product * mu_next) * m_new)
+            step = moments.times(
+                moments.times(g32, (1 - mu_t) / (1 - product))
+                + moments.times(m_new, mu_next / (1 - product * mu_next)),
+                scale,
+            )
             return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
         step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
@@ -743,6 +801,7 @@ def nadam(
     decoupled_weight_decay: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam: Adam with Nesterov momentum (:func:`scale_by_nadam`'s update times the learning rate).
 
@@ -768,6 +827,9 @@ def nadam(
       decoupled_weight_decay: add the decay to the step (NAdamW) instead of to the gradient.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -789,9 +851,15 @@ def nadam(
       flag); ``optax.nadam`` is this with ``momentum_decay=None``.
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     core = scale_by_nadam(b1, b2, eps, eps_root, momentum_decay, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )
 
 
@@ -807,6 +875,7 @@ def nadamw(
     weight_decay_mask: base.MaskOrFn | None = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdamW: :func:`nadam` with decoupled weight decay.
 
@@ -828,6 +897,9 @@ def nadamw(
         the momentum at ``b1``, which is optax's ``nadamw``.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -852,7 +924,7 @@ def nadamw(
     """
     return nadam(
         learning_rate, b1, b2, eps, eps_root, weight_decay, momentum_decay=momentum_decay,
-        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, mu_dtype=mu_dtype, nu_dtype=nu_dtype, complex_convention=complex_convention,
     )  # fmt: skip
 
 
@@ -915,7 +987,9 @@ def scale_by_radam(
     base.check_scalar("threshold", threshold, low=4.0)
 
     def init_fn(params: base.Params) -> AdamState:
-        return AdamState(moments.zero_count(), moments.init_like(params, mu_dtype), moments.init_like(params, nu_dtype))
+        return AdamState(
+            moments.zero_count(), moments.init_like(params, mu_dtype), moments.init_like(params, nu_dtype, real=True)
+        )
 
     def update_fn(updates: Updates, state: AdamState, params: base.Params | None = None) -> tuple[Updates, AdamState]:
         del params
@@ -944,13 +1018,13 @@ def scale_by_radam(
             dtype, g32, (m32, v32) = moments.to_compute(g, m, v)
             beta1, beta2, debias2, sqrt_bc2, debias1, rectify, r, e, e_root = scalars(dtype)
             m_new = moments.ema(g32, m32, beta1)
-            v_new = moments.ema(g32 * g32, v32, beta2)
-            m_hat = m_new * debias1
+            v_new = moments.ema(moments.abs_sq(g32), v32, beta2)
+            m_hat = moments.times(m_new, debias1)
             if eps_before_debias:
                 adaptive = sqrt_bc2 * moments.inv_root(v_new, e, e_root)
             else:
                 adaptive = moments.inv_root(v_new * debias2, e, e_root)
-            step = jnp.where(rectify, m_hat * r * adaptive, m_hat)
+            step = jnp.where(rectify, moments.times(moments.times(m_hat, r), adaptive), m_hat)
             return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
         step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
@@ -973,6 +1047,7 @@ def radam(
     decoupled_weight_decay: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam: Adam with a rectified adaptive learning rate (:func:`scale_by_radam`), no warmup needed.
 
@@ -997,6 +1072,9 @@ def radam(
       decoupled_weight_decay: add the decay to the step instead of to the gradient.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -1018,9 +1096,15 @@ def radam(
       ``eps_before_debias=False``.
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     core = scale_by_radam(
         b1, b2, eps, eps_root, threshold, eps_before_debias=eps_before_debias, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     )
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )

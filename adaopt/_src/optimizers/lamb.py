@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.optimizers.adam import scale_by_adam
 
@@ -56,14 +56,14 @@ def scale_by_trust_ratio(max_param_norm: Any = None, eps: Any = 0.0) -> optax.Gr
 
         def leaf(u: jax.Array, p: jax.Array) -> tuple[jax.Array]:
             dtype = moments.compute_dtype(u.dtype, p.dtype)
-            p_norm = numerics.norm(p, dtype)
+            p_norm = _norm(p, dtype)
             if max_param_norm is not None:
                 p_norm = jnp.minimum(p_norm, moments.scalar(max_param_norm, dtype))
-            u_norm = numerics.norm(u, dtype)
+            u_norm = _norm(u, dtype)
             # A zero norm (either one) leaves the update as it is: ratio 1, eps or not.
             ok = (p_norm > 0) & (u_norm > 0)
             ratio = moments.safe_divide(p_norm, jnp.where(ok, u_norm + moments.scalar(eps, dtype), 0), fallback=1)
-            return ((u.astype(dtype) * ratio).astype(u.dtype),)
+            return (moments.times(moments.in_precision(u, dtype), ratio).astype(u.dtype),)
 
         (scaled,) = moments.leafwise(leaf, 1, updates, params, what="parameters")
         return scaled, state
@@ -77,6 +77,11 @@ class StepCountState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
+def _norm(x: jax.Array, dtype: Any) -> jax.Array:
+    """A leaf's norm in ``dtype``, with a zero derivative at 0; a complex leaf's is that of its real view."""
+    return moments.safe_sqrt(jnp.sum(moments.abs_sq(moments.in_precision(x, dtype))))
+
+
 def _scale_by_first_moment_correction(b1: Any) -> optax.GradientTransformation:
     """Divide the whole update by :math:`1 - \\beta_1^t` (pytorch-optimizer's LAMB debiasing)."""
 
@@ -86,9 +91,9 @@ def _scale_by_first_moment_correction(b1: Any) -> optax.GradientTransformation:
         del params
         count = moments.safe_increment(state.count)
         scaled = jax.tree.map(
-            lambda u: (
-                u.astype(moments.compute_dtype(u.dtype))
-                / moments.bias_correction(b1, count, moments.compute_dtype(u.dtype))
+            lambda u: moments.over(
+                moments.in_precision(u, moments.compute_dtype(u.dtype)),
+                moments.bias_correction(b1, count, moments.compute_dtype(u.dtype)),
             ).astype(u.dtype),
             updates,
         )
@@ -111,6 +116,7 @@ def lamb(
     weight_decay_mask: base.MaskOrFn | None = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""LAMB: layer-wise adaptive moments, for large batches.
 
@@ -138,6 +144,9 @@ def lamb(
         that selects the leaves to decay.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
@@ -160,6 +169,7 @@ def lamb(
       with ``eps=e, debias="step", max_param_norm=10, trust_eps=e``. (Its default
       ``weight_decouple=True`` decays the parameters before the trust ratio, outside it.)
     """
+    base.check_complex_convention(complex_convention)
     base.check_common(learning_rate, weight_decay)
     base.check_choice("debias", debias, ("moments", "step"))
     core = scale_by_adam(
@@ -169,5 +179,11 @@ def lamb(
     if debias == "step":
         after.append(_scale_by_first_moment_correction(b1))
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=True, after_decay=tuple(after)
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=True,
+        after_decay=tuple(after),
+        complex_convention=complex_convention,
     )

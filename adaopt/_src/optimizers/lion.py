@@ -87,6 +87,7 @@ def lion(
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = True,
     mu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lion (EvoLved Sign Momentum): every coordinate moves by exactly the learning rate.
 
@@ -104,6 +105,9 @@ def lion(
       decoupled_weight_decay: True (the default) adds :math:`\lambda\theta` to the step; False
         adds it to the gradient instead.
       mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (the sign of a complex
+        coordinate is its phase :math:`g / |g|`, as optax) or ``"real_imag"`` (the sign of each
+        real and imaginary part); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -123,8 +127,14 @@ def lion(
       Reference packages: ``pytorch_optimizer.Lion(lr, betas=(b1, b2), weight_decay)`` and
       ``optax.lion`` are this with the same numbers.
     """
+    base.check_complex_convention(complex_convention)
     base.check_common(learning_rate, weight_decay)
     core = scale_by_lion(b1, b2, mu_dtype=mu_dtype)
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )

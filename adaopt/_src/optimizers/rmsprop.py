@@ -79,7 +79,7 @@ def scale_by_rms(
 
     def init_fn(params: base.Params) -> RmsState:
         mu = moments.init_like(params, nu_dtype) if centered else None
-        return RmsState(moments.init_like(params, nu_dtype, initial_scale), mu)
+        return RmsState(moments.init_like(params, nu_dtype, initial_scale, real=True), mu)
 
     def update_fn(updates: Updates, state: RmsState, params: base.Params | None = None) -> tuple[Updates, RmsState]:
         del params
@@ -91,11 +91,11 @@ def scale_by_rms(
         def leaf(g: jax.Array, v: jax.Array, *m: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (v32, *m32) = moments.to_compute(g, v, *m)
             alpha, e, e_root = scalars(dtype)
-            v_new = moments.ema(g32 * g32, v32, alpha)
+            v_new = moments.ema(moments.abs_sq(g32), v32, alpha)
             m_new = tuple(moments.ema(g32, x, alpha) for x in m32)
-            variance = v_new - m_new[0] * m_new[0] if centered else v_new
-            step = g32 * moments.inv_root(variance, e, e_root)
-            return (step.astype(g.dtype), v_new.astype(v.dtype), *(x.astype(v.dtype) for x in m_new))
+            variance = v_new - moments.abs_sq(m_new[0]) if centered else v_new
+            step = moments.times(g32, moments.inv_root(variance, e, e_root))
+            return (step.astype(g.dtype), v_new.astype(v.dtype), *(x.astype(m[0].dtype) for x in m_new))
 
         trees = (state.nu, state.mu) if centered else (state.nu,)
         out = moments.leafwise(leaf, 2 + centered, updates, *trees)
@@ -109,7 +109,7 @@ def rmsprop(
     decay: Any = 0.99,
     eps: Any = 1e-8,
     weight_decay: Any = 0.0,
-    momentum: Any = 0.0,
+    momentum: Any = None,
     *,
     centered: bool = False,
     eps_root: Any = 0.0,
@@ -119,6 +119,7 @@ def rmsprop(
     decoupled_weight_decay: bool = False,
     nu_dtype: Any = None,
     accumulator_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSProp, as torch defines it: optional centering, momentum on the scaled gradient.
 
@@ -134,7 +135,8 @@ def rmsprop(
       decay: :math:`\alpha` in [0, 1) (torch's ``alpha``).
       eps: :math:`\epsilon`, added to the root (torch's placement), >= 0.
       weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0 (coupled L2 by default, as torch).
-      momentum: :math:`\mu` in [0, 1); 0 keeps no buffer.
+      momentum: :math:`\mu` in [0, 1), or None for no momentum buffer. A number, even 0, keeps
+        one, so that the state's structure does not depend on the value.
       centered: divide by the root of the variance rather than of the second moment.
       eps_root: :math:`\epsilon_{root}`, added inside the root (optax's placement), >= 0.
       initial_scale: :math:`v_0` >= 0.
@@ -144,6 +146,9 @@ def rmsprop(
       decoupled_weight_decay: add :math:`\lambda\theta` to the step instead of to the gradient.
       nu_dtype: storage dtype of the EMAs :math:`v` and :math:`\bar g`.
       accumulator_dtype: storage dtype of the momentum buffer :math:`b`.
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -164,15 +169,21 @@ def rmsprop(
       https://arxiv.org/abs/1308.0850 (centered).
 
       Reference packages: ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum,
-      centered)`` is this with the same numbers; ``optax.rmsprop(lr, decay, eps=e, centered,
+      centered)`` is this with the same numbers (its ``momentum=0`` is ``None`` here, and
+      ``complex_convention="real_imag"``); ``optax.rmsprop(lr, decay, eps=e, centered,
       momentum)`` is this with ``eps=0, eps_root=e``.
     """
-    base.check_common(learning_rate, weight_decay)
+    base.check_common(learning_rate, weight_decay, accumulator_dtype=accumulator_dtype)
+    base.check_complex_convention(complex_convention)
     core = scale_by_rms(decay, eps, eps_root, centered=centered, initial_scale=initial_scale, nu_dtype=nu_dtype)
-    if not base.is_zero(momentum):
+    base.check_nesterov(momentum, nesterov)
+    if momentum is not None:
         core = optax.chain(core, scale_by_momentum(momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype))
-    elif nesterov:
-        raise base.HyperparameterError("nesterov=True requires momentum > 0, got momentum=0.")
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
     )

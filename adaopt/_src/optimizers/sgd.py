@@ -91,10 +91,10 @@ def scale_by_momentum(
         def leaf(g: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (b32,) = moments.to_compute(g, b)
             mu, undamped = scalars(dtype)
-            b_new = mu * b32 + (undamped * g32 if damped else g32)
+            b_new = moments.times(b32, mu) + (moments.times(g32, undamped) if damped else g32)
             if damped:
                 b_new = jax.numpy.where(first_step, g32, b_new)
-            step = g32 + mu * b_new if nesterov else b_new
+            step = g32 + moments.times(b_new, mu) if nesterov else b_new
             return step.astype(g.dtype), b_new.astype(b.dtype)
 
         step, trace = moments.leafwise(leaf, 2, updates, state.trace)
@@ -105,7 +105,7 @@ def scale_by_momentum(
 
 def sgd(
     learning_rate: ScalarOrSchedule = 1e-3,
-    momentum: Any = 0.0,
+    momentum: Any = None,
     dampening: Any = 0.0,
     weight_decay: Any = 0.0,
     *,
@@ -123,7 +123,8 @@ def sgd(
 
     Args:
       learning_rate: a non-negative number or a schedule ``count -> value``.
-      momentum: :math:`\mu` in [0, 1); 0 keeps no state.
+      momentum: :math:`\mu` in [0, 1), or None for plain SGD with no state. A number, even 0,
+        keeps a momentum buffer, so that the state's structure does not depend on the value.
       dampening: :math:`\tau` in [0, 1].
       weight_decay: coefficient :math:`\lambda` >= 0 (coupled L2 by default, as torch).
       nesterov: Nesterov momentum.
@@ -151,17 +152,22 @@ def sgd(
       learning", ICML 2013, https://proceedings.mlr.press/v28/sutskever13.html (Nesterov's form).
 
       Reference packages: ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)`` is
-      this with the same numbers; ``optax.sgd(lr, momentum, nesterov)`` is this with no dampening
-      or decay.
+      this with the same numbers (its ``momentum=0`` is ``None`` here); ``optax.sgd(lr, momentum,
+      nesterov)`` is this with no dampening or decay. Complex parameters need no convention: the
+      step is linear in the gradient.
     """
-    base.check_common(learning_rate, weight_decay)
-    if base.is_zero(momentum):
+    base.check_common(learning_rate, weight_decay, accumulator_dtype=accumulator_dtype)
+    base.check_nesterov(momentum, nesterov)
+    if momentum is None:
         base.check_scalar("dampening", dampening, low=0.0, high=1.0)
-        if nesterov:
-            raise base.HyperparameterError("nesterov=True requires momentum > 0, got momentum=0.")
         core: optax.GradientTransformation = optax.identity()
     else:
         core = scale_by_momentum(momentum, dampening, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
     return base.assemble(
-        core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay=decoupled_weight_decay
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention="modulus",  # linear in the gradient: both conventions are this
     )

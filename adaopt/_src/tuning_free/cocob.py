@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, complex_params, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
@@ -184,9 +184,10 @@ def cocob(
       this at the first ``update`` (the same parameters unless they are replaced in between).
     """
     base.check_common(learning_rate, weight_decay)
-    return optax.chain(
+    chain = optax.chain(
         base.check_gradient_tree(),
         base.add_decayed_weights(weight_decay, weight_decay_mask),
         base.scale_by_learning_rate(learning_rate, flip_sign=False),
         scale_by_cocob(alpha, eps),
     )
+    return complex_params.as_real_imag(chain)  # a bet per real coordinate

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, complex_params, moments, numerics
 from adaopt._src.base import Updates
 
 Variant = Literal["pytorch", "optax"]
@@ -229,4 +229,5 @@ def mechanic(
             unstack(r),
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # Its inner products are over real coordinates: complex parameters are pairs of real ones.
+    return complex_params.as_real_imag(optax.GradientTransformationExtraArgs(init_fn, update_fn))

@@ -33,7 +33,7 @@ class ProdigyState(NamedTuple):
       d: the distance estimate :math:`d_k`, in the parameters' widest float dtype (at least float32).
       d_max: :math:`d^{\max}`, the largest estimate so far.
       numerator: :math:`r_k`, the weighted sum of :math:`\langle g, \theta_0 - \theta \rangle`.
-      mu: :math:`m`, the package's ``exp_avg`` (None when ``b1`` is a Python 0).
+      mu: :math:`m`, the package's ``exp_avg`` (kept whatever ``b1``, so that the structure does not depend on it).
       nu: :math:`v`, the package's ``exp_avg_sq``.
       s: :math:`s_k`, the weighted sum of gradients.
       p0: :math:`\theta_0`, the initial point.
@@ -116,7 +116,7 @@ def scale_by_prodigy(
     Args:
       learning_rate: multiplies the estimated step size (1: the method's own); a number or a
         schedule ``count -> value`` (count from 0, every call of ``update``).
-      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1) (a Python 0 keeps no :math:`m`).
+      b1: :math:`\beta_1`, the decay of the first moment, in [0, 1) (0 takes the package's momentum-free step).
       b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
       b3: :math:`\beta_3`, the decay of :math:`r` and :math:`s`, in [0, 1); None for
         :math:`\sqrt{\beta_2}`.
@@ -164,7 +164,6 @@ def scale_by_prodigy(
     base.check_dtype("mu_dtype", mu_dtype)
     base.check_dtype("nu_dtype", nu_dtype)
     decoupled = not base.is_zero(weight_decay)
-    with_momentum = not base.is_zero(b1)
     stride = 1 if slice_p is None else int(slice_p)
 
     def sliced(x: jax.Array) -> jax.Array:
@@ -179,7 +178,7 @@ def scale_by_prodigy(
             d=jnp.asarray(d0).astype(dtype),
             d_max=jnp.asarray(d0).astype(dtype),
             numerator=jnp.zeros([], dtype),
-            mu=moments.init_like(params, mu_dtype) if with_momentum else None,
+            mu=moments.init_like(params, mu_dtype),
             nu=moments.init_like(params, nu_dtype),
             s=moments.init_like(kept),
             p0=moments.init_copy(kept),
@@ -202,37 +201,33 @@ def scale_by_prodigy(
         dlr = d * lr * bc
         beta3 = dadapt.scalar_sqrt(b2, dtype) if b3 is None else b3
         s_rate = (d / first_d) * (d if safeguard_warmup else dlr)
-        moment_trees = (state.nu,) if state.mu is None else (state.nu, state.mu)
 
         def accumulate(
-            g: jax.Array, p: jax.Array, p0: jax.Array, s: jax.Array, v: jax.Array, *m: jax.Array
+            g: jax.Array, p: jax.Array, p0: jax.Array, s: jax.Array, v: jax.Array, m: jax.Array
         ) -> tuple[jax.Array, ...]:
-            cd, g32, (p32, p032, s32, v32, *m32) = moments.to_compute(g, p, p0, s, v, *m)
+            cd, g32, (p32, p032, s32, v32, m32) = moments.to_compute(g, p, p0, s, v, m)
             dd, gs = d.astype(cd), sliced(g32)
             dot = jnp.sum(gs * (p032 - sliced(p32)))
             v_new = moments.ema(dd * dd * (g32 * g32), v32, moments.scalar(b2, cd))
             s_new = moments.scalar(beta3, cd) * s32 + s_rate.astype(cd) * gs
-            out = [
+            m_new = moments.ema(dd * g32, m32, moments.scalar(b1, cd))
+            return (
                 dadapt.gate(active, s_new, s32).astype(s.dtype),
                 dadapt.gate(active, v_new, v32).astype(v.dtype),
                 dot,
                 jnp.where(active, jnp.sum(jnp.abs(s_new)), 0),
-            ]
-            if m:
-                m_new = moments.ema(dd * g32, m32[0], moments.scalar(b1, cd))
-                out.append(dadapt.gate(active, m_new, m32[0]).astype(m[0].dtype))
-            return tuple(out)
+                dadapt.gate(active, m_new, m32).astype(m.dtype),
+            )
 
         if stride != 1:  # p0 and s hold slices of each leaf: check the shapes of the whole-leaf trees alone
             base.check_tree_match(updates, params, "parameters")
-            for tree in moment_trees:
+            for tree in (state.nu, state.mu):
                 base.check_tree_match(updates, tree, "state")
         out = moments.leafwise(
-            accumulate, 4 + with_momentum, updates, params, state.p0, state.s, *moment_trees, what="state",
+            accumulate, 5, updates, params, state.p0, state.s, state.nu, state.mu, what="state",
             shapes=stride == 1,
         )  # fmt: skip
-        s, nu, dots, l1s = out[:4]
-        mu = out[4] if with_momentum else None
+        s, nu, dots, l1s, mu = out
         numerator = beta3 * state.numerator + (d / first_d) * dlr * numerics.tree_sum(dots, dtype)
         d_denom = numerics.tree_sum(l1s, dtype)
         taken = d_denom != 0
@@ -242,13 +237,12 @@ def scale_by_prodigy(
         d_new = dadapt.capped(d_max, d_grown, growth_rate)
         decay = (dadapt.decay_mask(weight_decay_mask, params),) if decoupled else ()
 
-        def step(g: jax.Array, p: jax.Array, v: jax.Array, *rest: Any) -> tuple[jax.Array]:
-            m, selected = (rest[0], rest[1:]) if with_momentum else (None, rest)
+        def step(g: jax.Array, p: jax.Array, v: jax.Array, m: jax.Array, *selected: Any) -> tuple[jax.Array]:
             cd, g32, (p32, v32) = moments.to_compute(g, p, v)
             dn, gamma = d_new.astype(cd), dlr.astype(cd)
             denominator = jnp.sqrt(v32) + dn * moments.scalar(eps, cd)
             momentum_free = (gamma * dn) * (g32 / denominator)
-            if m is None:
+            if base.is_zero(b1):
                 u = momentum_free
             else:
                 u = gamma * (m.astype(cd) / denominator)
@@ -258,8 +252,7 @@ def scale_by_prodigy(
                 u = dadapt.decay_then_step(p32, gamma * dadapt.decay_term(p32, selected[0], weight_decay, cd), u)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
-        momentum_tree = (mu,) if with_momentum else ()
-        (result,) = moments.leafwise(step, 1, updates, params, nu, *momentum_tree, options=decay, what="state")
+        (result,) = moments.leafwise(step, 1, updates, params, nu, mu, options=decay, what="state")
         return result, ProdigyState(
             count=moments.safe_increment(state.count),
             step=jnp.where(taken, moments.safe_increment(state.step), state.step),

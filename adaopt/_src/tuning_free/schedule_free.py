@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, complex_params, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 LearningRateFactor = Callable[[jax.Array], jax.Array]
@@ -351,8 +351,9 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
         x = y32 + (1 - 1 / sf.b1.astype(dtype)) * (z32 - y32)
         return (x.astype(y.dtype),)
 
-    (x,) = moments.leafwise(leaf, 1, y, sf.z, what="state", subject="parameters")
-    return as_params(x)
+    # The state holds a complex parameter as its real pairs (see _schedule_free).
+    (x,) = moments.leafwise(leaf, 1, complex_params.to_pairs(y), sf.z, what="state", subject="parameters")
+    return as_params(complex_params.from_pairs(x, y))
 
 
 def _schedule_free(
@@ -363,11 +364,15 @@ def _schedule_free(
     weight_decay_mask: base.MaskOrFn | None,
     **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    """Direction, weight decay at y, then the Schedule-Free step (which holds the learning rate)."""
+    """Direction, weight decay at y, then the Schedule-Free step (which holds the learning rate).
+
+    Complex parameters are pairs of real ones (:func:`as_real_imag`) throughout, direction included.
+    """
     decay = base.add_decayed_weights(weight_decay, weight_decay_mask)
-    return optax.chain(
+    chain = optax.chain(
         base.check_gradient_tree(), *direction, decay, scale_by_schedule_free(learning_rate, b1, **options)
     )
+    return complex_params.as_real_imag(chain)
 
 
 def schedule_free_sgd(

@@ -89,7 +89,8 @@ def polynomial_decay_averaging(
             dtype = moments.compute_dtype(x.dtype, average.dtype)
             g = moments.scalar(gamma, dtype)
             weight = (1 + g) / (count.astype(dtype) + g)
-            return (moments.ema(x.astype(dtype), average.astype(dtype), 1 - weight).astype(average.dtype),)
+            x, average_c = moments.in_precision(x, dtype), moments.in_precision(average, dtype)
+            return (moments.ema(x, average_c, 1 - weight).astype(average.dtype),)
 
         (average,) = moments.leafwise(
             leaf, 1, optax.apply_updates(params, updates), state.average, what="averaged parameters"
