@@ -44,7 +44,7 @@ class ProdigyState(NamedTuple):
     d: jax.Array
     d_max: jax.Array
     numerator: jax.Array
-    mu: Updates | None
+    mu: Updates
     nu: Updates
     s: Updates
     p0: Updates
