@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import moments
+from adaopt._src import complex_params, moments
 
 
 def learning_rate_at(learning_rate: Any, count: jax.Array, dtype: Any) -> jax.Array:
@@ -31,9 +31,14 @@ def tree_sum(tree: Any, dtype: Any) -> jax.Array:
     return jnp.asarray(optax.tree.sum(optax.tree.cast(tree, dtype)), dtype)
 
 
+def _in_precision(tree: Any, dtype: Any) -> Any:
+    """Each leaf in ``dtype``, a complex leaf in its complex counterpart (never a silent real cast)."""
+    return jax.tree.map(lambda x: moments.in_precision(jnp.asarray(x), dtype), tree)
+
+
 def sum_of_squares(tree: Any, dtype: Any) -> jax.Array:
-    """The squared norm of the tree taken as one vector, accumulated in ``dtype``; 0 for no leaves."""
-    return jnp.asarray(optax.tree.norm(optax.tree.cast(tree, dtype), squared=True), dtype)
+    """The squared norm of the tree taken as one real vector (``|x|^2`` for complex leaves), in ``dtype``; 0 for no leaves."""
+    return jnp.asarray(optax.tree.norm(_in_precision(tree, dtype), squared=True), dtype)
 
 
 def norm(tree: Any, dtype: Any) -> jax.Array:
@@ -43,16 +48,23 @@ def norm(tree: Any, dtype: Any) -> jax.Array:
 
 def squared_distance(tree: Any, other: Any, dtype: Any) -> jax.Array:
     """``||tree - other||^2`` over the whole tree, each difference taken in ``dtype``."""
-    return sum_of_squares(optax.tree.sub(optax.tree.cast(tree, dtype), optax.tree.cast(other, dtype)), dtype)
+    return sum_of_squares(optax.tree.sub(_in_precision(tree, dtype), _in_precision(other, dtype)), dtype)
 
 
 def vdot(tree: Any, other: Any, dtype: Any) -> jax.Array:
-    """The inner product of two real trees of one structure, taken as vectors, in ``dtype``.
+    r"""The real inner product of two trees of one structure, taken as vectors, in ``dtype``.
 
-    A sum of elementwise products, not ``optax.tree.vdot``: its ``dot_general`` refuses operands
-    sharded along the contracted axis on a mesh with explicit axes.
+    A complex leaf counts as its real and imaginary parts: :math:`\mathrm{Re}(\bar a b)`. A sum of
+    elementwise products, not ``optax.tree.vdot``: its ``dot_general`` refuses operands sharded
+    along the contracted axis on a mesh with explicit axes.
     """
-    return tree_sum(jax.tree.map(jnp.multiply, optax.tree.cast(tree, dtype), optax.tree.cast(other, dtype)), dtype)
+    return tree_sum(jax.tree.map(_real_product, _in_precision(tree, dtype), _in_precision(other, dtype)), dtype)
+
+
+def _real_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    if complex_params.is_complex(a) or complex_params.is_complex(b):
+        return jnp.real(a) * jnp.real(b) + jnp.imag(a) * jnp.imag(b)
+    return a * b
 
 
 T = TypeVar("T")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.optimizers.adam import scale_by_adam
 
@@ -56,10 +56,10 @@ def scale_by_trust_ratio(max_param_norm: Any = None, eps: Any = 0.0) -> optax.Gr
 
         def leaf(u: jax.Array, p: jax.Array) -> tuple[jax.Array]:
             dtype = moments.compute_dtype(u.dtype, p.dtype)
-            p_norm = _norm(p, dtype)
+            p_norm = numerics.norm(p, dtype)
             if max_param_norm is not None:
                 p_norm = jnp.minimum(p_norm, moments.scalar(max_param_norm, dtype))
-            u_norm = _norm(u, dtype)
+            u_norm = numerics.norm(u, dtype)
             # A zero norm (either one) leaves the update as it is: ratio 1, eps or not.
             ok = (p_norm > 0) & (u_norm > 0)
             ratio = moments.safe_divide(p_norm, jnp.where(ok, u_norm + moments.scalar(eps, dtype), 0), fallback=1)
@@ -75,11 +75,6 @@ class StepCountState(NamedTuple):
     """State of LAMB's debiasing of the whole step (``debias="step"``): the step count."""
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
-
-
-def _norm(x: jax.Array, dtype: Any) -> jax.Array:
-    """A leaf's norm in ``dtype``, with a zero derivative at 0; a complex leaf's is that of its real view."""
-    return moments.safe_sqrt(jnp.sum(moments.abs_sq(moments.in_precision(x, dtype))))
 
 
 def _scale_by_first_moment_correction(b1: Any) -> optax.GradientTransformation:
