@@ -165,7 +165,7 @@ def scale_by_debiased_rms(
     base.check_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> DebiasedRmsState:
-        return DebiasedRmsState(moments.zero_count(), moments.init_like(params, nu_dtype))
+        return DebiasedRmsState(moments.zero_count(), moments.init_like(params, nu_dtype, real=True))
 
     def update_fn(
         updates: Updates, state: DebiasedRmsState, params: base.Params | None = None
@@ -175,9 +175,9 @@ def scale_by_debiased_rms(
 
         def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (v32,) = moments.to_compute(g, v)
-            v_new = moments.ema(g32 * g32, v32, moments.scalar(b2, dtype))
+            v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, dtype))
             bc2 = moments.bias_correction(b2, count, dtype) if debias else 1
-            step = g32 * moments.inv_root(v_new / bc2, moments.scalar(eps, dtype), 0)
+            step = moments.times(g32, moments.inv_root(v_new / bc2, moments.scalar(eps, dtype), 0))
             if rectify:
                 _, rho, _ = moments.radam_rho(b2, count, dtype)
                 step = jnp.where(rho > 4, step, g32)
@@ -291,8 +291,8 @@ def scale_by_schedule_free(
 
         def leaf(d: jax.Array, y: jax.Array, z: jax.Array) -> tuple[jax.Array, ...]:
             ldtype, d32, (y32, z32) = moments.to_compute(d, y, z)
-            z_new = z32 - lr.astype(ldtype) * d32
-            u = c.astype(ldtype) * (z32 - y32) + y_lr.astype(ldtype) * d32
+            z_new = z32 - moments.times(d32, lr.astype(ldtype))
+            u = moments.times(z32 - y32, c.astype(ldtype)) + moments.times(d32, y_lr.astype(ldtype))
             return u.astype(d.dtype), z_new.astype(z.dtype)
 
         step_tree, z = moments.leafwise(leaf, 2, updates, params, state.z)
@@ -348,12 +348,15 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
 
     def leaf(y: jax.Array, z: jax.Array) -> tuple[jax.Array]:
         dtype, y32, (z32,) = moments.to_compute(y, z)
-        x = y32 + (1 - 1 / sf.b1.astype(dtype)) * (z32 - y32)
+        x = y32 + moments.times(z32 - y32, 1 - 1 / sf.b1.astype(dtype))
         return (x.astype(y.dtype),)
 
-    # The state holds a complex parameter as its real pairs (see _schedule_free).
-    (x,) = moments.leafwise(leaf, 1, complex_params.to_pairs(y), sf.z, what="state", subject="parameters")
-    return as_params(complex_params.from_pairs(x, y))
+    # With complex_convention="real_imag", the state holds complex parameters as real pairs.
+    leaves = zip(jax.tree.leaves(y), jax.tree.leaves(sf.z), strict=False)  # a mismatch is reported below
+    pairs = any(complex_params.is_complex(a) and not complex_params.is_complex(b) for a, b in leaves)
+    view = complex_params.to_pairs(y) if pairs else y
+    (x,) = moments.leafwise(leaf, 1, view, sf.z, what="state", subject="parameters")
+    return as_params(complex_params.from_pairs(x, y) if pairs else x)
 
 
 def _schedule_free(
@@ -362,17 +365,19 @@ def _schedule_free(
     b1: Any,
     weight_decay: Any,
     weight_decay_mask: base.MaskOrFn | None,
+    complex_convention: str = "modulus",
     **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """Direction, weight decay at y, then the Schedule-Free step (which holds the learning rate).
 
-    Complex parameters are pairs of real ones (:func:`as_real_imag`) throughout, direction included.
+    With ``complex_convention="real_imag"``, complex parameters are pairs of real ones
+    (:func:`as_real_imag`) throughout, direction included.
     """
     decay = base.add_decayed_weights(weight_decay, weight_decay_mask)
     chain = optax.chain(
         base.check_gradient_tree(), *direction, decay, scale_by_schedule_free(learning_rate, b1, **options)
     )
-    return complex_params.as_real_imag(chain)
+    return complex_params.with_convention(chain, complex_convention)
 
 
 def schedule_free_sgd(
@@ -463,6 +468,7 @@ def schedule_free_adamw(
     weight_decay_mask: base.MaskOrFn | None = None,
     nu_dtype: Any = None,
     z_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Schedule-Free AdamW: Adam's second moment without momentum, with Schedule-Free averaging.
 
@@ -491,6 +497,9 @@ def schedule_free_adamw(
       weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
       nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
       z_dtype: the storage dtype of :math:`z` (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
@@ -531,8 +540,16 @@ def schedule_free_adamw(
         factor = lambda step: jnp.sqrt(moments.bias_correction(b2, step, step.dtype))
     direction = scale_by_debiased_rms(b2, eps, debias=debias == "moment", nu_dtype=nu_dtype)
     options = dict(warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, z_dtype=z_dtype)
+    base.check_complex_convention(complex_convention)
     return _schedule_free(
-        (direction,), learning_rate, b1, weight_decay, weight_decay_mask, learning_rate_factor=factor, **options
+        (direction,),
+        learning_rate,
+        b1,
+        weight_decay,
+        weight_decay_mask,
+        complex_convention,
+        learning_rate_factor=factor,
+        **options,
     )
 
 
@@ -549,6 +566,7 @@ def schedule_free_radam(
     weight_decay_mask: base.MaskOrFn | None = None,
     nu_dtype: Any = None,
     z_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Schedule-Free RAdam: Schedule-Free AdamW whose learning rate is RAdam's rectification, no warmup.
 
@@ -579,6 +597,9 @@ def schedule_free_radam(
       weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
       nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
       z_dtype: the storage dtype of :math:`z` (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs the parameters.
@@ -612,6 +633,14 @@ def schedule_free_radam(
     direction = scale_by_debiased_rms(b2, eps, rectify=True, nu_dtype=nu_dtype)
     factor = radam_rectification(b2, silent_sgd_phase=silent_sgd_phase)
     options = dict(r=r, weight_lr_power=weight_lr_power, z_dtype=z_dtype)
+    base.check_complex_convention(complex_convention)
     return _schedule_free(
-        (direction,), learning_rate, b1, weight_decay, weight_decay_mask, learning_rate_factor=factor, **options
+        (direction,),
+        learning_rate,
+        b1,
+        weight_decay,
+        weight_decay_mask,
+        complex_convention,
+        learning_rate_factor=factor,
+        **options,
     )
