@@ -127,6 +127,13 @@ def per_dtype(fn: Callable[[jnp.dtype], T]) -> Callable[[jnp.dtype], T]:
     return functools.cache(fn)
 
 
+def real_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``Re(conj(a) * b)`` elementwise: ``a * b`` for real arrays, the real inner product of two complex numbers."""
+    if is_complex(a) or is_complex(b):
+        return jnp.real(a) * jnp.real(b) + jnp.imag(a) * jnp.imag(b)
+    return a * b
+
+
 def times(x: jax.Array, factor: Any) -> jax.Array:
     """``x * factor`` for a real ``factor`` (a number or an array), ``x`` real or complex.
 

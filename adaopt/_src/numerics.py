@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import complex_params, moments
+from adaopt._src import moments
 
 
 def learning_rate_at(learning_rate: Any, count: jax.Array, dtype: Any) -> jax.Array:
@@ -58,13 +58,7 @@ def vdot(tree: Any, other: Any, dtype: Any) -> jax.Array:
     elementwise products, not ``optax.tree.vdot``: its ``dot_general`` refuses operands sharded
     along the contracted axis on a mesh with explicit axes.
     """
-    return tree_sum(jax.tree.map(_real_product, _in_precision(tree, dtype), _in_precision(other, dtype)), dtype)
-
-
-def _real_product(a: jax.Array, b: jax.Array) -> jax.Array:
-    if complex_params.is_complex(a) or complex_params.is_complex(b):
-        return jnp.real(a) * jnp.real(b) + jnp.imag(a) * jnp.imag(b)
-    return a * b
+    return tree_sum(jax.tree.map(moments.real_product, _in_precision(tree, dtype), _in_precision(other, dtype)), dtype)
 
 
 T = TypeVar("T")

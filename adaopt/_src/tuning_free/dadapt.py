@@ -122,8 +122,8 @@ def decay_term(p: jax.Array, selected: Any, weight_decay: Any, dtype: Any) -> An
       ``weight_decay * p`` where selected, else 0 (a Python 0 for an unselected leaf).
     """
     if isinstance(selected, bool):
-        return moments.scalar(weight_decay, dtype) * p if selected else 0
-    return jnp.where(jnp.asarray(selected), moments.scalar(weight_decay, dtype) * p, 0)
+        return moments.times(p, moments.scalar(weight_decay, dtype)) if selected else 0
+    return jnp.where(jnp.asarray(selected), moments.times(p, moments.scalar(weight_decay, dtype)), 0)
 
 
 def decay_then_step(p: jax.Array, decay: Any, step: jax.Array) -> jax.Array:

@@ -179,7 +179,7 @@ def scale_by_prodigy(
             d_max=jnp.asarray(d0).astype(dtype),
             numerator=jnp.zeros([], dtype),
             mu=moments.init_like(params, mu_dtype),
-            nu=moments.init_like(params, nu_dtype),
+            nu=moments.init_like(params, nu_dtype, real=True),
             s=moments.init_like(kept),
             p0=moments.init_copy(kept),
         )
@@ -207,10 +207,10 @@ def scale_by_prodigy(
         ) -> tuple[jax.Array, ...]:
             cd, g32, (p32, p032, s32, v32, m32) = moments.to_compute(g, p, p0, s, v, m)
             dd, gs = d.astype(cd), sliced(g32)
-            dot = jnp.sum(gs * (p032 - sliced(p32)))
-            v_new = moments.ema(dd * dd * (g32 * g32), v32, moments.scalar(b2, cd))
-            s_new = moments.scalar(beta3, cd) * s32 + s_rate.astype(cd) * gs
-            m_new = moments.ema(dd * g32, m32, moments.scalar(b1, cd))
+            dot = jnp.sum(moments.real_product(gs, p032 - sliced(p32)))
+            v_new = moments.ema(dd * dd * moments.abs_sq(g32), v32, moments.scalar(b2, cd))
+            s_new = moments.times(s32, moments.scalar(beta3, cd)) + moments.times(gs, s_rate.astype(cd))
+            m_new = moments.ema(moments.times(g32, dd), m32, moments.scalar(b1, cd))
             return (
                 dadapt.gate(active, s_new, s32).astype(s.dtype),
                 dadapt.gate(active, v_new, v32).astype(v.dtype),
@@ -241,15 +241,16 @@ def scale_by_prodigy(
             cd, g32, (p32, v32) = moments.to_compute(g, p, v)
             dn, gamma = d_new.astype(cd), dlr.astype(cd)
             denominator = jnp.sqrt(v32) + dn * moments.scalar(eps, cd)
-            momentum_free = (gamma * dn) * (g32 / denominator)
+            momentum_free = moments.times(moments.over(g32, denominator), gamma * dn)
             if base.is_zero(b1):
                 u = momentum_free
             else:
-                u = gamma * (m.astype(cd) / denominator)
+                u = moments.times(moments.over(moments.in_precision(m, cd), denominator), gamma)
                 if not isinstance(b1, (int, float)):  # an injected b1 of 0 takes the package's momentum-free step
                     u = jnp.where(moments.scalar(b1, cd) > 0, u, momentum_free)
             if selected:
-                u = dadapt.decay_then_step(p32, gamma * dadapt.decay_term(p32, selected[0], weight_decay, cd), u)
+                decay = moments.times(dadapt.decay_term(p32, selected[0], weight_decay, cd), gamma)
+                u = dadapt.decay_then_step(p32, decay, u)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
         (result,) = moments.leafwise(step, 1, updates, params, nu, mu, options=decay, what="state")
@@ -286,6 +287,7 @@ def prodigy(
     slice_p: int | None = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Prodigy: Adam whose step size :math:`d_k \eta_t` is estimated on the fly (no learning rate to tune).
 
@@ -318,6 +320,10 @@ def prodigy(
         only (None or 1: every entry; a Python integer such as 11 saves memory).
       mu_dtype: the storage dtype of :math:`m` (default: the parameter's, at least float32).
       nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, :math:`|s|` the modulus, inner products
+        :math:`\mathrm{Re}(\bar g \cdot (x_0 - x))`) or ``"real_imag"`` (the real and imaginary
+        parts as two real coordinates); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -354,6 +360,7 @@ def prodigy(
       a learning rate that is never 0 (optax does not skip steps).
     """
     dadapt.check_common(learning_rate, weight_decay, d0, growth_rate)
+    base.check_complex_convention(complex_convention)
     core = scale_by_prodigy(
         learning_rate, b1, b2, b3, eps,
         weight_decay=weight_decay if decoupled_weight_decay else 0.0, weight_decay_mask=weight_decay_mask,
@@ -361,4 +368,4 @@ def prodigy(
         growth_rate=growth_rate, slice_p=slice_p, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
     )  # fmt: skip
     coupled = 0.0 if decoupled_weight_decay else weight_decay
-    return base.assemble(core, 1.0, coupled, weight_decay_mask)
+    return base.assemble(core, 1.0, coupled, weight_decay_mask, complex_convention=complex_convention)
