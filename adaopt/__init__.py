@@ -68,6 +68,9 @@ from adaopt._src.optimizers.adam import scale_by_adamax as scale_by_adamax
 from adaopt._src.optimizers.adam import scale_by_nadam as scale_by_nadam
 from adaopt._src.optimizers.adam import scale_by_radam as scale_by_radam
 from adaopt._src.optimizers.adam import yogi as yogi
+from adaopt._src.optimizers.adopt import AdoptState as AdoptState
+from adaopt._src.optimizers.adopt import adopt as adopt
+from adaopt._src.optimizers.adopt import scale_by_adopt as scale_by_adopt
 from adaopt._src.optimizers.lamb import lamb as lamb
 from adaopt._src.optimizers.lamb import scale_by_trust_ratio as scale_by_trust_ratio
 from adaopt._src.optimizers.lion import LionState as LionState

@@ -26,6 +26,7 @@ TUNED: dict[str, float] = {
     "radam": 1e-2,
     "adabelief": 3e-3,
     "yogi": 1e-2,
+    "adopt": 3e-3,  # not tuned on the grid yet: Adam's
     "lion": 1e-3,
     "lamb": 5e-3,
     "schedule_free_sgd": 1.0,

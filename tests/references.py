@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import adopt as torch_adopt
 import dog
 import optax
 import optax.contrib
@@ -96,6 +97,10 @@ TORCH: dict[str, TorchFactory] = {
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
     ),
     "pytorch_optimizer.Yogi": lambda groups, hp: pytorch_optimizer.Yogi(
+        groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
+    ),
+    "adopt.ADOPT": lambda groups, hp: torch_adopt.ADOPT(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
+    "pytorch_optimizer.ADOPT": lambda groups, hp: pytorch_optimizer.ADOPT(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
     ),
     "pytorch_optimizer.Lion": lambda groups, hp: pytorch_optimizer.Lion(groups, lr=1.0, betas=_betas(hp)),

@@ -18,7 +18,7 @@ from typing import Any
 
 from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
-from adaopt._src.optimizers import adagrad, adam, lamb, lion, rmsprop, sgd
+from adaopt._src.optimizers import adagrad, adam, adopt, lamb, lion, rmsprop, sgd
 from adaopt._src.tuning_free import cocob, dadapt, dog, mechanic, prodigy, schedule_free
 
 
@@ -46,7 +46,7 @@ class Capability(enum.StrEnum):
     CONSTANT_LEARNING_RATE = "constant_learning_rate"
     """Its step size decays by itself: run it at a constant learning rate, not under a decaying schedule."""
     DELAYED_START = "delayed_start"
-    """Its first few updates are exactly zero (Schedule-Free RAdam's silent phase)."""
+    """Its first few updates are exactly zero (Schedule-Free RAdam's silent phase, ADOPT's first call)."""
     NEEDS_VALUE = "needs_value"
     """``update`` needs the loss: ``update(grads, state, params, value=loss)``."""
     TUNING_FREE = "tuning_free"
@@ -136,6 +136,7 @@ _OPTAX_RMS = (
 BETAS = {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.9999)}
 EPS = {"eps": Range(1e-8, 1e-3, log=True)}
 _ADAM_FAMILY = frozenset({Capability.MOMENT_DTYPES, Capability.WEIGHT_DECAY})
+_ADOPT_CLIP = "evaluates the clip bound one step later than torch-adopt (the authors'): clip_count='call'"
 _ACCUMULATOR = frozenset({Capability.WEIGHT_DECAY})
 
 _SCHEDULE_FREE = frozenset(
@@ -293,6 +294,14 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         "yogi", adam.yogi, {**BETAS, "eps": Range(1e-4, 1e-2, log=True)},
         (Reference("pytorch_optimizer.Yogi"), Reference("optax.yogi", weight_decay=False)),
         _ADAM_FAMILY, "Adam with an additive second-moment update",
+    ),
+    OptimizerSpec(
+        "adopt", adopt.adopt, {**BETAS, **EPS},
+        (
+            Reference("adopt.ADOPT"),
+            Reference("pytorch_optimizer.ADOPT", kwargs={"clip_count": "call"}, note=_ADOPT_CLIP),
+        ),
+        _ADAM_FAMILY | {Capability.DELAYED_START}, "Adam normalised by the previous second moment, clipped",
     ),
     OptimizerSpec(
         "lion", lion.lion, {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.999)},

@@ -1,0 +1,226 @@
+"""ADOPT: Adam whose step divides the gradient by the second moment of the steps before it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaopt._src import base, moments
+from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.complex_params import is_complex
+
+ClipCount = Literal["update", "call"]
+
+
+class AdoptState(NamedTuple):
+    """State of :func:`scale_by_adopt`.
+
+    Attributes:
+      count: the number of calls to ``update`` so far (the first one only initialises
+        :math:`v`), a saturating int32.
+      mu: the momentum of the normalised gradients :math:`m_t`, mirroring the parameters.
+      nu: the second moment :math:`v_t`, mirroring the parameters (real for complex ones).
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    mu: Updates
+    nu: Updates
+
+
+def _clip(x: jax.Array, bound: jax.Array) -> jax.Array:
+    """``x`` clipped to ``[-bound, bound]``; a complex coordinate keeps its phase and has its modulus clipped."""
+    if not is_complex(x):
+        return jnp.clip(x, -bound, bound)
+    # bound >= 1 here, so the divisor is never 0; the factor is exactly 1 inside the bound.
+    return moments.times(x, bound / jnp.maximum(jnp.abs(x), bound))
+
+
+def scale_by_adopt(
+    b1: Any = 0.9,
+    b2: Any = 0.9999,
+    eps: Any = 1e-6,
+    *,
+    clip_exponent: Any = 0.25,
+    clip_count: ClipCount = "update",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""ADOPT's block: normalise by the previous second moment, clip, then take the momentum.
+
+    The first call only initialises :math:`v_0 = g_0^2` and returns a zero update; from the
+    second call on (:math:`t = 1, 2, \dots`, the updates that move the parameters):
+
+    .. math::
+        \tilde g_t &= \mathrm{clip}\Big(\frac{g_t}{\max(\sqrt{v_{t-1}}, \epsilon)},\; c_t\Big), \qquad
+        c_t = t^{p} \;\; \text{("update")} \quad\text{or}\quad (t + 1)^{p} \;\; \text{("call")} \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) \tilde g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \qquad u_t = m_t
+
+    with :math:`p` the ``clip_exponent``. For a complex coordinate, :math:`g_t^2` is
+    :math:`|g_t|^2` and the clip bounds the modulus (the phase is kept).
+
+    Args:
+      b1: :math:`\beta_1`, the decay of the momentum, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
+      eps: :math:`\epsilon`, the floor of :math:`\sqrt{v_{t-1}}`, >= 0.
+      clip_exponent: :math:`p` >= 0 of the clip bound, or None for no clipping.
+      clip_count: the step count the bound is evaluated at: ``"update"`` counts the updates that
+        move the parameters (the paper's :math:`t`, torch-adopt's), ``"call"`` every call
+        including the first (pytorch-optimizer's, one step later).
+      mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`AdoptState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_adopt()
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([0.5, -2.0]), state)
+      >>> updates  # the first call only initialises the second moment
+      Array([0., 0.], dtype=float32)
+      >>> updates, state = tx.update(jnp.array([0.25, -4.0]), state)
+      >>> updates  # (1 - b1) * clip(g / |g_0|, 1): 0.1 * 0.5, then 0.1 * clip(-2, 1)
+      Array([ 0.05, -0.1 ], dtype=float32)
+
+    References:
+      Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa & Matsuo,
+      "ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate", NeurIPS 2024,
+      https://arxiv.org/abs/2411.02853.
+
+      Reference packages: :func:`adopt` gives the arguments that reproduce torch-adopt and
+      pytorch-optimizer.
+    """
+    base.check_decay("b1", b1)
+    base.check_decay("b2", b2)
+    base.check_nonnegative("eps", eps)
+    if clip_exponent is not None:
+        base.check_nonnegative("clip_exponent", clip_exponent)
+    base.check_choice("clip_count", clip_count, ("update", "call"))
+    base.check_dtype("mu_dtype", mu_dtype)
+    base.check_dtype("nu_dtype", nu_dtype)
+
+    def init_fn(params: base.Params) -> AdoptState:
+        return AdoptState(
+            count=moments.zero_count(),
+            mu=moments.init_like(params, mu_dtype),
+            nu=moments.init_like(params, nu_dtype, real=True),
+        )
+
+    def update_fn(updates: Updates, state: AdoptState, params: base.Params | None = None) -> tuple[Updates, AdoptState]:
+        del params
+        first = state.count == 0
+        count = moments.safe_increment(state.count)
+
+        @moments.per_dtype
+        def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
+            t = count - 1 if clip_count == "update" else count
+            # The first call's bound is never used: t >= 1 keeps it finite.
+            bound = (
+                None
+                if clip_exponent is None
+                else jnp.maximum(t, 1).astype(dtype) ** moments.scalar(clip_exponent, dtype)
+            )
+            return moments.scalar(b1, dtype), moments.scalar(b2, dtype), moments.scalar(eps, dtype), bound
+
+        def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g_compute, (m_compute, v_compute) = moments.to_compute(g, m, v)
+            beta1, beta2, e, bound = scalars(dtype)
+            g2 = moments.abs_sq(g_compute)
+            normed = moments.times(g_compute, moments.safe_divide(1, jnp.maximum(jnp.sqrt(v_compute), e)))
+            if bound is not None:
+                normed = _clip(normed, bound)
+            m_new = jnp.where(first, m_compute, moments.ema(normed, m_compute, beta1))
+            v_new = jnp.where(first, g2, moments.ema(g2, v_compute, beta2))
+            step = jnp.where(first, jnp.zeros_like(m_new), m_new)
+            return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+
+        step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
+        return step, AdoptState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adopt(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.9999,
+    eps: Any = 1e-6,
+    weight_decay: Any = 0.0,
+    *,
+    clip_exponent: Any = 0.25,
+    clip_count: ClipCount = "update",
+    weight_decay_mask: base.MaskOrFn | None = None,
+    decoupled_weight_decay: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    complex_convention: str = "modulus",
+) -> optax.GradientTransformationExtraArgs:
+    r"""ADOPT: Adam that converges with any :math:`\beta_2`, the current gradient out of its own denominator.
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad \text{(coupled decay, the default)} \\
+        \theta_t &= \theta_{t-1} - \eta_t \big( u_t \;[+\, \lambda \theta_{t-1} \text{ if decoupled}] \big)
+
+    with :math:`u_t` the update of :func:`scale_by_adopt` (zero at the first call, which only
+    initialises the second moment).
+
+    Args:
+      learning_rate: a non-negative number or a schedule ``count -> value`` (count from 0).
+      b1: :math:`\beta_1`, the decay of the momentum, in [0, 1).
+      b2: :math:`\beta_2`, the decay of the second moment, in [0, 1) (0.9999, the paper's).
+      eps: :math:`\epsilon`, the floor of the root of the second moment, >= 0.
+      weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0.
+      clip_exponent: the clip bound is the step count to this power (>= 0), or None for none.
+      clip_count: ``"update"`` (the paper's and torch-adopt's count) or ``"call"``
+        (pytorch-optimizer's, one step later); see :func:`scale_by_adopt`.
+      weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
+        that selects the leaves to decay.
+      decoupled_weight_decay: add the decay to the step instead of to the gradient; it is then
+        applied at the first call too, as pytorch-optimizer's ``weight_decouple=True`` does
+        (torch-adopt's ``decouple=True`` skips that call).
+      mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, the clip on the modulus) or ``"real_imag"`` (the
+        real and imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.adopt(1e-3)
+      >>> params = jnp.array([1.0, 1.0])
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update(jnp.array([0.5, -2.0]), state, params)
+      >>> updates  # the first call does not move the parameters
+      Array([-0., -0.], dtype=float32)
+
+    References:
+      Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa & Matsuo,
+      "ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate", NeurIPS 2024,
+      https://arxiv.org/abs/2411.02853.
+
+      Reference packages: the authors' ``adopt.ADOPT(lr, betas=(b1, b2), eps, weight_decay)``
+      (torch-adopt) is this with the same numbers; ``pytorch_optimizer.ADOPT`` (same arguments)
+      evaluates the clip bound one step later: it is this with ``clip_count="call"``, and its
+      ``weight_decouple=True`` is ``decoupled_weight_decay=True``.
+    """
+    base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
+    core = scale_by_adopt(
+        b1, b2, eps, clip_exponent=clip_exponent, clip_count=clip_count, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    )
+    return base.assemble(
+        core,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        decoupled_weight_decay=decoupled_weight_decay,
+        complex_convention=complex_convention,
+    )
