@@ -68,6 +68,9 @@ from adaopt._src.optimizers.adam import scale_by_adamax as scale_by_adamax
 from adaopt._src.optimizers.adam import scale_by_nadam as scale_by_nadam
 from adaopt._src.optimizers.adam import scale_by_radam as scale_by_radam
 from adaopt._src.optimizers.adam import yogi as yogi
+from adaopt._src.optimizers.ademamix import AdemamixState as AdemamixState
+from adaopt._src.optimizers.ademamix import ademamix as ademamix
+from adaopt._src.optimizers.ademamix import scale_by_ademamix as scale_by_ademamix
 from adaopt._src.optimizers.adopt import AdoptState as AdoptState
 from adaopt._src.optimizers.adopt import adopt as adopt
 from adaopt._src.optimizers.adopt import scale_by_adopt as scale_by_adopt

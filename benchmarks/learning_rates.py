@@ -27,6 +27,7 @@ TUNED: dict[str, float] = {
     "adabelief": 3e-3,
     "yogi": 1e-2,
     "adopt": 3e-3,  # not tuned on the grid yet: Adam's
+    "ademamix": 1e-3,  # not tuned on the grid yet
     "lion": 1e-3,
     "lamb": 5e-3,
     "schedule_free_sgd": 1.0,

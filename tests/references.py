@@ -103,6 +103,14 @@ TORCH: dict[str, TorchFactory] = {
     "pytorch_optimizer.ADOPT": lambda groups, hp: pytorch_optimizer.ADOPT(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
     ),
+    "pytorch_optimizer.AdEMAMix": lambda groups, hp: pytorch_optimizer.AdEMAMix(
+        groups,
+        lr=1.0,
+        betas=(hp["b1"], hp["b2"], hp["b3"]),
+        alpha=hp["alpha"],
+        t_alpha_beta3=hp.get("warmup_steps"),
+        eps=hp["eps"],
+    ),
     "pytorch_optimizer.Lion": lambda groups, hp: pytorch_optimizer.Lion(groups, lr=1.0, betas=_betas(hp)),
     "pytorch_optimizer.Lamb(weight_decouple=False)": lambda groups, hp: pytorch_optimizer.Lamb(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], weight_decouple=False

@@ -18,7 +18,7 @@ from typing import Any
 
 from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
-from adaopt._src.optimizers import adagrad, adam, adopt, lamb, lion, rmsprop, sgd
+from adaopt._src.optimizers import adagrad, adam, ademamix, adopt, lamb, lion, rmsprop, sgd
 from adaopt._src.tuning_free import cocob, dadapt, dog, mechanic, prodigy, schedule_free
 
 
@@ -302,6 +302,12 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("pytorch_optimizer.ADOPT", kwargs={"clip_count": "call"}, note=_ADOPT_CLIP),
         ),
         _ADAM_FAMILY | {Capability.DELAYED_START}, "Adam normalised by the previous second moment, clipped",
+    ),
+    OptimizerSpec(
+        "ademamix", ademamix.ademamix,
+        {**BETAS, "b3": Range(0.99, 0.9999), "alpha": Range(1.0, 10.0), **EPS, "warmup_steps": Range(50.0, 500.0)},
+        (Reference("pytorch_optimizer.AdEMAMix"),),
+        _ADAM_FAMILY, "Adam plus a slow EMA of the gradients",
     ),
     OptimizerSpec(
         "lion", lion.lion, {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.999)},
