@@ -18,7 +18,8 @@ from typing import Any
 
 from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
-from adaopt._src.optimizers import adagrad, adam, ademamix, adopt, lamb, lion, rmsprop, sgd
+from adaopt._src.optimizers import adagrad, adam, ademamix, adopt, lamb, laprop, lion, rmsprop, sgd
+from adaopt._src.preconditioned import muon
 from adaopt._src.tuning_free import cocob, dadapt, dog, mechanic, prodigy, schedule_free
 
 
@@ -55,6 +56,8 @@ class Capability(enum.StrEnum):
     """Compares the loss between steps: it needs the same (full-batch) objective at every step."""
     MOVES_AT_ZERO_LR = "moves_at_zero_lr"
     """A learning rate of 0 does not freeze the parameters (dual averaging, a learned scale)."""
+    REAL_ONLY = "real_only"
+    """Refuses complex parameters (its math has no complex form here): ``init`` raises a ``TypeError``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +139,7 @@ _OPTAX_RMS = (
 BETAS = {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.9999)}
 EPS = {"eps": Range(1e-8, 1e-3, log=True)}
 _ADAM_FAMILY = frozenset({Capability.MOMENT_DTYPES, Capability.WEIGHT_DECAY})
+_LAPROP_FOREACH = "run with foreach=False: its foreach path computes the debiasing step size in float32"
 _ADOPT_CLIP = "evaluates the clip bound one step later than torch-adopt (the authors'): clip_count='call'"
 _ACCUMULATOR = frozenset({Capability.WEIGHT_DECAY})
 
@@ -147,6 +151,12 @@ _OPTAX_SCHEDULE_FREE = (
     "optax.contrib steps z with the learning rate at count but weighs the average with the one at count + 1 "
     "(the package: both at count), warms up from 0, and has no r: it agrees with a constant learning rate."
 )
+
+_MUON_PACKAGE = (
+    "the author's package (muon-optimizer): groups by adaopt.default_muon_mask, use_muon=True for Muon's; "
+    "its Newton-Schulz runs in bfloat16 (ns_dtype=jnp.bfloat16), compared in float64 with it patched to float64"
+)
+_MUON_TORCH = "2-d parameters only; Newton-Schulz in bfloat16, patched to float64 for the comparison"
 
 _DOG = {"reps_rel": Range(1e-3, 1e-1, log=True), "eps": Range(1e-10, 1e-6, log=True)}
 _DOG_GROUPS = (
@@ -310,6 +320,11 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY, "Adam plus a slow EMA of the gradients",
     ),
     OptimizerSpec(
+        "laprop", laprop.laprop, {**BETAS, **EPS},
+        (Reference("pytorch_optimizer.LaProp", kwargs={"eps_root": 1e-15}, note=_LAPROP_FOREACH),),
+        _ADAM_FAMILY, "momentum of RMSProp-normalised gradients",
+    ),
+    OptimizerSpec(
         "lion", lion.lion, {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.999)},
         (Reference("pytorch_optimizer.Lion"), Reference("optax.lion")),
         frozenset({Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.SIGN_UPDATE}), "sign of interpolated momentum",
@@ -324,6 +339,19 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("optax.lamb"),
         ),
         _ADAM_FAMILY | {Capability.NEEDS_PARAMS}, "Adam with layer-wise trust ratios",
+    ),
+    OptimizerSpec(
+        "muon", muon.muon,
+        {
+            "momentum": Range(0.5, 0.99), "eps": Range(1e-8, 1e-6, log=True), "adam_b1": Range(0.5, 0.99),
+            "adam_b2": Range(0.9, 0.9999), "adam_eps": Range(1e-10, 1e-6, log=True),
+        },
+        (
+            Reference("muon.SingleDeviceMuonWithAuxAdam", note=_MUON_PACKAGE),
+            Reference("torch.optim.Muon", kwargs={"eps_mode": "max"}, note=_MUON_TORCH),
+        ),
+        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY}),
+        "Newton–Schulz-orthogonalised momentum per matrix, AdamW for the other leaves",
     ),
     OptimizerSpec(
         "schedule_free_sgd", schedule_free.schedule_free_sgd,

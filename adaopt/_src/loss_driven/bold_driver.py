@@ -229,4 +229,6 @@ def bold_driver(
     """
     base.check_nonnegative("weight_decay", weight_decay)
     core = scale_by_bold_driver(learning_rate, increase, decrease, undo=undo)
-    return base.assemble(core, None, weight_decay, weight_decay_mask)
+    return base.assemble(
+        core, None, weight_decay, weight_decay_mask, complex_convention="modulus"
+    )  # norms and real inner products of a step linear in the gradient: both conventions agree

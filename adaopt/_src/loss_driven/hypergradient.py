@@ -257,7 +257,8 @@ def sgd_hd(
     else:
         inner = scale_by_momentum(momentum, dampening, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
     core = hypergradient(inner, learning_rate, hyper_lr, multiplicative)
-    return base.assemble(core, None, weight_decay, weight_decay_mask)  # core applies the learning rate
+    # The hypergradient's inner products are real ones, and SGD is linear: both conventions agree.
+    return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention="modulus")
 
 
 def sgdn_hd(
@@ -357,6 +358,7 @@ def adam_hd(
     weight_decay_mask: base.MaskOrFn | None = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam-HD: Adam whose learning rate follows its hypergradient.
 
@@ -392,6 +394,9 @@ def adam_hd(
       weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, as optax) or ``"real_imag"`` (the real and
+        imaginary parts as two real coordinates, as torch); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (state: :class:`HypergradientState` inside a chain).
@@ -419,6 +424,7 @@ def adam_hd(
     """
     base.check_learning_rate(learning_rate)
     base.check_nonnegative("weight_decay", weight_decay)
+    base.check_complex_convention(complex_convention)
     if eps_before_debias:
         inner: optax.GradientTransformation = optax.chain(
             scale_by_adam(b1, b2, eps, bias_correction=False, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
@@ -429,4 +435,6 @@ def adam_hd(
     core = hypergradient(
         inner, learning_rate, hyper_lr, multiplicative, per_leaf_update=per_leaf_update and not multiplicative
     )
-    return base.assemble(core, None, weight_decay, weight_decay_mask)  # core applies the learning rate
+    return base.assemble(  # core applies the learning rate
+        core, None, weight_decay, weight_decay_mask, complex_convention=complex_convention
+    )

@@ -189,4 +189,6 @@ def polyak_sgd(
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_polyak(c, f_min, max_learning_rate, eps, variant=variant)
-    return base.assemble(core, learning_rate, weight_decay, weight_decay_mask)
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, complex_convention="modulus"
+    )  # norms and real inner products of a step linear in the gradient: both conventions agree

@@ -299,7 +299,7 @@ def scale_by_dadapt_adam(
             d=jnp.asarray(d0).astype(dtype),
             numerator=jnp.zeros([], dtype),
             mu=moments.init_like(params, mu_dtype),
-            nu=moments.init_like(params, nu_dtype),
+            nu=moments.init_like(params, nu_dtype, real=True),
             s=moments.init_like(params),
         )
 
@@ -324,10 +324,10 @@ def scale_by_dadapt_adam(
             cd, g32, (m32, v32, s32) = moments.to_compute(g, m, v, s)
             rho = moments.scalar(r[0], cd) if r else 1
             gamma, e, sb2 = dlr.astype(cd), moments.scalar(eps, cd), moments.scalar(sqrt_b2, cd)
-            dot = rho * jnp.sum(g32 * (s32 / (jnp.sqrt(v32) + e)))
-            m_new = moments.ema(rho * gamma * g32, m32, moments.scalar(b1, cd))
-            v_new = moments.ema(g32 * g32, v32, moments.scalar(b2, cd))
-            s_new = moments.ema(gamma * g32, s32, sb2)
+            dot = rho * jnp.sum(moments.real_product(g32, moments.over(s32, jnp.sqrt(v32) + e)))
+            m_new = moments.ema(moments.times(g32, rho * gamma), m32, moments.scalar(b1, cd))
+            v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, cd))
+            s_new = moments.ema(moments.times(g32, gamma), s32, sb2)
             l1 = rho * jnp.sum(jnp.abs(s_new))
             return (
                 gate(active, m_new, m32).astype(m.dtype),
@@ -352,10 +352,10 @@ def scale_by_dadapt_adam(
 
         def step(g: jax.Array, m: jax.Array, v: jax.Array, *decay: Any) -> tuple[jax.Array]:
             cd, _, (m32, v32) = moments.to_compute(g, m, v)
-            u = m32 / (jnp.sqrt(v32) + moments.scalar(eps, cd))
+            u = moments.over(m32, jnp.sqrt(v32) + moments.scalar(eps, cd))
             if decay:
-                p32 = decay[0].astype(cd)
-                u = decay_then_step(p32, dlr.astype(cd) * decay_term(p32, decay[1], weight_decay, cd), u)
+                p32 = moments.in_precision(decay[0], cd)
+                u = decay_then_step(p32, moments.times(decay_term(p32, decay[1], weight_decay, cd), dlr.astype(cd)), u)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
         (out,) = moments.leafwise(step, 1, updates, mu, nu, *decay_trees, options=mask)
@@ -387,6 +387,7 @@ def dadapt_adam(
     layer_scale: Any = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""D-Adapt Adam: Adam whose step size :math:`d_k \eta_t` is estimated on the fly (no learning rate to tune).
 
@@ -417,6 +418,10 @@ def dadapt_adam(
         parameters' structure (or a function of the parameters returning one).
       mu_dtype: the storage dtype of :math:`m` (default: the parameter's, at least float32).
       nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
+      complex_convention: for complex parameters, ``"modulus"`` (one second moment of
+        :math:`|g|^2` per complex coordinate, :math:`|s|` the modulus, real inner products) or
+        ``"real_imag"`` (the real and imaginary parts as two real coordinates); see
+        :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params`` when the decay
@@ -450,6 +455,7 @@ def dadapt_adam(
       skip steps).
     """
     check_common(learning_rate, weight_decay, d0, growth_rate)
+    base.check_complex_convention(complex_convention)
     core = scale_by_dadapt_adam(
         learning_rate, b1, b2, eps,
         weight_decay=weight_decay if decoupled_weight_decay else 0.0, weight_decay_mask=weight_decay_mask,
@@ -457,7 +463,7 @@ def dadapt_adam(
         mu_dtype=mu_dtype, nu_dtype=nu_dtype,
     )  # fmt: skip
     coupled = 0.0 if decoupled_weight_decay else weight_decay
-    return base.assemble(core, 1.0, coupled, weight_decay_mask)
+    return base.assemble(core, 1.0, coupled, weight_decay_mask, complex_convention=complex_convention)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,9 +588,10 @@ def scale_by_dadapt_sgd(
             if selected:
                 g32 = g32 + decay_term(p32, selected[0], weight_decay, cd)
             gamma = dlr.astype(cd)
-            dot = jnp.sum(g32 * s32)
-            s_new = s32 + gamma * g32
-            return gate(active, s_new, s32).astype(s.dtype), dot, jnp.where(active, jnp.sum(s_new * s_new), 0)
+            dot = jnp.sum(moments.real_product(g32, s32))
+            s_new = s32 + moments.times(g32, gamma)
+            squares = jnp.sum(moments.abs_sq(s_new))
+            return gate(active, s_new, s32).astype(s.dtype), dot, jnp.where(active, squares, 0)
 
         s, dots, squares = moments.leafwise(
             accumulate, 3, updates, params, state.s, options=mask, what="parameters and state"
@@ -599,7 +606,7 @@ def scale_by_dadapt_sgd(
         def step(g: jax.Array, p: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:
             cd, _, (p32, s32, x032) = moments.to_compute(g, p, s, x0)
             z = x032 - s32
-            u = moments.scalar(ck, cd) * (p32 - z)
+            u = moments.times(p32 - z, moments.scalar(ck, cd))
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
         (out,) = moments.leafwise(step, 1, updates, params, s, state.x0, what="parameters and state")
@@ -675,7 +682,9 @@ def dadapt_sgd(
         learning_rate, momentum, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, d0=d0,
         growth_rate=growth_rate,
     )  # fmt: skip
-    return base.assemble(core, 1.0)
+    return base.assemble(
+        core, 1.0, complex_convention="modulus"
+    )  # norms and real inner products of a step linear in the gradient: both conventions agree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,7 +813,7 @@ def scale_by_dadapt_adagrad(
         def step(g: jax.Array, p: jax.Array, a: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:
             cd, _, (p32, a32, s32, x032) = moments.to_compute(g, p, a, s, x0)
             z = x032 - s32 / (jnp.sqrt(a32) + moments.scalar(eps, cd))
-            u = moments.scalar(ck, cd) * (p32 - z)
+            u = moments.times(p32 - z, moments.scalar(ck, cd))
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
         (out,) = moments.leafwise(step, 1, updates, params, alpha, s, state.x0, what="parameters and state")

@@ -186,7 +186,9 @@ def _dog(
     core = scale_by_dog(learning_rate, reps_rel, eps, init_eta=init_eta, layer_wise=layer_wise)
     # The learning rate multiplies the step inside the block (with init_eta the package's first
     # step ignores it); the assembly adds the coupled decay and the sign.
-    return base.assemble(core, 1.0, weight_decay, weight_decay_mask)
+    return base.assemble(
+        core, 1.0, weight_decay, weight_decay_mask, complex_convention="modulus"
+    )  # norms and real inner products of a step linear in the gradient: both conventions agree
 
 
 def dog(
@@ -465,4 +467,6 @@ def dowg(
     """
     base.check_common(learning_rate, weight_decay)
     core = scale_by_dowg(init_estim_sq_dist, eps)
-    return base.assemble(core, learning_rate, weight_decay, weight_decay_mask)
+    return base.assemble(
+        core, learning_rate, weight_decay, weight_decay_mask, complex_convention="modulus"
+    )  # norms and real inner products of a step linear in the gradient: both conventions agree

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, complex_params, moments, numerics
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import Updates
 
 Variant = Literal["pytorch", "optax"]
@@ -85,7 +85,8 @@ def mechanic(
       inner: the optimizer whose steps are scaled, e.g. ``adaopt.sgd(1.0)``; its learning rate
         (or schedule) sets the shape of the steps, Mechanic their scale. An inner learning
         rate of 0 does not freeze the parameters: :math:`S` still changes what
-        :math:`x_{ref} + S \Delta` is.
+        :math:`x_{ref} + S \Delta` is. Complex parameters follow ``inner``'s complex convention
+        (Mechanic's inner products are real ones, the same under both).
       s_decay: :math:`\lambda` >= 0, the weight-decay-like term of :math:`h_t` (not the inner
         optimizer's weight decay).
       betas: the decays :math:`\beta_i`, each in [0, 1), one learner per beta.
@@ -174,16 +175,18 @@ def mechanic(
             """The reference point (taken at the first update) and Delta_t, in the leaf's compute dtype."""
             ref = jnp.where(first, x, ref)
             if store_delta:
-                return ref, delta[0].astype(moments.compute_dtype(x.dtype, delta[0].dtype))
+                return ref, moments.in_precision(delta[0], moments.compute_dtype(x.dtype, delta[0].dtype))
             cdt = moments.compute_dtype(x.dtype)
-            return ref, (x.astype(cdt) - ref.astype(cdt)) / (s_sum + e).astype(cdt)
+            difference = moments.in_precision(x, cdt) - moments.in_precision(ref, cdt)
+            return ref, moments.over(difference, (s_sum + e).astype(cdt))
 
         delta_trees = (state.delta,) if store_delta else ()
         reference, delta_prev = moments.leafwise(offset, 2, params, state.reference, *delta_trees)
 
         def point(x: jax.Array, u: jax.Array) -> jax.Array:
             cdt = moments.compute_dtype(x.dtype, u.dtype)
-            return x.astype(cdt) + u.astype(cdt) if pytorch else x.astype(cdt)
+            x_c = moments.in_precision(x, cdt)
+            return x_c + moments.in_precision(u, cdt) if pytorch else x_c
 
         points = jax.tree.map(point, params, steps)
         grad_norm = numerics.norm(updates, dtype)
@@ -192,7 +195,8 @@ def mechanic(
 
         def product(d: jax.Array, g: jax.Array, y: jax.Array) -> jax.Array:
             cdt = moments.compute_dtype(d.dtype, g.dtype, y.dtype)
-            return jnp.sum(d.astype(cdt) * (g.astype(cdt) + coef.astype(cdt) * y.astype(cdt)))
+            c = moments.in_precision
+            return jnp.sum(moments.real_product(c(d, cdt), c(g, cdt) + moments.times(c(y, cdt), coef.astype(cdt))))
 
         h = numerics.tree_sum(jax.tree.map(product, delta_prev, updates, points), dtype)
 
@@ -211,9 +215,10 @@ def mechanic(
 
         def finish(g: jax.Array, x: jax.Array, u: jax.Array, ref: jax.Array, d: jax.Array) -> tuple[jax.Array, ...]:
             cdt = moments.compute_dtype(x.dtype, d.dtype, u.dtype)
-            d_new = d.astype(cdt) + u.astype(cdt)
-            x_new = ref.astype(cdt) + d_new * scale.astype(cdt)
-            return (x_new - x.astype(cdt)).astype(g.dtype), d_new
+            c = moments.in_precision
+            d_new = c(d, cdt) + c(u, cdt)
+            x_new = c(ref, cdt) + moments.times(d_new, scale.astype(cdt))
+            return (x_new - c(x, cdt)).astype(g.dtype), d_new
 
         out, d_new = moments.leafwise(finish, 2, updates, params, steps, reference, delta_prev)
         delta = jax.tree.map(lambda a, old: a.astype(old.dtype), d_new, state.delta) if store_delta else None
@@ -229,5 +234,5 @@ def mechanic(
             unstack(r),
         )
 
-    # Its inner products are over real coordinates: complex parameters are pairs of real ones.
-    return complex_params.as_real_imag(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+    # Its inner products are real ones (Re(conj(a) b)): complex parameters follow the inner optimizer's convention.
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,402 @@
+"""Muon: the momentum of each weight matrix, orthogonalised by a Newton–Schulz iteration.
+
+:func:`scale_by_muon` is the block for matrices; :func:`muon` routes every leaf of a model,
+the hidden matrices to that block and the rest (embeddings, heads, biases, norms, scalars) to an
+auxiliary AdamW, by the rule of :func:`default_muon_mask` or one of the user's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaopt._src import base, moments
+from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.complex_params import is_complex
+from adaopt._src.optimizers import adam
+
+AdjustLr = Literal["original", "match_rms_adamw"]
+EpsMode = Literal["add", "max"]
+NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+"""The quintic Newton–Schulz coefficients of the reference implementations."""
+
+# Path keys that name an embedding or an output head: leaves under them go to the auxiliary AdamW.
+_AUX_SUBSTRINGS = ("embed", "embd")
+_AUX_KEYS = ("wte", "wpe", "head", "lm_head", "classifier")
+_NO_COMPLEX = (
+    "Muon does not take complex parameters: its Newton–Schulz iteration has no complex form here, and a real "
+    "view would orthogonalise another matrix. Got a complex leaf at {path} ({dtype}). Train complex leaves with "
+    "another optimizer (optax.partition routes leaves to different optimizers)."
+)
+
+
+class MuonState(NamedTuple):
+    """State of :func:`scale_by_muon`.
+
+    Attributes:
+      mu: the momentum :math:`m_t` of each matrix, mirroring the parameters.
+    """
+
+    mu: Updates
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute)).lower()
+    return str(key).lower()
+
+
+def _is_auxiliary_path(path: tuple[Any, ...]) -> bool:
+    names = [_key_name(k) for k in path]
+    return any(s in n for n in names for s in _AUX_SUBSTRINGS) or any(
+        n in _AUX_KEYS or n.endswith("_head") for n in names
+    )
+
+
+def default_muon_mask(params: base.Params) -> Any:
+    """The default rule of :func:`muon`: which leaves are hidden matrices (True) and go to Muon.
+
+    A leaf goes to Muon when it has two or more dimensions and no key on its path names an
+    embedding or an output head: a key containing ``"embed"`` or ``"embd"``, or equal to
+    ``"wte"``, ``"wpe"``, ``"head"``, ``"lm_head"`` or ``"classifier"``, or ending in ``"_head"``
+    (keys compared in lower case). Everything else goes to the auxiliary AdamW: 0-d and 1-d
+    leaves (biases, norms, gains, scalars) and embeddings and heads, whatever their size.
+
+    Args:
+      params: the parameters (or gradients: only paths and shapes are read).
+
+    Returns:
+      A tree of booleans with the structure of ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> params = {"embed": jnp.ones((10, 4)), "mlp": {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}}
+      >>> adaopt.default_muon_mask(params)
+      {'embed': False, 'mlp': {'b': False, 'w': True}}
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, x: jnp.ndim(x) >= 2 and not _is_auxiliary_path(path), params)
+
+
+def _shape_scale(shape: tuple[int, ...], adjust_lr: AdjustLr | None) -> float:
+    """The references' scaling of an orthogonalised matrix of ``shape`` (rows A, columns B: the last two axes)."""
+    rows, cols = shape[-2], shape[-1]
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, rows / cols)) if cols else 1.0
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
+
+
+def newton_schulz(
+    x: jax.Array,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    steps: int = 5,
+    eps: float = 1e-7,
+    *,
+    eps_mode: EpsMode = "add",
+    dtype: Any = None,
+) -> jax.Array:
+    r"""Orthogonalise each matrix of ``x`` (its last two axes) by the references' quintic Newton–Schulz iteration.
+
+    .. math::
+        X_0 = G / (\|G\|_F + \epsilon) \;\text{("add")} \;\text{or}\; G / \max(\|G\|_F, \epsilon)
+        \;\text{("max")}, \qquad
+        A = X_k X_k^\top, \quad X_{k+1} = a X_k + (b A + c A^2) X_k
+
+    on the wide orientation of each matrix (a tall one is transposed and back), in ``dtype``
+    (None: the compute dtype of ``x``, float32 or float64), with a zero matrix mapped to zero.
+    Returned in that dtype.
+    """
+    a, b, c = coefficients
+    dtype = moments.compute_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
+    # Products accumulate in float32 at least and are rounded to ``dtype`` once per product-and-sum,
+    # as torch's addmm does in bfloat16; float32 and float64 at full precision (accelerators
+    # default to bfloat16 passes).
+    accumulate = jnp.dtype(jnp.float64) if dtype.itemsize >= 8 else jnp.dtype(jnp.float32)
+    precision = None if dtype.itemsize < 4 else jax.lax.Precision.HIGHEST
+
+    def matmul(u: jax.Array, v: jax.Array) -> jax.Array:
+        return jnp.matmul(u, v, precision=precision, preferred_element_type=accumulate)
+
+    tall = x.shape[-2] > x.shape[-1]
+    x = x.astype(dtype)
+    if tall:
+        x = jnp.swapaxes(x, -1, -2)
+    wide = x.astype(accumulate)
+    norm = jnp.sqrt(jnp.sum(wide * wide, axis=(-2, -1), keepdims=True)).astype(dtype)
+    eps_value = moments.scalar(eps, dtype)
+    denominator = norm + eps_value if eps_mode == "add" else jnp.maximum(norm, eps_value)
+    x = moments.safe_divide(x, denominator).astype(dtype)
+    for _ in range(steps):
+        gram = matmul(x, jnp.swapaxes(x, -1, -2)).astype(dtype)
+        gram_update = (b * gram.astype(accumulate) + c * matmul(gram, gram)).astype(dtype)
+        x = (a * x.astype(accumulate) + matmul(gram_update, x)).astype(dtype)
+    return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def _check_muon(
+    momentum: Any, nesterov: bool, ns_steps: Any, ns_coefficients: Any, eps: Any, eps_mode: Any, adjust_lr: Any,
+    ns_dtype: Any, mu_dtype: Any,
+) -> None:  # fmt: skip
+    base.check_decay("momentum", momentum)
+    base.check_nesterov(momentum, nesterov)
+    base.check_integer("ns_steps", ns_steps, 0, 99)
+    if not isinstance(ns_coefficients, (tuple, list)) or len(ns_coefficients) != 3:
+        raise base.HyperparameterError(
+            f"ns_coefficients must be a tuple of three real numbers (a, b, c), got {ns_coefficients!r}."
+        )
+    for i, coefficient in enumerate(ns_coefficients):
+        base.check_scalar(f"ns_coefficients[{i}]", coefficient)
+    base.check_nonnegative("eps", eps)
+    base.check_choice("eps_mode", eps_mode, ("add", "max"))
+    base.check_choice("adjust_lr", adjust_lr, ("original", "match_rms_adamw", None))
+    base.check_dtype("ns_dtype", ns_dtype)
+    base.check_dtype("mu_dtype", mu_dtype)
+
+
+def _check_real(tree: Any) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if is_complex(leaf):
+            raise TypeError(_NO_COMPLEX.format(path=jax.tree_util.keystr(path) or "the root", dtype=leaf.dtype))
+
+
+def scale_by_muon(
+    momentum: Any = 0.95,
+    *,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: Any = 1e-7,
+    eps_mode: EpsMode = "add",
+    adjust_lr: AdjustLr | None = "original",
+    ns_dtype: Any = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Orthogonalise the momentum of each matrix by Newton–Schulz, scaled by its shape: Muon's block.
+
+    .. math::
+        m_t &= \mu\, m_{t-1} + (1 - \mu)\, g_t \\
+        G_t &= g_t + \mu (m_t - g_t) \;\text{(Nesterov)} \quad\text{or}\quad m_t \\
+        u_t &= s(A, B)\, \mathrm{NS}(G_t), \qquad
+        s = \begin{cases}
+            \sqrt{\max(1, A / B)} & \text{"original"} \\
+            0.2 \sqrt{\max(A, B)} & \text{"match\_rms\_adamw"} \\
+            1 & \text{None}
+        \end{cases}
+
+    with :func:`newton_schulz` as NS and :math:`A \times B` the matrix's shape (its last two axes).
+
+    Every leaf must have two or more dimensions: a leaf of three or more is a batch of matrices
+    over its leading axes (each orthogonalised, normalised and scaled by itself, as the author's
+    package does for 3-d leaves; it flattens 4-d convolution kernels to (out, in·h·w) instead:
+    reshape such a kernel first for that). :func:`muon` routes the other leaves elsewhere.
+
+    Args:
+      momentum: :math:`\mu`, the decay of the momentum, in [0, 1).
+      nesterov: orthogonalise the Nesterov look-ahead :math:`g_t + \mu (m_t - g_t)` (the
+        references' default) instead of :math:`m_t`.
+      ns_steps: number of Newton–Schulz iterations, in [0, 99].
+      ns_coefficients: the iteration's coefficients :math:`(a, b, c)`.
+      eps: :math:`\epsilon` of the normalisation, >= 0.
+      eps_mode: ``"add"`` (:math:`\|G\|_F + \epsilon`: the author's package, optax) or ``"max"``
+        (:math:`\max(\|G\|_F, \epsilon)`: ``torch.optim.Muon``).
+      adjust_lr: the shape scaling :math:`s`: ``"original"`` (the author's package, torch's
+        default), ``"match_rms_adamw"`` (Moonlight's consistent RMS: the update's RMS near
+        AdamW's) or None.
+      ns_dtype: the dtype of the iteration; None: the compute dtype (float32, float64 for
+        float64 parameters); ``jnp.bfloat16`` runs it as the reference packages do.
+      mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`MuonState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> tx = adaopt.scale_by_muon(ns_steps=25, ns_coefficients=(1.5, -0.5, 0.0), adjust_lr=None)
+      >>> g = jnp.array([[3.0, 0.0], [0.0, 0.5]])
+      >>> updates, _ = tx.update(g, tx.init(g))
+      >>> updates.round(3)  # the cubic iteration converges to the orthogonal factor
+      Array([[1., 0.],
+             [0., 1.]], dtype=float32)
+
+    References:
+      Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+      https://kellerjordan.github.io/posts/muon/.
+    """
+    _check_muon(momentum, nesterov, ns_steps, ns_coefficients, eps, eps_mode, adjust_lr, ns_dtype, mu_dtype)
+    a, b, c = (float(x) for x in ns_coefficients)
+    coefficients = (a, b, c)
+
+    def init_fn(params: base.Params) -> MuonState:
+        _check_real(params)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            if jnp.ndim(leaf) < 2:
+                raise ValueError(
+                    f"scale_by_muon orthogonalises matrices, but the leaf at {jax.tree_util.keystr(path) or 'the root'} "
+                    f"has shape {jnp.shape(leaf)}. Give it leaves of two or more dimensions; adaopt.muon routes 0-d "
+                    "and 1-d leaves (and embeddings and heads) to an auxiliary AdamW."
+                )
+        return MuonState(mu=moments.init_like(params, mu_dtype))
+
+    def update_fn(updates: Updates, state: MuonState, params: base.Params | None = None) -> tuple[Updates, MuonState]:
+        del params
+
+        def leaf(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+            dtype, g_compute, (m_compute,) = moments.to_compute(g, m)
+            beta = moments.scalar(momentum, dtype)
+            m_new = moments.ema(g_compute, m_compute, beta)
+            direction = g_compute + beta * (m_new - g_compute) if nesterov else m_new
+            ortho = newton_schulz(direction, coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype)
+            step = ortho.astype(dtype) * _shape_scale(g.shape, adjust_lr)
+            return step.astype(g.dtype), m_new.astype(m.dtype)
+
+        out = moments.leafwise(leaf, 2, updates, state.mu)
+        return out[0], MuonState(out[1])
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _labels(muon_mask: base.MaskOrFn | None, weight_decay_mask: base.MaskOrFn | None) -> Callable[[Any], Any]:
+    """The partition's labels: "muon" or "adam", each "_decayed" or not (so each group's decay is a fixed number)."""
+
+    def labels(tree: Any) -> Any:
+        _check_real(tree)
+        matrices = muon_mask(tree) if callable(muon_mask) else muon_mask
+        matrices = default_muon_mask(tree) if matrices is None else matrices
+        decayed = weight_decay_mask(tree) if callable(weight_decay_mask) else weight_decay_mask
+        decayed = jax.tree.map(lambda _: True, tree) if decayed is None else decayed
+        base.check_tree_match(tree, matrices, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+        base.check_tree_match(tree, decayed, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+        return jax.tree.map(lambda m, d: ("muon" if m else "adam") + ("_decayed" if d else ""), matrices, decayed)
+
+    return labels
+
+
+def muon(
+    learning_rate: ScalarOrSchedule = 0.02,
+    momentum: Any = 0.95,
+    weight_decay: Any = 0.0,
+    *,
+    adam_learning_rate: ScalarOrSchedule | None = None,
+    adam_b1: Any = 0.9,
+    adam_b2: Any = 0.95,
+    adam_eps: Any = 1e-10,
+    adam_weight_decay: Any = None,
+    muon_mask: base.MaskOrFn | None = None,
+    weight_decay_mask: base.MaskOrFn | None = None,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: Any = 1e-7,
+    eps_mode: EpsMode = "add",
+    adjust_lr: AdjustLr | None = "original",
+    ns_dtype: Any = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Muon for the hidden matrices, AdamW for every other leaf: a whole model's optimizer.
+
+    .. math::
+        \theta_t = \theta_{t-1} - \eta_t \big( u_t + \lambda \theta_{t-1} \big)
+
+    with :math:`u_t` from :func:`scale_by_muon` on the leaves that ``muon_mask`` selects (by
+    default :func:`default_muon_mask`: leaves of two or more dimensions that are not embeddings
+    or heads), and :math:`u_t` the Adam direction with ``adam_*`` hyperparameters (and
+    :math:`\eta_t`, :math:`\lambda` the ``adam_learning_rate``, ``adam_weight_decay``) on the
+    others: 0-d and 1-d leaves, embeddings and heads of any size. A leaf of three or more
+    dimensions sent to Muon is a batch of matrices over its leading axes. The decay is
+    decoupled and scaled by the learning rate, not by the shape scaling (as the references:
+    :math:`\theta \leftarrow (1 - \eta\lambda)\theta` before the step).
+
+    Args:
+      learning_rate: :math:`\eta`, Muon's learning rate: a non-negative number or a schedule.
+      momentum: Muon's momentum, in [0, 1).
+      weight_decay: :math:`\lambda`, the decoupled weight decay, >= 0 (of every leaf, unless
+        ``adam_weight_decay`` sets the auxiliary leaves' own).
+      adam_learning_rate: the auxiliary AdamW's learning rate; None: ``learning_rate``.
+      adam_b1: the auxiliary AdamW's first-moment decay, in [0, 1).
+      adam_b2: the auxiliary AdamW's second-moment decay, in [0, 1).
+      adam_eps: the auxiliary AdamW's eps (outside the root), >= 0.
+      adam_weight_decay: the auxiliary leaves' decay, >= 0; None: ``weight_decay``.
+      muon_mask: which leaves go to Muon: a tree of booleans with the parameters' structure,
+        a function of the parameters returning one, or None for :func:`default_muon_mask`.
+      weight_decay_mask: which leaves decay (a tree of booleans or a function of the
+        parameters); None: all.
+      nesterov: see :func:`scale_by_muon`.
+      ns_steps: see :func:`scale_by_muon`.
+      ns_coefficients: see :func:`scale_by_muon`.
+      eps: see :func:`scale_by_muon`.
+      eps_mode: see :func:`scale_by_muon`.
+      adjust_lr: see :func:`scale_by_muon`.
+      ns_dtype: see :func:`scale_by_muon`.
+      mu_dtype: storage dtype of Muon's momentum and AdamW's first moment.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a pair: an empty state and an
+      ``optax.PartitionState`` with groups ``"muon"``, ``"adam"`` (leaves out of ``weight_decay_mask``) and
+      ``"muon_decayed"``, ``"adam_decayed"``; each group's state holds ``optax.MaskedNode()``
+      in place of the leaves of the others. Complex parameters are refused at ``init``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> params = {"embed": jnp.ones((10, 4)), "w": jnp.ones((4, 4)), "b": jnp.zeros(4)}
+      >>> opt = adaopt.muon(0.02, adam_learning_rate=3e-4)
+      >>> grads = {"embed": jnp.ones((10, 4)), "w": jnp.eye(4), "b": jnp.ones(4)}
+      >>> updates, state = opt.update(grads, opt.init(params), params)
+      >>> round(float(updates["w"][0, 0]), 4), round(float(updates["b"][0]), 6)  # Muon, then AdamW
+      (-0.0153, -0.0003)
+
+    References:
+      Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+      https://kellerjordan.github.io/posts/muon/; Liu et al., "Muon is Scalable for LLM
+      Training", 2025, https://arxiv.org/abs/2502.16982 (``adjust_lr="match_rms_adamw"``).
+
+      Reference packages: the author's ``muon.SingleDeviceMuonWithAuxAdam`` (muon-optimizer
+      0.1.0: groups ``use_muon=True`` with ``lr, momentum, weight_decay`` and ``use_muon=False``
+      with ``lr=adam_learning_rate, betas=(adam_b1, adam_b2), eps=adam_eps, weight_decay``) is
+      this at the defaults; ``torch.optim.Muon(lr, weight_decay, momentum, nesterov,
+      ns_coefficients, eps, ns_steps, adjust_lr_fn)`` (2-d parameters only) is ``scale_by_muon``'s
+      leaves with ``eps_mode="max"``. Both run Newton–Schulz in bfloat16: ``ns_dtype=jnp.bfloat16``
+      follows them within bfloat16's precision, and the default follows them exactly once their
+      iteration runs in float64. ``optax.contrib.muon`` differs: it debiases the momentum
+      (:math:`m_t / (1 - \mu^t)`), adds eps = 1e-8, scales by :math:`\sqrt{\max(1, B/A)}` (fan-out
+      over fan-in of a (in, out) kernel: the transpose of torch's (out, in) rule), sends every 2-d
+      leaf (embeddings too) to Muon, and its AdamW's default betas are (0.9, 0.999); its
+      Newton–Schulz iteration is this one's with ``eps_mode="add"``.
+    """
+    base.check_common(learning_rate, weight_decay)
+    if adam_learning_rate is not None:
+        base.check_learning_rate(adam_learning_rate, "adam_learning_rate")
+    base.check_decay("adam_b1", adam_b1)
+    base.check_decay("adam_b2", adam_b2)
+    base.check_nonnegative("adam_eps", adam_eps)
+    if adam_weight_decay is not None:
+        base.check_nonnegative("adam_weight_decay", adam_weight_decay)
+    base.check_mask(muon_mask, "muon_mask")
+    base.check_mask(weight_decay_mask)
+    core = scale_by_muon(
+        momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps,
+        eps_mode=eps_mode, adjust_lr=adjust_lr, ns_dtype=ns_dtype, mu_dtype=mu_dtype,
+    )  # fmt: skip
+    aux_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+    aux_decay = weight_decay if adam_weight_decay is None else adam_weight_decay
+
+    def muon_group(decay: Any) -> optax.GradientTransformationExtraArgs:
+        return base.assemble(core, learning_rate, decay, decoupled_weight_decay=True, complex_convention="modulus")
+
+    def adam_group(decay: Any) -> optax.GradientTransformationExtraArgs:
+        return adam.adamw(aux_lr, adam_b1, adam_b2, adam_eps, weight_decay=decay, mu_dtype=mu_dtype)
+
+    groups = {
+        "muon": muon_group(0.0),
+        "muon_decayed": muon_group(weight_decay),
+        "adam": adam_group(0.0),
+        "adam_decayed": adam_group(aux_decay),
+    }
+    # The gradients are checked against the parameters before the labels are read from them.
+    return optax.chain(base.check_gradient_tree(), optax.partition(groups, _labels(muon_mask, weight_decay_mask)))
