@@ -85,6 +85,11 @@ from adaopt._src.optimizers.rmsprop import scale_by_rms as scale_by_rms
 from adaopt._src.optimizers.sgd import MomentumState as MomentumState
 from adaopt._src.optimizers.sgd import scale_by_momentum as scale_by_momentum
 from adaopt._src.optimizers.sgd import sgd as sgd
+from adaopt._src.preconditioned.muon import MuonState as MuonState
+from adaopt._src.preconditioned.muon import default_muon_mask as default_muon_mask
+from adaopt._src.preconditioned.muon import muon as muon
+from adaopt._src.preconditioned.muon import newton_schulz as newton_schulz
+from adaopt._src.preconditioned.muon import scale_by_muon as scale_by_muon
 from adaopt._src.registry import REGISTRY as REGISTRY
 from adaopt._src.registry import Capability as Capability
 from adaopt._src.registry import OptimizerSpec as OptimizerSpec

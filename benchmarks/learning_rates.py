@@ -30,6 +30,7 @@ TUNED: dict[str, float] = {
     "ademamix": 1e-3,  # not tuned on the grid yet
     "lion": 1e-3,
     "lamb": 5e-3,
+    "muon": 0.02,  # the author's default (the auxiliary AdamW at the same rate): not tuned on the grid yet
     "schedule_free_sgd": 1.0,
     "schedule_free_adamw": 2.5e-3,
     "schedule_free_radam": 2.5e-3,

@@ -21,7 +21,7 @@ import optax
 import pytest
 
 import adaopt
-from adaopt import REGISTRY, OptimizerSpec, Reference
+from adaopt import REGISTRY, Capability, OptimizerSpec, Reference
 from benchmarks import learning_rates
 from tests import parity, references
 from tests.parity import DECAY_MASK, SHAPES, Case
@@ -38,7 +38,7 @@ TORCH_RUNS = [
     (spec, ref, dtype)
     for spec in REGISTRY.values()
     for ref in spec.references
-    if ref.name.startswith("torch.optim.")
+    if ref.name.startswith("torch.optim.") and Capability.REAL_ONLY not in spec.capabilities
     for dtype in (np.complex128, np.complex64)
 ]
 # optax.adadelta squares a complex gradient (g**2, not |g|^2): it follows neither convention.
@@ -175,9 +175,22 @@ def _quadratic_run(spec: OptimizerSpec, dtype: Any, convention: str | None) -> t
     return float(loss(params)), float(loss(final)), (final, state)
 
 
+# A Capability.REAL_ONLY optimizer refuses complex parameters instead (test_real_only_optimizers_refuse_complex).
 CONVENTION_RUNS = [
-    (s, c) for s in REGISTRY.values() for c in ((None,) if s not in NATIVE else ("modulus", "real_imag"))
+    (s, c)
+    for s in REGISTRY.values()
+    if Capability.REAL_ONLY not in s.capabilities
+    for c in ((None,) if s not in NATIVE else ("modulus", "real_imag"))
 ]
+REAL_ONLY = [s for s in REGISTRY.values() if Capability.REAL_ONLY in s.capabilities]
+
+
+@pytest.mark.parametrize("spec", REAL_ONLY, ids=lambda s: s.name)
+def test_real_only_optimizers_refuse_complex_parameters_at_init(spec: OptimizerSpec) -> None:
+    """Loudly, naming the leaf, rather than a silent real cast or a real view its math was not made for."""
+    params = {"w": jnp.ones((3, 2)), "z": jnp.ones((2, 2), jnp.complex64)}
+    with pytest.raises(TypeError, match=r"complex.*\[.z.\]"):
+        learning_rates.make(spec).init(params)
 
 
 @pytest.mark.parametrize(

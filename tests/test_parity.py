@@ -67,6 +67,7 @@ COMPARED_IN = {
     "sgdn_hd": "tests/test_hypergradient.py",
     "adam_hd": "tests/test_hypergradient.py",
     "polyak_sgd": "tests/test_polyak.py",
+    "muon": "tests/test_muon.py",
 }
 PAIRS = [(spec, ref) for spec in REGISTRY.values() for ref in spec.references if spec.name not in COMPARED_IN]
 ELSEWHERE = [(spec, ref) for spec in REGISTRY.values() for ref in spec.references if spec.name in COMPARED_IN]

@@ -1,0 +1,286 @@
+"""Muon against its references, step for step, and what it does with every kind of leaf.
+
+The references run Newton–Schulz in bfloat16. For the float64 and float32 comparisons their own
+iteration is patched in the test: its source, with the bfloat16 cast replaced by a copy in the
+gradient's dtype (the author's ``muon.zeropower_via_newtonschulz5``, torch's
+``torch.optim._muon._zeropower_via_newtonschulz``). ``ns_dtype=jnp.bfloat16`` is compared with the
+unpatched packages within bfloat16's precision.
+"""
+
+from __future__ import annotations
+
+import inspect
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import muon as muon_package
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.optim._muon as torch_muon
+
+import adaopt
+from tests import parity
+
+SPEC = adaopt.REGISTRY["muon"]
+TOLERANCE = {np.float64: 1e-8, np.float32: 1e-4}
+# The author's package takes ndim >= 2 (3-d: a batch of matrices); "embed" goes to the auxiliary AdamW.
+PACKAGE_SHAPES = {"w": (16, 8), "t": (2, 6, 4), "embed": (12, 4), "b": (8,), "s": ()}
+TORCH_SHAPES = {"w": (16, 8), "u": (6, 10)}  # torch.optim.Muon takes 2-d parameters only
+
+
+@contextmanager
+def _newton_schulz_in_the_gradients_dtype() -> Iterator[None]:
+    """Both references' Newton–Schulz, from their own source, with ``.bfloat16()`` replaced by ``.clone()``."""
+    originals = [
+        (muon_package, "zeropower_via_newtonschulz5"),
+        (torch_muon, "_zeropower_via_newtonschulz"),
+    ]
+    saved = [getattr(module, name) for module, name in originals]
+    try:
+        for module, name in originals:
+            source = inspect.getsource(getattr(module, name))
+            assert source.count(".bfloat16()") == 1, f"{module.__name__}.{name} changed: review this patch"
+            namespace = dict(vars(module))
+            exec(source.replace(".bfloat16()", ".clone()"), namespace)
+            setattr(module, name, namespace[name])
+        yield
+    finally:
+        for (module, name), original in zip(originals, saved, strict=True):
+            setattr(module, name, original)
+
+
+def _draw(seed: int, weight_decay: bool) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    hp = {name: r.sample(float(rng.uniform())) for name, r in SPEC.hyperparameters.items()}
+    hp["learning_rate"] = float(np.exp(rng.uniform(np.log(3e-3), np.log(3e-2))))
+    hp["adam_learning_rate"] = float(np.exp(rng.uniform(np.log(1e-4), np.log(3e-3))))
+    hp["weight_decay"] = float(rng.uniform(1e-3, 0.1)) if weight_decay else 0.0
+    hp["adam_weight_decay"] = float(rng.uniform(1e-3, 0.1)) if weight_decay else 0.0
+    return hp
+
+
+def _problem(shapes: dict, seed: int, dtype: Any, steps: int = parity.STEPS) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+    grads = {k: rng.normal(size=(steps, *s)).astype(dtype) for k, s in shapes.items()}
+    return params, grads
+
+
+def _torch_run(opt: torch.optim.Optimizer, tensors: dict, grads: dict, lr: Any = None) -> dict:
+    names = sorted(tensors)
+    trajectory: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for t in range(len(grads[names[0]])):
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = float(lr(t))
+        for k in names:
+            tensors[k].grad = torch.tensor(grads[k][t])  # a fresh tensor: the package changes p.grad in place
+        opt.step()
+        for k in names:
+            trajectory[k].append(tensors[k].detach().numpy().copy())
+    return {k: np.stack(v) for k, v in trajectory.items()}
+
+
+def _package(hp: dict, params: dict, grads: dict) -> dict:
+    """``muon.SingleDeviceMuonWithAuxAdam`` with adaopt's default rule for the groups."""
+    tensors = {k: torch.tensor(v) for k, v in params.items()}
+    matrices = adaopt.default_muon_mask(params)
+    opt = muon_package.SingleDeviceMuonWithAuxAdam(
+        [
+            {
+                "params": [tensors[k] for k in sorted(tensors) if matrices[k]], "use_muon": True,
+                "lr": hp["learning_rate"], "momentum": hp["momentum"], "weight_decay": hp["weight_decay"],
+            },
+            {
+                "params": [tensors[k] for k in sorted(tensors) if not matrices[k]], "use_muon": False,
+                "lr": hp["adam_learning_rate"], "betas": (hp["adam_b1"], hp["adam_b2"]), "eps": hp["adam_eps"],
+                "weight_decay": hp["adam_weight_decay"],
+            },
+        ]
+    )  # fmt: skip
+    return _torch_run(opt, tensors, grads)
+
+
+def _torch(hp: dict, params: dict, grads: dict, lr: Any = None, **options: Any) -> dict:
+    """``torch.optim.Muon``; ``lr``, a schedule, overrides the learning rate at every step."""
+    tensors = {k: torch.tensor(v) for k, v in params.items()}
+    opt = torch.optim.Muon(
+        [tensors[k] for k in sorted(tensors)], lr=hp["learning_rate"], weight_decay=hp["weight_decay"],
+        momentum=hp["momentum"], eps=hp["eps"], **options,
+    )  # fmt: skip
+    return _torch_run(opt, tensors, grads, lr)
+
+
+def _adaopt_package(hp: dict, **options: Any) -> optax.GradientTransformation:
+    keys = ("learning_rate", "momentum", "weight_decay", "adam_learning_rate", "adam_b1", "adam_b2", "adam_eps")
+    return adaopt.muon(**{k: hp[k] for k in keys}, adam_weight_decay=hp["adam_weight_decay"], **options)
+
+
+def _adaopt_torch(hp: dict, lr: Any = None, **options: Any) -> optax.GradientTransformation:
+    keys = ("learning_rate", "momentum", "weight_decay", "eps")
+    return adaopt.muon(
+        **{**{k: hp[k] for k in keys}, **({"learning_rate": lr} if lr else {})}, eps_mode="max", **options
+    )
+
+
+PACKAGE_CASES = [(False, np.float64), (True, np.float64), (True, np.float32)]
+
+
+@pytest.mark.parametrize(("weight_decay", "dtype"), PACKAGE_CASES, ids=lambda x: str(getattr(x, "__name__", x)))
+def test_matches_muon_SingleDeviceMuonWithAuxAdam(weight_decay: bool, dtype: Any) -> None:
+    """The author's package: Muon on the hidden matrices (a 3-d leaf as a batch), AdamW on an embedding, a bias, a scalar."""
+    seed = zlib.crc32(f"muon/package/{weight_decay}/{np.dtype(dtype).name}".encode())
+    hp = _draw(seed, weight_decay)
+    params, grads = _problem(PACKAGE_SHAPES, seed + 1, dtype)
+    with jax.enable_x64(dtype == np.float64):
+        ours = parity.run_adaopt(_adaopt_package(hp), params, grads)
+    with _newton_schulz_in_the_gradients_dtype():
+        theirs = _package(hp, params, grads)
+    assert parity.relative_error(ours, theirs) <= TOLERANCE[dtype]
+
+
+TORCH_CASES = [
+    ("original", True, False, np.float64, False),
+    ("match_rms_adamw", True, True, np.float64, True),
+    ("original", False, True, np.float64, False),
+    ("match_rms_adamw", True, True, np.float32, False),
+]
+
+
+@pytest.mark.parametrize(("adjust_lr", "nesterov", "weight_decay", "dtype", "schedule"), TORCH_CASES)
+def test_matches_torch_optim_Muon(
+    adjust_lr: str, nesterov: bool, weight_decay: bool, dtype: Any, schedule: bool
+) -> None:
+    seed = zlib.crc32(f"muon/torch/{adjust_lr}/{nesterov}/{weight_decay}/{np.dtype(dtype).name}".encode())
+    hp = _draw(seed, weight_decay)
+    params, grads = _problem(TORCH_SHAPES, seed + 1, dtype)
+    peak = hp["learning_rate"]
+    lr = optax.warmup_cosine_decay_schedule(0.0, peak, 20, parity.STEPS, peak / 10) if schedule else None
+    with jax.enable_x64(dtype == np.float64):
+        # optax evaluates a schedule in float32 at an int32 count: evaluated in the case's dtype, as torch sees it.
+        rate = (lambda c: lr(jnp.asarray(c, dtype))) if lr else None
+        tx = _adaopt_torch(hp, rate, nesterov=nesterov, adjust_lr=adjust_lr)
+        ours = parity.run_adaopt(tx, params, grads)
+    with _newton_schulz_in_the_gradients_dtype():
+        theirs = _torch(hp, params, grads, lr, nesterov=nesterov, adjust_lr_fn=adjust_lr)
+    assert parity.relative_error(ours, theirs) <= TOLERANCE[dtype]
+
+
+def test_the_comparison_is_sharp() -> None:
+    """A momentum off by 1e-4 fails it; and the patched references agree with each other."""
+    hp = _draw(0, True)
+    hp["adam_weight_decay"] = hp["weight_decay"]
+    params, grads = _problem({"w": (16, 8)}, 1, np.float64, steps=50)
+    with _newton_schulz_in_the_gradients_dtype():
+        theirs = _torch(hp, params, grads)
+        package = _package({**hp, "eps": 1e-7}, params, grads)
+        with_eps = _torch({**hp, "eps": 1e-7}, params, grads)
+    with jax.enable_x64(True):
+        off = parity.run_adaopt(_adaopt_torch({**hp, "momentum": hp["momentum"] - 1e-4}), params, grads)
+    assert parity.relative_error(off, theirs) > 1e-6
+    # norm + eps (the package) and max(norm, eps) (torch): alike to float64's tolerance, not bitwise.
+    assert 0 < parity.relative_error(package, with_eps) < TOLERANCE[np.float64]
+
+
+def test_bfloat16_iteration_follows_the_unpatched_references() -> None:
+    """``ns_dtype=jnp.bfloat16`` against the packages as they ship (float32 parameters, bfloat16 iteration).
+
+    torch rounds once per addmm, as adaopt does: the same trajectory to float32's precision (the
+    float32 iteration is off by bfloat16's). The author's package rounds after each product and
+    each sum: within bfloat16's precision.
+    """
+    hp = _draw(1, True)
+    params, grads = _problem(TORCH_SHAPES, 2, np.float32, steps=10)
+    theirs = _torch(hp, params, grads)
+    assert (
+        parity.relative_error(parity.run_adaopt(_adaopt_torch(hp, ns_dtype=jnp.bfloat16), params, grads), theirs) < 1e-5
+    )
+    assert parity.relative_error(parity.run_adaopt(_adaopt_torch(hp), params, grads), theirs) > 1e-5
+    params, grads = _problem(PACKAGE_SHAPES, 2, np.float32, steps=10)
+    ours = parity.run_adaopt(_adaopt_package(hp, ns_dtype=jnp.bfloat16), params, grads)
+    assert parity.relative_error(ours, _package(hp, params, grads)) < 3e-3
+
+
+def test_newton_schulz_is_optax_s_with_eps_added() -> None:
+    """``optax.contrib.scale_by_muon`` without momentum is this block with ``eps_mode="add"`` and no shape scaling
+    (its other differences, debiased momentum and scaling by fan-out over fan-in, are in ``adaopt.muon``'s docstring)."""
+    with jax.enable_x64(True):
+        g = jnp.asarray(np.random.default_rng(3).normal(size=(16, 8)))
+        theirs_tx = optax.contrib.scale_by_muon(beta=0.0, eps=1e-8, nesterov=False)
+        ours_tx = adaopt.scale_by_muon(0.0, nesterov=False, eps=1e-8, adjust_lr=None)
+        theirs, _ = theirs_tx.update(g, theirs_tx.init(g))
+        ours, _ = ours_tx.update(g, ours_tx.init(g))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-10, atol=1e-12)
+
+
+# What each kind of leaf does.
+
+
+def test_the_default_rule_routes_each_kind_of_leaf() -> None:
+    params = {
+        "embed": {"embedding": jnp.ones((1000, 8))},  # very large, 2-d: an embedding, to AdamW
+        "wte": jnp.ones((50, 8)),
+        "blocks": [{"attn": {"kernel": jnp.ones((8, 8))}, "norm": {"scale": jnp.ones(8)}}],
+        "conv": jnp.ones((3, 3, 4, 4)),  # 4-d: a batch of 4x4 matrices, to Muon
+        "bias": jnp.ones(8),  # 1-d
+        "temperature": jnp.ones(()),  # 0-d
+        "lm_head": {"kernel": jnp.ones((8, 50))},
+        "value_head": jnp.ones((8, 1)),
+        "frozen": None,
+    }
+    assert adaopt.default_muon_mask(params) == {
+        "embed": {"embedding": False}, "wte": False,
+        "blocks": [{"attn": {"kernel": True}, "norm": {"scale": False}}],
+        "conv": True, "bias": False, "temperature": False, "lm_head": {"kernel": False}, "value_head": False,
+        "frozen": None,
+    }  # fmt: skip
+
+
+def test_auxiliary_leaves_take_exactly_adamw() -> None:
+    """0-d, 1-d and embedding leaves: adaopt.adamw's steps, with Muon's matrices beside them."""
+    params, grads = _problem({"embed": (30, 4), "b": (4,), "s": (), "w": (4, 4)}, 4, np.float32, steps=5)
+    ours = parity.run_adaopt(adaopt.muon(0.02, adam_learning_rate=1e-3, weight_decay=0.1), params, grads)
+    aux = {k: params[k] for k in ("embed", "b", "s")}
+    adamw = parity.run_adaopt(adaopt.adamw(1e-3, 0.9, 0.95, 1e-10, weight_decay=0.1), aux, {k: grads[k] for k in aux})
+    for k in aux:
+        np.testing.assert_array_equal(ours[k], adamw[k])
+
+
+def test_a_3d_leaf_is_a_batch_of_matrices() -> None:
+    params, grads = _problem({"t": (3, 6, 4)}, 5, np.float32, steps=4)
+    batched = parity.run_adaopt(adaopt.muon(0.02), params, grads)
+    for i in range(3):
+        single = parity.run_adaopt(adaopt.muon(0.02), {"t": params["t"][i]}, {"t": grads["t"][:, i]})
+        np.testing.assert_allclose(batched["t"][:, i], single["t"], rtol=1e-6, atol=1e-7)
+
+
+def test_a_users_mask_overrides_the_rule() -> None:
+    """Everything to AdamW: adaopt.adamw's trajectory; a 1-d leaf sent to Muon: a clear error."""
+    params, grads = _problem({"w": (6, 4), "b": (4,)}, 6, np.float32, steps=3)
+    none = parity.run_adaopt(adaopt.muon(1e-3, muon_mask=lambda p: jax.tree.map(lambda _: False, p)), params, grads)
+    adamw = parity.run_adaopt(adaopt.adamw(1e-3, 0.9, 0.95, 1e-10, weight_decay=0.0), params, grads)
+    np.testing.assert_array_equal(none["w"], adamw["w"])
+    with pytest.raises(ValueError, match=r"\['b'\] has shape \(4,\)"):
+        adaopt.muon(muon_mask={"w": True, "b": True}).init(params)
+
+
+def test_complex_parameters_are_refused_at_init() -> None:
+    with pytest.raises(TypeError, match=r"Muon does not take complex parameters.*\['w'\]"):
+        adaopt.muon().init({"w": jnp.ones((3, 3), jnp.complex64)})
+
+
+def test_validation_names_the_option() -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"ns_steps": 2.5}, "ns_steps"), ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
+        ({"adjust_lr": "match_rms"}, "adjust_lr"), ({"eps_mode": "clamp"}, "eps_mode"),
+        ({"ns_dtype": jnp.int8}, "ns_dtype"), ({"momentum": 0.0}, "nesterov"),
+    ]  # fmt: skip
+    for kwargs, name in cases:
+        with pytest.raises(adaopt.HyperparameterError, match=name):
+            adaopt.muon(**kwargs)
