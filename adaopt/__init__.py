@@ -76,6 +76,9 @@ from adaopt._src.optimizers.adopt import adopt as adopt
 from adaopt._src.optimizers.adopt import scale_by_adopt as scale_by_adopt
 from adaopt._src.optimizers.lamb import lamb as lamb
 from adaopt._src.optimizers.lamb import scale_by_trust_ratio as scale_by_trust_ratio
+from adaopt._src.optimizers.laprop import LapropState as LapropState
+from adaopt._src.optimizers.laprop import laprop as laprop
+from adaopt._src.optimizers.laprop import scale_by_laprop as scale_by_laprop
 from adaopt._src.optimizers.lion import LionState as LionState
 from adaopt._src.optimizers.lion import lion as lion
 from adaopt._src.optimizers.lion import scale_by_lion as scale_by_lion

@@ -28,6 +28,7 @@ TUNED: dict[str, float] = {
     "yogi": 1e-2,
     "adopt": 3e-3,  # not tuned on the grid yet: Adam's
     "ademamix": 1e-3,  # not tuned on the grid yet
+    "laprop": 3e-3,  # not tuned on the grid yet
     "lion": 1e-3,
     "lamb": 5e-3,
     "muon": 0.02,  # the author's default (the auxiliary AdamW at the same rate): not tuned on the grid yet

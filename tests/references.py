@@ -111,6 +111,9 @@ TORCH: dict[str, TorchFactory] = {
         t_alpha_beta3=hp.get("warmup_steps"),
         eps=hp["eps"],
     ),
+    "pytorch_optimizer.LaProp": lambda groups, hp: pytorch_optimizer.LaProp(
+        groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], foreach=False
+    ),
     "pytorch_optimizer.Lion": lambda groups, hp: pytorch_optimizer.Lion(groups, lr=1.0, betas=_betas(hp)),
     "pytorch_optimizer.Lamb(weight_decouple=False)": lambda groups, hp: pytorch_optimizer.Lamb(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], weight_decouple=False
