@@ -70,6 +70,7 @@ import math
 import os
 import shlex
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -893,7 +894,7 @@ def plot_workload(suite: Suite, w: wl.Workload, path: Path) -> dict[str, list[st
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(f"{w.metric} (dotted: target)")
     _clip_y(axes[0], w)
-    fig.suptitle(f"{w.name}: {w.summary}", fontsize="medium")
+    fig.suptitle(textwrap.fill(f"{w.name}: {w.summary}", 120), fontsize="medium")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return legends
