@@ -10,6 +10,7 @@ from optax import apply_updates as apply_updates
 from optax import chain as chain
 from optax import clip as clip
 from optax import clip_by_global_norm as clip_by_global_norm
+from optax import partition as partition
 from optax import schedules as schedules
 from optax.schedules import constant_schedule as constant_schedule
 from optax.schedules import cosine_decay_schedule as cosine_decay_schedule

@@ -74,12 +74,20 @@ def _train(
     return init_state, params, state
 
 
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
 def _mirroring_subtrees(state: Any, params: Any) -> tuple[list[Any], list[Any]]:
-    """The subtrees of ``state`` with the parameters' tree structure, and the leaves outside them."""
+    """The subtrees of ``state`` with the parameters' tree structure, and the leaves outside them.
+
+    A group's state under ``optax.partition`` mirrors the parameters with ``optax.MaskedNode()``
+    in place of the other groups' leaves: it counts as mirroring them.
+    """
     treedef = jax.tree.structure(params)
 
     def mirrors(x: Any) -> bool:
-        return jax.tree.structure(x) == treedef
+        return jax.tree.structure(x, is_leaf=_is_masked) == treedef
 
     nodes = jax.tree.leaves(state, is_leaf=mirrors)
     mirroring = [node for node in nodes if mirrors(node)]
@@ -96,11 +104,14 @@ def _spec_of(x: jax.Array) -> Any:
 def _check_state_shardings(state: Any, params: dict[str, jax.Array], mesh: Mesh, when: str) -> None:
     mirroring, others = _mirroring_subtrees(state, params)
     for subtree in mirroring:
-        got = jax.tree.map(_spec_of, subtree)
+        got = jax.tree.map(lambda x: None if _is_masked(x) else _spec_of(x), subtree, is_leaf=_is_masked)
         want = jax.tree.map(_spec_of, params)
         # Compare as normalised NamedShardings: P() and P(None, None) are the same placement.
         same = jax.tree.map(
-            lambda s, p: s.sharding.is_equivalent_to(p.sharding, p.ndim) and s.sharding.mesh == mesh, subtree, params
+            lambda s, p: _is_masked(s) or (s.sharding.is_equivalent_to(p.sharding, p.ndim) and s.sharding.mesh == mesh),
+            subtree,
+            params,
+            is_leaf=_is_masked,
         )
         assert all(jax.tree.leaves(same)), f"{when}: state leaves {got} do not mirror the parameters' shardings {want}"
     for leaf in others:

@@ -140,6 +140,23 @@ def newton_schulz(
     return jnp.swapaxes(x, -1, -2) if tall else x
 
 
+def _on_whole_matrices(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """``fn(x)`` with ``x`` gathered whole on every device when a mesh with explicit axes shards it.
+
+    Newton–Schulz multiplies the matrix by its transpose: over a sharded axis that product is
+    ambiguous to JAX's explicit sharding, and a sum of partial products would need a reduction
+    per multiplication. The matrix is all-gathered once (one collective per leaf and step), the
+    iteration runs replicated, and the result takes the input's sharding back. Under automatic
+    sharding (no sharding in the types) this is ``fn(x)`` and XLA chooses the communication.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return fn(x)
+    out = fn(jax.sharding.reshard(x, jax.sharding.PartitionSpec()))
+    return jax.sharding.reshard(out, spec)
+
+
 def _check_muon(
     momentum: Any, nesterov: bool, ns_steps: Any, ns_coefficients: Any, eps: Any, eps_mode: Any, adjust_lr: Any,
     ns_dtype: Any, mu_dtype: Any,
@@ -252,7 +269,9 @@ def scale_by_muon(
             beta = moments.scalar(momentum, dtype)
             m_new = moments.ema(g_compute, m_compute, beta)
             direction = g_compute + beta * (m_new - g_compute) if nesterov else m_new
-            ortho = newton_schulz(direction, coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype)
+            ortho = _on_whole_matrices(
+                lambda x: newton_schulz(x, coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype), direction
+            )
             step = ortho.astype(dtype) * _shape_scale(g.shape, adjust_lr)
             return step.astype(g.dtype), m_new.astype(m.dtype)
 

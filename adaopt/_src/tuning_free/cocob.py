@@ -83,9 +83,9 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
             count=moments.zero_count(),
             reference=moments.init_copy(params, keep_dtype=True),
             neg_grad_sum=moments.init_like(params),
-            max_grad=moments.init_like(params, fill=eps),
-            abs_grad_sum=moments.init_like(params),
-            reward=moments.init_like(params),
+            max_grad=moments.init_like(params, fill=eps, real=True),
+            abs_grad_sum=moments.init_like(params, real=True),
+            reward=moments.init_like(params, real=True),
         )
 
     def update_fn(updates: Updates, state: CocobState, params: base.Params | None = None) -> tuple[Updates, CocobState]:
@@ -100,10 +100,11 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> optax.GradientTransfo
             abs_g = jnp.abs(g32)
             big_l = jnp.maximum(big_l, abs_g)
             big_g = big_g + abs_g
-            reward = jnp.maximum(reward - g32 * (w32 - w1_32), 0)
+            reward = jnp.maximum(reward - moments.real_product(g32, w32 - w1_32), 0)
             theta = theta - g32
             den = big_l * jnp.maximum(big_g + big_l, moments.scalar(alpha, dtype) * big_l)
-            bet = moments.safe_divide((reward + big_l) * theta, den)  # in the package's order of operations
+            nonzero = den != 0  # the package's order of operations: ((reward + L) * theta) / den
+            bet = jnp.where(nonzero, moments.over(moments.times(theta, reward + big_l), jnp.where(nonzero, den, 1)), 0)
             step = w1_32 + bet - w32
             new = (theta, big_l, big_g, reward)
             return (step.astype(g.dtype), w1, *(x.astype(a.dtype) for x, a in zip(new, acc, strict=True)))
@@ -123,6 +124,7 @@ def cocob(
     weight_decay: Any = 0.0,
     *,
     weight_decay_mask: base.MaskOrFn | None = None,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""COCOB-Backprop: per-coordinate coin betting, with no step size to tune.
 
@@ -152,6 +154,10 @@ def cocob(
       weight_decay: :math:`\lambda` >= 0, an L2 penalty added to the gradient (coupled).
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
         that selects the leaves to decay.
+      complex_convention: for complex parameters, ``"modulus"`` (a bet per complex coordinate:
+        :math:`|g|` in the sums and maxima, a real reward :math:`\mathrm{Re}(\bar g (w - w_1))`,
+        the bet along :math:`\theta`) or ``"real_imag"`` (a bet per real and imaginary part);
+        see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
@@ -184,10 +190,11 @@ def cocob(
       this at the first ``update`` (the same parameters unless they are replaced in between).
     """
     base.check_common(learning_rate, weight_decay)
+    base.check_complex_convention(complex_convention)
     chain = optax.chain(
         base.check_gradient_tree(),
         base.add_decayed_weights(weight_decay, weight_decay_mask),
         base.scale_by_learning_rate(learning_rate, flip_sign=False),
         scale_by_cocob(alpha, eps),
     )
-    return complex_params.as_real_imag(chain)  # a bet per real coordinate
+    return complex_params.with_convention(chain, complex_convention)

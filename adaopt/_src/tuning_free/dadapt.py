@@ -779,7 +779,7 @@ def scale_by_dadapt_adagrad(
             count=moments.zero_count(),
             d=jnp.asarray(d0).astype(dtype),
             gsq_weighted=jnp.zeros([], dtype),
-            alpha=moments.init_like(params, fill=ADAGRAD_INITIAL_ACCUMULATOR),
+            alpha=moments.init_like(params, fill=ADAGRAD_INITIAL_ACCUMULATOR, real=True),
             s=moments.init_like(params),
             x0=moments.init_copy(params),
         )
@@ -795,11 +795,12 @@ def scale_by_dadapt_adagrad(
 
         def accumulate(g: jax.Array, a: jax.Array, s: jax.Array) -> tuple[jax.Array, ...]:
             cd, g32, (a32, s32) = moments.to_compute(g, a, s)
-            a_new = a32 + g32 * g32
+            g2 = moments.abs_sq(g32)
+            a_new = a32 + g2
             denominator = jnp.sqrt(a_new) + moments.scalar(eps, cd)
-            s_new = s32 + dlr.astype(cd) * g32
-            g_sq = jnp.sum(g32 * g32 / denominator)
-            sk_sq = jnp.sum(s_new * s_new / denominator)
+            s_new = s32 + moments.times(g32, dlr.astype(cd))
+            g_sq = jnp.sum(g2 / denominator)
+            sk_sq = jnp.sum(moments.abs_sq(s_new) / denominator)
             return a_new.astype(a.dtype), s_new.astype(s.dtype), g_sq, sk_sq, jnp.sum(jnp.abs(s_new))
 
         alpha, s, g_sqs, sk_sqs, l1s = moments.leafwise(accumulate, 5, updates, state.alpha, state.s)
@@ -812,7 +813,7 @@ def scale_by_dadapt_adagrad(
 
         def step(g: jax.Array, p: jax.Array, a: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:
             cd, _, (p32, a32, s32, x032) = moments.to_compute(g, p, a, s, x0)
-            z = x032 - s32 / (jnp.sqrt(a32) + moments.scalar(eps, cd))
+            z = x032 - moments.over(s32, jnp.sqrt(a32) + moments.scalar(eps, cd))
             u = moments.times(p32 - z, moments.scalar(ck, cd))
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
@@ -838,6 +839,7 @@ def dadapt_adagrad(
     weight_decay_mask: base.MaskOrFn | None = None,
     d0: Any = 1e-6,
     growth_rate: Any = math.inf,
+    complex_convention: str = "modulus",
 ) -> optax.GradientTransformationExtraArgs:
     r"""D-Adapt AdaGrad: dual-averaged AdaGrad with a step size :math:`d_t \eta_t` estimated on the fly.
 
@@ -857,6 +859,9 @@ def dadapt_adagrad(
         selecting the leaves to decay (None: all of them).
       d0: the initial estimate :math:`d_0` > 0.
       growth_rate: the cap on :math:`d_{t+1} / d_t`, in [1, inf] (inf: no cap).
+      complex_convention: for complex parameters, ``"modulus"`` (AdaGrad's sums of
+        :math:`|g|^2` per complex coordinate, :math:`|s|` the modulus) or ``"real_imag"`` (the real
+        and imaginary parts as two real coordinates); see :func:`as_real_imag`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -884,5 +889,6 @@ def dadapt_adagrad(
       recomputed here each step (equal in exact arithmetic).
     """
     check_common(learning_rate, weight_decay, d0, growth_rate)
+    base.check_complex_convention(complex_convention)
     core = scale_by_dadapt_adagrad(learning_rate, momentum, eps, d0=d0, growth_rate=growth_rate)
-    return base.assemble(core, 1.0, weight_decay, weight_decay_mask)
+    return base.assemble(core, 1.0, weight_decay, weight_decay_mask, complex_convention=complex_convention)
