@@ -13,10 +13,11 @@ per coordinate, two conventions differ:
 - ``"real_imag"`` (``torch.optim``'s, through ``torch.view_as_real``): the real and imaginary
   parts are two real coordinates, each with its own second moment and sign.
 
-:func:`as_real_imag` turns any optimizer into the second kind. Optimizers whose math has one
-natural complex form follow it and take a ``complex_convention`` argument; the others always
-view complex parameters as pairs of real ones (their norms and inner products are the same
-either way).
+:func:`as_real_imag` turns any optimizer into the second kind. adaopt's optimizers whose two
+forms differ take a ``complex_convention`` argument; those built on norms and real inner products
+of a step linear in the gradient, the same under both, take none. A core assembled without a
+convention (``base.assemble``'s default) is given the real view, which is correct for any real
+algorithm.
 """
 
 from __future__ import annotations
