@@ -36,7 +36,8 @@ class AdamState(NamedTuple):
     nu_max: Updates | None = None  # AMSGrad's running maximum of the second moment, else None
 
 
-def _check_moments(b1: Any, b2: Any, eps: Any, eps_root: Any, mu_dtype: Any, nu_dtype: Any) -> None:
+def check_moments(b1: Any, b2: Any, eps: Any, eps_root: Any, mu_dtype: Any, nu_dtype: Any) -> None:
+    """The arguments every optimizer of two EMAs shares: the decays, the epsilons and the moments' dtypes."""
     base.check_decay("b1", b1)
     base.check_decay("b2", b2)
     base.check_nonnegative("eps", eps)
@@ -110,7 +111,7 @@ def scale_by_adam(
       Reference packages: :func:`adam`, :func:`amsgrad`, :func:`adabelief` and :func:`yogi` give
       the arguments that reproduce torch, optax and pytorch-optimizer.
     """
-    _check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
     base.check_choice("second_moment", second_moment, ("adam", "belief", "yogi"))
     base.check_choice("amsgrad", amsgrad, (None, "raw", "debiased"))
     base.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
@@ -575,7 +576,7 @@ def scale_by_adamax(
 
       Reference packages: :func:`adamax` gives the arguments that reproduce torch and optax.
     """
-    _check_moments(b1, b2, eps, 0.0, mu_dtype, nu_dtype)
+    check_moments(b1, b2, eps, 0.0, mu_dtype, nu_dtype)
 
     def init_fn(params: base.Params) -> AdamaxState:
         return AdamaxState(
@@ -738,7 +739,7 @@ def scale_by_nadam(
 
       Reference packages: :func:`nadam` gives the arguments that reproduce torch and optax.
     """
-    _check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
     if momentum_decay is not None:
         base.check_nonnegative("momentum_decay", momentum_decay)
 
@@ -983,7 +984,7 @@ def scale_by_radam(
 
       Reference packages: :func:`radam` gives the arguments that reproduce torch and optax.
     """
-    _check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
     base.check_scalar("threshold", threshold, low=4.0)
 
     def init_fn(params: base.Params) -> AdamState:

@@ -10,6 +10,7 @@ import optax
 
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.optimizers.adam import check_moments
 
 
 class AdemamixState(NamedTuple):
@@ -96,14 +97,10 @@ def scale_by_ademamix(
 
       Reference packages: :func:`ademamix` gives the arguments that reproduce pytorch-optimizer.
     """
-    base.check_decay("b1", b1)
-    base.check_decay("b2", b2)
+    check_moments(b1, b2, eps, 0.0, mu_dtype, nu_dtype)
     base.check_decay("b3", b3)
     base.check_nonnegative("alpha", alpha)
-    base.check_nonnegative("eps", eps)
     _check_warmup(warmup_steps, b1, b3)
-    base.check_dtype("mu_dtype", mu_dtype)
-    base.check_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> AdemamixState:
         return AdemamixState(

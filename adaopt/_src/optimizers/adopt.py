@@ -11,6 +11,7 @@ import optax
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
+from adaopt._src.optimizers.adam import check_moments
 
 ClipCount = Literal["update", "call"]
 
@@ -95,14 +96,10 @@ def scale_by_adopt(
       Reference packages: :func:`adopt` gives the arguments that reproduce torch-adopt and
       pytorch-optimizer.
     """
-    base.check_decay("b1", b1)
-    base.check_decay("b2", b2)
-    base.check_nonnegative("eps", eps)
+    check_moments(b1, b2, eps, 0.0, mu_dtype, nu_dtype)
     if clip_exponent is not None:
         base.check_nonnegative("clip_exponent", clip_exponent)
     base.check_choice("clip_count", clip_count, ("update", "call"))
-    base.check_dtype("mu_dtype", mu_dtype)
-    base.check_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> AdoptState:
         return AdoptState(

@@ -10,6 +10,7 @@ import optax
 
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.optimizers.adam import check_moments
 
 
 class LapropState(NamedTuple):
@@ -83,12 +84,7 @@ def scale_by_laprop(
       Reference packages: :func:`laprop` gives the arguments that reproduce pytorch-optimizer.
     """
     base.check_learning_rate(learning_rate)
-    base.check_decay("b1", b1)
-    base.check_decay("b2", b2)
-    base.check_nonnegative("eps", eps)
-    base.check_nonnegative("eps_root", eps_root)
-    base.check_dtype("mu_dtype", mu_dtype)
-    base.check_dtype("nu_dtype", nu_dtype)
+    check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
 
     def init_fn(params: base.Params) -> LapropState:
         return LapropState(
