@@ -48,6 +48,12 @@ rate under a cosine decay over the budget, as their authors run them), and write
 tuned Adam's (within 5%?), steps and seconds to target, and the performance profile of these
 methods against tuned Adam.
 
+``--section language-model`` trains the GPT-style language model (``gpt``: 4 layers, width 128,
+context 128) that the matrix optimizers (Muon, SOAP, Shampoo) are known to help, on the same 7-point
+grids; its target is tuned AdamW's final loss there, so that steps to target are the steps each
+optimizer needs to reach what AdamW reaches in the whole budget. It writes its own section, between
+``<!-- language-model:begin -->`` and ``<!-- language-model:end -->``, and plots named ``language_model_*``.
+
 Results go between ``<!-- convergence:begin -->`` and ``<!-- convergence:end -->`` in ``--out``,
 and the tuning-free comparison between ``<!-- tuning-free:begin -->`` and ``<!-- tuning-free:end -->``
 (written by ``--tuning-free``, and by any run that holds Adam and a tuning-free method: the grid's
@@ -55,7 +61,8 @@ default points are the defaults); the rest of the file is kept. Plots (PNG) go t
 
 Usage::
 
-    python -m benchmarks.convergence [--workloads softmax,mlp] [--optimizers adam,sgd]
+    python -m benchmarks.convergence [--section convergence | language-model]
+                                     [--workloads softmax,mlp] [--optimizers adam,sgd]
                                      [--steps-scale 1.0 | --quick] [--tuning-free]
                                      [--out benchmarks/RESULTS.md] [--plots benchmarks]
 """
@@ -96,8 +103,34 @@ from benchmarks.report import load_average, machine, markdown_table, portable, w
 
 HERE = Path(__file__).resolve().parent
 
-BEGIN = "<!-- convergence:begin -->"
-END = "<!-- convergence:end -->"
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A part of the results file that a grid run writes: its markers, title, plots and default workloads."""
+
+    name: str  # the markers are <!-- name:begin --> and <!-- name:end -->; the plots' names start with it
+    title: str
+    workloads: tuple[str, ...]  # --workloads' default
+
+    @property
+    def begin(self) -> str:
+        return f"<!-- {self.name}:begin -->"
+
+    @property
+    def end(self) -> str:
+        return f"<!-- {self.name}:end -->"
+
+    @property
+    def plot_prefix(self) -> str:
+        return self.name.replace("-", "_")
+
+
+SECTIONS = {
+    "convergence": Section("convergence", "Convergence: small real workloads", wl.DEFAULT_WORKLOADS),
+    "language-model": Section("language-model", "Convergence: a GPT-style language model", ("gpt",)),
+}
+BEGIN = SECTIONS["convergence"].begin
+END = SECTIONS["convergence"].end
 TF_BEGIN = "<!-- tuning-free:begin -->"
 TF_END = "<!-- tuning-free:end -->"
 DEFAULT_OUT = HERE / "RESULTS.md"
@@ -410,6 +443,7 @@ class Suite:
     load_end: str = "unknown"
     elapsed_s: float = 0.0
     gradient_compile_s: float = 0.0  # the gradient timing programs, one per workload (and batch kind)
+    section: Section = SECTIONS["convergence"]
 
 
 def run_suite(
@@ -421,6 +455,7 @@ def run_suite(
     evals: int | None = None,
     schedule: str = "cosine",
     progress: bool = True,
+    section: Section = SECTIONS["convergence"],
 ) -> Suite:
     """Every (optimizer, workload) pair: on the grid, or (``tuning_free``) at the defaults only but the baseline."""
     start = time.perf_counter()
@@ -464,6 +499,7 @@ def run_suite(
         load_average(),
         time.perf_counter() - start,
         gradient_compile_s,
+        section,
     )
 
 
@@ -558,8 +594,8 @@ def _lr_text(run: Run, i: int | None) -> str:
 
 
 def render_grid(suite: Suite, command: str, plots: Mapping[str, str]) -> str:
-    """The ``convergence`` section (markers included)."""
-    parts = [BEGIN, *_header(suite, command, "Convergence: small real workloads")]
+    """The grid run's section (markers included): ``convergence``, or the suite's own."""
+    parts = [suite.section.begin, *_header(suite, command, suite.section.title)]
     parts += [
         f"Learning rates: a 7-point grid `lr * 3**k`, k = -3..3, around the tuned `lr` of benchmarks/learning_rates.py, run as one vmapped "
         f"program; **tuned** = the grid point with the lowest final metric; **default** = that `lr` "
@@ -612,7 +648,7 @@ def render_grid(suite: Suite, command: str, plots: Mapping[str, str]) -> str:
             parts += [f"![{w.name} loss curves]({plots[w.name]})", ""]
     parts += _profile_lines(suite, _times(suite, "tuned"), "tuned learning rate", plots.get("profile"))
     parts += _profile_lines(suite, _times(suite, "default"), "registry learning rate (defaults)", None)
-    parts.append(END)
+    parts.append(suite.section.end)
     return "\n".join(parts) + "\n"
 
 
@@ -737,6 +773,9 @@ def tuning_free_names(suite: Suite) -> list[str]:
 
 
 def has_tuning_free_comparison(suite: Suite) -> bool:
+    """Whether the suite holds tuned Adam and a tuning-free method at its defaults, on the small workloads."""
+    if suite.section.name != "convergence":
+        return False
     return BASELINE in suite.optimizers and bool(tuning_free_names(suite))
 
 
@@ -989,10 +1028,10 @@ def make_plots(suite: Suite, out_dir: Path, link_base: Path) -> dict[str, str]:
     links = {}
     if suite.mode == "grid":
         for w in suite.workloads.values():
-            path = out_dir / f"convergence_{w.name}.png"
+            path = out_dir / f"{suite.section.plot_prefix}_{w.name}.png"
             plot_workload(suite, w, path)
             links[w.name] = link(path)
-        path = out_dir / "convergence_profile.png"
+        path = out_dir / f"{suite.section.plot_prefix}_profile.png"
         plot_profile(_times(suite, "tuned"), path, "Performance profile, tuned learning rates")
         links["profile"] = link(path)
     if has_tuning_free_comparison(suite):
@@ -1025,7 +1064,14 @@ def select(names: Sequence[str] | None, tuning_free: bool) -> list[OptimizerSpec
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument(
-        "--workloads", default=",".join(wl.WORKLOADS), help="comma-separated: " + ",".join(wl.WORKLOADS)
+        "--section",
+        choices=tuple(SECTIONS),
+        default="convergence",
+        help="the results file's section a grid run writes, and its default workloads: "
+        + "; ".join(f"{k}: {','.join(v.workloads)}" for k, v in SECTIONS.items()),
+    )
+    parser.add_argument(
+        "--workloads", default=None, help="comma-separated, of " + ",".join(wl.WORKLOADS) + " (default: the section's)"
     )
     parser.add_argument("--optimizers", default=None, help="comma-separated registry names (default: all)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget (default 1)")
@@ -1044,7 +1090,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write every run's curves as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    args.workloads = [x.strip() for x in args.workloads.split(",") if x.strip()]
+    args.section = SECTIONS[args.section]
+    chosen = args.workloads if args.workloads is not None else ",".join(args.section.workloads)
+    args.workloads = [x.strip() for x in chosen.split(",") if x.strip()]
     unknown = [x for x in args.workloads if x not in wl.WORKLOADS]
     if unknown or not args.workloads:
         parser.error(f"unknown workloads {unknown}; choose from {', '.join(wl.WORKLOADS)}")
@@ -1075,11 +1123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         evals=args.evals,
         schedule=args.schedule,
         progress=not args.no_progress,
+        section=args.section,
     )
     out: Path = args.out
     plots = make_plots(suite, args.plots or out.parent, out.parent)
     if not args.tuning_free:
-        write_section(out, render_grid(suite, command, plots), BEGIN, END)
+        write_section(out, render_grid(suite, command, plots), suite.section.begin, suite.section.end)
     if has_tuning_free_comparison(suite):  # the grid run holds the defaults and tuned Adam too
         write_section(out, render_tuning_free(suite, command, plots), TF_BEGIN, TF_END, after=END)
     if args.json is not None:

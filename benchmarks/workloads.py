@@ -1,6 +1,6 @@
 """The workloads of the convergence benchmark (``benchmarks/convergence.py``): data, model, loss, accuracy, target.
 
-Five small real problems that run on a CPU in seconds each, in float32:
+Five small real problems that run on a CPU in seconds each, and a larger language model, in float32:
 
 - ``softmax``: softmax regression on scikit-learn's digits (64 pixels -> 10 classes), full batch.
 - ``mlp``: a 64 -> 64 -> 10 tanh MLP on digits, minibatches of 128.
@@ -10,6 +10,9 @@ Five small real problems that run on a CPU in seconds each, in float32:
   ships with CPython (``pydoc_data.topics``, about 465 kB).
 - ``quadratic``: an ill-conditioned (condition number 10^3.5) rotated quadratic in 100 dimensions
   with additive Gaussian gradient noise.
+- ``gpt``: a GPT-style byte-level language model on the same text (4 pre-LN layers, width 128, 4
+  heads, MLP width 512, context 128, 4 windows a step; 0.84 M parameters), for the matrix optimizers.
+  It is not among ``DEFAULT_WORKLOADS``: trained by name (``--section language-model``).
 
 Every workload is pure data plus pure functions. ``loss(params, data, batch)`` returns the scalar
 whose gradient the optimizer gets at one step and the value it passes as ``value=`` (the same
@@ -66,10 +69,11 @@ TARGETS = {
     "conv": 0.16,
     "charlm": 3.72,  # bits per character
     "quadratic": 0.048,
+    "gpt": 3.0,  # provisional
 }
-STEPS = {"softmax": 1000, "mlp": 1500, "conv": 1000, "charlm": 300, "quadratic": 1500}
+STEPS = {"softmax": 1000, "mlp": 1500, "conv": 1000, "charlm": 300, "quadratic": 1500, "gpt": 600}
 # Evaluations per run: fewer where an evaluation costs many training steps.
-EVALS = {"softmax": 50, "mlp": 50, "conv": 25, "charlm": 15, "quadratic": 50}
+EVALS = {"softmax": 50, "mlp": 50, "conv": 25, "charlm": 15, "quadratic": 50, "gpt": 20}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,14 +324,29 @@ def convnet() -> Workload:
 # ---------------------------------------------------------------------------------------------
 # A character-level transformer language model.
 
-LM_WIDTH = 64
-LM_LAYERS = 2
-LM_HEADS = 4
-LM_CONTEXT = 64
-LM_BATCH = 4
-LM_MLP = 2  # hidden width of the MLP blocks, in multiples of the width
-LM_VOCAB = 128  # ASCII; other characters become "?"
-LM_VALIDATION_WINDOWS = 32
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """The shape of a pre-LN transformer language model over bytes (characters)."""
+
+    width: int
+    layers: int
+    heads: int
+    context: int
+    batch: int  # windows per training step
+    mlp: int = 4  # hidden width of the MLP blocks, in multiples of the width
+    vocab: int = 128  # ASCII; other characters become "?"
+    validation_windows: int = 32
+
+    def describe(self) -> str:
+        return (
+            f"{self.layers} layers, width {self.width}, {self.heads} heads, MLP width {self.mlp * self.width}, "
+            f"context {self.context}, batch {self.batch}"
+        )
+
+
+CHAR_LM = LMConfig(width=64, layers=2, heads=4, context=64, batch=4, mlp=2)
+GPT = LMConfig(width=128, layers=4, heads=4, context=128, batch=4)
 
 
 @functools.cache
@@ -350,13 +369,13 @@ def _layer_norm(x: jax.Array, p: Params) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
 
 
-def _lm_forward(params: Params, tokens: jax.Array) -> jax.Array:
+def _lm_forward(config: LMConfig, params: Params, tokens: jax.Array) -> jax.Array:
     """Logits of shape ``(batch, time, vocab)`` for each next character."""
     b, t = tokens.shape
-    heads, width = LM_HEADS, LM_WIDTH
+    heads, width = config.heads, config.width
     x = params["embed"][tokens] + params["pos"][:t]
     mask = jnp.tril(jnp.ones((t, t), bool))
-    for i in range(LM_LAYERS):
+    for i in range(config.layers):
         p = params[f"block{i}"]
         h = _layer_norm(x, p["ln1"])
         q, k, v = jnp.split(h @ p["w_qkv"], 3, axis=-1)
@@ -370,81 +389,87 @@ def _lm_forward(params: Params, tokens: jax.Array) -> jax.Array:
     return _layer_norm(x, params["ln_f"]) @ params["w_head"]
 
 
-def _lm_init() -> Params:
+def _lm_init(config: LMConfig) -> Params:
+    """GPT-2's initialisation: N(0, 0.02), the residual projections scaled by 1/sqrt(2 layers)."""
     rng = np.random.default_rng(SEED)
-    w, std = LM_WIDTH, 0.02
-    resid = std / math.sqrt(2 * LM_LAYERS)
+    w, hidden, std = config.width, config.mlp * config.width, 0.02
+    resid = std / math.sqrt(2 * config.layers)
 
     def ln() -> Params:
         return {"scale": np.ones(w, np.float32), "bias": _zeros(w)}
 
-    params: Params = {"embed": _normal(rng, (LM_VOCAB, w), std), "pos": _normal(rng, (LM_CONTEXT, w), std)}
-    for i in range(LM_LAYERS):
+    params: Params = {"embed": _normal(rng, (config.vocab, w), std), "pos": _normal(rng, (config.context, w), std)}
+    for i in range(config.layers):
         params[f"block{i}"] = {
             "ln1": ln(),
             "w_qkv": _normal(rng, (w, 3 * w), std),
             "w_proj": _normal(rng, (w, w), resid),
             "ln2": ln(),
-            "w_fc": _normal(rng, (w, LM_MLP * w), std),
-            "b_fc": _zeros(LM_MLP * w),
-            "w_out": _normal(rng, (LM_MLP * w, w), resid),
+            "w_fc": _normal(rng, (w, hidden), std),
+            "b_fc": _zeros(hidden),
+            "w_out": _normal(rng, (hidden, w), resid),
             "b_out": _zeros(w),
         }
     params["ln_f"] = ln()
-    params["w_head"] = _normal(rng, (w, LM_VOCAB), std)
+    params["w_head"] = _normal(rng, (w, config.vocab), std)
     return params
 
 
-def _windows(tokens: jax.Array, starts: jax.Array) -> jax.Array:
-    """``(len(starts), LM_CONTEXT + 1)`` windows of ``tokens``."""
-    return tokens[starts[:, None] + jnp.arange(LM_CONTEXT + 1)].astype(jnp.int32)
-
-
-def _lm_nats(params: Params, windows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean next-character cross-entropy (nats) and accuracy over the windows."""
-    logits = _lm_forward(params, windows[:, :-1])
-    targets = windows[:, 1:]
-    nats = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    return nats, jnp.mean(jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-
-
-def char_lm() -> Workload:
+def _language_model(name: str, config: LMConfig) -> Workload:
+    """A transformer language model of the given shape on the corpus, the last 10% held out."""
     text = np.frombuffer(corpus(), np.uint8)
     split = int(0.9 * len(text))
     train, valid = text[:split], text[split:]
+    span = np.arange(config.context + 1)
     # Evenly spaced, fixed validation windows: the same held-out characters for every evaluation.
-    valid_starts = np.linspace(0, len(valid) - LM_CONTEXT - 2, LM_VALIDATION_WINDOWS).astype(np.int32)
-    data = {"train": train, "valid_windows": valid[valid_starts[:, None] + np.arange(LM_CONTEXT + 1)]}
+    valid_starts = np.linspace(0, len(valid) - config.context - 2, config.validation_windows).astype(np.int32)
+    data = {"train": train, "valid_windows": valid[valid_starts[:, None] + span]}
+
+    def nats(params: Params, windows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Mean next-character cross-entropy (nats) and accuracy over the windows."""
+        logits = _lm_forward(config, params, windows[:, :-1])
+        targets = windows[:, 1:]
+        value = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return value, jnp.mean(jnp.argmax(logits, -1) == targets).astype(jnp.float32)
 
     def loss(params: Params, data: Data, starts: jax.Array) -> tuple[jax.Array, jax.Array]:
-        nats = _lm_nats(params, _windows(data["train"], starts))[0]
-        return nats, nats
+        windows = data["train"][starts[:, None] + jnp.arange(config.context + 1)].astype(jnp.int32)
+        value = nats(params, windows)[0]
+        return value, value
 
     def evaluate(params: Params, data: Data) -> tuple[jax.Array, jax.Array]:
-        nats, accuracy = _lm_nats(params, data["valid_windows"].astype(jnp.int32))
-        return nats / math.log(2), accuracy
+        value, accuracy = nats(params, data["valid_windows"].astype(jnp.int32))
+        return value / math.log(2), accuracy
 
     def batches(steps: int, full_batch: bool) -> Batch:
         if full_batch:
-            raise ValueError("charlm has no full batch: it samples windows of a 0.4 MB text")
+            raise ValueError(f"{name} has no full batch: it samples windows of a 0.4 MB text")
         rng = np.random.default_rng(SEED)
-        return rng.integers(0, len(train) - LM_CONTEXT - 1, (steps, LM_BATCH)).astype(np.int32)
+        return rng.integers(0, len(train) - config.context - 1, (steps, config.batch)).astype(np.int32)
 
     return Workload(
-        "charlm",
-        f"char-level transformer LM ({LM_LAYERS} layers, width {LM_WIDTH}, {LM_HEADS} heads, context "
-        f"{LM_CONTEXT}, batch {LM_BATCH}) on the Python Language Reference text shipped with CPython "
-        f"(pydoc_data.topics, {len(text) / 1e3:.0f} kB; last 10% held out)",
+        name,
+        f"byte-level transformer LM ({config.describe()}) on the Python Language Reference text shipped with "
+        f"CPython (pydoc_data.topics, {len(text) / 1e3:.0f} kB; last 10% held out)",
         "validation loss (bits per character)",
-        STEPS["charlm"],
-        TARGETS["charlm"],
-        _lm_init,
+        STEPS[name],
+        TARGETS[name],
+        functools.partial(_lm_init, config),
         data,
         loss,
         evaluate,
         batches,
         has_full_batch=False,
     )
+
+
+def char_lm() -> Workload:
+    return _language_model("charlm", CHAR_LM)
+
+
+def gpt() -> Workload:
+    """The GPT-style language model the matrix optimizers (Muon, Shampoo, SOAP) are compared on."""
+    return _language_model("gpt", GPT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,4 +528,8 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
     "conv": convnet,
     "charlm": char_lm,
     "quadratic": noisy_quadratic,
+    "gpt": gpt,
 }
+# The workloads a plain run of the convergence benchmark trains on; the GPT-style model takes
+# minutes per optimizer on a CPU, so it is run by name (``--workloads gpt``).
+DEFAULT_WORKLOADS = ("softmax", "mlp", "conv", "charlm", "quadratic")

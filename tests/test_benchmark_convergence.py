@@ -281,3 +281,22 @@ def test_tuning_free_plot_highlights_per_workload(conv: ModuleType, tmp_path: Pa
         assert [label.split(" ")[0] for label in labels[: conv.HIGHLIGHT]] == order[: conv.HIGHLIGHT]
         assert labels[conv.HIGHLIGHT].startswith(f"{conv.BASELINE} (tuned), baseline")
         assert labels[-1] == f"the {len(free) - conv.HIGHLIGHT} others"
+
+
+def test_the_language_model_section_has_its_own_markers_plots_and_workload(conv: ModuleType, tmp_path: Path) -> None:
+    """``--section language-model`` trains ``gpt`` by default and writes between its own markers and
+    plots, leaving the small workloads' section and plots as they were."""
+    args = conv.parse_args(["--section", "language-model"])
+    assert args.workloads == ["gpt"] and args.section.name == "language-model"
+    assert conv.parse_args([]).workloads == list(conv.wl.DEFAULT_WORKLOADS)
+    names = ["adam", "sgd"]
+    suite = conv.dataclasses.replace(
+        _suite(conv, names, {"w1": [0.2, 0.1]}), section=conv.SECTIONS["language-model"], optimizers=names
+    )
+    plots = conv.make_plots(suite, tmp_path, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["language_model_profile.png", "language_model_w1.png"]
+    section = conv.render_grid(suite, "cmd", plots)
+    assert section.startswith("<!-- language-model:begin -->") and section.rstrip().endswith(
+        "<!-- language-model:end -->"
+    )
+    assert "GPT-style" in section and not conv.has_tuning_free_comparison(suite)
