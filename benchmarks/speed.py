@@ -36,6 +36,9 @@ write each state buffer: 7 x 4 bytes per parameter for Adam and AdamW (two momen
 for RMSProp, AdaGrad and SGD with momentum (one buffer). The report gives each row's achieved
 rate (those bytes / median time), its fraction of the measured bandwidth, the optimizer state
 bytes per parameter (from the actual state), and adaopt's median time divided by the row's.
+``muon`` (not run by default) is bound by the Newton-Schulz iteration's matrix products, not by
+memory: its rows compare times, against optax's Muon given the same split of the leaves (torch's
+Muon takes 2-d parameters only, so it has no row on a whole model's tree).
 
 If JAX's default device is a GPU, JAX runs there and torch on CUDA (when torch has CUDA); the
 code path is the same.
@@ -238,6 +241,11 @@ class Contender:
         return F32 * (3 + 2 * self.state_buffers)
 
 
+def _optax_muon_dimensions(params: Any) -> Any:
+    """optax's Muon on the leaves ``adaopt.default_muon_mask`` gives Muon (its AdamW on the others)."""
+    return jax.tree.map(lambda m: optax.contrib.MuonDimensionNumbers() if m else None, adaopt.default_muon_mask(params))
+
+
 CONTENDERS: dict[str, Contender] = {
     "adam": Contender(
         adaopt=lambda: adaopt.adam(1e-3),
@@ -266,6 +274,15 @@ CONTENDERS: dict[str, Contender] = {
         torch_class="Adagrad",
         torch_kwargs={"lr": 1e-2, "initial_accumulator_value": 0.0, "eps": 1e-10},
         state_buffers=1,
+    ),
+    "muon": Contender(  # the hidden matrices by Newton-Schulz, the rest by AdamW: one rule for both libraries
+        adaopt=lambda: adaopt.muon(0.02),
+        optax=lambda: optax.contrib.muon(
+            0.02, beta=0.95, adam_b2=0.95, muon_weight_dimension_numbers=_optax_muon_dimensions
+        ),
+        torch_class="Muon",  # 2-d parameters only: n/a on a whole model's tree
+        torch_kwargs={"lr": 0.02},
+        state_buffers=1,  # the momentum of a matrix; its step is bound by the Newton-Schulz matmuls, not memory
     ),
     "sgd": Contender(  # heavy-ball momentum 0.9
         adaopt=lambda: adaopt.sgd(1e-2, momentum=0.9),
@@ -661,16 +678,17 @@ def render_targets(report: Report) -> list[str]:
     ]
 
 
-def markers() -> tuple[str, str]:
-    """The markers of this run's section: its own section when XLA:CPU's multi-output fusion is on."""
-    return (MOF_BEGIN, MOF_END) if cpu_multi_output_fusion_enabled() else (BEGIN, END)
+def markers(section: str = "speed") -> tuple[str, str]:
+    """The markers of this run's section (``--section``): its own when XLA:CPU's multi-output fusion is on."""
+    name = f"{section}-multi-output-fusion" if cpu_multi_output_fusion_enabled() else section
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
-def render(report: Report, command: str, elapsed_s: float) -> str:
+def render(report: Report, command: str, elapsed_s: float, section: str = "speed") -> str:
     """The Markdown section (between the markers, markers included)."""
     measured = report.measured_bandwidth
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    begin, end = markers()
+    begin, end = markers(section)
     title = "with XLA:CPU's multi-output fusion" if cpu_multi_output_fusion_enabled() else "XLA's defaults"
     parts = [begin, f"## Speed: one optimizer step ({title})", ""]
     parts += [f"Finished {now}, {elapsed_s:.0f} s in all, with:", "", "```", command, "```", ""]
@@ -729,10 +747,11 @@ def render(report: Report, command: str, elapsed_s: float) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
+def write_section(path: Path, text: str, section: str = "speed") -> None:
     """Replace this run's section of ``path`` (the fused run's right after the default one), keeping the rest."""
-    begin, end = markers()
-    write_between_markers(path, section, begin, end, after=None if begin == BEGIN else END)
+    begin, end = markers(section)
+    plain_end = f"<!-- {section}:end -->"
+    write_between_markers(path, text, begin, end, after=None if end == plain_end else plain_end)
 
 
 def _names(text: str, known: Mapping[str, Any], what: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -752,6 +771,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown file to write the results into")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.optim")
+    parser.add_argument(
+        "--section",
+        default="speed",
+        help="the results file's section to write (<!-- NAME:begin -->), e.g. speed-muon for a run of muon alone",
+    )
     parser.add_argument("--bandwidth-mb", type=int, default=512, help="size of each bandwidth-test buffer, MiB")
     parser.add_argument(
         "--layouts",
@@ -778,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layouts,
     )
     elapsed = time.perf_counter() - start
-    write_section(args.out, render(report, command, elapsed))
+    write_section(args.out, render(report, command, elapsed, args.section), args.section)
     print(f"total {elapsed:.1f} s; wrote {args.out}", flush=True)
     return 0
 
