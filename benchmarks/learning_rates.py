@@ -29,9 +29,15 @@ TUNED: dict[str, float] = {
     "adopt": 1e-2,  # not tuned on the grid yet (b2 = 0.9999 needs more than Adam's 3e-3 on digits)
     "ademamix": 1e-2,  # not tuned on the grid yet
     "laprop": 3e-3,  # not tuned on the grid yet
+    "adan": 3e-3,  # not tuned on the grid yet (Adam's; the paper's 1e-3 to 1.5e-2 for its tasks)
+    "mars": 3e-3,  # the reference's default (pytorch-optimizer, the authors' code): not tuned on the grid yet
+    "sophia": 3e-3,  # not tuned on the grid yet
     "lion": 1e-3,
     "lamb": 5e-3,
     "muon": 0.02,  # the author's default (the auxiliary AdamW at the same rate): not tuned on the grid yet
+    "scion": 0.02,  # not tuned on the grid yet
+    "soap": 3e-3,  # the reference's default: not tuned on the grid yet
+    "shampoo": 1e-2,  # not tuned on the grid yet (grafted onto SGD with Nesterov momentum 0.9)
     "schedule_free_sgd": 1.0,
     "schedule_free_adamw": 2.5e-3,
     "schedule_free_radam": 2.5e-3,

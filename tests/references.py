@@ -54,6 +54,27 @@ class _DoGOneGroup(dog.DoG):
         return super().step(closure)
 
 
+def _mars(groups: list[dict[str, Any]], hp: HP) -> torch.optim.Optimizer:
+    """pytorch_optimizer.MARS with its 1-d decay per group (decayed groups: adaopt's adam_weight_decay, or
+    weight_decay where that is None), and the 1-d learning rate lr_1d / lr = adam_learning_rate_factor."""
+    aux_decay = hp.get("adam_weight_decay")
+    aux_decay = hp["weight_decay"] if aux_decay is None else aux_decay
+    for group in groups:
+        group["weight_decay_1d"] = aux_decay if group["weight_decay"] > 0 else 0.0
+    return pytorch_optimizer.MARS(
+        groups,
+        lr=1.0,
+        betas=_betas(hp),
+        gamma=hp["gamma"],
+        mars_type=hp.get("mars_type", "adamw"),
+        optimize_1d=hp.get("optimize_1d", False),
+        lr_1d=hp.get("adam_learning_rate_factor", 1.0),
+        betas_1d=(hp["adam_b1"], hp["adam_b2"]),
+        eps=hp["eps"],
+        ams_bound=hp.get("amsgrad", False),
+    )
+
+
 def _dog_kwargs(hp: HP) -> dict[str, Any]:
     return {"lr": 1.0, "reps_rel": hp["reps_rel"], "eps": hp["eps"], "init_eta": hp.get("init_eta")}
 
@@ -115,6 +136,15 @@ TORCH: dict[str, TorchFactory] = {
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], foreach=False
     ),
     "pytorch_optimizer.Lion": lambda groups, hp: pytorch_optimizer.Lion(groups, lr=1.0, betas=_betas(hp)),
+    "pytorch_optimizer.Adan": lambda groups, hp: pytorch_optimizer.Adan(
+        groups,
+        lr=1.0,
+        betas=(hp["b1"], hp["b2"], hp["b3"]),
+        eps=hp["eps"],
+        weight_decouple=hp.get("weight_decay_mode", "proximal") == "decoupled",
+        max_grad_norm=hp.get("max_grad_norm") or 0.0,
+    ),
+    "pytorch_optimizer.MARS": lambda groups, hp: _mars(groups, hp),
     "pytorch_optimizer.Lamb(weight_decouple=False)": lambda groups, hp: pytorch_optimizer.Lamb(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], weight_decouple=False
     ),
@@ -194,6 +224,9 @@ OPTAX: dict[str, OptaxFactory] = {
     "optax.radam": lambda lr, hp, mask: optax.radam(lr, hp["b1"], hp["b2"], hp["eps"]),
     "optax.adabelief": lambda lr, hp, mask: optax.adabelief(lr, hp["b1"], hp["b2"], hp["eps"], hp["eps"]),
     "optax.yogi": lambda lr, hp, mask: optax.yogi(lr, hp["b1"], hp["b2"], hp["eps"]),
+    "optax.adan": lambda lr, hp, mask: optax.adan(
+        lr, hp["b1"], hp["b2"], hp["b3"], hp["eps"], hp["eps_root"], weight_decay=hp["weight_decay"], mask=mask
+    ),
     "optax.lion": lambda lr, hp, mask: optax.lion(lr, hp["b1"], hp["b2"], weight_decay=hp["weight_decay"], mask=mask),
     "optax.lamb": lambda lr, hp, mask: optax.lamb(
         lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"], mask=mask

@@ -1,8 +1,10 @@
 """adaopt.lookahead: optax.lookahead's step exactly, with ``value=`` passed to the fast optimizer;
-and the optax wrappers that pass ``update``'s extra arguments on, as the module's docstring says."""
+the optax wrappers that pass ``update``'s extra arguments on, as the module's docstring says; and
+pytorch_optimizer.Lookahead step for step (fast and slow weights)."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import pytorch_optimizer
+import torch
 
 import adaopt
 from adaopt import Capability, OptimizerSpec
@@ -130,3 +134,127 @@ def test_optax_lookahead_takes_no_value() -> None:
     tx = optax.lookahead(POLYAK(), SYNC, ALPHA)
     with pytest.raises(TypeError, match="value"):
         tx.update(_params(), tx.init(params), params, value=jnp.asarray(1.0))
+
+
+# Step for step against pytorch_optimizer.Lookahead (pullback_momentum="none"), around torch.optim.AdamW
+# and SGD with momentum. Its model holds the fast weights, which are optax's params.fast at every step
+# (after a synchronisation both are the new slow weights); its state's slow_params are params.slow.
+
+PARITY_STEPS = 200
+SHAPES = {"w": (7, 5), "b": (5,), "s": (), "conv": (3, 2, 2, 2)}
+DECAYED = {"w": True, "b": False, "s": False, "conv": True}
+INNER: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "AdamW": (
+        lambda hp, mask: adaopt.adamw(
+            hp["lr"], hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["wd"], weight_decay_mask=mask
+        ),
+        lambda groups, hp: torch.optim.AdamW(groups, lr=hp["lr"], betas=(hp["b1"], hp["b2"]), eps=hp["eps"]),
+    ),
+    "SGD": (
+        lambda hp, mask: adaopt.sgd(hp["lr"], hp["momentum"], weight_decay=hp["wd"], weight_decay_mask=mask),
+        lambda groups, hp: torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"]),
+    ),
+}
+
+
+def _draw_lookahead(inner: str, weight_decay: bool, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {
+        "k": int(rng.integers(2, 11)),
+        "alpha": float(rng.uniform(0.2, 0.8)),
+        "lr": float(np.exp(rng.uniform(np.log(3e-3), np.log(3e-2)))) * (1.0 if inner == "AdamW" else 3.0),
+        "b1": float(rng.uniform(0.5, 0.99)),
+        "b2": float(rng.uniform(0.9, 0.9999)),
+        "eps": float(np.exp(rng.uniform(np.log(1e-8), np.log(1e-3)))),
+        "momentum": float(rng.uniform(0.0, 0.95)),
+        "wd": float(rng.uniform(1e-3, 0.1)) if weight_decay else 0.0,
+    }
+
+
+def _lookahead_adaopt(inner: str, hp: dict, params: dict, grads: dict) -> tuple[dict, dict]:
+    """(fast, slow) parameter trajectories of adaopt.lookahead, in one compiled scan."""
+    tx = adaopt.lookahead(INNER[inner][0](hp, DECAYED if hp["wd"] else None), hp["k"], hp["alpha"])
+
+    @jax.jit
+    def run(p: dict, gs: dict) -> optax.LookaheadParams:
+        def step(carry: tuple, g: dict) -> tuple[tuple, optax.LookaheadParams]:
+            p, s = carry
+            updates, s = tx.update(g, s, p)
+            p = optax.apply_updates(p, updates)
+            return (p, s), p
+
+        start = optax.LookaheadParams.init_synced(p)
+        return jax.lax.scan(step, (start, tx.init(start)), gs)[1]
+
+    trajectory = run(jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads))
+    return jax.tree.map(np.asarray, trajectory.fast), jax.tree.map(np.asarray, trajectory.slow)
+
+
+def _lookahead_torch(inner: str, hp: dict, params: dict, grads: dict) -> tuple[dict, dict]:
+    """(the model's parameters, the state's slow_params) after each pytorch_optimizer.Lookahead step."""
+    tensors = {k: torch.tensor(v) for k, v in params.items()}
+    groups = [
+        {"params": [tensors[k] for k in SHAPES if DECAYED[k]], "weight_decay": hp["wd"]},
+        {"params": [tensors[k] for k in SHAPES if not DECAYED[k]], "weight_decay": 0.0},
+    ]
+    opt = pytorch_optimizer.Lookahead(
+        INNER[inner][1](groups, hp), k=hp["k"], alpha=hp["alpha"], pullback_momentum="none"
+    )
+    fast: dict[str, list] = {k: [] for k in SHAPES}
+    slow: dict[str, list] = {k: [] for k in SHAPES}
+    for t in range(PARITY_STEPS):
+        for k in SHAPES:
+            tensors[k].grad = torch.tensor(grads[k][t])
+        opt.step()
+        for k in SHAPES:
+            fast[k].append(tensors[k].numpy().copy())
+            slow[k].append(opt.state[tensors[k]]["slow_params"].numpy().copy())
+    return {k: np.stack(v) for k, v in fast.items()}, {k: np.stack(v) for k, v in slow.items()}
+
+
+def _relative_error(ours: dict, theirs: dict) -> float:
+    return max(float(np.max(np.abs(ours[k] - theirs[k])) / np.max(np.abs(theirs[k]))) for k in theirs)
+
+
+LOOKAHEAD_CASES = [(np.float64, True), (np.float64, False), (np.float32, True)]
+LOOKAHEAD_RUNS = [(inner, case, draw) for inner in INNER for case in LOOKAHEAD_CASES for draw in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("inner", "case", "draw"),
+    LOOKAHEAD_RUNS,
+    ids=[f"{i}-{np.dtype(c[0]).name}-{'wd' if c[1] else 'nowd'}-{d}" for i, c, d in LOOKAHEAD_RUNS],
+)
+def test_matches_pytorch_optimizer_lookahead(inner: str, case: tuple, draw: int) -> None:
+    dtype, weight_decay = case
+    seed = zlib.crc32(f"lookahead/{inner}/{np.dtype(dtype).name}/{weight_decay}/{draw}".encode())
+    hp = _draw_lookahead(inner, weight_decay, seed)
+    rng = np.random.default_rng(seed + 1)
+    params = {k: rng.normal(size=s).astype(dtype) for k, s in SHAPES.items()}
+    grads = {k: rng.normal(size=(PARITY_STEPS, *s)).astype(dtype) for k, s in SHAPES.items()}
+    with jax.enable_x64(dtype == np.float64):
+        fast, slow = _lookahead_adaopt(inner, hp, params, grads)
+    torch_fast, torch_slow = _lookahead_torch(inner, hp, params, grads)
+    tolerance = 1e-10 if dtype == np.float64 else 1e-5
+    assert fast["w"].dtype == dtype
+    assert _relative_error(fast, torch_fast) <= tolerance, f"fast weights, {hp}"
+    assert _relative_error(slow, torch_slow) <= tolerance, f"slow weights, {hp}"
+    # The slow weights move only at synchronisations, where the fast ones restart from them (up to
+    # rounding: optax computes the two from the same difference by two formulas).
+    synced = np.arange(hp["k"] - 1, PARITY_STEPS, hp["k"])
+    np.testing.assert_allclose(slow["w"][synced], fast["w"][synced], rtol=tolerance, atol=tolerance)
+    assert not np.allclose(slow["w"][synced[0]], params["w"])
+    between = slow["w"][synced[0] : synced[1]]
+    np.testing.assert_array_equal(between, np.broadcast_to(between[0], between.shape))
+
+
+def test_the_lookahead_comparison_sees_alpha() -> None:
+    """alpha off by 0.05 on one side fails it: the synchronisations are compared, not only the fast steps."""
+    hp = _draw_lookahead("SGD", True, 0)
+    rng = np.random.default_rng(1)
+    params = {k: rng.normal(size=s) for k, s in SHAPES.items()}
+    grads = {k: rng.normal(size=(PARITY_STEPS, *s)) for k, s in SHAPES.items()}
+    with jax.enable_x64(True):
+        fast, slow = _lookahead_adaopt("SGD", {**hp, "alpha": hp["alpha"] + 0.05}, params, grads)
+    torch_fast, torch_slow = _lookahead_torch("SGD", hp, params, grads)
+    assert _relative_error(slow, torch_slow) > 1e-3 and _relative_error(fast, torch_fast) > 1e-3

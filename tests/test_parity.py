@@ -60,6 +60,10 @@ COMPARED_IN = {
     "adam_hd": "tests/test_hypergradient.py",
     "polyak_sgd": "tests/test_polyak.py",
     "muon": "tests/test_muon.py",
+    "scion": "tests/test_scion.py",
+    "sophia": "tests/test_sophia.py",
+    "soap": "tests/test_soap.py",
+    "shampoo": "tests/test_shampoo.py",
 }
 PAIRS = [(spec, ref) for spec in REGISTRY.values() for ref in spec.references if spec.name not in COMPARED_IN]
 ELSEWHERE = [(spec, ref) for spec in REGISTRY.values() for ref in spec.references if spec.name in COMPARED_IN]

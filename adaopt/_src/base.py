@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeAlias
 
 import jax
@@ -298,6 +300,28 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
     return tx if mask is None else optax.masked(tx, mask)
 
 
+CoreWrapper = Callable[[optax.GradientTransformation, bool], optax.GradientTransformation]
+"""``wrapper(core, is_step) -> core``: what :func:`wrapping_cores` does to each core :func:`assemble` chains.
+``is_step`` is True for a core that applies the learning rate and the sign itself (its updates
+descend, as the parameters' steps), False for one whose updates point along the gradient."""
+
+_CORE_WRAPPERS: contextvars.ContextVar[tuple[CoreWrapper, ...]] = contextvars.ContextVar("core_wrappers", default=())
+
+
+@contextlib.contextmanager
+def wrapping_cores(wrapper: CoreWrapper) -> Iterator[None]:
+    """While active, every core that :func:`assemble` chains is ``wrapper(core, is_step)`` instead.
+
+    A wrapper of the direction alone (``adaopt.cautious``) runs a factory inside this: the weight
+    decay and the learning rate that ``assemble`` chains around the core stay outside it.
+    """
+    token = _CORE_WRAPPERS.set((*_CORE_WRAPPERS.get(), wrapper))
+    try:
+        yield
+    finally:
+        _CORE_WRAPPERS.reset(token)
+
+
 def assemble(
     core: optax.GradientTransformation,
     learning_rate: ScalarOrSchedule | None,
@@ -317,7 +341,10 @@ def assemble(
     sign) itself, as the loss-driven methods that learn it do. ``complex_convention`` is
     ``"modulus"`` for a core with complex math of its own; ``"real_imag"``, or None for a core
     without, views complex parameters as real pairs (:func:`complex_params.as_real_imag`).
+    Inside :func:`wrapping_cores`, ``core`` is wrapped first (innermost wrapper first).
     """
+    for wrapper in reversed(_CORE_WRAPPERS.get()):
+        core = wrapper(core, learning_rate is None)
     decay = add_decayed_weights(weight_decay, weight_decay_mask)
     blocks = [check_gradient_tree(), *(() if decoupled_weight_decay else (decay,)), core]
     blocks += [*((decay,) if decoupled_weight_decay else ()), *after_decay]

@@ -18,8 +18,8 @@ from typing import Any
 
 from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
-from adaopt._src.optimizers import adagrad, adam, ademamix, adopt, lamb, laprop, lion, rmsprop, sgd
-from adaopt._src.preconditioned import muon
+from adaopt._src.optimizers import adagrad, adam, adan, ademamix, adopt, lamb, laprop, lion, mars, rmsprop, sgd, sophia
+from adaopt._src.preconditioned import muon, scion, shampoo, soap
 from adaopt._src.tuning_free import cocob, dadapt, dog, mechanic, prodigy, schedule_free
 
 
@@ -58,6 +58,9 @@ class Capability(enum.StrEnum):
     """A learning rate of 0 does not freeze the parameters (dual averaging, a learned scale)."""
     REAL_ONLY = "real_only"
     """Refuses complex parameters (its math has no complex form here): ``init`` raises a ``TypeError``."""
+    MATRIX_STATE = "matrix_state"
+    """Keeps square matrices per leaf (Kronecker factors, their eigenbases or inverse roots), replicated on a mesh,
+    beside the state that mirrors the parameters: one tuple per parameter leaf, in ``jax.tree.leaves`` order."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +144,22 @@ EPS = {"eps": Range(1e-8, 1e-3, log=True)}
 _ADAM_FAMILY = frozenset({Capability.MOMENT_DTYPES, Capability.WEIGHT_DECAY})
 _LAPROP_FOREACH = "run with foreach=False: its foreach path computes the debiasing step size in float32"
 _ADOPT_CLIP = "evaluates the clip bound one step later than torch-adopt (the authors'): clip_count='call'"
+_ADAN = {"b1": Range(0.9, 0.99), "b2": Range(0.8, 0.99), "b3": Range(0.95, 0.999), **EPS}
+_ADAN_OPTAX = (
+    "optax.adan weighs the gradient difference by 1 - b2 where the authors' code and pytorch-optimizer weigh it by b2 "
+    "(diff_weight=1 - b2), decays the weights as AdamW (weight_decay_mode='decoupled'), eps_root=1e-8"
+)
+_ADAN_NOT_REPRODUCED = "its adanorm and use_gc options are not reproduced"
+_MARS = {
+    "b1": Range(0.9, 0.99), "b2": Range(0.95, 0.999), "gamma": Range(0.005, 0.05), **EPS,
+    "adam_b1": Range(0.5, 0.99), "adam_b2": Range(0.9, 0.999), "adam_learning_rate_factor": Range(0.3, 3.0, log=True),
+}  # fmt: skip
+_MARS_NOTES = (
+    "its fixed term 1e-15 inside the root (eps_root); weight_decay_1d per group; lr_1d = adam_learning_rate_factor "
+    "* lr. Not reproduced: weight_decouple=False (its coupled decay changes the gradient after the step used it), "
+    "fixed_decay, cautious (adaopt.cautious(mars) matches it for 'adamw' only); 'shampoo' in tests/test_mars.py "
+    "(its Newton-Schulz runs in bfloat16)"
+)
 _ACCUMULATOR = frozenset({Capability.WEIGHT_DECAY})
 
 _SCHEDULE_FREE = frozenset(
@@ -157,6 +176,45 @@ _MUON_PACKAGE = (
     "its Newton-Schulz runs in bfloat16 (ns_dtype=jnp.bfloat16), compared in float64 with it patched to float64"
 )
 _MUON_TORCH = "2-d parameters only; Newton-Schulz in bfloat16, patched to float64 for the comparison"
+_SCION = (
+    "one parameter group per norm (adaopt.default_scion_norms's, and AUTO's rule); momentum = 1 - beta; its "
+    "Newton-Schulz runs in bfloat16 (ns_dtype=jnp.bfloat16), compared in float64 and float32 with it run in the "
+    "gradient's dtype; weight_decay is ignored under constraint=True"
+)
+_SCION_LIGHT = (
+    "SCION with the momentum kept in p.grad: driven as meant, the gradients accumulated into the buffers, "
+    "never zeroed (its momentum=1 never clears them)"
+)
+_SOPHIA_G = (
+    "the authors' package: update_hessian() averages p.grad squared, step(bs=B) multiplies rho by B; fed the same "
+    "estimates (hessian = B * g_hat**2 every update_interval steps), eps=1e-15 added, not a floor"
+)
+_SOPHIA_H = (
+    "its own Hutchinson draws from torch's RNG, read from adaopt.hutchinson_hessian_diagonal's vectors in the test, "
+    "on a real loss (each side at its own iterates); gamma=1, clip=p; default distribution 'gaussian'"
+)
+
+_SOAP_QR = (
+    "its QR decomposition runs in float32 whatever the parameters' dtype: compared in float64 with it patched to "
+    "float64 (and unpatched, to float32's precision); merge_dims=True fails there on 1-d leaves of 2 to "
+    "max_precondition_dim elements and on leaves whose axes all merge into one"
+)
+
+_SHAMPOO_POWER = (
+    "its power iteration (the Newton iteration's ridge) starts from torch.randn: the comparison patches in the "
+    "fixed start vector"
+)
+
+_ORIGINAL_SHAMPOO = {
+    "b1": 0.0, "sum_statistics": True, "graft": "none", "nesterov": False, "start_preconditioning_step": 1,
+    "preconditioning_compute_steps": 1, "shape_interpretation": False, "precondition_1d": True, "root_method": "eigh",
+    "block_size": 2**31 - 1, "no_preconditioning_for_layers_with_dim_gt": 2**31 - 1,
+}  # fmt: skip
+_SHAMPOO_ORIGINAL = (
+    "the original algorithm at its defaults (momentum=0, weight_decay=0, preconditioning_compute_steps=1); its "
+    "momentum, weight decay (both before the statistics) and zero roots before the first computation are not "
+    "reproduced; float32 needs matrix_eps above float32's rounding of the statistics (1e-5)"
+)
 
 _DOG = {"reps_rel": Range(1e-3, 1e-1, log=True), "eps": Range(1e-10, 1e-6, log=True)}
 _DOG_GROUPS = (
@@ -325,6 +383,41 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         _ADAM_FAMILY, "momentum of RMSProp-normalised gradients",
     ),
     OptimizerSpec(
+        "adan", adan.adan, _ADAN,
+        (
+            Reference("pytorch_optimizer.Adan", note=_ADAN_NOT_REPRODUCED),
+            Reference(
+                "pytorch_optimizer.Adan", kwargs={"weight_decay_mode": "decoupled"}, note=_ADAN_NOT_REPRODUCED
+            ),
+            Reference(
+                "optax.adan", kwargs={"eps_root": 1e-8, "weight_decay_mode": "decoupled"},
+                convention=lambda hp: {**hp, "diff_weight": 1 - hp["b2"]}, note=_ADAN_OPTAX,
+            ),
+        ),
+        _ADAM_FAMILY, "Adam plus a moment of the gradient differences (Nesterov without the extra gradient)",
+    ),
+    OptimizerSpec(
+        "mars", mars.mars, _MARS,
+        (
+            Reference("pytorch_optimizer.MARS", kwargs={"eps_root": 1e-15}, note=_MARS_NOTES),
+            Reference("pytorch_optimizer.MARS", kwargs={"eps_root": 1e-15, "mars_type": "lion"}, note=_MARS_NOTES),
+        ),
+        _ADAM_FAMILY, "a variance-reduced gradient correction, clipped per tensor, in AdamW or Lion",
+    ),
+    OptimizerSpec(
+        "sophia", sophia.sophia,
+        {
+            "b1": Range(0.9, 0.99), "b2": Range(0.95, 0.999), "gamma": Range(0.01, 0.1, log=True),
+            "eps": Range(1e-12, 1e-8, log=True), "clip": Range(0.5, 2.0),
+        },
+        (
+            Reference("sophia_opt.SophiaG", kwargs={"eps": 1e-15, "eps_mode": "add", "clip": 1.0}, note=_SOPHIA_G),
+            Reference("pytorch_optimizer.SophiaH", kwargs={"gamma": 1.0}, note=_SOPHIA_H),
+        ),
+        _ADAM_FAMILY | {Capability.REAL_ONLY},
+        "clipped momentum over an EMA of a diagonal Hessian estimate (update(..., hessian=))",
+    ),
+    OptimizerSpec(
         "lion", lion.lion, {"b1": Range(0.5, 0.99), "b2": Range(0.9, 0.999)},
         (Reference("pytorch_optimizer.Lion"), Reference("optax.lion")),
         frozenset({Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.SIGN_UPDATE}), "sign of interpolated momentum",
@@ -352,6 +445,32 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         ),
         frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY}),
         "Newton–Schulz-orthogonalised momentum per matrix, AdamW for the other leaves",
+    ),
+    OptimizerSpec(
+        "scion", scion.scion, {"momentum": Range(0.5, 0.99), "radius": Range(0.5, 2.0)},
+        (
+            Reference("pytorch_optimizer.SCION", note=_SCION),
+            Reference("pytorch_optimizer.SCIONLight", kwargs={"momentum_form": "sum"}, note=_SCION_LIGHT),
+        ),
+        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY}),
+        "each leaf's momentum through the linear minimisation oracle of its norm (spectral, sign, column, RMS)",
+    ),
+    OptimizerSpec(
+        "soap", soap.soap,
+        {**BETAS, "shampoo_beta": Range(0.5, 0.99), "eps": Range(1e-10, 1e-6, log=True)},
+        (Reference("pytorch_optimizer.SOAP", note=_SOAP_QR),),
+        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY, Capability.DELAYED_START, Capability.MATRIX_STATE}),
+        "Adam in the eigenbasis of each leaf's Kronecker factors (Shampoo's), refreshed every k steps",
+    ),
+    OptimizerSpec(
+        "shampoo", shampoo.shampoo,
+        {**BETAS, "matrix_eps": Range(1e-8, 1e-4, log=True), "diagonal_eps": Range(1e-12, 1e-8, log=True)},
+        (
+            Reference("pytorch_optimizer.ScalableShampoo", note=_SHAMPOO_POWER),
+            Reference("pytorch_optimizer.Shampoo", kwargs=_ORIGINAL_SHAMPOO, weight_decay=False, note=_SHAMPOO_ORIGINAL),
+        ),
+        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY, Capability.MATRIX_STATE}),
+        "Kronecker-factored preconditioner per block, grafted onto SGD's, AdaGrad's or RMSProp's step size",
     ),
     OptimizerSpec(
         "schedule_free_sgd", schedule_free.schedule_free_sgd,

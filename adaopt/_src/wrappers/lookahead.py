@@ -41,6 +41,17 @@ def lookahead(
     ``params.slow``) and the same updates, bit for bit. Do not change the updates before
     applying them, or the fast and slow parameters fall out of step.
 
+    The parameters in a torch Lookahead: ``pytorch_optimizer.Lookahead(optimizer, k, alpha,
+    pullback_momentum="none")`` keeps the fast weights in the model, which are ``params.fast``
+    here at every step, and the slow weights in its state (``state[p]["slow_params"]``, loaded
+    into the model for evaluation by ``backup_and_load_cache``), which are ``params.slow``; after
+    a synchronisation the two are equal, the new slow weights. With ``sync_period=k``,
+    ``slow_step_size=alpha`` and ``fast_optimizer`` its inner optimizer's adaopt form
+    (``adaopt.adamw`` for ``torch.optim.AdamW``, ``adaopt.sgd`` for ``torch.optim.SGD``), both
+    follow the same trajectory (tests/test_lookahead.py: 200 steps, to 1e-10 in float64).
+    Its ``pullback_momentum="reset"`` and ``"pullback"`` change the inner optimizer's momentum at
+    a synchronisation, which optax's ``reset_state`` (every state re-initialised) does not match.
+
     Args:
       fast_optimizer: the optimizer of the inner loop, e.g. ``adaopt.adam(1e-3)`` or one that
         needs the loss, ``adaopt.polyak_sgd()``.
