@@ -210,23 +210,21 @@ def test_multisteps_accumulates_to_the_mean_gradient(spec: OptimizerSpec) -> Non
     for g in micro:
         updates, state = update(g, state, params)
     mean = jax.tree.map(lambda *g: sum(g) / 3, *micro)
-    expected, _ = jax.jit(lambda g: _update(tx, g, tx.init(params), params))(mean)
+    expected, _ = _update(tx, mean, tx.init(params), params)
     _assert_trees_close(updates, expected, rtol=1e-5, atol=1e-6)
 
 
 @SPECS
 def test_apply_if_finite_skips_a_nan_step(spec: OptimizerSpec) -> None:
     tx = adaopt.apply_if_finite(learning_rates.make(spec), max_consecutive_errors=5)
-    plain = learning_rates.make(spec)
     params = _params()
     state = tx.init(params)
-    update = jax.jit(lambda g, s: _update(tx, g, s, params))  # one compile for both calls
     bad = jax.tree.map(lambda g: g.at[()].set(jnp.nan) if g.ndim == 0 else g.at[0].set(jnp.inf), _grads(params, 0))
-    updates, state = update(bad, state)
+    updates, state = _update(tx, bad, state, params)
     assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
     good = _grads(params, 1)
-    updates, _ = update(good, state)
-    expected, _ = jax.jit(lambda g: _update(plain, g, plain.init(params), params))(good)
+    updates, _ = _update(tx, good, state, params)
+    expected, _ = _update(learning_rates.make(spec), good, learning_rates.make(spec).init(params), params)
     _assert_trees_close(updates, expected)
 
 
@@ -291,8 +289,7 @@ def test_awkward_trees(spec: OptimizerSpec, tree: str) -> None:
     tx = learning_rates.make(spec)
     grads = jax.tree.map(lambda x: 0.1 * x + 0.05, params)
 
-    @jax.jit
-    def step(p: Any, s: Any) -> tuple[Any, Any]:
+    def step(p: Any, s: Any) -> tuple[Any, Any]:  # eager: jit is test_jit_compiles_once_and_matches_eager's
         loss = sum((jnp.sum(x**2) for x in jax.tree.leaves(p)), jnp.zeros([]))
         u, s = tx.update(grads, s, p, value=loss)
         return optax.apply_updates(p, u), s
@@ -309,24 +306,33 @@ def test_awkward_trees(spec: OptimizerSpec, tree: str) -> None:
         assert x.size == 0 or bool(jnp.any(x != p)), f"a leaf of shape {p.shape} did not move"
 
 
-DTYPES = [jnp.float16, jnp.bfloat16, jnp.float64]  # float32 is every other test's
+# float32 is every other test's; "half" mixes float16 and bfloat16 leaves in one tree.
+DTYPES = {"half": (jnp.bfloat16, jnp.float16, jnp.bfloat16), "float64": (jnp.float64,) * 3}
+
+
+def _typed_params(dtypes: tuple[Any, Any, Any]) -> dict:
+    params = _params(jnp.float32)
+    return {
+        "dense": {"w": params["dense"]["w"].astype(dtypes[0]), "b": params["dense"]["b"].astype(dtypes[1])},
+        "scale": params["scale"].astype(dtypes[2]),
+    }
 
 
 @SPECS
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_dtypes_are_kept_and_half_precision_is_safe(spec: OptimizerSpec, dtype: Any) -> None:
-    with jax.enable_x64(dtype == jnp.float64), jax.numpy_dtype_promotion("strict"):
-        params = _params(dtype)
+@pytest.mark.parametrize("dtypes", list(DTYPES), ids=str)
+def test_dtypes_are_kept_and_half_precision_is_safe(spec: OptimizerSpec, dtypes: str) -> None:
+    with jax.enable_x64(dtypes == "float64"), jax.numpy_dtype_promotion("strict"):
+        params = _typed_params(DTYPES[dtypes])
         tx = learning_rates.make(spec)
         state = tx.init(params)
         for grads in (jax.tree.map(jnp.zeros_like, params), _grads(params, 0), _grads(params, 1)):
-            updates, state = jax.jit(tx.update)(grads, state, params, value=jnp.asarray(1.0, dtype))
+            updates, state = tx.update(grads, state, params, value=jnp.asarray(1.0, params["scale"].dtype))
             for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
                 assert u.dtype == p.dtype, f"update in {u.dtype} for a {p.dtype} gradient"
-                assert bool(jnp.all(jnp.isfinite(u))), f"non-finite update in {dtype}"
+                assert bool(jnp.all(jnp.isfinite(u))), f"non-finite update for a {p.dtype} parameter"
             params = optax.apply_updates(params, updates)
-        for p in jax.tree.leaves(params):
-            assert p.dtype == jnp.dtype(dtype)
+        for p, dtype in zip(jax.tree.leaves(params), jax.tree.leaves(_typed_params(DTYPES[dtypes])), strict=True):
+            assert p.dtype == dtype.dtype
 
 
 @SPECS

@@ -37,7 +37,7 @@ HIDDEN = 32
 N_CLASSES = 10
 BATCH = 128
 STEPS = 400  # the framework tests, with the warmup-cosine schedule
-REGISTRY_STEPS = 800  # every registry optimizer at its constant tuned learning rate
+REGISTRY_STEPS = 500  # every registry optimizer at its constant tuned learning rate
 PEAK_LR = 1e-2
 WARMUP = 40
 

@@ -126,18 +126,17 @@ def _adaopt(hp: dict, lr: Any, mask: dict | None, options: dict) -> optax.Gradie
     )  # fmt: skip
 
 
-# (name, options, weight decay, schedule, dtype)
+# (name, options, weight decay, schedule, dtype); graft='none' is the original Shampoo's test below
 CASES = [
     ("sgd-newton", {}, True, True, np.float64),
-    ("adagrad-eigh-input", {"graft": "adagrad", "root_method": "eigh", "preconditioned_axes": "input",
-                            "shape_interpretation": False}, False, False, np.float64),
+    ("adagrad-eigh-input-skips", {"graft": "adagrad", "root_method": "eigh", "preconditioned_axes": "input",
+                                  "shape_interpretation": False, "skip_preconditioning_rank_lt": 3,
+                                  "no_preconditioning_for_layers_with_dim_gt": 10}, False, False, np.float64),
     ("rmsprop-average-decoupled-output", {"graft": "rmsprop", "moving_average_for_momentum": True, "nesterov": False,
                                           "decoupled_weight_decay": True, "preconditioned_axes": "output",
                                           "statistics_compute_steps": 2, "inverse_exponent_override": 2}, True, True, np.float64),
-    ("none-skips", {"graft": "none", "skip_preconditioning_rank_lt": 3,
-                    "no_preconditioning_for_layers_with_dim_gt": 10}, True, False, np.float64),
-    ("sqrtn-average-nesterov", {"graft": "sqrtn", "moving_average_for_momentum": True}, False, True, np.float64),
-    ("rate-inside", {"decoupled_learning_rate": False}, True, True, np.float64),
+    ("sqrtn-average-nesterov-rate-inside", {"graft": "sqrtn", "moving_average_for_momentum": True,
+                                            "decoupled_learning_rate": False}, True, True, np.float64),
     ("rate-inside-decoupled-decay", {"decoupled_learning_rate": False, "decoupled_weight_decay": True,
                                      "graft": "adagrad"}, True, True, np.float64),
     ("sgd-newton", {}, True, True, np.float32),
