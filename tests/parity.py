@@ -35,6 +35,22 @@ class Case:
         return f"{wd}-{lr}-{np.dtype(self.dtype).name}"
 
 
+def random_problem(
+    shapes: dict, seed: int, dtype: Any, steps: int = STEPS, complex_: bool = False
+) -> tuple[dict, dict]:
+    """Standard-normal parameters of ``shapes`` and ``steps`` gradients for each (complex: normal real
+    and imaginary parts), drawn in that order from one seeded generator."""
+    rng = np.random.default_rng(seed)
+
+    def normal(shape: tuple[int, ...]) -> np.ndarray:
+        x = rng.normal(size=shape)
+        return (x + 1j * rng.normal(size=shape) if complex_ else x).astype(dtype)
+
+    params = {k: normal(s) for k, s in shapes.items()}
+    grads = {k: normal((steps, *s)) for k, s in shapes.items()}
+    return params, grads
+
+
 def run_adaopt(tx: optax.GradientTransformation, params: dict, grads: dict) -> dict:
     """The parameter trajectory (STEPS, *shape) per leaf, the whole run in one compiled scan."""
 

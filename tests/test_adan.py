@@ -40,18 +40,6 @@ def _draw(seed: int, weight_decay: bool) -> dict[str, Any]:
 SHAPES = {k: shape for k, shape in parity.SHAPES.items() if shape}
 
 
-def _problem(seed: int, dtype: Any, complex_: bool = False) -> tuple[dict, dict]:
-    rng = np.random.default_rng(seed)
-
-    def normal(shape: tuple[int, ...]) -> np.ndarray:
-        x = rng.normal(size=shape) + (1j * rng.normal(size=shape) if complex_ else 0)
-        return x.astype(dtype)
-
-    params = {k: normal(s) for k, s in SHAPES.items()}
-    grads = {k: normal((parity.STEPS, *s)) for k, s in SHAPES.items()}
-    return params, grads
-
-
 def _theirs(hp: dict, params: dict, grads: dict) -> dict:
     tensors = {k: torch.tensor(v) for k, v in params.items()}
     groups = [{"params": [tensors[k] for k in sorted(tensors)], "weight_decay": hp["weight_decay"]}]
@@ -84,7 +72,7 @@ def test_max_grad_norm_matches_pytorch_optimizer_Adan(
 ) -> None:
     seed = zlib.crc32(f"adan/clip/{mode}/{weight_decay}/{np.dtype(dtype).name}".encode())
     hp = {**_draw(seed, weight_decay), "weight_decay_mode": mode}
-    params, grads = _problem(seed + 1, dtype)
+    params, grads = parity.random_problem(SHAPES, seed + 1, dtype)
     with jax.enable_x64(dtype == np.float64):
         ours = _ours(hp, params, grads)
         unclipped = _ours({**hp, "max_grad_norm": None}, params, grads)
@@ -102,7 +90,7 @@ def test_real_imag_matches_pytorch_optimizer_Adan_on_complex_parameters(mode: st
     """pytorch-optimizer views a complex tensor as real pairs (its per-parameter path): ``complex_convention="real_imag"``."""
     seed = zlib.crc32(f"adan/complex/{mode}".encode())
     hp = {**_draw(seed, True), "weight_decay_mode": mode, "max_grad_norm": None}
-    params, grads = _problem(seed + 1, np.complex128, complex_=True)
+    params, grads = parity.random_problem(SHAPES, seed + 1, np.complex128, complex_=True)
     with jax.enable_x64(True):
         ours = _ours(hp, params, grads, complex_convention="real_imag")
         modulus = _ours(hp, params, grads)
@@ -114,7 +102,7 @@ def test_real_imag_matches_pytorch_optimizer_Adan_on_complex_parameters(mode: st
 def test_the_comparison_is_sharp() -> None:
     """b3 off by 1e-4 fails it."""
     hp = {**_draw(0, True), "max_grad_norm": None}
-    params, grads = _problem(1, np.float64)
+    params, grads = parity.random_problem(SHAPES, 1, np.float64)
     theirs = _theirs({**hp, "max_grad_norm": 0.0}, params, grads)
     with jax.enable_x64(True):
         assert parity.relative_error(_ours(hp, params, grads), theirs) <= TOLERANCE[np.float64]
@@ -124,7 +112,7 @@ def test_the_comparison_is_sharp() -> None:
 def test_optax_adan_weighs_the_difference_by_one_minus_b2() -> None:
     """The registry's optax convention is needed: with the paper's weight, optax.adan differs."""
     hp = {**_draw(2, True), "max_grad_norm": None, "weight_decay_mode": "decoupled"}
-    params, grads = _problem(3, np.float64)
+    params, grads = parity.random_problem(SHAPES, 3, np.float64)
     with jax.enable_x64(True):
         theirs = parity.run_adaopt(
             optax.adan(hp["learning_rate"], hp["b1"], hp["b2"], hp["b3"], hp["eps"], 1e-8, hp["weight_decay"]),

@@ -38,18 +38,6 @@ def _draw(seed: int, weight_decay: bool) -> dict[str, Any]:
     return hp
 
 
-def _problem(seed: int, dtype: Any, complex_: bool = False) -> tuple[dict, dict]:
-    rng = np.random.default_rng(seed)
-
-    def normal(shape: tuple[int, ...]) -> np.ndarray:
-        x = rng.normal(size=shape) + (1j * rng.normal(size=shape) if complex_ else 0)
-        return x.astype(dtype)
-
-    params = {k: normal(s) for k, s in parity.SHAPES.items()}
-    grads = {k: normal((parity.STEPS, *s)) for k, s in parity.SHAPES.items()}
-    return params, grads
-
-
 def _schedule(peak: float, dtype: Any) -> Any:
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, 20, parity.STEPS, peak / 10)
     # Evaluated in the case's dtype, as torch is given it.
@@ -75,7 +63,7 @@ def _ours(hp: dict, params: dict, grads: dict, lr: Any, **options: Any) -> dict:
 def _run(label: str, dtype: Any, options: dict[str, Any], schedule: bool, weight_decay: bool = True) -> tuple:
     seed = zlib.crc32(f"mars/{label}/{np.dtype(dtype).name}".encode())
     hp = {**_draw(seed, weight_decay), **options}
-    params, grads = _problem(seed + 1, dtype)
+    params, grads = parity.random_problem(parity.SHAPES, seed + 1, dtype)
     with jax.enable_x64(dtype == np.float64):
         lr = _schedule(hp["learning_rate"], dtype) if schedule else hp["learning_rate"]
         ours = _ours(hp, params, grads, lr)
@@ -136,7 +124,7 @@ def test_shampoo_matches_pytorch_optimizer_MARS(
 
 def test_bfloat16_iteration_follows_the_unpatched_reference() -> None:
     hp = {**_draw(3, True), "mars_type": "shampoo"}
-    params, grads = _problem(4, np.float32)
+    params, grads = parity.random_problem(parity.SHAPES, 4, np.float32)
     theirs = _theirs(hp, params, grads, hp["learning_rate"])
     bf16 = _ours(hp, params, grads, hp["learning_rate"], ns_dtype=jnp.bfloat16)
     f32 = _ours(hp, params, grads, hp["learning_rate"])
@@ -148,7 +136,7 @@ def test_real_imag_matches_pytorch_optimizer_MARS_on_complex_parameters(mars_typ
     """pytorch-optimizer views a complex tensor as real pairs before routing it: a complex vector is a MARS leaf."""
     seed = zlib.crc32(f"mars/complex/{mars_type}".encode())
     hp = {**_draw(seed, True), "mars_type": mars_type}
-    params, grads = _problem(seed + 1, np.complex128, complex_=True)
+    params, grads = parity.random_problem(parity.SHAPES, seed + 1, np.complex128, complex_=True)
     with jax.enable_x64(True):
         ours = _ours(hp, params, grads, hp["learning_rate"], complex_convention="real_imag")
         modulus = _ours(hp, params, grads, hp["learning_rate"])
@@ -166,7 +154,7 @@ def test_shampoo_refuses_complex_matrices_under_modulus() -> None:
 def test_the_comparison_is_sharp() -> None:
     """gamma off by 1e-4 fails it, and so does the 1-d leaves' learning-rate factor off by 1e-4."""
     hp = _draw(5, True)
-    params, grads = _problem(6, np.float64)
+    params, grads = parity.random_problem(parity.SHAPES, 6, np.float64)
     theirs = _theirs(hp, params, grads, hp["learning_rate"])
     with jax.enable_x64(True):
         assert parity.relative_error(_ours(hp, params, grads, hp["learning_rate"]), theirs) <= TOLERANCE[np.float64]

@@ -65,13 +65,6 @@ def _draw(seed: int, weight_decay: bool) -> dict[str, float]:
     return hp
 
 
-def _problem(shapes: dict, seed: int, dtype: Any, steps: int = parity.STEPS) -> tuple[dict, dict]:
-    rng = np.random.default_rng(seed)
-    params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
-    grads = {k: rng.normal(size=(steps, *s)).astype(dtype) for k, s in shapes.items()}
-    return params, grads
-
-
 def _torch_run(opt: torch.optim.Optimizer, tensors: dict, grads: dict, lr: Any = None) -> dict:
     names = sorted(tensors)
     trajectory: dict[str, list[np.ndarray]] = {k: [] for k in names}
@@ -137,7 +130,7 @@ def test_matches_muon_SingleDeviceMuonWithAuxAdam(weight_decay: bool, dtype: Any
     """The author's package: Muon on the hidden matrices (a 3-d leaf as a batch), AdamW on an embedding, a bias, a scalar."""
     seed = zlib.crc32(f"muon/package/{weight_decay}/{np.dtype(dtype).name}".encode())
     hp = _draw(seed, weight_decay)
-    params, grads = _problem(PACKAGE_SHAPES, seed + 1, dtype)
+    params, grads = parity.random_problem(PACKAGE_SHAPES, seed + 1, dtype)
     with jax.enable_x64(dtype == np.float64):
         ours = parity.run_adaopt(_adaopt_package(hp), params, grads)
     with _newton_schulz_in_the_gradients_dtype():
@@ -159,7 +152,7 @@ def test_matches_torch_optim_Muon(
 ) -> None:
     seed = zlib.crc32(f"muon/torch/{adjust_lr}/{nesterov}/{weight_decay}/{np.dtype(dtype).name}".encode())
     hp = _draw(seed, weight_decay)
-    params, grads = _problem(TORCH_SHAPES, seed + 1, dtype)
+    params, grads = parity.random_problem(TORCH_SHAPES, seed + 1, dtype)
     peak = hp["learning_rate"]
     lr = optax.warmup_cosine_decay_schedule(0.0, peak, 20, parity.STEPS, peak / 10) if schedule else None
     with jax.enable_x64(dtype == np.float64):
@@ -176,7 +169,7 @@ def test_the_comparison_is_sharp() -> None:
     """A momentum off by 1e-4 fails it; and the patched references agree with each other."""
     hp = _draw(0, True)
     hp["adam_weight_decay"] = hp["weight_decay"]
-    params, grads = _problem({"w": (16, 8)}, 1, np.float64, steps=50)
+    params, grads = parity.random_problem({"w": (16, 8)}, 1, np.float64, steps=50)
     with _newton_schulz_in_the_gradients_dtype():
         theirs = _torch(hp, params, grads)
         package = _package({**hp, "eps": 1e-7}, params, grads)
@@ -196,13 +189,13 @@ def test_bfloat16_iteration_follows_the_unpatched_references() -> None:
     each sum: within bfloat16's precision.
     """
     hp = _draw(1, True)
-    params, grads = _problem(TORCH_SHAPES, 2, np.float32, steps=10)
+    params, grads = parity.random_problem(TORCH_SHAPES, 2, np.float32, steps=10)
     theirs = _torch(hp, params, grads)
     assert (
         parity.relative_error(parity.run_adaopt(_adaopt_torch(hp, ns_dtype=jnp.bfloat16), params, grads), theirs) < 1e-5
     )
     assert parity.relative_error(parity.run_adaopt(_adaopt_torch(hp), params, grads), theirs) > 1e-5
-    params, grads = _problem(PACKAGE_SHAPES, 2, np.float32, steps=10)
+    params, grads = parity.random_problem(PACKAGE_SHAPES, 2, np.float32, steps=10)
     ours = parity.run_adaopt(_adaopt_package(hp, ns_dtype=jnp.bfloat16), params, grads)
     assert parity.relative_error(ours, _package(hp, params, grads)) < 3e-3
 
@@ -244,7 +237,7 @@ def test_the_default_rule_routes_each_kind_of_leaf() -> None:
 
 def test_auxiliary_leaves_take_exactly_adamw() -> None:
     """0-d, 1-d and embedding leaves: adaopt.adamw's steps, with Muon's matrices beside them."""
-    params, grads = _problem({"embed": (30, 4), "b": (4,), "s": (), "w": (4, 4)}, 4, np.float32, steps=5)
+    params, grads = parity.random_problem({"embed": (30, 4), "b": (4,), "s": (), "w": (4, 4)}, 4, np.float32, steps=5)
     ours = parity.run_adaopt(adaopt.muon(0.02, adam_learning_rate=1e-3, weight_decay=0.1), params, grads)
     aux = {k: params[k] for k in ("embed", "b", "s")}
     adamw = parity.run_adaopt(adaopt.adamw(1e-3, 0.9, 0.95, 1e-10, weight_decay=0.1), aux, {k: grads[k] for k in aux})
@@ -253,7 +246,7 @@ def test_auxiliary_leaves_take_exactly_adamw() -> None:
 
 
 def test_a_3d_leaf_is_a_batch_of_matrices() -> None:
-    params, grads = _problem({"t": (3, 6, 4)}, 5, np.float32, steps=4)
+    params, grads = parity.random_problem({"t": (3, 6, 4)}, 5, np.float32, steps=4)
     batched = parity.run_adaopt(adaopt.muon(0.02), params, grads)
     for i in range(3):
         single = parity.run_adaopt(adaopt.muon(0.02), {"t": params["t"][i]}, {"t": grads["t"][:, i]})
@@ -262,7 +255,7 @@ def test_a_3d_leaf_is_a_batch_of_matrices() -> None:
 
 def test_a_users_mask_overrides_the_rule() -> None:
     """Everything to AdamW: adaopt.adamw's trajectory; a 1-d leaf sent to Muon: a clear error."""
-    params, grads = _problem({"w": (6, 4), "b": (4,)}, 6, np.float32, steps=3)
+    params, grads = parity.random_problem({"w": (6, 4), "b": (4,)}, 6, np.float32, steps=3)
     none = parity.run_adaopt(adaopt.muon(1e-3, muon_mask=lambda p: jax.tree.map(lambda _: False, p)), params, grads)
     adamw = parity.run_adaopt(adaopt.adamw(1e-3, 0.9, 0.95, 1e-10, weight_decay=0.0), params, grads)
     np.testing.assert_array_equal(none["w"], adamw["w"])

@@ -86,13 +86,6 @@ def _draw(seed: int, weight_decay: bool, layout: str) -> dict[str, Any]:
     return hp
 
 
-def _problem(seed: int, dtype: Any, steps: int = parity.STEPS) -> tuple[dict, dict]:
-    rng = np.random.default_rng(seed)
-    params = {k: rng.normal(size=s).astype(dtype) for k, s in SHAPES.items()}
-    grads = {k: rng.normal(size=(steps, *s)).astype(dtype) for k, s in SHAPES.items()}
-    return params, grads
-
-
 def _reference(
     name: str, hp: dict, layout: str, params: dict, grads: dict, lr: list[float] | None = None, *,
     constrained: bool = False,
@@ -172,7 +165,7 @@ def test_matches_pytorch_optimizer(
     """200 steps of random gradients, every norm of the package on a leaf of its own, drawn hyperparameters."""
     seed = zlib.crc32(f"scion/{name}/{weight_decay}/{decoupled}/{constrained}/{layout}/{np.dtype(dtype).name}".encode())
     hp = _draw(seed, weight_decay, layout)
-    params, grads = _problem(seed + 1, dtype)
+    params, grads = parity.random_problem(SHAPES, seed + 1, dtype)
     peak = hp["learning_rate"]
     lr = optax.warmup_cosine_decay_schedule(0.0, peak, 20, parity.STEPS, peak / 10) if schedule else None
     with jax.enable_x64(dtype == np.float64):
@@ -196,7 +189,7 @@ def test_matches_pytorch_optimizer(
 def test_the_comparison_is_sharp() -> None:
     """A momentum off by 1e-4, or SCIONLight's sum for SCION's average, fails it; the decay matters under constraint=False."""
     hp = _draw(0, True, "auto")
-    params, grads = _problem(1, np.float64, steps=50)
+    params, grads = parity.random_problem(SHAPES, 1, np.float64, steps=50)
     with _newton_schulz_in_the_gradients_dtype():
         theirs = _reference("pytorch_optimizer.SCION", hp, "auto", params, grads)
     with jax.enable_x64(True):
@@ -215,7 +208,7 @@ def test_bfloat16_iteration_follows_the_unpatched_reference() -> None:
     """``ns_dtype=jnp.bfloat16`` against the package as it ships, float32 parameters: within bfloat16's precision,
     and nearer to it than the float32 iteration is."""
     hp = _draw(2, True, "auto")
-    params, grads = _problem(3, np.float32, steps=10)
+    params, grads = parity.random_problem(SHAPES, 3, np.float32, steps=10)
     theirs = _reference("pytorch_optimizer.SCION", hp, "auto", params, grads)
     bf16 = parity.relative_error(
         parity.run_adaopt(_adaopt("pytorch_optimizer.SCION", hp, "auto", ns_dtype=jnp.bfloat16), params, grads), theirs
@@ -268,7 +261,7 @@ def test_a_3d_spectral_leaf_is_a_batch_of_matrices() -> None:
 
 def test_sum_and_average_agree_for_a_scale_free_norm() -> None:
     """sign(d / (1 - beta)) = sign(d): SCIONLight's sum and SCION's average give one trajectory for a sign-normed leaf."""
-    params, grads = _problem(6, np.float64, steps=20)
+    params, grads = parity.random_problem(SHAPES, 6, np.float64, steps=20)
     leaf = {"head": params["head"]}, {"head": grads["head"]}
     with jax.enable_x64(True):
         ema = parity.run_adaopt(adaopt.scion(0.01, 0.8, norms={"head": "sign"}), *leaf)

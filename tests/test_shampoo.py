@@ -77,13 +77,6 @@ def _draw(seed: int, weight_decay: bool) -> dict[str, Any]:
     return hp
 
 
-def _problem(shapes: dict, seed: int, dtype: Any, steps: int = parity.STEPS) -> tuple[dict, dict]:
-    rng = np.random.default_rng(seed)
-    params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
-    grads = {k: rng.normal(size=(steps, *s)).astype(dtype) for k, s in shapes.items()}
-    return params, grads
-
-
 def _torch(hp: dict, params: dict, grads: dict, lr: Any, mask: dict | None, options: dict) -> dict:
     """``pytorch_optimizer.ScalableShampoo``, the decayed leaves in a group of their own; ``lr``: a schedule or None."""
     tensors = {k: torch.tensor(v) for k, v in params.items()}
@@ -155,7 +148,7 @@ def test_matches_pytorch_optimizer_ScalableShampoo(
 ) -> None:
     seed = zlib.crc32(f"shampoo/{name}/{weight_decay}/{schedule}/{np.dtype(dtype).name}".encode())
     hp = _draw(seed, weight_decay)
-    params, grads = _problem(SHAPES, seed + 1, dtype)
+    params, grads = parity.random_problem(SHAPES, seed + 1, dtype)
     mask = DECAY_MASK if weight_decay else None
     peak = hp["learning_rate"]
     lr = optax.warmup_cosine_decay_schedule(0.0, peak, 20, parity.STEPS, peak / 10) if schedule else None
@@ -186,7 +179,7 @@ def test_matches_pytorch_optimizer_Shampoo(schedule: bool, dtype: Any) -> None:
     # float32 resolves a ridge of matrix_eps on statistics of order 1 only above its rounding (1.2e-7): a smaller
     # one is lost in the sums, and the roots of the near-null directions then amplify rounding on either side.
     matrix_eps = float(10 ** rng.uniform(-8, -4) if dtype == np.float64 else 10 ** rng.uniform(-5, -4))
-    params, grads = _problem({"w": (6, 5), "b": (5,), "s": (), "t": (2, 3, 4)}, seed + 1, dtype)
+    params, grads = parity.random_problem({"w": (6, 5), "b": (5,), "s": (), "t": (2, 3, 4)}, seed + 1, dtype)
     schedule_fn = optax.warmup_cosine_decay_schedule(0.0, lr, 20, parity.STEPS, lr / 10) if schedule else None
     with jax.enable_x64(dtype == np.float64):
         rate = (lambda c: schedule_fn(jnp.asarray(c, dtype))) if schedule_fn else lr
@@ -212,7 +205,7 @@ def test_matches_pytorch_optimizer_Shampoo(schedule: bool, dtype: Any) -> None:
 def test_the_comparison_is_sharp() -> None:
     """A b2 off by 1e-4 fails it; the unpatched reference (a random start of its power iteration) agrees to 1e-8."""
     hp = {**_draw(5, True), "start_preconditioning_step": 3, "preconditioning_compute_steps": 2}
-    params, grads = _problem(SHAPES, 6, np.float64, steps=40)
+    params, grads = parity.random_problem(SHAPES, 6, np.float64, steps=40)
     with jax.enable_x64(True):
         off = parity.run_adaopt(_adaopt({**hp, "b2": hp["b2"] - 1e-4}, None, None, {}), params, grads)
         ours = parity.run_adaopt(_adaopt(hp, None, None, {}), params, grads)
@@ -260,7 +253,7 @@ def test_each_kind_of_leaf_gets_its_statistics() -> None:
 
 def test_leaves_without_a_preconditioner_take_the_grafting_methods_step() -> None:
     """AdaGrad grafting with momentum: the step of a 1-d leaf is AdaGrad's direction under Nesterov momentum."""
-    params, grads = _problem({"b": (5,)}, 11, np.float64, steps=20)
+    params, grads = parity.random_problem({"b": (5,)}, 11, np.float64, steps=20)
     lr, b1, eps = 1e-2, 0.9, 1e-10
     with jax.enable_x64(True):
         ours = parity.run_adaopt(adaopt.shampoo(lr, b1, graft="adagrad", diagonal_eps=eps), params, grads)

@@ -75,13 +75,6 @@ def _draw(seed: int, weight_decay: bool) -> dict[str, Any]:
     return hp
 
 
-def _problem(shapes: dict, seed: int, dtype: Any, steps: int = parity.STEPS) -> tuple[dict, dict]:
-    rng = np.random.default_rng(seed)
-    params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
-    grads = {k: rng.normal(size=(steps, *s)).astype(dtype) for k, s in shapes.items()}
-    return params, grads
-
-
 def _torch(hp: dict, params: dict, grads: dict, lr: Any, mask: dict | None, **options: Any) -> dict:
     """``pytorch_optimizer.SOAP``, the decayed leaves in a group of their own; ``lr``: a schedule or None."""
     tensors = {k: torch.tensor(v) for k, v in params.items()}
@@ -132,7 +125,7 @@ def _compare(name: str, shapes: dict, options: dict, weight_decay: bool, schedul
     label = f"soap/{name}/{weight_decay}/{schedule}/{np.dtype(dtype).name}"
     seed = zlib.crc32(label.encode())
     hp = _draw(seed, weight_decay)
-    params, grads = _problem(shapes, seed + 1, dtype)
+    params, grads = parity.random_problem(shapes, seed + 1, dtype)
     mask = {k: DECAY_MASK.get(k, True) for k in shapes} if weight_decay else None
     peak = hp["learning_rate"]
     lr = optax.warmup_cosine_decay_schedule(0.0, peak, 20, parity.STEPS, peak / 10) if schedule else None
@@ -167,7 +160,7 @@ def test_the_unpatched_reference_agrees_to_its_float32_qr() -> None:
     """As it ships, in float64: its float32 QR leaves the trajectory within float32's precision, not float64's
     (the QR's float32 rounding makes a slightly different basis, which the next power iteration carries on)."""
     hp = _draw(7, True)
-    params, grads = _problem(SHAPES, 8, np.float64, steps=100)
+    params, grads = parity.random_problem(SHAPES, 8, np.float64, steps=100)
     with jax.enable_x64(True):
         ours = parity.run_adaopt(_adaopt(hp, None, None), params, grads)
     error = parity.relative_error(ours, _torch(hp, params, grads, None, None))
@@ -177,7 +170,7 @@ def test_the_unpatched_reference_agrees_to_its_float32_qr() -> None:
 def test_the_comparison_is_sharp() -> None:
     """A shampoo_beta off by 1e-4 fails it."""
     hp = _draw(3, True)
-    params, grads = _problem(SHAPES, 4, np.float64, steps=60)  # float64's tolerance is 1e-10
+    params, grads = parity.random_problem(SHAPES, 4, np.float64, steps=60)  # float64's tolerance is 1e-10
     with jax.enable_x64(True):
         off = parity.run_adaopt(_adaopt({**hp, "shampoo_beta": hp["shampoo_beta"] - 1e-4}, None, None), params, grads)
     with _qr_in_the_parameters_dtype():
@@ -217,7 +210,7 @@ def test_each_kind_of_leaf_gets_its_factors() -> None:
 def test_leaves_without_factors_take_adams_step_from_the_second_call() -> None:
     """0-d and 1-d leaves (and any leaf with no preconditioned axis): Adam's steps on the gradients after the first
     (eps = 0: SOAP adds eps to the undebiased root)."""
-    params, grads = _problem({"b": (5,), "s": (), "embed": (12, 1)}, 9, np.float64, steps=30)
+    params, grads = parity.random_problem({"b": (5,), "s": (), "embed": (12, 1)}, 9, np.float64, steps=30)
     with jax.enable_x64(True):
         ours = parity.run_adaopt(adaopt.soap(1e-2, 0.9, 0.99, eps=0.0, weight_decay=0.0, max_precondition_dim=8),
                                  params, grads)  # fmt: skip
@@ -230,7 +223,7 @@ def test_leaves_without_factors_take_adams_step_from_the_second_call() -> None:
 
 def test_a_3d_leaf_is_preconditioned_along_every_axis() -> None:
     """A 3-d leaf is not a batch of matrices: its step differs from the steps of its slices run apart."""
-    params, grads = _problem({"t": (2, 3, 4)}, 10, np.float64, steps=5)
+    params, grads = parity.random_problem({"t": (2, 3, 4)}, 10, np.float64, steps=5)
     with jax.enable_x64(True):
         whole = parity.run_adaopt(adaopt.soap(1e-2, weight_decay=0.0), params, grads)
         first = parity.run_adaopt(adaopt.soap(1e-2, weight_decay=0.0), {"t": params["t"][0]}, {"t": grads["t"][:, 0]})
