@@ -91,7 +91,7 @@ def run_torch(make: TorchFactory, hp: dict, lr: Any, params: dict, grads: dict, 
 def _torch_trajectory(opt: torch.optim.Optimizer, tensors: dict, lr: Any, grads: dict) -> dict:
     names = sorted(tensors)
     trajectory: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for t in range(STEPS):
+    for t in range(len(grads[names[0]])):
         rate = float(lr(t)) if callable(lr) else lr
         for group in opt.param_groups:
             group["lr"] = rate

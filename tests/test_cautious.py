@@ -16,10 +16,9 @@ import pytorch_optimizer
 import torch
 
 import adaopt
-from adaopt import OptimizerSpec
-from benchmarks import learning_rates
 from tests import parity, references
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
+from tests.test_parity import _draw
 
 TOLERANCE = {np.float64: 1e-10, np.float32: 1e-5}
 DRAWS = 2  # random hyperparameter draws per case
@@ -38,22 +37,6 @@ CASES = [  # as tests/test_parity.py's: float64 with masked decay and a schedule
     Case(True, True, np.float64),
     Case(False, False, np.float32),
 ]
-
-
-def _draw(spec: OptimizerSpec, case: Case, seed: int) -> tuple[dict[str, Any], Any]:
-    """Random valid hyperparameters (adaopt's names) and the learning rate or schedule, as tests/test_parity.py."""
-    rng = np.random.default_rng(seed)
-    hp = {name: r.sample(float(rng.uniform())) for name, r in spec.hyperparameters.items()}
-    hp["weight_decay"] = float(rng.uniform(1e-3, 0.1)) if case.weight_decay else 0.0
-    peak = learning_rates.TUNED[spec.name] * float(np.exp(rng.uniform(np.log(0.3), np.log(3.0))))
-    if case.schedule:
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, peak, warmup_steps=20, decay_steps=STEPS, end_value=peak / 10
-        )
-        lr: Any = lambda count: schedule(jnp.asarray(count, case.dtype))
-    else:
-        lr = peak
-    return hp, lr
 
 
 def _data(case: Case, seed: int) -> tuple[dict, dict]:
@@ -79,7 +62,7 @@ def _compare(spec_name: str, case: Case, seed: int, fixed: dict[str, Any]) -> tu
     """(relative error of cautious adaopt vs cautious pytorch-optimizer, how far the reference moved, hp)."""
     spec = adaopt.REGISTRY[spec_name]
     (ref,) = [r for r in spec.references if r.name == CAUTIOUS[spec_name]]
-    hp, lr = _draw(spec, case, seed)
+    hp, lr = _draw(spec, ref, case, seed)
     hp = {**hp, **fixed, **ref.kwargs}
     params, grads = _data(case, seed)
     mask = DECAY_MASK if case.weight_decay else None
@@ -111,7 +94,7 @@ def test_the_comparison_sees_the_mask() -> None:
     case = Case(True, True, np.float64)
     seed = zlib.crc32(b"cautious/lion/off")
     spec = adaopt.REGISTRY["lion"]
-    hp, lr = _draw(spec, case, seed)
+    hp, lr = _draw(spec, spec.references[0], case, seed)  # a reference without fixed arguments
     params, grads = _data(case, seed)
     with jax.enable_x64(True):
         tx = spec.factory(learning_rate=lr, weight_decay_mask=DECAY_MASK, **hp)
@@ -162,7 +145,7 @@ class _CautiousAdamW(torch.optim.Optimizer):
 def test_cautious_adamw_is_the_rule_on_torch_adamw(case: Case, draw: int) -> None:
     seed = zlib.crc32(f"cautious/adamw/{case.label}/{draw}".encode())
     spec = adaopt.REGISTRY["adamw"]
-    hp, lr = _draw(spec, case, seed)
+    hp, lr = _draw(spec, spec.references[0], case, seed)  # a reference without fixed arguments
     params, grads = _data(case, seed)
     mask = DECAY_MASK if case.weight_decay else None
     with jax.enable_x64(case.dtype == np.float64):
@@ -184,7 +167,7 @@ def test_complex_real_imag_matches_pytorch_optimizer() -> None:
     case = Case(True, False, np.complex128)
     seed = zlib.crc32(b"cautious/lion/complex")
     spec = adaopt.REGISTRY["lion"]
-    hp, lr = _draw(spec, case, seed)
+    hp, lr = _draw(spec, spec.references[0], case, seed)  # a reference without fixed arguments
     rng = np.random.default_rng(seed)
     complex_normal = lambda *shape: rng.normal(size=shape) + 1j * rng.normal(size=shape)
     params = {k: complex_normal(*shape) for k, shape in SHAPES.items()}

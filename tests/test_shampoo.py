@@ -97,17 +97,7 @@ def _torch(hp: dict, params: dict, grads: dict, lr: Any, mask: dict | None, opti
         preconditioning_compute_steps=hp["preconditioning_compute_steps"], block_size=BLOCK, graft_type=graft,
         pre_conditioner_type=axes, use_svd=use_svd, **options,
     )  # fmt: skip
-    trajectory: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for t in range(len(grads[names[0]])):
-        if lr is not None:
-            for group in opt.param_groups:
-                group["lr"] = float(lr(t))
-        for k in names:
-            tensors[k].grad = torch.tensor(grads[k][t])
-        opt.step()
-        for k in names:
-            trajectory[k].append(tensors[k].detach().numpy().copy())
-    return {k: np.stack(v) for k, v in trajectory.items()}
+    return parity._torch_trajectory(opt, tensors, hp["learning_rate"] if lr is None else lr, grads)
 
 
 def _adaopt(hp: dict, lr: Any, mask: dict | None, options: dict) -> optax.GradientTransformation:

@@ -89,17 +89,7 @@ def _torch(hp: dict, params: dict, grads: dict, lr: Any, mask: dict | None, **op
         shampoo_beta=hp["shampoo_beta"], eps=hp["eps"], precondition_frequency=hp["precondition_frequency"],
         max_precondition_dim=MAX_DIM, **options,
     )  # fmt: skip
-    trajectory: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for t in range(len(grads[names[0]])):
-        if lr is not None:
-            for group in opt.param_groups:
-                group["lr"] = float(lr(t))
-        for k in names:
-            tensors[k].grad = torch.tensor(grads[k][t])
-        opt.step()
-        for k in names:
-            trajectory[k].append(tensors[k].detach().numpy().copy())
-    return {k: np.stack(v) for k, v in trajectory.items()}
+    return parity._torch_trajectory(opt, tensors, hp["learning_rate"] if lr is None else lr, grads)
 
 
 def _adaopt(hp: dict, lr: Any, mask: dict | None, **options: Any) -> optax.GradientTransformation:
