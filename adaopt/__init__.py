@@ -23,8 +23,25 @@ from optax.schedules import warmup_cosine_decay_schedule as warmup_cosine_decay_
 from optax.schedules import warmup_exponential_decay_schedule as warmup_exponential_decay_schedule
 
 from adaopt._src.base import HyperparameterError as HyperparameterError
+from adaopt._src.base import StoredLeaf as StoredLeaf
 from adaopt._src.base import TreeMismatchError as TreeMismatchError
+from adaopt._src.base import is_stored as is_stored
 from adaopt._src.complex_params import as_real_imag as as_real_imag
+from adaopt._src.factored.adafactor import AdafactorState as AdafactorState
+from adaopt._src.factored.adafactor import adafactor as adafactor
+from adaopt._src.factored.adafactor import scale_by_adafactor as scale_by_adafactor
+from adaopt._src.factored.adam_mini import AdamMiniState as AdamMiniState
+from adaopt._src.factored.adam_mini import AxisBlocks as AxisBlocks
+from adaopt._src.factored.adam_mini import adam_mini as adam_mini
+from adaopt._src.factored.adam_mini import adam_mini_decay_mask as adam_mini_decay_mask
+from adaopt._src.factored.adam_mini import default_adam_mini_blocks as default_adam_mini_blocks
+from adaopt._src.factored.adam_mini import scale_by_adam_mini as scale_by_adam_mini
+from adaopt._src.factored.came import CameState as CameState
+from adaopt._src.factored.came import came as came
+from adaopt._src.factored.came import scale_by_came as scale_by_came
+from adaopt._src.factored.sm3 import Sm3State as Sm3State
+from adaopt._src.factored.sm3 import scale_by_sm3 as scale_by_sm3
+from adaopt._src.factored.sm3 import sm3 as sm3
 from adaopt._src.layouts.multi_tensor import FlatTree as FlatTree
 from adaopt._src.layouts.multi_tensor import MultiTensorState as MultiTensorState
 from adaopt._src.layouts.multi_tensor import NotElementwiseError as NotElementwiseError
@@ -127,6 +144,14 @@ from adaopt._src.schedules import cyclic_schedule as cyclic_schedule
 from adaopt._src.schedules import onecycle_momentum_schedule as onecycle_momentum_schedule
 from adaopt._src.schedules import onecycle_schedule as onecycle_schedule
 from adaopt._src.schedules import warmup_stable_decay_schedule as warmup_stable_decay_schedule
+from adaopt._src.storage import Blockwise as Blockwise
+from adaopt._src.storage import Quantized as Quantized
+from adaopt._src.storage import Rounded as Rounded
+from adaopt._src.storage import StochasticBf16 as StochasticBf16
+from adaopt._src.storage import counter_bits as counter_bits
+from adaopt._src.storage import dynamic_map as dynamic_map
+from adaopt._src.storage import linear_map as linear_map
+from adaopt._src.storage import stochastic_round as stochastic_round
 from adaopt._src.tuning_free.cocob import CocobState as CocobState
 from adaopt._src.tuning_free.cocob import cocob as cocob
 from adaopt._src.tuning_free.cocob import scale_by_cocob as scale_by_cocob
@@ -166,8 +191,16 @@ from adaopt._src.wrappers.averaging import averaged_params as averaged_params
 from adaopt._src.wrappers.averaging import polynomial_decay_averaging as polynomial_decay_averaging
 from adaopt._src.wrappers.cautious import cautious as cautious
 from adaopt._src.wrappers.cautious import scale_by_cautious_mask as scale_by_cautious_mask
+from adaopt._src.wrappers.galore import GaLoreState as GaLoreState
+from adaopt._src.wrappers.galore import default_galore_mask as default_galore_mask
+from adaopt._src.wrappers.galore import galore as galore
+from adaopt._src.wrappers.galore import galore_adamw as galore_adamw
 from adaopt._src.wrappers.hyperparams import inject_hyperparams as inject_hyperparams
 from adaopt._src.wrappers.lookahead import lookahead as lookahead
+from adaopt._src.wrappers.precision import MasterWeightsState as MasterWeightsState
+from adaopt._src.wrappers.precision import StochasticRoundingState as StochasticRoundingState
+from adaopt._src.wrappers.precision import master_weights as master_weights
+from adaopt._src.wrappers.precision import stochastic_rounding as stochastic_rounding
 from adaopt._src.wrappers.sam import sam_perturbation as sam_perturbation
 from adaopt._src.wrappers.sam import sam_value_and_grad as sam_value_and_grad
 

@@ -76,6 +76,7 @@ class Result(TypedDict):
     steps_to_target: int | None  # first evaluated step with test accuracy >= TARGET_ACCURACY
     compile_s: float  # tracing and compiling the chunk function(s)
     train_s: float  # running all chunks and evaluations, after compilation
+    state_bytes_per_param: float  # the optimizer state's bytes over the number of parameters
 
 
 def load_data() -> Data:
@@ -208,6 +209,7 @@ def run(
             bar.set_description(f"{spec.name:>9}")
             opt = learning_rates.make(spec)
             params, opt_state = params0, opt.init(params0)
+            state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))
             jitted = make_chunk_fn(opt)
             idx = full_batches if Capability.FULL_BATCH in spec.capabilities else minibatches
             averaged = Capability.AVERAGED_ITERATES in spec.capabilities
@@ -248,6 +250,7 @@ def run(
                     steps_to_target=reached[0] if reached else None,
                     compile_s=compile_s,
                     train_s=train_s,
+                    state_bytes_per_param=state_bytes / sum(x.size for x in jax.tree.leaves(params0)),
                 )
             )
     finally:
@@ -257,7 +260,10 @@ def run(
 
 def format_table(results: Sequence[Result]) -> str:
     """Plain-text table, sorted by final test accuracy (descending; ties keep registry order)."""
-    header = ["optimizer", "lr", "train loss", "test acc", f"steps to {TARGET_ACCURACY:.0%}", "compile s", "train s"]
+    header = [
+        "optimizer", "lr", "train loss", "test acc", f"steps to {TARGET_ACCURACY:.0%}", "state B/param", "compile s",
+        "train s",
+    ]  # fmt: skip
     ordered = sorted(results, key=lambda r: -r["final_test_accuracy"])  # stable: ties keep registry order
     rows = [
         [
@@ -266,6 +272,7 @@ def format_table(results: Sequence[Result]) -> str:
             f"{r['final_train_loss']:.2e}",
             f"{r['final_test_accuracy']:.2%}",
             "—" if r["steps_to_target"] is None else str(r["steps_to_target"]),
+            f"{r['state_bytes_per_param']:.2f}",
             f"{r['compile_s']:.2f}",
             f"{r['train_s']:.2f}",
         ]

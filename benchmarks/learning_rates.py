@@ -32,12 +32,17 @@ TUNED: dict[str, float] = {
     "adan": 3e-3,  # not tuned on the grid yet (Adam's; the paper's 1e-3 to 1.5e-2 for its tasks)
     "mars": 3e-3,  # the reference's default (pytorch-optimizer, the authors' code): not tuned on the grid yet
     "sophia": 3e-3,  # not tuned on the grid yet
+    "adam_mini": 3e-3,  # Adam's: not tuned on the grid yet
+    "galore_adamw": 3e-3,  # AdamW's: not tuned on the grid yet (no matrix of the digits MLP is projected at rank 128)
     "lion": 1e-3,
     "lamb": 5e-3,
     "muon": 0.02,  # the author's default (the auxiliary AdamW at the same rate): not tuned on the grid yet
     "scion": 0.02,  # not tuned on the grid yet
     "soap": 3e-3,  # the reference's default: not tuned on the grid yet
     "shampoo": 1e-2,  # not tuned on the grid yet (grafted onto SGD with Nesterov momentum 0.9)
+    "adafactor": 1e-2,  # the paper's cap of the relative step, rho_t = min(1e-2, 1/sqrt(t)): not tuned on the grid yet
+    "came": 1e-3,  # not tuned on the grid yet (its first steps are ~10x the rate: the confidence starts small)
+    "sm3": 0.1,  # not tuned on the grid yet (AdaGrad's)
     "schedule_free_sgd": 1.0,
     "schedule_free_adamw": 2.5e-3,
     "schedule_free_radam": 2.5e-3,

@@ -7,16 +7,23 @@ groups; optax references get the learning rate (a number or a schedule) and the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
+import adam_mini
 import adopt as torch_adopt
+import came_pytorch
 import dog
+import jax
+import jax.numpy as jnp
 import optax
 import optax.contrib
 import pytorch_optimizer
 import schedulefree
 import torch
+from optax._src import factorized
 
 from tests.parity import TorchFactory
 
@@ -79,7 +86,53 @@ def _dog_kwargs(hp: HP) -> dict[str, Any]:
     return {"lr": 1.0, "reps_rel": hp["reps_rel"], "eps": hp["eps"], "init_eta": hp.get("init_eta")}
 
 
+def _came_betas(hp: HP) -> tuple[float, float, float]:
+    return (hp["b1"], hp["b2"], hp["b3"])
+
+
+def _sm3_beta(hp: HP) -> float:
+    """pytorch-optimizer's SM3 sums for beta = 0 (adaopt's b2=None) and keeps a running maximum of an EMA otherwise."""
+    b2 = hp.get("b2")
+    assert (b2 is not None) == hp.get("monotone_accumulators", False), "its beta > 0 implies monotone accumulators"
+    return 0.0 if b2 is None else b2
+
+
+def _adam_mini(groups: list[dict[str, Any]], hp: HP) -> torch.optim.Optimizer:
+    """adam_mini.Adam_mini on the groups' tensors, named "p0", "p1"... (no name of its rule: one block per tensor),
+    each decayed by its group's weight decay (Adam_mini decays by name; it takes named tensors, not groups)."""
+    tensors = [p.requires_grad_() for g in groups for p in g["params"]]
+    decays = [g["weight_decay"] for g in groups for _ in g["params"]]
+    opt = adam_mini.Adam_mini(
+        [(f"p{i}", p) for i, p in enumerate(tensors)], lr=1.0, betas=_betas(hp), eps=hp["eps"], verbose=False
+    )
+    for group, decay in zip(opt.param_groups, decays, strict=True):  # one group per tensor, in order
+        group["weight_decay"] = decay
+    return opt
+
+
+def _adafactor_transformers(groups: list[dict[str, Any]], hp: HP) -> torch.optim.Optimizer:
+    """transformers' Adafactor (imported here: the package is slow to import); with relative_step its lr is None."""
+    from transformers.optimization import Adafactor
+
+    relative = hp.get("relative_step", True)
+    return Adafactor(
+        groups,
+        lr=None if relative else 1.0,
+        eps=(hp.get("eps", 1e-30), hp["eps_scale"]),
+        clip_threshold=hp["clip_threshold"],
+        decay_rate=-hp["decay_rate"],
+        beta1=hp.get("b1"),
+        scale_parameter=hp.get("scale_parameter", True),
+        relative_step=relative,
+        warmup_init=hp.get("warmup_init", False),
+    )
+
+
 TORCH: dict[str, TorchFactory] = {
+    "transformers.optimization.Adafactor": _adafactor_transformers,
+    "torch.optim.Adafactor": lambda groups, hp: torch.optim.Adafactor(
+        groups, lr=1.0, beta2_decay=-hp["decay_rate"], eps=(hp.get("eps"), hp["eps_scale"]), d=hp["clip_threshold"]
+    ),
     "torch.optim.SGD": lambda groups, hp: torch.optim.SGD(
         groups, lr=1.0, momentum=hp["momentum"], dampening=hp["dampening"], nesterov=hp.get("nesterov", False)
     ),
@@ -148,6 +201,26 @@ TORCH: dict[str, TorchFactory] = {
     "pytorch_optimizer.Lamb(weight_decouple=False)": lambda groups, hp: pytorch_optimizer.Lamb(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], weight_decouple=False
     ),
+    "came_pytorch.CAME": lambda groups, hp: came_pytorch.CAME(
+        groups,
+        lr=1.0,
+        eps=(hp.get("eps1", 1e-30), hp.get("eps2", 1e-16)),
+        clip_threshold=hp["clip_threshold"],
+        betas=_came_betas(hp),
+    ),
+    "pytorch_optimizer.CAME": lambda groups, hp: pytorch_optimizer.CAME(
+        groups,
+        lr=1.0,
+        betas=_came_betas(hp),
+        weight_decouple=hp.get("decoupled_weight_decay", True),
+        clip_threshold=hp["clip_threshold"],
+        eps1=hp.get("eps1", 1e-30),
+        eps2=hp.get("eps2", 1e-16),
+    ),
+    "pytorch_optimizer.SM3": lambda groups, hp: pytorch_optimizer.SM3(
+        groups, lr=1.0, momentum=hp["momentum"], beta=_sm3_beta(hp), eps=hp["eps"]
+    ),
+    "adam_mini.Adam_mini": _adam_mini,
     "schedulefree.SGDScheduleFree": lambda groups, hp: _schedule_free(
         schedulefree.SGDScheduleFree, hp, groups, momentum=hp["momentum"]
     ),
@@ -201,7 +274,55 @@ def _amsgrad_paper(lr: Any, hp: HP, mask: Any) -> optax.GradientTransformation:
     return optax.chain(core, optax.scale_by_learning_rate(lr))
 
 
+def _zero_d_as_vectors(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` with each 0-d leaf (of the gradients, the parameters and the state) seen as a vector of one element."""
+    as_vector = lambda tree: jax.tree.map(lambda x: x.reshape(1) if x.ndim == 0 else x, tree)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        new, state = inner.update(as_vector(updates), state, None if params is None else as_vector(params))
+        return jax.tree.map(lambda n, u: n.reshape(u.shape), new, updates), state
+
+    return optax.GradientTransformation(lambda params: inner.init(as_vector(params)), update_fn)
+
+
+def _optax_sm3(lr: Any, hp: HP, mask: Any) -> optax.GradientTransformation:
+    """optax.sm3's block (b1 = momentum, b2 = 1 for sums) and the learning rate; optax fails on 0-d leaves."""
+    del mask
+    b2 = hp.get("b2")
+    core = optax.scale_by_sm3(hp["momentum"], 1.0 if b2 is None else b2, hp["eps"])
+    return _zero_d_as_vectors(optax.chain(core, optax.scale_by_learning_rate(lr)))
+
+
+def _decay_rate_in_dtype(step: Any, exponent: Any) -> Any:
+    """optax's ``_decay_rate_pow`` in the default float dtype (float64 under x64), where optax rounds t to float32."""
+    t = jnp.asarray(step + 1).astype(jnp.result_type(float))
+    return 1.0 - t ** (-exponent)
+
+
+def _optax_adafactor(lr: Any, hp: HP, mask: Any) -> optax.GradientTransformation:
+    """optax.adafactor as it is, but for its second-moment decay computed in the parameters' dtype
+    (:func:`_decay_rate_in_dtype` patched in while it builds its chain); its least parameter scale is 1e-3."""
+    assert hp["eps_scale"] == 1e-3, "optax.adafactor's scale_by_param_block_rms keeps its min_scale of 1e-3"
+    patched = functools.partial(factorized.scale_by_factored_rms, decay_rate_fn=_decay_rate_in_dtype)
+    with mock.patch.object(factorized, "scale_by_factored_rms", patched):
+        return optax.adafactor(
+            lr,
+            min_dim_size_to_factor=hp["min_dim_size_to_factor"],
+            decay_rate=hp["decay_rate"],
+            decay_offset=hp.get("decay_offset", 0),
+            multiply_by_parameter_scale=hp.get("scale_parameter", True),
+            clipping_threshold=hp["clip_threshold"],
+            momentum=hp.get("b1"),
+            dtype_momentum=hp.get("mu_dtype"),
+            weight_decay_rate=hp["weight_decay"],
+            eps=hp.get("eps", 1e-30),
+            factored=hp.get("factored", True),
+            weight_decay_mask=mask,
+        )
+
+
 OPTAX: dict[str, OptaxFactory] = {
+    "optax.adafactor": _optax_adafactor,
     "optax.sgd": lambda lr, hp, mask: optax.sgd(lr, hp["momentum"] or None, nesterov=hp.get("nesterov", False)),
     "optax.adagrad": lambda lr, hp, mask: optax.adagrad(lr, hp["initial_accumulator_value"], hp["eps"]),
     "optax.rmsprop": lambda lr, hp, mask: optax.rmsprop(
@@ -237,6 +358,7 @@ OPTAX: dict[str, OptaxFactory] = {
     "optax.contrib.dowg": lambda lr, hp, mask: optax.contrib.dowg(
         lr, hp.get("init_estim_sq_dist"), hp["eps"], weight_decay=hp["weight_decay"] or None, mask=mask
     ),
+    "optax.scale_by_sm3": _optax_sm3,
     "optax.contrib.schedule_free_sgd": _optax_schedule_free_sgd,
     "optax.contrib.schedule_free_adamw": _optax_schedule_free_adamw,
 }

@@ -264,9 +264,23 @@ def test_state_mirrors_the_parameter_tree(spec: OptimizerSpec) -> None:
     for x in jax.tree.leaves(state):
         square = matrices and jnp.ndim(x) == 2 and x.shape[0] == x.shape[1]
         assert jnp.ndim(x) == 0 or square or id(x) in in_mirrors, f"a state leaf of shape {x.shape} mirrors nothing"
+    # Capability.FACTORED_STATE: a mirroring leaf may be its parameter's shape with axes removed (row, column statistics).
+    factored = Capability.FACTORED_STATE in spec.capabilities
     for m in mirrors:
         for s, p in zip(jax.tree.leaves(m, is_leaf=_is_masked), jax.tree.leaves(params), strict=True):
-            assert _is_masked(s) or s.shape == p.shape
+            assert _is_masked(s) or s.shape == p.shape or (factored and kept_axes(s.shape, p.shape) is not None)
+
+
+def kept_axes(shape: tuple[int, ...], full: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axes of ``full`` that ``shape`` keeps when it is ``full`` with some axes removed (the first match), else None."""
+    kept: list[int] = []
+    for n in shape:
+        start = kept[-1] + 1 if kept else 0
+        axis = next((a for a in range(start, len(full)) if full[a] == n), None)
+        if axis is None:
+            return None
+        kept.append(axis)
+    return tuple(kept) if len(kept) < len(full) else None
 
 
 AWKWARD_TREES = {

@@ -24,7 +24,11 @@ def test_demo_prints_table_and_writes_plot(
     assert set(lines[header + 1]) <= {"-", " "}
     rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 4]}
     assert set(rows) == {"adam", "sgd"}
-    assert all(len(row) == 7 for row in rows.values())
+    assert all(len(row) == 8 for row in rows.values())
+    # The state's bytes per parameter: Adam's two float32 moments, plain SGD's none.
+    assert "state B/param" in lines[header]
+    assert float(rows["adam"][5]) == pytest.approx(8.0, abs=0.01)
+    assert float(rows["sgd"][5]) == pytest.approx(0.0, abs=0.01)
     assert len({len(line) for line in lines[header : header + 4]}) == 1  # aligned columns
     png = tmp_path / "digits_mlp.png"
     assert str(png) in out

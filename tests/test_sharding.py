@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 import adaopt
 from adaopt import Capability, FlatTree, OptimizerSpec
 from benchmarks import learning_rates
+from tests.test_contract import kept_axes
 
 N_STEPS = 3
 SHAPES = {"w": (64, 32), "b": (32,), "k": (16, 8)}
@@ -101,8 +102,20 @@ def _spec_of(x: jax.Array) -> Any:
     return sharding.spec
 
 
+def _has_sharding_of(s: jax.Array, p: jax.Array, factored: bool) -> bool:
+    """``s`` is placed as ``p``; a leaf of ``p``'s shape with axes removed (``factored``: Capability.FACTORED_STATE)
+    is placed as ``p``'s axes that it keeps."""
+    if s.shape == p.shape or not factored:
+        return s.sharding.is_equivalent_to(p.sharding, p.ndim)
+    kept = kept_axes(s.shape, p.shape)
+    if kept is None:
+        return False
+    spec = (*p.sharding.spec, *(None,) * (p.ndim - len(p.sharding.spec)))
+    return s.sharding.is_equivalent_to(NamedSharding(p.sharding.mesh, P(*(spec[a] for a in kept))), s.ndim)
+
+
 def _check_state_shardings(
-    state: Any, params: dict[str, jax.Array], mesh: Mesh, when: str, matrices: bool = False
+    state: Any, params: dict[str, jax.Array], mesh: Mesh, when: str, matrices: bool = False, factored: bool = False
 ) -> None:
     """The state mirroring the parameters keeps their shardings; the rest is replicated scalars, and
     (``matrices``: Capability.MATRIX_STATE) replicated square matrices."""
@@ -112,7 +125,7 @@ def _check_state_shardings(
         want = jax.tree.map(_spec_of, params)
         # Compare as normalised NamedShardings: P() and P(None, None) are the same placement.
         same = jax.tree.map(
-            lambda s, p: _is_masked(s) or (s.sharding.is_equivalent_to(p.sharding, p.ndim) and s.sharding.mesh == mesh),
+            lambda s, p: _is_masked(s) or (_has_sharding_of(s, p, factored) and s.sharding.mesh == mesh),
             subtree,
             params,
             is_leaf=_is_masked,
@@ -143,8 +156,9 @@ def test_sharded_state_and_steps_match_unsharded(spec: OptimizerSpec) -> None:
         init_state, got_params, state = _train(tx, params, n_steps)
 
         matrices = Capability.MATRIX_STATE in spec.capabilities
-        _check_state_shardings(init_state, params, mesh, "after init", matrices)
-        _check_state_shardings(state, got_params, mesh, f"after {n_steps} steps", matrices)
+        factored = Capability.FACTORED_STATE in spec.capabilities
+        _check_state_shardings(init_state, params, mesh, "after init", matrices, factored)
+        _check_state_shardings(state, got_params, mesh, f"after {n_steps} steps", matrices, factored)
 
     for name, sharding in shardings.items():
         assert got_params[name].sharding.is_equivalent_to(sharding, len(SHAPES[name])), (

@@ -169,15 +169,29 @@ def _fix_for(what: str, subject: str) -> str:
     )
 
 
+class StoredLeaf:
+    """A state leaf held by a storage (quantized blocks, stochastically rounded bfloat16; see ``storage.py``).
+
+    Several arrays to JAX, one leaf mirroring one parameter to the tree checks of this package.
+    """
+
+    __slots__ = ()
+
+
+def is_stored(x: Any) -> bool:
+    """True for a :class:`StoredLeaf`: use as ``is_leaf`` to walk a state tree parameter by parameter."""
+    return isinstance(x, StoredLeaf)
+
+
 def check_tree_match(tree: Any, reference: Any, what: str, *, subject: str = "gradients", shapes: bool = True) -> None:
     """Raise a readable ``TreeMismatchError`` when ``tree`` (the ``subject``) does not mirror ``reference`` (the ``what``).
 
     The tree structures must be equal and, with ``shapes``, each leaf's shape too (a leaf of the
-    wrong shape would otherwise fail inside the arithmetic, or broadcast silently). Runs at trace
-    time only.
+    wrong shape would otherwise fail inside the arithmetic, or broadcast silently). A stored
+    moment in ``reference`` counts as one leaf. Runs at trace time only.
     """
     got: Any = jax.tree.structure(tree)
-    want = jax.tree.structure(reference)
+    want = jax.tree.structure(reference, is_leaf=is_stored)
     if got != want:
         raise TreeMismatchError(
             f"The {subject} do not have the structure of the optimizer's {what}: expected a tree of structure\n"
@@ -186,7 +200,7 @@ def check_tree_match(tree: Any, reference: Any, what: str, *, subject: str = "gr
     if not shapes:
         return
     for (path, leaf), expected in zip(
-        jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference), strict=True
+        jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference, is_leaf=is_stored), strict=True
     ):
         if np.shape(leaf) != np.shape(expected):
             raise TreeMismatchError(
@@ -357,15 +371,9 @@ def check_complex_convention(complex_convention: Any) -> None:
     check_choice("complex_convention", complex_convention, complex_params.CONVENTIONS)
 
 
-def check_common(
-    learning_rate: Any,
-    weight_decay: Any,
-    **dtypes: Any,
-) -> None:
+def check_common(learning_rate: Any, weight_decay: Any) -> None:
     check_learning_rate(learning_rate)
     check_nonnegative("weight_decay", weight_decay)
-    for name, dtype in dtypes.items():
-        check_dtype(name, dtype)
 
 
 Factory = Callable[..., optax.GradientTransformationExtraArgs]

@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from adaopt._src.base import PER_LEAF_OPTIONS, check_tree_match
+from adaopt._src import storage
+from adaopt._src.base import PER_LEAF_OPTIONS, HyperparameterError, check_dtype, check_tree_match
 from adaopt._src.complex_params import is_complex
 
 safe_increment = optax.safe_increment
@@ -75,17 +77,64 @@ def state_dtype(param_dtype: Any, requested: Any = None, *, real: bool = False) 
     return complex_of(dtype)
 
 
+def check_storage(name: str, spec: Any) -> None:
+    """A moment's ``*_dtype`` argument: None, a floating dtype of at least 16 bits, or a storage (:func:`init_like`)."""
+    if storage.resolve(spec) is not None:
+        return
+    try:
+        check_dtype(name, spec)
+    except HyperparameterError as error:
+        raise HyperparameterError(
+            f"{error} It may also name a storage: {', '.join(map(repr, storage.ALIASES))}, or be an "
+            "adaopt.Blockwise or adaopt.StochasticBf16."
+        ) from None
+
+
 def scalar_dtype(params: Any) -> jnp.dtype:
     """The dtype of a state's scalars (step-size estimates, products): the parameters' widest float, at least float32."""
     return compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
 
 
 def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = False) -> Any:
-    """A moment tree mirroring ``params``, filled with ``fill``, in :func:`state_dtype` (``real`` passes through)."""
+    """A moment tree mirroring ``params``, filled with ``fill``, in :func:`state_dtype` (``real`` passes through).
+
+    ``dtype`` may also name a storage (``"int8"``, ``"int4"``, ``"fp8"``, ``"bfloat16_sr"``) or be
+    one (:class:`adaopt.Blockwise`, :class:`adaopt.StochasticBf16`): each leaf is then stored by it,
+    with the unsigned map for a ``real`` moment (a second moment of ``|g|^2``, a running maximum:
+    never negative) and the signed map otherwise.
+    """
+    kind = storage.resolve(dtype)
+    if kind is not None:
+        leaves, treedef = jax.tree.flatten(params)
+        stored = [_init_stored(kind, p, fill, signed=not real, index=i) for i, p in enumerate(leaves)]
+        return jax.tree.unflatten(treedef, stored)
     # full_like keeps each parameter's sharding (and Flax metadata) on its moments.
     return jax.tree.map(
         lambda p: jnp.full_like(p, fill, dtype=state_dtype(jnp.result_type(p), dtype, real=real)), params
     )
+
+
+def _init_stored(kind: storage.Storage, p: Any, fill: Any, *, signed: bool, index: int) -> Any:
+    if isinstance(kind, storage.StochasticBf16):
+        leaf: Any = kind.init(p, signed=signed, index=index)
+    else:
+        leaf = kind.init(p, signed=signed)
+    is_zero = isinstance(fill, (int, float)) and fill == 0
+    return leaf if is_zero else store(jnp.full(np.shape(p), fill, jnp.float32), leaf)
+
+
+def load(x: Any, dtype: Any = None) -> jax.Array:
+    """A moment leaf's values: the array itself, or the values a storage holds (in ``dtype``, default float32)."""
+    if storage.is_stored(x):
+        return x.load(jnp.float32 if dtype is None else dtype)
+    return x
+
+
+def store(value: jax.Array, like: Any) -> Any:
+    """``value`` as the next value of the moment leaf ``like``: through its storage, or cast to its dtype."""
+    if storage.is_stored(like):
+        return like.storage.encode(value, like)
+    return value.astype(like.dtype)
 
 
 def init_copy(params: Any, dtype: Any = None, *, keep_dtype: bool = False) -> Any:
@@ -227,7 +276,9 @@ def leafwise(
 
     Every tree in ``trees`` (the optimizer's ``what``) must mirror ``updates`` (the ``subject``):
     the same structure and, with ``shapes`` (off for a state that holds slices of each leaf),
-    the same shape at each leaf; a mismatch raises an error that says where. The trees in
+    the same shape at each leaf; a mismatch raises an error that says where. A moment held by a
+    storage reaches ``fn`` whole (read it with :func:`load` or :func:`to_compute`, write it with
+    :func:`store`). The trees in
     ``options`` hold one value per leaf (a decay mask, a layer scale): their structure is
     checked, not their shapes. Returns ``n_out`` trees with ``updates``' structure.
     """
@@ -237,14 +288,20 @@ def leafwise(
         check_tree_match(updates, tree, PER_LEAF_OPTIONS, subject=subject, shapes=False)
     trees = (*trees, *options)
     flat, treedef = jax.tree.flatten(updates)
-    outs = [fn(*args) for args in zip(flat, *map(jax.tree.leaves, trees), strict=True)]
+    leaves = [jax.tree.leaves(tree, is_leaf=storage.is_stored) for tree in trees]
+    outs = [fn(*args) for args in zip(flat, *leaves, strict=True)]
     return tuple(jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(n_out))
 
 
 def to_compute(g: jax.Array, *states: jax.Array) -> tuple[jnp.dtype, jax.Array, tuple[jax.Array, ...]]:
     """Upcast a gradient leaf and its state leaves to one compute precision; complex arrays stay complex.
 
-    Returns the real compute dtype (for the step's scalars) and the cast arrays.
+    Returns the real compute dtype (for the step's scalars) and the cast arrays (a stored moment
+    is read back first: :func:`load`).
     """
     dtype = compute_dtype(g.dtype, *(s.dtype for s in states))
-    return dtype, in_precision(g, dtype), tuple(in_precision(s, dtype) for s in states)
+    return (
+        dtype,
+        in_precision(g, dtype),
+        tuple(load(s, dtype) if storage.is_stored(s) else in_precision(s, dtype) for s in states),
+    )

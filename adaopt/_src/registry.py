@@ -17,10 +17,12 @@ from types import MappingProxyType
 from typing import Any
 
 from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
+from adaopt._src.factored import adafactor, adam_mini, came, sm3
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
 from adaopt._src.optimizers import adagrad, adam, adan, ademamix, adopt, lamb, laprop, lion, mars, rmsprop, sgd, sophia
 from adaopt._src.preconditioned import muon, scion, shampoo, soap
 from adaopt._src.tuning_free import cocob, dadapt, dog, mechanic, prodigy, schedule_free
+from adaopt._src.wrappers import galore
 
 
 class Capability(enum.StrEnum):
@@ -33,7 +35,7 @@ class Capability(enum.StrEnum):
     """
 
     MOMENT_DTYPES = "moment_dtypes"
-    """Takes ``mu_dtype`` / ``nu_dtype``: the storage dtypes of its moments."""
+    """Takes ``mu_dtype`` / ``nu_dtype``: how its moments are stored, a dtype or a storage (``"int8"``, ...)."""
     NEEDS_PARAMS = "needs_params"
     """``update`` needs the parameters: ``update(grads, state, params)``."""
     SIGN_UPDATE = "sign_update"
@@ -61,6 +63,11 @@ class Capability(enum.StrEnum):
     MATRIX_STATE = "matrix_state"
     """Keeps square matrices per leaf (Kronecker factors, their eigenbases or inverse roots), replicated on a mesh,
     beside the state that mirrors the parameters: one tuple per parameter leaf, in ``jax.tree.leaves`` order."""
+    FACTORED_STATE = "factored_state"
+    """Keeps statistics of reduced shape (row and column means, one accumulator per slice of an axis) where others keep
+    a moment of the parameter's shape: in a subtree with the parameters' structure, such a leaf has its parameter's
+    shape with axes removed, and the sharding of the axes it keeps (or, for blocks of several indices along an axis,
+    Adam-mini's heads, a vector of one entry per block along it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +221,46 @@ _SHAMPOO_ORIGINAL = (
     "the original algorithm at its defaults (momentum=0, weight_decay=0, preconditioning_compute_steps=1); its "
     "momentum, weight decay (both before the statistics) and zero roots before the first computation are not "
     "reproduced; float32 needs matrix_eps above float32's rounding of the statistics (1e-5)"
+)
+
+_CAME_PO = (
+    "its fixed_decay (a decay not scaled by the learning rate) and ams_bound (a running maximum of the root of the "
+    "second moment, rooted again) are not reproduced"
+)
+_SM3_OPTAX = (
+    "optax.sm3's block (b1 = momentum; its b2 = 1 is b2=None here) with the learning rate after it; it fails on 0-d "
+    "leaves (IndexError): the runner gives each as a vector of one element, the full accumulator kept here"
+)
+_SM3_MONOTONE = "beta = b2 > 0: its accumulators keep their running maximum (monotone_accumulators=True)"
+
+_ADAM_MINI = (
+    "the authors' package (1.1.1), here on parity's tree, whose names select no head, row or bias: one second "
+    "moment per tensor, decayed by the groups' weight decay; its rule on a transformer's names in tests/test_adam_mini.py"
+)
+
+_ADAFACTOR = {
+    "decay_rate": Range(0.5, 1.0),
+    "clip_threshold": Range(1.0, 2.0),
+    "eps_scale": Range(1e-4, 1e-2, log=True),
+}
+_ADAFACTOR_TRANSFORMERS = (
+    "relative_step=False: its lr is the learning_rate; its default relative step (lr=None, the paper's, "
+    "adafactor()'s), warmup_init and beta1 are compared in tests/test_adafactor.py"
+)
+_ADAFACTOR_TORCH = (
+    "its lr caps the relative step, as the learning_rate here, and scales the decay; eps=(None, eps_scale)"
+)
+_ADAFACTOR_OPTAX = (
+    "factors the two largest axes from min_dim_size_to_factor=4 here (its 128 would factor no leaf of the test), its "
+    "least parameter scale is 1e-3 (eps_scale); it "
+    "computes beta2_t in float32 whatever the parameters' dtype: the runner has it computed in theirs (without, "
+    "float64 runs agree to ~1e-7)"
+)
+
+_GALORE = (
+    "galore-torch's AdamW: eps on the raw root, the decay after the step; its SVD runs in float32 and leaves the "
+    "singular vectors' signs to the SVD: compared with it patched to float64 and to adaopt's sign convention. The "
+    "registry's rank (128) projects no matrix of the generic tests' trees: tests/test_galore.py projects"
 )
 
 _DOG = {"reps_rel": Range(1e-3, 1e-1, log=True), "eps": Range(1e-10, 1e-6, log=True)}
@@ -471,6 +518,64 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         ),
         frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY, Capability.MATRIX_STATE}),
         "Kronecker-factored preconditioner per block, grafted onto SGD's, AdaGrad's or RMSProp's step size",
+    ),
+    OptimizerSpec(
+        "adafactor", adafactor.adafactor, _ADAFACTOR,
+        (
+            Reference("transformers.optimization.Adafactor", kwargs={"relative_step": False}, note=_ADAFACTOR_TRANSFORMERS),
+            Reference(
+                "torch.optim.Adafactor", kwargs={"eps": None, "eps_mode": "max", "weight_decay_mode": "learning_rate"},
+                note=_ADAFACTOR_TORCH,
+            ),
+            Reference(
+                "optax.adafactor",
+                kwargs={
+                    "relative_step": False, "factored_axes": "largest_two", "min_dim_size_to_factor": 4,
+                    "weight_decay_mode": "unscaled", "eps_scale": 1e-3,
+                },
+                note=_ADAFACTOR_OPTAX,
+            ),
+        ),
+        # Not MOMENT_DTYPES: no first moment at its defaults (b1=None) and a factored second moment; with b1 its
+        # mu_dtype takes a storage too (tests/test_storage.py).
+        frozenset({Capability.WEIGHT_DECAY, Capability.NEEDS_PARAMS, Capability.REAL_ONLY, Capability.FACTORED_STATE}),
+        "factored second moments (row and column statistics), a step relative to the parameters' scale, clipped",
+    ),
+    OptimizerSpec(
+        "came", came.came,
+        {"b1": Range(0.8, 0.95), "b2": Range(0.99, 0.9999), "b3": Range(0.999, 0.9999), "clip_threshold": Range(0.5, 2.0)},
+        (
+            Reference("came_pytorch.CAME"),
+            Reference("pytorch_optimizer.CAME", note=_CAME_PO),
+            Reference("pytorch_optimizer.CAME", kwargs={"decoupled_weight_decay": False}, note=_CAME_PO),
+        ),
+        frozenset({Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.REAL_ONLY, Capability.FACTORED_STATE}),
+        "Adafactor's factored second moment, clipped, with momentum weighed by a factored confidence",
+    ),
+    OptimizerSpec(
+        "sm3", sm3.sm3, {"momentum": Range(0.0, 0.95), "eps": Range(1e-10, 1e-6, log=True)},
+        (
+            Reference("optax.scale_by_sm3", weight_decay=False, note=_SM3_OPTAX),
+            Reference("optax.scale_by_sm3", kwargs={"b2": 0.95}, weight_decay=False, note=_SM3_OPTAX),
+            Reference("pytorch_optimizer.SM3", weight_decay=False),
+            Reference(
+                "pytorch_optimizer.SM3", kwargs={"b2": 0.95, "monotone_accumulators": True}, weight_decay=False,
+                note=_SM3_MONOTONE,
+            ),
+        ),
+        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY, Capability.FACTORED_STATE}),
+        "AdaGrad with one accumulator per slice of each axis (rows, columns): the cover sets' minimum",
+    ),
+    OptimizerSpec(
+        "adam_mini", adam_mini.adam_mini, {**BETAS, **EPS},
+        (Reference("adam_mini.Adam_mini", note=_ADAM_MINI),),
+        _ADAM_FAMILY | {Capability.FACTORED_STATE},
+        "Adam with one second moment per block (head, output neuron, tensor), chosen by the parameters' names",
+    ),
+    OptimizerSpec(
+        "galore_adamw", galore.galore_adamw, {**BETAS, "eps": Range(1e-8, 1e-4, log=True)},
+        (Reference("galore_torch.GaLoreAdamW", note=_GALORE),),
+        _ADAM_FAMILY, "AdamW on a low-rank projection of each matrix's gradient, refreshed by SVD every k steps",
     ),
     OptimizerSpec(
         "schedule_free_sgd", schedule_free.schedule_free_sgd,

@@ -249,7 +249,7 @@ def sgd_hd(
     """
     base.check_learning_rate(learning_rate)
     base.check_nonnegative("weight_decay", weight_decay)
-    base.check_dtype("accumulator_dtype", accumulator_dtype)
+    moments.check_storage("accumulator_dtype", accumulator_dtype)
     base.check_nesterov(momentum, nesterov)
     if momentum is None:
         base.check_scalar("dampening", dampening, low=0.0, high=1.0)

@@ -63,7 +63,7 @@ def scale_by_adagrad(
     base.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
     base.check_nonnegative("eps", eps)
     base.check_nonnegative("eps_root", eps_root)
-    base.check_dtype("accumulator_dtype", accumulator_dtype)
+    moments.check_storage("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: base.Params) -> AdagradState:
         return AdagradState(moments.init_like(params, accumulator_dtype, initial_accumulator_value, real=True))
@@ -81,7 +81,7 @@ def scale_by_adagrad(
             dtype, g32, (s32,) = moments.to_compute(g, s)
             s_new = s32 + moments.abs_sq(g32)
             step = moments.times(g32, moments.inv_root(s_new, *scalars(dtype)))
-            return step.astype(g.dtype), s_new.astype(s.dtype)
+            return step.astype(g.dtype), moments.store(s_new, s)
 
         step, sums = moments.leafwise(leaf, 2, updates, state.sum_of_squares)
         return step, AdagradState(sums)
@@ -214,7 +214,7 @@ def scale_by_adadelta(
     """
     base.check_decay("rho", rho)
     base.check_nonnegative("eps", eps)
-    base.check_dtype("accumulator_dtype", accumulator_dtype)
+    moments.check_storage("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: base.Params) -> AdadeltaState:
         return AdadeltaState(
@@ -237,7 +237,7 @@ def scale_by_adadelta(
             eg_new = moments.ema(moments.abs_sq(g32), eg32, r)
             step = moments.times(g32, jax.numpy.sqrt(ex32 + e) * moments.inv_root(eg_new, 0.0, e))
             ex_new = moments.ema(moments.abs_sq(step), ex32, r)
-            return step.astype(g.dtype), eg_new.astype(e_g.dtype), ex_new.astype(e_x.dtype)
+            return step.astype(g.dtype), moments.store(eg_new, e_g), moments.store(ex_new, e_x)
 
         step, e_g, e_x = moments.leafwise(leaf, 3, updates, state.e_g, state.e_x)
         return step, AdadeltaState(e_g, e_x)

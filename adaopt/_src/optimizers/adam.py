@@ -42,8 +42,8 @@ def check_moments(b1: Any, b2: Any, eps: Any, eps_root: Any, mu_dtype: Any, nu_d
     base.check_decay("b2", b2)
     base.check_nonnegative("eps", eps)
     base.check_nonnegative("eps_root", eps_root)
-    base.check_dtype("mu_dtype", mu_dtype)
-    base.check_dtype("nu_dtype", nu_dtype)
+    moments.check_storage("mu_dtype", mu_dtype)
+    moments.check_storage("nu_dtype", nu_dtype)
 
 
 def scale_by_adam(
@@ -161,12 +161,12 @@ def scale_by_adam(
             elif amsgrad == "raw":
                 running = jnp.maximum(v_max[0].astype(dtype), v_new)
                 v_hat = running * debias2
-                new_max = (running.astype(v.dtype),)
+                new_max = (moments.store(running, v),)
             else:
                 v_hat = jnp.maximum(v_max[0].astype(dtype), v_new * debias2)
-                new_max = (v_hat.astype(v.dtype),)
+                new_max = (moments.store(v_hat, v),)
             step = moments.times(moments.times(m_new, debias1), moments.inv_root(v_hat, e, e_root))
-            return (step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype), *new_max)
+            return (step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v), *new_max)
 
         trees = (state.mu, state.nu) + ((state.nu_max,) if amsgrad else ())
         out = moments.leafwise(leaf, 3 + bool(amsgrad), updates, *trees)
@@ -604,7 +604,7 @@ def scale_by_adamax(
             m_new = moments.ema(g32, m32, beta1)
             u_new = jnp.maximum(beta2 * u32, jnp.abs(g32) + e)
             step = moments.times(moments.times(m_new, debias1), moments.safe_divide(1, u_new))
-            return step.astype(g.dtype), m_new.astype(m.dtype), u_new.astype(u.dtype)
+            return step.astype(g.dtype), moments.store(m_new, m), moments.store(u_new, u)
 
         step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
         return step, AdamaxState(count, mu, nu)
@@ -781,7 +781,7 @@ def scale_by_nadam(
                 + moments.times(m_new, mu_next / (1 - product * mu_next)),
                 scale,
             )
-            return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+            return step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v)
 
         step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
         return step, NadamState(count, mu_product, mu, nu)
@@ -1026,7 +1026,7 @@ def scale_by_radam(
             else:
                 adaptive = moments.inv_root(v_new * debias2, e, e_root)
             step = jnp.where(rectify, moments.times(moments.times(m_hat, r), adaptive), m_hat)
-            return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+            return step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v)
 
         step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
         return step, AdamState(count, mu, nu)

@@ -134,10 +134,10 @@ def scale_by_adan(
             step = moments.times(numerator, moments.inv_root(v_new * debias3, e, e_root))
             return (
                 step.astype(g.dtype),
-                m_new.astype(m.dtype),
-                n_new.astype(n.dtype),
-                v_new.astype(v.dtype),
-                g_compute.astype(prev.dtype),
+                moments.store(m_new, m),
+                moments.store(n_new, n),
+                moments.store(v_new, v),
+                moments.store(g_compute, prev),
             )
 
         step, mu, mu_diff, nu, prev_grad = moments.leafwise(

@@ -144,7 +144,12 @@ def scale_by_ademamix(
             numerator = moments.times(m_new, debias1) + moments.times(slow_new, a)
             denominator = jnp.sqrt(v_new) * inv_root_debias2 + e
             step = moments.times(numerator, moments.safe_divide(1, denominator))
-            return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype), slow_new.astype(m_slow.dtype)
+            return (
+                step.astype(g.dtype),
+                moments.store(m_new, m),
+                moments.store(v_new, v),
+                moments.store(slow_new, m_slow),
+            )
 
         step, mu, nu, mu_slow = moments.leafwise(leaf, 4, updates, state.mu, state.nu, state.mu_slow)
         return step, AdemamixState(count, mu, nu, mu_slow)

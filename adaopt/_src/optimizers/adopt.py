@@ -134,7 +134,7 @@ def scale_by_adopt(
             m_new = jnp.where(first, m_compute, moments.ema(normed, m_compute, beta1))
             v_new = jnp.where(first, g2, moments.ema(g2, v_compute, beta2))
             step = jnp.where(first, jnp.zeros_like(m_new), m_new)
-            return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+            return step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v)
 
         step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
         return step, AdoptState(count, mu, nu)

@@ -123,7 +123,7 @@ def scale_by_laprop(
             scale = moments.safe_divide(root_bc2, moments.safe_sqrt(v_new + e_root) + e)
             m_new = moments.times(m_compute, beta1) + moments.times(g_compute, (1 - beta1) * lr * scale)
             step = moments.times(m_new, -size)
-            return step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+            return step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v)
 
         step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
         return step, LapropState(count, mu, nu, lr_avg)

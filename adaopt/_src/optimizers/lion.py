@@ -53,7 +53,7 @@ def scale_by_lion(b1: Any = 0.9, b2: Any = 0.99, *, mu_dtype: Any = None) -> opt
     """
     base.check_decay("b1", b1)
     base.check_decay("b2", b2)
-    base.check_dtype("mu_dtype", mu_dtype)
+    moments.check_storage("mu_dtype", mu_dtype)
 
     def init_fn(params: base.Params) -> LionState:
         return LionState(moments.init_like(params, mu_dtype))
@@ -70,7 +70,7 @@ def scale_by_lion(b1: Any = 0.9, b2: Any = 0.99, *, mu_dtype: Any = None) -> opt
             beta1, beta2 = scalars(dtype)
             step = jnp.sign(moments.ema(g32, m32, beta1))
             m_new = moments.ema(g32, m32, beta2)
-            return step.astype(g.dtype), m_new.astype(m.dtype)
+            return step.astype(g.dtype), moments.store(m_new, m)
 
         step, mu = moments.leafwise(leaf, 2, updates, state.mu)
         return step, LionState(mu)

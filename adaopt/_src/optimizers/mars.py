@@ -210,8 +210,13 @@ def scale_by_mars(
                     step = (ortho.astype(dtype) * _shampoo_scale(g.shape)).reshape(g.shape)
                 else:
                     step, v_new, vmax_new = adam_step(m_new, v_compute, vmax_in, c, s, "mars")
-            out = [step.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype), g_compute.astype(last.dtype)]
-            return (*out, *(() if vmax_new is None else (vmax_new.astype(vmax[0].dtype),)))
+            out = [
+                step.astype(g.dtype),
+                moments.store(m_new, m),
+                moments.store(v_new, v),
+                moments.store(g_compute, last),
+            ]
+            return (*out, *(() if vmax_new is None else (moments.store(vmax_new, vmax[0]),)))
 
         trees = (state.mu, state.nu, state.last_grad) + ((state.nu_max,) if amsgrad else ())
         out = moments.leafwise(leaf, 4 + amsgrad, updates, *trees)

@@ -75,7 +75,7 @@ def scale_by_rms(
     base.check_nonnegative("eps", eps)
     base.check_nonnegative("eps_root", eps_root)
     base.check_nonnegative("initial_scale", initial_scale)
-    base.check_dtype("nu_dtype", nu_dtype)
+    moments.check_storage("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> RmsState:
         mu = moments.init_like(params, nu_dtype) if centered else None
@@ -95,7 +95,7 @@ def scale_by_rms(
             m_new = tuple(moments.ema(g32, x, alpha) for x in m32)
             variance = v_new - moments.abs_sq(m_new[0]) if centered else v_new
             step = moments.times(g32, moments.inv_root(variance, e, e_root))
-            return (step.astype(g.dtype), v_new.astype(v.dtype), *(x.astype(m[0].dtype) for x in m_new))
+            return (step.astype(g.dtype), moments.store(v_new, v), *(moments.store(x, m[0]) for x in m_new))
 
         trees = (state.nu, state.mu) if centered else (state.nu,)
         out = moments.leafwise(leaf, 2 + centered, updates, *trees)
@@ -173,7 +173,8 @@ def rmsprop(
       ``complex_convention="real_imag"``); ``optax.rmsprop(lr, decay, eps=e, centered,
       momentum)`` is this with ``eps=0, eps_root=e``.
     """
-    base.check_common(learning_rate, weight_decay, accumulator_dtype=accumulator_dtype)
+    base.check_common(learning_rate, weight_decay)
+    moments.check_storage("accumulator_dtype", accumulator_dtype)
     base.check_complex_convention(complex_convention)
     core = scale_by_rms(decay, eps, eps_root, centered=centered, initial_scale=initial_scale, nu_dtype=nu_dtype)
     base.check_nesterov(momentum, nesterov)

@@ -67,7 +67,7 @@ def scale_by_momentum(
     """
     base.check_decay("momentum", momentum)
     base.check_scalar("dampening", dampening, low=0.0, high=1.0)
-    base.check_dtype("accumulator_dtype", accumulator_dtype)
+    moments.check_storage("accumulator_dtype", accumulator_dtype)
     if nesterov and not base.is_zero(dampening):
         raise base.HyperparameterError(f"nesterov=True requires dampening=0, got dampening={dampening!r}.")
     # With no dampening, mu * 0 + g already gives the first step's buffer g, and g needs no
@@ -95,7 +95,7 @@ def scale_by_momentum(
             if damped:
                 b_new = jax.numpy.where(first_step, g32, b_new)
             step = g32 + moments.times(b_new, mu) if nesterov else b_new
-            return step.astype(g.dtype), b_new.astype(b.dtype)
+            return step.astype(g.dtype), moments.store(b_new, b)
 
         step, trace = moments.leafwise(leaf, 2, updates, state.trace)
         return step, MomentumState(moments.safe_increment(state.count), trace)
@@ -156,7 +156,8 @@ def sgd(
       nesterov)`` is this with no dampening or decay. Complex parameters need no convention: the
       step is linear in the gradient.
     """
-    base.check_common(learning_rate, weight_decay, accumulator_dtype=accumulator_dtype)
+    base.check_common(learning_rate, weight_decay)
+    moments.check_storage("accumulator_dtype", accumulator_dtype)
     base.check_nesterov(momentum, nesterov)
     if momentum is None:
         base.check_scalar("dampening", dampening, low=0.0, high=1.0)

@@ -126,7 +126,7 @@ def scale_by_sophia(
 
         def leaf(e: jax.Array, h: jax.Array) -> jax.Array:
             dtype = moments.compute_dtype(e.dtype, h.dtype)
-            return moments.ema(e.astype(dtype), h.astype(dtype), moments.scalar(b2, dtype)).astype(h.dtype)
+            return moments.store(moments.ema(e.astype(dtype), h.astype(dtype), moments.scalar(b2, dtype)), h)
 
         return jax.tree.map(leaf, estimate, nu)
 
@@ -165,7 +165,7 @@ def scale_by_sophia(
             curvature = scale * h_compute
             denominator = jnp.maximum(curvature, e) if eps_mode == "max" else curvature + e
             step = jnp.clip(moments.safe_divide(m_new, denominator), -bound, bound)
-            return step.astype(g.dtype), m_new.astype(m.dtype)
+            return step.astype(g.dtype), moments.store(m_new, m)
 
         step, mu = moments.leafwise(leaf, 2, updates, state.mu, nu)
         return step, SophiaState(count, mu, nu)

@@ -174,7 +174,7 @@ def _check_muon(
     base.check_choice("eps_mode", eps_mode, ("add", "max"))
     base.check_choice("adjust_lr", adjust_lr, ("original", "match_rms_adamw", None))
     base.check_dtype("ns_dtype", ns_dtype)
-    base.check_dtype("mu_dtype", mu_dtype)
+    moments.check_storage("mu_dtype", mu_dtype)
 
 
 def _check_real(tree: Any) -> None:
@@ -273,7 +273,7 @@ def scale_by_muon(
                 lambda x: newton_schulz(x, coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype), direction
             )
             step = ortho.astype(dtype) * _shape_scale(g.shape, adjust_lr)
-            return step.astype(g.dtype), m_new.astype(m.dtype)
+            return step.astype(g.dtype), moments.store(m_new, m)
 
         out = moments.leafwise(leaf, 2, updates, state.mu)
         return out[0], MuonState(out[1])

@@ -230,7 +230,7 @@ def _check_scion(momentum: Any, radius: Any, momentum_form: Any, ns_steps: Any, 
         base.check_scalar(f"ns_coefficients[{i}]", coefficient)
     base.check_nonnegative("ns_eps", ns_eps)
     base.check_dtype("ns_dtype", ns_dtype)
-    base.check_dtype("mu_dtype", mu_dtype)
+    moments.check_storage("mu_dtype", mu_dtype)
 
 
 def scale_by_scion(
@@ -311,7 +311,7 @@ def scale_by_scion(
             fresh = g_compute if momentum_form == "sum" else moments.times(g_compute, 1 - beta)
             d_new = moments.times(d_compute, beta) + fresh
             step = _lmo(norm, d_new, orthogonalise) * (moments.scalar(radius, dtype) * norm.scale)
-            return step.astype(g.dtype), d_new.astype(d.dtype)
+            return step.astype(g.dtype), moments.store(d_new, d)
 
         out = moments.leafwise(leaf, 2, updates, state.mu, options=(leaf_norms,))
         return out[0], ScionState(out[1])

@@ -284,8 +284,8 @@ def scale_by_dadapt_adam(
     base.check_nonnegative("weight_decay", weight_decay)
     check_d0(d0)
     check_growth_rate(growth_rate)
-    base.check_dtype("mu_dtype", mu_dtype)
-    base.check_dtype("nu_dtype", nu_dtype)
+    moments.check_storage("mu_dtype", mu_dtype)
+    moments.check_storage("nu_dtype", nu_dtype)
     if layer_scale is not None and not callable(layer_scale):
         for value in jax.tree.leaves(layer_scale):
             base.check_nonnegative("layer_scale", value)
@@ -330,9 +330,9 @@ def scale_by_dadapt_adam(
             s_new = moments.ema(moments.times(g32, gamma), s32, sb2)
             l1 = rho * jnp.sum(jnp.abs(s_new))
             return (
-                gate(active, m_new, m32).astype(m.dtype),
-                gate(active, v_new, v32).astype(v.dtype),
-                gate(active, s_new, s32).astype(s.dtype),
+                moments.store(gate(active, m_new, m32), m),
+                moments.store(gate(active, v_new, v32), v),
+                moments.store(gate(active, s_new, s32), s),
                 dot,
                 jnp.where(active, l1, 0),
             )
@@ -591,7 +591,7 @@ def scale_by_dadapt_sgd(
             dot = jnp.sum(moments.real_product(g32, s32))
             s_new = s32 + moments.times(g32, gamma)
             squares = jnp.sum(moments.abs_sq(s_new))
-            return gate(active, s_new, s32).astype(s.dtype), dot, jnp.where(active, squares, 0)
+            return moments.store(gate(active, s_new, s32), s), dot, jnp.where(active, squares, 0)
 
         s, dots, squares = moments.leafwise(
             accumulate, 3, updates, params, state.s, options=mask, what="parameters and state"
@@ -801,7 +801,7 @@ def scale_by_dadapt_adagrad(
             s_new = s32 + moments.times(g32, dlr.astype(cd))
             g_sq = jnp.sum(g2 / denominator)
             sk_sq = jnp.sum(moments.abs_sq(s_new) / denominator)
-            return a_new.astype(a.dtype), s_new.astype(s.dtype), g_sq, sk_sq, jnp.sum(jnp.abs(s_new))
+            return moments.store(a_new, a), moments.store(s_new, s), g_sq, sk_sq, jnp.sum(jnp.abs(s_new))
 
         alpha, s, g_sqs, sk_sqs, l1s = moments.leafwise(accumulate, 5, updates, state.alpha, state.s)
         skl1 = numerics.tree_sum(l1s, dtype)

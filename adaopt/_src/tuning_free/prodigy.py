@@ -161,8 +161,8 @@ def scale_by_prodigy(
     base.check_nonnegative("weight_decay", weight_decay)
     dadapt.check_d0(d0)
     dadapt.check_growth_rate(growth_rate)
-    base.check_dtype("mu_dtype", mu_dtype)
-    base.check_dtype("nu_dtype", nu_dtype)
+    moments.check_storage("mu_dtype", mu_dtype)
+    moments.check_storage("nu_dtype", nu_dtype)
     decoupled = not base.is_zero(weight_decay)
     stride = 1 if slice_p is None else int(slice_p)
 
@@ -212,11 +212,11 @@ def scale_by_prodigy(
             s_new = moments.times(s32, moments.scalar(beta3, cd)) + moments.times(gs, s_rate.astype(cd))
             m_new = moments.ema(moments.times(g32, dd), m32, moments.scalar(b1, cd))
             return (
-                dadapt.gate(active, s_new, s32).astype(s.dtype),
-                dadapt.gate(active, v_new, v32).astype(v.dtype),
+                moments.store(dadapt.gate(active, s_new, s32), s),
+                moments.store(dadapt.gate(active, v_new, v32), v),
                 dot,
                 jnp.where(active, jnp.sum(jnp.abs(s_new)), 0),
-                dadapt.gate(active, m_new, m32).astype(m.dtype),
+                moments.store(dadapt.gate(active, m_new, m32), m),
             )
 
         if stride != 1:  # p0 and s hold slices of each leaf: check the shapes of the whole-leaf trees alone
@@ -245,7 +245,7 @@ def scale_by_prodigy(
             if base.is_zero(b1):
                 u = momentum_free
             else:
-                u = moments.times(moments.over(moments.in_precision(m, cd), denominator), gamma)
+                u = moments.times(moments.over(moments.in_precision(moments.load(m), cd), denominator), gamma)
                 if not isinstance(b1, (int, float)):  # an injected b1 of 0 takes the package's momentum-free step
                     u = jnp.where(moments.scalar(b1, cd) > 0, u, momentum_free)
             if selected:

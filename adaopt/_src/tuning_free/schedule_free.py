@@ -162,7 +162,7 @@ def scale_by_debiased_rms(
     """
     base.check_decay("b2", b2)
     base.check_nonnegative("eps", eps)
-    base.check_dtype("nu_dtype", nu_dtype)
+    moments.check_storage("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> DebiasedRmsState:
         return DebiasedRmsState(moments.zero_count(), moments.init_like(params, nu_dtype, real=True))
@@ -181,7 +181,7 @@ def scale_by_debiased_rms(
             if rectify:
                 _, rho, _ = moments.radam_rho(b2, count, dtype)
                 step = jnp.where(rho > 4, step, g32)
-            return step.astype(g.dtype), v_new.astype(v.dtype)
+            return step.astype(g.dtype), moments.store(v_new, v)
 
         step, nu = moments.leafwise(leaf, 2, updates, state.nu)
         return step, DebiasedRmsState(count, nu)
@@ -293,7 +293,7 @@ def scale_by_schedule_free(
             ldtype, d32, (y32, z32) = moments.to_compute(d, y, z)
             z_new = z32 - moments.times(d32, lr.astype(ldtype))
             u = moments.times(z32 - y32, c.astype(ldtype)) + moments.times(d32, y_lr.astype(ldtype))
-            return u.astype(d.dtype), z_new.astype(z.dtype)
+            return u.astype(d.dtype), moments.store(z_new, z)
 
         step_tree, z = moments.leafwise(leaf, 2, updates, params, state.z)
         return step_tree, ScheduleFreeState(count, beta1, weight_sum, lr_max, z)

@@ -1,0 +1,231 @@
+"""Memory of the optimizer states and the speed of the light ones, in one run, written to a Markdown report.
+
+Three tables:
+
+- **State bytes per parameter** of every registry optimizer at its defaults and of AdamW with each
+  storage of its moments (``mu_dtype`` / ``nu_dtype``: float32, bfloat16, ``"bfloat16_sr"``,
+  ``"int8"``, ``"int4"``, ``"fp8"``), beside optax's Adam and Adafactor, on the GPT-2 tree of
+  ``benchmarks/speed.py`` (``jax.eval_shape`` of ``init``: nothing is allocated).
+- **Peak memory of a compiled step**, from XLA's own analysis of the compiled program
+  (``compiled.memory_analysis()``: arguments + outputs + temporaries - aliased, with the
+  parameters and the state donated): the optimizer step of the GPT-2 tree, and a whole training
+  step (loss, gradients, update) of the convergence suite's char-level transformer.
+- **Step time** of AdamW on the GPT-2 tree with each storage, against adaopt's float32 AdamW and
+  optax's ``adamw`` in the same run: medians of ``--reps`` timed steps (``update`` +
+  ``apply_updates``, jitted, parameters and state donated, as ``benchmarks/speed.py`` times them),
+  and the bytes a step must move per parameter (read the parameter, the gradient and the state,
+  write the parameter and the state: 12 + 2 x state bytes).
+
+Usage::
+
+    python -m benchmarks.memory [--reps 5] [--out benchmarks/RESULTS.md] [--no-timing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adaopt
+from benchmarks import speed, workloads
+from benchmarks.report import load_average, machine, markdown_table, portable
+from benchmarks.report import write_section as write_between_markers
+
+BEGIN = "<!-- memory:begin -->"
+END = "<!-- memory:end -->"
+DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
+
+STORAGES: dict[str, Any] = {
+    "float32": None,
+    "bfloat16": jnp.bfloat16,
+    "bfloat16_sr": "bfloat16_sr",
+    "int8": "int8",
+    "int4": "int4",
+    "fp8": "fp8",
+}
+
+
+def _adamw(storage: Any) -> optax.GradientTransformation:
+    return adaopt.adamw(1e-3, mu_dtype=storage, nu_dtype=storage)
+
+
+def contenders() -> dict[str, Callable[[], optax.GradientTransformation]]:
+    """The optimizers of the peak-memory and timing tables, by label."""
+    rows: dict[str, Callable[[], optax.GradientTransformation]] = {
+        f"adaopt adamw ({name})": (lambda s=storage: _adamw(s)) for name, storage in STORAGES.items()
+    }
+    rows["adaopt adafactor"] = lambda: adaopt.adafactor()
+    rows["adaopt came"] = lambda: adaopt.came(2e-4)
+    rows["adaopt adam_mini"] = lambda: adaopt.adam_mini(1e-3)
+    rows["optax adamw"] = lambda: optax.adamw(1e-3)
+    rows["optax adafactor"] = lambda: optax.adafactor(1e-2)
+    return rows
+
+
+def state_bytes(tx: optax.GradientTransformation, shapes: Any) -> int:
+    """Bytes of ``tx``'s state for parameters of ``shapes``, without allocating it."""
+    state = jax.eval_shape(tx.init, shapes)
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+
+
+def bytes_per_parameter_rows(shapes: Any) -> list[list[str]]:
+    n = speed.count(shapes)[1]
+    rows = []
+    for spec in adaopt.REGISTRY.values():
+        rows.append([f"`{spec.name}`", "defaults", f"{state_bytes(spec.make(), shapes) / n:.3f}"])
+    for name, storage in STORAGES.items():
+        rows.append(["`adamw`", f"`{name}` moments", f"{state_bytes(_adamw(storage), shapes) / n:.3f}"])
+    rows.append(["optax `adam`", "defaults", f"{state_bytes(optax.adam(1e-3), shapes) / n:.3f}"])
+    rows.append(["optax `adafactor`", "defaults", f"{state_bytes(optax.adafactor(1e-2), shapes) / n:.3f}"])
+    return rows
+
+
+def _peak(compiled: Any) -> tuple[int, int]:
+    """(peak bytes, temporaries) of a compiled program, from XLA's memory analysis."""
+    m = compiled.memory_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return int(peak), int(m.temp_size_in_bytes)
+
+
+def optimizer_step_peak(tx: optax.GradientTransformation, shapes: Any) -> tuple[int, int]:
+    def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.eval_shape(tx.init, shapes)
+    return _peak(jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state, shapes).compile())
+
+
+def training_step_peak(tx: optax.GradientTransformation, workload: workloads.Workload) -> tuple[int, int]:
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), workload.init())
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), workload.batches(1, False))
+    data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), workload.data)
+
+    def step(params: Any, state: Any, data: Any, batch: Any) -> tuple[Any, Any]:
+        grads = jax.grad(lambda p: workload.loss(p, data, batch)[0])(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.eval_shape(tx.init, params)
+    return _peak(jax.jit(step, donate_argnums=(0, 1)).lower(params, state, data, batch).compile())
+
+
+def peak_rows(shapes: Any) -> list[list[str]]:
+    lm = workloads.char_lm()
+    rows = []
+    for label, make in contenders().items():
+        tree_peak, tree_temp = optimizer_step_peak(make(), shapes)
+        lm_peak, lm_temp = training_step_peak(make(), lm)
+        rows.append(
+            [
+                label,
+                f"{tree_peak / 2**20:.1f}",
+                f"{tree_temp / 2**20:.1f}",
+                f"{lm_peak / 2**10:.0f}",
+                f"{lm_temp / 2**10:.0f}",
+            ]
+        )
+    return rows
+
+
+def timing_rows(shapes: Any, reps: int) -> list[list[str]]:
+    n = speed.count(shapes)[1]
+    host_params = speed.host_arrays(shapes, seed=0, scale=0.02)
+    grads = jax.tree.map(jnp.asarray, speed.host_arrays(shapes, seed=1, scale=1e-3))
+    medians: dict[str, float] = {}
+    state_per_param: dict[str, float] = {}
+    for label, make in contenders().items():
+        if "adamw" not in label:
+            continue
+        timing = speed.time_jax(make(), host_params, grads, reps)
+        medians[label] = statistics.median(timing.times)
+        state_per_param[label] = timing.state_bytes / n
+        speed._free()
+    base = medians["adaopt adamw (float32)"]
+    rows = []
+    for label, median in medians.items():
+        moved = 12 + 2 * state_per_param[label]
+        rows.append(
+            [label, f"{median * 1e3:.1f}", f"{median / base:.2f}", f"{state_per_param[label]:.3f}", f"{moved:.1f}",
+             f"{moved * n / median / 1e9:.1f}"]
+        )  # fmt: skip
+    return rows
+
+
+def render(args: argparse.Namespace, shapes: Any) -> str:
+    leaves, n = speed.count(shapes)
+    lines = [
+        BEGIN,
+        "## Memory of the states",
+        "",
+        f"`python -m benchmarks.memory {shlex.join(portable(a) for a in sys.argv[1:])}`, "
+        f"{datetime.date.today().isoformat()}; load average {load_average()}.",
+        "",
+        markdown_table(["", ""], [[k, v] for k, v in machine().items()]),
+        "",
+        f"### State bytes per parameter (GPT-2 tree: {leaves} leaves, {n / 1e6:.1f} M parameters)",
+        "",
+        markdown_table(["optimizer", "configuration", "state bytes / parameter"], bytes_per_parameter_rows(shapes)),
+        "",
+        "### Peak memory of a compiled step (XLA's memory analysis; parameters and state donated)",
+        "",
+        "The GPT-2 tree's optimizer step (update and apply), and a whole training step of the char-level "
+        "transformer (`charlm`: loss, gradients, update).",
+        "",
+        markdown_table(
+            [
+                "optimizer",
+                "GPT-2 step peak (MiB)",
+                "its temporaries (MiB)",
+                "charlm step peak (KiB)",
+                "its temporaries (KiB)",
+            ],
+            peak_rows(shapes),
+        ),
+    ]
+    if not args.no_timing:
+        lines += [
+            "",
+            f"### AdamW's step with each storage on the GPT-2 tree (median of {args.reps})",
+            "",
+            markdown_table(
+                [
+                    "optimizer",
+                    "median (ms)",
+                    "/ adaopt float32",
+                    "state bytes / param",
+                    "bytes moved / param",
+                    "achieved GB/s",
+                ],
+                timing_rows(shapes, args.reps),
+            ),
+        ]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--no-timing", action="store_true", help="only the byte counts and the compiled peaks")
+    args = parser.parse_args(argv)
+    shapes = speed.gpt2_tree()
+    section = render(args, shapes)
+    write_between_markers(args.out, section, BEGIN, END)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

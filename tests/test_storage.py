@@ -1,0 +1,223 @@
+"""Storages of the moments for every optimizer that takes ``mu_dtype`` / ``nu_dtype``: quantized blocks and
+stochastically rounded bfloat16, their contract (same step from zero moments, stable state, jit, checkpoint)
+and the rounding's statistics. The packages' trajectories are in tests/test_storage_bnb.py and
+tests/test_storage_torchao.py."""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adaopt
+from adaopt._src import storage
+
+STORAGE_ARGUMENTS = ("mu_dtype", "nu_dtype", "accumulator_dtype")
+SMALL_BLOCKS = adaopt.Blockwise("dynamic8", block_size=64, min_size=64)  # quantizes the test tree's matrix
+SPECS = [s for s in adaopt.REGISTRY.values() if adaopt.Capability.MOMENT_DTYPES in s.capabilities]
+
+
+def _tree() -> tuple[dict, list[dict]]:
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32), "b": jnp.zeros(12), "s": jnp.ones(())}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(2)]
+    return params, grads
+
+
+def _with_storage(spec: adaopt.OptimizerSpec, kind: object) -> optax.GradientTransformationExtraArgs:
+    """``spec`` with every moment it keeps whole stored by ``kind`` (factored statistics stay floats)."""
+    taken = inspect.signature(spec.factory).parameters
+    names = ("mu_dtype",) if adaopt.Capability.FACTORED_STATE in spec.capabilities else STORAGE_ARGUMENTS
+    return spec.make(**{name: kind for name in names if name in taken})
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_every_moment_optimizer_takes_a_storage(spec: adaopt.OptimizerSpec) -> None:
+    """From zero moments the first step is float32's exactly (it is taken before the moments are quantized);
+    the second reads them back within the map's resolution; the state keeps its structure (no recompilation).
+    An optimizer with one step size from whole-tree statistics (D-Adaptation, Prodigy) takes its step in a
+    second pass over the stored moments, after the estimate: its first step is float32's within the map's
+    resolution too."""
+    params, grads = _tree()
+    plain, light = spec.make(), _with_storage(spec, SMALL_BLOCKS)
+    s_plain, s_light = plain.init(params), light.init(params)
+    stored = [x for x in jax.tree.leaves(s_light, is_leaf=adaopt.is_stored) if isinstance(x, adaopt.Quantized)]
+    assert stored and all(x.shape == (16, 12) for x in stored)  # the matrix only: the others are under min_size
+    structure = jax.tree.structure(s_light)
+    second_pass = adaopt.Capability.GLOBAL_STEP_SIZE in spec.capabilities
+    for t, g in enumerate(grads):
+        u_plain, s_plain = plain.update(g, s_plain, params, value=jnp.asarray(1.0))
+        u_light, s_light = light.update(g, s_light, params, value=jnp.asarray(1.0))
+        assert jax.tree.structure(s_light) == structure, "the state changed structure: a moment was not stored back"
+        for a, b in zip(jax.tree.leaves(u_light), jax.tree.leaves(u_plain), strict=True):
+            scale = float(jnp.linalg.norm(b)) + 1e-12
+            deviation = float(jnp.linalg.norm(a - b)) / scale
+            assert deviation < (1e-6 if t == 0 and not second_pass else 0.25), (t, deviation)
+
+
+def test_quantized_state_checkpoints_bit_for_bit(tmp_path) -> None:
+    params, grads = _tree()
+    tx = adaopt.adamw(1e-2, mu_dtype=SMALL_BLOCKS, nu_dtype="bfloat16_sr")
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    for g in grads:
+        _, state = step(g, state, params)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+        checkpointer.wait_until_finished()
+        restored = checkpointer.restore(tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # And the next steps, from either, are the same bits (the stochastic rounding's key is in the state).
+    u1, s1 = step(grads[0], state, params)
+    u2, s2 = step(grads[0], restored, params)
+    for a, b in zip(jax.tree.leaves((u1, s1)), jax.tree.leaves((u2, s2)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8", "bfloat16_sr"])
+def test_storages_round_trip_within_their_resolution(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(64, 128)) * np.exp(rng.normal(size=(64, 1))), jnp.float32)
+    spec = storage.resolve(kind)
+    assert spec is not None
+    for signed, values in ((True, x), (False, jnp.abs(x))):
+        leaf = spec.init(values, signed=signed)
+        back = spec.encode(values, leaf).load()
+        assert back.shape == values.shape and back.dtype == jnp.float32
+        relative = float(jnp.max(jnp.abs(back - values)) / jnp.max(jnp.abs(values)))
+        # The widest gap of each map near its top, in units of the block's absmax (bfloat16: its own step).
+        assert relative < {"int8": 0.01, "int4": 0.15, "fp8": 0.07, "bfloat16_sr": 0.01}[kind], relative
+
+
+def test_storage_memory_per_element() -> None:
+    assert adaopt.Blockwise("dynamic8").bytes_per_element() == pytest.approx(1 + 4 / 256)
+    assert adaopt.Blockwise("dynamic4", block_size=128).bytes_per_element() == pytest.approx(0.5 + 4 / 128)
+    leaf = adaopt.Blockwise("dynamic4", block_size=128, min_size=0).init(jnp.zeros((10, 50)), signed=True)
+    assert leaf.codes.nbytes == 256 and leaf.scale.shape == (4,)  # 500 elements: four blocks, two codes a byte
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    """The mean of many roundings of one value is that value within its standard error; nearest rounding of
+    a value just above a bfloat16 number always returns that number."""
+    x = jnp.asarray([1.0 + 2.0**-9, -3.0 - 2.0**-10, 1e-3 * (1 + 2.0**-12), 7.0], jnp.float32)
+    draws = 20_000
+    rounded = storage.stochastic_round(jnp.broadcast_to(x, (draws, 4)), adaopt.counter_bits((draws, 4), 0, 0))
+    values = np.asarray(rounded.astype(jnp.float32), np.float64)
+    mean, stderr = values.mean(axis=0), values.std(axis=0) / np.sqrt(draws)
+    exact = np.asarray(x, np.float64)
+    assert np.all(np.abs(mean - exact) <= 4 * stderr + 1e-12), (mean - exact, stderr)
+    assert values[:, 3].std() == 0 and values[0, 3] == 7.0  # representable: never moved
+    assert np.all(np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))[:2] != exact[:2])
+
+
+def test_bfloat16_second_moment_keeps_moving_with_stochastic_rounding() -> None:
+    """With b2 = 0.999, an EMA of a constant 1 started at 1/2 never moves in bfloat16 with nearest rounding (each
+    step adds 5e-4, under half a bfloat16 step); stochastically rounded, it follows float32's within noise."""
+    tx_nearest = adaopt.scale_by_adam(b2=0.999, nu_dtype=jnp.bfloat16, initial_accumulator_value=0.5)
+    tx_stochastic = adaopt.scale_by_adam(b2=0.999, nu_dtype="bfloat16_sr", initial_accumulator_value=0.5)
+    tx_exact = adaopt.scale_by_adam(b2=0.999, initial_accumulator_value=0.5)
+    g = jnp.ones(4096)
+
+    def run(tx):
+        state = tx.init(g)
+        return jax.lax.fori_loop(0, 500, lambda _, s: tx.update(g, s)[1], state).nu
+
+    nearest, stochastic, exact = run(tx_nearest), run(tx_stochastic), run(tx_exact)
+    assert float(jnp.max(nearest.astype(jnp.float32))) == 0.5
+    target = float(exact[0])  # 1 - 0.5 * 0.999**500, about 0.697
+    assert abs(float(jnp.mean(stochastic.load())) - target) < 2e-3
+
+
+def test_adafactor_first_moment_takes_a_storage() -> None:
+    """Adafactor keeps a first moment only with ``b1`` (not at its defaults, so not in the registry's loop)."""
+    params, grads = _tree()
+    plain, light = adaopt.adafactor(b1=0.9), adaopt.adafactor(b1=0.9, mu_dtype=SMALL_BLOCKS)
+    s_plain, s_light = plain.init(params), light.init(params)
+    (core,) = [s for s in s_light if isinstance(s, adaopt.AdafactorState)]
+    assert isinstance(core.mu["w"], adaopt.Quantized)
+    u_plain, _ = plain.update(grads[0], s_plain, params)
+    u_light, _ = light.update(grads[0], s_light, params)
+    np.testing.assert_allclose(np.asarray(u_light["w"]), np.asarray(u_plain["w"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
+    """On a 4 x 2 mesh with explicit axes, a matrix sharded on both: its codes and scales take its sharding (each
+    shard holds 16 rows of 256: whole blocks, none straddles two shards), a vector of 4100 elements (a partial
+    last block: blocked in row-major order, gathered) stays replicated, and the steps equal the unsharded ones."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+    rng = np.random.default_rng(2)
+    shapes = {"w": (64, 512), "v": (4100,)}
+    specs = {"w": P("data", "model"), "v": P()}
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()} for _ in range(3)]
+    tx = adaopt.adamw(1e-2, mu_dtype=kind, nu_dtype=kind)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+
+    def run(params: dict, grads: list) -> tuple:
+        state = tx.init(params)
+        for g in grads:
+            updates, state = step(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    plain_params, plain_state = run(params, grads)
+    with jax.set_mesh(mesh):
+
+        def place(tree: dict) -> dict:
+            return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
+
+        sharded_params, sharded_state = run(place(params), [place(g) for g in grads])
+    mu = optax.tree.get(sharded_state, "AdamState").mu
+    assert mu["w"].codes.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)
+    assert mu["w"].scale.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)
+    assert mu["w"].scale.shape == (64, 512 // mu["w"].storage.block_size)
+    sharded, plain = jax.tree.leaves((sharded_params, sharded_state)), jax.tree.leaves((plain_params, plain_state))
+    for a, b in zip(sharded, plain, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_storages_are_refused_at_construction() -> None:
+    with pytest.raises(adaopt.HyperparameterError, match="block_size must be a positive integer, got 0"):
+        adaopt.Blockwise(block_size=0)
+    with pytest.raises(adaopt.HyperparameterError, match="block_size must be even for 4-bit"):
+        adaopt.Blockwise("dynamic4", block_size=127)
+    with pytest.raises(adaopt.HyperparameterError, match="format must be"):
+        adaopt.Blockwise("int3")  # type: ignore[arg-type]
+    with pytest.raises(adaopt.HyperparameterError, match="scale_floor"):
+        adaopt.Blockwise(scale_floor=-1.0)
+    with pytest.raises(adaopt.HyperparameterError, match="seed"):
+        adaopt.StochasticBf16(seed=-1)
+    # A dtype that cannot hold a moment names the storages that can.
+    with pytest.raises(adaopt.HyperparameterError, match=r"mu_dtype.*'int8', 'int4', 'fp8', 'bfloat16_sr'"):
+        adaopt.adam(mu_dtype=jnp.int8)
+    with pytest.raises(adaopt.HyperparameterError, match="nu_dtype"):
+        adaopt.adamw(nu_dtype="int2")
+
+
+@pytest.mark.parametrize("kind", ["int8", "bfloat16_sr"])
+def test_complex_parameters_cannot_be_stored_in_a_storage(kind: str) -> None:
+    params = {"z": jnp.ones((64, 64), jnp.complex64)}
+    with pytest.raises(TypeError, match="complex parameter"):
+        adaopt.adam(mu_dtype=kind).init(params)
+
+
+def test_zero_size_scalar_and_none_leaves_keep_plain_moments() -> None:
+    params = {"z": jnp.zeros((0, 300)), "s": jnp.ones(()), "n": None, "w": jnp.ones((300, 256))}
+    tx = adaopt.adamw(1e-3, mu_dtype=adaopt.Blockwise(min_size=0), nu_dtype="int8")
+    state = tx.init(params)
+    mu = optax.tree.get(state, "AdamState").mu
+    assert isinstance(mu["w"], adaopt.Quantized) and mu["z"].dtype == jnp.float32 and mu["s"].shape == ()
+    grads = {"z": jnp.zeros((0, 300)), "s": jnp.ones(()), "n": None, "w": jnp.ones((300, 256))}
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    assert updates["z"].shape == (0, 300) and bool(jnp.all(jnp.isfinite(updates["w"])))
