@@ -86,7 +86,8 @@ def _check(name: str, ours: dict, theirs: dict, params: dict, dtype: Any) -> flo
 
 
 # (b2, dtype): None sums (the paper's SM3-II), a number takes moving averages.
-CASES = [(None, np.float64), (0.95, np.float64), (0.99, np.float32)]
+# float32 is run by tests/test_parity.py on the registry's references.
+CASES = [(None, np.float64), (0.95, np.float64)]
 
 
 @pytest.mark.parametrize(("b2", "dtype"), CASES, ids=[f"b2={b}-{np.dtype(d).name}" for b, d in CASES])
