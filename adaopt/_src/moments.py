@@ -115,10 +115,7 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = F
 
 
 def _init_stored(kind: storage.Storage, p: Any, fill: Any, *, signed: bool, index: int) -> Any:
-    if isinstance(kind, storage.StochasticBf16):
-        leaf: Any = kind.init(p, signed=signed, index=index)
-    else:
-        leaf = kind.init(p, signed=signed)
+    leaf = kind.init(p, signed=signed, index=index)
     is_zero = isinstance(fill, (int, float)) and fill == 0
     return leaf if is_zero else store(jnp.full(np.shape(p), fill, jnp.float32), leaf)
 

@@ -299,8 +299,12 @@ class Blockwise:
         """
         return len(shape) >= 1 and shape[-1] % self.block_size == 0
 
-    def init(self, param: jax.Array, *, signed: bool) -> jax.Array | Quantized:
-        """A zero moment for ``param``: quantized if it is large enough, else zeros in its dtype (at least float32)."""
+    def init(self, param: jax.Array, *, signed: bool, index: int = 0) -> jax.Array | Quantized:
+        """A zero moment for ``param``: quantized if it is large enough, else zeros in its dtype (at least float32).
+
+        ``index`` (the leaf's position in the tree) is for the storages that draw random numbers; unused here.
+        """
+        del index
         if jnp.issubdtype(jnp.result_type(param), jnp.complexfloating):
             raise TypeError(
                 "A complex parameter's moment cannot be stored in quantized blocks: pass a float dtype (or None) for "
