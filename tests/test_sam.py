@@ -159,7 +159,9 @@ RUNS = [
     for weight_decay in (True, False)
     for precision in PRECISIONS
     for draw in (0,)  # one draw per combination, each combination's own
-    if weight_decay or precision[1]  # without weight decay: the float64 comparison only
+    # Every combination against the reference with its norm patched to float64; the unpatched float64
+    # reference and float32 once per base optimizer each (SAM for one, ASAM for the other), with weight decay.
+    if precision[1] or (weight_decay and adaptive == ((base == "SGD") == (precision[0] == np.float64)))
 ]
 
 
