@@ -7,7 +7,7 @@ import contextvars
 import math
 import numbers
 from collections.abc import Callable, Iterator
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -246,15 +246,85 @@ def _in_dtype_of(value: Any, update: jax.Array) -> Any:
     return value if isinstance(value, (int, float)) else jnp.asarray(value, update.dtype)
 
 
+class HoldsHyperparams(Protocol):
+    """A state that holds step-size quantities: a scheduled or learned learning rate, a distance estimate.
+
+    The one declaration of what a state exposes, written next to the state's definition (a
+    method of its NamedTuple), which ``adaopt.current_hyperparams`` and ``adaopt.monitor`` read
+    in any nested state: the tools keep no list of optimizers.
+    """
+
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        """The quantities by name (``"learning_rate"``, ``"d"`` ...), each an array of the state (0-d, or batched under vmap)."""
+        ...
+
+
+def held_hyperparams(node: Any) -> dict[str, jax.Array] | None:
+    """What ``node`` declares through :class:`HoldsHyperparams`, or None for a node that declares nothing."""
+    if getattr(type(node), "current_hyperparams", None) is None:
+        return None
+    return dict(node.current_hyperparams())
+
+
+class LearningRateState(NamedTuple):
+    """State of ``scale_by_learning_rate`` with a schedule: optax's step count and the rate applied.
+
+    Attributes:
+      count: the number of updates so far, a saturating int32 (the schedule's step).
+      learning_rate: the schedule's value at the last update (at 0 before the first), in the
+        dtype the schedule returns, at least float32; telemetry only, the step never reads it.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    learning_rate: jax.Array
+
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"learning_rate": self.learning_rate}
+
+
+def _schedule_value(schedule: Schedule, count: jax.Array) -> jax.Array:
+    """``schedule(count)`` as a strongly typed array of at least float32 (a weak type would change the state's type)."""
+    value = jnp.asarray(schedule(count))
+    return value.astype(jnp.float64 if value.dtype == jnp.float64 else jnp.float32)
+
+
+def scale_by_schedule(learning_rate: Schedule, *, flip_sign: bool = True) -> optax.GradientTransformation:
+    """``optax.scale_by_learning_rate`` of a schedule, the same updates, keeping the rate it applied.
+
+    Each update is multiplied by the schedule's value cast to its dtype, exactly as optax does;
+    the state (:class:`LearningRateState`) adds that value to optax's count, so a monitor or
+    ``adaopt.current_hyperparams`` can report the learning rate of every step.
+    """
+    sign = -1 if flip_sign else 1
+
+    def init_fn(params: Params) -> LearningRateState:
+        del params
+        count = jnp.zeros([], jnp.int32)
+        return LearningRateState(count, _schedule_value(learning_rate, count))
+
+    def update_fn(updates: Updates, state: LearningRateState, params: Params | None = None) -> tuple[Updates, Any]:
+        del params
+        value = learning_rate(state.count)
+        step_size = sign * value
+        updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+        applied = jnp.asarray(value).astype(state.learning_rate.dtype)
+        return updates, LearningRateState(optax.safe_increment(state.count), applied)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> optax.GradientTransformation:
     """``optax.scale_by_learning_rate``, with every update kept in its own dtype.
 
     optax casts a schedule's value to each update's dtype but multiplies by a fixed learning rate
     as it is: one given as an array (``inject_hyperparams`` passes one; ``vmap`` and ``grad`` over
     the learning rate trace one) would turn bfloat16 and float16 updates into float32 ones, or
-    fail under strict dtype promotion. Here it is cast like a schedule's value.
+    fail under strict dtype promotion. Here it is cast like a schedule's value. A schedule's
+    state also keeps the rate it applied (:func:`scale_by_schedule`).
     """
-    if callable(learning_rate) or isinstance(learning_rate, (int, float)):
+    if callable(learning_rate):
+        return scale_by_schedule(learning_rate, flip_sign=flip_sign)
+    if isinstance(learning_rate, (int, float)):
         return optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)
 
     def update_fn(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:

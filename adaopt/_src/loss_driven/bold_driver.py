@@ -33,6 +33,9 @@ class BoldDriverState(NamedTuple):
     compare: jax.Array
     previous_update: Updates | None = None
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"learning_rate": self.learning_rate}
+
 
 def _check_factors(increase: Any, decrease: Any) -> None:
     base.check_scalar("increase", increase, low=1.0)

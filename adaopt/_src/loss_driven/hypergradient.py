@@ -39,6 +39,9 @@ class HypergradientState(NamedTuple):
     direction: Updates
     inner_state: optax.OptState
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"learning_rate": self.learning_rate}
+
 
 def hypergradient(
     inner: optax.GradientTransformation,

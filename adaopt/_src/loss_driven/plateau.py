@@ -44,6 +44,9 @@ class ReduceOnPlateauState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     value_sum: jax.Array
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"learning_rate": self.learning_rate, "plateau_scale": self.scale}
+
 
 class ReduceOnPlateau(optax.GradientTransformationExtraArgs):
     """The transformation :func:`reduce_on_plateau` returns, with :meth:`observe` for evaluation losses."""

@@ -24,6 +24,9 @@ class PolyakState(NamedTuple):
 
     step_size: jax.Array
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"step_size": self.step_size}
+
 
 def _check_polyak(c: Any, f_min: Any, max_learning_rate: Any, eps: Any, variant: Any) -> None:
     base.check_scalar("c", c, low=0.0, low_open=True)

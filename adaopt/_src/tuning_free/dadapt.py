@@ -198,6 +198,9 @@ class DAdaptAdamState(NamedTuple):
     nu: Updates
     s: Updates
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"d": self.d}
+
 
 def scale_by_dadapt_adam(
     learning_rate: ScalarOrSchedule = 1.0,
@@ -491,6 +494,9 @@ class DAdaptSGDState(NamedTuple):
     s: Updates
     x0: Updates
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"d": self.d}
+
 
 def scale_by_dadapt_sgd(
     learning_rate: ScalarOrSchedule = 1.0,
@@ -709,6 +715,9 @@ class DAdaptAdaGradState(NamedTuple):
     alpha: Updates
     s: Updates
     x0: Updates
+
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"d": self.d}
 
 
 def scale_by_dadapt_adagrad(

@@ -60,6 +60,21 @@ class DoGState(NamedTuple):
     init_params: Params
     estimate: DoGEstimate | tuple[DoGEstimate, ...]
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        r"""The distance :math:`\bar r_t` and the step size before the learning rate, :math:`\bar r_t / \sqrt{G_t}`,
+        of the whole tree (DoG), or of each leaf by its index in ``jax.tree.leaves(params)`` (LDoG)."""
+        if isinstance(self.estimate, DoGEstimate):
+            estimates, suffixes = [self.estimate], [""]
+        else:
+            estimates, suffixes = list(self.estimate), [f"/{i}" for i in range(len(self.estimate))]
+        out = {}
+        for estimate, suffix in zip(estimates, suffixes, strict=True):
+            out[f"distance{suffix}"] = estimate.max_distance
+            out[f"step_size{suffix}"] = moments.safe_divide(
+                estimate.max_distance, moments.safe_sqrt(estimate.sum_sq_grads)
+            )
+        return out
+
 
 def scale_by_dog(
     learning_rate: ScalarOrSchedule = 1.0,
@@ -334,6 +349,10 @@ class DoWGState(NamedTuple):
     init_params: Params
     weighted_sq_norm_grads: jax.Array
     estim_sq_dist: jax.Array
+
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        r"""The distance estimate :math:`\bar r_t`."""
+        return {"distance": moments.safe_sqrt(self.estim_sq_dist)}
 
 
 def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> optax.GradientTransformation:

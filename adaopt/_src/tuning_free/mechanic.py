@@ -42,6 +42,10 @@ class MechanicState(NamedTuple):
     sum_squared_products: tuple[jax.Array, ...]
     reward: tuple[jax.Array, ...]
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        """The scale applied to the inner steps, ``max(sum(s), 0)``."""
+        return {"scale": jnp.maximum(sum(self.s), 0)}
+
 
 def mechanic(
     inner: optax.GradientTransformation,

@@ -49,6 +49,9 @@ class ProdigyState(NamedTuple):
     s: Updates
     p0: Updates
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"d": self.d}
+
 
 def _check(b1: Any, b2: Any, b3: Any, eps: Any, d_coef: Any, slice_p: Any) -> None:
     base.check_decay("b1", b1)

@@ -48,6 +48,9 @@ class ScheduleFreeState(NamedTuple):
     lr_max: jax.Array
     z: Updates
 
+    def current_hyperparams(self) -> dict[str, jax.Array]:
+        return {"lr_max": self.lr_max}
+
 
 class DebiasedRmsState(NamedTuple):
     """State of :func:`scale_by_debiased_rms`: the step count and the second moment.

@@ -1,0 +1,600 @@
+r"""Monitoring: the step sizes an optimizer actually takes, recorded inside its state without leaving ``jit``.
+
+:func:`monitor` wraps any optimizer (adaopt's or optax's) and, every ``every`` steps, writes into
+its state what a practitioner looks at: per leaf (or per group of leaves) the effective learning
+rate, the spread of the per-coordinate rates and the update/parameter ratio; the gradient norm it
+received and any norm a :func:`record_norm` probe saw inside the chain (after clipping); the RMS
+and largest magnitude of every state field that mirrors the parameters (the moments); the
+learning rate a schedule or a loss-driven method chose and the estimates of the tuning-free
+methods (:func:`current_hyperparams`); and ``optax.apply_if_finite``'s counts of skipped
+non-finite steps. On the other steps a ``jax.lax.cond`` skips every reduction. :func:`read_records`
+brings the records to the host as a ``dict[str, float]`` for the writers of
+:mod:`adaopt._src.tools.writers`.
+
+What a state exposes to :func:`current_hyperparams` is declared once, next to the state's
+definition: a ``current_hyperparams`` method of its NamedTuple (the protocol
+:class:`adaopt._src.base.HoldsHyperparams`). The table below covers optax's own states, which
+cannot declare anything; no optimizer of adaopt is named here.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.contrib
+
+from adaopt._src import base, moments, numerics
+from adaopt._src.base import Params, Updates
+
+# ---------------------------------------------------------------------------------------------
+# Walking a nested state.
+
+
+def _key_name(key: Any) -> str:
+    """One step of a tree path as a plain name: ``layers``, ``0``, ``kernel`` (not ``['layers']``, ``[0]``, ``.kernel``)."""
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """A tree path as the name of a record: ``"layers/0/kernel"``; ``"params"`` for the root itself."""
+    return "/".join(_key_name(k) for k in path) or "params"
+
+
+def _nodes(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Every node of ``tree`` (inner nodes and leaves), each with its path, parents first."""
+    yield path, tree
+    children, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
+    if len(children) == 1 and children[0][1] is tree:  # a leaf: flattening gives itself back
+        return
+    for child_path, child in children:
+        yield from _nodes(child, path + tuple(child_path))
+
+
+def _qualified(found: list[tuple[tuple[Any, ...], str, Any]]) -> dict[str, Any]:
+    """``{name: value}``: a name found once stays bare; one found in several places is prefixed by each place's path."""
+    counts: dict[str, int] = {}
+    for _, name, _ in found:
+        counts[name] = counts.get(name, 0) + 1
+    out = {}
+    for path, name, value in found:
+        out[name if counts[name] == 1 else f"{path_name(path)}/{name}"] = value
+    return out
+
+
+# What optax's states hold, read here because they cannot declare it themselves (adaopt's
+# states do, through base.HoldsHyperparams). Looked up by type: a missing contrib state is skipped.
+def _injected(state: Any) -> dict[str, Any]:
+    return {
+        name: value
+        for name, value in sorted(state.hyperparams.items())  # sorted, as jax rebuilds a dict
+        if isinstance(value, (jax.Array, np.ndarray)) and jnp.issubdtype(jnp.result_type(value), jnp.number)
+    }
+
+
+_OPTAX_HYPERPARAMS: dict[str, Callable[[Any], dict[str, jax.Array]]] = {
+    "InjectHyperparamsState": _injected,
+    "InjectStatefulHyperparamsState": _injected,
+    "ReduceLROnPlateauState": lambda s: {"plateau_scale": s.scale},
+    "ProdigyState": lambda s: {"d": s.estim_lr},
+    "DAdaptAdamWState": lambda s: {"d": s.estim_lr},
+    "MechanicState": lambda s: {"scale": jnp.sum(s.s, axis=-1)},
+    "DoGState": lambda s: {"distance": s.max_dist},
+    "DoWGState": lambda s: {"distance": moments.safe_sqrt(s.estim_sq_dist)},
+}
+_OPTAX_TYPES = {
+    state_type: _OPTAX_HYPERPARAMS[name]
+    for module in (optax, optax.contrib)
+    for name in _OPTAX_HYPERPARAMS
+    if isinstance(state_type := getattr(module, name, None), type)
+}
+
+
+def _hyperparams_of(node: Any) -> dict[str, jax.Array] | None:
+    declared = base.held_hyperparams(node)
+    if declared is not None:
+        return declared
+    reader = _OPTAX_TYPES.get(type(node))
+    return None if reader is None else reader(node)
+
+
+def _skip_counts_of(node: Any) -> dict[str, jax.Array] | None:
+    if isinstance(node, optax.ApplyIfFiniteState):
+        return {"total": node.total_notfinite, "consecutive": node.notfinite_count}
+    return None
+
+
+def _found(state: Any, reader: Callable[[Any], dict[str, jax.Array] | None]) -> dict[str, jax.Array]:
+    return _qualified(
+        [(path, name, value) for path, node in _nodes(state) for name, value in (reader(node) or {}).items()]
+    )
+
+
+def current_hyperparams(state: Any) -> dict[str, jax.Array]:
+    r"""The step-size quantities an optimizer's state holds now, by name, from wherever they sit in it.
+
+    One accessor for every optimizer, however nested its state (``optax.chain``,
+    ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``, :func:`monitor`, the wrappers;
+    an ``nnx.Optimizer``'s ``opt_state`` too):
+
+    - ``"learning_rate"``: the rate a schedule applied at the last step (every adaopt optimizer
+      given a schedule), the rate a loss-driven method chose (bold driver, hypergradient descent,
+      reduce-on-plateau, with its ``"plateau_scale"``), and each hyperparameter
+      ``inject_hyperparams`` holds, under its own name (``"learning_rate"``, ``"b1"``,
+      ``"weight_decay"`` ...);
+    - the estimates of the tuning-free methods: ``"d"`` (Prodigy, D-Adaptation), ``"distance"``
+      and ``"step_size"`` (DoG, DoWG), ``"scale"`` (Mechanic), ``"lr_max"`` (Schedule-Free), and
+      Polyak's ``"step_size"``.
+
+    A constant learning rate given as a Python number is not in the state (it is the number you
+    gave); COCOB's step sizes are per coordinate, not a number. A name found in several places
+    is prefixed by each place's path in the state (``"0/learning_rate"``, ``"inner_state/learning_rate"``).
+    Each state type declares what it exposes next to its definition (a ``current_hyperparams``
+    method; see :class:`adaopt._src.base.HoldsHyperparams`); optax's states are read by a table
+    in this module.
+
+    Args:
+      state: any optimizer state, plain or an ``nnx.Optimizer``'s ``opt_state``; inside ``jit``
+        or outside.
+
+    Returns:
+      ``{name: array}``, 0-d arrays (with a leading batch axis for a state built under ``vmap``).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adaopt
+      >>> opt = adaopt.adam(optax.linear_schedule(1e-2, 0.0, 10))
+      >>> params = jnp.zeros(3)
+      >>> state = opt.init(params)
+      >>> _, state = opt.update(jnp.ones(3), state, params)
+      >>> _, state = opt.update(jnp.ones(3), state, params)
+      >>> print(f"{float(adaopt.current_hyperparams(state)['learning_rate']):.4f}")  # the rate of step 1
+      0.0090
+    """
+    values, _ = numerics.unwrap_variables(state)
+    return _found(values, _hyperparams_of)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes of a norm inside a chain.
+
+_RECORDING: contextvars.ContextVar[jax.Array | bool | None] = contextvars.ContextVar(
+    "adaopt_monitor_recording", default=None
+)
+
+
+class NormProbeState(NamedTuple):
+    """State of :func:`record_norm`: its name (a static key) and the norm it last recorded.
+
+    Attributes:
+      norms: ``{name: norm}``, one 0-d array in the parameters' widest float dtype (at least float32).
+    """
+
+    norms: dict[str, jax.Array]
+
+
+def record_norm(name: str) -> optax.GradientTransformation:
+    r"""An identity transformation that records the norm of the updates passing through it.
+
+    Place it in a chain where a norm is wanted, e.g. after clipping: :func:`monitor` collects it
+    under ``name`` when it records (a ``jax.lax.cond`` skips the norm on the other steps).
+    Outside a monitor it records at every step. The updates pass unchanged.
+
+    Args:
+      name: the record's name, a non-empty string (e.g. ``"clipped_grad_norm"``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`NormProbeState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adaopt
+      >>> opt = adaopt.monitor(
+      ...     optax.chain(optax.clip_by_global_norm(1.0), adaopt.record_norm("clipped_grad_norm"), adaopt.sgd(0.1))
+      ... )
+      >>> params = jnp.zeros(2)
+      >>> _, state = opt.update(jnp.array([3.0, 4.0]), opt.init(params), params)
+      >>> records = adaopt.read_records(state)
+      >>> records["grad_norm"], records["clipped_grad_norm"]
+      (5.0, 1.0)
+    """
+    if not isinstance(name, str) or not name:
+        raise base.HyperparameterError(f"name must be a non-empty string, got {name!r}.")
+
+    def init_fn(params: Params) -> NormProbeState:
+        return NormProbeState({name: jnp.zeros([], moments.scalar_dtype(params))})
+
+    def update_fn(updates: Updates, state: NormProbeState, params: Params | None = None) -> tuple[Updates, Any]:
+        del params
+        previous = state.norms[name]
+        recording = _RECORDING.get()
+        measure = lambda: numerics.norm(updates, previous.dtype)
+        if recording is None or isinstance(recording, bool):  # outside a monitor, or a static choice
+            value = measure() if recording is not False else previous
+        else:
+            value = jax.lax.cond(recording, measure, lambda: previous)
+        return updates, NormProbeState({name: value.astype(previous.dtype)})
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# The records.
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Records:
+    """A monitor's records: their names (static, part of the tree's structure) and their values in one vector.
+
+    One array rather than one per record: a step of a large model would otherwise return
+    hundreds of small buffers. ``records["grad_norm"]`` reads one; :func:`read_records` reads
+    them all to the host.
+
+    Attributes:
+      names: the records' names, in the order of ``values``.
+      values: their values, a vector (with leading batch axes under ``vmap``).
+    """
+
+    __slots__ = ("names", "values")
+
+    def __init__(self, names: tuple[str, ...], values: Any) -> None:
+        self.names = names
+        self.values = values
+
+    def tree_flatten_with_keys(self) -> tuple[tuple[tuple[Any, Any], ...], tuple[str, ...]]:
+        return ((jax.tree_util.GetAttrKey("values"), self.values),), self.names
+
+    @classmethod
+    def tree_unflatten(cls, names: tuple[str, ...], children: Sequence[Any]) -> Records:
+        return cls(names, *children)
+
+    def __getitem__(self, name: str) -> jax.Array:
+        return self.values[..., self.names.index(name)]
+
+    def __repr__(self) -> str:
+        return f"Records({len(self.names)} names, values={self.values!r})"
+
+
+class MonitorState(NamedTuple):
+    """State of :func:`monitor`.
+
+    Attributes:
+      count: the number of updates so far, a saturating int32.
+      recorded_at: the update (counted from 0) the records were taken at; -1 before the first.
+      inner_state: the state of the monitored optimizer.
+      records: the :class:`Records`.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    recorded_at: jax.Array
+    inner_state: optax.OptState
+    records: Records
+
+
+GroupsSpec = str | Callable[[Any], Any] | Mapping[str, str | Sequence[str]] | None
+_STATS = ("grad_norm", "effective_lr", "rate_rms", "update_ratio")
+
+
+def _labels(groups: GroupsSpec, tree: Any) -> list[str]:
+    """The group of each leaf of ``tree`` (in the order of its leaves)."""
+    paths = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    if groups == "leaves":
+        return paths
+    if callable(groups):
+        treedef: Any = jax.tree.structure(tree)
+        labels = treedef.flatten_up_to(groups(tree))
+        if not all(isinstance(label, str) for label in labels):
+            raise TypeError(
+                f"groups(params) must return a tree of strings with the parameters' structure, got {labels}."
+            )
+        return labels
+    assert isinstance(groups, Mapping)
+    patterns = {label: [p] if isinstance(p, str) else list(p) for label, p in groups.items()}
+    out = []
+    for path in paths:
+        match = [label for label, ps in patterns.items() if any(fnmatch.fnmatchcase(path, p) for p in ps)]
+        out.append(match[0] if match else "other")
+    return out
+
+
+def _mirrors(value: Any, reference: Any) -> bool:
+    """Whether a state field holds one entry per parameter leaf, of the parameter's shape (a moment)."""
+    leaves = jax.tree.leaves(value, is_leaf=base.is_stored)
+    if not leaves or not all(base.is_stored(v) or jnp.issubdtype(jnp.result_type(v), jnp.inexact) for v in leaves):
+        return False
+    structure: Any = jax.tree.structure(value, is_leaf=base.is_stored)
+    if structure != jax.tree.structure(reference):
+        return False
+    return all(np.shape(v) == np.shape(r) for v, r in zip(leaves, jax.tree.leaves(reference), strict=True))
+
+
+def _state_fields(inner_state: Any, reference: Any) -> dict[str, Any]:
+    found = [
+        (path, field, getattr(node, field))
+        for path, node in _nodes(inner_state)
+        if isinstance(node, tuple) and hasattr(node, "_fields") and not isinstance(node, MonitorState)
+        for field in node._fields
+        if _mirrors(getattr(node, field), reference)
+    ]
+    return _qualified(found)
+
+
+def _probes(inner_state: Any) -> dict[str, jax.Array]:
+    return {
+        name: value
+        for _, node in _nodes(inner_state)
+        if isinstance(node, NormProbeState)
+        for name, value in node.norms.items()
+    }
+
+
+class _Leaf(NamedTuple):
+    """A leaf's sums, combined into a group's statistics by :func:`_group_stats`."""
+
+    g_sq: jax.Array
+    u_sq: jax.Array
+    p_sq: jax.Array
+    rate_sq: jax.Array  # the sum of (|u_i| / |g_i|)^2 over the coordinates with g_i != 0
+    nonzero: jax.Array  # the number of those coordinates
+
+
+def _leaf_stats(g: jax.Array, u: Any, p: Any, dtype: Any) -> _Leaf:
+    """The five sums of one leaf, as one variadic reduction: one pass over the leaf, one kernel."""
+    g_sq = moments.abs_sq(moments.in_precision(jnp.asarray(g), dtype)).astype(dtype)
+    u_sq = (
+        jnp.zeros_like(g_sq) if u is None else moments.abs_sq(moments.in_precision(jnp.asarray(u), dtype)).astype(dtype)
+    )
+    p_sq = (
+        jnp.zeros_like(g_sq) if p is None else moments.abs_sq(moments.in_precision(jnp.asarray(p), dtype)).astype(dtype)
+    )
+    nonzero = g_sq > 0
+    rate_sq = jnp.where(nonzero, u_sq / jnp.where(nonzero, g_sq, 1), 0)
+    operands = tuple(x.reshape(-1) for x in (g_sq, u_sq, p_sq, rate_sq, nonzero.astype(dtype)))
+    zeros = tuple(jnp.zeros([], dtype) for _ in operands)
+    sums = jax.lax.reduce(operands, zeros, lambda x, y: tuple(a + b for a, b in zip(x, y, strict=True)), (0,))
+    return _Leaf(*sums)
+
+
+def _group_stats(leaves: list[_Leaf], dtype: Any) -> dict[str, jax.Array]:
+    g_sq, u_sq, p_sq, rate_sq, nonzero = (
+        sum((leaf[i] for leaf in leaves), jnp.zeros([], dtype)) for i in range(len(_Leaf._fields))
+    )
+    u_norm, g_norm = moments.safe_sqrt(u_sq), moments.safe_sqrt(g_sq)
+    return {
+        "grad_norm": g_norm,
+        "update_norm": u_norm,
+        "effective_lr": moments.safe_divide(u_norm, g_norm),
+        "rate_rms": moments.safe_sqrt(moments.safe_divide(rate_sq, nonzero)),
+        "update_ratio": moments.safe_divide(u_norm, moments.safe_sqrt(p_sq)),
+    }
+
+
+def _field_stats(value: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """The RMS and the largest magnitude of a state field over all its coordinates."""
+    leaves = [moments.load(x, jnp.float32) for x in jax.tree.leaves(value, is_leaf=base.is_stored)]
+    leaves = [moments.in_precision(jnp.asarray(x), dtype) for x in leaves]
+    size = sum(int(np.size(x)) for x in leaves)
+    total = sum((jnp.sum(moments.abs_sq(x)).astype(dtype) for x in leaves), jnp.zeros([], dtype))
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]))
+    return moments.safe_sqrt(total / max(size, 1)), largest
+
+
+def _measure(
+    grads: Updates, updates: Updates, params: Params | None, inner_state: Any, groups: GroupsSpec, dtype: Any
+) -> dict[str, jax.Array]:
+    """Every record, by name, in the order :func:`monitor` keeps them."""
+    treedef: Any = jax.tree.structure(grads)
+    g_leaves = treedef.flatten_up_to(grads)
+    u_leaves = treedef.flatten_up_to(updates)
+    if params is not None:
+        base.check_tree_match(grads, params, "parameters")
+    p_leaves = [None] * len(g_leaves) if params is None else treedef.flatten_up_to(params)
+    stats = [_leaf_stats(g, u, p, dtype) for g, u, p in zip(g_leaves, u_leaves, p_leaves, strict=True)]
+    out = dict(_group_stats(stats, dtype))
+    if groups is not None:
+        by_group: dict[str, list[_Leaf]] = {}
+        for label, leaf in zip(_labels(groups, grads), stats, strict=True):
+            by_group.setdefault(label, []).append(leaf)
+        group_stats = {label: _group_stats(leaves, dtype) for label, leaves in by_group.items()}
+        out.update({f"{stat}/{label}": group[stat] for stat in _STATS for label, group in group_stats.items()})
+    for name, value in _probes(inner_state).items():
+        if name in out:
+            raise ValueError(f"record_norm({name!r}) takes the name of one of the monitor's own records: rename it.")
+        out[name] = value
+    for name, value in _state_fields(inner_state, grads).items():
+        out[f"state/{name}/rms"], out[f"state/{name}/max"] = _field_stats(value, dtype)
+    out.update({f"hyperparams/{name}": value for name, value in _found(inner_state, _hyperparams_of).items()})
+    out.update({f"nonfinite/{name}": value for name, value in _found(inner_state, _skip_counts_of).items()})
+    return {name: jnp.asarray(value).astype(dtype) for name, value in out.items()}
+
+
+def monitor(
+    optimizer: optax.GradientTransformation,
+    *,
+    every: int = 10,
+    groups: GroupsSpec = "leaves",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Record what the optimizer does every ``every`` steps, inside its state and without leaving ``jit``.
+
+    The updates are ``optimizer``'s, bit for bit; only the state grows (:class:`MonitorState`).
+    At updates :math:`t = 0, k, 2k, \dots` (:math:`k` = ``every``) it records, from the
+    gradient :math:`g` it was given, the update :math:`u` returned and the parameters :math:`p`,
+    over the whole tree and over each group :math:`G` of leaves (named ``stat/group``):
+
+    .. math::
+        \text{grad\_norm} = \|g_G\|, \quad
+        \text{effective\_lr} = \frac{\|u_G\|}{\|g_G\|}, \quad
+        \text{rate\_rms} = \sqrt{\frac{1}{|I|} \sum_{i \in I} \Big(\frac{|u_i|}{|g_i|}\Big)^2}, \quad
+        \text{update\_ratio} = \frac{\mathrm{rms}(u_G)}{\mathrm{rms}(p_G)}
+
+    with :math:`I` the coordinates of :math:`G` where :math:`g_i \ne 0` (where :math:`g_i^2`, in the
+    statistics' dtype, is not 0: a float32 gradient below 1e-19 in magnitude counts as zero), and 0
+    for a ratio whose denominator is 0 (a zero gradient, no parameters given, an empty leaf). For plain SGD both
+    rates are the learning rate; for Adam, ``rate_rms`` shows the spread of its per-coordinate
+    rates. Also recorded: ``update_norm`` (whole tree); each :func:`record_norm` probe in the
+    chain under its name; ``state/<field>/rms`` and ``state/<field>/max`` for every state field
+    that mirrors the parameters (``mu``, ``nu`` ...; a stored 8-bit moment is decoded);
+    ``hyperparams/<name>`` for each value of :func:`current_hyperparams`; and
+    ``nonfinite/total`` and ``nonfinite/consecutive`` from ``optax.apply_if_finite``'s counters.
+    Statistics are computed in the parameters' widest float dtype, at least float32 (bfloat16 and
+    float16 leaves too). Between recordings a ``jax.lax.cond`` skips every reduction (under
+    ``vmap`` with a batched step count, the cond becomes a select that computes both).
+
+    **The fast form: two compiled steps.** The ``jax.lax.cond`` keeps one program, but it costs
+    every step something: XLA must write the updates out for it (they can no longer fuse into
+    ``apply_updates``), and on a CPU it copies the donated buffers it reads. Measured on the
+    GPT-2 tree (``benchmarks/monitor.py``), that makes a step several times slower. Pass
+    ``record=True`` or ``record=False`` to ``update`` instead (a Python bool, static: the step is
+    compiled twice, with ``static_argnames``): a step with ``record=False`` is exactly the
+    unmonitored step, and one with ``record=True`` measures without a cond; ``every`` is then
+    unused, and the loop decides (``record=i % 10 == 0``)::
+
+        step = jax.jit(train_step, static_argnames="record", donate_argnums=(0, 1))
+        for i, batch in enumerate(batches):
+            params, opt_state = step(params, opt_state, batch, record=i % 10 == 0)
+
+    Args:
+      optimizer: any ``optax.GradientTransformation`` (adaopt's, optax's, a chain); ``update``'s
+        extra arguments (``value=loss``) are passed to it.
+      every: record every ``every``-th update, starting with the first; an integer >= 1.
+      groups: ``"leaves"`` (default: each leaf, named by its path, e.g. ``"layers/0/kernel"``);
+        a mapping ``{group: pattern or patterns}`` of ``fnmatch`` patterns on those paths (a leaf
+        goes to the first group it matches, else to ``"other"``); a function of the parameters
+        returning a tree of group names (as ``optax.partition``'s labels); or None for the whole
+        tree only.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`MonitorState`; read its
+      records with :func:`read_records`. Its ``update`` takes ``record=None`` (record every
+      ``every`` updates, through a cond), or ``record=True`` / ``False`` (static: record now, or not).
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> opt = adaopt.monitor(adaopt.sgd(0.1), every=10)
+      >>> params = {"w": jnp.ones(3), "b": jnp.zeros(1)}
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.ones(3), "b": jnp.ones(1)}, state, params)
+      >>> records = adaopt.read_records(state)
+      >>> round(records["effective_lr"], 6), round(records["rate_rms/w"], 6), round(records["update_ratio/w"], 6)
+      (0.1, 0.1, 0.1)
+    """
+    base.check_integer("every", every, 1)
+    if not (groups is None or groups == "leaves" or callable(groups) or isinstance(groups, Mapping)):
+        raise base.HyperparameterError(
+            f"groups must be 'leaves', a mapping of group names to path patterns, a function of the parameters "
+            f"returning a tree of group names, or None; got {groups!r}."
+        )
+    inner = optax.with_extra_args_support(optimizer)
+
+    def init_fn(params: Params) -> MonitorState:
+        inner_state = inner.init(params)
+        dtype = moments.scalar_dtype(params)
+        found: list[str] = []
+        # Named as in update, which sees arrays: an nnx.Optimizer initialises with its variables.
+        plain_params, _ = numerics.unwrap_variables(params, "params")
+        plain_state, _ = numerics.unwrap_variables(inner_state)
+
+        def measure_at_init() -> list[jax.Array]:
+            records = _measure(plain_params, plain_params, plain_params, plain_state, groups, dtype)
+            found.extend(records)
+            return list(records.values())
+
+        jax.eval_shape(measure_at_init)  # the names only: nothing is computed
+        names = tuple(found)
+        records = Records(names, jnp.zeros([len(names)], dtype))
+        return MonitorState(moments.zero_count(), jnp.full([], -1, jnp.int32), inner_state, records)
+
+    def update_fn(
+        updates: Updates,
+        state: MonitorState,
+        params: Params | None = None,
+        *,
+        record: bool | None = None,
+        **extra_args: Any,
+    ) -> tuple[Updates, MonitorState]:
+        grads = updates
+        if record is not None and not isinstance(record, bool):
+            raise TypeError(
+                f"record must be True, False or None (a Python bool, static under jit: compile the step with "
+                f"static_argnames), got {record!r}."
+            )
+        recording: Any = state.count % every == 0 if record is None else record
+        token = _RECORDING.set(recording)
+        try:
+            updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        finally:
+            _RECORDING.reset(token)
+        old = state.records
+
+        def measure() -> jax.Array:
+            # The statistics read the finished updates and state: fused into their producers, XLA:CPU
+            # recomputes the update inside each reduction, several times slower.
+            g, u, p, s = jax.lax.optimization_barrier((grads, updates, params, inner_state))
+            values = _measure(g, u, p, s, groups, old.values.dtype)
+            if tuple(values) != old.names:
+                raise ValueError(
+                    "The optimizer's state changed its structure since init: the monitor's records were "
+                    f"{old.names}, now {tuple(values)}."
+                )
+            return jnp.stack(list(values.values())).astype(old.values.dtype)
+
+        if record is None:
+            values = jax.lax.cond(recording, measure, lambda: old.values)
+        else:
+            values = measure() if record else old.values
+        recorded_at = jnp.where(recording, state.count, state.recorded_at)
+        new_state = MonitorState(
+            moments.safe_increment(state.count), recorded_at, inner_state, Records(old.names, values)
+        )
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def read_records(state: Any, index: int | tuple[int, ...] | None = None) -> dict[str, float]:
+    """The records of the :func:`monitor` inside ``state``, on the host: ``{name: value}``.
+
+    They are those of the last recording step (``MonitorState.recorded_at``), all 0 before the
+    first. A host round trip: call it outside ``jit``, when you write the records.
+
+    Args:
+      state: the monitor's state, or any state holding exactly one (a chain's, an
+        ``nnx.Optimizer``'s ``opt_state``).
+      index: for a state built under ``vmap`` (records with leading batch axes), which one to read.
+
+    Returns:
+      ``{name: float}`` in the monitor's order of records.
+
+    Raises:
+      ValueError: ``state`` holds no monitor's state or several, or batched records without an ``index``.
+    """
+    found = numerics.find_state(
+        state, MonitorState, "wrap the optimizer in adaopt.monitor(...) and pass its state (or one that holds it)."
+    )
+    values = np.asarray(jax.device_get(found.records.values))
+    if index is not None:
+        values = values[index]
+    if values.ndim != 1:
+        raise ValueError(
+            f"The records have batch axes (shape {values.shape[:-1]}), from a state built under vmap: pass index= "
+            "to read one of them."
+        )
+    return {name: float(value) for name, value in zip(found.records.names, values, strict=True)}
+
+
+__all__ = [
+    "MonitorState",
+    "NormProbeState",
+    "Records",
+    "current_hyperparams",
+    "monitor",
+    "read_records",
+    "record_norm",
+]

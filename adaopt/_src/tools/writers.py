@@ -1,0 +1,213 @@
+"""Writers that take a monitor's records to TensorBoard, CSV and Weights & Biases, and a plot of them.
+
+Only the glue: the writer libraries do the writing. TensorBoard and Weights & Biases are optional
+extras (``pip install adaopt[tensorboard]``, ``adaopt[wandb]``), imported when a writer is
+built, so the core needs only jax and optax; matplotlib only when plotting. Every writer has the
+same small interface: ``write(step, records)`` with ``records`` a ``dict[str, float]`` (what
+:func:`adaopt.read_records` returns), ``close()``, and use as a context manager.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from types import ModuleType, TracebackType
+from typing import Any
+
+
+def _require(module: str, extra: str) -> ModuleType:
+    """Import ``module``, or an ImportError that names the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"This writer needs {module}, which is not installed: pip install adaopt[{extra}]") from error
+
+
+class Writer:
+    """The interface every writer shares: ``write(step, records)``, ``close()``, and ``with writer: ...``."""
+
+    def write(self, step: int, records: Mapping[str, float]) -> None:
+        """Write the records of one step: ``{name: value}``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush and release what the writer holds (files, a run). Idempotent."""
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class TensorBoardWriter(Writer):
+    """Each record as a TensorBoard scalar (tag = its name), through ``tensorboardX.SummaryWriter``.
+
+    Names such as ``"effective_lr/layers/0/kernel"`` group in TensorBoard by their first part.
+
+    Args:
+      logdir: the directory of the event files (``tensorboard --logdir`` it).
+      **kwargs: passed to ``tensorboardX.SummaryWriter`` (``flush_secs``, ``filename_suffix``...).
+
+    Raises:
+      ImportError: tensorboardX is not installed (``pip install adaopt[tensorboard]``).
+
+    Example:
+      >>> import tempfile, adaopt
+      >>> with adaopt.TensorBoardWriter(tempfile.mkdtemp()) as writer:
+      ...     writer.write(0, {"grad_norm": 1.5, "effective_lr": 1e-3})
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str], **kwargs: Any) -> None:
+        tensorboardx = _require("tensorboardX", "tensorboard")
+        self.logdir = os.fspath(logdir)
+        self._writer: Any = tensorboardx.SummaryWriter(self.logdir, **kwargs)
+
+    def write(self, step: int, records: Mapping[str, float]) -> None:
+        for name, value in records.items():
+            self._writer.add_scalar(name, float(value), global_step=int(step))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class CsvWriter(Writer):
+    """One row per step: ``step`` and then the records, in the columns of the first write.
+
+    Args:
+      path: the CSV file; created, or overwritten.
+
+    Raises:
+      ValueError: a later write has other names than the first (the columns are fixed).
+
+    Example:
+      >>> import os, tempfile, adaopt
+      >>> path = os.path.join(tempfile.mkdtemp(), "records.csv")
+      >>> with adaopt.CsvWriter(path) as writer:
+      ...     writer.write(0, {"grad_norm": 1.5})
+      ...     writer.write(10, {"grad_norm": 0.5})
+      >>> adaopt.load_records(path)
+      [(0, {'grad_norm': 1.5}), (10, {'grad_norm': 0.5})]
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._file = open(self.path, "w", newline="")  # noqa: SIM115  # held open across writes; closed by close()
+        self._writer: csv.DictWriter[str] | None = None
+
+    def write(self, step: int, records: Mapping[str, float]) -> None:
+        if self._writer is None:
+            self._writer = csv.DictWriter(self._file, fieldnames=["step", *records])
+            self._writer.writeheader()
+        columns = list(self._writer.fieldnames)[1:]
+        if list(records) != list(columns):
+            raise ValueError(
+                f"The records of step {step} have other names than the CSV's columns: missing "
+                f"{sorted(set(columns) - set(records))}, new {sorted(set(records) - set(columns))}. Write the same "
+                "records at every step (those of one monitor), or one CSV file per set of records."
+            )
+        # repr keeps every digit of a float: the file reads back exactly.
+        self._writer.writerow({"step": int(step), **{name: repr(float(v)) for name, v in records.items()}})
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def load_records(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, float]]]:
+    """The rows of a :class:`CsvWriter`'s file: ``[(step, {name: value}), ...]``."""
+    with open(path, newline="") as file:
+        return [
+            (int(row.pop("step")), {name: float(value) for name, value in row.items()}) for row in csv.DictReader(file)
+        ]
+
+
+class WandbWriter(Writer):
+    """The records of each step as one ``wandb`` log call, in a run this writer starts and finishes.
+
+    Args:
+      **init_kwargs: passed to ``wandb.init`` (``project``, ``name``, ``config``, ``dir``,
+        ``mode="offline"``...); the environment (``WANDB_MODE``, ``WANDB_DIR``) applies as usual.
+
+    ``close()`` finishes the run (``run.finish()``) and, when no other run of this process is
+    active, stops wandb's background service (``wandb.teardown()``), so no process is left behind.
+
+    Raises:
+      ImportError: wandb is not installed (``pip install adaopt[wandb]``).
+    """
+
+    def __init__(self, **init_kwargs: Any) -> None:
+        self._wandb = _require("wandb", "wandb")
+        self.run: Any = self._wandb.init(**init_kwargs)
+        self._closed = False
+
+    def write(self, step: int, records: Mapping[str, float]) -> None:
+        self.run.log({name: float(value) for name, value in records.items()}, step=int(step))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.run.finish()
+        if self._wandb.run is None:
+            self._wandb.teardown()
+
+
+def plot_records(
+    source: str | os.PathLike[str] | Iterable[tuple[int, Mapping[str, float]]],
+    names: str | Sequence[str],
+    *,
+    ax: Any = None,
+    logy: bool = False,
+) -> Any:
+    """Plot records over the steps: from a :class:`CsvWriter`'s file or from ``(step, records)`` pairs.
+
+    Args:
+      source: a CSV file path, or an iterable of ``(step, {name: value})`` pairs.
+      names: one record's name, or several (one line each); a name may end with ``*`` to plot
+        every record it starts (``"effective_lr/*"``: one line per leaf or group).
+      ax: the matplotlib ``Axes`` to draw on (default: a new figure's).
+      logy: a logarithmic y axis (non-positive values are left out of it).
+
+    Returns:
+      The matplotlib ``Axes``.
+
+    Raises:
+      ImportError: matplotlib is not installed.
+      KeyError: a name matches no record.
+    """
+    plt = _require("matplotlib.pyplot", "demo")
+    rows = load_records(source) if isinstance(source, (str, os.PathLike)) else [(s, dict(r)) for s, r in source]
+    available = list(rows[0][1]) if rows else []
+    wanted = [names] if isinstance(names, str) else list(names)
+    chosen = []
+    for name in wanted:
+        if name.endswith("*"):
+            match = [n for n in available if n.startswith(name[:-1])]
+        else:
+            match = [name] if name in available else []
+        if not match:
+            raise KeyError(f"No record is named {name!r}; the records are {available}.")
+        chosen += [n for n in match if n not in chosen]
+    if ax is None:
+        _, ax = plt.subplots()
+    steps = [step for step, _ in rows]
+    for name in chosen:
+        values = [records.get(name, math.nan) for _, records in rows]
+        ax.plot(steps, values, label=name)
+    if logy:
+        ax.set_yscale("log", nonpositive="mask")
+    ax.set_xlabel("step")
+    if len(chosen) == 1:
+        ax.set_ylabel(chosen[0])
+    else:
+        ax.legend(fontsize="small")
+    return ax
+
+
+__all__ = ["CsvWriter", "TensorBoardWriter", "WandbWriter", "Writer", "load_records", "plot_records"]

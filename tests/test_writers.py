@@ -1,0 +1,130 @@
+"""The writers: a monitor's records written to TensorBoard event files, CSV and an offline
+Weights & Biases run, and read back from each with the libraries' own formats; the plot; the
+error for a missing extra."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import psutil
+import pytest
+
+import adaopt
+
+matplotlib.use("Agg")
+
+
+def _steps() -> list[tuple[int, dict[str, float]]]:
+    """Three recordings of a monitored Adam, as a training loop would write them."""
+    tx = adaopt.monitor(adaopt.adam(1e-2), every=1)
+    params = {"w": jnp.arange(4.0), "b": jnp.ones(2)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    out = []
+    for step in range(3):
+        grads = {"w": jnp.arange(4.0) - step, "b": jnp.full(2, 0.5 + step)}
+        _, state = update(grads, state, params)
+        out.append((step * 10, adaopt.read_records(state)))
+    return out
+
+
+STEPS = _steps()
+
+
+def test_tensorboard_event_files_hold_the_records(tmp_path: Path) -> None:
+    from tensorboardX.proto import event_pb2
+
+    with adaopt.TensorBoardWriter(tmp_path) as writer:
+        for step, records in STEPS:
+            writer.write(step, records)
+    (event_file,) = tmp_path.glob("events.out.tfevents.*")
+    found: dict[str, dict[int, float]] = {}
+    data = event_file.read_bytes()
+    offset = 0
+    while offset < len(data):  # TFRecord framing: length, its CRC, the event, its CRC
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 16 + length
+        for value in event.summary.value:
+            found.setdefault(value.tag, {})[event.step] = value.simple_value
+    for step, records in STEPS:
+        for name, value in records.items():
+            assert found[name][step] == pytest.approx(value, rel=1e-6), (name, step)
+    assert set(found) == set(STEPS[0][1])
+
+
+def test_csv_round_trip_and_plot(tmp_path: Path) -> None:
+    path = tmp_path / "records.csv"
+    with adaopt.CsvWriter(path) as writer:
+        for step, records in STEPS:
+            writer.write(step, records)
+    assert adaopt.load_records(path) == STEPS  # every digit
+    with adaopt.CsvWriter(tmp_path / "other.csv") as writer:
+        writer.write(0, {"a": 1.0})
+        with pytest.raises(ValueError, match=r"missing \['a'\], new \['b'\]"):
+            writer.write(1, {"b": 1.0})
+
+    ax = adaopt.plot_records(path, ["effective_lr/*", "grad_norm"])
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"effective_lr/b", "effective_lr/w", "grad_norm"}
+    np.testing.assert_allclose(lines["grad_norm"].get_ydata(), [r["grad_norm"] for _, r in STEPS])
+    np.testing.assert_array_equal(lines["grad_norm"].get_xdata(), [0, 10, 20])
+    single = adaopt.plot_records(STEPS, "rate_rms")  # from the records themselves
+    assert single.get_ylabel() == "rate_rms"
+    with pytest.raises(KeyError, match="No record is named 'nope'"):
+        adaopt.plot_records(STEPS, "nope")
+
+
+def _wandb_history(run_file: Path) -> dict[int, dict[str, float]]:
+    """The history records of a ``.wandb`` file: a LevelDB-format log (32 KiB blocks of chunks with a
+    7-byte header) of ``wandb_internal_pb2.Record`` protobufs, after wandb's 7-byte file header."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = run_file.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    offset, pending, history = 7, b"", {}
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
+            continue
+        length, kind = struct.unpack("<HB", data[offset + 4 : offset + 7])
+        pending += data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+                history[int(items.pop("_step"))] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return history
+
+
+def test_wandb_offline_run_holds_the_records_and_leaves_no_process(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with adaopt.WandbWriter(project="adaopt-test") as writer:
+        for step, records in STEPS:
+            writer.write(step, records)
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before  # wandb's service stopped with the run
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    history = _wandb_history(run_file)
+    assert history == {step: pytest.approx(records) for step, records in STEPS}
+
+
+def test_a_missing_extra_says_what_to_install(monkeypatch: Any) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # what an uninstalled module imports as
+    with pytest.raises(ImportError, match=r"pip install adaopt\[tensorboard\]"):
+        adaopt.TensorBoardWriter(os.devnull)
