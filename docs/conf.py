@@ -36,7 +36,7 @@ exclude_patterns = ["_build", "**.ipynb_checkpoints", "notebooks/*.py"]
 # intersphinx, the build is offline) and adaopt's private modules.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|numpy|optax|chex|collections\.abc|typing|enum|types)\..*"),
+    (r"py:.*", r"(jax|jaxlib|numpy|optax|chex|collections\.abc|typing|enum|types|os|re)\..*"),
     (r"py:.*", r"adaopt\._src\..*"),
     (r"py:class", r"(Array|ArrayTree|Params|Updates|OptState|InjectHyperparamsState)"),  # in optax's docstrings
     (r"py:.*", r"(base\.)?(Factory|MaskOrFn|LearningRateFactor|Params|Updates)"),  # adaopt's private type aliases
