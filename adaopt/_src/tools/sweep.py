@@ -280,7 +280,7 @@ class SweepResult:
 
     @property
     def order(self) -> np.ndarray:
-        """The trials' indices, best first: the longest-trained, then the finite before the diverged, then by metric."""
+        """The trials' indices, best first (the longest-trained, then the finite before the diverged, then by metric)."""
         sign = 1.0 if self.mode == "min" else -1.0
         metrics = np.where(self.diverged | ~np.isfinite(self.metrics), np.inf, sign * self.metrics)
         return np.lexsort((np.arange(self.n_trials), metrics, self.diverged, -self.steps))
