@@ -356,10 +356,13 @@ def _leaf_stats(g: jax.Array, u: Any, p: Any, dtype: Any) -> _Leaf:
     )
     nonzero = g_sq > 0
     rate_sq = jnp.where(nonzero, u_sq / jnp.where(nonzero, g_sq, 1), 0)
-    operands = tuple(x.reshape(-1) for x in (g_sq, u_sq, p_sq, rate_sq, nonzero.astype(dtype)))
+    operands = (g_sq, u_sq, p_sq, rate_sq, nonzero.astype(dtype))
     zeros = tuple(jnp.zeros([], dtype) for _ in operands)
-    sums = jax.lax.reduce(operands, zeros, lambda x, y: tuple(a + b for a, b in zip(x, y, strict=True)), (0,))
-    return _Leaf(*sums)
+    add = lambda x, y: tuple(a + b for a, b in zip(x, y, strict=True))
+    # A matrix is reduced row by row first: XLA:CPU splits that loop across its threads (twice as fast).
+    inner = tuple(range(1, g_sq.ndim)) if g_sq.ndim >= 2 else tuple(range(g_sq.ndim))
+    sums = jax.lax.reduce(operands, zeros, add, inner)
+    return _Leaf(*(jnp.sum(x) for x in sums))
 
 
 def _group_stats(leaves: list[_Leaf], dtype: Any) -> dict[str, jax.Array]:
