@@ -178,6 +178,12 @@ def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
             return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
 
         sharded_params, sharded_state = run(place(params), [place(g) for g in grads])
+        # A moment that starts at a value other than 0 (AdaGrad's accumulator) is encoded from a fill that keeps
+        # the parameter's sharding too.
+        adagrad = adaopt.adagrad(1e-2, initial_accumulator_value=0.1, accumulator_dtype=kind)
+        filled = optax.tree.get(adagrad.init(place(params)), "AdagradState").sum_of_squares["w"]
+    assert filled.codes.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)
+    np.testing.assert_allclose(np.asarray(filled.load()), 0.1, rtol=1e-6)
     mu = optax.tree.get(sharded_state, "AdamState").mu
     assert mu["w"].codes.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)
     assert mu["w"].scale.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adaopt._src import storage
@@ -117,7 +116,8 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = F
 def _init_stored(kind: storage.Storage, p: Any, fill: Any, *, signed: bool, index: int) -> Any:
     leaf = kind.init(p, signed=signed, index=index)
     is_zero = isinstance(fill, (int, float)) and fill == 0
-    return leaf if is_zero else store(jnp.full(np.shape(p), fill, jnp.float32), leaf)
+    # full_like: the value to encode keeps the parameter's sharding, as the encoded leaf does.
+    return leaf if is_zero else store(jnp.full_like(p, fill, dtype=jnp.float32), leaf)
 
 
 def load(x: Any, dtype: Any = None) -> jax.Array:
