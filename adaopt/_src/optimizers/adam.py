@@ -56,6 +56,7 @@ def scale_by_adam(
     amsgrad: AmsgradMax | None = None,
     bias_correction: bool = True,
     initial_accumulator_value: Any = 0.0,
+    eps_on_raw_root: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -75,7 +76,9 @@ def scale_by_adam(
         \end{cases} \\
         u_t &= \frac{m_t / (1 - \beta_1^t)}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}
 
-    (for "belief", :math:`\epsilon_{root}` is accumulated into :math:`v_t` and not added again).
+    (for "belief", :math:`\epsilon_{root}` is accumulated into :math:`v_t` and not added again;
+    with ``eps_on_raw_root``, :math:`\epsilon` is :math:`\epsilon / \sqrt{1 - \beta_2^t}`: added to the
+    root of the raw :math:`v_t` before the bias correction, Hugging Face's ``AdamW``).
     Dividing by :math:`1 - \beta^t` is done as a multiplication by its reciprocal, computed once
     per step (:func:`adaopt._src.moments.debias`), here and in the other blocks of this module.
 
@@ -89,6 +92,9 @@ def scale_by_adam(
       bias_correction: divide the moments by :math:`1 - \beta^t`; False gives the AMSGrad
         paper's update.
       initial_accumulator_value: initial value of both moments (Yogi's starts at 1e-6).
+      eps_on_raw_root: add :math:`\epsilon` to :math:`\sqrt{v_t}` before its bias correction,
+        :math:`\frac{m_t}{1 - \beta_1^t} \frac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon}`
+        (Hugging Face's ``AdamW``, which GaLore's package copies).
       mu_dtype: storage dtype of the first moment; None keeps the parameter's, widened to
         float32 for half precision.
       nu_dtype: storage dtype of the second moment (and of AMSGrad's maximum); None keeps the
@@ -134,6 +140,8 @@ def scale_by_adam(
             debias1 = moments.debias(b1, count, dtype) if bias_correction else 1
             debias2 = moments.debias(b2, count, dtype) if bias_correction else 1
             e, e_root = moments.scalar(eps, dtype), moments.scalar(eps_in_root, dtype)
+            if eps_on_raw_root:
+                e = e * jnp.sqrt(debias2)
             return (
                 moments.scalar(b1, dtype),
                 moments.scalar(b2, dtype),

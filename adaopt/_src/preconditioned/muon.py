@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers import adam
@@ -141,20 +141,12 @@ def newton_schulz(
 
 
 def _on_whole_matrices(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """``fn(x)`` with ``x`` gathered whole on every device when a mesh with explicit axes shards it.
+    """``fn(x)`` on ``x`` gathered whole (:func:`adaopt._src.numerics.whole`), with ``x``'s sharding back.
 
-    Newton–Schulz multiplies the matrix by its transpose: over a sharded axis that product is
-    ambiguous to JAX's explicit sharding, and a sum of partial products would need a reduction
-    per multiplication. The matrix is all-gathered once (one collective per leaf and step), the
-    iteration runs replicated, and the result takes the input's sharding back. Under automatic
-    sharding (no sharding in the types) this is ``fn(x)`` and XLA chooses the communication.
+    Newton–Schulz multiplies the matrix by its transpose: over a sharded axis a sum of partial
+    products would need a reduction per multiplication; one all-gather per leaf and step does instead.
     """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if spec is None or all(axis is None for axis in spec):
-        return fn(x)
-    out = fn(jax.sharding.reshard(x, jax.sharding.PartitionSpec()))
-    return jax.sharding.reshard(out, spec)
+    return numerics.sharded_like(fn(numerics.whole(x)), x)
 
 
 def _check_muon(

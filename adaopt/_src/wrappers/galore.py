@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, numerics
 from adaopt._src.base import Params, ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
-from adaopt._src.optimizers.adam import AdamState, check_moments
+from adaopt._src.optimizers.adam import scale_by_adam
 
 ProjectionType = Literal["std", "reverse_std", "left", "right", "full"]
 _TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -79,24 +79,6 @@ def _bases(g: jax.Array, rank: int, left: bool, right: bool) -> tuple[jax.Array 
     u_r = _canonical_signs(u[:, :rank], 0) if left else None
     vh_r = _canonical_signs(vh[:rank], 1) if right else None
     return u_r, vh_r
-
-
-def _explicit_spec(x: jax.Array) -> Any:
-    """The partition spec of ``x`` when a mesh with explicit axes shards it, else None."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return None if spec is None or all(axis is None for axis in spec) else spec
-
-
-def _whole(x: jax.Array) -> jax.Array:
-    """``x`` gathered whole on every device when explicitly sharded: the SVD takes whole matrices only, and the
-    projections are one product each (one collective per projected leaf and step). Else ``x``."""
-    return x if _explicit_spec(x) is None else jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-
-
-def _sharded_like(y: jax.Array, x: jax.Array) -> jax.Array:
-    """``y`` with the explicit sharding of ``x`` (a projected-back update, placed as its gradient), or as it is."""
-    spec = _explicit_spec(x)
-    return y if spec is None else jax.sharding.reshard(y, spec)
 
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -283,7 +265,7 @@ def galore(
                 low_grads.append(g)
                 low_params.append(p)
                 continue
-            g_compute = _whole(g.astype(moments.compute_dtype(g.dtype)))
+            g_compute = numerics.whole(g.astype(moments.compute_dtype(g.dtype)))
             r = (u if on_left else vh).shape[1 if on_left else 0]
             kept = (u if on_left else None, vh if on_right else None)
             u_new, vh_new = jax.lax.cond(refresh, lambda g_=g_compute: _bases(g_, r, on_left, on_right), lambda: kept)
@@ -291,7 +273,9 @@ def galore(
             new_right.append(vh_new if on_right else vh)
             low_grads.append(_project(g_compute, u_new, vh_new).astype(g.dtype))
             low_params.append(
-                None if p is None else _project(_whole(p.astype(g_compute.dtype)), u_new, vh_new).astype(p.dtype)
+                None
+                if p is None
+                else _project(numerics.whole(p.astype(g_compute.dtype)), u_new, vh_new).astype(p.dtype)
             )
         unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
         inner_params = None if params is None else unflatten(low_params)
@@ -307,54 +291,11 @@ def galore(
             back = _project_back(
                 n.astype(u.dtype if on_left else vh.dtype), u if on_left else None, vh if on_right else None
             )
-            steps.append(_sharded_like(moments.scale_leaf(jnp.asarray(scale), back.astype(g.dtype)), g))
+            steps.append(numerics.sharded_like(moments.scale_leaf(jnp.asarray(scale), back.astype(g.dtype)), g))
         count = moments.safe_increment(state.count)
         return unflatten(steps), GaLoreState(count, unflatten(new_left), unflatten(new_right), inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _scale_by_adam_raw_eps(
-    b1: Any, b2: Any, eps: Any, *, mu_dtype: Any = None, nu_dtype: Any = None
-) -> optax.GradientTransformation:
-    r"""Adam with :math:`\epsilon` added to the root of the raw second moment, before its bias correction
-    (Hugging Face's ``AdamW``, which galore-torch copies):
-    :math:`u_t = \frac{m_t}{1 - \beta_1^t} \frac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon}`."""
-    check_moments(b1, b2, eps, 0.0, mu_dtype, nu_dtype)
-
-    def init_fn(params: Params) -> AdamState:
-        return AdamState(
-            count=moments.zero_count(),
-            mu=moments.init_like(params, mu_dtype),
-            nu=moments.init_like(params, nu_dtype, real=True),
-        )
-
-    def update_fn(updates: Updates, state: AdamState, params: Params | None = None) -> tuple[Updates, AdamState]:
-        del params
-        count = moments.safe_increment(state.count)
-
-        @moments.per_dtype
-        def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
-            root_bc2 = jnp.sqrt(moments.bias_correction(b2, count, dtype))
-            return (
-                moments.scalar(b1, dtype),
-                moments.scalar(b2, dtype),
-                moments.debias(b1, count, dtype) * root_bc2,
-                moments.scalar(eps, dtype),
-            )
-
-        def leaf(g: jax.Array, m: Any, v: Any) -> tuple[Any, ...]:
-            dtype, g_compute, (m_compute, v_compute) = moments.to_compute(g, m, v)
-            beta1, beta2, step_size, e = scalars(dtype)
-            m_new = moments.ema(g_compute, m_compute, beta1)
-            v_new = moments.ema(moments.abs_sq(g_compute), v_compute, beta2)
-            step = moments.times(moments.times(m_new, step_size), moments.inv_root(v_new, e, 0.0))
-            return step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v)
-
-        step, mu, nu = moments.leafwise(leaf, 3, updates, state.mu, state.nu)
-        return step, AdamState(count, mu, nu)
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 class DecayAfterStepState(NamedTuple):
@@ -463,7 +404,7 @@ def galore_adamw(
     """
     base.check_common(learning_rate, weight_decay)
     core = galore(
-        _scale_by_adam_raw_eps(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+        scale_by_adam(b1, b2, eps, eps_on_raw_root=True, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
         rank, update_proj_gap, scale, proj_type, min_dim=min_dim, galore_mask=galore_mask,
     )  # fmt: skip
     base.check_mask(weight_decay_mask)
