@@ -154,11 +154,12 @@ def test_adafactor_first_moment_takes_a_storage() -> None:
 def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
     """On a 4 x 2 mesh with explicit axes, a matrix sharded on both: its codes and scales take its sharding (each
     shard holds 16 rows of 256: whole blocks, none straddles two shards), a vector of 4100 elements (a partial
-    last block: blocked in row-major order, gathered) stays replicated, and the steps equal the unsharded ones."""
+    last block: blocked in row-major order, gathered) stays replicated, a (64, 64) matrix sharded by rows is
+    blocked in row-major order too (its rows are shorter than a block), and the steps equal the unsharded ones."""
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
     rng = np.random.default_rng(2)
-    shapes = {"w": (64, 512), "v": (4100,)}
-    specs = {"w": P("data", "model"), "v": P()}
+    shapes = {"w": (64, 512), "v": (4100,), "u": (64, 64)}
+    specs = {"w": P("data", "model"), "v": P(), "u": P("data", None)}  # u: rows sharded, blocked flat
     params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
     grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()} for _ in range(3)]
     tx = adaopt.adamw(1e-2, mu_dtype=kind, nu_dtype=kind)

@@ -350,7 +350,7 @@ class Blockwise:
             if self.format == "dynamic4":
                 codes = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(*codes.shape[:-1], -1)
             values = _take(jnp.asarray(self.qmap(leaf.signed), dtype), codes)
-        blocks = self._blocks(values, leaf.shape if self.by_rows(leaf.shape) else (values.size,))
+        blocks = self._blocks(values, leaf.shape)
         return self._unblocked(blocks * leaf.scale.astype(dtype)[..., None], leaf.shape)
 
     def encode(self, value: jax.Array, leaf: Quantized) -> Quantized:
