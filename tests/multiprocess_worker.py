@@ -1,0 +1,319 @@
+"""One process of tests/test_multiprocess.py's ``jax.distributed`` runs, and what it shares with the reference.
+
+Run by the test as ``python -m tests.multiprocess_worker --process-id I --num-processes N --port PORT --out DIR``
+with ``XLA_FLAGS`` giving each process its CPU devices (4 each: 8 in all for 2 processes). Every process joins
+the same jax.distributed cluster (gloo collectives over localhost), builds the same global 8-device meshes and
+trains :data:`MODEL_SHAPES`'s small MLP with each optimizer of :func:`cases` under two placements:
+
+- ``dp``: data parallel, the parameters (and so the optimizer's state) replicated, the batch split over
+  the 8 devices;
+- ``fsdp``: fully sharded, the batch split the same way and every parameter (and the state that mirrors it)
+  split along its first axis over the 8 devices; the forward pass gathers each weight (``reshard`` to
+  replicated), whose transpose reduce-scatters its gradient back to the parameter's placement.
+
+Each process then gathers the final parameters (``process_allgather``) and writes them to
+``DIR/process_I.npz``, under ``"<case>/<placement>/<leaf>"``. With ``--die-after-steps K``, process 1 trains
+``K`` steps and exits abruptly while the others keep stepping: the test's fault scenario.
+
+The model, the data, the placements, the training loop and the choice of optimizers live here once, so that
+the test's single-process reference runs exactly the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adaopt
+from adaopt import Capability
+from benchmarks import learning_rates
+
+N_STEPS = 3
+DELAYED_EXTRA_STEPS = 6  # Capability.DELAYED_START: its first updates are zero (as tests/test_sharding.py)
+N_DEVICES = 8
+BATCH = 32
+# w1 has 4096 elements with rows of 256: int8 storage (min_size 4096, blocks of 256) quantizes it, and its blocks
+# split with its rows under the fully-sharded placement. Every first axis divides by the 8 devices.
+MODEL_SHAPES = {"w1": (16, 256), "b1": (256,), "w2": (256, 8), "b2": (8,)}
+PLACEMENTS = ("dp", "fsdp")
+# Heartbeats and timeouts small enough that a dead peer is noticed within seconds, not jax's minutes.
+HEARTBEAT_TIMEOUT_S = 5
+INITIALIZATION_TIMEOUT_S = 60
+
+
+def host_params() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        name: (rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32) for name, shape in MODEL_SHAPES.items()
+    }
+
+
+def host_batch() -> tuple[np.ndarray, np.ndarray]:
+    """One full batch, the same at every step (loss-driven methods compare the loss between steps)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH, MODEL_SHAPES["w1"][0])).astype(np.float32)
+    y = rng.normal(size=(BATCH, MODEL_SHAPES["w2"][1])).astype(np.float32)
+    return x, y
+
+
+# Shampoo starts preconditioning at step 25 and recomputes its roots every 1000 steps by default.
+_PRECONDITION_FROM_THE_START = {"start_preconditioning_step": 1, "preconditioning_compute_steps": 1}
+
+
+def _first(
+    description: str,
+    want: set[Capability],
+    exclude: frozenset[Capability] | set[Capability] = frozenset(),
+    two_moments: bool = False,
+) -> adaopt.OptimizerSpec:
+    """The first optimizer of the registry with the capabilities ``want`` and none of ``exclude``; ``two_moments``:
+    one with Adam's two moments (both ``b1`` and ``b2`` among its hyperparameters)."""
+    for spec in adaopt.REGISTRY.values():
+        adam_like = not two_moments or {"b1", "b2"} <= spec.hyperparameters.keys()
+        if want <= spec.capabilities and not exclude & spec.capabilities and adam_like:
+            return spec
+    raise LookupError(f"no optimizer of the registry is {description}: has {want}, lacks {exclude}")
+
+
+def cases() -> dict[str, Callable[[], optax.GradientTransformationExtraArgs]]:
+    """One optimizer of each capability class of the registry, chosen by capability, never by name.
+
+    The classes are what a step reads across the devices and processes:
+
+    - ``elementwise``: the first Adam-family optimizer (MOMENT_DTYPES, with ``b1`` and ``b2``) whose step reads
+      nothing beyond each coordinate (no parameters, loss, global step size, delayed start, factored or matrix state);
+    - ``clipped``: global norms: ``optax.clip_by_global_norm`` (a norm over every leaf, so over both processes)
+      chained before it, at a bound the gradients exceed;
+    - ``trust_ratio``: the Adam-family optimizer that reads the parameters without a global step size, averaged
+      iterates or tuning-free estimates (MOMENT_DTYPES and NEEDS_PARAMS only: LAMB, whose per-leaf trust ratios
+      are norms over each sharded leaf; the registry has no flag for a trust ratio);
+    - ``per_leaf``: one step size per leaf from the parameters (NEEDS_PARAMS and CONSTANT_LEARNING_RATE without
+      GLOBAL_STEP_SIZE: LDoG);
+    - ``global_estimate``: the first GLOBAL_STEP_SIZE estimated from the distance travelled (TUNING_FREE,
+      NEEDS_PARAMS: DoG, whose distance and gradient norms sum over every shard of every leaf);
+    - ``loss_driven``: the first NEEDS_VALUE optimizer with a GLOBAL_STEP_SIZE (Polyak's step: the loss, a mean
+      over both processes' examples, over the gradient's global norm);
+    - ``quantized``: ``elementwise`` with int8 block-wise moments (``mu_dtype="int8", nu_dtype="int8"``);
+    - ``matrix_state``: the first MATRIX_STATE optimizer that can compute its preconditioner at every step from the
+      first (it takes :data:`_PRECONDITION_FROM_THE_START`'s arguments: Shampoo), so that within three steps the
+      inverse roots of the Kronecker factors of sharded matrices move the parameters. Not SOAP: Adam in the
+      eigenbasis of this model's rank-deficient factors (a 16 x 256 matrix has a 256 x 256 factor of rank 16)
+      turns rounding in the null space into whole steps, so any change of reduction order (one process, on
+      another mesh, already) moves its parameters by more than their displacement;
+    - ``orthogonalized``: REAL_ONLY without MOMENT_DTYPES, MATRIX_STATE, FACTORED_STATE or NEEDS_PARAMS: the
+      first optimizer whose per-matrix math has no complex form but keeps only momentum (Muon's Newton-Schulz
+      of a whole sharded matrix).
+    """
+    elementwise_excluded = {
+        Capability.NEEDS_PARAMS, Capability.NEEDS_VALUE, Capability.GLOBAL_STEP_SIZE, Capability.DELAYED_START,
+        Capability.FACTORED_STATE, Capability.MATRIX_STATE, Capability.SIGN_UPDATE, Capability.TUNING_FREE,
+        Capability.REAL_ONLY,
+    }  # fmt: skip
+    elementwise = _first("elementwise Adam-family", {Capability.MOMENT_DTYPES}, elementwise_excluded, two_moments=True)
+    trust_ratio = _first(
+        "an Adam-family optimizer reading the parameters",
+        {Capability.MOMENT_DTYPES, Capability.NEEDS_PARAMS},
+        {Capability.GLOBAL_STEP_SIZE, Capability.AVERAGED_ITERATES, Capability.TUNING_FREE},
+    )
+    per_leaf = _first(
+        "per-leaf step sizes",
+        {Capability.NEEDS_PARAMS, Capability.CONSTANT_LEARNING_RATE},
+        {Capability.GLOBAL_STEP_SIZE},
+    )
+    estimate = _first(
+        "a global estimate of the step size",
+        {Capability.GLOBAL_STEP_SIZE, Capability.TUNING_FREE, Capability.NEEDS_PARAMS},
+    )
+    loss_driven = _first("loss-driven with a global step size", {Capability.NEEDS_VALUE, Capability.GLOBAL_STEP_SIZE})
+    matrix_state = next(
+        (
+            spec
+            for spec in adaopt.REGISTRY.values()
+            if Capability.MATRIX_STATE in spec.capabilities
+            and _PRECONDITION_FROM_THE_START.keys() <= inspect.signature(spec.factory).parameters.keys()
+        ),
+        None,
+    )
+    if matrix_state is None:
+        raise LookupError(f"no MATRIX_STATE optimizer of the registry takes {sorted(_PRECONDITION_FROM_THE_START)}")
+    orthogonalized = _first(
+        "an orthogonalizing optimizer",
+        {Capability.REAL_ONLY},
+        {Capability.MOMENT_DTYPES, Capability.MATRIX_STATE, Capability.FACTORED_STATE, Capability.NEEDS_PARAMS},
+    )
+    return {
+        f"elementwise:{elementwise.name}": lambda: learning_rates.make(elementwise),
+        f"clipped:{elementwise.name}": lambda: optax.chain(
+            optax.clip_by_global_norm(0.1), learning_rates.make(elementwise)
+        ),
+        f"trust_ratio:{trust_ratio.name}": lambda: learning_rates.make(trust_ratio),
+        f"per_leaf:{per_leaf.name}": lambda: learning_rates.make(per_leaf),
+        f"global_estimate:{estimate.name}": lambda: learning_rates.make(estimate),
+        f"loss_driven:{loss_driven.name}": lambda: learning_rates.make(loss_driven),
+        f"quantized:{elementwise.name}": lambda: learning_rates.make(elementwise, mu_dtype="int8", nu_dtype="int8"),
+        f"matrix_state:{matrix_state.name}": lambda: learning_rates.make(matrix_state, **_PRECONDITION_FROM_THE_START),
+        f"orthogonalized:{orthogonalized.name}": lambda: learning_rates.make(orthogonalized),
+    }
+
+
+def n_steps(case: str) -> int:
+    spec = adaopt.REGISTRY[case.split(":")[1]]
+    return N_STEPS + DELAYED_EXTRA_STEPS if Capability.DELAYED_START in spec.capabilities else N_STEPS
+
+
+def mesh() -> Mesh:
+    """The 8 devices of every process as one data axis (explicit: shardings are fixed by the code, not guessed)."""
+    return jax.make_mesh((N_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+
+
+def param_specs(placement: str) -> dict[str, P]:
+    return {name: P("data") if placement == "fsdp" else P() for name in MODEL_SHAPES}
+
+
+def loss(params: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array], gather: bool) -> jax.Array:
+    """Mean squared error of a tanh MLP; ``gather``: the fully-sharded placement gathers each weight to use it."""
+    if gather:
+        params = {name: jax.sharding.reshard(p, P()) for name, p in params.items()}
+    x, y = batch
+    hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+    return jnp.mean((hidden @ params["w2"] + params["b2"] - y) ** 2)
+
+
+def make_step(tx: optax.GradientTransformationExtraArgs, gather: bool) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """One jitted training step, the loss passed to ``update`` as ``value``.
+
+    The batch is an argument: a jitted function cannot close over an array that spans other processes' devices.
+    """
+
+    @jax.jit
+    def step(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
+        value, grads = jax.value_and_grad(loss)(params, batch, gather)
+        updates, state = tx.update(grads, state, params, value=value)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def train(
+    tx: optax.GradientTransformationExtraArgs, params: Any, batch: Any, steps: int, gather: bool
+) -> tuple[Any, Any]:
+    """``init`` and ``steps`` training steps. Returns the final parameters and state."""
+    step = make_step(tx, gather)
+    state = jax.jit(tx.init)(params)
+    for _ in range(steps):
+        params, state = step(params, state, batch)
+    return params, state
+
+
+def place(host: Any, shardings: Any) -> Any:
+    """Global arrays from host values that every process holds whole: each process fills its own shards."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host, shardings)
+
+
+def check_state_placement(state: Any, params: dict[str, jax.Array], where: str) -> None:
+    """A state leaf with a parameter's shape (a moment, an accumulator) is placed as that parameter."""
+    by_shape = {p.shape: p for p in params.values()}  # the model's shapes are distinct
+    for leaf in jax.tree.leaves(state):
+        p = by_shape.get(tuple(getattr(leaf, "shape", ())))
+        if p is not None and not leaf.sharding.is_equivalent_to(p.sharding, p.ndim):
+            raise AssertionError(
+                f"{where}: a state leaf of shape {leaf.shape} is placed {leaf.sharding}, not as its parameter"
+            )
+
+
+def run_all(
+    step_hook: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every case under every placement on the global mesh; the final parameters, gathered to this host."""
+    results: dict[str, np.ndarray] = {}
+    the_mesh = mesh()
+    with jax.set_mesh(the_mesh):
+        x, y = host_batch()
+        data = NamedSharding(the_mesh, P("data"))
+        batch = place((x, y), (data, data))
+        for case, make in cases().items():
+            for placement in PLACEMENTS:
+                shardings = {name: NamedSharding(the_mesh, spec) for name, spec in param_specs(placement).items()}
+                params = place(host_params(), shardings)
+                final, state = train(make(), params, batch, n_steps(case), gather=placement == "fsdp")
+                for name, p in final.items():
+                    if not p.sharding.is_equivalent_to(shardings[name], p.ndim):
+                        raise AssertionError(
+                            f"{case}/{placement}: {name} is placed {p.sharding}, not {shardings[name]}"
+                        )
+                check_state_placement(state, final, f"{case}/{placement}")
+                gathered = multihost_utils.process_allgather(final, tiled=True)
+                for name, value in gathered.items():
+                    results[f"{case}/{placement}/{name}"] = np.asarray(value)
+    return results
+
+
+def _die_after(steps: int) -> None:
+    """The fault scenario: process 1 trains ``steps`` steps and exits without a word; the others train on."""
+    the_mesh = mesh()
+    with jax.set_mesh(the_mesh):
+        x, y = host_batch()
+        data = NamedSharding(the_mesh, P("data"))
+        batch = place((x, y), (data, data))
+        shardings = {name: NamedSharding(the_mesh, spec) for name, spec in param_specs("fsdp").items()}
+        params = place(host_params(), shardings)
+        tx = adaopt.adam(1e-3)
+        step = make_step(tx, gather=True)
+        state = jax.jit(tx.init)(params)
+        i = 0
+        while True:
+            params, state = step(params, state, batch)
+            jax.block_until_ready(params)
+            i += 1
+            if jax.process_index() == 1 and i == steps:
+                print(f"process 1: exiting after {i} steps", flush=True)
+                os._exit(3)  # no shutdown, no goodbye to the coordinator: a crash
+            time.sleep(0.01)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--process-id", type=int, required=True)
+    parser.add_argument("--num-processes", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", required=True, help="the folder where process I writes process_I.npz")
+    parser.add_argument("--die-after-steps", type=int, default=0, help="the fault scenario: process 1 exits then")
+    args = parser.parse_args(argv)
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"localhost:{args.port}",
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=INITIALIZATION_TIMEOUT_S,
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        shutdown_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    )
+    if jax.device_count() != N_DEVICES:
+        raise RuntimeError(
+            f"expected {N_DEVICES} devices in all, got {jax.device_count()} ({jax.local_device_count()} local): "
+            "set XLA_FLAGS=--xla_force_host_platform_device_count to 8 / the number of processes"
+        )
+    if args.die_after_steps:
+        _die_after(args.die_after_steps)
+    results = run_all()
+    np.savez(os.path.join(args.out, f"process_{args.process_id}.npz"), **results)  # type: ignore[arg-type]
+    jax.distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
