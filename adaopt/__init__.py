@@ -48,8 +48,11 @@ from adaopt._src.layouts.multi_tensor import MultiTensorState as MultiTensorStat
 from adaopt._src.layouts.multi_tensor import NotElementwiseError as NotElementwiseError
 from adaopt._src.layouts.multi_tensor import flatten_params as flatten_params
 from adaopt._src.layouts.multi_tensor import multi_tensor as multi_tensor
+from adaopt._src.layouts.single_pass import CPU_FUSION_ENV as CPU_FUSION_ENV
 from adaopt._src.layouts.single_pass import CPU_MULTI_OUTPUT_FUSION_FLAG as CPU_MULTI_OUTPUT_FUSION_FLAG
+from adaopt._src.layouts.single_pass import CpuFusionWarning as CpuFusionWarning
 from adaopt._src.layouts.single_pass import cpu_multi_output_fusion_enabled as cpu_multi_output_fusion_enabled
+from adaopt._src.layouts.single_pass import enable_cpu_fusion as enable_cpu_fusion
 from adaopt._src.layouts.single_pass import single_pass as single_pass
 from adaopt._src.loss_driven.bold_driver import BoldDriverState as BoldDriverState
 from adaopt._src.loss_driven.bold_driver import bold_driver as bold_driver

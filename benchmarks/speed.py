@@ -45,15 +45,24 @@ code path is the same.
 
 The results go between ``<!-- speed:begin -->`` and ``<!-- speed:end -->`` in ``--out``; the rest of
 an existing file is kept. XLA:CPU's multi-output fusion is an option of the CPU backend, read from
-``XLA_FLAGS`` when JAX starts; a run with it on (``XLA_FLAGS=--xla_backend_extra_options=
-xla_cpu_use_multi_output_fusion``) writes its own section, between
-``<!-- speed-multi-output-fusion:begin -->`` and ``<!-- speed-multi-output-fusion:end -->``.
+``XLA_FLAGS`` when JAX starts; a run with it on (``--cpu-fusion``, which calls
+``adaopt.enable_cpu_fusion()`` before JAX starts, or the option in ``XLA_FLAGS``) writes its own
+section, between ``<!-- speed-multi-output-fusion:begin -->`` and ``<!-- speed-multi-output-fusion:end -->``.
+
+``--model-steps`` times something else: whole training steps of the models of
+``benchmarks/workloads.py`` (``mlp`` is the demo's model; forward, backward, ``adaopt.adam`` or
+``adaopt.single_pass(adaopt.adam)``, ``apply_updates``, jitted, donated), and their forward and
+backward passes alone, in pairs of fresh processes with the fusion off (``ADAOPT_CPU_FUSION=0``)
+and on (``adaopt.enable_cpu_fusion()``): the option changes how every program of a process
+compiles, the model's own included. It writes between ``<!-- speed-model-steps:begin -->`` and
+``<!-- speed-model-steps:end -->``.
 
 Usage::
 
     python -m benchmarks.speed [--trees gpt2,resnet,single,small] [--optimizers adam,sgd]
                                [--reps 10] [--out benchmarks/RESULTS.md] [--no-torch]
-                               [--layouts multi-tensor,flat-params,single-pass,...|none]
+                               [--layouts multi-tensor,flat-params,single-pass,...|none] [--cpu-fusion]
+    python -m benchmarks.speed --model-steps [mlp,conv,charlm,gpt] [--reps 15] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -63,8 +72,11 @@ import dataclasses
 import datetime
 import gc
 import inspect
+import json
+import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -709,7 +721,7 @@ def render(report: Report, command: str, elapsed_s: float, section: str = "speed
         "(`adaopt.multi_tensor(optimizer)`, the same tree) and `adaopt (flat params)` (the parameters and gradients",
         "as `adaopt.flatten_params` lays them out) time adaopt's multi-tensor layouts; `adaopt (single pass)` is",
         f"`adaopt.single_pass(optimizer)`, which computes the step of each leaf of at least {SINGLE_PASS_MIN_SIZE:,} elements in one",
-        f"kernel when XLA:CPU's multi-output fusion is on (`XLA_FLAGS={adaopt.CPU_MULTI_OUTPUT_FUSION_FLAG}`), and is the plain",
+        "kernel when XLA:CPU's multi-output fusion is on (`--cpu-fusion`: `adaopt.enable_cpu_fusion()`), and is the plain",
         "optimizer when it is off; `adaopt (single pass, multi-tensor)` is `adaopt.single_pass(adaopt.multi_tensor(optimizer))`",
         "and `adaopt (single pass, flat params)` is `adaopt.single_pass(optimizer)` on the flat parameters.",
         "",
@@ -754,6 +766,206 @@ def write_section(path: Path, text: str, section: str = "speed") -> None:
     write_between_markers(path, text, begin, end, after=None if end == plain_end else plain_end)
 
 
+# ---------------------------------------------------------------------------------------------
+# --model-steps: whole training steps of real models with XLA:CPU's multi-output fusion on and off.
+
+MODEL_STEPS_BEGIN = "<!-- speed-model-steps:begin -->"
+MODEL_STEPS_END = "<!-- speed-model-steps:end -->"
+MODEL_WORKLOADS = ("mlp", "conv", "charlm", "gpt")  # mlp: the demo's model (benchmarks/demo.py)
+MODEL_ROWS = ("forward + backward", "step: adam", "step: single_pass(adam)")
+MODEL_BLOCK_S = 0.02  # each timed block runs enough steps to take at least this long
+MODEL_STEPS_COLUMNS = (
+    "model",
+    "parameters",
+    "what is timed",
+    "fusion off (ms)",
+    "fusion on (ms)",
+    "on / off (time)",
+    "on / off, each round",
+    "kernels (multi-output) off",
+    "kernels (multi-output) on",
+    "compile off (s)",
+    "compile on (s)",
+)
+
+
+def _time_interleaved(calls: Mapping[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, one value per timed block of calls (a block long enough to
+    hide the dispatch jitter), the blocks of the calls taken in turn so that a change in the machine's
+    load falls on all of them alike."""
+    per_block = {}
+    for label, call in calls.items():
+        for _ in range(3):
+            jax.block_until_ready(call())
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        per_block[label] = max(1, min(500, int(MODEL_BLOCK_S / max(time.perf_counter() - start, 1e-6))))
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(reps):
+        for label, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(per_block[label] - 1):
+                call()
+            jax.block_until_ready(call())
+            times[label].append((time.perf_counter() - start) / per_block[label])
+    return times
+
+
+def fusion_kernels(hlo: str) -> list[int]:
+    """[kernels, multi-output kernels]: the fusions a compiled program calls, and those of them that write
+    several buffers (what the multi-output fusion makes)."""
+    calls = [line.split(" fusion(")[0] for line in hlo.splitlines() if " fusion(" in line]
+    return [len(calls), sum("= (" in call for call in calls)]
+
+
+def time_model_steps(models: Sequence[str], reps: int) -> dict[str, Any]:
+    """Per model, the seconds per call and the compile time of its forward and backward pass alone and of
+    its training step (forward, backward, ``adaopt.adam`` or ``adaopt.single_pass(adaopt.adam)`` and
+    ``apply_updates``, jitted with the parameters and the state donated), on one fixed minibatch."""
+    from benchmarks import workloads
+
+    results: dict[str, Any] = {"fusion": cpu_multi_output_fusion_enabled(), "models": {}}
+    for name in models:
+        workload = workloads.WORKLOADS[name]()
+        data = jax.tree.map(jnp.asarray, workload.data)
+        batch = jnp.asarray(workload.batches(1, False)[0])
+        host_params = workload.init()
+        grad_fn = jax.value_and_grad(lambda p, d, b, w=workload: w.loss(p, d, b)[0])
+
+        kernels: dict[str, list[int]] = {}
+
+        def compiled(fn: Any, *args: Any, donate: tuple[int, ...] = ()) -> tuple[Any, float]:
+            start = time.perf_counter()
+            step = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+            return step, time.perf_counter() - start
+
+        params = jax.tree.map(jnp.asarray, host_params)
+        fwd_bwd, compile_s = compiled(grad_fn, params, data, batch)
+        calls: dict[str, Callable[[], Any]] = {MODEL_ROWS[0]: lambda: fwd_bwd(params, data, batch)}
+        compiles = {MODEL_ROWS[0]: compile_s}
+        kernels[MODEL_ROWS[0]] = fusion_kernels(fwd_bwd.as_text())
+        for label, tx in ((MODEL_ROWS[1], adaopt.adam(1e-3)), (MODEL_ROWS[2], single_pass(adaopt.adam(1e-3)))):
+
+            def train_step(p: Any, s: Any, d: Any, b: jax.Array, tx: optax.GradientTransformation = tx) -> Any:
+                loss, grads = grad_fn(p, d, b)
+                updates, s = tx.update(grads, s, p)
+                return optax.apply_updates(p, updates), s, loss
+
+            carry = {"p": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
+            carry["s"] = tx.init(carry["p"])
+            step, compiles[label] = compiled(train_step, carry["p"], carry["s"], data, batch, donate=(0, 1))
+            kernels[label] = fusion_kernels(step.as_text())
+
+            def call(step: Any = step, carry: dict[str, Any] = carry) -> Any:
+                carry["p"], carry["s"], loss = step(carry["p"], carry["s"], data, batch)
+                return loss
+
+            calls[label] = call
+        times = _time_interleaved(calls, reps)
+        row: dict[str, Any] = {"parameters": sum(x.size for x in jax.tree.leaves(host_params))}
+        row |= {
+            label: {"times": times[label], "compile": compiles[label], "kernels": kernels[label]} for label in calls
+        }
+        results["models"][name] = row
+    return results
+
+
+def _model_steps_env(fusion: bool) -> dict[str, str]:
+    """The environment of a child process that times with the fusion on (``enable_cpu_fusion``) or off."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if f != adaopt.CPU_MULTI_OUTPUT_FUSION_FLAG]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.pop(adaopt.CPU_FUSION_ENV, None)
+    if not fusion:
+        env[adaopt.CPU_FUSION_ENV] = "0"
+    return env
+
+
+def run_model_steps(
+    models: Sequence[str], reps: int, rounds: int, log: Callable[[str], None] = print
+) -> dict[bool, list[dict[str, Any]]]:
+    """Each round, one fresh process with the fusion off and one with it on (XLA reads the option when a
+    process starts its CPU backend); the results of all rounds, by fusion."""
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for i in range(rounds):
+        for fusion in (False, True):
+            command = [sys.executable, "-m", "benchmarks.speed", "--model-steps-child", "on" if fusion else "off"]
+            command += ["--model-steps", ",".join(models), "--reps", str(reps)]
+            done = subprocess.run(
+                command, env=_model_steps_env(fusion), capture_output=True, text=True, check=False, cwd=HERE.parent
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if result["fusion"] is not fusion:
+                raise RuntimeError(
+                    f"the child process meant to run with the fusion {'on' if fusion else 'off'} did not"
+                )
+            runs[fusion].append(result)
+            log(f"round {i + 1}/{rounds}, fusion {'on' if fusion else 'off'}: done")
+    return runs
+
+
+def model_steps_rows(runs: Mapping[bool, Sequence[Mapping[str, Any]]]) -> list[list[str]]:
+    """Per model and row, the median over every block of every round, off and on, and their ratio."""
+    rows = []
+    for model, first in runs[False][0]["models"].items():
+        for label in MODEL_ROWS:
+            times = {f: [t for r in runs[f] for t in r["models"][model][label]["times"]] for f in (False, True)}
+            compiles = {
+                f: statistics.median(r["models"][model][label]["compile"] for r in runs[f]) for f in (False, True)
+            }
+            off, on = statistics.median(times[False]), statistics.median(times[True])
+            each = [
+                statistics.median(r_on["models"][model][label]["times"])
+                / statistics.median(r_off["models"][model][label]["times"])
+                for r_off, r_on in zip(runs[False], runs[True], strict=True)
+            ]
+            kernels = {f: runs[f][0]["models"][model][label]["kernels"] for f in (False, True)}
+            rows.append(
+                [
+                    f"`{model}`",
+                    f"{first['parameters']:,}",
+                    label,
+                    f"{off * 1e3:.3f}",
+                    f"{on * 1e3:.3f}",
+                    f"{on / off:.2f}",
+                    ", ".join(f"{x:.2f}" for x in each),
+                    "{} ({})".format(*kernels[False]),
+                    "{} ({})".format(*kernels[True]),
+                    f"{compiles[False]:.2f}",
+                    f"{compiles[True]:.2f}",
+                ]
+            )
+    return rows
+
+
+def render_model_steps(runs: Mapping[bool, Sequence[Mapping[str, Any]]], command: str, elapsed_s: float) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    rounds, reps = len(runs[False]), len(next(iter(runs[False][0]["models"].values()))[MODEL_ROWS[0]]["times"])
+    parts = [MODEL_STEPS_BEGIN, "## Speed: whole training steps with XLA:CPU's multi-output fusion off and on", ""]
+    parts += [f"Finished {now}, {elapsed_s:.0f} s in all, with:", "", "```", command, "```", ""]
+    parts += [f"- {key}: {value}" for key, value in machine().items() if key != "XLA:CPU multi-output fusion"]
+    parts += [
+        "",
+        "The option changes how XLA:CPU compiles every program of a process, the model's own forward and",
+        "backward passes included. Each model of `benchmarks/workloads.py` (`mlp` is the demo's model) on one",
+        "fixed minibatch: its forward and backward pass alone, and its whole training step (forward, backward,",
+        "optimizer, `apply_updates`, jitted, parameters and state donated) with `adaopt.adam` and with",
+        "`adaopt.single_pass(adaopt.adam)`. Each round runs one process with the fusion off",
+        f"(`{adaopt.CPU_FUSION_ENV}=0`) and one with it on (`adaopt.enable_cpu_fusion()`); {rounds} rounds of",
+        f"{reps} timed blocks of each row, a block being enough calls to take at least {MODEL_BLOCK_S * 1e3:.0f} ms, the",
+        'rows\' blocks taken in turn. Times are the medians over all blocks, per call; "on / off" below 1: faster',
+        "with the fusion. In a process with the fusion off, `single_pass(adam)` is the same program as `adam`: their",
+        "difference there is the noise of the measurement. The kernels are the fusions the compiled program calls",
+        "(in parentheses, those writing several buffers): where they agree, the fusion left the program as it was.",
+        "",
+        markdown_table(MODEL_STEPS_COLUMNS, model_steps_rows(runs)),
+        MODEL_STEPS_END,
+    ]
+    return "\n".join(parts) + "\n"
+
+
 def _names(text: str, known: Mapping[str, Any], what: str, parser: argparse.ArgumentParser) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [x for x in names if x not in known]
@@ -782,9 +994,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=",".join(LAYOUTS),
         help="adaopt's other layouts to time as well, comma-separated: " + ", ".join(LAYOUTS) + "; or none",
     )
+    parser.add_argument(
+        "--cpu-fusion",
+        action="store_true",
+        help="turn on XLA:CPU's multi-output fusion (adaopt.enable_cpu_fusion()); the run writes its own section",
+    )
+    parser.add_argument(
+        "--model-steps",
+        nargs="?",
+        const=",".join(MODEL_WORKLOADS),
+        default=None,
+        help="instead: time whole training steps of these models (comma-separated: "
+        + ", ".join(MODEL_WORKLOADS)
+        + "; all when none is named) with the fusion off and on, each in processes of its own",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="--model-steps: pairs of processes (fusion off, on)")
+    parser.add_argument("--model-steps-child", choices=("on", "off"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.reps < 1:
-        parser.error("--reps must be at least 1")
+    if args.reps < 1 or args.rounds < 1:
+        parser.error("--reps and --rounds must be at least 1")
+    if args.model_steps_child is not None:  # one process of --model-steps: print its timings as JSON
+        if args.model_steps_child == "on":
+            adaopt.enable_cpu_fusion()
+        models = _names(args.model_steps or "", dict.fromkeys(MODEL_WORKLOADS), "models", parser)
+        print(json.dumps(time_model_steps(models, args.reps)), flush=True)
+        return 0
+    if args.model_steps is not None:
+        models = _names(args.model_steps, dict.fromkeys(MODEL_WORKLOADS), "models", parser)
+        arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
+        command = shlex.join(["python", "-m", "benchmarks.speed", *arguments])
+        start = time.perf_counter()
+        runs = run_model_steps(models, args.reps, args.rounds, lambda s: print(s, flush=True))
+        text = render_model_steps(runs, command, time.perf_counter() - start)
+        print(text, flush=True)
+        write_between_markers(args.out, text, MODEL_STEPS_BEGIN, MODEL_STEPS_END)
+        print(f"wrote {args.out}", flush=True)
+        return 0
+    if args.cpu_fusion and not adaopt.enable_cpu_fusion():
+        parser.error("--cpu-fusion: XLA:CPU's multi-output fusion could not be turned on (the warning above says why)")
     trees = {name: TREES[name]() for name in _names(args.trees, TREES, "trees", parser)}
     optimizers = _names(args.optimizers, CONTENDERS, "optimizers", parser)
     layouts = [] if args.layouts.strip() == "none" else _names(args.layouts, LAYOUTS, "layouts", parser)

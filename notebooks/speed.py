@@ -18,16 +18,12 @@
 # the gradients and both moments and write three of them back. By default XLA:CPU runs one kernel
 # per output buffer, which reads the gradient and the moments twice. Turning on XLA:CPU's
 # multi-output fusion and wrapping the optimizer in `adaopt.single_pass` gives one kernel per
-# leaf. The flag is read once, when JAX starts its CPU backend, so it is set here before
-# anything else imports JAX.
+# leaf. XLA reads its options once, when JAX starts its CPU backend, so `adaopt.enable_cpu_fusion()`
+# comes before the first JAX computation (in a notebook, in the first cell; called too late, it
+# warns and says what to do).
 
 # %%
 import os
-
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
-)
-
 import time
 
 import jax
@@ -38,6 +34,7 @@ import optax
 
 import adaopt
 
+adaopt.enable_cpu_fusion()  # importing JAX starts nothing: the first computation is below
 print("multi-output fusion on:", adaopt.cpu_multi_output_fusion_enabled())
 
 # %% [markdown]

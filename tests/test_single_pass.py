@@ -23,6 +23,7 @@ import pytest
 
 import adaopt
 from adaopt import REGISTRY, cpu_multi_output_fusion_enabled
+from adaopt._src.layouts import single_pass as single_pass_module
 from adaopt._src.layouts.single_pass import CPU_MULTI_OUTPUT_FUSION_FLAG, flag_in_environment
 from benchmarks import learning_rates
 
@@ -72,7 +73,8 @@ def assert_trees_close(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> 
         ("--xla_force_host_platform_device_count=8 " + CPU_MULTI_OUTPUT_FUSION_FLAG, True),
         ("--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=true,other=1", True),
         ("--xla_backend_extra_options=other,xla_cpu_use_multi_output_fusion", True),
-        ("--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=false", False),
+        # XLA:CPU tests the option's presence, not its value (a fresh process with this flag fuses).
+        ("--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=false", True),
         ("--xla_backend_extra_options=xla_cpu_use_thunk_runtime", False),
     ],
 )
@@ -259,3 +261,127 @@ def test_the_fusion_probe_runs_inside_a_trace_under_a_mesh() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# enable_cpu_fusion: the fusion without setting XLA_FLAGS by hand.
+
+ENABLE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, warnings
+    warnings.simplefilter("error")  # no call below may warn
+    import adaopt
+    out = {"first": adaopt.enable_cpu_fusion(), "flags": os.environ["XLA_FLAGS"]}
+    out["again"] = adaopt.enable_cpu_fusion()
+    out["flags_again"] = os.environ["XLA_FLAGS"]
+    import jax
+    out["devices"] = len(jax.devices())  # the user's other flag still reaches XLA
+    out["enabled"] = adaopt.cpu_multi_output_fusion_enabled()  # the compiler fuses (the probe), not just the flag
+    out["after_start"] = adaopt.enable_cpu_fusion()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_enable_cpu_fusion_before_jax_starts_turns_the_fusion_on() -> None:
+    """In a fresh process, after ``import adaopt`` and before any computation: the fusion is on, the user's
+    flags stay, a second call changes nothing, and a call after the start says it is on."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"}
+    env.pop(adaopt.CPU_FUSION_ENV, None)
+    result = subprocess.run(
+        [sys.executable, "-c", ENABLE_SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["flags"] == f"--xla_force_host_platform_device_count=3 {CPU_MULTI_OUTPUT_FUSION_FLAG}"
+    assert out["flags_again"] == out["flags"]
+    assert out["first"] and out["again"] and out["after_start"] and out["enabled"]
+    assert out["devices"] == 3
+
+
+@pytest.fixture
+def before_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if JAX had not started its backends: ``enable_cpu_fusion`` then only edits the environment."""
+    monkeypatch.setattr(single_pass_module, "_backends_started", lambda: False)
+    monkeypatch.delenv(adaopt.CPU_FUSION_ENV, raising=False)
+
+
+@pytest.mark.usefixtures("before_start")
+def test_enable_cpu_fusion_appends_once_and_keeps_the_other_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    user = "--xla_cpu_enable_fast_math=false  --xla_backend_extra_options=xla_cpu_foo"
+    monkeypatch.setenv("XLA_FLAGS", user)
+    assert adaopt.enable_cpu_fusion() is True
+    assert os.environ["XLA_FLAGS"] == f"{user} {CPU_MULTI_OUTPUT_FUSION_FLAG}"
+    assert flag_in_environment()
+    assert adaopt.enable_cpu_fusion() is True
+    assert os.environ["XLA_FLAGS"] == f"{user} {CPU_MULTI_OUTPUT_FUSION_FLAG}"  # idempotent
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_extra_options=other,xla_cpu_use_multi_output_fusion")
+    assert adaopt.enable_cpu_fusion() is True
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_extra_options=other,xla_cpu_use_multi_output_fusion"
+    monkeypatch.delenv("XLA_FLAGS")
+    assert adaopt.enable_cpu_fusion() is True
+    assert os.environ["XLA_FLAGS"] == CPU_MULTI_OUTPUT_FUSION_FLAG
+
+
+@pytest.mark.usefixtures("before_start")
+def test_enable_cpu_fusion_respects_the_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setenv(adaopt.CPU_FUSION_ENV, "off")
+    with pytest.warns(adaopt.CpuFusionWarning, match=f"{adaopt.CPU_FUSION_ENV}=off .* leaves .* off as asked"):
+        assert adaopt.enable_cpu_fusion() is False
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    # The user's own flag stays on: the opt-out only keeps adaopt from adding it.
+    monkeypatch.setenv("XLA_FLAGS", CPU_MULTI_OUTPUT_FUSION_FLAG)
+    assert adaopt.enable_cpu_fusion() is True
+    monkeypatch.setenv(adaopt.CPU_FUSION_ENV, "maybe")
+    with pytest.raises(ValueError, match=f"{adaopt.CPU_FUSION_ENV}='maybe'"):
+        adaopt.enable_cpu_fusion()
+
+
+@pytest.mark.usefixtures("before_start")
+def test_enable_cpu_fusion_says_a_false_value_turns_the_fusion_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    flags = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=false"
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    with pytest.warns(adaopt.CpuFusionWarning, match="only tests whether the option is present: the fusion is on"):
+        assert adaopt.enable_cpu_fusion() is True
+    assert os.environ["XLA_FLAGS"] == flags
+
+
+@pytest.mark.usefixtures("before_start")
+def test_enable_cpu_fusion_without_a_cpu_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XLA_FLAGS", "")
+    platforms = jax.config.jax_platforms
+    try:
+        jax.config.update("jax_platforms", "cuda,tpu")
+        with pytest.warns(adaopt.CpuFusionWarning, match="JAX_PLATFORMS=cuda,tpu starts no CPU backend"):
+            assert adaopt.enable_cpu_fusion() is False
+        assert os.environ["XLA_FLAGS"] == ""
+        jax.config.update("jax_platforms", "cuda,cpu")
+        assert adaopt.enable_cpu_fusion() is True
+    finally:
+        jax.config.update("jax_platforms", platforms)
+
+
+def test_enable_cpu_fusion_after_the_start_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's CPU backend started without the fusion: the call cannot turn it on, leaves XLA_FLAGS
+    as it is, and says how to (a new process, or XLA_FLAGS before Python starts)."""
+    monkeypatch.delenv(adaopt.CPU_FUSION_ENV, raising=False)
+    flags = os.environ.get("XLA_FLAGS", "")
+    with pytest.warns(adaopt.CpuFusionWarning, match="already started without") as record:
+        assert adaopt.enable_cpu_fusion() is False
+    message = str(record[0].message)
+    assert "restart the kernel" in message and f"XLA_FLAGS={CPU_MULTI_OUTPUT_FUSION_FLAG} before starting" in message
+    assert record[0].filename == __file__  # it points at the caller's line
+    assert os.environ.get("XLA_FLAGS", "") == flags
+    monkeypatch.setenv("XLA_FLAGS", f"{flags} {CPU_MULTI_OUTPUT_FUSION_FLAG}")
+    with pytest.warns(adaopt.CpuFusionWarning, match="set after JAX's CPU backend started"):
+        assert adaopt.enable_cpu_fusion() is False
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.warns(adaopt.CpuFusionWarning, match="default backend is gpu, .* only changes computations on the CPU"):
+        assert adaopt.enable_cpu_fusion() is False
+    monkeypatch.undo()  # default_backend, XLA_FLAGS
+    monkeypatch.setenv("XLA_FLAGS", f"{flags} {CPU_MULTI_OUTPUT_FUSION_FLAG}")
+    # A JAX that cannot tell whether it started: the probe decides, on the running backend.
+    monkeypatch.setattr(single_pass_module, "_backends_started", lambda: None)
+    with pytest.warns(adaopt.CpuFusionWarning, match="set after JAX's CPU backend started"):
+        assert adaopt.enable_cpu_fusion() is False

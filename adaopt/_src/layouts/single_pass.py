@@ -16,8 +16,9 @@ reads p, g, m, v like the state's kernels, and the multi-output fusion merges th
 kernel per leaf that reads each input once and writes each output once. Each output is computed
 by the same operations on the same values as without the wrapper.
 
-It needs the multi-output fusion, which is an XLA:CPU option read once, when JAX starts its CPU
-backend, from the environment variable ``XLA_FLAGS``::
+It needs the multi-output fusion, which is an XLA:CPU option read once per process, when JAX starts
+its CPU backend, from the environment variable ``XLA_FLAGS``. :func:`enable_cpu_fusion`, called
+before the first JAX computation, adds it; or set it before Python starts::
 
     XLA_FLAGS="--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -48,16 +50,25 @@ DEFAULT_MIN_SIZE = 16_384
 """Leaves of at least this many elements take the single-pass form (see :func:`single_pass`)."""
 
 
-def flag_in_environment() -> bool:
-    """Whether ``XLA_FLAGS`` in this process's environment turns on XLA:CPU's multi-output fusion."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    for flag in flags:
+def _option_in_environment() -> str | None:
+    """The value ``XLA_FLAGS`` gives the multi-output fusion option (``""`` when it has none), None when absent."""
+    for flag in os.environ.get("XLA_FLAGS", "").split():
         name, _, value = flag.partition("=")
         if name.lstrip("-") == "xla_backend_extra_options":
-            options = {option.partition("=")[0]: option.partition("=")[2] for option in value.split(",")}
-            if MULTI_OUTPUT_FUSION_OPTION in options:
-                return options[MULTI_OUTPUT_FUSION_OPTION].lower() not in ("false", "0")
-    return False
+            for option in value.split(","):
+                key, _, option_value = option.partition("=")
+                if key == MULTI_OUTPUT_FUSION_OPTION:
+                    return option_value
+    return None
+
+
+def flag_in_environment() -> bool:
+    """Whether ``XLA_FLAGS`` in this process's environment turns on XLA:CPU's multi-output fusion.
+
+    XLA:CPU tests whether the option is present, not its value: ``xla_cpu_use_multi_output_fusion=false``
+    turns the fusion on too.
+    """
+    return _option_in_environment() is not None
 
 
 @functools.cache
@@ -89,6 +100,171 @@ def cpu_multi_output_fusion_enabled() -> bool:
     """Whether XLA:CPU's multi-output fusion is on: ``XLA_FLAGS`` asks for it and the CPU backend,
     started with it, runs it (see :func:`single_pass`)."""
     return flag_in_environment() and cpu_backend_fuses_siblings()
+
+
+CPU_FUSION_ENV = "ADAOPT_CPU_FUSION"
+"""The environment variable that opts out: ``ADAOPT_CPU_FUSION=0`` (or ``false``, ``off``, ``no``) keeps
+:func:`enable_cpu_fusion` from adding XLA:CPU's multi-output fusion, e.g. to time XLA's defaults."""
+_OFF_VALUES = ("0", "false", "off", "no")
+_ON_VALUES = ("", "1", "true", "on", "yes")
+_RESTART = (
+    "XLA reads its options once per process, when JAX starts its CPU backend. To turn the fusion on, start a new "
+    "Python process (in a notebook: restart the kernel) and call adaopt.enable_cpu_fusion() before its first JAX "
+    f"computation, or set XLA_FLAGS={CPU_MULTI_OUTPUT_FUSION_FLAG} before starting Python."
+)
+# One text per situation in which enable_cpu_fusion leaves the fusion off or does not do what a user may expect.
+_STARTED_WITHOUT = (
+    "JAX's CPU backend already started without XLA:CPU's multi-output fusion, so it stays off. " + _RESTART
+)
+_SET_TOO_LATE = (
+    "XLA_FLAGS asks for XLA:CPU's multi-output fusion, but it was set after JAX's CPU backend started, "
+    "so the compiler does not run it. " + _RESTART
+)
+_OPTED_OUT = (
+    f"{CPU_FUSION_ENV}={{value}} in the environment: adaopt.enable_cpu_fusion() leaves XLA:CPU's multi-output fusion "
+    f"off as asked (unset {CPU_FUSION_ENV} to let it turn the fusion on)."
+)
+_NO_CPU = (
+    "JAX_PLATFORMS={platforms} starts no CPU backend: XLA:CPU's multi-output fusion only changes computations "
+    "on the CPU, and on other platforms adaopt.single_pass leaves the optimizer as it is. Nothing to do."
+)
+_DEFAULT_NOT_CPU = (
+    "JAX's default backend is {platform}, and XLA:CPU's multi-output fusion only changes computations on the CPU "
+    "(on other platforms adaopt.single_pass leaves the optimizer as it is): nothing to do for steps on the "
+    "{platform}. JAX's CPU backend started without the fusion; for computations placed on the CPU: " + _RESTART
+)
+_VALUE_IS_IGNORED = (
+    "XLA_FLAGS gives xla_cpu_use_multi_output_fusion the value {value!r}, but XLA:CPU only tests whether the "
+    "option is present: the fusion is on. To turn it off, remove the option from XLA_FLAGS "
+    f"(and set {CPU_FUSION_ENV}=0 to keep adaopt.enable_cpu_fusion() from adding it)."
+)
+
+
+class CpuFusionWarning(UserWarning):
+    """:func:`enable_cpu_fusion` could not turn XLA:CPU's multi-output fusion on, or was asked not to; the
+    message says why and what to do. Silence it with ``warnings.simplefilter("ignore", adaopt.CpuFusionWarning)``."""
+
+
+def _backends_started() -> bool | None:
+    """Whether JAX started its backends (they start together, at the first computation), without starting them.
+
+    JAX has no public call for this; ``jax.distributed.initialize`` asks the same private function before
+    it refuses to run after the first computation. None when this JAX lacks it.
+    """
+    try:
+        from jax._src import xla_bridge
+    except ImportError:
+        return None
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return None if started is None else bool(started())
+
+
+def _cpu_platform_requested() -> tuple[bool, str]:
+    """Whether JAX will start a CPU backend (``jax_platforms``, from ``JAX_PLATFORMS``, unset or naming cpu), and the value."""
+    platforms: str = getattr(jax.config, "jax_platforms", None) or ""  # JAX's documented read; untyped
+    names = [name.strip().lower() for name in platforms.split(",") if name.strip()]
+    return (not names or "cpu" in names), platforms
+
+
+def _opted_out() -> str | None:
+    """The value of ``ADAOPT_CPU_FUSION`` when it asks to keep the fusion off; None otherwise."""
+    value = os.environ.get(CPU_FUSION_ENV)
+    if value is None or value.strip().lower() in _ON_VALUES:
+        return None
+    if value.strip().lower() in _OFF_VALUES:
+        return value
+    raise ValueError(
+        f"{CPU_FUSION_ENV}={value!r} in the environment is not understood: set it to one of {_OFF_VALUES} to keep "
+        f"adaopt.enable_cpu_fusion() from turning XLA:CPU's multi-output fusion on, or unset it."
+    )
+
+
+def _warn(message: str) -> bool:
+    warnings.warn(message, CpuFusionWarning, stacklevel=3)
+    return False
+
+
+def enable_cpu_fusion() -> bool:
+    """Turn on XLA:CPU's multi-output fusion, which :func:`single_pass` needs for one kernel per leaf.
+
+    XLA reads its options once per process, when JAX starts its backends (at the first computation,
+    or at the first call that lists the devices). Called before that, this appends
+    ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion`` to the environment variable
+    ``XLA_FLAGS`` (the other flags stay as they are; XLA adds up several ``--xla_backend_extra_options``)
+    and returns True. Called again, or with the option already in ``XLA_FLAGS``, it changes nothing.
+
+    Called after JAX started, it cannot: it then returns whether the running CPU backend fuses
+    (it does when ``XLA_FLAGS`` had the option at the start) and, when it does not, warns with a
+    :class:`CpuFusionWarning` that says what to do: call it before the first JAX computation (in a
+    notebook, restart the kernel and call it in the first cell), or set ``XLA_FLAGS`` before
+    starting Python. It never restarts a backend (that would invalidate every array), and it does
+    not touch ``XLA_FLAGS`` then.
+
+    It returns False, with a :class:`CpuFusionWarning` saying so, where the fusion cannot matter
+    or is not wanted:
+
+    - ``JAX_PLATFORMS`` (or ``jax.config.update("jax_platforms", ...)``) without ``cpu``: no CPU backend.
+    - ``ADAOPT_CPU_FUSION=0`` (or ``false``, ``off``, ``no``) in the environment: the user's opt-out,
+      respected: this call adds nothing (the fusion is then on only if ``XLA_FLAGS`` already asks for
+      it, and the call returns True). XLA:CPU has no value that turns the option off, as it tests
+      only its presence: ``xla_cpu_use_multi_output_fusion=false`` in ``XLA_FLAGS`` turns the fusion
+      on, and this call warns so.
+    - A GPU or TPU default backend that already started: the fusion only changes computations on the
+      CPU; GPUs fuse producers into consumers themselves, and :func:`single_pass` compiles to the
+      plain optimizer there. Called before JAX starts on such a machine, it adds the option (it
+      changes nothing on the accelerator) and returns True: computations placed on the CPU get it.
+
+    The fusion changes how XLA:CPU compiles every program of the process, the model's forward and
+    backward passes included, and not always for the better: on 2 CPU cores it made the forward and
+    backward pass of the GPT-style model of ``benchmarks/workloads.py`` about 1.3x slower (far more
+    than :func:`single_pass` saves on its optimizer step), the small convolutional network's about
+    1.2x faster, and left the digits MLP's as it was. Time your own training step with it on and off
+    (``python -m benchmarks.speed --model-steps`` does so for those models, in fresh processes)
+    before making it the default of a training script.
+
+    Returns:
+      Whether XLA:CPU's multi-output fusion is on in this process, or will be when JAX starts its
+      CPU backend. After a True, :func:`cpu_multi_output_fusion_enabled` is True once JAX runs.
+
+    Raises:
+      ValueError: ``ADAOPT_CPU_FUSION`` holds a value other than ``0``/``false``/``off``/``no`` or
+        ``1``/``true``/``on``/``yes``.
+
+    Example:
+      At the top of a training script, before the first JAX computation:
+
+      >>> import adaopt
+      >>> fused = adaopt.enable_cpu_fusion()  # doctest: +SKIP
+      >>> optimizer = adaopt.single_pass(adaopt.adamw(1e-3))  # one kernel per leaf on the CPU
+    """
+    opted_out = _opted_out()
+    wants_cpu, platforms = _cpu_platform_requested()
+    if not wants_cpu:
+        return _warn(_NO_CPU.format(platforms=platforms))
+    started = _backends_started()
+    if not started:
+        value = _option_in_environment()
+        if value is None and opted_out is None:
+            flags = os.environ.get("XLA_FLAGS", "").strip()
+            os.environ["XLA_FLAGS"] = f"{flags} {CPU_MULTI_OUTPUT_FUSION_FLAG}".strip()
+        elif value is not None and value.strip().lower() in _OFF_VALUES:
+            warnings.warn(_VALUE_IS_IGNORED.format(value=value), CpuFusionWarning, stacklevel=2)
+        if started is False:
+            if value is None and opted_out is not None:
+                return _warn(_OPTED_OUT.format(value=opted_out))
+            return True
+        # A JAX that cannot say whether it started: the probe below starts the CPU backend and tells.
+    if cpu_multi_output_fusion_enabled():
+        return True
+    try:
+        jax.devices("cpu")
+    except RuntimeError:  # no CPU backend, though the platforms name one (changed after the start)
+        return _warn(_NO_CPU.format(platforms=platforms))
+    if opted_out is not None:
+        return _warn(_OPTED_OUT.format(value=opted_out))
+    if jax.default_backend() != "cpu":
+        return _warn(_DEFAULT_NOT_CPU.format(platform=jax.default_backend()))
+    return _warn(_SET_TOO_LATE if flag_in_environment() else _STARTED_WITHOUT)
 
 
 def single_pass(
