@@ -116,10 +116,12 @@ def _jit_compiles_once_and_matches_eager(spec: OptimizerSpec) -> None:
         return optax.apply_updates(params, updates), state
 
     params, state = _params(), tx.init(_params())
-    for _ in range(_steps(spec, 3)):
+    # Matrix optimizers' eager steps each compile their eigendecompositions: two moving steps will do.
+    steps = _steps(spec, 2 if Capability.MATRIX_STATE in spec.capabilities else 3)
+    for _ in range(steps):
         params, state = step(params, state)
     assert traces == 1, "the step recompiled: the state's types or shapes changed between steps"
-    eager, _ = _run(tx, _params(), _steps(spec, 3))
+    eager, _ = _run(tx, _params(), steps)
     _assert_trees_close(params, eager, rtol=1e-5, atol=1e-6)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, _params())
     assert max(jax.tree.leaves(moved)) > 0, "three steps did not move the parameters"
