@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base
+from adaopt._src import base, moments
 from adaopt._src.registry import OptimizerSpec, Range
 from adaopt._src.tuning_free.schedule_free import ScheduleFreeState, schedule_free_eval_params
 from adaopt._src.wrappers.hyperparams import is_static
@@ -440,12 +440,6 @@ def _regroup(
     return tuple(out)
 
 
-def _float_dtype(params: Any) -> Any:
-    """The widest float dtype of the parameters (at least float32): the dtype of the traced hyperparameters."""
-    dtypes = [jnp.dtype(x.dtype) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.result_type(jnp.float32, *dtypes) if dtypes else jnp.result_type(float)
-
-
 class Sweep:
     r"""One optimizer on one problem, compiled to train many configurations at once.
 
@@ -682,7 +676,8 @@ class Sweep:
             base.check_integer("lanes", lanes, 1)
 
         init = params if callable(params) else None
-        dtype = _float_dtype(jax.eval_shape(init, jax.random.key(0)) if init is not None else params)
+        # The dtype of the optimizers' own scalars, which the traced hyperparameters become.
+        dtype = moments.scalar_dtype(jax.eval_shape(init, jax.random.key(0)) if init is not None else params)
         program = self._init_program(init)
 
         live = np.arange(n)  # the trial of each row of the pool
