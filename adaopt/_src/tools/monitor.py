@@ -32,22 +32,16 @@ import optax.contrib
 
 from adaopt._src import base, moments, numerics
 from adaopt._src.base import Params, Updates
+from adaopt._src.wrappers import param_groups
 
 # ---------------------------------------------------------------------------------------------
 # Walking a nested state.
 
 
-def _key_name(key: Any) -> str:
-    """One step of a tree path as a plain name: ``layers``, ``0``, ``kernel`` (not ``['layers']``, ``[0]``, ``.kernel``)."""
-    for attribute in ("key", "idx", "name"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
 def path_name(path: Sequence[Any]) -> str:
-    """A tree path as the name of a record: ``"layers/0/kernel"``; ``"params"`` for the root itself."""
-    return "/".join(_key_name(k) for k in path) or "params"
+    """A tree path as the name of a record: ``"layers/0/kernel"`` (param_groups' path, which its patterns
+    read too); ``"params"`` for the root itself."""
+    return param_groups.path_string(path) or "params"
 
 
 def _nodes(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
