@@ -54,6 +54,9 @@ from adaopt._src.layouts.single_pass import CpuFusionWarning as CpuFusionWarning
 from adaopt._src.layouts.single_pass import cpu_multi_output_fusion_enabled as cpu_multi_output_fusion_enabled
 from adaopt._src.layouts.single_pass import enable_cpu_fusion as enable_cpu_fusion
 from adaopt._src.layouts.single_pass import single_pass as single_pass
+from adaopt._src.layouts.zero import MeshAxisError as MeshAxisError
+from adaopt._src.layouts.zero import shard_states as shard_states
+from adaopt._src.layouts.zero import zero_plan as zero_plan
 from adaopt._src.loss_driven.bold_driver import BoldDriverState as BoldDriverState
 from adaopt._src.loss_driven.bold_driver import bold_driver as bold_driver
 from adaopt._src.loss_driven.bold_driver import scale_by_bold_driver as scale_by_bold_driver

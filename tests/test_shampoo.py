@@ -118,12 +118,12 @@ CASES = [
     ("rmsprop-average-decoupled-output", {"graft": "rmsprop", "moving_average_for_momentum": True, "nesterov": False,
                                           "decoupled_weight_decay": True, "preconditioned_axes": "output",
                                           "statistics_compute_steps": 2, "inverse_exponent_override": 2}, True, True, np.float64),
-    ("sqrtn-average-nesterov-rate-inside", {"graft": "sqrtn", "moving_average_for_momentum": True,
-                                            "decoupled_learning_rate": False}, True, True, np.float64),
-    ("rate-inside-decoupled-decay", {"decoupled_learning_rate": False, "decoupled_weight_decay": True,
-                                     "graft": "adagrad"}, True, True, np.float64),
-    ("sgd-newton", {}, True, True, np.float32),
+    ("sqrtn-average-nesterov-rate-inside-decoupled-decay", {"graft": "sqrtn", "moving_average_for_momentum": True,
+                                                            "decoupled_learning_rate": False,
+                                                            "decoupled_weight_decay": True}, True, True, np.float64),
 ]  # fmt: skip
+# float32 runs once, against the original Shampoo (test_matches_pytorch_optimizer_Shampoo): the reference costs
+# about 3 s per 200 steps, and the float32 rounding of the grafted steps is no different here.
 
 
 @pytest.mark.parametrize(

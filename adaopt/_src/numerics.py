@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import AxisType, NamedSharding
 
 from adaopt._src import moments
 
@@ -138,6 +139,15 @@ def find_state(state: Any, state_type: type[S], fix: str) -> S:
             f"Expected an optimizer state holding exactly one {state_type.__name__}, found {len(found)}: {fix}"
         )
     return found[0]
+
+
+def explicit_sharding(x: Any) -> NamedSharding | None:
+    """The sharding in ``x``'s type under a mesh with explicit axes (sharding in types), else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if not isinstance(sharding, NamedSharding) or mesh is None or mesh.empty:
+        return None
+    return sharding if AxisType.Explicit in mesh.axis_types else None
 
 
 def explicit_spec(x: jax.Array) -> Any:

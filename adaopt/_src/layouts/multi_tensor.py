@@ -34,9 +34,9 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from adaopt._src import base
+from adaopt._src import base, numerics
 
 DEFAULT_MIN_SIZE = 16_384
 """Leaves of at least this many elements keep their own buffers.
@@ -48,19 +48,10 @@ as much time as moving some tens of thousands of elements at the memory bandwidt
 """
 
 
-def _explicit_sharding(x: Any) -> NamedSharding | None:
-    """The sharding in ``x``'s type under a mesh with explicit axes (sharding in types), else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if not isinstance(sharding, NamedSharding) or mesh is None or mesh.empty:
-        return None
-    return sharding if AxisType.Explicit in mesh.axis_types else None
-
-
 def _replicated(x: jax.Array) -> jax.Array:
     """``x`` replicated where its type carries a sharding: the packed leaves, sharded each their own
     way, are concatenated into one replicated buffer (small leaves: little to copy)."""
-    sharding = _explicit_sharding(x)
+    sharding = numerics.explicit_sharding(x)
     if sharding is None or sharding.is_fully_replicated:
         return x
     return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
@@ -69,8 +60,8 @@ def _replicated(x: jax.Array) -> jax.Array:
 def _sharded_like(x: Any, like: Any) -> Any:
     """``x`` with the sharding of ``like`` where ``like``'s type carries one (the unpacked updates
     of small leaves get their gradients' shardings back)."""
-    sharding = _explicit_sharding(like)
-    if sharding is None or _explicit_sharding(x) == sharding:
+    sharding = numerics.explicit_sharding(like)
+    if sharding is None or numerics.explicit_sharding(x) == sharding:
         return x
     return jax.sharding.reshard(x, sharding)
 

@@ -1,0 +1,215 @@
+"""``shard_states``: optimizer states split across the data axis (ZeRO), on the (4, 2) mesh of 8 CPU devices.
+
+The parameters are data-parallel (replicated over ``data``; one tensor-parallel leaf split over ``model``
+and one fully sharded leaf already split over ``data``), the batch is split over ``data``. The same
+optimizer with and without ``shard_states`` must give the same parameters, while each state leaf that
+mirrors a parameter holds a quarter of it per device, as :func:`adaopt.zero_plan` says.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adaopt
+
+N_STEPS = 3
+DATA = 4  # the size of the mesh's data axis
+# w: tensor-parallel; e: its first dimension is not divisible by 4, its second is; odd: neither is;
+# f: already split along the data axis (FSDP); b, k: replicated.
+SHAPES = {"w": (64, 32), "b": (32,), "k": (16, 8), "e": (6, 8), "odd": (3, 5), "f": (16, 4)}
+SPECS = {"w": P(None, "model"), "b": P(), "k": P(), "e": P(), "odd": P(), "f": P("data", None)}
+PLAN = {"w": 0, "b": 0, "k": 0, "e": 1, "odd": None, "f": None}
+BATCH = 16
+
+OPTIMIZERS = {
+    "adam_int8": lambda: adaopt.adam(
+        1e-2, mu_dtype=adaopt.Blockwise("dynamic8", block_size=8, min_size=0), nu_dtype="bfloat16_sr"
+    ),
+    "lamb": lambda: adaopt.lamb(1e-2),  # trust ratios: norms over the split leaves
+    "prodigy": lambda: adaopt.prodigy(1.0),  # a global estimate summed over every slice
+    "adafactor": lambda: adaopt.adafactor(1e-2),  # factored statistics keep their own sharding
+    "shampoo": lambda: adaopt.shampoo(1e-2, start_preconditioning_step=1),  # whole-matrix statistics
+    "groups": lambda: adaopt.param_groups(
+        adaopt.adam, [adaopt.Group("k", optimizer=optax.sgd(1e-2, momentum=0.9))], learning_rate=1e-2
+    ),  # one group's state has MaskedNode in place of the other's leaves
+}
+
+
+def _mesh() -> Mesh:
+    assert jax.device_count() >= 8, "conftest.py should give the test process 8 CPU devices"
+    return jax.make_mesh((DATA, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+
+
+def _host() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(0)
+    params = {name: rng.normal(size=shape).astype(np.float32) for name, shape in SHAPES.items()}
+    targets = {name: rng.normal(size=shape).astype(np.float32) for name, shape in SHAPES.items()}
+    return params, targets, rng.uniform(0.5, 1.5, size=(N_STEPS, BATCH)).astype(np.float32)
+
+
+def _loss(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """A mean over a batch split along ``data``: its gradient is summed across the data axis."""
+    _, targets, _ = _host()
+    total = jnp.zeros([], jnp.float32)
+    for name, target in targets.items():
+        p = params[name]
+        scale = jnp.mean(x)  # replicated after a reduction over the batch's shards
+        total += scale * jnp.sum((p - target) ** 2) + 0.1 * jnp.sum(jnp.sin(3.0 * p)) * jnp.mean(x**2)
+    return total
+
+
+def _placed(mesh: Mesh) -> dict[str, jax.Array]:
+    host, _, _ = _host()
+    return {name: jax.device_put(host[name], NamedSharding(mesh, SPECS[name])) for name in SHAPES}
+
+
+def _train(tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any, Any]:
+    _, _, batches = _host()
+
+    @jax.jit
+    def step(params: Any, state: Any, x: jax.Array) -> tuple[Any, Any]:
+        loss, grads = jax.value_and_grad(_loss)(params, x)
+        updates, state = tx.update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state
+
+    with jax.set_mesh(mesh):
+        params = _placed(mesh)
+        init_state = state = tx.init(params)
+        for x in batches:
+            params, state = step(params, state, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    return init_state, params, state
+
+
+@functools.cache
+def _plain(name: str) -> Any:
+    return _train(OPTIMIZERS[name](), _mesh())[1]
+
+
+def _split_spec(param_spec: P, ndim: int, dim: int | None) -> P:
+    entries = [*param_spec, *(None,) * (ndim - len(param_spec))]
+    if dim is not None:
+        entries[dim] = "data" if entries[dim] is None else (entries[dim], "data")
+    return P(*entries)
+
+
+def _check_split(state: Any, params: Any, mesh: Mesh, when: str) -> None:
+    """Every leaf mirroring a parameter is placed by the plan; a stored moment's codes and per-row scales too."""
+
+    def held(x: Any) -> bool:
+        return isinstance(x, (adaopt.StoredLeaf, optax.MaskedNode))
+
+    def mirrors(x: Any) -> bool:
+        return jax.tree.structure(x, is_leaf=held) == jax.tree.structure(params)
+
+    mirroring = [node for node in jax.tree.leaves(state, is_leaf=mirrors) if mirrors(node)]
+    assert mirroring, f"{when}: no state mirrors the parameters"
+    for subtree in mirroring:
+        for name, leaf in subtree.items():
+            if isinstance(leaf, optax.MaskedNode):
+                continue
+            shape, dim = SHAPES[name], PLAN[name]
+            for x in jax.tree.leaves(leaf):
+                if x.shape[:1] != shape[:1]:
+                    continue  # a flat vector of scales (a leaf blocked in row-major order): replicated
+                # Codes have the parameter's shape, per-row scales its leading dimensions: split where they
+                # share the parameter's dimensions up to the split one.
+                shares = dim is not None and x.ndim == len(shape) and x.shape[: dim + 1] == shape[: dim + 1]
+                want = _split_spec(SPECS[name], len(shape), dim if shares else None)
+                x_want = NamedSharding(mesh, P(*want[: x.ndim]))
+                assert x.sharding.is_equivalent_to(x_want, x.ndim), f"{when}: {name}: {x.sharding.spec} != {want}"
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_split_states_give_the_steps_of_whole_ones(name: str) -> None:
+    mesh = _mesh()
+    init_state, got, state = _train(adaopt.shard_states(OPTIMIZERS[name]()), mesh)
+    _check_split(init_state, got, mesh, "after init")
+    _check_split(state, got, mesh, f"after {N_STEPS} steps")
+    want = _plain(name)
+    host, _, _ = _host()
+    for leaf in SHAPES:
+        assert got[leaf].sharding.is_equivalent_to(NamedSharding(mesh, SPECS[leaf]), len(SHAPES[leaf])), leaf
+        # The same arithmetic on slices: elementwise steps agree to the last bit or so (XLA fuses the
+        # split program's kernels differently); norms and global estimates summed over slices in another
+        # order by a few ulps of the displacement, as in test_sharding.
+        displacement = float(np.max(np.abs(np.asarray(want[leaf]) - host[leaf])))
+        atol = max(5e-7, 64 * float(np.finfo(np.float32).eps) * displacement)
+        np.testing.assert_allclose(np.asarray(got[leaf]), np.asarray(want[leaf]), rtol=1e-6, atol=atol, err_msg=leaf)
+        assert not np.array_equal(np.asarray(got[leaf]), host[leaf]), f"{leaf} did not move"
+
+
+def test_each_device_holds_a_quarter_of_the_split_state() -> None:
+    """Adam's moments: the bytes on each device are the whole state's divided by the data axis, except the
+    leaves the plan keeps (odd: nowhere to split; f: already split); the parameters' shards are untouched."""
+    mesh = _mesh()
+    with jax.set_mesh(mesh):
+        state = adaopt.shard_states(adaopt.adam(1e-2)).init(_placed(mesh))
+        whole = adaopt.adam(1e-2).init(_placed(mesh))
+
+    def per_device(tree: Any) -> dict[Any, int]:
+        held: dict[Any, int] = {}
+        for x in jax.tree.leaves(tree):
+            for shard in x.addressable_shards:
+                held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+        return held
+
+    kept = sum(2 * 4 * int(np.prod(SHAPES[n])) // (DATA if n == "f" else 1) for n in ("odd", "f"))
+    for device, nbytes in per_device(state).items():
+        whole_bytes = per_device(whole)[device]
+        assert nbytes - kept - 4 == (whole_bytes - kept - 4) // DATA, (device, nbytes, whole_bytes)  # 4: the count
+
+
+def test_the_step_gathers_updates_and_keeps_the_state_split() -> None:
+    """The compiled step slices the summed gradients and all-gathers the updates; no state leaf is gathered
+    into the output (the state's output shardings are its input shardings)."""
+    mesh = _mesh()
+    tx = adaopt.shard_states(adaopt.adam(1e-2))
+    _, _, batches = _host()
+    with jax.set_mesh(mesh):
+        params = _placed(mesh)
+        state = tx.init(params)
+
+        def step(params: Any, state: Any, x: jax.Array) -> tuple[Any, Any]:
+            updates, state = tx.update(jax.grad(_loss)(params, x), state, params)
+            return optax.apply_updates(params, updates), state
+
+        x = jax.device_put(batches[0], NamedSharding(mesh, P("data")))
+        compiled = jax.jit(step).lower(params, state, x).compile()
+    hlo = compiled.as_text() or ""
+    assert re.search(r"all-gather(-start)?\(", hlo), "the updates are not gathered"
+    _, out_state = compiled.output_shardings
+    for got, leaf in zip(jax.tree.leaves(out_state), jax.tree.leaves(state), strict=True):
+        assert got.is_equivalent_to(leaf.sharding, leaf.ndim), (got, leaf.sharding)
+
+
+def test_zero_plan() -> None:
+    mesh = _mesh()
+    with jax.set_mesh(mesh):
+        params = {n: jax.device_put(jnp.zeros(s), NamedSharding(mesh, SPECS[n])) for n, s in SHAPES.items()}
+        assert adaopt.zero_plan(params) == PLAN
+        assert adaopt.zero_plan(params, min_size=129) == {**PLAN, "b": None, "k": None, "e": None}
+        # Along the model axis (size 2): w is already split along it; f's first dimension takes it.
+        assert adaopt.zero_plan(params, "model") == {"w": None, "b": 0, "k": 0, "e": 0, "odd": None, "f": 0}
+
+
+def test_bad_input_is_refused_with_a_clear_error() -> None:
+    with pytest.raises(adaopt.HyperparameterError, match="min_size"):
+        adaopt.shard_states(adaopt.adam(1e-2), min_size=0)
+    with pytest.raises(adaopt.HyperparameterError, match="axis"):
+        adaopt.shard_states(adaopt.adam(1e-2), axis="")
+    with pytest.raises(adaopt.MeshAxisError, match="no parameter is placed on a mesh"):
+        adaopt.shard_states(adaopt.adam(1e-2)).init({"w": jnp.zeros(4)})
+    mesh = _mesh()
+    with jax.set_mesh(mesh), pytest.raises(adaopt.MeshAxisError, match=r"\['w'\].*no axis 'batch'"):
+        params = {"w": jax.device_put(jnp.zeros(8), NamedSharding(mesh, P()))}
+        adaopt.shard_states(adaopt.adam(1e-2), axis="batch").init(params)
