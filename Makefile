@@ -20,8 +20,13 @@ $(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 # The test suite builds the docs and executes the notebooks: it installs what they need too.
+# psgd-jax (tests/test_psgd_kron.py's reference) pins optax<=0.2.6: its own environment, on our jax; kron-torch
+# lists triton, which it does not use on CPU: installed without its dependencies.
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,demo,docs]'
+	$(BIN)/python -m venv $(VENV)/ref-psgd
+	$(VENV)/ref-psgd/bin/python -m pip install --quiet psgd-jax==0.2.9 optax==0.2.6 chex==0.1.92 flax==0.12.8 jax==0.10.2 jaxlib==0.10.2 numpy==2.4.6
+	$(BIN)/python -m pip install --quiet --no-deps kron-torch==0.3.3
 	touch $@ $(VENV)/.demo-installed $(VENV)/.docs-installed
 
 demo: $(VENV)/.demo-installed

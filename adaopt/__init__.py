@@ -129,6 +129,10 @@ from adaopt._src.preconditioned.muon import default_muon_mask as default_muon_ma
 from adaopt._src.preconditioned.muon import muon as muon
 from adaopt._src.preconditioned.muon import newton_schulz as newton_schulz
 from adaopt._src.preconditioned.muon import scale_by_muon as scale_by_muon
+from adaopt._src.preconditioned.psgd_kron import PsgdKronState as PsgdKronState
+from adaopt._src.preconditioned.psgd_kron import precond_update_prob_schedule as precond_update_prob_schedule
+from adaopt._src.preconditioned.psgd_kron import psgd_kron as psgd_kron
+from adaopt._src.preconditioned.psgd_kron import scale_by_psgd_kron as scale_by_psgd_kron
 from adaopt._src.preconditioned.scion import ScionNorm as ScionNorm
 from adaopt._src.preconditioned.scion import ScionState as ScionState
 from adaopt._src.preconditioned.scion import default_scion_norms as default_scion_norms

@@ -39,6 +39,7 @@ TUNED: dict[str, float] = {
     "muon": 0.02,  # the author's default (the auxiliary AdamW at the same rate): not tuned on the grid yet
     "scion": 0.02,  # not tuned on the grid yet
     "soap": 3e-3,  # the reference's default: not tuned on the grid yet
+    "psgd_kron": 1e-3,  # the reference's default (psgd-jax): not tuned on the grid yet
     "shampoo": 1e-2,  # not tuned on the grid yet (grafted onto SGD with Nesterov momentum 0.9)
     "adafactor": 1e-2,  # the paper's cap of the relative step, rho_t = min(1e-2, 1/sqrt(t)): not tuned on the grid yet
     "came": 1e-3,  # not tuned on the grid yet (its first steps are ~10x the rate: the confidence starts small)

@@ -64,6 +64,7 @@ COMPARED_IN = {
     "sophia": "tests/test_sophia.py",
     "soap": "tests/test_soap.py",
     "shampoo": "tests/test_shampoo.py",
+    "psgd_kron": "tests/test_psgd_kron.py",
     "galore_adamw": "tests/test_galore.py",
 }
 PAIRS = [(spec, ref) for spec in REGISTRY.values() for ref in spec.references if spec.name not in COMPARED_IN]

@@ -20,7 +20,7 @@ from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
 from adaopt._src.factored import adafactor, adam_mini, came, sm3
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
 from adaopt._src.optimizers import adagrad, adam, adan, ademamix, adopt, lamb, laprop, lion, mars, rmsprop, sgd, sophia
-from adaopt._src.preconditioned import muon, scion, shampoo, soap
+from adaopt._src.preconditioned import muon, psgd_kron, scion, shampoo, soap
 from adaopt._src.tuning_free import cocob, dadapt, dog, mechanic, prodigy, schedule_free
 from adaopt._src.wrappers import galore
 
@@ -221,6 +221,19 @@ _SHAMPOO_ORIGINAL = (
     "the original algorithm at its defaults (momentum=0, weight_decay=0, preconditioning_compute_steps=1); its "
     "momentum, weight decay (both before the statistics) and zero roots before the first computation are not "
     "reproduced; float32 needs matrix_eps above float32's rounding of the statistics (1e-5)"
+)
+
+_PSGD_JAX = (
+    "exact with the same seed (psgd-jax's fixed key is the default); its default precond_dtype=None keeps the factors "
+    "in JAX's default float (float64 under x64, whatever the parameters'): pass precond_dtype to both; its "
+    "scanned_layers is not reproduced; with a mu_dtype narrower than the gradients it multiplies the stored momentum "
+    "by b1 in that dtype (here: in the compute dtype)"
+)
+
+_KRON_TORCH = (
+    "in distribution (its probes come from torch's generator): the preconditioner fitted to gradients of noise whitens "
+    "them as far as adaopt's, run for run; its merge_dims=True (the default) views a 3-d+ leaf as a matrix, it decays "
+    "only 2-d+ leaves, evaluates the probability schedule one step earlier and solves in float32"
 )
 
 _CAME_PO = (
@@ -518,6 +531,20 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         ),
         frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY, Capability.MATRIX_STATE}),
         "Kronecker-factored preconditioner per block, grafted onto SGD's, AdaGrad's or RMSProp's step size",
+    ),
+    OptimizerSpec(
+        "psgd_kron", psgd_kron.psgd_kron,
+        {"b1": Range(0.5, 0.99), "preconditioner_lr": Range(0.02, 0.3, log=True),
+         "preconditioner_update_probability": Range(0.1, 1.0)},
+        (
+            Reference("psgd_jax.kron", note=_PSGD_JAX),
+            Reference("kron_torch.Kron", note=_KRON_TORCH),
+        ),
+        frozenset({
+            Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.REAL_ONLY, Capability.MATRIX_STATE,
+            Capability.FACTORED_STATE,
+        }),
+        "momentum preconditioned by Kronecker factors (triangular or diagonal) fitted online to whiten it",
     ),
     OptimizerSpec(
         "adafactor", adafactor.adafactor, _ADAFACTOR,
