@@ -163,6 +163,7 @@ from adaopt._src.storage import counter_bits as counter_bits
 from adaopt._src.storage import dynamic_map as dynamic_map
 from adaopt._src.storage import linear_map as linear_map
 from adaopt._src.storage import stochastic_round as stochastic_round
+from adaopt._src.tools.checkpoint import abstract_state as abstract_state
 from adaopt._src.tools.early_stopping import EarlyStopping as EarlyStopping
 from adaopt._src.tools.early_stopping import EarlyStoppingState as EarlyStoppingState
 from adaopt._src.tools.monitor import MonitorState as MonitorState

@@ -12,8 +12,12 @@ trains :data:`MODEL_SHAPES`'s small MLP with each optimizer of :func:`cases` und
   replicated), whose transpose reduce-scatters its gradient back to the parameter's placement.
 
 Each process then gathers the final parameters (``process_allgather``) and writes them to
-``DIR/process_I.npz``, under ``"<case>/<placement>/<leaf>"``. With ``--die-after-steps K``, process 1 trains
-``K`` steps and exits abruptly while the others keep stepping: the test's fault scenario.
+``DIR/process_I.npz``, under ``"<case>/<placement>/<leaf>"``, with the parameters one step before the end under
+``"checkpoint/<case>/<placement>/<leaf>"``; the processes also write those parameters and their optimizer states
+together as one orbax checkpoint, ``DIR/checkpoint``, each its own shards, which the test restores in its own
+process and finishes. With ``--die-after-steps K``, process ``--die-process`` (1 by default; 0 is the coordinator)
+trains ``K`` steps and exits abruptly while the others keep stepping, all of them writing an orbax checkpoint to
+``DIR/fault`` every :data:`FAULT_CHECKPOINT_EVERY` steps: the test's fault scenario.
 
 The model, the data, the placements, the training loop and the choice of optimizers live here once, so that
 the test's single-process reference runs exactly the same code.
@@ -33,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -52,6 +57,7 @@ PLACEMENTS = ("dp", "fsdp")
 # Heartbeats and timeouts small enough that a dead peer is noticed within seconds, not jax's minutes.
 HEARTBEAT_TIMEOUT_S = 5
 INITIALIZATION_TIMEOUT_S = 60
+FAULT_CHECKPOINT_EVERY = 2
 
 
 def host_params() -> dict[str, np.ndarray]:
@@ -174,6 +180,11 @@ def n_steps(case: str) -> int:
     return N_STEPS + DELAYED_EXTRA_STEPS if Capability.DELAYED_START in spec.capabilities else N_STEPS
 
 
+def checkpoint_step(case: str) -> int:
+    """The step after which ``run_all`` keeps a case's parameters and state for the checkpoint: one before the end."""
+    return n_steps(case) - 1
+
+
 def mesh() -> Mesh:
     """The 8 devices of every process as one data axis (explicit: shardings are fixed by the code, not guessed)."""
     return jax.make_mesh((N_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
@@ -208,11 +219,19 @@ def make_step(tx: optax.GradientTransformationExtraArgs, gather: bool) -> Callab
 
 
 def train(
-    tx: optax.GradientTransformationExtraArgs, params: Any, batch: Any, steps: int, gather: bool
+    tx: optax.GradientTransformationExtraArgs,
+    params: Any,
+    batch: Any,
+    steps: int,
+    gather: bool,
+    *,
+    state: Any = None,
+    step: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None,
 ) -> tuple[Any, Any]:
-    """``init`` and ``steps`` training steps. Returns the final parameters and state."""
-    step = make_step(tx, gather)
-    state = jax.jit(tx.init)(params)
+    """``init`` (unless ``state`` is given: a resumed run) and ``steps`` training steps, of ``step`` if given (one of
+    :func:`make_step`'s, compiled already). Returns the final parameters and state."""
+    step = make_step(tx, gather) if step is None else step
+    state = jax.jit(tx.init)(params) if state is None else state
     for _ in range(steps):
         params, state = step(params, state, batch)
     return params, state
@@ -234,11 +253,20 @@ def check_state_placement(state: Any, params: dict[str, jax.Array], where: str) 
             )
 
 
-def run_all(
-    step_hook: Callable[[int], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Every case under every placement on the global mesh; the final parameters, gathered to this host."""
+def checkpoint_key(case: str, placement: str) -> str:
+    """A case's entry in the checkpoint of ``run_all``: its class and placement (orbax names leaves by their keys)."""
+    return f"{case.split(':')[0]}_{placement}"
+
+
+def run_all(checkpoint_dir: str | None = None) -> dict[str, np.ndarray]:
+    """Every case under every placement on the global mesh; the final parameters, gathered to this host.
+
+    Each run's parameters and state after :func:`checkpoint_step` steps are also gathered (``checkpoint/...``) and,
+    with ``checkpoint_dir``, written there by all processes together in one orbax checkpoint, a dict of
+    :func:`checkpoint_key` to ``{"params", "opt_state"}``, each process writing its own shards.
+    """
     results: dict[str, np.ndarray] = {}
+    kept: dict[str, dict[str, Any]] = {}
     the_mesh = mesh()
     with jax.set_mesh(the_mesh):
         x, y = host_batch()
@@ -248,7 +276,15 @@ def run_all(
             for placement in PLACEMENTS:
                 shardings = {name: NamedSharding(the_mesh, spec) for name, spec in param_specs(placement).items()}
                 params = place(host_params(), shardings)
-                final, state = train(make(), params, batch, n_steps(case), gather=placement == "fsdp")
+                tx, gather = make(), placement == "fsdp"
+                step = make_step(tx, gather)
+                params, state = train(tx, params, batch, checkpoint_step(case), gather, step=step)
+                kept[checkpoint_key(case, placement)] = {"params": params, "opt_state": state}
+                for name, value in multihost_utils.process_allgather(params, tiled=True).items():
+                    results[f"checkpoint/{case}/{placement}/{name}"] = np.asarray(value)
+                final, state = train(
+                    tx, params, batch, n_steps(case) - checkpoint_step(case), gather, state=state, step=step
+                )
                 for name, p in final.items():
                     if not p.sharding.is_equivalent_to(shardings[name], p.ndim):
                         raise AssertionError(
@@ -258,11 +294,28 @@ def run_all(
                 gathered = multihost_utils.process_allgather(final, tiled=True)
                 for name, value in gathered.items():
                     results[f"{case}/{placement}/{name}"] = np.asarray(value)
+    if checkpoint_dir is not None:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(checkpoint_dir, "checkpoint"), kept)
+        checkpointer.wait_until_finished()
     return results
 
 
-def _die_after(steps: int) -> None:
-    """The fault scenario: process 1 trains ``steps`` steps and exits without a word; the others train on."""
+def fault_optimizer() -> optax.GradientTransformationExtraArgs:
+    """The optimizer of the fault scenario, which the test finishes from the last checkpoint."""
+    return adaopt.adam(1e-3)
+
+
+def _die_after(steps: int, dying: int, checkpoint_dir: str) -> None:
+    """The fault scenario: process ``dying`` trains ``steps`` steps and exits without a word; the others train on.
+
+    Every :data:`FAULT_CHECKPOINT_EVERY` steps, all processes write the fully-sharded ``{"params", "opt_state"}`` to
+    an orbax ``CheckpointManager`` in ``checkpoint_dir/fault`` (each its own shards) and wait until it is committed.
+    """
+    manager = ocp.CheckpointManager(
+        os.path.join(checkpoint_dir, "fault"),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),  # save() returns once committed
+    )
     the_mesh = mesh()
     with jax.set_mesh(the_mesh):
         x, y = host_batch()
@@ -270,7 +323,7 @@ def _die_after(steps: int) -> None:
         batch = place((x, y), (data, data))
         shardings = {name: NamedSharding(the_mesh, spec) for name, spec in param_specs("fsdp").items()}
         params = place(host_params(), shardings)
-        tx = adaopt.adam(1e-3)
+        tx = fault_optimizer()
         step = make_step(tx, gather=True)
         state = jax.jit(tx.init)(params)
         i = 0
@@ -278,9 +331,11 @@ def _die_after(steps: int) -> None:
             params, state = step(params, state, batch)
             jax.block_until_ready(params)
             i += 1
-            if jax.process_index() == 1 and i == steps:
-                print(f"process 1: exiting after {i} steps", flush=True)
-                os._exit(3)  # no shutdown, no goodbye to the coordinator: a crash
+            if i % FAULT_CHECKPOINT_EVERY == 0:
+                manager.save(i, args=ocp.args.StandardSave({"params": params, "opt_state": state}))
+            if jax.process_index() == dying and i == steps:
+                print(f"process {dying}: exiting after {i} steps", flush=True)
+                os._exit(3)  # no shutdown, no goodbye to the coordinator or the peers: a crash
             time.sleep(0.01)
 
 
@@ -290,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-processes", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True, help="the folder where process I writes process_I.npz")
-    parser.add_argument("--die-after-steps", type=int, default=0, help="the fault scenario: process 1 exits then")
+    parser.add_argument("--die-after-steps", type=int, default=0, help="the fault scenario: --die-process exits then")
+    parser.add_argument("--die-process", type=int, default=1, help="the process that dies (0: the coordinator)")
     args = parser.parse_args(argv)
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -308,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             "set XLA_FLAGS=--xla_force_host_platform_device_count to 8 / the number of processes"
         )
     if args.die_after_steps:
-        _die_after(args.die_after_steps)
-    results = run_all()
+        _die_after(args.die_after_steps, args.die_process, args.out)
+    results = run_all(checkpoint_dir=args.out)
     np.savez(os.path.join(args.out, f"process_{args.process_id}.npz"), **results)  # type: ignore[arg-type]
     jax.distributed.shutdown()
     return 0
