@@ -9,7 +9,10 @@ trains :data:`MODEL_SHAPES`'s small MLP with each optimizer of :func:`cases` und
   the 8 devices;
 - ``fsdp``: fully sharded, the batch split the same way and every parameter (and the state that mirrors it)
   split along its first axis over the 8 devices; the forward pass gathers each weight (``reshard`` to
-  replicated), whose transpose reduce-scatters its gradient back to the parameter's placement.
+  replicated), whose transpose reduce-scatters its gradient back to the parameter's placement;
+- ``zero`` (the classes of :data:`ZERO_CLASSES`): data parallel with the optimizer wrapped in
+  ``adaopt.shard_states``: the parameters replicated, the state that mirrors them split along its first axis
+  (ZeRO), each device updating its slice and the updates gathered across both processes.
 
 Each process then gathers the final parameters (``process_allgather``) and writes them to
 ``DIR/process_I.npz``, under ``"<case>/<placement>/<leaf>"``, with the parameters one step before the end under
@@ -53,7 +56,10 @@ BATCH = 32
 # w1 has 4096 elements with rows of 256: int8 storage (min_size 4096, blocks of 256) quantizes it, and its blocks
 # split with its rows under the fully-sharded placement. Every first axis divides by the 8 devices.
 MODEL_SHAPES = {"w1": (16, 256), "b1": (256,), "w2": (256, 8), "b2": (8,)}
-PLACEMENTS = ("dp", "fsdp")
+PLACEMENTS = ("dp", "fsdp", "zero")
+# The classes whose state shard_states splits (it mirrors the parameters), among them a norm per leaf, a global
+# estimate summed over the slices and quantized blocks; the others' states are placed as under dp.
+ZERO_CLASSES = ("elementwise", "trust_ratio", "global_estimate", "quantized")
 # Heartbeats and timeouts small enough that a dead peer is noticed within seconds, not jax's minutes.
 HEARTBEAT_TIMEOUT_S = 5
 INITIALIZATION_TIMEOUT_S = 60
@@ -194,6 +200,16 @@ def param_specs(placement: str) -> dict[str, P]:
     return {name: P("data") if placement == "fsdp" else P() for name in MODEL_SHAPES}
 
 
+def placements(case: str) -> tuple[str, ...]:
+    """The placements a case trains under: ``zero`` only for :data:`ZERO_CLASSES`."""
+    return PLACEMENTS if case.split(":")[0] in ZERO_CLASSES else tuple(p for p in PLACEMENTS if p != "zero")
+
+
+def optimizer(make: Callable[[], optax.GradientTransformationExtraArgs], placement: str) -> Any:
+    """The case's optimizer under ``placement``: wrapped in ``adaopt.shard_states`` for ``zero``."""
+    return adaopt.shard_states(make()) if placement == "zero" else make()
+
+
 def loss(params: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array], gather: bool) -> jax.Array:
     """Mean squared error of a tanh MLP; ``gather``: the fully-sharded placement gathers each weight to use it."""
     if gather:
@@ -242,15 +258,15 @@ def place(host: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host, shardings)
 
 
-def check_state_placement(state: Any, params: dict[str, jax.Array], where: str) -> None:
-    """A state leaf with a parameter's shape (a moment, an accumulator) is placed as that parameter."""
+def check_state_placement(state: Any, params: dict[str, jax.Array], where: str, split: bool = False) -> None:
+    """A state leaf with a parameter's shape (a moment, an accumulator) is placed as that parameter, or, ``split``
+    (``zero``), along its first axis over the devices (every first axis of the model divides by them)."""
     by_shape = {p.shape: p for p in params.values()}  # the model's shapes are distinct
     for leaf in jax.tree.leaves(state):
         p = by_shape.get(tuple(getattr(leaf, "shape", ())))
-        if p is not None and not leaf.sharding.is_equivalent_to(p.sharding, p.ndim):
-            raise AssertionError(
-                f"{where}: a state leaf of shape {leaf.shape} is placed {leaf.sharding}, not as its parameter"
-            )
+        want = NamedSharding(p.sharding.mesh, P("data")) if split and p is not None else getattr(p, "sharding", None)
+        if p is not None and not leaf.sharding.is_equivalent_to(want, p.ndim):
+            raise AssertionError(f"{where}: a state leaf of shape {leaf.shape} is placed {leaf.sharding}, not {want}")
 
 
 def checkpoint_key(case: str, placement: str) -> str:
@@ -273,10 +289,10 @@ def run_all(checkpoint_dir: str | None = None) -> dict[str, np.ndarray]:
         data = NamedSharding(the_mesh, P("data"))
         batch = place((x, y), (data, data))
         for case, make in cases().items():
-            for placement in PLACEMENTS:
+            for placement in placements(case):
                 shardings = {name: NamedSharding(the_mesh, spec) for name, spec in param_specs(placement).items()}
                 params = place(host_params(), shardings)
-                tx, gather = make(), placement == "fsdp"
+                tx, gather = optimizer(make, placement), placement == "fsdp"
                 step = make_step(tx, gather)
                 params, state = train(tx, params, batch, checkpoint_step(case), gather, step=step)
                 kept[checkpoint_key(case, placement)] = {"params": params, "opt_state": state}
@@ -290,7 +306,7 @@ def run_all(checkpoint_dir: str | None = None) -> dict[str, np.ndarray]:
                         raise AssertionError(
                             f"{case}/{placement}: {name} is placed {p.sharding}, not {shardings[name]}"
                         )
-                check_state_placement(state, final, f"{case}/{placement}")
+                check_state_placement(state, final, f"{case}/{placement}", split=placement == "zero")
                 gathered = multihost_utils.process_allgather(final, tiled=True)
                 for name, value in gathered.items():
                     results[f"{case}/{placement}/{name}"] = np.asarray(value)

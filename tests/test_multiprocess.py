@@ -149,7 +149,8 @@ def test_cases_cover_every_capability_class() -> None:
 
 
 def test_two_processes_train_as_one(tmp_path: Path) -> None:
-    """Data-parallel and fully-sharded training over 2 processes x 4 devices equals one device's, for each class; the
+    """Data-parallel (also with the states split by shard_states) and fully-sharded training over 2 processes x 4
+    devices equals one device's, for each class; the
     checkpoint the processes write together one step before the end resumes in this process and ends there too."""
     procs = _launch(tmp_path)
     try:
@@ -166,7 +167,7 @@ def test_two_processes_train_as_one(tmp_path: Path) -> None:
         f"{prefix}{case}/{placement}/{name}"
         for prefix in ("", "checkpoint/")
         for case in want
-        for placement in worker.PLACEMENTS
+        for placement in worker.placements(case)
         for name in worker.MODEL_SHAPES
     }
     for i, results in enumerate(got):
@@ -189,14 +190,14 @@ def test_two_processes_train_as_one(tmp_path: Path) -> None:
     the_mesh = worker.mesh()
     targets = {}
     for case, make in cases.items():
-        for placement in worker.PLACEMENTS:
+        for placement in worker.placements(case):
             key = worker.checkpoint_key(case, placement)
             on_device = {name: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for name in worker.MODEL_SHAPES}
             on_the_mesh = {name: NamedSharding(the_mesh, spec) for name, spec in worker.param_specs(placement).items()}
             targets[key] = _targets(make, on_the_mesh if key == on_mesh else on_device)
     restored = ocp.StandardCheckpointer().restore(tmp_path / "checkpoint", targets)
     for case, make in cases.items():
-        for placement in worker.PLACEMENTS:
+        for placement in worker.placements(case):
             key = worker.checkpoint_key(case, placement)
             entry = restored[key]
             for (path, leaf), target in zip(
