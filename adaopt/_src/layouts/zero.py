@@ -222,14 +222,14 @@ def shard_states(
         axis ``axis``.
 
     Example:
-      >>> import jax, jax.numpy as jnp, adaopt
+      >>> import jax, jax.numpy as jnp, optax, adaopt
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ("data",))
       >>> params = jax.device_put({"w": jnp.ones((4, 3))}, NamedSharding(mesh, P()))
       >>> opt = adaopt.shard_states(adaopt.adam(1e-2))
       >>> state = opt.init(params)
-      >>> state[0].mu["w"].sharding.spec
-      PartitionSpec('data', None)
+      >>> optax.tree.get(state, "mu")["w"].sharding.spec
+      P('data', None)
     """
     base.check_integer("min_size", min_size, 1)
     if not isinstance(axis, str) or not axis:
