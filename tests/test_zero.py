@@ -21,6 +21,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adaopt
+from benchmarks.zero import per_device_bytes
 
 N_STEPS = 3
 DATA = 4  # the size of the mesh's data axis
@@ -156,16 +157,9 @@ def test_each_device_holds_a_quarter_of_the_split_state() -> None:
         state = adaopt.shard_states(adaopt.adam(1e-2)).init(_placed(mesh))
         whole = adaopt.adam(1e-2).init(_placed(mesh))
 
-    def per_device(tree: Any) -> dict[Any, int]:
-        held: dict[Any, int] = {}
-        for x in jax.tree.leaves(tree):
-            for shard in x.addressable_shards:
-                held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
-        return held
-
     kept = sum(2 * 4 * int(np.prod(SHAPES[n])) // (DATA if n == "f" else 1) for n in ("odd", "f"))
-    for device, nbytes in per_device(state).items():
-        whole_bytes = per_device(whole)[device]
+    for device, nbytes in per_device_bytes(state).items():
+        whole_bytes = per_device_bytes(whole)[device]
         assert nbytes - kept - 4 == (whole_bytes - kept - 4) // DATA, (device, nbytes, whole_bytes)  # 4: the count
 
 

@@ -150,6 +150,14 @@ def explicit_sharding(x: Any) -> NamedSharding | None:
     return sharding if AxisType.Explicit in mesh.axis_types else None
 
 
+def placed_like(x: Any, like: Any) -> Any:
+    """``x`` resharded to the explicit sharding of ``like`` (replicated included) where the two differ, else ``x``."""
+    sharding = explicit_sharding(like)
+    if sharding is None or explicit_sharding(x) == sharding:
+        return x
+    return jax.sharding.reshard(x, sharding)
+
+
 def explicit_spec(x: jax.Array) -> Any:
     """The partition spec of ``x`` when a mesh with explicit axes shards it, else None."""
     spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)

@@ -57,15 +57,6 @@ def _replicated(x: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
 
 
-def _sharded_like(x: Any, like: Any) -> Any:
-    """``x`` with the sharding of ``like`` where ``like``'s type carries one (the unpacked updates
-    of small leaves get their gradients' shardings back)."""
-    sharding = numerics.explicit_sharding(like)
-    if sharding is None or numerics.explicit_sharding(x) == sharding:
-        return x
-    return jax.sharding.reshard(x, sharding)
-
-
 class FlatTree(NamedTuple):
     """A tree in the multi-tensor layout: one flat buffer per dtype for the small leaves, the large as they are.
 
@@ -430,7 +421,7 @@ def multi_tensor(
         flat_params = None if params is None else layout.pack(params)
         check(grads, state.inner, flat_params, extra_args)
         flat_updates, inner_state = inner.update(grads, state.inner, flat_params, **extra_args)
-        new_updates = jax.tree.map(_sharded_like, layout.unpack(flat_updates), updates)
+        new_updates = jax.tree.map(numerics.placed_like, layout.unpack(flat_updates), updates)
         return new_updates, MultiTensorState(inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -89,14 +89,6 @@ def _with_axis(x: jax.Array, dim: int, axis: str) -> jax.Array:
     return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec(*entries)))
 
 
-def _resharded_as(x: Any, like: Any) -> Any:
-    """``x`` with the explicit sharding of ``like``, where the two differ."""
-    want, have = numerics.explicit_sharding(like), numerics.explicit_sharding(x)
-    if want is None or have is None or have == want:
-        return x
-    return jax.sharding.reshard(x, want)
-
-
 def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
@@ -253,6 +245,8 @@ def shard_states(
         sliced_params = None if params is None else jax.tree.map(split, params, params)
         new_updates, new_state = inner.update(sliced, state, sliced_params, **extra)
         # The updates go back to the gradients' placement (an all-gather), the state stays where init put it.
-        return jax.tree.map(_resharded_as, new_updates, updates), jax.tree.map(_resharded_as, new_state, state)
+        return jax.tree.map(numerics.placed_like, new_updates, updates), jax.tree.map(
+            numerics.placed_like, new_state, state
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
