@@ -2,6 +2,9 @@
 fixture that traces ``single_pass``'s sibling form."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 # Must be set before JAX initialises its backends. The suite compiles thousands of small programs, each
 # run for a few steps: XLA:CPU's cheaper code generation halves its time. Tests whose assertion is about
@@ -19,6 +22,19 @@ import pytest
 
 from adaopt._src.layouts import single_pass
 
+# One compilation cache for the run, shared by its workers: the registry-wide tests build the same programs
+# many times over (a new optimizer object, a new lambda, the same HLO), and a program compiled once is then
+# read back. Its key holds the program, the flags and the versions, so a hit is the same executable. Fresh
+# for each run (made by the process that starts the run; xdist's workers inherit its environment), so a
+# run's time is a clean machine's.
+_OWNS_CACHE = "ADAOPT_TEST_COMPILATION_CACHE" not in os.environ
+if _OWNS_CACHE:
+    os.environ["ADAOPT_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="adaopt-tests-")
+_COMPILATION_CACHE = Path(os.environ["ADAOPT_TEST_COMPILATION_CACHE"])
+jax.config.update("jax_compilation_cache_dir", str(_COMPILATION_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 # Start the backends now, with these flags: tests that set XLA_FLAGS later (to trace single_pass's
 # sibling form) must not be the ones that start them.
 jax.devices()
@@ -34,3 +50,9 @@ def fusion_on(monkeypatch: pytest.MonkeyPatch) -> None:
     more kernels, with the same numbers."""
     monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {single_pass.CPU_MULTI_OUTPUT_FUSION_FLAG}")
     monkeypatch.setattr(single_pass, "cpu_backend_fuses_siblings", lambda: True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The run's compilation cache removed by the process that made it (xdist's controller, or the only one)."""
+    if _OWNS_CACHE:
+        shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
