@@ -278,6 +278,10 @@ def leafwise(
     :func:`store`). The trees in
     ``options`` hold one value per leaf (a decay mask, a layer scale): their structure is
     checked, not their shapes. Returns ``n_out`` trees with ``updates``' structure.
+
+    Under ``jit``, a leaf's quantized moments are computed and stored chunk by chunk where ``fn``
+    computes them elementwise (:func:`adaopt._src.storage.step_leaf`): the same operations, with a
+    float32 working set of a few chunks instead of whole leaves.
     """
     for tree in trees:
         check_tree_match(updates, tree, what, subject=subject, shapes=shapes)
@@ -286,7 +290,7 @@ def leafwise(
     trees = (*trees, *options)
     flat, treedef = jax.tree.flatten(updates)
     leaves = [jax.tree.leaves(tree, is_leaf=storage.is_stored) for tree in trees]
-    outs = [fn(*args) for args in zip(flat, *leaves, strict=True)]
+    outs = storage.step_leaves(fn, zip(flat, *leaves, strict=True))
     return tuple(jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(n_out))
 
 

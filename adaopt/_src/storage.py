@@ -32,15 +32,29 @@ there step after step). On a mesh, a block then never straddles two shards as lo
 shard of the last axis is a multiple of the block size. Any other leaf is flattened in row-major
 order, its last block possibly partial, with one vector of scales; under an explicit sharding it
 is gathered for its blocks and its codes placed back as the parameter.
+
+Memory of a step: a quantized state saves memory between steps only if the step does not
+dequantize every leaf at once. Under ``jit``, each leaf larger than ``chunk_size`` elements has
+its new moments computed and quantized in a loop over chunks of whole blocks (:func:`step_leaf`),
+the leaves one after the other, and its step computed from the codes directly, fused with what
+follows (the learning rate, ``optax.apply_updates``): the compiled step holds the parameters, the
+gradients, the state, a copy of one leaf's old codes and a few float32 chunks (AdamW with 8-bit
+moments on a 55 M-parameter tree: about two thirds of float32 AdamW's peak, see
+``benchmarks/RESULTS.md``). The loop keeps the blocks and layouts above: by rows, each chunk is
+whole rows of the leaf, taken strided across its leading axes, so a sharding of the leading or
+last axes stays where it is; a leaf with an explicit sharding, a float64 leaf, and moments that
+are not computed coordinate by coordinate (Adafactor's, MARS's clipped ones) are computed whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,22 +124,54 @@ def _lookup(qmap: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     return np.append(midpoints, np.inf), guess
 
 
+@functools.cache
+def _search_table(qmap: tuple[float, ...]) -> np.ndarray:
+    """For each float32 prefix (top 16 bits): :func:`_lookup`'s guess and the one float32 midpoint of its range, as a uint32.
+
+    The index of the entry nearest to a float32 ``x`` (ties to the lower one) is the number of
+    midpoints, rounded to float32, below ``x``: those below ``x``'s range (the guess), plus one if
+    ``x`` is above the midpoint inside the range. Each range holds at most one of these maps'
+    rounded midpoints (checked here), and two floats of one range compare as their low 16 bits,
+    in reverse for negative floats, so one lookup and one integer comparison find it. Bits 0-7
+    hold the guess, bits 8-23 the midpoint's low 16 bits (complemented in a negative range), or
+    0xFFFF, which no float of the range exceeds, where the range holds none.
+    """
+    midpoints, guess = _lookup(qmap)
+    bits = midpoints[:-1].astype(np.float32).view(np.uint32)
+    prefix, low = bits >> 16, bits & 0xFFFF
+    if len(np.unique(prefix)) != len(prefix):
+        raise ValueError(
+            "A map with two float32 midpoints between floats sharing their top 16 bits needs a finer table."
+        )
+    threshold = np.full(1 << 16, 0xFFFF, np.uint32)
+    threshold[prefix] = np.where(prefix >> 15, low ^ 0xFFFF, low)
+    return guess.astype(np.uint32) | (threshold << 8)
+
+
 def nearest_index(x: jax.Array, qmap: np.ndarray) -> jax.Array:
     """The index (uint8) of the entry of the sorted ``qmap`` nearest to each ``x`` (ties to the lower one).
 
     Float32 ``x`` is compared with the midpoints rounded to float32 (where bitsandbytes compares
-    the two distances in float32: the same up to a tie within rounding); float64 ``x`` with the
-    exact midpoints.
+    the two distances in float32: the same up to a tie within rounding), in one lookup of
+    :func:`_search_table` by its top 16 bits and one comparison of its low 16 bits; float64 ``x``
+    with the exact midpoints, from :func:`_lookup`'s guess.
     """
-    midpoints, guess = _lookup(tuple(float(v) for v in qmap))
-    wide = x.dtype == jnp.float64
-    x32 = x.astype(jnp.float32)
-    prefix = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(x32, jnp.uint32), jnp.uint32(16))
-    index = _take(jnp.asarray(guess), prefix).astype(jnp.int32)
-    if wide:  # x rounded to float32 may have crossed one midpoint upward
-        index = jnp.maximum(index - 1, 0)
-    mids = jnp.asarray(midpoints.astype(np.float64 if wide else np.float32))
-    for _ in range(3 if wide else 2):
+    key = tuple(float(v) for v in qmap)
+    if x.dtype != jnp.float64:
+        bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+        low = (bits & 0xFFFF) ^ ((bits >> 31) * np.uint32(0xFFFF))  # a negative float's order reversed
+        # entry - low * 256 keeps the guess in its low 8 bits and is negative (wraps) iff low > the threshold:
+        # the entry read once, so that XLA:CPU fuses the lookup into its one consumer.
+        y = _take(jnp.asarray(_search_table(key)), bits >> 16) - (low << 8)
+        return ((y & 0xFF) + (y >> 31)).astype(jnp.uint8)
+    midpoints, guess = _lookup(key)
+    prefix = jax.lax.shift_right_logical(
+        jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32), jnp.uint32(16)
+    )
+    # x rounded to float32 may have crossed one midpoint upward
+    index = jnp.maximum(_take(jnp.asarray(guess), prefix).astype(jnp.int32) - 1, 0)
+    mids = jnp.asarray(midpoints)
+    for _ in range(3):
         index = index + (x > _take(mids, index))
     return index.astype(jnp.uint8)
 
@@ -226,6 +272,9 @@ __all__ = ["is_stored"]  # re-exported from base, where the tree checks use it
 
 Format = Literal["dynamic8", "dynamic4", "fp8"]
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+DEFAULT_CHUNK_SIZE = 1 << 17
+"""Elements of a leaf quantized at a time under ``jit`` (:attr:`Blockwise.chunk_size`): 512 KiB of float32 per array of a
+chunk, which stay in a core's second-level cache; smaller chunks spend more time in the loop's own overhead."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +293,11 @@ class Blockwise:
         bitsandbytes, its last block is partial.
       scale_floor: the scale is at least this (torchao clips its scales at 1e-12; bitsandbytes
         does not clip, and a block of zeros is stored as zeros either way).
+      chunk_size: under ``jit``, a larger leaf's new moments are computed and quantized this many
+        elements at a time (rounded to whole blocks), so that a step's float32 working set is a few
+        chunks rather than whole leaves (:func:`step_leaf`); None computes each leaf whole. The
+        operations, and so the numbers, do not depend on it (up to where XLA:CPU contracts
+        ``a * b + c`` into fused multiply-adds, which depends on its kernels).
 
     Example:
       >>> import jax.numpy as jnp, adaopt
@@ -257,6 +311,7 @@ class Blockwise:
     block_size: int = 256
     min_size: int = 4096
     scale_floor: float = 0.0
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE
 
     def __post_init__(self) -> None:
         if self.format not in ("dynamic8", "dynamic4", "fp8"):
@@ -271,6 +326,10 @@ class Blockwise:
             raise HyperparameterError(f"min_size must be a non-negative integer, got {self.min_size!r}.")
         if not (isinstance(self.scale_floor, (int, float)) and 0 <= self.scale_floor < 1e-3):
             raise HyperparameterError(f"scale_floor must be a number in [0, 1e-3), got {self.scale_floor!r}.")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size <= 0):
+            raise HyperparameterError(
+                f"chunk_size must be a positive integer (elements) or None (whole leaves), got {self.chunk_size!r}."
+            )
 
     # The map of a signed or unsigned moment (None for FP8).
     def qmap(self, signed: bool) -> np.ndarray | None:
@@ -344,12 +403,14 @@ class Blockwise:
     def decode(self, leaf: Quantized, dtype: Any = jnp.float32) -> jax.Array:
         """The values of ``leaf`` in ``dtype``: each entry (or FP8 value) times its block's scale."""
         codes = leaf.codes
-        if self.format == "fp8":
-            values = codes.astype(dtype)
+        qmap = self.qmap(leaf.signed)
+        if qmap is None:
+            values = _from_e4m3(codes).astype(dtype)
+        elif self.format == "dynamic4":  # both entries of a byte in one lookup, in their order in memory
+            pairs = np.stack([qmap[np.arange(256) >> 4], qmap[np.arange(256) & 0xF]], axis=-1)
+            values = _take(jnp.asarray(pairs, dtype), codes).reshape(*codes.shape[:-1], -1)
         else:
-            if self.format == "dynamic4":
-                codes = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(*codes.shape[:-1], -1)
-            values = _take(jnp.asarray(self.qmap(leaf.signed), dtype), codes)
+            values = _take(jnp.asarray(qmap, dtype), codes)
         blocks = self._blocks(values, leaf.shape)
         return self._unblocked(blocks * leaf.scale.astype(dtype)[..., None], leaf.shape)
 
@@ -387,9 +448,12 @@ def _sharding_spec(x: jax.Array) -> Any:
 
 def _take(table: jax.Array, index: jax.Array) -> jax.Array:
     """``table[index]`` for a small replicated table, placed as ``index`` (which an explicit sharding needs said)."""
-    if _sharding_spec(index) is None:
-        return table[index]
-    return table.at[index].get(out_sharding=jax.typeof(index).sharding)
+    # Every index is in range (codes, prefixes, the guesses): no clamping or fill.
+    spec = _sharding_spec(index)
+    if spec is None:
+        return table.at[index].get(mode="promise_in_bounds")
+    rows = jax.sharding.PartitionSpec(*spec, *(None,) * (table.ndim - 1))  # a table of rows: each whole
+    return table.at[index].get(mode="promise_in_bounds", out_sharding=jax.typeof(index).sharding.update(spec=rows))
 
 
 def _unsharded(x: jax.Array) -> jax.Array:
@@ -411,10 +475,42 @@ def _to_e4m3(x: jax.Array) -> jax.Array:
     rounding to 4 significant bits (subnormal spacing 2**-9 below 2**-6) is done here, exactly.
     """
     if x.dtype != jnp.float64:
-        return x.astype(jnp.float8_e4m3fn)
+        return jax.lax.bitcast_convert_type(_e4m3_bits(x), jnp.float8_e4m3fn)
     _, exponent = jnp.frexp(x)
     exponent = jnp.maximum(exponent, -5)  # 2**-6 is the smallest normal: below it the spacing is fixed
     return jnp.ldexp(jnp.round(jnp.ldexp(x, 4 - exponent)), exponent - 4).astype(jnp.float8_e4m3fn)
+
+
+def _e4m3_bits(x: jax.Array) -> jax.Array:
+    """The bits (uint8) of float32 ``x`` rounded to float8_e4m3fn, ties to even: ``x.astype(float8_e4m3fn)`` bit for
+    bit, every float32 included, in integer arithmetic (XLA:CPU converts element by element in a slow routine).
+
+    From 2**-6 (the smallest normal) the float32 mantissa is rounded to 3 bits (adding 0x7FFFF and the kept
+    bits' last one, then dropping 20) and the exponent rebiased from 127 to 7; below it the spacing is
+    2**-9, so the code is ``round(|x| * 512)``; above 464 (halfway to 480, which the format lacks) and for
+    infinities and NaN it is NaN (0x7F), with the sign bit of ``x``.
+    """
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    normal = ((magnitude + np.uint32(0x7FFFF) + ((magnitude >> 20) & np.uint32(1))) >> 20) - np.uint32(120 << 3)
+    subnormal = jnp.round(jax.lax.bitcast_convert_type(magnitude, jnp.float32) * np.float32(512)).astype(jnp.uint32)
+    code = jnp.where(magnitude < np.uint32(0x3C800000), subnormal, normal)  # 2**-6
+    code = jnp.where(magnitude > np.uint32(0x43E80000), np.uint32(0x7F), code)  # 464
+    return (code | ((bits >> 24) & np.uint32(0x80))).astype(jnp.uint8)
+
+
+def _from_e4m3(codes: jax.Array) -> jax.Array:
+    """float8_e4m3fn ``codes`` as float32, bit for bit ``codes.astype(float32)``, in integer arithmetic (see
+    :func:`_e4m3_bits`): exponent rebiased from 7 to 127 and mantissa shifted into place; below the
+    smallest normal, the 3 mantissa bits times 2**-9; NaN as XLA's quiet NaN, with its sign."""
+    bits = jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.uint32)
+    sign = (bits & np.uint32(0x80)) << 24
+    magnitude = bits & np.uint32(0x7F)
+    normal = jax.lax.bitcast_convert_type(sign | ((magnitude + np.uint32(120 << 3)) << 20), jnp.float32)
+    small = jax.lax.bitcast_convert_type(magnitude.astype(jnp.float32) * np.float32(2**-9), jnp.uint32)
+    value = jnp.where(magnitude < np.uint32(8), jax.lax.bitcast_convert_type(sign | small, jnp.float32), normal)
+    nan = jax.lax.bitcast_convert_type(sign | np.uint32(0x7FC00000), jnp.float32)
+    return jnp.where(magnitude == np.uint32(0x7F), nan, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,6 +576,490 @@ def resolve(spec: Any) -> Storage | None:
     if isinstance(spec, str) and spec in ALIASES:
         return ALIASES[spec]
     return None
+
+
+# --------------------------------------------------------------------------- chunked steps
+
+# Primitives that act on each coordinate alone, shared with adaopt.multi_tensor (which inspects a whole update the
+# same way). An allow list fails safe: anything else on a leaf-sized array (a reduction, a gather, an iota, a
+# random draw) keeps the leaf's step whole.
+POINTWISE_PRIMITIVES = frozenset(
+    {
+        "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "bitcast_convert_type",
+        "cbrt", "ceil", "clamp", "clz", "complex", "conj", "convert_element_type", "copy", "copy_p", "cos",
+        "cosh", "digamma", "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt",
+        "imag", "integer_pow", "is_finite", "le", "lgamma", "log", "log1p", "logistic", "lt", "max", "min", "mul",
+        "ne", "neg", "nextafter", "not", "or", "population_count", "pow", "real", "reduce_precision", "rem",
+        "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sign", "sin",
+        "sinh", "sqrt", "square", "stop_gradient", "sub", "tan", "tanh", "xor",
+    }
+)  # fmt: skip
+# Calls whose body is inspected, and evaluated inline, in turn.
+_CALLS = frozenset(
+    {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "remat", "remat2", "checkpoint"}
+)
+
+
+def step_leaves(fn: Callable[..., Sequence[Any]], leaves: Iterable[Sequence[Any]]) -> list[list[Any]]:
+    """:func:`step_leaf` for each leaf's arguments in turn, each leaf's loop after the previous one's.
+
+    XLA schedules independent work in any order (XLA:CPU for concurrency, by default): every leaf's
+    buffers would be allocated at once. Each loop's new buffers start from a value of the previous
+    loop's results instead (:meth:`_Chunks.run`), so that one leaf's are live at a time.
+    """
+    outs, after = [], None
+    for args in leaves:
+        out, chunked = _step_leaf(fn, args, after)
+        outs.append(out)
+        after = chunked if chunked else after
+    return outs
+
+
+def step_leaf(fn: Callable[..., Sequence[Any]], args: Sequence[Any]) -> list[Any]:
+    """One leaf's step, ``fn(*args)``, with the moments it quantizes computed and stored chunk by chunk when it can be.
+
+    Computed whole, a quantized moment's step holds several float32 copies of the leaf at once: the
+    dequantized moments, the new moments (the blocks' maxima read them before their codes are
+    searched), for every leaf of the tree, since nothing orders the leaves. Instead, under ``jit``:
+
+    - the new quantized moments are computed by the operations of ``fn``, re-evaluated from its
+      traced program (``jax.make_jaxpr``) on chunks of whole blocks, ``chunk_size`` elements at a
+      time (:class:`_Chunks`), in a loop that writes each chunk's codes and scales in place of the
+      old ones and keeps a copy of those (one or half a byte per element): the float32 working set is
+      a few chunks;
+    - ``fn`` then runs on the whole leaf, from the copies of the old codes, for its outputs that are
+      not quantized moments (the step, per-leaf statistics); the compiler drops what it computes for
+      the quantized ones, so the step reads the codes directly and fuses with whatever follows (the
+      learning rate, ``apply_updates``).
+
+    Each coordinate goes through the same operations, and a block's scale and codes depend on its
+    own elements only, so the stored moments are the same numbers (XLA:CPU contracts ``a * b + c``
+    into fused multiply-adds within its kernels, which the loop does not change). The loop is taken
+    only where that holds: where the part of ``fn`` that computes the quantized moments is elementwise
+    (only the primitives of ``POINTWISE_PRIMITIVES`` on leaf-sized arrays: not Adafactor's factored moments,
+    for instance), computes in float32 (a float64 leaf keeps the whole step, as its moments are
+    dequantized in float64), has no explicit sharding (a sharded leaf keeps its own blocks, see the
+    module's docstring), and when the leaf is larger than a chunk; elsewhere, and run op by op
+    outside ``jit``, the step is ``fn(*args)``.
+    """
+    return _step_leaf(fn, args, None)[0]
+
+
+def _step_leaf(fn: Callable[..., Sequence[Any]], args: Sequence[Any], after: Any) -> tuple[list[Any], list[Any]]:
+    """:func:`step_leaf` with its loop after ``after``'s arrays are computed; also returns the chunked moments."""
+    outs = list(fn(*args))
+    g = args[0]
+    targets = [k for k, o in enumerate(outs) if isinstance(o, Quantized) and not any(o is a for a in args)]
+    if not targets or not isinstance(g, jax.core.Tracer):
+        return outs, []
+    shape = tuple(np.shape(g))
+    quantized = [a for a in args if isinstance(a, Quantized)]
+    stored = [outs[k] for k in targets] + quantized
+    if any(q.shape != shape or q.storage.chunk_size is None for q in stored):
+        return outs, []
+    chunks = _Chunks.of(shape, [q.storage for q in stored])
+    if chunks is None:
+        return outs, []
+    kinds = [_kind(a, shape) for a in args]
+    leaf_arrays = [a.value if kind == "rounded" else a for a, kind in zip(args, kinds, strict=True) if kind]
+    arrays = [x for a in leaf_arrays for x in ((a.codes, a.scale) if isinstance(a, Quantized) else (a,))]
+    if any(_sharding_spec(x) is not None for x in arrays):
+        return outs, []
+    if any(not isinstance(a, Quantized) and not _narrow(a) for a in leaf_arrays):
+        return outs, []
+    program = _traced_moments(fn, args, kinds, targets, shape)
+    if program is None:
+        return outs, []
+    new, copies = chunks.run(program, args, kinds, [outs[k] for k in targets], after)
+    if copies:  # the step from the old codes' copies: see _Chunks.run
+        outs = list(fn(*(copies.get(j, a) for j, a in enumerate(args))))
+    for k, q in zip(targets, new, strict=True):
+        outs[k] = q
+    return outs, new
+
+
+def _kind(x: Any, shape: tuple[int, ...]) -> str | None:
+    """How an argument of a leaf's step is cut into chunks: a quantized moment, a bfloat16 one, an array of the
+    leaf's shape, or nothing (a scalar, an option, None: passed whole)."""
+    if isinstance(x, Quantized):
+        return "quantized"
+    if isinstance(x, Rounded):
+        return "rounded" if x.shape == shape else None
+    if isinstance(x, (jax.Array, np.ndarray)) and np.shape(x) == shape:
+        return "array"
+    return None
+
+
+def _narrow(x: Any) -> bool:
+    """Whether the step computes in float32 with ``x``: a real dtype of at most 32 bits."""
+    dtype = jnp.dtype(jnp.result_type(x))
+    return dtype.itemsize <= 4 and not jnp.issubdtype(dtype, jnp.complexfloating)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """The operations that compute a leaf's quantized moments from its arrays (a jaxpr and its constants), and its shape."""
+
+    jaxpr: Any
+    consts: list[Any]
+    shape: tuple[int, ...]
+
+
+def _traced_moments(
+    fn: Callable[..., Sequence[Any]], args: Sequence[Any], kinds: list[str | None], targets: list[int], shape: tuple
+) -> _Program | None:
+    """``fn``'s quantized outputs as a program of the leaf's arrays (dequantized), or None if it is not elementwise.
+
+    ``fn`` is traced again with each quantized moment replaced by its float32 values, so that ``store``
+    returns the values it would quantize; the scalars it closes over (hyperparameters, bias corrections
+    of this step) become the program's constants.
+    """
+
+    def values(*chunked: Any) -> list[Any]:
+        it = iter(chunked)
+        outs = fn(*(next(it) if kind else a for a, kind in zip(args, kinds, strict=True)))
+        return [outs[k] for k in targets]
+
+    avals = [
+        jax.ShapeDtypeStruct(shape, jnp.float32 if kind == "quantized" else (a.value if kind == "rounded" else a).dtype)
+        for a, kind in zip(args, kinds, strict=True)
+        if kind
+    ]
+    try:
+        closed = jax.make_jaxpr(values)(*avals)
+    except Exception:  # fn needs the stored leaves themselves (their methods, their arrays): it keeps its whole step
+        return None
+    if any(np.shape(out) != shape for out in closed.out_avals):
+        return None
+    if not _elementwise(closed.jaxpr, shape, list(closed.jaxpr.outvars)):
+        return None
+    return _Program(closed.jaxpr, list(closed.consts), shape)
+
+
+def _live(jaxpr: Any, outvars: list[Any]) -> tuple[list[Any], set[Any]]:
+    """The equations of ``jaxpr`` that ``outvars`` depend on, in order, and the variables they read."""
+    live = {v for v in outvars if isinstance(v, jax.extend.core.Var)}
+    needed = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            needed.append(eqn)
+            live.update(v for v in eqn.invars if isinstance(v, jax.extend.core.Var))
+    return needed[::-1], live
+
+
+def _sub_jaxpr(eqn: Any) -> Any:
+    """The body of a call equation (a ``ClosedJaxpr`` or ``Jaxpr``), or None."""
+    for value in eqn.params.values():
+        if isinstance(value, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+            return value
+    return None
+
+
+def _elementwise(jaxpr: Any, shape: tuple[int, ...], outvars: list[Any]) -> bool:
+    """Whether what ``outvars`` need of ``jaxpr`` acts coordinate by coordinate on its arrays of ``shape``.
+
+    Equations with no array of ``shape`` (scalars of the step) are evaluated as they are; arrays of
+    ``shape`` may only meet elementwise primitives, scalars, broadcasts of a single value and calls whose
+    bodies qualify in turn; a constant of ``shape`` (an array closed over) cannot be cut into chunks.
+    """
+    needed, live = _live(jaxpr, outvars)
+    if any(np.shape(v.aval) == shape for v in jaxpr.constvars if v in live):
+        return False
+    for eqn in needed:
+        if eqn.effects:
+            return False
+        shapes = [np.shape(v.aval) for v in (*eqn.invars, *eqn.outvars)]
+        if shape not in shapes:
+            continue
+        name = eqn.primitive.name
+        if name in POINTWISE_PRIMITIVES:
+            if any(s not in (shape, ()) for s in shapes):
+                return False
+        elif name == "broadcast_in_dim":
+            if shapes[-1] != shape or (int(np.prod(shapes[0])) != 1 and shapes[0] != shape):
+                return False
+        elif name in _CALLS:
+            body = _sub_jaxpr(eqn)
+            if body is None:
+                return False
+            inner = getattr(body, "jaxpr", body)
+            if not _elementwise(inner, shape, list(inner.outvars)):
+                return False
+        else:
+            return False
+    return True
+
+
+def _evaluate(jaxpr: Any, consts: list[Any], inputs: list[Any], shape: tuple[int, ...], chunk: tuple[int, ...]) -> list:
+    """``jaxpr``'s outputs from ``inputs``, its arrays of the leaf's ``shape`` replaced by arrays of the ``chunk``'s."""
+    env: dict[Any, Any] = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, inputs, strict=True))
+    needed, _ = _live(jaxpr, list(jaxpr.outvars))
+    for eqn in needed:
+        invals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name in _CALLS and any(np.shape(v.aval) == shape for v in (*eqn.invars, *eqn.outvars)):
+            body = _sub_jaxpr(eqn)
+            inner, inner_consts = (body.jaxpr, list(body.consts)) if hasattr(body, "jaxpr") else (body, [])
+            outs = _evaluate(inner, inner_consts, invals, shape, chunk)
+        elif name == "broadcast_in_dim" and np.shape(eqn.outvars[0].aval) == shape:
+            x = invals[0]
+            outs = [x if np.shape(x) == chunk else jax.lax.broadcast_in_dim(jnp.reshape(x, ()), chunk, ())]
+        else:
+            result = eqn.primitive.bind(*invals, **eqn.params)
+            outs = list(result) if eqn.primitive.multiple_results else [result]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(v, jax.extend.core.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+    """How a leaf is cut into chunks of whole blocks for every storage that holds one of its moments.
+
+    Two layouts:
+
+    - by rows, where every storage blocks the leaf ``(*lead, L)`` along its last axis: the arrays of the
+      leaf (gradient, codes, scales) are viewed as ``(rows, Q, width)``, the leading axes split into
+      ``rows`` (a divisor of their product) by ``Q``, and chunk ``i`` is ``[:, i * size : (i + 1) * size]``:
+      ``rows * size`` rows of the leaf, strided, each whole. A sharding of the leading axes over
+      ``rows``' divisors, or of the last one, stays where it is.
+    - flat, otherwise: the arrays are raveled in row-major order (each storage's blocks are consecutive
+      elements there too) and chunk ``i`` is ``size`` units of ``unit`` elements (a common multiple of the
+      block sizes), from ``i * size * unit``.
+
+    ``loops`` chunks are computed in a loop; what is left (the last rows, the last units and a partial
+    block) is computed after it.
+    """
+
+    shape: tuple[int, ...]
+    rows: int  # 0 for the flat layout
+    size: int
+    loops: int
+    unit: int
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], storages: list[Blockwise]) -> _Chunks | None:
+        """The chunks of a leaf of ``shape`` for ``storages`` (their smallest ``chunk_size``), or None if it is one."""
+        budget = min(s.chunk_size for s in storages if s.chunk_size is not None)
+        n = int(np.prod(shape))
+        if n <= budget:
+            return None
+        width = shape[-1]
+        lead = n // width if width else 0
+        if len(shape) >= 2 and lead >= 2 and all(s.by_rows(shape) for s in storages):
+            rows = _divisor_at_most(lead, max(1, budget // width))
+            size = max(1, budget // (rows * width))
+            return cls(shape, rows, size, lead // rows // size, 0)
+        unit = int(np.lcm.reduce([s.block_size for s in storages]))
+        size = max(1, budget // unit)
+        loops = n // unit // size
+        return cls(shape, 0, size, loops, unit) if loops else None
+
+    def chunk_shape(self, tail: bool) -> tuple[int, ...]:
+        if self.rows:  # rows of the leaf, whole: no unit axis, whose layout XLA:CPU would copy within kernels
+            q = int(np.prod(self.shape[:-1])) // self.rows
+            return (self.rows * (q - self.loops * self.size if tail else self.size), self.shape[-1])
+        n = int(np.prod(self.shape))
+        return (n - self.loops * self.size * self.unit if tail else self.size * self.unit,)
+
+    def per_unit(self, storage: Blockwise | None, part: str = "codes") -> int:
+        """Elements per unit of the flat layout of the leaf's values (``storage`` None) or of a storage's ``part``."""
+        if storage is None:
+            return self.unit
+        if part == "scale":
+            return self.unit // storage.block_size
+        return self.unit // 2 if storage.format == "dynamic4" else self.unit
+
+    def view(self, x: jax.Array) -> jax.Array:
+        return x.reshape(self.rows, -1, x.shape[-1]) if self.rows else x.reshape(-1)
+
+    def _span(self, i: Any, per_unit: int) -> tuple[int, Any, int]:
+        """(axis, start, length) of chunk ``i`` of a view, or of what the loop leaves when ``i`` is None."""
+        axis, length = (1, self.size) if self.rows else (0, self.size * per_unit)
+        return axis, (self.loops * length if i is None else i * length), length
+
+    def take(self, view: jax.Array, i: Any, per_unit: int) -> jax.Array:
+        axis, start, length = self._span(i, per_unit)
+        if i is None:
+            chunk = jax.lax.slice_in_dim(view, start, view.shape[axis], axis=axis)
+        else:
+            chunk = jax.lax.dynamic_slice_in_dim(view, start, length, axis=axis)
+        return chunk.reshape(-1, view.shape[-1]) if self.rows else chunk
+
+    def put(self, view: jax.Array, chunk: jax.Array, i: Any, per_unit: int) -> jax.Array:
+        axis, start, _ = self._span(i, per_unit)
+        chunk = _bits(chunk).reshape(self.rows, -1, view.shape[-1]) if self.rows else _bits(chunk).reshape(-1)
+        return jax.lax.dynamic_update_slice_in_dim(view, chunk, start, axis=axis)
+
+    def run(
+        self, program: _Program, args: Sequence[Any], kinds: list[str | None], targets: list[Quantized], after: Any
+    ) -> tuple[list[Quantized], dict[int, Quantized]]:
+        """The quantized moments ``targets`` (as ``fn`` computed them whole) computed chunk by chunk instead.
+
+        Each target's codes and scales are written in place of those of a quantized argument of the
+        same layout where there is one (a chunk is read before it is overwritten, and never again).
+        That argument's old codes and scales are copied chunk by chunk on the way (they are 1 or
+        1/2 byte per element, a quarter or an eighth of its float32 values) and returned by argument
+        index: the step is computed from the copies, after the loop, so nothing else reads the
+        arrays the loop overwrites (else XLA would copy them whole before the loop, at any time).
+        The buffers the loop fills start from a value of ``after`` (the previous leaf's new moments),
+        which their contents do not depend on (every element is written) but which keeps XLA from
+        allocating them before the previous leaf's loop is done.
+        """
+        free = [j for j, kind in enumerate(kinds) if kind == "quantized"]
+        seeds: list[int | None] = []
+        for t in targets:
+            same = [j for j in free if _same_layout(args[j], t)]
+            match = next((j for j in same if (args[j].storage, args[j].signed) == (t.storage, t.signed)), None)
+            match = same[0] if match is None and same else match
+            if match is not None:
+                free.remove(match)
+            seeds.append(match)
+        seeded = [j for j in seeds if j is not None]
+        # A value computed by the previous leaf's loop, to start the buffers from.
+        anchor = None if after is None else after[0].scale.reshape(-1)[0]
+
+        def blank(x: jax.Array) -> jax.Array:
+            """A buffer for ``x``'s values (FP8 codes as their bits, see :func:`_bits`)."""
+            dtype = _bits(x).dtype
+            return jnp.zeros(x.shape, dtype) if anchor is None else jnp.broadcast_to(anchor.astype(dtype), x.shape)
+
+        def bits(x: jax.Array) -> jax.Array:
+            """FP8 codes as their bits, converted after the previous leaf's loop (not before every loop, at once)."""
+            if x.dtype != jnp.float8_e4m3fn:
+                return x
+            if anchor is None:
+                return _bits(x)
+            always = jax.lax.bitcast_convert_type(anchor, jnp.uint32) <= np.uint32(0xFFFFFFFF)  # true, not folded
+            return jnp.where(always, _bits(x), blank(x))
+
+        carries = (
+            tuple(
+                (self.view(blank(t.codes)), self.view(blank(t.scale)))
+                if j is None
+                else (self.view(bits(args[j].codes)), self.view(args[j].scale))
+                for t, j in zip(targets, seeds, strict=True)
+            ),
+            tuple((self.view(blank(args[j].codes)), self.view(blank(args[j].scale))) for j in seeded),
+        )
+        # The arguments read, not overwritten: quantized ones (codes, scales), and arrays of the leaf's shape.
+        read: dict[int, tuple[jax.Array, jax.Array]] = {
+            j: (self.view(bits(args[j].codes)), self.view(args[j].scale))
+            for j, kind in enumerate(kinds)
+            if kind == "quantized" and j not in seeded
+        }
+        arrays = {
+            j: self.view(args[j].value if kind == "rounded" else args[j])
+            for j, kind in enumerate(kinds)
+            if kind in ("rounded", "array")
+        }
+
+        def step(i: Any, carries: tuple) -> tuple:
+            written, copies = carries
+            chunk = self.chunk_shape(tail=i is None)
+            inputs, kept = [], list(copies)
+            for j, kind in enumerate(kinds):
+                if kind == "quantized":
+                    a = args[j]
+                    per_code, per_scale = self.per_unit(a.storage), self.per_unit(a.storage, "scale")
+                    if j in seeded:
+                        # Copied, then read back from the copy: every read of the chunk of the buffer that is
+                        # then overwritten precedes the write by data (else XLA copies the buffer each pass).
+                        c = seeded.index(j)
+                        codes, scale = written[seeds.index(j)]
+                        kept[c] = (
+                            self.put(copies[c][0], self.take(codes, i, per_code), i, per_code),
+                            self.put(copies[c][1], self.take(scale, i, per_scale), i, per_scale),
+                        )
+                        codes, scale = kept[c]
+                    else:
+                        codes, scale = read[j]
+                    leaf = Quantized(
+                        _from_bits(self.take(codes, i, per_code), a.codes.dtype),
+                        self.take(scale, i, per_scale),
+                        a.storage,
+                        a.signed,
+                        chunk,
+                    )
+                    inputs.append(leaf.load(jnp.float32))
+                elif kind:
+                    inputs.append(self.take(arrays[j], i, self.unit))
+            values = _evaluate(program.jaxpr, program.consts, inputs, program.shape, chunk)
+            new = []
+            for (codes, scale), value, t in zip(written, values, targets, strict=True):
+                per_code, per_scale = self.per_unit(t.storage), self.per_unit(t.storage, "scale")
+                like = Quantized(  # for its layout: encode reads no values of it
+                    jnp.zeros(self.take(codes, i, per_code).shape, t.codes.dtype),
+                    jnp.zeros(self.take(scale, i, per_scale).shape, scale.dtype),
+                    t.storage,
+                    t.signed,
+                    chunk,
+                )
+                q = t.storage.encode(value, like)
+                new.append((self.put(codes, q.codes, i, per_code), self.put(scale, q.scale, i, per_scale)))
+            return tuple(new), tuple(kept)
+
+        if self.loops:
+            carries = jax.lax.fori_loop(0, self.loops, step, carries)
+        if int(np.prod(self.chunk_shape(tail=True))):
+            carries = step(None, carries)
+        written, copies = carries
+        new = [
+            Quantized(
+                _from_bits(codes.reshape(t.codes.shape), t.codes.dtype),
+                scale.reshape(t.scale.shape),
+                t.storage,
+                t.signed,
+                t.shape,
+            )
+            for (codes, scale), t in zip(written, targets, strict=True)
+        ]
+        old = {
+            j: Quantized(
+                _from_bits(codes.reshape(args[j].codes.shape), args[j].codes.dtype),
+                scale.reshape(args[j].scale.shape),
+                args[j].storage,
+                args[j].signed,
+                args[j].shape,
+            )
+            for (codes, scale), j in zip(copies, seeded, strict=True)
+        }
+        return new, old
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """FP8 codes as uint8 bits, anything else as it is: XLA:CPU holds no float8 array in a loop (it converts it
+    to float16 whole, before the loop) and updates float8 slices through float16."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint8) if x.dtype == jnp.float8_e4m3fn else x
+
+
+def _from_bits(x: jax.Array, dtype: Any) -> jax.Array:
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
+def _same_layout(a: Quantized, b: Quantized) -> bool:
+    """Whether ``a``'s codes and scales could hold ``b``'s: the same shapes and dtypes."""
+    return (a.codes.shape, a.codes.dtype, a.scale.shape) == (b.codes.shape, b.codes.dtype, b.scale.shape)
+
+
+def _divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is at most ``cap`` (at least 1)."""
+    best = 1
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            for x in (d, n // d):
+                if best < x <= cap:
+                    best = x
+        d += 1
+    return best
 
 
 # --------------------------------------------------------------------------- stochastic rounding

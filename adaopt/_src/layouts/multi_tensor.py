@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adaopt._src import base, numerics
+from adaopt._src import base, numerics, storage
 
 DEFAULT_MIN_SIZE = 16_384
 """Leaves of at least this many elements keep their own buffers.
@@ -264,22 +264,13 @@ class MultiTensorState(NamedTuple):
 # The primitives known to act on each coordinate alone. An allow list fails safe: a primitive
 # missing here (a reduction, a collective, a gather, a position-dependent iota or random draw)
 # makes multi_tensor refuse the optimizer instead of silently changing its result.
-_ELEMENTWISE = frozenset(
-    {
-        "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "bitcast_convert_type",
-        "cbrt", "ceil", "clamp", "clz", "complex", "conj", "convert_element_type", "copy", "copy_p", "cos",
-        "cosh", "digamma", "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt",
-        "imag", "integer_pow", "is_finite", "le", "lgamma", "log", "log1p", "logistic", "lt", "max", "min", "mul",
-        "ne", "neg", "nextafter", "not", "or", "population_count", "pow", "real", "reduce_precision", "rem",
-        "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sign", "sin",
-        "sinh", "sqrt", "square", "stop_gradient", "sub", "tan", "tanh", "xor",
-        # Calls and control flow: their bodies are inspected in turn.
-        "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
-        "remat", "checkpoint", "cond", "while",
-        # Placement only.
-        "sharding_constraint", "mesh_cast", "reshard", "optimization_barrier",
-    }
-)  # fmt: skip
+_ELEMENTWISE = storage.POINTWISE_PRIMITIVES | {
+    # Calls and control flow: their bodies are inspected in turn.
+    "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+    "remat", "checkpoint", "cond", "while",
+    # Placement only.
+    "sharding_constraint", "mesh_cast", "reshard", "optimization_barrier",
+}  # fmt: skip
 # Shape changes keep each coordinate's value apart as long as they only add or drop unit axes
 # (or broadcast a single value): the size is kept, or the operand has one element.
 _RESHAPING = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims"})
