@@ -35,7 +35,7 @@ is gathered for its blocks and its codes placed back as the parameter.
 
 Memory of a step: a quantized state saves memory between steps only if the step does not
 dequantize every leaf at once. Under ``jit``, each leaf larger than ``chunk_size`` elements has
-its new moments computed and quantized in a loop over chunks of whole blocks (:func:`step_leaf`),
+its new moments computed and quantized in a loop over chunks of whole blocks (``step_leaf`` in this module),
 the leaves one after the other, and its step computed from the codes directly, fused with what
 follows (the learning rate, ``optax.apply_updates``): the compiled step holds the parameters, the
 gradients, the state, a copy of one leaf's old codes and a few float32 chunks (AdamW with 8-bit
@@ -295,7 +295,7 @@ class Blockwise:
         does not clip, and a block of zeros is stored as zeros either way).
       chunk_size: under ``jit``, a larger leaf's new moments are computed and quantized this many
         elements at a time (rounded to whole blocks), so that a step's float32 working set is a few
-        chunks rather than whole leaves (:func:`step_leaf`); None computes each leaf whole. The
+        chunks rather than whole leaves (``adaopt._src.storage.step_leaf``); None computes each leaf whole. The
         operations, and so the numbers, do not depend on it (up to where XLA:CPU contracts
         ``a * b + c`` into fused multiply-adds, which depends on its kernels).
 
