@@ -14,7 +14,15 @@ import scipy.optimize
 
 # XLA:CPU's default code generation (tests/conftest.py starts the backend with a cheaper one): for the
 # programs whose assertion is about the code users run, where rounding steers a float32 trajectory.
-DEFAULT_CODEGEN = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
+DEFAULT_CODEGEN = {
+    "xla_backend_optimization_level": 3,
+    "xla_llvm_disable_expensive_passes": False,
+    "xla_cpu_use_fusion_emitters": True,
+}
+# XLA:CPU's default emitters (tests/conftest.py starts the backend with its older ones, which compile faster):
+# for the tests that compare two programs bit for bit (sharded and unsharded, one mesh and another), where
+# the older emitters contract a different set of multiply-adds into fused ones in each program.
+DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
 
 
 def softmax_regression_loss(params: dict, x: jax.Array, y: jax.Array, l2: float) -> jax.Array:

@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 import adaopt
 from benchmarks import learning_rates
 from tests import multiprocess_worker as worker
+from tests import problems
 
 # 8-bit blocks of 32 elements for leaves of 1024 and more (bitsandbytes' are 256 and 4096: the same code on a
 # model small enough to compile and step fast). w1's rows of 64 are cut into two blocks, split in two at most (a
@@ -110,7 +111,7 @@ def _step(case: str) -> Callable[..., Any]:
     """One jitted step per case, shared by every mesh (jit compiles it once per placement of its arguments)."""
     tx = CASES[case]()
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=problems.DEFAULT_EMITTERS)  # the same bits on every mesh
     def step(params: Any, state: Any, i: jax.Array) -> tuple[Any, Any]:
         value, grads = jax.value_and_grad(_loss)(params, i)
         updates, state = tx.update(grads, state, params, value=value)

@@ -139,8 +139,10 @@ def test_vmap_over_a_batch_of_parameter_trees(spec: OptimizerSpec) -> None:
 
         batched = jax.jit(jax.vmap(two_steps))(batch)
         singles = [jax.jit(two_steps)(jax.tree.map(lambda x: x[i], batch)) for i in range(3)]
+    # Eigenbases (SOAP's) turn a last-bit difference between the batched and the single programs into 1e-10.
+    rtol = 1e-9 if Capability.MATRIX_STATE in spec.capabilities else 1e-10
     for i, single in enumerate(singles):
-        _assert_trees_close(jax.tree.map(lambda x: x[i], batched), single, rtol=1e-10, atol=1e-12)
+        _assert_trees_close(jax.tree.map(lambda x: x[i], batched), single, rtol=rtol, atol=1e-12)
 
 
 @SPECS

@@ -37,7 +37,7 @@ N_PROCESSES = 2
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_XLA_FLAGS = (
     f"--xla_force_host_platform_device_count={worker.N_DEVICES // N_PROCESSES}"
-    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
 )
 TRAIN_TIMEOUT_S = 240  # the pair trains in ~25 s on 2 idle cores; a loaded machine may take several times that
 FAULT_BOUND_S = 60

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import adaopt
 from adaopt._src import storage
+from tests import problems
 
 STORAGE_ARGUMENTS = ("mu_dtype", "nu_dtype", "accumulator_dtype")
 SMALL_BLOCKS = adaopt.Blockwise("dynamic8", block_size=64, min_size=64)  # quantizes the test tree's matrix
@@ -163,7 +164,7 @@ def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
     params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
     grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()} for _ in range(3)]
     tx = adaopt.adamw(1e-2, mu_dtype=kind, nu_dtype=kind)
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p), compiler_options=problems.DEFAULT_EMITTERS)
 
     def run(params: dict, grads: list) -> tuple:
         state = tx.init(params)
