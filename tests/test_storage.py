@@ -156,11 +156,13 @@ def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
     """On a 4 x 2 mesh with explicit axes, a matrix sharded on both: its codes and scales take its sharding (each
     shard holds 16 rows of 256: whole blocks, none straddles two shards), a vector of 4100 elements (a partial
     last block: blocked in row-major order, gathered) stays replicated, a (64, 64) matrix sharded by rows is
-    blocked in row-major order too (its rows are shorter than a block), and the steps equal the unsharded ones."""
+    blocked in row-major order too (its rows are shorter than a block), a (16, 256) matrix whose last axis is
+    split in halves shorter than int8's block is gathered for its blocks, its codes placed back as the matrix,
+    and the steps equal the unsharded ones."""
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
     rng = np.random.default_rng(2)
-    shapes = {"w": (64, 512), "v": (4100,), "u": (64, 64)}
-    specs = {"w": P("data", "model"), "v": P(), "u": P("data", None)}  # u: rows sharded, blocked flat
+    shapes = {"w": (64, 512), "v": (4100,), "u": (64, 64), "t": (16, 256)}
+    specs = {"w": P("data", "model"), "v": P(), "u": P("data", None), "t": P(None, "model")}
     params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
     grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()} for _ in range(3)]
     tx = adaopt.adamw(1e-2, mu_dtype=kind, nu_dtype=kind)
@@ -190,6 +192,8 @@ def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
     assert mu["w"].codes.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)
     assert mu["w"].scale.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)
     assert mu["w"].scale.shape == (64, 512 // mu["w"].storage.block_size)
+    assert mu["t"].codes.sharding.is_equivalent_to(NamedSharding(mesh, specs["t"]), 2)
+    assert mu["t"].scale.shape == (16, 256 // mu["t"].storage.block_size)
     sharded, plain = jax.tree.leaves((sharded_params, sharded_state)), jax.tree.leaves((plain_params, plain_state))
     for a, b in zip(sharded, plain, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

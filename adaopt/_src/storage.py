@@ -29,7 +29,9 @@ axis (the same blocks as in row-major order): its codes (8-bit, FP8) have its sh
 its shape with the last axis halved, and its scales its leading axes and one entry per block
 along the last, so all of them shard with the parameter (created with its sharding, and kept
 there step after step). On a mesh, a block then never straddles two shards as long as each
-shard of the last axis is a multiple of the block size. Any other leaf is flattened in row-major
+shard of the last axis is a multiple of the block size; where one is not (a shard shorter than a
+block), the last axis is gathered for the blocks, the leading axes stay split, the scales shard
+with them, and the codes are placed back as the parameter. Any other leaf is flattened in row-major
 order, its last block possibly partial, with one vector of scales; under an explicit sharding it
 is gathered for its blocks and its codes placed back as the parameter.
 
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -388,6 +391,7 @@ class Blockwise:
     def _blocks(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """``x`` (of ``shape``, or flat) as blocks along a new last axis: by rows, or flattened and padded."""
         if self.by_rows(shape):
+            x = _rows_whole(x, self.block_size)
             return x.reshape(*shape[:-1], shape[-1] // self.block_size, self.block_size)
         flat = _unsharded(x).reshape(-1)
         pad = -flat.size % self.block_size
@@ -412,7 +416,7 @@ class Blockwise:
         else:
             values = _take(jnp.asarray(qmap, dtype), codes)
         blocks = self._blocks(values, leaf.shape)
-        return self._unblocked(blocks * leaf.scale.astype(dtype)[..., None], leaf.shape)
+        return _like(self._unblocked(blocks * leaf.scale.astype(dtype)[..., None], leaf.shape), leaf.codes)
 
     def encode(self, value: jax.Array, leaf: Quantized) -> Quantized:
         """``value`` (any float dtype, computed in at least float32) quantized like ``leaf``."""
@@ -434,7 +438,7 @@ class Blockwise:
         if self.format == "dynamic4":  # two codes a byte, along the blocks (never across two)
             pairs = index.reshape(*index.shape[:-1], self.block_size // 2, 2)
             packed = (pairs[..., 0] << 4) | pairs[..., 1]
-            codes = packed.reshape(leaf.codes.shape)
+            codes = _like(packed.reshape(leaf.codes.shape), leaf.codes)
         else:
             codes = _like(self._unblocked(index, leaf.shape), leaf.codes)
         return Quantized(codes, scale, self, leaf.signed, leaf.shape)
@@ -454,6 +458,20 @@ def _take(table: jax.Array, index: jax.Array) -> jax.Array:
         return table.at[index].get(mode="promise_in_bounds")
     rows = jax.sharding.PartitionSpec(*spec, *(None,) * (table.ndim - 1))  # a table of rows: each whole
     return table.at[index].get(mode="promise_in_bounds", out_sharding=jax.typeof(index).sharding.update(spec=rows))
+
+
+def _rows_whole(x: jax.Array, block_size: int) -> jax.Array:
+    """``x`` with its last axis gathered if its shards would split blocks of ``block_size`` (a shard of the last axis
+    shorter than a block, or not a multiple of it), its leading axes kept as they are: the blocks, their scales and so
+    the state's shapes are those of one device on any mesh, and the codes are placed back as the parameter."""
+    spec = _sharding_spec(x)
+    if spec is None or len(spec) < x.ndim or spec[-1] is None:
+        return x
+    names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
+    shards = math.prod(jax.typeof(x).sharding.mesh.shape[name] for name in names)
+    if (x.shape[-1] // shards) % block_size == 0:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec[:-1], None))
 
 
 def _unsharded(x: jax.Array) -> jax.Array:
