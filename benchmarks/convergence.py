@@ -456,8 +456,12 @@ def run_suite(
     schedule: str = "cosine",
     progress: bool = True,
     section: Section = SECTIONS["convergence"],
+    grid: Callable[[OptimizerSpec], list[float]] = learning_rate_grid,
 ) -> Suite:
-    """Every (optimizer, workload) pair: on the grid, or (``tuning_free``) at the defaults only but the baseline."""
+    """Every (optimizer, workload) pair: on the grid, or (``tuning_free``) at the defaults only but the baseline.
+
+    ``grid``: each optimizer's learning rates (its middle point the default run).
+    """
     start = time.perf_counter()
     load_start = load_average()
     workloads = {name: wl.WORKLOADS[name]() for name in workload_names}
@@ -472,7 +476,7 @@ def run_suite(
             if tuning_free and spec.name != BASELINE:
                 rates, default_index = [tuned_rate(spec)], 0
             else:
-                rates, default_index = learning_rate_grid(spec), DEFAULT_INDEX
+                rates, default_index = grid(spec), DEFAULT_INDEX
             try:
                 run = run_pair(spec, prepared, rates, default_index, scale=scale, evals=evals, schedule=schedule)
             except Exception as error:  # one broken pair is reported, not allowed to end a long run

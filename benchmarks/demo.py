@@ -4,9 +4,11 @@ The model is a 64 -> 64 -> 10 tanh MLP written in plain JAX (the parameters are 
 arrays). The 1797 digits are split 80/20 (stratified, ``random_state=0``) and standardised
 with the training split's statistics. Every optimizer starts from the same initial parameters
 and sees the same deterministic sequence of minibatches of 128, for a fixed number of steps.
-Each optimizer is built with ``learning_rates.make(spec)``: its defaults plus the learning rate
-tuned for these workloads (:mod:`benchmarks.learning_rates`); the tuning-free ones (learning-rate-free and loss-driven methods) run at their
-defaults, untouched. Every step passes the minibatch loss as ``update(..., value=loss)`` (the
+Each optimizer is built with its defaults plus the learning rate tuned for these workloads
+(:mod:`benchmarks.learning_rates`); the tuning-free ones (learning-rate-free and loss-driven methods)
+run at their defaults, untouched. Beside the registry, AdamW runs with memory-light moments
+(``STORAGE_VARIANTS``: 8-bit and 4-bit blocks, bfloat16 with stochastic rounding, for every leaf)
+at AdamW's learning rate; the table's state B/param column shows what each saves. Every step passes the minibatch loss as ``update(..., value=loss)`` (the
 loss-driven methods use it); a method that compares losses between steps (bold driver) gets the
 full training set each step; Schedule-Free is evaluated at its averaged parameters.
 
@@ -43,7 +45,7 @@ from tqdm import tqdm
 
 import adaopt
 from adaopt import Capability
-from benchmarks import learning_rates
+from benchmarks import learning_rates, light_states
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -55,6 +57,9 @@ HIDDEN = 64
 PLOT_NAME = "digits_mlp.png"
 TUNING_FREE_PLOT_NAME = "digits_mlp_tuning_free.png"
 BASELINE = "adam"  # shown beside the tuning-free methods, at its tuned learning rate
+# AdamW with memory-light moments (every leaf stored so: the MLP's leaves are all small), at AdamW's learning rate:
+# the state B/param column shows what they save, the loss and accuracy what they cost.
+STORAGE_VARIANTS = ("adamw_int8", "adamw_int4", "adamw_bf16_sr")
 
 
 class Data(TypedDict):
@@ -170,14 +175,25 @@ def chunk_sizes(steps: int, chunk: int) -> list[int]:
     return [chunk] * full + ([rest] if rest else [])
 
 
+def choices() -> list[adaopt.OptimizerSpec]:
+    """The registry's entries, in registry order, then AdamW with each of ``STORAGE_VARIANTS``' storages."""
+    return [*adaopt.REGISTRY.values(), *(light_states.variant_spec(name) for name in STORAGE_VARIANTS)]
+
+
 def select(names: Sequence[str] | None) -> list[adaopt.OptimizerSpec]:
-    """The registry entries named (all when ``names`` is None), in registry order."""
+    """The entries of :func:`choices` named (all when ``names`` is None), in that order."""
+    specs = choices()
     if names is None:
-        return list(adaopt.REGISTRY.values())
-    unknown = sorted(set(names) - set(adaopt.REGISTRY))
+        return specs
+    unknown = sorted(set(names) - {spec.name for spec in specs})
     if unknown:
-        raise KeyError(f"Unknown optimizer(s) {unknown}; adaopt has {list(adaopt.REGISTRY)}.")
-    return [spec for spec in adaopt.REGISTRY.values() if spec.name in names]
+        raise KeyError(f"Unknown optimizer(s) {unknown}; the demo has {[spec.name for spec in specs]}.")
+    return [spec for spec in specs if spec.name in names]
+
+
+def tuned_rate(spec: adaopt.OptimizerSpec) -> float:
+    """The learning rate of benchmarks/learning_rates.py (AdamW's for a storage variant)."""
+    return learning_rates.TUNED[light_states.BASELINE if spec.name in light_states.VARIANTS else spec.name]
 
 
 def run(
@@ -207,7 +223,8 @@ def run(
     try:
         for spec in specs:
             bar.set_description(f"{spec.name:>9}")
-            opt = learning_rates.make(spec)
+            rate = tuned_rate(spec)
+            opt = spec.factory(learning_rate=rate)
             params, opt_state = params0, opt.init(params0)
             state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))
             jitted = make_chunk_fn(opt)
@@ -240,7 +257,7 @@ def run(
             results.append(
                 Result(
                     name=spec.name,
-                    learning_rate=float(learning_rates.TUNED[spec.name]),
+                    learning_rate=rate,
                     tuning_free=Capability.TUNING_FREE in spec.capabilities,
                     steps=evaluated,
                     train_loss=train_loss,
@@ -324,9 +341,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--steps and --chunk must be positive")
     if args.optimizers is not None:
         args.optimizers = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-        unknown = [n for n in args.optimizers if n not in adaopt.REGISTRY]
+        known = [spec.name for spec in choices()]
+        unknown = [n for n in args.optimizers if n not in known]
         if unknown or not args.optimizers:
-            parser.error(f"unknown optimizer(s) {unknown}; choose from {','.join(adaopt.REGISTRY)}")
+            parser.error(f"unknown optimizer(s) {unknown}; choose from {','.join(known)}")
     return args
 
 

@@ -46,6 +46,20 @@ def test_run_returns_one_result_per_optimizer(demo: ModuleType) -> None:
         assert 0.0 <= r["final_test_accuracy"] <= 1.0
 
 
+def test_storage_variants_run_beside_adamw(demo: ModuleType) -> None:
+    """AdamW with 8-bit / bfloat16 moments: its bytes per parameter in the table, and it trains like AdamW."""
+    results = {r["name"]: r for r in demo.run(["adamw", "adamw_int8", "adamw_bf16_sr"], steps=200, progress=False)}
+    assert set(results) == {"adamw", "adamw_int8", "adamw_bf16_sr"}
+    assert results["adamw_int8"]["learning_rate"] == results["adamw"]["learning_rate"]
+    # two 1-byte codes per parameter, a float32 scale per block of 256 (per leaf at least one), the counts
+    assert 2.0 < results["adamw_int8"]["state_bytes_per_param"] < 2.2
+    assert 4.0 < results["adamw_bf16_sr"]["state_bytes_per_param"] < 4.1
+    assert results["adamw"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+    for name in ("adamw_int8", "adamw_bf16_sr"):
+        assert results[name]["final_train_loss"] == pytest.approx(results["adamw"]["final_train_loss"], rel=0.1)
+        assert results[name]["final_test_accuracy"] == pytest.approx(results["adamw"]["final_test_accuracy"], abs=0.01)
+
+
 def test_unknown_optimizer_is_rejected(demo: ModuleType) -> None:
     with pytest.raises(SystemExit):
         demo.main(["--optimizers", "adam,nosuch"])
