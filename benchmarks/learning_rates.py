@@ -4,13 +4,33 @@ Tuned on the digits workloads of :mod:`benchmarks.workloads` with every other hy
 its default (the convergence benchmark's grid is centred on these). A tuning-free optimizer
 (``adaopt.Capability.TUNING_FREE``) runs at its factory's default. These are settings of our
 measurements, not of the library: ``adaopt.REGISTRY`` holds only what users need.
+
+The rule (:func:`suggest`, for the entries tuned since it was written down): from a convergence
+run's JSON (``python -m benchmarks.convergence --workloads softmax,mlp,conv --json runs.json``),
+the point of the 7-point grid whose final metrics, each over the best final metric of the grid on
+its workload, have the smallest geometric mean over the digits workloads (a diverged run counts
+as 100 times the best). ``python -m benchmarks.learning_rates runs.json`` prints it per optimizer.
+
+Usage::
+
+    python -m benchmarks.learning_rates runs.json [runs2.json ...]
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import adaopt
+
+DIGITS = ("softmax", "mlp", "conv")
+DIVERGED = 100.0  # a diverged run's final metric, as a multiple of the workload's best
 
 TUNED: dict[str, float] = {
     "sgd": 0.5,
@@ -67,3 +87,46 @@ TUNED: dict[str, float] = {
 def make(spec: adaopt.OptimizerSpec, **overrides: Any) -> Any:
     """``spec``'s optimizer at its tuned learning rate and default hyperparameters, updated by ``overrides``."""
     return spec.factory(**{"learning_rate": TUNED[spec.name], **overrides})
+
+
+def suggest(runs: Mapping[str, Mapping[str, Any]], workloads: Sequence[str] = DIGITS) -> dict[str, tuple[float, float]]:
+    """Per optimizer of ``runs`` (convergence.py's JSON: ``"optimizer/workload"`` -> its run), the grid point with
+    the smallest geometric mean of final metric over best final metric on ``workloads``, and that mean."""
+    by_optimizer: dict[str, list[Mapping[str, Any]]] = {}
+    for key, run in runs.items():
+        optimizer, workload = key.rsplit("/", 1)
+        if workload in workloads and not run.get("skipped") and len(run["learning_rates"]) > 1:
+            by_optimizer.setdefault(optimizer, []).append(run)
+    out = {}
+    for optimizer, chosen in by_optimizer.items():
+        rates = chosen[0]["learning_rates"]
+        if not all(np.allclose(r["learning_rates"], rates, rtol=1e-6, atol=0) for r in chosen):
+            raise ValueError(f"{optimizer}: its runs have different grids")
+        logs = [0.0] * len(rates)
+        for run in chosen:
+            finals = [c[-1] if all(math.isfinite(x) for x in c) else math.inf for c in run["losses"]]
+            best = min(finals)
+            for i, final in enumerate(finals):
+                ratio = final / best if math.isfinite(final) and best > 0 else DIVERGED
+                logs[i] += math.log(min(ratio, DIVERGED)) / len(chosen)
+        i = min(range(len(rates)), key=logs.__getitem__)
+        out[optimizer] = (rates[i], math.exp(logs[i]))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        print(__doc__)
+        return 2
+    runs: dict[str, Any] = {}
+    for path in paths:
+        runs.update(json.loads(Path(path).read_text()))
+    for optimizer, (rate, mean) in sorted(suggest(runs).items()):
+        now = TUNED.get(optimizer)
+        print(f"{optimizer:>22}: {rate:.3g} (geometric mean {mean:.4f} of the best; now {now})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

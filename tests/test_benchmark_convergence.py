@@ -300,3 +300,24 @@ def test_the_language_model_section_has_its_own_markers_plots_and_workload(conv:
         "<!-- language-model:end -->"
     )
     assert "GPT-style" in section and not conv.has_tuning_free_comparison(suite)
+
+
+def test_suggested_learning_rate_is_the_best_geometric_mean_over_the_digits_workloads() -> None:
+    def run(finals: list[float], skipped: str = "") -> dict[str, Any]:
+        return {"learning_rates": [0.1, 0.3, 0.9], "losses": [[2.0, f] for f in finals], "skipped": skipped}
+
+    runs = {
+        "a/softmax": run([0.5, 0.2, math.nan]),  # ratios 2.5, 1, diverged
+        "a/mlp": run([0.5, 0.4, 0.3]),  # 5/3, 4/3, 1
+        "a/conv": run([0.3, 0.3, 0.3]),
+        "a/charlm": run([9.0, 9.0, 0.001]),  # not a digits workload
+        "b/softmax": run([0.2, 0.1, 0.1]),
+        "b/mlp": run([0.2, 0.1, 0.1], skipped="full batch"),
+    }
+    suggested = learning_rates.suggest(runs)
+    assert suggested["a"][0] == 0.3
+    assert suggested["a"][1] == pytest.approx((1 * 4 / 3 * 1) ** (1 / 3))
+    assert suggested["b"][0] == 0.3  # the first of a tie; the skipped run counts for nothing
+    runs["a/conv"] = {**runs["a/conv"], "learning_rates": [1.0, 2.0, 3.0]}
+    with pytest.raises(ValueError, match="different grids"):
+        learning_rates.suggest(runs)
