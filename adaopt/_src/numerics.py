@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, NamedSharding
 
 from adaopt._src import moments
 
@@ -139,42 +138,3 @@ def find_state(state: Any, state_type: type[S], fix: str) -> S:
             f"Expected an optimizer state holding exactly one {state_type.__name__}, found {len(found)}: {fix}"
         )
     return found[0]
-
-
-def explicit_sharding(x: Any) -> NamedSharding | None:
-    """The sharding in ``x``'s type under a mesh with explicit axes (sharding in types), else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if not isinstance(sharding, NamedSharding) or mesh is None or mesh.empty:
-        return None
-    return sharding if AxisType.Explicit in mesh.axis_types else None
-
-
-def placed_like(x: Any, like: Any) -> Any:
-    """``x`` resharded to the explicit sharding of ``like`` (replicated included) where the two differ, else ``x``."""
-    sharding = explicit_sharding(like)
-    if sharding is None or explicit_sharding(x) == sharding:
-        return x
-    return jax.sharding.reshard(x, sharding)
-
-
-def explicit_spec(x: jax.Array) -> Any:
-    """The partition spec of ``x`` when a mesh with explicit axes shards it, else None."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return None if spec is None or all(axis is None for axis in spec) else spec
-
-
-def whole(x: jax.Array) -> jax.Array:
-    """``x`` gathered whole on every device when a mesh with explicit axes shards it, else ``x``.
-
-    For the matrix methods (Newton–Schulz, an SVD) whose products over a sharded axis are
-    ambiguous to JAX's explicit sharding: one all-gather per leaf and step, the work replicated.
-    Under automatic sharding (no sharding in the types) XLA chooses the communication.
-    """
-    return x if explicit_spec(x) is None else jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-
-
-def sharded_like(y: jax.Array, x: jax.Array) -> jax.Array:
-    """``y`` with the explicit sharding of ``x`` (a result placed as its input), or ``y`` as it is."""
-    spec = explicit_spec(x)
-    return y if spec is None else jax.sharding.reshard(y, spec)

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaopt._src.base import HyperparameterError, StoredLeaf, is_stored
+from adaopt._src.placement import explicit_spec, sharded_like, whole
 
 # --------------------------------------------------------------------------- maps
 
@@ -393,7 +394,7 @@ class Blockwise:
         if self.by_rows(shape):
             x = _rows_whole(x, self.block_size)
             return x.reshape(*shape[:-1], shape[-1] // self.block_size, self.block_size)
-        flat = _unsharded(x).reshape(-1)
+        flat = whole(x).reshape(-1)  # flattened: no sharding to keep
         pad = -flat.size % self.block_size
         return (jnp.pad(flat, (0, pad)) if pad else flat).reshape(-1, self.block_size)
 
@@ -416,7 +417,7 @@ class Blockwise:
         else:
             values = _take(jnp.asarray(qmap, dtype), codes)
         blocks = self._blocks(values, leaf.shape)
-        return _like(self._unblocked(blocks * leaf.scale.astype(dtype)[..., None], leaf.shape), leaf.codes)
+        return sharded_like(self._unblocked(blocks * leaf.scale.astype(dtype)[..., None], leaf.shape), leaf.codes)
 
     def encode(self, value: jax.Array, leaf: Quantized) -> Quantized:
         """``value`` (any float dtype, computed in at least float32) quantized like ``leaf``."""
@@ -430,7 +431,7 @@ class Blockwise:
             )
         normed = blocks / jnp.where(scale > 0, scale, 1).astype(dtype)[..., None]
         if self.format == "fp8":
-            codes = _like(self._unblocked(_to_e4m3(normed), leaf.shape), leaf.codes)
+            codes = sharded_like(self._unblocked(_to_e4m3(normed), leaf.shape), leaf.codes)
             return Quantized(codes, scale, self, leaf.signed, leaf.shape)
         qmap = self.qmap(leaf.signed)
         assert qmap is not None
@@ -438,22 +439,16 @@ class Blockwise:
         if self.format == "dynamic4":  # two codes a byte, along the blocks (never across two)
             pairs = index.reshape(*index.shape[:-1], self.block_size // 2, 2)
             packed = (pairs[..., 0] << 4) | pairs[..., 1]
-            codes = _like(packed.reshape(leaf.codes.shape), leaf.codes)
+            codes = sharded_like(packed.reshape(leaf.codes.shape), leaf.codes)
         else:
-            codes = _like(self._unblocked(index, leaf.shape), leaf.codes)
+            codes = sharded_like(self._unblocked(index, leaf.shape), leaf.codes)
         return Quantized(codes, scale, self, leaf.signed, leaf.shape)
-
-
-def _sharding_spec(x: jax.Array) -> Any:
-    """The explicit sharding in ``x``'s type (a mesh with explicit axes), or None."""
-    spec = getattr(jax.typeof(x).sharding, "spec", None)
-    return spec if spec is not None and any(axis is not None for axis in spec) else None
 
 
 def _take(table: jax.Array, index: jax.Array) -> jax.Array:
     """``table[index]`` for a small replicated table, placed as ``index`` (which an explicit sharding needs said)."""
     # Every index is in range (codes, prefixes, the guesses): no clamping or fill.
-    spec = _sharding_spec(index)
+    spec = explicit_spec(index)
     if spec is None:
         return table.at[index].get(mode="promise_in_bounds")
     rows = jax.sharding.PartitionSpec(*spec, *(None,) * (table.ndim - 1))  # a table of rows: each whole
@@ -464,7 +459,7 @@ def _rows_whole(x: jax.Array, block_size: int) -> jax.Array:
     """``x`` with its last axis gathered if its shards would split blocks of ``block_size`` (a shard of the last axis
     shorter than a block, or not a multiple of it), its leading axes kept as they are: the blocks, their scales and so
     the state's shapes are those of one device on any mesh, and the codes are placed back as the parameter."""
-    spec = _sharding_spec(x)
+    spec = explicit_spec(x)
     if spec is None or len(spec) < x.ndim or spec[-1] is None:
         return x
     names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
@@ -472,17 +467,6 @@ def _rows_whole(x: jax.Array, block_size: int) -> jax.Array:
     if (x.shape[-1] // shards) % block_size == 0:
         return x
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec[:-1], None))
-
-
-def _unsharded(x: jax.Array) -> jax.Array:
-    """``x`` gathered whole when its type carries an explicit sharding: flattening it has no sharding to keep."""
-    return x if _sharding_spec(x) is None else jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-
-
-def _like(x: jax.Array, like: jax.Array) -> jax.Array:
-    """``x`` placed as ``like`` (explicit shardings), so the state keeps its type from step to step."""
-    spec = _sharding_spec(like)
-    return x if spec is None or _sharding_spec(x) == spec else jax.sharding.reshard(x, spec)
 
 
 def _to_e4m3(x: jax.Array) -> jax.Array:
@@ -681,7 +665,7 @@ def _step_leaf(fn: Callable[..., Sequence[Any]], args: Sequence[Any], after: Any
     kinds = [_kind(a, shape) for a in args]
     leaf_arrays = [a.value if kind == "rounded" else a for a, kind in zip(args, kinds, strict=True) if kind]
     arrays = [x for a in leaf_arrays for x in ((a.codes, a.scale) if isinstance(a, Quantized) else (a,))]
-    if any(_sharding_spec(x) is not None for x in arrays):
+    if any(explicit_spec(x) is not None for x in arrays):
         return outs, []
     if any(not isinstance(a, Quantized) and not _narrow(a) for a in leaf_arrays):
         return outs, []

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adaopt._src import base, numerics, storage
+from adaopt._src import base, placement, storage
 
 DEFAULT_MIN_SIZE = 16_384
 """Leaves of at least this many elements keep their own buffers.
@@ -51,7 +51,7 @@ as much time as moving some tens of thousands of elements at the memory bandwidt
 def _replicated(x: jax.Array) -> jax.Array:
     """``x`` replicated where its type carries a sharding: the packed leaves, sharded each their own
     way, are concatenated into one replicated buffer (small leaves: little to copy)."""
-    sharding = numerics.explicit_sharding(x)
+    sharding = placement.explicit_sharding(x)
     if sharding is None or sharding.is_fully_replicated:
         return x
     return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
@@ -412,7 +412,7 @@ def multi_tensor(
         flat_params = None if params is None else layout.pack(params)
         check(grads, state.inner, flat_params, extra_args)
         flat_updates, inner_state = inner.update(grads, state.inner, flat_params, **extra_args)
-        new_updates = jax.tree.map(numerics.placed_like, layout.unpack(flat_updates), updates)
+        new_updates = jax.tree.map(placement.placed_like, layout.unpack(flat_updates), updates)
         return new_updates, MultiTensorState(inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

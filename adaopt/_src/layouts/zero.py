@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adaopt._src import base, numerics
+from adaopt._src import base, placement
 
 DEFAULT_MIN_SIZE = 1
 """By default every leaf with a dimension the axis divides is split: the scalars of the state are the only
@@ -64,7 +64,7 @@ def _spec(sharding: NamedSharding, ndim: int) -> list[tuple[str, ...]]:
 
 def _split_dim(x: Any, axis: str, min_size: int) -> int | None:
     """The dimension of ``x`` (a parameter or a gradient) whose state slices take ``axis``, or None (kept as is)."""
-    sharding = numerics.explicit_sharding(x)
+    sharding = placement.explicit_sharding(x)
     if sharding is None or axis not in sharding.mesh.axis_names or x.ndim == 0 or x.size < min_size:
         return None
     spec = _spec(sharding, x.ndim)
@@ -79,7 +79,7 @@ def _split_dim(x: Any, axis: str, min_size: int) -> int | None:
 
 def _with_axis(x: jax.Array, dim: int, axis: str) -> jax.Array:
     """``x`` resharded with ``axis`` added on dimension ``dim`` (after the axes already there)."""
-    sharding = numerics.explicit_sharding(x)
+    sharding = placement.explicit_sharding(x)
     assert sharding is not None
     spec = _spec(sharding, x.ndim)
     if axis in spec[dim]:
@@ -120,7 +120,7 @@ def _split_leaf(leaf: Any, param: Any, dim: int | None, axis: str) -> Any:
     def split(x: Any) -> Any:
         if np.ndim(x) != param.ndim or np.shape(x)[: dim + 1] != param.shape[: dim + 1]:
             return x
-        if numerics.explicit_sharding(x) is None:
+        if placement.explicit_sharding(x) is None:
             return x
         return _with_axis(x, dim, axis)
 
@@ -148,7 +148,7 @@ def _split_state(state: Any, params: Any, axis: str, min_size: int) -> Any:
 def _check_mesh(params: Any, axis: str) -> None:
     """At init: the parameters are on a mesh with explicit axes that has ``axis`` (else a clear error)."""
     for path, leaf in jax.tree.leaves_with_path(params):
-        sharding = numerics.explicit_sharding(leaf)
+        sharding = placement.explicit_sharding(leaf)
         if sharding is None:
             continue
         if axis not in sharding.mesh.axis_names:
@@ -245,8 +245,8 @@ def shard_states(
         sliced_params = None if params is None else jax.tree.map(split, params, params)
         new_updates, new_state = inner.update(sliced, state, sliced_params, **extra)
         # The updates go back to the gradients' placement (an all-gather), the state stays where init put it.
-        return jax.tree.map(numerics.placed_like, new_updates, updates), jax.tree.map(
-            numerics.placed_like, new_state, state
+        return jax.tree.map(placement.placed_like, new_updates, updates), jax.tree.map(
+            placement.placed_like, new_state, state
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

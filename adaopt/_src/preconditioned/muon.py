@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers import adam
@@ -141,12 +141,12 @@ def newton_schulz(
 
 
 def _on_whole_matrices(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """``fn(x)`` on ``x`` gathered whole (:func:`adaopt._src.numerics.whole`), with ``x``'s sharding back.
+    """``fn(x)`` on ``x`` gathered whole (:func:`adaopt._src.placement.whole`), with ``x``'s sharding back.
 
     Newton–Schulz multiplies the matrix by its transpose: over a sharded axis a sum of partial
     products would need a reduction per multiplication; one all-gather per leaf and step does instead.
     """
-    return numerics.sharded_like(fn(numerics.whole(x)), x)
+    return placement.sharded_like(fn(placement.whole(x)), x)
 
 
 def _check_muon(

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.preconditioned.soap import check_real, per_leaf
 
@@ -302,7 +302,7 @@ def _check_psgd_kron(
 
 def _axis_sharded(x: jax.Array, like: jax.Array, axis: int) -> jax.Array:
     """A diagonal factor ``x`` of axis ``axis`` of ``like``, placed as that axis of ``like`` under an explicit mesh."""
-    spec = numerics.explicit_spec(like)
+    spec = placement.explicit_spec(like)
     if spec is None or x.ndim == 0:
         return x
     spec = (*spec, *(None,) * (like.ndim - len(spec)))
@@ -485,14 +485,14 @@ def scale_by_psgd_kron(
             m_new = moments.ema(g_compute, m_compute, moments.scalar(b1, dtype))
             new_mus.append(moments.store(m_new, m))
             m_hat = m_new / moments.bias_correction(b1, count, dtype)
-            momenta.append(numerics.whole(m_hat))
-            inputs.append(momenta[-1] if momentum_into_precond_update else numerics.whole(g_compute))
+            momenta.append(placement.whole(m_hat))
+            inputs.append(momenta[-1] if momentum_into_precond_update else placement.whole(g_compute))
 
         def factors_of(i: int) -> list[jax.Array]:
             """Leaf ``i``'s factors, by axis, whole."""
             tri, diagonal_axes = iter(triangular[i]), plans[i].diagonal_axes()
             return [
-                numerics.whole(diagonal[axis][i]) if axis in diagonal_axes else next(tri)
+                placement.whole(diagonal[axis][i]) if axis in diagonal_axes else next(tri)
                 for axis in range(plans[i].factors)
             ]
 
@@ -543,7 +543,7 @@ def scale_by_psgd_kron(
                     direction = m_hat
                 rms = jnp.sqrt(jnp.mean(moments.abs_sq(direction)))
                 direction = direction / jnp.maximum(1.0, rms / _CLIP_RMS)
-                steps.append(numerics.sharded_like(direction.astype(g.dtype), g))
+                steps.append(placement.sharded_like(direction.astype(g.dtype), g))
 
         new_triangular = []
         new_diagonal: list[list[Any]] = [list(slot) for slot in diagonal]

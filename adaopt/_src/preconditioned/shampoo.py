@@ -19,15 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments, numerics, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.preconditioned.soap import (
     axis_statistics,
     check_real,
-    gathered,
     merge_small_dims,
     per_leaf,
-    resharded_like,
     rotate,
 )
 
@@ -426,7 +424,7 @@ def scale_by_shampoo(
                 continue
             dtype = moments.compute_dtype(g.dtype)
             beta2 = scalars(dtype)[1]
-            view = gathered(g.astype(dtype)).reshape(p_plan.view)
+            view = placement.whole(g.astype(dtype)).reshape(p_plan.view)
             blocks = [view[tuple(slice(s, s + n) for s, n in block)] for block in p_plan.blocks]
             new_stats = [
                 (stats[j * len(p_plan.selected) + i] + outer)
@@ -478,7 +476,7 @@ def scale_by_shampoo(
                 preconditioned = [
                     rotate(block, roots[j * rank : (j + 1) * rank], p_plan.selected) for j, block in enumerate(blocks)
                 ]
-                direction = resharded_like(_merge_blocks(preconditioned, p_plan).reshape(g.shape), g)
+                direction = placement.sharded_like(_merge_blocks(preconditioned, p_plan).reshape(g.shape), g)
             else:
                 direction = graft_direction
             if inner_rate is not None:

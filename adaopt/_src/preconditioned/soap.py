@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments, numerics, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers.laprop import SteppedDecayState
@@ -150,29 +150,6 @@ def per_leaf(factors: Any, leaves: Sequence[Any]) -> list[Any]:
             "whose gradients you pass (after changing the model, build a new optimizer state)."
         )
     return factors
-
-
-def gathered(x: jax.Array) -> jax.Array:
-    """``x`` whole on every device when a mesh with explicit axes shards it (else ``x``).
-
-    Products of a leaf with itself over a sharded axis are ambiguous to JAX's explicit sharding;
-    the Kronecker-factored methods gather each leaf once per step and keep their factors
-    replicated, and :func:`resharded_like` gives the results the leaf's own sharding back.
-    """
-    spec = _explicit_spec(x)
-    return x if spec is None else jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-
-
-def resharded_like(y: jax.Array, x: jax.Array) -> jax.Array:
-    spec = _explicit_spec(x)
-    return y if spec is None else jax.sharding.reshard(y, spec)
-
-
-def _explicit_spec(x: jax.Array) -> Any:
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    if spec is None or all(axis is None for axis in spec):
-        return None
-    return spec
 
 
 def eigenbasis(statistic: jax.Array) -> jax.Array:
@@ -364,7 +341,7 @@ def scale_by_soap(
 
         def views(g: jax.Array, p_plan: AxisPlan) -> tuple[jnp.dtype, jax.Array]:
             dtype = moments.compute_dtype(g.dtype)
-            return dtype, p_plan.to_view(gathered(g).astype(dtype))
+            return dtype, p_plan.to_view(placement.whole(g).astype(dtype))
 
         def updated_statistics(view: jax.Array, p_plan: AxisPlan, old: Sequence[jax.Array]) -> list[jax.Array]:
             beta = moments.scalar(beta_s, view.dtype)
@@ -386,8 +363,8 @@ def scale_by_soap(
             for g, m, v, p_plan, old, basis in zip(leaves, mus, nus, plans, stats, bases, strict=True):
                 dtype, view = views(g, p_plan)
                 beta1, beta2, e, size = scalars(dtype)
-                m_view = p_plan.to_view(gathered(m).astype(dtype))
-                v_view = p_plan.to_view(gathered(v).astype(dtype))
+                m_view = p_plan.to_view(placement.whole(m).astype(dtype))
+                v_view = p_plan.to_view(placement.whole(v).astype(dtype))
                 rotated = rotate(view, basis, p_plan.axes)
                 m_view = moments.ema(view, m_view, beta1)
                 v_view = moments.ema(rotated * rotated, v_view, beta2)
@@ -402,15 +379,15 @@ def scale_by_soap(
             refreshed = jax.lax.cond(s % precondition_frequency == 0, refresh, keep, new_nus, new_stats, bases)
             new_nus, new_bases = refreshed
             out_steps = [
-                resharded_like(p_plan.from_view(step).astype(g.dtype), g)
+                placement.sharded_like(p_plan.from_view(step).astype(g.dtype), g)
                 for (step, _), p_plan, g in zip(steps, plans, leaves, strict=True)
             ]
             out_mus = [
-                resharded_like(p_plan.from_view(m_view).astype(m.dtype), m)
+                placement.sharded_like(p_plan.from_view(m_view).astype(m.dtype), m)
                 for (_, m_view), p_plan, m in zip(steps, plans, mus, strict=True)
             ]
             out_nus = [
-                resharded_like(p_plan.from_view(v_view).astype(v.dtype), v)
+                placement.sharded_like(p_plan.from_view(v_view).astype(v.dtype), v)
                 for v_view, p_plan, v in zip(new_nus, plans, nus, strict=True)
             ]
             return out_steps, out_mus, out_nus, [tuple(x) for x in new_stats], new_bases

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments, placement
 from adaopt._src.base import Params, ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers.adam import scale_by_adam
@@ -265,7 +265,7 @@ def galore(
                 low_grads.append(g)
                 low_params.append(p)
                 continue
-            g_compute = numerics.whole(g.astype(moments.compute_dtype(g.dtype)))
+            g_compute = placement.whole(g.astype(moments.compute_dtype(g.dtype)))
             r = (u if on_left else vh).shape[1 if on_left else 0]
             kept = (u if on_left else None, vh if on_right else None)
             u_new, vh_new = jax.lax.cond(refresh, lambda g_=g_compute: _bases(g_, r, on_left, on_right), lambda: kept)
@@ -275,7 +275,7 @@ def galore(
             low_params.append(
                 None
                 if p is None
-                else _project(numerics.whole(p.astype(g_compute.dtype)), u_new, vh_new).astype(p.dtype)
+                else _project(placement.whole(p.astype(g_compute.dtype)), u_new, vh_new).astype(p.dtype)
             )
         unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
         inner_params = None if params is None else unflatten(low_params)
@@ -291,7 +291,7 @@ def galore(
             back = _project_back(
                 n.astype(u.dtype if on_left else vh.dtype), u if on_left else None, vh if on_right else None
             )
-            steps.append(numerics.sharded_like(moments.scale_leaf(jnp.asarray(scale), back.astype(g.dtype)), g))
+            steps.append(placement.sharded_like(moments.scale_leaf(jnp.asarray(scale), back.astype(g.dtype)), g))
         count = moments.safe_increment(state.count)
         return unflatten(steps), GaLoreState(count, unflatten(new_left), unflatten(new_right), inner_state)
 
