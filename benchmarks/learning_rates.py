@@ -61,7 +61,7 @@ TUNED: dict[str, float] = {
     "soap": 3e-3,  # the reference's default: not tuned on the grid yet
     "psgd_kron": 1e-3,  # the reference's default (psgd-jax): not tuned on the grid yet
     "shampoo": 1e-2,  # not tuned on the grid yet (grafted onto SGD with Nesterov momentum 0.9)
-    "adafactor": 1e-2,  # the paper's cap of the relative step, rho_t = min(1e-2, 1/sqrt(t)): not tuned on the grid yet
+    "adafactor": 0.27,  # the paper's cap of the relative step, rho_t = min(1e-2, 1/sqrt(t)): not tuned on the grid yet
     "came": 1e-3,  # not tuned on the grid yet (its first steps are ~10x the rate: the confidence starts small)
     "sm3": 0.1,  # not tuned on the grid yet (AdaGrad's)
     "schedule_free_sgd": 1.0,

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base, moments, placement
+from adaopt._src import base, linalg, moments, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.preconditioned.soap import check_real, per_leaf
 
@@ -203,14 +203,8 @@ def _norm_lower_bound(a: jax.Array) -> jax.Array:
 
 def _solve_triangular_right(x: jax.Array, q: jax.Array) -> jax.Array:
     """``x @ inv(q)`` for an upper-triangular ``q``, over the last axis of ``x`` (a triangular solve: a product's cost)."""
-    vector = x.ndim < 2
-    if vector:
-        x = x[None, :]
-    solve = functools.partial(jax.lax.linalg.triangular_solve, left_side=False, lower=False)
-    for _ in range(x.ndim - 2):
-        solve = jax.vmap(solve, in_axes=(None, 0))
-    solution = solve(q, x)
-    return solution[0] if vector else solution
+    rows = x.reshape(-1, x.shape[-1])  # the rows of x @ inv(q) are independent: one system
+    return linalg.solve_upper_right(q, rows).reshape(x.shape)
 
 
 def _probe_solve(qs: Sequence[jax.Array], v: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base, moments, numerics, placement
+from adaopt._src import base, linalg, moments, numerics, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.preconditioned.soap import (
     axis_statistics,
@@ -169,7 +169,7 @@ def _matrix_power(x: jax.Array, p: int) -> jax.Array:
 def inverse_root_eigh(matrix: jax.Array, p: int) -> jax.Array:
     r""":math:`S^{-1/p}` of each symmetric matrix of ``matrix`` from its eigendecomposition (no ridge), as the
     reference's SVD: :math:`V \,\mathrm{diag}(\mathrm{sign}(\lambda) |\lambda|^{-1/p})\, V^\top`."""
-    values, vectors = jnp.linalg.eigh(matrix, symmetrize_input=False)
+    values, vectors = linalg.eigh(matrix)
     powered = jnp.sign(values) * jnp.abs(values) ** (-1.0 / p)
     return _matmul(vectors * powered[..., None, :], jnp.swapaxes(vectors, -1, -2))
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, numerics, placement
+from adaopt._src import base, linalg, moments, numerics, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers.laprop import SteppedDecayState
@@ -155,7 +155,7 @@ def per_leaf(factors: Any, leaves: Sequence[Any]) -> list[Any]:
 def eigenbasis(statistic: jax.Array) -> jax.Array:
     """The eigenvectors of a symmetric ``statistic``, by decreasing eigenvalue (``eigh`` reads its lower triangle)."""
     shifted = statistic + _EIGH_SHIFT * jnp.eye(statistic.shape[0], dtype=statistic.dtype)
-    _, vectors = jnp.linalg.eigh(shifted, symmetrize_input=False)
+    _, vectors = linalg.eigh(shifted)
     return vectors[:, ::-1]
 
 
@@ -169,7 +169,7 @@ def _refresh_basis(statistic: jax.Array, basis: jax.Array) -> tuple[jax.Array, j
     product = jnp.matmul(statistic, basis, precision=_HIGHEST)
     estimates = jnp.sum(basis * product, axis=0)
     order = jnp.argsort(-estimates)
-    new, _ = jnp.linalg.qr(product[:, order])
+    new, _ = linalg.qr(product[:, order])
     return new, order
 
 

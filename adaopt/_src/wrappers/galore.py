@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, placement
+from adaopt._src import base, linalg, moments, placement
 from adaopt._src.base import Params, ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers.adam import scale_by_adam
@@ -75,7 +75,7 @@ def _canonical_signs(basis: jax.Array, axis: int) -> jax.Array:
 
 def _bases(g: jax.Array, rank: int, left: bool, right: bool) -> tuple[jax.Array | None, jax.Array | None]:
     """The top ``rank`` left singular vectors :math:`U` (columns) and right ones :math:`V^\\top` (rows) of ``g``."""
-    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+    u, _, vh = linalg.svd(g)
     u_r = _canonical_signs(u[:, :rank], 0) if left else None
     vh_r = _canonical_signs(vh[:rank], 1) if right else None
     return u_r, vh_r
