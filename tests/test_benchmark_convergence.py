@@ -18,6 +18,7 @@ import pytest
 import adaopt
 from adaopt import Capability
 from benchmarks import convergence, learning_rates
+from tests import markdown
 
 OPTIMIZERS = ("adam", "schedule_free_sgd")  # the baseline, and a tuning-free method evaluated at its average
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,19 +27,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def conv() -> ModuleType:
     return convergence
-
-
-def _table(text: str, heading: str) -> list[list[str]]:
-    """The rows (header first, separator dropped) of the first table after the heading that contains ``heading``."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("##") and heading in line)
-    header = next(i for i in range(start, len(lines)) if lines[i].startswith("| "))
-    rows = []
-    for line in lines[header:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return [rows[0], *rows[2:]]
 
 
 def _section(text: str, begin: str, end: str) -> str:
@@ -63,7 +51,7 @@ def test_tiny_run_writes_both_sections_and_keeps_the_rest(conv: ModuleType, tmp_
     assert "--steps-scale 0.02" in grid and "load average" in grid
 
     for workload, steps, initial in (("softmax", 20, math.log(10)), ("quadratic", 30, None)):
-        rows = _table(grid, f"`{workload}`")
+        rows = markdown.table(grid, f"`{workload}`")
         header, body = rows[0], rows[1:]
         assert header[:5] == ["optimizer", "lr default", "lr tuned", "final tuned", "final default"]
         assert sorted(r[0] for r in body) == sorted(OPTIMIZERS)
@@ -83,7 +71,7 @@ def test_tiny_run_writes_both_sections_and_keeps_the_rest(conv: ModuleType, tmp_
                 assert row[5] == "n/a"
             assert float(row[11]) > 0  # ms per step
 
-    profile = _table(grid, "Performance profile: tuned")
+    profile = markdown.table(grid, "Performance profile: tuned")
     assert profile[0] == ["optimizer", "τ = 1", "τ = 1.5", "τ = 2", "τ = 4", "τ = 8", "τ = ∞", "solved"]
     assert sorted(r[0] for r in profile[1:]) == sorted(OPTIMIZERS)
     for row in profile[1:]:
@@ -91,7 +79,7 @@ def test_tiny_run_writes_both_sections_and_keeps_the_rest(conv: ModuleType, tmp_
         assert values == sorted(values) and all(0 <= v <= 1 for v in values)
 
     # The tuning-free section: schedule_free_sgd at its defaults against tuned Adam.
-    rows = _table(free, "`softmax`")
+    rows = markdown.table(free, "`softmax`")
     assert rows[1][0].startswith("**adam (tuned")
     assert [r[0] for r in rows[2:]] == ["schedule_free_sgd"]
     ratio = float(rows[2][2])

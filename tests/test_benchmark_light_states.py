@@ -14,18 +14,7 @@ import pytest
 
 import adaopt
 from benchmarks import convergence, light_states, workloads
-
-
-def _rows(text: str, heading: str) -> list[list[str]]:
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if heading in line)
-    header = next(i for i in range(start, len(lines)) if lines[i].startswith("| "))
-    rows = []
-    for line in lines[header:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return [rows[0], *rows[2:]]
+from tests import markdown
 
 
 def test_tiny_run_scores_each_variant_at_adamws_rate(tmp_path: Path) -> None:
@@ -38,11 +27,11 @@ def test_tiny_run_scores_each_variant_at_adamws_rate(tmp_path: Path) -> None:
     text = out.read_text()
     assert "stale" not in text and text.endswith("## Notes\n\nkept\n")
 
-    summary = _rows(text, "Memory-light states and optimizers")
+    summary = markdown.table(text, "Memory-light states and optimizers")
     assert summary[0] == ["variant", "softmax ratio", "within 1% on"]
     assert [r[0] for r in summary[1:]] == ["`adamw_int8`", "`adafactor`"]
 
-    rows = {r[0].strip("`"): r for r in _rows(text, "### `softmax`")[1:]}
+    rows = {r[0].strip("`"): r for r in markdown.table(text, "### `softmax`")[1:]}
     assert set(rows) == {"adamw", "adamw_int8", "adafactor"}
     grid = convergence.learning_rate_grid(adaopt.REGISTRY["adamw"])
     adamw_final = float(rows["adamw"][3])

@@ -12,23 +12,12 @@ from types import ModuleType
 import pytest
 
 from benchmarks import speed as speed_benchmark
+from tests import markdown
 
 
 @pytest.fixture(scope="module")
 def speed() -> ModuleType:
     return speed_benchmark
-
-
-def _table(text: str, heading: str) -> list[list[str]]:
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("### ") and heading in line)
-    header = next(i for i in range(start, len(lines)) if lines[i].startswith("| "))
-    rows = []
-    for line in lines[header:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 def test_toy_run_writes_table_and_keeps_other_sections(speed: ModuleType, tmp_path: Path) -> None:
@@ -45,7 +34,7 @@ def test_toy_run_writes_table_and_keeps_other_sections(speed: ModuleType, tmp_pa
     assert text.index(speed.END) < text.index("## Convergence") and text.endswith("kept\n")
     assert "Measured bandwidth" in text
 
-    rows = _table(text, "`small`: 10 leaves, 500 parameters")
+    rows = markdown.table(text, "`small`: 10 leaves, 500 parameters", separator=True)
     assert tuple(rows[0]) == speed.COLUMNS
     assert set(rows[1][0]) == {"-"}
     impls = [row[1] for row in rows[2:]]
