@@ -2,12 +2,14 @@
 
 On the convergence suite's workloads (``benchmarks/workloads.py``), each variant below trains on
 float32 AdamW's 7-point learning-rate grid (``lr * 3**k``, k = -3..3, with the cosine decay of
-:mod:`benchmarks.convergence`; one vmapped program per pair), and is compared with AdamW's tuned
-run (its grid point with the lowest final metric):
+:mod:`benchmarks.convergence`; one vmapped program per pair), the memory-light optimizers also on
+their own grid (around their rate of :mod:`benchmarks.learning_rates`: Adafactor's, a step relative
+to the parameters, means another thing), and is compared with AdamW's tuned run (its grid point
+with the lowest final metric):
 
 - **at AdamW's rate**: the variant's final metric at the learning rate AdamW's tuned run chose,
   over AdamW's final metric (the goal: within 1%);
-- **own best**: the variant's best point of the same grid, over AdamW's final metric.
+- **own best**: the variant's best point of its grid(s), over AdamW's final metric.
 
 The variants:
 
@@ -96,14 +98,22 @@ VARIANTS: dict[str, tuple[str, Callable[..., optax.GradientTransformation]]] = {
 
 
 def variant_spec(name: str) -> adaopt.OptimizerSpec:
-    """The registry's AdamW entry with ``name``'s factory (capabilities and schedule as AdamW's)."""
-    return dataclasses.replace(adaopt.REGISTRY[BASELINE], name=name, factory=VARIANTS[name][1])
+    """``name``'s registry entry (AdamW's for a storage of AdamW's moments) with ``name``'s factory."""
+    return dataclasses.replace(
+        adaopt.REGISTRY.get(name, adaopt.REGISTRY[BASELINE]), name=name, factory=VARIANTS[name][1]
+    )
 
 
-def adamw_grid(spec: adaopt.OptimizerSpec) -> list[float]:
-    """Every variant runs on float32 AdamW's grid."""
-    del spec
-    return cv.learning_rate_grid(adaopt.REGISTRY[BASELINE])
+def variant_grid(spec: adaopt.OptimizerSpec) -> list[float]:
+    """Float32 AdamW's grid, and an optimizer of the registry's own grid too (its learning rate means another thing)."""
+    rates = cv.learning_rate_grid(adaopt.REGISTRY[BASELINE])
+    if spec.name in adaopt.REGISTRY and spec.name != BASELINE:
+        rates = sorted(set(rates) | set(cv.learning_rate_grid(spec)))
+    return rates
+
+
+def _index(rates: Sequence[float], rate: float) -> int:
+    return next(k for k, r in enumerate(rates) if math.isclose(r, rate, rel_tol=1e-9))
 
 
 @dataclasses.dataclass
@@ -143,6 +153,7 @@ def compare(suite: cv.Suite, variants: Sequence[str]) -> list[Comparison]:
         n = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
         for name in [BASELINE, *variants]:
             run = suite.runs[name, w.name]
+            at = None if i is None else _index(run.learning_rates, base.learning_rates[i])  # AdamW's rate
             j = run.tuned_index
             spec = variant_spec(name) if name in VARIANTS else adaopt.REGISTRY[name]
             rows.append(
@@ -150,9 +161,9 @@ def compare(suite: cv.Suite, variants: Sequence[str]) -> list[Comparison]:
                     name,
                     w.name,
                     state_bytes(spec.factory(learning_rate=1e-3), shapes) / n,
-                    None if i is None else run.learning_rates[i],
+                    None if at is None else run.learning_rates[at],
                     adamw_final,
-                    math.inf if i is None else run.final(i),
+                    math.inf if at is None else run.final(at),
                     None if j is None else run.learning_rates[j],
                     math.inf if j is None else run.final(j),
                 )
@@ -173,9 +184,10 @@ def render(suite: cv.Suite, rows: Sequence[Comparison], command: str, plot: str 
     lines += ["", *(f"- {k}: {v}" for k, v in machine().items()), ""]
     lines += [
         "Each variant trains on float32 AdamW's 7-point grid (`lr * 3**k`, k = -3..3, cosine decay to 0 over the "
-        "budget, one vmapped program per pair). **ratio** = the variant's final metric at the learning rate AdamW's "
-        f"tuned run chose / AdamW's final metric (goal: at most {1 + WITHIN:g}); **own best** = its best point of the "
-        "same grid / AdamW's. Quantized moments are stored for every leaf (`min_size=0`). bytes/param: the "
+        "budget, one vmapped program per pair), the optimizers also on their own grid around their rate of "
+        "benchmarks/learning_rates.py. **ratio** = the variant's final metric at the learning rate AdamW's "
+        f"tuned run chose / AdamW's final metric (goal: at most {1 + WITHIN:g}); **own** = its best point of its "
+        "grid(s) / AdamW's. Quantized moments are stored for every leaf (`min_size=0`). bytes/param: the "
         "optimizer state over the workload's parameter count. Metrics as in the convergence section.",
         "",
     ]
@@ -209,13 +221,15 @@ def plot_curves(suite: cv.Suite, variants: Sequence[str], path: Path) -> None:
     n = len(suite.workloads)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
     for ax, w in zip(axes[0], suite.workloads.values(), strict=True):
-        i = suite.runs[BASELINE, w.name].tuned_index
+        base = suite.runs[BASELINE, w.name]
+        i = base.tuned_index
         for k, name in enumerate([BASELINE, *variants]):
             run = suite.runs[name, w.name]
             if i is None or run.skipped:
                 continue
+            at = _index(run.learning_rates, base.learning_rates[i])
             style = {"color": "black", "lw": 2.0} if name == BASELINE else {"color": plt.cm.tab10(k % 10), "lw": 1.0}
-            ax.plot(run.eval_steps, run.losses[i], label=name, **style)
+            ax.plot(run.eval_steps, run.losses[at], label=name, **style)
         ax.set_yscale("log")
         ax.set_title(w.name)
         ax.set_xlabel("step")
@@ -258,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
     command = shlex.join(["python", "-m", "benchmarks.light_states", *arguments])
     specs = [adaopt.REGISTRY[BASELINE], *(variant_spec(v) for v in args.variants)]
-    suite = cv.run_suite(specs, args.workloads, scale=args.steps_scale, progress=not args.no_progress, grid=adamw_grid)
+    suite = cv.run_suite(
+        specs, args.workloads, scale=args.steps_scale, progress=not args.no_progress, grid=variant_grid
+    )
     rows = compare(suite, args.variants)
     out: Path = args.out
     plot_dir = args.plots or out.parent

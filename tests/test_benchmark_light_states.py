@@ -57,6 +57,14 @@ def test_tiny_run_scores_each_variant_at_adamws_rate(tmp_path: Path) -> None:
     assert json_path.exists()
 
 
+def test_storages_run_on_adamws_grid_and_optimizers_on_theirs_too() -> None:
+    adamw = convergence.learning_rate_grid(adaopt.REGISTRY["adamw"])
+    assert light_states.variant_grid(light_states.variant_spec("adamw_int8")) == adamw
+    own = convergence.learning_rate_grid(adaopt.REGISTRY["adafactor"])
+    assert light_states.variant_grid(light_states.variant_spec("adafactor")) == sorted({*adamw, *own})
+    assert light_states.variant_spec("adafactor").capabilities == adaopt.REGISTRY["adafactor"].capabilities
+
+
 def test_variants_store_what_they_name() -> None:
     params = {"w": jax.numpy.zeros((4, 3)), "b": jax.numpy.zeros(3)}
     for name, kind in (("adamw_int8", "Quantized"), ("adamw_int4", "Quantized"), ("adamw_bf16_sr", "Rounded")):
