@@ -141,6 +141,10 @@ class Comparison:
     def within(self) -> bool:
         return math.isfinite(self.ratio) and self.ratio <= 1 + WITHIN
 
+    @property
+    def own_within(self) -> bool:
+        return math.isfinite(self.own_ratio) and self.own_ratio <= 1 + WITHIN
+
 
 def compare(suite: cv.Suite, variants: Sequence[str]) -> list[Comparison]:
     """Each variant's final metric at AdamW's tuned learning rate and at its own best, per workload."""
@@ -194,11 +198,14 @@ def render(suite: cv.Suite, rows: Sequence[Comparison], command: str, plot: str 
     for name in variants:
         lines.append(f"- `{name}`: {VARIANTS[name][0]}")
     lines.append("")
-    header = ["variant", *(f"{w} ratio" for w in suite.workloads), "within 1% on"]
+    header = ["variant", *(f"{w} ratio (own)" for w in suite.workloads), "within 1% on", "own within 1% on"]
     table = []
     for name in variants:
         cells = [by[name, w] for w in suite.workloads]
-        table.append([f"`{name}`", *(_g(c.ratio) for c in cells), f"{sum(c.within for c in cells)} of {len(cells)}"])
+        table.append([
+            f"`{name}`", *(f"{_g(c.ratio)} ({_g(c.own_ratio)})" for c in cells),
+            f"{sum(c.within for c in cells)} of {len(cells)}", f"{sum(c.own_within for c in cells)} of {len(cells)}",
+        ])  # fmt: skip
     lines += [markdown_table(header, table), ""]
     if plot:
         lines += [f"![curves at AdamW's learning rate]({plot})", ""]

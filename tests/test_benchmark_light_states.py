@@ -28,7 +28,7 @@ def test_tiny_run_scores_each_variant_at_adamws_rate(tmp_path: Path) -> None:
     assert "stale" not in text and text.endswith("## Notes\n\nkept\n")
 
     summary = markdown.table(text, "Memory-light states and optimizers")
-    assert summary[0] == ["variant", "softmax ratio", "within 1% on"]
+    assert summary[0] == ["variant", "softmax ratio (own)", "within 1% on", "own within 1% on"]
     assert [r[0] for r in summary[1:]] == ["`adamw_int8`", "`adafactor`"]
 
     rows = {r[0].strip("`"): r for r in markdown.table(text, "### `softmax`")[1:]}
