@@ -8,9 +8,10 @@ Each optimizer is built with its defaults plus the learning rate tuned for these
 (:mod:`benchmarks.learning_rates`); the tuning-free ones (learning-rate-free and loss-driven methods)
 run at their defaults, untouched. Beside the registry, AdamW runs with memory-light moments
 (``STORAGE_VARIANTS``: 8-bit and 4-bit blocks, bfloat16 with stochastic rounding, for every leaf)
-at AdamW's learning rate; the table's state B/param column shows what each saves. Every step passes the minibatch loss as ``update(..., value=loss)`` (the
-loss-driven methods use it); a method that compares losses between steps (bold driver) gets the
-full training set each step; Schedule-Free is evaluated at its averaged parameters.
+at AdamW's learning rate; the table's state B/param column shows what each saves. Every step
+passes the minibatch loss as ``update(..., value=loss)`` (the loss-driven methods use it); a
+method that compares losses between steps (bold driver) gets the full training set each step;
+Schedule-Free is evaluated at its averaged parameters.
 
 Training runs in jitted chunks of ``--chunk`` steps (``jax.lax.scan``); after each chunk the
 full training loss and the test accuracy are evaluated. The script prints two tables, the
@@ -193,7 +194,7 @@ def select(names: Sequence[str] | None) -> list[adaopt.OptimizerSpec]:
 
 def tuned_rate(spec: adaopt.OptimizerSpec) -> float:
     """The learning rate of benchmarks/learning_rates.py (AdamW's for a storage variant)."""
-    return learning_rates.TUNED[light_states.BASELINE if spec.name in light_states.VARIANTS else spec.name]
+    return learning_rates.TUNED[light_states.BASELINE if spec.name in STORAGE_VARIANTS else spec.name]
 
 
 def run(

@@ -8,6 +8,9 @@ from types import ModuleType
 
 import pytest
 
+import adaopt
+from benchmarks import learning_rates
+
 
 @pytest.fixture(scope="module")
 def demo() -> ModuleType:
@@ -51,6 +54,7 @@ def test_storage_variants_run_beside_adamw(demo: ModuleType) -> None:
     results = {r["name"]: r for r in demo.run(["adamw", "adamw_int8", "adamw_bf16_sr"], steps=200, progress=False)}
     assert set(results) == {"adamw", "adamw_int8", "adamw_bf16_sr"}
     assert results["adamw_int8"]["learning_rate"] == results["adamw"]["learning_rate"]
+    assert demo.tuned_rate(adaopt.REGISTRY["adafactor"]) == learning_rates.TUNED["adafactor"]  # its own, not AdamW's
     # two 1-byte codes per parameter, a float32 scale per block of 256 (per leaf at least one), the counts
     assert 2.0 < results["adamw_int8"]["state_bytes_per_param"] < 2.2
     assert 4.0 < results["adamw_bf16_sr"]["state_bytes_per_param"] < 4.1
