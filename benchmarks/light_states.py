@@ -56,6 +56,7 @@ import optax
 
 import adaopt
 from benchmarks import convergence as cv
+from benchmarks import speed
 from benchmarks import workloads as wl
 from benchmarks.memory import state_bytes
 from benchmarks.report import machine, markdown_table, portable, write_section
@@ -139,11 +140,15 @@ class Comparison:
 
     @property
     def within(self) -> bool:
-        return math.isfinite(self.ratio) and self.ratio <= 1 + WITHIN
+        return _within(self.ratio)
 
     @property
     def own_within(self) -> bool:
-        return math.isfinite(self.own_ratio) and self.own_ratio <= 1 + WITHIN
+        return _within(self.own_ratio)
+
+
+def _within(ratio: float) -> bool:
+    return math.isfinite(ratio) and ratio <= 1 + WITHIN
 
 
 def compare(suite: cv.Suite, variants: Sequence[str]) -> list[Comparison]:
@@ -154,7 +159,7 @@ def compare(suite: cv.Suite, variants: Sequence[str]) -> list[Comparison]:
         i = base.tuned_index
         adamw_final = math.inf if i is None else base.final(i)
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), w.init())
-        n = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+        n = speed.count(shapes)[1]
         for name in [BASELINE, *variants]:
             run = suite.runs[name, w.name]
             at = None if i is None else _index(run.learning_rates, base.learning_rates[i])  # AdamW's rate
@@ -173,10 +178,6 @@ def compare(suite: cv.Suite, variants: Sequence[str]) -> list[Comparison]:
                 )
             )
     return rows
-
-
-def _g(x: float | None) -> str:
-    return "—" if x is None else "diverged" if not math.isfinite(x) else f"{x:.4g}"
 
 
 def render(suite: cv.Suite, rows: Sequence[Comparison], command: str, plot: str | None) -> str:
@@ -203,7 +204,7 @@ def render(suite: cv.Suite, rows: Sequence[Comparison], command: str, plot: str 
     for name in variants:
         cells = [by[name, w] for w in suite.workloads]
         table.append([
-            f"`{name}`", *(f"{_g(c.ratio)} ({_g(c.own_ratio)})" for c in cells),
+            f"`{name}`", *(f"{cv._g(c.ratio)} ({cv._g(c.own_ratio)})" for c in cells),
             f"{sum(c.within for c in cells)} of {len(cells)}", f"{sum(c.own_within for c in cells)} of {len(cells)}",
         ])  # fmt: skip
     lines += [markdown_table(header, table), ""]
@@ -214,8 +215,8 @@ def render(suite: cv.Suite, rows: Sequence[Comparison], command: str, plot: str 
         table = []
         for r in (x for x in rows if x.workload == w.name):
             table.append([
-                f"`{r.variant}`", f"{r.bytes_per_param:.3f}", _g(r.adamw_lr), _g(r.final), _g(r.ratio),
-                "yes" if r.within else "no", _g(r.own_lr), _g(r.own_final), _g(r.own_ratio),
+                f"`{r.variant}`", f"{r.bytes_per_param:.3f}", cv._g(r.adamw_lr), cv._g(r.final), cv._g(r.ratio),
+                "yes" if r.within else "no", cv._g(r.own_lr), cv._g(r.own_final), cv._g(r.own_ratio),
             ])  # fmt: skip
         header = ["variant", "bytes/param", "lr", "final", "ratio", "within 1%", "own lr", "own final", "own ratio"]
         lines += [markdown_table(header, table), ""]
@@ -292,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in rows]))
     for r in rows:
-        print(f"{r.workload:>10} {r.variant:>14} ratio {_g(r.ratio):>9} own {_g(r.own_ratio):>9}", flush=True)
+        print(f"{r.workload:>10} {r.variant:>14} ratio {cv._g(r.ratio):>9} own {cv._g(r.own_ratio):>9}", flush=True)
     print(f"total {suite.elapsed_s:.1f} s; wrote {out}", flush=True)
     return 0
 
