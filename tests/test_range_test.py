@@ -1,7 +1,7 @@
 """adaopt.range_test against torch-lr-finder 0.2.2 on one small MLP: the same learning rates (bit for bit),
 smoothed losses (to 1e-10 in float64), stopping iteration and suggested learning rate, with SGD, Adam and
 Prodigy (whose step is not linear in the learning rate), exponential and linear sweeps, a few smoothing
-factors, validation batches and gradient accumulation; an optimizer given built, batches given as a
+factors, validation batches (stacked, or a loader's with a shorter last batch) and gradient accumulation; an optimizer given built, batches given as a
 function; the stop on a non-finite loss; the loss passed to the optimizer; the settings refused with a clear error; the plot."""
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class Case:
     num_iter: int = 60
     accumulation_steps: int = 1
     validation: bool = False
+    val_batch_size: int | None = None  # validation by a loader of this batch size (the last batch shorter)
     batches_as_function: bool = False  # batches(k) rather than a stacked pytree
 
     def settings(self) -> dict[str, Any]:
@@ -115,22 +116,30 @@ CASES = {
     "sgd-exp-validation": Case(
         "sgd", "exp", smooth_f=0.05, diverge_th=5.0, start_lr=1e-4, end_lr=10.0, validation=True
     ),
+    # 24 validation points in batches of 5: the last one holds 4, and weighs 4/24
+    "adam-exp-validation-loader": Case(
+        "adam", "exp", smooth_f=0.05, diverge_th=5.0, start_lr=1e-4, end_lr=10.0, validation=True, val_batch_size=5
+    ),
     # Prodigy's estimate of the step size sums the learning rates it was given: not linear in them.
     "prodigy-exp": Case("prodigy", "exp", smooth_f=0.05, diverge_th=5.0, start_lr=1e-2, end_lr=100.0),
 }
 NOT_DIVERGING = {"adam-linear"}
 
 
+def _loader(x: np.ndarray, y: np.ndarray, batch_size: int = BATCH) -> torch.utils.data.DataLoader:
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
 @functools.cache
 def torch_run(case: Case) -> tuple[list[float], list[float], float | None]:
     """torch-lr-finder's learning rates, smoothed losses and suggestion (None when too few iterations)."""
     model = _torch_model()
-    loader = lambda x, y: torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=BATCH, shuffle=False
-    )
     finder = torch_lr_finder.LRFinder(model, TORCH[case.optimizer](model.parameters()), torch.nn.MSELoss())
-    val_loader = loader(DATA["val_x"], DATA["val_y"]) if case.validation else None
-    finder.range_test(loader(DATA["x"], DATA["y"]), val_loader=val_loader, **case.settings())
+    val_loader = None
+    if case.validation:
+        val_loader = _loader(DATA["val_x"], DATA["val_y"], case.val_batch_size or BATCH)
+    finder.range_test(_loader(DATA["x"], DATA["y"]), val_loader=val_loader, **case.settings())
     suggestion = None
     if len(finder.history["lr"]) >= 10 + 5 + 2:
         _, ax = plt.subplots()
@@ -147,13 +156,13 @@ def adaopt_run(case: Case) -> adaopt.RangeTestResult:
             batches: Any = lambda k: (jnp.asarray(x)[k % len(x)], jnp.asarray(y)[k % len(y)])
         else:
             batches = (x, y)
+        validation: dict[str, Any] = {}
+        if case.val_batch_size is not None:  # the very loader torch-lr-finder reads: [x, y] torch tensors
+            validation["val_loader"] = _loader(DATA["val_x"], DATA["val_y"], case.val_batch_size)
+        elif case.validation:
+            validation["val_batches"] = _stacked(DATA["val_x"], DATA["val_y"])
         return adaopt.range_test(
-            loss_fn,
-            _params(),
-            FACTORIES[case.optimizer],
-            batches,
-            val_batches=_stacked(DATA["val_x"], DATA["val_y"]) if case.validation else None,
-            **case.settings(),
+            loss_fn, _params(), FACTORIES[case.optimizer], batches, **validation, **case.settings()
         )
 
 
@@ -269,6 +278,13 @@ X = jnp.zeros((4, 1))
         ({"batches": (X, jnp.zeros((3, 1)))}, ValueError, r"share a leading axis.*\(4, 1\), \(3, 1\)"),
         ({"batches": jnp.float32(1.0)}, ValueError, "share a leading axis"),
         ({"val_batches": {"x": jnp.zeros(())}}, ValueError, "val_batches must be a pytree of arrays"),
+        (
+            {"val_loader": [X[0], jnp.zeros(())]},
+            ValueError,
+            r"val_loader's batch 1 must be a pytree of arrays.*\[\(\)\]",
+        ),
+        ({"val_loader": iter([])}, ValueError, "val_loader yielded no batches"),
+        ({"val_loader": [X[0]], "val_batches": X}, ValueError, "val_batches .* or val_loader .*, not both"),
         ({"optimizer": 0.1}, TypeError, "optimizer must be a factory taking learning_rate"),
         ({"optimizer": lambda: optax.sgd(0.1)}, TypeError, r"calling it as optimizer\(learning_rate=schedule\) failed"),
         ({"loss_fn": None}, TypeError, "loss_fn must be a function"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -27,7 +27,7 @@ class RangeTestResult:
       learning_rates: the learning rate of each iteration's step, float64.
       losses: the loss of each iteration as measured: the training loss of its batch (the mean over
         its ``accumulation_steps`` batches) at the parameters before its step, or, with
-        ``val_batches``, the validation loss after it.
+        ``val_batches`` or ``val_loader``, the validation loss after it.
       smoothed_losses: ``losses`` smoothed exponentially (torch-lr-finder's ``history["loss"]``).
       diverged_at: the iteration at which the smoothed loss diverged (the last one recorded), or
         None when all ``num_iter`` iterations ran.
@@ -156,6 +156,46 @@ def _leading_size(tree: Any, name: str) -> int:
     return sizes.pop()
 
 
+def _batch_size(batch: Any, position: int) -> int:
+    """The number of examples in one validation batch: the common leading axis of its arrays."""
+    shapes = [np.shape(x) for x in jax.tree.leaves(batch)]
+    sizes = {shape[0] if shape else 0 for shape in shapes}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(
+            f"val_loader's batch {position} must be a pytree of arrays that share a leading axis of one entry per "
+            f"example (at least one); got leaves of shapes {shapes}."
+        )
+    return sizes.pop()
+
+
+def _validation_groups(val_batches: Any, val_loader: Iterable[Any] | None) -> tuple[tuple[Any, np.ndarray], ...] | None:
+    """The validation batches as groups of one shape each: (the group's batches stacked, each batch's size).
+
+    ``val_batches`` (already stacked) is one group of equal weights; ``val_loader``'s batches are
+    grouped by structure and shape, in order of first appearance (a loader's full batches and its
+    last, shorter one: two groups), each weighted by its size.
+    """
+    if val_batches is not None:
+        n = _leading_size(val_batches, "val_batches")
+        return ((val_batches, np.ones(n)),)
+    if val_loader is None:
+        return None
+    groups: dict[Any, tuple[list[Any], list[int]]] = {}
+    for position, batch in enumerate(val_loader):
+        batch = jax.tree.map(np.asarray, batch)
+        size = _batch_size(batch, position)
+        key = (jax.tree.structure(batch), tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)))
+        members, sizes = groups.setdefault(key, ([], []))
+        members.append(batch)
+        sizes.append(size)
+    if not groups:
+        raise ValueError("val_loader yielded no batches: give it at least one validation batch, or leave it None.")
+    return tuple(
+        (jax.tree.map(lambda *xs: np.stack(xs), *members), np.asarray(sizes, np.float64))
+        for members, sizes in groups.values()
+    )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _ByIdentity:
     """A static argument of the compiled loop compared by identity: the same function, the same program
@@ -178,7 +218,7 @@ def _constant(value: Any) -> base.Schedule:
 def _run(
     params: Params,
     batches: Any,
-    val_batches: Any,
+    val_groups: tuple[tuple[Any, jax.Array], ...] | None,
     lrs: jax.Array,
     smooth_f: jax.Array,
     diverge_th: jax.Array,
@@ -220,10 +260,18 @@ def _run(
 
         return jax.lax.fori_loop(1, accumulation_steps, accumulate, (loss, grads))
 
-    def val_loss(p: Params) -> jax.Array:
-        return jnp.mean(jax.lax.map(lambda b: loss_of(p, b), val_batches))
-
     loss_dtype = jax.eval_shape(lambda p: loss_of(p, batch(jnp.int32(0))), params).dtype
+
+    def val_loss(p: Params) -> jax.Array:
+        # torch-lr-finder's sum of each batch's loss times its size, over the number of examples
+        assert val_groups is not None
+        weighted, total = jnp.zeros((), loss_dtype), jnp.zeros((), loss_dtype)
+        for group, sizes in val_groups:
+            sizes = sizes.astype(loss_dtype)
+            weighted += jnp.sum(jax.lax.map(lambda b: loss_of(p, b), group).astype(loss_dtype) * sizes)
+            total += jnp.sum(sizes)
+        return weighted / total
+
     smooth_f, diverge_th = smooth_f.astype(loss_dtype), diverge_th.astype(loss_dtype)
 
     def live(carry: tuple, i: jax.Array, lr: jax.Array) -> tuple[tuple, tuple]:
@@ -233,7 +281,7 @@ def _run(
         if scale_updates:
             updates = jax.tree.map(lambda u: jnp.asarray(lr, u.dtype) * u, updates)
         p = optax.apply_updates(p, updates)
-        if val_batches is not None:
+        if val_groups is not None:
             loss = val_loss(p)
         loss = loss.astype(loss_dtype)
         smoothed = jnp.where((i == 0) | (smooth_f == 0), loss, smooth_f * loss + (1 - smooth_f) * previous)
@@ -272,6 +320,7 @@ def range_test(
     diverge_th: float = 5.0,
     accumulation_steps: int = 1,
     val_batches: Any = None,
+    val_loader: Iterable[Any] | None = None,
 ) -> RangeTestResult:
     r"""The learning-rate range test (Smith, 2017): one step per learning rate, from ``start_lr`` up to ``end_lr``.
 
@@ -283,7 +332,7 @@ def range_test(
 
     (:math:`\eta_0` = ``start_lr``, :math:`\eta_1` = ``end_lr``, :math:`n` = ``num_iter``) and
     records the loss :math:`\ell_i`: the training loss of the step's batch at the parameters
-    before the step, or with ``val_batches`` the validation loss after it. The loss is smoothed
+    before the step, or with ``val_batches`` or ``val_loader`` the validation loss after it. The loss is smoothed
     against the previous smoothed value, and the test stops at the first iteration whose
     smoothed loss exceeds ``diverge_th`` times the best so far, or is not finite:
 
@@ -319,10 +368,11 @@ def range_test(
     num_iter=..., step_mode=..., smooth_f=..., diverge_th=..., accumulation_steps=...,
     val_loader=...)``, given the model's weights as ``params``, its loss as ``loss_fn``, the
     loader's batches in its order as ``batches`` (it restarts the loader when it runs out: batch
-    :math:`k` is ``batches[k % len]`` here), the validation loader's (of one batch size) as
-    ``val_batches`` and the same settings: the same learning rates bit for bit, the same smoothed
-    losses (its ``history["loss"]``), the same stopping iteration, and the learning rate its
-    ``plot(suggest_lr=True)`` suggests. Tested in float64 to 1e-10 (tests/test_range_test.py)
+    :math:`k` is ``batches[k % len]`` here), the validation loader itself as ``val_loader`` (or
+    its batches, of one size, stacked as ``val_batches``) and the same settings: the same
+    learning rates bit for bit, the same smoothed losses (its ``history["loss"]``), the same
+    stopping iteration, and the learning rate its ``plot(suggest_lr=True)`` suggests (a shorter
+    last validation batch weighs by its size there and here). Tested in float64 to 1e-10 (tests/test_range_test.py)
     with ``torch.optim.SGD``, ``torch.optim.Adam`` and ``prodigyopt.Prodigy`` against
     ``adaopt.sgd``, ``adaopt.adam`` and ``adaopt.prodigy``. One difference: a non-finite
     smoothed loss stops the test here, where torch-lr-finder runs on with NaN.
@@ -345,9 +395,14 @@ def range_test(
       diverge_th: the divergence threshold :math:`\theta` > 1.
       accumulation_steps: batches per step, >= 1: the step takes the mean of their gradients,
         and records the mean of their losses.
-      val_batches: None, or validation batches as a pytree with a leading axis: after each step,
-        the loss recorded is the mean of ``loss_fn`` over them (torch-lr-finder's mean over the
-        validation set when the batches have one size).
+      val_batches: None, or validation batches of one size as a pytree with a leading axis: after
+        each step, the loss recorded is the mean of ``loss_fn`` over them.
+      val_loader: None, or validation batches one by one, of any sizes: a list, or any iterable
+        (a data loader) yielding pytrees of arrays, read once. After each step, the loss
+        recorded is torch-lr-finder's mean over the validation set: each batch's ``loss_fn``
+        times its size (the leading axis of its arrays), summed, over the number of examples.
+        Batches of one shape are evaluated together (a loader's last, shorter batch compiles
+        once more). Not with ``val_batches``.
 
     Returns:
       A :class:`RangeTestResult`: learning rates, losses, smoothed losses, where it diverged, and
@@ -355,7 +410,8 @@ def range_test(
 
     Raises:
       HyperparameterError: a setting is out of range.
-      ValueError: ``batches`` or ``val_batches`` is not a pytree of arrays with one leading axis.
+      ValueError: ``batches``, ``val_batches`` or a batch of ``val_loader`` is not a pytree of
+        arrays with one leading axis, ``val_loader`` is empty, or both validation arguments are given.
 
     Example:
       >>> import jax, jax.numpy as jnp, adaopt
@@ -387,14 +443,17 @@ def range_test(
     base.check_integer("accumulation_steps", accumulation_steps, 1)
     batch_fn = _ByIdentity(batches) if callable(batches) else None
     num_batches = 0 if callable(batches) else _leading_size(batches, "batches")
-    if val_batches is not None:
-        _leading_size(val_batches, "val_batches")
+    if val_batches is not None and val_loader is not None:
+        raise ValueError(
+            "Give the validation batches once: val_batches (stacked, of one size) or val_loader (one by one), not both."
+        )
+    val_groups = _validation_groups(val_batches, val_loader)
     if not isinstance(optimizer, optax.GradientTransformation):
         _check_factory(optimizer, start_lr)
     losses, smoothed, diverged = _run(
         params,
         None if callable(batches) else batches,
-        val_batches,
+        val_groups,
         lrs,
         np.asarray(smooth_f),
         np.asarray(diverge_th),
