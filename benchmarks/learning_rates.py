@@ -94,19 +94,22 @@ def make(spec: adaopt.OptimizerSpec, **overrides: Any) -> Any:
 def suggest(runs: Mapping[str, Mapping[str, Any]], workloads: Sequence[str] = DIGITS) -> dict[str, tuple[float, float]]:
     """Per optimizer of ``runs`` (convergence.py's JSON: ``"optimizer/workload"`` -> its run), the grid point with
     the smallest geometric mean of final metric over best final metric on ``workloads``, and that mean."""
-    by_optimizer: dict[str, list[Mapping[str, Any]]] = {}
-    for key, run in runs.items():
+    from benchmarks.convergence import Run  # which imports TUNED from here
+
+    by_optimizer: dict[str, list[Run]] = {}
+    for key, fields in runs.items():
         optimizer, workload = key.rsplit("/", 1)
-        if workload in workloads and not run.get("skipped") and len(run["learning_rates"]) > 1:
+        run = Run(**fields)
+        if workload in workloads and not run.skipped and len(run.learning_rates) > 1:
             by_optimizer.setdefault(optimizer, []).append(run)
     out = {}
     for optimizer, chosen in by_optimizer.items():
-        rates = chosen[0]["learning_rates"]
-        if not all(np.allclose(r["learning_rates"], rates, rtol=1e-6, atol=0) for r in chosen):
+        rates = chosen[0].learning_rates
+        if not all(np.allclose(r.learning_rates, rates, rtol=1e-6, atol=0) for r in chosen):
             raise ValueError(f"{optimizer}: its runs have different grids")
         logs = [0.0] * len(rates)
         for run in chosen:
-            finals = [c[-1] if all(math.isfinite(x) for x in c) else math.inf for c in run["losses"]]
+            finals = [run.final(i) for i in range(len(rates))]  # a diverged run's: inf
             best = min(finals)
             for i, final in enumerate(finals):
                 ratio = final / best if math.isfinite(final) and best > 0 else DIVERGED
