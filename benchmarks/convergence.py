@@ -54,6 +54,11 @@ grids; its target is tuned AdamW's final loss there, so that steps to target are
 optimizer needs to reach what AdamW reaches in the whole budget. It writes its own section, between
 ``<!-- language-model:begin -->`` and ``<!-- language-model:end -->``, and plots named ``language_model_*``.
 
+``--optimizers`` also takes a registry entry with some of its arguments set, written
+``name(key=value,...)`` (values as Python literals, else strings), as in
+``--optimizers adamw,shampoo,"shampoo(graft=rmsprop,learning_rate=0.003)"``: the variant runs on
+the grid around its entry's tuned learning rate, or around its own ``learning_rate``.
+
 Results go between ``<!-- convergence:begin -->`` and ``<!-- convergence:end -->`` in ``--out``,
 and the tuning-free comparison between ``<!-- tuning-free:begin -->`` and ``<!-- tuning-free:end -->``
 (written by ``--tuning-free``, and by any run that holds Adam and a tuning-free method: the grid's
@@ -70,11 +75,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import textwrap
@@ -204,9 +212,19 @@ class Run:
         return None if best is None or not math.isfinite(finals[best]) else best
 
 
+def base_name(name: str) -> str:
+    """The registry entry a (decayed or configured) variant's ``name`` derives from."""
+    return name.split("(", 1)[0].removesuffix(COSINE)
+
+
 def tuned_rate(spec: OptimizerSpec) -> float:
-    """The learning rate ``spec`` runs at by default: the tuned one of its registry entry (a decayed variant's too)."""
-    return TUNED[spec.name.removesuffix(COSINE)]
+    """The learning rate ``spec`` runs at by default: the tuned one of its registry entry (a variant's too), or the
+    ``learning_rate`` a configured variant sets."""
+    if "(" in spec.name:
+        rate = configured_arguments(spec.name)[1].get("learning_rate")
+        if rate is not None:
+            return float(rate)
+    return TUNED[base_name(spec.name)]
 
 
 def learning_rate_grid(spec: OptimizerSpec) -> list[float]:
@@ -219,11 +237,53 @@ def cosine_variant(spec: OptimizerSpec) -> OptimizerSpec:
     return dataclasses.replace(spec, name=spec.name + COSINE)
 
 
+CONFIGURED = re.compile(r"(?P<base>\w+)\((?P<arguments>[^()]*)\)")
+
+
+def configured_arguments(name: str) -> tuple[OptimizerSpec, dict[str, Any]]:
+    """The registry entry and the arguments of a configured variant's ``name``, ``base(key=value,...)``.
+
+    Values are read as Python literals (``b2=0.95``, ``nesterov=False``), anything else as a string
+    (``graft=rmsprop``). Raises ValueError for a malformed name or an unknown entry.
+    """
+    match = CONFIGURED.fullmatch(name.replace(" ", ""))
+    if match is None or match["base"] not in adaopt.REGISTRY:
+        raise ValueError(f"{name!r} is not a registry entry nor one written name(key=value,...)")
+    arguments: dict[str, Any] = {}
+    for item in filter(None, match["arguments"].split(",")):
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{name!r}: {item!r} is not key=value")
+        try:
+            arguments[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            arguments[key] = text
+    return adaopt.REGISTRY[match["base"]], arguments
+
+
+def configured_variant(name: str) -> OptimizerSpec:
+    """The registry entry ``base`` with some arguments set, named ``base(key=value,...)``; a ``learning_rate``
+    among them is the centre of its grid (:func:`tuned_rate`), not a fixed rate.
+
+    Raises ValueError for a malformed name, an unknown entry or argument, or an invalid value.
+    """
+    base, arguments = configured_arguments(name)
+    fixed = {k: v for k, v in arguments.items() if k != "learning_rate"}
+    try:
+        base.make(**arguments)
+    except TypeError as error:
+        raise ValueError(f"{name!r}: {error}") from error
+    canonical = ",".join(f"{k}={v}" for k, v in arguments.items())
+    return dataclasses.replace(base, name=f"{base.name}({canonical})", factory=functools.partial(base.factory, **fixed))
+
+
 def spec_of(name: str) -> OptimizerSpec:
-    """The registry entry ``name``, or the decayed variant that ``name + COSINE`` names."""
+    """The registry entry ``name``, the decayed variant that ``name + COSINE`` names, or a configured variant."""
     if name.endswith(COSINE):
         return cosine_variant(adaopt.REGISTRY[name.removesuffix(COSINE)])
-    return adaopt.REGISTRY[name]
+    if name in adaopt.REGISTRY:
+        return adaopt.REGISTRY[name]
+    return configured_variant(name)
 
 
 def is_scheduled(spec: OptimizerSpec, schedule: str) -> bool:
@@ -1053,12 +1113,13 @@ def make_plots(suite: Suite, out_dir: Path, link_base: Path) -> dict[str, str]:
 
 
 def select(names: Sequence[str] | None, tuning_free: bool) -> list[OptimizerSpec]:
-    """The registry entries to run, in registry order.
+    """The registry entries to run, in registry order, then the configured variants among ``names`` in their order.
 
     ``tuning_free``: the baseline, the Capability.TUNING_FREE entries, then the cosine variants of those in
     ``DECAYED_VARIANTS``.
     """
     specs = [s for s in adaopt.REGISTRY.values() if names is None or s.name in names]
+    specs += [configured_variant(n) for n in names or () if n not in adaopt.REGISTRY]
     if tuning_free:
         specs = [s for s in specs if Capability.TUNING_FREE in s.capabilities]
         specs = [adaopt.REGISTRY[BASELINE], *specs, *(cosine_variant(s) for s in specs if s.name in DECAYED_VARIANTS)]
@@ -1077,7 +1138,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workloads", default=None, help="comma-separated, of " + ",".join(wl.WORKLOADS) + " (default: the section's)"
     )
-    parser.add_argument("--optimizers", default=None, help="comma-separated registry names (default: all)")
+    parser.add_argument(
+        "--optimizers",
+        default=None,
+        help="comma-separated registry names, or name(key=value,...) for an entry with arguments set (default: all)",
+    )
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step budget (default 1)")
     parser.add_argument("--quick", action="store_true", help=f"--steps-scale {QUICK_SCALE}: a smoke run")
     parser.add_argument(
@@ -1101,10 +1166,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown or not args.workloads:
         parser.error(f"unknown workloads {unknown}; choose from {', '.join(wl.WORKLOADS)}")
     if args.optimizers is not None:
-        args.optimizers = [x.strip() for x in args.optimizers.split(",") if x.strip()]
-        unknown = [x for x in args.optimizers if x not in adaopt.REGISTRY]
-        if unknown or not args.optimizers:
-            parser.error(f"unknown optimizers {unknown}; choose from {', '.join(adaopt.REGISTRY)}")
+        # commas between the names, not those between a variant's arguments
+        args.optimizers = [x.strip() for x in re.split(r",(?![^()]*\))", args.optimizers) if x.strip()]
+        if not args.optimizers:
+            parser.error(f"no optimizers named; choose from {', '.join(adaopt.REGISTRY)}")
+        for name in args.optimizers:
+            try:
+                spec_of(name)
+            except (ValueError, KeyError) as error:
+                parser.error(f"{error}; choose from {', '.join(adaopt.REGISTRY)}, or name(key=value,...)")
     if args.quick:
         args.steps_scale = QUICK_SCALE
     if args.steps_scale <= 0 or (args.evals is not None and args.evals < 1):

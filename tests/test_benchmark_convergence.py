@@ -182,6 +182,41 @@ def test_tuning_free_runs_add_the_cosine_variants(conv: ModuleType) -> None:
     assert runs[0].losses != runs[1].losses
 
 
+def test_configured_variants_run_an_entry_with_arguments_set(conv: ModuleType) -> None:
+    """name(key=value,...): the entry's factory with those arguments, on the grid around its tuned rate or its own."""
+    variant = conv.spec_of("shampoo( graft=rmsprop, b2=0.95 )")
+    assert (
+        variant.name == "shampoo(graft=rmsprop,b2=0.95)" and conv.tuned_rate(variant) == learning_rates.TUNED["shampoo"]
+    )
+    assert variant.factory.keywords == {"graft": "rmsprop", "b2": 0.95}  # a literal where it reads as one
+    centred = conv.spec_of("shampoo(graft=rmsprop,learning_rate=0.003)")
+    assert (
+        conv.learning_rate_grid(centred)[conv.DEFAULT_INDEX] == 0.003
+        and "learning_rate" not in centred.factory.keywords
+    )
+
+    # The variant trains as the entry built with those arguments does, not as the entry's defaults.
+    prepared = conv.Prepared.of(conv.wl.WORKLOADS["quadratic"]())
+    run = lambda spec: conv.run_pair(spec, prepared, [0.01], 0, scale=0.02, evals=4, schedule="constant").losses
+    plain = dataclasses.replace(adaopt.REGISTRY["adam"], factory=lambda **kw: adaopt.adam(**{"b1": 0.5, **kw}))
+    assert run(conv.spec_of("adam(b1=0.5)")) == run(plain) != run(adaopt.REGISTRY["adam"])
+
+    names = ["shampoo(graft=rmsprop,b2=0.95)", "adamw", "muon"]
+    assert [s.name for s in conv.select(names, False)] == ["adamw", "muon", names[0]]  # the registry's order first
+    args = conv.parse_args(["--optimizers", "adamw, shampoo(graft=rmsprop,b2=0.95),muon"])
+    assert args.optimizers == ["adamw", "shampoo(graft=rmsprop,b2=0.95)", "muon"]  # split between names only
+    for bad, message in [
+        ("shampoo(graft)", "is not key=value"),
+        ("nope(b2=0.9)", "not a registry entry"),
+        ("shampoo(nope=1)", "unexpected keyword argument 'nope'"),
+        ("shampoo(graft=nope)", "graft must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            conv.spec_of(bad)
+        with pytest.raises(SystemExit):
+            conv.parse_args(["--optimizers", bad])
+
+
 def test_full_batch_methods_skip_the_workloads_without_one(conv: ModuleType) -> None:
     specs = [s for s in adaopt.REGISTRY.values() if Capability.FULL_BATCH in s.capabilities]
     assert specs  # the bold driver
