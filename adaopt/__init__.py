@@ -43,6 +43,10 @@ from adaopt._src.factored.came import scale_by_came as scale_by_came
 from adaopt._src.factored.sm3 import Sm3State as Sm3State
 from adaopt._src.factored.sm3 import scale_by_sm3 as scale_by_sm3
 from adaopt._src.factored.sm3 import sm3 as sm3
+from adaopt._src.layouts.copy_elision import CPU_COPY_ELISION_FLAG as CPU_COPY_ELISION_FLAG
+from adaopt._src.layouts.copy_elision import CpuCopyElisionWarning as CpuCopyElisionWarning
+from adaopt._src.layouts.copy_elision import cpu_backend_elides_copies as cpu_backend_elides_copies
+from adaopt._src.layouts.copy_elision import enable_cpu_copy_elision as enable_cpu_copy_elision
 from adaopt._src.layouts.multi_tensor import FlatTree as FlatTree
 from adaopt._src.layouts.multi_tensor import MultiTensorState as MultiTensorState
 from adaopt._src.layouts.multi_tensor import NotElementwiseError as NotElementwiseError

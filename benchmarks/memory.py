@@ -16,18 +16,25 @@ Three tables:
   and the bytes a step must move per parameter (read the parameter, the gradient and the state,
   write the parameter and the state: 12 + 2 x state bytes).
 
+The peaks and the step times are measured twice, with XLA's defaults and with XLA:CPU's copy
+elision (:func:`adaopt.enable_cpu_copy_elision`, an option read when JAX starts: a child process
+measures that column), beside each other; ``--copy-elision off`` or ``on`` measures one of them only.
+
 Usage::
 
-    python -m benchmarks.memory [--reps 5] [--out benchmarks/RESULTS.md] [--no-timing]
+    python -m benchmarks.memory [--reps 5] [--out benchmarks/RESULTS.md] [--no-timing] [--copy-elision both]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,8 +170,53 @@ def timing_rows(shapes: Any, reps: int) -> list[list[str]]:
     return rows
 
 
+PEAK_HEADER = ["GPT-2 step peak (MiB)", "its temporaries (MiB)", "charlm step peak (KiB)", "its temporaries (KiB)"]
+TIMING_HEADER = ["median (ms)", "/ adaopt float32", "state bytes / param", "bytes moved / param", "achieved GB/s"]
+ELIDED = "copy elision"  # the suffix of the columns measured with it
+
+
+def measure(args: argparse.Namespace, shapes: Any) -> dict[str, list[list[str]]]:
+    """The rows of the peaks and (unless ``--no-timing``) the step times, in this process."""
+    rows = {"peaks": peak_rows(shapes)}
+    if not args.no_timing:
+        rows["timing"] = timing_rows(shapes, args.reps)
+    return rows
+
+
+def measure_elided(args: argparse.Namespace) -> dict[str, list[list[str]]]:
+    """:func:`measure` in a child process that turns the copy elision on before JAX starts."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rows.json"
+        command = [sys.executable, "-m", "benchmarks.memory", "--copy-elision", "on", "--reps", str(args.reps)]
+        command += ["--rows-json", str(out)] + (["--no-timing"] if args.no_timing else [])
+        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
+        rows: dict[str, list[list[str]]] = json.loads(out.read_text())
+        return rows
+
+
+def side_by_side(
+    labels: list[str], header: list[str], columns: list[tuple[str, list[list[str]]]]
+) -> tuple[list[str], list[list[str]]]:
+    """One table of ``columns`` (a suffix, the rows of one measurement): the rows matched by their label."""
+    full = ["optimizer"] + [f"{h}{', ' + suffix if suffix else ''}" for suffix, _ in columns for h in header]
+    by_label = [{row[0]: row[1:] for row in rows} for _, rows in columns]
+    return full, [[label] + [x for rows in by_label for x in rows[label]] for label in labels]
+
+
 def render(args: argparse.Namespace, shapes: Any) -> str:
     leaves, n = speed.count(shapes)
+    runs: list[tuple[str, dict[str, list[list[str]]]]] = []
+    if args.copy_elision in ("off", "both"):
+        runs.append(("", measure(args, shapes)))
+    if args.copy_elision == "both":
+        runs.append((ELIDED, measure_elided(args)))
+    if args.copy_elision == "on":
+        runs.append((ELIDED, measure(args, shapes)))
+    labels = [row[0] for row in runs[0][1]["peaks"]]
+    if args.copy_elision == "both":
+        state = "off here; on in the columns marked *copy elision* (a child process)"
+    else:
+        state = "on" if args.copy_elision == "on" else "off (XLA's default)"
     lines = [
         BEGIN,
         "## Memory of the states",
@@ -172,7 +224,7 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
         f"`python -m benchmarks.memory {shlex.join(portable(a) for a in sys.argv[1:])}`, "
         f"{datetime.date.today().isoformat()}; load average {load_average()}.",
         "",
-        markdown_table(["", ""], [[k, v] for k, v in machine().items()]),
+        markdown_table(["", ""], [[k, v] for k, v in (machine() | {"XLA:CPU copy elision": state}).items()]),
         "",
         f"### State bytes per parameter (GPT-2 tree: {leaves} leaves, {n / 1e6:.1f} M parameters)",
         "",
@@ -183,33 +235,17 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
         "The GPT-2 tree's optimizer step (update and apply), and a whole training step of the char-level "
         "transformer (`charlm`: loss, gradients, update).",
         "",
-        markdown_table(
-            [
-                "optimizer",
-                "GPT-2 step peak (MiB)",
-                "its temporaries (MiB)",
-                "charlm step peak (KiB)",
-                "its temporaries (KiB)",
-            ],
-            peak_rows(shapes),
-        ),
+        markdown_table(*side_by_side(labels, PEAK_HEADER, [(suffix, rows["peaks"]) for suffix, rows in runs])),
     ]
     if not args.no_timing:
+        timed = [row[0] for row in runs[0][1]["timing"]]
         lines += [
             "",
             f"### AdamW's step with each storage on the GPT-2 tree (median of {args.reps})",
             "",
-            markdown_table(
-                [
-                    "optimizer",
-                    "median (ms)",
-                    "/ adaopt float32",
-                    "state bytes / param",
-                    "bytes moved / param",
-                    "achieved GB/s",
-                ],
-                timing_rows(shapes, args.reps),
-            ),
+            "`/ adaopt float32`: over adaopt's float32 AdamW measured the same way (in the same process).",
+            "",
+            markdown_table(*side_by_side(timed, TIMING_HEADER, [(suffix, rows["timing"]) for suffix, rows in runs])),
         ]
     lines.append(END)
     return "\n".join(lines)
@@ -220,8 +256,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-timing", action="store_true", help="only the byte counts and the compiled peaks")
+    parser.add_argument(
+        "--copy-elision",
+        choices=("both", "off", "on"),
+        default="both",
+        help="measure with XLA's defaults, with adaopt.enable_cpu_copy_elision(), or both side by side (default)",
+    )
+    parser.add_argument("--rows-json", type=Path, default=None, help=argparse.SUPPRESS)  # a child's measurements
     args = parser.parse_args(argv)
+    if args.copy_elision == "on" and not adaopt.enable_cpu_copy_elision():
+        parser.error("the copy elision could not be turned on (see the warning)")
     shapes = speed.gpt2_tree()
+    if args.rows_json is not None:
+        args.rows_json.write_text(json.dumps(measure(args, shapes)))
+        return
     section = render(args, shapes)
     write_between_markers(args.out, section, BEGIN, END)
     print(section)

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import optax
 
-from adaopt import cpu_multi_output_fusion_enabled
+from adaopt import cpu_backend_elides_copies, cpu_multi_output_fusion_enabled
 
 TITLE = "# adaopt benchmark results"
 
@@ -50,7 +50,7 @@ def load_average() -> str:
 
 
 def machine() -> dict[str, str]:
-    """The machine, the library versions and the XLA option that changes how steps compile."""
+    """The machine, the library versions and the XLA options that change how steps compile."""
     mem = _proc_field("/proc/meminfo", "MemTotal")
     return {
         "CPU": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
@@ -61,6 +61,7 @@ def machine() -> dict[str, str]:
         "optax": optax.__version__,
         "JAX device": str(jax.devices()[0]),
         "XLA:CPU multi-output fusion": "on" if cpu_multi_output_fusion_enabled() else "off (the default)",
+        "XLA:CPU copy elision": "on" if cpu_backend_elides_copies() else "off (the default)",
         "torch": version("torch"),
     }
 

@@ -43,6 +43,8 @@ import numpy as np
 import optax
 
 from adaopt._src import base
+from adaopt._src.layouts.xla_cpu import backends_started as _backends_started
+from adaopt._src.layouts.xla_cpu import cpu_platform_requested as _cpu_platform_requested
 
 MULTI_OUTPUT_FUSION_OPTION = "xla_cpu_use_multi_output_fusion"
 CPU_MULTI_OUTPUT_FUSION_FLAG = f"--xla_backend_extra_options={MULTI_OUTPUT_FUSION_OPTION}"
@@ -143,27 +145,6 @@ _VALUE_IS_IGNORED = (
 class CpuFusionWarning(UserWarning):
     """:func:`enable_cpu_fusion` could not turn XLA:CPU's multi-output fusion on, or was asked not to; the
     message says why and what to do. Silence it with ``warnings.simplefilter("ignore", adaopt.CpuFusionWarning)``."""
-
-
-def _backends_started() -> bool | None:
-    """Whether JAX started its backends (they start together, at the first computation), without starting them.
-
-    JAX has no public call for this; ``jax.distributed.initialize`` asks the same private function before
-    it refuses to run after the first computation. None when this JAX lacks it.
-    """
-    try:
-        from jax._src import xla_bridge
-    except ImportError:
-        return None
-    started = getattr(xla_bridge, "backends_are_initialized", None)
-    return None if started is None else bool(started())
-
-
-def _cpu_platform_requested() -> tuple[bool, str]:
-    """Whether JAX will start a CPU backend (``jax_platforms``, from ``JAX_PLATFORMS``, unset or naming cpu), and the value."""
-    platforms: str = getattr(jax.config, "jax_platforms", None) or ""  # JAX's documented read; untyped
-    names = [name.strip().lower() for name in platforms.split(",") if name.strip()]
-    return (not names or "cpu" in names), platforms
 
 
 def _opted_out() -> str | None:
