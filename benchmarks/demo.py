@@ -11,7 +11,8 @@ run at their defaults, untouched. Beside the registry, AdamW runs with memory-li
 at AdamW's learning rate; the table's state B/param column shows what each saves. Every step
 passes the minibatch loss as ``update(..., value=loss)`` (the loss-driven methods use it); a
 method that compares losses between steps (bold driver) gets the full training set each step;
-Schedule-Free is evaluated at its averaged parameters.
+Schedule-Free is evaluated at its averaged parameters. Run as a script, it first turns on XLA:CPU's
+copy elision (:func:`adaopt.enable_cpu_copy_elision`), as a CPU training script should.
 
 Training runs in jitted chunks of ``--chunk`` steps (``jax.lax.scan``); after each chunk the
 full training loss and the test accuracy are evaluated. The script prints two tables, the
@@ -382,4 +383,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    adaopt.enable_cpu_copy_elision()  # before JAX starts: the bfloat16 moments' steps in place, without copies
     sys.exit(main())

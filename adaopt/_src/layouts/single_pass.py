@@ -201,7 +201,8 @@ def enable_cpu_fusion() -> bool:
     than :func:`single_pass` saves on its optimizer step), the small convolutional network's about
     1.2x faster, and left the digits MLP's as it was. Time your own training step with it on and off
     (``python -m benchmarks.speed --model-steps`` does so for those models, in fresh processes)
-    before making it the default of a training script.
+    before making it the default of a training script. Its companion :func:`adaopt.enable_cpu_copy_elision`
+    (another XLA:CPU option, set the same way) keeps the steps of narrow moments in place.
 
     Returns:
       Whether XLA:CPU's multi-output fusion is on in this process, or will be when JAX starts its
