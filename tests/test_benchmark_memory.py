@@ -29,3 +29,5 @@ def test_measurements_are_set_side_by_side_by_label() -> None:
     header, rows = memory.side_by_side(["a", "b"], ["x", "y"], [("", off), ("elided", on)])
     assert header == ["optimizer", "x", "y", "x, elided", "y, elided"]
     assert rows == [["a", "1", "2", "10", "20"], ["b", "3", "4", "30", "40"]]
+    header, rows = memory.side_by_side(["b"], ["x", "y"], [("", off), ("elided", on)], repeated=["y"])
+    assert header == ["optimizer", "x", "y", "y, elided"] and rows == [["b", "3", "4", "40"]]
