@@ -7,7 +7,7 @@ an order it may use and copies the whole buffer first instead (an extra read and
 a fresh allocation every step). Moments stored narrower than the computation hit this on every
 leaf: with bfloat16 moments (rounded to nearest or stochastically), the update reads the old
 moment while the moment's own kernel overwrites it in place, so the step copies both moments of
-every leaf first: the step's peak memory is then float32 Adam's, and its time twice that.
+every leaf first: the step's peak memory is then float32 Adam's, and its time about twice that.
 
 XLA has the precise analysis (region-based live ranges, which its GPU compiler runs by default)
 behind an XLA:CPU option, ``--xla_cpu_copy_insertion_use_region_analysis=true``, read once per
@@ -106,7 +106,7 @@ def _probe_elides_copies() -> bool:
 
 
 def enable_cpu_copy_elision() -> bool:
-    """Turn on XLA:CPU's region-based copy elision, so that steps with narrow moments or records run in place.
+    """Turn on XLA:CPU's region-based copy elision, so that the steps of narrow (bfloat16) moments run in place.
 
     Called before JAX starts its backends (before the first computation, or the first call that
     lists the devices), this appends ``--xla_cpu_copy_insertion_use_region_analysis=true`` to the
