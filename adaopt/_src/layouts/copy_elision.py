@@ -18,16 +18,15 @@ Measured figures are in ``benchmarks/RESULTS.md``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import os
 import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from adaopt._src.layouts.xla_cpu import backends_started as _backends_started
+from adaopt._src.layouts.xla_cpu import compiled_on_cpu
 from adaopt._src.layouts.xla_cpu import cpu_platform_requested as _cpu_platform_requested
 
 COPY_ELISION_OPTION = "xla_cpu_copy_insertion_use_region_analysis"
@@ -86,23 +85,12 @@ def _value_in_environment() -> str | None:
 def cpu_backend_elides_copies() -> bool:
     """Whether this process's XLA:CPU backend elides the copy of a donated buffer read before it is overwritten.
 
-    Compiles a probe once per process (a donated ``p`` read by a sum and overwritten by ``p + g``)
-    and looks for a copy in it. It runs in a thread of its own, outside the caller's trace and mesh
-    contexts (JAX keeps them per thread). False when there is no CPU backend.
+    Compiles a probe once per process (:func:`~adaopt._src.layouts.xla_cpu.compiled_on_cpu`: a donated
+    ``p`` read by a sum and overwritten by ``p + g``) and looks for a copy in it. False when there is no
+    CPU backend.
     """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(_probe_elides_copies).result()
-
-
-def _probe_elides_copies() -> bool:
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu)
-        return False
-    x = jax.ShapeDtypeStruct((64,), np.float32, sharding=jax.sharding.SingleDeviceSharding(cpu))
-    step = jax.jit(lambda p, g: (p + g, jnp.sum(p)), donate_argnums=0)
-    entry = (step.lower(x, x).compile().as_text() or "").split("ENTRY", 1)[-1]
-    return " copy(" not in entry
+    entry = compiled_on_cpu(lambda p, g: (p + g, jnp.sum(p)), 2, donate_argnums=(0,))
+    return entry is not None and " copy(" not in entry
 
 
 def enable_cpu_copy_elision() -> bool:

@@ -32,18 +32,17 @@ a small probe once per process.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import os
 import warnings
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
 from adaopt._src import base
 from adaopt._src.layouts.xla_cpu import backends_started as _backends_started
+from adaopt._src.layouts.xla_cpu import compiled_on_cpu
 from adaopt._src.layouts.xla_cpu import cpu_platform_requested as _cpu_platform_requested
 
 MULTI_OUTPUT_FUSION_OPTION = "xla_cpu_use_multi_output_fusion"
@@ -79,22 +78,12 @@ def cpu_backend_fuses_siblings() -> bool:
 
     XLA reads ``XLA_FLAGS`` once, when JAX starts its CPU backend: a flag set later (in a notebook,
     after the first computation) is in the environment but not in the compiler. This compiles a
-    probe with two sibling outputs once per process and looks for one kernel writing both. It
-    runs in a thread of its own, outside the caller's trace and mesh contexts (JAX keeps them per
-    thread): a step traced under ``jax.set_mesh`` would otherwise place the probe on the mesh.
+    probe with two sibling outputs once per process (:func:`~adaopt._src.layouts.xla_cpu.compiled_on_cpu`)
+    and looks for one kernel writing both.
     """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(_probe_fuses_siblings).result()
-
-
-def _probe_fuses_siblings() -> bool:
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu)
+    entry = compiled_on_cpu(lambda x: (x * 2 + 1, x * 3 - 1), 1)
+    if entry is None:
         return False
-    x = jax.ShapeDtypeStruct((64,), np.float32, sharding=jax.sharding.SingleDeviceSharding(cpu))
-    hlo = jax.jit(lambda x: (x * 2 + 1, x * 3 - 1)).lower(x).compile().as_text() or ""
-    entry = hlo.split("ENTRY", 1)[-1]
     return any(" fusion(" in line and "= (" in line.split(" fusion(")[0] for line in entry.splitlines())
 
 
