@@ -185,10 +185,11 @@ def enable_cpu_fusion() -> bool:
       changes nothing on the accelerator) and returns True: computations placed on the CPU get it.
 
     The fusion changes how XLA:CPU compiles every program of the process, the model's forward and
-    backward passes included, and not always for the better: on 2 CPU cores it made the forward and
-    backward pass of the GPT-style model of ``benchmarks/workloads.py`` about 1.3x slower (far more
-    than :func:`single_pass` saves on its optimizer step), the small convolutional network's about
-    1.2x faster, and left the digits MLP's as it was. Time your own training step with it on and off
+    backward passes included, and what it does there depends on the machine: on 2 cores of an AMD
+    EPYC it made the forward and backward pass of the GPT-style model of ``benchmarks/workloads.py``
+    about 1.3x slower (far more than :func:`single_pass` saves on its optimizer step); on 2 cores of
+    an Intel Xeon that pass took 0.96x its time and the model's whole Adam step 0.82x, the small
+    convolutional network's 0.88x, the digits MLP's about the same. Time your own training step with it on and off
     (``python -m benchmarks.speed --model-steps`` does so for those models, in fresh processes)
     before making it the default of a training script. Its companion :func:`adaopt.enable_cpu_copy_elision`
     (another XLA:CPU option, set the same way) keeps the steps of narrow moments in place.
