@@ -114,9 +114,12 @@ def test_an_explicit_false_is_kept_and_a_bad_value_refused(monkeypatch: pytest.M
     with pytest.warns(adaopt.CpuCopyElisionWarning, match="region_analysis=false: .* leaves the elision off, as asked"):
         assert adaopt.enable_cpu_copy_elision() is False
     assert os.environ["XLA_FLAGS"] == flags
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_copy_insertion_use_region_analysis=maybe")
-    with pytest.raises(ValueError, match="'maybe', which is neither true nor false"):
-        adaopt.enable_cpu_copy_elision()
+    for bad in ("maybe", "yes"):  # XLA takes true, false, 1 or 0 only, and aborts at anything else
+        monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_copy_insertion_use_region_analysis={bad}")
+        with pytest.raises(ValueError, match=f"'{bad}', which XLA refuses"):
+            adaopt.enable_cpu_copy_elision()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_copy_insertion_use_region_analysis=TRUE")  # any case
+    assert adaopt.enable_cpu_copy_elision() is True
 
 
 @pytest.mark.usefixtures("before_start")

@@ -32,7 +32,7 @@ from adaopt._src.layouts.xla_cpu import cpu_platform_requested as _cpu_platform_
 COPY_ELISION_OPTION = "xla_cpu_copy_insertion_use_region_analysis"
 CPU_COPY_ELISION_FLAG = f"--{COPY_ELISION_OPTION}=true"
 
-_TRUE, _FALSE = ("true", "1", "yes", "t", "y"), ("false", "0", "no", "f", "n")
+_TRUE, _FALSE = ("true", "1"), ("false", "0")  # what XLA accepts (any case); it aborts at "yes", "t", ...
 
 _HOW = (
     "XLA reads its options once per process, when JAX starts its CPU backend. To turn the elision on, start a new "
@@ -52,8 +52,8 @@ _USER_SAYS_NO = (
     "asked (remove that flag to let it turn the elision on)."
 )
 _NOT_UNDERSTOOD = (
-    f"XLA_FLAGS sets {COPY_ELISION_OPTION}={{value!r}}, which is neither true nor false: XLA will refuse it. Set it "
-    "to true or false, or remove it."
+    f"XLA_FLAGS sets {COPY_ELISION_OPTION}={{value!r}}, which XLA refuses (it takes true, false, 1 or 0): JAX would "
+    "fail to start. Set it to true or false, or remove it."
 )
 _NO_CPU = (
     "JAX_PLATFORMS={platforms} starts no CPU backend, and the copy elision only changes computations on the CPU. "
