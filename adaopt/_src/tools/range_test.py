@@ -142,28 +142,16 @@ def _check_sweep(start_lr: Any, end_lr: Any, num_iter: Any, step_mode: Any) -> N
     base.check_choice("step_mode", step_mode, STEP_MODES)
 
 
-def _leading_size(tree: Any, name: str) -> int:
-    """The common length of the leading axis of every array in ``tree``: the number of batches it holds."""
-    leaves = jax.tree.leaves(tree)
-    shapes = [np.shape(x) for x in leaves]
+def _leading_size(tree: Any, name: str, entry: str = "batch") -> int:
+    """The common length of the leading axis of every array in ``tree``: the number of batches it holds (or, with
+    ``entry="example"``, of examples in one batch)."""
+    shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
     sizes = {shape[0] if shape else 0 for shape in shapes}
     if len(sizes) != 1 or 0 in sizes:
         alternative = ", or a function of the batch index" if name == "batches" else ""
         raise ValueError(
-            f"{name} must be a pytree of arrays that share a leading axis of one entry per batch (at least one)"
+            f"{name} must be a pytree of arrays that share a leading axis of one entry per {entry} (at least one)"
             f"{alternative}; got leaves of shapes {shapes}."
-        )
-    return sizes.pop()
-
-
-def _batch_size(batch: Any, position: int) -> int:
-    """The number of examples in one validation batch: the common leading axis of its arrays."""
-    shapes = [np.shape(x) for x in jax.tree.leaves(batch)]
-    sizes = {shape[0] if shape else 0 for shape in shapes}
-    if len(sizes) != 1 or 0 in sizes:
-        raise ValueError(
-            f"val_loader's batch {position} must be a pytree of arrays that share a leading axis of one entry per "
-            f"example (at least one); got leaves of shapes {shapes}."
         )
     return sizes.pop()
 
@@ -183,7 +171,7 @@ def _validation_groups(val_batches: Any, val_loader: Iterable[Any] | None) -> tu
     groups: dict[Any, tuple[list[Any], list[int]]] = {}
     for position, batch in enumerate(val_loader):
         batch = jax.tree.map(np.asarray, batch)
-        size = _batch_size(batch, position)
+        size = _leading_size(batch, f"val_loader's batch {position}", "example")
         key = (jax.tree.structure(batch), tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)))
         members, sizes = groups.setdefault(key, ([], []))
         members.append(batch)
