@@ -32,9 +32,7 @@ import datetime
 import json
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,7 @@ import numpy as np
 import optax
 
 import adaopt
-from benchmarks import speed, workloads
+from benchmarks import report, speed, workloads
 from benchmarks.report import load_average, machine, markdown_table, portable
 from benchmarks.report import write_section as write_between_markers
 
@@ -172,7 +170,6 @@ def timing_rows(shapes: Any, reps: int) -> list[list[str]]:
 
 PEAK_HEADER = ["GPT-2 step peak (MiB)", "its temporaries (MiB)", "charlm step peak (KiB)", "its temporaries (KiB)"]
 TIMING_HEADER = ["median (ms)", "/ adaopt float32", "state bytes / param", "bytes moved / param", "achieved GB/s"]
-ELIDED = "copy elision"  # the suffix of the columns measured with it
 
 
 def measure(args: argparse.Namespace, shapes: Any) -> dict[str, list[list[str]]]:
@@ -185,32 +182,10 @@ def measure(args: argparse.Namespace, shapes: Any) -> dict[str, list[list[str]]]
 
 def measure_elided(args: argparse.Namespace) -> dict[str, list[list[str]]]:
     """:func:`measure` in a child process that turns the copy elision on before JAX starts."""
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "rows.json"
-        command = [sys.executable, "-m", "benchmarks.memory", "--copy-elision", "on", "--reps", str(args.reps)]
-        command += ["--rows-json", str(out)] + (["--no-timing"] if args.no_timing else [])
-        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
-        rows: dict[str, list[list[str]]] = json.loads(out.read_text())
-        return rows
-
-
-def side_by_side(
-    labels: list[str], header: list[str], columns: list[tuple[str, list[list[str]]]], repeated: list[str] | None = None
-) -> tuple[list[str], list[list[str]]]:
-    """One table of ``columns`` (a suffix, the rows of one measurement): the rows matched by their label, the later
-    measurements giving only the columns named in ``repeated`` (default: all)."""
-    keep = [header.index(h) for h in (repeated or header)]
-    full = ["optimizer", *header]
-    by_label = [{row[0]: row[1:] for row in rows} for _, rows in columns]
-    for suffix, _ in columns[1:]:
-        full += [f"{header[i]}, {suffix}" for i in keep]
-    table = []
-    for label in labels:
-        row = [label, *by_label[0][label]]
-        for rows in by_label[1:]:
-            row += [rows[label][i] for i in keep]
-        table.append(row)
-    return full, table
+    rows: dict[str, list[list[str]]] = report.measured_in_child(
+        "benchmarks.memory", ["--reps", str(args.reps)] + (["--no-timing"] if args.no_timing else [])
+    )
+    return rows
 
 
 def render(args: argparse.Namespace, shapes: Any) -> str:
@@ -219,14 +194,11 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
     if args.copy_elision in ("off", "both"):
         runs.append(("", measure(args, shapes)))
     if args.copy_elision == "both":
-        runs.append((ELIDED, measure_elided(args)))
+        runs.append((report.ELIDED, measure_elided(args)))
     if args.copy_elision == "on":
-        runs.append((ELIDED, measure(args, shapes)))
+        runs.append((report.ELIDED, measure(args, shapes)))
     labels = [row[0] for row in runs[0][1]["peaks"]]
-    if args.copy_elision == "both":
-        state = "off here; on in the columns marked *copy elision* (a child process)"
-    else:
-        state = "on" if args.copy_elision == "on" else "off (XLA's default)"
+    state = report.copy_elision_state(args.copy_elision)
     lines = [
         BEGIN,
         "## Memory of the states",
@@ -245,7 +217,7 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
         "The GPT-2 tree's optimizer step (update and apply), and a whole training step of the char-level "
         "transformer (`charlm`: loss, gradients, update).",
         "",
-        markdown_table(*side_by_side(labels, PEAK_HEADER, [(suffix, rows["peaks"]) for suffix, rows in runs])),
+        markdown_table(*report.side_by_side(labels, PEAK_HEADER, [(suffix, rows["peaks"]) for suffix, rows in runs])),
     ]
     if not args.no_timing:
         timed = [row[0] for row in runs[0][1]["timing"]]
@@ -256,7 +228,7 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
             "`/ adaopt float32`: over adaopt's float32 AdamW measured the same way (in the same process).",
             "",
             markdown_table(
-                *side_by_side(
+                *report.side_by_side(
                     timed,
                     TIMING_HEADER,
                     [(suffix, rows["timing"]) for suffix, rows in runs],
@@ -273,16 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-timing", action="store_true", help="only the byte counts and the compiled peaks")
-    parser.add_argument(
-        "--copy-elision",
-        choices=("both", "off", "on"),
-        default="both",
-        help="measure with XLA's defaults, with adaopt.enable_cpu_copy_elision(), or both side by side (default)",
-    )
-    parser.add_argument("--rows-json", type=Path, default=None, help=argparse.SUPPRESS)  # a child's measurements
+    report.add_copy_elision_arguments(parser)
     args = parser.parse_args(argv)
-    if args.copy_elision == "on" and not adaopt.enable_cpu_copy_elision():
-        parser.error("the copy elision could not be turned on (see the warning)")
+    report.start_copy_elision(parser, args)
     shapes = speed.gpt2_tree()
     if args.rows_json is not None:
         args.rows_json.write_text(json.dumps(measure(args, shapes)))

@@ -6,16 +6,22 @@ holds one recording step of ``every=10`` and nine skipped ones: the per-step tim
 what a training loop pays on average. The rows run interleaved, ``--reps`` blocks each after the
 warm-up, and the table gives the medians and their ratio to the unmonitored AdamW (the goal:
 under 1.05 when recording every 10 steps). ``every=1`` shows the cost of a recording step itself.
+Measured twice, with XLA's defaults and with XLA:CPU's copy elision
+(:func:`adaopt.enable_cpu_copy_elision`: a child process measures those columns), beside each
+other; ``--copy-elision off`` or ``on`` measures one of them only.
 
 Usage::
 
-    python -m benchmarks.monitor [--reps 7] [--block 10] [--tree gpt2] [--out benchmarks/RESULTS.md]
+    python -m benchmarks.monitor [--reps 7] [--block 10] [--tree gpt2] [--out benchmarks/RESULTS.md] [--copy-elision both]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +32,8 @@ import jax.numpy as jnp
 import optax
 
 import adaopt
-from benchmarks import speed
-from benchmarks.report import machine, markdown_table, write_section
+from benchmarks import report, speed
+from benchmarks.report import machine, markdown_table, portable, write_section
 
 BEGIN = "<!-- monitor:begin -->"
 END = "<!-- monitor:end -->"
@@ -110,19 +116,30 @@ def run(shapes: Any, reps: int, block: int) -> list[list[str]]:
     return rows
 
 
+HEADER = ["ms/step (median)", "ms/step (best)", "vs adamw", "compile (s)"]
+
+
 def render(args: argparse.Namespace, shapes: Any) -> str:
     leaves, n = speed.count(shapes)
-    rows = run(shapes, args.reps, args.block)
+    runs: list[tuple[str, list[list[str]]]] = []
+    if args.copy_elision in ("off", "both"):
+        runs.append(("", run(shapes, args.reps, args.block)))
+    if args.copy_elision == "both":
+        argv = ["--reps", str(args.reps), "--block", str(args.block), "--tree", args.tree]
+        runs.append((report.ELIDED, report.measured_in_child("benchmarks.monitor", argv)))
+    if args.copy_elision == "on":
+        runs.append((report.ELIDED, run(shapes, args.reps, args.block)))
     info = machine()
     lines = [
         BEGIN,
         "## The cost of monitoring (`benchmarks/monitor.py`)",
         "",
-        f"AdamW on the {args.tree} tree ({n / 1e6:.1f} M parameters in {leaves} leaves), per step, averaged over "
-        f"blocks of {args.block} steps; medians of {args.reps} blocks. {info['JAX device']}, {info['CPU']}, "
-        f"{info['cores']}, jax {jax.__version__}.",
+        f"`python -m benchmarks.monitor {shlex.join(portable(a) for a in sys.argv[1:])}`. AdamW on the {args.tree} "
+        f"tree ({n / 1e6:.1f} M parameters in {leaves} leaves), per step, averaged over blocks of {args.block} steps; "
+        f"medians of {args.reps} blocks. {info['JAX device']}, {info['CPU']}, {info['cores']}, jax {jax.__version__}; "
+        f"XLA:CPU copy elision {report.copy_elision_state(args.copy_elision)}.",
         "",
-        markdown_table(["optimizer", "ms/step (median)", "ms/step (best)", "vs adamw", "compile (s)"], rows),
+        markdown_table(*report.side_by_side(list(contenders()), HEADER, runs, ["ms/step (median)", "vs adamw"])),
         "",
         END,
     ]
@@ -135,8 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", type=int, default=10, help="steps per timed block")
     parser.add_argument("--tree", default="gpt2", choices=sorted(speed.TREES))
     parser.add_argument("--out", type=Path, default=None, help="a Markdown file to write the section into")
+    report.add_copy_elision_arguments(parser)
     args = parser.parse_args(argv)
-    section = render(args, speed.TREES[args.tree]())
+    report.start_copy_elision(parser, args)
+    shapes = speed.TREES[args.tree]()
+    if args.rows_json is not None:
+        args.rows_json.write_text(json.dumps(run(shapes, args.reps, args.block)))
+        return
+    section = render(args, shapes)
     if args.out is not None:
         write_section(args.out, section, BEGIN, END)
     print(section)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import optax
 
-from adaopt import cpu_backend_elides_copies, cpu_multi_output_fusion_enabled
+from adaopt import cpu_backend_elides_copies, cpu_multi_output_fusion_enabled, enable_cpu_copy_elision
 
 TITLE = "# adaopt benchmark results"
 
@@ -106,3 +112,62 @@ def portable(argument: str) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return path.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring with XLA's defaults and with XLA:CPU's copy elision, side by side. The elision is an
+# option read when JAX starts: a child process of the same benchmark measures that column.
+
+ELIDED = "copy elision"  # the suffix of the columns measured with it
+
+
+def add_copy_elision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--copy-elision both|off|on`` and the child's hidden ``--rows-json``."""
+    parser.add_argument(
+        "--copy-elision",
+        choices=("both", "off", "on"),
+        default="both",
+        help="measure with XLA's defaults, with adaopt.enable_cpu_copy_elision(), or both side by side (default)",
+    )
+    parser.add_argument("--rows-json", type=Path, default=None, help=argparse.SUPPRESS)  # a child's measurements
+
+
+def start_copy_elision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """With ``--copy-elision on``, turn it on (before JAX starts), or stop with the reason."""
+    if args.copy_elision == "on" and not enable_cpu_copy_elision():
+        parser.error("the copy elision could not be turned on (see the warning)")
+
+
+def measured_in_child(module: str, argv: Sequence[str]) -> Any:
+    """What ``python -m module --copy-elision on *argv`` measures, read back from the ``--rows-json`` it writes."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rows.json"
+        command = [sys.executable, "-m", module, "--copy-elision", "on", *argv, "--rows-json", str(out)]
+        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
+        return json.loads(out.read_text())
+
+
+def copy_elision_state(choice: str) -> str:
+    """The machine table's line for ``--copy-elision choice``."""
+    if choice == "both":
+        return f"off here; on in the columns marked *{ELIDED}* (a child process)"
+    return "on" if choice == "on" else "off (XLA's default)"
+
+
+def side_by_side(
+    labels: list[str], header: list[str], columns: list[tuple[str, list[list[str]]]], repeated: list[str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """One table of ``columns`` (a suffix, the rows of one measurement): the rows matched by their label, the later
+    measurements giving only the columns named in ``repeated`` (default: all)."""
+    keep = [header.index(h) for h in (repeated or header)]
+    full = ["optimizer", *header]
+    by_label = [{row[0]: row[1:] for row in rows} for _, rows in columns]
+    for suffix, _ in columns[1:]:
+        full += [f"{header[i]}, {suffix}" for i in keep]
+    table = []
+    for label in labels:
+        row = [label, *by_label[0][label]]
+        for rows in by_label[1:]:
+            row += [rows[label][i] for i in keep]
+        table.append(row)
+    return full, table

@@ -21,13 +21,3 @@ def test_compiled_peaks_are_read_from_xla() -> None:
     peak, temporaries = memory.optimizer_step_peak(memory._adamw(None), shapes)
     # At least the parameters, the gradients and the two moments (donated and aliased in place).
     assert peak >= 4 * 256 * 64 * 4 and temporaries >= 0
-
-
-def test_measurements_are_set_side_by_side_by_label() -> None:
-    off = [["a", "1", "2"], ["b", "3", "4"]]
-    on = [["b", "30", "40"], ["a", "10", "20"]]  # another order: matched by label
-    header, rows = memory.side_by_side(["a", "b"], ["x", "y"], [("", off), ("elided", on)])
-    assert header == ["optimizer", "x", "y", "x, elided", "y, elided"]
-    assert rows == [["a", "1", "2", "10", "20"], ["b", "3", "4", "30", "40"]]
-    header, rows = memory.side_by_side(["b"], ["x", "y"], [("", off), ("elided", on)], repeated=["y"])
-    assert header == ["optimizer", "x", "y", "y, elided"] and rows == [["b", "3", "4", "40"]]

@@ -17,6 +17,7 @@ from flax import nnx
 
 import adaopt
 from adaopt._src import base, numerics
+from adaopt._src.tools import monitor as monitor_module
 
 LR = 0.05
 
@@ -76,9 +77,18 @@ def test_sgd_records_its_learning_rate() -> None:
     np.testing.assert_allclose(records["grad_norm/head"], _norm(_grads(1)["head"]), rtol=1e-6)
 
 
-def test_update_ratio_and_moments_of_adam_match_a_hand_computation_from_its_state() -> None:
+# Leaves are reduced one by one (PACKED_SIZE 0), all packed into one vector (the default, for this
+# small tree), or some of each (the kernel, of 12 coordinates, alone).
+PACKINGS = pytest.mark.parametrize("packed_size", [0, 5, monitor_module.PACKED_SIZE], ids=["alone", "mixed", "packed"])
+
+
+@PACKINGS
+def test_update_ratio_and_moments_of_adam_match_a_hand_computation_from_its_state(
+    packed_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After 3 steps: Adam's update rebuilt from the state's mu, nu and count gives rate_rms (over the
     coordinates with g != 0), the update/parameter ratio and the moments' RMS and max."""
+    monkeypatch.setattr(monitor_module, "PACKED_SIZE", packed_size)
     b1, b2, eps = 0.9, 0.999, 1e-8
     tx = adaopt.monitor(adaopt.adam(LR, b1, b2, eps), every=1)
     params = _params()
@@ -288,10 +298,33 @@ def test_nonfinite_steps_are_counted() -> None:
     bad = jax.tree.map(lambda g: g * jnp.nan, _grads(0))
     for grads in (_grads(0), bad, bad, _grads(1)):
         _, state = _jit_update(tx)(grads, state, params)
-        if grads is bad:
-            assert adaopt.read_records(state)["effective_lr"] == 0.0  # the step skipped: a zero update
+        if grads is bad:  # the gradient's NaN shows in its norm; the step skipped: a zero update
+            records = adaopt.read_records(state)
+            assert np.isnan(records["grad_norm"]) and records["update_norm"] == 0.0
     records = adaopt.read_records(state)
     assert records["nonfinite/total"] == 2.0 and records["nonfinite/consecutive"] == 0.0
+
+
+@PACKINGS
+def test_a_nonfinite_gradient_shows_in_every_statistic_it_enters(
+    packed_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One NaN coordinate makes its leaf's norms, rates and moments NaN (not 0, not skipped); the other leaf stays
+    finite; an infinite coordinate makes the norm infinite."""
+    monkeypatch.setattr(monitor_module, "PACKED_SIZE", packed_size)
+    tx = adaopt.monitor(adaopt.adam(LR), every=1)
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    state = tx.init(params)
+    _, state = tx.update({"a": jnp.array([1.0, jnp.nan, 0.0]), "b": jnp.array([1.0, -2.0])}, state, params)
+    records = adaopt.read_records(state)
+    for name in ("grad_norm", "effective_lr", "rate_rms", "update_ratio"):
+        assert np.isnan(records[f"{name}/a"]) and np.isnan(records[name]), name
+        assert np.isfinite(records[f"{name}/b"]) and records[f"{name}/b"] > 0, name
+    for name in ("update_norm", "state/mu/rms", "state/mu/max", "state/nu/rms", "state/nu/max"):
+        assert np.isnan(records[name]), name
+    sgd = adaopt.monitor(adaopt.sgd(LR), every=1)
+    _, state = sgd.update({"a": jnp.array([1.0, jnp.inf, 0.0]), "b": jnp.ones(2)}, sgd.init(params), params)
+    assert adaopt.read_records(state)["grad_norm/a"] == np.inf
 
 
 # ---- Where it runs. ----

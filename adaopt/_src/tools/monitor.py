@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import fnmatch
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -160,9 +161,7 @@ def current_hyperparams(state: Any) -> dict[str, jax.Array]:
 # ---------------------------------------------------------------------------------------------
 # Probes of a norm inside a chain.
 
-_RECORDING: contextvars.ContextVar[jax.Array | bool | None] = contextvars.ContextVar(
-    "adaopt_monitor_recording", default=None
-)
+_RECORDING: contextvars.ContextVar[bool | None] = contextvars.ContextVar("adaopt_monitor_recording", default=None)
 
 
 class NormProbeState(NamedTuple):
@@ -179,7 +178,7 @@ def record_norm(name: str) -> optax.GradientTransformation:
     r"""An identity transformation that records the norm of the updates passing through it.
 
     Place it in a chain where a norm is wanted, e.g. after clipping: :func:`monitor` collects it
-    under ``name`` when it records (a ``jax.lax.cond`` skips the norm on the other steps).
+    under ``name`` when it records (its other steps skip the norm).
     Outside a monitor it records at every step. The updates pass unchanged.
 
     Args:
@@ -208,12 +207,8 @@ def record_norm(name: str) -> optax.GradientTransformation:
     def update_fn(updates: Updates, state: NormProbeState, params: Params | None = None) -> tuple[Updates, Any]:
         del params
         previous = state.norms[name]
-        recording = _RECORDING.get()
-        measure = lambda: numerics.norm(updates, previous.dtype)
-        if recording is None or isinstance(recording, bool):  # outside a monitor, or a static choice
-            value = measure() if recording is not False else previous
-        else:
-            value = jax.lax.cond(recording, measure, lambda: previous)
+        # Outside a monitor, None: record at every step. Inside, the monitor says whether this step records.
+        value = previous if _RECORDING.get() is False else numerics.norm(updates, previous.dtype)
         return updates, NormProbeState({name: value.astype(previous.dtype)})
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -329,104 +324,184 @@ def _probes(inner_state: Any) -> dict[str, jax.Array]:
     }
 
 
-class _Leaf(NamedTuple):
-    """A leaf's sums, combined into a group's statistics by :func:`_group_stats`."""
+# The sums each leaf contributes to its group's statistics, the columns of a leaf's row of sums.
+_SUMS = (
+    "g_sq",
+    "u_sq",
+    "p_sq",
+    "rate_sq",  # the sum of (|u_i| / |g_i|)^2 over the coordinates with g_i != 0
+    "nonzero",  # the number of those coordinates
+)
 
-    g_sq: jax.Array
-    u_sq: jax.Array
-    p_sq: jax.Array
-    rate_sq: jax.Array  # the sum of (|u_i| / |g_i|)^2 over the coordinates with g_i != 0
-    nonzero: jax.Array  # the number of those coordinates
-
-
-def _leaf_stats(g: jax.Array, u: Any, p: Any, dtype: Any) -> _Leaf:
-    """The five sums of one leaf, as one variadic reduction: one pass over the leaf, one kernel."""
-    g_sq = moments.abs_sq(moments.in_precision(jnp.asarray(g), dtype)).astype(dtype)
-    u_sq = (
-        jnp.zeros_like(g_sq) if u is None else moments.abs_sq(moments.in_precision(jnp.asarray(u), dtype)).astype(dtype)
-    )
-    p_sq = (
-        jnp.zeros_like(g_sq) if p is None else moments.abs_sq(moments.in_precision(jnp.asarray(p), dtype)).astype(dtype)
-    )
-    nonzero = g_sq > 0
-    rate_sq = jnp.where(nonzero, u_sq / jnp.where(nonzero, g_sq, 1), 0)
-    operands = (g_sq, u_sq, p_sq, rate_sq, nonzero.astype(dtype))
-    return _Leaf(*_reduce(operands, (jnp.add,) * len(operands), dtype))
+# Leaves under this many coordinates are reduced together, packed into one vector: one reduction
+# per statistic for all of them, where one each would make the compiled step's instructions (and
+# XLA's compile time, which grows faster than their number) scale with the number of leaves.
+PACKED_SIZE = 1 << 16
 
 
-def _reduce(operands: tuple[jax.Array, ...], combine: tuple[Callable[..., jax.Array], ...], dtype: Any) -> list[Any]:
-    """Each operand (all of one shape) reduced to a scalar by its ``combine`` (add or max), in one pass over them.
+def _squared(x: Any, dtype: Any) -> jax.Array:
+    """``|x|^2`` in the statistics' real ``dtype``."""
+    return moments.abs_sq(moments.in_precision(jnp.asarray(x), dtype)).astype(dtype)
 
-    One variadic reduction, row by row first: XLA:CPU vectorises that loop and splits it across its threads,
-    where a separate ``jnp.sum`` per operand of a whole matrix runs about 10x slower there (one kernel per
-    operand, each recomputing the operands' producers and reducing to a scalar on one thread).
+
+def _sum(terms: Callable[..., jax.Array], *operands: Any) -> jax.Array:
+    """The sum of ``terms(*operands)`` over all its coordinates, in one pass over the operands.
+
+    Each reduction reads its own aliases of its operands (an optimization barrier, which copies
+    nothing) and takes its constants among them: XLA:CPU then fuses every term into its own
+    reduction. Shared, its common subexpressions (``g * g`` of two statistics, a broadcast constant)
+    are computed once into arrays as large as the leaf, and written out, which made a recording step
+    several times slower than the reads it needs (``benchmarks/monitor.py``). For the same reason
+    the terms avoid comparisons and selects: XLA:CPU's fast reductions take neither.
     """
-    inits = tuple(jnp.zeros([], dtype) for _ in operands)  # every operand is >= 0: 0 is also max's identity here
-
-    def step(x: tuple[jax.Array, ...], y: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        return tuple(f(a, b) for f, a, b in zip(combine, x, y, strict=True))
-
-    ndim = operands[0].ndim
-    inner = tuple(range(1, ndim)) if ndim >= 2 else tuple(range(ndim))
-    rows = jax.lax.reduce(operands, inits, step, inner)
-    return [jnp.sum(x) if f is jnp.add else jnp.max(x, initial=0) for f, x in zip(combine, rows, strict=True)]
+    return jnp.sum(terms(*jax.lax.optimization_barrier(operands)))
 
 
-def _group_stats(leaves: list[_Leaf], dtype: Any) -> dict[str, jax.Array]:
-    g_sq, u_sq, p_sq, rate_sq, nonzero = (
-        sum((leaf[i] for leaf in leaves), jnp.zeros([], dtype)) for i in range(len(_Leaf._fields))
+def _largest(terms: Callable[..., jax.Array], *operands: Any) -> jax.Array:
+    """The largest of ``terms(*operands)`` (all >= 0) over all its coordinates, 0 for none; as :func:`_sum`."""
+    return jnp.max(terms(*jax.lax.optimization_barrier(operands)), initial=0)
+
+
+def _present(g: jax.Array, big: jax.Array, one: jax.Array, dtype: Any) -> jax.Array:
+    """1 where ``g^2 > 0`` in ``dtype``, else 0 (NaN for NaN), by arithmetic: two products by ``big`` lift the
+    least subnormal above 1. The inner ``minimum`` keeps XLA from folding them into one product by ``big * big``
+    (inf: 0 * inf is NaN)."""
+    return jnp.minimum(jnp.minimum(_squared(g, dtype) * big, one) * big, one)
+
+
+def _rate_sq(g: jax.Array, u: jax.Array, big: jax.Array, one: jax.Array, dtype: Any) -> jax.Array:
+    """``(u / g)^2`` where ``g^2 > 0``, else 0."""
+    mask = _present(g, big, one, dtype)
+    return _squared(u, dtype) / (_squared(g, dtype) + (one - mask)) * mask
+
+
+def _constants(dtype: Any) -> tuple[jax.Array, jax.Array]:
+    return jnp.asarray(jnp.finfo(dtype).max, dtype), jnp.ones([], dtype)
+
+
+def _leaf_sums(g: jax.Array, u: Any, p: Any, dtype: Any) -> jax.Array:
+    """The sums of one leaf (a row of :data:`_SUMS`), each one reduction fused with its terms."""
+    squared = lambda x: _squared(x, dtype)
+    zero = jnp.zeros([], dtype)
+    constants = _constants(dtype)
+    return jnp.stack(
+        [
+            _sum(squared, g),
+            zero if u is None else _sum(squared, u),
+            zero if p is None else _sum(squared, p),
+            zero if u is None else _sum(functools.partial(_rate_sq, dtype=dtype), g, u, *constants),
+            _sum(functools.partial(_present, dtype=dtype), g, *constants),
+        ]
     )
-    u_norm, g_norm = moments.safe_sqrt(u_sq), moments.safe_sqrt(g_sq)
+
+
+def _packed_leaf_sums(gs: list[Any], us: list[Any], ps: list[Any], dtype: Any) -> jax.Array:
+    """The rows of :func:`_leaf_sums` of small leaves, packed into one vector: one segment sum of all their terms."""
+    packed = lambda xs: jnp.concatenate(
+        [
+            jnp.ravel(moments.in_precision(jnp.asarray(g if x is None else x), dtype))
+            for g, x in zip(gs, xs, strict=True)
+        ]
+    )
+    # A missing update or parameter counts as zero: its coordinates are masked out of those sums.
+    kept = lambda xs: jnp.concatenate(
+        [jnp.full([np.size(g)], x is not None, dtype) for g, x in zip(gs, xs, strict=True)]
+    )
+    g, u, p = packed(gs), packed(us), packed(ps)
+    big, one = _constants(dtype)
+    terms = [
+        _squared(g, dtype),
+        _squared(u, dtype) * kept(us),
+        _squared(p, dtype) * kept(ps),
+        _rate_sq(g, u, big, one, dtype) * kept(us),
+        _present(g, big, one, dtype),
+    ]
+    segments = np.repeat(np.arange(len(gs)), [np.size(g) for g in gs])
+    return jax.ops.segment_sum(jnp.stack(terms, axis=-1), segments, num_segments=len(gs), indices_are_sorted=True)
+
+
+def _all_leaf_sums(gs: list[Any], us: list[Any], ps: list[Any], dtype: Any) -> tuple[jax.Array, np.ndarray]:
+    """The rows of :func:`_leaf_sums` of every leaf (the small ones packed), and the leaf of each row."""
+    small = [i for i, g in enumerate(gs) if np.size(g) < PACKED_SIZE]
+    large = [i for i, g in enumerate(gs) if np.size(g) >= PACKED_SIZE]
+    rows = [_leaf_sums(gs[i], us[i], ps[i], dtype)[None] for i in large]
+    if small:
+        rows.append(_packed_leaf_sums([gs[i] for i in small], [us[i] for i in small], [ps[i] for i in small], dtype))
+    sums = jnp.concatenate(rows) if rows else jnp.zeros([0, len(_SUMS)], dtype)
+    return sums, np.asarray(large + small, int)
+
+
+def _root(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` of a sum of squares, with a finite derivative at 0, and NaN kept: a NaN gradient must
+    show in its norm (``moments.safe_sqrt`` maps NaN to 0, for the optimizers' own use)."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), x)
+
+
+def _group_stats(sums: jax.Array) -> dict[str, jax.Array]:
+    """The statistics of groups from their sums (a row of :data:`_SUMS` each): a vector per statistic."""
+    g_sq, u_sq, p_sq, rate_sq, nonzero = (sums[:, i] for i in range(len(_SUMS)))
+    u_norm, g_norm = _root(u_sq), _root(g_sq)
     return {
         "grad_norm": g_norm,
         "update_norm": u_norm,
         "effective_lr": moments.safe_divide(u_norm, g_norm),
-        "rate_rms": moments.safe_sqrt(moments.safe_divide(rate_sq, nonzero)),
-        "update_ratio": moments.safe_divide(u_norm, moments.safe_sqrt(p_sq)),
+        "rate_rms": _root(moments.safe_divide(rate_sq, nonzero)),
+        "update_ratio": moments.safe_divide(u_norm, _root(p_sq)),
     }
 
 
-def _field_stats(value: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """The RMS and the largest magnitude of a state field over all its coordinates."""
+def _field_stats(value: Any, dtype: Any) -> jax.Array:
+    """The RMS and the largest magnitude of a state field over all its coordinates (small leaves packed)."""
+    # A stored leaf is decoded once, into an array both reductions read.
     leaves = [moments.load(x, jnp.float32) for x in jax.tree.leaves(value, is_leaf=base.is_stored)]
-    leaves = [moments.in_precision(jnp.asarray(x), dtype) for x in leaves]
     size = sum(int(np.size(x)) for x in leaves)
-    sums = [
-        _reduce((moments.abs_sq(x).astype(dtype), jnp.abs(x).astype(dtype)), (jnp.add, jnp.maximum), dtype)
-        for x in leaves
-    ]
-    total = sum((sq for sq, _ in sums), jnp.zeros([], dtype))
-    largest = jnp.max(jnp.stack([largest for _, largest in sums]))
-    return moments.safe_sqrt(total / max(size, 1)), largest
+    small = [jnp.ravel(moments.in_precision(jnp.asarray(x), dtype)) for x in leaves if np.size(x) < PACKED_SIZE]
+    parts = [x for x in leaves if np.size(x) >= PACKED_SIZE] + ([jnp.concatenate(small)] if small else [])
+    squared = lambda x: _squared(x, dtype)
+    magnitude = lambda x: jnp.abs(moments.in_precision(jnp.asarray(x), dtype)).astype(dtype)
+    total = sum((_sum(squared, x) for x in parts), jnp.zeros([], dtype))
+    largest = jnp.max(jnp.stack([jnp.zeros([], dtype)] + [_largest(magnitude, x) for x in parts]))
+    return jnp.stack([_root(total / max(size, 1)), largest])
 
 
 def _measure(
     grads: Updates, updates: Updates, params: Params | None, inner_state: Any, groups: GroupsSpec, dtype: Any
-) -> dict[str, jax.Array]:
-    """Every record, by name, in the order :func:`monitor` keeps them."""
+) -> tuple[list[str], jax.Array]:
+    """Every record's name, and their values in one vector, in the order :func:`monitor` keeps them."""
     treedef: Any = jax.tree.structure(grads)
     g_leaves = treedef.flatten_up_to(grads)
     u_leaves = treedef.flatten_up_to(updates)
     if params is not None:
         base.check_tree_match(grads, params, "parameters")
     p_leaves = [None] * len(g_leaves) if params is None else treedef.flatten_up_to(params)
-    stats = [_leaf_stats(g, u, p, dtype) for g, u, p in zip(g_leaves, u_leaves, p_leaves, strict=True)]
-    out = dict(_group_stats(stats, dtype))
+    sums, leaf_of_row = _all_leaf_sums(g_leaves, u_leaves, p_leaves, dtype)
+    names: list[str] = []
+    chunks: list[jax.Array] = []
+
+    def add(new_names: list[str], values: Any) -> None:
+        names.extend(new_names)
+        chunks.append(jnp.reshape(jnp.asarray(values).astype(dtype), [len(new_names)]))
+
+    for stat, value in _group_stats(jnp.sum(sums, axis=0, keepdims=True)).items():
+        add([stat], value)
     if groups is not None:
-        by_group: dict[str, list[_Leaf]] = {}
-        for label, leaf in zip(_labels(groups, grads), stats, strict=True):
-            by_group.setdefault(label, []).append(leaf)
-        group_stats = {label: _group_stats(leaves, dtype) for label, leaves in by_group.items()}
-        out.update({f"{stat}/{label}": group[stat] for stat in _STATS for label, group in group_stats.items()})
+        labels = _labels(groups, grads)
+        order = list(dict.fromkeys(labels))  # the groups, in the order of their first leaves
+        group_of_row = np.asarray([order.index(labels[leaf]) for leaf in leaf_of_row], int)
+        by_group = _group_stats(jax.ops.segment_sum(sums, group_of_row, num_segments=len(order)))
+        for stat in _STATS:
+            add([f"{stat}/{label}" for label in order], by_group[stat])
     for name, value in _probes(inner_state).items():
-        if name in out:
+        if name in names:
             raise ValueError(f"record_norm({name!r}) takes the name of one of the monitor's own records: rename it.")
-        out[name] = value
+        add([name], value)
     for name, value in _state_fields(inner_state, grads).items():
-        out[f"state/{name}/rms"], out[f"state/{name}/max"] = _field_stats(value, dtype)
-    out.update({f"hyperparams/{name}": value for name, value in _found(inner_state, _hyperparams_of).items()})
-    out.update({f"nonfinite/{name}": value for name, value in _found(inner_state, _skip_counts_of).items()})
-    return {name: jnp.asarray(value).astype(dtype) for name, value in out.items()}
+        add([f"state/{name}/rms", f"state/{name}/max"], _field_stats(value, dtype))
+    for prefix, reader in (("hyperparams", _hyperparams_of), ("nonfinite", _skip_counts_of)):
+        for name, value in _found(inner_state, reader).items():
+            add([f"{prefix}/{name}"], value)
+    return names, jnp.concatenate(chunks)
 
 
 def monitor(
@@ -458,16 +533,19 @@ def monitor(
     ``hyperparams/<name>`` for each value of :func:`current_hyperparams`; and
     ``nonfinite/total`` and ``nonfinite/consecutive`` from ``optax.apply_if_finite``'s counters.
     Statistics are computed in the parameters' widest float dtype, at least float32 (bfloat16 and
-    float16 leaves too). Between recordings a ``jax.lax.cond`` skips every reduction (under
-    ``vmap`` with a batched step count, the cond becomes a select that computes both).
+    float16 leaves too). A non-finite gradient shows: a NaN coordinate makes its group's norms and
+    rates NaN (an infinite one, its norm infinite), and the whole tree's with them. Between
+    recordings a ``jax.lax.cond`` skips every reduction (under ``vmap`` with a batched step count,
+    the cond becomes a select that computes both branches, each with the optimizer's step).
 
     **The fast form: two compiled steps.** The ``jax.lax.cond`` keeps one program, but it costs
-    every step something: XLA must write the updates out for it (they can no longer fuse into
-    ``apply_updates``), and on a CPU it copies the donated buffers it reads. Measured on the
-    GPT-2 tree (``benchmarks/monitor.py``), that makes a step several times slower. Pass
-    ``record=True`` or ``record=False`` to ``update`` instead (a Python bool, static: the step is
-    compiled twice, with ``static_argnames``): a step with ``record=False`` is exactly the
-    unmonitored step, and one with ``record=True`` measures without a cond; ``every`` is then
+    every step something: the optimizer's step runs inside it, so its updates are written out
+    (they can no longer fuse into ``apply_updates``), and on a CPU, unless
+    :func:`adaopt.enable_cpu_copy_elision` is on, XLA copies the new state out of the cond.
+    Measured on the GPT-2 tree (``benchmarks/monitor.py``), that makes a step 2 to 4 times
+    slower. Pass ``record=True`` or ``record=False`` to ``update`` instead (a Python bool, static:
+    the step is compiled twice, with ``static_argnames``): a step with ``record=False`` is exactly
+    the unmonitored step, and one with ``record=True`` measures without a cond; ``every`` is then
     unused, and the loop decides (``record=i % 10 == 0``)::
 
         step = jax.jit(train_step, static_argnames="record", donate_argnums=(0, 1))
@@ -515,10 +593,10 @@ def monitor(
         plain_params, _ = numerics.unwrap_variables(params, "params")
         plain_state, _ = numerics.unwrap_variables(inner_state)
 
-        def measure_at_init() -> list[jax.Array]:
-            records = _measure(plain_params, plain_params, plain_params, plain_state, groups, dtype)
-            found.extend(records)
-            return list(records.values())
+        def measure_at_init() -> jax.Array:
+            names, values = _measure(plain_params, plain_params, plain_params, plain_state, groups, dtype)
+            found.extend(names)
+            return values
 
         jax.eval_shape(measure_at_init)  # the names only: nothing is computed
         names = tuple(found)
@@ -540,29 +618,44 @@ def monitor(
                 f"static_argnames), got {record!r}."
             )
         recording: Any = state.count % every == 0 if record is None else record
-        token = _RECORDING.set(recording)
-        try:
-            updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-        finally:
-            _RECORDING.reset(token)
+
+        def inner_update(recording: bool, inner_state: Any) -> tuple[Updates, Any]:
+            token = _RECORDING.set(recording)
+            try:
+                return inner.update(grads, inner_state, params, **extra_args)
+            finally:
+                _RECORDING.reset(token)
+
         old = state.records
 
-        def measure() -> jax.Array:
+        def measure(updates: Updates, inner_state: Any) -> jax.Array:
             # The statistics read the finished updates and state: fused into their producers, XLA:CPU
             # recomputes the update inside each reduction, several times slower.
             g, u, p, s = jax.lax.optimization_barrier((grads, updates, params, inner_state))
-            values = _measure(g, u, p, s, groups, old.values.dtype)
-            if tuple(values) != old.names:
+            names, values = _measure(g, u, p, s, groups, old.values.dtype)
+            if tuple(names) != old.names:
                 raise ValueError(
                     "The optimizer's state changed its structure since init: the monitor's records were "
-                    f"{old.names}, now {tuple(values)}."
+                    f"{old.names}, now {tuple(names)}."
                 )
-            return jnp.stack(list(values.values())).astype(old.values.dtype)
+            return values
 
+        inner_state = state.inner_state
         if record is None:
-            values = jax.lax.cond(recording, measure, lambda: old.values)
+            # The whole step is in the cond, each branch taking it from the step's inputs. Given the
+            # step's results instead, the cond reads the donated parameters and state after the step
+            # overwrote them, and XLA:CPU copies them all (and Adam's denominator), every step.
+            def with_records() -> tuple[jax.Array, Updates, Any]:
+                updates, new_state = inner_update(True, inner_state)
+                return measure(updates, new_state), updates, new_state
+
+            def without() -> tuple[jax.Array, Updates, Any]:
+                return old.values, *inner_update(False, inner_state)
+
+            values, updates, inner_state = jax.lax.cond(recording, with_records, without)
         else:
-            values = measure() if record else old.values
+            updates, inner_state = inner_update(record, inner_state)
+            values = measure(updates, inner_state) if record else old.values
         recorded_at = jnp.where(recording, state.count, state.recorded_at)
         new_state = MonitorState(
             moments.safe_increment(state.count), recorded_at, inner_state, Records(old.names, values)

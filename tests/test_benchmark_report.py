@@ -1,0 +1,15 @@
+"""benchmarks/report.py: the tables' shared parts."""
+
+from __future__ import annotations
+
+from benchmarks import report
+
+
+def test_measurements_are_set_side_by_side_by_label() -> None:
+    off = [["a", "1", "2"], ["b", "3", "4"]]
+    on = [["b", "30", "40"], ["a", "10", "20"]]  # another order: matched by label
+    header, rows = report.side_by_side(["a", "b"], ["x", "y"], [("", off), ("elided", on)])
+    assert header == ["optimizer", "x", "y", "x, elided", "y, elided"]
+    assert rows == [["a", "1", "2", "10", "20"], ["b", "3", "4", "30", "40"]]
+    header, rows = report.side_by_side(["b"], ["x", "y"], [("", off), ("elided", on)], repeated=["y"])
+    assert header == ["optimizer", "x", "y", "y, elided"] and rows == [["b", "3", "4", "40"]]
