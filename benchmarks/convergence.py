@@ -107,7 +107,7 @@ import matplotlib.ticker
 
 from benchmarks import workloads as wl
 from benchmarks.learning_rates import TUNED
-from benchmarks.report import load_average, machine, markdown_table, portable, write_section
+from benchmarks.report import cell, load_average, machine, markdown_table, portable, write_section
 
 HERE = Path(__file__).resolve().parent
 
@@ -616,16 +616,6 @@ def ratio_curve(times: Times) -> dict[str, list[float]]:
 # The report.
 
 
-def _g(x: float | None, fmt: str = ".4g") -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float) and math.isnan(x):
-        return "n/a"
-    if isinstance(x, float) and math.isinf(x):
-        return "diverged"
-    return format(x, fmt)
-
-
 def _pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
 
@@ -691,14 +681,14 @@ def render_grid(suite: Suite, command: str, plots: Mapping[str, str]) -> str:
                     run.optimizer,
                     _lr_text(run, d),
                     _lr_text(run, t),
-                    _g(math.inf if t is None else run.final(t)),
-                    _g(run.final(d)),
+                    cell(math.inf if t is None else run.final(t)),
+                    cell(run.final(d)),
                     _pct(run.final_accuracy(t)) if t is not None and w.has_accuracy else "n/a",
                     _pct(run.final_accuracy(d)) if w.has_accuracy else "n/a",
-                    _g(None if t is None else run.steps_to(t, w.target), "d"),
-                    _g(None if t is None else run.seconds_to(t, w.target), ".3g"),
-                    _g(run.steps_to(d, w.target), "d"),
-                    _g(run.seconds_to(d, w.target), ".3g"),
+                    cell(None if t is None else run.steps_to(t, w.target), "d"),
+                    cell(None if t is None else run.seconds_to(t, w.target), ".3g"),
+                    cell(run.steps_to(d, w.target), "d"),
+                    cell(run.seconds_to(d, w.target), ".3g"),
                     f"{1e3 * run.seconds_per_step:.3g}",
                     f"{run.compile_s:.1f}",
                 ]
@@ -783,12 +773,12 @@ def render_tuning_free(suite: Suite, command: str, plots: Mapping[str, str]) -> 
         rows = [
             [
                 f"**{BASELINE} (tuned, lr {_lr_text(base, t)})**",
-                _g(adam_final),
+                cell(adam_final),
                 "1",
                 "—",
                 _pct(base.final_accuracy(t)) if t is not None and w.has_accuracy else "n/a",
-                _g(None if t is None else base.steps_to(t, w.target), "d"),
-                _g(None if t is None else base.seconds_to(t, w.target), ".3g"),
+                cell(None if t is None else base.steps_to(t, w.target), "d"),
+                cell(None if t is None else base.seconds_to(t, w.target), ".3g"),
                 f"{1e3 * base.seconds_per_step:.3g}",
             ]
         ]
@@ -804,12 +794,12 @@ def render_tuning_free(suite: Suite, command: str, plots: Mapping[str, str]) -> 
             rows.append(
                 [
                     name,
-                    _g(final),
-                    _g(ratio, ".3f"),
+                    cell(final),
+                    cell(ratio, ".3f"),
                     "n/a" if math.isnan(ratio) else ("yes" if ratio <= 1 + WITHIN else "no"),
                     _pct(run.final_accuracy(d)) if w.has_accuracy else "n/a",
-                    _g(run.steps_to(d, w.target), "d"),
-                    _g(run.seconds_to(d, w.target), ".3g"),
+                    cell(run.steps_to(d, w.target), "d"),
+                    cell(run.seconds_to(d, w.target), ".3g"),
                     f"{1e3 * run.seconds_per_step:.3g}",
                 ]
             )

@@ -59,7 +59,7 @@ from benchmarks import convergence as cv
 from benchmarks import speed
 from benchmarks import workloads as wl
 from benchmarks.memory import state_bytes
-from benchmarks.report import machine, markdown_table, portable, write_section
+from benchmarks.report import cell, machine, markdown_table, portable, write_section
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -204,7 +204,7 @@ def render(suite: cv.Suite, rows: Sequence[Comparison], command: str, plot: str 
     for name in variants:
         cells = [by[name, w] for w in suite.workloads]
         table.append([
-            f"`{name}`", *(f"{cv._g(c.ratio)} ({cv._g(c.own_ratio)})" for c in cells),
+            f"`{name}`", *(f"{cell(c.ratio)} ({cell(c.own_ratio)})" for c in cells),
             f"{sum(c.within for c in cells)} of {len(cells)}", f"{sum(c.own_within for c in cells)} of {len(cells)}",
         ])  # fmt: skip
     lines += [markdown_table(header, table), ""]
@@ -215,8 +215,8 @@ def render(suite: cv.Suite, rows: Sequence[Comparison], command: str, plot: str 
         table = []
         for r in (x for x in rows if x.workload == w.name):
             table.append([
-                f"`{r.variant}`", f"{r.bytes_per_param:.3f}", cv._g(r.adamw_lr), cv._g(r.final), cv._g(r.ratio),
-                "yes" if r.within else "no", cv._g(r.own_lr), cv._g(r.own_final), cv._g(r.own_ratio),
+                f"`{r.variant}`", f"{r.bytes_per_param:.3f}", cell(r.adamw_lr), cell(r.final), cell(r.ratio),
+                "yes" if r.within else "no", cell(r.own_lr), cell(r.own_final), cell(r.own_ratio),
             ])  # fmt: skip
         header = ["variant", "bytes/param", "lr", "final", "ratio", "within 1%", "own lr", "own final", "own ratio"]
         lines += [markdown_table(header, table), ""]
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in rows]))
     for r in rows:
-        print(f"{r.workload:>10} {r.variant:>14} ratio {cv._g(r.ratio):>9} own {cv._g(r.own_ratio):>9}", flush=True)
+        print(f"{r.workload:>10} {r.variant:>14} ratio {cell(r.ratio):>9} own {cell(r.own_ratio):>9}", flush=True)
     print(f"total {suite.elapsed_s:.1f} s; wrote {out}", flush=True)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -70,6 +71,17 @@ def machine() -> dict[str, str]:
         "XLA:CPU copy elision": "on" if cpu_backend_elides_copies() else "off (the default)",
         "torch": version("torch"),
     }
+
+
+def cell(x: float | None, fmt: str = ".4g") -> str:
+    """A number as a table cell: ``fmt``, or "—" for none, "n/a" for NaN, "diverged" for an infinity."""
+    if x is None:
+        return "—"
+    if isinstance(x, float) and math.isnan(x):
+        return "n/a"
+    if isinstance(x, float) and math.isinf(x):
+        return "diverged"
+    return format(x, fmt)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -13,3 +13,8 @@ def test_measurements_are_set_side_by_side_by_label() -> None:
     assert rows == [["a", "1", "2", "10", "20"], ["b", "3", "4", "30", "40"]]
     header, rows = report.side_by_side(["b"], ["x", "y"], [("", off), ("elided", on)], repeated=["y"])
     assert header == ["optimizer", "x", "y", "y, elided"] and rows == [["b", "3", "4", "40"]]
+
+
+def test_cells_name_what_is_not_a_number() -> None:
+    assert report.cell(0.123456) == "0.1235" and report.cell(42, "d") == "42"
+    assert (report.cell(None), report.cell(float("nan")), report.cell(float("inf"))) == ("—", "n/a", "diverged")
