@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ import optax
 
 import adaopt
 from benchmarks import report, speed, workloads
-from benchmarks.report import load_average, machine, markdown_table, portable
+from benchmarks.report import load_average, machine, markdown_table
 from benchmarks.report import write_section as write_between_markers
 
 BEGIN = "<!-- memory:begin -->"
@@ -203,7 +201,7 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
         BEGIN,
         "## Memory of the states",
         "",
-        f"`python -m benchmarks.memory {shlex.join(portable(a) for a in sys.argv[1:])}`, "
+        f"`{report.invocation('benchmarks.memory')}`, "
         f"{datetime.date.today().isoformat()}; load average {load_average()}.",
         "",
         markdown_table(["", ""], [[k, v] for k, v in (machine() | {"XLA:CPU copy elision": state}).items()]),

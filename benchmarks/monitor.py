@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +31,7 @@ import optax
 
 import adaopt
 from benchmarks import report, speed
-from benchmarks.report import machine, markdown_table, portable, write_section
+from benchmarks.report import machine, markdown_table, write_section
 
 BEGIN = "<!-- monitor:begin -->"
 END = "<!-- monitor:end -->"
@@ -134,7 +132,7 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
         BEGIN,
         "## The cost of monitoring (`benchmarks/monitor.py`)",
         "",
-        f"`python -m benchmarks.monitor {shlex.join(portable(a) for a in sys.argv[1:])}`. AdamW on the {args.tree} "
+        f"`{report.invocation('benchmarks.monitor')}`. AdamW on the {args.tree} "
         f"tree ({n / 1e6:.1f} M parameters in {leaves} leaves), per step, averaged over blocks of {args.block} steps; "
         f"medians of {args.reps} blocks. {info['JAX device']}, {info['CPU']}, {info['cores']}, jax {jax.__version__}; "
         f"XLA:CPU copy elision {report.copy_elision_state(args.copy_elision)}.",

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,26 @@ def portable(argument: str) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return path.name
+
+
+# Where a run writes its results: not part of what a reader reruns to get them.
+OUTPUT_OPTIONS = ("--out", "--plots", "--json")
+
+
+def invocation(module: str, argv: Sequence[str] | None = None) -> str:
+    """The command that ran ``module`` (``argv``, default this process's), for the report: its paths
+    :func:`portable`, and the options naming where the results went left out."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    kept: list[str] = []
+    skip = False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument in OUTPUT_OPTIONS:
+            skip = True
+        elif not argument.startswith(tuple(f"{option}=" for option in OUTPUT_OPTIONS)):
+            kept.append(portable(argument))
+    return shlex.join(["python", "-m", module, *kept])
 
 
 # ---------------------------------------------------------------------------------------------

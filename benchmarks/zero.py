@@ -27,7 +27,6 @@ import argparse
 import datetime
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -42,8 +41,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adaopt
-from benchmarks import speed
-from benchmarks.report import load_average, machine, markdown_table, portable, write_section
+from benchmarks import report, speed
+from benchmarks.report import load_average, machine, markdown_table, write_section
 
 BEGIN = "<!-- zero:begin -->"
 END = "<!-- zero:end -->"
@@ -124,7 +123,7 @@ def render(args: argparse.Namespace, rows: list[list[str]], n_leaves: int, n_par
             BEGIN,
             "## Optimizer states split across devices (`benchmarks/zero.py`)",
             "",
-            f"`python -m benchmarks.zero {shlex.join(portable(a) for a in sys.argv[1:])}`, "
+            f"`{report.invocation('benchmarks.zero')}`, "
             f"{datetime.date.today().isoformat()}; load average {load_average()}; "
             f"{jax.device_count()} {jax.devices()[0].platform.upper()} devices on one `data` axis.",
             "",

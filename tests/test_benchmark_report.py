@@ -18,3 +18,8 @@ def test_measurements_are_set_side_by_side_by_label() -> None:
 def test_cells_name_what_is_not_a_number() -> None:
     assert report.cell(0.123456) == "0.1235" and report.cell(42, "d") == "42"
     assert (report.cell(None), report.cell(float("nan")), report.cell(float("inf"))) == ("—", "n/a", "diverged")
+
+
+def test_the_command_in_a_report_leaves_out_where_its_results_went() -> None:
+    argv = ["--reps", "5", "--out", "/elsewhere/RESULTS.md", "--plots=/tmp/x", "--tree", "gpt2"]
+    assert report.invocation("benchmarks.monitor", argv) == "python -m benchmarks.monitor --reps 5 --tree gpt2"

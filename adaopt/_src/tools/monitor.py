@@ -643,8 +643,9 @@ def monitor(
         inner_state = state.inner_state
         if record is None:
             # The whole step is in the cond, each branch taking it from the step's inputs. Given the
-            # step's results instead, the cond reads the donated parameters and state after the step
-            # overwrote them, and XLA:CPU copies them all (and Adam's denominator), every step.
+            # step's results instead, the cond reads the donated parameters after the step overwrote
+            # them, so XLA:CPU copies them every step, recording or not, and writes out the parts of
+            # the update that both the cond and apply_updates read (Adam's denominator).
             def with_records() -> tuple[jax.Array, Updates, Any]:
                 updates, new_state = inner_update(True, inner_state)
                 return measure(updates, new_state), updates, new_state
