@@ -313,9 +313,9 @@ def test_a_nonfinite_gradient_shows_in_every_statistic_it_enters(
     finite; an infinite coordinate makes the norm infinite."""
     monkeypatch.setattr(monitor_module, "PACKED_SIZE", packed_size)
     tx = adaopt.monitor(adaopt.adam(LR), every=1)
-    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    params = {"a": jnp.ones(3), "b": jnp.ones(6)}  # mixed: b alone, a packed
     state = tx.init(params)
-    _, state = tx.update({"a": jnp.array([1.0, jnp.nan, 0.0]), "b": jnp.array([1.0, -2.0])}, state, params)
+    _, state = tx.update({"a": jnp.array([1.0, jnp.nan, 0.0]), "b": jnp.arange(1.0, 7.0)}, state, params)
     records = adaopt.read_records(state)
     for name in ("grad_norm", "effective_lr", "rate_rms", "update_ratio"):
         assert np.isnan(records[f"{name}/a"]) and np.isnan(records[name]), name
@@ -323,7 +323,7 @@ def test_a_nonfinite_gradient_shows_in_every_statistic_it_enters(
     for name in ("update_norm", "state/mu/rms", "state/mu/max", "state/nu/rms", "state/nu/max"):
         assert np.isnan(records[name]), name
     sgd = adaopt.monitor(adaopt.sgd(LR), every=1)
-    _, state = sgd.update({"a": jnp.array([1.0, jnp.inf, 0.0]), "b": jnp.ones(2)}, sgd.init(params), params)
+    _, state = sgd.update({"a": jnp.array([1.0, jnp.inf, 0.0]), "b": jnp.ones(6)}, sgd.init(params), params)
     assert adaopt.read_records(state)["grad_norm/a"] == np.inf
 
 
