@@ -10,6 +10,7 @@ computation on single-device arrays.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -216,3 +217,39 @@ def test_speed_wrappers_keep_shardings_and_steps(wrapper: str) -> None:
     for name, sharding in shardings.items():
         assert got_params[name].sharding.is_equivalent_to(sharding, len(SHAPES[name])), name
         np.testing.assert_allclose(np.asarray(got_params[name]), np.asarray(want_params[name]), rtol=1e-6, atol=5e-7)
+
+
+@pytest.mark.parametrize("packed_size", [0, None], ids=["alone", "packed"])
+def test_monitor_records_on_a_mesh_match_unsharded(packed_size: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """adaopt.monitor around AdamW on the sharded tree, recording at every step, in both of its forms (the cond
+    and ``record=True``): the parameters are the unmonitored run's, the state keeps their shardings, and the records
+    are the unsharded run's (sums across shards in another order: float32 tolerances). Its statistics of small leaves
+    are packed into one vector (``packed``), or each reduced alone."""
+    from adaopt._src.tools import monitor as monitor_module
+
+    if packed_size is not None:
+        monkeypatch.setattr(monitor_module, "PACKED_SIZE", packed_size)
+    make = lambda: adaopt.monitor(adaopt.adamw(1e-2, weight_decay=0.1), every=1)
+    single = jax.device_put(_host_params(), jax.devices()[0])
+    _, want_params, want_state = _train(make(), single)
+    _, plain_params, _ = _train(adaopt.adamw(1e-2, weight_decay=0.1), single)
+    mesh = _mesh()
+    shardings = {name: NamedSharding(mesh, spec_) for name, spec_ in SPECS.items()}
+    with jax.set_mesh(mesh):
+        params = jax.device_put(_host_params(), shardings)
+        init_state, got_params, state = _train(make(), params)
+        _check_state_shardings(init_state.inner_state, params, mesh, "after init")
+        _check_state_shardings(state.inner_state, got_params, mesh, f"after {N_STEPS} steps")
+        tx = make()
+        grads = jax.grad(_loss)(params, jnp.asarray(0, jnp.int32))
+        _, static_state = jax.jit(functools.partial(tx.update, record=True))(grads, tx.init(params), params)
+    want = adaopt.read_records(want_state)
+    for got in (adaopt.read_records(state), None):
+        if got is None:  # record=True at the first step against the cond form's first record
+            _, _, first = _train(make(), single, 1)
+            want, got = adaopt.read_records(first), adaopt.read_records(static_state)
+        assert list(got) == list(want)
+        np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=2e-5, atol=1e-7)
+    for name in SHAPES:  # within an ulp or two: XLA may fuse apply_updates' add into another multiply-add here
+        for params in (got_params, want_params):
+            np.testing.assert_allclose(np.asarray(params[name]), np.asarray(plain_params[name]), rtol=1e-6, atol=5e-7)

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 import optax.contrib
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments, numerics, placement
 from adaopt._src.base import Params, Updates
 from adaopt._src.wrappers import param_groups
 
@@ -396,10 +396,14 @@ def _leaf_sums(g: jax.Array, u: Any, p: Any, dtype: Any) -> jax.Array:
 
 
 def _packed_leaf_sums(gs: list[Any], us: list[Any], ps: list[Any], dtype: Any) -> jax.Array:
-    """The rows of :func:`_leaf_sums` of small leaves, packed into one vector: one segment sum of all their terms."""
+    """The rows of :func:`_leaf_sums` of small leaves, packed into one vector: one segment sum of all their terms.
+
+    On a mesh with explicit axes each small leaf is gathered whole first (a concatenation takes one
+    sharding): a few small all-gathers, where each leaf reduced alone would need an all-reduce.
+    """
     packed = lambda xs: jnp.concatenate(
         [
-            jnp.ravel(moments.in_precision(jnp.asarray(g if x is None else x), dtype))
+            jnp.ravel(moments.in_precision(placement.whole(jnp.asarray(g if x is None else x)), dtype))
             for g, x in zip(gs, xs, strict=True)
         ]
     )
@@ -456,7 +460,11 @@ def _field_stats(value: Any, dtype: Any) -> jax.Array:
     # A stored leaf is decoded once, into an array both reductions read.
     leaves = [moments.load(x, jnp.float32) for x in jax.tree.leaves(value, is_leaf=base.is_stored)]
     size = sum(int(np.size(x)) for x in leaves)
-    small = [jnp.ravel(moments.in_precision(jnp.asarray(x), dtype)) for x in leaves if np.size(x) < PACKED_SIZE]
+    small = [
+        jnp.ravel(moments.in_precision(placement.whole(jnp.asarray(x)), dtype))
+        for x in leaves
+        if np.size(x) < PACKED_SIZE
+    ]
     parts = [x for x in leaves if np.size(x) >= PACKED_SIZE] + ([jnp.concatenate(small)] if small else [])
     squared = lambda x: _squared(x, dtype)
     magnitude = lambda x: jnp.abs(moments.in_precision(jnp.asarray(x), dtype)).astype(dtype)
@@ -513,6 +521,10 @@ def monitor(
     r"""Record what the optimizer does every ``every`` steps, inside its state and without leaving ``jit``.
 
     The updates are ``optimizer``'s, bit for bit; only the state grows (:class:`MonitorState`).
+    Within a larger jitted step, XLA may fuse ``apply_updates`` differently around them (the update
+    rounded before it is added in one program, fused into a multiply-add in the other), so the
+    parameters can differ from the unmonitored program's in their last bit, in the cond form and
+    on recording steps; a step with ``record=False`` is the unmonitored program.
     At updates :math:`t = 0, k, 2k, \dots` (:math:`k` = ``every``) it records, from the
     gradient :math:`g` it was given, the update :math:`u` returned and the parameters :math:`p`,
     over the whole tree and over each group :math:`G` of leaves (named ``stat/group``):
