@@ -521,10 +521,10 @@ def monitor(
     r"""Record what the optimizer does every ``every`` steps, inside its state and without leaving ``jit``.
 
     The updates are ``optimizer``'s, bit for bit; only the state grows (:class:`MonitorState`).
-    Within a larger jitted step, XLA may fuse ``apply_updates`` differently around them (the update
-    rounded before it is added in one program, fused into a multiply-add in the other), so the
-    parameters can differ from the unmonitored program's in their last bit, in the cond form and
-    on recording steps; a step with ``record=False`` is the unmonitored program.
+    Within a larger jitted step, XLA may fuse ``apply_updates`` differently around them (for
+    example, the update rounded before it is added in one program, fused into a multiply-add in
+    the other), so the parameters can differ from the unmonitored program's in their last bit, in
+    the cond form and on recording steps; a step with ``record=False`` is the unmonitored program.
     At updates :math:`t = 0, k, 2k, \dots` (:math:`k` = ``every``) it records, from the
     gradient :math:`g` it was given, the update :math:`u` returned and the parameters :math:`p`,
     over the whole tree and over each group :math:`G` of leaves (named ``stat/group``):
