@@ -388,3 +388,19 @@ def test_errors_name_the_argument_and_the_fix() -> None:
     tx = adaopt.monitor(optax.chain(adaopt.record_norm("grad_norm"), adaopt.sgd(LR)))
     with pytest.raises(ValueError, match="rename it"):
         tx.init(_params())
+
+
+def test_the_recording_program_grows_with_the_leaves_like_the_step_itself() -> None:
+    """On 200 small leaves the program that records is under twice the size of Adam's own (counted in operations
+    of the lowered program), and the cond form, which holds the step twice, under three times: the statistics of
+    small leaves are packed and those of groups vectorised. Reduced leaf by leaf, it was 4.6 times Adam's, and
+    XLA's compile time grows faster than that (15 s for 300 leaves, where 1.2 s now)."""
+    params = {f"l{i}": jnp.zeros((10, 10)) for i in range(200)}
+
+    def size(tx: optax.GradientTransformation, **record: Any) -> int:
+        update = jax.jit(lambda g, s, p: tx.update(g, s, p, **record))
+        return update.lower(params, tx.init(params), params).as_text().count(" = ")
+
+    plain = size(adaopt.adam(1e-3))
+    assert size(adaopt.monitor(adaopt.adam(1e-3)), record=True) < 2 * plain
+    assert size(adaopt.monitor(adaopt.adam(1e-3))) < 3 * plain
