@@ -253,3 +253,27 @@ def test_monitor_records_on_a_mesh_match_unsharded(packed_size: int | None, monk
     for name in SHAPES:  # within an ulp or two: XLA may fuse apply_updates' add into another multiply-add here
         for params in (got_params, want_params):
             np.testing.assert_allclose(np.asarray(params[name]), np.asarray(plain_params[name]), rtol=1e-6, atol=5e-7)
+
+
+def test_range_test_and_sweep_on_a_mesh_match_one_device() -> None:
+    """The practitioner's tools take sharded parameters as they are: the range test's losses and a sweep's metrics
+    on the (4, 2) mesh are the single device's, to float32 tolerances."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 16, 64)).astype(np.float32)
+    y = rng.normal(size=(20, 16, 32)).astype(np.float32)
+    host = {"w": 0.1 * rng.normal(size=(64, 32)).astype(np.float32), "b": np.zeros(32, np.float32)}
+    loss = lambda p, batch: jnp.mean((batch[0] @ p["w"] + p["b"] - batch[1]) ** 2)
+    configs = adaopt.grid_configs({"learning_rate": [1e-3, 1e-2, 1e-1]})
+
+    def run(params: Any) -> tuple[np.ndarray, np.ndarray]:
+        found = adaopt.range_test(loss, params, adaopt.adam, (x, y), start_lr=1e-4, end_lr=1.0, num_iter=20)
+        swept = adaopt.sweep(adaopt.adamw, configs, loss, params, (x, y))
+        return np.asarray(found.losses), np.asarray(swept.curves)
+
+    want = run(jax.device_put(host, jax.devices()[0]))
+    mesh = _mesh()
+    with jax.set_mesh(mesh):
+        shardings = {"w": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P("model"))}
+        got = run(jax.device_put(host, shardings))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
