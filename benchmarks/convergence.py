@@ -83,7 +83,6 @@ import json
 import math
 import os
 import re
-import shlex
 import sys
 import textwrap
 import time
@@ -107,7 +106,7 @@ import matplotlib.ticker
 
 from benchmarks import workloads as wl
 from benchmarks.learning_rates import TUNED
-from benchmarks.report import cell, load_average, machine, markdown_table, portable, write_section
+from benchmarks.report import cell, invocation, load_average, machine, markdown_table, write_section
 
 HERE = Path(__file__).resolve().parent
 
@@ -1176,8 +1175,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
-    command = shlex.join(["python", "-m", "benchmarks.convergence", *arguments])
+    command = invocation("benchmarks.convergence", argv)
     specs = select(args.optimizers, args.tuning_free)
     suite = run_suite(
         specs,

@@ -42,7 +42,6 @@ import functools
 import json
 import math
 import os
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,7 +58,7 @@ from benchmarks import convergence as cv
 from benchmarks import speed
 from benchmarks import workloads as wl
 from benchmarks.memory import state_bytes
-from benchmarks.report import cell, machine, markdown_table, portable, write_section
+from benchmarks.report import cell, invocation, machine, markdown_table, write_section
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -277,8 +276,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
-    command = shlex.join(["python", "-m", "benchmarks.light_states", *arguments])
+    command = invocation("benchmarks.light_states", argv)
     specs = [adaopt.REGISTRY[BASELINE], *(variant_spec(v) for v in args.variants)]
     suite = cv.run_suite(
         specs, args.workloads, scale=args.steps_scale, progress=not args.no_progress, grid=variant_grid

@@ -188,13 +188,7 @@ def measure_elided(args: argparse.Namespace) -> dict[str, list[list[str]]]:
 
 def render(args: argparse.Namespace, shapes: Any) -> str:
     leaves, n = speed.count(shapes)
-    runs: list[tuple[str, dict[str, list[list[str]]]]] = []
-    if args.copy_elision in ("off", "both"):
-        runs.append(("", measure(args, shapes)))
-    if args.copy_elision == "both":
-        runs.append((report.ELIDED, measure_elided(args)))
-    if args.copy_elision == "on":
-        runs.append((report.ELIDED, measure(args, shapes)))
+    runs = report.copy_elision_runs(args.copy_elision, lambda: measure(args, shapes), lambda: measure_elided(args))
     labels = [row[0] for row in runs[0][1]["peaks"]]
     state = report.copy_elision_state(args.copy_elision)
     lines = [

@@ -119,14 +119,12 @@ HEADER = ["ms/step (median)", "ms/step (best)", "vs adamw", "compile (s)"]
 
 def render(args: argparse.Namespace, shapes: Any) -> str:
     leaves, n = speed.count(shapes)
-    runs: list[tuple[str, list[list[str]]]] = []
-    if args.copy_elision in ("off", "both"):
-        runs.append(("", run(shapes, args.reps, args.block)))
-    if args.copy_elision == "both":
-        argv = ["--reps", str(args.reps), "--block", str(args.block), "--tree", args.tree]
-        runs.append((report.ELIDED, report.measured_in_child("benchmarks.monitor", argv)))
-    if args.copy_elision == "on":
-        runs.append((report.ELIDED, run(shapes, args.reps, args.block)))
+    argv = ["--reps", str(args.reps), "--block", str(args.block), "--tree", args.tree]
+    runs: list[tuple[str, list[list[str]]]] = report.copy_elision_runs(
+        args.copy_elision,
+        lambda: run(shapes, args.reps, args.block),
+        lambda: report.measured_in_child("benchmarks.monitor", argv),
+    )
     info = machine()
     lines = [
         BEGIN,

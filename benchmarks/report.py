@@ -12,9 +12,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import optax
@@ -22,6 +22,7 @@ import optax
 from adaopt import cpu_backend_elides_copies, cpu_multi_output_fusion_enabled, enable_cpu_copy_elision
 
 TITLE = "# adaopt benchmark results"
+T = TypeVar("T")
 
 
 def usable_cores() -> int:
@@ -178,6 +179,16 @@ def measured_in_child(module: str, argv: Sequence[str]) -> Any:
         command = [sys.executable, "-m", module, "--copy-elision", "on", *argv, "--rows-json", str(out)]
         subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
         return json.loads(out.read_text())
+
+
+def copy_elision_runs(choice: str, here: Callable[[], T], in_child: Callable[[], T]) -> list[tuple[str, T]]:
+    """The measurements ``--copy-elision choice`` asks for, each with its columns' suffix: XLA's defaults measured
+    here, and the elided ones in a child process (``both``) or here (``on``: :func:`start_copy_elision` turned it on)."""
+    if choice == "off":
+        return [("", here())]
+    if choice == "on":
+        return [(ELIDED, here())]
+    return [("", here()), (ELIDED, in_child())]
 
 
 def copy_elision_state(choice: str) -> str:

@@ -90,7 +90,7 @@ import optax
 
 import adaopt
 from adaopt import cpu_multi_output_fusion_enabled, flatten_params, multi_tensor, single_pass
-from benchmarks.report import load_average, machine, markdown_table, portable, usable_cores
+from benchmarks.report import invocation, load_average, machine, markdown_table, usable_cores
 from benchmarks.report import write_section as write_between_markers
 
 HERE = Path(__file__).resolve().parent
@@ -1021,8 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.model_steps is not None:
         models = _names(args.model_steps, dict.fromkeys(MODEL_WORKLOADS), "models", parser)
-        arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
-        command = shlex.join(["python", "-m", "benchmarks.speed", *arguments])
+        command = invocation("benchmarks.speed", argv)
         start = time.perf_counter()
         runs = run_model_steps(models, args.reps, args.rounds, lambda s: print(s, flush=True))
         text = render_model_steps(runs, command, time.perf_counter() - start)
@@ -1035,8 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trees = {name: TREES[name]() for name in _names(args.trees, TREES, "trees", parser)}
     optimizers = _names(args.optimizers, CONTENDERS, "optimizers", parser)
     layouts = [] if args.layouts.strip() == "none" else _names(args.layouts, LAYOUTS, "layouts", parser)
-    arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
-    command = shlex.join(["python", "-m", "benchmarks.speed", *arguments])
+    command = invocation("benchmarks.speed", argv)
 
     start = time.perf_counter()
     report = run(

@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ import optax
 import adaopt
 from benchmarks import convergence as cv
 from benchmarks import workloads as wl
-from benchmarks.report import load_average, machine, markdown_table, portable, write_section
+from benchmarks.report import invocation, load_average, machine, markdown_table, write_section
 
 BEGIN = "<!-- tuning:begin -->"
 END = "<!-- tuning:end -->"
@@ -122,8 +121,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    arguments = [portable(a) for a in (sys.argv[1:] if argv is None else argv)]
-    command = shlex.join(["python", "-m", "benchmarks.tuning", *arguments])
+    command = invocation("benchmarks.tuning", argv)
     load_start = load_average()
     rows = []
     for name in args.workloads:
