@@ -20,9 +20,14 @@ The peaks and the step times are measured twice, with XLA's defaults and with XL
 elision (:func:`adaopt.enable_cpu_copy_elision`, an option read when JAX starts: a child process
 measures that column), beside each other; ``--copy-elision off`` or ``on`` measures one of them only.
 
+``--kernels`` prints something else, and writes nothing: where AdamW's step with each storage spends
+its time, XLA's kernels by name with their milliseconds and launches per step, from a
+``jax.profiler`` trace of a few steps (:func:`benchmarks.report.kernel_times`).
+
 Usage::
 
     python -m benchmarks.memory [--reps 5] [--out benchmarks/RESULTS.md] [--no-timing] [--copy-elision both]
+    python -m benchmarks.memory --kernels [float32,int8] [--top 12]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import numpy as np
 import optax
 
 import adaopt
-from benchmarks import report, speed, workloads
+from benchmarks import monitor, report, speed, workloads
 from benchmarks.report import load_average, machine, markdown_table
 from benchmarks.report import write_section as write_between_markers
 
@@ -232,15 +237,50 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
     return "\n".join(lines)
 
 
+def kernel_tables(storages: list[str], shapes: Any, top: int) -> str:
+    """For each storage of ``STORAGES`` named, the ``top`` kernels of AdamW's step on ``shapes`` (:func:`report.kernel_times`)."""
+    host_params = speed.host_arrays(shapes, seed=0, scale=0.02)
+    grads = jax.tree.map(jnp.asarray, speed.host_arrays(shapes, seed=1, scale=1e-3))
+    parts = []
+    for name in storages:
+        stepper = monitor.Stepper(_adamw(STORAGES[name]), host_params, grads)
+        for _ in range(speed.WARMUP):
+            stepper.block(1)
+        wall = statistics.median(stepper.block(1) for _ in range(5))
+        kernels = report.kernel_times(lambda stepper=stepper: stepper.block(1))
+        rows = [[kernel, f"{ms:.2f}", str(n)] for kernel, ms, n in kernels[:top]]
+        parts += [f"AdamW, {name} moments: {wall * 1e3:.1f} ms per step (median of 5)", ""]
+        parts += [markdown_table(["kernel", "ms per step", "launches per step"], rows), ""]
+        del stepper
+        speed._free()
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-timing", action="store_true", help="only the byte counts and the compiled peaks")
+    parser.add_argument(
+        "--kernels",
+        nargs="?",
+        const=",".join(STORAGES),
+        default=None,
+        help="instead: print the kernels of AdamW's step with these storages (comma-separated: "
+        + ", ".join(STORAGES)
+        + "; all when none is named)",
+    )
+    parser.add_argument("--top", type=int, default=12, help="--kernels: the slowest kernels shown per storage")
     report.add_copy_elision_arguments(parser)
     args = parser.parse_args(argv)
     report.start_copy_elision(parser, args)
     shapes = speed.gpt2_tree()
+    if args.kernels is not None:
+        unknown = sorted(set(args.kernels.split(",")) - set(STORAGES))
+        if unknown:
+            parser.error(f"--kernels: unknown storages {unknown}; known: {', '.join(STORAGES)}")
+        print(kernel_tables(args.kernels.split(","), shapes, args.top))
+        return
     if args.rows_json is not None:
         args.rows_json.write_text(json.dumps(measure(args, shapes)))
         return

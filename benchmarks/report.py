@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
 import importlib.metadata
 import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -215,3 +218,38 @@ def side_by_side(
             row += [rows[label][i] for i in keep]
         table.append(row)
     return full, table
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a compiled step's time goes, kernel by kernel.
+
+
+def kernel_times(run: Callable[[], Any], calls: int = 5) -> list[tuple[str, float, int]]:
+    """The kernels of ``calls`` calls of ``run`` (which runs a compiled step and returns its outputs), from a
+    ``jax.profiler`` trace: each kernel's name (XLA's, without its numeric suffix), milliseconds and launches
+    per call, the slowest first.
+
+    Kernels that run side by side on several threads each count in full (their sum can exceed the
+    wall time), and a loop's row (``while``) holds the time of its body's kernels, listed too.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        try:
+            for _ in range(calls):
+                jax.block_until_ready(run())
+        finally:
+            jax.profiler.stop_trace()
+        trace = max(Path(folder).rglob("*.trace.json.gz"), key=lambda path: path.stat().st_mtime)
+        events = json.loads(gzip.decompress(trace.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    micros: collections.Counter[str] = collections.Counter()
+    launches: collections.Counter[str] = collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        # The runtime's and Python's own events have qualified names, arguments or a "$"; kernels do not.
+        if event.get("ph") != "X" or re.search(r"[:$( ]", name):
+            continue
+        kernel = re.sub(r"\.\d+$", "", name)
+        micros[kernel] += event.get("dur", 0)
+        launches[kernel] += 1
+    return [(name, total / 1e3 / calls, launches[name] // calls) for name, total in micros.most_common()]

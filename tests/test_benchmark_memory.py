@@ -21,3 +21,11 @@ def test_compiled_peaks_are_read_from_xla() -> None:
     peak, temporaries = memory.optimizer_step_peak(memory._adamw(None), shapes)
     # At least the parameters, the gradients and the two moments (donated and aliased in place).
     assert peak >= 4 * 256 * 64 * 4 and temporaries >= 0
+
+
+def test_kernel_tables_show_the_quantized_steps_chunk_loop() -> None:
+    shapes = {"w": jax.ShapeDtypeStruct((64, 4096), jnp.float32)}  # above the chunk size: quantized in a loop
+    text = memory.kernel_tables(["float32", "int8"], shapes, top=20)
+    plain, light = text.split("AdamW, int8 moments")
+    assert plain.startswith("AdamW, float32 moments") and "| kernel | ms per step | launches per step |" in plain
+    assert "| while |" not in plain and "| while |" in light  # only the quantized step has a loop
