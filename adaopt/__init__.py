@@ -47,6 +47,10 @@ from adaopt._src.layouts.copy_elision import CPU_COPY_ELISION_FLAG as CPU_COPY_E
 from adaopt._src.layouts.copy_elision import CpuCopyElisionWarning as CpuCopyElisionWarning
 from adaopt._src.layouts.copy_elision import cpu_backend_elides_copies as cpu_backend_elides_copies
 from adaopt._src.layouts.copy_elision import enable_cpu_copy_elision as enable_cpu_copy_elision
+from adaopt._src.layouts.cpu_kernels import CpuKernelWarning as CpuKernelWarning
+from adaopt._src.layouts.cpu_kernels import cpu_kernels_enabled as cpu_kernels_enabled
+from adaopt._src.layouts.cpu_kernels import disable_cpu_kernels as disable_cpu_kernels
+from adaopt._src.layouts.cpu_kernels import enable_cpu_kernels as enable_cpu_kernels
 from adaopt._src.layouts.multi_tensor import FlatTree as FlatTree
 from adaopt._src.layouts.multi_tensor import MultiTensorState as MultiTensorState
 from adaopt._src.layouts.multi_tensor import NotElementwiseError as NotElementwiseError

@@ -1,9 +1,10 @@
-"""Test-session set-up: 8 CPU devices for the sharding tests, deterministic hypothesis, and a
-fixture that traces ``single_pass``'s sibling form."""
+"""Test-session set-up: 8 CPU devices for the sharding tests, deterministic hypothesis, a fixture
+that traces ``single_pass``'s sibling form, and one that turns adaopt's CPU kernels on."""
 
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Must be set before JAX initialises its backends. The suite compiles thousands of small programs, each
@@ -22,6 +23,8 @@ import hypothesis
 import jax
 import pytest
 
+import adaopt
+from adaopt._src.layouts import cpu_kernels as cpu_kernels_module
 from adaopt._src.layouts import single_pass
 
 # One compilation cache for the run, shared by its workers: the registry-wide tests build the same programs
@@ -52,6 +55,18 @@ def fusion_on(monkeypatch: pytest.MonkeyPatch) -> None:
     more kernels, with the same numbers."""
     monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {single_pass.CPU_MULTI_OUTPUT_FUSION_FLAG}")
     monkeypatch.setattr(single_pass, "cpu_backend_fuses_siblings", lambda: True)
+
+
+@pytest.fixture
+def cpu_kernels() -> Iterator[None]:
+    """adaopt's CPU kernels on for the test (built into the user's cache on first use), off after it."""
+    if cpu_kernels_module._compiler() is None:
+        pytest.skip("no C++ compiler ($CXX, else c++) to build adaopt's CPU kernels")
+    assert adaopt.enable_cpu_kernels()
+    try:
+        yield
+    finally:
+        adaopt.disable_cpu_kernels()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -649,6 +649,9 @@ def step_leaf(fn: Callable[..., Sequence[Any]], args: Sequence[Any]) -> list[Any
 
 def _step_leaf(fn: Callable[..., Sequence[Any]], args: Sequence[Any], after: Any) -> tuple[list[Any], list[Any]]:
     """:func:`step_leaf` with its loop after ``after``'s arrays are computed; also returns the chunked moments."""
+    native = getattr(fn, "native", None)  # a hand-written kernel for some leaves (adaopt.enable_cpu_kernels)
+    if native is not None and (out := native(*args)) is not None:
+        return list(out), []
     outs = list(fn(*args))
     g = args[0]
     targets = [k for k, o in enumerate(outs) if isinstance(o, Quantized) and not any(o is a for a in args)]

@@ -15,6 +15,7 @@ import optax
 
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.layouts import cpu_kernels
 
 SecondMoment = Literal["adam", "belief", "yogi"]
 AmsgradMax = Literal["raw", "debiased"]
@@ -176,6 +177,16 @@ def scale_by_adam(
             step = moments.times(moments.times(m_new, debias1), moments.inv_root(v_hat, e, e_root))
             return (step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v), *new_max)
 
+        def native(g: jax.Array, m: Any, v: Any, *v_max: Any) -> tuple[Any, ...] | None:
+            """The leaf's step by adaopt's CPU kernel where it applies (8-bit moments), else None."""
+            if not cpu_kernels.adam_kernel_applies(g, m, v, second_moment=second_moment, amsgrad=amsgrad):
+                return None
+            beta1, beta2, debias1, debias2, e, e_root, _ = scalars(jnp.float32)
+            return cpu_kernels.adam_step(
+                g, m, v, b1=beta1, b2=beta2, debias1=debias1, debias2=debias2, eps=e, eps_root=e_root
+            )
+
+        leaf.native = native  # type: ignore[attr-defined]  # read by storage.step_leaf
         trees = (state.mu, state.nu) + ((state.nu_max,) if amsgrad else ())
         out = moments.leafwise(leaf, 3 + bool(amsgrad), updates, *trees)
         return out[0], AdamState(count, out[1], out[2], out[3] if amsgrad else None)

@@ -1,0 +1,221 @@
+"""adaopt.enable_cpu_kernels: Adam's step with 8-bit moments by a hand-written XLA:CPU kernel equals XLA's step.
+
+Each step is compared from the same state (XLA's trajectory, the kernel's step taken from each of its states), so
+that a difference shows where it arises instead of compounding. The kernel computes in float32 operation for
+operation as XLA's traced step, with XLA's fused multiply-adds and its division by a block's scale as a product
+by its reciprocal (read off XLA:CPU's chunked step at its default options): differences remain where another
+compilation contracts otherwise (this suite compiles at a lower optimisation level), a last bit of a moment, and
+through it, rarely, a code one entry of the map away. The reference package's own runs are in
+tests/test_storage_bnb.py (bitsandbytes' Adam8bit and AdamW8bit with the kernel on).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaopt
+from adaopt._src.layouts import cpu_kernels as kernels
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
+INT8 = "int8"
+# By rows, chunked (64 x 4096 is above a chunk); by rows, whole (below it); flat with a partial last block,
+# chunked; flat, whole; 3-d by rows; a leaf too small to quantize.
+SHAPES = {"loop": (64, 4096), "rows": (40, 512), "flat": (4096 * 40 + 77,), "short": (5000,), "cube": (3, 8, 512)}
+SMALL = {"tiny": (7, 3)}
+
+
+def _problem(shapes: dict, seed: int, steps: int) -> tuple[dict, list[dict]]:
+    rng = np.random.default_rng(seed)
+    params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+    # Rows of mixed scales, as a model's gradients: the blocks' range matters to the codes.
+    grads = [
+        {k: jnp.asarray(rng.standard_normal(s) * np.exp(rng.normal(size=s[:1] + (1,) * (len(s) - 1))), jnp.float32)
+         for k, s in shapes.items()}
+        for _ in range(steps)
+    ]  # fmt: skip
+    return params, grads
+
+
+def _uses_kernel(tx: optax.GradientTransformation, params: dict, grads: dict) -> int:
+    """How many leaves of a step take the kernel: its custom calls in the lowered program."""
+    text = jax.jit(tx.update).lower(grads, tx.init(params), params).as_text()
+    return text.count(kernels.TARGET)
+
+
+def _compiled(make, params: dict, grads: dict, *, kernel: bool):
+    """A new optimizer's ``update`` compiled with the kernels on or off, then left on. The switch is read when a
+    step is traced, and JAX reuses a function's trace: each side needs a function of its own."""
+    (adaopt.enable_cpu_kernels if kernel else adaopt.disable_cpu_kernels)()
+    tx = make()
+    compiled = jax.jit(tx.update).lower(grads, tx.init(params), params).compile()
+    adaopt.enable_cpu_kernels()
+    assert (kernels.TARGET in compiled.as_text()) == kernel
+    return compiled
+
+
+def _stored(state: object) -> list:
+    return jax.tree.leaves(state, is_leaf=adaopt.is_stored)
+
+
+def _compare_from_xla_states(make, params: dict, grads: list[dict]) -> dict[str, float]:
+    """Each step of XLA's trajectory and the kernel's step from the same state; returns the worst differences."""
+    tx = make()
+    xla, native = (_compiled(make, params, grads[0], kernel=on) for on in (False, True))
+    state, worst = tx.init(params), {"update": 0.0, "codes": 0.0, "codes by more than one": 0.0, "scale": 0.0}
+    for g in grads:
+        u_xla, s_xla = xla(g, state, params)
+        u_native, s_native = native(g, state, params)
+        for k in u_xla:
+            scale = float(jnp.max(jnp.abs(u_xla[k]))) or 1.0
+            worst["update"] = max(worst["update"], float(jnp.max(jnp.abs(u_native[k] - u_xla[k]))) / scale)
+        for a, b in zip(_stored(s_xla), _stored(s_native), strict=True):
+            if isinstance(a, adaopt.Quantized):
+                steps = np.abs(np.asarray(a.codes, int) - np.asarray(b.codes, int))
+                worst["codes"] = max(worst["codes"], float(np.mean(steps > 0)))
+                worst["codes by more than one"] = max(worst["codes by more than one"], float(np.mean(steps > 1)))
+                worst["scale"] = max(worst["scale"], float(jnp.max(jnp.abs(b.scale / a.scale - 1))))
+            else:
+                np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+        state = s_xla
+    return worst
+
+
+def _assert_close(worst: dict[str, float]) -> None:
+    assert worst["update"] < 1e-5 and worst["scale"] < 1e-6, worst
+    assert worst["codes"] < 1e-3 and worst["codes by more than one"] == 0, worst
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("adamw", lambda: adaopt.adamw(1e-3, 0.9, 0.999, 1e-8, weight_decay=0.1, mu_dtype=INT8, nu_dtype=INT8)),
+        ("adam, other betas", lambda: adaopt.adam(3e-3, 0.8, 0.95, 1e-6, mu_dtype=INT8, nu_dtype=INT8)),
+        ("eps 0 (a zero denominator gives 0)", lambda: adaopt.adam(1e-3, eps=0.0, mu_dtype=INT8, nu_dtype=INT8)),
+        ("eps_root", lambda: adaopt.adam(1e-3, eps_root=1e-10, mu_dtype=INT8, nu_dtype=INT8)),
+        (
+            "eps on the raw root (Hugging Face's)",
+            lambda: adaopt.scale_by_adam(eps=1e-6, eps_on_raw_root=True, mu_dtype=INT8, nu_dtype=INT8),
+        ),
+        ("no bias correction", lambda: adaopt.scale_by_adam(bias_correction=False, mu_dtype=INT8, nu_dtype=INT8)),
+        (
+            "blocks of 64, floored scales",
+            lambda: adaopt.adam(
+                1e-3, mu_dtype=adaopt.Blockwise(block_size=64, scale_floor=1e-12),
+                nu_dtype=adaopt.Blockwise(block_size=64, scale_floor=1e-12),
+            ),
+        ),
+        (
+            "traced hyperparameters",
+            lambda: optax.inject_hyperparams(adaopt.adam, static_args=("mu_dtype", "nu_dtype"))(
+                learning_rate=1e-3, b1=0.85, b2=0.99, mu_dtype=INT8, nu_dtype=INT8
+            ),
+        ),
+    ],
+)  # fmt: skip
+def test_each_step_equals_xlas_from_the_same_state(name: str, make) -> None:
+    params, grads = _problem(SHAPES | SMALL, seed=len(name), steps=6)
+    assert _uses_kernel(make(), params, grads[0]) == len(SHAPES)  # every quantized leaf, not the tiny one
+    _assert_close(_compare_from_xla_states(make, params, grads))
+
+
+def test_zero_and_non_finite_gradients_come_out_as_xlas() -> None:
+    params, grads = _problem(SHAPES, seed=3, steps=4)
+    grads[0] = jax.tree.map(jnp.zeros_like, grads[0])  # the first step from nothing: eps 0 makes 0 / 0 a 0
+    grads[2] = jax.tree.map(
+        lambda g: g.reshape(-1).at[:300].set(jnp.nan).at[700].set(jnp.inf).reshape(g.shape), grads[2]
+    )
+    for eps in (0.0, 1e-8):
+        make = lambda eps=eps: adaopt.adam(1e-3, eps=eps, mu_dtype=INT8, nu_dtype=INT8)
+        tx = make()
+        xla, native = (_compiled(make, params, grads[0], kernel=on) for on in (False, True))
+        state = tx.init(params)
+        for g in grads:
+            (u_x, s_x), (u_n, s_n) = xla(g, state, params), native(g, state, params)
+            for k in u_x:  # NaN where XLA has NaN, the same numbers elsewhere (to float32's last bits)
+                a, b = np.asarray(u_x[k]), np.asarray(u_n[k])
+                np.testing.assert_array_equal(np.isnan(b), np.isnan(a))
+                finite = np.isfinite(a)
+                scale = np.abs(a[finite]).max(initial=0.0) or 1.0
+                np.testing.assert_allclose(b[finite], a[finite], rtol=0, atol=1e-5 * scale)
+            for a, b in zip(_stored(s_x), _stored(s_n), strict=True):
+                if isinstance(a, adaopt.Quantized):  # a block with a NaN has a NaN scale on both sides
+                    np.testing.assert_array_equal(np.isnan(np.asarray(b.scale)), np.isnan(np.asarray(a.scale)))
+            state = s_x
+
+
+def test_a_sweep_runs_the_kernel_lane_by_lane() -> None:
+    params, grads = _problem(SHAPES, seed=4, steps=3)
+    rates = jnp.asarray([1e-3, 3e-3, 1e-2])
+
+    def run(lr: jax.Array) -> dict:
+        tx = adaopt.adamw(lr, weight_decay=0.01, mu_dtype=INT8, nu_dtype=INT8)
+        p, s = params, tx.init(params)
+        for g in grads:
+            u, s = tx.update(g, s, p)
+            p = optax.apply_updates(p, u)
+        return p
+
+    adaopt.disable_cpu_kernels()
+    xla = jax.jit(jax.vmap(run))(rates)
+    adaopt.enable_cpu_kernels()
+    batched = jax.jit(jax.vmap(lambda lr: run(lr)))
+    assert kernels.TARGET in batched.lower(rates).as_text()
+    native = batched(rates)
+    for k in xla:
+        # From the same start the runs part where a code moves by one entry (~1% of its block's scale): a few
+        # coordinates, by a small fraction of how far the step moved them.
+        moved = float(jnp.max(jnp.abs(xla[k] - params[k])))
+        apart = np.abs(np.asarray(native[k]) - np.asarray(xla[k]))
+        assert apart.max() < 0.02 * moved and np.mean(apart > 1e-6) < 1e-4, (apart.max(), moved)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: adaopt.amsgrad(1e-3, mu_dtype=INT8, nu_dtype=INT8),  # a third quantized moment: XLA's step
+        lambda: adaopt.adabelief(1e-3, mu_dtype=INT8, nu_dtype=INT8),
+        lambda: adaopt.adam(1e-3, mu_dtype="int4", nu_dtype="int4"),
+        lambda: adaopt.adam(1e-3, mu_dtype=INT8, nu_dtype=jnp.float32),
+        lambda: adaopt.lion(1e-3, mu_dtype=INT8),
+    ],
+)
+def test_other_steps_keep_xlas(make) -> None:
+    params, grads = _problem(SHAPES, seed=5, steps=1)
+    assert _uses_kernel(make(), params, grads[0]) == 0
+
+
+def test_half_precision_gradients_and_explicit_shardings_keep_xlas() -> None:
+    tx = adaopt.adam(1e-3, mu_dtype=INT8, nu_dtype=INT8)
+    params, grads = _problem({"w": (64, 4096)}, seed=6, steps=1)
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    assert _uses_kernel(tx, half, jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads[0])) == 0
+    assert _uses_kernel(tx, params, grads[0]) == 1
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        sharded = jax.tree.map(lambda x: jax.device_put(x, spec), params)
+        assert _uses_kernel(tx, sharded, jax.tree.map(lambda x: jax.device_put(x, spec), grads[0])) == 0
+    adaopt.disable_cpu_kernels()  # for steps traced from now on
+    fresh = adaopt.adam(1e-3, mu_dtype=INT8, nu_dtype=INT8)
+    assert _uses_kernel(fresh, params, grads[0]) == 0 and not adaopt.cpu_kernels_enabled()
+
+
+def test_a_failed_build_warns_and_keeps_xlas_steps(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("ADAOPT_CACHE_DIR", str(tmp_path))
+    kernels._library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="no-such-compiler"):
+            kernels._library()
+    finally:
+        kernels._library.cache_clear()
+    adaopt.disable_cpu_kernels()
+    monkeypatch.setattr(kernels, "_register", lambda: kernels._library())
+    with pytest.warns(adaopt.CpuKernelWarning, match="no C\\+\\+ compiler"):
+        assert adaopt.enable_cpu_kernels() is False
+    assert not adaopt.cpu_kernels_enabled()
