@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 
+import adaopt
 from benchmarks import memory
 
 
@@ -29,3 +31,18 @@ def test_kernel_tables_show_the_quantized_steps_chunk_loop() -> None:
     plain, light = text.split("AdamW, int8 moments")
     assert plain.startswith("AdamW, float32 moments") and "| kernel | ms per step | launches per step |" in plain
     assert "| while |" not in plain and "| while |" in light  # only the quantized step has a loop
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_the_kernel_row_is_traced_with_the_cpu_kernels_on_and_only_it() -> None:
+    adaopt.disable_cpu_kernels()
+    shapes = {"w": jax.ShapeDtypeStruct((64, 4096), jnp.float32)}
+
+    def lowered(label: str) -> str:
+        with memory.switched(label) as usable:
+            assert usable
+            tx = memory.contenders()[label]()
+            return jax.jit(tx.update).lower(shapes, jax.eval_shape(tx.init, shapes), shapes).as_text()
+
+    assert "adaopt_blockwise_adam_cpu" in lowered(memory.KERNEL)
+    assert "adaopt_blockwise_adam_cpu" not in lowered("adaopt adamw (int8)") and not adaopt.cpu_kernels_enabled()

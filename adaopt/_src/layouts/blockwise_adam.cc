@@ -4,8 +4,9 @@
 // light states' steps spend their time"); this kernel does the whole step of a leaf in one pass over its
 // blocks: dequantize both moments, update them, write the step, and quantize them again in place. The
 // arithmetic is that of adaopt's traced step (storage.Blockwise and optimizers/adam.py), operation for
-// operation in float32 with no contraction into fused multiply-adds: the numbers differ from XLA's only where
-// XLA contracts one (a last-bit difference in a moment, which may move a code by one step of the map).
+// operation in float32, with the fused multiply-adds that XLA:CPU makes in its chunked step (the moments to
+// quantize as fma(old, b, g * (1 - b)), the step's as fma(g, 1 - b, old * b)) and its division by a block's
+// scale as a product by the reciprocal: the same numbers as that step.
 //
 // Built on first use by adaopt/_src/layouts/cpu_kernels.py, with the host's C++ compiler and JAX's FFI headers.
 

@@ -19,10 +19,15 @@ leaf when all of these hold, and XLA's step otherwise:
 - the second moment is Adam's (not AdaBelief's or Yogi's), with no AMSGrad maximum;
 - no array of the leaf has an explicit sharding (a leaf sharded on a mesh keeps XLA's step).
 
-The numbers are XLA's step's, operation for operation in float32, except where XLA contracts a
-multiply and an add into one fused multiply-add (the kernel never does): a moment may differ in its
-last bit, and its code by one step of the map, in a small fraction of the coordinates (measured in
-``tests/test_cpu_kernels.py``). The kernel has no derivative (a step through it cannot be
+The numbers are XLA's step's: the same float32 operations, with the fused multiply-adds XLA:CPU's
+chunked step makes (one form for the moments it quantizes, the other for the moments the step reads)
+and its division by a block's scale as a product by the reciprocal; a block's largest magnitude leaves
+NaN out, as XLA:CPU's reduction does. A program compiled otherwise (XLA's whole-leaf step of a small
+leaf, other optimisation options) may contract elsewhere: a last bit of a moment, and rarely a code one
+entry of the map away (``tests/test_cpu_kernels.py`` measures both against XLA's step). The step is
+written over the gradient's buffer for the update pass to read, where XLA's own step fuses the two: a
+training step's gradients are its own temporaries and are overwritten in place; XLA first copies a
+gradient the step must keep. The kernel has no derivative (a step through it cannot be
 differentiated, as a hypergradient would need) and runs a ``vmap`` of the step lane by lane.
 """
 
@@ -195,7 +200,9 @@ def adam_step(
             jax.ShapeDtypeStruct(v.codes.shape, v.codes.dtype),
             jax.ShapeDtypeStruct(v.scale.shape, v.scale.dtype),
         ),
-        input_output_aliases={1: 1, 2: 2, 3: 3, 4: 4},  # the moments in place
+        # The step over the gradient, the moments in place: a step whose gradient is its own temporary (a training
+        # step's) needs no new buffer; XLA copies a gradient that outlives the step (an argument it keeps) first.
+        input_output_aliases={0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
         vmap_method="sequential",
     )
     step, m_codes, m_scale, v_codes, v_scale = call(
