@@ -643,6 +643,10 @@ def step_leaf(fn: Callable[..., Sequence[Any]], args: Sequence[Any]) -> list[Any
     dequantized in float64), has no explicit sharding (a sharded leaf keeps its own blocks, see the
     module's docstring), and when the leaf is larger than a chunk; elsewhere, and run op by op
     outside ``jit``, the step is ``fn(*args)``.
+
+    A ``fn`` may carry a hand-written kernel of its step as its attribute ``native``, a function of the
+    same arguments that returns the same outputs, or None for a leaf it does not handle
+    (:func:`adaopt.enable_cpu_kernels`): where it returns them, they are the leaf's step.
     """
     return _step_leaf(fn, args, None)[0]
 
