@@ -17,9 +17,10 @@ leaf when all of these hold, and XLA's step otherwise:
 - the gradient is float32, and both moments are stored by one ``Blockwise("dynamic8")`` storage
   (``mu_dtype="int8"``, ``nu_dtype="int8"``), quantized (the leaf has at least ``min_size`` elements);
 - the second moment is Adam's (not AdaBelief's or Yogi's), with no AMSGrad maximum;
-- no array of the leaf has an explicit sharding (a leaf sharded on a mesh keeps XLA's step). The kernel has
-  no partitioning rule: under a mesh whose axes are not explicit (sharding left to XLA), XLA gathers a
-  sharded leaf to run it whole, correct but slower; keep the kernels off for such a step.
+- no array of the leaf has an explicit sharding (a leaf sharded on a mesh with explicit axes keeps XLA's
+  step). The kernel has no partitioning rule: under automatic sharding (shardings left to XLA, not in the
+  types) XLA runs it on the whole leaf, and the moments and the step come out replicated on every
+  device, the same numbers in more memory. Keep the kernels off in programs sharded that way.
 
 The numbers are XLA's step's: the same float32 operations, with the fused multiply-adds XLA:CPU's
 chunked step makes (one form for the moments it quantizes, the other for the moments the step reads)
