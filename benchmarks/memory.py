@@ -138,9 +138,13 @@ def training_step_peak(tx: optax.GradientTransformation, workload: workloads.Wor
 
 @contextlib.contextmanager
 def switched(label: str) -> Iterator[bool]:
-    """The CPU kernels on while the row :data:`KERNEL` is traced; yields False for it if they cannot be built."""
+    """The CPU kernels on while the row :data:`KERNEL` is traced; yields False for it if they cannot be built, or
+    off a CPU (where the kernel does not apply)."""
     if label != KERNEL:
         yield True
+        return
+    if jax.default_backend() != "cpu":
+        yield False
         return
     on = adaopt.enable_cpu_kernels()
     try:
