@@ -70,7 +70,9 @@ def _adamw(storage: Any) -> optax.GradientTransformation:
 
 
 KERNEL = "adaopt adamw (int8, CPU kernel)"
-"""The row of AdamW with int8 moments whose steps are traced with ``adaopt.enable_cpu_kernels()``."""
+LION_KERNEL = "adaopt lion (int8, CPU kernel)"
+KERNEL_ROWS = (KERNEL, LION_KERNEL)
+"""The rows whose steps are traced with ``adaopt.enable_cpu_kernels()``: AdamW's and Lion's with int8 moments."""
 
 
 def contenders() -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -80,6 +82,9 @@ def contenders() -> dict[str, Callable[[], optax.GradientTransformation]]:
         rows[f"adaopt adamw ({name})"] = lambda s=storage: _adamw(s)
         if name == "int8":
             rows[KERNEL] = lambda: _adamw("int8")
+    rows["adaopt lion (float32)"] = lambda: adaopt.lion(1e-4)
+    rows["adaopt lion (int8)"] = lambda: adaopt.lion(1e-4, mu_dtype="int8")
+    rows[LION_KERNEL] = lambda: adaopt.lion(1e-4, mu_dtype="int8")
     rows["adaopt adafactor"] = lambda: adaopt.adafactor()
     rows["adaopt came"] = lambda: adaopt.came(2e-4)
     rows["adaopt adam_mini"] = lambda: adaopt.adam_mini(1e-3)
@@ -138,9 +143,9 @@ def training_step_peak(tx: optax.GradientTransformation, workload: workloads.Wor
 
 @contextlib.contextmanager
 def switched(label: str) -> Iterator[bool]:
-    """The CPU kernels on while the row :data:`KERNEL` is traced; yields False for it if they cannot be built, or
-    off a CPU (where the kernel does not apply)."""
-    if label != KERNEL:
+    """The CPU kernels on while a row of :data:`KERNEL_ROWS` is traced; yields False for it if they cannot be built,
+    or off a CPU (where the kernels do not apply)."""
+    if label not in KERNEL_ROWS:
         yield True
         return
     if jax.default_backend() != "cpu":
@@ -182,15 +187,16 @@ def timing_rows(shapes: Any, reps: int) -> list[list[str]]:
     state_per_param: dict[str, float] = {}
     for label, make in contenders().items():
         with switched(label) as usable:
-            if "adamw" not in label or not usable:
+            if not ("adamw" in label or "lion" in label) or not usable:
                 continue
             timing = speed.time_jax(make(), host_params, grads, reps)
         medians[label] = statistics.median(timing.times)
         state_per_param[label] = timing.state_bytes / n
         speed._free()
-    base = medians["adaopt adamw (float32)"]
     rows = []
     for label, median in medians.items():
+        # Over the same optimizer's float32 step (adaopt's AdamW for optax's).
+        base = medians.get(label.split(" (")[0] + " (float32)", medians["adaopt adamw (float32)"])
         moved = 12 + 2 * state_per_param[label]
         rows.append(
             [label, f"{median * 1e3:.1f}", f"{median / base:.2f}", f"{state_per_param[label]:.3f}", f"{moved:.1f}",
@@ -248,9 +254,10 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
         timed = [row[0] for row in runs[0][1]["timing"]]
         lines += [
             "",
-            f"### AdamW's step with each storage on the GPT-2 tree (median of {args.reps})",
+            f"### The step of AdamW (and Lion) with each storage on the GPT-2 tree (median of {args.reps})",
             "",
-            "`/ adaopt float32`: over adaopt's float32 AdamW measured the same way (in the same process).",
+            "`/ adaopt float32`: over the same optimizer's float32 step (adaopt's AdamW for optax's) measured the same "
+            "way, in the same process.",
             "",
             markdown_table(
                 *report.side_by_side(
@@ -261,10 +268,10 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
                 )
             ),
             "",
-            f"`{KERNEL}`: traced with `adaopt.enable_cpu_kernels()`, its 8-bit leaves' steps by adaopt's XLA:CPU "
-            "kernel. It writes the step over the gradient for the update pass to read (XLA's own step fuses the two), "
-            "so XLA first copies a gradient that the step must keep, as these fixed gradients; a training step's own "
-            "gradients are overwritten in place (the charlm peaks above).",
+            f"`{KERNEL}`, `{LION_KERNEL}`: traced with `adaopt.enable_cpu_kernels()`, their 8-bit leaves' steps by "
+            "adaopt's XLA:CPU kernels. Each writes the step over the gradient for the update pass to read (XLA's "
+            "own step fuses the two), so XLA first copies a gradient that the step must keep, as these fixed "
+            "gradients; a training step's own gradients are overwritten in place (the charlm peaks above).",
         ]
     lines.append(END)
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""adaopt.enable_cpu_kernels: Adam's step with 8-bit moments by a hand-written XLA:CPU kernel equals XLA's step.
+"""adaopt.enable_cpu_kernels: Adam's and Lion's steps with 8-bit moments by hand-written XLA:CPU kernels equal XLA's.
 
 Each step is compared from the same state (XLA's trajectory, the kernel's step taken from each of its states), so
 that a difference shows where it arises instead of compounding. The kernel computes in float32 operation for
@@ -6,7 +6,7 @@ operation as XLA's traced step, with XLA's fused multiply-adds and its division 
 by its reciprocal (read off XLA:CPU's chunked step at its default options): differences remain where another
 compilation contracts otherwise (this suite compiles at a lower optimisation level), a last bit of a moment, and
 through it, rarely, a code one entry of the map away. The reference package's own runs are in
-tests/test_storage_bnb.py (bitsandbytes' Adam8bit and AdamW8bit with the kernel on).
+tests/test_storage_bnb.py (bitsandbytes' Adam8bit, AdamW8bit and Lion8bit with the kernels on).
 """
 
 from __future__ import annotations
@@ -41,20 +41,20 @@ def _problem(shapes: dict, seed: int, steps: int) -> tuple[dict, list[dict]]:
     return params, grads
 
 
-def _uses_kernel(tx: optax.GradientTransformation, params: dict, grads: dict) -> int:
-    """How many leaves of a step take the kernel: its custom calls in the lowered program."""
+def _uses_kernel(tx: optax.GradientTransformation, params: dict, grads: dict, target: str = kernels.TARGET) -> int:
+    """How many leaves of a step take the kernel ``target``: its custom calls in the lowered program."""
     text = jax.jit(tx.update).lower(grads, tx.init(params), params).as_text()
-    return text.count(kernels.TARGET)
+    return text.count(target)
 
 
-def _compiled(make, params: dict, grads: dict, *, kernel: bool):
+def _compiled(make, params: dict, grads: dict, *, kernel: bool, target: str = kernels.TARGET):
     """A new optimizer's ``update`` compiled with the kernels on or off, then left on. The switch is read when a
     step is traced, and JAX reuses a function's trace: each side needs a function of its own."""
     (adaopt.enable_cpu_kernels if kernel else adaopt.disable_cpu_kernels)()
     tx = make()
     compiled = jax.jit(tx.update).lower(grads, tx.init(params), params).compile()
     adaopt.enable_cpu_kernels()
-    assert (kernels.TARGET in compiled.as_text()) == kernel
+    assert (target in compiled.as_text()) == kernel
     return compiled
 
 
@@ -62,10 +62,10 @@ def _stored(state: object) -> list:
     return jax.tree.leaves(state, is_leaf=adaopt.is_stored)
 
 
-def _compare_from_xla_states(make, params: dict, grads: list[dict]) -> dict[str, float]:
+def _compare_from_xla_states(make, params: dict, grads: list[dict], target: str = kernels.TARGET) -> dict[str, float]:
     """Each step of XLA's trajectory and the kernel's step from the same state; returns the worst differences."""
     tx = make()
-    xla, native = (_compiled(make, params, grads[0], kernel=on) for on in (False, True))
+    xla, native = (_compiled(make, params, grads[0], kernel=on, target=target) for on in (False, True))
     state, worst = tx.init(params), {"update": 0.0, "codes": 0.0, "codes by more than one": 0.0, "scale": 0.0}
     for g in grads:
         u_xla, s_xla = xla(g, state, params)
@@ -121,6 +121,23 @@ def test_each_step_equals_xlas_from_the_same_state(name: str, make) -> None:
     params, grads = _problem(SHAPES | SMALL, seed=len(name), steps=6)
     assert _uses_kernel(make(), params, grads[0]) == len(SHAPES)  # every quantized leaf, not the tiny one
     _assert_close(_compare_from_xla_states(make, params, grads))
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("lion", lambda: adaopt.lion(1e-4, 0.9, 0.99, weight_decay=0.1, mu_dtype=INT8)),
+        ("lion, other betas", lambda: adaopt.scale_by_lion(0.95, 0.98, mu_dtype=INT8)),
+        ("lion, blocks of 128", lambda: adaopt.scale_by_lion(mu_dtype=adaopt.Blockwise(block_size=128))),
+    ],
+)
+def test_each_lion_step_equals_xlas_from_the_same_state(name: str, make) -> None:
+    params, grads = _problem(SHAPES | SMALL, seed=len(name), steps=6)
+    assert _uses_kernel(make(), params, grads[0], kernels.LION_TARGET) == len(SHAPES)
+    worst = _compare_from_xla_states(make, params, grads, kernels.LION_TARGET)
+    # The step is a sign: a last-bit difference of an interpolation at zero could flip one, which none did here.
+    assert worst["update"] == 0 and worst["scale"] < 1e-6, worst
+    assert worst["codes"] < 1e-3 and worst["codes by more than one"] == 0, worst
 
 
 def test_zero_and_non_finite_gradients_come_out_as_xlas() -> None:
@@ -181,12 +198,14 @@ def test_a_sweep_runs_the_kernel_lane_by_lane() -> None:
         lambda: adaopt.adabelief(1e-3, mu_dtype=INT8, nu_dtype=INT8),
         lambda: adaopt.adam(1e-3, mu_dtype="int4", nu_dtype="int4"),
         lambda: adaopt.adam(1e-3, mu_dtype=INT8, nu_dtype=jnp.float32),
-        lambda: adaopt.lion(1e-3, mu_dtype=INT8),
+        lambda: adaopt.lion(1e-3, mu_dtype="int4"),
+        lambda: adaopt.adam(1e-3, mu_dtype=INT8, nu_dtype=adaopt.Blockwise(block_size=128)),  # two storages
     ],
 )
 def test_other_steps_keep_xlas(make) -> None:
     params, grads = _problem(SHAPES, seed=5, steps=1)
-    assert _uses_kernel(make(), params, grads[0]) == 0
+    tx = make()
+    assert _uses_kernel(tx, params, grads[0]) == 0 and _uses_kernel(tx, params, grads[0], kernels.LION_TARGET) == 0
 
 
 def test_half_precision_gradients_and_explicit_shardings_keep_xlas() -> None:

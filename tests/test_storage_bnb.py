@@ -288,14 +288,15 @@ def test_trajectory_follows_bitsandbytes(name: str, nearest_quantizer: None) -> 
             assert np.mean(steps > 0) < 0.05 and np.mean(steps > 1) < 0.01, (np.mean(steps > 0), np.mean(steps > 1))
 
 
-@pytest.mark.parametrize("name", ["Adam8bit", "AdamW8bit"])
+@pytest.mark.parametrize("name", ["Adam8bit", "AdamW8bit", "Lion8bit"])
 @pytest.mark.usefixtures("cpu_kernels")
 def test_trajectory_follows_bitsandbytes_with_the_cpu_kernel(name: str, nearest_quantizer: None) -> None:
     """The same comparison with adaopt's CPU kernel taking the quantized leaves' steps (adaopt.enable_cpu_kernels)."""
     params, grads = _draw(len(name), np.float32, SHAPES)
     ours = CASES[name][1](_hyperparameters(name))
     text = jax.jit(ours.update).lower(jax.tree.map(lambda g: g[0], grads), ours.init(params), params).as_text()
-    assert text.count("adaopt_blockwise_adam_cpu") == 2  # the two quantized leaves, "a" and "e"
+    target = "adaopt_blockwise_lion_cpu" if name == "Lion8bit" else "adaopt_blockwise_adam_cpu"
+    assert text.count(target) == 2  # the two quantized leaves, "a" and "e"
     test_trajectory_follows_bitsandbytes(name, nearest_quantizer)
 
 

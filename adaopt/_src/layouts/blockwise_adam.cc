@@ -1,4 +1,4 @@
-// Adam's step with 8-bit blockwise moments (bitsandbytes' dynamic maps), for XLA:CPU as an FFI custom call.
+// Adam's and Lion's steps with 8-bit blockwise moments (bitsandbytes' dynamic maps), for XLA:CPU as FFI custom calls.
 //
 // XLA:CPU runs the code lookups of a quantized moment as scalar loops (benchmarks/RESULTS.md, "Where the
 // light states' steps spend their time"); this kernel does the whole step of a leaf in one pass over its
@@ -29,7 +29,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// The scalars of the step, in this order in the `scalars` argument.
+// The scalars of the step, in this order in the `scalars` argument (Lion reads the betas and the floor).
 struct Scalars {
   float b1, one_minus_b1, b2, one_minus_b2, debias1, debias2, eps, eps_root, scale_floor;
 };
@@ -52,6 +52,7 @@ struct Job {
   Scalars s;
   int64_t n, block;
   bool safe_divide, eps_root, scale_floor;
+  bool lion;  // Lion's step: one moment (m), no second
 };
 
 // storage.nearest_index for float32: one lookup by the top 16 bits, one comparison of the low 16 bits.
@@ -169,6 +170,57 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
 }
 #endif
 
+// Lion: the step is sign(b1 m + (1 - b1) g) (zero and NaN kept, as jnp.sign), the moment b2 m + (1 - b2) g; the
+// same two forms of fused multiply-add as Adam's step (the moment to quantize, the value the step reads).
+inline float Sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
+
+void LionScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m_new) {
+  const float m_scale = j.m_scale[b];
+  float m_largest = 0.0f;
+  for (int64_t k = 0; k < length; ++k) {
+    const int64_t i = start + k;
+    const float g = j.g[i];
+    const float m_old = j.map1[j.m_codes[i]] * m_scale;
+    const float m = std::fma(m_old, j.s.b2, g * j.s.one_minus_b2);
+    m_new[k] = m;
+    m_largest = std::max(m_largest, std::fabs(m));
+    j.step[i] = Sign(std::fma(g, j.s.one_minus_b1, m_old * j.s.b1));
+  }
+  const float ms = Scale(m_largest, j);
+  j.m_scale_out[b] = ms;
+  const float m_inverse = 1.0f / (ms > 0.0f ? ms : 1.0f);
+  for (int64_t k = 0; k < length; ++k) j.m_codes_out[start + k] = Nearest(Clip(m_new[k] * m_inverse), j.search1);
+}
+
+#ifdef ADAOPT_AVX512
+void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
+  const __m512 b1 = _mm512_set1_ps(j.s.b1), c1 = _mm512_set1_ps(j.s.one_minus_b1);
+  const __m512 b2 = _mm512_set1_ps(j.s.b2), c2 = _mm512_set1_ps(j.s.one_minus_b2);
+  const __m512 one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f), zero = _mm512_setzero_ps();
+  const __m512 m_scale = _mm512_set1_ps(j.m_scale[b]);
+  __m512 m_largest = zero;
+  for (int64_t k = 0; k < j.block; k += 16) {
+    const int64_t i = start + k;
+    const __m512 g = _mm512_loadu_ps(j.g + i);
+    const __m512 m_old = _mm512_mul_ps(Decode(j.m_codes + i, j.map1), m_scale);
+    const __m512 m = _mm512_fmadd_ps(m_old, b2, _mm512_mul_ps(g, c2));
+    _mm512_store_ps(m_new + k, m);
+    m_largest = _mm512_max_ps(_mm512_abs_ps(m), m_largest);
+    const __m512 x = _mm512_fmadd_ps(g, c1, _mm512_mul_ps(m_old, b1));
+    __m512 sign = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), one);
+    sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), minus_one);
+    _mm512_storeu_ps(j.step + i, sign);
+  }
+  const float ms = Scale(_mm512_reduce_max_ps(m_largest), j);
+  j.m_scale_out[b] = ms;
+  const __m512 m_inverse = _mm512_set1_ps(1.0f / (ms > 0.0f ? ms : 1.0f));
+  for (int64_t k = 0; k < j.block; k += 16) {
+    const __m128i mc = Encode(ClipVector(_mm512_mul_ps(_mm512_load_ps(m_new + k), m_inverse)), j.search1);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(j.m_codes_out + start + k), mc);
+  }
+}
+#endif
+
 // Blocks [first, last) of the leaf.
 void Blocks(const Job& j, int64_t first, int64_t last) {
   // The new moments of one block, kept between computing its scale and quantizing it.
@@ -181,11 +233,11 @@ void Blocks(const Job& j, int64_t first, int64_t last) {
     const int64_t start = b * j.block, length = std::min(j.block, j.n - start);
 #ifdef ADAOPT_AVX512
     if (length == j.block && j.block % 16 == 0) {
-      BlockVector(j, b, start, m_new, v_new);
+      j.lion ? LionVector(j, b, start, m_new) : BlockVector(j, b, start, m_new, v_new);
       continue;
     }
 #endif
-    BlockScalar(j, b, start, length, m_new, v_new);
+    j.lion ? LionScalar(j, b, start, length, m_new) : BlockScalar(j, b, start, length, m_new, v_new);
   }
 }
 
@@ -205,6 +257,19 @@ struct Work {
   }
 };
 
+// Every block of the leaf, on the calling thread and the pool's.
+void Launch(ffi::ThreadPool& pool, const Job& job) {
+  auto work = std::make_shared<Work>();
+  work->job = job;
+  work->blocks = (job.n + job.block - 1) / job.block;
+  work->per_chunk = std::max<int64_t>(1, 16384 / job.block);  // 64 KiB of float32 per chunk
+  work->chunks = (work->blocks + work->per_chunk - 1) / work->per_chunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+}
+
 ffi::Error BlockwiseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> m_codes,
                          ffi::Buffer<ffi::F32> m_scale, ffi::Buffer<ffi::U8> v_codes, ffi::Buffer<ffi::F32> v_scale,
                          ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> map1, ffi::Buffer<ffi::F32> map2,
@@ -221,21 +286,34 @@ ffi::Error BlockwiseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buf
       search1.element_count() != 65536 || search2.element_count() != 65536) {
     return ffi::Error::InvalidArgument("blockwise Adam: arguments of unexpected sizes");
   }
-  auto work = std::make_shared<Work>();
-  Job& j = work->job;
-  j = Job{g.typed_data(),          m_codes.typed_data(),     m_scale.typed_data(),     v_codes.typed_data(),
-          v_scale.typed_data(),    step->typed_data(),       m_codes_out->typed_data(), m_scale_out->typed_data(),
-          v_codes_out->typed_data(), v_scale_out->typed_data(), map1.typed_data(),       map2.typed_data(),
-          search1.typed_data(),    search2.typed_data(),     {},                       n,
-          block_size,              safe_divide != 0,         eps_root != 0,            scale_floor != 0};
+  Job j{g.typed_data(),          m_codes.typed_data(),     m_scale.typed_data(),     v_codes.typed_data(),
+        v_scale.typed_data(),    step->typed_data(),       m_codes_out->typed_data(), m_scale_out->typed_data(),
+        v_codes_out->typed_data(), v_scale_out->typed_data(), map1.typed_data(),       map2.typed_data(),
+        search1.typed_data(),    search2.typed_data(),     {},                       n,
+        block_size,              safe_divide != 0,         eps_root != 0,            scale_floor != 0,
+        false};
   std::memcpy(&j.s, scalars.typed_data(), sizeof(Scalars));
-  work->blocks = blocks;
-  work->per_chunk = std::max<int64_t>(1, 16384 / block_size);  // 64 KiB of float32 per chunk
-  work->chunks = (blocks + work->per_chunk - 1) / work->per_chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  Launch(pool, j);
+  return ffi::Error::Success();
+}
+
+ffi::Error BlockwiseLion(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> m_codes,
+                         ffi::Buffer<ffi::F32> m_scale, ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> map1,
+                         ffi::Buffer<ffi::U32> search1, int64_t block_size, int32_t scale_floor,
+                         ffi::ResultBuffer<ffi::F32> step, ffi::ResultBuffer<ffi::U8> m_codes_out,
+                         ffi::ResultBuffer<ffi::F32> m_scale_out) {
+  const int64_t n = static_cast<int64_t>(g.element_count());
+  if (block_size <= 0) return ffi::Error::InvalidArgument("block_size must be positive");
+  const int64_t blocks = (n + block_size - 1) / block_size;
+  if (m_codes.element_count() != static_cast<size_t>(n) || m_scale.element_count() != static_cast<size_t>(blocks) ||
+      scalars.element_count() != 9 || map1.element_count() != 256 || search1.element_count() != 65536) {
+    return ffi::Error::InvalidArgument("blockwise Lion: arguments of unexpected sizes");
+  }
+  Job j{g.typed_data(), m_codes.typed_data(), m_scale.typed_data(), nullptr, nullptr, step->typed_data(),
+        m_codes_out->typed_data(), m_scale_out->typed_data(), nullptr, nullptr, map1.typed_data(), nullptr,
+        search1.typed_data(), nullptr, {}, n, block_size, false, false, scale_floor != 0, true};
+  std::memcpy(&j.s, scalars.typed_data(), sizeof(Scalars));
+  Launch(pool, j);
   return ffi::Error::Success();
 }
 
@@ -261,5 +339,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseAdam, BlockwiseAdam,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // the step
                                   .Ret<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseLion, BlockwiseLion,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // the moment's codes
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // and scales
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the 9 scalars of Scalars (the betas, the floor)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the signed map
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // its search table
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int32_t>("scale_floor")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // the step
                                   .Ret<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,4 +1,4 @@
-"""Hand-written XLA:CPU kernels for the steps that XLA compiles poorly on a CPU: Adam with 8-bit moments.
+"""Hand-written XLA:CPU kernels for the steps that XLA compiles poorly on a CPU: Adam and Lion with 8-bit moments.
 
 XLA:CPU runs a table lookup as a scalar loop, about 1 ns per element, and an 8-bit moment needs two
 per step (dequantize, quantize): AdamW with 8-bit moments takes about 5 times float32's step on
@@ -10,13 +10,15 @@ own intra-op threads, as an XLA FFI custom call.
 :func:`enable_cpu_kernels` builds it with the host's C++ compiler (``$CXX``, else ``c++``) and
 JAX's FFI headers, once per machine (the library is cached, keyed by its source, the compiler, the
 flags and jaxlib's version: ``$ADAOPT_CACHE_DIR``, else ``~/.cache/adaopt``) and registers it. From
-then on, in this process, :func:`adaopt.scale_by_adam` (so ``adam`` and ``adamw``) takes it for a
-leaf when all of these hold, and XLA's step otherwise:
+then on, in this process, :func:`adaopt.scale_by_adam` (so ``adam`` and ``adamw``) and
+:func:`adaopt.scale_by_lion` (``lion``) take it for a leaf when all of these hold, and XLA's step
+otherwise:
 
 - JAX's default backend is the CPU;
-- the gradient is float32, and both moments are stored by one ``Blockwise("dynamic8")`` storage
-  (``mu_dtype="int8"``, ``nu_dtype="int8"``), quantized (the leaf has at least ``min_size`` elements);
-- the second moment is Adam's (not AdaBelief's or Yogi's), with no AMSGrad maximum;
+- the gradient is float32, and the moments are stored by one ``Blockwise("dynamic8")`` storage
+  (``mu_dtype="int8"``, and for Adam ``nu_dtype="int8"``), quantized (the leaf has at least
+  ``min_size`` elements);
+- Adam's second moment is Adam's (not AdaBelief's or Yogi's), with no AMSGrad maximum;
 - no array of the leaf has an explicit sharding (a leaf sharded on a mesh with explicit axes keeps XLA's
   step). The kernel has no partitioning rule: under automatic sharding (shardings left to XLA, not in the
   types) XLA runs it on the whole leaf, and the moments and the step come out replicated on every
@@ -56,6 +58,7 @@ from adaopt._src import storage
 from adaopt._src.placement import explicit_spec
 
 TARGET = "adaopt_blockwise_adam_cpu"
+LION_TARGET = "adaopt_blockwise_lion_cpu"
 SOURCE = Path(__file__).with_name("blockwise_adam.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
 
@@ -102,14 +105,17 @@ def _library() -> ctypes.CDLL:
 
 @functools.cache
 def _register() -> None:
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(_library().AdaoptBlockwiseAdam), platform="cpu")
+    library = _library()
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AdaoptBlockwiseAdam), platform="cpu")
+    jax.ffi.register_ffi_target(LION_TARGET, jax.ffi.pycapsule(library.AdaoptBlockwiseLion), platform="cpu")
 
 
 def enable_cpu_kernels() -> bool:
     """Build (once per machine) and register adaopt's XLA:CPU kernels, and use them from now on in this process.
 
-    The one kernel so far is Adam's step with 8-bit blockwise moments (``adaopt.adamw(..., mu_dtype="int8",
-    nu_dtype="int8")``): the conditions under which a leaf takes it are in
+    The kernels so far are Adam's and Lion's steps with 8-bit blockwise moments (``adaopt.adamw(...,
+    mu_dtype="int8", nu_dtype="int8")``, ``adaopt.lion(..., mu_dtype="int8")``): the conditions under which
+    a leaf takes one are in
     :mod:`adaopt._src.layouts.cpu_kernels`. Unlike the XLA options, it can be called at any time: steps
     traced afterwards use the kernel (a step compiled before keeps XLA's).
 
@@ -142,17 +148,29 @@ def cpu_kernels_enabled() -> bool:
     return _enabled
 
 
+def _quantized_leaf(g: Any, *stored: Any, signed: tuple[bool, ...]) -> bool:
+    """Whether ``g`` is float32 and ``stored`` are its moments in one 8-bit storage (signed or not, in turn), on the
+    CPU with the kernels on, with no explicit sharding."""
+    if not _enabled or jax.default_backend() != "cpu" or jnp.result_type(g) != jnp.float32:
+        return False
+    if not all(isinstance(m, storage.Quantized) for m in stored):
+        return False
+    first = stored[0].storage
+    if first.format != "dynamic8" or any(m.storage != first for m in stored):
+        return False
+    if tuple(m.signed for m in stored) != signed or any(m.shape != tuple(np.shape(g)) for m in stored):
+        return False
+    return all(explicit_spec(x) is None for x in (g, *(a for m in stored for a in (m.codes, m.scale))))
+
+
 def adam_kernel_applies(g: Any, m: Any, v: Any, *, second_moment: str, amsgrad: Any) -> bool:
     """Whether the leaf ``(g, m, v)`` of :func:`adaopt.scale_by_adam` takes the 8-bit kernel (see the module)."""
-    if not _enabled or second_moment != "adam" or amsgrad is not None or jax.default_backend() != "cpu":
-        return False
-    if not (isinstance(m, storage.Quantized) and isinstance(v, storage.Quantized)):
-        return False
-    if m.storage != v.storage or m.storage.format != "dynamic8" or not m.signed or v.signed:
-        return False
-    if jnp.result_type(g) != jnp.float32 or tuple(np.shape(g)) != m.shape or m.shape != v.shape:
-        return False
-    return all(explicit_spec(x) is None for x in (g, m.codes, m.scale, v.codes, v.scale))
+    return second_moment == "adam" and amsgrad is None and _quantized_leaf(g, m, v, signed=(True, False))
+
+
+def lion_kernel_applies(g: Any, m: Any) -> bool:
+    """Whether the leaf ``(g, m)`` of :func:`adaopt.scale_by_lion` takes the 8-bit kernel (see the module)."""
+    return _quantized_leaf(g, m, signed=(True,))
 
 
 @functools.cache
@@ -167,6 +185,31 @@ def _f32(x: Any) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
 
+def _scalars(b1: Any, b2: Any, debias1: Any, debias2: Any, eps: Any, eps_root: Any, floor: float) -> jax.Array:
+    """The kernels' scalars (``Scalars`` in ``blockwise_adam.cc``): a Python number where the step keeps one
+    (``1 - b1`` is then computed in float64 and rounded once, as XLA folds it), else a float32 scalar."""
+    one_minus = lambda b: 1 - b if isinstance(b, (int, float)) else 1 - _f32(b)
+    return jnp.stack([_f32(x) for x in (b1, one_minus(b1), b2, one_minus(b2), debias1, debias2, eps, eps_root, floor)])
+
+
+def _call(target: str, g: jax.Array, stored: list[storage.Quantized], *args: Any, **attributes: Any) -> list[Any]:
+    """The kernel ``target`` on ``g`` and the moments ``stored``: the step (over ``g``'s buffer) and the new moments
+    (over theirs). The step over the gradient: a step whose gradient is its own temporary (a training step's) needs
+    no new buffer; XLA copies a gradient that outlives the step (an argument it keeps) first."""
+    arrays = [a for m in stored for a in (m.codes, m.scale)]
+    call = jax.ffi.ffi_call(
+        target,
+        [jax.ShapeDtypeStruct(g.shape, jnp.float32), *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)],
+        input_output_aliases={i: i for i in range(1 + len(arrays))},
+        vmap_method="sequential",
+    )
+    step, *new = call(g, *arrays, *args, block_size=np.int64(stored[0].storage.block_size), **attributes)
+    return [step] + [
+        storage.Quantized(codes, scale, m.storage, m.signed, m.shape)
+        for m, codes, scale in zip(stored, new[::2], new[1::2], strict=True)
+    ]
+
+
 def adam_step(
     g: jax.Array,
     m: storage.Quantized,
@@ -179,50 +222,33 @@ def adam_step(
     eps: Any,
     eps_root: Any,
 ) -> tuple[jax.Array, storage.Quantized, storage.Quantized]:
-    """Adam's step of one leaf with 8-bit moments, by the kernel: ``(step, new m, new v)``, as XLA's step computes them.
-
-    The scalars are those of :func:`adaopt.scale_by_adam`'s step: a Python number where it keeps one
-    (``1 - b1`` is then computed in float64 and rounded once, as XLA folds it), else a float32 scalar.
-    """
-    one_minus = lambda b: 1 - b if isinstance(b, (int, float)) else 1 - _f32(b)
-    scalars = jnp.stack(
-        [
-            _f32(x)
-            for x in (b1, one_minus(b1), b2, one_minus(b2), debias1, debias2, eps, eps_root, m.storage.scale_floor)
-        ]
-    )
+    """Adam's step of one leaf with 8-bit moments, by the kernel: ``(step, new m, new v)``, as XLA's step computes
+    them from :func:`adaopt.scale_by_adam`'s scalars."""
     floor = m.storage.scale_floor
-    safe = not (isinstance(eps, (int, float)) and eps > 0)  # moments.inv_root's choice
-    with_root = not (isinstance(eps_root, (int, float)) and eps_root == 0)
-    call = jax.ffi.ffi_call(
+    step, m_new, v_new = _call(
         TARGET,
-        (
-            jax.ShapeDtypeStruct(g.shape, jnp.float32),
-            jax.ShapeDtypeStruct(m.codes.shape, m.codes.dtype),
-            jax.ShapeDtypeStruct(m.scale.shape, m.scale.dtype),
-            jax.ShapeDtypeStruct(v.codes.shape, v.codes.dtype),
-            jax.ShapeDtypeStruct(v.scale.shape, v.scale.dtype),
-        ),
-        # The step over the gradient, the moments in place: a step whose gradient is its own temporary (a training
-        # step's) needs no new buffer; XLA copies a gradient that outlives the step (an argument it keeps) first.
-        input_output_aliases={0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
-        vmap_method="sequential",
-    )
-    step, m_codes, m_scale, v_codes, v_scale = call(
         g,
-        m.codes,
-        m.scale,
-        v.codes,
-        v.scale,
-        scalars,
+        [m, v],
+        _scalars(b1, b2, debias1, debias2, eps, eps_root, floor),
         *(jnp.asarray(t) for t in _tables()),
-        block_size=np.int64(m.storage.block_size),
-        safe_divide=np.int32(safe),
-        eps_root=np.int32(with_root),
+        safe_divide=np.int32(not (isinstance(eps, (int, float)) and eps > 0)),  # moments.inv_root's choice
+        eps_root=np.int32(not (isinstance(eps_root, (int, float)) and eps_root == 0)),
         scale_floor=np.int32(bool(floor)),
     )
-    return (
-        step,
-        storage.Quantized(m_codes, m_scale, m.storage, m.signed, m.shape),
-        storage.Quantized(v_codes, v_scale, v.storage, v.signed, v.shape),
+    return step, m_new, v_new
+
+
+def lion_step(g: jax.Array, m: storage.Quantized, *, b1: Any, b2: Any) -> tuple[jax.Array, storage.Quantized]:
+    """Lion's step of one leaf with an 8-bit moment, by the kernel: ``(step, new m)``, as XLA's step computes them."""
+    signed_map, _, signed_search, _ = _tables()
+    floor = m.storage.scale_floor
+    step, m_new = _call(
+        LION_TARGET,
+        g,
+        [m],
+        _scalars(b1, b2, 1, 1, 0, 0, floor),
+        jnp.asarray(signed_map),
+        jnp.asarray(signed_search),
+        scale_floor=np.int32(bool(floor)),
     )
+    return step, m_new

@@ -10,6 +10,7 @@ import optax
 
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.layouts import cpu_kernels
 
 
 class LionState(NamedTuple):
@@ -72,6 +73,14 @@ def scale_by_lion(b1: Any = 0.9, b2: Any = 0.99, *, mu_dtype: Any = None) -> opt
             m_new = moments.ema(g32, m32, beta2)
             return step.astype(g.dtype), moments.store(m_new, m)
 
+        def native(g: jax.Array, m: Any) -> tuple[Any, ...] | None:
+            """The leaf's step by adaopt's CPU kernel where it applies (an 8-bit moment), else None."""
+            if not cpu_kernels.lion_kernel_applies(g, m):
+                return None
+            beta1, beta2 = scalars(jnp.float32)
+            return cpu_kernels.lion_step(g, m, b1=beta1, b2=beta2)
+
+        leaf.native = native  # type: ignore[attr-defined]  # read by storage.step_leaf
         step, mu = moments.leafwise(leaf, 2, updates, state.mu)
         return step, LionState(mu)
 
