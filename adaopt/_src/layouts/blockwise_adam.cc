@@ -122,8 +122,8 @@ inline __m128i Encode(__m512 x, const uint32_t* table) {
 }
 
 inline __m512 ClipVector(__m512 x) {
-  // NaN stays NaN, as in the scalar Clip: max/min return their second operand when either is NaN.
-  return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
+  // NaN stays NaN, as in the scalar Clip and jnp.clip: max and min return their second operand when either is NaN.
+  return _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(-1.0f), x));
 }
 
 // A whole block whose size is a multiple of 16.
