@@ -230,7 +230,8 @@ def kernel_times(run: Callable[[], Any], calls: int = 5) -> list[tuple[str, floa
     per call, the slowest first.
 
     Kernels that run side by side on several threads each count in full (their sum can exceed the
-    wall time), and a loop's row (``while``) holds the time of its body's kernels, listed too.
+    wall time), and a loop's row (``while``) spans its body's kernels, listed too. The runtime's own
+    steps that XLA names the same way (``ParseArguments``) come out as rows too.
     """
     with tempfile.TemporaryDirectory() as folder:
         jax.profiler.start_trace(folder, create_perfetto_trace=True)

@@ -78,6 +78,16 @@ inline float Step(float m, float v, const Job& j) {
   return (m * j.s.debias1) * inverse;
 }
 
+// A block's new moment `values` stored: its scale (Scale of its `largest` magnitude), then each value's code, found
+// from the value times the scale's reciprocal, as XLA:CPU computes it.
+void StoreScalar(const Job& j, int64_t b, int64_t start, int64_t length, const float* values, float largest,
+                 const uint32_t* search, uint8_t* codes, float* scales) {
+  const float scale = Scale(largest, j);
+  scales[b] = scale;
+  const float inverse = 1.0f / (scale > 0.0f ? scale : 1.0f);
+  for (int64_t k = 0; k < length; ++k) codes[start + k] = Nearest(Clip(values[k] * inverse), search);
+}
+
 // Elements [start, start + length) of block b, one element at a time (any block size, the last partial block).
 void BlockScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m_new, float* v_new) {
   const float m_scale = j.m_scale[b], v_scale = j.v_scale[b];
@@ -94,14 +104,8 @@ void BlockScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* 
     v_largest = std::max(v_largest, std::fabs(v));
     j.step[i] = Step(std::fma(g, j.s.one_minus_b1, m_old * j.s.b1), std::fma(g * g, j.s.one_minus_b2, v_old * j.s.b2), j);
   }
-  const float ms = Scale(m_largest, j), vs = Scale(v_largest, j);
-  j.m_scale_out[b] = ms;
-  j.v_scale_out[b] = vs;
-  const float m_inverse = 1.0f / (ms > 0.0f ? ms : 1.0f), v_inverse = 1.0f / (vs > 0.0f ? vs : 1.0f);
-  for (int64_t k = 0; k < length; ++k) {
-    j.m_codes_out[start + k] = Nearest(Clip(m_new[k] * m_inverse), j.search1);
-    j.v_codes_out[start + k] = Nearest(Clip(v_new[k] * v_inverse), j.search2);
-  }
+  StoreScalar(j, b, start, length, m_new, m_largest, j.search1, j.m_codes_out, j.m_scale_out);
+  StoreScalar(j, b, start, length, v_new, v_largest, j.search2, j.v_codes_out, j.v_scale_out);
 }
 
 #ifdef ADAOPT_AVX512
@@ -124,6 +128,18 @@ inline __m128i Encode(__m512 x, const uint32_t* table) {
 inline __m512 ClipVector(__m512 x) {
   // NaN stays NaN, as in the scalar Clip and jnp.clip: max and min return their second operand when either is NaN.
   return _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(-1.0f), x));
+}
+
+// StoreScalar for a whole block whose size is a multiple of 16, its largest magnitude still a vector's lanes.
+void StoreVector(const Job& j, int64_t b, int64_t start, const float* values, __m512 largest, const uint32_t* search,
+                 uint8_t* codes, float* scales) {
+  const float scale = Scale(_mm512_reduce_max_ps(largest), j);
+  scales[b] = scale;
+  const __m512 inverse = _mm512_set1_ps(1.0f / (scale > 0.0f ? scale : 1.0f));
+  for (int64_t k = 0; k < j.block; k += 16) {
+    const __m128i code = Encode(ClipVector(_mm512_mul_ps(_mm512_load_ps(values + k), inverse)), search);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + start + k), code);
+  }
 }
 
 // A whole block whose size is a multiple of 16.
@@ -156,17 +172,8 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
     if (j.safe_divide) inverse = _mm512_mask_mov_ps(inverse, _mm512_cmp_ps_mask(denominator, zero, _CMP_EQ_OQ), zero);
     _mm512_storeu_ps(j.step + i, _mm512_mul_ps(_mm512_mul_ps(m_step, d1), inverse));
   }
-  const float ms = Scale(_mm512_reduce_max_ps(m_largest), j), vs = Scale(_mm512_reduce_max_ps(v_largest), j);
-  j.m_scale_out[b] = ms;
-  j.v_scale_out[b] = vs;
-  const __m512 m_inverse = _mm512_set1_ps(1.0f / (ms > 0.0f ? ms : 1.0f));
-  const __m512 v_inverse = _mm512_set1_ps(1.0f / (vs > 0.0f ? vs : 1.0f));
-  for (int64_t k = 0; k < j.block; k += 16) {
-    const __m128i mc = Encode(ClipVector(_mm512_mul_ps(_mm512_load_ps(m_new + k), m_inverse)), j.search1);
-    const __m128i vc = Encode(ClipVector(_mm512_mul_ps(_mm512_load_ps(v_new + k), v_inverse)), j.search2);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(j.m_codes_out + start + k), mc);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(j.v_codes_out + start + k), vc);
-  }
+  StoreVector(j, b, start, m_new, m_largest, j.search1, j.m_codes_out, j.m_scale_out);
+  StoreVector(j, b, start, v_new, v_largest, j.search2, j.v_codes_out, j.v_scale_out);
 }
 #endif
 
@@ -186,10 +193,7 @@ void LionScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m
     m_largest = std::max(m_largest, std::fabs(m));
     j.step[i] = Sign(std::fma(g, j.s.one_minus_b1, m_old * j.s.b1));
   }
-  const float ms = Scale(m_largest, j);
-  j.m_scale_out[b] = ms;
-  const float m_inverse = 1.0f / (ms > 0.0f ? ms : 1.0f);
-  for (int64_t k = 0; k < length; ++k) j.m_codes_out[start + k] = Nearest(Clip(m_new[k] * m_inverse), j.search1);
+  StoreScalar(j, b, start, length, m_new, m_largest, j.search1, j.m_codes_out, j.m_scale_out);
 }
 
 #ifdef ADAOPT_AVX512
@@ -211,13 +215,7 @@ void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
     sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), minus_one);
     _mm512_storeu_ps(j.step + i, sign);
   }
-  const float ms = Scale(_mm512_reduce_max_ps(m_largest), j);
-  j.m_scale_out[b] = ms;
-  const __m512 m_inverse = _mm512_set1_ps(1.0f / (ms > 0.0f ? ms : 1.0f));
-  for (int64_t k = 0; k < j.block; k += 16) {
-    const __m128i mc = Encode(ClipVector(_mm512_mul_ps(_mm512_load_ps(m_new + k), m_inverse)), j.search1);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(j.m_codes_out + start + k), mc);
-  }
+  StoreVector(j, b, start, m_new, m_largest, j.search1, j.m_codes_out, j.m_scale_out);
 }
 #endif
 
@@ -270,6 +268,14 @@ void Launch(ffi::ThreadPool& pool, const Job& job) {
   while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
 }
 
+// Whether a moment's codes, scales, map and search table fit a leaf of n elements in blocks of block_size.
+bool Fits(int64_t n, int64_t block_size, const ffi::Buffer<ffi::U8>& codes, const ffi::Buffer<ffi::F32>& scales,
+          const ffi::Buffer<ffi::F32>& map, const ffi::Buffer<ffi::U32>& search) {
+  const int64_t blocks = (n + block_size - 1) / block_size;
+  return codes.element_count() == static_cast<size_t>(n) && scales.element_count() == static_cast<size_t>(blocks) &&
+         map.element_count() == 256 && search.element_count() == 65536;
+}
+
 ffi::Error BlockwiseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> m_codes,
                          ffi::Buffer<ffi::F32> m_scale, ffi::Buffer<ffi::U8> v_codes, ffi::Buffer<ffi::F32> v_scale,
                          ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> map1, ffi::Buffer<ffi::F32> map2,
@@ -279,11 +285,8 @@ ffi::Error BlockwiseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buf
                          ffi::ResultBuffer<ffi::U8> v_codes_out, ffi::ResultBuffer<ffi::F32> v_scale_out) {
   const int64_t n = static_cast<int64_t>(g.element_count());
   if (block_size <= 0) return ffi::Error::InvalidArgument("block_size must be positive");
-  const int64_t blocks = (n + block_size - 1) / block_size;
-  if (m_codes.element_count() != static_cast<size_t>(n) || v_codes.element_count() != static_cast<size_t>(n) ||
-      m_scale.element_count() != static_cast<size_t>(blocks) || v_scale.element_count() != static_cast<size_t>(blocks) ||
-      scalars.element_count() != 9 || map1.element_count() != 256 || map2.element_count() != 256 ||
-      search1.element_count() != 65536 || search2.element_count() != 65536) {
+  if (!Fits(n, block_size, m_codes, m_scale, map1, search1) || !Fits(n, block_size, v_codes, v_scale, map2, search2) ||
+      scalars.element_count() != 9) {
     return ffi::Error::InvalidArgument("blockwise Adam: arguments of unexpected sizes");
   }
   Job j{g.typed_data(),          m_codes.typed_data(),     m_scale.typed_data(),     v_codes.typed_data(),
@@ -304,9 +307,7 @@ ffi::Error BlockwiseLion(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buf
                          ffi::ResultBuffer<ffi::F32> m_scale_out) {
   const int64_t n = static_cast<int64_t>(g.element_count());
   if (block_size <= 0) return ffi::Error::InvalidArgument("block_size must be positive");
-  const int64_t blocks = (n + block_size - 1) / block_size;
-  if (m_codes.element_count() != static_cast<size_t>(n) || m_scale.element_count() != static_cast<size_t>(blocks) ||
-      scalars.element_count() != 9 || map1.element_count() != 256 || search1.element_count() != 65536) {
+  if (!Fits(n, block_size, m_codes, m_scale, map1, search1) || scalars.element_count() != 9) {
     return ffi::Error::InvalidArgument("blockwise Lion: arguments of unexpected sizes");
   }
   Job j{g.typed_data(), m_codes.typed_data(), m_scale.typed_data(), nullptr, nullptr, step->typed_data(),

@@ -52,6 +52,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from adaopt._src import storage
@@ -88,7 +89,7 @@ def _library() -> ctypes.CDLL:
         raise RuntimeError(f"no C++ compiler: {os.environ.get('CXX', 'c++')!r} is not on PATH (set CXX to one)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), version, " ".join(FLAGS), jax.__version__, platform.machine()]).encode()
+        "\n".join([SOURCE.read_text(), version, " ".join(FLAGS), jaxlib.__version__, platform.machine()]).encode()
     ).hexdigest()[:16]
     path = _cache_dir() / f"blockwise_adam-{key}.so"
     if not path.exists():
