@@ -18,11 +18,14 @@ basis is unique up to sign: the comparison is then exact to rounding.
 from __future__ import annotations
 
 import inspect
+import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import heavyball
+import heavyball.utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +36,7 @@ import torch
 from pytorch_optimizer.optimizer import soap as soap_module
 
 import adaopt
-from adaopt._src.preconditioned.soap import merge_small_dims
+from adaopt._src.preconditioned.soap import _refresh_basis, merge_small_dims, merge_trailing_dims
 from tests import parity
 
 SPEC = adaopt.REGISTRY["soap"]
@@ -168,6 +171,159 @@ def test_the_comparison_is_sharp() -> None:
     assert parity.relative_error(off, theirs) > 1e-8
 
 
+# heavyball's SOAP, a second reference: the options that reproduce it (see adaopt.soap's docstring).
+
+HEAVYBALL = {
+    "eps_mode": "max", "refresh_count": "call", "shift_power_iteration": True, "weight_decay_mode": "decoupled",
+}  # fmt: skip
+# Every factor's null space after the first gradient of dimension 0 or 1 (see the module's docstring), with
+# heavyball's merging: (5, 2, 2, 1) -> (5, 4); (2, 2, 5) stays (its last axis would merge into the first two by
+# pytorch-optimizer's rule); (4, 2, 2) -> (4, 4); (12, 4): the identity on the 12 (> 8).
+HEAVYBALL_SHAPES = {"w": (6, 5), "b": (2,), "c": (5, 2, 2, 1), "t": (2, 2, 5), "u": (4, 2, 2), "e": (12, 4)}
+
+
+@contextmanager
+def _heavyball_eager(dtype: torch.dtype) -> Iterator[None]:
+    """heavyball without ``torch.compile``, and torch's default dtype ``dtype`` meanwhile: heavyball computes its
+    learning rate and the factors' debiasing in it (in float32, float64 parameters would move by about 1e-9)."""
+    previous = (heavyball.utils.compile_mode, torch.get_default_dtype())
+    heavyball.utils.compile_mode = None
+    torch.set_default_dtype(dtype)
+    try:
+        with warnings.catch_warnings():
+            # A learning-rate schedule: heavyball warns that it reads a changed rate (it does, on every call).
+            warnings.filterwarnings("ignore", "Learning rate changed between steps", UserWarning)
+            yield
+    finally:
+        heavyball.utils.compile_mode = previous[0]
+        torch.set_default_dtype(previous[1])
+
+
+def _heavyball(hp: dict, params: dict, grads: dict, lr: Any, mask: dict | None, **options: Any) -> dict:
+    """``heavyball.SOAP``, eager, its state in the parameters' dtype, the decayed leaves in a group of their own."""
+    tensors = {k: torch.tensor(v) for k, v in params.items()}
+    names = sorted(tensors)
+    decayed = [k for k in names if mask is None or mask[k]]
+    groups = [
+        {"params": [tensors[k] for k in decayed], "weight_decay": hp["weight_decay"]},
+        {"params": [tensors[k] for k in names if k not in decayed], "weight_decay": 0.0},
+    ]
+    dtype = next(iter(tensors.values())).dtype
+    with _heavyball_eager(dtype):
+        opt = heavyball.SOAP(
+            [g for g in groups if g["params"]], lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]),
+            shampoo_beta=hp["shampoo_beta"], eps=hp["eps"], precondition_frequency=hp["precondition_frequency"],
+            max_precond_dim=MAX_DIM, storage_dtype=str(dtype).removeprefix("torch."), **options,
+        )  # fmt: skip
+        return parity._torch_trajectory(opt, tensors, hp["learning_rate"] if lr is None else lr, grads)
+
+
+def _heavyball_draw(seed: int, weight_decay: bool, large_eps: bool) -> dict[str, Any]:
+    """A draw of :func:`_draw` with a power-of-two frequency (heavyball counts other frequencies' refreshes in
+    floating point, which moves some by a call) and, with ``large_eps``, an eps that often floors the root."""
+    hp = _draw(seed, weight_decay)
+    rng = np.random.default_rng(seed + 1)
+    hp["precondition_frequency"] = int(rng.choice([1, 2, 4]))
+    if large_eps:
+        hp["eps"] = float(np.exp(rng.uniform(np.log(0.1), np.log(1.0))))
+    return hp
+
+
+def _compare_heavyball(
+    hp: dict, options: dict, ours_options: dict, weight_decay: bool, schedule: bool, dtype: Any, seed: int
+) -> float:
+    params, grads = parity.random_problem(HEAVYBALL_SHAPES, seed, dtype)
+    mask = {k: k != "b" for k in HEAVYBALL_SHAPES} if weight_decay else None
+    peak = hp["learning_rate"]
+    lr = optax.warmup_cosine_decay_schedule(0.0, peak, 20, parity.STEPS, peak / 10) if schedule else None
+    with jax.enable_x64(dtype == np.float64):
+        rate = (lambda c: lr(jnp.asarray(c, dtype))) if lr else None
+        ours = parity.run_adaopt(_adaopt(hp, rate, mask, **ours_options), params, grads)
+        theirs = _heavyball(hp, params, grads, rate, mask, **options)
+    moved = parity.relative_error(theirs, {k: np.broadcast_to(params[k], theirs[k].shape) for k in theirs})
+    assert moved > 1e-3, "the reference barely moved the parameters; the comparison would prove nothing"
+    return parity.relative_error(ours, theirs)
+
+
+# (name, heavyball's options, adaopt's merge_dims, weight decay, schedule, large eps, dtype)
+HEAVYBALL_CASES = [
+    ("defaults", {}, "trailing", True, True, False, np.float64),
+    ("eps-floors", {}, "trailing", True, False, True, np.float64),
+    ("unmerged-precondition_1d", {"merge_dims": False, "precondition_1d": True}, False, False, False, False, np.float64),
+    ("defaults", {}, "trailing", True, False, False, np.float32),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "merge", "weight_decay", "schedule", "large_eps", "dtype"),
+    HEAVYBALL_CASES,
+    ids=[f"{c[0]}-{'wd' if c[3] else 'nowd'}-{'schedule' if c[4] else 'constant'}-{np.dtype(c[6]).name}"
+         for c in HEAVYBALL_CASES],
+)  # fmt: skip
+def test_matches_heavyball_SOAP(
+    name: str, options: dict, merge: Any, weight_decay: bool, schedule: bool, large_eps: bool, dtype: Any
+) -> None:
+    seed = zlib.crc32(f"soap-heavyball/{name}/{np.dtype(dtype).name}".encode())
+    hp = _heavyball_draw(seed, weight_decay, large_eps)
+    ours_options = {**HEAVYBALL, "merge_dims": merge, "precondition_1d": options.get("precondition_1d", False)}
+    error = _compare_heavyball(hp, options, ours_options, weight_decay, schedule, dtype, seed + 2)
+    assert error <= TOLERANCE[dtype], f"relative error {error:.3g} with {hp}"
+
+
+@pytest.mark.parametrize(
+    "flipped",
+    [{"eps_mode": "add"}, {"refresh_count": "update"}, {"weight_decay_mode": "stepped"}, {"merge_dims": True}],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)  # fmt: skip
+def test_each_heavyball_option_is_needed(flipped: dict) -> None:
+    """With any one of the options back at the authors' choice, the float64 trajectories part (the eps draw
+    floors the root often, the frequency is 2). ``shift_power_iteration`` moves these full-rank factors'
+    trajectories by about 1e-10 only: the next test shows what it does."""
+    seed = zlib.crc32(b"soap-heavyball/needed")
+    hp = {**_heavyball_draw(seed, True, True), "precondition_frequency": 2}
+    error = _compare_heavyball(
+        hp, {}, {**HEAVYBALL, "merge_dims": "trailing", **flipped}, True, False, np.float64, seed
+    )
+    assert error > 1e-8, f"relative error {error:.3g}: the option {flipped} made no difference"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_shifted_refresh_is_heavyballs(dtype: Any) -> None:
+    """On a rank-deficient factor (rank 3 of 7), the refreshed basis of ``shift_power_iteration`` equals heavyball's
+    ``get_orthogonal_matrix_QR`` (which leaves the columns in their slots and fixes their signs: compared in our
+    order, up to sign). Without the shift, the columns beyond the rank are QR's completion of rounding noise: they
+    differ from heavyball's entirely. With it, their precision is the dtype's epsilon over the shift (float64:
+    over 1e-8; float32: over 64 * 7 * its epsilon): 1e-8 and 6e-4 here, the other columns to rounding."""
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=(7, 3))
+    statistic, old = (g @ g.T).astype(dtype), np.linalg.qr(rng.normal(size=(7, 7)))[0].astype(dtype)
+    q = [torch.tensor(old)]
+    with _heavyball_eager(q[0].dtype):
+        heavyball.utils.get_orthogonal_matrix_QR([torch.tensor(statistic)], q)
+    theirs = q[0].numpy()
+    with jax.enable_x64(dtype == np.float64):
+        for shift, tolerance in ((True, {np.float64: 1e-7, np.float32: 3e-3}[dtype]), (False, None)):
+            ours, order = (np.asarray(x) for x in _refresh_basis(jnp.asarray(statistic), jnp.asarray(old), shift))
+            in_our_order = theirs[:, order]
+            signs = np.sign(np.sum(ours * in_our_order, axis=0))
+            error = np.max(np.abs(ours * signs - in_our_order))
+            if shift:
+                assert error < tolerance, error
+            else:
+                assert error > 0.1, error
+
+
+def test_merge_trailing_dims_is_heavyballs_rule() -> None:
+    """The rule of heavyball's ``dim_merger``, on shapes of every kind, against the package itself."""
+    rng = np.random.default_rng(0)
+    shapes = [(128, 64, 3, 3), (3, 4, 5), (5, 1), (2, 3, 2100), (6, 1, 1, 7), (4, 9, 1, 2)]
+    shapes += [tuple(int(d) for d in rng.integers(1, 12, size=rng.integers(2, 6))) for _ in range(40)]
+    for shape in shapes:
+        for max_dim in (4, 8, 12, 1024):
+            expected = tuple(heavyball.utils.dim_merger(torch.zeros(shape), max_dim).shape)
+            assert merge_trailing_dims(shape, max_dim) == expected, (shape, max_dim)
+
+
 # What each kind of leaf does.
 
 
@@ -229,7 +385,9 @@ def test_validation_names_the_option() -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"precondition_frequency": 0}, "precondition_frequency"), ({"max_precondition_dim": 2.5}, "max_precondition_dim"),
         ({"data_format": "nchw"}, "data_format"), ({"shampoo_beta": 1.0}, "shampoo_beta"),
-        ({"b2": 1.0}, "b2"), ({"eps": -1.0}, "eps"),
+        ({"b2": 1.0}, "b2"), ({"eps": -1.0}, "eps"), ({"merge_dims": "leading"}, "merge_dims"),
+        ({"eps_mode": "floor"}, "eps_mode"), ({"refresh_count": "step"}, "refresh_count"),
+        ({"weight_decay_mode": "adamw"}, "weight_decay_mode"),
     ]  # fmt: skip
     for kwargs, name in cases:
         with pytest.raises(adaopt.HyperparameterError, match=name):

@@ -29,6 +29,10 @@ from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers.laprop import SteppedDecayState
 
 DataFormat = Literal["channels_first", "channels_last"]
+MergeRule = Literal["consecutive", "trailing"]
+EpsMode = Literal["add", "max"]
+RefreshCount = Literal["update", "call"]
+WeightDecayMode = Literal["stepped", "decoupled"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 _EIGH_SHIFT = 1e-30  # the reference adds 1e-30 * I before its eigh; negligible, kept for exactness
 _NO_COMPLEX = (
@@ -66,6 +70,33 @@ def merge_small_dims(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
     return tuple(merged)
 
 
+def merge_trailing_dims(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
+    """Keep the first axis; merge the others from the last backwards while their product stays at most
+    ``max_dim`` (heavyball's rule: a convolution's kernel axes join its fan-in, never its fan-out). Axes of
+    size 1 vanish; an axis larger than ``max_dim`` stays alone.
+
+    Example:
+      >>> from adaopt._src.preconditioned.soap import merge_trailing_dims
+      >>> merge_trailing_dims((128, 64, 3, 3), 1024), merge_trailing_dims((3, 4, 5), 12)
+      ((128, 576), (3, 4, 5))
+    """
+    if len(shape) < 2:
+        return tuple(shape)
+    merged: list[int] = []
+    product = 1
+    for d in reversed(shape[1:]):
+        if product * d <= max_dim:
+            product *= d
+        elif product > 1:
+            merged.append(product)
+            product = d
+        else:
+            merged.append(d)
+    if product > 1:
+        merged.append(product)
+    return (shape[0], *reversed(merged))
+
+
 @dataclasses.dataclass(frozen=True)
 class AxisPlan:
     """How a leaf is seen by a Kronecker-factored method: the view's shape and the axes with a factor.
@@ -84,18 +115,22 @@ class AxisPlan:
 
     @staticmethod
     def of(
-        shape: tuple[int, ...], max_dim: int, *, merge: bool, precondition_1d: bool, channels_last: bool
+        shape: tuple[int, ...], max_dim: int, *, merge: bool | MergeRule, precondition_1d: bool, channels_last: bool
     ) -> AxisPlan:
         """The plan of a leaf of ``shape``: 0-d and empty leaves have no factor; a 1-d leaf one only with
-        ``precondition_1d``; an axis of size 1 none (its basis would be :math:`\\pm 1`)."""
+        ``precondition_1d``; an axis of size 1 none (its basis would be :math:`\\pm 1`). ``merge``: False, True
+        or ``"consecutive"`` (:func:`merge_small_dims`), ``"trailing"`` (:func:`merge_trailing_dims`)."""
         if len(shape) == 0 or math.prod(shape) == 0:
             return AxisPlan(shape, False, shape, ())
         if len(shape) == 1:
             axes = (0,) if precondition_1d and 1 < shape[0] <= max_dim else ()
             return AxisPlan(shape, False, shape, axes)
-        permute = merge and channels_last and len(shape) == 4
+        permute = bool(merge) and channels_last and len(shape) == 4
         seen = (shape[0], shape[3], shape[1], shape[2]) if permute else shape
-        view = merge_small_dims(seen, max_dim) if merge else tuple(seen)
+        if not merge:
+            view = tuple(seen)
+        else:
+            view = (merge_trailing_dims if merge == "trailing" else merge_small_dims)(seen, max_dim)
         return AxisPlan(shape, permute, view, tuple(i for i, d in enumerate(view) if 1 < d <= max_dim))
 
     def to_view(self, x: jax.Array) -> jax.Array:
@@ -159,15 +194,21 @@ def eigenbasis(statistic: jax.Array) -> jax.Array:
     return vectors[:, ::-1]
 
 
-def _refresh_basis(statistic: jax.Array, basis: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _refresh_basis(statistic: jax.Array, basis: jax.Array, shift: bool = False) -> tuple[jax.Array, jax.Array]:
     """One power-iteration step and a QR decomposition; returns the new basis and the order of the old columns.
 
     The columns of :math:`L Q` are sorted by the estimated eigenvalues :math:`\\mathrm{diag}(Q^\\top L Q)`,
     largest first, before the QR (Householder, so the result does not depend on the signs of the
-    old columns).
+    old columns). ``shift``: the step is taken with :math:`L + c I`, :math:`c` = the largest
+    estimate's magnitude times :math:`\\max(10^{-8}, \\min(64\\, d\\, \\epsilon_{\\text{dtype}}, 1/8))`
+    (heavyball's lift of a rank-deficient :math:`L`'s null space above rounding noise).
     """
     product = jnp.matmul(statistic, basis, precision=_HIGHEST)
     estimates = jnp.sum(basis * product, axis=0)
+    if shift:
+        lift = max(1e-8, min(64 * statistic.shape[-1] * float(jnp.finfo(statistic.dtype).eps), 0.125))
+        magnitude = jnp.maximum(jnp.max(jnp.abs(estimates)), jnp.finfo(statistic.dtype).tiny)
+        product = product + (lift * magnitude).astype(statistic.dtype) * basis
     order = jnp.argsort(-estimates)
     new, _ = linalg.qr(product[:, order])
     return new, order
@@ -196,7 +237,7 @@ class SoapState(NamedTuple):
 
 def _check_soap(
     b1: Any, b2: Any, shampoo_beta: Any, eps: Any, precondition_frequency: Any, max_precondition_dim: Any,
-    data_format: Any,
+    data_format: Any, merge_dims: Any, eps_mode: Any, refresh_count: Any,
 ) -> None:  # fmt: skip
     base.check_decay("b1", b1)
     base.check_decay("b2", b2)
@@ -206,6 +247,10 @@ def _check_soap(
     base.check_integer("precondition_frequency", precondition_frequency, 1)
     base.check_integer("max_precondition_dim", max_precondition_dim, 1)
     base.check_choice("data_format", data_format, ("channels_first", "channels_last"))
+    if not isinstance(merge_dims, bool):
+        base.check_choice("merge_dims", merge_dims, (False, True, "consecutive", "trailing"))
+    base.check_choice("eps_mode", eps_mode, ("add", "max"))
+    base.check_choice("refresh_count", refresh_count, ("update", "call"))
 
 
 def scale_by_soap(
@@ -216,11 +261,14 @@ def scale_by_soap(
     *,
     precondition_frequency: int = 10,
     max_precondition_dim: int = 10000,
-    merge_dims: bool = False,
+    merge_dims: bool | MergeRule = False,
     precondition_1d: bool = False,
     correct_bias: bool = True,
     normalize_gradient: bool = False,
     data_format: DataFormat = "channels_first",
+    eps_mode: EpsMode = "add",
+    refresh_count: RefreshCount = "update",
+    shift_power_iteration: bool = False,
 ) -> optax.GradientTransformation:
     r"""SOAP's block: Adam's moments in the eigenbasis of each leaf's Kronecker factors.
 
@@ -233,13 +281,18 @@ def scale_by_soap(
         \tilde g_s &= g_s \times_i Q_i^\top, \qquad
         m_s = \beta_1 m_{s-1} + (1 - \beta_1) g_s, \qquad
         v_s = \beta_2 v_{s-1} + (1 - \beta_2) \tilde g_s^2 \\
-        n_s &= \Big( \frac{m_s \times_i Q_i^\top}{\sqrt{v_s} + \epsilon} \Big) \times_i Q_i,
+        n_s &= \Big( \frac{m_s \times_i Q_i^\top}{\sqrt{v_s} + \epsilon} \Big) \times_i Q_i
+        \;\text{(eps\_mode="add")}, \qquad
+        n_s = \Big( \frac{\hat m_s \times_i Q_i^\top}{\max(\sqrt{\hat v_s}, \epsilon)} \Big) \times_i Q_i
+        \;\text{("max")},
         \qquad n_s \leftarrow \frac{n_s}{\sqrt{\mathrm{mean}(n_s^2)} + \epsilon} \;\text{(normalize\_gradient)} \\
-        u_s &= \frac{\sqrt{1 - \beta_2^s}}{1 - \beta_1^s} \, n_s \;\text{(correct\_bias; else } n_s) \\
+        u_s &= \frac{\sqrt{1 - \beta_2^s}}{1 - \beta_1^s} \, n_s \;\text{("add" with correct\_bias; else } n_s) \\
         L_i &\leftarrow \beta_s L_i + (1 - \beta_s) G_{(i)} G_{(i)}^\top
         \quad\text{(after the step, with } G = g_s)
 
-    and, when :math:`s` is a multiple of ``precondition_frequency``, each basis is refreshed by
+    (:math:`\hat m_s = m_s / (1 - \beta_1^s)`, :math:`\hat v_s = v_s / (1 - \beta_2^s)`, or :math:`m_s, v_s`
+    without ``correct_bias``) and, when :math:`s` (``refresh_count="update"``; :math:`s + 1`, the calls
+    counting the first, with ``"call"``) is a multiple of ``precondition_frequency``, each basis is refreshed by
     one step of power iteration: the columns of :math:`L_i Q_i` sorted by
     :math:`\mathrm{diag}(Q_i^\top L_i Q_i)` (largest first), :math:`Q_i` their QR factor, and
     :math:`v_s` permuted along axis :math:`i` in the same order. :math:`G_{(i)}` is the view
@@ -260,12 +313,24 @@ def scale_by_soap(
         ``normalize_gradient``), >= 0.
       precondition_frequency: refresh the bases every this many steps, an integer >= 1.
       max_precondition_dim: an axis longer than this has no factor, an integer >= 1.
-      merge_dims: merge small consecutive axes before choosing the factors.
+      merge_dims: merge small axes before choosing the factors: False; True or ``"consecutive"``
+        (consecutive axes while their product is at most ``max_precondition_dim``,
+        pytorch-optimizer's rule); ``"trailing"`` (the first axis kept, the others merged from the
+        last backwards while their product is at most ``max_precondition_dim``; axes of size 1
+        dropped: heavyball's rule, which joins a convolution's kernel axes to its fan-in).
       precondition_1d: give 1-d leaves (biases, norms) a full factor too.
       correct_bias: Adam's bias corrections of the step size.
       normalize_gradient: divide each leaf's direction by its RMS.
       data_format: ``"channels_first"`` or ``"channels_last"`` (NHWC 4-d leaves are viewed as
         NCHW for the merging).
+      eps_mode: ``"add"`` (eps added to the root of the raw second moment, the debiasing applied
+        as one step size: the authors', pytorch-optimizer) or ``"max"`` (the debiased moments, eps
+        a floor of their root: heavyball).
+      refresh_count: what ``precondition_frequency`` counts: ``"update"``, the updates (the
+        authors'), or ``"call"``, the calls including the first, which only initialises (heavyball).
+      shift_power_iteration: take the refresh's power-iteration step with :math:`L_i + c I`,
+        :math:`c` a small multiple of its largest estimated eigenvalue (heavyball's safeguard for a
+        rank-deficient :math:`L_i`; same eigenvectors, a slightly different step).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`SoapState`. Complex parameters are
@@ -292,7 +357,10 @@ def scale_by_soap(
 
       Reference packages: :func:`soap` gives the arguments that reproduce pytorch-optimizer.
     """
-    _check_soap(b1, b2, shampoo_beta, eps, precondition_frequency, max_precondition_dim, data_format)
+    _check_soap(
+        b1, b2, shampoo_beta, eps, precondition_frequency, max_precondition_dim, data_format, merge_dims, eps_mode,
+        refresh_count,
+    )  # fmt: skip
     beta_s = b2 if shampoo_beta is None else shampoo_beta
 
     def plan(shape: tuple[int, ...]) -> AxisPlan:
@@ -332,12 +400,21 @@ def scale_by_soap(
 
         @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
-            size = (
-                jnp.sqrt(moments.bias_correction(b2, s, dtype)) * moments.debias(b1, s, dtype)
-                if correct_bias
-                else jnp.ones([], dtype)
-            )
-            return moments.scalar(b1, dtype), moments.scalar(b2, dtype), moments.scalar(eps, dtype), size
+            """The betas, eps, the moments' debiasing factors (1 without correct_bias), and the step size that
+            applies them with ``eps_mode="add"``."""
+            one = jnp.ones([], dtype)
+            if not correct_bias:
+                return moments.scalar(b1, dtype), moments.scalar(b2, dtype), moments.scalar(eps, dtype), one, one, one
+            d1, d2 = moments.debias(b1, s, dtype), moments.debias(b2, s, dtype)
+            size = jnp.sqrt(moments.bias_correction(b2, s, dtype)) * d1 if eps_mode == "add" else one
+            return moments.scalar(b1, dtype), moments.scalar(b2, dtype), moments.scalar(eps, dtype), d1, d2, size
+
+        def rotated_step(m_rotated: jax.Array, v: jax.Array, e: jax.Array, d1: jax.Array, d2: jax.Array) -> jax.Array:
+            """Adam's direction in the eigenbasis: ``"add"``, eps on the raw root (the debiasing is the step
+            size); ``"max"``, the debiased moments, eps a floor of their root."""
+            if eps_mode == "max":
+                return (m_rotated * d1) / jnp.maximum(jnp.sqrt(v * d2), e)
+            return m_rotated / (jnp.sqrt(v) + e)
 
         def views(g: jax.Array, p_plan: AxisPlan) -> tuple[jnp.dtype, jax.Array]:
             dtype = moments.compute_dtype(g.dtype)
@@ -362,21 +439,25 @@ def scale_by_soap(
             steps, new_nus, new_stats = [], [], []
             for g, m, v, p_plan, old, basis in zip(leaves, mus, nus, plans, stats, bases, strict=True):
                 dtype, view = views(g, p_plan)
-                beta1, beta2, e, size = scalars(dtype)
+                beta1, beta2, e, d1, d2, size = scalars(dtype)
                 m_view = p_plan.to_view(placement.whole(m).astype(dtype))
                 v_view = p_plan.to_view(placement.whole(v).astype(dtype))
                 rotated = rotate(view, basis, p_plan.axes)
                 m_view = moments.ema(view, m_view, beta1)
                 v_view = moments.ema(rotated * rotated, v_view, beta2)
                 direction = rotate(
-                    rotate(m_view, basis, p_plan.axes) / (jnp.sqrt(v_view) + e), basis, p_plan.axes, inverse=True
+                    rotated_step(rotate(m_view, basis, p_plan.axes), v_view, e, d1, d2),
+                    basis,
+                    p_plan.axes,
+                    inverse=True,
                 )
                 if normalize_gradient:
                     direction = direction / (jnp.sqrt(jnp.mean(direction * direction)) + e)
                 steps.append((size * direction, m_view))
                 new_nus.append(v_view)
                 new_stats.append(updated_statistics(view, p_plan, old))
-            refreshed = jax.lax.cond(s % precondition_frequency == 0, refresh, keep, new_nus, new_stats, bases)
+            counted = s if refresh_count == "update" else count  # count: the calls so far, this one included
+            refreshed = jax.lax.cond(counted % precondition_frequency == 0, refresh, keep, new_nus, new_stats, bases)
             new_nus, new_bases = refreshed
             out_steps = [
                 placement.sharded_like(p_plan.from_view(step).astype(g.dtype), g)
@@ -397,7 +478,7 @@ def scale_by_soap(
             for v_view, p_plan, statistic, basis in zip(nus_, plans, stats_, bases_, strict=True):
                 new = []
                 for axis, l_i, q_i in zip(p_plan.axes, statistic, basis, strict=True):
-                    q_new, order = _refresh_basis(l_i, q_i)
+                    q_new, order = _refresh_basis(l_i, q_i, shift_power_iteration)
                     v_view = jnp.take(v_view, order, axis=axis)
                     new.append(q_new)
                 out_nus.append(v_view)
@@ -416,13 +497,16 @@ def scale_by_soap(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _decay_stepped_params(learning_rate: ScalarOrSchedule, weight_decay: Any) -> optax.GradientTransformation:
-    r"""Decoupled decay of the stepped parameters from the second call on: :math:`u \leftarrow u - \eta_t \lambda
-    (\theta + u)`, so that :math:`\theta + u = (\theta + u_{\text{before}})(1 - \eta_t \lambda)`.
+def _decay_stepped_params(
+    learning_rate: ScalarOrSchedule, weight_decay: Any, mode: WeightDecayMode = "stepped"
+) -> optax.GradientTransformation:
+    r"""Decoupled decay from the second call on. ``"stepped"``: :math:`u \leftarrow u - \eta_t \lambda
+    (\theta + u)`, so that :math:`\theta + u = (\theta + u_{\text{before}})(1 - \eta_t \lambda)`;
+    ``"decoupled"``: :math:`u \leftarrow u - \eta_t \lambda \theta` (AdamW's).
 
     pytorch-optimizer's SOAP multiplies the parameters by :math:`1 - \eta_t \lambda` after stepping
-    them, and does neither at the first call. Computed in the update's compute dtype (at least
-    float32), returned in its own.
+    them, heavyball's before, and neither does either at the first call. Computed in the update's
+    compute dtype (at least float32), returned in its own.
     """
 
     def init_fn(params: base.Params) -> SteppedDecayState:
@@ -443,7 +527,8 @@ def _decay_stepped_params(learning_rate: ScalarOrSchedule, weight_decay: Any) ->
         def leaf(u: jax.Array, p: jax.Array) -> jax.Array:
             compute = moments.compute_dtype(u.dtype)
             u_compute = u.astype(compute)
-            return (u_compute - (p.astype(compute) + u_compute) * factor.astype(compute)).astype(u.dtype)
+            decayed = p.astype(compute) + u_compute if mode == "stepped" else p.astype(compute)
+            return (u_compute - decayed * factor.astype(compute)).astype(u.dtype)
 
         return jax.tree.map(leaf, updates, params), SteppedDecayState(count)
 
@@ -461,20 +546,25 @@ def soap(
     weight_decay_mask: base.MaskOrFn | None = None,
     precondition_frequency: int = 10,
     max_precondition_dim: int = 10000,
-    merge_dims: bool = False,
+    merge_dims: bool | MergeRule = False,
     precondition_1d: bool = False,
     correct_bias: bool = True,
     normalize_gradient: bool = False,
     data_format: DataFormat = "channels_first",
+    eps_mode: EpsMode = "add",
+    refresh_count: RefreshCount = "update",
+    shift_power_iteration: bool = False,
+    weight_decay_mode: WeightDecayMode = "stepped",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with decoupled weight decay.
 
     .. math::
         \theta_t = \big( \theta_{t-1} - \eta_t u_t \big) (1 - \eta_t \lambda)
+        \quad\text{("stepped")}, \qquad
+        \theta_t = \theta_{t-1} (1 - \eta_t \lambda) - \eta_t u_t \quad\text{("decoupled")}
 
-    with :math:`u_t` the update of :func:`scale_by_soap` and the decay applied to the stepped
-    parameters, from the second call on (the first only initialises the preconditioner, and
-    moves nothing).
+    with :math:`u_t` the update of :func:`scale_by_soap`, from the second call on (the first only
+    initialises the preconditioner, and moves nothing).
 
     Args:
       learning_rate: :math:`\eta_t`, a non-negative number or a schedule ``count -> value``
@@ -493,6 +583,12 @@ def soap(
       correct_bias: see :func:`scale_by_soap`.
       normalize_gradient: see :func:`scale_by_soap`.
       data_format: see :func:`scale_by_soap`.
+      eps_mode: see :func:`scale_by_soap`.
+      refresh_count: see :func:`scale_by_soap`.
+      shift_power_iteration: see :func:`scale_by_soap`.
+      weight_decay_mode: ``"stepped"`` (the stepped parameters decayed: the authors',
+        pytorch-optimizer) or ``"decoupled"`` (the previous parameters decayed, as AdamW does:
+        heavyball).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Complex parameters are refused at ``init``.
@@ -521,15 +617,32 @@ def soap(
       parameters' dtype, runs in theirs. Its ``merge_dims=True`` fails on a 1-d leaf of 2 to
       ``max_precondition_dim`` elements and on a leaf whose axes all merge into one (it reshapes to
       ``[1]``); here such a leaf is a vector, preconditioned as one axis.
+
+      ``heavyball.SOAP(lr, betas=(b1, b2), shampoo_beta, eps, weight_decay, precondition_frequency,
+      max_precond_dim, merge_dims=True, precondition_1d)`` (heavyball 3.2.1, its defaults otherwise)
+      is this with ``eps_mode="max"``, ``refresh_count="call"``, ``shift_power_iteration=True``,
+      ``weight_decay_mode="decoupled"``, ``merge_dims="trailing"`` (``False`` for its
+      ``merge_dims=False``) and ``max_precondition_dim=max_precond_dim``. It keeps the factors'
+      average debiased and the first moment in the eigenbasis (rotated when the basis is refreshed),
+      and leaves the refreshed basis's columns in place: the same numbers in exact arithmetic. Three
+      things of its own remain: it counts the refreshes by adding ``1 / precondition_frequency`` per
+      call in floating point, which for a frequency that is not a power of two moves some refreshes
+      by a call (3: calls 3, 7, 9, 12, 16, ...); it computes its learning rate and the factors'
+      debiasing in torch's default dtype (float32 unless changed: ``torch.set_default_dtype``), which
+      moves float64 parameters by about 1e-9; and a factor that is rank-deficient after the first
+      gradient (an axis at least two longer than the product of the others) has eigenvectors that
+      LAPACK chooses, so the trajectories part there, as with any two implementations.
     """
     base.check_common(learning_rate, weight_decay)
     base.check_mask(weight_decay_mask)
+    base.check_choice("weight_decay_mode", weight_decay_mode, ("stepped", "decoupled"))
     core = scale_by_soap(
         b1, b2, shampoo_beta, eps, precondition_frequency=precondition_frequency,
         max_precondition_dim=max_precondition_dim, merge_dims=merge_dims, precondition_1d=precondition_1d,
         correct_bias=correct_bias, normalize_gradient=normalize_gradient, data_format=data_format,
+        eps_mode=eps_mode, refresh_count=refresh_count, shift_power_iteration=shift_power_iteration,
     )  # fmt: skip
-    decay = _decay_stepped_params(learning_rate, weight_decay)
+    decay = _decay_stepped_params(learning_rate, weight_decay, weight_decay_mode)
     masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
     return base.assemble(
         core, None, after_decay=(base.scale_by_learning_rate(learning_rate), masked), complex_convention="modulus"
