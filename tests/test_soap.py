@@ -313,6 +313,22 @@ def test_the_shifted_refresh_is_heavyballs(dtype: Any) -> None:
                 assert error > 0.1, error
 
 
+def test_leaves_that_merge_into_a_vector_take_the_1d_rule_as_in_heavyball() -> None:
+    """``merge_dims="trailing"`` makes (5, 1) and (3, 1, 1) vectors, without a factor (no ``precondition_1d``), as
+    heavyball does; ``"consecutive"`` keeps the one merged axis's factor (pytorch-optimizer fails there)."""
+    shapes = {"v": (5, 1), "x": (3, 1, 1)}
+    for merge, factors in (("trailing", []), (True, [(5, 5)])):
+        state = adaopt.soap(merge_dims=merge, max_precondition_dim=MAX_DIM).init({"v": jnp.ones((5, 1))})
+        assert _factor_shapes(state, "v") == {"v": factors}
+    seed = zlib.crc32(b"soap-heavyball/vectors")
+    hp = _heavyball_draw(seed, True, True)
+    params, grads = parity.random_problem(shapes, seed, np.float64, steps=50)
+    with jax.enable_x64(True):
+        ours = parity.run_adaopt(_adaopt(hp, None, None, **HEAVYBALL, merge_dims="trailing"), params, grads)
+        theirs = _heavyball(hp, params, grads, None, None)
+    assert parity.relative_error(ours, theirs) <= TOLERANCE[np.float64]
+
+
 def test_merge_trailing_dims_is_heavyballs_rule() -> None:
     """The rule of heavyball's ``dim_merger``, on shapes of every kind, against the package itself."""
     rng = np.random.default_rng(0)

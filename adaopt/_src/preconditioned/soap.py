@@ -131,6 +131,8 @@ class AxisPlan:
             view = tuple(seen)
         else:
             view = (merge_trailing_dims if merge == "trailing" else merge_small_dims)(seen, max_dim)
+        if merge == "trailing" and len(view) == 1:  # (5, 1) -> (5,): a vector, as heavyball treats it
+            return AxisPlan(shape, permute, view, (0,) if precondition_1d and 1 < view[0] <= max_dim else ())
         return AxisPlan(shape, permute, view, tuple(i for i, d in enumerate(view) if 1 < d <= max_dim))
 
     def to_view(self, x: jax.Array) -> jax.Array:
@@ -317,7 +319,8 @@ def scale_by_soap(
         (consecutive axes while their product is at most ``max_precondition_dim``,
         pytorch-optimizer's rule); ``"trailing"`` (the first axis kept, the others merged from the
         last backwards while their product is at most ``max_precondition_dim``; axes of size 1
-        dropped: heavyball's rule, which joins a convolution's kernel axes to its fan-in).
+        dropped: heavyball's rule, which joins a convolution's kernel axes to its fan-in; a leaf
+        that becomes a vector, such as (5, 1), is then treated as a 1-d leaf).
       precondition_1d: give 1-d leaves (biases, norms) a full factor too.
       correct_bias: Adam's bias corrections of the step size.
       normalize_gradient: divide each leaf's direction by its RMS.
