@@ -16,6 +16,8 @@ import adam_mini
 import adopt as torch_adopt
 import came_pytorch
 import dog
+import heavyball
+import heavyball.utils
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,11 +30,20 @@ from optax._src import factorized
 from tests.parity import TorchFactory
 
 HP = dict[str, Any]
+# heavyball eager: torch.compile would take minutes per optimizer for the same numbers (its SOAP is compared in
+# tests/test_soap.py, which sets this itself).
+heavyball.utils.compile_mode = None
 OptaxFactory = Callable[[Any, HP, Any], optax.GradientTransformation]
 
 
 def _betas(hp: HP) -> tuple[float, float]:
     return (hp["b1"], hp["b2"])
+
+
+def _heavyball(cls: Any, groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    """A heavyball optimizer with its state in the parameters' dtype (its default is float32)."""
+    dtype = groups[0]["params"][0].dtype
+    return cls(groups, storage_dtype=str(dtype).removeprefix("torch."), **kwargs)
 
 
 def _train_mode(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -149,6 +160,7 @@ TORCH: dict[str, TorchFactory] = {
     "torch.optim.Adadelta": lambda groups, hp: torch.optim.Adadelta(groups, lr=1.0, rho=hp["rho"], eps=hp["eps"]),
     "torch.optim.Adam": lambda groups, hp: torch.optim.Adam(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
     "torch.optim.AdamW": lambda groups, hp: torch.optim.AdamW(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
+    "heavyball.AdamW": lambda groups, hp: _heavyball(heavyball.AdamW, groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
     "torch.optim.Adam(amsgrad=True)": lambda groups, hp: torch.optim.Adam(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], amsgrad=True
     ),

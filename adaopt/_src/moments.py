@@ -232,10 +232,11 @@ def safe_divide(numerator: Any, denominator: jax.Array, fallback: Any = 0) -> ja
     return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), fallback)
 
 
-def inv_root(nu: jax.Array, eps: Any, eps_root: Any) -> jax.Array:
-    """``1 / (sqrt(nu + eps_root) + eps)``, with 0 where that denominator is 0 (a zero gradient)."""
+def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: str = "add") -> jax.Array:
+    """``1 / (sqrt(nu + eps_root) + eps)`` (``eps_mode="add"``) or ``1 / max(sqrt(nu + eps_root), eps)`` (``"max"``),
+    with 0 where that denominator is 0 (a zero gradient)."""
     inside = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root  # no "+ 0" per leaf
-    denominator = jnp.sqrt(inside) + eps
+    denominator = jnp.sqrt(inside) + eps if eps_mode == "add" else jnp.maximum(jnp.sqrt(inside), eps)
     if isinstance(eps, (int, float)) and eps > 0:
         return 1 / denominator
     return safe_divide(1, denominator)

@@ -207,6 +207,7 @@ _SOAP_QR = (
     "max_precondition_dim elements and on leaves whose axes all merge into one"
 )
 
+_HEAVYBALL_EPS = "eps floors the root of the debiased second moment (eps_mode='max'); run eager"
 _SOAP_HEAVYBALL = (
     "compared with eps_mode='max', refresh_count='call', shift_power_iteration=True, weight_decay_mode='decoupled', "
     "merge_dims='trailing'; eager, torch's default dtype the parameters' (it computes its learning rate and the "
@@ -379,7 +380,10 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     ),
     OptimizerSpec(
         "adamw", adam.adamw, {**BETAS, **EPS},
-        (Reference("torch.optim.AdamW"), Reference("optax.adamw")),
+        (
+            Reference("torch.optim.AdamW"), Reference("optax.adamw"),
+            Reference("heavyball.AdamW", kwargs={"eps_mode": "max"}, note=_HEAVYBALL_EPS),
+        ),
         _ADAM_FAMILY, "Adam with decoupled weight decay",
     ),
     OptimizerSpec(

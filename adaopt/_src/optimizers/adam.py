@@ -19,6 +19,7 @@ from adaopt._src.layouts import cpu_kernels
 
 SecondMoment = Literal["adam", "belief", "yogi"]
 AmsgradMax = Literal["raw", "debiased"]
+EpsMode = Literal["add", "max"]
 
 
 class AdamState(NamedTuple):
@@ -58,6 +59,7 @@ def scale_by_adam(
     bias_correction: bool = True,
     initial_accumulator_value: Any = 0.0,
     eps_on_raw_root: bool = False,
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -76,6 +78,8 @@ def scale_by_adam(
             \max_{s \le t} \big(v_s / (1 - \beta_2^s)\big) & \text{amsgrad="debiased" (optax)}
         \end{cases} \\
         u_t &= \frac{m_t / (1 - \beta_1^t)}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}
+        \quad\text{or, with eps\_mode="max",}\quad
+        \frac{m_t / (1 - \beta_1^t)}{\max(\sqrt{\hat v_t + \epsilon_{root}}, \epsilon)}
 
     (for "belief", :math:`\epsilon_{root}` is accumulated into :math:`v_t` and not added again;
     with ``eps_on_raw_root``, :math:`\epsilon` is :math:`\epsilon / \sqrt{1 - \beta_2^t}`: added to the
@@ -96,6 +100,8 @@ def scale_by_adam(
       eps_on_raw_root: add :math:`\epsilon` to :math:`\sqrt{v_t}` before its bias correction,
         :math:`\frac{m_t}{1 - \beta_1^t} \frac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon}`
         (Hugging Face's ``AdamW``, which GaLore's package copies).
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root: torch, optax) or ``"max"`` (the root
+        floored at :math:`\epsilon`: heavyball's Adam-type optimizers).
       mu_dtype: storage dtype of the first moment; None keeps the parameter's, widened to
         float32 for half precision.
       nu_dtype: storage dtype of the second moment (and of AMSGrad's maximum); None keeps the
@@ -122,6 +128,7 @@ def scale_by_adam(
     base.check_choice("second_moment", second_moment, ("adam", "belief", "yogi"))
     base.check_choice("amsgrad", amsgrad, (None, "raw", "debiased"))
     base.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
+    base.check_choice("eps_mode", eps_mode, ("add", "max"))
     eps_in_root = 0.0 if second_moment == "belief" else eps_root
 
     def init_fn(params: base.Params) -> AdamState:
@@ -174,12 +181,14 @@ def scale_by_adam(
             else:
                 v_hat = jnp.maximum(v_max[0].astype(dtype), v_new * debias2)
                 new_max = (moments.store(v_hat, v),)
-            step = moments.times(moments.times(m_new, debias1), moments.inv_root(v_hat, e, e_root))
+            step = moments.times(moments.times(m_new, debias1), moments.inv_root(v_hat, e, e_root, eps_mode))
             return (step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v), *new_max)
 
         def native(g: jax.Array, m: Any, v: Any, *v_max: Any) -> tuple[Any, ...] | None:
             """The leaf's step by adaopt's CPU kernel where it applies (8-bit moments), else None."""
-            if not cpu_kernels.adam_kernel_applies(g, m, v, second_moment=second_moment, amsgrad=amsgrad):
+            if eps_mode != "add" or not cpu_kernels.adam_kernel_applies(
+                g, m, v, second_moment=second_moment, amsgrad=amsgrad
+            ):
                 return None
             beta1, beta2, debias1, debias2, e, e_root, _ = scalars(jnp.float32)
             return cpu_kernels.adam_step(
@@ -204,6 +213,7 @@ def adam(
     *,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -228,6 +238,8 @@ def adam(
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
         that selects the leaves to decay.
       decoupled_weight_decay: add the decay to the step (AdamW) instead of to the gradient (L2).
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root, as above) or ``"max"`` (the root
+        floored at :math:`\epsilon`, heavyball's form); see :func:`scale_by_adam`.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
       complex_convention: for complex parameters, ``"modulus"`` (one second moment of
@@ -254,7 +266,7 @@ def adam(
     """
     base.check_common(learning_rate, weight_decay)
     base.check_complex_convention(complex_convention)
-    core = scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    core = scale_by_adam(b1, b2, eps, eps_root, eps_mode=eps_mode, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
     return base.assemble(
         core,
         learning_rate,
@@ -274,6 +286,7 @@ def adamw(
     weight_decay: Any = 1e-2,
     *,
     weight_decay_mask: base.MaskOrFn | None = None,
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -293,6 +306,8 @@ def adamw(
       weight_decay: coefficient :math:`\lambda` of the decoupled decay, >= 0; 0.01 by default, as in torch.
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
         that selects the leaves to decay.
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root, as above) or ``"max"`` (the root
+        floored at :math:`\epsilon`, heavyball's form); see :func:`scale_by_adam`.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
       complex_convention: for complex parameters, ``"modulus"`` (one second moment of
@@ -315,11 +330,13 @@ def adamw(
       https://arxiv.org/abs/1711.05101.
 
       Reference packages: ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay)`` and
-      ``optax.adamw`` (same arguments) follow the same trajectory.
+      ``optax.adamw`` (same arguments) follow the same trajectory; ``heavyball.AdamW`` (the same
+      arguments) is this with ``eps_mode="max"``.
     """
     return adam(
         learning_rate, b1, b2, eps, eps_root, weight_decay,
-        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, mu_dtype=mu_dtype, nu_dtype=nu_dtype, complex_convention=complex_convention,
+        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, eps_mode=eps_mode, mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype, complex_convention=complex_convention,
     )  # fmt: skip
 
 
