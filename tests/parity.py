@@ -88,6 +88,18 @@ def run_torch(make: TorchFactory, hp: dict, lr: Any, params: dict, grads: dict, 
         torch.set_default_dtype(previous)
 
 
+def decay_groups(tensors: dict, weight_decay: float, mask: dict | None) -> list[dict[str, Any]]:
+    """torch parameter groups: the decayed tensors (``mask`` True, all without a mask) with ``weight_decay``, the
+    others with none; an empty group left out."""
+    names = sorted(tensors)
+    decayed = [k for k in names if mask is None or mask[k]]
+    groups = [
+        {"params": [tensors[k] for k in decayed], "weight_decay": weight_decay},
+        {"params": [tensors[k] for k in names if k not in decayed], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def _torch_trajectory(opt: torch.optim.Optimizer, tensors: dict, lr: Any, grads: dict) -> dict:
     names = sorted(tensors)
     trajectory: dict[str, list[np.ndarray]] = {k: [] for k in names}

@@ -80,18 +80,13 @@ def _draw(seed: int, weight_decay: bool) -> dict[str, Any]:
 def _torch(hp: dict, params: dict, grads: dict, lr: Any, mask: dict | None, options: dict) -> dict:
     """``pytorch_optimizer.ScalableShampoo``, the decayed leaves in a group of their own; ``lr``: a schedule or None."""
     tensors = {k: torch.tensor(v) for k, v in params.items()}
-    names = sorted(tensors)
-    decayed = [k for k in names if mask is None or mask[k]]
-    groups = [
-        {"params": [tensors[k] for k in decayed], "weight_decay": hp["weight_decay"]},
-        {"params": [tensors[k] for k in names if k not in decayed], "weight_decay": 0.0},
-    ]
+    groups = parity.decay_groups(tensors, hp["weight_decay"], mask)
     options = dict(options)
     graft = GRAFTS[options.pop("graft", "sgd")]
     axes = AXES[options.pop("preconditioned_axes", "all")]
     use_svd = options.pop("root_method", "newton") == "eigh"
     opt = pytorch_optimizer.ScalableShampoo(
-        [g for g in groups if g["params"]], lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]),
+        groups, lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]),
         matrix_eps=hp["matrix_eps"], diagonal_eps=hp["diagonal_eps"],
         start_preconditioning_step=hp["start_preconditioning_step"],
         preconditioning_compute_steps=hp["preconditioning_compute_steps"], block_size=BLOCK, graft_type=graft,

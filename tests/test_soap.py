@@ -81,14 +81,9 @@ def _draw(seed: int, weight_decay: bool) -> dict[str, Any]:
 def _torch(hp: dict, params: dict, grads: dict, lr: Any, mask: dict | None, **options: Any) -> dict:
     """``pytorch_optimizer.SOAP``, the decayed leaves in a group of their own; ``lr``: a schedule or None."""
     tensors = {k: torch.tensor(v) for k, v in params.items()}
-    names = sorted(tensors)
-    decayed = [k for k in names if mask is None or mask[k]]
-    groups = [
-        {"params": [tensors[k] for k in decayed], "weight_decay": hp["weight_decay"]},
-        {"params": [tensors[k] for k in names if k not in decayed], "weight_decay": 0.0},
-    ]
+    groups = parity.decay_groups(tensors, hp["weight_decay"], mask)
     opt = pytorch_optimizer.SOAP(
-        [g for g in groups if g["params"]], lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]),
+        groups, lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]),
         shampoo_beta=hp["shampoo_beta"], eps=hp["eps"], precondition_frequency=hp["precondition_frequency"],
         max_precondition_dim=MAX_DIM, **options,
     )  # fmt: skip
@@ -202,16 +197,11 @@ def _heavyball_eager(dtype: torch.dtype) -> Iterator[None]:
 def _heavyball(hp: dict, params: dict, grads: dict, lr: Any, mask: dict | None, **options: Any) -> dict:
     """``heavyball.SOAP``, eager, its state in the parameters' dtype, the decayed leaves in a group of their own."""
     tensors = {k: torch.tensor(v) for k, v in params.items()}
-    names = sorted(tensors)
-    decayed = [k for k in names if mask is None or mask[k]]
-    groups = [
-        {"params": [tensors[k] for k in decayed], "weight_decay": hp["weight_decay"]},
-        {"params": [tensors[k] for k in names if k not in decayed], "weight_decay": 0.0},
-    ]
+    groups = parity.decay_groups(tensors, hp["weight_decay"], mask)
     dtype = next(iter(tensors.values())).dtype
     with _heavyball_eager(dtype):
         opt = heavyball.SOAP(
-            [g for g in groups if g["params"]], lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]),
+            groups, lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]),
             shampoo_beta=hp["shampoo_beta"], eps=hp["eps"], precondition_frequency=hp["precondition_frequency"],
             max_precond_dim=MAX_DIM, storage_dtype=str(dtype).removeprefix("torch."), **options,
         )  # fmt: skip
