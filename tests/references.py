@@ -161,6 +161,29 @@ TORCH: dict[str, TorchFactory] = {
     "torch.optim.Adam": lambda groups, hp: torch.optim.Adam(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
     "torch.optim.AdamW": lambda groups, hp: torch.optim.AdamW(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
     "heavyball.AdamW": lambda groups, hp: _heavyball(heavyball.AdamW, groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
+    "heavyball.NAdam(decoupled_weight_decay=True)": lambda groups, hp: _heavyball(
+        heavyball.NAdam,
+        groups,
+        lr=1.0,
+        betas=_betas(hp),
+        eps=hp["eps"],
+        momentum_decay=hp["momentum_decay"],
+        decoupled_weight_decay=True,
+    ),
+    "heavyball.AdEMAMix": lambda groups, hp: _heavyball(
+        heavyball.AdEMAMix, groups, lr=1.0, betas=(hp["b1"], hp["b2"], hp["b3"]), alpha=hp["alpha"], eps=hp["eps"]
+    ),
+    # Its warmup rate is t / (W + 1): adaopt's warmup_steps W + 1.
+    "heavyball.SFAdamW": lambda groups, hp: _heavyball(
+        heavyball.SFAdamW,
+        groups,
+        lr=1.0,
+        betas=_betas(hp),
+        eps=hp["eps"],
+        r=hp["r"],
+        weight_lr_power=hp["weight_lr_power"],
+        warmup_steps=max(hp.get("warmup_steps", 0) - 1, 0),
+    ),
     "torch.optim.Adam(amsgrad=True)": lambda groups, hp: torch.optim.Adam(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], amsgrad=True
     ),

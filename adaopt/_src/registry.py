@@ -416,6 +416,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         (
             Reference("torch.optim.NAdam(decoupled_weight_decay=True)"),
             Reference("optax.nadamw", kwargs={"momentum_decay": None}),
+            Reference("heavyball.NAdam(decoupled_weight_decay=True)", kwargs={"eps_mode": "max"}, note=_HEAVYBALL_EPS),
         ),
         _ADAM_FAMILY, "NAdam with decoupled weight decay",
     ),
@@ -452,7 +453,13 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
         "ademamix", ademamix.ademamix,
         {**BETAS, "b3": Range(0.99, 0.9999), "alpha": Range(1.0, 10.0), **EPS, "warmup_steps": Range(50.0, 500.0)},
-        (Reference("pytorch_optimizer.AdEMAMix"),),
+        (
+            Reference("pytorch_optimizer.AdEMAMix"),
+            Reference(
+                "heavyball.AdEMAMix", kwargs={"eps_mode": "max", "warmup_steps": None, "decoupled_weight_decay": True},
+                note=_HEAVYBALL_EPS + "; without warmup (its warmups take ln(beta + 1e-8), about 1e-7 away)",
+            ),
+        ),
         _ADAM_FAMILY, "Adam plus a slow EMA of the gradients",
     ),
     OptimizerSpec(
@@ -644,6 +651,14 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("schedulefree.AdamWScheduleFree", kwargs={"warmup_steps": 10}),
             Reference("schedulefree.AdamWScheduleFreeReference"),
             Reference("schedulefree.AdamWScheduleFreePaper", kwargs={"debias": "learning_rate"}),
+            Reference(
+                "heavyball.SFAdamW", kwargs={"eps_mode": "max"}, schedule=False,
+                note=_HEAVYBALL_EPS + "; its averaging weights take the current learning rate, not the largest so far",
+            ),
+            Reference(
+                "heavyball.SFAdamW", kwargs={"eps_mode": "max", "warmup_steps": 10}, schedule=False,
+                note="its warmup_steps=9: its warmup rate is t / (W + 1)",
+            ),
             Reference("optax.contrib.schedule_free_adamw", kwargs={"r": 0.0}, schedule=False, note=_OPTAX_SCHEDULE_FREE),
         ),
         _SCHEDULE_FREE | {Capability.MOMENT_DTYPES}, "Schedule-Free AdamW",

@@ -736,6 +736,7 @@ def scale_by_nadam(
     eps_root: Any = 0.0,
     momentum_decay: Any = 4e-3,
     *,
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -755,6 +756,8 @@ def scale_by_nadam(
       eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
       momentum_decay: :math:`\psi` >= 0 of the momentum schedule (torch's 4e-3), or None for a
         constant momentum ``b1`` (optax's).
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root) or ``"max"`` (the root floored at
+        :math:`\epsilon`, heavyball's form).
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
@@ -778,6 +781,7 @@ def scale_by_nadam(
     check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
     if momentum_decay is not None:
         base.check_nonnegative("momentum_decay", momentum_decay)
+    base.check_choice("eps_mode", eps_mode, ("add", "max"))
 
     def schedule(step: jax.Array, dtype: Any) -> jax.Array:
         beta1 = moments.scalar(b1, dtype)
@@ -811,7 +815,7 @@ def scale_by_nadam(
             mu_t, mu_next, product, beta1, beta2, debias2, e, e_root = scalars(dtype)
             m_new = moments.ema(g32, m32, beta1)
             v_new = moments.ema(moments.abs_sq(g32), v32, beta2)
-            scale = moments.inv_root(v_new * debias2, e, e_root)
+            scale = moments.inv_root(v_new * debias2, e, e_root, eps_mode)
             step = moments.times(
                 moments.times(g32, (1 - mu_t) / (1 - product))
                 + moments.times(m_new, mu_next / (1 - product * mu_next)),
@@ -836,6 +840,7 @@ def nadam(
     momentum_decay: Any = 4e-3,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -862,6 +867,8 @@ def nadam(
       momentum_decay: :math:`\psi` of the momentum schedule (torch's default 4e-3); None keeps
         the momentum at ``b1``, which is optax's ``nadam``.
       decoupled_weight_decay: add the decay to the step (NAdamW) instead of to the gradient.
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root) or ``"max"`` (the root floored at
+        :math:`\epsilon`, heavyball's form); see :func:`scale_by_nadam`.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
       complex_convention: for complex parameters, ``"modulus"`` (one second moment of
@@ -889,7 +896,9 @@ def nadam(
     """
     base.check_common(learning_rate, weight_decay)
     base.check_complex_convention(complex_convention)
-    core = scale_by_nadam(b1, b2, eps, eps_root, momentum_decay, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    core = scale_by_nadam(
+        b1, b2, eps, eps_root, momentum_decay, eps_mode=eps_mode, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    )
     return base.assemble(
         core,
         learning_rate,
@@ -910,6 +919,7 @@ def nadamw(
     *,
     momentum_decay: Any = 4e-3,
     weight_decay_mask: base.MaskOrFn | None = None,
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -932,6 +942,8 @@ def nadamw(
         that selects the leaves to decay.
       momentum_decay: :math:`\psi` of the momentum schedule (torch's default 4e-3); None keeps
         the momentum at ``b1``, which is optax's ``nadamw``.
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root) or ``"max"`` (the root floored at
+        :math:`\epsilon`, heavyball's form); see :func:`scale_by_nadam`.
       mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
       complex_convention: for complex parameters, ``"modulus"`` (one second moment of
@@ -957,11 +969,13 @@ def nadamw(
       https://arxiv.org/abs/1711.05101.
 
       Reference packages: ``torch.optim.NAdam(..., decoupled_weight_decay=True)`` is this with
-      the same numbers; ``optax.nadamw`` is this with ``momentum_decay=None``.
+      the same numbers; ``optax.nadamw`` is this with ``momentum_decay=None``;
+      ``heavyball.NAdam(..., decoupled_weight_decay=True)`` with ``eps_mode="max"``.
     """
     return nadam(
         learning_rate, b1, b2, eps, eps_root, weight_decay, momentum_decay=momentum_decay,
-        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, mu_dtype=mu_dtype, nu_dtype=nu_dtype, complex_convention=complex_convention,
+        weight_decay_mask=weight_decay_mask, decoupled_weight_decay=True, eps_mode=eps_mode, mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype, complex_convention=complex_convention,
     )  # fmt: skip
 
 

@@ -10,7 +10,7 @@ import optax
 
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
-from adaopt._src.optimizers.adam import check_moments
+from adaopt._src.optimizers.adam import EpsMode, check_moments
 
 
 class AdemamixState(NamedTuple):
@@ -46,6 +46,7 @@ def scale_by_ademamix(
     eps: Any = 1e-8,
     *,
     warmup_steps: Any = None,
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -77,6 +78,8 @@ def scale_by_ademamix(
       warmup_steps: :math:`T > 0`, the steps over which :math:`\alpha` and :math:`\beta_3` warm
         up (the paper's :math:`T_{\alpha,\beta_3}`), or None for none; needs :math:`0 < \beta_1`
         and :math:`0 < \beta_3`.
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the debiased root) or ``"max"`` (that root
+        floored at :math:`\epsilon`, heavyball's form).
       mu_dtype: storage dtype of both first moments (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
@@ -101,6 +104,7 @@ def scale_by_ademamix(
     base.check_decay("b3", b3)
     base.check_nonnegative("alpha", alpha)
     _check_warmup(warmup_steps, b1, b3)
+    base.check_choice("eps_mode", eps_mode, ("add", "max"))
 
     def init_fn(params: base.Params) -> AdemamixState:
         return AdemamixState(
@@ -142,7 +146,8 @@ def scale_by_ademamix(
             v_new = moments.ema(moments.abs_sq(g_compute), v_compute, beta2)
             slow_new = moments.ema(g_compute, slow_compute, beta3)
             numerator = moments.times(m_new, debias1) + moments.times(slow_new, a)
-            denominator = jnp.sqrt(v_new) * inv_root_debias2 + e
+            root = jnp.sqrt(v_new) * inv_root_debias2
+            denominator = root + e if eps_mode == "add" else jnp.maximum(root, e)
             step = moments.times(numerator, moments.safe_divide(1, denominator))
             return (
                 step.astype(g.dtype),
@@ -169,6 +174,7 @@ def ademamix(
     warmup_steps: Any = None,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -195,6 +201,7 @@ def ademamix(
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
         that selects the leaves to decay.
       decoupled_weight_decay: add the decay to the step instead of to the gradient.
+      eps_mode: ``"add"`` or ``"max"``; see :func:`scale_by_ademamix`.
       mu_dtype: storage dtype of both first moments (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
       complex_convention: for complex parameters, ``"modulus"`` (one second moment of
@@ -218,11 +225,16 @@ def ademamix(
 
       Reference packages: ``pytorch_optimizer.AdEMAMix(lr, betas=(b1, b2, b3), alpha,
       t_alpha_beta3=warmup_steps, eps, weight_decay, weight_decouple=decoupled_weight_decay)``
-      is this with the same numbers.
+      is this with the same numbers. ``heavyball.AdEMAMix(lr, betas=(b1, b2, b3), alpha, eps,
+      weight_decay)`` (its decay decoupled) is this with ``eps_mode="max"``,
+      ``decoupled_weight_decay=True`` and no warmup; its warmups compute :math:`\ln(\beta + 10^{-8})`,
+      which moves the trajectory by about 1e-7.
     """
     base.check_common(learning_rate, weight_decay)
     base.check_complex_convention(complex_convention)
-    core = scale_by_ademamix(b1, b2, b3, alpha, eps, warmup_steps=warmup_steps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    core = scale_by_ademamix(
+        b1, b2, b3, alpha, eps, warmup_steps=warmup_steps, eps_mode=eps_mode, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    )
     return base.assemble(
         core,
         learning_rate,

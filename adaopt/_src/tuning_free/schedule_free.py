@@ -127,6 +127,7 @@ def scale_by_debiased_rms(
     *,
     debias: bool = True,
     rectify: bool = False,
+    eps_mode: Literal["add", "max"] = "add",
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Divide by the root of the (bias-corrected) second moment: Adam's step without momentum.
@@ -144,6 +145,8 @@ def scale_by_debiased_rms(
       eps: added to the root, >= 0.
       debias: divide the second moment by :math:`1 - \beta_2^t`.
       rectify: pass the gradient through unscaled while RAdam's :math:`\rho_t \le 4`.
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root) or ``"max"`` (the root floored at
+        :math:`\epsilon`, heavyball's form).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
     Returns:
@@ -165,6 +168,7 @@ def scale_by_debiased_rms(
     """
     base.check_decay("b2", b2)
     base.check_nonnegative("eps", eps)
+    base.check_choice("eps_mode", eps_mode, ("add", "max"))
     moments.check_storage("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> DebiasedRmsState:
@@ -180,7 +184,7 @@ def scale_by_debiased_rms(
             dtype, g32, (v32,) = moments.to_compute(g, v)
             v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, dtype))
             bc2 = moments.bias_correction(b2, count, dtype) if debias else 1
-            step = moments.times(g32, moments.inv_root(v_new / bc2, moments.scalar(eps, dtype), 0))
+            step = moments.times(g32, moments.inv_root(v_new / bc2, moments.scalar(eps, dtype), 0, eps_mode))
             if rectify:
                 _, rho, _ = moments.radam_rho(b2, count, dtype)
                 step = jnp.where(rho > 4, step, g32)
@@ -469,6 +473,7 @@ def schedule_free_adamw(
     weight_lr_power: Any = 2.0,
     debias: Literal["moment", "learning_rate"] = "moment",
     weight_decay_mask: base.MaskOrFn | None = None,
+    eps_mode: Literal["add", "max"] = "add",
     nu_dtype: Any = None,
     z_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -498,6 +503,8 @@ def schedule_free_adamw(
       debias: "moment" (the package's ``AdamWScheduleFree``) or "learning_rate"
         (``AdamWScheduleFreePaper``), as above.
       weight_decay_mask: a tree of booleans (or a function returning one) selecting decayed leaves.
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root) or ``"max"`` (the root floored at
+        :math:`\epsilon`, heavyball's form).
       nu_dtype: the storage dtype of :math:`v` (default: the parameter's, at least float32).
       z_dtype: the storage dtype of :math:`z` (default: the parameter's, at least float32).
       complex_convention: for complex parameters, ``"modulus"`` (one second moment of
@@ -532,7 +539,10 @@ def schedule_free_adamw(
       offered here). ``AdamWScheduleFreePaper`` matches ``debias="learning_rate"``.
       ``optax.contrib.schedule_free_adamw(lr, warmup_steps=None, b1, b2, eps, weight_decay)``
       matches with a constant learning rate and no warmup, and differs under a schedule or a
-      warmup as described in :func:`schedule_free_sgd`.
+      warmup as described in :func:`schedule_free_sgd`. ``heavyball.SFAdamW(lr, betas=(b1, b2),
+      eps, weight_decay, warmup_steps=W, r, weight_lr_power)`` (its parameters, in train mode) is
+      this with ``eps_mode="max"`` and ``warmup_steps=W + 1`` for ``W > 0`` (its warmup rate is
+      :math:`t / (W + 1)`).
     """
     base.check_learning_rate(learning_rate)
     _check_interpolation("b1", b1)
@@ -541,7 +551,7 @@ def schedule_free_adamw(
     factor: LearningRateFactor | None = None
     if debias == "learning_rate":
         factor = lambda step: jnp.sqrt(moments.bias_correction(b2, step, step.dtype))
-    direction = scale_by_debiased_rms(b2, eps, debias=debias == "moment", nu_dtype=nu_dtype)
+    direction = scale_by_debiased_rms(b2, eps, debias=debias == "moment", eps_mode=eps_mode, nu_dtype=nu_dtype)
     options = dict(warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, z_dtype=z_dtype)
     base.check_complex_convention(complex_convention)
     return _schedule_free(
