@@ -464,7 +464,13 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     ),
     OptimizerSpec(
         "laprop", laprop.laprop, {**BETAS, **EPS},
-        (Reference("pytorch_optimizer.LaProp", kwargs={"eps_root": 1e-15}, note=_LAPROP_FOREACH),),
+        (
+            Reference("pytorch_optimizer.LaProp", kwargs={"eps_root": 1e-15}, note=_LAPROP_FOREACH),
+            Reference(
+                "heavyball.LaProp", kwargs={"eps": 1e-8, "eps_mode": "max", "weight_decay_mode": "decoupled"},
+                schedule=False, note="it floors the debiased root at 1e-8 whatever its eps; it decays before the step",
+            ),
+        ),
         _ADAM_FAMILY, "momentum of RMSProp-normalised gradients",
     ),
     OptimizerSpec(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import optax
 
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
-from adaopt._src.optimizers.adam import check_moments
+from adaopt._src.optimizers.adam import EpsMode, check_moments
 
 
 class LapropState(NamedTuple):
@@ -40,6 +40,7 @@ def scale_by_laprop(
     eps: Any = 1e-15,
     eps_root: Any = 0.0,
     *,
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -62,6 +63,9 @@ def scale_by_laprop(
       b2: :math:`\beta_2`, the decay of the second moment, in [0, 1).
       eps: :math:`\epsilon`, added to the root of the second moment before its debiasing, >= 0.
       eps_root: :math:`\epsilon_{root}`, added inside the root, >= 0.
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root before its debiasing, above) or
+        ``"max"`` (the debiased root :math:`\sqrt{(v_t + \epsilon_{root}) / (1 - \beta_2^t)}`
+        floored at :math:`\epsilon`, heavyball's form).
       mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
@@ -85,6 +89,7 @@ def scale_by_laprop(
     """
     base.check_learning_rate(learning_rate)
     check_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+    base.check_choice("eps_mode", eps_mode, ("add", "max"))
 
     def init_fn(params: base.Params) -> LapropState:
         return LapropState(
@@ -120,7 +125,11 @@ def scale_by_laprop(
             beta1, beta2, root_bc2, lr, size, e, e_root = scalars(dtype)
             v_new = moments.ema(moments.abs_sq(g_compute), v_compute, beta2)
             # (1 - b1) * lr * g / denominator, with the denominator's debiasing as a product.
-            scale = moments.safe_divide(root_bc2, moments.safe_sqrt(v_new + e_root) + e)
+            root = moments.safe_sqrt(v_new + e_root)
+            if eps_mode == "add":
+                scale = moments.safe_divide(root_bc2, root + e)
+            else:
+                scale = moments.safe_divide(1, jnp.maximum(root / root_bc2, e))
             m_new = moments.times(m_compute, beta1) + moments.times(g_compute, (1 - beta1) * lr * scale)
             step = moments.times(m_new, -size)
             return step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v)
@@ -137,11 +146,14 @@ class SteppedDecayState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
-def _decay_stepped_params(learning_rate: ScalarOrSchedule, weight_decay: Any) -> optax.GradientTransformation:
-    r"""Decoupled decay of the parameters after the step: :math:`u \leftarrow u - \eta_t \lambda (\theta + u)`.
+def _decay_stepped_params(
+    learning_rate: ScalarOrSchedule, weight_decay: Any, mode: Literal["stepped", "decoupled"] = "stepped"
+) -> optax.GradientTransformation:
+    r"""Decoupled decay of the parameters after the step, :math:`u \leftarrow u - \eta_t \lambda (\theta + u)`
+    (``"stepped"``), or before it, :math:`u \leftarrow u - \eta_t \lambda \theta` (``"decoupled"``).
 
     pytorch-optimizer's LaProp multiplies the parameters by :math:`1 - \eta_t\lambda` after
-    stepping them, where AdamW decays the parameters before the step.
+    stepping them; AdamW, and heavyball's LaProp, decay the parameters before the step.
     """
 
     def init_fn(params: base.Params) -> SteppedDecayState:
@@ -162,7 +174,8 @@ def _decay_stepped_params(learning_rate: ScalarOrSchedule, weight_decay: Any) ->
                 if isinstance(factor, (int, float))
                 else jnp.asarray(factor).astype(moments.compute_dtype(u.dtype))
             )
-            return (u - moments.times(p.astype(u.dtype) + u, f)).astype(u.dtype)
+            decayed = p.astype(u.dtype) + u if mode == "stepped" else p.astype(u.dtype)
+            return (u - moments.times(decayed, f)).astype(u.dtype)
 
         return jax.tree.map(leaf, updates, params), SteppedDecayState(moments.safe_increment(state.count))
 
@@ -179,6 +192,8 @@ def laprop(
     *,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = True,
+    weight_decay_mode: Literal["stepped", "decoupled"] = "stepped",
+    eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -187,7 +202,8 @@ def laprop(
 
     .. math::
         g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad \text{(coupled decay)} \\
-        \theta_t &= (\theta_{t-1} + u_t)(1 - \eta_t \lambda) \quad \text{(decoupled decay, the default)}
+        \theta_t &= (\theta_{t-1} + u_t)(1 - \eta_t \lambda) \quad \text{(decoupled decay, the default)} \\
+        \theta_t &= \theta_{t-1} (1 - \eta_t \lambda) + u_t \quad \text{(decoupled, weight\_decay\_mode="decoupled")}
 
     with :math:`u_t` the step of :func:`scale_by_laprop` (the decoupled decay acts on the
     parameters after the step, as in pytorch-optimizer).
@@ -201,8 +217,11 @@ def laprop(
       weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0.
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
         that selects the leaves to decay.
-      decoupled_weight_decay: True (the default) decays the stepped parameters; False adds the
-        decay to the gradient.
+      decoupled_weight_decay: True (the default) decays the parameters apart from the gradient;
+        False adds the decay to the gradient.
+      weight_decay_mode: with ``decoupled_weight_decay``, ``"stepped"`` decays the stepped
+        parameters (pytorch-optimizer), ``"decoupled"`` the previous ones, as AdamW does (heavyball).
+      eps_mode: ``"add"`` or ``"max"``; see :func:`scale_by_laprop`.
       mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
       complex_convention: for complex parameters, ``"modulus"`` (one second moment of
@@ -228,13 +247,19 @@ def laprop(
       foreach=False)`` is this with ``eps_root=1e-15`` (its foreach path, taken by default for
       real parameters, computes the debiasing step size in float32). Its coupled decay
       (``weight_decouple=False``) changes the gradient after it was used, so does nothing.
+      ``heavyball.LaProp(lr, betas=(b1, b2), weight_decay)`` is this with ``eps=1e-8`` (it floors
+      the root there whatever its ``eps``), ``eps_mode="max"`` and
+      ``weight_decay_mode="decoupled"``, at a constant rate (it takes the rate out of the momentum).
     """
     base.check_common(learning_rate, weight_decay)
     base.check_complex_convention(complex_convention)
-    core = scale_by_laprop(learning_rate, b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    base.check_choice("weight_decay_mode", weight_decay_mode, ("stepped", "decoupled"))
+    core = scale_by_laprop(
+        learning_rate, b1, b2, eps, eps_root, eps_mode=eps_mode, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+    )
     if not decoupled_weight_decay:
         return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention=complex_convention)
     base.check_mask(weight_decay_mask)
-    decay = _decay_stepped_params(learning_rate, weight_decay)
+    decay = _decay_stepped_params(learning_rate, weight_decay, weight_decay_mode)
     masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
     return base.assemble(core, None, after_decay=(masked,), complex_convention=complex_convention)
