@@ -121,8 +121,10 @@ from adaopt._src.optimizers.lion import scale_by_lion as scale_by_lion
 from adaopt._src.optimizers.mars import MarsState as MarsState
 from adaopt._src.optimizers.mars import mars as mars
 from adaopt._src.optimizers.mars import scale_by_mars as scale_by_mars
+from adaopt._src.optimizers.rmsprop import DebiasedRmsState as DebiasedRmsState
 from adaopt._src.optimizers.rmsprop import RmsState as RmsState
 from adaopt._src.optimizers.rmsprop import rmsprop as rmsprop
+from adaopt._src.optimizers.rmsprop import scale_by_debiased_rms as scale_by_debiased_rms
 from adaopt._src.optimizers.rmsprop import scale_by_rms as scale_by_rms
 from adaopt._src.optimizers.sgd import MomentumState as MomentumState
 from adaopt._src.optimizers.sgd import scale_by_momentum as scale_by_momentum
@@ -221,10 +223,8 @@ from adaopt._src.tuning_free.mechanic import mechanic as mechanic
 from adaopt._src.tuning_free.prodigy import ProdigyState as ProdigyState
 from adaopt._src.tuning_free.prodigy import prodigy as prodigy
 from adaopt._src.tuning_free.prodigy import scale_by_prodigy as scale_by_prodigy
-from adaopt._src.tuning_free.schedule_free import DebiasedRmsState as DebiasedRmsState
 from adaopt._src.tuning_free.schedule_free import ScheduleFreeState as ScheduleFreeState
 from adaopt._src.tuning_free.schedule_free import radam_rectification as radam_rectification
-from adaopt._src.tuning_free.schedule_free import scale_by_debiased_rms as scale_by_debiased_rms
 from adaopt._src.tuning_free.schedule_free import scale_by_schedule_free as scale_by_schedule_free
 from adaopt._src.tuning_free.schedule_free import schedule_free_adamw as schedule_free_adamw
 from adaopt._src.tuning_free.schedule_free import schedule_free_eval_params as schedule_free_eval_params

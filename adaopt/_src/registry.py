@@ -359,6 +359,11 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         (
             Reference("torch.optim.RMSprop"),
             Reference("torch.optim.RMSprop", kwargs={"centered": True}),
+            Reference(
+                "heavyball.RMSprop",
+                kwargs={"bias_correction": True, "eps_mode": "max", "decoupled_weight_decay": True, "momentum": None},
+                note="debiased RMSprop: the second moment debiased as Adam's, the root floored at eps",
+            ),
             Reference("optax.rmsprop", convention=_eps_inside, weight_decay=False, schedule=False, note=_OPTAX_RMS),
             Reference(
                 "optax.rmsprop", kwargs={"centered": True}, convention=_eps_inside, weight_decay=False,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,93 @@ class RmsState(NamedTuple):
     mu: Updates | None = None  # EMA of gradients when centered, else None
 
 
+class DebiasedRmsState(NamedTuple):
+    """State of :func:`scale_by_debiased_rms`: the step count and the second moment.
+
+    Attributes:
+      count: :math:`t`, the number of updates so far, a saturating int32.
+      nu: :math:`v_t`, the second moment, mirroring the parameters.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    nu: Updates
+
+
+def scale_by_debiased_rms(
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    *,
+    debias: bool = True,
+    rectify: bool = False,
+    eps_mode: Literal["add", "max"] = "add",
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Divide by the root of the (bias-corrected) second moment: Adam's step without momentum.
+
+    .. math::
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        \text{update} &= \begin{cases}
+            g_t \,/\, \big(\sqrt{v_t / (1 - \beta_2^t)} + \epsilon\big) & \text{debias} \\
+            g_t \,/\, \big(\sqrt{v_t} + \epsilon\big) & \text{otherwise} \\
+            g_t & \text{rectify and } \rho_t \le 4 \text{ (RAdam's SGD phase)}
+        \end{cases}
+
+    Args:
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the root, >= 0.
+      debias: divide the second moment by :math:`1 - \beta_2^t`.
+      rectify: pass the gradient through unscaled while RAdam's :math:`\rho_t \le 4`.
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root) or ``"max"`` (the root floored at
+        :math:`\epsilon`, heavyball's form).
+      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`DebiasedRmsState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> block = adaopt.scale_by_debiased_rms(eps=0.0)
+      >>> step, state = block.update(jnp.array([2.0, -0.5]), block.init(jnp.zeros(2)))
+      >>> step  # the first debiased step is sign(g), up to rounding
+      Array([ 0.99999..., -0.99999...], dtype=float32)
+
+    References:
+      Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled",
+      NeurIPS 2024, https://arxiv.org/abs/2405.15682 (the direction of Schedule-Free AdamW).
+
+      Liu, Jiang, He, Chen, Liu, Gao & Han, "On the Variance of the Adaptive Learning Rate and
+      Beyond", ICLR 2020, https://arxiv.org/abs/1908.03265 (the rectified phase).
+    """
+    base.check_decay("b2", b2)
+    base.check_nonnegative("eps", eps)
+    base.check_choice("eps_mode", eps_mode, ("add", "max"))
+    moments.check_storage("nu_dtype", nu_dtype)
+
+    def init_fn(params: base.Params) -> DebiasedRmsState:
+        return DebiasedRmsState(moments.zero_count(), moments.init_like(params, nu_dtype, real=True))
+
+    def update_fn(
+        updates: Updates, state: DebiasedRmsState, params: base.Params | None = None
+    ) -> tuple[Updates, DebiasedRmsState]:
+        del params
+        count = moments.safe_increment(state.count)
+
+        def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+            dtype, g32, (v32,) = moments.to_compute(g, v)
+            v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, dtype))
+            bc2 = moments.bias_correction(b2, count, dtype) if debias else 1
+            step = moments.times(g32, moments.inv_root(v_new / bc2, moments.scalar(eps, dtype), 0, eps_mode))
+            if rectify:
+                _, rho, _ = moments.radam_rho(b2, count, dtype)
+                step = jnp.where(rho > 4, step, g32)
+            return step.astype(g.dtype), moments.store(v_new, v)
+
+        step, nu = moments.leafwise(leaf, 2, updates, state.nu)
+        return step, DebiasedRmsState(count, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def scale_by_rms(
     decay: Any = 0.99,
     eps: Any = 1e-8,
@@ -32,6 +119,7 @@ def scale_by_rms(
     *,
     centered: bool = False,
     initial_scale: Any = 0.0,
+    eps_mode: Literal["add", "max"] = "add",
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""RMSProp's block: each coordinate divided by the root of an EMA of its squared gradients.
@@ -49,6 +137,8 @@ def scale_by_rms(
       eps_root: :math:`\epsilon_{root}`, added inside the root (optax's), >= 0.
       centered: divide by the root of the variance rather than of the second moment.
       initial_scale: :math:`v_0` >= 0.
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root) or ``"max"`` (the root floored at
+        :math:`\epsilon`).
       nu_dtype: storage dtype of both EMAs (default: the parameter's, at least float32).
 
     Returns:
@@ -75,6 +165,7 @@ def scale_by_rms(
     base.check_nonnegative("eps", eps)
     base.check_nonnegative("eps_root", eps_root)
     base.check_nonnegative("initial_scale", initial_scale)
+    base.check_choice("eps_mode", eps_mode, ("add", "max"))
     moments.check_storage("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> RmsState:
@@ -94,7 +185,7 @@ def scale_by_rms(
             v_new = moments.ema(moments.abs_sq(g32), v32, alpha)
             m_new = tuple(moments.ema(g32, x, alpha) for x in m32)
             variance = v_new - moments.abs_sq(m_new[0]) if centered else v_new
-            step = moments.times(g32, moments.inv_root(variance, e, e_root))
+            step = moments.times(g32, moments.inv_root(variance, e, e_root, eps_mode))
             return (step.astype(g.dtype), moments.store(v_new, v), *(moments.store(x, m[0]) for x in m_new))
 
         trees = (state.nu, state.mu) if centered else (state.nu,)
@@ -117,6 +208,8 @@ def rmsprop(
     nesterov: bool = False,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
+    bias_correction: bool = False,
+    eps_mode: Literal["add", "max"] = "add",
     nu_dtype: Any = None,
     accumulator_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -144,6 +237,10 @@ def rmsprop(
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
         that selects the leaves to decay.
       decoupled_weight_decay: add :math:`\lambda\theta` to the step instead of to the gradient.
+      bias_correction: divide :math:`v_t` by :math:`1 - \alpha^t`, as Adam does
+        (:func:`scale_by_debiased_rms`; not with ``centered``, ``eps_root`` or ``initial_scale``).
+      eps_mode: ``"add"`` (:math:`\epsilon` added to the root, torch's) or ``"max"`` (the root
+        floored at :math:`\epsilon`, heavyball's).
       nu_dtype: storage dtype of the EMAs :math:`v` and :math:`\bar g`.
       accumulator_dtype: storage dtype of the momentum buffer :math:`b`.
       complex_convention: for complex parameters, ``"modulus"`` (one second moment of
@@ -171,12 +268,26 @@ def rmsprop(
       Reference packages: ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum,
       centered)`` is this with the same numbers (its ``momentum=0`` is ``None`` here, and
       ``complex_convention="real_imag"``); ``optax.rmsprop(lr, decay, eps=e, centered,
-      momentum)`` is this with ``eps=0, eps_root=e``.
+      momentum)`` is this with ``eps=0, eps_root=e``. heavyball's ``RMSprop(lr, betas=(_, decay),
+      eps, weight_decay)``, "debiased RMSprop", is this with ``bias_correction=True,
+      eps_mode="max", decoupled_weight_decay=True`` and no momentum.
     """
     base.check_common(learning_rate, weight_decay)
     moments.check_storage("accumulator_dtype", accumulator_dtype)
     base.check_complex_convention(complex_convention)
-    core = scale_by_rms(decay, eps, eps_root, centered=centered, initial_scale=initial_scale, nu_dtype=nu_dtype)
+    if bias_correction:
+        others = {"centered": centered, "eps_root": eps_root, "initial_scale": initial_scale}
+        taken = [name for name, value in others.items() if value is not False and not base.is_zero(value)]
+        if taken:
+            raise base.HyperparameterError(
+                f"rmsprop(bias_correction=True) debiases an EMA started at 0 around 0: it does not take {taken} "
+                f"(got {', '.join(f'{k}={others[k]!r}' for k in taken)}). Leave them at their defaults."
+            )
+        core = scale_by_debiased_rms(decay, eps, eps_mode=eps_mode, nu_dtype=nu_dtype)
+    else:
+        core = scale_by_rms(
+            decay, eps, eps_root, centered=centered, initial_scale=initial_scale, eps_mode=eps_mode, nu_dtype=nu_dtype
+        )
     base.check_nesterov(momentum, nesterov)
     if momentum is not None:
         core = optax.chain(core, scale_by_momentum(momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype))

@@ -21,6 +21,7 @@ import optax
 
 from adaopt._src import base, complex_params, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.optimizers.rmsprop import scale_by_debiased_rms
 
 LearningRateFactor = Callable[[jax.Array], jax.Array]
 """A factor on the learning rate, a function of the step :math:`t` (1, 2, ...) in the scalar dtype."""
@@ -50,18 +51,6 @@ class ScheduleFreeState(NamedTuple):
 
     def current_hyperparams(self) -> dict[str, jax.Array]:
         return {"lr_max": self.lr_max}
-
-
-class DebiasedRmsState(NamedTuple):
-    """State of :func:`scale_by_debiased_rms`: the step count and the second moment.
-
-    Attributes:
-      count: :math:`t`, the number of updates so far, a saturating int32.
-      nu: :math:`v_t`, the second moment, mirroring the parameters.
-    """
-
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
-    nu: Updates
 
 
 def _check_warmup_steps(warmup_steps: Any) -> None:
@@ -119,81 +108,6 @@ def radam_rectification(b2: Any, *, silent_sgd_phase: bool = True) -> LearningRa
         return jnp.where(rectify, r, jnp.asarray(0.0 if silent_sgd_phase else 1.0, dtype))
 
     return factor
-
-
-def scale_by_debiased_rms(
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    *,
-    debias: bool = True,
-    rectify: bool = False,
-    eps_mode: Literal["add", "max"] = "add",
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
-    r"""Divide by the root of the (bias-corrected) second moment: Adam's step without momentum.
-
-    .. math::
-        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
-        \text{update} &= \begin{cases}
-            g_t \,/\, \big(\sqrt{v_t / (1 - \beta_2^t)} + \epsilon\big) & \text{debias} \\
-            g_t \,/\, \big(\sqrt{v_t} + \epsilon\big) & \text{otherwise} \\
-            g_t & \text{rectify and } \rho_t \le 4 \text{ (RAdam's SGD phase)}
-        \end{cases}
-
-    Args:
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the root, >= 0.
-      debias: divide the second moment by :math:`1 - \beta_2^t`.
-      rectify: pass the gradient through unscaled while RAdam's :math:`\rho_t \le 4`.
-      eps_mode: ``"add"`` (:math:`\epsilon` added to the root) or ``"max"`` (the root floored at
-        :math:`\epsilon`, heavyball's form).
-      nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
-
-    Returns:
-      An ``optax.GradientTransformation`` with state :class:`DebiasedRmsState`.
-
-    Example:
-      >>> import jax.numpy as jnp, adaopt
-      >>> block = adaopt.scale_by_debiased_rms(eps=0.0)
-      >>> step, state = block.update(jnp.array([2.0, -0.5]), block.init(jnp.zeros(2)))
-      >>> step  # the first debiased step is sign(g), up to rounding
-      Array([ 0.99999..., -0.99999...], dtype=float32)
-
-    References:
-      Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled",
-      NeurIPS 2024, https://arxiv.org/abs/2405.15682 (the direction of Schedule-Free AdamW).
-
-      Liu, Jiang, He, Chen, Liu, Gao & Han, "On the Variance of the Adaptive Learning Rate and
-      Beyond", ICLR 2020, https://arxiv.org/abs/1908.03265 (the rectified phase).
-    """
-    base.check_decay("b2", b2)
-    base.check_nonnegative("eps", eps)
-    base.check_choice("eps_mode", eps_mode, ("add", "max"))
-    moments.check_storage("nu_dtype", nu_dtype)
-
-    def init_fn(params: base.Params) -> DebiasedRmsState:
-        return DebiasedRmsState(moments.zero_count(), moments.init_like(params, nu_dtype, real=True))
-
-    def update_fn(
-        updates: Updates, state: DebiasedRmsState, params: base.Params | None = None
-    ) -> tuple[Updates, DebiasedRmsState]:
-        del params
-        count = moments.safe_increment(state.count)
-
-        def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-            dtype, g32, (v32,) = moments.to_compute(g, v)
-            v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, dtype))
-            bc2 = moments.bias_correction(b2, count, dtype) if debias else 1
-            step = moments.times(g32, moments.inv_root(v_new / bc2, moments.scalar(eps, dtype), 0, eps_mode))
-            if rectify:
-                _, rho, _ = moments.radam_rho(b2, count, dtype)
-                step = jnp.where(rho > 4, step, g32)
-            return step.astype(g.dtype), moments.store(v_new, v)
-
-        step, nu = moments.leafwise(leaf, 2, updates, state.nu)
-        return step, DebiasedRmsState(count, nu)
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_schedule_free(
