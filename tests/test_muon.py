@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import heavyball
+import heavyball.utils
 import jax
 import jax.numpy as jnp
 import muon as muon_package
@@ -268,11 +270,84 @@ def test_complex_parameters_are_refused_at_init() -> None:
         adaopt.muon().init({"w": jnp.ones((3, 3), jnp.complex64)})
 
 
+# heavyball's MuonAdamW: every leaf of two or more axes (flattened to a matrix) by Muon, the others by its Adam.
+
+HEAVYBALL_SHAPES = {"w": (16, 8), "t": (4, 3, 2), "embed": (12, 4), "b": (8,), "s": ()}
+HEAVYBALL = {
+    "eps": 1e-7, "eps_mode": "max", "nesterov_form": "add", "matrix_view": "flatten",
+    "ns_coefficients": adaopt.HEAVYBALL_NS_COEFFICIENTS, "adam_eps": 1e-8, "adam_eps_mode": "max",
+}  # fmt: skip
+
+
+def _heavyball(hp: dict, params: dict, grads: dict) -> dict:
+    """``heavyball.MuonAdamW``, eager, its state and scalars in float64."""
+    tensors = {k: torch.tensor(v) for k, v in params.items()}
+    previous = heavyball.utils.compile_mode, torch.get_default_dtype()
+    heavyball.utils.compile_mode = None
+    torch.set_default_dtype(torch.float64)
+    try:
+        opt = heavyball.MuonAdamW(
+            [tensors[k] for k in sorted(tensors)], lr=hp["learning_rate"], betas=(hp["momentum"], hp["adam_b2"]),
+            weight_decay=hp["weight_decay"], storage_dtype="float64",
+        )  # fmt: skip
+        return _torch_run(opt, tensors, grads)
+    finally:
+        heavyball.utils.compile_mode = previous[0]
+        torch.set_default_dtype(previous[1])
+
+
+def _adaopt_heavyball(hp: dict, **options: Any) -> optax.GradientTransformation:
+    return adaopt.muon(
+        hp["learning_rate"], hp["momentum"], hp["weight_decay"], adam_b1=hp["momentum"], adam_b2=hp["adam_b2"],
+        muon_mask=lambda tree: jax.tree.map(lambda x: jnp.ndim(x) >= 2, tree), **{**HEAVYBALL, **options},
+    )  # fmt: skip
+
+
+def test_matches_heavyball_MuonAdamW() -> None:
+    """Its Newton-Schulz runs in the parameters' dtype (float64 here): the comparison is exact to rounding."""
+    hp = _draw(zlib.crc32(b"muon/heavyball"), True)
+    params, grads = parity.random_problem(HEAVYBALL_SHAPES, 11, np.float64)
+    theirs = _heavyball(hp, params, grads)
+    with jax.enable_x64(True):
+        ours = parity.run_adaopt(_adaopt_heavyball(hp), params, grads)
+    moved = parity.relative_error(theirs, {k: np.broadcast_to(params[k], theirs[k].shape) for k in theirs})
+    assert moved > 1e-2
+    assert parity.relative_error(ours, theirs) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "flipped",
+    [{"nesterov_form": "lerp"}, {"matrix_view": "batch"}, {"ns_coefficients": (3.4445, -4.775, 2.0315)},
+     {"adam_eps_mode": "add"}],
+    ids=lambda d: next(iter(d)),
+)  # fmt: skip
+def test_each_heavyball_option_is_needed(flipped: dict) -> None:
+    hp = {**_draw(zlib.crc32(b"muon/heavyball"), True), "adam_b2": 0.9}
+    params, grads = parity.random_problem(HEAVYBALL_SHAPES, 12, np.float64, steps=60)
+    grads = {k: g * (1e-4 if k in ("b", "s") else 1.0) for k, g in grads.items()}  # small: Adam's eps floor shows
+    theirs = _heavyball(hp, params, grads)
+    with jax.enable_x64(True):
+        ours = parity.run_adaopt(_adaopt_heavyball(hp, **flipped), params, grads)
+    assert parity.relative_error(ours, theirs) > 1e-8
+
+
+def test_a_coefficient_schedule_runs_one_triple_per_iteration() -> None:
+    """Five equal triples are the single triple; a schedule of the wrong length is refused."""
+    x = jax.random.normal(jax.random.key(0), (6, 4))
+    single = adaopt.newton_schulz(x, (3.4445, -4.775, 2.0315), 5)
+    np.testing.assert_array_equal(adaopt.newton_schulz(x, [(3.4445, -4.775, 2.0315)] * 5, 5), single)
+    assert not np.allclose(adaopt.newton_schulz(x, adaopt.HEAVYBALL_NS_COEFFICIENTS, 5), single, atol=1e-3)
+    with pytest.raises(adaopt.HyperparameterError, match="ns_steps is 4"):
+        adaopt.muon(ns_coefficients=adaopt.HEAVYBALL_NS_COEFFICIENTS, ns_steps=4)
+
+
 def test_validation_names_the_option() -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"ns_steps": 2.5}, "ns_steps"), ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
         ({"adjust_lr": "match_rms"}, "adjust_lr"), ({"eps_mode": "clamp"}, "eps_mode"),
         ({"ns_dtype": jnp.int8}, "ns_dtype"), ({"momentum": 0.0}, "nesterov"),
+        ({"nesterov_form": "sum"}, "nesterov_form"), ({"matrix_view": "reshape"}, "matrix_view"),
+        ({"adam_eps_mode": "clamp"}, "adam_eps_mode"), ({"ns_coefficients": ((1.0, 2.0, 3.0), (1.0,))}, "ns_coefficients"),
     ]  # fmt: skip
     for kwargs, name in cases:
         with pytest.raises(adaopt.HyperparameterError, match=name):

@@ -538,6 +538,14 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         (
             Reference("muon.SingleDeviceMuonWithAuxAdam", note=_MUON_PACKAGE),
             Reference("torch.optim.Muon", kwargs={"eps_mode": "max"}, note=_MUON_TORCH),
+            Reference(
+                "heavyball.MuonAdamW",
+                kwargs={
+                    "eps_mode": "max", "nesterov_form": "add", "matrix_view": "flatten", "adam_eps_mode": "max",
+                    "ns_coefficients": muon.HEAVYBALL_NS_COEFFICIENTS,
+                },
+                note="its Newton-Schulz coefficients change at each iteration; every leaf of 2+ axes goes to Muon",
+            ),
         ),
         frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY}),
         "Newton–Schulz-orthogonalised momentum per matrix, AdamW for the other leaves",

@@ -8,7 +8,7 @@ auxiliary AdamW, by the rule of :func:`default_muon_mask` or one of the user's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -22,7 +22,51 @@ from adaopt._src.optimizers import adam
 
 AdjustLr = Literal["original", "match_rms_adamw"]
 EpsMode = Literal["add", "max"]
+NesterovForm = Literal["lerp", "add"]
+MatrixView = Literal["batch", "flatten"]
+Coefficients = tuple[float, float, float]
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+HEAVYBALL_NS_COEFFICIENTS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+"""heavyball's five iterations, each with its own coefficients (``ns_coefficients`` of :func:`scale_by_muon`)."""
+
+
+def check_ns_coefficients(ns_coefficients: Any, ns_steps: Any) -> None:
+    """``ns_coefficients``: one triple (a, b, c) of real numbers for every iteration, or one triple per iteration."""
+
+    def is_triple(x: Any) -> bool:
+        return isinstance(x, (tuple, list)) and len(x) == 3 and not any(isinstance(v, (tuple, list)) for v in x)
+
+    triples = [ns_coefficients] if is_triple(ns_coefficients) else ns_coefficients
+    if not isinstance(triples, (tuple, list)) or not triples or not all(is_triple(t) for t in triples):
+        raise base.HyperparameterError(
+            "ns_coefficients must be a tuple of three real numbers (a, b, c), or one such tuple per Newton-Schulz "
+            f"iteration, got {ns_coefficients!r}."
+        )
+    if not is_triple(ns_coefficients) and len(triples) != ns_steps:
+        raise base.HyperparameterError(
+            f"ns_coefficients gives {len(triples)} iterations' coefficients, but ns_steps is {ns_steps!r}: give one "
+            "triple per iteration, or one triple for all."
+        )
+    for i, triple in enumerate(triples):
+        for j, coefficient in enumerate(triple):
+            base.check_scalar(
+                f"ns_coefficients[{i}][{j}]" if len(triples) > 1 else f"ns_coefficients[{j}]", coefficient
+            )
+
+
+def _schedule(coefficients: Any, steps: int) -> list[Coefficients]:
+    """Each iteration's (a, b, c), as floats."""
+    if len(coefficients) == 3 and not isinstance(coefficients[0], (tuple, list)):
+        return [tuple(float(x) for x in coefficients)] * steps  # type: ignore[list-item]
+    return [tuple(float(x) for x in triple) for triple in coefficients]  # type: ignore[misc]
+
+
 """The quintic Newton–Schulz coefficients of the reference implementations."""
 
 # Path keys that name an embedding or an output head: leaves under them go to the auxiliary AdamW.
@@ -95,7 +139,7 @@ def _shape_scale(shape: tuple[int, ...], adjust_lr: AdjustLr | None) -> float:
 
 def newton_schulz(
     x: jax.Array,
-    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
     steps: int = 5,
     eps: float = 1e-7,
     *,
@@ -111,9 +155,10 @@ def newton_schulz(
 
     on the wide orientation of each matrix (a tall one is transposed and back), in ``dtype``
     (None: the compute dtype of ``x``, float32 or float64), with a zero matrix mapped to zero.
-    Returned in that dtype.
+    Returned in that dtype. ``coefficients``: one :math:`(a, b, c)` for every iteration, or one
+    per iteration (``steps`` of them).
     """
-    a, b, c = coefficients
+    schedule = _schedule(coefficients, steps)
     dtype = moments.compute_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
     # Products accumulate in float32 at least and are rounded to ``dtype`` once per product-and-sum,
     # as torch's addmm does in bfloat16; float32 and float64 at full precision (accelerators
@@ -133,7 +178,7 @@ def newton_schulz(
     eps_value = moments.scalar(eps, dtype)
     denominator = norm + eps_value if eps_mode == "add" else jnp.maximum(norm, eps_value)
     x = moments.safe_divide(x, denominator).astype(dtype)
-    for _ in range(steps):
+    for a, b, c in schedule:
         gram = matmul(x, jnp.swapaxes(x, -1, -2)).astype(dtype)
         gram_update = (b * gram.astype(accumulate) + c * matmul(gram, gram)).astype(dtype)
         x = (a * x.astype(accumulate) + matmul(gram_update, x)).astype(dtype)
@@ -156,12 +201,7 @@ def _check_muon(
     base.check_decay("momentum", momentum)
     base.check_nesterov(momentum, nesterov)
     base.check_integer("ns_steps", ns_steps, 0, 99)
-    if not isinstance(ns_coefficients, (tuple, list)) or len(ns_coefficients) != 3:
-        raise base.HyperparameterError(
-            f"ns_coefficients must be a tuple of three real numbers (a, b, c), got {ns_coefficients!r}."
-        )
-    for i, coefficient in enumerate(ns_coefficients):
-        base.check_scalar(f"ns_coefficients[{i}]", coefficient)
+    check_ns_coefficients(ns_coefficients, ns_steps)
     base.check_nonnegative("eps", eps)
     base.check_choice("eps_mode", eps_mode, ("add", "max"))
     base.check_choice("adjust_lr", adjust_lr, ("original", "match_rms_adamw", None))
@@ -180,10 +220,12 @@ def scale_by_muon(
     *,
     nesterov: bool = True,
     ns_steps: int = 5,
-    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    ns_coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
     eps: Any = 1e-7,
     eps_mode: EpsMode = "add",
     adjust_lr: AdjustLr | None = "original",
+    nesterov_form: NesterovForm = "lerp",
+    matrix_view: MatrixView = "batch",
     ns_dtype: Any = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -191,7 +233,8 @@ def scale_by_muon(
 
     .. math::
         m_t &= \mu\, m_{t-1} + (1 - \mu)\, g_t \\
-        G_t &= g_t + \mu (m_t - g_t) \;\text{(Nesterov)} \quad\text{or}\quad m_t \\
+        G_t &= g_t + \mu (m_t - g_t) \;\text{(Nesterov, "lerp")}, \quad g_t + m_t \;\text{("add")}
+        \quad\text{or}\quad m_t \\
         u_t &= s(A, B)\, \mathrm{NS}(G_t), \qquad
         s = \begin{cases}
             \sqrt{\max(1, A / B)} & \text{"original"} \\
@@ -203,21 +246,28 @@ def scale_by_muon(
 
     Every leaf must have two or more dimensions: a leaf of three or more is a batch of matrices
     over its leading axes (each orthogonalised, normalised and scaled by itself, as the author's
-    package does for 3-d leaves; it flattens 4-d convolution kernels to (out, in·h·w) instead:
-    reshape such a kernel first for that). :func:`muon` routes the other leaves elsewhere.
+    package does for 3-d leaves; it flattens 4-d convolution kernels to (out, in·h·w) instead),
+    or, with ``matrix_view="flatten"``, one matrix (its first axis by the product of the others:
+    heavyball's view, and the author's for convolution kernels). :func:`muon` routes the other
+    leaves elsewhere.
 
     Args:
       momentum: :math:`\mu`, the decay of the momentum, in [0, 1).
-      nesterov: orthogonalise the Nesterov look-ahead :math:`g_t + \mu (m_t - g_t)` (the
-        references' default) instead of :math:`m_t`.
+      nesterov: orthogonalise the Nesterov look-ahead (the references' default) instead of
+        :math:`m_t`.
       ns_steps: number of Newton–Schulz iterations, in [0, 99].
-      ns_coefficients: the iteration's coefficients :math:`(a, b, c)`.
+      ns_coefficients: the iteration's coefficients :math:`(a, b, c)`, or one triple per iteration
+        (``ns_steps`` of them), e.g. :data:`HEAVYBALL_NS_COEFFICIENTS`.
       eps: :math:`\epsilon` of the normalisation, >= 0.
       eps_mode: ``"add"`` (:math:`\|G\|_F + \epsilon`: the author's package, optax) or ``"max"``
         (:math:`\max(\|G\|_F, \epsilon)`: ``torch.optim.Muon``).
       adjust_lr: the shape scaling :math:`s`: ``"original"`` (the author's package, torch's
         default), ``"match_rms_adamw"`` (Moonlight's consistent RMS: the update's RMS near
         AdamW's) or None.
+      nesterov_form: the look-ahead: ``"lerp"``, :math:`g_t + \mu (m_t - g_t)` (the author's
+        package, torch, optax), or ``"add"``, :math:`g_t + m_t` (heavyball's).
+      matrix_view: ``"batch"`` (a leaf of three or more axes is a batch of matrices over its last
+        two) or ``"flatten"`` (one matrix, its first axis by the rest).
       ns_dtype: the dtype of the iteration; None: the compute dtype (float32, float64 for
         float64 parameters); ``jnp.bfloat16`` runs it as the reference packages do.
       mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
@@ -239,8 +289,9 @@ def scale_by_muon(
       https://kellerjordan.github.io/posts/muon/.
     """
     _check_muon(momentum, nesterov, ns_steps, ns_coefficients, eps, eps_mode, adjust_lr, ns_dtype, mu_dtype)
-    a, b, c = (float(x) for x in ns_coefficients)
-    coefficients = (a, b, c)
+    base.check_choice("nesterov_form", nesterov_form, ("lerp", "add"))
+    base.check_choice("matrix_view", matrix_view, ("batch", "flatten"))
+    coefficients = _schedule(ns_coefficients, ns_steps)
 
     def init_fn(params: base.Params) -> MuonState:
         _check_real(params)
@@ -260,11 +311,20 @@ def scale_by_muon(
             dtype, g_compute, (m_compute,) = moments.to_compute(g, m)
             beta = moments.scalar(momentum, dtype)
             m_new = moments.ema(g_compute, m_compute, beta)
-            direction = g_compute + beta * (m_new - g_compute) if nesterov else m_new
-            ortho = _on_whole_matrices(
-                lambda x: newton_schulz(x, coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype), direction
-            )
-            step = ortho.astype(dtype) * _shape_scale(g.shape, adjust_lr)
+            if not nesterov:
+                direction = m_new
+            elif nesterov_form == "lerp":
+                direction = g_compute + beta * (m_new - g_compute)
+            else:
+                direction = g_compute + m_new
+            shape = (g.shape[0], math.prod(g.shape[1:])) if matrix_view == "flatten" else g.shape
+
+            def orthogonalise(x: jax.Array) -> jax.Array:
+                ortho = newton_schulz(x.reshape(shape), coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype)
+                return ortho.reshape(x.shape)
+
+            ortho = _on_whole_matrices(orthogonalise, direction)
+            step = ortho.astype(dtype) * _shape_scale(shape, adjust_lr)
             return step.astype(g.dtype), moments.store(m_new, m)
 
         out = moments.leafwise(leaf, 2, updates, state.mu)
@@ -299,14 +359,17 @@ def muon(
     adam_b2: Any = 0.95,
     adam_eps: Any = 1e-10,
     adam_weight_decay: Any = None,
+    adam_eps_mode: EpsMode = "add",
     muon_mask: base.MaskOrFn | None = None,
     weight_decay_mask: base.MaskOrFn | None = None,
     nesterov: bool = True,
     ns_steps: int = 5,
-    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    ns_coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
     eps: Any = 1e-7,
     eps_mode: EpsMode = "add",
     adjust_lr: AdjustLr | None = "original",
+    nesterov_form: NesterovForm = "lerp",
+    matrix_view: MatrixView = "batch",
     ns_dtype: Any = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -334,6 +397,7 @@ def muon(
       adam_b2: the auxiliary AdamW's second-moment decay, in [0, 1).
       adam_eps: the auxiliary AdamW's eps (outside the root), >= 0.
       adam_weight_decay: the auxiliary leaves' decay, >= 0; None: ``weight_decay``.
+      adam_eps_mode: the auxiliary AdamW's ``eps_mode`` (:func:`adaopt.adamw`).
       muon_mask: which leaves go to Muon: a tree of booleans with the parameters' structure,
         a function of the parameters returning one, or None for :func:`default_muon_mask`.
       weight_decay_mask: which leaves decay (a tree of booleans or a function of the
@@ -344,6 +408,8 @@ def muon(
       eps: see :func:`scale_by_muon`.
       eps_mode: see :func:`scale_by_muon`.
       adjust_lr: see :func:`scale_by_muon`.
+      nesterov_form: see :func:`scale_by_muon`.
+      matrix_view: see :func:`scale_by_muon`.
       ns_dtype: see :func:`scale_by_muon`.
       mu_dtype: storage dtype of Muon's momentum and AdamW's first moment.
 
@@ -378,7 +444,12 @@ def muon(
       (:math:`m_t / (1 - \mu^t)`), adds eps = 1e-8, scales by :math:`\sqrt{\max(1, B/A)}` (fan-out
       over fan-in of a (in, out) kernel: the transpose of torch's (out, in) rule), sends every 2-d
       leaf (embeddings too) to Muon, and its AdamW's default betas are (0.9, 0.999); its
-      Newton–Schulz iteration is this one's with ``eps_mode="add"``.
+      Newton–Schulz iteration is this one's with ``eps_mode="add"``. heavyball's
+      ``MuonAdamW(lr, betas=(b1, b2), weight_decay)`` (heavyball 3.2.1) is this with
+      ``momentum=b1``, ``adam_b1=b1``, ``adam_b2=b2``, ``adam_eps=1e-8``, ``adam_eps_mode="max"``,
+      ``eps_mode="max"``, ``nesterov_form="add"``, ``matrix_view="flatten"``,
+      ``ns_coefficients=HEAVYBALL_NS_COEFFICIENTS`` and every leaf of two or more axes in
+      ``muon_mask`` (embeddings and heads too).
     """
     base.check_common(learning_rate, weight_decay)
     if adam_learning_rate is not None:
@@ -386,13 +457,15 @@ def muon(
     base.check_decay("adam_b1", adam_b1)
     base.check_decay("adam_b2", adam_b2)
     base.check_nonnegative("adam_eps", adam_eps)
+    base.check_choice("adam_eps_mode", adam_eps_mode, ("add", "max"))
     if adam_weight_decay is not None:
         base.check_nonnegative("adam_weight_decay", adam_weight_decay)
     base.check_mask(muon_mask, "muon_mask")
     base.check_mask(weight_decay_mask)
     core = scale_by_muon(
         momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps,
-        eps_mode=eps_mode, adjust_lr=adjust_lr, ns_dtype=ns_dtype, mu_dtype=mu_dtype,
+        eps_mode=eps_mode, adjust_lr=adjust_lr, nesterov_form=nesterov_form, matrix_view=matrix_view,
+        ns_dtype=ns_dtype, mu_dtype=mu_dtype,
     )  # fmt: skip
     aux_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
     aux_decay = weight_decay if adam_weight_decay is None else adam_weight_decay
@@ -401,7 +474,9 @@ def muon(
         return base.assemble(core, learning_rate, decay, decoupled_weight_decay=True, complex_convention="modulus")
 
     def adam_group(decay: Any) -> optax.GradientTransformationExtraArgs:
-        return adam.adamw(aux_lr, adam_b1, adam_b2, adam_eps, weight_decay=decay, mu_dtype=mu_dtype)
+        return adam.adamw(
+            aux_lr, adam_b1, adam_b2, adam_eps, weight_decay=decay, eps_mode=adam_eps_mode, mu_dtype=mu_dtype
+        )
 
     groups = {
         "muon": muon_group(0.0),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -21,7 +22,14 @@ from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 
 # The path rule (one rule for what an embedding or a head is) and the gathering of sharded matrices are Muon's.
-from adaopt._src.preconditioned.muon import NS_COEFFICIENTS, _key_name, _on_whole_matrices, newton_schulz
+from adaopt._src.preconditioned.muon import (
+    NS_COEFFICIENTS,
+    Coefficients,
+    _key_name,
+    _on_whole_matrices,
+    check_ns_coefficients,
+    newton_schulz,
+)
 from adaopt._src.preconditioned.muon import _is_auxiliary_path as _is_embedding_or_head_path
 
 NormKind = Literal["spectral", "spectral_conv", "sign", "col", "row", "bias_rms", "identity"]
@@ -222,12 +230,7 @@ def _check_scion(momentum: Any, radius: Any, momentum_form: Any, ns_steps: Any, 
     base.check_scalar("radius", radius, low=0.0, low_open=True)
     base.check_choice("momentum_form", momentum_form, ("ema", "sum"))
     base.check_integer("ns_steps", ns_steps, 0, 99)
-    if not isinstance(ns_coefficients, (tuple, list)) or len(ns_coefficients) != 3:
-        raise base.HyperparameterError(
-            f"ns_coefficients must be a tuple of three real numbers (a, b, c), got {ns_coefficients!r}."
-        )
-    for i, coefficient in enumerate(ns_coefficients):
-        base.check_scalar(f"ns_coefficients[{i}]", coefficient)
+    check_ns_coefficients(ns_coefficients, ns_steps)
     base.check_nonnegative("ns_eps", ns_eps)
     base.check_dtype("ns_dtype", ns_dtype)
     moments.check_storage("mu_dtype", mu_dtype)
@@ -240,7 +243,7 @@ def scale_by_scion(
     norms: base.MaskOrFn | None = None,
     momentum_form: MomentumForm = "ema",
     ns_steps: int = 5,
-    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    ns_coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
     ns_eps: Any = 1e-7,
     ns_dtype: Any = None,
     mu_dtype: Any = None,
@@ -267,7 +270,7 @@ def scale_by_scion(
       momentum_form: ``"ema"`` (SCION's average) or ``"sum"`` (SCIONLight's: its momentum lives
         in the gradient buffers, which keep adding the new gradient).
       ns_steps: number of Newton–Schulz iterations, in [0, 99].
-      ns_coefficients: the iteration's coefficients :math:`(a, b, c)`.
+      ns_coefficients: the iteration's coefficients :math:`(a, b, c)`, or one triple per iteration.
       ns_eps: :math:`\epsilon_{NS}`, the floor of the Frobenius norm, >= 0.
       ns_dtype: the dtype of the iteration; None: the compute dtype (float32, float64 for
         float64 parameters); ``jnp.bfloat16`` runs it as the reference does.
@@ -290,11 +293,10 @@ def scale_by_scion(
       Models with Norm-Constrained LMOs", ICML 2025, https://arxiv.org/abs/2502.07529.
     """
     _check_scion(momentum, radius, momentum_form, ns_steps, ns_coefficients, ns_eps, ns_dtype, mu_dtype)
-    a, b, c = (float(x) for x in ns_coefficients)
 
     def orthogonalise(x: jax.Array) -> jax.Array:
         return _on_whole_matrices(
-            lambda y: newton_schulz(y, (a, b, c), ns_steps, ns_eps, eps_mode="max", dtype=ns_dtype), x
+            lambda y: newton_schulz(y, ns_coefficients, ns_steps, ns_eps, eps_mode="max", dtype=ns_dtype), x
         )
 
     def init_fn(params: base.Params) -> ScionState:
@@ -331,7 +333,7 @@ def scion(
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = True,
     ns_steps: int = 5,
-    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    ns_coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
     ns_eps: Any = 1e-7,
     ns_dtype: Any = None,
     mu_dtype: Any = None,
