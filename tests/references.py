@@ -173,6 +173,7 @@ TORCH: dict[str, TorchFactory] = {
     "heavyball.RMSprop": lambda groups, hp: _heavyball(
         heavyball.RMSprop, groups, lr=1.0, betas=(0.0, hp["decay"]), eps=hp["eps"]
     ),
+    "heavyball.ADOPT": lambda groups, hp: _heavyball(heavyball.ADOPT, groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
     "heavyball.LaProp": lambda groups, hp: _heavyball(heavyball.LaProp, groups, lr=1.0, betas=_betas(hp)),
     "heavyball.AdEMAMix": lambda groups, hp: _heavyball(
         heavyball.AdEMAMix, groups, lr=1.0, betas=(hp["b1"], hp["b2"], hp["b3"]), alpha=hp["alpha"], eps=hp["eps"]

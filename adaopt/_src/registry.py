@@ -452,6 +452,11 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         (
             Reference("adopt.ADOPT"),
             Reference("pytorch_optimizer.ADOPT", kwargs={"clip_count": "call"}, note=_ADOPT_CLIP),
+            Reference(
+                "heavyball.ADOPT",
+                kwargs={"clip_exponent": None, "debias": True, "decoupled_weight_decay": True, "decay_at_first_call": False},
+                note="both averages debiased as they go, no clip, decoupled decay from the second call",
+            ),
         ),
         _ADAM_FAMILY | {Capability.DELAYED_START}, "Adam normalised by the previous second moment, clipped",
     ),

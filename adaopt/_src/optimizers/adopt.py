@@ -11,6 +11,7 @@ import optax
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
+from adaopt._src.decay import decoupled_decay
 from adaopt._src.optimizers.adam import check_moments
 
 ClipCount = Literal["update", "call"]
@@ -46,6 +47,7 @@ def scale_by_adopt(
     *,
     clip_exponent: Any = 0.25,
     clip_count: ClipCount = "update",
+    debias: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -60,7 +62,11 @@ def scale_by_adopt(
         m_t &= \beta_1 m_{t-1} + (1 - \beta_1) \tilde g_t, \qquad
         v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \qquad u_t = m_t
 
-    with :math:`p` the ``clip_exponent``. For a complex coordinate, :math:`g_t^2` is
+    with :math:`p` the ``clip_exponent``. With ``debias``, both averages are debiased as they go
+    (heavyball's form): :math:`m_t = m_{t-1} + w_1 (\tilde g_t - m_{t-1})`,
+    :math:`w_1 = (1 - \beta_1) / (1 - \beta_1^t)`, and :math:`v_t = v_{t-1} + w_2 (g_t^2 - v_{t-1})`,
+    :math:`w_2 = (1 - \beta_2) / (1 - \beta_2^{t+1})` (:math:`v` averages the :math:`t + 1`
+    gradients so far, the first one's included). For a complex coordinate, :math:`g_t^2` is
     :math:`|g_t|^2` and the clip bounds the modulus (the phase is kept).
 
     Args:
@@ -71,6 +77,7 @@ def scale_by_adopt(
       clip_count: the step count the bound is evaluated at: ``"update"`` counts the updates that
         move the parameters (the paper's :math:`t`, torch-adopt's), ``"call"`` every call
         including the first (pytorch-optimizer's, one step later).
+      debias: keep both averages debiased (heavyball's ADOPT), as above.
       mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
 
@@ -122,17 +129,28 @@ def scale_by_adopt(
                 if clip_exponent is None
                 else jnp.maximum(t, 1).astype(dtype) ** moments.scalar(clip_exponent, dtype)
             )
-            return moments.scalar(b1, dtype), moments.scalar(b2, dtype), moments.scalar(eps, dtype), bound
+            beta1, beta2 = moments.scalar(b1, dtype), moments.scalar(b2, dtype)
+            if debias:  # the averages' weights; the first call's (1 / 0 for m) is never used: s >= 1 keeps it finite
+                s = jnp.maximum(count - 1, 1)
+                w1 = (1 - beta1) / moments.bias_correction(b1, s, dtype)
+                w2 = (1 - beta2) / moments.bias_correction(b2, count, dtype)
+            else:
+                w1, w2 = 1 - beta1, 1 - beta2
+            return beta1, beta2, w1, w2, moments.scalar(eps, dtype), bound
 
         def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g_compute, (m_compute, v_compute) = moments.to_compute(g, m, v)
-            beta1, beta2, e, bound = scalars(dtype)
+            beta1, beta2, w1, w2, e, bound = scalars(dtype)
             g2 = moments.abs_sq(g_compute)
             normed = moments.times(g_compute, moments.safe_divide(1, jnp.maximum(jnp.sqrt(v_compute), e)))
             if bound is not None:
                 normed = _clip(normed, bound)
-            m_new = jnp.where(first, m_compute, moments.ema(normed, m_compute, beta1))
-            v_new = jnp.where(first, g2, moments.ema(g2, v_compute, beta2))
+            if debias:
+                m_later, v_later = m_compute + w1 * (normed - m_compute), v_compute + w2 * (g2 - v_compute)
+            else:
+                m_later, v_later = moments.ema(normed, m_compute, beta1), moments.ema(g2, v_compute, beta2)
+            m_new = jnp.where(first, m_compute, m_later)
+            v_new = jnp.where(first, g2, v_later)
             step = jnp.where(first, jnp.zeros_like(m_new), m_new)
             return step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v)
 
@@ -151,8 +169,10 @@ def adopt(
     *,
     clip_exponent: Any = 0.25,
     clip_count: ClipCount = "update",
+    debias: bool = False,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
+    decay_at_first_call: bool = True,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -175,11 +195,15 @@ def adopt(
       clip_exponent: the clip bound is the step count to this power (>= 0), or None for none.
       clip_count: ``"update"`` (the paper's and torch-adopt's count) or ``"call"``
         (pytorch-optimizer's, one step later); see :func:`scale_by_adopt`.
+      debias: keep both averages debiased (heavyball's); see :func:`scale_by_adopt`.
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
         that selects the leaves to decay.
       decoupled_weight_decay: add the decay to the step instead of to the gradient; it is then
-        applied at the first call too, as pytorch-optimizer's ``weight_decouple=True`` does
-        (torch-adopt's ``decouple=True`` skips that call).
+        applied at the first call too, as pytorch-optimizer's ``weight_decouple=True`` does,
+        unless ``decay_at_first_call=False``.
+      decay_at_first_call: with ``decoupled_weight_decay``, decay at the first call too (which
+        only initialises :math:`v`; pytorch-optimizer) or from the second (torch-adopt's
+        ``decouple=True``, heavyball).
       mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).
       complex_convention: for complex parameters, ``"modulus"`` (one second moment of
@@ -206,13 +230,24 @@ def adopt(
       Reference packages: the authors' ``adopt.ADOPT(lr, betas=(b1, b2), eps, weight_decay)``
       (torch-adopt) is this with the same numbers; ``pytorch_optimizer.ADOPT`` (same arguments)
       evaluates the clip bound one step later: it is this with ``clip_count="call"``, and its
-      ``weight_decouple=True`` is ``decoupled_weight_decay=True``.
+      ``weight_decouple=True`` is ``decoupled_weight_decay=True``. heavyball's ``ADOPT(lr,
+      betas=(b1, b2), eps, weight_decay)`` (heavyball 3.2.1) is this with ``clip_exponent=None``,
+      ``debias=True``, ``decoupled_weight_decay=True`` and ``decay_at_first_call=False``.
     """
     base.check_common(learning_rate, weight_decay)
     base.check_complex_convention(complex_convention)
     core = scale_by_adopt(
-        b1, b2, eps, clip_exponent=clip_exponent, clip_count=clip_count, mu_dtype=mu_dtype, nu_dtype=nu_dtype
-    )
+        b1, b2, eps, clip_exponent=clip_exponent, clip_count=clip_count, debias=debias, mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+    )  # fmt: skip
+    if decoupled_weight_decay and not decay_at_first_call:
+        base.check_mask(weight_decay_mask)
+        decay = decoupled_decay(learning_rate, weight_decay, from_second_call=True, who="adopt's weight decay")
+        masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
+        return base.assemble(
+            core, None, after_decay=(base.scale_by_learning_rate(learning_rate), masked),
+            complex_convention=complex_convention,
+        )  # fmt: skip
     return base.assemble(
         core,
         learning_rate,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import optax
 
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
+from adaopt._src.decay import DecayForm, decoupled_decay
 from adaopt._src.optimizers.adam import EpsMode, check_moments
 
 
@@ -140,48 +141,6 @@ def scale_by_laprop(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-class SteppedDecayState(NamedTuple):
-    """State of the decay of the stepped parameters: the step count, for a schedule of the learning rate."""
-
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
-
-
-def _decay_stepped_params(
-    learning_rate: ScalarOrSchedule, weight_decay: Any, mode: Literal["stepped", "decoupled"] = "stepped"
-) -> optax.GradientTransformation:
-    r"""Decoupled decay of the parameters after the step, :math:`u \leftarrow u - \eta_t \lambda (\theta + u)`
-    (``"stepped"``), or before it, :math:`u \leftarrow u - \eta_t \lambda \theta` (``"decoupled"``).
-
-    pytorch-optimizer's LaProp multiplies the parameters by :math:`1 - \eta_t\lambda` after
-    stepping them; AdamW, and heavyball's LaProp, decay the parameters before the step.
-    """
-
-    def init_fn(params: base.Params) -> SteppedDecayState:
-        del params
-        return SteppedDecayState(moments.zero_count())
-
-    def update_fn(
-        updates: Updates, state: SteppedDecayState, params: base.Params | None = None
-    ) -> tuple[Updates, SteppedDecayState]:
-        if base.is_zero(weight_decay):
-            return updates, SteppedDecayState(moments.safe_increment(state.count))
-        params = base.require_params(params, "laprop's decoupled weight decay")
-        factor = _rate(learning_rate, state.count) * weight_decay
-
-        def leaf(u: jax.Array, p: jax.Array) -> jax.Array:
-            f = (
-                factor
-                if isinstance(factor, (int, float))
-                else jnp.asarray(factor).astype(moments.compute_dtype(u.dtype))
-            )
-            decayed = p.astype(u.dtype) + u if mode == "stepped" else p.astype(u.dtype)
-            return (u - moments.times(decayed, f)).astype(u.dtype)
-
-        return jax.tree.map(leaf, updates, params), SteppedDecayState(moments.safe_increment(state.count))
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
 def laprop(
     learning_rate: ScalarOrSchedule = 4e-4,
     b1: Any = 0.9,
@@ -192,7 +151,7 @@ def laprop(
     *,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = True,
-    weight_decay_mode: Literal["stepped", "decoupled"] = "stepped",
+    weight_decay_mode: DecayForm = "stepped",
     eps_mode: EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
@@ -260,6 +219,6 @@ def laprop(
     if not decoupled_weight_decay:
         return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention=complex_convention)
     base.check_mask(weight_decay_mask)
-    decay = _decay_stepped_params(learning_rate, weight_decay, weight_decay_mode)
+    decay = decoupled_decay(learning_rate, weight_decay, weight_decay_mode, who="laprop's decoupled weight decay")
     masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
     return base.assemble(core, None, after_decay=(masked,), complex_convention=complex_convention)

@@ -23,16 +23,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, linalg, moments, numerics, placement
+from adaopt._src import base, linalg, moments, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
-from adaopt._src.optimizers.laprop import SteppedDecayState
+from adaopt._src.decay import DecayForm, decoupled_decay
 
 DataFormat = Literal["channels_first", "channels_last"]
 MergeRule = Literal["consecutive", "trailing"]
 EpsMode = Literal["add", "max"]
 RefreshCount = Literal["update", "call"]
-WeightDecayMode = Literal["stepped", "decoupled"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 _EIGH_SHIFT = 1e-30  # the reference adds 1e-30 * I before its eigh; negligible, kept for exactness
 _NO_COMPLEX = (
@@ -500,44 +499,6 @@ def scale_by_soap(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _decay_stepped_params(
-    learning_rate: ScalarOrSchedule, weight_decay: Any, mode: WeightDecayMode = "stepped"
-) -> optax.GradientTransformation:
-    r"""Decoupled decay from the second call on. ``"stepped"``: :math:`u \leftarrow u - \eta_t \lambda
-    (\theta + u)`, so that :math:`\theta + u = (\theta + u_{\text{before}})(1 - \eta_t \lambda)`;
-    ``"decoupled"``: :math:`u \leftarrow u - \eta_t \lambda \theta` (AdamW's).
-
-    pytorch-optimizer's SOAP multiplies the parameters by :math:`1 - \eta_t \lambda` after stepping
-    them, heavyball's before, and neither does either at the first call. Computed in the update's
-    compute dtype (at least float32), returned in its own.
-    """
-
-    def init_fn(params: base.Params) -> SteppedDecayState:
-        del params
-        return SteppedDecayState(moments.zero_count())
-
-    def update_fn(
-        updates: Updates, state: SteppedDecayState, params: base.Params | None = None
-    ) -> tuple[Updates, SteppedDecayState]:
-        count = moments.safe_increment(state.count)
-        if base.is_zero(weight_decay):
-            return updates, SteppedDecayState(count)
-        params = base.require_params(params, "soap's decoupled weight decay")
-        dtype = moments.scalar_dtype(updates)
-        rate = numerics.learning_rate_at(learning_rate, state.count, dtype)
-        factor = jnp.where(state.count == 0, 0, rate * moments.scalar(weight_decay, dtype))
-
-        def leaf(u: jax.Array, p: jax.Array) -> jax.Array:
-            compute = moments.compute_dtype(u.dtype)
-            u_compute = u.astype(compute)
-            decayed = p.astype(compute) + u_compute if mode == "stepped" else p.astype(compute)
-            return (u_compute - decayed * factor.astype(compute)).astype(u.dtype)
-
-        return jax.tree.map(leaf, updates, params), SteppedDecayState(count)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
 def soap(
     learning_rate: ScalarOrSchedule = 3e-3,
     b1: Any = 0.95,
@@ -557,7 +518,7 @@ def soap(
     eps_mode: EpsMode = "add",
     refresh_count: RefreshCount = "update",
     shift_power_iteration: bool = False,
-    weight_decay_mode: WeightDecayMode = "stepped",
+    weight_decay_mode: DecayForm = "stepped",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with decoupled weight decay.
 
@@ -645,7 +606,9 @@ def soap(
         correct_bias=correct_bias, normalize_gradient=normalize_gradient, data_format=data_format,
         eps_mode=eps_mode, refresh_count=refresh_count, shift_power_iteration=shift_power_iteration,
     )  # fmt: skip
-    decay = _decay_stepped_params(learning_rate, weight_decay, weight_decay_mode)
+    decay = decoupled_decay(
+        learning_rate, weight_decay, weight_decay_mode, from_second_call=True, who="soap's decoupled weight decay"
+    )
     masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
     return base.assemble(
         core, None, after_decay=(base.scale_by_learning_rate(learning_rate), masked), complex_convention="modulus"
