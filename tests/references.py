@@ -214,6 +214,9 @@ TORCH: dict[str, TorchFactory] = {
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
     ),
     "adopt.ADOPT": lambda groups, hp: torch_adopt.ADOPT(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
+    "adopt.ADOPT(decouple=True)": lambda groups, hp: torch_adopt.ADOPT(
+        groups, lr=1.0, betas=_betas(hp), eps=hp["eps"], decouple=True
+    ),
     "pytorch_optimizer.ADOPT": lambda groups, hp: pytorch_optimizer.ADOPT(
         groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
     ),

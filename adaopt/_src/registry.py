@@ -451,6 +451,10 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         "adopt", adopt.adopt, {**BETAS, **EPS},
         (
             Reference("adopt.ADOPT"),
+            Reference(
+                "adopt.ADOPT(decouple=True)", kwargs={"decoupled_weight_decay": True, "decay_at_first_call": False},
+                schedule=False, note="a constant rate, so that a decay at the first call would show",
+            ),
             Reference("pytorch_optimizer.ADOPT", kwargs={"clip_count": "call"}, note=_ADOPT_CLIP),
             Reference(
                 "heavyball.ADOPT",
