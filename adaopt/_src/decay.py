@@ -35,7 +35,7 @@ def decoupled_decay(
     step are decayed); ``"stepped"``: :math:`u \leftarrow u - \eta_t \lambda (\theta + u)`, so that
     :math:`\theta + u = (\theta + u_{\text{before}})(1 - \eta_t \lambda)` (the stepped parameters are).
     ``from_second_call``: no decay at the first call. Computed in the update's compute dtype (at
-    least float32), returned in its own; ``who`` names the optimizer in the error for missing parameters.
+    least float32; complex for complex leaves), returned in its own; ``who`` names the optimizer in the error for missing parameters.
     """
 
     def init_fn(params: base.Params) -> DecayState:
@@ -54,8 +54,8 @@ def decoupled_decay(
 
         def leaf(u: jax.Array, p: jax.Array) -> jax.Array:
             compute = moments.compute_dtype(u.dtype)
-            u_compute = u.astype(compute)
-            decayed = p.astype(compute) + u_compute if form == "stepped" else p.astype(compute)
+            u_compute, p_compute = moments.in_precision(u, compute), moments.in_precision(p, compute)
+            decayed = p_compute + u_compute if form == "stepped" else p_compute
             return (u_compute - decayed * factor.astype(compute)).astype(u.dtype)
 
         return jax.tree.map(leaf, updates, params), DecayState(count)
