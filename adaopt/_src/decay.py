@@ -35,7 +35,8 @@ def decoupled_decay(
     step are decayed); ``"stepped"``: :math:`u \leftarrow u - \eta_t \lambda (\theta + u)`, so that
     :math:`\theta + u = (\theta + u_{\text{before}})(1 - \eta_t \lambda)` (the stepped parameters are).
     ``from_second_call``: no decay at the first call. Computed in the update's compute dtype (at
-    least float32; complex for complex leaves), returned in its own; ``who`` names the optimizer in the error for missing parameters.
+    least float32; complex for complex leaves), returned in its own; ``who`` names the optimizer
+    in the error for missing parameters.
     """
 
     def init_fn(params: base.Params) -> DecayState:

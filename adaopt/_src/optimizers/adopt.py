@@ -240,6 +240,11 @@ def adopt(
         b1, b2, eps, clip_exponent=clip_exponent, clip_count=clip_count, debias=debias, mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
     )  # fmt: skip
+    if not decay_at_first_call and not decoupled_weight_decay:
+        raise base.HyperparameterError(
+            "decay_at_first_call=False concerns the decoupled decay: pass decoupled_weight_decay=True with it (the "
+            "coupled decay is part of the gradient, which the first call only records)."
+        )
     if decoupled_weight_decay and not decay_at_first_call:
         base.check_mask(weight_decay_mask)
         decay = decoupled_decay(learning_rate, weight_decay, from_second_call=True, who="adopt's weight decay")

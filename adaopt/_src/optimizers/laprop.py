@@ -213,6 +213,11 @@ def laprop(
     base.check_common(learning_rate, weight_decay)
     base.check_complex_convention(complex_convention)
     base.check_choice("weight_decay_mode", weight_decay_mode, ("stepped", "decoupled"))
+    if weight_decay_mode != "stepped" and not decoupled_weight_decay:
+        raise base.HyperparameterError(
+            f"weight_decay_mode={weight_decay_mode!r} is a form of the decoupled decay: pass "
+            "decoupled_weight_decay=True with it, or leave it at 'stepped'."
+        )
     core = scale_by_laprop(
         learning_rate, b1, b2, eps, eps_root, eps_mode=eps_mode, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     )
