@@ -26,6 +26,7 @@ NesterovForm = Literal["lerp", "add"]
 MatrixView = Literal["batch", "flatten"]
 Coefficients = tuple[float, float, float]
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+"""The quintic Newton–Schulz coefficients of the reference implementations."""
 HEAVYBALL_NS_COEFFICIENTS = (
     (4.0848, -6.8946, 2.9270),
     (3.9505, -6.3029, 2.6377),
@@ -61,13 +62,12 @@ def check_ns_coefficients(ns_coefficients: Any, ns_steps: Any) -> None:
 
 
 def _schedule(coefficients: Any, steps: int) -> list[Coefficients]:
-    """Each iteration's (a, b, c), as floats."""
+    """Each of the ``steps`` iterations' (a, b, c), as floats (checked by :func:`check_ns_coefficients`)."""
+    check_ns_coefficients(coefficients, steps)
     if len(coefficients) == 3 and not isinstance(coefficients[0], (tuple, list)):
         return [tuple(float(x) for x in coefficients)] * steps  # type: ignore[list-item]
     return [tuple(float(x) for x in triple) for triple in coefficients]  # type: ignore[misc]
 
-
-"""The quintic Newton–Schulz coefficients of the reference implementations."""
 
 # Path keys that name an embedding or an output head: leaves under them go to the auxiliary AdamW.
 _AUX_SUBSTRINGS = ("embed", "embd")
