@@ -279,14 +279,14 @@ HEAVYBALL = {
 }  # fmt: skip
 
 
-def _heavyball(hp: dict, params: dict, grads: dict) -> dict:
-    """``heavyball.MuonAdamW``, eager, its state and scalars in float64."""
+def _heavyball(hp: dict, params: dict, grads: dict, cls: Any = None) -> dict:
+    """``heavyball.MuonAdamW`` (or ``cls``), eager, its state and scalars in float64."""
     tensors = {k: torch.tensor(v) for k, v in params.items()}
     previous = heavyball.utils.compile_mode, torch.get_default_dtype()
     heavyball.utils.compile_mode = None
     torch.set_default_dtype(torch.float64)
     try:
-        opt = heavyball.MuonAdamW(
+        opt = (cls or heavyball.MuonAdamW)(
             [tensors[k] for k in sorted(tensors)], lr=hp["learning_rate"], betas=(hp["momentum"], hp["adam_b2"]),
             weight_decay=hp["weight_decay"], storage_dtype="float64",
         )  # fmt: skip
@@ -331,6 +331,18 @@ def test_each_heavyball_option_is_needed(flipped: dict) -> None:
     assert parity.relative_error(ours, theirs) > 1e-8
 
 
+def test_matches_heavyball_Muon() -> None:
+    """heavyball's Muon: its 0-d and 1-d leaves take the momentum and look-ahead alone (``aux="momentum"``)."""
+    hp = _draw(zlib.crc32(b"muon/heavyball-muon"), True)
+    params, grads = parity.random_problem(HEAVYBALL_SHAPES, 13, np.float64)
+    theirs = _heavyball(hp, params, grads, heavyball.Muon)
+    with jax.enable_x64(True):
+        ours = parity.run_adaopt(_adaopt_heavyball(hp, aux="momentum", adam_learning_rate=None), params, grads)
+        adamw = parity.run_adaopt(_adaopt_heavyball(hp), params, grads)
+    assert parity.relative_error(ours, theirs) <= 1e-10
+    assert parity.relative_error(adamw, theirs) > 1e-6  # the auxiliary AdamW is not what it does
+
+
 def test_a_coefficient_schedule_runs_one_triple_per_iteration() -> None:
     """Five equal triples are the single triple; a schedule of the wrong length is refused."""
     x = jax.random.normal(jax.random.key(0), (6, 4))
@@ -347,7 +359,7 @@ def test_validation_names_the_option() -> None:
         ({"adjust_lr": "match_rms"}, "adjust_lr"), ({"eps_mode": "clamp"}, "eps_mode"),
         ({"ns_dtype": jnp.int8}, "ns_dtype"), ({"momentum": 0.0}, "nesterov"),
         ({"nesterov_form": "sum"}, "nesterov_form"), ({"matrix_view": "reshape"}, "matrix_view"),
-        ({"adam_eps_mode": "clamp"}, "adam_eps_mode"), ({"ns_coefficients": ((1.0, 2.0, 3.0), (1.0,))}, "ns_coefficients"),
+        ({"adam_eps_mode": "clamp"}, "adam_eps_mode"), ({"aux": "sgd"}, "aux"), ({"ns_coefficients": ((1.0, 2.0, 3.0), (1.0,))}, "ns_coefficients"),
     ]  # fmt: skip
     for kwargs, name in cases:
         with pytest.raises(adaopt.HyperparameterError, match=name):

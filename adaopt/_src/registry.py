@@ -555,6 +555,14 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
                 },
                 note="its Newton-Schulz coefficients change at each iteration; every leaf of 2+ axes goes to Muon",
             ),
+            Reference(
+                "heavyball.Muon",
+                kwargs={
+                    "eps_mode": "max", "nesterov_form": "add", "matrix_view": "flatten", "aux": "momentum",
+                    "ns_coefficients": muon.HEAVYBALL_NS_COEFFICIENTS,
+                },
+                note="its other leaves take the momentum and look-ahead alone",
+            ),
         ),
         frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY}),
         "Newton–Schulz-orthogonalised momentum per matrix, AdamW for the other leaves",

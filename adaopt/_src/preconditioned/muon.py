@@ -311,12 +311,7 @@ def scale_by_muon(
             dtype, g_compute, (m_compute,) = moments.to_compute(g, m)
             beta = moments.scalar(momentum, dtype)
             m_new = moments.ema(g_compute, m_compute, beta)
-            if not nesterov:
-                direction = m_new
-            elif nesterov_form == "lerp":
-                direction = g_compute + beta * (m_new - g_compute)
-            else:
-                direction = g_compute + m_new
+            direction = _look_ahead(g_compute, m_new, beta, nesterov, nesterov_form)
             shape = (g.shape[0], math.prod(g.shape[1:])) if matrix_view == "flatten" else g.shape
 
             def orthogonalise(x: jax.Array) -> jax.Array:
@@ -326,6 +321,36 @@ def scale_by_muon(
             ortho = _on_whole_matrices(orthogonalise, direction)
             step = ortho.astype(dtype) * _shape_scale(shape, adjust_lr)
             return step.astype(g.dtype), moments.store(m_new, m)
+
+        out = moments.leafwise(leaf, 2, updates, state.mu)
+        return out[0], MuonState(out[1])
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _look_ahead(g: jax.Array, m: jax.Array, beta: jax.Array, nesterov: bool, form: NesterovForm) -> jax.Array:
+    """The direction Muon orthogonalises: the new momentum, or Nesterov's look-ahead in ``form``."""
+    if not nesterov:
+        return m
+    return g + beta * (m - g) if form == "lerp" else g + m
+
+
+def _scale_by_momentum_only(
+    momentum: Any, nesterov: bool, nesterov_form: NesterovForm, mu_dtype: Any
+) -> optax.GradientTransformation:
+    """Muon's momentum and look-ahead without the orthogonalisation: heavyball's Muon on its 0-d and 1-d leaves."""
+
+    def init_fn(params: base.Params) -> MuonState:
+        return MuonState(mu=moments.init_like(params, mu_dtype))
+
+    def update_fn(updates: Updates, state: MuonState, params: base.Params | None = None) -> tuple[Updates, MuonState]:
+        del params
+
+        def leaf(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+            dtype, g_compute, (m_compute,) = moments.to_compute(g, m)
+            beta = moments.scalar(momentum, dtype)
+            m_new = moments.ema(g_compute, m_compute, beta)
+            return _look_ahead(g_compute, m_new, beta, nesterov, nesterov_form).astype(g.dtype), moments.store(m_new, m)
 
         out = moments.leafwise(leaf, 2, updates, state.mu)
         return out[0], MuonState(out[1])
@@ -360,6 +385,7 @@ def muon(
     adam_eps: Any = 1e-10,
     adam_weight_decay: Any = None,
     adam_eps_mode: EpsMode = "add",
+    aux: Literal["adamw", "momentum"] = "adamw",
     muon_mask: base.MaskOrFn | None = None,
     weight_decay_mask: base.MaskOrFn | None = None,
     nesterov: bool = True,
@@ -398,6 +424,10 @@ def muon(
       adam_eps: the auxiliary AdamW's eps (outside the root), >= 0.
       adam_weight_decay: the auxiliary leaves' decay, >= 0; None: ``weight_decay``.
       adam_eps_mode: the auxiliary AdamW's ``eps_mode`` (:func:`adaopt.adamw`).
+      aux: what the leaves outside ``muon_mask`` take: ``"adamw"`` (the references') or
+        ``"momentum"``, Muon's momentum and look-ahead without the orthogonalisation, at
+        ``adam_learning_rate`` and ``adam_weight_decay`` (heavyball's ``Muon``; the other
+        ``adam_*`` arguments are then unused).
       muon_mask: which leaves go to Muon: a tree of booleans with the parameters' structure,
         a function of the parameters returning one, or None for :func:`default_muon_mask`.
       weight_decay_mask: which leaves decay (a tree of booleans or a function of the
@@ -449,7 +479,8 @@ def muon(
       ``momentum=b1``, ``adam_b1=b1``, ``adam_b2=b2``, ``adam_eps=1e-8``, ``adam_eps_mode="max"``,
       ``eps_mode="max"``, ``nesterov_form="add"``, ``matrix_view="flatten"``,
       ``ns_coefficients=HEAVYBALL_NS_COEFFICIENTS`` and every leaf of two or more axes in
-      ``muon_mask`` (embeddings and heads too).
+      ``muon_mask`` (embeddings and heads too); its ``Muon(lr, betas=(b1, _), weight_decay)`` is
+      that with ``aux="momentum"``.
     """
     base.check_common(learning_rate, weight_decay)
     if adam_learning_rate is not None:
@@ -458,6 +489,7 @@ def muon(
     base.check_decay("adam_b2", adam_b2)
     base.check_nonnegative("adam_eps", adam_eps)
     base.check_choice("adam_eps_mode", adam_eps_mode, ("add", "max"))
+    base.check_choice("aux", aux, ("adamw", "momentum"))
     if adam_weight_decay is not None:
         base.check_nonnegative("adam_weight_decay", adam_weight_decay)
     base.check_mask(muon_mask, "muon_mask")
@@ -474,6 +506,9 @@ def muon(
         return base.assemble(core, learning_rate, decay, decoupled_weight_decay=True, complex_convention="modulus")
 
     def adam_group(decay: Any) -> optax.GradientTransformationExtraArgs:
+        if aux == "momentum":
+            plain = _scale_by_momentum_only(momentum, nesterov, nesterov_form, mu_dtype)
+            return base.assemble(plain, aux_lr, decay, decoupled_weight_decay=True, complex_convention="modulus")
         return adam.adamw(
             aux_lr, adam_b1, adam_b2, adam_eps, weight_decay=decay, eps_mode=adam_eps_mode, mu_dtype=mu_dtype
         )
