@@ -207,6 +207,9 @@ _SOAP_QR = (
     "max_precondition_dim elements and on leaves whose axes all merge into one"
 )
 
+_HEAVYBALL_MUON = {
+    "eps_mode": "max", "nesterov_form": "add", "matrix_view": "flatten", "ns_coefficients": muon.HEAVYBALL_NS_COEFFICIENTS,
+}  # fmt: skip
 _HEAVYBALL_EPS = "eps floors the root of the debiased second moment (eps_mode='max'); run eager"
 _SOAP_HEAVYBALL = (
     "compared with eps_mode='max', refresh_count='call', shift_power_iteration=True, weight_decay_mode='decoupled', "
@@ -548,19 +551,11 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("muon.SingleDeviceMuonWithAuxAdam", note=_MUON_PACKAGE),
             Reference("torch.optim.Muon", kwargs={"eps_mode": "max"}, note=_MUON_TORCH),
             Reference(
-                "heavyball.MuonAdamW",
-                kwargs={
-                    "eps_mode": "max", "nesterov_form": "add", "matrix_view": "flatten", "adam_eps_mode": "max",
-                    "ns_coefficients": muon.HEAVYBALL_NS_COEFFICIENTS,
-                },
+                "heavyball.MuonAdamW", kwargs={**_HEAVYBALL_MUON, "adam_eps_mode": "max"},
                 note="its Newton-Schulz coefficients change at each iteration; every leaf of 2+ axes goes to Muon",
             ),
             Reference(
-                "heavyball.Muon",
-                kwargs={
-                    "eps_mode": "max", "nesterov_form": "add", "matrix_view": "flatten", "aux": "momentum",
-                    "ns_coefficients": muon.HEAVYBALL_NS_COEFFICIENTS,
-                },
+                "heavyball.Muon", kwargs={**_HEAVYBALL_MUON, "aux": "momentum"},
                 note="its other leaves take the momentum and look-ahead alone",
             ),
         ),

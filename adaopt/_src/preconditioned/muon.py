@@ -293,7 +293,7 @@ def scale_by_muon(
     base.check_choice("matrix_view", matrix_view, ("batch", "flatten"))
     coefficients = _schedule(ns_coefficients, ns_steps)
 
-    def init_fn(params: base.Params) -> MuonState:
+    def check_leaves(params: base.Params) -> None:
         _check_real(params)
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):
             if jnp.ndim(leaf) < 2:
@@ -302,6 +302,40 @@ def scale_by_muon(
                     f"has shape {jnp.shape(leaf)}. Give it leaves of two or more dimensions; adaopt.muon routes 0-d "
                     "and 1-d leaves (and embeddings and heads) to an auxiliary AdamW."
                 )
+
+    def orthogonalised(direction: jax.Array, g: jax.Array) -> jax.Array:
+        shape = (g.shape[0], math.prod(g.shape[1:])) if matrix_view == "flatten" else g.shape
+
+        def orthogonalise(x: jax.Array) -> jax.Array:
+            ortho = newton_schulz(x.reshape(shape), coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype)
+            return ortho.reshape(x.shape)
+
+        return _on_whole_matrices(orthogonalise, direction).astype(direction.dtype) * _shape_scale(shape, adjust_lr)
+
+    return _momentum_transform(momentum, nesterov, nesterov_form, mu_dtype, orthogonalised, check_leaves)
+
+
+def _look_ahead(g: jax.Array, m: jax.Array, beta: jax.Array, nesterov: bool, form: NesterovForm) -> jax.Array:
+    """The direction Muon orthogonalises: the new momentum, or Nesterov's look-ahead in ``form``."""
+    if not nesterov:
+        return m
+    return g + beta * (m - g) if form == "lerp" else g + m
+
+
+def _momentum_transform(
+    momentum: Any,
+    nesterov: bool,
+    nesterov_form: NesterovForm,
+    mu_dtype: Any,
+    finish: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    check_leaves: Callable[[base.Params], None] | None = None,
+) -> optax.GradientTransformation:
+    """Muon's momentum and look-ahead, each leaf's direction then through ``finish(direction, gradient)``
+    (:func:`scale_by_muon`'s orthogonalisation), or as it is: heavyball's Muon on its 0-d and 1-d leaves."""
+
+    def init_fn(params: base.Params) -> MuonState:
+        if check_leaves is not None:
+            check_leaves(params)
         return MuonState(mu=moments.init_like(params, mu_dtype))
 
     def update_fn(updates: Updates, state: MuonState, params: base.Params | None = None) -> tuple[Updates, MuonState]:
@@ -312,45 +346,8 @@ def scale_by_muon(
             beta = moments.scalar(momentum, dtype)
             m_new = moments.ema(g_compute, m_compute, beta)
             direction = _look_ahead(g_compute, m_new, beta, nesterov, nesterov_form)
-            shape = (g.shape[0], math.prod(g.shape[1:])) if matrix_view == "flatten" else g.shape
-
-            def orthogonalise(x: jax.Array) -> jax.Array:
-                ortho = newton_schulz(x.reshape(shape), coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype)
-                return ortho.reshape(x.shape)
-
-            ortho = _on_whole_matrices(orthogonalise, direction)
-            step = ortho.astype(dtype) * _shape_scale(shape, adjust_lr)
+            step = direction if finish is None else finish(direction, g)
             return step.astype(g.dtype), moments.store(m_new, m)
-
-        out = moments.leafwise(leaf, 2, updates, state.mu)
-        return out[0], MuonState(out[1])
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _look_ahead(g: jax.Array, m: jax.Array, beta: jax.Array, nesterov: bool, form: NesterovForm) -> jax.Array:
-    """The direction Muon orthogonalises: the new momentum, or Nesterov's look-ahead in ``form``."""
-    if not nesterov:
-        return m
-    return g + beta * (m - g) if form == "lerp" else g + m
-
-
-def _scale_by_momentum_only(
-    momentum: Any, nesterov: bool, nesterov_form: NesterovForm, mu_dtype: Any
-) -> optax.GradientTransformation:
-    """Muon's momentum and look-ahead without the orthogonalisation: heavyball's Muon on its 0-d and 1-d leaves."""
-
-    def init_fn(params: base.Params) -> MuonState:
-        return MuonState(mu=moments.init_like(params, mu_dtype))
-
-    def update_fn(updates: Updates, state: MuonState, params: base.Params | None = None) -> tuple[Updates, MuonState]:
-        del params
-
-        def leaf(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            dtype, g_compute, (m_compute,) = moments.to_compute(g, m)
-            beta = moments.scalar(momentum, dtype)
-            m_new = moments.ema(g_compute, m_compute, beta)
-            return _look_ahead(g_compute, m_new, beta, nesterov, nesterov_form).astype(g.dtype), moments.store(m_new, m)
 
         out = moments.leafwise(leaf, 2, updates, state.mu)
         return out[0], MuonState(out[1])
@@ -507,7 +504,7 @@ def muon(
 
     def adam_group(decay: Any) -> optax.GradientTransformationExtraArgs:
         if aux == "momentum":
-            plain = _scale_by_momentum_only(momentum, nesterov, nesterov_form, mu_dtype)
+            plain = _momentum_transform(momentum, nesterov, nesterov_form, mu_dtype)
             return base.assemble(plain, aux_lr, decay, decoupled_weight_decay=True, complex_convention="modulus")
         return adam.adamw(
             aux_lr, adam_b1, adam_b2, adam_eps, weight_decay=decay, eps_mode=adam_eps_mode, mu_dtype=mu_dtype
