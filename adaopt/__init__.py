@@ -126,6 +126,9 @@ from adaopt._src.optimizers.rmsprop import RmsState as RmsState
 from adaopt._src.optimizers.rmsprop import rmsprop as rmsprop
 from adaopt._src.optimizers.rmsprop import scale_by_debiased_rms as scale_by_debiased_rms
 from adaopt._src.optimizers.rmsprop import scale_by_rms as scale_by_rms
+from adaopt._src.optimizers.rprop import RpropState as RpropState
+from adaopt._src.optimizers.rprop import rprop as rprop
+from adaopt._src.optimizers.rprop import scale_by_rprop as scale_by_rprop
 from adaopt._src.optimizers.sgd import MomentumState as MomentumState
 from adaopt._src.optimizers.sgd import scale_by_momentum as scale_by_momentum
 from adaopt._src.optimizers.sgd import sgd as sgd

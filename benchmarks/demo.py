@@ -193,6 +193,17 @@ def select(names: Sequence[str] | None) -> list[adaopt.OptimizerSpec]:
     return [spec for spec in specs if spec.name in names]
 
 
+def full_batch_note(specs: Sequence[adaopt.OptimizerSpec]) -> str:
+    """The sentence that says which optimizers trained on the full training split (Capability.FULL_BATCH)."""
+    if not specs:
+        return ""
+    names = ", ".join(spec.name for spec in specs)
+    return (
+        f"Trained on the full training split each step (they compare the loss, or the gradients' signs, between "
+        f"steps): {names}."
+    )
+
+
 def tuned_rate(spec: adaopt.OptimizerSpec) -> float:
     """The learning rate of benchmarks/learning_rates.py (AdamW's for a storage variant)."""
     return learning_rates.TUNED[light_states.BASELINE if spec.name in STORAGE_VARIANTS else spec.name]
@@ -372,8 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"Rows sorted by final test accuracy. Steps to {TARGET_ACCURACY:.0%}: first evaluation (every "
         f"{args.chunk} steps) at which test accuracy reached it. 'train s' excludes compilation, "
-        "timed separately under 'compile s'; it includes the per-chunk evaluations. Bold driver "
-        "trains on the full training split each step (it compares losses between steps)."
+        "timed separately under 'compile s'; it includes the per-chunk evaluations. "
+        + full_batch_note([spec for spec in select(args.optimizers) if Capability.FULL_BATCH in spec.capabilities])
     )
     missed = [r["name"] for r in results if r["steps_to_target"] is None]
     if missed:

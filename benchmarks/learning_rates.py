@@ -43,6 +43,7 @@ TUNED: dict[str, float] = {
     "adamw": 3e-3,
     "amsgrad": 3e-3,
     "adamax": 1e-2,
+    "rprop": 1e-2,  # torch's default initial step size
     "nadam": 3e-3,
     "nadamw": 3e-3,
     "radam": 1e-2,

@@ -160,6 +160,7 @@ TORCH: dict[str, TorchFactory] = {
     "torch.optim.Adadelta": lambda groups, hp: torch.optim.Adadelta(groups, lr=1.0, rho=hp["rho"], eps=hp["eps"]),
     "torch.optim.Adam": lambda groups, hp: torch.optim.Adam(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
     "torch.optim.AdamW": lambda groups, hp: torch.optim.AdamW(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
+    "torch.optim.Rprop": lambda groups, hp: torch.optim.Rprop(groups, lr=1.0, etas=(hp["eta_minus"], hp["eta_plus"])),
     "heavyball.AdamW": lambda groups, hp: _heavyball(heavyball.AdamW, groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
     "heavyball.NAdam(decoupled_weight_decay=True)": lambda groups, hp: _heavyball(
         heavyball.NAdam,

@@ -19,7 +19,21 @@ from typing import Any
 from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
 from adaopt._src.factored import adafactor, adam_mini, came, sm3
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
-from adaopt._src.optimizers import adagrad, adam, adan, ademamix, adopt, lamb, laprop, lion, mars, rmsprop, sgd, sophia
+from adaopt._src.optimizers import (
+    adagrad,
+    adam,
+    adan,
+    ademamix,
+    adopt,
+    lamb,
+    laprop,
+    lion,
+    mars,
+    rmsprop,
+    rprop,
+    sgd,
+    sophia,
+)
 from adaopt._src.preconditioned import muon, psgd_kron, scion, shampoo, soap
 from adaopt._src.tuning_free import cocob, dadapt, dog, mechanic, prodigy, schedule_free
 from adaopt._src.wrappers import galore
@@ -405,6 +419,17 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             ),
         ),
         _ADAM_FAMILY, "Adam with a non-decreasing second moment",
+    ),
+    OptimizerSpec(
+        "rprop", rprop.rprop, {"eta_minus": Range(0.3, 0.7), "eta_plus": Range(1.1, 1.5)},
+        (
+            Reference(
+                "torch.optim.Rprop", weight_decay=False, schedule=False,
+                note="it reads its learning rate once, as the initial step size",
+            ),
+        ),
+        frozenset({Capability.FULL_BATCH, Capability.CONSTANT_LEARNING_RATE, Capability.WEIGHT_DECAY}),
+        "a step size per coordinate, grown while its gradient keeps its sign, shrunk when it flips",
     ),
     OptimizerSpec(
         "adamax", adam.adamax, {**BETAS, **EPS},
