@@ -113,8 +113,7 @@ def scale_by_rprop(
             rate, minus, plus, low, high = scalars(dtype)
             product = g_compute * prev_compute
             factor = jnp.where(product > 0, plus, jnp.where(product < 0, minus, jnp.ones([], dtype)))
-            f_new = jnp.clip(f_compute * factor, low, high)
-            f_new = jnp.where(jnp.isnan(product), f_compute, f_new)  # a NaN leaves the step size as it was
+            f_new = jnp.clip(f_compute * factor, low, high)  # a NaN product compares false: factor 1
             kept = jnp.where(product < 0, jnp.zeros_like(g_compute), g_compute)
             step = -(rate * f_new) * jnp.sign(kept)
             return step.astype(g.dtype), moments.store(f_new, f), moments.store(kept, prev)
