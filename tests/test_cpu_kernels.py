@@ -202,6 +202,7 @@ def test_a_sweep_runs_the_kernel_lane_by_lane() -> None:
         lambda: adaopt.adam(1e-3, mu_dtype=INT8, nu_dtype=jnp.float32),
         lambda: adaopt.lion(1e-3, mu_dtype="int4"),
         lambda: adaopt.adam(1e-3, mu_dtype=INT8, nu_dtype=adaopt.Blockwise(block_size=128)),  # two storages
+        lambda: adaopt.adamw(1e-3, mu_dtype=INT8, nu_dtype=INT8, eps_mode="max"),  # the kernel adds eps
     ],
 )
 def test_other_steps_keep_xlas(make) -> None:
