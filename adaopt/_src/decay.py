@@ -26,6 +26,7 @@ def decoupled_decay(
     weight_decay: Any,
     form: DecayForm = "decoupled",
     *,
+    mask: base.MaskOrFn | None = None,
     from_second_call: bool = False,
     who: str = "decoupled weight decay",
 ) -> optax.GradientTransformation:
@@ -34,7 +35,8 @@ def decoupled_decay(
     ``"decoupled"``: :math:`u \leftarrow u - \eta_t \lambda \theta` (AdamW's: the parameters before the
     step are decayed); ``"stepped"``: :math:`u \leftarrow u - \eta_t \lambda (\theta + u)`, so that
     :math:`\theta + u = (\theta + u_{\text{before}})(1 - \eta_t \lambda)` (the stepped parameters are).
-    ``from_second_call``: no decay at the first call. Computed in the update's compute dtype (at
+    ``mask``: the leaves decayed (a tree of booleans, or a function of the parameters returning one;
+    None: all). ``from_second_call``: no decay at the first call. Computed in the update's compute dtype (at
     least float32; complex for complex leaves), returned in its own; ``who`` names the optimizer
     in the error for missing parameters.
     """
@@ -61,4 +63,5 @@ def decoupled_decay(
 
         return jax.tree.map(leaf, updates, params), DecayState(count)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    decay = optax.GradientTransformation(init_fn, update_fn)
+    return decay if mask is None else optax.masked(decay, mask)

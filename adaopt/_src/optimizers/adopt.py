@@ -247,10 +247,11 @@ def adopt(
         )
     if decoupled_weight_decay and not decay_at_first_call:
         base.check_mask(weight_decay_mask)
-        decay = decoupled_decay(learning_rate, weight_decay, from_second_call=True, who="adopt's weight decay")
-        masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
+        decay = decoupled_decay(
+            learning_rate, weight_decay, mask=weight_decay_mask, from_second_call=True, who="adopt's weight decay"
+        )
         return base.assemble(
-            core, None, after_decay=(base.scale_by_learning_rate(learning_rate), masked),
+            core, None, after_decay=(base.scale_by_learning_rate(learning_rate), decay),
             complex_convention=complex_convention,
         )  # fmt: skip
     return base.assemble(

@@ -224,6 +224,7 @@ def laprop(
     if not decoupled_weight_decay:
         return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention=complex_convention)
     base.check_mask(weight_decay_mask)
-    decay = decoupled_decay(learning_rate, weight_decay, weight_decay_mode, who="laprop's decoupled weight decay")
-    masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
-    return base.assemble(core, None, after_decay=(masked,), complex_convention=complex_convention)
+    decay = decoupled_decay(
+        learning_rate, weight_decay, weight_decay_mode, mask=weight_decay_mask, who="laprop's decoupled weight decay"
+    )
+    return base.assemble(core, None, after_decay=(decay,), complex_convention=complex_convention)

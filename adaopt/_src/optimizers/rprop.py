@@ -182,6 +182,5 @@ def rprop(
     base.check_common(learning_rate, weight_decay)
     base.check_mask(weight_decay_mask)
     core = scale_by_rprop(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size)
-    decay = decoupled_decay(learning_rate, weight_decay, who="rprop's weight decay")
-    masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
-    return base.assemble(core, None, after_decay=(masked,), complex_convention="real_imag")
+    decay = decoupled_decay(learning_rate, weight_decay, mask=weight_decay_mask, who="rprop's weight decay")
+    return base.assemble(core, None, after_decay=(decay,), complex_convention="real_imag")

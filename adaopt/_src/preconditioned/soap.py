@@ -607,9 +607,9 @@ def soap(
         eps_mode=eps_mode, refresh_count=refresh_count, shift_power_iteration=shift_power_iteration,
     )  # fmt: skip
     decay = decoupled_decay(
-        learning_rate, weight_decay, weight_decay_mode, from_second_call=True, who="soap's decoupled weight decay"
-    )
-    masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
+        learning_rate, weight_decay, weight_decay_mode, mask=weight_decay_mask, from_second_call=True,
+        who="soap's decoupled weight decay",
+    )  # fmt: skip
     return base.assemble(
-        core, None, after_decay=(base.scale_by_learning_rate(learning_rate), masked), complex_convention="modulus"
+        core, None, after_decay=(base.scale_by_learning_rate(learning_rate), decay), complex_convention="modulus"
     )
