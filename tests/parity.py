@@ -6,8 +6,9 @@ references need more than a gradient (loss-driven methods, evaluation parameters
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -79,11 +80,19 @@ def run_torch(make: TorchFactory, hp: dict, lr: Any, params: dict, grads: dict, 
     else:
         groups = [{"params": [tensors[k] for k in names], "weight_decay": 0.0}]
     # torch keeps scalar state (NAdam's mu_product) in the default dtype: match the case's.
-    previous = torch.get_default_dtype()
     wide = np.finfo(case.dtype).bits == 64  # float64 and complex128
-    torch.set_default_dtype(torch.float64 if wide else torch.float32)
-    try:
+    with default_dtype(torch.float64 if wide else torch.float32):
         return _torch_trajectory(make(groups, hp), tensors, lr, grads)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype ``dtype`` meanwhile: the dtype of the scalars a reference creates (NAdam's
+    ``mu_product``; heavyball's learning rate and debiasing factors)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
     finally:
         torch.set_default_dtype(previous)
 

@@ -40,9 +40,11 @@ def _betas(hp: HP) -> tuple[float, float]:
     return (hp["b1"], hp["b2"])
 
 
-def _heavyball(cls: Any, groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
-    """A heavyball optimizer with its state in the parameters' dtype (its default is float32)."""
-    dtype = groups[0]["params"][0].dtype
+def heavyball_optimizer(cls: Any, groups: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """A heavyball optimizer, eager (above), with its state in the parameters' dtype (its default is float32);
+    ``groups``: parameter groups or a list of tensors."""
+    first = groups[0]
+    dtype = (first["params"][0] if isinstance(first, dict) else first).dtype
     return cls(groups, storage_dtype=str(dtype).removeprefix("torch."), **kwargs)
 
 
@@ -161,8 +163,10 @@ TORCH: dict[str, TorchFactory] = {
     "torch.optim.Adam": lambda groups, hp: torch.optim.Adam(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
     "torch.optim.AdamW": lambda groups, hp: torch.optim.AdamW(groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
     "torch.optim.Rprop": lambda groups, hp: torch.optim.Rprop(groups, lr=1.0, etas=(hp["eta_minus"], hp["eta_plus"])),
-    "heavyball.AdamW": lambda groups, hp: _heavyball(heavyball.AdamW, groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
-    "heavyball.NAdam(decoupled_weight_decay=True)": lambda groups, hp: _heavyball(
+    "heavyball.AdamW": lambda groups, hp: heavyball_optimizer(
+        heavyball.AdamW, groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
+    ),
+    "heavyball.NAdam(decoupled_weight_decay=True)": lambda groups, hp: heavyball_optimizer(
         heavyball.NAdam,
         groups,
         lr=1.0,
@@ -171,16 +175,18 @@ TORCH: dict[str, TorchFactory] = {
         momentum_decay=hp["momentum_decay"],
         decoupled_weight_decay=True,
     ),
-    "heavyball.RMSprop": lambda groups, hp: _heavyball(
+    "heavyball.RMSprop": lambda groups, hp: heavyball_optimizer(
         heavyball.RMSprop, groups, lr=1.0, betas=(0.0, hp["decay"]), eps=hp["eps"]
     ),
-    "heavyball.ADOPT": lambda groups, hp: _heavyball(heavyball.ADOPT, groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]),
-    "heavyball.LaProp": lambda groups, hp: _heavyball(heavyball.LaProp, groups, lr=1.0, betas=_betas(hp)),
-    "heavyball.AdEMAMix": lambda groups, hp: _heavyball(
+    "heavyball.ADOPT": lambda groups, hp: heavyball_optimizer(
+        heavyball.ADOPT, groups, lr=1.0, betas=_betas(hp), eps=hp["eps"]
+    ),
+    "heavyball.LaProp": lambda groups, hp: heavyball_optimizer(heavyball.LaProp, groups, lr=1.0, betas=_betas(hp)),
+    "heavyball.AdEMAMix": lambda groups, hp: heavyball_optimizer(
         heavyball.AdEMAMix, groups, lr=1.0, betas=(hp["b1"], hp["b2"], hp["b3"]), alpha=hp["alpha"], eps=hp["eps"]
     ),
     # Its warmup rate is t / (W + 1): adaopt's warmup_steps W + 1.
-    "heavyball.SFAdamW": lambda groups, hp: _heavyball(
+    "heavyball.SFAdamW": lambda groups, hp: heavyball_optimizer(
         heavyball.SFAdamW,
         groups,
         lr=1.0,

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import heavyball
-import heavyball.utils
 import jax
 import jax.numpy as jnp
 import muon as muon_package
@@ -27,7 +26,7 @@ import torch
 import torch.optim._muon as torch_muon
 
 import adaopt
-from tests import parity
+from tests import parity, references  # references: heavyball runs eager
 
 SPEC = adaopt.REGISTRY["muon"]
 TOLERANCE = {np.float64: 1e-8, np.float32: 1e-4}
@@ -282,18 +281,12 @@ HEAVYBALL = {
 def _heavyball(hp: dict, params: dict, grads: dict, cls: Any = None) -> dict:
     """``heavyball.MuonAdamW`` (or ``cls``), eager, its state and scalars in float64."""
     tensors = {k: torch.tensor(v) for k, v in params.items()}
-    previous = heavyball.utils.compile_mode, torch.get_default_dtype()
-    heavyball.utils.compile_mode = None
-    torch.set_default_dtype(torch.float64)
-    try:
-        opt = (cls or heavyball.MuonAdamW)(
-            [tensors[k] for k in sorted(tensors)], lr=hp["learning_rate"], betas=(hp["momentum"], hp["adam_b2"]),
-            weight_decay=hp["weight_decay"], storage_dtype="float64",
+    with parity.default_dtype(torch.float64):
+        opt = references.heavyball_optimizer(
+            cls or heavyball.MuonAdamW, [tensors[k] for k in sorted(tensors)], lr=hp["learning_rate"],
+            betas=(hp["momentum"], hp["adam_b2"]), weight_decay=hp["weight_decay"],
         )  # fmt: skip
         return _torch_run(opt, tensors, grads)
-    finally:
-        heavyball.utils.compile_mode = previous[0]
-        torch.set_default_dtype(previous[1])
 
 
 def _adaopt_heavyball(hp: dict, **options: Any) -> optax.GradientTransformation:

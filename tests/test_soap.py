@@ -18,7 +18,6 @@ basis is unique up to sign: the comparison is then exact to rounding.
 from __future__ import annotations
 
 import inspect
-import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ from pytorch_optimizer.optimizer import soap as soap_module
 
 import adaopt
 from adaopt._src.preconditioned.soap import _refresh_basis, merge_small_dims, merge_trailing_dims
-from tests import parity
+from tests import parity, references  # references: heavyball runs eager
 
 SPEC = adaopt.REGISTRY["soap"]
 TOLERANCE = {np.float64: 1e-10, np.float32: 1e-4}
@@ -177,33 +176,16 @@ HEAVYBALL = {
 HEAVYBALL_SHAPES = {"w": (6, 5), "b": (2,), "c": (5, 2, 2, 1), "t": (2, 2, 5), "u": (4, 2, 2), "e": (12, 4)}
 
 
-@contextmanager
-def _heavyball_eager(dtype: torch.dtype) -> Iterator[None]:
-    """heavyball without ``torch.compile``, and torch's default dtype ``dtype`` meanwhile: heavyball computes its
-    learning rate and the factors' debiasing in it (in float32, float64 parameters would move by about 1e-9)."""
-    previous = (heavyball.utils.compile_mode, torch.get_default_dtype())
-    heavyball.utils.compile_mode = None
-    torch.set_default_dtype(dtype)
-    try:
-        with warnings.catch_warnings():
-            # A learning-rate schedule: heavyball warns that it reads a changed rate (it does, on every call).
-            warnings.filterwarnings("ignore", "Learning rate changed between steps", UserWarning)
-            yield
-    finally:
-        heavyball.utils.compile_mode = previous[0]
-        torch.set_default_dtype(previous[1])
-
-
 def _heavyball(hp: dict, params: dict, grads: dict, lr: Any, mask: dict | None, **options: Any) -> dict:
     """``heavyball.SOAP``, eager, its state in the parameters' dtype, the decayed leaves in a group of their own."""
     tensors = {k: torch.tensor(v) for k, v in params.items()}
     groups = parity.decay_groups(tensors, hp["weight_decay"], mask)
     dtype = next(iter(tensors.values())).dtype
-    with _heavyball_eager(dtype):
-        opt = heavyball.SOAP(
-            groups, lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]),
+    with parity.default_dtype(dtype):
+        opt = references.heavyball_optimizer(
+            heavyball.SOAP, groups, lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]),
             shampoo_beta=hp["shampoo_beta"], eps=hp["eps"], precondition_frequency=hp["precondition_frequency"],
-            max_precond_dim=MAX_DIM, storage_dtype=str(dtype).removeprefix("torch."), **options,
+            max_precond_dim=MAX_DIM, **options,
         )  # fmt: skip
         return parity._torch_trajectory(opt, tensors, hp["learning_rate"] if lr is None else lr, grads)
 
@@ -288,7 +270,7 @@ def test_the_shifted_refresh_is_heavyballs(dtype: Any) -> None:
     g = rng.normal(size=(7, 3))
     statistic, old = (g @ g.T).astype(dtype), np.linalg.qr(rng.normal(size=(7, 7)))[0].astype(dtype)
     q = [torch.tensor(old)]
-    with _heavyball_eager(q[0].dtype):
+    with parity.default_dtype(q[0].dtype):
         heavyball.utils.get_orthogonal_matrix_QR([torch.tensor(statistic)], q)
     theirs = q[0].numpy()
     with jax.enable_x64(dtype == np.float64):
