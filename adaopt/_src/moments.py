@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -232,7 +232,12 @@ def safe_divide(numerator: Any, denominator: jax.Array, fallback: Any = 0) -> ja
     return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), fallback)
 
 
-def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: str = "add") -> jax.Array:
+EpsMode = Literal["add", "max"]
+"""Where eps enters a root's denominator: ``"add"``, :math:`\\sqrt{x} + \\epsilon`; ``"max"``,
+:math:`\\max(\\sqrt{x}, \\epsilon)` (heavyball's form)."""
+
+
+def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add") -> jax.Array:
     """``1 / (sqrt(nu + eps_root) + eps)`` (``eps_mode="add"``) or ``1 / max(sqrt(nu + eps_root), eps)`` (``"max"``),
     with 0 where that denominator is 0 (a zero gradient)."""
     inside = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root  # no "+ 0" per leaf

@@ -20,7 +20,6 @@ from adaopt._src import base, moments, numerics
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 
-EpsMode = Literal["add", "max"]
 FactoredAxes = Literal["last_two", "largest_two"]
 WeightDecayMode = Literal["step_size", "learning_rate", "unscaled"]
 
@@ -132,7 +131,7 @@ def scale_by_adafactor(
     *,
     relative_step: bool = True,
     scale_parameter: bool = True,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     factored: bool = True,
     factored_axes: FactoredAxes = "last_two",
     min_dim_size_to_factor: int = 1,
@@ -444,7 +443,7 @@ def adafactor(
     *,
     relative_step: bool = True,
     scale_parameter: bool = True,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     weight_decay_mask: base.MaskOrFn | None = None,
     weight_decay_mode: WeightDecayMode = "step_size",
     factored: bool = True,

@@ -19,7 +19,6 @@ from adaopt._src.layouts import cpu_kernels
 
 SecondMoment = Literal["adam", "belief", "yogi"]
 AmsgradMax = Literal["raw", "debiased"]
-EpsMode = Literal["add", "max"]
 
 
 class AdamState(NamedTuple):
@@ -59,7 +58,7 @@ def scale_by_adam(
     bias_correction: bool = True,
     initial_accumulator_value: Any = 0.0,
     eps_on_raw_root: bool = False,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -213,7 +212,7 @@ def adam(
     *,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -286,7 +285,7 @@ def adamw(
     weight_decay: Any = 1e-2,
     *,
     weight_decay_mask: base.MaskOrFn | None = None,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -736,7 +735,7 @@ def scale_by_nadam(
     eps_root: Any = 0.0,
     momentum_decay: Any = 4e-3,
     *,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -840,7 +839,7 @@ def nadam(
     momentum_decay: Any = 4e-3,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",
@@ -919,7 +918,7 @@ def nadamw(
     *,
     momentum_decay: Any = 4e-3,
     weight_decay_mask: base.MaskOrFn | None = None,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",

@@ -10,7 +10,7 @@ import optax
 
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
-from adaopt._src.optimizers.adam import EpsMode, check_moments
+from adaopt._src.optimizers.adam import check_moments
 
 
 class AdemamixState(NamedTuple):
@@ -46,7 +46,7 @@ def scale_by_ademamix(
     eps: Any = 1e-8,
     *,
     warmup_steps: Any = None,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -174,7 +174,7 @@ def ademamix(
     warmup_steps: Any = None,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",

@@ -11,7 +11,7 @@ import optax
 from adaopt._src import base, moments
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.decay import DecayForm, decoupled_decay
-from adaopt._src.optimizers.adam import EpsMode, check_moments
+from adaopt._src.optimizers.adam import check_moments
 
 
 class LapropState(NamedTuple):
@@ -41,7 +41,7 @@ def scale_by_laprop(
     eps: Any = 1e-15,
     eps_root: Any = 0.0,
     *,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -152,7 +152,7 @@ def laprop(
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = True,
     weight_decay_mode: DecayForm = "stepped",
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     complex_convention: str = "modulus",

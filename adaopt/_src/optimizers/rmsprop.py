@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ def scale_by_debiased_rms(
     *,
     debias: bool = True,
     rectify: bool = False,
-    eps_mode: Literal["add", "max"] = "add",
+    eps_mode: moments.EpsMode = "add",
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Divide by the root of the (bias-corrected) second moment: Adam's step without momentum.
@@ -119,7 +119,7 @@ def scale_by_rms(
     *,
     centered: bool = False,
     initial_scale: Any = 0.0,
-    eps_mode: Literal["add", "max"] = "add",
+    eps_mode: moments.EpsMode = "add",
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""RMSProp's block: each coordinate divided by the root of an EMA of its squared gradients.
@@ -209,7 +209,7 @@ def rmsprop(
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
     bias_correction: bool = False,
-    eps_mode: Literal["add", "max"] = "add",
+    eps_mode: moments.EpsMode = "add",
     nu_dtype: Any = None,
     accumulator_dtype: Any = None,
     complex_convention: str = "modulus",

@@ -21,7 +21,6 @@ from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers.adam import check_moments
 
-EpsMode = Literal["max", "add"]
 Distribution = Literal["rademacher", "gaussian"]
 _NO_COMPLEX = (
     "Sophia does not take complex parameters: a diagonal Hessian estimate of a complex parameter has no form here. "
@@ -58,7 +57,7 @@ def scale_by_sophia(
     eps: Any = 1e-12,
     *,
     clip: Any = 1.0,
-    eps_mode: EpsMode = "max",
+    eps_mode: moments.EpsMode = "max",
     update_interval: int = 10,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
@@ -182,7 +181,7 @@ def sophia(
     weight_decay: Any = 0.0,
     *,
     clip: Any = 1.0,
-    eps_mode: EpsMode = "max",
+    eps_mode: moments.EpsMode = "max",
     update_interval: int = 10,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = True,

@@ -21,7 +21,6 @@ from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers import adam
 
 AdjustLr = Literal["original", "match_rms_adamw"]
-EpsMode = Literal["add", "max"]
 NesterovForm = Literal["lerp", "add"]
 MatrixView = Literal["batch", "flatten"]
 Coefficients = tuple[float, float, float]
@@ -143,7 +142,7 @@ def newton_schulz(
     steps: int = 5,
     eps: float = 1e-7,
     *,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     dtype: Any = None,
 ) -> jax.Array:
     r"""Orthogonalise each matrix of ``x`` (its last two axes) by the references' quintic Newton–Schulz iteration.
@@ -222,7 +221,7 @@ def scale_by_muon(
     ns_steps: int = 5,
     ns_coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
     eps: Any = 1e-7,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     adjust_lr: AdjustLr | None = "original",
     nesterov_form: NesterovForm = "lerp",
     matrix_view: MatrixView = "batch",
@@ -381,7 +380,7 @@ def muon(
     adam_b2: Any = 0.95,
     adam_eps: Any = 1e-10,
     adam_weight_decay: Any = None,
-    adam_eps_mode: EpsMode = "add",
+    adam_eps_mode: moments.EpsMode = "add",
     aux: Literal["adamw", "momentum"] = "adamw",
     muon_mask: base.MaskOrFn | None = None,
     weight_decay_mask: base.MaskOrFn | None = None,
@@ -389,7 +388,7 @@ def muon(
     ns_steps: int = 5,
     ns_coefficients: Coefficients | Sequence[Coefficients] = NS_COEFFICIENTS,
     eps: Any = 1e-7,
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     adjust_lr: AdjustLr | None = "original",
     nesterov_form: NesterovForm = "lerp",
     matrix_view: MatrixView = "batch",

@@ -30,7 +30,6 @@ from adaopt._src.decay import DecayForm, decoupled_decay
 
 DataFormat = Literal["channels_first", "channels_last"]
 MergeRule = Literal["consecutive", "trailing"]
-EpsMode = Literal["add", "max"]
 RefreshCount = Literal["update", "call"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 _EIGH_SHIFT = 1e-30  # the reference adds 1e-30 * I before its eigh; negligible, kept for exactness
@@ -267,7 +266,7 @@ def scale_by_soap(
     correct_bias: bool = True,
     normalize_gradient: bool = False,
     data_format: DataFormat = "channels_first",
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     refresh_count: RefreshCount = "update",
     shift_power_iteration: bool = False,
 ) -> optax.GradientTransformation:
@@ -515,7 +514,7 @@ def soap(
     correct_bias: bool = True,
     normalize_gradient: bool = False,
     data_format: DataFormat = "channels_first",
-    eps_mode: EpsMode = "add",
+    eps_mode: moments.EpsMode = "add",
     refresh_count: RefreshCount = "update",
     shift_power_iteration: bool = False,
     weight_decay_mode: DecayForm = "stepped",

@@ -387,7 +387,7 @@ def schedule_free_adamw(
     weight_lr_power: Any = 2.0,
     debias: Literal["moment", "learning_rate"] = "moment",
     weight_decay_mask: base.MaskOrFn | None = None,
-    eps_mode: Literal["add", "max"] = "add",
+    eps_mode: moments.EpsMode = "add",
     nu_dtype: Any = None,
     z_dtype: Any = None,
     complex_convention: str = "modulus",
