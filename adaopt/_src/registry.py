@@ -226,17 +226,13 @@ _HEAVYBALL_MUON = {
 }  # fmt: skip
 _HEAVYBALL_EPS = "eps floors the root of the debiased second moment (eps_mode='max'); run eager"
 _SOAP_HEAVYBALL = (
-    "compared with eps_mode='max', refresh_count='call', shift_power_iteration=True, weight_decay_mode='decoupled', "
-    "merge_dims='trailing'; eager, torch's default dtype the parameters' (it computes its learning rate and the "
+    "eager, torch's default dtype the parameters' (it computes its learning rate and the "
     "factors' debiasing in it), frequencies that are powers of two (it counts refreshes in floating point)"
 )
-
-
-def _heavyball_soap(hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    return {
-        **hyperparameters, "eps_mode": "max", "refresh_count": "call", "shift_power_iteration": True,
-        "weight_decay_mode": "decoupled", "merge_dims": "trailing",
-    }  # fmt: skip
+_HEAVYBALL_SOAP = {
+    "eps_mode": "max", "refresh_count": "call", "shift_power_iteration": True, "weight_decay_mode": "decoupled",
+    "merge_dims": "trailing",
+}  # fmt: skip
 
 
 _SHAMPOO_POWER = (
@@ -601,7 +597,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         {**BETAS, "shampoo_beta": Range(0.5, 0.99), "eps": Range(1e-10, 1e-6, log=True)},
         (
             Reference("pytorch_optimizer.SOAP", note=_SOAP_QR),
-            Reference("heavyball.SOAP", convention=_heavyball_soap, note=_SOAP_HEAVYBALL),
+            Reference("heavyball.SOAP", kwargs=_HEAVYBALL_SOAP, note=_SOAP_HEAVYBALL),
         ),
         frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY, Capability.DELAYED_START, Capability.MATRIX_STATE}),
         "Adam in the eigenbasis of each leaf's Kronecker factors (Shampoo's), refreshed every k steps",
