@@ -237,11 +237,16 @@ EpsMode = Literal["add", "max"]
 :math:`\\max(\\sqrt{x}, \\epsilon)` (heavyball's form)."""
 
 
+def with_eps(root: Any, eps: Any, eps_mode: EpsMode) -> Any:
+    """A denominator from a root: ``root + eps`` (``"add"``) or ``max(root, eps)`` (``"max"``)."""
+    return root + eps if eps_mode == "add" else jnp.maximum(root, eps)
+
+
 def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add") -> jax.Array:
     """``1 / (sqrt(nu + eps_root) + eps)`` (``eps_mode="add"``) or ``1 / max(sqrt(nu + eps_root), eps)`` (``"max"``),
     with 0 where that denominator is 0 (a zero gradient)."""
     inside = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root  # no "+ 0" per leaf
-    denominator = jnp.sqrt(inside) + eps if eps_mode == "add" else jnp.maximum(jnp.sqrt(inside), eps)
+    denominator = with_eps(jnp.sqrt(inside), eps, eps_mode)
     if isinstance(eps, (int, float)) and eps > 0:
         return 1 / denominator
     return safe_divide(1, denominator)

@@ -162,7 +162,7 @@ def scale_by_sophia(
             beta1, scale, e, bound = scalars(dtype)
             m_new = moments.ema(g_compute, m_compute, beta1)
             curvature = scale * h_compute
-            denominator = jnp.maximum(curvature, e) if eps_mode == "max" else curvature + e
+            denominator = moments.with_eps(curvature, e, eps_mode)
             step = jnp.clip(moments.safe_divide(m_new, denominator), -bound, bound)
             return step.astype(g.dtype), moments.store(m_new, m)
 

@@ -175,7 +175,7 @@ def newton_schulz(
     wide = x.astype(accumulate)
     norm = jnp.sqrt(jnp.sum(wide * wide, axis=(-2, -1), keepdims=True)).astype(dtype)
     eps_value = moments.scalar(eps, dtype)
-    denominator = norm + eps_value if eps_mode == "add" else jnp.maximum(norm, eps_value)
+    denominator = moments.with_eps(norm, eps_value, eps_mode)
     x = moments.safe_divide(x, denominator).astype(dtype)
     for a, b, c in schedule:
         gram = matmul(x, jnp.swapaxes(x, -1, -2)).astype(dtype)

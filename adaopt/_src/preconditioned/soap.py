@@ -414,8 +414,8 @@ def scale_by_soap(
             """Adam's direction in the eigenbasis: ``"add"``, eps on the raw root (the debiasing is the step
             size); ``"max"``, the debiased moments, eps a floor of their root."""
             if eps_mode == "max":
-                return (m_rotated * d1) / jnp.maximum(jnp.sqrt(v * d2), e)
-            return m_rotated / (jnp.sqrt(v) + e)
+                m_rotated, v = m_rotated * d1, v * d2
+            return m_rotated / moments.with_eps(jnp.sqrt(v), e, eps_mode)
 
         def views(g: jax.Array, p_plan: AxisPlan) -> tuple[jnp.dtype, jax.Array]:
             dtype = moments.compute_dtype(g.dtype)
