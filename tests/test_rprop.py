@@ -81,3 +81,13 @@ def test_a_nan_gradient_gives_a_nan_step_and_leaves_the_step_sizes() -> None:
 def test_validation_names_the_argument(kwargs: dict, name: str) -> None:
     with pytest.raises(adaopt.HyperparameterError, match=name):
         adaopt.rprop(**kwargs)
+
+
+def test_gradients_whose_products_are_subnormal_adapt_the_step_sizes() -> None:
+    """Only the signs count: float32 gradients of 1e-20, whose products with the previous ones are subnormal (which
+    XLA:CPU flushes to 0), take the steps of the same gradients at scale 1, as torch's do."""
+    grads = _signs(40, 8, 2).astype(np.float32)
+    normal, _ = _updates(adaopt.rprop(0.01), grads)
+    tiny, _ = _updates(adaopt.rprop(0.01), grads * np.float32(1e-20))
+    np.testing.assert_array_equal(tiny, normal)
+    assert np.abs(normal).max() > 0.0119 and np.abs(normal[np.abs(normal) > 0]).min() < 0.0051  # grew and shrank

@@ -80,6 +80,19 @@ def test_schedules_and_arrays_are_accepted() -> None:
     adaopt.adam(jnp.asarray(1e-3), b1=jnp.asarray(0.9))
 
 
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
+def test_an_integer_parameter_is_refused_at_init_naming_it(spec: OptimizerSpec) -> None:
+    """An integer leaf would take no step, or a truncated one: every optimizer that keeps a state refuses it at
+    init, naming the leaf. Plain SGD keeps none (its update is -lr * g, as optax's is), nor sees the parameters."""
+    params = {"w": jnp.ones((4, 3)), "n": jnp.zeros((4, 3), jnp.int32)}
+    tx = learning_rates.make(spec)
+    if spec.name == "sgd":
+        tx.init(params)
+        return
+    with pytest.raises(TypeError, match=r"\['n'\] has dtype int32"):
+        tx.init(params)
+
+
 def test_moment_dtype_must_be_floating() -> None:
     with pytest.raises(ValueError, match="mu_dtype"):
         adaopt.adam(mu_dtype=jnp.int32)
@@ -117,6 +130,7 @@ def test_an_eight_bit_float_cannot_hold_a_moment(spec: OptimizerSpec, name: str,
         (adaopt.lamb, {"debias": "never"}, "debias"),
         (adaopt.radam, {"threshold": 3.0}, "threshold"),
         (adaopt.lamb, {"max_param_norm": 0.0}, "max_param_norm"),
+        (adaopt.lamb, {"trust_eps": -1.0}, "trust_eps"),
         (adaopt.sgd, {"dampening": 1.5}, "dampening"),
         (adaopt.rmsprop, {"bias_correction": True, "centered": True}, "centered"),
         (adaopt.rmsprop, {"bias_correction": True, "eps_root": 1e-8}, "eps_root"),

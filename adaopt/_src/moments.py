@@ -9,6 +9,7 @@ keeps the update in the gradient's dtype.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -91,6 +92,7 @@ def check_storage(name: str, spec: Any) -> None:
 
 def scalar_dtype(params: Any) -> jnp.dtype:
     """The dtype of a state's scalars (step-size estimates, products): the parameters' widest float, at least float32."""
+    check_floating(params)
     return compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
 
 
@@ -102,6 +104,7 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = F
     with the unsigned map for a ``real`` moment (a second moment of ``|g|^2``, a running maximum:
     never negative) and the signed map otherwise.
     """
+    check_floating(params)
     kind = storage.resolve(dtype)
     if kind is not None:
         leaves, treedef = jax.tree.flatten(params)
@@ -111,6 +114,18 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = F
     return jax.tree.map(
         lambda p: jnp.full_like(p, fill, dtype=state_dtype(jnp.result_type(p), dtype, real=real)), params
     )
+
+
+def check_floating(params: Any) -> None:
+    """A clear error for an integer or boolean parameter, which would take no step (or a truncated one)."""
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.dtype(p.dtype) if hasattr(p, "dtype") else jnp.result_type(p)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"The parameter at {jax.tree_util.keystr(path) or 'the root'} has dtype {dtype.name}: optimizers take "
+                "floating-point (or complex) parameters, and an integer one cannot take a fractional step. Cast it, "
+                "or keep it out of the optimized tree."
+            )
 
 
 def _init_stored(kind: storage.Storage, p: Any, fill: Any, *, signed: bool, index: int) -> Any:
@@ -203,9 +218,40 @@ def ema(new: jax.Array, old: jax.Array, decay: Any) -> jax.Array:
     return times(old, decay) + times(new, 1 - decay)
 
 
+def log_decay(decay: Any, dtype: Any) -> Any:
+    """``log(decay)`` for a decay in [0, 1]: a Python number's in float64 (``-inf`` for 0), an array's as
+    ``log1p(decay - 1)`` in ``dtype`` (``decay - 1`` is exact for a decay in [0.5, 1])."""
+    if isinstance(decay, (int, float)):
+        return math.log(decay) if decay > 0 else -math.inf
+    return jnp.log1p(jnp.asarray(decay).astype(dtype) - 1)
+
+
+def _plain_power(decay: Any, dtype: Any) -> bool:
+    """Whether a decay's powers are ``decay ** count`` as written: in float64 (torch's, from the Python float),
+    and for a Python 0 (``0 ** 0`` is 1, where ``0 * log 0`` is NaN)."""
+    return jnp.finfo(dtype).bits >= 64 or (isinstance(decay, (int, float)) and decay == 0)
+
+
+def decay_power(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
+    """``decay ** count``: in float64 as torch computes it, in a narrower dtype as ``exp(count * log(decay))``
+    (see :func:`bias_correction`)."""
+    if _plain_power(decay, dtype):
+        return scalar(decay, dtype) ** count.astype(dtype)
+    return jnp.exp(count.astype(dtype) * log_decay(decay, dtype))
+
+
 def bias_correction(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
-    """``1 - decay ** count``, the factor that debiases a zero-initialised EMA after ``count`` steps."""
-    return 1 - scalar(decay, dtype) ** count.astype(dtype)
+    """``1 - decay ** count``, the factor that debiases a zero-initialised EMA after ``count`` steps.
+
+    In float64 as torch computes it. In a narrower dtype, where torch still computes it in float64
+    (on the host), ``-expm1(count * log(decay))``, to the dtype's precision relative to torch's
+    value: ``1 - decay ** count`` there, from a decay rounded to float32, loses the digits of
+    ``1 - decay`` (2e-4 of ``1 - 0.9999``), which the subtraction keeps (RAdam's rectification
+    started steps early from it).
+    """
+    if _plain_power(decay, dtype):
+        return 1 - decay_power(decay, count, dtype)
+    return -jnp.expm1(count.astype(dtype) * log_decay(decay, dtype))
 
 
 def debias(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
@@ -252,13 +298,39 @@ def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add") 
     return safe_divide(1, denominator)
 
 
-def radam_rho(b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+def radam_rho(b2: Any, count: jax.Array, dtype: Any) -> tuple[Any, jax.Array, jax.Array]:
     r"""RAdam's :math:`\rho_\infty = 2 / (1 - \beta_2) - 1`, :math:`\rho_t = \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t)`
-    and the bias correction :math:`1 - \beta_2^t`, at step ``count`` (from 1), in ``dtype``."""
-    beta2 = scalar(b2, dtype)
+    and the bias correction :math:`1 - \beta_2^t`, at step ``count`` (from 1), in ``dtype``.
+
+    In float64 as torch computes them. In a narrower dtype :math:`\rho_t` is the difference of two
+    numbers near :math:`2 / (1 - \beta_2)` (2e4 for 0.9999), whose rounding moved the step at which
+    the rectification starts (torch computes it in float64); with :math:`L = -\log \beta_2` and
+    :math:`x = tL` it is computed without that cancellation as
+
+    .. math::
+        \rho_t = \Big(\frac{2}{1 - \beta_2} - 1 - \frac{2}{L}\Big) + \frac{2}{L}\Big(1 - \frac{x}{e^x - 1}\Big),
+
+    each bracket by its series where its terms are small.
+    """
+    one_minus = (1 - b2) if isinstance(b2, (int, float)) else 1 - scalar(b2, dtype)  # exact for b2 in [0.5, 1]
+    rho_inf = 2 / one_minus - 1
     bc2 = bias_correction(b2, count, dtype)
-    rho_inf = 2 / (1 - beta2) - 1
-    return rho_inf, rho_inf - 2 * count.astype(dtype) * (1 - bc2) / bc2, bc2
+    t = count.astype(dtype)
+    if _plain_power(b2, dtype):
+        return rho_inf, rho_inf - 2 * t * decay_power(b2, count, dtype) / bc2, bc2
+    log_b2 = -log_decay(b2, dtype)
+    if isinstance(b2, (int, float)):  # in float64, where the cancellation costs nothing that float32 keeps
+        head: Any = rho_inf - 2 / log_b2
+    else:
+        e = one_minus
+        head = jnp.where(e < 0.05, e / 6 + e**2 / 12 + e**3 * (19 / 360), rho_inf - 2 / log_b2)
+    x = t * log_b2
+    small = jnp.minimum(x, 0.5)
+    large = jnp.clip(x, 0.5, 80.0)  # e^80 is finite in float32; the bracket is 1 to its precision there
+    tail = jnp.where(
+        x < 0.5, small / 2 - small**2 / 12 + small**4 / 720 - small**6 / 30240, 1 - large / jnp.expm1(large)
+    )
+    return rho_inf, head + 2 / log_b2 * tail, bc2
 
 
 def scale_leaf(factor: jax.Array, g: jax.Array) -> jax.Array:

@@ -167,6 +167,7 @@ def lamb(
     base.check_complex_convention(complex_convention)
     base.check_common(learning_rate, weight_decay)
     base.check_choice("debias", debias, ("moments", "step"))
+    base.check_nonnegative("trust_eps", trust_eps)  # named here: scale_by_trust_ratio calls it eps
     core = scale_by_adam(
         b1, b2, eps, eps_root, bias_correction=debias == "moments", mu_dtype=mu_dtype, nu_dtype=nu_dtype
     )

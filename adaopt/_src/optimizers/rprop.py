@@ -111,7 +111,9 @@ def scale_by_rprop(
         def leaf(g: jax.Array, f: jax.Array, prev: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g_compute, (f_compute, prev_compute) = moments.to_compute(g, f, prev)
             rate, minus, plus, low, high = scalars(dtype)
-            product = g_compute * prev_compute
+            # The signs' product: the values' own flushes to 0 on XLA:CPU where it is subnormal (|g| below 1e-19
+            # in float32), and the factors would then never adapt.
+            product = jnp.sign(g_compute) * jnp.sign(prev_compute)
             factor = jnp.where(product > 0, plus, jnp.where(product < 0, minus, jnp.ones([], dtype)))
             f_new = jnp.clip(f_compute * factor, low, high)  # a NaN product compares false: factor 1
             kept = jnp.where(product < 0, jnp.zeros_like(g_compute), g_compute)

@@ -38,7 +38,7 @@ def scale_by_momentum(
 
     Args:
       momentum: :math:`\mu`, in [0, 1).
-      dampening: :math:`\tau`, in [0, 1].
+      dampening: :math:`\tau`, in [0, 1]; ignored when the momentum is 0 (as torch ignores it).
       nesterov: use Nesterov's momentum (requires dampening 0, as torch does).
       accumulator_dtype: storage dtype of the buffer (default: the parameter's, at least float32).
 
@@ -72,7 +72,8 @@ def scale_by_momentum(
         raise base.HyperparameterError(f"nesterov=True requires dampening=0, got dampening={dampening!r}.")
     # With no dampening, mu * 0 + g already gives the first step's buffer g, and g needs no
     # multiplication by 1 - 0 (a Python zero: one operation less per leaf to trace and compile).
-    damped = not base.is_zero(dampening)
+    # A momentum of 0 takes no dampening either: torch's SGD is then plain SGD, whatever its dampening.
+    damped = not (base.is_zero(dampening) or base.is_zero(momentum))
 
     def init_fn(params: base.Params) -> MomentumState:
         return MomentumState(moments.zero_count(), moments.init_like(params, accumulator_dtype))
@@ -86,7 +87,10 @@ def scale_by_momentum(
 
         @moments.per_dtype
         def scalars(dtype: jax.numpy.dtype) -> tuple[Any, Any]:
-            return moments.scalar(momentum, dtype), 1 - moments.scalar(dampening, dtype)
+            mu, tau = moments.scalar(momentum, dtype), moments.scalar(dampening, dtype)
+            if not isinstance(mu, (int, float)):  # an array momentum may be 0 (a sweep's): no dampening there
+                tau = jax.numpy.where(mu == 0, jax.numpy.zeros([], dtype), tau)
+            return mu, 1 - tau
 
         def leaf(g: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (b32,) = moments.to_compute(g, b)
@@ -124,7 +128,8 @@ def sgd(
     Args:
       learning_rate: a non-negative number or a schedule ``count -> value``.
       momentum: :math:`\mu` in [0, 1), or None for plain SGD with no state. A number, even 0,
-        keeps a momentum buffer, so that the state's structure does not depend on the value.
+        keeps a momentum buffer, so that the state's structure does not depend on the value; at 0
+        the dampening is ignored, as torch ignores it (its steps are plain SGD's).
       dampening: :math:`\tau` in [0, 1].
       weight_decay: coefficient :math:`\lambda` >= 0 (coupled L2 by default, as torch).
       nesterov: Nesterov momentum.
