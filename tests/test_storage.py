@@ -100,6 +100,27 @@ def test_storages_round_trip_within_their_resolution(kind: str) -> None:
         assert relative < {"int8": 0.01, "int4": 0.15, "fp8": 0.07, "bfloat16_sr": 0.01}[kind], relative
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8", "bfloat16_sr"])
+def test_apply_if_finite_keeps_a_stored_state_through_a_non_finite_gradient(kind: str) -> None:
+    """A NaN and an infinite coordinate (which would spoil a block's scale): apply_if_finite skips the step, keeps
+    every stored moment bit for bit, and the next step is the one without the bad gradient."""
+    params, (g1, g2) = _tree()
+    storage_ = adaopt.Blockwise({"int8": "dynamic8", "int4": "dynamic4", "fp8": "fp8"}[kind], block_size=64,
+                                min_size=64) if kind != "bfloat16_sr" else kind  # fmt: skip
+    make = lambda: adaopt.adamw(1e-2, mu_dtype=storage_, nu_dtype=storage_)
+    tx = adaopt.apply_if_finite(make(), max_consecutive_errors=3)
+    step = jax.jit(tx.update)
+    _, state = step(g1, tx.init(params), params)
+    bad = {**g1, "w": g1["w"].at[0, 0].set(jnp.nan).at[3, 5].set(jnp.inf)}
+    skipped, after = step(bad, state, params)
+    assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree.leaves(skipped))
+    jax.tree.map(np.testing.assert_array_equal, after.inner_state, state.inner_state)
+    updates, _ = step(g2, after, params)
+    plain = jax.jit(make().update)
+    expected, _ = plain(g2, plain(g1, make().init(params), params)[1], params)
+    jax.tree.map(np.testing.assert_array_equal, updates, expected)
+
+
 def test_storage_memory_per_element() -> None:
     assert adaopt.Blockwise("dynamic8").bytes_per_element() == pytest.approx(1 + 4 / 256)
     assert adaopt.Blockwise("dynamic4", block_size=128).bytes_per_element() == pytest.approx(0.5 + 4 / 128)
@@ -119,6 +140,17 @@ def test_stochastic_rounding_is_unbiased() -> None:
     assert np.all(np.abs(mean - exact) <= 4 * stderr + 1e-12), (mean - exact, stderr)
     assert values[:, 3].std() == 0 and values[0, 3] == 7.0  # representable: never moved
     assert np.all(np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))[:2] != exact[:2])
+
+
+def test_each_moment_of_each_leaf_draws_its_own_bits() -> None:
+    """Adam's two moments of three leaves, stored in bfloat16 with stochastic rounding: six distinct salts, so a
+    leaf's first and second moments do not round up together (they shared their draws)."""
+    params = {"a": jnp.zeros(5), "b": jnp.zeros((2, 3)), "c": jnp.zeros([])}
+    state = adaopt.scale_by_adam(mu_dtype="bfloat16_sr", nu_dtype="bfloat16_sr").init(params)
+    salts = [
+        int(leaf.salt) for moment in (state.mu, state.nu) for leaf in jax.tree.leaves(moment, is_leaf=adaopt.is_stored)
+    ]
+    assert len(salts) == 6 and len(set(salts)) == 6
 
 
 def test_bfloat16_second_moment_keeps_moving_with_stochastic_rounding() -> None:
@@ -210,6 +242,11 @@ def test_bad_storages_are_refused_at_construction() -> None:
         adaopt.Blockwise(scale_floor=-1.0)
     with pytest.raises(adaopt.HyperparameterError, match="seed"):
         adaopt.StochasticBf16(seed=-1)
+    for field in ("block_size", "min_size", "chunk_size"):  # True is not a size
+        with pytest.raises(adaopt.HyperparameterError, match=f"{field} must be"):
+            adaopt.Blockwise(**{field: True})
+    with pytest.raises(adaopt.HyperparameterError, match="seed"):
+        adaopt.StochasticBf16(seed=True)
     # A dtype that cannot hold a moment names the storages that can.
     with pytest.raises(adaopt.HyperparameterError, match=r"mu_dtype.*'int8', 'int4', 'fp8', 'bfloat16_sr'"):
         adaopt.adam(mu_dtype=jnp.int8)

@@ -236,7 +236,9 @@ class Rounded(StoredLeaf):
 
     Attributes:
       value: the bfloat16 values.
-      salt: a uint32 that tells this leaf's draws from every other leaf's (from the seed and its position).
+      salt: a uint32 that tells this leaf's draws from every other leaf's (from the seed, its position and
+        whether it is a first or a second moment; a running maximum stored through the second moment's leaf,
+        as AMSGrad's, shares that leaf's draws, so the two round alike where they are equal).
       count: the stores so far (uint32): each store draws the bits of :func:`counter_bits` at
         ``(salt, count)``, so the draws are pure functions of the state.
       storage: the :class:`StochasticBf16` storage that wrote it.
@@ -320,17 +322,17 @@ class Blockwise:
     def __post_init__(self) -> None:
         if self.format not in ("dynamic8", "dynamic4", "fp8"):
             raise HyperparameterError(f"format must be 'dynamic8', 'dynamic4' or 'fp8', got {self.format!r}.")
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
+        if not _is_int(self.block_size) or self.block_size <= 0:
             raise HyperparameterError(f"block_size must be a positive integer, got {self.block_size!r}.")
         if self.format == "dynamic4" and self.block_size % 2:
             raise HyperparameterError(
                 f"block_size must be even for 4-bit codes (two per byte, never across blocks), got {self.block_size}."
             )
-        if not isinstance(self.min_size, int) or self.min_size < 0:
+        if not _is_int(self.min_size) or self.min_size < 0:
             raise HyperparameterError(f"min_size must be a non-negative integer, got {self.min_size!r}.")
         if not (isinstance(self.scale_floor, (int, float)) and 0 <= self.scale_floor < 1e-3):
             raise HyperparameterError(f"scale_floor must be a number in [0, 1e-3), got {self.scale_floor!r}.")
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size <= 0):
+        if self.chunk_size is not None and (not _is_int(self.chunk_size) or self.chunk_size <= 0):
             raise HyperparameterError(
                 f"chunk_size must be a positive integer (elements) or None (whole leaves), got {self.chunk_size!r}."
             )
@@ -533,22 +535,28 @@ class StochasticBf16:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise HyperparameterError(f"seed must be an integer in [0, 2**32), got {self.seed!r}.")
 
     def init(self, param: jax.Array, *, signed: bool, index: int = 0) -> Rounded:
-        del signed
         if jnp.issubdtype(jnp.result_type(param), jnp.complexfloating):
             raise TypeError(
                 "A complex parameter's moment cannot be stored in bfloat16: there is no complex bfloat16. Pass "
                 "float32 (stored as complex64) or None."
             )
-        salt = jnp.asarray(_mix(self.seed * 0x9E3779B1 + index + 1), jnp.uint32)
+        # A first moment (signed) and a second (unsigned) of the same leaf draw apart: shared bits would
+        # round both up together.
+        salt = jnp.asarray(_mix(self.seed * 0x9E3779B1 + 2 * index + (1 if signed else 2)), jnp.uint32)
         return Rounded(jnp.zeros_like(param, dtype=jnp.bfloat16), salt, jnp.zeros([], jnp.uint32), self)
 
     def encode(self, value: jax.Array, leaf: Rounded) -> Rounded:
         bits = counter_bits(value.shape, leaf.salt, leaf.count)
         return Rounded(stochastic_round(value, bits), leaf.salt, leaf.count + jnp.uint32(1), self)
+
+
+def _is_int(x: Any) -> bool:
+    """An integer size or seed: ``True`` is not one."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _mix(x: int) -> int:
