@@ -182,6 +182,20 @@ def test_the_inner_state_has_the_projected_shapes_and_the_rest_passes_through() 
     np.testing.assert_allclose(top @ (top.T @ np.asarray(updates["wide"])), updates["wide"], atol=1e-5)
 
 
+@pytest.mark.parametrize("proj_type", ["std", "left", "full"])
+def test_an_empty_matrix_the_mask_chooses_passes_through(proj_type: str) -> None:
+    """A (0, 3) matrix chosen by galore_mask has no subspace: its (empty) update is the inner optimizer's, and
+    the other matrix is projected as without it (the SVD of an empty matrix failed in the first update)."""
+    params = {"w": jnp.ones((6, 4)), "e": jnp.zeros((0, 3))}
+    tx = adaopt.galore_adamw(1e-3, rank=2, update_proj_gap=1, proj_type=proj_type, galore_mask={"w": True, "e": True})
+    alone = adaopt.galore_adamw(1e-3, rank=2, update_proj_gap=1, proj_type=proj_type, galore_mask={"w": True})
+    grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32), "e": jnp.zeros((0, 3))}
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    expected, _ = alone.update({"w": grads["w"]}, alone.init({"w": params["w"]}), {"w": params["w"]})
+    assert updates["e"].shape == (0, 3)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+
+
 def test_the_projection_is_refreshed_every_gap_steps_only() -> None:
     tx = adaopt.galore(optax.identity(), rank=2, update_proj_gap=3, scale=1.0)
     params = {"w": jnp.zeros((6, 5))}

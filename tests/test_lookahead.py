@@ -99,6 +99,18 @@ def test_refuses_bad_arguments_when_built() -> None:
         adaopt.lookahead(adaopt.sgd(), SYNC, 1.5)
 
 
+def test_plain_parameters_are_a_clear_error() -> None:
+    """A plain tree where the fast and slow parameters belong names optax.LookaheadParams (optax's own failed on an
+    attribute of the dict)."""
+    tx = adaopt.lookahead(adaopt.sgd(0.1), SYNC, ALPHA)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"LookaheadParams\.init_synced"):
+        tx.init(params)
+    state = tx.init(optax.LookaheadParams.init_synced(params))
+    with pytest.raises(TypeError, match="got dict"):
+        tx.update(params, state, params)
+
+
 # What the module's docstring says of optax's wrappers, around an optimizer that needs value=.
 
 POLYAK = adaopt.polyak_sgd

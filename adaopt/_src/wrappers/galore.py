@@ -183,7 +183,8 @@ def galore(
       min_dim: the smallest side of a matrix that the default ``galore_mask`` projects (>= 1);
         None: ``rank + 1``.
       galore_mask: the leaves to project, a tree of booleans or a function of the parameters
-        returning one; only matrices (2-d leaves) can be. None: :func:`default_galore_mask`.
+        returning one; only matrices (2-d leaves, not empty) can be: others pass through to ``inner``. None:
+        :func:`default_galore_mask`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`GaLoreState`, passing
@@ -222,7 +223,11 @@ def galore(
         mask = mask(params) if callable(mask) else mask
         base.check_tree_match(params, mask, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
         leaves = jax.tree_util.tree_leaves_with_path(params)
-        chosen = [bool(m) and jnp.ndim(p) == 2 for (_, p), m in zip(leaves, jax.tree.leaves(mask), strict=True)]
+        # An empty matrix has no subspace to project on: it passes through, as every leaf the mask leaves out.
+        chosen = [
+            bool(m) and jnp.ndim(p) == 2 and min(jnp.shape(p)) > 0
+            for (_, p), m in zip(leaves, jax.tree.leaves(mask), strict=True)
+        ]
         for (path, p), c in zip(leaves, chosen, strict=True):
             if c and is_complex(p):
                 raise TypeError(_NO_COMPLEX.format(path=jax.tree_util.keystr(path) or "the root", dtype=p.dtype))

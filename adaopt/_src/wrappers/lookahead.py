@@ -98,13 +98,25 @@ def lookahead(
             optax.GradientTransformation(fast.init, fast_update), sync_period, slow_step_size, reset_state
         )
 
+    def init_fn(params: Params) -> optax.LookaheadState:
+        return with_extra_args({}).init(_lookahead_params(params))
+
     def update_fn(
         updates: Updates, state: optax.LookaheadState, params: Params | None = None, **extra_args: Any
     ) -> tuple[Updates, optax.LookaheadState]:
-        params = base.require_params(params, "lookahead")
+        params = _lookahead_params(base.require_params(params, "lookahead"))
         return with_extra_args(extra_args).update(updates, state, params)
 
-    return optax.GradientTransformationExtraArgs(with_extra_args({}).init, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _lookahead_params(params: Any) -> optax.LookaheadParams:
+    if not isinstance(params, optax.LookaheadParams):
+        raise TypeError(
+            f"lookahead keeps fast and slow parameters: pass optax.LookaheadParams.init_synced(params) to init and "
+            f"update (and the gradients at its .fast), got {type(params).__name__}."
+        )
+    return params
 
 
 __all__ = ["lookahead"]
