@@ -172,3 +172,23 @@ def test_validation_names_the_option() -> None:
     for kwargs, name in cases:
         with pytest.raises(adaopt.HyperparameterError, match=name):
             adaopt.mars(**kwargs)
+
+
+def test_cautious_adamw_matches_pytorch_optimizer_MARS_cautious() -> None:
+    """``adaopt.cautious(adaopt.mars)`` with ``mars_type="adamw"`` is pytorch-optimizer's ``MARS(cautious=True)``,
+    as the registry's note says (float64, decay and a schedule); plain MARS is not."""
+    seed = zlib.crc32(b"mars/cautious/float64")
+    hp = _draw(seed, True)
+    params, grads = parity.random_problem(parity.SHAPES, seed + 1, np.float64)
+    with jax.enable_x64(True):
+        lr = _schedule(hp["learning_rate"], np.float64)
+        kwargs = {k: hp[k] for k in KEYS} | {"adam_weight_decay": hp["adam_weight_decay"], "eps_root": 1e-15}
+        ours = parity.run_adaopt(adaopt.cautious(adaopt.mars)(learning_rate=lr, **kwargs), params, grads)
+        plain = _ours(hp, params, grads, lr)
+        tensors = {k: torch.tensor(v) for k, v in params.items()}
+        groups = [
+            {"params": [tensors[k] for k in sorted(tensors)], "weight_decay": hp["weight_decay"], "cautious": True}
+        ]
+        theirs = parity._torch_trajectory(references.TORCH["pytorch_optimizer.MARS"](groups, hp), tensors, lr, grads)
+    assert parity.relative_error(ours, theirs) <= TOLERANCE[np.float64]
+    assert parity.relative_error(plain, theirs) > 1e-6

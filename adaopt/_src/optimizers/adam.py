@@ -474,8 +474,10 @@ def adabelief(
       Adapting Stepsizes by the Belief in Observed Gradients", NeurIPS 2020,
       https://arxiv.org/abs/2010.07468.
 
-      Reference packages: ``pytorch_optimizer.AdaBelief(lr, betas, eps=e, weight_decay)`` is this
-      with ``eps=e``, ``eps_root=e``; ``optax.adabelief`` is this with the same eps, eps_root and
+      Reference packages: ``pytorch_optimizer.AdaBelief(lr, betas, eps=e, weight_decay,
+      weight_decouple=decoupled_weight_decay)`` is this with ``eps=e``, ``eps_root=e``; its
+      ``fixed_decay``, ``rectify`` (with ``n_sma_threshold`` and ``degenerated_to_sgd``) and
+      ``ams_bound`` are not reproduced. ``optax.adabelief`` is this with the same eps, eps_root and
       no decay.
     """
     base.check_common(learning_rate, weight_decay)
@@ -547,7 +549,8 @@ def yogi(
       NeurIPS 2018, https://papers.nips.cc/paper/8186-adaptive-methods-for-nonconvex-optimization.
 
       Reference packages: ``pytorch_optimizer.Yogi(lr, betas, initial_accumulator, weight_decay,
-      eps)`` and ``optax.yogi`` are this with the same numbers.
+      eps, weight_decouple=decoupled_weight_decay)`` and ``optax.yogi`` are this with the same
+      numbers; pytorch-optimizer's ``fixed_decay`` is not reproduced.
     """
     base.check_common(learning_rate, weight_decay)
     base.check_complex_convention(complex_convention)

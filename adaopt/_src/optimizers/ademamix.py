@@ -224,7 +224,7 @@ def ademamix(
 
       Reference packages: ``pytorch_optimizer.AdEMAMix(lr, betas=(b1, b2, b3), alpha,
       t_alpha_beta3=warmup_steps, eps, weight_decay, weight_decouple=decoupled_weight_decay)``
-      is this with the same numbers. ``heavyball.AdEMAMix(lr, betas=(b1, b2, b3), alpha, eps,
+      is this with the same numbers (its ``fixed_decay`` is not reproduced). ``heavyball.AdEMAMix(lr, betas=(b1, b2, b3), alpha, eps,
       weight_decay)`` (its decay decoupled) is this with ``eps_mode="max"``,
       ``decoupled_weight_decay=True`` and no warmup; its warmups compute :math:`\ln(\beta + 10^{-8})`,
       which moves the trajectory by about 1e-7.

@@ -133,8 +133,9 @@ def lion(
       Chen, Liang, Huang, Real, Wang, Pham, Dong, Luong, Hsieh, Lu & Le, "Symbolic Discovery of
       Optimization Algorithms", NeurIPS 2023, https://arxiv.org/abs/2302.06675.
 
-      Reference packages: ``pytorch_optimizer.Lion(lr, betas=(b1, b2), weight_decay)`` and
-      ``optax.lion`` are this with the same numbers.
+      Reference packages: ``pytorch_optimizer.Lion(lr, betas=(b1, b2), weight_decay,
+      weight_decouple=decoupled_weight_decay)`` and ``optax.lion`` are this with the same numbers;
+      pytorch-optimizer's ``fixed_decay`` (a decay not scaled by the learning rate) is not reproduced.
     """
     base.check_complex_convention(complex_convention)
     base.check_common(learning_rate, weight_decay)

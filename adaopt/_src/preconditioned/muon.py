@@ -245,10 +245,12 @@ def scale_by_muon(
 
     Every leaf must have two or more dimensions: a leaf of three or more is a batch of matrices
     over its leading axes (each orthogonalised, normalised and scaled by itself, as the author's
-    package does for 3-d leaves; it flattens 4-d convolution kernels to (out, in·h·w) instead),
-    or, with ``matrix_view="flatten"``, one matrix (its first axis by the product of the others:
-    heavyball's view, and the author's for convolution kernels). :func:`muon` routes the other
-    leaves elsewhere.
+    package does for 3-d leaves), or, with ``matrix_view="flatten"``, one matrix (its first axis
+    by the product of the others, scaled by that matrix's shape: heavyball's view, which its
+    ``MuonAdamW`` follows on 4-d kernels). The author's package (0.1.0) means that view for 4-d
+    convolution kernels but cannot run one: it adds the flattened update to the 4-d parameter (a
+    shape error), and takes the shape scale from the kernel's last two axes, not from
+    (out, in·h·w). :func:`muon` routes the other leaves elsewhere.
 
     Args:
       momentum: :math:`\mu`, the decay of the momentum, in [0, 1).
@@ -462,7 +464,9 @@ def muon(
       Reference packages: the author's ``muon.SingleDeviceMuonWithAuxAdam`` (muon-optimizer
       0.1.0: groups ``use_muon=True`` with ``lr, momentum, weight_decay`` and ``use_muon=False``
       with ``lr=adam_learning_rate, betas=(adam_b1, adam_b2), eps=adam_eps, weight_decay``) is
-      this at the defaults; ``torch.optim.Muon(lr, weight_decay, momentum, nesterov,
+      this at the defaults, its auxiliary groups' ``lr`` given: the package's own default for it is
+      3e-4, where ``adam_learning_rate=None`` here is ``learning_rate`` (as in optax's Muon), so
+      pass ``adam_learning_rate=3e-4`` for the package's; ``torch.optim.Muon(lr, weight_decay, momentum, nesterov,
       ns_coefficients, eps, ns_steps, adjust_lr_fn)`` (2-d parameters only) is ``scale_by_muon``'s
       leaves with ``eps_mode="max"``. Both run Newton–Schulz in bfloat16: ``ns_dtype=jnp.bfloat16``
       follows them within bfloat16's precision, and the default follows them exactly once their
