@@ -696,6 +696,9 @@ def render_grid(suite: Suite, command: str, plots: Mapping[str, str]) -> str:
         edge = [r.optimizer for r in runs if not r.skipped and r.tuned_index in (0, len(r.learning_rates) - 1)]
         if edge:
             notes.append(f"- tuned at an end of the grid (the best rate may lie outside it): {', '.join(edge)}.")
+        whole = [r.optimizer for r in runs if not r.skipped and r.full_batch]
+        if whole:
+            notes.append(f"- the whole training split at every step (`Capability.FULL_BATCH`): {', '.join(whole)}.")
         parts += [*notes, ""] if notes else []
         if w.name in plots:
             parts += [f"![{w.name} loss curves]({plots[w.name]})", ""]

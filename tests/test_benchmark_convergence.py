@@ -225,6 +225,12 @@ def test_full_batch_methods_skip_the_workloads_without_one(conv: ModuleType) -> 
     prepared = conv.Prepared(lm, None, None, 7.0, 0.0)
     run = conv.run_pair(specs[0], prepared, [1.0], 0, scale=1.0, evals=None, schedule="cosine")
     assert run.skipped and run.tuned_index is None
+    # Where they run, the section names them: their steps are full passes, the others' minibatches.
+    suite = _suite(conv, ["adam", "rprop"], {"w1": [0.2, 0.1]})
+    suite.runs["rprop", "w1"] = conv.dataclasses.replace(suite.runs["rprop", "w1"], full_batch=True)
+    assert "- the whole training split at every step (`Capability.FULL_BATCH`): rprop." in conv.render_grid(
+        suite, "cmd", {}
+    )
 
 
 def test_workloads_are_real_and_deterministic(conv: ModuleType) -> None:
