@@ -28,9 +28,9 @@ The numbers are XLA's step's: the same float32 operations, with the fused multip
 chunked step makes (one form for the moments it quantizes, the other for the moments the step reads)
 and its division by a block's scale as a product by the reciprocal; a block's largest magnitude leaves
 NaN out, as XLA:CPU's reduction does in the chunked step (its whole-leaf step of a leaf of one or two
-blocks, only with a lowered ``min_size``, keeps it: the block's scale is then NaN there). A program compiled otherwise (XLA's whole-leaf step of a small
-leaf, other optimisation options) may contract elsewhere: a last bit of a moment, and rarely a code one
-entry of the map away (``tests/test_cpu_kernels.py`` measures both against XLA's step). The step is
+blocks, only with a lowered ``min_size``, keeps it: the block's scale is then NaN there). A program
+compiled otherwise (XLA's whole-leaf step of a small leaf, other optimisation options) may contract
+elsewhere: a last bit of a moment, and rarely a code one entry of the map away (``tests/test_cpu_kernels.py`` measures both against XLA's step). The step is
 written over the gradient's buffer for the update pass to read, where XLA's own step fuses the two: a
 training step's gradients are its own temporaries and are overwritten in place; XLA first copies a
 gradient the step must keep. The kernel has no derivative (a step through it cannot be
