@@ -76,6 +76,7 @@ class Case:
     accumulation_steps: int = 1
     validation: bool = False
     val_batch_size: int | None = None  # validation by a loader of this batch size (the last batch shorter)
+    val_drop_last: bool = False  # that loader drops its last batch (torch-lr-finder still divides by all examples)
     batches_as_function: bool = False  # batches(k) rather than a stacked pytree
 
     def settings(self) -> dict[str, Any]:
@@ -120,15 +121,29 @@ CASES = {
     "adam-exp-validation-loader": Case(
         "adam", "exp", smooth_f=0.05, diverge_th=5.0, start_lr=1e-4, end_lr=10.0, validation=True, val_batch_size=5
     ),
+    # The same loader dropping its last batch: 20 points evaluated, their weighted sum over 24 (the dataset's).
+    "adam-exp-validation-loader-drop-last": Case(
+        "adam",
+        "exp",
+        smooth_f=0.05,
+        diverge_th=5.0,
+        start_lr=1e-4,
+        end_lr=10.0,
+        validation=True,
+        val_batch_size=5,
+        val_drop_last=True,
+    ),  # fmt: skip
     # Prodigy's estimate of the step size sums the learning rates it was given: not linear in them.
     "prodigy-exp": Case("prodigy", "exp", smooth_f=0.05, diverge_th=5.0, start_lr=1e-2, end_lr=100.0),
 }
 NOT_DIVERGING = {"adam-linear"}
 
 
-def _loader(x: np.ndarray, y: np.ndarray, batch_size: int = BATCH) -> torch.utils.data.DataLoader:
+def _loader(
+    x: np.ndarray, y: np.ndarray, batch_size: int = BATCH, drop_last: bool = False
+) -> torch.utils.data.DataLoader:
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last)
 
 
 @functools.cache
@@ -138,7 +153,7 @@ def torch_run(case: Case) -> tuple[list[float], list[float], float | None]:
     finder = torch_lr_finder.LRFinder(model, TORCH[case.optimizer](model.parameters()), torch.nn.MSELoss())
     val_loader = None
     if case.validation:
-        val_loader = _loader(DATA["val_x"], DATA["val_y"], case.val_batch_size or BATCH)
+        val_loader = _loader(DATA["val_x"], DATA["val_y"], case.val_batch_size or BATCH, case.val_drop_last)
     finder.range_test(_loader(DATA["x"], DATA["y"]), val_loader=val_loader, **case.settings())
     suggestion = None
     if len(finder.history["lr"]) >= 10 + 5 + 2:
@@ -158,7 +173,7 @@ def adaopt_run(case: Case) -> adaopt.RangeTestResult:
             batches = (x, y)
         validation: dict[str, Any] = {}
         if case.val_batch_size is not None:  # the very loader torch-lr-finder reads: [x, y] torch tensors
-            validation["val_loader"] = _loader(DATA["val_x"], DATA["val_y"], case.val_batch_size)
+            validation["val_loader"] = _loader(DATA["val_x"], DATA["val_y"], case.val_batch_size, case.val_drop_last)
         elif case.validation:
             validation["val_batches"] = _stacked(DATA["val_x"], DATA["val_y"])
         return adaopt.range_test(

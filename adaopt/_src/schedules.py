@@ -330,7 +330,8 @@ def onecycle_schedule(
 
     and with ``three_phase``: up over :math:`[0, e_1]`, back to :math:`\eta_{init}` over
     :math:`[e_1, e_2 = 2pT - 2]`, then down to :math:`\eta_{min}` over :math:`[e_2, T - 1]`.
-    The value at :math:`T - 1` is held from there on (torch refuses to step past ``T``).
+    The value at :math:`T - 1` is held from there on (torch's ``OneCycleLR`` extrapolates its last
+    phase at ``T``, to a negative rate with ``"linear"``, and refuses to step past ``T``).
 
     Args:
       total_steps: the length of the cycle, an integer >= 1.

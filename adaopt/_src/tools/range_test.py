@@ -156,16 +156,22 @@ def _leading_size(tree: Any, name: str, entry: str = "batch") -> int:
     return sizes.pop()
 
 
-def _validation_groups(val_batches: Any, val_loader: Iterable[Any] | None) -> tuple[tuple[Any, np.ndarray], ...] | None:
-    """The validation batches as groups of one shape each: (the group's batches stacked, each batch's size).
+ValidationGroups = tuple[tuple[tuple[Any, np.ndarray], ...], np.ndarray]
+
+
+def _validation_groups(val_batches: Any, val_loader: Iterable[Any] | None) -> ValidationGroups | None:
+    """The validation batches as groups of one shape each (the group's batches stacked, each batch's size), and
+    the number of examples their weighted sum is divided by.
 
     ``val_batches`` (already stacked) is one group of equal weights; ``val_loader``'s batches are
     grouped by structure and shape, in order of first appearance (a loader's full batches and its
-    last, shorter one: two groups), each weighted by its size.
+    last, shorter one: two groups), each weighted by its size. The divisor is the length of the
+    loader's dataset where it has one (torch-lr-finder's ``len(val_iter.dataset)``: with ``drop_last``
+    or a sampler over part of it, more than were evaluated), else the examples evaluated.
     """
     if val_batches is not None:
         n = _leading_size(val_batches, "val_batches")
-        return ((val_batches, np.ones(n)),)
+        return ((val_batches, np.ones(n)),), np.asarray(n, np.float64)
     if val_loader is None:
         return None
     groups: dict[Any, tuple[list[Any], list[int]]] = {}
@@ -178,10 +184,16 @@ def _validation_groups(val_batches: Any, val_loader: Iterable[Any] | None) -> tu
         sizes.append(size)
     if not groups:
         raise ValueError("val_loader yielded no batches: give it at least one validation batch, or leave it None.")
-    return tuple(
+    examples = sum(sum(sizes) for _, sizes in groups.values())
+    try:
+        examples = len(val_loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # no dataset, or one without a length (an iterable dataset)
+        pass
+    stacked = tuple(
         (jax.tree.map(lambda *xs: np.stack(xs), *members), np.asarray(sizes, np.float64))
         for members, sizes in groups.values()
     )
+    return stacked, np.asarray(examples, np.float64)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -206,7 +218,7 @@ def _constant(value: Any) -> base.Schedule:
 def _run(
     params: Params,
     batches: Any,
-    val_groups: tuple[tuple[Any, jax.Array], ...] | None,
+    val_groups: ValidationGroups | None,
     lrs: jax.Array,
     smooth_f: jax.Array,
     diverge_th: jax.Array,
@@ -253,12 +265,12 @@ def _run(
     def val_loss(p: Params) -> jax.Array:
         # torch-lr-finder's sum of each batch's loss times its size, over the number of examples
         assert val_groups is not None
-        weighted, total = jnp.zeros((), loss_dtype), jnp.zeros((), loss_dtype)
-        for group, sizes in val_groups:
+        groups, examples = val_groups
+        weighted = jnp.zeros((), loss_dtype)
+        for group, sizes in groups:
             sizes = sizes.astype(loss_dtype)
             weighted += jnp.sum(jax.lax.map(lambda b: loss_of(p, b), group).astype(loss_dtype) * sizes)
-            total += jnp.sum(sizes)
-        return weighted / total
+        return weighted / examples.astype(loss_dtype)
 
     smooth_f, diverge_th = smooth_f.astype(loss_dtype), diverge_th.astype(loss_dtype)
 
@@ -388,7 +400,9 @@ def range_test(
       val_loader: None, or validation batches one by one, of any sizes: a list, or any iterable
         (a data loader) yielding pytrees of arrays, read once. After each step, the loss
         recorded is torch-lr-finder's mean over the validation set: each batch's ``loss_fn``
-        times its size (the leading axis of its arrays), summed, over the number of examples.
+        times its size (the leading axis of its arrays), summed, over the number of examples
+        (``len(val_loader.dataset)`` where the loader has one, as torch-lr-finder: with
+        ``drop_last=True`` that counts the examples dropped too).
         Batches of one shape are evaluated together (a loader's last, shorter batch compiles
         once more). Not with ``val_batches``.
 
