@@ -188,6 +188,40 @@ def test_flax_nnx_with_the_speed_layouts(layout: str) -> None:
     _check_trained(initial_loss, final_loss, _accuracy(_nnx_logits(model, jnp.asarray(data.x_test)), data.y_test))
 
 
+@pytest.mark.parametrize("kind", ["dynamic8", "dynamic4", "fp8", "bfloat16_sr"])
+def test_flax_nnx_with_stored_moments(kind: str) -> None:
+    """Quantized and stochastically rounded moments in ``nnx.Optimizer``: five steps equal the same optimizer's
+    steps on the plain parameters (a variable holding a whole stored leaf came back from the first update as a
+    dict of its fields, and the second update failed)."""
+    storage = kind if kind == "bfloat16_sr" else adaopt.Blockwise(kind, block_size=64, min_size=64)
+    make = lambda: adaopt.adamw(1e-2, mu_dtype=storage, nu_dtype=storage)
+    data = _digits()
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    model = NnxMLP(nnx.Rngs(0))
+    graphdef, template = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(template)
+    optimizer = nnx.Optimizer(model, make(), wrt=nnx.Param)
+    tx = make()
+    state = tx.init(params)
+
+    @jax.jit
+    def plain_step(params: Any, state: Any, batch: jax.Array) -> tuple[Any, Any]:
+        def loss(p: Any) -> jax.Array:
+            variables = jax.tree.map(lambda v: v, template)  # a fresh State to fill with the pure values
+            nnx.replace_by_pure_dict(variables, p)
+            return _nnx_loss(nnx.merge(graphdef, variables), x[batch], y[batch])
+
+        grads = jax.grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for batch in _batches(5):
+        _nnx_train_step(model, optimizer, x, y, batch)
+        params, state = plain_step(params, state, batch)
+    trained = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), trained, params)
+
+
 @pytest.mark.parametrize("spec", list(adaopt.REGISTRY.values()), ids=list(adaopt.REGISTRY))
 def test_flax_nnx_every_registry_optimizer(spec: OptimizerSpec) -> None:
     data = _digits()

@@ -274,3 +274,17 @@ def test_sharded_matrices_are_projected_whole() -> None:
     for k in want:
         assert got[k].sharding.is_equivalent_to(shardings[k], got[k].ndim)
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-6)
+
+
+def test_the_default_mask_of_an_equinox_module_is_not_called() -> None:
+    """The default mask is a tree of the parameters' structure: for an Equinox module, a module of booleans, whose
+    class is callable. It was called as a mask function (the model's forward pass on booleans)."""
+    import equinox as eqx
+
+    model = eqx.nn.MLP(4, 2, width_size=8, depth=1, key=jax.random.key(0))
+    params = eqx.filter(model, eqx.is_inexact_array)
+    tx = adaopt.galore_adamw(1e-2, rank=2, min_dim=2)
+    grads = eqx.filter_grad(lambda m: jnp.sum(m(jnp.ones(4)) ** 2))(model)
+    updates, state = tx.update(grads, tx.init(params), params)
+    projected = [leaf for leaf in jax.tree.leaves(state) if np.shape(leaf) in ((2, 8), (8, 2), (2, 4), (4, 2))]
+    assert projected and all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))

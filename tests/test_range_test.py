@@ -132,7 +132,7 @@ CASES = {
         validation=True,
         val_batch_size=5,
         val_drop_last=True,
-    ),  # fmt: skip
+    ),
     # Prodigy's estimate of the step size sums the learning rates it was given: not linear in them.
     "prodigy-exp": Case("prodigy", "exp", smooth_f=0.05, diverge_th=5.0, start_lr=1e-2, end_lr=100.0),
 }

@@ -107,7 +107,13 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = F
     check_floating(params)
     kind = storage.resolve(dtype)
     if kind is not None:
-        leaves, treedef = jax.tree.flatten(params)
+        # The stored leaves stand where the parameters' values stand, outside any Flax NNX variable: an
+        # nnx.Optimizer wraps their arrays one by one, where a variable holding a whole stored leaf came back
+        # from its update as a dict of its fields.
+        from adaopt._src import numerics  # here: numerics imports this module
+
+        values, _ = numerics.unwrap_variables(params, "params")
+        leaves, treedef = jax.tree.flatten(values)
         stored = [_init_stored(kind, p, fill, signed=not real, index=i) for i, p in enumerate(leaves)]
         return jax.tree.unflatten(treedef, stored)
     # full_like keeps each parameter's sharding (and Flax metadata) on its moments.

@@ -3,6 +3,7 @@ the loss falls fastest (Smith, 2017), as torch-lr-finder runs it, in one compile
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
@@ -185,10 +186,8 @@ def _validation_groups(val_batches: Any, val_loader: Iterable[Any] | None) -> Va
     if not groups:
         raise ValueError("val_loader yielded no batches: give it at least one validation batch, or leave it None.")
     examples = sum(sum(sizes) for _, sizes in groups.values())
-    try:
+    with contextlib.suppress(AttributeError, TypeError):  # no dataset, or one without a length (an iterable one)
         examples = len(val_loader.dataset)  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):  # no dataset, or one without a length (an iterable dataset)
-        pass
     stacked = tuple(
         (jax.tree.map(lambda *xs: np.stack(xs), *members), np.asarray(sizes, np.float64))
         for members, sizes in groups.values()

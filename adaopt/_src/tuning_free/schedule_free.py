@@ -138,6 +138,9 @@ def scale_by_schedule_free(
     (1 if None). This is :math:`x_t = (1 - c_t) x_{t-1} + c_t z_t`,
     :math:`y_t = \beta_1 x_t + (1 - \beta_1) z_t` without storing :math:`x`; it is recovered
     by :func:`schedule_free_eval_params` as :math:`x_t = y_t + (1 - 1/\beta_1)(z_t - y_t)`.
+    A learning rate that falls to 0 mid-run (a schedule, ``inject_hyperparams``) stops :math:`z`,
+    not the parameters: the average's weights use the largest rate so far, so the average goes on
+    moving toward :math:`z`, and :math:`y` with it (as in the authors' package).
 
     Args:
       learning_rate: :math:`\eta`, a non-negative number or a schedule ``count -> value``
