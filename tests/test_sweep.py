@@ -310,8 +310,21 @@ def test_diverging_trials_rank_last_and_the_sweep_goes_on() -> None:
     assert lines[1].split()[:3] == ["1", "2", "0.1"] and lines[-1].split()[3] == "diverged"
 
 
+def test_a_survivor_that_diverges_later_leaves_the_best_to_a_stopped_trial() -> None:
+    """lr 0.3 wins the first rung and diverges after step 20 (the loss's log turns NaN); lr 0.01, stopped at step
+    10, is the best: its configuration, metric and parameters at step 10 (it ranked after the diverged one)."""
+    loss = lambda p, step: jnp.sum(p**2) + jnp.where(step > 20, jnp.sum(jnp.log(p - 0.1)), 0.0)
+    result = adaopt.sweep(
+        adaopt.sgd, {"learning_rate": [0.01, 0.3]}, loss, jnp.ones(2), steps=40, eval_every=10, halve_every=10
+    )
+    np.testing.assert_array_equal(result.diverged, [False, True])
+    np.testing.assert_array_equal(result.steps, [10, 40])
+    assert result.order.tolist() == [0, 1] and result.best_config == {"learning_rate": 0.01}
+    np.testing.assert_allclose(result.best_params, np.ones(2) * 0.98**10, rtol=1e-6)  # sgd on sum(p^2): p *= 1 - 2 lr
+
+
 def test_the_ranking_of_a_result() -> None:
-    """Longest trained first, then finite before diverged, then by metric (``mode``), then by trial index."""
+    """Finite before diverged, then the longest trained, then by metric (``mode``), then by trial index."""
     result = adaopt.SweepResult(
         configs={"x": np.arange(6.0)},
         curves=np.array([[1.0, 0.5], [1.0, 0.2], [0.1, np.nan], [1.0, 0.5], [1.0, np.inf], [0.3, np.nan]]),
@@ -319,10 +332,10 @@ def test_the_ranking_of_a_result() -> None:
         steps=np.array([20, 20, 10, 20, 20, 10]),
         diverged=np.array([False, False, False, False, True, False]),
     )
-    assert result.order.tolist() == [1, 0, 3, 4, 2, 5]
+    assert result.order.tolist() == [1, 0, 3, 2, 5, 4]
     np.testing.assert_array_equal(result.metrics, [0.5, 0.2, 0.1, 0.5, np.inf, 0.3])
     flipped = dataclasses.replace(result, mode="max")
-    assert flipped.order.tolist() == [0, 3, 1, 4, 5, 2] and flipped.best_config == {"x": 0.0}
+    assert flipped.order.tolist() == [0, 3, 1, 5, 2, 4] and flipped.best_config == {"x": 0.0}
     everything = dataclasses.replace(result, diverged=np.ones(6, bool))
     assert everything.best_index is None and everything.best_config is None and math.isnan(everything.best_metric)
 

@@ -280,10 +280,11 @@ class SweepResult:
 
     @property
     def order(self) -> np.ndarray:
-        """The trials' indices, best first (the longest-trained, then the finite before the diverged, then by metric)."""
+        """The trials' indices, best first: the finite before the diverged, then the longest-trained, then by metric
+        (a trial that survived halving and then diverged ranks after the finite ones it outlived)."""
         sign = 1.0 if self.mode == "min" else -1.0
         metrics = np.where(self.diverged | ~np.isfinite(self.metrics), np.inf, sign * self.metrics)
-        return np.lexsort((np.arange(self.n_trials), metrics, self.diverged, -self.steps))
+        return np.lexsort((np.arange(self.n_trials), metrics, -self.steps, self.diverged))
 
     @property
     def best_index(self) -> int | None:
@@ -695,6 +696,7 @@ class Sweep:
         curves = np.full((n, n_chunks), np.nan)
         diverged = np.zeros(n, bool)
         trained = np.full(n, steps)
+        fallback: tuple[int, Any] | None = None  # a stopped trial and its parameters, for when the survivors diverge
         for c in range(n_chunks):
             index = jnp.asarray(c, jnp.int32)
             results = [self._chunk(hp, p, s, chunks, index, data) for hp, (p, s) in zip(hp_blocks, states, strict=True)]
@@ -708,6 +710,11 @@ class Sweep:
             if step in rungs and live.size > 1:
                 survivors = _survivors(live, curves[:, c], diverged, keep, self.mode)
                 trained[np.setdiff1d(live, live[survivors])] = step
+                # The best finite trial stopped here is the sweep's best if every survivor diverges later.
+                ranked, bad = _ranked(live, curves[:, c], diverged, self.mode)
+                stopped = [r for r in ranked if r not in survivors and not bad[r]]
+                if stopped:
+                    fallback = (int(live[stopped[0]]), _row_params(pool, states, int(stopped[0])))
                 old_pool = pool
                 live = live[survivors]
                 pool = self._blocks(live.size, lanes or _next_power_of_two(live.size))
@@ -723,10 +730,10 @@ class Sweep:
         )
         best = result.best_index
         best_params = None
-        if best is not None:
-            row = int(np.flatnonzero(live == best)[0])
-            block, offset = next((b, list(rows).index(row)) for b, rows in enumerate(pool) if row in rows)
-            best_params = jax.tree.map(lambda x: x[offset], states[block][0])
+        if best is not None and best in live:
+            best_params = _row_params(pool, states, int(np.flatnonzero(live == best)[0]))
+        elif best is not None and fallback is not None and fallback[0] == best:
+            best_params = fallback[1]
         return dataclasses.replace(result, best_params=best_params, seconds=time.perf_counter() - start)
 
     @staticmethod
@@ -868,13 +875,25 @@ def _rungs(halve_every: int | Sequence[int] | None, every: int, steps: int) -> s
     return set(at)
 
 
-def _survivors(live: np.ndarray, metric: np.ndarray, diverged: np.ndarray, keep: float, mode: Mode) -> np.ndarray:
-    """Rows of ``live`` kept at a rung, in their order: the best ``max(1, floor(keep * len(live)))`` by ``metric``."""
+def _ranked(live: np.ndarray, metric: np.ndarray, diverged: np.ndarray, mode: Mode) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``live``, best first by ``metric`` (the diverged and non-finite last, ties to the lower trial), and
+    whether each row is one of those."""
     values = metric[live] if mode == "min" else -metric[live]
     bad = diverged[live] | ~np.isfinite(values)
-    ranked = np.lexsort((live, np.where(bad, np.inf, values), bad))
+    return np.lexsort((live, np.where(bad, np.inf, values), bad)), bad
+
+
+def _survivors(live: np.ndarray, metric: np.ndarray, diverged: np.ndarray, keep: float, mode: Mode) -> np.ndarray:
+    """Rows of ``live`` kept at a rung, in their order: the best ``max(1, floor(keep * len(live)))`` by ``metric``."""
+    ranked, _ = _ranked(live, metric, diverged, mode)
     k = max(1, math.floor(keep * live.size + 1e-9))
     return np.sort(ranked[:k])
+
+
+def _row_params(pool: list[np.ndarray], states: list[Any], row: int) -> Any:
+    """The parameters of the pool's ``row`` (a row of ``live``), from its block's lanes."""
+    block, offset = next((b, list(rows).index(row)) for b, rows in enumerate(pool) if row in rows)
+    return jax.tree.map(lambda x: x[offset], states[block][0])
 
 
 def _merge(results: list[SweepResult], study: Any) -> SweepResult:
