@@ -280,8 +280,8 @@ class SweepResult:
 
     @property
     def order(self) -> np.ndarray:
-        """The trials' indices, best first: the finite before the diverged, then the longest-trained, then by metric
-        (a trial that survived halving and then diverged ranks after the finite ones it outlived)."""
+        """The trials' indices, best first (the finite before the diverged, then the longest-trained, then by
+        metric; a trial that survived halving and then diverged ranks after the finite ones it outlived)."""
         sign = 1.0 if self.mode == "min" else -1.0
         metrics = np.where(self.diverged | ~np.isfinite(self.metrics), np.inf, sign * self.metrics)
         return np.lexsort((np.arange(self.n_trials), metrics, -self.steps, self.diverged))
