@@ -121,21 +121,13 @@ CASES = {
     "adam-exp-validation-loader": Case(
         "adam", "exp", smooth_f=0.05, diverge_th=5.0, start_lr=1e-4, end_lr=10.0, validation=True, val_batch_size=5
     ),
-    # The same loader dropping its last batch: 20 points evaluated, their weighted sum over 24 (the dataset's).
-    "adam-exp-validation-loader-drop-last": Case(
-        "adam",
-        "exp",
-        smooth_f=0.05,
-        diverge_th=5.0,
-        start_lr=1e-4,
-        end_lr=10.0,
-        validation=True,
-        val_batch_size=5,
-        val_drop_last=True,
-    ),
     # Prodigy's estimate of the step size sums the learning rates it was given: not linear in them.
     "prodigy-exp": Case("prodigy", "exp", smooth_f=0.05, diverge_th=5.0, start_lr=1e-2, end_lr=100.0),
 }
+# The same loader dropping its last batch: 20 points evaluated, their weighted sum over 24 (the dataset's).
+CASES["adam-exp-validation-loader-drop-last"] = dataclasses.replace(
+    CASES["adam-exp-validation-loader"], val_drop_last=True
+)
 NOT_DIVERGING = {"adam-linear"}
 
 

@@ -708,13 +708,10 @@ class Sweep:
                 diverged[trials] |= ~np.asarray(finite)
             step = (c + 1) * every
             if step in rungs and live.size > 1:
-                survivors = _survivors(live, curves[:, c], diverged, keep, self.mode)
+                survivors, best_stopped = _rung(live, curves[:, c], diverged, keep, self.mode)
                 trained[np.setdiff1d(live, live[survivors])] = step
-                # The best finite trial stopped here is the sweep's best if every survivor diverges later.
-                ranked, bad = _ranked(live, curves[:, c], diverged, self.mode)
-                stopped = [r for r in ranked if r not in survivors and not bad[r]]
-                if stopped:
-                    fallback = (int(live[stopped[0]]), _row_params(pool, states, int(stopped[0])))
+                if best_stopped is not None:  # the sweep's best if every survivor diverges later
+                    fallback = (int(live[best_stopped]), _row_params(pool, states, best_stopped))
                 old_pool = pool
                 live = live[survivors]
                 pool = self._blocks(live.size, lanes or _next_power_of_two(live.size))
@@ -875,19 +872,18 @@ def _rungs(halve_every: int | Sequence[int] | None, every: int, steps: int) -> s
     return set(at)
 
 
-def _ranked(live: np.ndarray, metric: np.ndarray, diverged: np.ndarray, mode: Mode) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``live``, best first by ``metric`` (the diverged and non-finite last, ties to the lower trial), and
-    whether each row is one of those."""
+def _rung(
+    live: np.ndarray, metric: np.ndarray, diverged: np.ndarray, keep: float, mode: Mode
+) -> tuple[np.ndarray, int | None]:
+    """At a rung: the rows of ``live`` kept, in their order (the best ``max(1, floor(keep * len(live)))`` by
+    ``metric``, the diverged and non-finite last, ties to the lower trial), and the best finite row stopped (None
+    when every stopped row diverged)."""
     values = metric[live] if mode == "min" else -metric[live]
     bad = diverged[live] | ~np.isfinite(values)
-    return np.lexsort((live, np.where(bad, np.inf, values), bad)), bad
-
-
-def _survivors(live: np.ndarray, metric: np.ndarray, diverged: np.ndarray, keep: float, mode: Mode) -> np.ndarray:
-    """Rows of ``live`` kept at a rung, in their order: the best ``max(1, floor(keep * len(live)))`` by ``metric``."""
-    ranked, _ = _ranked(live, metric, diverged, mode)
+    ranked = np.lexsort((live, np.where(bad, np.inf, values), bad))
     k = max(1, math.floor(keep * live.size + 1e-9))
-    return np.sort(ranked[:k])
+    stopped = [int(row) for row in ranked[k:] if not bad[row]]
+    return np.sort(ranked[:k]), (stopped[0] if stopped else None)
 
 
 def _row_params(pool: list[np.ndarray], states: list[Any], row: int) -> Any:
