@@ -69,10 +69,12 @@ def _adamw(storage: Any) -> optax.GradientTransformation:
     return adaopt.adamw(1e-3, mu_dtype=storage, nu_dtype=storage)
 
 
-KERNEL = "adaopt adamw (int8, CPU kernel)"
+QUANTIZED = ("int8", "int4", "fp8")
+KERNEL = "adaopt adamw ({}, CPU kernel)"
 LION_KERNEL = "adaopt lion (int8, CPU kernel)"
-KERNEL_ROWS = (KERNEL, LION_KERNEL)
-"""The rows whose steps are traced with ``adaopt.enable_cpu_kernels()``: AdamW's and Lion's with int8 moments."""
+KERNEL_ROWS = (*(KERNEL.format(name) for name in QUANTIZED), LION_KERNEL)
+"""The rows whose steps are traced with ``adaopt.enable_cpu_kernels()``: AdamW's with quantized moments, Lion's with
+int8 moments."""
 
 
 def contenders() -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -80,8 +82,8 @@ def contenders() -> dict[str, Callable[[], optax.GradientTransformation]]:
     rows: dict[str, Callable[[], optax.GradientTransformation]] = {}
     for name, storage in STORAGES.items():
         rows[f"adaopt adamw ({name})"] = lambda s=storage: _adamw(s)
-        if name == "int8":
-            rows[KERNEL] = lambda: _adamw("int8")
+        if name in QUANTIZED:
+            rows[KERNEL.format(name)] = lambda s=storage: _adamw(s)
     rows["adaopt lion (float32)"] = lambda: adaopt.lion(1e-4)
     rows["adaopt lion (int8)"] = lambda: adaopt.lion(1e-4, mu_dtype="int8")
     rows[LION_KERNEL] = lambda: adaopt.lion(1e-4, mu_dtype="int8")
@@ -268,8 +270,8 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
                 )
             ),
             "",
-            f"`{KERNEL}`, `{LION_KERNEL}`: traced with `adaopt.enable_cpu_kernels()`, their 8-bit leaves' steps by "
-            "adaopt's XLA:CPU kernels. Each writes the step over the gradient for the update pass to read (XLA's "
+            f"`{KERNEL.format('...')}`, `{LION_KERNEL}`: traced with `adaopt.enable_cpu_kernels()`, their quantized "
+            "leaves' steps by adaopt's XLA:CPU kernels. Each writes the step over the gradient for the update pass to read (XLA's "
             "own step fuses the two), so XLA first copies a gradient that the step must keep, as these fixed "
             "gradients; a training step's own gradients are overwritten in place (the charlm peaks above).",
         ]

@@ -1,23 +1,27 @@
-"""adaopt.enable_cpu_kernels: Adam's and Lion's steps with 8-bit moments by hand-written XLA:CPU kernels equal XLA's.
+"""adaopt.enable_cpu_kernels: Adam's and Lion's steps with quantized moments (8-bit, 4-bit, FP8) by hand-written XLA:CPU
+kernels equal XLA's.
 
 Each step is compared from the same state (XLA's trajectory, the kernel's step taken from each of its states), so
 that a difference shows where it arises instead of compounding. The kernel computes in float32 operation for
 operation as XLA's traced step, with XLA's fused multiply-adds and its division by a block's scale as a product
 by its reciprocal (read off XLA:CPU's chunked step at its default options): differences remain where another
 compilation contracts otherwise (this suite compiles at a lower optimisation level), a last bit of a moment, and
-through it, rarely, a code one entry of the map away. The reference package's own runs are in
-tests/test_storage_bnb.py (bitsandbytes' Adam8bit, AdamW8bit and Lion8bit with the kernels on).
+through it, rarely, a code one entry of the map away. The reference packages' own runs are in
+tests/test_storage_bnb.py (bitsandbytes' Adam8bit, AdamW8bit and Lion8bit with the kernels on) and
+tests/test_storage_torchao.py (torchao's AdamW8bit, AdamW4bit and AdamWFp8).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
 
 import adaopt
+from adaopt._src import storage
 from adaopt._src.layouts import cpu_kernels as kernels
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
@@ -62,6 +66,15 @@ def _stored(state: object) -> list:
     return jax.tree.leaves(state, is_leaf=adaopt.is_stored)
 
 
+def _codes(leaf: adaopt.Quantized) -> np.ndarray:
+    """A quantized leaf's codes as integers: FP8 values as their bits (one apart: neighbours of one sign), 4-bit
+    codes each (two a byte)."""
+    codes = np.asarray(leaf.codes).view(np.uint8).astype(int)
+    if leaf.storage.format == "dynamic4":
+        return np.stack([codes >> 4, codes & 0xF], axis=-1)
+    return codes
+
+
 def _compare_from_xla_states(make, params: dict, grads: list[dict], target: str = kernels.TARGET) -> dict[str, float]:
     """Each step of XLA's trajectory and the kernel's step from the same state; returns the worst differences."""
     tx = make()
@@ -75,7 +88,7 @@ def _compare_from_xla_states(make, params: dict, grads: list[dict], target: str 
             worst["update"] = max(worst["update"], float(jnp.max(jnp.abs(u_native[k] - u_xla[k]))) / scale)
         for a, b in zip(_stored(s_xla), _stored(s_native), strict=True):
             if isinstance(a, adaopt.Quantized):
-                steps = np.abs(np.asarray(a.codes, int) - np.asarray(b.codes, int))
+                steps = np.abs(_codes(a) - _codes(b))
                 worst["codes"] = max(worst["codes"], float(np.mean(steps > 0)))
                 worst["codes by more than one"] = max(worst["codes by more than one"], float(np.mean(steps > 1)))
                 worst["scale"] = max(worst["scale"], float(jnp.max(jnp.abs(b.scale / a.scale - 1))))
@@ -90,34 +103,33 @@ def _assert_close(worst: dict[str, float]) -> None:
     assert worst["codes"] < 1e-3 and worst["codes by more than one"] == 0, worst
 
 
+ADAM_CASES = {
+    "adamw": lambda q: adaopt.adamw(1e-3, 0.9, 0.999, 1e-8, weight_decay=0.1, mu_dtype=q, nu_dtype=q),
+    "adam, other betas": lambda q: adaopt.adam(3e-3, 0.8, 0.95, 1e-6, mu_dtype=q, nu_dtype=q),
+    "eps 0 (a zero denominator gives 0)": lambda q: adaopt.adam(1e-3, eps=0.0, mu_dtype=q, nu_dtype=q),
+    "eps_root": lambda q: adaopt.adam(1e-3, eps_root=1e-10, mu_dtype=q, nu_dtype=q),
+    "eps on the raw root (Hugging Face's)": lambda q: adaopt.scale_by_adam(
+        eps=1e-6, eps_on_raw_root=True, mu_dtype=q, nu_dtype=q
+    ),
+    "no bias correction": lambda q: adaopt.scale_by_adam(bias_correction=False, mu_dtype=q, nu_dtype=q),
+    "blocks of 64, floored scales": lambda q: adaopt.adam(
+        1e-3,
+        mu_dtype=adaopt.Blockwise(storage.ALIASES[q].format, block_size=64, scale_floor=1e-12),
+        nu_dtype=adaopt.Blockwise(storage.ALIASES[q].format, block_size=64, scale_floor=1e-12),
+    ),
+    "traced hyperparameters": lambda q: optax.inject_hyperparams(adaopt.adam, static_args=("mu_dtype", "nu_dtype"))(
+        learning_rate=1e-3, b1=0.85, b2=0.99, mu_dtype=q, nu_dtype=q
+    ),
+}
+# Every case with 8-bit moments; the 4-bit and FP8 kernels share all but the codes' reading and writing.
+LIGHTER = ("adamw", "eps 0 (a zero denominator gives 0)", "blocks of 64, floored scales", "traced hyperparameters")
+
+
 @pytest.mark.parametrize(
-    "name, make",
-    [
-        ("adamw", lambda: adaopt.adamw(1e-3, 0.9, 0.999, 1e-8, weight_decay=0.1, mu_dtype=INT8, nu_dtype=INT8)),
-        ("adam, other betas", lambda: adaopt.adam(3e-3, 0.8, 0.95, 1e-6, mu_dtype=INT8, nu_dtype=INT8)),
-        ("eps 0 (a zero denominator gives 0)", lambda: adaopt.adam(1e-3, eps=0.0, mu_dtype=INT8, nu_dtype=INT8)),
-        ("eps_root", lambda: adaopt.adam(1e-3, eps_root=1e-10, mu_dtype=INT8, nu_dtype=INT8)),
-        (
-            "eps on the raw root (Hugging Face's)",
-            lambda: adaopt.scale_by_adam(eps=1e-6, eps_on_raw_root=True, mu_dtype=INT8, nu_dtype=INT8),
-        ),
-        ("no bias correction", lambda: adaopt.scale_by_adam(bias_correction=False, mu_dtype=INT8, nu_dtype=INT8)),
-        (
-            "blocks of 64, floored scales",
-            lambda: adaopt.adam(
-                1e-3, mu_dtype=adaopt.Blockwise(block_size=64, scale_floor=1e-12),
-                nu_dtype=adaopt.Blockwise(block_size=64, scale_floor=1e-12),
-            ),
-        ),
-        (
-            "traced hyperparameters",
-            lambda: optax.inject_hyperparams(adaopt.adam, static_args=("mu_dtype", "nu_dtype"))(
-                learning_rate=1e-3, b1=0.85, b2=0.99, mu_dtype=INT8, nu_dtype=INT8
-            ),
-        ),
-    ],
-)  # fmt: skip
-def test_each_step_equals_xlas_from_the_same_state(name: str, make) -> None:
+    "name, fmt", [(name, INT8) for name in ADAM_CASES] + [(name, fmt) for fmt in ("int4", "fp8") for name in LIGHTER]
+)
+def test_each_step_equals_xlas_from_the_same_state(name: str, fmt: str) -> None:
+    make = lambda: ADAM_CASES[name](fmt)
     params, grads = _problem(SHAPES | SMALL, seed=len(name), steps=6)
     assert _uses_kernel(make(), params, grads[0]) == len(SHAPES)  # every quantized leaf, not the tiny one
     _assert_close(_compare_from_xla_states(make, params, grads))
@@ -129,6 +141,11 @@ def test_each_step_equals_xlas_from_the_same_state(name: str, make) -> None:
         ("lion", lambda: adaopt.lion(1e-4, 0.9, 0.99, weight_decay=0.1, mu_dtype=INT8)),
         ("lion, other betas", lambda: adaopt.scale_by_lion(0.95, 0.98, mu_dtype=INT8)),
         ("lion, blocks of 128", lambda: adaopt.scale_by_lion(mu_dtype=adaopt.Blockwise(block_size=128))),
+        ("lion, 4-bit", lambda: adaopt.lion(1e-4, 0.9, 0.99, weight_decay=0.1, mu_dtype="int4")),
+        (
+            "lion, FP8, floored scales",
+            lambda: adaopt.scale_by_lion(mu_dtype=adaopt.Blockwise("fp8", scale_floor=1e-12)),
+        ),
     ],
 )
 def test_each_lion_step_equals_xlas_from_the_same_state(name: str, make) -> None:
@@ -140,14 +157,37 @@ def test_each_lion_step_equals_xlas_from_the_same_state(name: str, make) -> None
     assert worst["codes"] < 1e-3 and worst["codes by more than one"] == 0, worst
 
 
-def test_zero_and_non_finite_gradients_come_out_as_xlas() -> None:
+def test_fp8_codes_round_ties_to_even_as_float8() -> None:
+    """With b1 = 0 the first moment is the gradient, and a block whose largest magnitude is 448 has the scale 1: its
+    codes are the gradient's float8_e4m3fn values (ml_dtypes' rounding), here the midpoints between neighbouring
+    FP8 numbers, normal and subnormal, of both signs, and the floats on either side of each."""
+    finite = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    grid = np.unique(finite[np.isfinite(finite) & (finite >= 0)])
+    middles = (grid[:-1] + grid[1:]) / 2
+    values = np.concatenate([middles, np.nextafter(middles, 0), np.nextafter(middles, np.inf)])
+    values = np.concatenate([values, -values])
+    values = np.pad(values, (0, -values.size % 255)).reshape(-1, 255)
+    blocks = np.concatenate([np.full((len(values), 1), 448.0, np.float32), values], axis=1)
+    rows = np.resize(blocks, (16, 256))  # whole blocks: the vector path
+    flat = np.concatenate([rows.reshape(-1), blocks[0, :100]])  # with a partial last block: the scalar path
+    grads = {"rows": jnp.asarray(rows), "flat": jnp.asarray(flat)}
+    tx = adaopt.scale_by_adam(b1=0.0, mu_dtype="fp8", nu_dtype="fp8")
+    assert _uses_kernel(tx, grads, grads) == 2
+    _, state = jax.jit(tx.update)(grads, tx.init(grads), grads)
+    for k, g in grads.items():
+        expected = np.asarray(g).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+        np.testing.assert_array_equal(np.asarray(state.mu[k].codes).view(np.uint8), expected)
+
+
+@pytest.mark.parametrize("fmt", [INT8, "int4", "fp8"])
+def test_zero_and_non_finite_gradients_come_out_as_xlas(fmt: str) -> None:
     params, grads = _problem(SHAPES, seed=3, steps=4)
     grads[0] = jax.tree.map(jnp.zeros_like, grads[0])  # the first step from nothing: eps 0 makes 0 / 0 a 0
     grads[2] = jax.tree.map(
         lambda g: g.reshape(-1).at[:300].set(jnp.nan).at[700].set(jnp.inf).reshape(g.shape), grads[2]
     )
     for eps in (0.0, 1e-8):
-        make = lambda eps=eps: adaopt.adam(1e-3, eps=eps, mu_dtype=INT8, nu_dtype=INT8)
+        make = lambda eps=eps: adaopt.adam(1e-3, eps=eps, mu_dtype=fmt, nu_dtype=fmt)
         tx = make()
         xla, native = (_compiled(make, params, grads[0], kernel=on) for on in (False, True))
         state = tx.init(params)
@@ -163,7 +203,7 @@ def test_zero_and_non_finite_gradients_come_out_as_xlas() -> None:
                 if isinstance(a, adaopt.Quantized):  # the same NaN scales (none: NaN is left out of the maxima)
                     np.testing.assert_array_equal(np.isnan(np.asarray(b.scale)), np.isnan(np.asarray(a.scale)))
                     # and the same codes, a NaN coordinate's included (its clipped value stays NaN on both sides)
-                    assert np.mean(np.asarray(a.codes) != np.asarray(b.codes)) < 1e-4
+                    assert np.mean(_codes(a) != _codes(b)) < 1e-4
             state = s_x
 
 
@@ -198,9 +238,10 @@ def test_a_sweep_runs_the_kernel_lane_by_lane() -> None:
     [
         lambda: adaopt.amsgrad(1e-3, mu_dtype=INT8, nu_dtype=INT8),  # a third quantized moment: XLA's step
         lambda: adaopt.adabelief(1e-3, mu_dtype=INT8, nu_dtype=INT8),
-        lambda: adaopt.adam(1e-3, mu_dtype="int4", nu_dtype="int4"),
+        lambda: adaopt.adam(1e-3, mu_dtype="int4", nu_dtype="fp8"),  # two formats
         lambda: adaopt.adam(1e-3, mu_dtype=INT8, nu_dtype=jnp.float32),
-        lambda: adaopt.lion(1e-3, mu_dtype="int4"),
+        lambda: adaopt.adam(1e-3, mu_dtype="bfloat16_sr", nu_dtype="bfloat16_sr"),
+        lambda: adaopt.lion(1e-3, mu_dtype="bfloat16_sr"),
         lambda: adaopt.adam(1e-3, mu_dtype=INT8, nu_dtype=adaopt.Blockwise(block_size=128)),  # two storages
         lambda: adaopt.adamw(1e-3, mu_dtype=INT8, nu_dtype=INT8, eps_mode="max"),  # the kernel adds eps
     ],

@@ -183,6 +183,17 @@ def test_trajectory_follows_torchao(name: str) -> None:
     assert parity.relative_error(ours, theirs) < tolerance, parity.relative_error(ours, theirs)
 
 
+@pytest.mark.parametrize("name", sorted(STORAGES))
+@pytest.mark.usefixtures("cpu_kernels")
+def test_trajectory_follows_torchao_with_the_cpu_kernel(name: str) -> None:
+    """The same comparison with adaopt's CPU kernel taking the quantized leaf's steps (adaopt.enable_cpu_kernels)."""
+    kind = STORAGES[name][1]
+    tx = adaopt.adamw(1e-3, mu_dtype=kind, nu_dtype=kind)
+    params = {k: jnp.zeros(shape, jnp.float32) for k, shape in SHAPES.items()}
+    assert jax.jit(tx.update).lower(params, tx.init(params), params).as_text().count("adaopt_blockwise_adam_cpu") == 1
+    test_trajectory_follows_torchao(name)
+
+
 def test_stochastic_rounding_draws_like_torchao() -> None:
     """Both round a float32 up to the next bfloat16 with probability equal to its 16 dropped bits over 2**16:
     over many draws each value's frequency of rounding up agrees between the two within sampling error."""

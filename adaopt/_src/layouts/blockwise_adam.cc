@@ -1,4 +1,5 @@
-// Adam's and Lion's steps with 8-bit blockwise moments (bitsandbytes' dynamic maps), for XLA:CPU as FFI custom calls.
+// Adam's and Lion's steps with blockwise quantized moments, for XLA:CPU as FFI custom calls: 8-bit codes into
+// bitsandbytes' dynamic maps, 4-bit codes into torchao's maps (two a byte), or FP8 (E4M3) values.
 //
 // XLA:CPU runs the code lookups of a quantized moment as scalar loops (benchmarks/RESULTS.md, "Where the
 // light states' steps spend their time"); this kernel does the whole step of a leaf in one pass over its
@@ -29,30 +30,34 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// The scalars of the step, in this order in the `scalars` argument (Lion reads the betas and the floor).
+// How a moment is stored (storage.Blockwise.format): a code a byte into a map of 256 entries, two codes a byte
+// (the first in the high half) into a map of 16, or float8_e4m3fn values of the elements over their block's scale
+// (the "map" is then the 256 values of the codes).
+enum Format : int32_t { kDynamic8 = 0, kDynamic4 = 1, kFp8 = 2 };
+
+// The scalars of the step, in this order in the `scalars` argument (Lion reads the betas and the floor). The floor
+// is the scales' (FP8's: the storage's floor over 448, as storage.Blockwise.encode compares it).
 struct Scalars {
   float b1, one_minus_b1, b2, one_minus_b2, debias1, debias2, eps, eps_root, scale_floor;
 };
 
+// One moment of a leaf: its codes and scales, where the new ones go, its map and its map's search table.
+struct Moment {
+  const uint8_t* codes;
+  const float* scale;
+  uint8_t* codes_out;
+  float* scale_out;
+  const float* map;
+  const uint32_t* search;
+};
+
 struct Job {
   const float* g;
-  const uint8_t* m_codes;
-  const float* m_scale;
-  const uint8_t* v_codes;
-  const float* v_scale;
   float* step;
-  uint8_t* m_codes_out;
-  float* m_scale_out;
-  uint8_t* v_codes_out;
-  float* v_scale_out;
-  const float* map1;
-  const float* map2;
-  const uint32_t* search1;
-  const uint32_t* search2;
+  Moment m, v;  // Lion's step has no v
   Scalars s;
   int64_t n, block;
   bool safe_divide, eps_root, scale_floor;
-  bool lion;  // Lion's step: one moment (m), no second
 };
 
 // storage.nearest_index for float32: one lookup by the top 16 bits, one comparison of the low 16 bits.
@@ -64,11 +69,54 @@ inline uint8_t Nearest(float x, const uint32_t* table) {
   return static_cast<uint8_t>((y & 0xFFu) + (y >> 31));
 }
 
-// The block's scale: its largest magnitude, NaN elements left out (as XLA:CPU's reduction, and bitsandbytes'
-// fmaxf, leave them), at least the floor.
-inline float Scale(float largest, const Job& j) { return j.scale_floor ? std::max(largest, j.s.scale_floor) : largest; }
+// storage._e4m3_bits: float32 rounded to float8_e4m3fn (ties to even), NaN (0x7F) above 464, with x's sign.
+inline uint8_t E4m3(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  uint32_t code;
+  if (magnitude > 0x43E80000u) {
+    code = 0x7Fu;
+  } else if (magnitude < 0x3C800000u) {  // below 2**-6: multiples of 2**-9
+    float a;
+    std::memcpy(&a, &magnitude, 4);
+    code = static_cast<uint32_t>(std::nearbyint(a * 512.0f));
+  } else {
+    code = ((magnitude + 0x7FFFFu + ((magnitude >> 20) & 1u)) >> 20) - (120u << 3);
+  }
+  return static_cast<uint8_t>(code | ((bits >> 24) & 0x80u));
+}
 
 inline float Clip(float x) { return x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x); }
+
+// The value (before its scale) of element i of a moment.
+template <int F>
+inline float Value(const Moment& q, int64_t i) {
+  if constexpr (F == kDynamic4) {
+    const uint8_t byte = q.codes[i >> 1];
+    return q.map[(i & 1) ? (byte & 0xFu) : (byte >> 4)];
+  } else {
+    return q.map[q.codes[i]];
+  }
+}
+
+// The code of x, an element over its block's scale.
+template <int F>
+inline uint8_t Code(float x, const uint32_t* search) {
+  if constexpr (F == kFp8) {
+    return E4m3(x);
+  } else {
+    return Nearest(Clip(x), search);
+  }
+}
+
+// The block's scale: its largest magnitude (over 448 for FP8), NaN elements left out (as XLA:CPU's reduction, and
+// bitsandbytes' fmaxf, leave them), at least the floor.
+template <int F>
+inline float Scale(float largest, const Job& j) {
+  const float scale = F == kFp8 ? largest * (1.0f / 448.0f) : largest;  // XLA:CPU divides by a constant so
+  return j.scale_floor ? std::max(scale, j.s.scale_floor) : scale;
+}
 
 inline float Step(float m, float v, const Job& j) {
   float inside = v * j.s.debias2;
@@ -79,42 +127,61 @@ inline float Step(float m, float v, const Job& j) {
 }
 
 // A block's new moment `values` stored: its scale (Scale of its `largest` magnitude), then each value's code, found
-// from the value times the scale's reciprocal, as XLA:CPU computes it.
-void StoreScalar(const Job& j, int64_t b, int64_t start, int64_t length, const float* values, float largest,
-                 const uint32_t* search, uint8_t* codes, float* scales) {
-  const float scale = Scale(largest, j);
-  scales[b] = scale;
+// from the value times the scale's reciprocal, as XLA:CPU computes it. 4-bit codes fill the whole block's bytes: a
+// partial last block's padding is stored as XLA stores it, the code of 0.
+template <int F>
+void StoreScalar(const Job& j, const Moment& q, int64_t b, int64_t start, int64_t length, const float* values,
+                 float largest) {
+  const float scale = Scale<F>(largest, j);
+  q.scale_out[b] = scale;
   const float inverse = 1.0f / (scale > 0.0f ? scale : 1.0f);
-  for (int64_t k = 0; k < length; ++k) codes[start + k] = Nearest(Clip(values[k] * inverse), search);
+  if constexpr (F == kDynamic4) {
+    const auto code = [&](int64_t k) { return Code<F>(k < length ? values[k] * inverse : 0.0f, q.search); };
+    for (int64_t k = 0; k < j.block; k += 2) q.codes_out[(start + k) >> 1] = (code(k) << 4) | code(k + 1);
+  } else {
+    for (int64_t k = 0; k < length; ++k) q.codes_out[start + k] = Code<F>(values[k] * inverse, q.search);
+  }
 }
 
 // Elements [start, start + length) of block b, one element at a time (any block size, the last partial block).
+template <int F>
 void BlockScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m_new, float* v_new) {
-  const float m_scale = j.m_scale[b], v_scale = j.v_scale[b];
+  const float m_scale = j.m.scale[b], v_scale = j.v.scale[b];
   float m_largest = 0.0f, v_largest = 0.0f;
   for (int64_t k = 0; k < length; ++k) {
     const int64_t i = start + k;
     const float g = j.g[i];
-    const float m_old = j.map1[j.m_codes[i]] * m_scale, v_old = j.map2[j.v_codes[i]] * v_scale;
-    const float m = std::fma(m_old, j.s.b1, g * j.s.one_minus_b1);
-    const float v = std::fma(v_old, j.s.b2, (g * g) * j.s.one_minus_b2);
+    const float m_old = Value<F>(j.m, i) * m_scale, v_old = Value<F>(j.v, i) * v_scale;
+    const float m_step = std::fma(g, j.s.one_minus_b1, m_old * j.s.b1);
+    const float v_step = std::fma(g * g, j.s.one_minus_b2, v_old * j.s.b2);
+    const float m = F == kFp8 ? m_step : std::fma(m_old, j.s.b1, g * j.s.one_minus_b1);
+    const float v = F == kFp8 ? v_step : std::fma(v_old, j.s.b2, (g * g) * j.s.one_minus_b2);
     m_new[k] = m;
     v_new[k] = v;
     m_largest = std::max(m_largest, std::fabs(m));  // a NaN compares false: left out
     v_largest = std::max(v_largest, std::fabs(v));
-    j.step[i] = Step(std::fma(g, j.s.one_minus_b1, m_old * j.s.b1), std::fma(g * g, j.s.one_minus_b2, v_old * j.s.b2), j);
+    j.step[i] = Step(m_step, v_step, j);
   }
-  StoreScalar(j, b, start, length, m_new, m_largest, j.search1, j.m_codes_out, j.m_scale_out);
-  StoreScalar(j, b, start, length, v_new, v_largest, j.search2, j.v_codes_out, j.v_scale_out);
+  StoreScalar<F>(j, j.m, b, start, length, m_new, m_largest);
+  StoreScalar<F>(j, j.v, b, start, length, v_new, v_largest);
 }
 
 #ifdef ADAOPT_AVX512
-inline __m512 Decode(const uint8_t* codes, const float* map) {
-  const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  return _mm512_i32gather_ps(index, map, 4);
+// The values (before their scale) of elements [i, i + 16) of a moment; `map16` holds a 4-bit map's 16 entries.
+template <int F>
+inline __m512 Decode(const Moment& q, int64_t i, __m512 map16) {
+  if constexpr (F == kDynamic4) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q.codes + (i >> 1)));
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), low = _mm_and_si128(bytes, nibble);
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), map16);
+  } else {
+    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.codes + i)));
+    return _mm512_i32gather_ps(index, q.map, 4);
+  }
 }
 
-inline __m128i Encode(__m512 x, const uint32_t* table) {
+inline __m128i Nearest(__m512 x, const uint32_t* table) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i ffff = _mm512_set1_epi32(0xFFFF);
   const __m512i negative = _mm512_srai_epi32(bits, 31);  // all ones for a negative float
@@ -125,42 +192,84 @@ inline __m128i Encode(__m512 x, const uint32_t* table) {
   return _mm512_cvtepi32_epi8(index);
 }
 
+inline __m128i E4m3(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(magnitude, 20), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(magnitude, _mm512_set1_epi32(0x7FFFF)), odd);
+  const __m512i normal = _mm512_sub_epi32(_mm512_srli_epi32(rounded, 20), _mm512_set1_epi32(120 << 3));
+  const __m512i small = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(512.0f)));
+  __m512i code = _mm512_mask_mov_epi32(normal, _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(0x3C800000)), small);
+  code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x43E80000)),
+                               _mm512_set1_epi32(0x7F));
+  code = _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80)));
+  return _mm512_cvtepi32_epi8(code);
+}
+
 inline __m512 ClipVector(__m512 x) {
   // NaN stays NaN, as in the scalar Clip and jnp.clip: max and min return their second operand when either is NaN.
   return _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(-1.0f), x));
 }
 
+// The codes (a byte each) of 16 elements over their block's scale.
+template <int F>
+inline __m128i Encode(__m512 x, const uint32_t* search) {
+  if constexpr (F == kFp8) {
+    return E4m3(x);
+  } else {
+    return Nearest(ClipVector(x), search);
+  }
+}
+
 // StoreScalar for a whole block whose size is a multiple of 16, its largest magnitude still a vector's lanes.
-void StoreVector(const Job& j, int64_t b, int64_t start, const float* values, __m512 largest, const uint32_t* search,
-                 uint8_t* codes, float* scales) {
-  const float scale = Scale(_mm512_reduce_max_ps(largest), j);
-  scales[b] = scale;
+template <int F>
+void StoreVector(const Job& j, const Moment& q, int64_t b, int64_t start, const float* values, __m512 largest) {
+  const float scale = Scale<F>(_mm512_reduce_max_ps(largest), j);
+  q.scale_out[b] = scale;
   const __m512 inverse = _mm512_set1_ps(1.0f / (scale > 0.0f ? scale : 1.0f));
   for (int64_t k = 0; k < j.block; k += 16) {
-    const __m128i code = Encode(ClipVector(_mm512_mul_ps(_mm512_load_ps(values + k), inverse)), search);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + start + k), code);
+    const __m128i code = Encode<F>(_mm512_mul_ps(_mm512_load_ps(values + k), inverse), q.search);
+    if constexpr (F == kDynamic4) {  // 16-bit lane p holds codes 2p and 2p + 1: (first << 4) | second, a byte
+      const __m128i first = _mm_and_si128(code, _mm_set1_epi16(0x00FF)), second = _mm_srli_epi16(code, 8);
+      const __m128i pairs = _mm_or_si128(_mm_slli_epi16(first, 4), second);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q.codes_out + ((start + k) >> 1)), _mm_packus_epi16(pairs, pairs));
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes_out + start + k), code);
+    }
+  }
+}
+
+// A 4-bit map's 16 entries in a register (unused by the other formats).
+template <int F>
+inline __m512 Map16(const Moment& q) {
+  if constexpr (F == kDynamic4) {
+    return _mm512_loadu_ps(q.map);
+  } else {
+    return _mm512_setzero_ps();
   }
 }
 
 // A whole block whose size is a multiple of 16.
+template <int F>
 void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_new) {
   const __m512 b1 = _mm512_set1_ps(j.s.b1), c1 = _mm512_set1_ps(j.s.one_minus_b1);
   const __m512 b2 = _mm512_set1_ps(j.s.b2), c2 = _mm512_set1_ps(j.s.one_minus_b2);
   const __m512 d1 = _mm512_set1_ps(j.s.debias1), d2 = _mm512_set1_ps(j.s.debias2);
   const __m512 eps = _mm512_set1_ps(j.s.eps), eps_root = _mm512_set1_ps(j.s.eps_root);
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-  const __m512 m_scale = _mm512_set1_ps(j.m_scale[b]), v_scale = _mm512_set1_ps(j.v_scale[b]);
+  const __m512 m_scale = _mm512_set1_ps(j.m.scale[b]), v_scale = _mm512_set1_ps(j.v.scale[b]);
+  const __m512 m_map = Map16<F>(j.m), v_map = Map16<F>(j.v);
   __m512 m_largest = zero, v_largest = zero;
   for (int64_t k = 0; k < j.block; k += 16) {
     const int64_t i = start + k;
     const __m512 g = _mm512_loadu_ps(j.g + i);
     const __m512 g2 = _mm512_mul_ps(g, g);
-    const __m512 m_old = _mm512_mul_ps(Decode(j.m_codes + i, j.map1), m_scale);
-    const __m512 v_old = _mm512_mul_ps(Decode(j.v_codes + i, j.map2), v_scale);
-    const __m512 m = _mm512_fmadd_ps(m_old, b1, _mm512_mul_ps(g, c1));
-    const __m512 v = _mm512_fmadd_ps(v_old, b2, _mm512_mul_ps(g2, c2));
+    const __m512 m_old = _mm512_mul_ps(Decode<F>(j.m, i, m_map), m_scale);
+    const __m512 v_old = _mm512_mul_ps(Decode<F>(j.v, i, v_map), v_scale);
     const __m512 m_step = _mm512_fmadd_ps(g, c1, _mm512_mul_ps(m_old, b1));
     const __m512 v_step = _mm512_fmadd_ps(g2, c2, _mm512_mul_ps(v_old, b2));
+    const __m512 m = F == kFp8 ? m_step : _mm512_fmadd_ps(m_old, b1, _mm512_mul_ps(g, c1));
+    const __m512 v = F == kFp8 ? v_step : _mm512_fmadd_ps(v_old, b2, _mm512_mul_ps(g2, c2));
     _mm512_store_ps(m_new + k, m);
     _mm512_store_ps(v_new + k, v);
     m_largest = _mm512_max_ps(_mm512_abs_ps(m), m_largest);  // max gives its second operand for a NaN
@@ -172,8 +281,8 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
     if (j.safe_divide) inverse = _mm512_mask_mov_ps(inverse, _mm512_cmp_ps_mask(denominator, zero, _CMP_EQ_OQ), zero);
     _mm512_storeu_ps(j.step + i, _mm512_mul_ps(_mm512_mul_ps(m_step, d1), inverse));
   }
-  StoreVector(j, b, start, m_new, m_largest, j.search1, j.m_codes_out, j.m_scale_out);
-  StoreVector(j, b, start, v_new, v_largest, j.search2, j.v_codes_out, j.v_scale_out);
+  StoreVector<F>(j, j.m, b, start, m_new, m_largest);
+  StoreVector<F>(j, j.v, b, start, v_new, v_largest);
 }
 #endif
 
@@ -181,33 +290,36 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
 // same two forms of fused multiply-add as Adam's step (the moment to quantize, the value the step reads).
 inline float Sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
 
+template <int F>
 void LionScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m_new) {
-  const float m_scale = j.m_scale[b];
+  const float m_scale = j.m.scale[b];
   float m_largest = 0.0f;
   for (int64_t k = 0; k < length; ++k) {
     const int64_t i = start + k;
     const float g = j.g[i];
-    const float m_old = j.map1[j.m_codes[i]] * m_scale;
-    const float m = std::fma(m_old, j.s.b2, g * j.s.one_minus_b2);
+    const float m_old = Value<F>(j.m, i) * m_scale;
+    const float m = F == kFp8 ? std::fma(g, j.s.one_minus_b2, m_old * j.s.b2) : std::fma(m_old, j.s.b2, g * j.s.one_minus_b2);
     m_new[k] = m;
     m_largest = std::max(m_largest, std::fabs(m));
     j.step[i] = Sign(std::fma(g, j.s.one_minus_b1, m_old * j.s.b1));
   }
-  StoreScalar(j, b, start, length, m_new, m_largest, j.search1, j.m_codes_out, j.m_scale_out);
+  StoreScalar<F>(j, j.m, b, start, length, m_new, m_largest);
 }
 
 #ifdef ADAOPT_AVX512
+template <int F>
 void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
   const __m512 b1 = _mm512_set1_ps(j.s.b1), c1 = _mm512_set1_ps(j.s.one_minus_b1);
   const __m512 b2 = _mm512_set1_ps(j.s.b2), c2 = _mm512_set1_ps(j.s.one_minus_b2);
   const __m512 one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f), zero = _mm512_setzero_ps();
-  const __m512 m_scale = _mm512_set1_ps(j.m_scale[b]);
+  const __m512 m_scale = _mm512_set1_ps(j.m.scale[b]);
+  const __m512 m_map = Map16<F>(j.m);
   __m512 m_largest = zero;
   for (int64_t k = 0; k < j.block; k += 16) {
     const int64_t i = start + k;
     const __m512 g = _mm512_loadu_ps(j.g + i);
-    const __m512 m_old = _mm512_mul_ps(Decode(j.m_codes + i, j.map1), m_scale);
-    const __m512 m = _mm512_fmadd_ps(m_old, b2, _mm512_mul_ps(g, c2));
+    const __m512 m_old = _mm512_mul_ps(Decode<F>(j.m, i, m_map), m_scale);
+    const __m512 m = F == kFp8 ? _mm512_fmadd_ps(g, c2, _mm512_mul_ps(m_old, b2)) : _mm512_fmadd_ps(m_old, b2, _mm512_mul_ps(g, c2));
     _mm512_store_ps(m_new + k, m);
     m_largest = _mm512_max_ps(_mm512_abs_ps(m), m_largest);
     const __m512 x = _mm512_fmadd_ps(g, c1, _mm512_mul_ps(m_old, b1));
@@ -215,11 +327,12 @@ void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
     sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), minus_one);
     _mm512_storeu_ps(j.step + i, sign);
   }
-  StoreVector(j, b, start, m_new, m_largest, j.search1, j.m_codes_out, j.m_scale_out);
+  StoreVector<F>(j, j.m, b, start, m_new, m_largest);
 }
 #endif
 
-// Blocks [first, last) of the leaf.
+// Blocks [first, last) of the leaf, Lion's step or Adam's.
+template <int F, bool Lion>
 void Blocks(const Job& j, int64_t first, int64_t last) {
   // The new moments of one block, kept between computing its scale and quantizing it.
   const int64_t capacity = (j.block + 15) / 16 * 16;
@@ -231,12 +344,19 @@ void Blocks(const Job& j, int64_t first, int64_t last) {
     const int64_t start = b * j.block, length = std::min(j.block, j.n - start);
 #ifdef ADAOPT_AVX512
     if (length == j.block && j.block % 16 == 0) {
-      j.lion ? LionVector(j, b, start, m_new) : BlockVector(j, b, start, m_new, v_new);
+      Lion ? LionVector<F>(j, b, start, m_new) : BlockVector<F>(j, b, start, m_new, v_new);
       continue;
     }
 #endif
-    j.lion ? LionScalar(j, b, start, length, m_new) : BlockScalar(j, b, start, length, m_new, v_new);
+    Lion ? LionScalar<F>(j, b, start, length, m_new) : BlockScalar<F>(j, b, start, length, m_new, v_new);
   }
+}
+
+using BlocksFn = void (*)(const Job&, int64_t, int64_t);
+
+template <bool Lion>
+BlocksFn BlocksOf(int32_t format) {
+  return format == kDynamic4 ? Blocks<kDynamic4, Lion> : (format == kFp8 ? Blocks<kFp8, Lion> : Blocks<kDynamic8, Lion>);
 }
 
 // The blocks in chunks that the calling thread and the intra-op pool's threads claim one at a time. The caller
@@ -244,21 +364,23 @@ void Blocks(const Job& j, int64_t first, int64_t last) {
 // after every chunk is claimed finds none and ends (the state it reads is shared, not on the caller's stack).
 struct Work {
   Job job;
+  BlocksFn blocks_fn;
   int64_t blocks, per_chunk, chunks;
   std::atomic<int64_t> next{0}, done{0};
 
   void Run() {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      Blocks(job, c * per_chunk, std::min(blocks, (c + 1) * per_chunk));
+      blocks_fn(job, c * per_chunk, std::min(blocks, (c + 1) * per_chunk));
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
 // Every block of the leaf, on the calling thread and the pool's.
-void Launch(ffi::ThreadPool& pool, const Job& job) {
+void Launch(ffi::ThreadPool& pool, const Job& job, BlocksFn blocks_fn) {
   auto work = std::make_shared<Work>();
   work->job = job;
+  work->blocks_fn = blocks_fn;
   work->blocks = (job.n + job.block - 1) / job.block;
   work->per_chunk = std::max<int64_t>(1, 16384 / job.block);  // 64 KiB of float32 per chunk
   work->chunks = (work->blocks + work->per_chunk - 1) / work->per_chunk;
@@ -268,53 +390,65 @@ void Launch(ffi::ThreadPool& pool, const Job& job) {
   while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
 }
 
-// Whether a moment's codes, scales, map and search table fit a leaf of n elements in blocks of block_size.
-bool Fits(int64_t n, int64_t block_size, const ffi::Buffer<ffi::U8>& codes, const ffi::Buffer<ffi::F32>& scales,
-          const ffi::Buffer<ffi::F32>& map, const ffi::Buffer<ffi::U32>& search) {
+// A moment's arrays, checked to fit a leaf of n elements in blocks of block_size stored in `format`: as many codes
+// as elements (4-bit: a byte for two elements of every block, a partial last one's whole), a scale per block, the
+// format's map and (but for FP8) its search table.
+bool MomentOf(int64_t n, int64_t block_size, int32_t format, const ffi::Buffer<ffi::U8>& codes,
+              const ffi::Buffer<ffi::F32>& scales, const ffi::Buffer<ffi::F32>& map, const ffi::Buffer<ffi::U32>& search,
+              uint8_t* codes_out, float* scales_out, Moment* moment) {
   const int64_t blocks = (n + block_size - 1) / block_size;
-  return codes.element_count() == static_cast<size_t>(n) && scales.element_count() == static_cast<size_t>(blocks) &&
-         map.element_count() == 256 && search.element_count() == 65536;
+  const int64_t code_bytes = format == kDynamic4 ? blocks * block_size / 2 : n;
+  const bool fits = codes.element_count() == static_cast<size_t>(code_bytes) &&
+                    scales.element_count() == static_cast<size_t>(blocks) &&
+                    map.element_count() == (format == kDynamic4 ? 16u : 256u) &&
+                    (format == kFp8 || search.element_count() == 65536);
+  *moment = {codes.typed_data(), scales.typed_data(), codes_out, scales_out, map.typed_data(), search.typed_data()};
+  return fits;
+}
+
+bool Valid(int64_t block_size, int32_t format) {
+  return block_size > 0 && (format == kDynamic8 || format == kFp8 || (format == kDynamic4 && block_size % 2 == 0));
 }
 
 ffi::Error BlockwiseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> m_codes,
                          ffi::Buffer<ffi::F32> m_scale, ffi::Buffer<ffi::U8> v_codes, ffi::Buffer<ffi::F32> v_scale,
                          ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> map1, ffi::Buffer<ffi::F32> map2,
                          ffi::Buffer<ffi::U32> search1, ffi::Buffer<ffi::U32> search2, int64_t block_size,
-                         int32_t safe_divide, int32_t eps_root, int32_t scale_floor, ffi::ResultBuffer<ffi::F32> step,
-                         ffi::ResultBuffer<ffi::U8> m_codes_out, ffi::ResultBuffer<ffi::F32> m_scale_out,
-                         ffi::ResultBuffer<ffi::U8> v_codes_out, ffi::ResultBuffer<ffi::F32> v_scale_out) {
+                         int32_t format, int32_t safe_divide, int32_t eps_root, int32_t scale_floor,
+                         ffi::ResultBuffer<ffi::F32> step, ffi::ResultBuffer<ffi::U8> m_codes_out,
+                         ffi::ResultBuffer<ffi::F32> m_scale_out, ffi::ResultBuffer<ffi::U8> v_codes_out,
+                         ffi::ResultBuffer<ffi::F32> v_scale_out) {
   const int64_t n = static_cast<int64_t>(g.element_count());
-  if (block_size <= 0) return ffi::Error::InvalidArgument("block_size must be positive");
-  if (!Fits(n, block_size, m_codes, m_scale, map1, search1) || !Fits(n, block_size, v_codes, v_scale, map2, search2) ||
+  if (!Valid(block_size, format)) return ffi::Error::InvalidArgument("blockwise Adam: invalid format or block size");
+  Job j{g.typed_data(), step->typed_data(), {}, {}, {}, n, block_size, safe_divide != 0, eps_root != 0,
+        scale_floor != 0};
+  if (!MomentOf(n, block_size, format, m_codes, m_scale, map1, search1, m_codes_out->typed_data(),
+                m_scale_out->typed_data(), &j.m) ||
+      !MomentOf(n, block_size, format, v_codes, v_scale, map2, search2, v_codes_out->typed_data(),
+                v_scale_out->typed_data(), &j.v) ||
       scalars.element_count() != 9) {
     return ffi::Error::InvalidArgument("blockwise Adam: arguments of unexpected sizes");
   }
-  Job j{g.typed_data(),          m_codes.typed_data(),     m_scale.typed_data(),     v_codes.typed_data(),
-        v_scale.typed_data(),    step->typed_data(),       m_codes_out->typed_data(), m_scale_out->typed_data(),
-        v_codes_out->typed_data(), v_scale_out->typed_data(), map1.typed_data(),       map2.typed_data(),
-        search1.typed_data(),    search2.typed_data(),     {},                       n,
-        block_size,              safe_divide != 0,         eps_root != 0,            scale_floor != 0,
-        false};
   std::memcpy(&j.s, scalars.typed_data(), sizeof(Scalars));
-  Launch(pool, j);
+  Launch(pool, j, BlocksOf<false>(format));
   return ffi::Error::Success();
 }
 
 ffi::Error BlockwiseLion(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> m_codes,
                          ffi::Buffer<ffi::F32> m_scale, ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> map1,
-                         ffi::Buffer<ffi::U32> search1, int64_t block_size, int32_t scale_floor,
+                         ffi::Buffer<ffi::U32> search1, int64_t block_size, int32_t format, int32_t scale_floor,
                          ffi::ResultBuffer<ffi::F32> step, ffi::ResultBuffer<ffi::U8> m_codes_out,
                          ffi::ResultBuffer<ffi::F32> m_scale_out) {
   const int64_t n = static_cast<int64_t>(g.element_count());
-  if (block_size <= 0) return ffi::Error::InvalidArgument("block_size must be positive");
-  if (!Fits(n, block_size, m_codes, m_scale, map1, search1) || scalars.element_count() != 9) {
+  if (!Valid(block_size, format)) return ffi::Error::InvalidArgument("blockwise Lion: invalid format or block size");
+  Job j{g.typed_data(), step->typed_data(), {}, {}, {}, n, block_size, false, false, scale_floor != 0};
+  if (!MomentOf(n, block_size, format, m_codes, m_scale, map1, search1, m_codes_out->typed_data(),
+                m_scale_out->typed_data(), &j.m) ||
+      scalars.element_count() != 9) {
     return ffi::Error::InvalidArgument("blockwise Lion: arguments of unexpected sizes");
   }
-  Job j{g.typed_data(), m_codes.typed_data(), m_scale.typed_data(), nullptr, nullptr, step->typed_data(),
-        m_codes_out->typed_data(), m_scale_out->typed_data(), nullptr, nullptr, map1.typed_data(), nullptr,
-        search1.typed_data(), nullptr, {}, n, block_size, false, false, scale_floor != 0, true};
   std::memcpy(&j.s, scalars.typed_data(), sizeof(Scalars));
-  Launch(pool, j);
+  Launch(pool, j, BlocksOf<true>(format));
   return ffi::Error::Success();
 }
 
@@ -324,16 +458,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseAdam, BlockwiseAdam,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // g
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // first moment's codes
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // first moment's codes (FP8's bits)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // and scales
                                   .Arg<ffi::Buffer<ffi::U8>>()   // second moment's codes
                                   .Arg<ffi::Buffer<ffi::F32>>()  // and scales
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the 9 scalars of Scalars
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // the signed map
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the signed map (FP8: the codes' values)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the unsigned map
-                                  .Arg<ffi::Buffer<ffi::U32>>()  // their search tables
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // their search tables (unused for FP8)
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Attr<int64_t>("block_size")
+                                  .Attr<int32_t>("format")
                                   .Attr<int32_t>("safe_divide")
                                   .Attr<int32_t>("eps_root")
                                   .Attr<int32_t>("scale_floor")
@@ -347,12 +482,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseLion, BlockwiseLion,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // g
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // the moment's codes
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // the moment's codes (FP8's bits)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // and scales
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the 9 scalars of Scalars (the betas, the floor)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // the signed map
-                                  .Arg<ffi::Buffer<ffi::U32>>()  // its search table
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the signed map (FP8: the codes' values)
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // its search table (unused for FP8)
                                   .Attr<int64_t>("block_size")
+                                  .Attr<int32_t>("format")
                                   .Attr<int32_t>("scale_floor")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // the step
                                   .Ret<ffi::Buffer<ffi::U8>>()

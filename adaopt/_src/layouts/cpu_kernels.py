@@ -1,8 +1,9 @@
-"""Hand-written XLA:CPU kernels for the steps that XLA compiles poorly on a CPU: Adam and Lion with 8-bit moments.
+"""Hand-written XLA:CPU kernels for the steps that XLA compiles poorly on a CPU: Adam and Lion with quantized moments.
 
 XLA:CPU runs a table lookup as a scalar loop, about 1 ns per element, and an 8-bit moment needs two
 per step (dequantize, quantize): AdamW with 8-bit moments takes about 5 times float32's step on
-a CPU, where it should take less (it moves 16 bytes per parameter instead of 28;
+a CPU, with 4-bit moments 6 times, with FP8 (a conversion by integer arithmetic) 3.7 times, where
+it should take less (8-bit moves 16 bytes per parameter instead of 28;
 ``benchmarks/RESULTS.md``, "Where the light states' steps spend their time"). The kernel in
 ``blockwise_adam.cc`` does a leaf's whole step in one pass over its blocks, vectorised, on XLA's
 own intra-op threads, as an XLA FFI custom call.
@@ -15,9 +16,9 @@ then on, in this process, :func:`adaopt.scale_by_adam` (so ``adam`` and ``adamw`
 otherwise:
 
 - JAX's default backend is the CPU;
-- the gradient is float32, and the moments are stored by one ``Blockwise("dynamic8")`` storage
-  (``mu_dtype="int8"``, and for Adam ``nu_dtype="int8"``), quantized (the leaf has at least
-  ``min_size`` elements);
+- the gradient is float32, and the moments are stored by one :class:`adaopt.Blockwise` storage of
+  any format and block size (``mu_dtype="int8"``, ``"int4"`` or ``"fp8"``, and for Adam the same
+  ``nu_dtype``), quantized (the leaf has at least ``min_size`` elements);
 - Adam's second moment is Adam's (not AdaBelief's or Yogi's), with no AMSGrad maximum;
 - no array of the leaf has an explicit sharding (a leaf sharded on a mesh with explicit axes keeps XLA's
   step). The kernel has no partitioning rule: under automatic sharding (shardings left to XLA, not in the
@@ -25,8 +26,9 @@ otherwise:
   device, the same numbers in more memory. Keep the kernels off in programs sharded that way.
 
 The numbers are XLA's step's: the same float32 operations, with the fused multiply-adds XLA:CPU's
-chunked step makes (one form for the moments it quantizes, the other for the moments the step reads)
-and its division by a block's scale as a product by the reciprocal; a block's largest magnitude leaves
+chunked step makes (for 8-bit and 4-bit codes one form for the moments it quantizes, the other for
+the moments the step reads; for FP8 the second form for both) and its divisions by a block's scale
+and by 448 as products by their reciprocals; a block's largest magnitude leaves
 NaN out, as XLA:CPU's reduction does in the chunked step (its whole-leaf step of a leaf of one or two
 blocks, only with a lowered ``min_size``, keeps it: the block's scale is then NaN there). A program
 compiled otherwise (XLA's whole-leaf step of a small leaf, other optimisation options) may contract
@@ -115,8 +117,8 @@ def _register() -> None:
 def enable_cpu_kernels() -> bool:
     """Build (once per machine) and register adaopt's XLA:CPU kernels, and use them from now on in this process.
 
-    The kernels so far are Adam's and Lion's steps with 8-bit blockwise moments (``adaopt.adamw(...,
-    mu_dtype="int8", nu_dtype="int8")``, ``adaopt.lion(..., mu_dtype="int8")``): the conditions under which
+    The kernels so far are Adam's and Lion's steps with blockwise quantized moments (``adaopt.adamw(...,
+    mu_dtype="int8", nu_dtype="int8")``, ``"int4"``, ``"fp8"``, ``adaopt.lion(..., mu_dtype="int8")``): the conditions under which
     a leaf takes one are in
     :mod:`adaopt._src.layouts.cpu_kernels`. Unlike the XLA options, it can be called at any time: steps
     traced afterwards use the kernel (a step compiled before keeps XLA's).
@@ -150,15 +152,19 @@ def cpu_kernels_enabled() -> bool:
     return _enabled
 
 
+# The kernels' codes for storage.Blockwise's formats (``Format`` in ``blockwise_adam.cc``).
+FORMATS = {"dynamic8": 0, "dynamic4": 1, "fp8": 2}
+
+
 def _quantized_leaf(g: Any, *stored: Any, signed: tuple[bool, ...]) -> bool:
-    """Whether ``g`` is float32 and ``stored`` are its moments in one 8-bit storage (signed or not, in turn), on the
-    CPU with the kernels on, with no explicit sharding."""
+    """Whether ``g`` is float32 and ``stored`` are its moments in one blockwise storage (signed or not, in turn), on
+    the CPU with the kernels on, with no explicit sharding."""
     if not _enabled or jax.default_backend() != "cpu" or jnp.result_type(g) != jnp.float32:
         return False
     if not all(isinstance(m, storage.Quantized) for m in stored):
         return False
     first = stored[0].storage
-    if first.format != "dynamic8" or any(m.storage != first for m in stored):
+    if first.format not in FORMATS or any(m.storage != first for m in stored):
         return False
     if tuple(m.signed for m in stored) != signed or any(m.shape != tuple(np.shape(g)) for m in stored):
         return False
@@ -166,48 +172,71 @@ def _quantized_leaf(g: Any, *stored: Any, signed: tuple[bool, ...]) -> bool:
 
 
 def adam_kernel_applies(g: Any, m: Any, v: Any, *, second_moment: str, amsgrad: Any) -> bool:
-    """Whether the leaf ``(g, m, v)`` of :func:`adaopt.scale_by_adam` takes the 8-bit kernel (see the module)."""
+    """Whether the leaf ``(g, m, v)`` of :func:`adaopt.scale_by_adam` takes the kernel (see the module)."""
     return second_moment == "adam" and amsgrad is None and _quantized_leaf(g, m, v, signed=(True, False))
 
 
 def lion_kernel_applies(g: Any, m: Any) -> bool:
-    """Whether the leaf ``(g, m)`` of :func:`adaopt.scale_by_lion` takes the 8-bit kernel (see the module)."""
+    """Whether the leaf ``(g, m)`` of :func:`adaopt.scale_by_lion` takes the kernel (see the module)."""
     return _quantized_leaf(g, m, signed=(True,))
 
 
 @functools.cache
-def _tables() -> tuple[np.ndarray, ...]:
-    """The signed and unsigned 8-bit maps and their search tables (``storage.nearest_index``)."""
-    maps = [storage.dynamic_map(True), storage.dynamic_map(False)]
-    searches = [storage._search_table(tuple(float(x) for x in q)) for q in maps]
-    return (*maps, *searches)
+def _tables(format: storage.Format) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """A format's signed and unsigned maps, and their search tables (``storage.nearest_index``); for FP8, the values
+    of the 256 codes (``storage._from_e4m3``'s, NaN's bits included) for both moments, and no search tables."""
+    if format == "fp8":
+        with jax.ensure_compile_time_eval():  # called while a step is traced
+            codes = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), jnp.float8_e4m3fn)
+            values = np.asarray(storage._from_e4m3(codes))
+        return (values, values), (np.zeros(1, np.uint32),) * 2
+    signed, unsigned = storage.Blockwise(format).qmap(True), storage.Blockwise(format).qmap(False)
+    assert signed is not None and unsigned is not None
+    return (signed, unsigned), tuple(storage._search_table(tuple(float(x) for x in q)) for q in (signed, unsigned))
 
 
 def _f32(x: Any) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
 
-def _scalars(b1: Any, b2: Any, debias1: Any, debias2: Any, eps: Any, eps_root: Any, floor: float) -> jax.Array:
+def _scalars(b1: Any, b2: Any, debias1: Any, debias2: Any, eps: Any, eps_root: Any, floor: Any) -> jax.Array:
     """The kernels' scalars (``Scalars`` in ``blockwise_adam.cc``): a Python number where the step keeps one
     (``1 - b1`` is then computed in float64 and rounded once, as XLA folds it), else a float32 scalar."""
     one_minus = lambda b: 1 - b if isinstance(b, (int, float)) else 1 - _f32(b)
     return jnp.stack([_f32(x) for x in (b1, one_minus(b1), b2, one_minus(b2), debias1, debias2, eps, eps_root, floor)])
 
 
+def _floor(stored: storage.Blockwise) -> np.float32:
+    """The scales' floor as ``storage.Blockwise.encode`` compares it (FP8's scales are a block's maximum over 448)."""
+    return np.float32(stored.scale_floor / storage.FP8_MAX if stored.format == "fp8" else stored.scale_floor)
+
+
 def _call(target: str, g: jax.Array, stored: list[storage.Quantized], *args: Any, **attributes: Any) -> list[Any]:
     """The kernel ``target`` on ``g`` and the moments ``stored``: the step (over ``g``'s buffer) and the new moments
     (over theirs). The step over the gradient: a step whose gradient is its own temporary (a training step's) needs
     no new buffer; XLA copies a gradient that outlives the step (an argument it keeps) first."""
-    arrays = [a for m in stored for a in (m.codes, m.scale)]
+    # FP8 values go in and out as their bits.
+    bits = lambda codes: jax.lax.bitcast_convert_type(codes, jnp.uint8) if codes.dtype != jnp.uint8 else codes
+    arrays = [a for m in stored for a in (bits(m.codes), m.scale)]
     call = jax.ffi.ffi_call(
         target,
         [jax.ShapeDtypeStruct(g.shape, jnp.float32), *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)],
         input_output_aliases={i: i for i in range(1 + len(arrays))},
         vmap_method="sequential",
     )
-    step, *new = call(g, *arrays, *args, block_size=np.int64(stored[0].storage.block_size), **attributes)
+    format = stored[0].storage.format
+    step, *new = call(
+        g,
+        *arrays,
+        *args,
+        *(jnp.asarray(t) for tables in _tables(format) for t in tables[: len(stored)]),  # maps, then search tables
+        block_size=np.int64(stored[0].storage.block_size),
+        format=np.int32(FORMATS[format]),
+        scale_floor=np.int32(bool(stored[0].storage.scale_floor)),
+        **attributes,
+    )
     return [step] + [
-        storage.Quantized(codes, scale, m.storage, m.signed, m.shape)
+        storage.Quantized(jax.lax.bitcast_convert_type(codes, m.codes.dtype), scale, m.storage, m.signed, m.shape)
         for m, codes, scale in zip(stored, new[::2], new[1::2], strict=True)
     ]
 
@@ -224,33 +253,25 @@ def adam_step(
     eps: Any,
     eps_root: Any,
 ) -> tuple[jax.Array, storage.Quantized, storage.Quantized]:
-    """Adam's step of one leaf with 8-bit moments, by the kernel: ``(step, new m, new v)``, as XLA's step computes
+    """Adam's step of one leaf with quantized moments, by the kernel: ``(step, new m, new v)``, as XLA's step computes
     them from :func:`adaopt.scale_by_adam`'s scalars."""
-    floor = m.storage.scale_floor
     step, m_new, v_new = _call(
         TARGET,
         g,
         [m, v],
-        _scalars(b1, b2, debias1, debias2, eps, eps_root, floor),
-        *(jnp.asarray(t) for t in _tables()),
+        _scalars(b1, b2, debias1, debias2, eps, eps_root, _floor(m.storage)),
         safe_divide=np.int32(not (isinstance(eps, (int, float)) and eps > 0)),  # moments.inv_root's choice
         eps_root=np.int32(not (isinstance(eps_root, (int, float)) and eps_root == 0)),
-        scale_floor=np.int32(bool(floor)),
     )
     return step, m_new, v_new
 
 
 def lion_step(g: jax.Array, m: storage.Quantized, *, b1: Any, b2: Any) -> tuple[jax.Array, storage.Quantized]:
-    """Lion's step of one leaf with an 8-bit moment, by the kernel: ``(step, new m)``, as XLA's step computes them."""
-    signed_map, _, signed_search, _ = _tables()
-    floor = m.storage.scale_floor
+    """Lion's step of one leaf with a quantized moment, by the kernel: ``(step, new m)``, as XLA's step computes them."""
     step, m_new = _call(
         LION_TARGET,
         g,
         [m],
-        _scalars(b1, b2, 1, 1, 0, 0, floor),
-        jnp.asarray(signed_map),
-        jnp.asarray(signed_search),
-        scale_floor=np.int32(bool(floor)),
+        _scalars(b1, b2, 1, 1, 0, 0, _floor(m.storage)),
     )
     return step, m_new

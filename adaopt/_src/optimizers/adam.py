@@ -184,7 +184,7 @@ def scale_by_adam(
             return (step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v), *new_max)
 
         def native(g: jax.Array, m: Any, v: Any, *v_max: Any) -> tuple[Any, ...] | None:
-            """The leaf's step by adaopt's CPU kernel where it applies (8-bit moments), else None."""
+            """The leaf's step by adaopt's CPU kernel where it applies (quantized moments), else None."""
             if eps_mode != "add" or not cpu_kernels.adam_kernel_applies(
                 g, m, v, second_moment=second_moment, amsgrad=amsgrad
             ):

@@ -74,7 +74,7 @@ def scale_by_lion(b1: Any = 0.9, b2: Any = 0.99, *, mu_dtype: Any = None) -> opt
             return step.astype(g.dtype), moments.store(m_new, m)
 
         def native(g: jax.Array, m: Any) -> tuple[Any, ...] | None:
-            """The leaf's step by adaopt's CPU kernel where it applies (an 8-bit moment), else None."""
+            """The leaf's step by adaopt's CPU kernel where it applies (a quantized moment), else None."""
             if not cpu_kernels.lion_kernel_applies(g, m):
                 return None
             beta1, beta2 = scalars(jnp.float32)
