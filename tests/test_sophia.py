@@ -378,6 +378,35 @@ def test_without_an_estimate_the_step_is_the_clipped_sign() -> None:
     assert float(jnp.sum(state.nu)) == 0.0
 
 
+@pytest.mark.parametrize("eps_mode", ["max", "add"])
+def test_a_zero_denominator_takes_the_clipped_sign_as_SophiaH(eps_mode: str) -> None:
+    """eps = 0 with curvature estimates of 0 and, for "max" (SophiaH's form), negative ones: the denominator is 0
+    there, and SophiaH's m / 0 clips to c sign(m). 50 steps, float64, estimates given to both sides."""
+    rng = np.random.default_rng(7)
+    steps, shape, lr, clip = 50, (6, 5), 0.01, 0.5
+    grads = rng.normal(size=(steps, *shape))
+    signs = rng.choice([-1.0, 0.0, 1.0] if eps_mode == "max" else [0.0, 1.0], size=(steps, *shape))
+    estimates = np.abs(rng.normal(size=(steps, *shape))) * signs
+    params = rng.normal(size=shape)
+    with jax.enable_x64(True):
+        tx = optax.chain(adaopt.scale_by_sophia(0.9, 0.99, gamma=1.0, eps=0.0, clip=clip, eps_mode=eps_mode),
+                         optax.scale(-lr))  # fmt: skip
+        p, state = jnp.asarray(params), tx.init(jnp.asarray(params))
+        ours = []
+        for t in range(steps):
+            u, state = tx.update(jnp.asarray(grads[t]), state, p, hessian=jnp.asarray(estimates[t]))
+            p = optax.apply_updates(p, u)
+            ours.append(np.asarray(p))
+    if eps_mode == "add":  # SophiaH floors; with no negative estimate, max(h, 0) and h + 0 agree
+        assert (estimates >= 0).all()
+    tensor = torch.tensor(params)
+    opt = pytorch_optimizer.SophiaH([tensor], lr=lr, betas=(0.9, 0.99), p=clip, eps=0.0, update_period=1)
+    for t in range(steps):
+        tensor.grad = torch.tensor(grads[t])
+        opt.step(hessian=[torch.tensor(estimates[t])])
+        np.testing.assert_allclose(ours[t], tensor.numpy(), rtol=0, atol=1e-12)
+
+
 def test_a_tree_estimate_refreshes_at_every_call_and_must_mirror_the_gradients() -> None:
     tx = adaopt.scale_by_sophia(b2=0.5, update_interval=100)
     g = {"w": jnp.ones(2)}

@@ -77,7 +77,9 @@ def scale_by_sophia(
     at the calls whose count (from 0) is a multiple of ``update_interval`` (a ``lax.cond`` in the
     compiled step: the other calls never compute it); None (or no argument) keeps :math:`h`.
     Before any estimate, :math:`h = 0` and the update is :math:`c\,\mathrm{sign}(m_t)` (where
-    :math:`|m_t| \ge c\epsilon`), as the references do.
+    :math:`|m_t| \ge c\epsilon`), as the references do; so is it wherever :math:`D_t = 0` (``eps=0``
+    with no curvature, or ``"max"`` with a negative one): :math:`m_t / 0` clipped, or 0 where
+    :math:`m_t = 0` (the references' 0 / 0 is NaN there).
 
     Args:
       b1: :math:`\beta_1`, the decay of the momentum, in [0, 1).
@@ -163,7 +165,10 @@ def scale_by_sophia(
             m_new = moments.ema(g_compute, m_compute, beta1)
             curvature = scale * h_compute
             denominator = moments.with_eps(curvature, e, eps_mode)
-            step = jnp.clip(moments.safe_divide(m_new, denominator), -bound, bound)
+            # A zero denominator (eps = 0 with no curvature, or "max" with a negative one) takes the bound: m / 0 is
+            # infinite, clipped to c sign(m), as the references compute it (0 where m is 0, where they give NaN).
+            ratio = moments.safe_divide(m_new, denominator, fallback=bound * jnp.sign(m_new))
+            step = jnp.clip(ratio, -bound, bound)
             return step.astype(g.dtype), moments.store(m_new, m)
 
         step, mu = moments.leafwise(leaf, 2, updates, state.mu, nu)
