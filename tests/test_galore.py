@@ -143,6 +143,36 @@ def test_matches_galore_torch_GaLoreAdamW(proj_type: str, weight_decay: bool, sc
     assert error <= TOLERANCE[dtype], f"relative error {error:.3g} with {hp}"
 
 
+@pytest.mark.parametrize(("b1", "proj_type"), [(None, "std"), (0.9, "reverse_std")])
+def test_matches_galore_torch_GaLoreAdafactor_without_the_parameter_scale(b1: float | None, proj_type: str) -> None:
+    """Adafactor's relative step (no learning rate) inside GaLore, as GaLoreAdafactor with ``scale_parameter=False``;
+    with it, the two read the parameters' RMS of different matrices (galore's docstring), and part."""
+    scale = 0.5
+    params, grads = parity.random_problem(SHAPES, 11, np.float64)
+    matrices = {k: k in MATRICES for k in params}
+    ours, theirs = {}, {}
+    for scale_parameter in (False, True):
+        with jax.enable_x64(True):
+            inner = adaopt.adafactor(b1=b1, scale_parameter=scale_parameter)
+            tx = adaopt.galore(
+                inner, rank=RANK, update_proj_gap=GAP, scale=scale, proj_type=proj_type, galore_mask=matrices
+            )
+            ours[scale_parameter] = parity.run_adaopt(tx, params, grads)
+        tensors = {k: torch.tensor(v) for k, v in params.items()}
+        projection = {"rank": RANK, "update_proj_gap": GAP, "scale": scale, "proj_type": proj_type}
+        with _projector(float64=True):
+            opt = galore_torch.GaLoreAdafactor(
+                [
+                    {"params": [tensors[k] for k in MATRICES], **projection},
+                    {"params": [tensors[k] for k in sorted(tensors) if k not in MATRICES]},
+                ],
+                beta1=b1, scale_parameter=scale_parameter,
+            )  # fmt: skip
+            theirs[scale_parameter] = parity._torch_trajectory(opt, tensors, None, grads)
+    assert parity.relative_error(ours[False], theirs[False]) < 1e-10, parity.relative_error(ours[False], theirs[False])
+    assert parity.relative_error(ours[True], theirs[True]) > 1e-4
+
+
 def test_the_comparison_sees_the_refreshes() -> None:
     """Sharp: refreshing the projection every 26 steps instead of 25 is far from the reference."""
     hp = _draw(0, False)

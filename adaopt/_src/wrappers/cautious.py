@@ -165,7 +165,10 @@ def cautious(
       (``clip_count="call"``) for ``ADOPT(cautious=True)`` (it compares the sign with the
       clipped normalised gradient, which has the gradient's sign). Its ``AdEMAMix(cautious=True)``
       masks the fast moment alone, before adding :math:`\alpha` times the slow one: it is
-      ``cautious(ademamix)`` with ``alpha=0``, and differs from it for :math:`\alpha > 0`.
+      ``cautious(ademamix)`` with ``alpha=0``, and differs from it for :math:`\alpha > 0`. Its
+      ``AdaFactor(cautious=True)`` masks only with a first moment (``beta1`` set): without one it
+      is plain AdaFactor, where ``cautious(adafactor)`` with ``b1=None`` masks nothing (the step
+      has the gradient's signs) but still rescales by :math:`n / (1 + n)`.
     """
     if isinstance(optimizer, optax.GradientTransformation):
         return scale_by_cautious_mask(optimizer, updates_are=updates_are)

@@ -171,7 +171,11 @@ def galore(
     zeros of that shape, the bases being unknown before the first gradient) and is kept as it is
     across refreshes, as in the reference. An inner optimizer that reads the parameters is given
     them projected like the gradients; weight decay belongs outside (as :func:`galore_adamw`'s),
-    where it decays the whole matrix.
+    where it decays the whole matrix. So an inner optimizer that reads the parameters' scale sees
+    the part of each matrix in its gradient's subspace: Adafactor's relative step
+    (``scale_parameter=True``) is then the RMS of :math:`P_L^\top W` (or :math:`W P_R^\top`), where
+    ``galore_torch.GaLoreAdafactor`` takes the RMS of :math:`W`; with ``scale_parameter=False``
+    the two are the same optimizer.
 
     Args:
       inner: the optimizer of the projected gradients, e.g. ``adaopt.scale_by_adam()``, or a
@@ -207,7 +211,9 @@ def galore(
       Zhao, Zhang, Chen, Wang, Anandkumar & Tian, "GaLore: Memory-Efficient LLM Training by
       Gradient Low-Rank Projection", ICML 2024, https://arxiv.org/abs/2403.03507.
 
-      Reference packages: :func:`galore_adamw` reproduces ``galore_torch.GaLoreAdamW``.
+      Reference packages: :func:`galore_adamw` reproduces ``galore_torch.GaLoreAdamW``;
+      ``galore(adafactor(scale_parameter=False), ...)`` its ``GaLoreAdafactor`` with
+      ``scale_parameter=False`` (above).
     """
     base.check_integer("rank", rank, 1)
     base.check_integer("update_proj_gap", update_proj_gap, 1)
