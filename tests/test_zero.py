@@ -25,16 +25,27 @@ from benchmarks.zero import per_device_bytes
 
 N_STEPS = 3
 DATA = 4  # the size of the mesh's data axis
-# w: tensor-parallel; e: its first dimension is not divisible by 4, its second is; odd: neither is;
-# f: already split along the data axis (FSDP); b, k: replicated.
-SHAPES = {"w": (64, 32), "b": (32,), "k": (16, 8), "e": (6, 8), "odd": (3, 5), "f": (16, 4)}
-SPECS = {"w": P(None, "model"), "b": P(), "k": P(), "e": P(), "odd": P(), "f": P("data", None)}
-PLAN = {"w": 0, "b": 0, "k": 0, "e": 1, "odd": None, "f": None}
+# w: tensor-parallel (column-parallel); r: row-parallel, its first dimension taken by the model axis; t: a
+# tensor-parallel vector, no dimension left to split; e: its first dimension is not divisible by 4, its second is;
+# odd: neither is; f: already split along the data axis (FSDP); b, k: replicated.
+SHAPES = {
+    "w": (64, 32), "r": (16, 12), "t": (64,), "b": (32,), "k": (16, 8), "e": (6, 8), "odd": (3, 5), "f": (16, 4)
+}  # fmt: skip
+SPECS = {
+    "w": P(None, "model"), "r": P("model", None), "t": P("model"), "b": P(), "k": P(), "e": P(), "odd": P(),
+    "f": P("data", None),
+}  # fmt: skip
+PLAN = {"w": 0, "r": 1, "t": None, "b": 0, "k": 0, "e": 1, "odd": None, "f": None}
 BATCH = 16
 
 OPTIMIZERS = {
     "adam_int8": lambda: adaopt.adam(
         1e-2, mu_dtype=adaopt.Blockwise("dynamic8", block_size=8, min_size=0), nu_dtype="bfloat16_sr"
+    ),
+    "adam_int4_fp8": lambda: adaopt.adam(  # packed codes, scales per block
+        1e-2,
+        mu_dtype=adaopt.Blockwise("dynamic4", block_size=4, min_size=0),
+        nu_dtype=adaopt.Blockwise("fp8", block_size=4, min_size=0),
     ),
     "lamb": lambda: adaopt.lamb(1e-2),  # trust ratios: norms over the split leaves
     "prodigy": lambda: adaopt.prodigy(1.0),  # a global estimate summed over every slice
@@ -157,7 +168,8 @@ def test_each_device_holds_a_quarter_of_the_split_state() -> None:
         state = adaopt.shard_states(adaopt.adam(1e-2)).init(_placed(mesh))
         whole = adaopt.adam(1e-2).init(_placed(mesh))
 
-    kept = sum(2 * 4 * int(np.prod(SHAPES[n])) // (DATA if n == "f" else 1) for n in ("odd", "f"))
+    shards = {"odd": 1, "f": DATA, "t": 2}  # the leaves the plan keeps, and their parameters' shards
+    kept = sum(2 * 4 * int(np.prod(SHAPES[n])) // k for n, k in shards.items())
     for device, nbytes in per_device_bytes(state).items():
         whole_bytes = per_device_bytes(whole)[device]
         assert nbytes - kept - 4 == (whole_bytes - kept - 4) // DATA, (device, nbytes, whole_bytes)  # 4: the count
@@ -192,8 +204,33 @@ def test_zero_plan() -> None:
         params = {n: jax.device_put(jnp.zeros(s), NamedSharding(mesh, SPECS[n])) for n, s in SHAPES.items()}
         assert adaopt.zero_plan(params) == PLAN
         assert adaopt.zero_plan(params, min_size=129) == {**PLAN, "b": None, "k": None, "e": None}
-        # Along the model axis (size 2): w is already split along it; f's first dimension takes it.
-        assert adaopt.zero_plan(params, "model") == {"w": None, "b": 0, "k": 0, "e": 0, "odd": None, "f": 0}
+        # Along the model axis (size 2): w, r, t are already split along it; f's first dimension is split along
+        # the data axis, its second takes the model axis.
+        along_model = {"w": None, "r": None, "t": None, "b": 0, "k": 0, "e": 0, "odd": None, "f": 1}
+        assert adaopt.zero_plan(params, "model") == along_model
+
+
+def test_gradients_placed_otherwise_are_resharded_to_the_slices() -> None:
+    """Gradients reduce-scattered already (along another dimension, or with the model axis too), or split where the
+    parameter is replicated, give the updates of gradients placed as the parameters."""
+    mesh = _mesh()
+    tx = adaopt.shard_states(adaopt.adam(1e-2))
+    rng = np.random.default_rng(3)
+    host = {"k": rng.normal(size=(16, 8)).astype(np.float32), "w": rng.normal(size=(64, 32)).astype(np.float32)}
+    with jax.set_mesh(mesh):
+        params = {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in host.items()}
+        state = tx.init(params)
+        step = jax.jit(tx.update)
+        want, _ = step(params, state, params)
+        for k_spec, w_spec in [(P(None, "data"), P("data", "model")), (P("model", None), P(None, ("model", "data")))]:
+            grads = {
+                "k": jax.device_put(host["k"], NamedSharding(mesh, k_spec)),
+                "w": jax.device_put(host["w"], NamedSharding(mesh, w_spec)),
+            }
+            got, _ = step(grads, state, params)
+            for k in host:
+                assert got[k].sharding.spec == grads[k].sharding.spec  # back to the gradients' placement
+                np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
 
 
 def test_bad_input_is_refused_with_a_clear_error() -> None:
@@ -207,3 +244,7 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
     with jax.set_mesh(mesh), pytest.raises(adaopt.MeshAxisError, match=r"\['w'\].*no axis 'batch'"):
         params = {"w": jax.device_put(jnp.zeros(8), NamedSharding(mesh, P()))}
         adaopt.shard_states(adaopt.adam(1e-2), axis="batch").init(params)
+    mixed = jax.make_mesh((DATA, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Explicit))
+    with jax.set_mesh(mixed), pytest.raises(adaopt.MeshAxisError, match="axis 'data' is of type Auto"):
+        params = {"w": jax.device_put(jnp.zeros(8), NamedSharding(mixed, P()))}
+        adaopt.shard_states(adaopt.adam(1e-2)).init(params)

@@ -10,28 +10,34 @@ updates :math:`1/n` of it, and the updated slices are gathered back into whole u
 
 - every state leaf that mirrors a parameter (moments, accumulators, momentum, averaged or slow
   weights, 8-bit codes and their per-row scales) gets the parameter's sharding with the data axis
-  added on the parameter's first dimension that it divides (a (50257, 768) embedding on 8 devices:
-  the second);
-- the gradients (and the parameters) are resharded to those slices as the step starts, so each
+  added on the parameter's first dimension that no other axis shards and that it divides (a
+  (50257, 768) embedding on 8 devices: the second; a row-parallel (3072, 768) weight sharded
+  ``P("model", None)``: the second). A dimension another axis shards (tensor parallelism) is not
+  split further: the state that does not mirror the parameter (per-block scales, 4-bit codes,
+  factored statistics) keeps that axis alone there, which the gradient's slices would not match;
+- the gradients (and the parameters) are resharded to those slices as the step starts, whatever
+  their own placement (gradients reduce-scattered already included), so each
   device computes the update of its slice only; inside one jitted training step, this is where
   the compiler can turn the gradients' all-reduce into a reduce-scatter (ZeRO-2: no device holds
   the whole summed gradient);
 - the updates are resharded back to the gradients' sharding (an all-gather) for
   ``optax.apply_updates``.
 
-The arithmetic of each coordinate is unchanged, so elementwise optimizers give the numbers of the
-unsplit state; optimizers that reduce over a leaf or the tree (norms, LAMB's trust ratios, the
+The arithmetic of each coordinate is unchanged, so elementwise optimizers give the updates of the
+unsplit state, bit for bit (in one program with ``optax.apply_updates`` the parameters may differ by
+a last bit: XLA:CPU fuses ``p + lr * u`` into a fused multiply-add where the update is not gathered
+first); optimizers that reduce over a leaf or the tree (norms, LAMB's trust ratios, the
 tuning-free estimates) reduce over the slices, which may sum in another order (the last bits).
 State that does not mirror a parameter keeps the sharding the optimizer gives it: factored
 statistics (Adafactor's row and column means), preconditioner matrices (Shampoo, SOAP: their
 roots need whole matrices) and scalars. A parameter whose sharding already uses the axis (fully
-sharded, FSDP-style), smaller than ``min_size``, or with no dimension the axis divides keeps its
-own sharding for its state (replicated over the axis): :func:`zero_plan` lists each leaf's choice.
+sharded, FSDP-style), smaller than ``min_size``, or with no dimension free of other axes that the axis
+divides keeps its own sharding for its state (replicated over the axis): :func:`zero_plan` lists each
+leaf's choice.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -70,23 +76,23 @@ def _split_dim(x: Any, axis: str, min_size: int) -> int | None:
     spec = _spec(sharding, x.ndim)
     if any(axis in entry for entry in spec):
         return None  # already split along the axis (fully sharded parameters)
-    sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes, strict=True))
+    size = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes, strict=True))[axis]
     for dim, entry in enumerate(spec):
-        if x.shape[dim] % (math.prod(sizes[a] for a in entry) * sizes[axis]) == 0:
+        if not entry and x.shape[dim] % size == 0:
             return dim
     return None
 
 
-def _with_axis(x: jax.Array, dim: int, axis: str) -> jax.Array:
-    """``x`` resharded with ``axis`` added on dimension ``dim`` (after the axes already there)."""
-    sharding = placement.explicit_sharding(x)
+def _with_axis(x: jax.Array, dim: int, axis: str, like: Any = None) -> jax.Array:
+    """``x`` resharded as ``like`` (default: itself) with ``axis`` added on dimension ``dim``."""
+    sharding = placement.explicit_sharding(x if like is None else like)
     assert sharding is not None
     spec = _spec(sharding, x.ndim)
-    if axis in spec[dim]:
-        return x
-    spec[dim] = (*spec[dim], axis)
+    if axis not in spec[dim]:
+        spec[dim] = (*spec[dim], axis)
     entries = [None if not e else e[0] if len(e) == 1 else e for e in spec]
-    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec(*entries)))
+    target = NamedSharding(sharding.mesh, PartitionSpec(*entries))
+    return x if placement.explicit_sharding(x) == target else jax.sharding.reshard(x, target)
 
 
 def _is_masked(x: Any) -> bool:
@@ -157,6 +163,13 @@ def _check_mesh(params: Any, axis: str) -> None:
                 f"{tuple(sharding.mesh.axis_names)}, which has no axis {axis!r}. Pass the name of the mesh's "
                 "data-parallel axis as `axis`."
             )
+        kind = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))[axis]
+        if kind != jax.sharding.AxisType.Explicit:
+            raise MeshAxisError(
+                f"shard_states(axis={axis!r}): the mesh's axis {axis!r} is of type {kind.name}; the states are split "
+                "along an explicit axis only. Make it explicit: jax.make_mesh(..., axis_types=(AxisType.Explicit, "
+                "...)) (jax.make_mesh's default)."
+            )
         return
     raise MeshAxisError(
         f"shard_states(axis={axis!r}) splits the optimizer state along a mesh axis, but no parameter is placed on "
@@ -168,7 +181,8 @@ def _check_mesh(params: Any, axis: str) -> None:
 
 def zero_plan(params: Any, axis: str = "data", *, min_size: int = DEFAULT_MIN_SIZE) -> Any:
     """Which dimension of each parameter :func:`shard_states` splits its state along, or None where it keeps the
-    parameter's sharding (already split along ``axis``, smaller than ``min_size``, or no dimension divisible).
+    parameter's sharding (already split along ``axis``, smaller than ``min_size``, or no dimension that no other
+    axis shards and ``axis`` divides).
 
     Args:
       params: the parameters as placed on the mesh (arrays, or ``jax.ShapeDtypeStruct``\\ s with shardings).
@@ -237,9 +251,9 @@ def shard_states(
     ) -> tuple[base.Updates, Any]:
         reference = updates if params is None else params
 
-        def split(x: Any, like: Any) -> Any:
+        def split(x: Any, like: Any) -> Any:  # x placed as like's slices, whatever its own placement
             dim = _split_dim(like, axis, min_size)
-            return x if dim is None else _with_axis(x, dim, axis)
+            return x if dim is None else _with_axis(x, dim, axis, like)
 
         sliced = jax.tree.map(split, updates, reference)
         sliced_params = None if params is None else jax.tree.map(split, params, params)
