@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import adaopt
 from tests import problems
@@ -93,3 +95,33 @@ def test_need_the_parameters() -> None:
             tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
     with pytest.raises(adaopt.HyperparameterError, match="seed"):
         adaopt.stochastic_rounding(optax.sgd(0.1), seed=-1)
+
+
+def test_stochastic_rounding_lands_alike_on_a_mesh_and_on_one_device() -> None:
+    """The inner step's bfloat16 update is rounded to bfloat16 in every program: XLA computes it in float32 and may
+    keep that excess precision in one program and not another (here: replicated on a mesh against one device)."""
+    rng = np.random.default_rng(0)
+    shapes = {"w": (16, 24), "v": (40,)}
+    host = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)]
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+
+    def run(put):
+        tx = adaopt.stochastic_rounding(adaopt.adam(1e-3))
+
+        @jax.jit
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        p = {k: put(v) for k, v in host.items()}
+        s = tx.init(p)
+        for g in grads:
+            p, s = step(p, s, {k: put(v) for k, v in g.items()})
+        return {k: np.asarray(v.astype(jnp.float32)) for k, v in p.items()}
+
+    alone = run(lambda v: jnp.asarray(v, jnp.bfloat16))
+    with jax.set_mesh(mesh):
+        placed = run(lambda v: jax.device_put(jnp.asarray(v, jnp.bfloat16), NamedSharding(mesh, P())))
+    for k in shapes:
+        np.testing.assert_array_equal(placed[k], alone[k])

@@ -99,13 +99,22 @@ def stochastic_rounding(inner: optax.GradientTransformation, *, seed: int = 0) -
             if jnp.result_type(p) != jnp.bfloat16:
                 return u
             bits = storage.counter_bits(p.shape, jnp.uint32((seed * 0x9E3779B1 + index) & 0xFFFFFFFF), state.count)
-            target = storage.stochastic_round(p.astype(jnp.float32) + u.astype(jnp.float32), bits)
+            target = storage.stochastic_round(p.astype(jnp.float32) + _as_float32(u), bits)
             return _landing(p, target)
 
         out = [leaf(p, u, i) for i, (p, u) in enumerate(zip(leaves, step_leaves, strict=True))]
         return jax.tree.unflatten(treedef, out), StochasticRoundingState(inner_state, state.count + jnp.uint32(1))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _as_float32(u: jax.Array) -> jax.Array:
+    """``u`` in float32 with the rounding of its own dtype kept: XLA may compute a half-precision update in float32
+    and drop the rounding (its excess precision), and then not in every program alike (with a mesh or without)."""
+    if jnp.finfo(u.dtype).bits >= 32:
+        return u.astype(jnp.float32)
+    info = jnp.finfo(u.dtype)
+    return jax.lax.reduce_precision(u.astype(jnp.float32), exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 class MasterWeightsState(NamedTuple):
