@@ -294,3 +294,8 @@ def test_abstract_state_says_which_parameter_it_cannot_place() -> None:
         )
     with pytest.raises(ValueError, match="no array leaves"):
         adaopt.abstract_state(tx, {})
+    three = _mesh((3,), ("data",))
+    with pytest.raises(ValueError, match=r"params\['w'\] of shape \(8, 4\).*dimension 0 \(8\) into 3 parts"):
+        adaopt.abstract_state(
+            tx, {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(three, P("data")))}
+        )

@@ -12,6 +12,7 @@ out_shardings=...)``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -50,6 +51,20 @@ def _placement(params: Any) -> Mesh | SingleDeviceSharding:
         )
     (placement,) = meshes
     return placement
+
+
+def _check_divides(name: str, x: Any) -> None:
+    """A parameter's mesh axes divide its dimensions (JAX shards evenly only): else an error naming the leaf."""
+    sizes = dict(zip(x.sharding.mesh.axis_names, x.sharding.mesh.axis_sizes, strict=True))
+    for dim, entry in enumerate(x.sharding.spec):
+        axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        shards = math.prod(sizes[a] for a in axes)
+        if x.shape[dim] % shards:
+            raise ValueError(
+                f"abstract_state: {name} of shape {x.shape} is placed with {x.sharding.spec}, whose axes "
+                f"{axes} split its dimension {dim} ({x.shape[dim]}) into {shards} parts, which does not divide it. "
+                "Give it a placement whose axes divide its dimensions (or replicate that dimension)."
+            )
 
 
 def abstract_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
@@ -101,6 +116,8 @@ def abstract_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), shapes)
 
     mesh = placement
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        _check_divides(f"params{jax.tree_util.keystr(path)}", x)
     # Under explicit axes every array traced has its sharding in its type: the state's placement is what init
     # computes, not a guess of XLA's propagation.
     explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names))
