@@ -199,7 +199,8 @@ inline __m128i E4m3(__m512 x) {
   const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(magnitude, _mm512_set1_epi32(0x7FFFF)), odd);
   const __m512i normal = _mm512_sub_epi32(_mm512_srli_epi32(rounded, 20), _mm512_set1_epi32(120 << 3));
   const __m512i small = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(512.0f)));
-  __m512i code = _mm512_mask_mov_epi32(normal, _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(0x3C800000)), small);
+  const __mmask16 subnormal = _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(0x3C800000));
+  __m512i code = _mm512_mask_mov_epi32(normal, subnormal, small);
   code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x43E80000)),
                                _mm512_set1_epi32(0x7F));
   code = _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80)));
@@ -298,7 +299,8 @@ void LionScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m
     const int64_t i = start + k;
     const float g = j.g[i];
     const float m_old = Value<F>(j.m, i) * m_scale;
-    const float m = F == kFp8 ? std::fma(g, j.s.one_minus_b2, m_old * j.s.b2) : std::fma(m_old, j.s.b2, g * j.s.one_minus_b2);
+    const float m = F == kFp8 ? std::fma(g, j.s.one_minus_b2, m_old * j.s.b2)
+                              : std::fma(m_old, j.s.b2, g * j.s.one_minus_b2);
     m_new[k] = m;
     m_largest = std::max(m_largest, std::fabs(m));
     j.step[i] = Sign(std::fma(g, j.s.one_minus_b1, m_old * j.s.b1));
@@ -319,7 +321,8 @@ void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
     const int64_t i = start + k;
     const __m512 g = _mm512_loadu_ps(j.g + i);
     const __m512 m_old = _mm512_mul_ps(Decode<F>(j.m, i, m_map), m_scale);
-    const __m512 m = F == kFp8 ? _mm512_fmadd_ps(g, c2, _mm512_mul_ps(m_old, b2)) : _mm512_fmadd_ps(m_old, b2, _mm512_mul_ps(g, c2));
+    const __m512 m = F == kFp8 ? _mm512_fmadd_ps(g, c2, _mm512_mul_ps(m_old, b2))
+                               : _mm512_fmadd_ps(m_old, b2, _mm512_mul_ps(g, c2));
     _mm512_store_ps(m_new + k, m);
     m_largest = _mm512_max_ps(_mm512_abs_ps(m), m_largest);
     const __m512 x = _mm512_fmadd_ps(g, c1, _mm512_mul_ps(m_old, b1));
@@ -356,7 +359,8 @@ using BlocksFn = void (*)(const Job&, int64_t, int64_t);
 
 template <bool Lion>
 BlocksFn BlocksOf(int32_t format) {
-  return format == kDynamic4 ? Blocks<kDynamic4, Lion> : (format == kFp8 ? Blocks<kFp8, Lion> : Blocks<kDynamic8, Lion>);
+  if (format == kDynamic4) return Blocks<kDynamic4, Lion>;
+  return format == kFp8 ? Blocks<kFp8, Lion> : Blocks<kDynamic8, Lion>;
 }
 
 // The blocks in chunks that the calling thread and the intra-op pool's threads claim one at a time. The caller
@@ -394,7 +398,8 @@ void Launch(ffi::ThreadPool& pool, const Job& job, BlocksFn blocks_fn) {
 // as elements (4-bit: a byte for two elements of every block, a partial last one's whole), a scale per block, the
 // format's map and (but for FP8) its search table.
 bool MomentOf(int64_t n, int64_t block_size, int32_t format, const ffi::Buffer<ffi::U8>& codes,
-              const ffi::Buffer<ffi::F32>& scales, const ffi::Buffer<ffi::F32>& map, const ffi::Buffer<ffi::U32>& search,
+              const ffi::Buffer<ffi::F32>& scales, const ffi::Buffer<ffi::F32>& map,
+              const ffi::Buffer<ffi::U32>& search,
               uint8_t* codes_out, float* scales_out, Moment* moment) {
   const int64_t blocks = (n + block_size - 1) / block_size;
   const int64_t code_bytes = format == kDynamic4 ? blocks * block_size / 2 : n;
