@@ -143,3 +143,32 @@ def test_plain_optax_inject_hyperparams_with_a_mask_function_is_refused() -> Non
 def test_unknown_static_args_are_refused() -> None:
     with pytest.raises(ValueError, match=r"static_args names \['mask'\], which are not arguments of adamw"):
         adaopt.inject_hyperparams(adaopt.adamw, static_args=("mask",))
+
+
+def test_half_precision_parameters_get_float32_hyperparameters() -> None:
+    """A bfloat16 model's hyperparameters in bfloat16 would round b2 = 0.999 to 1 (optax's default dtype): at least
+    float32, so the injected step is the plain one; float64 parameters keep float64 ones."""
+    params = {"w": jnp.linspace(-1, 1, 12, dtype=jnp.bfloat16).reshape(3, 4), "b": jnp.ones(4, jnp.bfloat16)}
+    grads = jax.tree.map(lambda p: (p * 0.3 + 0.1).astype(p.dtype), params)
+    injected = adaopt.inject_hyperparams(adaopt.adamw)(learning_rate=1e-2, b2=0.999, weight_decay=0.1)
+    state = injected.init(params)
+    assert state.hyperparams["b2"].dtype == jnp.float32 and float(state.hyperparams["b2"]) == np.float32(0.999)
+    plain = adaopt.adamw(1e-2, b2=0.999, weight_decay=0.1)
+    p_inj, p_plain, s_inj, s_plain = params, params, state, plain.init(params)
+    for _ in range(3):
+        u_inj, s_inj = injected.update(grads, s_inj, p_inj)
+        u_plain, s_plain = plain.update(grads, s_plain, p_plain)
+        p_inj, p_plain = optax.apply_updates(p_inj, u_inj), optax.apply_updates(p_plain, u_plain)
+    for k in params:
+        assert p_inj[k].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(p_inj[k], np.float32), np.asarray(p_plain[k], np.float32))
+    with jax.enable_x64(True):
+        wide = injected.init(jax.tree.map(lambda p: p.astype(jnp.float64), params))
+        assert wide.hyperparams["b2"].dtype == jnp.float64
+    # A bfloat16 number given as a hyperparameter is a number like any other.
+    adaopt.adam(jnp.asarray(1e-2, jnp.bfloat16), b1=jnp.asarray(0.5, jnp.bfloat16))
+
+
+def test_an_integer_hyperparameter_dtype_is_refused() -> None:
+    with pytest.raises(adaopt.HyperparameterError, match="hyperparam_dtype must be a float dtype"):
+        adaopt.inject_hyperparams(adaopt.adamw, hyperparam_dtype=jnp.int32)

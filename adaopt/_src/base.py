@@ -50,7 +50,7 @@ def concrete_scalar(value: Any) -> float | None:
         return float(value)
     if isinstance(value, (np.ndarray, np.generic, jax.Array)):
         dtype = np.asarray(value).dtype
-        numeric = np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+        numeric = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)  # bfloat16 included
         if np.ndim(value) != 0 or not numeric:
             raise TypeError
         return float(np.asarray(value))

@@ -9,12 +9,16 @@ would call it with the step count and pass what it returns on as the mask or the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax.numpy as jnp
 import optax
+
+from adaopt._src.base import HyperparameterError
 
 _STRUCTURAL_INT = re.compile(r"^(int|int \| None|None \| int|Optional\[int\])$")
 
@@ -71,8 +75,8 @@ def inject_hyperparams(
     Args:
       factory: a function returning a gradient transformation, e.g. ``adaopt.adamw``.
       static_args: more arguments to pass as they are, beyond those found static.
-      hyperparam_dtype: the dtype of the injected float hyperparameters (default: the
-        parameters' widest float dtype).
+      hyperparam_dtype: the dtype of the injected float hyperparameters, a float dtype (default: the
+        parameters' widest float dtype, at least float32: in bfloat16, ``b2=0.999`` would be 1).
 
     Returns:
       A function with ``factory``'s arguments that returns an
@@ -105,7 +109,23 @@ def inject_hyperparams(
             f"name some of {list(parameters)}."
         )
     static = tuple(name for name in parameters if name in requested or is_static(parameters[name]))
-    return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=hyperparam_dtype)
+    if hyperparam_dtype is not None and not jnp.issubdtype(hyperparam_dtype, jnp.floating):
+        raise HyperparameterError(f"hyperparam_dtype must be a float dtype, got {hyperparam_dtype!r}.")
+    if hyperparam_dtype is not None:
+        return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=hyperparam_dtype)
+
+    @functools.wraps(factory)
+    def injected(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        def build(tree: Any) -> optax.GradientTransformationExtraArgs:
+            dtype = jnp.promote_types(optax.tree.dtype(tree, "highest"), jnp.float32)
+            return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=dtype)(*args, **kwargs)
+
+        def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+            return build(updates if params is None else params).update(updates, state, params, **extra_args)
+
+        return optax.GradientTransformationExtraArgs(lambda params: build(params).init(params), update_fn)
+
+    return injected
 
 
 __all__ = ["inject_hyperparams", "is_static", "static_args_of"]
