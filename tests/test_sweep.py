@@ -367,6 +367,12 @@ def test_plot_draws_metric_and_curves() -> None:
         ({"halve_every": 6, "eval_every": 4}, r"steps \[6\] of halve_every are not multiples of eval_every=4"),
         ({"steps": 13}, r"steps must be an integer in \[1, 12\], got 13"),
         ({"lanes": 0}, r"lanes must be an integer in \[1, "),
+        # A trial's values are checked as the factory checks them (batched, they are traced and it cannot).
+        (
+            {"configs": {"learning_rate": [0.1, 0.1], "b1": [0.9, 1.5]}},
+            r"trial 1 \(\{'learning_rate': 0.1, 'b1': 1.5\}\): b1 must be a finite number in \[0.0, 1.0\), got 1.5",
+        ),
+        ({"configs": {"learning_rate": [0.1, -0.1]}}, r"trial 1 .*learning_rate must be"),
     ],
 )
 def test_bad_run_arguments_are_refused_with_the_fix(kwargs: dict, message: str) -> None:

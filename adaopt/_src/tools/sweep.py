@@ -441,6 +441,11 @@ def _regroup(
     return tuple(out)
 
 
+def _number(value: float) -> int | float:
+    """A trial's value as the factory would be given it by hand: an integral one as an int (a count, a period)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 class Sweep:
     r"""One optimizer on one problem, compiled to train many configurations at once.
 
@@ -553,6 +558,13 @@ class Sweep:
         self._check_names(out, "configs")
         if self.schedule is not None and "learning_rate" not in out and "learning_rate" not in self.fixed:
             raise base.HyperparameterError("schedule= is a function of the learning rate: sweep or fix learning_rate.")
+        # Each trial's values checked as the factory checks them, before they are batched (traced, they are not).
+        for trial in range(len(next(iter(out.values())))):
+            config = {name: _number(values[trial]) for name, values in out.items()}
+            try:
+                self.optimizer(config)
+            except base.HyperparameterError as error:
+                raise base.HyperparameterError(f"configs' trial {trial} ({config}): {error}") from None
         return out
 
     # -- the unbatched bodies -------------------------------------------------------------------
