@@ -346,6 +346,15 @@ def test_a_coefficient_schedule_runs_one_triple_per_iteration() -> None:
         adaopt.muon(ns_coefficients=adaopt.HEAVYBALL_NS_COEFFICIENTS, ns_steps=4)
 
 
+def test_no_iteration_is_the_normalised_momentum() -> None:
+    """ns_steps = 0 (allowed, [0, 99]) takes X_0 = M / ||M||: the update is the momentum scaled to unit norm."""
+    g = {"w": jax.random.normal(jax.random.key(1), (6, 4))}
+    tx = adaopt.scale_by_muon(momentum=0.9, nesterov=False, ns_steps=0, eps=0.0, adjust_lr=None)
+    updates, _ = tx.update(g, tx.init(g))
+    momentum = 0.1 * g["w"]  # the first step's momentum, (1 - 0.9) g
+    np.testing.assert_allclose(updates["w"], momentum / jnp.linalg.norm(momentum), rtol=1e-6)
+
+
 def test_validation_names_the_option() -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"ns_steps": 2.5}, "ns_steps"), ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),

@@ -43,7 +43,8 @@ def check_ns_coefficients(ns_coefficients: Any, ns_steps: Any) -> None:
         return isinstance(x, (tuple, list)) and len(x) == 3 and not any(isinstance(v, (tuple, list)) for v in x)
 
     triples = [ns_coefficients] if is_triple(ns_coefficients) else ns_coefficients
-    if not isinstance(triples, (tuple, list)) or not triples or not all(is_triple(t) for t in triples):
+    empty = not triples and ns_steps != 0  # no iteration has no coefficients
+    if not isinstance(triples, (tuple, list)) or empty or not all(is_triple(t) for t in triples):
         raise base.HyperparameterError(
             "ns_coefficients must be a tuple of three real numbers (a, b, c), or one such tuple per Newton-Schulz "
             f"iteration, got {ns_coefficients!r}."
