@@ -200,3 +200,21 @@ def test_prodigy_with_sliced_statistics_still_checks_the_shapes() -> None:
     tx.update(jax.tree.map(jnp.ones_like, params), state, params)  # the slices themselves are not a mismatch
     with pytest.raises(adaopt.TreeMismatchError, match=r"\['a'\] have shape \(4, 3\)"):
         tx.update({"a": jnp.ones((4, 3))}, state, params)
+
+
+@pytest.mark.parametrize(
+    ("factory", "mask", "match"),
+    [
+        (adaopt.adamw, {"w": True}, r"per-leaf options \(weight_decay_mask"),  # a leaf missing
+        (adaopt.adamw, lambda p: {"w": True, "b": True, "s": None}, r"per-leaf options \(weight_decay_mask"),
+        (adaopt.adamw, {"w": jnp.array([True, False]), "b": True, "s": True}, r"weight_decay_mask\['w'\] must be a"),
+        (adaopt.lion, {"w": "yes", "b": "no", "s": True}, r"weight_decay_mask\['b'\] must be a boolean"),
+        (adaopt.adan, "w", r"per-leaf options \(weight_decay_mask"),
+        (adaopt.adafactor, {"w": 1.0, "b": True, "s": True}, r"weight_decay_mask\['w'\] must be a boolean"),
+    ],
+)
+def test_a_weight_decay_mask_unlike_the_parameters_is_named(factory: Any, mask: Any, match: str) -> None:
+    """The mask's structure and its boolean leaves are checked at init (optax's own error named neither)."""
+    params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3), "s": jnp.ones(())}
+    with pytest.raises((adaopt.HyperparameterError, adaopt.TreeMismatchError), match=match):
+        factory(1e-2, weight_decay=0.1, weight_decay_mask=mask).init(params)

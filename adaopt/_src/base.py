@@ -353,6 +353,32 @@ def check_mask(mask: Any, name: str = "weight_decay_mask") -> None:
         )
 
 
+def masked(
+    inner: optax.GradientTransformation, mask: MaskOrFn, name: str = "weight_decay_mask"
+) -> optax.GradientTransformation:
+    """``optax.masked(inner, mask)``, the mask checked against the tree it is applied to: the tree's structure and a
+    boolean at each leaf, else an error naming ``name`` (optax's own is about tree_map's prefixes, or an array's
+    ambiguous truth value)."""
+
+    held = lambda x: isinstance(x, optax.MaskedNode)  # another group's leaf (optax.partition): one leaf here
+    leafy = lambda tree: jax.tree.map(lambda x: 0 if held(x) else x, tree, is_leaf=held)
+
+    def resolved(tree: Any) -> Any:
+        chosen = mask(tree) if callable(mask) else mask
+        check_tree_match(leafy(tree), leafy(chosen), PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(chosen, is_leaf=held):
+            if held(leaf):
+                continue
+            scalar = isinstance(leaf, (np.ndarray, jax.Array)) and leaf.ndim == 0 and leaf.dtype == np.bool_
+            if not (isinstance(leaf, (bool, np.bool_)) or scalar):
+                raise HyperparameterError(
+                    f"{name}{jax.tree_util.keystr(path)} must be a boolean (decay the leaf or not), got {leaf!r}."
+                )
+        return chosen
+
+    return optax.masked(inner, resolved)
+
+
 def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> optax.GradientTransformation:
     """``optax.add_decayed_weights``, with every update kept in its own dtype.
 
@@ -366,7 +392,8 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
     """
     check_mask(mask)
     if not is_zero(weight_decay) and (callable(weight_decay) or isinstance(weight_decay, (int, float))):
-        return optax.add_decayed_weights(weight_decay, mask)
+        plain = optax.add_decayed_weights(weight_decay)
+        return plain if mask is None else masked(plain, mask)
 
     def update_fn(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:
         if is_zero(weight_decay):
@@ -381,7 +408,7 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
         return new, state
 
     tx = optax.GradientTransformation(optax.add_decayed_weights(0.0).init, update_fn)
-    return tx if mask is None else optax.masked(tx, mask)
+    return tx if mask is None else masked(tx, mask)
 
 
 CoreWrapper = Callable[[optax.GradientTransformation, bool], optax.GradientTransformation]

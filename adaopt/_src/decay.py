@@ -64,4 +64,4 @@ def decoupled_decay(
         return jax.tree.map(leaf, updates, params), DecayState(count)
 
     decay = optax.GradientTransformation(init_fn, update_fn)
-    return decay if mask is None else optax.masked(decay, mask)
+    return decay if mask is None else base.masked(decay, mask)

@@ -564,6 +564,6 @@ def adafactor(
         nu_dtype=nu_dtype,
     )  # fmt: skip
     decay = _decoupled_decay(weight_decay, weight_decay_mode, learning_rate, relative_step, scale_parameter, eps_scale)
-    masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
+    masked = decay if weight_decay_mask is None else base.masked(decay, weight_decay_mask)
     # The core's steps already hold the learning rate: the assembly's learning rate of 1 is the sign.
     return base.assemble(core, 1.0, after_decay=(masked,), complex_convention="modulus")

@@ -294,6 +294,6 @@ def adan(
         )
     base.check_mask(weight_decay_mask)
     decay = _proximal_decay(learning_rate, weight_decay)
-    masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
+    masked = decay if weight_decay_mask is None else base.masked(decay, weight_decay_mask)
     stepped = optax.chain(core, base.scale_by_learning_rate(learning_rate))
     return base.assemble(stepped, None, after_decay=(masked,), complex_convention=complex_convention)

@@ -422,7 +422,7 @@ def galore_adamw(
     )  # fmt: skip
     base.check_mask(weight_decay_mask)
     decay = _decay_after_step(learning_rate, weight_decay)
-    masked = decay if weight_decay_mask is None else optax.masked(decay, weight_decay_mask)
+    masked = decay if weight_decay_mask is None else base.masked(decay, weight_decay_mask)
     stepped = optax.chain(core, base.scale_by_learning_rate(learning_rate))
     return base.assemble(stepped, None, after_decay=(masked,))
 
