@@ -9,6 +9,7 @@ from typing import Any
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given
 
@@ -218,3 +219,19 @@ def test_a_weight_decay_mask_unlike_the_parameters_is_named(factory: Any, mask: 
     params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3), "s": jnp.ones(())}
     with pytest.raises((adaopt.HyperparameterError, adaopt.TreeMismatchError), match=match):
         factory(1e-2, weight_decay=0.1, weight_decay_mask=mask).init(params)
+
+
+FLAGS = [
+    (spec, name)
+    for spec in REGISTRY.values()
+    for name, p in inspect.signature(spec.factory).parameters.items()
+    if str(p.annotation) in ("bool", "bool | None")
+]
+
+
+@pytest.mark.parametrize(("spec", "name"), FLAGS, ids=[f"{s.name}-{n}" for s, n in FLAGS])
+def test_a_flag_is_a_boolean(spec: OptimizerSpec, name: str) -> None:
+    """The string "False" is true, 2 and an array fail deep in the step: each is refused naming the flag."""
+    for bad in ("False", 2, np.array([True, False])):
+        with pytest.raises(adaopt.HyperparameterError, match=rf"^{name} must be True,? (or False|False or None), got"):
+            spec.factory(**{name: bad})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterator
@@ -146,8 +148,43 @@ def check_nesterov(momentum: Any, nesterov: bool) -> None:
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
+    # An array is no choice (and `in` would compare it element by element).
+    if isinstance(value, (np.ndarray, jax.Array, list, dict, set)) or value not in choices:
         raise HyperparameterError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+_FLAG_ANNOTATIONS = {"bool": False, "bool | None": True, "None | bool": True}  # whether None is allowed too
+
+
+def check_flags(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """``factory`` refusing a non-boolean at each of its arguments annotated ``bool`` (``bool | None``: or None).
+
+    A flag is read for its truth, where a string ``"False"``, a 2 or an array would pass unnoticed (or fail deep
+    inside the step): each is a :class:`HyperparameterError` naming the argument when the factory is called.
+    """
+    signature = inspect.signature(factory)
+    written = {
+        name: p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
+        for name, p in signature.parameters.items()
+    }
+    flags = {name: _FLAG_ANNOTATIONS[text] for name, text in written.items() if text in _FLAG_ANNOTATIONS}
+
+    @functools.wraps(factory)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+            if name in flags:
+                check_flag(name, value, optional=flags[name])
+        return factory(*args, **kwargs)
+
+    return checked
+
+
+def check_flag(name: str, value: Any, *, optional: bool = False) -> None:
+    """``value`` is True or False (``optional``: or None), else a :class:`HyperparameterError` naming ``name``."""
+    if not (isinstance(value, (bool, np.bool_)) or (value is None and optional)):
+        raise HyperparameterError(
+            f"{name} must be {'True, False or None' if optional else 'True or False'}, got {value!r}."
+        )
 
 
 PER_LEAF_OPTIONS = "per-leaf options (weight_decay_mask, layer_scale)"

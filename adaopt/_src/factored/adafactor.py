@@ -121,6 +121,7 @@ def _zeros_without(param: Any, axis: int, dtype: Any) -> jax.Array:
     return jnp.zeros_like(reduced, dtype=dtype)
 
 
+@base.check_flags
 def scale_by_adafactor(
     learning_rate: ScalarOrSchedule = 1e-2,
     decay_rate: Any = 0.8,
@@ -433,6 +434,7 @@ def _decoupled_decay(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def adafactor(
     learning_rate: ScalarOrSchedule = 1e-2,
     decay_rate: Any = 0.8,

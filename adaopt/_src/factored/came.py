@@ -251,6 +251,7 @@ def scale_by_came(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def came(
     learning_rate: ScalarOrSchedule = 2e-4,
     b1: Any = 0.9,

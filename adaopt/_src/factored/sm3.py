@@ -104,6 +104,7 @@ def _init_accumulators(params: Any, dtype: Any) -> tuple[Any, ...]:
     return tuple(jax.tree.map(functools.partial(zeros, axis=a), params) for a in range(max(most_axes, 1)))
 
 
+@base.check_flags
 def scale_by_sm3(
     momentum: Any = 0.9,
     b2: Any = None,
@@ -234,6 +235,7 @@ def scale_by_sm3(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def sm3(
     learning_rate: ScalarOrSchedule = 0.1,
     momentum: Any = 0.9,

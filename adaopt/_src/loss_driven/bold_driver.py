@@ -42,6 +42,7 @@ def _check_factors(increase: Any, decrease: Any) -> None:
     base.check_scalar("decrease", decrease, low=0.0, high=1.0, low_open=True)
 
 
+@base.check_flags
 def scale_by_bold_driver(
     learning_rate: ScalarOrSchedule = 1e-2,
     increase: Any = 1.05,
@@ -168,6 +169,7 @@ def scale_by_bold_driver(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@base.check_flags
 def bold_driver(
     learning_rate: ScalarOrSchedule = 1e-2,
     increase: Any = 1.05,

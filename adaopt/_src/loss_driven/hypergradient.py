@@ -43,6 +43,7 @@ class HypergradientState(NamedTuple):
         return {"learning_rate": self.learning_rate}
 
 
+@base.check_flags
 def hypergradient(
     inner: optax.GradientTransformation,
     learning_rate: ScalarOrSchedule,
@@ -187,6 +188,7 @@ def hypergradient(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@base.check_flags
 def sgd_hd(
     learning_rate: ScalarOrSchedule = 1e-3,
     hyper_lr: Any = 1e-3,
@@ -264,6 +266,7 @@ def sgd_hd(
     return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention="modulus")
 
 
+@base.check_flags
 def sgdn_hd(
     learning_rate: ScalarOrSchedule = 1e-3,
     hyper_lr: Any = 1e-3,
@@ -347,6 +350,7 @@ def _scale_by_debiased_step(b1: Any, b2: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: DebiasedStepState(moments.zero_count()), update_fn)
 
 
+@base.check_flags
 def adam_hd(
     learning_rate: ScalarOrSchedule = 1e-3,
     hyper_lr: Any = 1e-7,

@@ -104,6 +104,7 @@ def _with_lr_decay(learning_rate: ScalarOrSchedule, lr_decay: Any) -> ScalarOrSc
     return schedule
 
 
+@base.check_flags
 def adagrad(
     learning_rate: ScalarOrSchedule = 1e-2,
     lr_decay: Any = 0.0,
@@ -245,6 +246,7 @@ def scale_by_adadelta(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def adadelta(
     learning_rate: ScalarOrSchedule = 1.0,
     rho: Any = 0.9,

@@ -47,6 +47,7 @@ def check_moments(b1: Any, b2: Any, eps: Any, eps_root: Any, mu_dtype: Any, nu_d
     moments.check_storage("nu_dtype", nu_dtype)
 
 
+@base.check_flags
 def scale_by_adam(
     b1: Any = 0.9,
     b2: Any = 0.999,
@@ -202,6 +203,7 @@ def scale_by_adam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def adam(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,
@@ -339,6 +341,7 @@ def adamw(
     )  # fmt: skip
 
 
+@base.check_flags
 def amsgrad(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,
@@ -420,6 +423,7 @@ def amsgrad(
     )
 
 
+@base.check_flags
 def adabelief(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,
@@ -493,6 +497,7 @@ def adabelief(
     )
 
 
+@base.check_flags
 def yogi(
     learning_rate: ScalarOrSchedule = 1e-2,
     b1: Any = 0.9,
@@ -650,6 +655,7 @@ def scale_by_adamax(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def adamax(
     learning_rate: ScalarOrSchedule = 2e-3,
     b1: Any = 0.9,
@@ -831,6 +837,7 @@ def scale_by_nadam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def nadam(
     learning_rate: ScalarOrSchedule = 2e-3,
     b1: Any = 0.9,
@@ -981,6 +988,7 @@ def nadamw(
     )  # fmt: skip
 
 
+@base.check_flags
 def scale_by_radam(
     b1: Any = 0.9,
     b2: Any = 0.999,
@@ -1086,6 +1094,7 @@ def scale_by_radam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def radam(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

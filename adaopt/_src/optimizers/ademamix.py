@@ -161,6 +161,7 @@ def scale_by_ademamix(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def ademamix(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

@@ -40,6 +40,7 @@ def _clip(x: jax.Array, bound: jax.Array) -> jax.Array:
     return moments.times(x, bound / jnp.maximum(jnp.abs(x), bound))
 
 
+@base.check_flags
 def scale_by_adopt(
     b1: Any = 0.9,
     b2: Any = 0.9999,
@@ -160,6 +161,7 @@ def scale_by_adopt(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def adopt(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

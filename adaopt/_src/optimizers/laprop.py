@@ -141,6 +141,7 @@ def scale_by_laprop(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def laprop(
     learning_rate: ScalarOrSchedule = 4e-4,
     b1: Any = 0.9,

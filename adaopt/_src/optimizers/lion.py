@@ -87,6 +87,7 @@ def scale_by_lion(b1: Any = 0.9, b2: Any = 0.99, *, mu_dtype: Any = None) -> opt
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def lion(
     learning_rate: ScalarOrSchedule = 1e-4,
     b1: Any = 0.9,

@@ -52,6 +52,7 @@ def _shampoo_scale(shape: tuple[int, ...]) -> float:
     return math.sqrt(max(1.0, shape[0] / shape[1])) if shape[1] else 1.0
 
 
+@base.check_flags
 def scale_by_mars(
     b1: Any = 0.95,
     b2: Any = 0.99,
@@ -239,6 +240,7 @@ def _route_mask(weight_decay_mask: base.MaskOrFn | None, optimize_1d: bool, mars
     return mask
 
 
+@base.check_flags
 def mars(
     learning_rate: ScalarOrSchedule = 3e-3,
     b1: Any = 0.95,

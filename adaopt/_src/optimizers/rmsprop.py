@@ -37,6 +37,7 @@ class DebiasedRmsState(NamedTuple):
     nu: Updates
 
 
+@base.check_flags
 def scale_by_debiased_rms(
     b2: Any = 0.999,
     eps: Any = 1e-8,
@@ -112,6 +113,7 @@ def scale_by_debiased_rms(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def scale_by_rms(
     decay: Any = 0.99,
     eps: Any = 1e-8,
@@ -195,6 +197,7 @@ def scale_by_rms(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def rmsprop(
     learning_rate: ScalarOrSchedule = 1e-2,
     decay: Any = 0.99,

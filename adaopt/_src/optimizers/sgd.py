@@ -23,6 +23,7 @@ class MomentumState(NamedTuple):
     trace: Updates  # the momentum buffer, mirroring the parameters
 
 
+@base.check_flags
 def scale_by_momentum(
     momentum: Any = 0.9,
     dampening: Any = 0.0,
@@ -107,6 +108,7 @@ def scale_by_momentum(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def sgd(
     learning_rate: ScalarOrSchedule = 1e-3,
     momentum: Any = None,

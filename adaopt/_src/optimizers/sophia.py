@@ -177,6 +177,7 @@ def scale_by_sophia(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@base.check_flags
 def sophia(
     learning_rate: ScalarOrSchedule = 1e-4,
     b1: Any = 0.965,

@@ -215,6 +215,7 @@ def _check_real(tree: Any) -> None:
             raise TypeError(_NO_COMPLEX.format(path=jax.tree_util.keystr(path) or "the root", dtype=leaf.dtype))
 
 
+@base.check_flags
 def scale_by_muon(
     momentum: Any = 0.95,
     *,
@@ -373,6 +374,7 @@ def _labels(muon_mask: base.MaskOrFn | None, weight_decay_mask: base.MaskOrFn | 
     return labels
 
 
+@base.check_flags
 def muon(
     learning_rate: ScalarOrSchedule = 0.02,
     momentum: Any = 0.95,

@@ -303,6 +303,7 @@ def _axis_sharded(x: jax.Array, like: jax.Array, axis: int) -> jax.Array:
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec(spec[axis]))
 
 
+@base.check_flags
 def scale_by_psgd_kron(
     b1: Any = 0.9,
     preconditioner_update_probability: ScalarOrSchedule | None = None,
@@ -564,6 +565,7 @@ def _slots(plans: Sequence[_Plan]) -> int:
     return max((axis + 1 for p_plan in plans for axis in p_plan.diagonal_axes()), default=0)
 
 
+@base.check_flags
 def psgd_kron(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

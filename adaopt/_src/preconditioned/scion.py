@@ -97,6 +97,9 @@ class ScionNorm:
         base.check_choice("kind", self.kind, _KINDS)
         base.check_scalar("scale", self.scale, low=0.0, low_open=True)
         base.check_nonnegative("eps", self.eps)
+        base.check_flag("normalize", self.normalize, optional=True)
+        base.check_flag("max_scale", self.max_scale)
+        base.check_flag("transpose", self.transpose)
 
     @property
     def normalized(self) -> bool:
@@ -321,6 +324,7 @@ def scale_by_scion(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def scion(
     learning_rate: ScalarOrSchedule = 1e-3,
     momentum: Any = 0.9,

@@ -218,6 +218,7 @@ def _check_shampoo(
         base.check_integer(name, value, low)
 
 
+@base.check_flags
 def scale_by_shampoo(
     b1: Any = 0.9,
     b2: Any = 0.999,
@@ -531,6 +532,7 @@ def _merge_blocks(blocks: list[jax.Array], p_plan: _Plan) -> jax.Array:
     return parts[0]
 
 
+@base.check_flags
 def shampoo(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

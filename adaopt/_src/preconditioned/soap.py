@@ -253,6 +253,7 @@ def _check_soap(
     base.check_choice("refresh_count", refresh_count, ("update", "call"))
 
 
+@base.check_flags
 def scale_by_soap(
     b1: Any = 0.95,
     b2: Any = 0.95,
@@ -498,6 +499,7 @@ def scale_by_soap(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def soap(
     learning_rate: ScalarOrSchedule = 3e-3,
     b1: Any = 0.95,

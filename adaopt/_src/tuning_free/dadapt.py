@@ -202,6 +202,7 @@ class DAdaptAdamState(NamedTuple):
         return {"d": self.d}
 
 
+@base.check_flags
 def scale_by_dadapt_adam(
     learning_rate: ScalarOrSchedule = 1.0,
     b1: Any = 0.9,
@@ -375,6 +376,7 @@ def scale_by_dadapt_adam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def dadapt_adam(
     learning_rate: ScalarOrSchedule = 1.0,
     b1: Any = 0.9,

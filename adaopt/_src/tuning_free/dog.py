@@ -76,6 +76,7 @@ class DoGState(NamedTuple):
         return out
 
 
+@base.check_flags
 def scale_by_dog(
     learning_rate: ScalarOrSchedule = 1.0,
     reps_rel: Any = 1e-6,

@@ -47,6 +47,7 @@ class MechanicState(NamedTuple):
         return {"scale": jnp.maximum(sum(self.s), 0)}
 
 
+@base.check_flags
 def mechanic(
     inner: optax.GradientTransformation,
     s_decay: Any = 0.01,

@@ -71,6 +71,7 @@ def _check(b1: Any, b2: Any, b3: Any, eps: Any, d_coef: Any, slice_p: Any) -> No
         raise base.HyperparameterError(f"slice_p must be None or an integer in [1, inf), got {slice_p!r}.")
 
 
+@base.check_flags
 def scale_by_prodigy(
     learning_rate: ScalarOrSchedule = 1.0,
     b1: Any = 0.9,
@@ -272,6 +273,7 @@ def scale_by_prodigy(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@base.check_flags
 def prodigy(
     learning_rate: ScalarOrSchedule = 1.0,
     b1: Any = 0.9,

@@ -483,6 +483,7 @@ def schedule_free_adamw(
     )
 
 
+@base.check_flags
 def schedule_free_radam(
     learning_rate: ScalarOrSchedule = 2.5e-3,
     b1: Any = 0.9,

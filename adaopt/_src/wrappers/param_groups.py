@@ -290,6 +290,7 @@ def _check_every_group_takes_leaves(groups: Sequence[Group], names: Sequence[str
         )
 
 
+@base.check_flags
 def param_groups(
     default: Callable[..., optax.GradientTransformation] | optax.GradientTransformation,
     groups: Sequence[Group],

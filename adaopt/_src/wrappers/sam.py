@@ -18,6 +18,7 @@ def _ascent(g: jax.Array) -> jax.Array:
     return jnp.conj(g) if jnp.iscomplexobj(g) else g
 
 
+@base.check_flags
 def sam_perturbation(
     params: Params, grads: Params, rho: Any = 0.05, *, adaptive: bool = False, eta: Any = 0.0, eps: Any = 1e-12
 ) -> Params:
@@ -77,6 +78,7 @@ def _check(rho: Any, adaptive: Any, eta: Any, eps: Any) -> None:
         raise base.HyperparameterError(f"adaptive must be True or False, got {adaptive!r}.")
 
 
+@base.check_flags
 def sam_value_and_grad(
     loss_fn: Callable[..., Any],
     rho: Any = 0.05,
