@@ -439,6 +439,7 @@ BAD = [
     (schedule_free_adamw, "nu_dtype", jnp.int8),
     (schedule_free_radam, "b1", 1.0),
     (schedule_free_radam, "b2", -0.5),
+    (schedule_free_radam, "b2", 0.6),  # rho_t <= 4 forever: the silent phase would never end
     (schedule_free_radam, "learning_rate", float("inf")),
     (schedule_free_radam, "weight_lr_power", -2.0),
 ]
@@ -448,6 +449,10 @@ BAD = [
 def test_bad_hyperparameters_are_rejected(factory: Any, name: str, bad: Any) -> None:
     with pytest.raises(HyperparameterError, match=name):
         factory(**{name: bad})
+
+
+def test_a_low_b2_is_allowed_without_the_silent_phase() -> None:
+    schedule_free_radam(b2=0.5, silent_sgd_phase=False)
 
 
 def test_update_needs_the_parameters() -> None:
