@@ -69,8 +69,22 @@ def test_float32_leaves_pass_through() -> None:
     for tx in (adaopt.stochastic_rounding(optax.sgd(0.1)), adaopt.master_weights(optax.sgd(0.1))):
         updates, state = tx.update(g, tx.init(params), params)
         np.testing.assert_array_equal(np.asarray(updates["w"]), -0.1 * np.ones(3, np.float32))
-        assert updates["h"].dtype == jnp.bfloat16
+        assert updates["h"].dtype == jnp.float32  # the exact landing, which apply_updates rounds to bfloat16
+        assert optax.apply_updates(params, updates)["h"].dtype == jnp.bfloat16
     assert isinstance(state.master["w"], optax.MaskedNode) and state.master["h"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("wrapper", [adaopt.master_weights, adaopt.stochastic_rounding])
+def test_a_weight_crossing_zero_lands_on_its_target(wrapper) -> None:
+    """A step from 2**-10 to -2**-18 (both bfloat16 numbers): their difference has no bfloat16, so an update in the
+    parameter's dtype lands at -2**-17 (master_weights) or always there (stochastic rounding's exact value)."""
+    params = jnp.full(64, 2.0**-10, jnp.bfloat16) * jnp.asarray(np.arange(1, 65) % 2 * 2 - 1, jnp.bfloat16)
+    target = -(2.0**-18) * np.sign(np.asarray(params, np.float32))
+    grads = params.astype(jnp.float32) - jnp.asarray(target)  # sgd(1): p - g = target (float32 gradients, exact)
+    assert np.array_equal(np.asarray(params, np.float32) - np.asarray(grads), target)
+    tx = wrapper(optax.sgd(1.0))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(np.asarray(optax.apply_updates(params, updates), np.float32), target)
 
 
 def test_stochastic_steps_are_unbiased_and_resume_from_a_checkpoint() -> None:

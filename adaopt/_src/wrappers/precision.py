@@ -46,12 +46,15 @@ def _is_half(x: Any) -> bool:
 
 
 def _landing(p: jax.Array, target: jax.Array) -> jax.Array:
-    """The update that ``optax.apply_updates`` turns into ``target`` from ``p`` (both of ``p``'s dtype).
+    """The update that ``optax.apply_updates`` turns into ``target`` from ``p`` (both half precision): float32.
 
-    The difference of two nearby floats of one format is exact in that format (Sterbenz), so
-    ``p + (target - p)`` is ``target`` whenever the step does not more than double or halve ``p``.
+    ``optax.apply_updates`` adds it in float32 and rounds to ``p``'s dtype. The difference is exact in
+    float32 wherever the two exponents are less than 16 apart, so the parameter lands on ``target``;
+    in ``p``'s own dtype it would be exact only where the step does not more than double or halve ``p``
+    (Sterbenz), and a weight crossing zero would land elsewhere (twice as far, or rounded the same way
+    every time).
     """
-    return (target.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
+    return target.astype(jnp.float32) - p.astype(jnp.float32)
 
 
 def stochastic_rounding(inner: optax.GradientTransformation, *, seed: int = 0) -> optax.GradientTransformationExtraArgs:
@@ -61,8 +64,10 @@ def stochastic_rounding(inner: optax.GradientTransformation, *, seed: int = 0) -
     returned is :math:`\mathrm{sr}(p + u) - p`, where :math:`p + u` is computed in float32 and
     :math:`\mathrm{sr}` rounds it to one of its two bfloat16 neighbours with the probabilities
     that make :math:`E[\mathrm{sr}(x)] = x` (torchao's ``bf16_stochastic_round``); applied with
-    ``optax.apply_updates``, the parameter lands on :math:`\mathrm{sr}(p + u)`. Other leaves'
-    updates pass through. ``update`` needs the parameters and passes its extra arguments on.
+    ``optax.apply_updates``, the parameter lands on :math:`\mathrm{sr}(p + u)`. That update is
+    float32 (the exact difference: in bfloat16 a weight crossing zero or more than halving would
+    land elsewhere); ``optax.apply_updates`` keeps the parameter's dtype. Other leaves' updates pass
+    through. ``update`` needs the parameters and passes its extra arguments on.
 
     Args:
       inner: the optimizer whose steps are rounded (any optax or adaopt transformation).
@@ -135,7 +140,9 @@ def master_weights(inner: optax.GradientTransformation) -> optax.GradientTransfo
     The wrapped optimizer sees float32 parameters and gradients (the master copy where the
     parameter is bfloat16 or float16, the parameter itself elsewhere) and its update is added to
     the copy in float32; the update returned takes the half-precision parameter to the new copy
-    rounded to nearest. The copy is part of the state, so it is checkpointed and restored with it.
+    rounded to nearest, as ``optax.apply_updates`` applies it (it is float32 for a half-precision
+    leaf: the exact difference, where one in the leaf's dtype would miss a weight crossing zero). The
+    copy is part of the state, so it is checkpointed and restored with it.
     ``update`` needs the parameters and passes its extra arguments on.
 
     Args:
