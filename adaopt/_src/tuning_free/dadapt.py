@@ -324,18 +324,23 @@ def scale_by_dadapt_adam(
         sqrt_b2 = scalar_sqrt(b2, dtype)
         scales = () if layer_scale is None else (layer_scale(params) if callable(layer_scale) else layer_scale,)
 
+        def new_moments(g32: jax.Array, m32: jax.Array, v32: jax.Array, cd: Any, r: Any) -> tuple[jax.Array, ...]:
+            rho = moments.scalar(r[0], cd) if r else 1
+            m_new = moments.ema(moments.times(g32, rho * dlr.astype(cd)), m32, moments.scalar(b1, cd))
+            v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, cd))
+            return gate(active, m_new, m32), gate(active, v_new, v32)
+
         def accumulate(g: jax.Array, m: jax.Array, v: jax.Array, s: jax.Array, *r: Any) -> tuple[jax.Array, ...]:
             cd, g32, (m32, v32, s32) = moments.to_compute(g, m, v, s)
             rho = moments.scalar(r[0], cd) if r else 1
             gamma, e, sb2 = dlr.astype(cd), moments.scalar(eps, cd), moments.scalar(sqrt_b2, cd)
             dot = rho * jnp.sum(moments.real_product(g32, moments.over(s32, jnp.sqrt(v32) + e)))
-            m_new = moments.ema(moments.times(g32, rho * gamma), m32, moments.scalar(b1, cd))
-            v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, cd))
+            m_new, v_new = new_moments(g32, m32, v32, cd, r)
             s_new = moments.ema(moments.times(g32, gamma), s32, sb2)
             l1 = rho * jnp.sum(jnp.abs(s_new))
             return (
-                moments.store(gate(active, m_new, m32), m),
-                moments.store(gate(active, v_new, v32), v),
+                moments.store(m_new, m),
+                moments.store(v_new, v),
                 moments.store(gate(active, s_new, s32), s),
                 dot,
                 jnp.where(active, l1, 0),
@@ -354,15 +359,19 @@ def scale_by_dadapt_adam(
             decay_trees = (base.require_params(params, "dadapt_adam with decoupled weight decay"),)
             mask = (decay_mask(weight_decay_mask, params),)
 
-        def step(g: jax.Array, m: jax.Array, v: jax.Array, *decay: Any) -> tuple[jax.Array]:
-            cd, _, (m32, v32) = moments.to_compute(g, m, v)
-            u = moments.over(m32, jnp.sqrt(v32) + moments.scalar(eps, cd))
-            if decay:
-                p32 = moments.in_precision(decay[0], cd)
-                u = decay_then_step(p32, moments.times(decay_term(p32, decay[1], weight_decay, cd), dlr.astype(cd)), u)
+        def step(g: jax.Array, m: jax.Array, v: jax.Array, *rest: Any) -> tuple[jax.Array]:
+            # From the old moments, recomputed: the new ones before they were stored (rounded, quantized).
+            cd, g32, (m32, v32) = moments.to_compute(g, m, v)
+            left = list(rest)  # the parameter (decoupled decay), then the options: the layer's scale, the decay mask
+            p = left.pop(0) if decay_trees else None
+            m_new, v_new = new_moments(g32, m32, v32, cd, (left.pop(0),) if scales else ())
+            u = moments.over(m_new, jnp.sqrt(v_new) + moments.scalar(eps, cd))
+            if p is not None:
+                p32 = moments.in_precision(p, cd)
+                u = decay_then_step(p32, moments.times(decay_term(p32, left[0], weight_decay, cd), dlr.astype(cd)), u)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
-        (out,) = moments.leafwise(step, 1, updates, mu, nu, *decay_trees, options=mask)
+        (out,) = moments.leafwise(step, 1, updates, state.mu, state.nu, *decay_trees, options=(*scales, *mask))
         return out, DAdaptAdamState(
             count=moments.safe_increment(state.count),
             step=jnp.where(taken, moments.safe_increment(state.step), state.step),

@@ -206,21 +206,26 @@ def scale_by_prodigy(
         beta3 = dadapt.scalar_sqrt(b2, dtype) if b3 is None else b3
         s_rate = (d / first_d) * (d if safeguard_warmup else dlr)
 
+        def new_moments(g32: jax.Array, v32: jax.Array, m32: jax.Array, cd: Any) -> tuple[jax.Array, jax.Array]:
+            dd = d.astype(cd)
+            v_new = moments.ema(dd * dd * moments.abs_sq(g32), v32, moments.scalar(b2, cd))
+            m_new = moments.ema(moments.times(g32, dd), m32, moments.scalar(b1, cd))
+            return dadapt.gate(active, v_new, v32), dadapt.gate(active, m_new, m32)
+
         def accumulate(
             g: jax.Array, p: jax.Array, p0: jax.Array, s: jax.Array, v: jax.Array, m: jax.Array
         ) -> tuple[jax.Array, ...]:
             cd, g32, (p32, p032, s32, v32, m32) = moments.to_compute(g, p, p0, s, v, m)
-            dd, gs = d.astype(cd), sliced(g32)
+            gs = sliced(g32)
             dot = jnp.sum(moments.real_product(gs, p032 - sliced(p32)))
-            v_new = moments.ema(dd * dd * moments.abs_sq(g32), v32, moments.scalar(b2, cd))
+            v_new, m_new = new_moments(g32, v32, m32, cd)
             s_new = moments.times(s32, moments.scalar(beta3, cd)) + moments.times(gs, s_rate.astype(cd))
-            m_new = moments.ema(moments.times(g32, dd), m32, moments.scalar(b1, cd))
             return (
                 moments.store(dadapt.gate(active, s_new, s32), s),
-                moments.store(dadapt.gate(active, v_new, v32), v),
+                moments.store(v_new, v),
                 dot,
                 jnp.where(active, jnp.sum(jnp.abs(s_new)), 0),
-                moments.store(dadapt.gate(active, m_new, m32), m),
+                moments.store(m_new, m),
             )
 
         if stride != 1:  # p0 and s hold slices of each leaf: check the shapes of the whole-leaf trees alone
@@ -242,14 +247,16 @@ def scale_by_prodigy(
         decay = (dadapt.decay_mask(weight_decay_mask, params),) if decoupled else ()
 
         def step(g: jax.Array, p: jax.Array, v: jax.Array, m: jax.Array, *selected: Any) -> tuple[jax.Array]:
-            cd, g32, (p32, v32) = moments.to_compute(g, p, v)
+            # From the old moments, recomputed: the new ones before they were stored (rounded, quantized).
+            cd, g32, (p32, v32, m32) = moments.to_compute(g, p, v, m)
+            v_new, m_new = new_moments(g32, v32, m32, cd)
             dn, gamma = d_new.astype(cd), dlr.astype(cd)
-            denominator = jnp.sqrt(v32) + dn * moments.scalar(eps, cd)
+            denominator = jnp.sqrt(v_new) + dn * moments.scalar(eps, cd)
             momentum_free = moments.times(moments.over(g32, denominator), gamma * dn)
             if base.is_zero(b1):
                 u = momentum_free
             else:
-                u = moments.times(moments.over(moments.in_precision(moments.load(m), cd), denominator), gamma)
+                u = moments.times(moments.over(m_new, denominator), gamma)
                 if not isinstance(b1, (int, float)):  # an injected b1 of 0 takes the package's momentum-free step
                     u = jnp.where(moments.scalar(b1, cd) > 0, u, momentum_free)
             if selected:
@@ -257,7 +264,7 @@ def scale_by_prodigy(
                 u = dadapt.decay_then_step(p32, decay, u)
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 
-        (result,) = moments.leafwise(step, 1, updates, params, nu, mu, options=decay, what="state")
+        (result,) = moments.leafwise(step, 1, updates, params, state.nu, state.mu, options=decay, what="state")
         return result, ProdigyState(
             count=moments.safe_increment(state.count),
             step=jnp.where(taken, moments.safe_increment(state.step), state.step),
