@@ -152,6 +152,26 @@ def test_each_moment_of_each_leaf_draws_its_own_bits() -> None:
     assert len(salts) == 6 and len(set(salts)) == 6
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda q: adaopt.ademamix(mu_dtype=q, nu_dtype=q),  # fast and slow averages
+        lambda q: adaopt.adan(mu_dtype=q, nu_dtype=q),  # momentum, its difference, the last gradient
+        lambda q: adaopt.mars(mu_dtype=q, nu_dtype=q, amsgrad=True),  # the maximum shares nu's draws, by design
+        lambda q: adaopt.sophia(mu_dtype=q, nu_dtype=q),
+        lambda q: adaopt.adadelta(accumulator_dtype=q),
+        lambda q: adaopt.muon(mu_dtype=q),  # two groups: each leaf's index is its place in the tree
+    ],
+)
+def test_each_moment_of_each_leaf_draws_its_own_bits_in_every_optimizer(make) -> None:
+    params = {"a": jnp.zeros((4, 3)), "b": jnp.zeros(5), "c": jnp.zeros((3, 2))}
+    state = make("bfloat16_sr").init(params)
+    leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=adaopt.is_stored)
+    rounded = [(jax.tree_util.keystr(path), leaf) for path, leaf in leaves if isinstance(leaf, adaopt.Rounded)]
+    drawn = [int(leaf.salt) for path, leaf in rounded if "nu_max" not in path]
+    assert len(drawn) >= 3 and len(set(drawn)) == len(drawn), rounded
+
+
 def test_bfloat16_second_moment_keeps_moving_with_stochastic_rounding() -> None:
     """With b2 = 0.999, an EMA of a constant 1 started at 1/2 never moves in bfloat16 with nearest rounding (each
     step adds 5e-4, under half a bfloat16 step); stochastically rounded, it follows float32's within noise."""

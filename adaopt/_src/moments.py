@@ -96,13 +96,15 @@ def scalar_dtype(params: Any) -> jnp.dtype:
     return compute_dtype(*(jnp.result_type(p) for p in jax.tree.leaves(params)))
 
 
-def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = False) -> Any:
+def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = False, moment: int = 0) -> Any:
     """A moment tree mirroring ``params``, filled with ``fill``, in :func:`state_dtype` (``real`` passes through).
 
     ``dtype`` may also name a storage (``"int8"``, ``"int4"``, ``"fp8"``, ``"bfloat16_sr"``) or be
     one (:class:`adaopt.Blockwise`, :class:`adaopt.StochasticBf16`): each leaf is then stored by it,
     with the unsigned map for a ``real`` moment (a second moment of ``|g|^2``, a running maximum:
-    never negative) and the signed map otherwise.
+    never negative) and the signed map otherwise. An optimizer with two moments of one kind gives each
+    its own ``moment`` (0, 1, ...), so that stochastic rounding draws their bits apart; a leaf's index
+    is its position in the whole tree, another group's leaves (``optax.MaskedNode``) counted.
     """
     check_floating(params)
     kind = storage.resolve(dtype)
@@ -113,8 +115,12 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = F
         from adaopt._src import numerics  # here: numerics imports this module
 
         values, _ = numerics.unwrap_variables(params, "params")
-        leaves, treedef = jax.tree.flatten(values)
-        stored = [_init_stored(kind, p, fill, signed=not real, index=i) for i, p in enumerate(leaves)]
+        masked = lambda x: isinstance(x, optax.MaskedNode)
+        leaves, treedef = jax.tree.flatten(values, is_leaf=masked)
+        stored = [
+            p if masked(p) else _init_stored(kind, p, fill, signed=not real, index=i, moment=moment)
+            for i, p in enumerate(leaves)
+        ]
         return jax.tree.unflatten(treedef, stored)
     # full_like keeps each parameter's sharding (and Flax metadata) on its moments.
     return jax.tree.map(
@@ -134,8 +140,8 @@ def check_floating(params: Any) -> None:
             )
 
 
-def _init_stored(kind: storage.Storage, p: Any, fill: Any, *, signed: bool, index: int) -> Any:
-    leaf = kind.init(p, signed=signed, index=index)
+def _init_stored(kind: storage.Storage, p: Any, fill: Any, *, signed: bool, index: int, moment: int) -> Any:
+    leaf = kind.init(p, signed=signed, index=index, moment=moment)
     is_zero = isinstance(fill, (int, float)) and fill == 0
     # full_like: the value to encode keeps the parameter's sharding, as the encoded leaf does.
     return leaf if is_zero else store(jnp.full_like(p, fill, dtype=jnp.float32), leaf)

@@ -364,12 +364,13 @@ class Blockwise:
         """
         return len(shape) >= 1 and shape[-1] % self.block_size == 0
 
-    def init(self, param: jax.Array, *, signed: bool, index: int = 0) -> jax.Array | Quantized:
+    def init(self, param: jax.Array, *, signed: bool, index: int = 0, moment: int = 0) -> jax.Array | Quantized:
         """A zero moment for ``param``: quantized if it is large enough, else zeros in its dtype (at least float32).
 
-        ``index`` (the leaf's position in the tree) is for the storages that draw random numbers; unused here.
+        ``index`` (the leaf's position in the tree) and ``moment`` (which of an optimizer's moments of one kind) are
+        for the storages that draw random numbers; unused here.
         """
-        del index
+        del index, moment
         if jnp.issubdtype(jnp.result_type(param), jnp.complexfloating):
             raise TypeError(
                 "A complex parameter's moment cannot be stored in quantized blocks: pass a float dtype (or None) for "
@@ -538,15 +539,17 @@ class StochasticBf16:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise HyperparameterError(f"seed must be an integer in [0, 2**32), got {self.seed!r}.")
 
-    def init(self, param: jax.Array, *, signed: bool, index: int = 0) -> Rounded:
+    def init(self, param: jax.Array, *, signed: bool, index: int = 0, moment: int = 0) -> Rounded:
         if jnp.issubdtype(jnp.result_type(param), jnp.complexfloating):
             raise TypeError(
                 "A complex parameter's moment cannot be stored in bfloat16: there is no complex bfloat16. Pass "
                 "float32 (stored as complex64) or None."
             )
-        # A first moment (signed) and a second (unsigned) of the same leaf draw apart: shared bits would
-        # round both up together.
-        salt = jnp.asarray(_mix(self.seed * 0x9E3779B1 + 2 * index + (1 if signed else 2)), jnp.uint32)
+        # A first moment (signed) and a second (unsigned) of the same leaf draw apart, and so do two moments of
+        # one kind (``moment``: AdEMAMix's fast and slow averages): shared bits would round both up together.
+        salt = jnp.asarray(
+            _mix(self.seed * 0x9E3779B1 + 2 * index + (1 if signed else 2) + moment * 0x632BE5AB), jnp.uint32
+        )
         return Rounded(jnp.zeros_like(param, dtype=jnp.bfloat16), salt, jnp.zeros([], jnp.uint32), self)
 
     def encode(self, value: jax.Array, leaf: Rounded) -> Rounded:

@@ -220,7 +220,7 @@ def scale_by_adadelta(
     def init_fn(params: base.Params) -> AdadeltaState:
         return AdadeltaState(
             moments.init_like(params, accumulator_dtype, real=True),
-            moments.init_like(params, accumulator_dtype, real=True),
+            moments.init_like(params, accumulator_dtype, real=True, moment=1),
         )
 
     def update_fn(

@@ -99,9 +99,9 @@ def scale_by_adan(
         return AdanState(
             count=moments.zero_count(),
             mu=moments.init_like(params, mu_dtype),
-            mu_diff=moments.init_like(params, mu_dtype),
+            mu_diff=moments.init_like(params, mu_dtype, moment=1),
             nu=moments.init_like(params, nu_dtype, real=True),
-            prev_grad=moments.init_like(params, mu_dtype),
+            prev_grad=moments.init_like(params, mu_dtype, moment=2),
         )
 
     def update_fn(updates: Updates, state: AdanState, params: base.Params | None = None) -> tuple[Updates, AdanState]:

@@ -111,7 +111,7 @@ def scale_by_ademamix(
             count=moments.zero_count(),
             mu=moments.init_like(params, mu_dtype),
             nu=moments.init_like(params, nu_dtype, real=True),
-            mu_slow=moments.init_like(params, mu_dtype),
+            mu_slow=moments.init_like(params, mu_dtype, moment=1),
         )
 
     def update_fn(

@@ -147,7 +147,7 @@ def scale_by_mars(
             count=moments.zero_count(),
             mu=moments.init_like(params, mu_dtype),
             nu=moments.init_like(params, nu_dtype, real=True),
-            last_grad=moments.init_like(params, mu_dtype),
+            last_grad=moments.init_like(params, mu_dtype, moment=1),
             nu_max=moments.init_like(params, nu_dtype, real=True) if amsgrad else None,
         )
 

@@ -119,7 +119,7 @@ def scale_by_sophia(
         return SophiaState(
             count=moments.zero_count(),
             mu=moments.init_like(params, mu_dtype),
-            nu=moments.init_like(params, nu_dtype),
+            nu=moments.init_like(params, nu_dtype, moment=1),
         )
 
     def refreshed(nu: Updates, estimate: Any, updates: Updates) -> Updates:
