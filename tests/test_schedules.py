@@ -520,6 +520,7 @@ INVALID = [
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_down": -1}, "step_size_down"),
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "mode": "sawtooth"}, "mode"),
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "gamma": 0.0}, "gamma"),
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "gamma": 1.5}, "gamma"),  # grows to inf, NaN
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_mode": "epoch"}, "scale_mode"),
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_fn": 0.5}, "scale_fn"),
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": math.inf}, "max_value"),

@@ -235,3 +235,18 @@ def test_a_flag_is_a_boolean(spec: OptimizerSpec, name: str) -> None:
     for bad in ("False", 2, np.array([True, False])):
         with pytest.raises(adaopt.HyperparameterError, match=rf"^{name} must be True,? (or False|False or None), got"):
             spec.factory(**{name: bad})
+
+
+@pytest.mark.parametrize(
+    ("factory", "name"),
+    [
+        (adaopt.adafactor, "decay_offset"),
+        (adaopt.schedule_free_sgd, "warmup_steps"),
+        (adaopt.ademamix, "warmup_steps"),
+        (adaopt.precond_update_prob_schedule, "flat_start"),
+    ],
+)
+def test_a_count_beyond_the_step_counter_is_refused(factory: Any, name: str) -> None:
+    """Compared with the int32 step count: beyond it, the step failed with JAX's overflow error."""
+    with pytest.raises(adaopt.HyperparameterError, match=rf"^{name} must be a finite number in .*, 2147483647\]"):
+        factory(**{name: 2**40})

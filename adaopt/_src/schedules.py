@@ -203,7 +203,7 @@ def cyclic_schedule(
       step_size_down: steps from the top back to the bottom, >= 0; None: ``step_size_up``.
       mode: "triangular", "triangular2" (the amplitude halves each cycle) or "exp_range"
         (it decays by ``gamma`` each step); ignored when ``scale_fn`` is given.
-      gamma: the decay of "exp_range", > 0.
+      gamma: the decay of "exp_range", in (0, 1].
       scale_fn: a custom amplitude, a jittable function of the cycle (a float, from 1) or of
         the step, whose values lie in [0, 1].
       scale_mode: what ``scale_fn`` takes: "cycle" or "iterations".
@@ -237,7 +237,8 @@ def cyclic_schedule(
     elif not callable(scale_fn):
         raise HyperparameterError(f"scale_fn must be None or a callable, got {scale_fn!r}.")
     base.check_choice("scale_mode", scale_mode, ("cycle", "iterations"))
-    base.check_scalar("gamma", gamma, low=0.0, low_open=True)
+    # A gamma above 1 grows the amplitude without bound (torch allows it): inf * 0 is NaN within a million steps.
+    base.check_scalar("gamma", gamma, low=0.0, low_open=True, high=1.0)
     # gamma ** t as exp(t log gamma), log gamma from the float64 gamma: in float32 this keeps
     # the relative error near 1e-7 where rounding gamma to float32 first would give t * 3e-8.
     log_gamma = jnp.log(gamma) if isinstance(gamma, jax.core.Tracer) else math.log(float(gamma))

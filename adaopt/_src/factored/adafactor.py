@@ -243,7 +243,7 @@ def scale_by_adafactor(
     if eps is not None:
         base.check_nonnegative("eps", eps)
     base.check_nonnegative("eps_scale", eps_scale)
-    base.check_nonnegative("decay_offset", decay_offset)
+    base.check_scalar("decay_offset", decay_offset, low=0.0, high=base.INT32_MAX)  # against the step count
     for name, flag in (("relative_step", relative_step), ("scale_parameter", scale_parameter), ("factored", factored)):
         base.check_choice(name, flag, (True, False))
     base.check_choice("eps_mode", eps_mode, ("add", "max"))

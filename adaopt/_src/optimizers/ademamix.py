@@ -32,7 +32,7 @@ class AdemamixState(NamedTuple):
 def _check_warmup(warmup_steps: Any, b1: Any, b3: Any) -> None:
     if warmup_steps is None:
         return
-    base.check_scalar("warmup_steps", warmup_steps, low=0.0, low_open=True)
+    base.check_scalar("warmup_steps", warmup_steps, low=0.0, low_open=True, high=base.INT32_MAX)
     # beta3's warmup interpolates log(b1) and log(b3): both must be finite.
     base.check_scalar("b1 (with warmup_steps)", b1, low=0.0, high=1.0, low_open=True, high_open=True)
     base.check_scalar("b3 (with warmup_steps)", b3, low=0.0, high=1.0, low_open=True, high_open=True)

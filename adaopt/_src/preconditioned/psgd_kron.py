@@ -83,7 +83,7 @@ def precond_update_prob_schedule(
     for name, value in (("max_prob", max_prob), ("min_prob", min_prob)):
         base.check_scalar(name, value, low=0.0, high=1.0, low_open=True)
     base.check_nonnegative("decay", decay)
-    base.check_scalar("flat_start", flat_start)
+    base.check_scalar("flat_start", flat_start, high=base.INT32_MAX)  # against the step count
 
     def schedule(n: Any) -> jax.Array:
         # The reference's expression, with the step made a float of JAX's default float dtype first (the dtype that

@@ -55,7 +55,7 @@ class ScheduleFreeState(NamedTuple):
 
 def _check_warmup_steps(warmup_steps: Any) -> None:
     """A whole number of steps >= 0: an integer, or a number with no fraction (an array under inject_hyperparams)."""
-    base.check_nonnegative("warmup_steps", warmup_steps)
+    base.check_scalar("warmup_steps", warmup_steps, low=0.0, high=base.INT32_MAX)  # against the step count
     value = base.concrete_scalar(warmup_steps)  # a real number or None (traced): check_nonnegative took the rest
     if value is not None and not value.is_integer():
         raise base.HyperparameterError(f"warmup_steps must be a finite whole number >= 0, got {warmup_steps!r}.")
