@@ -364,6 +364,19 @@ def test_a_3d_leaf_is_preconditioned_along_every_axis() -> None:
     assert np.max(np.abs(whole["t"][:, 0] - first["t"])) > 1e-6
 
 
+@pytest.mark.parametrize("eps_mode", ["add", "max"])
+def test_eps_0_gives_a_zero_step_where_nothing_was_seen(eps_mode: str) -> None:
+    """A coordinate whose gradients are all 0 has a zero second moment: with eps = 0 its step is 0, as Adam's."""
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    grads = {"w": jnp.asarray([[1.0, 0.5], [0.2, -0.3], [0.1, 0.4]]), "b": jnp.asarray([0.0, 1.0])}
+    tx = adaopt.soap(1e-2, eps=0.0, eps_mode=eps_mode)
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)), updates
+        assert float(updates["b"][0]) == 0.0
+
+
 def test_complex_parameters_are_refused_at_init() -> None:
     with pytest.raises(TypeError, match=r"SOAP does not take complex parameters.*\['w'\]"):
         adaopt.soap().init({"w": jnp.ones((3, 3), jnp.complex64)})

@@ -397,39 +397,44 @@ void Launch(ffi::ThreadPool& pool, const Job& job, BlocksFn blocks_fn) {
 // A moment's arrays, checked to fit a leaf of n elements in blocks of block_size stored in `format`: as many codes
 // as elements (4-bit: a byte for two elements of every block, a partial last one's whole), a scale per block, the
 // format's map and (but for FP8) its search table.
-bool MomentOf(int64_t n, int64_t block_size, int32_t format, const ffi::Buffer<ffi::U8>& codes,
+bool MomentOf(int64_t n, int64_t block_size, int32_t format, const ffi::AnyBuffer& codes,
               const ffi::Buffer<ffi::F32>& scales, const ffi::Buffer<ffi::F32>& map,
               const ffi::Buffer<ffi::U32>& search,
               uint8_t* codes_out, float* scales_out, Moment* moment) {
   const int64_t blocks = (n + block_size - 1) / block_size;
   const int64_t code_bytes = format == kDynamic4 ? blocks * block_size / 2 : n;
-  const bool fits = codes.element_count() == static_cast<size_t>(code_bytes) &&
+  const bool fits = codes.element_count() == codes.size_bytes() &&  // a byte a code
+                    codes.size_bytes() == static_cast<size_t>(code_bytes) &&
                     scales.element_count() == static_cast<size_t>(blocks) &&
                     map.element_count() == (format == kDynamic4 ? 16u : 256u) &&
                     (format == kFp8 || search.element_count() == 65536);
-  *moment = {codes.typed_data(), scales.typed_data(), codes_out, scales_out, map.typed_data(), search.typed_data()};
+  *moment = {static_cast<const uint8_t*>(codes.untyped_data()), scales.typed_data(), codes_out, scales_out,
+             map.typed_data(), search.typed_data()};
   return fits;
 }
+
+// A moment's codes, a byte each whatever their type (uint8 codes, float8_e4m3fn values).
+uint8_t* Bytes(const ffi::AnyBuffer& codes) { return static_cast<uint8_t*>(codes.untyped_data()); }
 
 bool Valid(int64_t block_size, int32_t format) {
   return block_size > 0 && (format == kDynamic8 || format == kFp8 || (format == kDynamic4 && block_size % 2 == 0));
 }
 
-ffi::Error BlockwiseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> m_codes,
-                         ffi::Buffer<ffi::F32> m_scale, ffi::Buffer<ffi::U8> v_codes, ffi::Buffer<ffi::F32> v_scale,
+ffi::Error BlockwiseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::AnyBuffer m_codes,
+                         ffi::Buffer<ffi::F32> m_scale, ffi::AnyBuffer v_codes, ffi::Buffer<ffi::F32> v_scale,
                          ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> map1, ffi::Buffer<ffi::F32> map2,
                          ffi::Buffer<ffi::U32> search1, ffi::Buffer<ffi::U32> search2, int64_t block_size,
                          int32_t format, int32_t safe_divide, int32_t eps_root, int32_t scale_floor,
-                         ffi::ResultBuffer<ffi::F32> step, ffi::ResultBuffer<ffi::U8> m_codes_out,
-                         ffi::ResultBuffer<ffi::F32> m_scale_out, ffi::ResultBuffer<ffi::U8> v_codes_out,
+                         ffi::ResultBuffer<ffi::F32> step, ffi::Result<ffi::AnyBuffer> m_codes_out,
+                         ffi::ResultBuffer<ffi::F32> m_scale_out, ffi::Result<ffi::AnyBuffer> v_codes_out,
                          ffi::ResultBuffer<ffi::F32> v_scale_out) {
   const int64_t n = static_cast<int64_t>(g.element_count());
   if (!Valid(block_size, format)) return ffi::Error::InvalidArgument("blockwise Adam: invalid format or block size");
   Job j{g.typed_data(), step->typed_data(), {}, {}, {}, n, block_size, safe_divide != 0, eps_root != 0,
         scale_floor != 0};
-  if (!MomentOf(n, block_size, format, m_codes, m_scale, map1, search1, m_codes_out->typed_data(),
+  if (!MomentOf(n, block_size, format, m_codes, m_scale, map1, search1, Bytes(*m_codes_out),
                 m_scale_out->typed_data(), &j.m) ||
-      !MomentOf(n, block_size, format, v_codes, v_scale, map2, search2, v_codes_out->typed_data(),
+      !MomentOf(n, block_size, format, v_codes, v_scale, map2, search2, Bytes(*v_codes_out),
                 v_scale_out->typed_data(), &j.v) ||
       scalars.element_count() != 9) {
     return ffi::Error::InvalidArgument("blockwise Adam: arguments of unexpected sizes");
@@ -439,15 +444,15 @@ ffi::Error BlockwiseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buf
   return ffi::Error::Success();
 }
 
-ffi::Error BlockwiseLion(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> m_codes,
+ffi::Error BlockwiseLion(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::AnyBuffer m_codes,
                          ffi::Buffer<ffi::F32> m_scale, ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> map1,
                          ffi::Buffer<ffi::U32> search1, int64_t block_size, int32_t format, int32_t scale_floor,
-                         ffi::ResultBuffer<ffi::F32> step, ffi::ResultBuffer<ffi::U8> m_codes_out,
+                         ffi::ResultBuffer<ffi::F32> step, ffi::Result<ffi::AnyBuffer> m_codes_out,
                          ffi::ResultBuffer<ffi::F32> m_scale_out) {
   const int64_t n = static_cast<int64_t>(g.element_count());
   if (!Valid(block_size, format)) return ffi::Error::InvalidArgument("blockwise Lion: invalid format or block size");
   Job j{g.typed_data(), step->typed_data(), {}, {}, {}, n, block_size, false, false, scale_floor != 0};
-  if (!MomentOf(n, block_size, format, m_codes, m_scale, map1, search1, m_codes_out->typed_data(),
+  if (!MomentOf(n, block_size, format, m_codes, m_scale, map1, search1, Bytes(*m_codes_out),
                 m_scale_out->typed_data(), &j.m) ||
       scalars.element_count() != 9) {
     return ffi::Error::InvalidArgument("blockwise Lion: arguments of unexpected sizes");
@@ -463,9 +468,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseAdam, BlockwiseAdam,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // g
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // first moment's codes (FP8's bits)
+                                  .Arg<ffi::AnyBuffer>()         // first moment's codes (uint8, or FP8 values)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // and scales
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // second moment's codes
+                                  .Arg<ffi::AnyBuffer>()         // second moment's codes
                                   .Arg<ffi::Buffer<ffi::F32>>()  // and scales
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the 9 scalars of Scalars
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the signed map (FP8: the codes' values)
@@ -478,16 +483,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseAdam, BlockwiseAdam,
                                   .Attr<int32_t>("eps_root")
                                   .Attr<int32_t>("scale_floor")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // the step
-                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseLion, BlockwiseLion,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // g
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // the moment's codes (FP8's bits)
+                                  .Arg<ffi::AnyBuffer>()         // the moment's codes (uint8, or FP8 values)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // and scales
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the 9 scalars of Scalars (the betas, the floor)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the signed map (FP8: the codes' values)
@@ -496,5 +501,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseLion, BlockwiseLion,
                                   .Attr<int32_t>("format")
                                   .Attr<int32_t>("scale_floor")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // the step
-                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -215,9 +215,7 @@ def _call(target: str, g: jax.Array, stored: list[storage.Quantized], *args: Any
     """The kernel ``target`` on ``g`` and the moments ``stored``: the step (over ``g``'s buffer) and the new moments
     (over theirs). The step over the gradient: a step whose gradient is its own temporary (a training step's) needs
     no new buffer; XLA copies a gradient that outlives the step (an argument it keeps) first."""
-    # FP8 values go in and out as their bits.
-    bits = lambda codes: jax.lax.bitcast_convert_type(codes, jnp.uint8) if codes.dtype != jnp.uint8 else codes
-    arrays = [a for m in stored for a in (bits(m.codes), m.scale)]
+    arrays = [a for m in stored for a in (m.codes, m.scale)]  # codes: uint8, or float8_e4m3fn (read as bytes)
     call = jax.ffi.ffi_call(
         target,
         [jax.ShapeDtypeStruct(g.shape, jnp.float32), *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)],
@@ -236,7 +234,7 @@ def _call(target: str, g: jax.Array, stored: list[storage.Quantized], *args: Any
         **attributes,
     )
     return [step] + [
-        storage.Quantized(jax.lax.bitcast_convert_type(codes, m.codes.dtype), scale, m.storage, m.signed, m.shape)
+        storage.Quantized(codes, scale, m.storage, m.signed, m.shape)
         for m, codes, scale in zip(stored, new[::2], new[1::2], strict=True)
     ]
 

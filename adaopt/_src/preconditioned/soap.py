@@ -416,7 +416,8 @@ def scale_by_soap(
             size); ``"max"``, the debiased moments, eps a floor of their root."""
             if eps_mode == "max":
                 m_rotated, v = m_rotated * d1, v * d2
-            return m_rotated / moments.with_eps(jnp.sqrt(v), e, eps_mode)
+            # 0 where the denominator is 0 (eps = 0 and a coordinate that never saw a gradient), as Adam's.
+            return moments.safe_divide(m_rotated, moments.with_eps(jnp.sqrt(v), e, eps_mode))
 
         def views(g: jax.Array, p_plan: AxisPlan) -> tuple[jnp.dtype, jax.Array]:
             dtype = moments.compute_dtype(g.dtype)
