@@ -310,7 +310,7 @@ def test_complex_parameters_are_refused_at_init() -> None:
         ({"weight_decay_mode": "decoupled"}, "weight_decay_mode must be one of"),
         ({"mu_dtype": jnp.int8}, "mu_dtype"),
         ({"nu_dtype": "float8_e4m3fn"}, "nu_dtype"),
-        ({"relative_step": "yes"}, "relative_step must be one of"),
+        ({"relative_step": "yes"}, "relative_step must be True or False"),
     ],
 )
 def test_bad_input_is_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:

@@ -209,3 +209,16 @@ def test_refuses_complex_parameters_naming_the_leaf() -> None:
 def test_bad_hyperparameters_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(adaopt.HyperparameterError, match=message):
         adaopt.sm3(**kwargs)
+
+
+def test_the_momentum_takes_a_storage() -> None:
+    """The momentum mirrors the parameters (the accumulators are factored): an int8 one, its first step float32's."""
+    params = {"w": jnp.ones((64, 128))}
+    grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(64, 128)), jnp.float32)}
+    light = adaopt.sm3(1e-2, momentum=0.9, mu_dtype=adaopt.Blockwise("dynamic8", min_size=0))
+    state = light.init(params)
+    assert isinstance(optax.tree.get(state, "mu")["w"], adaopt.Quantized)
+    updates, _ = light.update(grads, state, params)
+    plain = adaopt.sm3(1e-2, momentum=0.9)
+    expected, _ = plain.update(grads, plain.init(params), params)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(expected["w"]))

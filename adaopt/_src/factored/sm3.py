@@ -175,7 +175,7 @@ def scale_by_sm3(
         base.check_decay("b2", b2)
     base.check_nonnegative("eps", eps)
     base.check_dtype("accumulator_dtype", accumulator_dtype)
-    base.check_dtype("mu_dtype", mu_dtype)
+    moments.check_storage("mu_dtype", mu_dtype)  # the momentum mirrors the parameters: any storage
     keep_max = monotone_accumulators and b2 is not None  # sums never decrease: the maximum would change nothing
 
     def init_fn(params: base.Params) -> Sm3State:

@@ -562,14 +562,13 @@ def schedule_free_radam(
     base.check_learning_rate(learning_rate)
     _check_interpolation("b1", b1)
     base.check_nonnegative("weight_decay", weight_decay)
-    b2_value = base.concrete_scalar(b2) if isinstance(b2, (int, float)) else None
-    if silent_sgd_phase and b2_value is not None and b2_value <= 0.6:
+    direction = scale_by_debiased_rms(b2, eps, rectify=True, nu_dtype=nu_dtype)  # b2 checked there
+    if silent_sgd_phase and isinstance(b2, (int, float)) and b2 <= 0.6:
         # rho_t rises to 2 / (1 - b2) - 1 <= 4: the silent phase never ends (as in the package)
         raise base.HyperparameterError(
             f"b2 must be above 0.6 with silent_sgd_phase=True, got {b2!r}: RAdam's rho_t never exceeds "
             "2 / (1 - b2) - 1 <= 4, so the parameters would never move. Raise b2, or pass silent_sgd_phase=False."
         )
-    direction = scale_by_debiased_rms(b2, eps, rectify=True, nu_dtype=nu_dtype)
     factor = radam_rectification(b2, silent_sgd_phase=silent_sgd_phase)
     options = dict(r=r, weight_lr_power=weight_lr_power, z_dtype=z_dtype)
     base.check_complex_convention(complex_convention)
