@@ -7,7 +7,6 @@ import contextvars
 import functools
 import inspect
 import math
-import numbers
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol, TypeAlias
 
@@ -48,7 +47,7 @@ def concrete_scalar(value: Any) -> float | None:
         return None
     if isinstance(value, bool):
         raise TypeError
-    if isinstance(value, numbers.Real):
+    if isinstance(value, (int, float)):  # not any numbers.Real: a Fraction passes here and fails in the step
         return float(value)
     if isinstance(value, (np.ndarray, np.generic, jax.Array)):
         dtype = np.asarray(value).dtype
