@@ -116,9 +116,13 @@ def inject_hyperparams(
 
     @functools.wraps(factory)
     def injected(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-        def build(tree: Any) -> optax.GradientTransformationExtraArgs:
-            dtype = jnp.promote_types(optax.tree.dtype(tree, "highest"), jnp.float32)
+        def build_in(dtype: Any) -> optax.GradientTransformationExtraArgs:
             return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=dtype)(*args, **kwargs)
+
+        def build(tree: Any) -> optax.GradientTransformationExtraArgs:
+            return build_in(jnp.promote_types(optax.tree.dtype(tree, "highest"), jnp.float32))
+
+        build_in(jnp.float32)  # the arguments checked now, as optax checks them, not at init
 
         def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
             return build(updates if params is None else params).update(updates, state, params, **extra_args)
