@@ -251,8 +251,10 @@ def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
 
 
 def test_bad_storages_are_refused_at_construction() -> None:
-    with pytest.raises(adaopt.HyperparameterError, match="block_size must be a positive integer, got 0"):
+    with pytest.raises(adaopt.HyperparameterError, match=r"block_size must be an integer in \[1, 16777216\], got 0"):
         adaopt.Blockwise(block_size=0)
+    with pytest.raises(adaopt.HyperparameterError, match=r"block_size must be an integer in \[1, 16777216\]"):
+        adaopt.Blockwise(block_size=2**40, min_size=0)  # a small leaf would be padded to a whole block
     with pytest.raises(adaopt.HyperparameterError, match="block_size must be even for 4-bit"):
         adaopt.Blockwise("dynamic4", block_size=127)
     with pytest.raises(adaopt.HyperparameterError, match="format must be"):

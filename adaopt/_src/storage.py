@@ -278,6 +278,7 @@ __all__ = ["is_stored"]  # re-exported from base, where the tree checks use it
 
 Format = Literal["dynamic8", "dynamic4", "fp8"]
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+MAX_BLOCK_SIZE = 1 << 24  # elements a block's scale may cover: 64 MiB of float32
 DEFAULT_CHUNK_SIZE = 1 << 17
 """Elements of a leaf quantized at a time under ``jit`` (:attr:`Blockwise.chunk_size`): 512 KiB of float32 per array of a
 chunk, which stay in a core's second-level cache; smaller chunks spend more time in the loop's own overhead."""
@@ -293,7 +294,7 @@ class Blockwise:
         signed dynamic map for first moments and the linear map 1/16..1 for second moments,
         torchao's ``AdamW4bit``) or ``"fp8"`` (float8_e4m3fn values of the element divided by
         absmax / 448, torchao's ``AdamWFp8``).
-      block_size: elements per block, > 0 (even for 4-bit codes).
+      block_size: elements per block, in [1, 2**24] (even for 4-bit codes).
       min_size: leaves with fewer elements stay in float32 (both packages: 4096). torchao also
         keeps in float32 a leaf whose size is not a multiple of the block; here, as in
         bitsandbytes, its last block is partial.
@@ -322,8 +323,11 @@ class Blockwise:
     def __post_init__(self) -> None:
         if self.format not in ("dynamic8", "dynamic4", "fp8"):
             raise HyperparameterError(f"format must be 'dynamic8', 'dynamic4' or 'fp8', got {self.format!r}.")
-        if not _is_int(self.block_size) or self.block_size <= 0:
-            raise HyperparameterError(f"block_size must be a positive integer, got {self.block_size!r}.")
+        if not _is_int(self.block_size) or not 0 < self.block_size <= MAX_BLOCK_SIZE:
+            # A leaf is padded to a whole block: a block far larger than any leaf would allocate its padding.
+            raise HyperparameterError(
+                f"block_size must be an integer in [1, {MAX_BLOCK_SIZE}], got {self.block_size!r}."
+            )
         if self.format == "dynamic4" and self.block_size % 2:
             raise HyperparameterError(
                 f"block_size must be even for 4-bit codes (two per byte, never across blocks), got {self.block_size}."
