@@ -49,7 +49,7 @@ def test_wrong_type_is_also_a_type_error() -> None:
     with pytest.raises(TypeError, match="learning_rate"):
         adaopt.adam(learning_rate="fast")  # type: ignore[arg-type]
     # A Fraction is a number to Python, not to JAX: refused by name, not in the step.
-    with pytest.raises(adaopt.HyperparameterError, match="b1 must be a real number .* of type Fraction"):
+    with pytest.raises(adaopt.HyperparameterError, match=r"b1 must be a real number .* of type Fraction"):
         adaopt.adam(b1=fractions.Fraction(9, 10))  # type: ignore[arg-type]
 
 
