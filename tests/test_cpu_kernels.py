@@ -180,6 +180,32 @@ def test_fp8_codes_round_ties_to_even_as_float8() -> None:
 
 
 @pytest.mark.parametrize("fmt", [INT8, "int4", "fp8"])
+def test_a_block_of_nan_stays_nan_as_in_xlas_step(fmt: str) -> None:
+    """A gradient whose elements 256 to 511 (whole blocks) are NaN, then finite ones, each side on its own trajectory: XLA's reduction gives
+    the block the scale -inf (its maximum's identity) and its steps stay NaN; the kernel's, started at 0, recovered."""
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal(8192).astype(np.float32)
+    first[256:512] = np.nan
+    grads = [{"w": jnp.asarray(g)} for g in (first, *rng.standard_normal((2, 8192)).astype(np.float32))]
+    params = {"w": jnp.zeros(8192)}
+    for make, target in [
+        (lambda: adaopt.scale_by_adam(mu_dtype=fmt, nu_dtype=fmt), kernels.TARGET),
+        (lambda: adaopt.scale_by_lion(mu_dtype=fmt), kernels.LION_TARGET),
+    ]:
+        runs = []
+        for kernel in (False, True):
+            step, state = _compiled(make, params, grads[0], kernel=kernel, target=target), make().init(params)
+            for g in grads:
+                updates, state = step(g, state, params)
+            runs.append((np.asarray(updates["w"]), np.asarray(state.mu["w"].scale)))
+        (u_xla, scale_xla), (u_kernel, scale_kernel) = runs
+        nan_block = 256 // storage.ALIASES[fmt].block_size  # of 256 (int4: of 128, the first of two)
+        assert scale_xla[nan_block] == scale_kernel[nan_block] == -np.inf
+        np.testing.assert_array_equal(np.isnan(u_kernel), np.isnan(u_xla))
+        assert np.isnan(u_xla[256:512]).all() and not np.isnan(u_xla[512:]).any()
+
+
+@pytest.mark.parametrize("fmt", [INT8, "int4", "fp8"])
 def test_zero_and_non_finite_gradients_come_out_as_xlas(fmt: str) -> None:
     params, grads = _problem(SHAPES, seed=3, steps=4)
     grads[0] = jax.tree.map(jnp.zeros_like, grads[0])  # the first step from nothing: eps 0 makes 0 / 0 a 0

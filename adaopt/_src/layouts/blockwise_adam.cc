@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 
@@ -87,6 +88,12 @@ inline uint8_t E4m3(float x) {
   return static_cast<uint8_t>(code | ((bits >> 24) & 0x80u));
 }
 
+// The start of a block's running maximum: XLA's reduction starts at -inf, so a block of NaN alone has the scale -inf
+// (its moments NaN from then on, as XLA's); a partial last block also holds the zeros XLA pads it with.
+inline float Lowest(const Job& j, int64_t length) {
+  return length < j.block ? 0.0f : -std::numeric_limits<float>::infinity();
+}
+
 inline float Clip(float x) { return x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x); }
 
 // The value (before its scale) of element i of a moment.
@@ -147,7 +154,7 @@ void StoreScalar(const Job& j, const Moment& q, int64_t b, int64_t start, int64_
 template <int F>
 void BlockScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m_new, float* v_new) {
   const float m_scale = j.m.scale[b], v_scale = j.v.scale[b];
-  float m_largest = 0.0f, v_largest = 0.0f;
+  float m_largest = Lowest(j, length), v_largest = m_largest;
   for (int64_t k = 0; k < length; ++k) {
     const int64_t i = start + k;
     const float g = j.g[i];
@@ -260,7 +267,7 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
   const __m512 m_scale = _mm512_set1_ps(j.m.scale[b]), v_scale = _mm512_set1_ps(j.v.scale[b]);
   const __m512 m_map = Map16<F>(j.m), v_map = Map16<F>(j.v);
-  __m512 m_largest = zero, v_largest = zero;
+  __m512 m_largest = _mm512_set1_ps(Lowest(j, j.block)), v_largest = m_largest;
   for (int64_t k = 0; k < j.block; k += 16) {
     const int64_t i = start + k;
     const __m512 g = _mm512_loadu_ps(j.g + i);
@@ -294,7 +301,7 @@ inline float Sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
 template <int F>
 void LionScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m_new) {
   const float m_scale = j.m.scale[b];
-  float m_largest = 0.0f;
+  float m_largest = Lowest(j, length);
   for (int64_t k = 0; k < length; ++k) {
     const int64_t i = start + k;
     const float g = j.g[i];
@@ -316,7 +323,7 @@ void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
   const __m512 one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f), zero = _mm512_setzero_ps();
   const __m512 m_scale = _mm512_set1_ps(j.m.scale[b]);
   const __m512 m_map = Map16<F>(j.m);
-  __m512 m_largest = zero;
+  __m512 m_largest = _mm512_set1_ps(Lowest(j, j.block));
   for (int64_t k = 0; k < j.block; k += 16) {
     const int64_t i = start + k;
     const __m512 g = _mm512_loadu_ps(j.g + i);

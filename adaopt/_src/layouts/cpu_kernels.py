@@ -28,9 +28,12 @@ otherwise:
 The numbers are XLA's step's: the same float32 operations, with the fused multiply-adds XLA:CPU's
 chunked step makes (for 8-bit and 4-bit codes one form for the moments it quantizes, the other for
 the moments the step reads; for FP8 the second form for both) and its divisions by a block's scale
-and by 448 as products by their reciprocals; a block's largest magnitude leaves
-NaN out, as XLA:CPU's reduction does in the chunked step (its whole-leaf step of a leaf of one or two
-blocks, only with a lowered ``min_size``, keeps it: the block's scale is then NaN there). A program
+and by 448 as products by their reciprocals. A block's largest magnitude leaves NaN out, starting
+from -inf as XLA:CPU's reduction does, so a block of NaN alone has the scale -inf and steps NaN from
+then on, as in XLA's step. In a block that mixes NaN with numbers, XLA's vectorised reduction drops
+the numbers before a NaN in its lane, where the kernel keeps their maximum: the block's scale and so
+its other codes differ there (its NaN coordinates are NaN on both sides); XLA's whole-leaf step of a
+leaf of one or two blocks, only with a lowered ``min_size``, keeps the NaN (the scale is NaN). A program
 compiled otherwise (XLA's whole-leaf step of a small leaf, other optimisation options) may contract
 elsewhere: a last bit of a moment, and rarely a code one entry of the map away (``tests/test_cpu_kernels.py`` measures both against XLA's step). The step is
 written over the gradient's buffer for the update pass to read, where XLA's own step fuses the two: a
