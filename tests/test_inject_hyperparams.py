@@ -169,6 +169,17 @@ def test_half_precision_parameters_get_float32_hyperparameters() -> None:
     adaopt.adam(jnp.asarray(1e-2, jnp.bfloat16), b1=jnp.asarray(0.5, jnp.bfloat16))
 
 
+def test_optaxs_factories_keep_optaxs_dtype() -> None:
+    """optax's optimizers hold half-precision states for half-precision parameters: float32 hyperparameters would
+    promote them (a scan's carry would change type), so theirs stay in the parameters' dtype, as in optax."""
+    params = jnp.ones(4, jnp.bfloat16)
+    tx = adaopt.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+    state = tx.init(params)
+    updates, new_state = tx.update(params, state, params)
+    assert updates.dtype == jnp.bfloat16 and state.hyperparams["learning_rate"].dtype == jnp.bfloat16
+    assert [x.dtype for x in jax.tree.leaves(new_state)] == [x.dtype for x in jax.tree.leaves(state)]
+
+
 def test_an_integer_hyperparameter_dtype_is_refused() -> None:
     with pytest.raises(adaopt.HyperparameterError, match="hyperparam_dtype must be a float dtype"):
         adaopt.inject_hyperparams(adaopt.adamw, hyperparam_dtype=jnp.int32)

@@ -69,22 +69,37 @@ def test_float32_leaves_pass_through() -> None:
     for tx in (adaopt.stochastic_rounding(optax.sgd(0.1)), adaopt.master_weights(optax.sgd(0.1))):
         updates, state = tx.update(g, tx.init(params), params)
         np.testing.assert_array_equal(np.asarray(updates["w"]), -0.1 * np.ones(3, np.float32))
-        assert updates["h"].dtype == jnp.float32  # the exact landing, which apply_updates rounds to bfloat16
-        assert optax.apply_updates(params, updates)["h"].dtype == jnp.bfloat16
+        assert updates["h"].dtype == jnp.bfloat16  # the parameter's dtype, as every optimizer's update
     assert isinstance(state.master["w"], optax.MaskedNode) and state.master["h"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize("wrapper", [adaopt.master_weights, adaopt.stochastic_rounding])
-def test_a_weight_crossing_zero_lands_on_its_target(wrapper) -> None:
+def test_a_weight_crossing_zero_lands_on_its_target_with_float32_updates(wrapper) -> None:
     """A step from 2**-10 to -2**-18 (both bfloat16 numbers): their difference has no bfloat16, so an update in the
-    parameter's dtype lands at -2**-17 (master_weights) or always there (stochastic rounding's exact value)."""
+    parameter's dtype lands at -2**-17 (the default, documented); float32_updates lands on the target."""
     params = jnp.full(64, 2.0**-10, jnp.bfloat16) * jnp.asarray(np.arange(1, 65) % 2 * 2 - 1, jnp.bfloat16)
     target = -(2.0**-18) * np.sign(np.asarray(params, np.float32))
     grads = params.astype(jnp.float32) - jnp.asarray(target)  # sgd(1): p - g = target (float32 gradients, exact)
     assert np.array_equal(np.asarray(params, np.float32) - np.asarray(grads), target)
-    tx = wrapper(optax.sgd(1.0))
-    updates, _ = tx.update(grads, tx.init(params), params)
-    np.testing.assert_array_equal(np.asarray(optax.apply_updates(params, updates), np.float32), target)
+    for float32_updates in (False, True):
+        tx = wrapper(optax.sgd(1.0), float32_updates=float32_updates)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        assert updates.dtype == (jnp.float32 if float32_updates else jnp.bfloat16)
+        landed = optax.apply_updates(params, updates)
+        assert landed.dtype == jnp.bfloat16
+        if float32_updates:
+            np.testing.assert_array_equal(np.asarray(landed, np.float32), target)
+        else:  # one rounding of the difference away (0 or twice the target)
+            assert not (np.asarray(landed, np.float32) == target).any()
+
+
+def test_half_precision_updates_fit_optaxs_conditional_wrappers() -> None:
+    """apply_if_finite's branches must agree in type: the default updates are in the parameters' dtype."""
+    params = jnp.ones(8, jnp.bfloat16)
+    for wrapper in (adaopt.master_weights, adaopt.stochastic_rounding):
+        tx = optax.apply_if_finite(wrapper(optax.sgd(0.1)), 3)
+        updates, _ = jax.jit(tx.update)(jnp.ones(8, jnp.bfloat16), tx.init(params), params)
+        assert updates.dtype == jnp.bfloat16
 
 
 def test_stochastic_steps_are_unbiased_and_resume_from_a_checkpoint() -> None:

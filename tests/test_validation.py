@@ -214,7 +214,8 @@ def test_prodigy_with_sliced_statistics_still_checks_the_shapes() -> None:
         (adaopt.adamw, lambda p: {"w": True, "b": True, "s": None}, r"per-leaf options \(weight_decay_mask"),
         (adaopt.adamw, {"w": jnp.array([True, False]), "b": True, "s": True}, r"weight_decay_mask\['w'\] must be a"),
         (adaopt.lion, {"w": "yes", "b": "no", "s": True}, r"weight_decay_mask\['b'\] must be a boolean"),
-        (adaopt.adan, "w", r"per-leaf options \(weight_decay_mask"),
+        (adaopt.adan, "w", r"weight_decay_mask must be a boolean .*got 'w'"),
+        (adaopt.adamw, {"w": True, "b": {"x": True}, "s": True}, r"per-leaf options \(weight_decay_mask"),
         (adaopt.adafactor, {"w": 1.0, "b": True, "s": True}, r"weight_decay_mask\['w'\] must be a boolean"),
     ],
 )
@@ -223,6 +224,20 @@ def test_a_weight_decay_mask_unlike_the_parameters_is_named(factory: Any, mask: 
     params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3), "s": jnp.ones(())}
     with pytest.raises((adaopt.HyperparameterError, adaopt.TreeMismatchError), match=match):
         factory(1e-2, weight_decay=0.1, weight_decay_mask=mask).init(params)
+
+
+def test_a_weight_decay_mask_may_be_a_prefix_of_the_parameters() -> None:
+    """As optax.masked takes it: one value for a subtree, and 0 or 1 for False or True."""
+    params = {"enc": {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}, "dec": {"w": jnp.ones((3, 2))}}
+    grads = jax.tree.map(jnp.zeros_like, params)
+    full = {"enc": {"w": True, "b": True}, "dec": {"w": False}}
+    whole = adaopt.adamw(1e-2, weight_decay=0.1, weight_decay_mask=full)
+    want, _ = whole.update(grads, whole.init(params), params)
+    for mask in ({"enc": True, "dec": False}, lambda p: {"enc": True, "dec": False}, {"enc": 1, "dec": 0}):
+        tx = adaopt.adamw(1e-2, weight_decay=0.1, weight_decay_mask=mask)
+        got, _ = tx.update(grads, tx.init(params), params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 FLAGS = [

@@ -170,7 +170,11 @@ def check_flags(factory: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(factory)
     def checked(*args: Any, **kwargs: Any) -> Any:
-        for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+        try:
+            bound = signature.bind_partial(*args, **kwargs)
+        except TypeError:  # arguments the factory does not take: its own error, which names it
+            return factory(*args, **kwargs)
+        for name, value in bound.arguments.items():
             if name in flags:
                 check_flag(name, value, optional=flags[name])
         return factory(*args, **kwargs)
@@ -392,24 +396,29 @@ def check_mask(mask: Any, name: str = "weight_decay_mask") -> None:
 def masked(
     inner: optax.GradientTransformation, mask: MaskOrFn, name: str = "weight_decay_mask"
 ) -> optax.GradientTransformation:
-    """``optax.masked(inner, mask)``, the mask checked against the tree it is applied to: the tree's structure and a
-    boolean at each leaf, else an error naming ``name`` (optax's own is about tree_map's prefixes, or an array's
-    ambiguous truth value)."""
+    """``optax.masked(inner, mask)``, the mask checked against the tree it is applied to: the tree's structure (or a
+    prefix of it) and a boolean at each leaf, else an error naming ``name`` (optax's own is about tree_map's
+    prefixes, or an array's ambiguous truth value)."""
 
     held = lambda x: isinstance(x, optax.MaskedNode)  # another group's leaf (optax.partition): one leaf here
     leafy = lambda tree: jax.tree.map(lambda x: 0 if held(x) else x, tree, is_leaf=held)
 
     def resolved(tree: Any) -> Any:
         chosen = mask(tree) if callable(mask) else mask
-        check_tree_match(leafy(tree), leafy(chosen), PER_LEAF_OPTIONS, subject="parameters", shapes=False)
         for path, leaf in jax.tree_util.tree_leaves_with_path(chosen, is_leaf=held):
             if held(leaf):
                 continue
             scalar = isinstance(leaf, (np.ndarray, jax.Array)) and leaf.ndim == 0 and leaf.dtype == np.bool_
-            if not (isinstance(leaf, (bool, np.bool_)) or scalar):
+            as_int = isinstance(leaf, (int, np.integer)) and leaf in (0, 1)  # optax reads the truth
+            if not (isinstance(leaf, (bool, np.bool_)) or scalar or as_int):
                 raise HyperparameterError(
                     f"{name}{jax.tree_util.keystr(path)} must be a boolean (decay the leaf or not), got {leaf!r}."
                 )
+        try:  # a prefix of the tree is a mask too (one value for a subtree), as optax.masked takes it
+            jax.tree.map(lambda m, subtree: m, chosen, leafy(tree), is_leaf=held)
+        except ValueError:
+            check_tree_match(leafy(tree), leafy(chosen), PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+            raise
         return chosen
 
     return optax.masked(inner, resolved)

@@ -76,7 +76,8 @@ def inject_hyperparams(
       factory: a function returning a gradient transformation, e.g. ``adaopt.adamw``.
       static_args: more arguments to pass as they are, beyond those found static.
       hyperparam_dtype: the dtype of the injected float hyperparameters, a float dtype (default: the
-        parameters' widest float dtype, at least float32: in bfloat16, ``b2=0.999`` would be 1).
+        parameters' widest float dtype, as optax's; for adaopt's own factories at least float32,
+        as their steps compute: in bfloat16, ``b2=0.999`` would be 1).
 
     Returns:
       A function with ``factory``'s arguments that returns an
@@ -111,7 +112,10 @@ def inject_hyperparams(
     static = tuple(name for name in parameters if name in requested or is_static(parameters[name]))
     if hyperparam_dtype is not None and not jnp.issubdtype(hyperparam_dtype, jnp.floating):
         raise HyperparameterError(f"hyperparam_dtype must be a float dtype, got {hyperparam_dtype!r}.")
-    if hyperparam_dtype is not None:
+    # adaopt's factories compute in float32 at least (their states too): optax's hold half-precision states, which
+    # float32 hyperparameters would promote.
+    ours = getattr(factory, "__module__", "").startswith("adaopt.")
+    if hyperparam_dtype is not None or not ours:
         return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=hyperparam_dtype)
 
     @functools.wraps(factory)

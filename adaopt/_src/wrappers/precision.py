@@ -45,34 +45,43 @@ def _is_half(x: Any) -> bool:
     return jnp.dtype(jnp.result_type(x)) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _landing(p: jax.Array, target: jax.Array) -> jax.Array:
-    """The update that ``optax.apply_updates`` turns into ``target`` from ``p`` (both half precision): float32.
+def _landing(p: jax.Array, target: jax.Array, float32_updates: bool) -> jax.Array:
+    """The update that ``optax.apply_updates`` turns into ``target`` from ``p`` (both half precision).
 
-    ``optax.apply_updates`` adds it in float32 and rounds to ``p``'s dtype. The difference is exact in
-    float32 wherever the two exponents are less than 16 apart, so the parameter lands on ``target``;
-    in ``p``'s own dtype it would be exact only where the step does not more than double or halve ``p``
-    (Sterbenz), and a weight crossing zero would land elsewhere (twice as far, or rounded the same way
-    every time).
+    In ``p``'s dtype (the default) the difference is exact where the step does not more than double or
+    halve ``p`` (Sterbenz); where a weight crosses zero or shrinks further in one step it is rounded,
+    and the parameter lands one rounding away. In float32 (``float32_updates``) it is exact wherever the
+    two exponents are less than 16 apart, and ``optax.apply_updates``, which adds in float32 and rounds
+    to ``p``'s dtype, lands on ``target``.
     """
-    return target.astype(jnp.float32) - p.astype(jnp.float32)
+    difference = target.astype(jnp.float32) - p.astype(jnp.float32)
+    return difference if float32_updates else difference.astype(p.dtype)
 
 
-def stochastic_rounding(inner: optax.GradientTransformation, *, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+@base.check_flags
+def stochastic_rounding(
+    inner: optax.GradientTransformation, *, seed: int = 0, float32_updates: bool = False
+) -> optax.GradientTransformationExtraArgs:
     r"""Round each bfloat16 parameter's step stochastically, so that small updates are kept in expectation.
 
     For a bfloat16 parameter :math:`p` and the wrapped optimizer's update :math:`u`, the update
     returned is :math:`\mathrm{sr}(p + u) - p`, where :math:`p + u` is computed in float32 and
     :math:`\mathrm{sr}` rounds it to one of its two bfloat16 neighbours with the probabilities
     that make :math:`E[\mathrm{sr}(x)] = x` (torchao's ``bf16_stochastic_round``); applied with
-    ``optax.apply_updates``, the parameter lands on :math:`\mathrm{sr}(p + u)`. That update is
-    float32 (the exact difference: in bfloat16 a weight crossing zero or more than halving would
-    land elsewhere); ``optax.apply_updates`` keeps the parameter's dtype. Other leaves' updates pass
+    ``optax.apply_updates``, the parameter lands on :math:`\mathrm{sr}(p + u)` (one rounding away
+    where a weight crosses zero in one step, unless ``float32_updates``). Other leaves' updates pass
     through. ``update`` needs the parameters and passes its extra arguments on.
 
     Args:
       inner: the optimizer whose steps are rounded (any optax or adaopt transformation).
       seed: the seed of the rounding's draws, an integer in [0, 2**32); with the step count kept in the
         state, it makes the draws pure functions of the state (a checkpoint resumes the same draws).
+      float32_updates: return a half-precision leaf's update in float32, the exact difference to
+        where it lands, for ``optax.apply_updates`` (which keeps the parameter's dtype): exact also
+        where a weight crosses zero or more than halves in one step, where the default (the
+        parameter's dtype, as every optimizer's update) rounds the difference. Optax's conditional
+        wrappers (``apply_if_finite``, ``conditionally_mask``) and ``equinox.apply_updates`` (a plain
+        sum, which would promote the parameter) need the default.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`StochasticRoundingState`.
@@ -105,7 +114,7 @@ def stochastic_rounding(inner: optax.GradientTransformation, *, seed: int = 0) -
                 return u
             bits = storage.counter_bits(p.shape, jnp.uint32((seed * 0x9E3779B1 + index) & 0xFFFFFFFF), state.count)
             target = storage.stochastic_round(p.astype(jnp.float32) + _as_float32(u), bits)
-            return _landing(p, target)
+            return _landing(p, target, float32_updates)
 
         out = [leaf(p, u, i) for i, (p, u) in enumerate(zip(leaves, step_leaves, strict=True))]
         return jax.tree.unflatten(treedef, out), StochasticRoundingState(inner_state, state.count + jnp.uint32(1))
@@ -134,19 +143,27 @@ class MasterWeightsState(NamedTuple):
     inner: Any
 
 
-def master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+@base.check_flags
+def master_weights(
+    inner: optax.GradientTransformation, *, float32_updates: bool = False
+) -> optax.GradientTransformationExtraArgs:
     r"""Train half-precision parameters through a float32 copy kept in the optimizer's state.
 
     The wrapped optimizer sees float32 parameters and gradients (the master copy where the
     parameter is bfloat16 or float16, the parameter itself elsewhere) and its update is added to
     the copy in float32; the update returned takes the half-precision parameter to the new copy
-    rounded to nearest, as ``optax.apply_updates`` applies it (it is float32 for a half-precision
-    leaf: the exact difference, where one in the leaf's dtype would miss a weight crossing zero). The
-    copy is part of the state, so it is checkpointed and restored with it.
+    rounded to nearest (one rounding away where a weight crosses zero in one step, unless
+    ``float32_updates``). The copy is part of the state, so it is checkpointed and restored with it.
     ``update`` needs the parameters and passes its extra arguments on.
 
     Args:
       inner: the optimizer that trains the float32 copy.
+      float32_updates: return a half-precision leaf's update in float32, the exact difference to
+        where it lands, for ``optax.apply_updates`` (which keeps the parameter's dtype): exact also
+        where a weight crosses zero or more than halves in one step, where the default (the
+        parameter's dtype, as every optimizer's update) rounds the difference. Optax's conditional
+        wrappers (``apply_if_finite``, ``conditionally_mask``) and ``equinox.apply_updates`` (a plain
+        sum, which would promote the parameter) need the default.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`MasterWeightsState`.
@@ -190,7 +207,11 @@ def master_weights(inner: optax.GradientTransformation) -> optax.GradientTransfo
             lambda m, u: m if masked(m) else m + u.astype(jnp.float32), state.master, steps, is_leaf=masked
         )
         out = jax.tree.map(
-            lambda m, u, p: u if masked(m) else _landing(p, m.astype(p.dtype)), master, steps, params, is_leaf=masked
+            lambda m, u, p: u if masked(m) else _landing(p, m.astype(p.dtype), float32_updates),
+            master,
+            steps,
+            params,
+            is_leaf=masked,
         )
         return out, MasterWeightsState(master, inner_state)
 
