@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from adaopt._src.base import Factory, MaskOrFn, ScalarOrSchedule
+from adaopt._src.base import Factory, HyperparameterError, MaskOrFn, ScalarOrSchedule
 from adaopt._src.factored import adafactor, adam_mini, came, sm3
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
 from adaopt._src.optimizers import (
@@ -91,6 +91,15 @@ class Range:
     low: float
     high: float
     log: bool = False
+
+    def __post_init__(self) -> None:
+        finite = all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (self.low, self.high)
+        )
+        if not finite or not self.low < self.high:
+            raise HyperparameterError(f"a Range needs finite low < high, got low={self.low!r}, high={self.high!r}.")
+        if self.log and self.low <= 0:
+            raise HyperparameterError(f"a log-uniform Range needs low > 0, got low={self.low!r}.")
 
     def sample(self, u: float) -> float:
         """The value at quantile ``u`` in [0, 1)."""

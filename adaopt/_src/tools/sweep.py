@@ -98,16 +98,7 @@ def _check_space(space: Any) -> dict[str, Range | tuple[float, ...]]:
     for name, values in space.items():
         if not isinstance(name, str):
             raise base.HyperparameterError(f"space's keys must be argument names (str), got {name!r}.")
-        if isinstance(values, Range):
-            low, high = values.low, values.high
-            if not (_is_number(low) and _is_number(high)) or not low < high:
-                raise base.HyperparameterError(
-                    f"space[{name!r}] = {values}: a Range needs finite low < high, got low={low!r}, high={high!r}."
-                )
-            if values.log and low <= 0:
-                raise base.HyperparameterError(
-                    f"space[{name!r}] = {values}: a log-uniform Range needs low > 0, got low={low!r}."
-                )
+        if isinstance(values, Range):  # checked when it was made
             checked[name] = values
             continue
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
