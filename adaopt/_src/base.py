@@ -223,6 +223,12 @@ def is_stored(x: Any) -> bool:
     return isinstance(x, StoredLeaf)
 
 
+def is_masked_node(x: Any) -> bool:
+    """True for ``optax.MaskedNode``, another group's leaf (``optax.masked``, ``optax.partition``): use as ``is_leaf``
+    to keep it one leaf where it stands for a parameter."""
+    return isinstance(x, optax.MaskedNode)
+
+
 def check_tree_match(tree: Any, reference: Any, what: str, *, subject: str = "gradients", shapes: bool = True) -> None:
     """Raise a readable ``TreeMismatchError`` when ``tree`` (the ``subject``) does not mirror ``reference`` (the ``what``).
 
@@ -400,7 +406,7 @@ def masked(
     prefix of it) and a boolean at each leaf, else an error naming ``name`` (optax's own is about tree_map's
     prefixes, or an array's ambiguous truth value)."""
 
-    held = lambda x: isinstance(x, optax.MaskedNode)  # another group's leaf (optax.partition): one leaf here
+    held = is_masked_node  # another group's leaf (optax.partition): one leaf here
     leafy = lambda tree: jax.tree.map(lambda x: 0 if held(x) else x, tree, is_leaf=held)
 
     def resolved(tree: Any) -> Any:

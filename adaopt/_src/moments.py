@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from adaopt._src import storage
-from adaopt._src.base import PER_LEAF_OPTIONS, HyperparameterError, check_dtype, check_tree_match
+from adaopt._src.base import PER_LEAF_OPTIONS, HyperparameterError, check_dtype, check_tree_match, is_masked_node
 from adaopt._src.complex_params import is_complex
 
 safe_increment = optax.safe_increment
@@ -115,10 +115,9 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = F
         from adaopt._src import numerics  # here: numerics imports this module
 
         values, _ = numerics.unwrap_variables(params, "params")
-        masked = lambda x: isinstance(x, optax.MaskedNode)
-        leaves, treedef = jax.tree.flatten(values, is_leaf=masked)
+        leaves, treedef = jax.tree.flatten(values, is_leaf=is_masked_node)
         stored = [
-            p if masked(p) else _init_stored(kind, p, fill, signed=not real, index=i, moment=moment)
+            p if is_masked_node(p) else _init_stored(kind, p, fill, signed=not real, index=i, moment=moment)
             for i, p in enumerate(leaves)
         ]
         return jax.tree.unflatten(treedef, stored)

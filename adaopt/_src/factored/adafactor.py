@@ -56,10 +56,6 @@ class AdafactorState(NamedTuple):
     mu: Updates | None
 
 
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
 def _check_real(tree: Any) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         if is_complex(leaf):
@@ -286,7 +282,7 @@ def scale_by_adafactor(
         if params is not None:
             base.check_tree_match(updates, params, "parameters")
         for statistic in (state.v_row, state.v_col, state.v):
-            placeholders = jax.tree.map(lambda _: 0, statistic, is_leaf=_is_masked)
+            placeholders = jax.tree.map(lambda _: 0, statistic, is_leaf=base.is_masked_node)
             base.check_tree_match(updates, placeholders, "state", shapes=False)
         if state.mu is not None:
             base.check_tree_match(updates, state.mu, "state")
@@ -309,7 +305,7 @@ def scale_by_adafactor(
         ) -> tuple[Any, ...]:
             axes = plan(g.shape)
             _check_layout(path, g.shape, axes, r, c, v)
-            held = [x for x in (r, c, v, m, p) if x is not None and not _is_masked(x)]
+            held = [x for x in (r, c, v, m, p) if x is not None and not base.is_masked_node(x)]
             dtype = moments.compute_dtype(g.dtype, *(x.dtype for x in held))
             rho, beta2, threshold, beta1, e_scale = scalars(dtype)
             e1 = float(jnp.finfo(g.dtype).eps) if eps is None else moments.scalar(eps, dtype)
@@ -349,7 +345,7 @@ def scale_by_adafactor(
         per_leaf = zip(
             with_paths,
             [None] * n if params is None else jax.tree.leaves(params),
-            *(jax.tree.leaves(s, is_leaf=_is_masked) for s in (state.v_row, state.v_col, state.v)),
+            *(jax.tree.leaves(s, is_leaf=base.is_masked_node) for s in (state.v_row, state.v_col, state.v)),
             [None] * n if state.mu is None else jax.tree.leaves(state.mu, is_leaf=base.is_stored),
             strict=True,
         )
@@ -364,17 +360,21 @@ def scale_by_adafactor(
 def _check_layout(path: Any, shape: tuple[int, ...], axes: tuple[int, int] | None, r: Any, c: Any, v: Any) -> None:
     """A gradient leaf must fit the statistics ``init`` made for its parameter: the error names the leaf and both."""
     if axes is None:
-        fits = _is_masked(r) and _is_masked(c) and not _is_masked(v) and v.shape == shape
+        fits = base.is_masked_node(r) and base.is_masked_node(c) and not base.is_masked_node(v) and v.shape == shape
     else:
         rows, cols = axes
         fits = (
-            _is_masked(v)
-            and not _is_masked(r)
+            base.is_masked_node(v)
+            and not base.is_masked_node(r)
             and r.shape == shape[:cols] + shape[cols + 1 :]
             and c.shape == shape[:rows] + shape[rows + 1 :]
         )
     if not fits:
-        held = [f"{name} of shape {x.shape}" for name, x in (("v_row", r), ("v_col", c), ("v", v)) if not _is_masked(x)]
+        held = [
+            f"{name} of shape {x.shape}"
+            for name, x in (("v_row", r), ("v_col", c), ("v", v))
+            if not base.is_masked_node(x)
+        ]
         raise base.TreeMismatchError(
             f"The gradients at {jax.tree_util.keystr(path) or 'the root'} have shape {shape}, which the optimizer's "
             f"state there ({' and '.join(held)}) was not built for. The optimizer's state was built by `init` for "

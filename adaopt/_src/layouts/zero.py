@@ -95,24 +95,20 @@ def _with_axis(x: jax.Array, dim: int, axis: str, like: Any = None) -> jax.Array
     return x if placement.explicit_sharding(x) == target else jax.sharding.reshard(x, target)
 
 
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
 def _is_held(x: Any) -> bool:
     """A leaf of a state walked parameter by parameter: a stored moment, or another group's ``MaskedNode``."""
-    return base.is_stored(x) or _is_masked(x)
+    return base.is_stored(x) or base.is_masked_node(x)
 
 
 def _mirrors(node: Any, params: Any) -> bool:
     """Whether ``node`` holds one leaf per parameter, of the parameter's shape (``MaskedNode`` for another group's)."""
     structure: Any = jax.tree.structure(node, is_leaf=_is_held)
-    if structure != jax.tree.structure(params, is_leaf=_is_masked):
+    if structure != jax.tree.structure(params, is_leaf=base.is_masked_node):
         return False
     pairs = [
         (s, p)
         for s, p in zip(jax.tree.leaves(node, is_leaf=_is_held), jax.tree.leaves(params), strict=True)
-        if not _is_masked(s)
+        if not base.is_masked_node(s)
     ]
     return bool(pairs) and all(np.shape(s) == np.shape(p) for s, p in pairs)
 
@@ -120,7 +116,7 @@ def _mirrors(node: Any, params: Any) -> bool:
 def _split_leaf(leaf: Any, param: Any, dim: int | None, axis: str) -> Any:
     """A state leaf mirroring ``param`` with ``axis`` added on ``dim``; a stored leaf's arrays that share the
     parameter's leading dimensions up to ``dim`` (codes, per-row scales) likewise, the others as they are."""
-    if dim is None or _is_masked(leaf):
+    if dim is None or base.is_masked_node(leaf):
         return leaf
 
     def split(x: Any) -> Any:

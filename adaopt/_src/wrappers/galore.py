@@ -97,20 +97,21 @@ def _project_back(low: jax.Array, u: jax.Array | None, vh: jax.Array | None) -> 
 
 def _check_gradients(updates: Updates, state: GaLoreState) -> None:
     """The gradients have the structure of the parameters ``init`` saw, and each projected matrix its shape."""
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)
     got: Any = jax.tree.structure(updates)
-    want = jax.tree.structure(state.left, is_leaf=is_masked)
+    want = jax.tree.structure(state.left, is_leaf=base.is_masked_node)
     if got != want:
         raise base.TreeMismatchError(
             f"The gradients do not have the structure of the optimizer's state: expected a tree of structure\n"
             f"  {want}\nbut got\n  {got}\nCall init on the parameters whose gradients you pass."
         )
     bases = zip(
-        jax.tree.leaves(state.left, is_leaf=is_masked), jax.tree.leaves(state.right, is_leaf=is_masked), strict=True
+        jax.tree.leaves(state.left, is_leaf=base.is_masked_node),
+        jax.tree.leaves(state.right, is_leaf=base.is_masked_node),
+        strict=True,
     )
     for (path, g), (u, vh) in zip(jax.tree_util.tree_leaves_with_path(updates), bases, strict=True):
-        rows = None if is_masked(u) else u.shape[0]
-        cols = None if is_masked(vh) else vh.shape[1]
+        rows = None if base.is_masked_node(u) else u.shape[0]
+        cols = None if base.is_masked_node(vh) else vh.shape[1]
         if (rows is not None and jnp.shape(g)[:1] != (rows,)) or (cols is not None and jnp.shape(g)[1:] != (cols,)):
             sides = [f"{n} {side}" for n, side in ((rows, "rows"), (cols, "columns")) if n is not None]
             raise base.TreeMismatchError(
@@ -271,7 +272,7 @@ def galore(
         new_left, new_right, low_grads, low_params = [], [], [], []
         param_leaves = [None] * len(lefts) if params is None else treedef.flatten_up_to(params)
         for g, u, vh, p in zip(jax.tree.leaves(updates), lefts, rights, param_leaves, strict=True):
-            on_left, on_right = not isinstance(u, optax.MaskedNode), not isinstance(vh, optax.MaskedNode)
+            on_left, on_right = not base.is_masked_node(u), not base.is_masked_node(vh)
             if not (on_left or on_right):
                 new_left.append(u)
                 new_right.append(vh)
@@ -297,7 +298,7 @@ def galore(
         for n, g, u, vh in zip(
             treedef.flatten_up_to(low_updates), jax.tree.leaves(updates), new_left, new_right, strict=True
         ):
-            on_left, on_right = not isinstance(u, optax.MaskedNode), not isinstance(vh, optax.MaskedNode)
+            on_left, on_right = not base.is_masked_node(u), not base.is_masked_node(vh)
             if not (on_left or on_right):
                 steps.append(n)
                 continue

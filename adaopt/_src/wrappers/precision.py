@@ -184,10 +184,10 @@ def master_weights(
 
     def master_view(master: Any, params: Params) -> Any:
         return jax.tree.map(
-            lambda m, p: p if isinstance(m, optax.MaskedNode) else m,
+            lambda m, p: p if base.is_masked_node(m) else m,
             master,
             params,
-            is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+            is_leaf=base.is_masked_node,
         )
 
     def init_fn(params: Params) -> MasterWeightsState:
@@ -202,7 +202,7 @@ def master_weights(
         view = master_view(state.master, params)
         grads = jax.tree.map(lambda g, p: g.astype(jnp.float32) if _is_half(p) else g, updates, params)
         steps, inner_state = optax.with_extra_args_support(inner).update(grads, state.inner, view, **extra)
-        masked = lambda x: isinstance(x, optax.MaskedNode)
+        masked = base.is_masked_node
         master = jax.tree.map(
             lambda m, u: m if masked(m) else m + u.astype(jnp.float32), state.master, steps, is_leaf=masked
         )
