@@ -1,10 +1,10 @@
 """Hand-written XLA:CPU kernels for the steps that XLA compiles poorly on a CPU: Adam and Lion with quantized moments.
 
 XLA:CPU runs a table lookup as a scalar loop, about 1 ns per element, and an 8-bit moment needs two
-per step (dequantize, quantize): AdamW with 8-bit moments takes about 5 times float32's step on
-a CPU, with 4-bit moments 6 times, with FP8 (a conversion by integer arithmetic) 3.7 times, where
-it should take less (8-bit moves 16 bytes per parameter instead of 28;
-``benchmarks/RESULTS.md``, "Where the light states' steps spend their time"). The kernel in
+per step (dequantize, quantize): AdamW with 8-bit moments takes about 4.5 times float32's step on
+a CPU, with 4-bit moments 5.5 times, with FP8 (a conversion by integer arithmetic) 3.2 times, where
+it should take less (8-bit moves 16 bytes per parameter instead of 28; ``benchmarks/RESULTS.md``,
+"Memory of the states" and "Where the light states' steps spend their time"). The kernel in
 ``blockwise_adam.cc`` does a leaf's whole step in one pass over its blocks, vectorised, on XLA's
 own intra-op threads, as an XLA FFI custom call.
 

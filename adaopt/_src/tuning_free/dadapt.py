@@ -324,8 +324,7 @@ def scale_by_dadapt_adam(
         sqrt_b2 = scalar_sqrt(b2, dtype)
         scales = () if layer_scale is None else (layer_scale(params) if callable(layer_scale) else layer_scale,)
 
-        def new_moments(g32: jax.Array, m32: jax.Array, v32: jax.Array, cd: Any, r: Any) -> tuple[jax.Array, ...]:
-            rho = moments.scalar(r[0], cd) if r else 1
+        def new_moments(g32: jax.Array, m32: jax.Array, v32: jax.Array, cd: Any, rho: Any) -> tuple[jax.Array, ...]:
             m_new = moments.ema(moments.times(g32, rho * dlr.astype(cd)), m32, moments.scalar(b1, cd))
             v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, cd))
             return gate(active, m_new, m32), gate(active, v_new, v32)
@@ -335,7 +334,7 @@ def scale_by_dadapt_adam(
             rho = moments.scalar(r[0], cd) if r else 1
             gamma, e, sb2 = dlr.astype(cd), moments.scalar(eps, cd), moments.scalar(sqrt_b2, cd)
             dot = rho * jnp.sum(moments.real_product(g32, moments.over(s32, jnp.sqrt(v32) + e)))
-            m_new, v_new = new_moments(g32, m32, v32, cd, r)
+            m_new, v_new = new_moments(g32, m32, v32, cd, rho)
             s_new = moments.ema(moments.times(g32, gamma), s32, sb2)
             l1 = rho * jnp.sum(jnp.abs(s_new))
             return (
@@ -364,7 +363,8 @@ def scale_by_dadapt_adam(
             cd, g32, (m32, v32) = moments.to_compute(g, m, v)
             left = list(rest)  # the parameter (decoupled decay), then the options: the layer's scale, the decay mask
             p = left.pop(0) if decay_trees else None
-            m_new, v_new = new_moments(g32, m32, v32, cd, (left.pop(0),) if scales else ())
+            rho = moments.scalar(left.pop(0), cd) if scales else 1
+            m_new, v_new = new_moments(g32, m32, v32, cd, rho)
             u = moments.over(m_new, jnp.sqrt(v_new) + moments.scalar(eps, cd))
             if p is not None:
                 p32 = moments.in_precision(p, cd)

@@ -125,9 +125,9 @@ def stochastic_rounding(
 def _as_float32(u: jax.Array) -> jax.Array:
     """``u`` in float32 with the rounding of its own dtype kept: XLA may compute a half-precision update in float32
     and drop the rounding (its excess precision), and then not in every program alike (with a mesh or without)."""
-    if jnp.finfo(u.dtype).bits >= 32:
-        return u.astype(jnp.float32)
     info = jnp.finfo(u.dtype)
+    if info.bits >= 32:
+        return u.astype(jnp.float32)
     return jax.lax.reduce_precision(u.astype(jnp.float32), exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
@@ -158,12 +158,8 @@ def master_weights(
 
     Args:
       inner: the optimizer that trains the float32 copy.
-      float32_updates: return a half-precision leaf's update in float32, the exact difference to
-        where it lands, for ``optax.apply_updates`` (which keeps the parameter's dtype): exact also
-        where a weight crosses zero or more than halves in one step, where the default (the
-        parameter's dtype, as every optimizer's update) rounds the difference. Optax's conditional
-        wrappers (``apply_if_finite``, ``conditionally_mask``) and ``equinox.apply_updates`` (a plain
-        sum, which would promote the parameter) need the default.
+      float32_updates: as in :func:`stochastic_rounding`: a half-precision leaf's update in float32,
+        the exact difference to the rounded copy, for ``optax.apply_updates`` only.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`MasterWeightsState`.
