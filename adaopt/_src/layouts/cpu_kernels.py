@@ -193,7 +193,8 @@ def _tables(format: storage.Format) -> tuple[tuple[np.ndarray, ...], tuple[np.nd
             codes = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), jnp.float8_e4m3fn)
             values = np.asarray(storage._from_e4m3(codes))
         return (values, values), (np.zeros(1, np.uint32),) * 2
-    signed, unsigned = storage.Blockwise(format).qmap(True), storage.Blockwise(format).qmap(False)
+    blockwise = storage.Blockwise(format)
+    signed, unsigned = blockwise.qmap(True), blockwise.qmap(False)
     assert signed is not None and unsigned is not None
     return (signed, unsigned), tuple(storage._search_table(tuple(float(x) for x in q)) for q in (signed, unsigned))
 
