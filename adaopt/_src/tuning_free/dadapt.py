@@ -6,7 +6,10 @@ gradients with accumulated steps, norms of the accumulated steps); the step size
 :math:`d` times the learning rate, which stays at 1 unless the method is unstable. The
 learning rate enters the accumulators themselves, so it is an argument of each block, not a
 factor applied after it: a schedule scales the steps and the accumulated quantities exactly as
-the reference package does when its parameter group's ``lr`` changes each step.
+the reference package does when its parameter group's ``lr`` changes each step. The package's
+sums, like these, span all its parameter groups: groups that differ only in weight decay are a
+``weight_decay_mask`` here (and D-Adapt Adam's per-group scale its ``layer_scale``), not
+:func:`adaopt.param_groups`, which would give each group an estimate of its own.
 
 Each leaf's share of a global sum is reduced inside the leaf's step (one pass over its state);
 the shares are added with :func:`adaopt._src.numerics.tree_sum`. The machinery of the family
@@ -458,7 +461,8 @@ def dadapt_adam(
 
       Reference package: ``dadaptation`` 3.2 (https://github.com/facebookresearch/dadaptation).
       ``dadaptation.DAdaptAdam(lr, betas=(b1, b2), eps, weight_decay, decouple, use_bias_correction,
-      d0, growth_rate)``, with ``layer_scale`` set per parameter group, follows the same
+      d0, growth_rate)``, with ``layer_scale`` set per parameter group (one :math:`d` for all the
+      groups: a weight decay that differs by group is ``weight_decay_mask`` here), follows the same
       trajectory as ``dadapt_adam(learning_rate=lr, b1, b2, eps, weight_decay,
       decoupled_weight_decay=decouple, bias_correction=use_bias_correction, d0=d0,
       growth_rate=growth_rate)`` (the package's ``log_every`` only logs; read :math:`d` from the

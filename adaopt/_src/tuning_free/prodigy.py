@@ -367,7 +367,11 @@ def prodigy(
       rule for :math:`d'_k` (while :math:`d_k = d_0`, the growth cap applies to
       :math:`\max(d_0, \hat d_k)`). The package's ``fsdp_in_use`` has no counterpart: sums over
       sharded arrays are global under ``jit``. The package keeps ``p0`` of an all-zero parameter
-      as a 0-d zero, to save memory; adaopt keeps the zeros (the same numbers).
+      as a 0-d zero, to save memory; adaopt keeps the zeros (the same numbers). The package's
+      :math:`d` is one for all its parameter groups: groups that differ in weight decay are
+      ``weight_decay_mask`` here (:func:`adaopt.param_groups` would give each group its own
+      :math:`d`). Where a group's ``lr`` is 0 while others' are not, the package still applies
+      that group's stale step; adaopt has one learning rate for the tree.
       ``optax.contrib.prodigy`` is this with ``bias_correction=True`` and an unmasked decay, for
       a learning rate that is never 0 (optax does not skip steps).
     """

@@ -315,7 +315,11 @@ def param_groups(
     optimizer sees a tree where the other groups' leaves are ``optax.MaskedNode`` (masks given
     as functions of the parameters, ``weight_decay_mask=fn``, are called on that tree, and
     tree-wide quantities such as a global norm are per group, as in torch where each group is
-    stepped on its own).
+    stepped on its own). Not so in the packages of Prodigy and D-Adaptation: their one
+    :math:`d` and its sums span every group, where here each group estimates its own. For a torch
+    set-up whose groups differ only in weight decay (none on biases and norms), give those
+    optimizers ``weight_decay_mask`` instead of groups (and D-Adapt Adam's per-group
+    ``layer_scale``), which keeps one estimate for the tree.
 
     All optimizers are built here, so a wrong value fails now, in the factory's own check; the
     groups are resolved in ``init``, where a group that takes no leaf raises (unless
