@@ -702,7 +702,8 @@ def render(report: Report, command: str, elapsed_s: float, section: str = "speed
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     begin, end = markers(section)
     title = "with XLA:CPU's multi-output fusion" if cpu_multi_output_fusion_enabled() else "XLA's defaults"
-    parts = [begin, f"## Speed: one optimizer step ({title})", ""]
+    named = "" if section == "speed" else f", `{section}`"  # a second run's section (speed-muon) titled apart
+    parts = [begin, f"## Speed: one optimizer step{named} ({title})", ""]
     parts += [f"Finished {now}, {elapsed_s:.0f} s in all, with:", "", "```", command, "```", ""]
     parts += [f"- {key}: {value}" for key, value in machine().items()]
     parts += [

@@ -89,13 +89,15 @@ def _first(
     description: str,
     want: set[Capability],
     exclude: frozenset[Capability] | set[Capability] = frozenset(),
-    two_moments: bool = False,
+    second_moment: bool | None = None,
 ) -> adaopt.OptimizerSpec:
-    """The first optimizer of the registry with the capabilities ``want`` and none of ``exclude``; ``two_moments``:
-    one with Adam's two moments (both ``b1`` and ``b2`` among its hyperparameters)."""
+    """The first optimizer of the registry with the capabilities ``want`` and none of ``exclude``; ``second_moment``:
+    True for one with Adam's two moments (both ``b1`` and ``b2`` among its hyperparameters), False for one without a
+    second moment (no ``b2``)."""
     for spec in adaopt.REGISTRY.values():
-        adam_like = not two_moments or {"b1", "b2"} <= spec.hyperparameters.keys()
-        if want <= spec.capabilities and not exclude & spec.capabilities and adam_like:
+        keys = spec.hyperparameters.keys()
+        moments = second_moment is None or ({"b1", "b2"} <= keys if second_moment else "b2" not in keys)
+        if want <= spec.capabilities and not exclude & spec.capabilities and moments:
             return spec
     raise LookupError(f"no optimizer of the registry is {description}: has {want}, lacks {exclude}")
 
@@ -125,7 +127,7 @@ def cases() -> dict[str, Callable[[], optax.GradientTransformationExtraArgs]]:
       eigenbasis of this model's rank-deficient factors (a 16 x 256 matrix has a 256 x 256 factor of rank 16)
       turns rounding in the null space into whole steps, so any change of reduction order (one process, on
       another mesh, already) moves its parameters by more than their displacement;
-    - ``orthogonalized``: REAL_ONLY without MOMENT_DTYPES, MATRIX_STATE, FACTORED_STATE or NEEDS_PARAMS: the
+    - ``orthogonalized``: REAL_ONLY without MATRIX_STATE, FACTORED_STATE or NEEDS_PARAMS, and no second moment: the
       first optimizer whose per-matrix math has no complex form but keeps only momentum (Muon's Newton-Schulz
       of a whole sharded matrix).
     """
@@ -134,7 +136,9 @@ def cases() -> dict[str, Callable[[], optax.GradientTransformationExtraArgs]]:
         Capability.FACTORED_STATE, Capability.MATRIX_STATE, Capability.SIGN_UPDATE, Capability.TUNING_FREE,
         Capability.REAL_ONLY,
     }  # fmt: skip
-    elementwise = _first("elementwise Adam-family", {Capability.MOMENT_DTYPES}, elementwise_excluded, two_moments=True)
+    elementwise = _first(
+        "elementwise Adam-family", {Capability.MOMENT_DTYPES}, elementwise_excluded, second_moment=True
+    )
     trust_ratio = _first(
         "an Adam-family optimizer reading the parameters",
         {Capability.MOMENT_DTYPES, Capability.NEEDS_PARAMS},
@@ -164,7 +168,8 @@ def cases() -> dict[str, Callable[[], optax.GradientTransformationExtraArgs]]:
     orthogonalized = _first(
         "an orthogonalizing optimizer",
         {Capability.REAL_ONLY},
-        {Capability.MOMENT_DTYPES, Capability.MATRIX_STATE, Capability.FACTORED_STATE, Capability.NEEDS_PARAMS},
+        {Capability.MATRIX_STATE, Capability.FACTORED_STATE, Capability.NEEDS_PARAMS},
+        second_moment=False,
     )
     return {
         f"elementwise:{elementwise.name}": lambda: learning_rates.make(elementwise),

@@ -313,7 +313,7 @@ def held_hyperparams(node: Any) -> dict[str, jax.Array] | None:
 
 
 class LearningRateState(NamedTuple):
-    """State of ``scale_by_learning_rate`` with a schedule: optax's step count and the rate applied.
+    """State of the learning-rate step of adaopt's optimizers under a schedule: optax's step count and the rate applied.
 
     Attributes:
       count: the number of updates so far, a saturating int32 (the schedule's step).

@@ -49,9 +49,12 @@ class Capability(enum.StrEnum):
     """
 
     MOMENT_DTYPES = "moment_dtypes"
-    """Takes ``mu_dtype`` / ``nu_dtype``: how its moments are stored, a dtype or a storage (``"int8"``, ...)."""
+    """Keeps a moment that mirrors the parameters at its defaults and takes ``mu_dtype`` (and ``nu_dtype`` where it
+    keeps two): how they are stored, a dtype or a storage (``"int8"``, ...). Factored statistics stay floats."""
     NEEDS_PARAMS = "needs_params"
-    """``update`` needs the parameters: ``update(grads, state, params)``."""
+    """``update`` needs the parameters even without weight decay: ``update(grads, state, params)`` (the method reads
+    them: a trust ratio, a distance travelled, a relative step). With ``weight_decay > 0`` every optimizer needs them,
+    as optax's do (``adamw`` at its defaults)."""
     SIGN_UPDATE = "sign_update"
     """Every coordinate moves by exactly the learning rate (Lion)."""
     WEIGHT_DECAY = "weight_decay"
@@ -136,8 +139,8 @@ class OptimizerSpec:
     Attributes:
       name: the key in :data:`REGISTRY`, the factory's name where it has one.
       factory: builds the optimizer; every argument has a default.
-      hyperparameters: the valid range of each numeric hyperparameter beside the learning rate
-        (what tests and sweeps may draw from).
+      hyperparameters: a range of valid values of each numeric hyperparameter beside the learning rate,
+        what tests and sweeps draw from (not every valid value: a default may lie outside it).
       references: the implementations it matches step for step.
       capabilities: what it needs and how it behaves.
       summary: one line on what adapts the step.
@@ -589,7 +592,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
                 note="its other leaves take the momentum and look-ahead alone",
             ),
         ),
-        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY}),
+        frozenset({Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.REAL_ONLY}),
         "Newton–Schulz-orthogonalised momentum per matrix, AdamW for the other leaves",
     ),
     OptimizerSpec(
@@ -598,7 +601,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("pytorch_optimizer.SCION", note=_SCION),
             Reference("pytorch_optimizer.SCIONLight", kwargs={"momentum_form": "sum"}, note=_SCION_LIGHT),
         ),
-        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY}),
+        frozenset({Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.REAL_ONLY}),
         "each leaf's momentum through the linear minimisation oracle of its norm (spectral, sign, column, RMS)",
     ),
     OptimizerSpec(
@@ -679,7 +682,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
                 note=_SM3_MONOTONE,
             ),
         ),
-        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY, Capability.FACTORED_STATE}),
+        frozenset({Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.REAL_ONLY, Capability.FACTORED_STATE}),
         "AdaGrad with one accumulator per slice of each axis (rows, columns): the cover sets' minimum",
     ),
     OptimizerSpec(
@@ -774,7 +777,8 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("dadaptation.DAdaptAdam", note=_ESTIMATES_D),
             Reference("optax.contrib.dadapt_adamw", weight_decay=False),
         ),
-        _TUNING_FREE | {Capability.MOMENT_DTYPES}, "D-Adaptation Adam: the step size from a lower bound on the distance",
+        # Reads the parameters only for a decoupled weight decay.
+        (_TUNING_FREE - {Capability.NEEDS_PARAMS}) | {Capability.MOMENT_DTYPES}, "D-Adaptation Adam: the step size from a lower bound on the distance",
     ),
     OptimizerSpec(
         "dadapt_sgd", dadapt.dadapt_sgd, {"momentum": Range(0.0, 0.95), **_D_ADAPT},
