@@ -183,7 +183,6 @@ def nearest_index(x: jax.Array, qmap: np.ndarray) -> jax.Array:
 # --------------------------------------------------------------------------- stored leaves
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Quantized(StoredLeaf):
     """A moment leaf stored in blocks: ``codes`` and one float32 ``scale`` per block.
@@ -199,15 +198,25 @@ class Quantized(StoredLeaf):
       storage: the :class:`Blockwise` storage that wrote it.
       signed: whether the signed map is used (first moments) or the unsigned one.
       shape: the leaf's shape.
+
+    As a pytree its children are ``codes`` and ``scale``, under the keys ``codes`` (8-bit and 4-bit)
+    or ``fp8_codes`` (FP8): a checkpoint's paths tell the formats apart, so restoring FP8 values into
+    an 8-bit state, or the reverse (arrays of one shape and one byte each, which orbax would cast
+    silently), is a structure mismatch. The other fields are static.
     """
 
     codes: jax.Array
     scale: jax.Array
-    storage: Blockwise = dataclasses.field(metadata={"static": True})
-    signed: bool = dataclasses.field(metadata={"static": True})
-    shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    storage: Blockwise
+    signed: bool
+    shape: tuple[int, ...]
 
     dtype: ClassVar[np.dtype] = np.dtype(np.float32)
+
+    @property
+    def fp8_codes(self) -> jax.Array:
+        """``codes``, by the name of their key path for FP8."""
+        return self.codes
 
     @property
     def size(self) -> int:
@@ -227,6 +236,23 @@ class Quantized(StoredLeaf):
 
     def astype(self, dtype: Any) -> jax.Array:
         return self.load(dtype)
+
+
+def _quantized_children(leaf: Quantized) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    codes = jax.tree_util.GetAttrKey("fp8_codes" if leaf.storage.format == "fp8" else "codes")
+    return ((codes, leaf.codes), (jax.tree_util.GetAttrKey("scale"), leaf.scale)), (
+        leaf.storage,
+        leaf.signed,
+        leaf.shape,
+    )
+
+
+jax.tree_util.register_pytree_with_keys(
+    Quantized,
+    _quantized_children,
+    lambda static, children: Quantized(*children, *static),
+    lambda leaf: ((leaf.codes, leaf.scale), (leaf.storage, leaf.signed, leaf.shape)),
+)
 
 
 @jax.tree_util.register_dataclass
