@@ -248,3 +248,11 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
     with jax.set_mesh(mixed), pytest.raises(adaopt.MeshAxisError, match="axis 'data' is of type Auto"):
         params = {"w": jax.device_put(jnp.zeros(8), NamedSharding(mixed, P()))}
         adaopt.shard_states(adaopt.adam(1e-2)).init(params)
+    # abstract_state makes a mesh's axes explicit to trace init: on a mesh that init refuses, it refuses too.
+    target = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mixed, P()))}
+    with pytest.raises(adaopt.MeshAxisError, match="axis 'data' is of type Auto"):
+        adaopt.abstract_state(adaopt.shard_states(adaopt.adam(1e-2)), target)
+    auto = jax.make_mesh((DATA * 2,), ("data",), axis_types=(AxisType.Auto,))
+    target = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(auto, P()))}
+    with pytest.raises(adaopt.MeshAxisError, match="no parameter is placed on a mesh with explicit axes"):
+        adaopt.abstract_state(adaopt.shard_states(adaopt.adam(1e-2)), target)

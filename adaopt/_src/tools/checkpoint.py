@@ -96,7 +96,9 @@ def abstract_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
 
     Raises:
       ValueError: a parameter without a ``NamedSharding`` or a single device, on an abstract
-        mesh, or parameters on several meshes; each message names the leaf.
+        mesh, or parameters on several meshes; each message names the leaf. And whatever ``init``
+        raises on the mesh given (``adaopt.shard_states`` on a mesh whose data axis is not
+        ``Explicit``: :class:`adaopt.MeshAxisError`), as it does on the mesh made explicit.
 
     Example:
       >>> import jax, jax.numpy as jnp, adaopt
@@ -118,6 +120,11 @@ def abstract_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
     mesh = placement
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         _check_divides(f"params{jax.tree_util.keystr(path)}", x)
+    if any(t != AxisType.Explicit for t in mesh.axis_types):
+        # init traced on the mesh as it is first: what it refuses there (shard_states' data axis must be Explicit)
+        # it must refuse here too, not give a target that no init on this mesh builds.
+        with jax.set_mesh(mesh):
+            jax.eval_shape(optimizer.init, params)
     # Under explicit axes every array traced has its sharding in its type: the state's placement is what init
     # computes, not a guess of XLA's propagation.
     explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names))
