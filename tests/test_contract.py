@@ -285,6 +285,26 @@ def _mirrors(state: Any, params: Any) -> list[Any]:
     return found
 
 
+def _buffers(tree: Any) -> list[int]:
+    return [x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+
+
+@SPECS
+def test_the_state_holds_each_buffer_once_and_none_of_the_parameters(spec: OptimizerSpec) -> None:
+    """A state built outside jit and donated whole (``jax.jit(step, donate_argnums=...)``) must not hold one buffer
+    twice, nor a parameter's: XLA refuses to donate a buffer twice. inject_hyperparams' arrays are the first values of
+    some estimates (D-Adaptation's d, Schedule-Free's weights), and one zero once served two sums."""
+    params = _params()
+    numeric = {
+        "learning_rate": learning_rates.TUNED[spec.name],
+        **{k: r.sample(0.5) for k, r in spec.hyperparameters.items()},
+    }
+    for tx in (learning_rates.make(spec), adaopt.inject_hyperparams(spec.factory)(**numeric)):
+        held = _buffers(tx.init(params))
+        assert len(set(held)) == len(held), "a buffer held twice"
+        assert not set(held) & set(_buffers(params)), "a parameter's buffer held"
+
+
 @SPECS
 def test_state_mirrors_the_parameter_tree(spec: OptimizerSpec) -> None:
     params = _params()

@@ -4,6 +4,7 @@ plain optax.inject_hyperparams with a mask function is refused with the fix."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -183,3 +184,20 @@ def test_optaxs_factories_keep_optaxs_dtype() -> None:
 def test_an_integer_hyperparameter_dtype_is_refused() -> None:
     with pytest.raises(adaopt.HyperparameterError, match="hyperparam_dtype must be a float dtype"):
         adaopt.inject_hyperparams(adaopt.adamw, hyperparam_dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("factory", [adaopt.prodigy, optax.contrib.prodigy], ids=["adaopt", "optax"])
+def test_an_injected_state_can_be_donated(factory: Any) -> None:
+    """Prodigy's injected d0 is also its estimate's first value: the state held that array twice, and a step
+    donating the state failed ("Attempt to donate the same buffer twice"), optax's own inject_hyperparams too."""
+    tx = adaopt.inject_hyperparams(factory)(learning_rate=1.0)
+    params = {"w": jnp.ones((3, 2)), "s": jnp.asarray(2.0)}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params: Any, state: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(jax.tree.map(jnp.sin, params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = step(params, tx.init(params))
+    params, state = step(params, state)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))

@@ -262,6 +262,40 @@ def require_params(params: Params | None, who: str) -> Params:
     return params
 
 
+def _buffers(x: jax.Array) -> set[int]:
+    """Where ``x``'s data lives: its shards' buffer addresses (its identity where they cannot be read)."""
+    try:
+        return {shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards}
+    except Exception:  # a deleted or donated array, or a backend without the addresses
+        return {id(x)}
+
+
+def distinct_buffers(state: Any, params: Any = None) -> Any:
+    """``state`` with each array leaf that shares its buffer with an earlier leaf, or with a leaf of ``params``, copied.
+
+    An ``init`` run outside ``jit`` may put one array in two places (an injected hyperparameter that is also the
+    initial value of an estimate, one zero for two sums): donating such a state (``jax.jit(...,
+    donate_argnums=...)``) then fails, "Attempt to donate the same buffer twice". A jitted ``init`` returns distinct
+    buffers anyway; traced leaves are left as they are.
+    """
+    seen: set[int] = set()
+    for x in jax.tree.leaves(params):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            seen |= _buffers(x)
+
+    def distinct(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            return x
+        where = _buffers(x)
+        if where & seen:
+            x = jnp.array(x, copy=True)
+            where = _buffers(x)
+        seen.update(where)
+        return x
+
+    return jax.tree.map(distinct, state)
+
+
 def check_gradient_tree() -> optax.GradientTransformation:
     """A stateless first block: the gradients must have the parameters' tree structure.
 

@@ -581,13 +581,12 @@ def scale_by_dadapt_sgd(
 
     def init_fn(params: base.Params) -> DAdaptSGDState:
         dtype = moments.scalar_dtype(params)
-        zero = jnp.zeros([], dtype)
-        return DAdaptSGDState(
+        return DAdaptSGDState(  # each field its own buffer: the state is donated whole
             count=moments.zero_count(),
             step=moments.zero_count(),
             d=jnp.asarray(d0).astype(dtype),
-            numerator=zero,
-            g0_norm=zero,
+            numerator=jnp.zeros([], dtype),
+            g0_norm=jnp.zeros([], dtype),
             s=moments.init_like(params),
             x0=moments.init_copy(params),
         )

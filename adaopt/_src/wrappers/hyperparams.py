@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
+from adaopt._src import base
 from adaopt._src.base import HyperparameterError
 
 _STRUCTURAL_INT = re.compile(r"^(int|int \| None|None \| int|Optional\[int\])$")
@@ -116,7 +117,14 @@ def inject_hyperparams(
     # float32 hyperparameters would promote.
     ours = getattr(factory, "__module__", "").startswith("adaopt.")
     if hyperparam_dtype is not None or not ours:
-        return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=hyperparam_dtype)
+        inject = optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=hyperparam_dtype)
+
+        @functools.wraps(factory)
+        def injected_by_optax(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+            tx = inject(*args, **kwargs)
+            return optax.GradientTransformationExtraArgs(_distinct_init(tx.init), tx.update)
+
+        return injected_by_optax
 
     @functools.wraps(factory)
     def injected(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
@@ -131,9 +139,17 @@ def inject_hyperparams(
         def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
             return build(updates if params is None else params).update(updates, state, params, **extra_args)
 
-        return optax.GradientTransformationExtraArgs(lambda params: build(params).init(params), update_fn)
+        return optax.GradientTransformationExtraArgs(
+            _distinct_init(lambda params: build(params).init(params)), update_fn
+        )
 
     return injected
+
+
+def _distinct_init(init: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``init`` whose state holds no buffer twice: an injected hyperparameter is often also the first value of an
+    estimate (D-Adaptation's d, Prodigy's, Schedule-Free's weight sum), and a donated step would donate it twice."""
+    return lambda params: base.distinct_buffers(init(params), params)
 
 
 __all__ = ["inject_hyperparams", "is_static", "static_args_of"]
