@@ -33,7 +33,15 @@ import optax
 import pytest
 import torch
 
-from adaopt import DAdaptAdaGradState, DAdaptAdamState, DAdaptSGDState, dadapt_adagrad, dadapt_adam, dadapt_sgd
+from adaopt import (
+    REGISTRY,
+    DAdaptAdaGradState,
+    DAdaptAdamState,
+    DAdaptSGDState,
+    dadapt_adagrad,
+    dadapt_adam,
+    dadapt_sgd,
+)
 from tests import parity, steps
 from tests.parity import DECAY_MASK, SHAPES, STEPS, Case
 
@@ -112,6 +120,8 @@ TORCH: dict[str, parity.TorchFactory] = {
         growth_rate=hp.get("growth_rate", math.inf),
     ),
 }
+# The registry's arguments for optax's form (what a user reads there): bias-corrected, decay decoupled.
+OPTAX_REFERENCE = next(r for r in REGISTRY["dadapt_adam"].references if r.name == "optax.contrib.dadapt_adamw")
 OPTAX: dict[str, Callable[[Any, dict[str, Any], Any], optax.GradientTransformation]] = {
     "optax.contrib.dadapt_adamw": lambda lr, hp, mask: optax.contrib.dadapt_adamw(
         lr, (hp["b1"], hp["b2"]), hp["eps"], hp.get("d0", 1e-6), hp["weight_decay"]
@@ -291,8 +301,7 @@ def _adagrad(lr: Rates, hp: dict) -> optax.GradientTransformation:
 
 def _adamw_unmasked(lr: Rates, hp: dict) -> optax.GradientTransformation:
     return dadapt_adam(
-        lr["steady"], hp["b1"], hp["b2"], hp["eps"], hp["weight_decay"], decoupled_weight_decay=True,
-        bias_correction=True, d0=hp["d0"],
+        lr["steady"], hp["b1"], hp["b2"], hp["eps"], hp["weight_decay"], d0=hp["d0"], **OPTAX_REFERENCE.kwargs
     )  # fmt: skip
 
 

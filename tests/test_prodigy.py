@@ -24,7 +24,7 @@ import prodigyopt
 import pytest
 import torch
 
-from adaopt import ProdigyState, prodigy
+from adaopt import REGISTRY, ProdigyState, prodigy
 from tests import parity, steps
 from tests.parity import DECAY_MASK, STEPS, Case
 from tests.test_dadapt import (
@@ -61,6 +61,8 @@ def _prodigy(groups: list[dict[str, Any]], hp: dict[str, Any]) -> torch.optim.Op
 
 
 TORCH: dict[str, parity.TorchFactory] = {"prodigyopt.Prodigy": _prodigy}
+# The registry's arguments for optax's form (what a user reads there): bias-corrected.
+OPTAX_REFERENCE = next(r for r in REGISTRY["prodigy"].references if r.name == "optax.contrib.prodigy")
 OPTAX: dict[str, Callable[[Any, dict[str, Any], Any], optax.GradientTransformation]] = {
     "optax.contrib.prodigy": lambda lr, hp, mask: optax.contrib.prodigy(
         lr,
@@ -104,8 +106,8 @@ def _safeguarded_sliced(lr: Rates, hp: dict) -> optax.GradientTransformation:
 
 def _unmasked_corrected(lr: Rates, hp: dict) -> optax.GradientTransformation:
     return prodigy(
-        lr["steady"], hp["b1"], hp["b2"], hp["b3"], hp["eps"], hp["optax_weight_decay"], bias_correction=True,
-        safeguard_warmup=True, d0=hp["d0"], d_coef=hp["d_coef"],
+        lr["steady"], hp["b1"], hp["b2"], hp["b3"], hp["eps"], hp["optax_weight_decay"], safeguard_warmup=True,
+        d0=hp["d0"], d_coef=hp["d_coef"], **OPTAX_REFERENCE.kwargs,
     )  # fmt: skip
 
 

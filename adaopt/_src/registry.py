@@ -767,7 +767,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         {**BETAS, "eps": Range(1e-8, 1e-6, log=True), "d0": Range(1e-7, 1e-5, log=True), "d_coef": Range(0.5, 2.0)},
         (
             Reference("prodigyopt.Prodigy", note=_ESTIMATES_D),
-            Reference("optax.contrib.prodigy", weight_decay=False),
+            Reference("optax.contrib.prodigy", kwargs={"bias_correction": True}, weight_decay=False),
         ),
         _TUNING_FREE | {Capability.MOMENT_DTYPES}, "Prodigy: D-Adaptation's Adam with a faster-growing D",
     ),
@@ -775,7 +775,10 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         "dadapt_adam", dadapt.dadapt_adam, {**BETAS, "eps": Range(1e-8, 1e-6, log=True), **_D_ADAPT},
         (
             Reference("dadaptation.DAdaptAdam", note=_ESTIMATES_D),
-            Reference("optax.contrib.dadapt_adamw", weight_decay=False),
+            Reference(
+                "optax.contrib.dadapt_adamw", kwargs={"bias_correction": True, "decoupled_weight_decay": True},
+                weight_decay=False,
+            ),
         ),
         # Reads the parameters only for a decoupled weight decay.
         (_TUNING_FREE - {Capability.NEEDS_PARAMS}) | {Capability.MOMENT_DTYPES}, "D-Adaptation Adam: the step size from a lower bound on the distance",
