@@ -493,6 +493,32 @@ def test_eval_params_through_optax_wrappers() -> None:
         schedule_free_eval_params(optax.adam(1e-3).init(params), params)
 
 
+def test_eval_params_of_parameter_groups() -> None:
+    """Under param_groups (optax.partition) each group keeps its own ScheduleFreeState: each leaf is averaged by the
+    state that trains it, with its b1, as each group's optimizer run alone gives; a frozen group's x is its y."""
+    params = {**_params(), "frozen": jnp.arange(3.0)}
+    groups = [adaopt.Group("b", learning_rate=0.003, b1=0.5), adaopt.Group("frozen", optimizer=optax.set_to_zero())]
+    tx = adaopt.param_groups(schedule_free_adamw, groups, learning_rate=0.01)
+    alone = {"w": schedule_free_adamw(0.01), "b": schedule_free_adamw(0.003, b1=0.5)}
+    state = tx.init(params)
+    states = {k: opt.init(params[k]) for k, opt in alone.items()}
+    for _ in range(4):
+        grads = jax.grad(lambda p: _loss(p) + jnp.sum(p["frozen"] ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        for k, opt in alone.items():
+            step, states[k] = opt.update(grads[k], states[k], params[k])
+            np.testing.assert_array_equal(updates[k], step)
+        params = optax.apply_updates(params, updates)
+    x = schedule_free_eval_params(state, params)
+    for k in alone:
+        np.testing.assert_array_equal(x[k], schedule_free_eval_params(states[k], params[k]))
+        assert not np.allclose(x[k], params[k])
+    np.testing.assert_array_equal(x["frozen"], params["frozen"])
+    # Two states that claim one leaf are refused.
+    with pytest.raises(ValueError, match="both train leaf"):
+        schedule_free_eval_params((state, schedule_free_adamw(0.01).init(params)), params)
+
+
 def test_zero_learning_rate_still_moves_y_toward_the_average() -> None:
     """The package's weights use the largest learning rate so far: with lr 0, z stays and y moves to x."""
     tx = adaopt.inject_hyperparams(schedule_free_sgd)(learning_rate=0.1)

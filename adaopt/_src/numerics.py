@@ -122,17 +122,24 @@ def unwrap_variables(tree: T, name: str = "state") -> tuple[Any, Callable[[Any],
     return values, rewrap
 
 
-def find_state(state: Any, state_type: type[S], fix: str) -> S:
-    """The one ``state_type`` held anywhere in ``state`` (a chain's, ``inject_hyperparams``', ``MultiSteps``'...).
+def find_states(state: Any, state_type: type[S]) -> list[S]:
+    """Every ``state_type`` held anywhere in ``state`` (a chain's, ``inject_hyperparams``', ``optax.partition``'s...).
 
     Found by the state's class name with ``optax.tree.get_all_with_path``, in ``state``'s values
     (:func:`unwrap_variables`: an ``nnx.Optimizer``'s ``opt_state`` is read as a plain state).
-    No match, or more than one, raises a ``ValueError`` that says how many were found and ends
-    with ``fix``.
     """
     state, _ = unwrap_variables(state)
     found = [node for _, node in optax.tree.get_all_with_path(state, state_type.__name__)]
-    found = [node for node in found if isinstance(node, state_type)]
+    return [node for node in found if isinstance(node, state_type)]
+
+
+def find_state(state: Any, state_type: type[S], fix: str) -> S:
+    """The one ``state_type`` held anywhere in ``state`` (:func:`find_states`).
+
+    No match, or more than one, raises a ``ValueError`` that says how many were found and ends
+    with ``fix``.
+    """
+    found = find_states(state, state_type)
     if len(found) != 1:
         raise ValueError(
             f"Expected an optimizer state holding exactly one {state_type.__name__}, found {len(found)}: {fix}"

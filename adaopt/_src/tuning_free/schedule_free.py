@@ -234,9 +234,12 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
     (the package's ``optimizer.eval()``; training goes on from ``params``, untouched).
 
     Args:
-      state: the optimizer's state, or any pytree holding exactly one :class:`ScheduleFreeState`
-        (an ``optax.chain``'s, ``inject_hyperparams``', ``MultiSteps``' ...), plain or an
-        ``nnx.Optimizer``'s ``opt_state``.
+      state: the optimizer's state, or any pytree holding it (an ``optax.chain``'s,
+        ``inject_hyperparams``', ``MultiSteps``' ...), plain or an ``nnx.Optimizer``'s
+        ``opt_state``; or holding one :class:`ScheduleFreeState` per part of the tree
+        (:func:`adaopt.param_groups`, ``optax.partition``, ``optax.masked``): each leaf is then
+        averaged by the state that trains it, with that state's :math:`\beta_1`, and a leaf that
+        none trains (a group of another optimizer, a frozen one) is its own :math:`x = y`.
       params: the parameters being trained (:math:`y`), as a plain tree or as Flax NNX
         variables (``nnx.state(model, nnx.Param)``).
 
@@ -246,7 +249,7 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
       ``nnx.merge`` or ``nnx.update``.
 
     Raises:
-      ValueError: ``state`` holds no :class:`ScheduleFreeState`, or more than one.
+      ValueError: ``state`` holds no :class:`ScheduleFreeState`, or several that train one leaf.
       TreeMismatchError: ``params`` are not the parameters the state was built for.
       TypeError: ``state`` is the ``nnx.Optimizer`` itself, not its ``opt_state``.
 
@@ -266,21 +269,52 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
       Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled",
       NeurIPS 2024, https://arxiv.org/abs/2405.15682.
     """
-    fix = "pass the state of one schedule-free optimizer (adaopt.schedule_free_sgd, _adamw or _radam)."
-    sf = numerics.find_state(state, ScheduleFreeState, fix)
+    found = numerics.find_states(state, ScheduleFreeState)
+    if not found:
+        raise ValueError(
+            "Expected an optimizer state holding a ScheduleFreeState, found 0: pass the state of a schedule-free "
+            "optimizer (adaopt.schedule_free_sgd, _adamw or _radam)."
+        )
     y, as_params = numerics.unwrap_variables(params, "params")
+    z, b1 = _trained_by(found, y) if len(found) > 1 else (found[0].z, jax.tree.map(lambda _: found[0].b1, y))
 
-    def leaf(y: jax.Array, z: jax.Array) -> tuple[jax.Array]:
+    def leaf(y: jax.Array, z: jax.Array, b1: jax.Array) -> tuple[jax.Array]:
         dtype, y32, (z32,) = moments.to_compute(y, z)
-        x = y32 + moments.times(z32 - y32, 1 - 1 / sf.b1.astype(dtype))
+        x = y32 + moments.times(z32 - y32, 1 - 1 / b1.astype(dtype))
         return (x.astype(y.dtype),)
 
     # With complex_convention="real_imag", the state holds complex parameters as real pairs.
-    leaves = zip(jax.tree.leaves(y), jax.tree.leaves(sf.z), strict=False)  # a mismatch is reported below
+    leaves = zip(jax.tree.leaves(y), jax.tree.leaves(z), strict=False)  # a mismatch is reported below
     pairs = any(complex_params.is_complex(a) and not complex_params.is_complex(b) for a, b in leaves)
     view = complex_params.to_pairs(y) if pairs else y
-    (x,) = moments.leafwise(leaf, 1, view, sf.z, what="state", subject="parameters")
+    (x,) = moments.leafwise(leaf, 1, view, z, options=(b1,), what="state", subject="parameters")
     return as_params(complex_params.from_pairs(x, y) if pairs else x)
+
+
+def _trained_by(found: list[ScheduleFreeState], y: Any) -> tuple[Any, Any]:
+    """The ``z`` and ``b1`` of each leaf of ``y`` from the states of a partitioned tree (each holding
+    ``optax.MaskedNode`` where another part's leaves are); a leaf that none trains gets ``z = y``."""
+    leaves, treedef = jax.tree.flatten(y)
+    z: list[Any] = list(leaves)
+    b1: list[Any] = [jnp.ones([], jnp.float32)] * len(leaves)
+    owner: list[int | None] = [None] * len(leaves)
+    for k, sf in enumerate(found):
+        parts = jax.tree.leaves(sf.z, is_leaf=lambda x: base.is_masked_node(x) or base.is_stored(x))
+        if len(parts) != len(leaves):
+            raise base.TreeMismatchError(
+                f"A ScheduleFreeState's z has {len(parts)} leaves where the parameters have {len(leaves)}: "
+                "pass the parameters the optimizer was built for."
+            )
+        for i, part in enumerate(parts):
+            if base.is_masked_node(part):
+                continue
+            if owner[i] is not None:
+                raise ValueError(
+                    f"Two ScheduleFreeStates (number {owner[i]} and number {k} found) both train leaf {i} of the "
+                    "parameters: pass the state of one optimizer per leaf."
+                )
+            owner[i], z[i], b1[i] = k, part, sf.b1
+    return jax.tree.unflatten(treedef, z), jax.tree.unflatten(treedef, b1)
 
 
 def _schedule_free(
