@@ -226,13 +226,15 @@ def test_the_default_rule_routes_each_kind_of_leaf() -> None:
         "temperature": jnp.ones(()),  # 0-d
         "lm_head": {"kernel": jnp.ones((8, 50))},
         "value_head": jnp.ones((8, 1)),
+        "column": jnp.ones((8, 1)),  # one axis longer than 1: a vector
+        "bn": {"scale": jnp.ones((1, 1, 1, 8))},  # Haiku's batch-norm gain: a vector
         "frozen": None,
     }
     assert adaopt.default_muon_mask(params) == {
         "embed": {"embedding": False}, "wte": False,
         "blocks": [{"attn": {"kernel": True}, "norm": {"scale": False}}],
         "conv": True, "bias": False, "temperature": False, "lm_head": {"kernel": False}, "value_head": False,
-        "frozen": None,
+        "column": False, "bn": {"scale": False}, "frozen": None,
     }  # fmt: skip
 
 

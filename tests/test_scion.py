@@ -233,6 +233,8 @@ def test_the_default_rule_gives_each_kind_of_leaf_its_norm() -> None:
         "temperature": jnp.ones(()),
         "lm_head": {"kernel": jnp.ones((8, 50))},
         "value_head": jnp.ones((8, 1)),
+        "column": jnp.ones((8, 1)),  # one axis longer than 1: a vector
+        "bn": {"scale": jnp.ones((1, 1, 1, 8))},  # Haiku's batch-norm gain: a vector
         "frozen": None,
     }
     column = ScionNorm("col", transpose=True)
@@ -240,7 +242,7 @@ def test_the_default_rule_gives_each_kind_of_leaf_its_norm() -> None:
         "embed": {"embedding": column}, "wte": column,
         "blocks": [{"attn": {"kernel": "spectral"}, "norm": {"scale": "bias_rms"}}],
         "conv": "spectral", "bias": "bias_rms", "temperature": "bias_rms", "lm_head": {"kernel": "sign"},
-        "value_head": "sign", "frozen": None,
+        "value_head": "sign", "column": "bias_rms", "bn": {"scale": "bias_rms"}, "frozen": None,
     }  # fmt: skip
     # The whole model in one jitted step, None leaf included.
     opt = adaopt.scion(0.01)

@@ -96,6 +96,12 @@ def _key_name(key: Any) -> str:
     return str(key).lower()
 
 
+def matrix_axes(x: Any) -> int:
+    """How many axes of ``x`` are longer than 1: a leaf is a matrix for the default rules when two are (Haiku keeps a
+    norm's gain as ``(1, 1, 1, C)``: a vector)."""
+    return sum(n > 1 for n in jnp.shape(x))
+
+
 def _is_auxiliary_path(path: tuple[Any, ...]) -> bool:
     names = [_key_name(k) for k in path]
     return any(s in n for n in names for s in _AUX_SUBSTRINGS) or any(
@@ -106,11 +112,14 @@ def _is_auxiliary_path(path: tuple[Any, ...]) -> bool:
 def default_muon_mask(params: base.Params) -> Any:
     """The default rule of :func:`muon`: which leaves are hidden matrices (True) and go to Muon.
 
-    A leaf goes to Muon when it has two or more dimensions and no key on its path names an
-    embedding or an output head: a key containing ``"embed"`` or ``"embd"``, or equal to
+    A leaf goes to Muon when it has two or more dimensions longer than 1 and no key on its path
+    names an embedding or an output head: a key containing ``"embed"`` or ``"embd"``, or equal to
     ``"wte"``, ``"wpe"``, ``"head"``, ``"lm_head"`` or ``"classifier"``, or ending in ``"_head"``
     (keys compared in lower case). Everything else goes to the auxiliary AdamW: 0-d and 1-d
-    leaves (biases, norms, gains, scalars) and embeddings and heads, whatever their size.
+    leaves (biases, norms, gains, scalars), leaves whose other dimensions are all 1 (Haiku's
+    ``(1, 1, 1, C)`` batch-norm gains, a ``(d, 1)`` column), and embeddings and heads, whatever
+    their size. The references route by ``ndim >= 2`` (torch's Muon takes 2-D parameters only);
+    pass a mask to send a ``(1, C)`` leaf to Muon.
 
     Args:
       params: the parameters (or gradients: only paths and shapes are read).
@@ -124,7 +133,9 @@ def default_muon_mask(params: base.Params) -> Any:
       >>> adaopt.default_muon_mask(params)
       {'embed': False, 'mlp': {'b': False, 'w': True}}
     """
-    return jax.tree_util.tree_map_with_path(lambda path, x: jnp.ndim(x) >= 2 and not _is_auxiliary_path(path), params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: matrix_axes(x) >= 2 and not _is_auxiliary_path(path), params
+    )
 
 
 def _shape_scale(shape: tuple[int, ...], adjust_lr: AdjustLr | None) -> float:
@@ -406,8 +417,8 @@ def muon(
         \theta_t = \theta_{t-1} - \eta_t \big( u_t + \lambda \theta_{t-1} \big)
 
     with :math:`u_t` from :func:`scale_by_muon` on the leaves that ``muon_mask`` selects (by
-    default :func:`default_muon_mask`: leaves of two or more dimensions that are not embeddings
-    or heads), and :math:`u_t` the Adam direction with ``adam_*`` hyperparameters (and
+    default :func:`default_muon_mask`: leaves of two or more dimensions longer than 1 that are not
+    embeddings or heads), and :math:`u_t` the Adam direction with ``adam_*`` hyperparameters (and
     :math:`\eta_t`, :math:`\lambda` the ``adam_learning_rate``, ``adam_weight_decay``) on the
     others: 0-d and 1-d leaves, embeddings and heads of any size. A leaf of three or more
     dimensions sent to Muon is a batch of matrices over its leading axes. The decay is

@@ -28,6 +28,7 @@ from adaopt._src.preconditioned.muon import (
     _key_name,
     _on_whole_matrices,
     check_ns_coefficients,
+    matrix_axes,
     newton_schulz,
 )
 from adaopt._src.preconditioned.muon import _is_auxiliary_path as _is_embedding_or_head_path
@@ -123,6 +124,8 @@ def default_scion_norms(params: base.Params) -> Any:
       ``ScionNorm("col", transpose=True)``, each token's vector over its RMS.
     - Output heads (a key equal to ``"head"``, ``"lm_head"`` or ``"classifier"``, or ending in
       ``"_head"``): ``"sign"``.
+    - Other leaves with fewer than two dimensions longer than 1 (Haiku's ``(1, 1, 1, C)`` gains, a
+      ``(d, 1)`` column): ``"bias_rms"``.
     - Every other leaf of two or more dimensions: ``"spectral"`` (three or more: a batch of
       matrices over the leading axes).
 
@@ -151,7 +154,7 @@ def default_scion_norms(params: base.Params) -> Any:
             return ScionNorm("col", transpose=True)
         if _is_embedding_or_head_path(path):
             return "sign"
-        return "spectral"
+        return "spectral" if matrix_axes(x) >= 2 else "bias_rms"
 
     return jax.tree_util.tree_map_with_path(rule, params)
 
