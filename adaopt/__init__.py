@@ -138,6 +138,7 @@ from adaopt._src.optimizers.sophia import hutchinson_hessian_diagonal as hutchin
 from adaopt._src.optimizers.sophia import scale_by_sophia as scale_by_sophia
 from adaopt._src.optimizers.sophia import sophia as sophia
 from adaopt._src.preconditioned.muon import HEAVYBALL_NS_COEFFICIENTS as HEAVYBALL_NS_COEFFICIENTS
+from adaopt._src.preconditioned.muon import MatrixAxes as MatrixAxes
 from adaopt._src.preconditioned.muon import MuonState as MuonState
 from adaopt._src.preconditioned.muon import default_muon_mask as default_muon_mask
 from adaopt._src.preconditioned.muon import muon as muon

@@ -256,6 +256,40 @@ def test_a_3d_leaf_is_a_batch_of_matrices() -> None:
         np.testing.assert_allclose(batched["t"][:, i], single["t"], rtol=1e-6, atol=1e-7)
 
 
+def test_matrix_axes_read_a_leaf_in_any_layout() -> None:
+    """A Flax (in, out) kernel with MatrixAxes(inputs=-2, outputs=-1) steps as torch's (out, in) transpose does by
+    default (the shape scale of a wide matrix included), and an attention kernel (in, heads, head_dim) as the
+    (heads * head_dim, in) matrix, or per head; mixed in one tree through a function of the parameters."""
+    shapes = {"dense": (6, 12), "query": (8, 2, 3), "heads": (8, 2, 3)}
+    params, grads = parity.random_problem(shapes, 7, np.float32, steps=4)
+    views = {
+        "dense": adaopt.MatrixAxes(inputs=-2, outputs=-1),
+        "query": adaopt.MatrixAxes(inputs=0, outputs=(1, 2)),
+        "heads": adaopt.MatrixAxes(inputs=0, outputs=2),
+    }
+    # Under muon the function sees Muon's leaves, the others optax.MaskedNode: mapped over, they stay so.
+    by_name = lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: views[path[0].key], tree)
+    ours = parity.run_adaopt(adaopt.muon(0.02, matrix_view=by_name), params, grads)
+    torch_layout = {
+        "dense": (lambda x: x.T, lambda y: y.T),
+        "query": (lambda x: x.reshape(8, 6).T, lambda y: y.T.reshape(8, 2, 3)),
+        "heads": (lambda x: x.transpose(1, 2, 0), lambda y: y.transpose(2, 0, 1)),  # (heads, head_dim, in)
+    }
+    for name, (to_torch, back) in torch_layout.items():
+        theirs = parity.run_adaopt(
+            adaopt.muon(0.02), {name: to_torch(params[name])}, {name: np.stack([to_torch(g) for g in grads[name]])}
+        )
+        np.testing.assert_allclose(ours[name], np.stack([back(y) for y in theirs[name]]), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"out of range for the leaf at \['w'\]"):
+        adaopt.scale_by_muon(matrix_view=adaopt.MatrixAxes(inputs=0, outputs=2)).init({"w": jnp.ones((3, 4))})
+    with pytest.raises(ValueError, match="names an axis twice"):
+        adaopt.scale_by_muon(matrix_view=adaopt.MatrixAxes(inputs=0, outputs=-2)).init({"w": jnp.ones((3, 4))})
+    with pytest.raises(adaopt.HyperparameterError, match="inputs must be an axis"):
+        adaopt.MatrixAxes(inputs=(), outputs=0)
+    with pytest.raises(adaopt.HyperparameterError, match="matrix_view"):
+        adaopt.muon(matrix_view="rows")
+
+
 def test_a_users_mask_overrides_the_rule() -> None:
     """Everything to AdamW: adaopt.adamw's trajectory; a 1-d leaf sent to Muon: a clear error."""
     params, grads = parity.random_problem({"w": (6, 4), "b": (4,)}, 6, np.float32, steps=3)

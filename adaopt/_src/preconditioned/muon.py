@@ -7,12 +7,14 @@ auxiliary AdamW, by the rule of :func:`default_muon_mask` or one of the user's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adaopt._src import base, moments, placement
@@ -23,6 +25,7 @@ from adaopt._src.optimizers import adam
 AdjustLr = Literal["original", "match_rms_adamw"]
 NesterovForm = Literal["lerp", "add"]
 MatrixView = Literal["batch", "flatten"]
+ViewSpec = Any  # a MatrixView, a MatrixAxes, or a function of the parameters returning a tree of either
 Coefficients = tuple[float, float, float]
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 """The quintic Newton–Schulz coefficients of the reference implementations."""
@@ -34,6 +37,60 @@ HEAVYBALL_NS_COEFFICIENTS = (
     (2.8366, -3.0525, 1.2012),
 )
 """heavyball's five iterations, each with its own coefficients (``ns_coefficients`` of :func:`scale_by_muon`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixAxes:
+    r"""Which axes of a leaf are its layer's inputs and which its outputs: how Muon makes matrices of it.
+
+    The leaf is read as a batch of matrices of (the outputs' sizes' product) rows by (the inputs')
+    columns, over its other axes: torch's ``(out, in)`` layout, whose rows and columns give
+    ``adjust_lr="original"``'s :math:`\sqrt{\max(1, \text{fan-out} / \text{fan-in})}`. The default
+    view (``matrix_view="batch"``) is ``MatrixAxes(inputs=-1, outputs=-2)``, torch's; Flax, Haiku and
+    optax keep a dense kernel as ``(in, out)``: ``MatrixAxes(inputs=-2, outputs=-1)``.
+
+    Attributes:
+      inputs: the input axis, or axes (a tuple), of the leaf; negative counts from the end.
+      outputs: the output axis, or axes; none of them among ``inputs``.
+
+    Example:
+      >>> import jax.numpy as jnp, adaopt
+      >>> query = adaopt.MatrixAxes(inputs=0, outputs=(1, 2))  # Flax's attention kernel (in, heads, head_dim)
+      >>> per_head = adaopt.MatrixAxes(inputs=0, outputs=2)  # (in, heads, head_dim): one (head_dim, in) matrix a head
+      >>> tx = adaopt.scale_by_muon(matrix_view=query)
+      >>> tx.update(jnp.ones((8, 2, 4)), tx.init(jnp.ones((8, 2, 4))))[0].shape
+      (8, 2, 4)
+    """
+
+    inputs: int | tuple[int, ...]
+    outputs: int | tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("inputs", "outputs"):
+            axes = getattr(self, name)
+            axes = (axes,) if isinstance(axes, int) and not isinstance(axes, bool) else axes
+            if (
+                not isinstance(axes, tuple)
+                or not axes
+                or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
+            ):
+                raise base.HyperparameterError(
+                    f"MatrixAxes' {name} must be an axis (an int) or a non-empty tuple of axes, got {getattr(self, name)!r}."
+                )
+            object.__setattr__(self, name, axes)
+
+    def permutation(self, ndim: int, where: str) -> tuple[tuple[int, ...], int, int]:
+        """The axes in the order (batch, outputs, inputs), and how many outputs and inputs, for a leaf of ``ndim``."""
+        inputs, outputs = cast(tuple[int, ...], self.inputs), cast(tuple[int, ...], self.outputs)
+        if any(not -ndim <= a < ndim for a in inputs + outputs):
+            raise ValueError(
+                f"matrix_view {self} names an axis out of range for the leaf at {where}, which has {ndim} dimensions."
+            )
+        inputs, outputs = tuple(a % ndim for a in inputs), tuple(a % ndim for a in outputs)
+        if len(set(inputs + outputs)) != len(inputs + outputs):
+            raise ValueError(f"matrix_view {self} names an axis twice for the leaf at {where}.")
+        batch = tuple(a for a in range(ndim) if a not in inputs + outputs)
+        return batch + outputs + inputs, len(outputs), len(inputs)
 
 
 def check_ns_coefficients(ns_coefficients: Any, ns_steps: Any) -> None:
@@ -205,6 +262,37 @@ def _on_whole_matrices(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> ja
     return placement.sharded_like(fn(placement.whole(x)), x)
 
 
+def _check_view(matrix_view: Any, *, per_leaf: bool = False) -> None:
+    """A view: ``"batch"``, ``"flatten"`` or a :class:`MatrixAxes`; or (not ``per_leaf``) a function giving them."""
+    if isinstance(matrix_view, MatrixAxes) or (callable(matrix_view) and not per_leaf):
+        return
+    base.check_choice("matrix_view", matrix_view, ("batch", "flatten"))
+
+
+def _views(matrix_view: ViewSpec, tree: Any) -> Any:
+    """The view of each leaf of ``tree``: ``matrix_view`` itself, or the tree its function gives."""
+    if isinstance(matrix_view, (MatrixAxes, str)):
+        return jax.tree.map(lambda _: matrix_view, tree)
+    views = matrix_view(tree)
+    base.check_tree_match(tree, views, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+    for view in jax.tree.leaves(views):
+        _check_view(view, per_leaf=True)
+    return views
+
+
+def _as_matrices(view: MatrixView | MatrixAxes, shape: tuple[int, ...], where: str) -> tuple[Any, tuple[int, ...]]:
+    """A leaf of ``shape`` as matrices: the permutation of its axes first (None: none) and the shape to reshape to,
+    the matrices' rows and columns last."""
+    if view == "batch":
+        return None, shape
+    if view == "flatten":
+        return None, (shape[0], math.prod(shape[1:]))
+    perm, n_out, n_in = view.permutation(len(shape), where)
+    dims = [shape[a] for a in perm]
+    batch = dims[: len(dims) - n_out - n_in]
+    return perm, (*batch, math.prod(dims[len(batch) : len(batch) + n_out]), math.prod(dims[len(dims) - n_in :]))
+
+
 def _check_muon(
     momentum: Any, nesterov: bool, ns_steps: Any, ns_coefficients: Any, eps: Any, eps_mode: Any, adjust_lr: Any,
     ns_dtype: Any, mu_dtype: Any,
@@ -237,7 +325,7 @@ def scale_by_muon(
     eps_mode: moments.EpsMode = "add",
     adjust_lr: AdjustLr | None = "original",
     nesterov_form: NesterovForm = "lerp",
-    matrix_view: MatrixView = "batch",
+    matrix_view: ViewSpec = "batch",
     ns_dtype: Any = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -280,8 +368,13 @@ def scale_by_muon(
         AdamW's) or None.
       nesterov_form: the look-ahead: ``"lerp"``, :math:`g_t + \mu (m_t - g_t)` (the author's
         package, torch, optax), or ``"add"``, :math:`g_t + m_t` (heavyball's).
-      matrix_view: ``"batch"`` (a leaf of three or more axes is a batch of matrices over its last
-        two) or ``"flatten"`` (one matrix, its first axis by the rest).
+      matrix_view: how a leaf is matrices: ``"batch"`` (a leaf of three or more axes is a batch of
+        matrices over its last two, rows its outputs: torch's ``(out, in)``), ``"flatten"`` (one
+        matrix, its first axis by the rest), a :class:`MatrixAxes` (which axes are the layer's
+        inputs and which its outputs: ``MatrixAxes(inputs=-2, outputs=-1)`` for Flax's and
+        Haiku's ``(in, out)`` kernels, so that ``adjust_lr="original"`` scales by fan-out over
+        fan-in as torch's layout does), or a function of the parameters (under :func:`muon`, of
+        Muon's leaves, the others ``optax.MaskedNode``) returning a tree of these, one a leaf.
       ns_dtype: the dtype of the iteration; None: the compute dtype (float32, float64 for
         float64 parameters); ``jnp.bfloat16`` runs it as the reference packages do.
       mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
@@ -304,29 +397,37 @@ def scale_by_muon(
     """
     _check_muon(momentum, nesterov, ns_steps, ns_coefficients, eps, eps_mode, adjust_lr, ns_dtype, mu_dtype)
     base.check_choice("nesterov_form", nesterov_form, ("lerp", "add"))
-    base.check_choice("matrix_view", matrix_view, ("batch", "flatten"))
+    _check_view(matrix_view)
     coefficients = _schedule(ns_coefficients, ns_steps)
 
     def check_leaves(params: base.Params) -> None:
         _check_real(params)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        views = jax.tree.leaves(_views(matrix_view, params))
+        for (path, leaf), view in zip(jax.tree_util.tree_leaves_with_path(params), views, strict=True):
+            where = jax.tree_util.keystr(path) or "the root"
             if jnp.ndim(leaf) < 2:
                 raise ValueError(
-                    f"scale_by_muon orthogonalises matrices, but the leaf at {jax.tree_util.keystr(path) or 'the root'} "
-                    f"has shape {jnp.shape(leaf)}. Give it leaves of two or more dimensions; adaopt.muon routes 0-d "
-                    "and 1-d leaves (and embeddings and heads) to an auxiliary AdamW."
+                    f"scale_by_muon orthogonalises matrices, but the leaf at {where} has shape {jnp.shape(leaf)}. Give "
+                    "it leaves of two or more dimensions; adaopt.muon routes 0-d and 1-d leaves (and embeddings and "
+                    "heads) to an auxiliary AdamW."
                 )
+            _as_matrices(view, jnp.shape(leaf), where)
 
-    def orthogonalised(direction: jax.Array, g: jax.Array) -> jax.Array:
-        shape = (g.shape[0], math.prod(g.shape[1:])) if matrix_view == "flatten" else g.shape
+    def orthogonalised(direction: jax.Array, g: jax.Array, view: MatrixView | MatrixAxes) -> jax.Array:
+        perm, shape = _as_matrices(view, g.shape, "a leaf")
 
         def orthogonalise(x: jax.Array) -> jax.Array:
-            ortho = newton_schulz(x.reshape(shape), coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype)
-            return ortho.reshape(x.shape)
+            y = x if perm is None else jnp.transpose(x, perm)
+            ortho = newton_schulz(y.reshape(shape), coefficients, ns_steps, eps, eps_mode=eps_mode, dtype=ns_dtype)
+            ortho = ortho.reshape(y.shape)
+            return ortho if perm is None else jnp.transpose(ortho, tuple(int(a) for a in np.argsort(perm)))
 
         return _on_whole_matrices(orthogonalise, direction).astype(direction.dtype) * _shape_scale(shape, adjust_lr)
 
-    return _momentum_transform(momentum, nesterov, nesterov_form, mu_dtype, orthogonalised, check_leaves)
+    return _momentum_transform(
+        momentum, nesterov, nesterov_form, mu_dtype, orthogonalised, check_leaves,
+        options=lambda tree: (_views(matrix_view, tree),),
+    )  # fmt: skip
 
 
 def _look_ahead(g: jax.Array, m: jax.Array, beta: jax.Array, nesterov: bool, form: NesterovForm) -> jax.Array:
@@ -341,11 +442,13 @@ def _momentum_transform(
     nesterov: bool,
     nesterov_form: NesterovForm,
     mu_dtype: Any,
-    finish: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    finish: Callable[..., jax.Array] | None = None,
     check_leaves: Callable[[base.Params], None] | None = None,
+    options: Callable[[Updates], tuple[Any, ...]] = lambda _: (),
 ) -> optax.GradientTransformation:
-    """Muon's momentum and look-ahead, each leaf's direction then through ``finish(direction, gradient)``
-    (:func:`scale_by_muon`'s orthogonalisation), or as it is: heavyball's Muon on its 0-d and 1-d leaves."""
+    """Muon's momentum and look-ahead, each leaf's direction then through ``finish(direction, gradient, *option)``
+    (:func:`scale_by_muon`'s orthogonalisation, ``options`` its trees of one value per leaf), or as it is: heavyball's
+    Muon on its 0-d and 1-d leaves."""
 
     def init_fn(params: base.Params) -> MuonState:
         if check_leaves is not None:
@@ -355,15 +458,15 @@ def _momentum_transform(
     def update_fn(updates: Updates, state: MuonState, params: base.Params | None = None) -> tuple[Updates, MuonState]:
         del params
 
-        def leaf(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def leaf(g: jax.Array, m: jax.Array, *option: Any) -> tuple[jax.Array, jax.Array]:
             dtype, g_compute, (m_compute,) = moments.to_compute(g, m)
             beta = moments.scalar(momentum, dtype)
             m_new = moments.ema(g_compute, m_compute, beta)
             direction = _look_ahead(g_compute, m_new, beta, nesterov, nesterov_form)
-            step = direction if finish is None else finish(direction, g)
+            step = direction if finish is None else finish(direction, g, *option)
             return step.astype(g.dtype), moments.store(m_new, m)
 
-        out = moments.leafwise(leaf, 2, updates, state.mu)
+        out = moments.leafwise(leaf, 2, updates, state.mu, options=options(updates))
         return out[0], MuonState(out[1])
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -407,7 +510,7 @@ def muon(
     eps_mode: moments.EpsMode = "add",
     adjust_lr: AdjustLr | None = "original",
     nesterov_form: NesterovForm = "lerp",
-    matrix_view: MatrixView = "batch",
+    matrix_view: ViewSpec = "batch",
     ns_dtype: Any = None,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
