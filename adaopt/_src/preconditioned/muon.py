@@ -585,7 +585,8 @@ def muon(
       3e-4, where ``adam_learning_rate=None`` here is ``learning_rate`` (as in optax's Muon), so
       pass ``adam_learning_rate=3e-4`` for the package's; ``torch.optim.Muon(lr, weight_decay, momentum, nesterov,
       ns_coefficients, eps, ns_steps, adjust_lr_fn)`` (2-d parameters only) is ``scale_by_muon``'s
-      leaves with ``eps_mode="max"``. Both run Newton–Schulz in bfloat16: ``ns_dtype=jnp.bfloat16``
+      leaves with ``eps_mode="max"`` (its ``adjust_lr_fn=None`` means ``"original"``, which is
+      ``adjust_lr="original"`` here; ``adjust_lr=None`` is no scaling). Both run Newton–Schulz in bfloat16: ``ns_dtype=jnp.bfloat16``
       follows them within bfloat16's precision, and the default follows them exactly once their
       iteration runs in float64. ``optax.contrib.muon`` differs: it debiases the momentum
       (:math:`m_t / (1 - \mu^t)`), adds eps = 1e-8, scales by :math:`\sqrt{\max(1, B/A)}` (fan-out

@@ -399,7 +399,9 @@ def scion(
       group per norm (its ``LMONorm.SPECTRAL``, ``SPECTRALCONV``, ``SIGN``, ``COL``, ``ROW``,
       ``BIAS``, ``NONE`` are ``"spectral"``, ``"spectral_conv"``, ``"sign"``, ``"col"``,
       ``"row"``, ``"bias_rms"``, ``"identity"``; ``AUTO`` is ``"bias_rms"`` for 0-d and 1-d,
-      ``"spectral"`` for 2-d and ``"spectral_conv"`` for 3-d and 4-d leaves); its Newton–Schulz
+      ``"spectral"`` for 2-d and ``"spectral_conv"`` for 3-d and 4-d leaves; an explicit
+      ``SPECTRAL`` on a 3-d or 4-d leaf is there one matrix, its first axis by the rest, where
+      ``"spectral"`` here is a batch of matrices over the leading axes); its Newton–Schulz
       runs in bfloat16 (``ns_dtype=jnp.bfloat16``). ``SCIONLight`` is this with
       ``momentum_form="sum"``, its gradients accumulated into the buffers (never zeroed) as it is
       meant to be run. Both ignore ``weight_decay`` when ``constraint=True``; their ``init()``,

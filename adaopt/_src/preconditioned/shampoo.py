@@ -306,7 +306,9 @@ def scale_by_shampoo(
       inverse_exponent_override: :math:`e` when > 0; 0: twice the preconditioned axes.
       diagonal_eps: :math:`\epsilon_d` of the grafting, >= 0.
       matrix_eps: :math:`\epsilon_m`: the statistics' start, and the Newton iteration's ridge
-        (relative to the largest eigenvalue), >= 0.
+        (relative to the largest eigenvalue), >= 0. With 0 and ``root_method="eigh"`` a statistic
+        that is still rank-deficient (fewer steps than its size, a gradient of low rank) has no
+        inverse root: its rounding-level eigenvalues are inverted, and the steps follow rounding.
       root_method: ``"newton"`` (the coupled Newton iteration of Guo & Higham, stopped at a
         residual of 1e-3, with a ridge of :math:`\epsilon_m` times the largest eigenvalue found by
         100 steps of power iteration) or ``"eigh"`` (an eigendecomposition, no ridge).
@@ -626,7 +628,10 @@ def shampoo(
       4.1.0) is this with the same arguments and defaults, its ``graft_type`` (a
       ``LayerWiseGrafting``) as ``graft``, its ``pre_conditioner_type`` (a ``PreConditionerType``)
       as ``preconditioned_axes`` and ``use_svd=True`` as ``root_method="eigh"``; its power
-      iteration starts from a random vector (here a fixed one: the same eigenvalue).
+      iteration starts from a random vector (here a fixed one: the same eigenvalue). With
+      ``pre_conditioner_type`` ``INPUT`` or ``OUTPUT`` it fails (a stack of blocks of different
+      sizes) where every block's statistic has one shape but the blocks do not (a 6 x 5 matrix
+      in blocks of 4); this runs there.
 
       ``pytorch_optimizer.Shampoo(lr, matrix_eps)`` (the original algorithm, at its defaults
       ``momentum=0``, ``weight_decay=0``, ``preconditioning_compute_steps=1``) is this with
