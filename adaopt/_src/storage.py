@@ -240,18 +240,17 @@ class Quantized(StoredLeaf):
 
 def _quantized_children(leaf: Quantized) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     codes = jax.tree_util.GetAttrKey("fp8_codes" if leaf.storage.format == "fp8" else "codes")
-    return ((codes, leaf.codes), (jax.tree_util.GetAttrKey("scale"), leaf.scale)), (
-        leaf.storage,
-        leaf.signed,
-        leaf.shape,
-    )
+    children = ((codes, leaf.codes), (jax.tree_util.GetAttrKey("scale"), leaf.scale))
+    return children, (leaf.storage, leaf.signed, leaf.shape)
+
+
+def _quantized_flat(leaf: Quantized) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    children, static = _quantized_children(leaf)
+    return tuple(child for _, child in children), static
 
 
 jax.tree_util.register_pytree_with_keys(
-    Quantized,
-    _quantized_children,
-    lambda static, children: Quantized(*children, *static),
-    lambda leaf: ((leaf.codes, leaf.scale), (leaf.storage, leaf.signed, leaf.shape)),
+    Quantized, _quantized_children, lambda static, children: Quantized(*children, *static), _quantized_flat
 )
 
 
