@@ -267,7 +267,28 @@ def test_inject_hyperparams_around_cautious() -> None:
     )
 
 
+def test_hypergradient_descent_learns_from_the_masked_step() -> None:
+    """cautious(sgd_hd): the direction is masked inside the learner of the rate, so the direction it keeps for the
+    next hypergradient is the one applied (each update is -alpha_t times it), not the unmasked one."""
+    a = jnp.array([1.0, 10.0, 3.0, 0.5])
+    loss = lambda x: 0.5 * jnp.sum(a * x**2)
+    params = jnp.array([1.0, -1.0, 0.5, 2.0])
+    opt = adaopt.cautious(adaopt.sgd_hd)(learning_rate=0.05, momentum=0.9)
+    state = opt.init(params)
+    masked = 0
+    for _ in range(6):
+        updates, state = opt.update(jax.grad(loss)(params), state, params)
+        (hd,) = optax.tree.get_all_with_path(state, "HypergradientState")
+        kept = hd[1]
+        np.testing.assert_allclose(updates, -kept.learning_rate * kept.direction, rtol=1e-6)
+        masked += int(jnp.sum(updates == 0))
+        params = optax.apply_updates(params, updates)
+    assert masked > 0  # the mask did drop coordinates: the comparison above saw masked steps
+
+
 def test_refuses_a_factory_without_adaopt_assembly() -> None:
+    with pytest.raises(TypeError, match="bold driver"):
+        adaopt.cautious(adaopt.bold_driver)(learning_rate=0.5, undo=True)
     for factory in (optax.adamw, adaopt.inject_hyperparams(adaopt.adamw), adaopt.schedule_free_adamw):
         with pytest.raises(TypeError, match=r"adaopt.inject_hyperparams\(adaopt.cautious\(adaopt.adamw\)\)"):
             adaopt.cautious(factory)(learning_rate=1e-3)

@@ -518,6 +518,15 @@ def wrapping_cores(wrapper: CoreWrapper) -> Iterator[None]:
         _CORE_WRAPPERS.reset(token)
 
 
+def wrapped_core(core: optax.GradientTransformation, is_step: bool) -> optax.GradientTransformation:
+    """``core`` wrapped by the active :func:`wrapping_cores` wrappers, innermost first (``is_step``: see
+    :data:`CoreWrapper`); for a factory whose direction is not the core it assembles (hypergradient descent's
+    direction, inside the learner of its learning rate)."""
+    for wrapper in reversed(_CORE_WRAPPERS.get()):
+        core = wrapper(core, is_step)
+    return core
+
+
 def assemble(
     core: optax.GradientTransformation,
     learning_rate: ScalarOrSchedule | None,
@@ -527,6 +536,7 @@ def assemble(
     decoupled_weight_decay: bool = False,
     after_decay: tuple[optax.GradientTransformation, ...] = (),
     complex_convention: str | None = None,
+    wrap_core: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Chain an optimizer's core with weight decay and the (negated) learning rate.
 
@@ -537,10 +547,12 @@ def assemble(
     sign) itself, as the loss-driven methods that learn it do. ``complex_convention`` is
     ``"modulus"`` for a core with complex math of its own; ``"real_imag"``, or None for a core
     without, views complex parameters as real pairs (:func:`complex_params.as_real_imag`).
-    Inside :func:`wrapping_cores`, ``core`` is wrapped first (innermost wrapper first).
+    Inside :func:`wrapping_cores`, ``core`` is wrapped first (:func:`wrapped_core`), unless
+    ``wrap_core`` is False: a core that wrapped its own direction already, or that no wrapper may
+    change (its state keeps the step it returned).
     """
-    for wrapper in reversed(_CORE_WRAPPERS.get()):
-        core = wrapper(core, learning_rate is None)
+    if wrap_core:
+        core = wrapped_core(core, learning_rate is None)
     decay = add_decayed_weights(weight_decay, weight_decay_mask)
     blocks = [check_gradient_tree(), *(() if decoupled_weight_decay else (decay,)), core]
     blocks += [*((decay,) if decoupled_weight_decay else ()), *after_decay]

@@ -234,6 +234,6 @@ def bold_driver(
     """
     base.check_nonnegative("weight_decay", weight_decay)
     core = scale_by_bold_driver(learning_rate, increase, decrease, undo=undo)
-    return base.assemble(
-        core, None, weight_decay, weight_decay_mask, complex_convention="modulus"
-    )  # norms and real inner products of a step linear in the gradient: both conventions agree
+    # Norms and real inner products of a step linear in the gradient: both conventions agree. No wrapper of the
+    # direction (adaopt.cautious): the undo replays the step the core returned, which a mask would change.
+    return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention="modulus", wrap_core=False)

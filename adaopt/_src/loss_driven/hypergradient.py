@@ -261,9 +261,10 @@ def sgd_hd(
         inner: optax.GradientTransformation = optax.identity()
     else:
         inner = scale_by_momentum(momentum, dampening, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
-    core = hypergradient(inner, learning_rate, hyper_lr, multiplicative)
+    # A wrapper of the direction (adaopt.cautious) wraps it here: the rate then learns from the step taken.
+    core = hypergradient(base.wrapped_core(inner, False), learning_rate, hyper_lr, multiplicative)
     # The hypergradient's inner products are real ones, and SGD is linear: both conventions agree.
-    return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention="modulus")
+    return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention="modulus", wrap_core=False)
 
 
 @base.check_flags
@@ -439,9 +440,10 @@ def adam_hd(
         )
     else:
         inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-    core = hypergradient(
-        inner, learning_rate, hyper_lr, multiplicative, per_leaf_update=per_leaf_update and not multiplicative
-    )
+    core = hypergradient(  # a wrapper of the direction wraps it here, as sgd_hd's
+        base.wrapped_core(inner, False), learning_rate, hyper_lr, multiplicative,
+        per_leaf_update=per_leaf_update and not multiplicative,
+    )  # fmt: skip
     return base.assemble(  # core applies the learning rate
-        core, None, weight_decay, weight_decay_mask, complex_convention=complex_convention
+        core, None, weight_decay, weight_decay_mask, complex_convention=complex_convention, wrap_core=False
     )

@@ -113,8 +113,10 @@ def cautious(
     assembly masking the core, so it works for every adaopt optimizer, under
     ``adaopt.inject_hyperparams(adaopt.cautious(adaopt.adamw))`` too (not the other way
     round: ``inject_hyperparams`` builds its optimizer later, at ``init`` and ``update``). A
-    core that applies the learning rate and the sign itself (LaProp's, the loss-driven
-    methods') is masked where its step descends along the gradient. Per tensor: a zero-size
+    core that applies the learning rate and the sign itself (LaProp's, Polyak's) is masked where
+    its step descends along the gradient; hypergradient descent's direction is masked inside the
+    learner of its rate, which then learns from the step taken. The bold driver is refused: its
+    undo replays the step its core returned. Per tensor: a zero-size
     leaf stays empty, a scalar keeps :math:`1/2` of an agreeing step. Complex parameters
     follow the optimizer's ``complex_convention``: ``"modulus"`` keeps a complex coordinate
     when :math:`\mathrm{Re}(\bar d_i g_i) > 0` (the angle to the gradient is below 90
@@ -140,9 +142,9 @@ def cautious(
       HyperparameterError: ``updates_are`` is neither choice.
       TypeError: when the returned factory is called, if ``optimizer`` built its optimizer
         without adaopt's assembly (an optax factory; Schedule-Free and COCOB, whose update is
-        not a direction times a learning rate; a factory that builds it later, as
-        ``inject_hyperparams``): there is no direction to mask apart from the decay. The
-        message says what to pass instead.
+        not a direction times a learning rate; the bold driver, whose undo replays its own step;
+        a factory that builds it later, as ``inject_hyperparams``): there is no direction to mask
+        apart from the decay. The message says what to pass instead.
 
     Example:
       >>> import jax.numpy as jnp, adaopt
@@ -191,7 +193,8 @@ def cautious(
             raise TypeError(
                 f"adaopt.cautious({name}) masks the direction of the optimizer that adaopt's assembly builds, but "
                 f"{name} built its optimizer without it: an optax factory, a method whose update is not a direction "
-                "times a learning rate (Schedule-Free, COCOB), or one that builds it later (inject_hyperparams). Pass the optimizer itself, adaopt.cautious(optax.adamw(1e-3)), to mask its "
+                "times a learning rate (Schedule-Free, COCOB), one whose state replays its step (the bold driver's undo), "
+                "or one that builds it later (inject_hyperparams). Pass the optimizer itself, adaopt.cautious(optax.adamw(1e-3)), to mask its "
                 "whole update (weight decay included), or put cautious inside: "
                 "adaopt.inject_hyperparams(adaopt.cautious(adaopt.adamw))."
             )
