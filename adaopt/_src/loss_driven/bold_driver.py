@@ -68,6 +68,10 @@ def scale_by_bold_driver(
         f_{\text{prev}} &\leftarrow f_t, \quad \text{compare} \leftarrow \text{true}
             \qquad \text{unless } r_t \wedge \text{undo} \text{ (then compare} \leftarrow \text{false)}
 
+    A non-finite :math:`f_t` is never :math:`f_{\text{prev}}`: the last finite loss stays the one
+    compared with (none before it: the next finite loss starts the comparisons), so a NaN or an
+    infinity is one rise, not a rise and then a fall.
+
     With ``undo=True`` a rise costs a step: the step returns to the previous point (up to
     rounding) and the next one starts from there with the decreased rate, without comparing.
     The state then keeps the last applied update: one extra copy of the parameters' size, in
@@ -156,12 +160,15 @@ def scale_by_bold_driver(
             steps, applied = moments.leafwise(leaf, 2, updates, state.previous_update)
         else:
             (steps,), applied = moments.leafwise(leaf, 1, updates), None
+        # A non-finite loss counts as a rise, and is never the loss the next one is compared with: the last
+        # finite one stays (none before it: the next loss starts the comparisons).
+        finite = jnp.isfinite(f)
         new_state = BoldDriverState(
             count=moments.safe_increment(state.count),
             learning_rate=alpha,
             scale=scale,
-            previous_value=jnp.where(revert, state.previous_value, f),
-            compare=~revert,
+            previous_value=jnp.where(revert | ~finite, state.previous_value, f),
+            compare=~revert & (finite | state.compare),
             previous_update=applied,
         )
         return steps, new_state
