@@ -87,7 +87,9 @@ def scale_by_sophia(
       gamma: :math:`\gamma`, the scale of the Hessian (the paper's and SophiaG's ``rho``), >= 0.
       eps: :math:`\epsilon`, the floor (or addend) of the denominator, >= 0.
       clip: :math:`c`, the bound of each coordinate of the update, >= 0.
-      eps_mode: ``"max"`` (the paper, pytorch-optimizer's SophiaH) or ``"add"`` (SophiaG).
+      eps_mode: ``"max"`` (the paper, pytorch-optimizer's SophiaH) or ``"add"`` (SophiaG). With
+        Hutchinson's estimate, which can be negative, use ``"max"``: with ``"add"`` a negative
+        :math:`\gamma h + \epsilon` turns the step uphill (bounded by the clip).
       update_interval: the period, in calls, of a ``hessian`` given as a function, >= 1.
       mu_dtype: storage dtype of the momentum (default: the parameter's, at least float32).
       nu_dtype: storage dtype of the Hessian EMA (default: the parameter's, at least float32).

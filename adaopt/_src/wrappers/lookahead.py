@@ -52,6 +52,11 @@ def lookahead(
     Its ``pullback_momentum="reset"`` and ``"pullback"`` change the inner optimizer's momentum at
     a synchronisation, which optax's ``reset_state`` (every state re-initialised) does not match.
 
+    Gradient accumulation goes inside: ``lookahead(optax.MultiSteps(fast, k_acc).gradient_transformation(),
+    ...)``, whose skipped micro-steps count toward ``sync_period``. ``optax.MultiSteps`` around a
+    lookahead (optax's too) fails: it builds zeros of the gradients' tree where the
+    ``LookaheadParams`` pair is expected.
+
     Args:
       fast_optimizer: the optimizer of the inner loop, e.g. ``adaopt.adam(1e-3)`` or one that
         needs the loss, ``adaopt.polyak_sgd()``.

@@ -123,8 +123,8 @@ def sam_value_and_grad(
         ``has_aux``), differentiable in ``params``.
       rho: :math:`\rho` >= 0, the radius of the neighbourhood (0: the plain gradient).
       adaptive: ASAM's neighbourhood :math:`T_w = |w| + \eta` instead of SAM's ball.
-      eta: :math:`\eta` >= 0 of ASAM (the paper's 0.01; pytorch-optimizer's and the authors'
-        code's 0).
+      eta: :math:`\eta` >= 0 of ASAM (the paper's and the authors' code's 0.01;
+        pytorch-optimizer's 0, this default).
       eps: :math:`\epsilon_0` >= 0, added to the norm of :math:`T_w g`.
       has_aux: ``loss_fn`` returns ``(loss, aux)``, as in ``jax.value_and_grad``.
 
@@ -157,7 +157,10 @@ def sam_value_and_grad(
       perturb_eps=eps)`` (the closure protocol: gradient at :math:`w`, ``first_step``
       perturbs, the closure takes the gradient there, ``second_step`` restores :math:`w` and
       steps the base optimizer) is this with ``eta=0``, followed by that base optimizer; it
-      computes the norm :math:`\|T_w g\|` in float32 whatever the parameters' dtype.
+      computes the norm :math:`\|T_w g\|` in float32 whatever the parameters' dtype. The authors'
+      ``ASAM(optimizer, model, rho=0.5, eta=0.01)`` (github.com/SamsungLabs/ASAM) scales only the
+      parameters whose name contains ``"weight"`` by :math:`T_w` (biases by 1), where this scales
+      every leaf, and adds 1e-16 to the norm: the two differ in the biases' perturbation.
     """
     _check(rho, adaptive, eta, eps)
     if not isinstance(has_aux, bool):
