@@ -201,3 +201,14 @@ def test_an_injected_state_can_be_donated(factory: Any) -> None:
     params, state = step(params, tx.init(params))
     params, state = step(params, state)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def test_bfloat16_and_float16_leaves_in_one_tree() -> None:
+    """optax.tree.dtype(tree, "highest") cannot order bfloat16 and float16; their promotion (float32) is the
+    hyperparameters' dtype."""
+    params = {"a": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(3, jnp.float16)}
+    tx = adaopt.inject_hyperparams(adaopt.adamw)(learning_rate=1e-2)
+    state = tx.init(params)
+    assert state.hyperparams["learning_rate"].dtype == jnp.float32
+    updates, _ = tx.update(params, state, params)
+    assert {k: u.dtype for k, u in updates.items()} == {"a": jnp.bfloat16, "b": jnp.float16}

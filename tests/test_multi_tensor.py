@@ -263,6 +263,43 @@ def test_an_optimizer_that_mixes_coordinates_is_refused(tx: optax.GradientTransf
         wrapped.update(params, state, params)
 
 
+@pytest.mark.parametrize(
+    "tx",
+    [
+        adaopt.muon(1e-2),  # Muon's matrices: a packed buffer would go to its AdamW
+        adaopt.adafactor(relative_step=False, scale_parameter=False, clip_threshold=None),  # factored by shape
+        adaopt.soap(precondition_frequency=1),
+    ],
+    ids=["muon", "adafactor", "soap"],
+)
+def test_an_optimizer_that_decides_by_a_leafs_shape_is_refused(tx: optax.GradientTransformation) -> None:
+    """Small matrices packed into a vector take these optimizers' elementwise vector path: the update is checked on
+    the leaves themselves too, where it is not elementwise."""
+    params = {"w": jnp.ones((16, 8)), "b": jnp.ones(8)}
+    wrapped = multi_tensor(tx)
+    with pytest.raises(NotElementwiseError, match="a matrix's own step would become a vector's"):
+        wrapped.update(params, wrapped.init(params), params)
+
+
+def test_half_precision_parameters_with_float32_gradients() -> None:
+    """Mixed precision: bfloat16 parameters, float32 gradients (the layout is the parameters', as init's)."""
+    params = {"w": jnp.linspace(-1, 1, 12, dtype=jnp.bfloat16).reshape(4, 3), "b": jnp.ones(3)}
+    grads = jax.tree.map(lambda p: jnp.cos(p.astype(jnp.float32)), params)
+    for make in (lambda: adaopt.adam(1e-2), lambda: adaopt.sgd(1e-2, momentum=0.9)):
+        wrapped, plain = multi_tensor(make()), make()
+        ours, _ = jax.jit(wrapped.update)(grads, wrapped.init(params), params)
+        theirs, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+        assert_close(ours, theirs, rtol=0)
+
+
+def test_a_static_extra_argument_stays_static() -> None:
+    """monitor's record=False, static under jit, through the elementwise check's trace."""
+    params = mixed_tree()
+    tx = adaopt.monitor(adaopt.adam(1e-2))
+    step = lambda t: jax.jit(t.update, static_argnames="record")(params, t.init(params), params, record=False)[0]
+    assert_close(step(multi_tensor(tx, min_size=MIN_SIZE)), step(tx), rtol=1e-6)
+
+
 def _stateless(step: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, lambda g, s, p=None: (jax.tree.map(step, g), s))
 

@@ -225,6 +225,27 @@ def test_sibling_form_inside_optax_wrappers() -> None:
     assert float(jnp.max(jnp.abs(got[0]["w"] - params["w"]))) > 0
 
 
+@pytest.mark.usefixtures("fusion_on")
+def test_static_extra_arguments_stay_static_and_quantized_moments_keep_the_plain_form() -> None:
+    """monitor's record= (static under jit) stays a Python bool through the sibling trace; a state of blockwise
+    int8 moments keeps the plain program (its chunk loops run once, not again for the sibling's update)."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64), "b": jnp.arange(3.0)}
+    grads = jax.tree.map(lambda p: 0.1 * jnp.cos(p), params)
+    tx = adaopt.monitor(adaopt.adam(1e-2))
+    opt = adaopt.single_pass(tx, min_size=1)
+    for record in (False, True):
+        step = lambda t, r=record: jax.jit(t.update, static_argnames="record")(grads, t.init(params), params, record=r)
+        assert_trees_close(step(opt), step(tx), rtol=1e-5, atol=1e-6)
+    light = adaopt.adamw(1e-3, mu_dtype="int8", nu_dtype="int8")
+    params = {"w": jnp.ones((512, 512))}  # large enough for a chunked step
+    program = lambda t: jax.jit(t.update).lower(params, light.init(params), params).as_text()
+    assert (
+        program(adaopt.single_pass(light, min_size=1)).count("stablehlo.while")
+        == program(light).count("stablehlo.while")
+        > 0
+    )
+
+
 MESH_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, optax

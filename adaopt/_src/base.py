@@ -296,6 +296,13 @@ def distinct_buffers(state: Any, params: Any = None) -> Any:
     return jax.tree.map(distinct, state)
 
 
+def split_extra_args(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``update``'s extra arguments as (arrays, the others): what may be traced (a loss ``value=``), and what must stay
+    as it is (``monitor``'s ``record=True``, static under ``jit``), for a wrapper that traces the update again."""
+    arrays = {k: v for k, v in extra.items() if isinstance(v, (jax.Array, np.ndarray, np.generic))}
+    return arrays, {k: v for k, v in extra.items() if k not in arrays}
+
+
 def check_gradient_tree() -> optax.GradientTransformation:
     """A stateless first block: the gradients must have the parameters' tree structure.
 

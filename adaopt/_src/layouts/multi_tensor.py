@@ -108,8 +108,8 @@ class Layout:
     def pack(self, tree: Any) -> FlatTree:
         """``tree`` (of this layout's structure and shapes) as a :class:`FlatTree`: one concatenate per buffer.
 
-        The buffers are keyed by the layout's dtypes and hold ``tree``'s own values, uncast (the
-        parameters packed along the gradients' layout keep the parameters' dtype).
+        The buffers are keyed by the layout's dtypes and hold ``tree``'s own values, uncast (float32
+        gradients packed along bfloat16 parameters' layout stay float32).
         """
         leaves = self.treedef.flatten_up_to(tree)
         parts: dict[str, list[jax.Array]] = {dtype: [] for dtype, _ in self.sizes}
@@ -335,7 +335,9 @@ def multi_tensor(
     Lion, ...). The first ``update`` inspects the wrapped update and raises
     :class:`NotElementwiseError` if it combines coordinates: per-leaf statistics (LAMB's trust
     ratios, LDoG) would be computed over a whole buffer, and whole-tree norms (DoG, Prodigy,
-    ``optax.clip_by_global_norm``) summed in another order. Chain such blocks outside the
+    ``optax.clip_by_global_norm``) summed in another order; the update is checked on the leaves
+    too, so that an optimizer that decides by a leaf's shape (Muon's matrices, Adafactor's
+    factored axes, SOAP), elementwise on a packed vector, is refused. Chain such blocks outside the
     wrapper: ``optax.chain(optax.clip_by_global_norm(1.0), adaopt.multi_tensor(adaopt.adam(1e-3)))``.
     A ``weight_decay_mask`` given to the wrapped optimizer would be matched against the packed
     tree; apply masked decay outside instead, e.g. for AdamW:
@@ -371,20 +373,35 @@ def multi_tensor(
     inner = optax.with_extra_args_support(tx)
     checked: set[Hashable] = set()
 
-    def check(grads: FlatTree, state: Any, params: FlatTree | None, extra: dict[str, Any]) -> None:
-        avals = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), (grads, state, params, extra))
-        key = (jax.tree.structure(avals), tuple(jax.tree.leaves(avals)))
+    def check(
+        grads: FlatTree, state: Any, params: FlatTree | None, extra: dict[str, Any], leaves: tuple[Any, Any]
+    ) -> None:
+        """The update is elementwise on the packed buffers, and on the leaves themselves (``leaves``: the gradients
+        and parameters unpacked): an optimizer that decides by a leaf's shape (Muon's matrices, Adafactor's factored
+        axes, GaLore's projected matrices) takes an elementwise path on a packed buffer and another on the leaf."""
+        arrays, static = base.split_extra_args(extra)
+        avals = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), (grads, state, params, arrays))
+        key = (jax.tree.structure(avals), tuple(jax.tree.leaves(avals)), repr(sorted(static.items())))
         if key in checked:
             return
-        jaxpr = jax.make_jaxpr(lambda g, s, p, e: inner.update(g, s, p, **e))(grads, state, params, extra)
-        op = _not_elementwise_op(jaxpr.jaxpr)
+        update = lambda g, s, p, e: inner.update(g, s, p, **e, **static)
+        op = _not_elementwise_op(jax.make_jaxpr(update)(grads, state, params, arrays).jaxpr)
+        if op is None:
+            unpacked_grads, unpacked_params = leaves
+            try:
+                shapes = jax.eval_shape(inner.init, unpacked_grads if unpacked_params is None else unpacked_params)
+            except (ValueError, TypeError):  # a per-leaf option made for the packed tree: nothing to compare
+                shapes = None
+            if shapes is not None:
+                traced = jax.make_jaxpr(update)(unpacked_grads, shapes, unpacked_params, arrays)
+                op = _not_elementwise_op(traced.jaxpr)
         if op is not None:
             raise NotElementwiseError(
                 f"adaopt.multi_tensor needs an elementwise optimizer (each coordinate's step depending only on that "
                 f"coordinate's gradient, state and parameter), but the wrapped update applies `{op}`, which is not known to act coordinate by "
                 "coordinate, to per-parameter arrays: packing leaves into one buffer could change its result (per-leaf statistics such as LAMB's "
-                "trust ratios would span a whole buffer; whole-tree norms would be summed in another order). Use it "
-                "without multi_tensor, or wrap only its elementwise part, e.g. "
+                "trust ratios would span a whole buffer; whole-tree norms would be summed in another order; a matrix's own "
+                "step would become a vector's). Use it without multi_tensor, or wrap only its elementwise part, e.g. "
                 "optax.chain(optax.clip_by_global_norm(1.0), adaopt.multi_tensor(adaopt.adam(1e-3)))."
             )
         checked.add(key)
@@ -407,10 +424,11 @@ def multi_tensor(
     ) -> tuple[base.Updates, MultiTensorState]:
         if params is not None:
             base.check_tree_match(updates, params, "parameters")
-        layout = Layout.of(updates, min_size)
+        # The parameters' layout, as init's: gradients of another dtype (float32 for bfloat16 parameters) share it.
+        layout = Layout.of(updates if params is None else params, min_size)
         grads = layout.pack(updates)
         flat_params = None if params is None else layout.pack(params)
-        check(grads, state.inner, flat_params, extra_args)
+        check(grads, state.inner, flat_params, extra_args, (updates, params))
         flat_updates, inner_state = inner.update(grads, state.inner, flat_params, **extra_args)
         new_updates = jax.tree.map(placement.placed_like, layout.unpack(flat_updates), updates)
         return new_updates, MultiTensorState(inner_state)

@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import optax
 
-from adaopt._src import base
+from adaopt._src import base, storage
 from adaopt._src.layouts.xla_cpu import backends_started as _backends_started
 from adaopt._src.layouts.xla_cpu import compiled_on_cpu
 from adaopt._src.layouts.xla_cpu import cpu_platform_requested as _cpu_platform_requested
@@ -263,9 +263,12 @@ def single_pass(
     with reductions over the tree computes them twice, which can cost more than the fusion
     saves (Prodigy on the ResNet-style tree of ``benchmarks/speed.py``; ``benchmarks/RESULTS.md``).
 
-    Where the multi-output fusion is off, where no leaf has ``min_size`` elements, or where the
-    step is compiled for another platform than the CPU, ``single_pass(tx)`` behaves exactly as
-    ``tx`` (the same program).
+    Where the multi-output fusion is off, where no leaf has ``min_size`` elements, where the
+    state holds blockwise-quantized moments (their step is a loop over chunks, or a CPU kernel,
+    which the sibling trace would run a second time whole), or where the step is compiled for
+    another platform than the CPU, ``single_pass(tx)`` behaves exactly as ``tx`` (the same
+    program). Extra arguments of ``update`` that are not arrays (``monitor``'s ``record=``,
+    static under ``jit``) reach both traces as they are.
 
     Args:
       tx: any gradient transformation; extra arguments of ``update`` (``value=``) pass through.
@@ -292,19 +295,24 @@ def single_pass(
         updates: base.Updates, state: Any, params: base.Params | None = None, **extra: Any
     ) -> tuple[base.Updates, Any]:
         new_updates, new_state = inner.update(updates, state, params, **extra)
-        if not cpu_multi_output_fusion_enabled() or not any(
-            leaf.size >= min_size for leaf in jax.tree.leaves(new_updates)
+        if (
+            not cpu_multi_output_fusion_enabled()
+            or not any(leaf.size >= min_size for leaf in jax.tree.leaves(new_updates))
+            or any(isinstance(x, storage.Quantized) for x in jax.tree.leaves(state, is_leaf=base.is_stored))
         ):
+            # Blockwise-quantized moments: their step is a loop over chunks (or a CPU kernel), which a second trace
+            # would run again whole, for no fusion.
             return new_updates, new_state
+        arrays, static = base.split_extra_args(extra)  # static ones (monitor's record=) stay out of the trace
 
-        def siblings(updates: Any, state: Any, params: Any, extra: Any) -> Any:
-            again = jax.lax.optimization_barrier((updates, state, params, extra))
-            return inner.update(again[0], again[1], again[2], **again[3])[0]
+        def siblings(updates: Any, state: Any, params: Any, arrays: Any) -> Any:
+            again = jax.lax.optimization_barrier((updates, state, params, arrays))
+            return inner.update(again[0], again[1], again[2], **again[3], **static)[0]
 
-        def plain(updates: Any, state: Any, params: Any, extra: Any) -> Any:
+        def plain(updates: Any, state: Any, params: Any, arrays: Any) -> Any:
             return new_updates
 
-        sibling_updates = jax.lax.platform_dependent(updates, state, params, extra, cpu=siblings, default=plain)
+        sibling_updates = jax.lax.platform_dependent(updates, state, params, arrays, cpu=siblings, default=plain)
         chosen = jax.tree.map(lambda u, s: s if u.size >= min_size else u, new_updates, sibling_updates)
         return chosen, new_state
 

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -132,7 +133,9 @@ def inject_hyperparams(
             return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=dtype)(*args, **kwargs)
 
         def build(tree: Any) -> optax.GradientTransformationExtraArgs:
-            return build_in(jnp.promote_types(optax.tree.dtype(tree, "highest"), jnp.float32))
+            # promote_types, not optax.tree.dtype(tree, "highest"), which cannot order bfloat16 and float16.
+            dtypes = (jnp.result_type(x) for x in jax.tree.leaves(tree))
+            return build_in(functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32)))
 
         build_in(jnp.float32)  # the arguments checked now, as optax checks them, not at init
 
