@@ -290,6 +290,22 @@ def _buffers(tree: Any) -> list[int]:
 
 
 @SPECS
+def test_steps_at_the_saturated_count_stay_finite(spec: OptimizerSpec) -> None:
+    """Counts saturate at 2**31 - 1 (int32): every int32 scalar of a state set just below the cap, the steps across
+    it stay finite (NAdam's next-step momentum read count + 1, which wrapped to -2**31: NaN from the cap on)."""
+    params = _params()
+    tx = learning_rates.make(spec)
+    _, state = _run(tx, params, 2)
+    near_cap = lambda x: jnp.full_like(x, 2**31 - 3) if x.dtype == jnp.int32 and x.ndim == 0 else x
+    state = jax.tree.map(near_cap, state)
+    step = jax.jit(lambda p, s: _update(tx, jax.grad(_loss)(p), s, p))
+    for _ in range(4):
+        updates, state = step(params, state)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)), updates
+        params = optax.apply_updates(params, updates)
+
+
+@SPECS
 def test_the_state_holds_each_buffer_once_and_none_of_the_parameters(spec: OptimizerSpec) -> None:
     """A state built outside jit and donated whole (``jax.jit(step, donate_argnums=...)``) must not hold one buffer
     twice, nor a parameter's: XLA refuses to donate a buffer twice. inject_hyperparams' arrays are the first values of

@@ -812,7 +812,7 @@ def scale_by_nadam(
 
         @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
-            mu_t, mu_next = schedule(count, dtype), schedule(count + 1, dtype)
+            mu_t, mu_next = schedule(count, dtype), schedule(moments.safe_increment(count), dtype)  # no wrap at the cap
             product = mu_product.astype(dtype)
             e, e_root = moments.scalar(eps, dtype), moments.scalar(eps_root, dtype)
             debias2 = moments.debias(b2, count, dtype)
