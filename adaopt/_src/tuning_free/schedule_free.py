@@ -37,7 +37,10 @@ class ScheduleFreeState(NamedTuple):
       count: :math:`t`, the number of updates so far, a saturating int32.
       b1: :math:`\beta_1`, the interpolation weight of the last step, kept for
         :func:`schedule_free_eval_params`.
-      weight_sum: :math:`W_t`, the sum of the averaging weights so far.
+      relative_weight_sum: :math:`W_t / w_t = 1 / c_t`, the sum of the averaging weights so far over
+        the last one (0 while every weight is 0). Kept relative: :math:`W_t` itself grows as
+        :math:`t^{r+1}`, past float32's range within the run for :math:`r` of 3 or more (the package
+        sums it in Python's float64).
       lr_max: :math:`\gamma^{max}_t`, the largest learning rate so far (-1 before the first step,
         as the package).
       z: :math:`z_t`, the base sequence.
@@ -45,7 +48,7 @@ class ScheduleFreeState(NamedTuple):
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     b1: jax.Array
-    weight_sum: jax.Array
+    relative_weight_sum: jax.Array
     lr_max: jax.Array
     z: Updates
 
@@ -186,7 +189,7 @@ def scale_by_schedule_free(
         return ScheduleFreeState(
             count=moments.zero_count(),
             b1=jnp.asarray(b1).astype(dtype),
-            weight_sum=jnp.zeros([], dtype),
+            relative_weight_sum=jnp.zeros([], dtype),
             lr_max=jnp.full([], -1.0, dtype),
             z=moments.init_copy(params, z_dtype),
         )
@@ -196,7 +199,7 @@ def scale_by_schedule_free(
     ) -> tuple[Updates, ScheduleFreeState]:
         params = base.require_params(params, "Schedule-Free")
         base.check_tree_match(updates, params, "parameters")
-        dtype = state.weight_sum.dtype
+        dtype = state.relative_weight_sum.dtype
         count = moments.safe_increment(state.count)
         step = count.astype(dtype)
         lr = numerics.learning_rate_at(learning_rate, state.count, dtype)
@@ -207,9 +210,15 @@ def scale_by_schedule_free(
             lr = lr * learning_rate_factor(step)
         lr = lr.astype(dtype)  # a learning_rate_factor may return another dtype
         lr_max = jnp.maximum(state.lr_max, lr)
-        weight = step ** moments.scalar(r, dtype) * lr_max ** moments.scalar(weight_lr_power, dtype)
-        weight_sum = state.weight_sum + weight
-        c = moments.safe_divide(weight, weight_sum)
+        # W_t / w_t = (W_{t-1} / w_{t-1}) (w_{t-1} / w_t) + 1, the ratio of weights ((t-1)/t)^r (lr_max' / lr_max)^p
+        # in [0, 1]: c_t = w_t / W_t without W_t, which overflows float32 for r >= 3. A weight of 0 (p > 0 while
+        # every rate is 0) has c = 0, as w / W with W = 0.
+        power = moments.scalar(weight_lr_power, dtype)
+        positive = (jnp.asarray(power) == 0) | (lr_max > 0)
+        lr_ratio = jnp.maximum(state.lr_max, 0) / jnp.where(lr_max > 0, lr_max, 1)
+        previous = _power((step - 1) / step, moments.scalar(r, dtype)) * _power(lr_ratio, power)
+        relative = jnp.where(positive, state.relative_weight_sum * previous + 1, 0).astype(dtype)
+        c = moments.safe_divide(jnp.ones([], dtype), relative)
         beta1 = jnp.asarray(moments.scalar(b1, dtype)).astype(dtype)
         y_lr = lr * (beta1 * (1 - c) - 1)
 
@@ -220,9 +229,16 @@ def scale_by_schedule_free(
             return u.astype(d.dtype), moments.store(z_new, z)
 
         step_tree, z = moments.leafwise(leaf, 2, updates, params, state.z)
-        return step_tree, ScheduleFreeState(count, beta1, weight_sum, lr_max, z)
+        return step_tree, ScheduleFreeState(count, beta1, relative, lr_max, z)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _power(x: jax.Array, exponent: Any) -> jax.Array:
+    """``x ** exponent`` for ``x >= 0`` (``0 ** 0 = 1``), with finite derivatives at ``x = 0`` (a plain power's are
+    ``0 * inf`` there for an exponent below 1, and ``log 0`` with respect to the exponent)."""
+    positive = x > 0
+    return jnp.where(positive, jnp.where(positive, x, 1) ** exponent, jnp.where(jnp.asarray(exponent) == 0, 1, 0))
 
 
 def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
