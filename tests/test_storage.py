@@ -101,6 +101,26 @@ def test_a_checkpoint_does_not_restore_into_another_format(written: str, read: s
     jax.tree.map(np.testing.assert_array_equal, back, state)
 
 
+@pytest.mark.parametrize("kind", ["dynamic8", "fp8"])
+def test_dadapt_adams_estimate_with_quantized_moments_at_any_gradient_scale(kind: str) -> None:
+    """D-Adapt Adam's numerator divides by the stored second moment: a coordinate stored as 0 (under its block's
+    resolution, its s not 0) divided by eps grew D with the square of the gradients' scale (a quadratic's gradients
+    times 1e15: D 1e8 after a step, NaN by the fourth). It adds nothing now, and D follows float32's."""
+    curvature = jnp.logspace(-1, 1, 512)
+    start = jnp.asarray(np.random.default_rng(3).normal(size=(2, 512)), jnp.float32)
+
+    def estimate(storage_: object) -> float:
+        tx = adaopt.dadapt_adam(mu_dtype=storage_, nu_dtype=storage_)
+        p, state = start[0], tx.init(start[0])
+        for _ in range(6):
+            updates, state = jax.jit(tx.update)(1e15 * curvature * (p - start[1]), state, p)
+            assert bool(jnp.all(jnp.isfinite(updates)))
+            p = optax.apply_updates(p, updates)
+        return float(optax.tree.get(state, "d"))
+
+    assert estimate(adaopt.Blockwise(kind, block_size=256, min_size=0)) == pytest.approx(estimate(None), rel=0.05)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp8", "bfloat16_sr"])
 def test_storages_round_trip_within_their_resolution(kind: str) -> None:
     rng = np.random.default_rng(1)

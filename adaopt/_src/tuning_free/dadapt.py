@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments, numerics, storage
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 ADAGRAD_INITIAL_ACCUMULATOR = 1e-6  # dadaptation's DAdaptAdaGrad starts its accumulator here (hard-coded)
@@ -336,7 +336,12 @@ def scale_by_dadapt_adam(
             cd, g32, (m32, v32, s32) = moments.to_compute(g, m, v, s)
             rho = moments.scalar(r[0], cd) if r else 1
             gamma, e, sb2 = dlr.astype(cd), moments.scalar(eps, cd), moments.scalar(sqrt_b2, cd)
-            dot = rho * jnp.sum(moments.real_product(g32, moments.over(s32, jnp.sqrt(v32) + e)))
+            ratio = moments.over(s32, jnp.sqrt(v32) + e)
+            if isinstance(v, storage.Quantized):
+                # A coordinate stored as 0 is under its block's resolution, not unseen (its s is not 0): divided by
+                # eps it would add g s / eps, growing D with the square of the gradients' scale. It adds nothing.
+                ratio = jnp.where(v32 > 0, ratio, 0)
+            dot = rho * jnp.sum(moments.real_product(g32, ratio))
             m_new, v_new = new_moments(g32, m32, v32, cd, rho)
             s_new = moments.ema(moments.times(g32, gamma), s32, sb2)
             l1 = rho * jnp.sum(jnp.abs(s_new))
