@@ -311,7 +311,7 @@ chunk, which stay in a core's second-level cache; smaller chunks spend more time
 
 @dataclasses.dataclass(frozen=True)
 class Blockwise:
-    """Blockwise quantized storage of a moment: 8-bit or 4-bit codes into a map, or FP8 values, with a scale per block.
+    r"""Blockwise quantized storage of a moment: 8-bit or 4-bit codes into a map, or FP8 values, with a scale per block.
 
     Args:
       format: ``"dynamic8"`` (8-bit codes; signed and unsigned dynamic maps, bitsandbytes and
@@ -330,6 +330,12 @@ class Blockwise:
         chunks rather than whole leaves (``adaopt._src.storage.step_leaf``); None computes each leaf whole. The
         operations, and so the numbers, do not depend on it (up to where XLA:CPU contracts
         ``a * b + c`` into fused multiply-adds, which depends on its kernels).
+
+    As in bitsandbytes and torchao, a coordinate of a second moment far below its block's
+    largest (a gradient that shrank, or one leaf's quiet coordinates) is stored as 0: its next
+    Adam step divides by :math:`\sqrt{(1 - \beta_2) g^2}` alone, up to :math:`1 / \sqrt{1 - \beta_2}`
+    times float32's step while its first moment is not 0. Smaller blocks, or ``min_size`` above
+    the leaves that see such gradients, bound it.
 
     Example:
       >>> import jax.numpy as jnp, adaopt

@@ -362,7 +362,10 @@ def scale_by_psgd_kron(
       memory_save_mode: None, ``"one_diag"`` or ``"all_diag"`` (see above).
       momentum_into_precond_update: fit the factors to the momentum :math:`\hat m_t` (True) or
         to the gradient :math:`g_t`.
-      preconditioner_lr: :math:`\eta_p`, the factors' step size, > 0.
+      preconditioner_lr: :math:`\eta_p`, the factors' step size, > 0. A leaf whose momentum is
+        exactly 0 (its gradients 0 for as long as the momentum remembers) grows its factors by
+        :math:`1 + \eta_p` at each preconditioner update, as the reference's do: after a long
+        zero phase the steps start large (NaN in float32 after thousands of updates at 0.3).
       preconditioner_init_scale: :math:`s`, the initial preconditioner's scale, > 0.
       mu_dtype: how the momentum is stored: a dtype or a storage (``"int8"``, ...); default the
         parameter's, at least float32.
