@@ -40,12 +40,12 @@ def test_rule_on_scripted_losses(undo: bool) -> None:
     tx = bold_driver(eta, up, down, undo=undo)
     params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
     grads = {"w": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray(3.0)}
-    values = [math.nan, 5.0, 4.0, 4.0, 6.0, 7.0, 3.0, math.nan, 2.0, math.inf, 2.5, 2.4]
+    values = [math.nan, 5.0, 4.0, 4.0, 6.0, 7.0, 3.0, math.nan, 2.0, math.inf, 2.5, 2.4, -math.inf, 2.3]
     state = tx.init(params)
     scale, compare, previous, applied = 1.0, False, 0.0, None
     for value in values:
         updates, state = tx.update(grads, state, params, value=jnp.asarray(value))
-        rose = compare and not value <= previous
+        rose = compare and not (math.isfinite(value) and value <= previous)
         if rose:
             scale *= down
         elif compare:

@@ -289,6 +289,7 @@ def test_hypergradient_descent_learns_from_the_masked_step() -> None:
 def test_refuses_a_factory_without_adaopt_assembly() -> None:
     with pytest.raises(TypeError, match="bold driver"):
         adaopt.cautious(adaopt.bold_driver)(learning_rate=0.5, undo=True)
+    adaopt.cautious(adaopt.bold_driver)(learning_rate=0.5, undo=False)  # no undo to replay: its direction masked
     for factory in (optax.adamw, adaopt.inject_hyperparams(adaopt.adamw), adaopt.schedule_free_adamw):
         with pytest.raises(TypeError, match=r"adaopt.inject_hyperparams\(adaopt.cautious\(adaopt.adamw\)\)"):
             adaopt.cautious(factory)(learning_rate=1e-3)

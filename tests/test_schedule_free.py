@@ -388,7 +388,7 @@ def test_half_precision_zero_gradient_gives_finite_updates() -> None:
 
     def run(params: dict, tx: optax.GradientTransformation) -> tuple:
         state = tx.init(params)
-        assert state[-1].relative_weight_sum.dtype == jnp.float32 and state[-1].z["w"].dtype == jnp.float32
+        assert state[-1].log_weight_sum.dtype == jnp.float32 and state[-1].z["w"].dtype == jnp.float32
 
         def step(carry: tuple, _: None) -> tuple[tuple, dict]:
             p, state = carry
@@ -411,13 +411,13 @@ def test_state_scalars_are_in_the_widest_float_dtype() -> None:
         params = {"a": jnp.ones(2, jnp.float32), "b": jnp.ones(3, jnp.float64)}
         state = schedule_free_adamw().init(params)[-1]
         assert isinstance(state, ScheduleFreeState)
-        assert state.relative_weight_sum.dtype == state.lr_max.dtype == state.b1.dtype == jnp.float64
-        assert state.count.dtype == jnp.int32 and state.relative_weight_sum.shape == ()
-        assert float(state.lr_max) == -1.0 and float(state.relative_weight_sum) == 0.0
+        assert state.log_weight_sum.dtype == state.lr_max.dtype == state.b1.dtype == jnp.float64
+        assert state.count.dtype == jnp.int32 and state.log_weight_sum.shape == ()
+        assert float(state.lr_max) == -1.0 and float(state.log_weight_sum) == -np.inf
         assert state.z["a"].dtype == jnp.float32 and state.z["b"].dtype == jnp.float64
     tx = schedule_free_sgd()
     state = tx.init({})
-    assert state[-1].relative_weight_sum.dtype == jnp.float32  # an empty tree: float32 scalars
+    assert state[-1].log_weight_sum.dtype == jnp.float32  # an empty tree: float32 scalars
     assert tx.update({}, state, {})[0] == {}
 
 
@@ -521,7 +521,7 @@ def test_eval_params_of_parameter_groups() -> None:
 
 def test_a_high_polynomial_weighting_stays_finite_in_float32() -> None:
     """r = 10: the weights' sum W_t grows as t^11, past float32's range by step 7,000 (NaN from there on, where
-    the package sums in float64); the state keeps W_t / w_t, and float32 follows float64's average."""
+    the package sums in float64); the state keeps log W_t, and float32 follows float64's average."""
 
     def run(dtype: Any) -> tuple[jax.Array, jax.Array]:
         tx = schedule_free_sgd(0.05, r=10.0)

@@ -262,12 +262,12 @@ def require_params(params: Params | None, who: str) -> Params:
     return params
 
 
-def _buffers(x: jax.Array) -> set[int]:
-    """Where ``x``'s data lives: its shards' buffer addresses (its identity where they cannot be read)."""
+def _buffers(x: jax.Array) -> set[tuple[int, int]]:
+    """Where ``x``'s data lives: its shards' devices and buffer addresses (its identity where they cannot be read)."""
     try:
-        return {shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards}
-    except Exception:  # a deleted or donated array, or a backend without the addresses
-        return {id(x)}
+        return {(shard.device.id, shard.data.unsafe_buffer_pointer()) for shard in x.addressable_shards}
+    except Exception:  # a backend without the addresses
+        return {(-1, id(x))}
 
 
 def distinct_buffers(state: Any, params: Any = None) -> Any:
@@ -278,13 +278,14 @@ def distinct_buffers(state: Any, params: Any = None) -> Any:
     donate_argnums=...)``) then fails, "Attempt to donate the same buffer twice". A jitted ``init`` returns distinct
     buffers anyway; traced leaves are left as they are.
     """
-    seen: set[int] = set()
+    live = lambda x: isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.is_deleted()
+    seen: set[tuple[int, int]] = set()
     for x in jax.tree.leaves(params):
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        if live(x):
             seen |= _buffers(x)
 
     def distinct(x: Any) -> Any:
-        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        if not live(x):  # traced, deleted (donated: nothing to copy), or not an array
             return x
         where = _buffers(x)
         if where & seen:
@@ -299,7 +300,8 @@ def distinct_buffers(state: Any, params: Any = None) -> Any:
 def split_extra_args(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``update``'s extra arguments as (arrays, the others): what may be traced (a loss ``value=``), and what must stay
     as it is (``monitor``'s ``record=True``, static under ``jit``), for a wrapper that traces the update again."""
-    arrays = {k: v for k, v in extra.items() if isinstance(v, (jax.Array, np.ndarray, np.generic))}
+    numbers = (jax.Array, np.ndarray, np.generic, int, float, complex)  # a Python loss too: traced, not a cache key
+    arrays = {k: v for k, v in extra.items() if isinstance(v, numbers) and not isinstance(v, bool)}
     return arrays, {k: v for k, v in extra.items() if k not in arrays}
 
 

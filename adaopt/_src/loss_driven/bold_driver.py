@@ -142,8 +142,9 @@ def scale_by_bold_driver(
         del params, extra_args
         dtype = state.scale.dtype
         f = base.loss_value(value, dtype, "bold_driver")
-        fell = state.compare & (f <= state.previous_value)
-        rose = state.compare & ~(f <= state.previous_value)
+        lower = jnp.isfinite(f) & (f <= state.previous_value)  # NaN and both infinities: a rise
+        fell = state.compare & lower
+        rose = state.compare & ~lower
         factor = jnp.where(rose, moments.scalar(decrease, dtype), jnp.where(fell, moments.scalar(increase, dtype), 1))
         scale = state.scale * factor.astype(dtype)
         alpha = numerics.learning_rate_at(learning_rate, state.count, dtype) * scale
@@ -241,6 +242,6 @@ def bold_driver(
     """
     base.check_nonnegative("weight_decay", weight_decay)
     core = scale_by_bold_driver(learning_rate, increase, decrease, undo=undo)
-    # Norms and real inner products of a step linear in the gradient: both conventions agree. No wrapper of the
-    # direction (adaopt.cautious): the undo replays the step the core returned, which a mask would change.
-    return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention="modulus", wrap_core=False)
+    # Norms and real inner products of a step linear in the gradient: both conventions agree. With the undo, no
+    # wrapper of the direction (adaopt.cautious): the undo replays the step the core returned, which a mask changes.
+    return base.assemble(core, None, weight_decay, weight_decay_mask, complex_convention="modulus", wrap_core=not undo)

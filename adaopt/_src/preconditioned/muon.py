@@ -66,18 +66,15 @@ class MatrixAxes:
     outputs: int | tuple[int, ...]
 
     def __post_init__(self) -> None:
+        is_axis = lambda a: isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
         for name in ("inputs", "outputs"):
             axes = getattr(self, name)
-            axes = (axes,) if isinstance(axes, int) and not isinstance(axes, bool) else axes
-            if (
-                not isinstance(axes, tuple)
-                or not axes
-                or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
-            ):
+            axes = (axes,) if is_axis(axes) else axes
+            if not isinstance(axes, (tuple, list)) or not axes or not all(is_axis(a) for a in axes):
                 raise base.HyperparameterError(
                     f"MatrixAxes' {name} must be an axis (an int) or a non-empty tuple of axes, got {getattr(self, name)!r}."
                 )
-            object.__setattr__(self, name, axes)
+            object.__setattr__(self, name, tuple(int(a) for a in axes))
 
     def permutation(self, ndim: int, where: str) -> tuple[tuple[int, ...], int, int]:
         """The axes in the order (batch, outputs, inputs), and how many outputs and inputs, for a leaf of ``ndim``."""
@@ -266,7 +263,12 @@ def _check_view(matrix_view: Any, *, per_leaf: bool = False) -> None:
     """A view: ``"batch"``, ``"flatten"`` or a :class:`MatrixAxes`; or (not ``per_leaf``) a function giving them."""
     if isinstance(matrix_view, MatrixAxes) or (callable(matrix_view) and not per_leaf):
         return
-    base.check_choice("matrix_view", matrix_view, ("batch", "flatten"))
+    if not (isinstance(matrix_view, str) and matrix_view in ("batch", "flatten")):
+        what = "a leaf's view from the matrix_view function" if per_leaf else "matrix_view"
+        raise base.HyperparameterError(
+            f"{what} must be 'batch', 'flatten' or an adaopt.MatrixAxes"
+            f"{'' if per_leaf else ', or a function of the parameters giving one a leaf'}, got {matrix_view!r}."
+        )
 
 
 def _views(matrix_view: ViewSpec, tree: Any) -> Any:
@@ -344,9 +346,10 @@ def scale_by_muon(
 
     with :func:`newton_schulz` as NS and :math:`A \times B` the matrix's shape (its last two axes).
 
-    Every leaf must have two or more dimensions: a leaf of three or more is a batch of matrices
-    over its leading axes (each orthogonalised, normalised and scaled by itself, as the author's
-    package does for 3-d leaves), or, with ``matrix_view="flatten"``, one matrix (its first axis
+    Every leaf must have two or more dimensions: by default a leaf of three or more is a batch of
+    matrices over its leading axes (each orthogonalised, normalised and scaled by itself, as the
+    author's package does for 3-d leaves; ``matrix_view`` chooses otherwise), or, with
+    ``matrix_view="flatten"``, one matrix (its first axis
     by the product of the others, scaled by that matrix's shape: heavyball's view, which its
     ``MuonAdamW`` follows on 4-d kernels). The author's package (0.1.0) means that view for 4-d
     convolution kernels but cannot run one: it adds the flattened update to the 4-d parameter (a

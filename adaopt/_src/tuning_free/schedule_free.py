@@ -37,9 +37,9 @@ class ScheduleFreeState(NamedTuple):
       count: :math:`t`, the number of updates so far, a saturating int32.
       b1: :math:`\beta_1`, the interpolation weight of the last step, kept for
         :func:`schedule_free_eval_params`.
-      relative_weight_sum: :math:`W_t / w_t = 1 / c_t`, the sum of the averaging weights so far over
-        the last one (0 while every weight is 0). Kept relative: :math:`W_t` itself grows as
-        :math:`t^{r+1}`, past float32's range within the run for :math:`r` of 3 or more (the package
+      log_weight_sum: :math:`\log W_t`, the logarithm of the sum of the averaging weights so far
+        (:math:`-\infty` while every weight is 0). Kept as a logarithm: :math:`W_t` grows as
+        :math:`t^{r+1}`, past float32's range within a run for :math:`r` of 3 or more (the package
         sums it in Python's float64).
       lr_max: :math:`\gamma^{max}_t`, the largest learning rate so far (-1 before the first step,
         as the package).
@@ -48,7 +48,7 @@ class ScheduleFreeState(NamedTuple):
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     b1: jax.Array
-    relative_weight_sum: jax.Array
+    log_weight_sum: jax.Array
     lr_max: jax.Array
     z: Updates
 
@@ -189,7 +189,7 @@ def scale_by_schedule_free(
         return ScheduleFreeState(
             count=moments.zero_count(),
             b1=jnp.asarray(b1).astype(dtype),
-            relative_weight_sum=jnp.zeros([], dtype),
+            log_weight_sum=jnp.full([], -jnp.inf, dtype),
             lr_max=jnp.full([], -1.0, dtype),
             z=moments.init_copy(params, z_dtype),
         )
@@ -199,7 +199,7 @@ def scale_by_schedule_free(
     ) -> tuple[Updates, ScheduleFreeState]:
         params = base.require_params(params, "Schedule-Free")
         base.check_tree_match(updates, params, "parameters")
-        dtype = state.relative_weight_sum.dtype
+        dtype = state.log_weight_sum.dtype
         count = moments.safe_increment(state.count)
         step = count.astype(dtype)
         lr = numerics.learning_rate_at(learning_rate, state.count, dtype)
@@ -210,15 +210,16 @@ def scale_by_schedule_free(
             lr = lr * learning_rate_factor(step)
         lr = lr.astype(dtype)  # a learning_rate_factor may return another dtype
         lr_max = jnp.maximum(state.lr_max, lr)
-        # W_t / w_t = (W_{t-1} / w_{t-1}) (w_{t-1} / w_t) + 1, the ratio of weights ((t-1)/t)^r (lr_max' / lr_max)^p
-        # in [0, 1]: c_t = w_t / W_t without W_t, which overflows float32 for r >= 3. A weight of 0 (p > 0 while
-        # every rate is 0) has c = 0, as w / W with W = 0.
+        # c_t = w_t / W_t in logarithms (W_t overflows float32 for r >= 3), with w_t from this step's r and p as the
+        # package's: log w_t = r log t + p log lr_max; a weight of 0 (p > 0 while every rate is 0) has c = 0.
         power = moments.scalar(weight_lr_power, dtype)
-        positive = (jnp.asarray(power) == 0) | (lr_max > 0)
-        lr_ratio = jnp.maximum(state.lr_max, 0) / jnp.where(lr_max > 0, lr_max, 1)
-        previous = _power((step - 1) / step, moments.scalar(r, dtype)) * _power(lr_ratio, power)
-        relative = jnp.where(positive, state.relative_weight_sum * previous + 1, 0).astype(dtype)
-        c = moments.safe_divide(jnp.ones([], dtype), relative)
+        any_rate = lr_max > 0
+        log_lr = jnp.where(any_rate, jnp.log(jnp.where(any_rate, lr_max, 1)), -jnp.inf)
+        lr_term = jnp.where(jnp.asarray(power) == 0, 0, jnp.where(any_rate, power * log_lr, -jnp.inf))
+        log_weight = (moments.scalar(r, dtype) * jnp.log(step) + lr_term).astype(dtype)
+        log_weight_sum = jnp.logaddexp(state.log_weight_sum, log_weight)
+        weighed = log_weight > -jnp.inf
+        c = jnp.where(weighed, jnp.exp(jnp.where(weighed, log_weight - log_weight_sum, 0)), 0)
         beta1 = jnp.asarray(moments.scalar(b1, dtype)).astype(dtype)
         y_lr = lr * (beta1 * (1 - c) - 1)
 
@@ -229,16 +230,9 @@ def scale_by_schedule_free(
             return u.astype(d.dtype), moments.store(z_new, z)
 
         step_tree, z = moments.leafwise(leaf, 2, updates, params, state.z)
-        return step_tree, ScheduleFreeState(count, beta1, relative, lr_max, z)
+        return step_tree, ScheduleFreeState(count, beta1, log_weight_sum, lr_max, z)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _power(x: jax.Array, exponent: Any) -> jax.Array:
-    """``x ** exponent`` for ``x >= 0`` (``0 ** 0 = 1``), with finite derivatives at ``x = 0`` (a plain power's are
-    ``0 * inf`` there for an exponent below 1, and ``log 0`` with respect to the exponent)."""
-    positive = x > 0
-    return jnp.where(positive, jnp.where(positive, x, 1) ** exponent, jnp.where(jnp.asarray(exponent) == 0, 1, 0))
 
 
 def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
@@ -292,33 +286,40 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
             "optimizer (adaopt.schedule_free_sgd, _adamw or _radam)."
         )
     y, as_params = numerics.unwrap_variables(params, "params")
-    z, b1 = _trained_by(found, y) if len(found) > 1 else (found[0].z, jax.tree.map(lambda _: found[0].b1, y))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(y)
+    owners = _trained_by(found, len(paths))
 
-    def leaf(y: jax.Array, z: jax.Array, b1: jax.Array) -> tuple[jax.Array]:
-        dtype, y32, (z32,) = moments.to_compute(y, z)
-        x = y32 + moments.times(z32 - y32, 1 - 1 / b1.astype(dtype))
-        return (x.astype(y.dtype),)
+    def average(path: Any, y: jax.Array, owner: tuple[Any, jax.Array] | None) -> jax.Array:
+        if owner is None:  # trained by another optimizer, or frozen: its own average
+            return y
+        z, b1 = owner
+        # With complex_convention="real_imag", the state holds a complex parameter as real pairs.
+        pairs = complex_params.is_complex(y) and not complex_params.is_complex(z)
+        view = complex_params.to_pairs(y) if pairs else y
+        if jnp.shape(view) != jnp.shape(z):
+            raise base.TreeMismatchError(
+                f"The parameters at {jax.tree_util.keystr(path)} have shape {jnp.shape(view)}, but the optimizer's "
+                f"state there has shape {jnp.shape(z)}: pass the parameters the optimizer was built for."
+            )
+        dtype, y32, (z32,) = moments.to_compute(view, z)
+        x = (y32 + moments.times(z32 - y32, 1 - 1 / b1.astype(dtype))).astype(view.dtype)
+        return complex_params.from_pairs(x, y) if pairs else x
 
-    # With complex_convention="real_imag", the state holds complex parameters as real pairs.
-    leaves = zip(jax.tree.leaves(y), jax.tree.leaves(z), strict=False)  # a mismatch is reported below
-    pairs = any(complex_params.is_complex(a) and not complex_params.is_complex(b) for a, b in leaves)
-    view = complex_params.to_pairs(y) if pairs else y
-    (x,) = moments.leafwise(leaf, 1, view, z, options=(b1,), what="state", subject="parameters")
-    return as_params(complex_params.from_pairs(x, y) if pairs else x)
+    x = [average(path, leaf, owner) for (path, leaf), owner in zip(paths, owners, strict=True)]
+    return as_params(jax.tree.unflatten(treedef, x))
 
 
-def _trained_by(found: list[ScheduleFreeState], y: Any) -> tuple[Any, Any]:
-    """The ``z`` and ``b1`` of each leaf of ``y`` from the states of a partitioned tree (each holding
-    ``optax.MaskedNode`` where another part's leaves are); a leaf that none trains gets ``z = y``."""
-    leaves, treedef = jax.tree.flatten(y)
-    z: list[Any] = list(leaves)
-    b1: list[Any] = [jnp.ones([], jnp.float32)] * len(leaves)
-    owner: list[int | None] = [None] * len(leaves)
+def _trained_by(found: list[ScheduleFreeState], n_leaves: int) -> list[tuple[Any, jax.Array] | None]:
+    """For each of the parameters' ``n_leaves`` leaves, the ``z`` leaf and ``b1`` of the state that trains it, from
+    the states found (a partitioned tree's hold ``optax.MaskedNode`` where another part's leaves are); None for a
+    leaf that none trains."""
+    owners: list[tuple[Any, jax.Array] | None] = [None] * n_leaves
+    owner: list[int | None] = [None] * n_leaves
     for k, sf in enumerate(found):
         parts = jax.tree.leaves(sf.z, is_leaf=lambda x: base.is_masked_node(x) or base.is_stored(x))
-        if len(parts) != len(leaves):
+        if len(parts) != n_leaves:
             raise base.TreeMismatchError(
-                f"A ScheduleFreeState's z has {len(parts)} leaves where the parameters have {len(leaves)}: "
+                f"A ScheduleFreeState's z has {len(parts)} leaves where the parameters have {n_leaves}: "
                 "pass the parameters the optimizer was built for."
             )
         for i, part in enumerate(parts):
@@ -329,8 +330,8 @@ def _trained_by(found: list[ScheduleFreeState], y: Any) -> tuple[Any, Any]:
                     f"Two ScheduleFreeStates (number {owner[i]} and number {k} found) both train leaf {i} of the "
                     "parameters: pass the state of one optimizer per leaf."
                 )
-            owner[i], z[i], b1[i] = k, part, sf.b1
-    return jax.tree.unflatten(treedef, z), jax.tree.unflatten(treedef, b1)
+            owner[i], owners[i] = k, (part, sf.b1)
+    return owners
 
 
 def _schedule_free(

@@ -115,8 +115,8 @@ def cautious(
     round: ``inject_hyperparams`` builds its optimizer later, at ``init`` and ``update``). A
     core that applies the learning rate and the sign itself (LaProp's, Polyak's) is masked where
     its step descends along the gradient; hypergradient descent's direction is masked inside the
-    learner of its rate, which then learns from the step taken. The bold driver is refused: its
-    undo replays the step its core returned. Per tensor: a zero-size
+    learner of its rate, which then learns from the step taken. The bold driver with its undo is
+    refused: the undo replays the step its core returned. Per tensor: a zero-size
     leaf stays empty, a scalar keeps :math:`1/2` of an agreeing step. Complex parameters
     follow the optimizer's ``complex_convention``: ``"modulus"`` keeps a complex coordinate
     when :math:`\mathrm{Re}(\bar d_i g_i) > 0` (the angle to the gradient is below 90
@@ -142,7 +142,8 @@ def cautious(
       HyperparameterError: ``updates_are`` is neither choice.
       TypeError: when the returned factory is called, if ``optimizer`` built its optimizer
         without adaopt's assembly (an optax factory; Schedule-Free and COCOB, whose update is
-        not a direction times a learning rate; the bold driver, whose undo replays its own step;
+        not a direction times a learning rate; the bold driver with ``undo=True``, whose undo
+        replays its own step;
         a factory that builds it later, as ``inject_hyperparams``): there is no direction to mask
         apart from the decay. The message says what to pass instead.
 
