@@ -517,6 +517,18 @@ def test_eval_params_of_parameter_groups() -> None:
     # Two states that claim one leaf are refused.
     with pytest.raises(ValueError, match="both train leaf"):
         schedule_free_eval_params((state, schedule_free_adamw(0.01).init(params)), params)
+    # One Schedule-Free group beside a frozen one: a single state holding optax.MaskedNode.
+    tx = adaopt.param_groups(schedule_free_adamw, [adaopt.Group("frozen", optimizer=optax.set_to_zero())])
+    alone, trained = schedule_free_adamw(), {k: params[k] for k in ("w", "b")}
+    grads = jax.grad(_loss)(trained)
+    updates, state = tx.update({**grads, "frozen": params["frozen"]}, tx.init(params), params)
+    _, alone_state = alone.update(grads, alone.init(trained), trained)
+    moved = optax.apply_updates(params, updates)
+    x = schedule_free_eval_params(state, moved)
+    np.testing.assert_array_equal(x["frozen"], params["frozen"])
+    expected = schedule_free_eval_params(alone_state, {k: moved[k] for k in trained})
+    for k in trained:
+        np.testing.assert_array_equal(x[k], expected[k])
 
 
 def test_a_high_polynomial_weighting_stays_finite_in_float32() -> None:
