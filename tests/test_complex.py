@@ -271,3 +271,23 @@ def test_schedule_free_evaluates_complex_parameters(convention: str) -> None:
             phase = np.exp(0.7j)
             rotated = evaluated(jnp.asarray(phase * params), jnp.asarray(phase * grads))
             np.testing.assert_allclose(np.asarray(rotated), phase * np.asarray(x), rtol=1e-10)
+
+
+def test_wrappers_and_tools_take_complex_leaves_beside_real_ones() -> None:
+    """inject_hyperparams keeps real hyperparameters (a complex leaf promoted them to complex); monitor reads a
+    real_imag state's real views as the moments they are, and packs complex and real leaves under strict promotion."""
+    params = {"z": jnp.asarray([1 + 2j, -0.5j, 3.0], jnp.complex64), "r": jnp.asarray([1.0, -2.0])}
+    grads = jax.tree.map(lambda p: 0.5 * p, params)
+    injected = adaopt.inject_hyperparams(adaopt.adam)(learning_rate=1e-2)
+    state = injected.init(params)
+    assert all(v.dtype == jnp.float32 for v in state.hyperparams.values())
+    injected.update(grads, state, params)
+    records = {}
+    for convention in ("modulus", "real_imag"):
+        tx = adaopt.monitor(adaopt.adam(1e-2, complex_convention=convention))
+        with jax.numpy_dtype_promotion("strict"):
+            _, state = tx.update(grads, tx.init(params), params)
+        records[convention] = adaopt.read_records(state)
+    assert {"state/mu/rms", "state/mu/max"} <= records["real_imag"].keys()
+    for name in ("state/mu/rms", "state/mu/max", "grad_norm"):  # mu is linear: both conventions agree
+        assert records["real_imag"][name] == pytest.approx(records["modulus"][name], rel=1e-6), name

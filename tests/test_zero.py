@@ -256,3 +256,18 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
     target = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(auto, P()))}
     with pytest.raises(adaopt.MeshAxisError, match="no parameter is placed on a mesh with explicit axes"):
         adaopt.abstract_state(adaopt.shard_states(adaopt.adam(1e-2)), target)
+
+
+def test_a_complex_parameters_real_view_is_split_too() -> None:
+    """complex_convention="real_imag" keeps a complex parameter's moments as its real view, shape s + (2,): they
+    mirror the parameter and are split along its data dimension like it (they were all kept whole)."""
+    mesh = _mesh()
+    with jax.set_mesh(mesh):
+        params = {
+            "z": jax.device_put(jnp.ones((8, 4), jnp.complex64), NamedSharding(mesh, P())),
+            "r": jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P())),
+        }
+        state = adaopt.shard_states(adaopt.adam(1e-2, complex_convention="real_imag")).init(params)
+    mu = optax.tree.get(state, "mu")
+    assert mu["z"].shape == (8, 4, 2) and mu["z"].sharding.spec == P("data", None, None)
+    assert mu["r"].sharding.spec == P("data", None)

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 CONVENTIONS = ("modulus", "real_imag")
@@ -46,6 +47,14 @@ def _from_pairs(pairs: Any, like: Any) -> Any:
     if pairs is None or not is_complex(like):
         return pairs
     return jax.lax.complex(pairs[..., 0], pairs[..., 1]).astype(jnp.result_type(like))
+
+
+def mirrors(leaf: Any, param: Any) -> bool:
+    """Whether a state leaf has ``param``'s shape, or, for a complex parameter, its real view's (``s + (2,)``, the
+    state of an optimizer with ``complex_convention="real_imag"``)."""
+    if np.shape(leaf) == np.shape(param):
+        return True
+    return is_complex(param) and not is_complex(leaf) and np.shape(leaf) == (*np.shape(param), 2)
 
 
 def to_pairs(tree: Any) -> Any:

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adaopt._src import base, placement
+from adaopt._src import base, complex_params, placement
 
 DEFAULT_MIN_SIZE = 1
 """By default every leaf with a dimension the axis divides is split: the scalars of the state are the only
@@ -110,7 +110,7 @@ def _mirrors(node: Any, params: Any) -> bool:
         for s, p in zip(jax.tree.leaves(node, is_leaf=_is_held), jax.tree.leaves(params), strict=True)
         if not base.is_masked_node(s)
     ]
-    return bool(pairs) and all(np.shape(s) == np.shape(p) for s, p in pairs)
+    return bool(pairs) and all(complex_params.mirrors(s, p) for s, p in pairs)
 
 
 def _split_leaf(leaf: Any, param: Any, dim: int | None, axis: str) -> Any:
@@ -120,7 +120,9 @@ def _split_leaf(leaf: Any, param: Any, dim: int | None, axis: str) -> Any:
         return leaf
 
     def split(x: Any) -> Any:
-        if np.ndim(x) != param.ndim or np.shape(x)[: dim + 1] != param.shape[: dim + 1]:
+        # A complex parameter's real view (complex_convention="real_imag") is split as the parameter.
+        pairs = complex_params.mirrors(x, param) and np.ndim(x) == param.ndim + 1
+        if (np.ndim(x) != param.ndim and not pairs) or np.shape(x)[: dim + 1] != param.shape[: dim + 1]:
             return x
         if placement.explicit_sharding(x) is None:
             return x

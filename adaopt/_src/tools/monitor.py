@@ -31,7 +31,7 @@ import numpy as np
 import optax
 import optax.contrib
 
-from adaopt._src import base, moments, numerics, placement
+from adaopt._src import base, complex_params, moments, numerics, placement
 from adaopt._src.base import Params, Updates
 from adaopt._src.wrappers import param_groups
 
@@ -294,14 +294,15 @@ def _labels(groups: GroupsSpec, tree: Any) -> list[str]:
 
 
 def _mirrors(value: Any, reference: Any) -> bool:
-    """Whether a state field holds one entry per parameter leaf, of the parameter's shape (a moment)."""
+    """Whether a state field holds one entry per parameter leaf, of the parameter's shape (a moment; a complex
+    parameter's may be its real view, ``complex_convention="real_imag"``)."""
     leaves = jax.tree.leaves(value, is_leaf=base.is_stored)
     if not leaves or not all(base.is_stored(v) or jnp.issubdtype(jnp.result_type(v), jnp.inexact) for v in leaves):
         return False
     structure: Any = jax.tree.structure(value, is_leaf=base.is_stored)
     if structure != jax.tree.structure(reference):
         return False
-    return all(np.shape(v) == np.shape(r) for v, r in zip(leaves, jax.tree.leaves(reference), strict=True))
+    return all(complex_params.mirrors(v, r) for v, r in zip(leaves, jax.tree.leaves(reference), strict=True))
 
 
 def _state_fields(inner_state: Any, reference: Any) -> dict[str, Any]:
@@ -401,9 +402,10 @@ def _packed_leaf_sums(gs: list[Any], us: list[Any], ps: list[Any], dtype: Any) -
     On a mesh with explicit axes each small leaf is gathered whole first (a concatenation takes one
     sharding): a few small all-gathers, where each leaf reduced alone would need an all-reduce.
     """
+    # Each leaf's |x|^2 packed (real: complex and real leaves side by side, whatever the promotion rules).
     packed = lambda xs: jnp.concatenate(
         [
-            jnp.ravel(moments.in_precision(placement.whole(jnp.asarray(g if x is None else x)), dtype))
+            jnp.ravel(_squared(placement.whole(jnp.asarray(g if x is None else x)), dtype))
             for g, x in zip(gs, xs, strict=True)
         ]
     )
@@ -411,15 +413,10 @@ def _packed_leaf_sums(gs: list[Any], us: list[Any], ps: list[Any], dtype: Any) -
     kept = lambda xs: jnp.concatenate(
         [jnp.full([np.size(g)], x is not None, dtype) for g, x in zip(gs, xs, strict=True)]
     )
-    g, u, p = packed(gs), packed(us), packed(ps)
+    g_sq, u_sq, p_sq = packed(gs), packed(us), packed(ps)
     big, one = _constants(dtype)
-    terms = [
-        _squared(g, dtype),
-        _squared(u, dtype) * kept(us),
-        _squared(p, dtype) * kept(ps),
-        _rate_sq(g, u, big, one, dtype) * kept(us),
-        _present(g, big, one, dtype),
-    ]
+    present = jnp.minimum(jnp.minimum(g_sq * big, one) * big, one)  # _present's, from the squares
+    terms = [g_sq, u_sq * kept(us), p_sq * kept(ps), u_sq / (g_sq + (one - present)) * present * kept(us), present]
     segments = np.repeat(np.arange(len(gs)), [np.size(g) for g in gs])
     return jax.ops.segment_sum(jnp.stack(terms, axis=-1), segments, num_segments=len(gs), indices_are_sorted=True)
 
@@ -455,21 +452,27 @@ def _group_stats(sums: jax.Array) -> dict[str, jax.Array]:
     }
 
 
-def _field_stats(value: Any, dtype: Any) -> jax.Array:
-    """The RMS and the largest magnitude of a state field over all its coordinates (small leaves packed)."""
+def _field_stats(value: Any, reference: Any, dtype: Any) -> jax.Array:
+    """The RMS and the largest magnitude of a state field over all its coordinates (small leaves packed), a complex
+    parameter's real view (``complex_convention="real_imag"``) read as the complex numbers it holds."""
     # A stored leaf is decoded once, into an array both reductions read.
     leaves = [moments.load(x, jnp.float32) for x in jax.tree.leaves(value, is_leaf=base.is_stored)]
-    size = sum(int(np.size(x)) for x in leaves)
-    small = [
-        jnp.ravel(moments.in_precision(placement.whole(jnp.asarray(x)), dtype))
-        for x in leaves
-        if np.size(x) < PACKED_SIZE
+    leaves = [
+        complex_params.from_pairs(x, r) if complex_params.is_complex(r) and not complex_params.is_complex(x) else x
+        for x, r in zip(leaves, jax.tree.leaves(reference), strict=True)
     ]
-    parts = [x for x in leaves if np.size(x) >= PACKED_SIZE] + ([jnp.concatenate(small)] if small else [])
+    size = sum(int(np.size(x)) for x in leaves)
+    small = [placement.whole(jnp.asarray(x)) for x in leaves if np.size(x) < PACKED_SIZE]
     squared = lambda x: _squared(x, dtype)
     magnitude = lambda x: jnp.abs(moments.in_precision(jnp.asarray(x), dtype)).astype(dtype)
-    total = sum((_sum(squared, x) for x in parts), jnp.zeros([], dtype))
-    largest = jnp.max(jnp.stack([jnp.zeros([], dtype)] + [_largest(magnitude, x) for x in parts]))
+    # Small leaves' squares and magnitudes packed (real: complex leaves beside real ones, under any promotion rules).
+    packed = (lambda f: [jnp.concatenate([jnp.ravel(f(x)) for x in small])]) if small else (lambda f: [])
+    large = [x for x in leaves if np.size(x) >= PACKED_SIZE]
+    total = sum((_sum(squared, x) for x in large), jnp.zeros([], dtype)) + sum(
+        (_sum(lambda s: s, x) for x in packed(squared)), jnp.zeros([], dtype)
+    )
+    maxima = [_largest(magnitude, x) for x in large] + [_largest(lambda m: m, x) for x in packed(magnitude)]
+    largest = jnp.max(jnp.stack([jnp.zeros([], dtype), *maxima]))
     return jnp.stack([_root(total / max(size, 1)), largest])
 
 
@@ -505,7 +508,7 @@ def _measure(
             raise ValueError(f"record_norm({name!r}) takes the name of one of the monitor's own records: rename it.")
         add([name], value)
     for name, value in _state_fields(inner_state, grads).items():
-        add([f"state/{name}/rms", f"state/{name}/max"], _field_stats(value, dtype))
+        add([f"state/{name}/rms", f"state/{name}/max"], _field_stats(value, grads, dtype))
     for prefix, reader in (("hyperparams", _hyperparams_of), ("nonfinite", _skip_counts_of)):
         for name, value in _found(inner_state, reader).items():
             add([f"{prefix}/{name}"], value)

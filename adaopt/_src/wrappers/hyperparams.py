@@ -133,9 +133,11 @@ def inject_hyperparams(
             return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=dtype)(*args, **kwargs)
 
         def build(tree: Any) -> optax.GradientTransformationExtraArgs:
-            # promote_types, not optax.tree.dtype(tree, "highest"), which cannot order bfloat16 and float16.
-            dtypes = (jnp.result_type(x) for x in jax.tree.leaves(tree))
-            return build_in(functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32)))
+            # promote_types, not optax.tree.dtype(tree, "highest"), which cannot order bfloat16 and float16; a complex
+            # leaf counts by its real parts' dtype (the hyperparameters are real), an integer leaf not at all.
+            dtypes = [jnp.result_type(x) for x in jax.tree.leaves(tree)]
+            real = (jnp.finfo(d).dtype for d in dtypes if jnp.issubdtype(d, jnp.inexact))
+            return build_in(functools.reduce(jnp.promote_types, real, jnp.dtype(jnp.float32)))
 
         build_in(jnp.float32)  # the arguments checked now, as optax checks them, not at init
 
