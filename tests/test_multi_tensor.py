@@ -281,6 +281,16 @@ def test_an_optimizer_that_decides_by_a_leafs_shape_is_refused(tx: optax.Gradien
         wrapped.update(params, wrapped.init(params), params)
 
 
+def test_complex_leaves_viewed_as_real_pairs_are_refused_with_the_reason() -> None:
+    params = {"z": jnp.ones(3, jnp.complex64), "r": jnp.ones(2)}
+    for tx in (adaopt.rprop(1e-2), adaopt.adam(1e-2, complex_convention="real_imag")):
+        wrapped = multi_tensor(tx)
+        with pytest.raises(NotElementwiseError, match="views each as real pairs"):
+            wrapped.update(params, wrapped.init(params), params)
+    wrapped = multi_tensor(adaopt.adam(1e-2))  # modulus: complex arithmetic, coordinate by coordinate
+    wrapped.update(params, wrapped.init(params), params)
+
+
 def test_half_precision_parameters_with_float32_gradients() -> None:
     """Mixed precision: bfloat16 parameters, float32 gradients (the layout is the parameters', as init's)."""
     params = {"w": jnp.linspace(-1, 1, 12, dtype=jnp.bfloat16).reshape(4, 3), "b": jnp.ones(3)}

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adaopt._src import base, placement, storage
+from adaopt._src import base, complex_params, placement, storage
 
 DEFAULT_MIN_SIZE = 16_384
 """Leaves of at least this many elements keep their own buffers.
@@ -386,8 +386,8 @@ def multi_tensor(
             return
         update = lambda g, s, p, e: inner.update(g, s, p, **e, **static)
         op = _not_elementwise_op(jax.make_jaxpr(update)(grads, state, params, arrays).jaxpr)
+        unpacked_grads, unpacked_params = leaves
         if op is None:
-            unpacked_grads, unpacked_params = leaves
             try:
                 shapes = jax.eval_shape(inner.init, unpacked_grads if unpacked_params is None else unpacked_params)
             except (ValueError, TypeError):  # a per-leaf option made for the packed tree: nothing to compare
@@ -403,6 +403,13 @@ def multi_tensor(
                 "trust ratios would span a whole buffer; whole-tree norms would be summed in another order; a matrix's own "
                 "step would become a vector's). Use it without multi_tensor, or wrap only its elementwise part, e.g. "
                 "optax.chain(optax.clip_by_global_norm(1.0), adaopt.multi_tensor(adaopt.adam(1e-3)))."
+                + (
+                    " With complex parameters, complex_convention='real_imag' (and rprop, which has no other) views "
+                    "each as real pairs, a stack the check cannot follow: use complex_convention='modulus', or keep the "
+                    "complex leaves out of multi_tensor."
+                    if any(complex_params.is_complex(x) for x in jax.tree.leaves(unpacked_grads))
+                    else ""
+                )
             )
         checked.add(key)
 
