@@ -247,6 +247,26 @@ def test_multisteps_accumulates_to_the_mean_gradient(spec: OptimizerSpec) -> Non
 
 
 @SPECS
+def test_inside_optax_partition_it_steps_its_group_as_alone(spec: OptimizerSpec) -> None:
+    """optax.partition puts MaskedNode in place of the other group's leaves, in the gradients and the state: the
+    optimizer's group steps as the optimizer on that subtree alone (Adafactor and GaLore took optax's MaskedNode
+    for their own "no statistic here" and refused the gradients)."""
+    params = _params()
+    tx = learning_rates.make(spec)
+    labels = {"dense": {"w": "ours", "b": "ours"}, "scale": "frozen"}
+    partitioned = optax.partition({"ours": tx, "frozen": optax.set_to_zero()}, labels)
+    grads = _grads(params, 0)
+    updates, _ = _compiled_if_matrix(spec, lambda g: _update(partitioned, g, partitioned.init(params), params))(grads)
+    alone = {"dense": params["dense"]}
+    value = _loss(params)
+    expected, _ = _compiled_if_matrix(spec, lambda g: tx.update(g, tx.init(alone), alone, value=value))(
+        {"dense": grads["dense"]}
+    )
+    _assert_trees_close(updates["dense"], expected["dense"])
+    assert float(updates["scale"]) == 0.0
+
+
+@SPECS
 def test_apply_if_finite_skips_a_nan_step(spec: OptimizerSpec) -> None:
     tx = adaopt.apply_if_finite(learning_rates.make(spec), max_consecutive_errors=5)
     params = _params()

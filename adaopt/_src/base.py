@@ -255,6 +255,22 @@ def check_tree_match(tree: Any, reference: Any, what: str, *, subject: str = "gr
             )
 
 
+def leaves_up_to(updates: Any, tree: Any, what: str = "state") -> list[Any]:
+    """``tree``'s subtrees at the leaves of ``updates``, in order: a state whose own placeholders for "nothing kept
+    for this leaf" are ``optax.MaskedNode`` objects, told apart from the empty ``MaskedNode`` nodes that
+    ``optax.masked`` and ``optax.partition`` put in place of other groups' leaves (both in the gradients and in
+    the state). A tree of another structure is a :class:`TreeMismatchError`."""
+    structure: Any = jax.tree.structure(updates)
+    try:
+        return structure.flatten_up_to(tree)
+    except (ValueError, TypeError) as error:
+        raise TreeMismatchError(
+            f"The gradients do not have the structure of the optimizer's {what}: expected a tree of structure\n"
+            f"  {jax.tree.structure(tree, is_leaf=is_masked_node)}\nbut got\n  {jax.tree.structure(updates)}\n"
+            "Call init on the parameters whose gradients you pass."
+        ) from error
+
+
 def require_params(params: Params | None, who: str) -> Params:
     """``params``, or the one error for an ``update`` that needs the parameters and was not given them."""
     if params is None:

@@ -281,9 +281,9 @@ def scale_by_adafactor(
             params = base.require_params(params, "adafactor's parameter scale (scale_parameter=True)")
         if params is not None:
             base.check_tree_match(updates, params, "parameters")
-        for statistic in (state.v_row, state.v_col, state.v):
-            placeholders = jax.tree.map(lambda _: 0, statistic, is_leaf=base.is_masked_node)
-            base.check_tree_match(updates, placeholders, "state", shapes=False)
+        # Up to the gradients' structure: this state's MaskedNode placeholders (no statistic kept) stay per-leaf
+        # values, where optax.partition's MaskedNode (another group's leaf) matches the gradients' own.
+        statistics = [base.leaves_up_to(updates, s) for s in (state.v_row, state.v_col, state.v)]
         if state.mu is not None:
             base.check_tree_match(updates, state.mu, "state")
         count = moments.safe_increment(state.count)
@@ -345,7 +345,7 @@ def scale_by_adafactor(
         per_leaf = zip(
             with_paths,
             [None] * n if params is None else jax.tree.leaves(params),
-            *(jax.tree.leaves(s, is_leaf=base.is_masked_node) for s in (state.v_row, state.v_col, state.v)),
+            *statistics,
             [None] * n if state.mu is None else jax.tree.leaves(state.mu, is_leaf=base.is_stored),
             strict=True,
         )

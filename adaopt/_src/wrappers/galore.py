@@ -97,18 +97,7 @@ def _project_back(low: jax.Array, u: jax.Array | None, vh: jax.Array | None) -> 
 
 def _check_gradients(updates: Updates, state: GaLoreState) -> None:
     """The gradients have the structure of the parameters ``init`` saw, and each projected matrix its shape."""
-    got: Any = jax.tree.structure(updates)
-    want = jax.tree.structure(state.left, is_leaf=base.is_masked_node)
-    if got != want:
-        raise base.TreeMismatchError(
-            f"The gradients do not have the structure of the optimizer's state: expected a tree of structure\n"
-            f"  {want}\nbut got\n  {got}\nCall init on the parameters whose gradients you pass."
-        )
-    bases = zip(
-        jax.tree.leaves(state.left, is_leaf=base.is_masked_node),
-        jax.tree.leaves(state.right, is_leaf=base.is_masked_node),
-        strict=True,
-    )
+    bases = zip(base.leaves_up_to(updates, state.left), base.leaves_up_to(updates, state.right), strict=True)
     for (path, g), (u, vh) in zip(jax.tree_util.tree_leaves_with_path(updates), bases, strict=True):
         rows = None if base.is_masked_node(u) else u.shape[0]
         cols = None if base.is_masked_node(vh) else vh.shape[1]
