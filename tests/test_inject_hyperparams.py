@@ -212,3 +212,9 @@ def test_bfloat16_and_float16_leaves_in_one_tree() -> None:
     assert state.hyperparams["learning_rate"].dtype == jnp.float32
     updates, _ = tx.update(params, state, params)
     assert {k: u.dtype for k, u in updates.items()} == {"a": jnp.bfloat16, "b": jnp.float16}
+
+
+def test_plain_optax_inject_hyperparams_of_an_integer_option_says_what_to_do() -> None:
+    """optax injects Muon's ns_steps as an array: refused, naming the wrapper that keeps it static."""
+    with pytest.raises(adaopt.HyperparameterError, match=r"ns_steps.*adaopt.inject_hyperparams\(factory\)"):
+        optax.inject_hyperparams(adaopt.muon)(learning_rate=0.02).init({"w": jnp.ones((4, 4))})

@@ -104,7 +104,14 @@ def check_integer(name: str, value: Any, low: int, high: int = INT32_MAX) -> Non
     """Raise ``HyperparameterError`` unless ``value`` is an integer (not a bool) in [low, high]."""
     is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     if not is_int or not low <= value <= high:
-        raise HyperparameterError(f"{name} must be an integer in [{low}, {high}], got {value!r}.")
+        hint = (
+            f" An array here is what optax.inject_hyperparams makes of an integer option: it sets shapes or loop "
+            f"counts and must stay a Python int. Use adaopt.inject_hyperparams(factory), which keeps it static, or "
+            f"optax.inject_hyperparams(factory, static_args=({name!r},))."
+            if isinstance(value, (jax.Array, np.ndarray))
+            else ""
+        )
+        raise HyperparameterError(f"{name} must be an integer in [{low}, {high}], got {value!r}.{hint}")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
