@@ -320,7 +320,8 @@ def _trained_by(found: list[ScheduleFreeState], n_leaves: int) -> list[tuple[Any
         if len(parts) != n_leaves:
             raise base.TreeMismatchError(
                 f"A ScheduleFreeState's z has {len(parts)} leaves where the parameters have {n_leaves}: "
-                "pass the parameters the optimizer was built for."
+                "pass the parameters the optimizer was built for (under optax.flatten, the one flat vector it "
+                "made of them)."
             )
         for i, part in enumerate(parts):
             if base.is_masked_node(part):
