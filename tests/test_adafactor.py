@@ -316,3 +316,12 @@ def test_complex_parameters_are_refused_at_init() -> None:
 def test_bad_input_is_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(adaopt.HyperparameterError, match=message):
         adaopt.adafactor(**kwargs)
+
+
+def test_gradients_shallower_than_the_state_are_a_tree_mismatch() -> None:
+    """A state built for {'a': {'x', 'y'}} given gradients {'a': g}: the gradients' tree is a prefix of the state's,
+    which flattening up to it would take; refused with both structures."""
+    params = {"a": {"x": jnp.ones((4, 3)), "y": jnp.ones(3)}}
+    tx = adaopt.adafactor(1e-2)
+    with pytest.raises(adaopt.TreeMismatchError, match="do not have the structure"):
+        tx.update({"a": jnp.ones(3)}, tx.init(params), {"a": jnp.ones(3)})

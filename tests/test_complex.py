@@ -282,12 +282,16 @@ def test_wrappers_and_tools_take_complex_leaves_beside_real_ones() -> None:
     state = injected.init(params)
     assert all(v.dtype == jnp.float32 for v in state.hyperparams.values())
     injected.update(grads, state, params)
-    records = {}
+    records, nu = {}, {}
     for convention in ("modulus", "real_imag"):
         tx = adaopt.monitor(adaopt.adam(1e-2, complex_convention=convention))
         with jax.numpy_dtype_promotion("strict"):
             _, state = tx.update(grads, tx.init(params), params)
-        records[convention] = adaopt.read_records(state)
+        records[convention], nu[convention] = adaopt.read_records(state), optax.tree.get(state, "nu")
+    # Under modulus a complex parameter's second moment is real, of its shape: read as it is.
+    coords = np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree.leaves(nu["modulus"])])
+    assert records["modulus"]["state/nu/rms"] == pytest.approx(np.sqrt(np.mean(coords**2)), rel=1e-6)
+    assert records["modulus"]["state/nu/max"] == pytest.approx(np.max(np.abs(coords)), rel=1e-6)
     assert {"state/mu/rms", "state/mu/max"} <= records["real_imag"].keys()
     for name in ("state/mu/rms", "state/mu/max", "grad_norm"):  # mu is linear: both conventions agree
         assert records["real_imag"][name] == pytest.approx(records["modulus"][name], rel=1e-6), name

@@ -108,7 +108,7 @@ def check_integer(name: str, value: Any, low: int, high: int = INT32_MAX) -> Non
             f" An array here is what optax.inject_hyperparams makes of an integer option: it sets shapes or loop "
             f"counts and must stay a Python int. Use adaopt.inject_hyperparams(factory), which keeps it static, or "
             f"optax.inject_hyperparams(factory, static_args=({name!r},))."
-            if isinstance(value, (jax.Array, np.ndarray))
+            if isinstance(value, jax.Array) and name.isidentifier()
             else ""
         )
         raise HyperparameterError(f"{name} must be an integer in [{low}, {high}], got {value!r}.{hint}")
@@ -269,13 +269,20 @@ def leaves_up_to(updates: Any, tree: Any, what: str = "state") -> list[Any]:
     the state). A tree of another structure is a :class:`TreeMismatchError`."""
     structure: Any = jax.tree.structure(updates)
     try:
-        return structure.flatten_up_to(tree)
-    except (ValueError, TypeError) as error:
+        parts = structure.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        parts = None
+    # flatten_up_to takes the gradients as a prefix: a subtree of the state where they have a leaf is a mismatch too.
+    if parts is None or not all(
+        is_masked_node(x) or jax.tree_util.treedef_is_leaf(jax.tree.structure(x)) for x in parts
+    ):
         raise TreeMismatchError(
             f"The gradients do not have the structure of the optimizer's {what}: expected a tree of structure\n"
-            f"  {jax.tree.structure(tree, is_leaf=is_masked_node)}\nbut got\n  {jax.tree.structure(updates)}\n"
-            "Call init on the parameters whose gradients you pass."
-        ) from error
+            f"  {jax.tree.structure(tree, is_leaf=is_masked_node)}\nbut got\n"
+            f"  {jax.tree.structure(updates, is_leaf=is_masked_node)}\nCall init on the parameters whose gradients "
+            "you pass."
+        )
+    return parts
 
 
 def require_params(params: Params | None, who: str) -> Params:

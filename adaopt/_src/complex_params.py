@@ -49,12 +49,15 @@ def _from_pairs(pairs: Any, like: Any) -> Any:
     return jax.lax.complex(pairs[..., 0], pairs[..., 1]).astype(jnp.result_type(like))
 
 
-def mirrors(leaf: Any, param: Any) -> bool:
-    """Whether a state leaf has ``param``'s shape, or, for a complex parameter, its real view's (``s + (2,)``, the
-    state of an optimizer with ``complex_convention="real_imag"``)."""
-    if np.shape(leaf) == np.shape(param):
-        return True
+def is_real_view(leaf: Any, param: Any) -> bool:
+    """Whether a state leaf is a complex parameter's real view (``s + (2,)``, real): the state of an optimizer with
+    ``complex_convention="real_imag"``."""
     return is_complex(param) and not is_complex(leaf) and np.shape(leaf) == (*np.shape(param), 2)
+
+
+def mirrors(leaf: Any, param: Any) -> bool:
+    """Whether a state leaf has ``param``'s shape, or is its real view (:func:`is_real_view`)."""
+    return np.shape(leaf) == np.shape(param) or is_real_view(leaf, param)
 
 
 def to_pairs(tree: Any) -> Any:

@@ -407,7 +407,7 @@ def multi_tensor(
                     " With complex parameters, complex_convention='real_imag' (and rprop, which has no other) views "
                     "each as real pairs, a stack the check cannot follow: use complex_convention='modulus', or keep the "
                     "complex leaves out of multi_tensor."
-                    if any(complex_params.is_complex(x) for x in jax.tree.leaves(unpacked_grads))
+                    if "stack" in op and any(complex_params.is_complex(x) for x in jax.tree.leaves(unpacked_grads))
                     else ""
                 )
             )

@@ -121,7 +121,8 @@ def _split_leaf(leaf: Any, param: Any, dim: int | None, axis: str) -> Any:
 
     def split(x: Any) -> Any:
         # A complex parameter's real view (complex_convention="real_imag") is split as the parameter.
-        pairs = complex_params.mirrors(x, param) and np.ndim(x) == param.ndim + 1
+        # (a stored view's arrays too: its codes s + (2,), its per-row scales s[:-1] + (1, blocks)).
+        pairs = complex_params.is_complex(param) and not complex_params.is_complex(x) and np.ndim(x) == param.ndim + 1
         if (np.ndim(x) != param.ndim and not pairs) or np.shape(x)[: dim + 1] != param.shape[: dim + 1]:
             return x
         if placement.explicit_sharding(x) is None:

@@ -453,25 +453,27 @@ def _group_stats(sums: jax.Array) -> dict[str, jax.Array]:
 
 
 def _field_stats(value: Any, reference: Any, dtype: Any) -> jax.Array:
-    """The RMS and the largest magnitude of a state field over all its coordinates (small leaves packed), a complex
-    parameter's real view (``complex_convention="real_imag"``) read as the complex numbers it holds."""
+    """The RMS and the largest magnitude of a state field over all its coordinates (small leaves packed).
+
+    A complex parameter's real view (``complex_convention="real_imag"``) is read as the complex numbers it holds:
+    the coordinates counted, and the magnitudes, are the parameter's (for a second moment, of (re^2, im^2) pairs).
+    """
     # A stored leaf is decoded once, into an array both reductions read.
     leaves = [moments.load(x, jnp.float32) for x in jax.tree.leaves(value, is_leaf=base.is_stored)]
     leaves = [
-        complex_params.from_pairs(x, r) if complex_params.is_complex(r) and not complex_params.is_complex(x) else x
+        complex_params.from_pairs(x, r) if complex_params.is_real_view(x, r) else x
         for x, r in zip(leaves, jax.tree.leaves(reference), strict=True)
     ]
     size = sum(int(np.size(x)) for x in leaves)
-    small = [placement.whole(jnp.asarray(x)) for x in leaves if np.size(x) < PACKED_SIZE]
     squared = lambda x: _squared(x, dtype)
     magnitude = lambda x: jnp.abs(moments.in_precision(jnp.asarray(x), dtype)).astype(dtype)
-    # Small leaves' squares and magnitudes packed (real: complex leaves beside real ones, under any promotion rules).
-    packed = (lambda f: [jnp.concatenate([jnp.ravel(f(x)) for x in small])]) if small else (lambda f: [])
     large = [x for x in leaves if np.size(x) >= PACKED_SIZE]
-    total = sum((_sum(squared, x) for x in large), jnp.zeros([], dtype)) + sum(
-        (_sum(lambda s: s, x) for x in packed(squared)), jnp.zeros([], dtype)
-    )
-    maxima = [_largest(magnitude, x) for x in large] + [_largest(lambda m: m, x) for x in packed(magnitude)]
+    total = sum((_sum(squared, x) for x in large), jnp.zeros([], dtype))
+    maxima = [_largest(magnitude, x) for x in large]
+    small = [placement.whole(jnp.asarray(x)) for x in leaves if np.size(x) < PACKED_SIZE]
+    if small:  # their squares and magnitudes packed: real, complex leaves beside real ones under any promotion
+        total = total + _sum(lambda s: s, jnp.concatenate([jnp.ravel(squared(x)) for x in small]))
+        maxima.append(_largest(lambda m: m, jnp.concatenate([jnp.ravel(magnitude(x)) for x in small])))
     largest = jnp.max(jnp.stack([jnp.zeros([], dtype), *maxima]))
     return jnp.stack([_root(total / max(size, 1)), largest])
 
