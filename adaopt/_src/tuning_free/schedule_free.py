@@ -299,7 +299,7 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
         if jnp.shape(view) != jnp.shape(z):
             raise base.TreeMismatchError(
                 f"The parameters at {jax.tree_util.keystr(path)} have shape {jnp.shape(view)}, but the optimizer's "
-                f"state there has shape {jnp.shape(z)}: pass the parameters the optimizer was built for."
+                f"state there has shape {jnp.shape(z)}: pass the parameters it was built for."
             )
         dtype, y32, (z32,) = moments.to_compute(view, z)
         x = (y32 + moments.times(z32 - y32, 1 - 1 / b1.astype(dtype))).astype(view.dtype)
@@ -319,9 +319,9 @@ def _trained_by(found: list[ScheduleFreeState], n_leaves: int) -> list[tuple[Any
         parts = jax.tree.leaves(sf.z, is_leaf=lambda x: base.is_masked_node(x) or base.is_stored(x))
         if len(parts) != n_leaves:
             raise base.TreeMismatchError(
-                f"A ScheduleFreeState's z has {len(parts)} leaves where the parameters have {n_leaves}: "
-                "pass the parameters the optimizer was built for (under optax.flatten, the one flat vector it "
-                "made of them)."
+                "The parameters do not have the structure of the optimizer's state: its ScheduleFreeState's z has "
+                f"{len(parts)} leaves where the parameters have {n_leaves}: pass the parameters it was built for "
+                "(under optax.flatten, the one flat vector it made of them)."
             )
         for i, part in enumerate(parts):
             if base.is_masked_node(part):
