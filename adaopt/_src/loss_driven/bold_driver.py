@@ -142,7 +142,8 @@ def scale_by_bold_driver(
         del params, extra_args
         dtype = state.scale.dtype
         f = base.loss_value(value, dtype, "bold_driver")
-        lower = jnp.isfinite(f) & (f <= state.previous_value)  # NaN and both infinities: a rise
+        finite = jnp.isfinite(f)
+        lower = finite & (f <= state.previous_value)  # NaN and both infinities: a rise
         fell = state.compare & lower
         rose = state.compare & ~lower
         factor = jnp.where(rose, moments.scalar(decrease, dtype), jnp.where(fell, moments.scalar(increase, dtype), 1))
@@ -163,7 +164,6 @@ def scale_by_bold_driver(
             (steps,), applied = moments.leafwise(leaf, 1, updates), None
         # A non-finite loss counts as a rise, and is never the loss the next one is compared with: the last
         # finite one stays (none before it: the next loss starts the comparisons).
-        finite = jnp.isfinite(f)
         new_state = BoldDriverState(
             count=moments.safe_increment(state.count),
             learning_rate=alpha,

@@ -95,10 +95,11 @@ def _project_back(low: jax.Array, u: jax.Array | None, vh: jax.Array | None) -> 
     return full if vh is None else _matmul(full, vh)
 
 
-def _check_gradients(updates: Updates, state: GaLoreState) -> None:
-    """The gradients have the structure of the parameters ``init`` saw, and each projected matrix its shape."""
-    bases = zip(base.leaves_up_to(updates, state.left), base.leaves_up_to(updates, state.right), strict=True)
-    for (path, g), (u, vh) in zip(jax.tree_util.tree_leaves_with_path(updates), bases, strict=True):
+def _checked_bases(updates: Updates, state: GaLoreState) -> tuple[list[Any], list[Any]]:
+    """Each gradient leaf's left and right bases, checked: the gradients have the structure of the parameters
+    ``init`` saw, and each projected matrix its shape."""
+    lefts, rights = base.leaves_up_to(updates, state.left), base.leaves_up_to(updates, state.right)
+    for (path, g), u, vh in zip(jax.tree_util.tree_leaves_with_path(updates), lefts, rights, strict=True):
         rows = None if base.is_masked_node(u) else u.shape[0]
         cols = None if base.is_masked_node(vh) else vh.shape[1]
         if (rows is not None and jnp.shape(g)[:1] != (rows,)) or (cols is not None and jnp.shape(g)[1:] != (cols,)):
@@ -108,6 +109,7 @@ def _check_gradients(updates: Updates, state: GaLoreState) -> None:
                 f"there was built for a matrix of {' and '.join(sides)}. Call init on the parameters whose "
                 "gradients you pass."
             )
+    return lefts, rights
 
 
 def default_galore_mask(params: Params, rank: int, min_dim: int | None = None) -> Any:
@@ -254,9 +256,7 @@ def galore(
         updates: Updates, state: GaLoreState, params: Params | None = None, **extra_args: Any
     ) -> tuple[Updates, GaLoreState]:
         treedef: Any = jax.tree.structure(updates)  # flatten_up_to: a method the stubs lack
-        _check_gradients(updates, state)
-        lefts = treedef.flatten_up_to(state.left)
-        rights = treedef.flatten_up_to(state.right)
+        lefts, rights = _checked_bases(updates, state)
         refresh = state.count % update_proj_gap == 0
         new_left, new_right, low_grads, low_params = [], [], [], []
         param_leaves = [None] * len(lefts) if params is None else treedef.flatten_up_to(params)
