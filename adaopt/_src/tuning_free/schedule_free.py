@@ -289,10 +289,10 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
     paths, treedef = jax.tree_util.tree_flatten_with_path(y)
     owners = _trained_by(found, len(paths))
 
-    def average(path: Any, y: jax.Array, owner: tuple[Any, jax.Array] | None) -> jax.Array:
+    def average(path: Any, y: jax.Array, owner: tuple[int, Any, jax.Array] | None) -> jax.Array:
         if owner is None:  # trained by another optimizer, or frozen: its own average
             return y
-        z, b1 = owner
+        _, z, b1 = owner
         # With complex_convention="real_imag", the state holds a complex parameter as real pairs.
         pairs = complex_params.is_complex(y) and not complex_params.is_complex(z)
         view = complex_params.to_pairs(y) if pairs else y
@@ -309,12 +309,11 @@ def schedule_free_eval_params(state: Any, params: base.Params) -> base.Params:
     return as_params(jax.tree.unflatten(treedef, x))
 
 
-def _trained_by(found: list[ScheduleFreeState], n_leaves: int) -> list[tuple[Any, jax.Array] | None]:
-    """For each of the parameters' ``n_leaves`` leaves, the ``z`` leaf and ``b1`` of the state that trains it, from
-    the states found (a partitioned tree's hold ``optax.MaskedNode`` where another part's leaves are); None for a
-    leaf that none trains."""
-    owners: list[tuple[Any, jax.Array] | None] = [None] * n_leaves
-    owner: list[int | None] = [None] * n_leaves
+def _trained_by(found: list[ScheduleFreeState], n_leaves: int) -> list[tuple[int, Any, jax.Array] | None]:
+    """For each of the parameters' ``n_leaves`` leaves, the state that trains it (its index among those found), its
+    ``z`` leaf and its ``b1`` (a partitioned tree's states hold ``optax.MaskedNode`` where another part's leaves
+    are); None for a leaf that none trains."""
+    owners: list[tuple[int, Any, jax.Array] | None] = [None] * n_leaves
     for k, sf in enumerate(found):
         parts = jax.tree.leaves(sf.z, is_leaf=lambda x: base.is_masked_node(x) or base.is_stored(x))
         if len(parts) != n_leaves:
@@ -326,12 +325,13 @@ def _trained_by(found: list[ScheduleFreeState], n_leaves: int) -> list[tuple[Any
         for i, part in enumerate(parts):
             if base.is_masked_node(part):
                 continue
-            if owner[i] is not None:
+            claimed = owners[i]
+            if claimed is not None:
                 raise ValueError(
-                    f"Two ScheduleFreeStates (number {owner[i]} and number {k} found) both train leaf {i} of the "
+                    f"Two ScheduleFreeStates (number {claimed[0]} and number {k} found) both train leaf {i} of the "
                     "parameters: pass the state of one optimizer per leaf."
                 )
-            owner[i], owners[i] = k, (part, sf.b1)
+            owners[i] = (k, part, sf.b1)
     return owners
 
 
