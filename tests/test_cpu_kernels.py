@@ -117,6 +117,9 @@ ADAM_CASES = {
         mu_dtype=adaopt.Blockwise(storage.ALIASES[q].format, block_size=64, scale_floor=1e-12),
         nu_dtype=adaopt.Blockwise(storage.ALIASES[q].format, block_size=64, scale_floor=1e-12),
     ),
+    "blocks of 24 (AVX2's vector path, AVX-512's scalar one)": lambda q: adaopt.adam(
+        1e-3, mu_dtype=adaopt.Blockwise(block_size=24), nu_dtype=adaopt.Blockwise(block_size=24)
+    ),
     "traced hyperparameters": lambda q: optax.inject_hyperparams(adaopt.adam, static_args=("mu_dtype", "nu_dtype"))(
         learning_rate=1e-3, b1=0.85, b2=0.99, mu_dtype=q, nu_dtype=q
     ),

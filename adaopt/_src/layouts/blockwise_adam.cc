@@ -25,6 +25,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define ADAOPT_AVX512 1
+#define ADAOPT_VECTOR 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ADAOPT_AVX2 1
+#define ADAOPT_VECTOR 1
 #endif
 
 namespace ffi = xla::ffi;
@@ -173,121 +178,268 @@ void BlockScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* 
   StoreScalar<F>(j, j.v, b, start, length, v_new, v_largest);
 }
 
-#ifdef ADAOPT_AVX512
-// The values (before their scale) of elements [i, i + 16) of a moment; `map16` holds a 4-bit map's 16 entries.
-template <int F>
-inline __m512 Decode(const Moment& q, int64_t i, __m512 map16) {
-  if constexpr (F == kDynamic4) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q.codes + (i >> 1)));
+// The vector forms of the steps, for a whole block whose size is a multiple of the vector's lanes: `Vec` holds the
+// instruction set's operations, one lane per element, and the generic code below reads them only (the arithmetic
+// and its order are the scalar path's, lane by lane).
+#if defined(ADAOPT_AVX512)
+struct Vec {
+  static constexpr int64_t kLanes = 16;
+  using F = __m512;
+  using Map16 = __m512;  // a 4-bit map's 16 entries
+
+  static F Set(float x) { return _mm512_set1_ps(x); }
+  static F Load(const float* p) { return _mm512_loadu_ps(p); }
+  static void Store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  static F Add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F Div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F Sqrt(F a) { return _mm512_sqrt_ps(a); }
+  static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c, rounded once
+  static F Abs(F a) { return _mm512_abs_ps(a); }
+  static F Max(F a, F b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+  static F Min(F a, F b) { return _mm512_min_ps(a, b); }
+  static float ReduceMax(F a) { return _mm512_reduce_max_ps(a); }  // of lanes without NaN
+  // `x` where `where` is false, `y` where it is true.
+  static F Where(__mmask16 where, F x, F y) { return _mm512_mask_mov_ps(x, where, y); }
+  static __mmask16 Equal(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static __mmask16 Greater(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static __mmask16 Less(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+
+  // The map's entries at the codes (a byte each) of 16 elements.
+  static F Lookup(const float* map, const uint8_t* codes) {
+    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+    return _mm512_i32gather_ps(index, map, 4);
+  }
+  static Map16 LoadMap16(const float* map) { return _mm512_loadu_ps(map); }
+  // The map's entries at the 4-bit codes of 16 elements, two a byte (the first in the high half): a register permute.
+  static F Lookup4(const Map16& map, const uint8_t* bytes) {
+    const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
     const __m128i nibble = _mm_set1_epi8(0x0F);
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), low = _mm_and_si128(bytes, nibble);
-    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), map16);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble), low = _mm_and_si128(packed, nibble);
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), map);
+  }
+  // storage.nearest_index of 16 elements, their codes a byte each: as the scalar Nearest.
+  static __m128i Nearest(F x, const uint32_t* table) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i ffff = _mm512_set1_epi32(0xFFFF);
+    const __m512i negative = _mm512_srai_epi32(bits, 31);  // all ones for a negative float
+    const __m512i low = _mm512_xor_si512(_mm512_and_si512(bits, ffff), _mm512_and_si512(negative, ffff));
+    const __m512i entry =
+        _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), reinterpret_cast<const int*>(table), 4);
+    const __m512i y = _mm512_sub_epi32(entry, _mm512_slli_epi32(low, 8));
+    const __m512i index = _mm512_add_epi32(_mm512_and_si512(y, _mm512_set1_epi32(0xFF)), _mm512_srli_epi32(y, 31));
+    return _mm512_cvtepi32_epi8(index);
+  }
+  // The scalar E4m3 of 16 elements.
+  static __m128i E4m3(F x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(magnitude, 20), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(magnitude, _mm512_set1_epi32(0x7FFFF)), odd);
+    const __m512i normal = _mm512_sub_epi32(_mm512_srli_epi32(rounded, 20), _mm512_set1_epi32(120 << 3));
+    const __m512i small =
+        _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(512.0f)));
+    const __mmask16 subnormal = _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(0x3C800000));
+    __m512i code = _mm512_mask_mov_epi32(normal, subnormal, small);
+    code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x43E80000)),
+                                 _mm512_set1_epi32(0x7F));
+    code = _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80)));
+    return _mm512_cvtepi32_epi8(code);
+  }
+  static void StoreCodes(uint8_t* p, __m128i codes) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), codes); }
+  // 16 codes of 4 bits into 8 bytes: 16-bit lane k holds codes 2k and 2k + 1, stored as (first << 4) | second.
+  static void StoreCodes4(uint8_t* p, __m128i codes) {
+    const __m128i first = _mm_and_si128(codes, _mm_set1_epi16(0x00FF)), second = _mm_srli_epi16(codes, 8);
+    const __m128i pairs = _mm_or_si128(_mm_slli_epi16(first, 4), second);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(pairs, pairs));
+  }
+};
+#elif defined(ADAOPT_AVX2)
+struct Vec {
+  static constexpr int64_t kLanes = 8;
+  using F = __m256;
+  struct Map16 {
+    __m256 low, high;  // entries 0-7 and 8-15
+  };
+
+  static F Set(float x) { return _mm256_set1_ps(x); }
+  static F Load(const float* p) { return _mm256_loadu_ps(p); }
+  static void Store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static F Add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F Div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F Sqrt(F a) { return _mm256_sqrt_ps(a); }
+  static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F Abs(F a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
+  static F Max(F a, F b) { return _mm256_max_ps(a, b); }  // b where either is NaN, as AVX-512's
+  static F Min(F a, F b) { return _mm256_min_ps(a, b); }
+  static float ReduceMax(F a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static F Where(F where, F x, F y) { return _mm256_blendv_ps(x, y, where); }
+  static F Equal(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+  static F Greater(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static F Less(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+
+  static F Lookup(const float* map, const uint8_t* codes) {
+    const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+    return _mm256_i32gather_ps(map, index, 4);
+  }
+  // The values of 8 float8_e4m3fn codes, by integer arithmetic (storage._from_e4m3's): a gather is slower here.
+  static F FromE4m3(const uint8_t* codes) {
+    const __m256i bits = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x80)), 24);
+    const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7F));
+    const __m256i normal =
+        _mm256_or_si256(sign, _mm256_slli_epi32(_mm256_add_epi32(magnitude, _mm256_set1_epi32(120 << 3)), 20));
+    const __m256i small = _mm256_or_si256(
+        sign, _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(1.0f / 512.0f))));
+    const __m256i value = _mm256_blendv_epi8(normal, small, _mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude));
+    const __m256i nan = _mm256_or_si256(sign, _mm256_set1_epi32(0x7FC00000));
+    return _mm256_castsi256_ps(
+        _mm256_blendv_epi8(value, nan, _mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7F))));
+  }
+  static Map16 LoadMap16(const float* map) { return {_mm256_loadu_ps(map), _mm256_loadu_ps(map + 8)}; }
+  // Two permutes of eight entries each (by the code's low three bits), the code's fourth bit choosing between them.
+  static F Lookup4(const Map16& map, const uint8_t* bytes) {
+    int32_t word;
+    std::memcpy(&word, bytes, 4);
+    const __m128i packed = _mm_cvtsi32_si128(word);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble), low = _mm_and_si128(packed, nibble);
+    const __m256i index = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(high, low));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(map.low, index), _mm256_permutevar8x32_ps(map.high, index),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+  }
+  // The low byte of each 32-bit lane, the 8 bytes in the low half of the result (a truncation, as AVX-512's).
+  static __m128i LowBytes(__m256i x) {
+    const __m256i gather = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,  //
+                                            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i bytes = _mm256_shuffle_epi8(x, gather);
+    return _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1));
+  }
+  static __m128i Nearest(F x, const uint32_t* table) {
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i ffff = _mm256_set1_epi32(0xFFFF);
+    const __m256i negative = _mm256_srai_epi32(bits, 31);
+    const __m256i low = _mm256_xor_si256(_mm256_and_si256(bits, ffff), _mm256_and_si256(negative, ffff));
+    const __m256i entry =
+        _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), _mm256_srli_epi32(bits, 16), 4);
+    const __m256i y = _mm256_sub_epi32(entry, _mm256_slli_epi32(low, 8));
+    return LowBytes(_mm256_add_epi32(_mm256_and_si256(y, _mm256_set1_epi32(0xFF)), _mm256_srli_epi32(y, 31)));
+  }
+  // As AVX-512's; the magnitudes are below 2**31, so signed comparisons order them as unsigned ones.
+  static __m128i E4m3(F x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(magnitude, 20), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(magnitude, _mm256_set1_epi32(0x7FFFF)), odd);
+    const __m256i normal = _mm256_sub_epi32(_mm256_srli_epi32(rounded, 20), _mm256_set1_epi32(120 << 3));
+    const __m256i small =
+        _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_castsi256_ps(magnitude), _mm256_set1_ps(512.0f)));
+    const __m256i subnormal = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3C800000), magnitude);
+    __m256i code = _mm256_blendv_epi8(normal, small, subnormal);
+    code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7F), _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x43E80000)));
+    code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80)));
+    return LowBytes(code);
+  }
+  static void StoreCodes(uint8_t* p, __m128i codes) { _mm_storel_epi64(reinterpret_cast<__m128i*>(p), codes); }
+  static void StoreCodes4(uint8_t* p, __m128i codes) {
+    const __m128i first = _mm_and_si128(codes, _mm_set1_epi16(0x00FF)), second = _mm_srli_epi16(codes, 8);
+    const __m128i pairs = _mm_or_si128(_mm_slli_epi16(first, 4), second);
+    const int32_t word = _mm_cvtsi128_si32(_mm_packus_epi16(pairs, pairs));
+    std::memcpy(p, &word, 4);
+  }
+};
+#endif
+
+#ifdef ADAOPT_VECTOR
+using VF = Vec::F;
+
+// The values (before their scale) of elements [i, i + kLanes) of a moment.
+template <int F>
+inline VF Decode(const Moment& q, int64_t i, const Vec::Map16& map16) {
+  if constexpr (F == kDynamic4) {
+    return Vec::Lookup4(map16, q.codes + (i >> 1));
+#ifdef ADAOPT_AVX2
+  } else if constexpr (F == kFp8) {
+    return Vec::FromE4m3(q.codes + i);
+#endif
   } else {
-    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.codes + i)));
-    return _mm512_i32gather_ps(index, q.map, 4);
+    return Vec::Lookup(q.map, q.codes + i);
   }
 }
 
-inline __m128i Nearest(__m512 x, const uint32_t* table) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i ffff = _mm512_set1_epi32(0xFFFF);
-  const __m512i negative = _mm512_srai_epi32(bits, 31);  // all ones for a negative float
-  const __m512i low = _mm512_xor_si512(_mm512_and_si512(bits, ffff), _mm512_and_si512(negative, ffff));
-  const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), reinterpret_cast<const int*>(table), 4);
-  const __m512i y = _mm512_sub_epi32(entry, _mm512_slli_epi32(low, 8));
-  const __m512i index = _mm512_add_epi32(_mm512_and_si512(y, _mm512_set1_epi32(0xFF)), _mm512_srli_epi32(y, 31));
-  return _mm512_cvtepi32_epi8(index);
-}
-
-inline __m128i E4m3(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(magnitude, 20), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(magnitude, _mm512_set1_epi32(0x7FFFF)), odd);
-  const __m512i normal = _mm512_sub_epi32(_mm512_srli_epi32(rounded, 20), _mm512_set1_epi32(120 << 3));
-  const __m512i small = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(512.0f)));
-  const __mmask16 subnormal = _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(0x3C800000));
-  __m512i code = _mm512_mask_mov_epi32(normal, subnormal, small);
-  code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x43E80000)),
-                               _mm512_set1_epi32(0x7F));
-  code = _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80)));
-  return _mm512_cvtepi32_epi8(code);
-}
-
-inline __m512 ClipVector(__m512 x) {
-  // NaN stays NaN, as in the scalar Clip and jnp.clip: max and min return their second operand when either is NaN.
-  return _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(-1.0f), x));
-}
-
-// The codes (a byte each) of 16 elements over their block's scale.
+// A 4-bit map's 16 entries in registers (unused by the other formats).
 template <int F>
-inline __m128i Encode(__m512 x, const uint32_t* search) {
+inline Vec::Map16 Map16Of(const Moment& q) {
+  if constexpr (F == kDynamic4) {
+    return Vec::LoadMap16(q.map);
+  } else {
+    return Vec::Map16{};
+  }
+}
+
+// The codes (a byte each) of kLanes elements over their block's scale; NaN stays NaN in the clip, as in the scalar
+// Clip and jnp.clip (max and min return their second operand when either is NaN).
+template <int F>
+inline __m128i Encode(VF x, const uint32_t* search) {
   if constexpr (F == kFp8) {
-    return E4m3(x);
+    return Vec::E4m3(x);
   } else {
-    return Nearest(ClipVector(x), search);
+    return Vec::Nearest(Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x)), search);
   }
 }
 
-// StoreScalar for a whole block whose size is a multiple of 16, its largest magnitude still a vector's lanes.
+// StoreScalar for a whole block whose size is a multiple of kLanes, its largest magnitude still a vector's lanes.
 template <int F>
-void StoreVector(const Job& j, const Moment& q, int64_t b, int64_t start, const float* values, __m512 largest) {
-  const float scale = Scale<F>(_mm512_reduce_max_ps(largest), j);
+void StoreVector(const Job& j, const Moment& q, int64_t b, int64_t start, const float* values, VF largest) {
+  const float scale = Scale<F>(Vec::ReduceMax(largest), j);
   q.scale_out[b] = scale;
-  const __m512 inverse = _mm512_set1_ps(1.0f / (scale > 0.0f ? scale : 1.0f));
-  for (int64_t k = 0; k < j.block; k += 16) {
-    const __m128i code = Encode<F>(_mm512_mul_ps(_mm512_load_ps(values + k), inverse), q.search);
-    if constexpr (F == kDynamic4) {  // 16-bit lane p holds codes 2p and 2p + 1: (first << 4) | second, a byte
-      const __m128i first = _mm_and_si128(code, _mm_set1_epi16(0x00FF)), second = _mm_srli_epi16(code, 8);
-      const __m128i pairs = _mm_or_si128(_mm_slli_epi16(first, 4), second);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(q.codes_out + ((start + k) >> 1)), _mm_packus_epi16(pairs, pairs));
+  const VF inverse = Vec::Set(1.0f / (scale > 0.0f ? scale : 1.0f));
+  for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
+    const __m128i code = Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), q.search);
+    if constexpr (F == kDynamic4) {
+      Vec::StoreCodes4(q.codes_out + ((start + k) >> 1), code);
     } else {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes_out + start + k), code);
+      Vec::StoreCodes(q.codes_out + start + k, code);
     }
   }
 }
 
-// A 4-bit map's 16 entries in a register (unused by the other formats).
-template <int F>
-inline __m512 Map16(const Moment& q) {
-  if constexpr (F == kDynamic4) {
-    return _mm512_loadu_ps(q.map);
-  } else {
-    return _mm512_setzero_ps();
-  }
-}
-
-// A whole block whose size is a multiple of 16.
+// A whole block whose size is a multiple of kLanes.
 template <int F>
 void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_new) {
-  const __m512 b1 = _mm512_set1_ps(j.s.b1), c1 = _mm512_set1_ps(j.s.one_minus_b1);
-  const __m512 b2 = _mm512_set1_ps(j.s.b2), c2 = _mm512_set1_ps(j.s.one_minus_b2);
-  const __m512 d1 = _mm512_set1_ps(j.s.debias1), d2 = _mm512_set1_ps(j.s.debias2);
-  const __m512 eps = _mm512_set1_ps(j.s.eps), eps_root = _mm512_set1_ps(j.s.eps_root);
-  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-  const __m512 m_scale = _mm512_set1_ps(j.m.scale[b]), v_scale = _mm512_set1_ps(j.v.scale[b]);
-  const __m512 m_map = Map16<F>(j.m), v_map = Map16<F>(j.v);
-  __m512 m_largest = _mm512_set1_ps(Lowest(j, j.block)), v_largest = m_largest;
-  for (int64_t k = 0; k < j.block; k += 16) {
+  const VF b1 = Vec::Set(j.s.b1), c1 = Vec::Set(j.s.one_minus_b1);
+  const VF b2 = Vec::Set(j.s.b2), c2 = Vec::Set(j.s.one_minus_b2);
+  const VF d1 = Vec::Set(j.s.debias1), d2 = Vec::Set(j.s.debias2);
+  const VF eps = Vec::Set(j.s.eps), eps_root = Vec::Set(j.s.eps_root);
+  const VF one = Vec::Set(1.0f), zero = Vec::Set(0.0f);
+  const VF m_scale = Vec::Set(j.m.scale[b]), v_scale = Vec::Set(j.v.scale[b]);
+  const Vec::Map16 m_map = Map16Of<F>(j.m), v_map = Map16Of<F>(j.v);
+  VF m_largest = Vec::Set(Lowest(j, j.block)), v_largest = m_largest;
+  for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
     const int64_t i = start + k;
-    const __m512 g = _mm512_loadu_ps(j.g + i);
-    const __m512 g2 = _mm512_mul_ps(g, g);
-    const __m512 m_old = _mm512_mul_ps(Decode<F>(j.m, i, m_map), m_scale);
-    const __m512 v_old = _mm512_mul_ps(Decode<F>(j.v, i, v_map), v_scale);
-    const __m512 m_step = _mm512_fmadd_ps(g, c1, _mm512_mul_ps(m_old, b1));
-    const __m512 v_step = _mm512_fmadd_ps(g2, c2, _mm512_mul_ps(v_old, b2));
-    const __m512 m = F == kFp8 ? m_step : _mm512_fmadd_ps(m_old, b1, _mm512_mul_ps(g, c1));
-    const __m512 v = F == kFp8 ? v_step : _mm512_fmadd_ps(v_old, b2, _mm512_mul_ps(g2, c2));
-    _mm512_store_ps(m_new + k, m);
-    _mm512_store_ps(v_new + k, v);
-    m_largest = _mm512_max_ps(_mm512_abs_ps(m), m_largest);  // max gives its second operand for a NaN
-    v_largest = _mm512_max_ps(_mm512_abs_ps(v), v_largest);
-    __m512 inside = _mm512_mul_ps(v_step, d2);
-    if (j.eps_root) inside = _mm512_add_ps(inside, eps_root);
-    const __m512 denominator = _mm512_add_ps(_mm512_sqrt_ps(inside), eps);
-    __m512 inverse = _mm512_div_ps(one, denominator);
-    if (j.safe_divide) inverse = _mm512_mask_mov_ps(inverse, _mm512_cmp_ps_mask(denominator, zero, _CMP_EQ_OQ), zero);
-    _mm512_storeu_ps(j.step + i, _mm512_mul_ps(_mm512_mul_ps(m_step, d1), inverse));
+    const VF g = Vec::Load(j.g + i);
+    const VF g2 = Vec::Mul(g, g);
+    const VF m_old = Vec::Mul(Decode<F>(j.m, i, m_map), m_scale);
+    const VF v_old = Vec::Mul(Decode<F>(j.v, i, v_map), v_scale);
+    const VF m_step = Vec::Fma(g, c1, Vec::Mul(m_old, b1));
+    const VF v_step = Vec::Fma(g2, c2, Vec::Mul(v_old, b2));
+    const VF m = F == kFp8 ? m_step : Vec::Fma(m_old, b1, Vec::Mul(g, c1));
+    const VF v = F == kFp8 ? v_step : Vec::Fma(v_old, b2, Vec::Mul(g2, c2));
+    Vec::Store(m_new + k, m);
+    Vec::Store(v_new + k, v);
+    m_largest = Vec::Max(Vec::Abs(m), m_largest);  // max gives its second operand for a NaN
+    v_largest = Vec::Max(Vec::Abs(v), v_largest);
+    VF inside = Vec::Mul(v_step, d2);
+    if (j.eps_root) inside = Vec::Add(inside, eps_root);
+    const VF denominator = Vec::Add(Vec::Sqrt(inside), eps);
+    VF inverse = Vec::Div(one, denominator);
+    if (j.safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
+    Vec::Store(j.step + i, Vec::Mul(Vec::Mul(m_step, d1), inverse));
   }
   StoreVector<F>(j, j.m, b, start, m_new, m_largest);
   StoreVector<F>(j, j.v, b, start, v_new, v_largest);
@@ -315,27 +467,26 @@ void LionScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m
   StoreScalar<F>(j, j.m, b, start, length, m_new, m_largest);
 }
 
-#ifdef ADAOPT_AVX512
+#ifdef ADAOPT_VECTOR
 template <int F>
 void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
-  const __m512 b1 = _mm512_set1_ps(j.s.b1), c1 = _mm512_set1_ps(j.s.one_minus_b1);
-  const __m512 b2 = _mm512_set1_ps(j.s.b2), c2 = _mm512_set1_ps(j.s.one_minus_b2);
-  const __m512 one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f), zero = _mm512_setzero_ps();
-  const __m512 m_scale = _mm512_set1_ps(j.m.scale[b]);
-  const __m512 m_map = Map16<F>(j.m);
-  __m512 m_largest = _mm512_set1_ps(Lowest(j, j.block));
-  for (int64_t k = 0; k < j.block; k += 16) {
+  const VF b1 = Vec::Set(j.s.b1), c1 = Vec::Set(j.s.one_minus_b1);
+  const VF b2 = Vec::Set(j.s.b2), c2 = Vec::Set(j.s.one_minus_b2);
+  const VF one = Vec::Set(1.0f), minus_one = Vec::Set(-1.0f), zero = Vec::Set(0.0f);
+  const VF m_scale = Vec::Set(j.m.scale[b]);
+  const Vec::Map16 m_map = Map16Of<F>(j.m);
+  VF m_largest = Vec::Set(Lowest(j, j.block));
+  for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
     const int64_t i = start + k;
-    const __m512 g = _mm512_loadu_ps(j.g + i);
-    const __m512 m_old = _mm512_mul_ps(Decode<F>(j.m, i, m_map), m_scale);
-    const __m512 m = F == kFp8 ? _mm512_fmadd_ps(g, c2, _mm512_mul_ps(m_old, b2))
-                               : _mm512_fmadd_ps(m_old, b2, _mm512_mul_ps(g, c2));
-    _mm512_store_ps(m_new + k, m);
-    m_largest = _mm512_max_ps(_mm512_abs_ps(m), m_largest);
-    const __m512 x = _mm512_fmadd_ps(g, c1, _mm512_mul_ps(m_old, b1));
-    __m512 sign = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), one);
-    sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), minus_one);
-    _mm512_storeu_ps(j.step + i, sign);
+    const VF g = Vec::Load(j.g + i);
+    const VF m_old = Vec::Mul(Decode<F>(j.m, i, m_map), m_scale);
+    const VF m = F == kFp8 ? Vec::Fma(g, c2, Vec::Mul(m_old, b2)) : Vec::Fma(m_old, b2, Vec::Mul(g, c2));
+    Vec::Store(m_new + k, m);
+    m_largest = Vec::Max(Vec::Abs(m), m_largest);
+    const VF x = Vec::Fma(g, c1, Vec::Mul(m_old, b1));
+    VF sign = Vec::Where(Vec::Greater(x, zero), x, one);
+    sign = Vec::Where(Vec::Less(x, zero), sign, minus_one);
+    Vec::Store(j.step + i, sign);
   }
   StoreVector<F>(j, j.m, b, start, m_new, m_largest);
 }
@@ -352,8 +503,8 @@ void Blocks(const Job& j, int64_t first, int64_t last) {
   float* v_new = buffer.get() + capacity;
   for (int64_t b = first; b < last; ++b) {
     const int64_t start = b * j.block, length = std::min(j.block, j.n - start);
-#ifdef ADAOPT_AVX512
-    if (length == j.block && j.block % 16 == 0) {
+#ifdef ADAOPT_VECTOR
+    if (length == j.block && j.block % Vec::kLanes == 0) {
       Lion ? LionVector<F>(j, b, start, m_new) : BlockVector<F>(j, b, start, m_new, v_new);
       continue;
     }
