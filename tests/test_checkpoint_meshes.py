@@ -277,6 +277,18 @@ def test_abstract_state_follows_a_wrapper_that_places_the_state_itself() -> None
     assert any("data" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(target))  # split, not replicated
 
 
+def test_abstract_state_of_unplaced_parameters_is_the_state_s_shapes() -> None:
+    """jax.eval_shape's structs (no sharding, the natural template) give the state's structs, unplaced: they were
+    refused as 'sharding None'."""
+    tx = adaopt.adamw(1e-3, mu_dtype="int8", nu_dtype="bfloat16")
+    params = {"w": jnp.ones((64, 128)), "b": jnp.ones((3,))}
+    target = adaopt.abstract_state(tx, jax.eval_shape(lambda: params))
+    state = tx.init(params)
+    assert jax.tree.structure(target) == jax.tree.structure(state)
+    for t, x in zip(jax.tree.leaves(target), jax.tree.leaves(state), strict=True):
+        assert (t.shape, t.dtype, t.sharding) == (x.shape, x.dtype, None)
+
+
 def test_abstract_state_says_which_parameter_it_cannot_place() -> None:
     tx = adaopt.adam(1e-3)
     mesh = _mesh((2,), ("data",))

@@ -305,6 +305,17 @@ def test_bad_storages_are_refused_at_construction() -> None:
             adaopt.Blockwise(**{field: True})
     with pytest.raises(adaopt.HyperparameterError, match="seed"):
         adaopt.StochasticBf16(seed=True)
+    # NumPy scalars (read from a config array) are numbers like Python's, stored as Python's; np.bool_ is no size.
+    numpy_config = adaopt.Blockwise(
+        block_size=np.int64(128), min_size=np.int32(0), scale_floor=np.float32(1e-12), chunk_size=np.uint32(1024)
+    )
+    assert numpy_config == adaopt.Blockwise(
+        block_size=128, min_size=0, scale_floor=float(np.float32(1e-12)), chunk_size=1024
+    )
+    assert type(numpy_config.block_size) is int and type(numpy_config.scale_floor) is float
+    assert adaopt.StochasticBf16(seed=np.uint32(2**32 - 1)) == adaopt.StochasticBf16(seed=2**32 - 1)
+    with pytest.raises(adaopt.HyperparameterError, match="block_size must be"):
+        adaopt.Blockwise(block_size=np.bool_(True))
     # A dtype that cannot hold a moment names the storages that can.
     with pytest.raises(adaopt.HyperparameterError, match=r"mu_dtype.*'int8', 'int4', 'fp8', 'bfloat16_sr'"):
         adaopt.adam(mu_dtype=jnp.int8)

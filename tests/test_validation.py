@@ -269,3 +269,41 @@ def test_a_count_beyond_the_step_counter_is_refused(factory: Any, name: str) -> 
     """Compared with the int32 step count: beyond it, the step failed with JAX's overflow error."""
     with pytest.raises(adaopt.HyperparameterError, match=rf"^{name} must be a finite number in .*, 2147483647\]"):
         factory(**{name: 2**40})
+
+
+WRAPPERS = {
+    "master_weights": lambda inner: adaopt.master_weights(inner),
+    "stochastic_rounding": lambda inner: adaopt.stochastic_rounding(inner),
+    "monitor": lambda inner: adaopt.monitor(inner),
+    "lookahead": lambda inner: adaopt.lookahead(inner, sync_period=5, slow_step_size=0.5),
+    "multi_tensor": lambda inner: adaopt.multi_tensor(inner),
+    "single_pass": lambda inner: adaopt.single_pass(inner),
+    "mechanic": lambda inner: adaopt.mechanic(inner),
+    "hypergradient": lambda inner: adaopt.hypergradient(inner, learning_rate=1e-3, hyper_lr=1e-4),
+    "shard_states": lambda inner: adaopt.shard_states(inner),
+    "polynomial_decay_averaging": lambda inner: adaopt.polynomial_decay_averaging(inner),
+    "galore": lambda inner: adaopt.galore(inner),
+}
+
+
+@pytest.mark.parametrize("name", WRAPPERS)
+def test_a_wrapper_refuses_what_is_not_a_gradient_transformation(name: str) -> None:
+    """None, or the factory in place of what it builds (adaopt.adam for adaopt.adam(1e-3)), failed at init with an
+    AttributeError; each is refused when the wrapper is built, naming the argument."""
+    with pytest.raises(adaopt.HyperparameterError, match=r"must be a gradient transformation .*got None"):
+        WRAPPERS[name](None)
+    with pytest.raises(adaopt.HyperparameterError, match=r"adam is a function: pass what it returns"):
+        WRAPPERS[name](adaopt.adam)
+    WRAPPERS[name](adaopt.adam(1e-3))  # a transformation is taken
+
+
+def test_cautious_refuses_what_is_neither_a_factory_nor_a_transformation() -> None:
+    with pytest.raises(adaopt.HyperparameterError, match=r"optimizer must be an adaopt factory .*got None"):
+        adaopt.cautious(None)  # type: ignore[arg-type]
+
+
+def test_stochastic_rounding_takes_every_32_bit_seed() -> None:
+    """Its docstring says [0, 2**32), as StochasticBf16's: seeds above 2**31 - 1 were refused."""
+    adaopt.stochastic_rounding(adaopt.adam(1e-3), seed=2**32 - 1)
+    with pytest.raises(adaopt.HyperparameterError, match=r"seed must be an integer in \[0, 4294967295\]"):
+        adaopt.stochastic_rounding(adaopt.adam(1e-3), seed=2**32)

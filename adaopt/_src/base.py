@@ -153,6 +153,23 @@ def check_nesterov(momentum: Any, nesterov: bool) -> None:
         raise HyperparameterError(f"nesterov=True requires a momentum > 0, got momentum={momentum!r}.")
 
 
+def check_transformation(name: str, value: Any) -> None:
+    """Raise ``HyperparameterError`` unless ``value`` is a gradient transformation (an object with ``init`` and
+    ``update`` methods, as ``optax.GradientTransformation``); a factory passed in its place is named as one."""
+    if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+        return
+    hint = (
+        f" {getattr(value, '__qualname__', 'It')} is a function: pass what it returns, built with its "
+        "hyperparameters (adaopt.adam(1e-3), not adaopt.adam)."
+        if callable(value)
+        else ""
+    )
+    raise HyperparameterError(
+        f"{name} must be a gradient transformation (an optax.GradientTransformation, with init and update), "
+        f"got {value!r} of type {type(value).__name__}.{hint}"
+    )
+
+
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     # An array is no choice (and `in` would compare it element by element).
     if isinstance(value, (np.ndarray, jax.Array, list, dict, set)) or value not in choices:

@@ -365,12 +365,16 @@ class Blockwise:
             )
         if not _is_int(self.min_size) or self.min_size < 0:
             raise HyperparameterError(f"min_size must be a non-negative integer, got {self.min_size!r}.")
-        if not (isinstance(self.scale_floor, (int, float)) and 0 <= self.scale_floor < 1e-3):
+        is_real = isinstance(self.scale_floor, (int, float, np.integer, np.floating)) and not isinstance(
+            self.scale_floor, (bool, np.bool_)
+        )
+        if not (is_real and 0 <= self.scale_floor < 1e-3):
             raise HyperparameterError(f"scale_floor must be a number in [0, 1e-3), got {self.scale_floor!r}.")
         if self.chunk_size is not None and (not _is_int(self.chunk_size) or self.chunk_size <= 0):
             raise HyperparameterError(
                 f"chunk_size must be a positive integer (elements) or None (whole leaves), got {self.chunk_size!r}."
             )
+        _as_python(self, block_size=int, min_size=int, scale_floor=float, chunk_size=int)
 
     # The map of a signed or unsigned moment (None for FP8).
     def qmap(self, signed: bool) -> np.ndarray | None:
@@ -573,6 +577,7 @@ class StochasticBf16:
     def __post_init__(self) -> None:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise HyperparameterError(f"seed must be an integer in [0, 2**32), got {self.seed!r}.")
+        _as_python(self, seed=int)
 
     def init(self, param: jax.Array, *, signed: bool, index: int = 0, moment: int = 0) -> Rounded:
         if jnp.issubdtype(jnp.result_type(param), jnp.complexfloating):
@@ -593,8 +598,17 @@ class StochasticBf16:
 
 
 def _is_int(x: Any) -> bool:
-    """An integer size or seed: ``True`` is not one."""
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer size or seed, a Python or NumPy one: ``True`` is not one."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _as_python(config: Any, **kinds: type) -> None:
+    """Store the fields ``kinds`` names of a frozen, checked ``config`` as Python numbers of those types (a NumPy
+    scalar read from a config array is one: the storage then hashes, prints and compares as it is written)."""
+    for name, kind in kinds.items():
+        value = getattr(config, name)
+        if value is not None:
+            object.__setattr__(config, name, kind(value))
 
 
 def _mix(x: int) -> int:

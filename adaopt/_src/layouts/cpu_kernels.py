@@ -26,20 +26,23 @@ otherwise:
   device, the same numbers in more memory. Keep the kernels off in programs sharded that way.
 
 The numbers are XLA's step's: the same float32 operations, with the fused multiply-adds XLA:CPU's
-chunked step makes (for 8-bit and 4-bit codes one form for the moments it quantizes, the other for
-the moments the step reads; for FP8 the second form for both) and its divisions by a block's scale
-and by 448 as products by their reciprocals. A block's largest magnitude leaves NaN out, starting
-from -inf as XLA:CPU's reduction does, so a block of NaN alone has the scale -inf and steps NaN from
-then on, as in XLA's step. In a block that mixes NaN with numbers, XLA's vectorised reduction drops
-the numbers before a NaN in its lane, where the kernel keeps their maximum: the block's scale and so
-its other codes differ there (its NaN coordinates are NaN on both sides); XLA's whole-leaf step of a
-leaf of one or two blocks, only with a lowered ``min_size``, keeps the NaN (the scale is NaN). A program
-compiled otherwise (XLA's whole-leaf step of a small leaf, other optimisation options) may contract
-elsewhere: a last bit of a moment, and rarely a code one entry of the map away (``tests/test_cpu_kernels.py`` measures both against XLA's step). The step is
-written over the gradient's buffer for the update pass to read, where XLA's own step fuses the two: a
-training step's gradients are its own temporaries and are overwritten in place; XLA first copies a
-gradient the step must keep. The kernel has no derivative (a step through it cannot be
-differentiated, as a hypergradient would need) and runs a ``vmap`` of the step lane by lane.
+chunked step makes (for 8-bit and 4-bit codes one form for the moments it quantizes, the other for the
+moments the step reads; for FP8 the second form for both) and its divisions by a block's scale and by
+448 as products by their reciprocals. A block's largest magnitude leaves NaN out, starting from -inf as
+XLA:CPU's reduction does, so a block of NaN alone has the scale -inf and steps NaN from then on, as in
+XLA's step. In a block that mixes NaN with numbers, XLA's vectorised reduction drops the numbers before
+a NaN in its lane, where the kernel keeps their maximum: the block's scale and so its other codes differ
+there (its NaN coordinates are NaN on both sides); XLA's whole-leaf step of a leaf of a few blocks, only
+with a lowered ``min_size``, keeps the NaN (the scale is NaN, where the kernel's is -inf), and the FP8
+code of a NaN may differ in its sign bit (the same value). Bit for bit on the leaves chunked by rows at
+XLA's default options (AVX-512 and AVX2 machines alike); elsewhere XLA contracts other operations (a
+flat leaf's chunks, a small leaf's whole-leaf step, other optimisation options): a last bit of a moment
+or a block's scale, and rarely a code one entry of the map away (``tests/test_cpu_kernels.py`` measures
+both against XLA's step). The step is written over the gradient's buffer for the update pass to read,
+where XLA's own step fuses the two: a training step's gradients are its own temporaries and are
+overwritten in place; XLA first copies a gradient the step must keep. The kernel has no derivative (a
+step through it cannot be differentiated, as a hypergradient would need) and runs a ``vmap`` of the step
+lane by lane.
 """
 
 from __future__ import annotations

@@ -369,6 +369,7 @@ def multi_tensor(
       >>> updates["w"].shape
       (200, 100)
     """
+    base.check_transformation("tx", tx)
     base.check_integer("min_size", min_size, 1)
     inner = optax.with_extra_args_support(tx)
     checked: set[Hashable] = set()

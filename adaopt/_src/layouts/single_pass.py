@@ -288,6 +288,7 @@ def single_pass(
       >>> bool(jnp.allclose(ours["w"], theirs["w"], rtol=1e-6))
       True
     """
+    base.check_transformation("tx", tx)
     base.check_integer("min_size", min_size, 1)
     inner = optax.with_extra_args_support(tx)
 

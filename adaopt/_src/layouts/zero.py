@@ -236,6 +236,7 @@ def shard_states(
       >>> optax.tree.get(state, "mu")["w"].sharding.spec
       P('data', None)
     """
+    base.check_transformation("optimizer", optimizer)
     base.check_integer("min_size", min_size, 1)
     if not isinstance(axis, str) or not axis:
         raise base.HyperparameterError(f"`axis` must be the name of a mesh axis (a non-empty str), got {axis!r}.")

@@ -123,6 +123,7 @@ def hypergradient(
       Reference package: the authors' torch code, https://github.com/gbaydin/hypergradient-descent;
       :func:`sgd_hd` and :func:`adam_hd` give the arguments that reproduce its ``SGDHD`` and ``AdamHD``.
     """
+    base.check_transformation("inner", inner)
     base.check_learning_rate(learning_rate)
     if multiplicative:
         base.check_scalar("hyper_lr", hyper_lr, low=0.0, high=1.0, high_open=True)

@@ -20,11 +20,13 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 
-def _placement(params: Any) -> Mesh | SingleDeviceSharding:
-    """The one mesh (or the one device) that every leaf of ``params`` is placed on."""
+def _placement(params: Any) -> Mesh | SingleDeviceSharding | None:
+    """The one mesh (or the one device) that every leaf of ``params`` is placed on; None when none is placed."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
     if not leaves:
         raise ValueError("abstract_state: params has no array leaves, so there is no placement to give the state.")
+    if all(getattr(leaf, "sharding", None) is None for _, leaf in leaves):
+        return None
     meshes: dict[Any, str] = {}
     for path, leaf in leaves:
         where = f"params{jax.tree_util.keystr(path)}"
@@ -72,7 +74,9 @@ def abstract_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
 
     ``params`` gives the parameters' shapes, dtypes and placements on the mesh to restore onto:
     placed arrays, or ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``, every one with a
-    ``NamedSharding`` of one ``Mesh``, or all on one device. Nothing is allocated: ``init`` is traced
+    ``NamedSharding`` of one ``Mesh``, or all on one device; or none of them placed (``jax.eval_shape``'s
+    structs), and then the state's leaves have no sharding either (orbax restores them on the default
+    device). Nothing is allocated: ``init`` is traced
     (``jax.eval_shape``) on the parameters as typed by the mesh's axes made explicit, so that each
     state leaf gets the sharding that adaopt's state takes under sharding in types, the one a
     jitted step keeps (tests/test_sharding.py): a leaf that mirrors a parameter (moments,
@@ -95,8 +99,8 @@ def abstract_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
       uint32) with its sharding on the parameters' mesh or device.
 
     Raises:
-      ValueError: a parameter without a ``NamedSharding`` or a single device, on an abstract
-        mesh, or parameters on several meshes; each message names the leaf. And whatever ``init``
+      ValueError: a parameter without a ``NamedSharding`` or a single device beside placed ones, on an
+        abstract mesh, or parameters on several meshes; each message names the leaf. And whatever ``init``
         raises on the mesh given (``adaopt.shard_states`` on a mesh whose data axis is not
         ``Explicit``: :class:`adaopt.MeshAxisError`), as it does on the mesh made explicit.
 
@@ -113,6 +117,8 @@ def abstract_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
       restores ``(params, opt_state)`` saved on any mesh onto this one.
     """
     placement = _placement(params)
+    if placement is None:  # shapes alone (jax.eval_shape's): the state's shapes alone, placed where it is restored
+        return jax.eval_shape(optimizer.init, params)
     if isinstance(placement, SingleDeviceSharding):
         shapes = jax.eval_shape(optimizer.init, params)
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), shapes)

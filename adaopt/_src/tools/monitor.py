@@ -594,6 +594,7 @@ def monitor(
       >>> round(records["effective_lr"], 6), round(records["rate_rms/w"], 6), round(records["update_ratio/w"], 6)
       (0.1, 0.1, 0.1)
     """
+    base.check_transformation("optimizer", optimizer)
     base.check_integer("every", every, 1)
     if not (groups is None or groups == "leaves" or callable(groups) or isinstance(groups, Mapping)):
         raise base.HyperparameterError(

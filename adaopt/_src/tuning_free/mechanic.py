@@ -136,6 +136,7 @@ def mechanic(
       s_init=s_init, eps=eps, variant="optax")`` (its ``s_init`` defaults to 1e-6, this to the
       package's 1e-8); it keeps its scalars in the parameters' narrowest dtype, this in the widest.
     """
+    base.check_transformation("inner", inner)
     base.check_nonnegative("s_decay", s_decay)
     base.check_scalar("s_init", s_init, low=0.0, low_open=True)
     base.check_scalar("eps", eps, low=0.0, low_open=True)

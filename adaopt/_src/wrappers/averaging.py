@@ -69,6 +69,7 @@ def polynomial_decay_averaging(
       ``dog.PolynomialDecayAverager(model, gamma)``, stepped after each optimizer step, keeps the
       same average in ``averaged_model`` as ``polynomial_decay_averaging(inner, gamma)``.
     """
+    base.check_transformation("inner", inner)
     base.check_nonnegative("gamma", gamma)
     base.check_dtype("average_dtype", average_dtype)
     wrapped = optax.with_extra_args_support(inner)

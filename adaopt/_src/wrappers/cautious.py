@@ -139,7 +139,8 @@ def cautious(
       gradient transformation, an ``optax.GradientTransformationExtraArgs`` with its state.
 
     Raises:
-      HyperparameterError: ``updates_are`` is neither choice.
+      HyperparameterError: ``updates_are`` is neither choice, or ``optimizer`` is neither a factory nor a gradient
+        transformation.
       TypeError: when the returned factory is called, if ``optimizer`` built its optimizer
         without adaopt's assembly (an optax factory; Schedule-Free and COCOB, whose update is
         not a direction times a learning rate; the bold driver with ``undo=True``, whose undo
@@ -175,6 +176,11 @@ def cautious(
     """
     if isinstance(optimizer, optax.GradientTransformation):
         return scale_by_cautious_mask(optimizer, updates_are=updates_are)
+    if not callable(optimizer):
+        raise base.HyperparameterError(
+            f"optimizer must be an adaopt factory (adaopt.adamw) or a gradient transformation (adaopt.adamw(1e-3)), "
+            f"got {optimizer!r} of type {type(optimizer).__name__}."
+        )
     base.check_choice("updates_are", updates_are, ("steps", "directions"))
     factory = optimizer
 

@@ -207,6 +207,7 @@ def galore(
       ``galore(adafactor(scale_parameter=False), ...)`` its ``GaLoreAdafactor`` with
       ``scale_parameter=False`` (above).
     """
+    base.check_transformation("inner", inner)
     base.check_integer("rank", rank, 1)
     base.check_integer("update_proj_gap", update_proj_gap, 1)
     base.check_scalar("scale", scale, low=0.0, low_open=True)

@@ -87,6 +87,7 @@ def lookahead(
       Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back",
       NeurIPS 2019, https://arxiv.org/abs/1907.08610.
     """
+    base.check_transformation("fast_optimizer", fast_optimizer)
     base.check_integer("sync_period", sync_period, 1)
     base.check_scalar("slow_step_size", slow_step_size, low=0.0, high=1.0)
     if not isinstance(reset_state, bool):

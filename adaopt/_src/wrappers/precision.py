@@ -95,8 +95,8 @@ def stochastic_rounding(
       >>> round(float(new.astype(jnp.float32).mean()), 3)
       0.999
     """
-    base.check_integer("seed", seed, 0)
-    base.check_scalar("seed", seed, high=2**32, high_open=True)
+    base.check_transformation("inner", inner)
+    base.check_integer("seed", seed, 0, 2**32 - 1)
 
     def init_fn(params: Params) -> StochasticRoundingState:
         return StochasticRoundingState(inner.init(params), jnp.zeros([], jnp.uint32))
@@ -177,6 +177,7 @@ def master_weights(
       >>> [round(float(m), 6) for m in state.master]
       [0.995, 0.995, 0.995]
     """
+    base.check_transformation("inner", inner)
 
     def master_view(master: Any, params: Params) -> Any:
         return jax.tree.map(
