@@ -281,6 +281,16 @@ def test_an_optimizer_that_decides_by_a_leafs_shape_is_refused(tx: optax.Gradien
         wrapped.update(params, wrapped.init(params), params)
 
 
+@pytest.mark.parametrize("storage", ["int8", "int4", "fp8", "bfloat16_sr"])
+def test_a_stored_moment_is_refused_at_init_with_the_reason(storage: str) -> None:
+    """A moment in blocks or stochastically rounded: refused at init naming the storage (the update's check had
+    named only a gather or an iota), even where every packed leaf is below the storage's min_size."""
+    params = {"big": jnp.ones((256, 256)), "b": jnp.ones(128), "c": jnp.ones(16)}
+    tx = adaopt.multi_tensor(adaopt.adamw(1e-3, mu_dtype=storage, nu_dtype=storage))
+    with pytest.raises(NotElementwiseError, match=r"stores a moment with (Blockwise|StochasticBf16)\(.*float32"):
+        tx.init(params)
+
+
 def test_complex_leaves_viewed_as_real_pairs_are_refused_with_the_reason() -> None:
     params = {"z": jnp.ones(3, jnp.complex64), "r": jnp.ones(2)}
     for tx in (adaopt.rprop(1e-2), adaopt.adam(1e-2, complex_convention="real_imag")):

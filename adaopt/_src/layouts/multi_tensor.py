@@ -332,7 +332,9 @@ def multi_tensor(
 
     Only for elementwise optimizers, whose step for a coordinate depends only on that
     coordinate's gradient, state and parameter (SGD, Adam and its variants, RMSProp, AdaGrad,
-    Lion, ...). The first ``update`` inspects the wrapped update and raises
+    Lion, ...), with moments in float32, float16 or bfloat16: ``init`` raises
+    :class:`NotElementwiseError` for a moment stored in blocks (``"int8"``, ``"int4"``, ``"fp8"``)
+    or rounded stochastically (``"bfloat16_sr"``), whose scales and draws belong to one leaf. The first ``update`` inspects the wrapped update and raises
     :class:`NotElementwiseError` if it combines coordinates: per-leaf statistics (LAMB's trust
     ratios, LDoG) would be computed over a whole buffer, and whole-tree norms (DoG, Prodigy,
     ``optax.clip_by_global_norm``) summed in another order; the update is checked on the leaves
@@ -418,7 +420,7 @@ def multi_tensor(
         layout = Layout.of(params, min_size)
         packed = layout.pack(params)
         try:
-            return MultiTensorState(inner.init(packed))
+            inner_state = inner.init(packed)
         except (ValueError, TypeError) as error:
             raise base.TreeMismatchError(
                 f"The optimizer wrapped by adaopt.multi_tensor failed on the packed parameters ({error}). A tree given to "
@@ -426,6 +428,15 @@ def multi_tensor(
                 "parameters: apply masked weight decay outside the wrapper, e.g. optax.chain(adaopt.multi_tensor("
                 "adaopt.adam(1.0)), optax.add_decayed_weights(wd, mask), optax.scale_by_learning_rate(lr))."
             ) from error
+        stored = [x for x in jax.tree.leaves(inner_state, is_leaf=base.is_stored) if base.is_stored(x)]
+        if stored:
+            raise NotElementwiseError(
+                f"adaopt.multi_tensor packs small leaves into one buffer, but the wrapped optimizer stores a moment with "
+                f"{stored[0].storage!r} (mu_dtype/nu_dtype): its blocks' scales, or its stochastic rounding's draws, "
+                "belong to one leaf, and packing would change the step. Give the optimizer float32, float16 or bfloat16 "
+                "moments under multi_tensor, or use this storage without multi_tensor."
+            )
+        return MultiTensorState(inner_state)
 
     def update_fn(
         updates: base.Updates, state: MultiTensorState, params: base.Params | None = None, **extra_args: Any
