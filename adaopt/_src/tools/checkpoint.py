@@ -96,7 +96,7 @@ def abstract_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
     Returns:
       The tree of ``optimizer.init(params)``, each array leaf a ``jax.ShapeDtypeStruct`` of the
       state's shape and dtype (int8 codes stay uint8, bfloat16 moments bfloat16, counters
-      uint32) with its sharding on the parameters' mesh or device.
+      uint32) with its sharding on the parameters' mesh or device (none for unplaced parameters).
 
     Raises:
       ValueError: a parameter without a ``NamedSharding`` or a single device beside placed ones, on an
