@@ -318,3 +318,12 @@ def test_refuses_bad_settings_and_inputs() -> None:
         restoring.update(state, 1.0, {"v": jnp.zeros(2)})
     with pytest.raises(ValueError, match=r"one value per epoch, a scalar; got shape \(2,\)"):
         restoring.update(state, jnp.ones(2), {"w": jnp.zeros(2)})
+
+
+def test_restore_best_weights_takes_a_numpy_bool() -> None:
+    """It was checked with isinstance(x, bool): np.True_ (read from an array of settings) was refused."""
+    stopping = adaopt.EarlyStopping(restore_best_weights=np.bool_(True))
+    state = stopping.init({"w": jnp.zeros(2)})
+    stopping.update(state, 1.0, {"w": jnp.zeros(2)})
+    with pytest.raises(adaopt.HyperparameterError, match=r"^restore_best_weights must be True or False, got 'no'"):
+        adaopt.EarlyStopping(restore_best_weights="no")  # type: ignore[arg-type]

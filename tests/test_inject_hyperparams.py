@@ -218,3 +218,32 @@ def test_plain_optax_inject_hyperparams_of_an_integer_option_says_what_to_do() -
     """optax injects Muon's ns_steps as an array: refused, naming the wrapper that keeps it static."""
     with pytest.raises(adaopt.HyperparameterError, match=r"ns_steps.*adaopt.inject_hyperparams\(factory\)"):
         optax.inject_hyperparams(adaopt.muon)(learning_rate=0.02).init({"w": jnp.ones((4, 4))})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"factory": None}, r"^factory must be a function returning a gradient transformation .*got None"),
+        ({"factory": adaopt.adam(1e-3)}, r"^factory must be .*pass the factory, adaopt.adam, not adaopt.adam\(1e-3\)"),
+        ({"static_args": None}, r"^static_args must be an argument's name or an iterable of names .*got None"),
+        ({"static_args": 5}, r"^static_args must be .*got 5"),
+        ({"static_args": ["b1", 2]}, r"^static_args must be .*got \['b1', 2\]"),
+        ({"hyperparam_dtype": "abc"}, r"^hyperparam_dtype must be a float dtype .*got 'abc'"),
+        ({"hyperparam_dtype": 2.5}, r"^hyperparam_dtype must be a float dtype .*got 2.5"),
+        ({"hyperparam_dtype": "int32"}, r"^hyperparam_dtype must be a float dtype .*got 'int32'"),
+        ({"hyperparam_dtype": jnp.asarray(0.5)}, r"^hyperparam_dtype must be a float dtype .*pass its .dtype"),
+    ],
+)
+def test_bad_arguments_are_named_when_injected(kwargs: dict[str, Any], match: str) -> None:
+    """Each failed with Python's own error (None is not callable, 'int' object is not iterable, data type 'abc' not
+    understood), or, for an array as the dtype, at the first step."""
+    kwargs = {"factory": adaopt.adam, **kwargs}
+    with pytest.raises(adaopt.HyperparameterError, match=match):
+        adaopt.inject_hyperparams(**kwargs)
+
+
+def test_hyperparam_dtype_takes_a_dtype_in_any_spelling() -> None:
+    for dtype in ("float32", np.float32, jnp.float32, np.dtype("float32")):
+        adaopt.inject_hyperparams(adaopt.adam, hyperparam_dtype=dtype)(learning_rate=1e-3)
+    adaopt.inject_hyperparams(adaopt.adam, static_args=("b1",))(learning_rate=1e-3)
+    adaopt.inject_hyperparams(adaopt.adam, static_args="b1")(learning_rate=1e-3)

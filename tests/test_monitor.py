@@ -404,3 +404,21 @@ def test_the_recording_program_grows_with_the_leaves_like_the_step_itself() -> N
     plain = size(adaopt.adam(1e-3))
     assert size(adaopt.monitor(adaopt.adam(1e-3)), record=True) < 2 * plain
     assert size(adaopt.monitor(adaopt.adam(1e-3))) < 3 * plain
+
+
+@pytest.mark.parametrize(
+    ("groups", "match"),
+    [
+        ({"g": 1}, r"got 'g': 1\."),
+        ({"g": ["layers/*", 2]}, r"got 'g': \['layers/\*', 2\]\."),
+        ({1: "layers/*"}, r"got 1: 'layers/\*'\."),
+        (np.array(["a", "b"]), r"^groups must be 'leaves', a mapping .*got array"),
+        ("leaf", r"^groups must be 'leaves'"),
+    ],
+)
+def test_bad_groups_are_named_when_built(groups: Any, match: str) -> None:
+    """A mapping's values were read at the first recording ('int' object is not iterable), an array failed with
+    its ambiguous truth value."""
+    with pytest.raises(adaopt.HyperparameterError, match=match):
+        adaopt.monitor(adaopt.adam(1e-3), groups=groups)
+    adaopt.monitor(adaopt.adam(1e-3), groups={"g": "layers/*", "h": ("a", "b")})

@@ -329,3 +329,10 @@ def test_plot(name: str) -> None:
         assert not result.plot(ax=ax, suggest=False, log_lr=False).collections[1:]  # drawn in the given axes
     finally:
         plt.close(ax.figure)
+
+
+@pytest.mark.parametrize("val_loader", [3, "batches", {"x": np.ones((2, 4))}])
+def test_a_val_loader_that_is_no_iterable_of_batches_is_named(val_loader: Any) -> None:
+    loss_fn = lambda p, b: jnp.mean((p - b) ** 2)
+    with pytest.raises(adaopt.HyperparameterError, match=r"^val_loader must be None or an iterable of validation"):
+        adaopt.range_test(loss_fn, jnp.zeros(4), adaopt.sgd, jnp.ones((5, 4)), num_iter=5, val_loader=val_loader)

@@ -566,3 +566,13 @@ def test_invalid_arguments_are_rejected(factory: Callable[..., Any], kwargs: dic
         factory(**kwargs)
     message = str(info.value)
     assert name in message and repr(kwargs[name]) in message and "must be" in message, message
+
+
+@pytest.mark.parametrize("factory", [adaopt.onecycle_schedule, adaopt.onecycle_momentum_schedule])
+def test_three_phase_takes_a_numpy_bool(factory: Callable[..., Any]) -> None:
+    """It was checked with isinstance(x, bool): np.True_ was refused."""
+    for flag in (True, False):
+        want, got = factory(20, 0.1, three_phase=flag), factory(20, 0.1, three_phase=np.bool_(flag))
+        np.testing.assert_array_equal([got(t) for t in range(20)], [want(t) for t in range(20)])
+    with pytest.raises(HyperparameterError, match=r"^three_phase must be True or False, got 'yes'"):
+        factory(20, 0.1, three_phase="yes")

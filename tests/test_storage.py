@@ -339,3 +339,11 @@ def test_zero_size_scalar_and_none_leaves_keep_plain_moments() -> None:
     grads = {"z": jnp.zeros((0, 300)), "s": jnp.ones(()), "n": None, "w": jnp.ones((300, 256))}
     updates, state = jax.jit(tx.update)(grads, state, params)
     assert updates["z"].shape == (0, 300) and bool(jnp.all(jnp.isfinite(updates["w"])))
+
+
+def test_a_format_is_one_string() -> None:
+    """An array of formats failed with its ambiguous truth value; a NumPy string is stored as a str."""
+    with pytest.raises(adaopt.HyperparameterError, match=r"^format must be 'dynamic8', 'dynamic4' or 'fp8', got array"):
+        adaopt.Blockwise(format=np.array(["dynamic8", "linear8"]))  # type: ignore[arg-type]
+    config = adaopt.Blockwise(format=np.str_("dynamic4"))  # type: ignore[arg-type]
+    assert type(config.format) is str and config == adaopt.Blockwise("dynamic4")

@@ -373,6 +373,8 @@ def test_plot_draws_metric_and_curves() -> None:
             r"trial 1 \(\{'learning_rate': 0.1, 'b1': 1.5\}\): b1 must be a finite number in \[0.0, 1.0\), got 1.5",
         ),
         ({"configs": {"learning_rate": [0.1, -0.1]}}, r"trial 1 .*learning_rate must be"),
+        ({"seed": "abc"}, r"^seed must be an integer in \[0, 4294967295\], got 'abc'"),  # was accepted, unused
+        ({"seed": 2.5}, r"^seed must be an integer in \[0, 4294967295\], got 2.5"),
     ],
 )
 def test_bad_run_arguments_are_refused_with_the_fix(kwargs: dict, message: str) -> None:
@@ -388,6 +390,15 @@ def test_bad_ranges_are_refused_when_made() -> None:
         Range(1.0, 0.0)
     with pytest.raises(adaopt.HyperparameterError, match=r"a log-uniform Range needs low > 0"):
         Range(0.0, 0.1, log=True)  # its draws would take the log of 0
+    with pytest.raises(adaopt.HyperparameterError, match=r"^log must be True or False, got 'abc'"):
+        Range(0.1, 1.0, log="abc")  # type: ignore[arg-type]  # was read for its truth
+
+
+def test_a_range_takes_numpy_scalars_as_python_numbers() -> None:
+    """NumPy scalars (read from an array) were refused as not finite numbers."""
+    assert Range(np.float32(0.5), 1.0) == Range(0.5, 1.0)
+    assert Range(np.int64(1), np.int64(10), log=np.bool_(True)) == Range(1, 10, log=True)
+    assert type(Range(np.int64(1), 10).low) is int and type(Range(0.1, np.float64(1.0)).high) is float
 
 
 @pytest.mark.parametrize(
@@ -416,3 +427,42 @@ def test_bad_construction_is_refused() -> None:
         adaopt.Sweep(adaopt.adamw, loss_fn, fixed={"b1": 0.9}).run({"b1": [0.5]}, _params(), _batches())
     with pytest.raises(adaopt.HyperparameterError, match=r"n must be an integer in \[1, "):
         adaopt.random_configs({"b1": [0.9]}, 0)
+
+
+def test_bad_sweep_arguments_are_named_when_given() -> None:
+    """Each failed with Python's own error (a dict() of a string, 'str' object is not callable, SeedSequence's) or,
+    for search_space's learning rate, in grid_configs."""
+    error = adaopt.HyperparameterError
+    with pytest.raises(error, match=r"^spec must be a registry entry .*got None"):
+        adaopt.search_space(None)  # type: ignore[arg-type]
+    with pytest.raises(error, match=r"^spec must be a registry entry .*pass adaopt.REGISTRY\['adam'\]"):
+        adaopt.search_space(adaopt.adam)  # type: ignore[arg-type]
+    with pytest.raises(error, match=r"^space\['learning_rate'\] must be a Range or a list of numbers, got 'abc'"):
+        adaopt.search_space(REGISTRY["adam"], learning_rate="abc")  # type: ignore[arg-type]
+    for seed in ("abc", 2.5, [1, 2], -1):
+        with pytest.raises(error, match=r"^seed must be an integer in \[0, 4294967295\]"):
+            adaopt.random_configs({"b1": [0.9]}, 3, seed=seed)  # type: ignore[arg-type]
+    space = {"b1": Range(0.0, 0.9)}
+    np.testing.assert_array_equal(
+        adaopt.random_configs(space, 3, seed=np.int64(3))["b1"], adaopt.random_configs(space, 3, seed=3)["b1"]
+    )
+    for fixed in ("abc", 0.5, [("b1", 0.9)]):
+        with pytest.raises(error, match=r"^fixed must be a mapping of the factory's argument names"):
+            adaopt.Sweep(adaopt.adam, loss_fn, fixed=fixed)  # type: ignore[arg-type]
+    with pytest.raises(error, match=r"^schedule must be a function of the learning rate .*got 'abc'"):
+        adaopt.Sweep(adaopt.adam, loss_fn, schedule="abc")  # type: ignore[arg-type]
+    with pytest.raises(error, match=r"^schedule must be a function of the learning rate .*got 0.5"):
+        adaopt.sweep(adaopt.adam, {"learning_rate": [0.1]}, loss_fn, _params(), _batches(), schedule=0.5)  # type: ignore[arg-type]
+    with pytest.raises(error, match=r"^fixed must be a mapping"):
+        adaopt.optuna_sweep(adaopt.adam, {"learning_rate": [0.1]}, loss_fn, _params(), _batches(), fixed=0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("metric", "returned"),
+    [(lambda p: p, "returned dict"), (lambda p: jnp.ones(2), r"shape \(2,\)"), (lambda p: "0.5", "returned str")],
+)
+def test_an_eval_fn_that_returns_no_scalar_is_named(metric: Any, returned: str) -> None:
+    with pytest.raises(
+        adaopt.HyperparameterError, match=rf"^eval_fn must return the metric, a real scalar .*{returned}"
+    ):
+        adaopt.sweep(adaopt.adam, {"learning_rate": [0.1]}, loss_fn, _params(), _batches(), eval_fn=metric)

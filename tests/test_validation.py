@@ -11,6 +11,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 
@@ -214,7 +215,7 @@ def test_prodigy_with_sliced_statistics_still_checks_the_shapes() -> None:
         (adaopt.adamw, lambda p: {"w": True, "b": True, "s": None}, r"per-leaf options \(weight_decay_mask"),
         (adaopt.adamw, {"w": jnp.array([True, False]), "b": True, "s": True}, r"weight_decay_mask\['w'\] must be a"),
         (adaopt.lion, {"w": "yes", "b": "no", "s": True}, r"weight_decay_mask\['b'\] must be a boolean"),
-        (adaopt.adan, "w", r"weight_decay_mask must be a boolean .*got 'w'"),
+        (adaopt.adan, "w", r"weight_decay_mask must be None, a tree of booleans.*got 'w'"),
         (adaopt.adamw, {"w": True, "b": {"x": True}, "s": True}, r"per-leaf options \(weight_decay_mask"),
         (adaopt.adafactor, {"w": 1.0, "b": True, "s": True}, r"weight_decay_mask\['w'\] must be a boolean"),
     ],
@@ -283,6 +284,8 @@ WRAPPERS = {
     "shard_states": lambda inner: adaopt.shard_states(inner),
     "polynomial_decay_averaging": lambda inner: adaopt.polynomial_decay_averaging(inner),
     "galore": lambda inner: adaopt.galore(inner),
+    "scale_by_cautious_mask": lambda inner: adaopt.scale_by_cautious_mask(inner),
+    "as_real_imag": lambda inner: adaopt.as_real_imag(inner),
 }
 
 
@@ -307,3 +310,148 @@ def test_stochastic_rounding_takes_every_32_bit_seed() -> None:
     adaopt.stochastic_rounding(adaopt.adam(1e-3), seed=2**32 - 1)
     with pytest.raises(adaopt.HyperparameterError, match=r"seed must be an integer in \[0, 4294967295\]"):
         adaopt.stochastic_rounding(adaopt.adam(1e-3), seed=2**32)
+
+
+PARAMS = {"w": jnp.ones((8, 4)), "b": jnp.ones(4)}
+
+
+@pytest.mark.parametrize(
+    ("schedule", "match"),
+    [
+        (adaopt.cosine_annealing_schedule, r"fails on a step count: TypeError.*pass the schedule it returns"),
+        (optax.cosine_decay_schedule, r"fails on a step count: TypeError.*pass the schedule it returns"),
+        (adaopt.sgd, r"fails on a step count.*an optimizer is no schedule"),
+        (lambda count: jnp.ones(3), r"returns shape \(3,\) and dtype float32"),
+        (lambda count: count < 3, r"returns shape \(\) and dtype bool"),
+        (lambda count: "0.1", r"fails on a step count"),
+    ],
+)
+def test_a_callable_learning_rate_must_be_a_schedule(schedule: Any, match: str) -> None:
+    """Any callable was taken as a schedule and failed at the first step (or broadcast a vector): it is traced once
+    when the optimizer is built."""
+    with pytest.raises(adaopt.HyperparameterError, match=rf"^learning_rate must be a schedule.*{match}"):
+        adaopt.adam(learning_rate=schedule)
+    with pytest.raises(adaopt.HyperparameterError, match=r"^adam_learning_rate must be a schedule"):
+        adaopt.muon(1e-3, adam_learning_rate=schedule)
+
+
+def test_schedules_of_every_kind_are_still_accepted() -> None:
+    for schedule in (
+        optax.cosine_decay_schedule(0.1, 100),
+        adaopt.cosine_annealing_schedule(0.1, 100),
+        adaopt.onecycle_schedule(100, 0.1),
+        lambda count: 0.1,
+        lambda count: 1,
+        lambda count: jnp.float32(0.1) * 0.99**count,
+        lambda count: 0.1 if count < 10 else 0.01,  # reads the count in Python: runs without jit
+    ):
+        tx = adaopt.adam(learning_rate=schedule)
+        tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0, True, np.array([0.1, 0.2]), [0.1], "abc"])
+def test_scale_by_shampoo_checks_its_learning_rate_as_shampoo(bad: Any) -> None:
+    with pytest.raises(adaopt.HyperparameterError, match=r"^learning_rate must be a"):
+        adaopt.shampoo(learning_rate=bad)
+    with pytest.raises(adaopt.HyperparameterError, match=r"^learning_rate must be a"):
+        adaopt.scale_by_shampoo(learning_rate=bad)
+
+
+def test_schedule_free_learning_rate_factor_must_be_a_function() -> None:
+    for bad in (0.5, "abc"):
+        with pytest.raises(adaopt.HyperparameterError, match=r"^learning_rate_factor must be a schedule"):
+            adaopt.scale_by_schedule_free(1e-3, learning_rate_factor=bad)
+    adaopt.scale_by_schedule_free(1e-3, learning_rate_factor=adaopt.radam_rectification(0.999))
+
+
+FLOAT_MASK = lambda params: params  # a tree of float arrays, not of booleans
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda: adaopt.mars(weight_decay=0.1, weight_decay_mask=FLOAT_MASK), "weight_decay_mask"),
+        (lambda: adaopt.muon(1e-3, muon_mask=FLOAT_MASK), "muon_mask"),
+        (lambda: adaopt.muon(1e-3, weight_decay=0.1, weight_decay_mask=FLOAT_MASK), "weight_decay_mask"),
+        (lambda: adaopt.galore(adaopt.adam(1e-3), galore_mask=FLOAT_MASK), "galore_mask"),
+        (lambda: adaopt.galore_adamw(galore_mask=FLOAT_MASK), "galore_mask"),
+        (lambda: adaopt.scale_by_prodigy(weight_decay=0.1, weight_decay_mask=FLOAT_MASK), "weight_decay_mask"),
+        (lambda: adaopt.scale_by_dadapt_adam(weight_decay=0.1, weight_decay_mask=FLOAT_MASK), "weight_decay_mask"),
+        (lambda: adaopt.scale_by_dadapt_sgd(weight_decay=0.1, weight_decay_mask=FLOAT_MASK), "weight_decay_mask"),
+        (lambda: adaopt.scale_by_shampoo(weight_decay=0.1, weight_decay_mask=FLOAT_MASK), "weight_decay_mask"),
+    ],
+)
+def test_a_mask_function_returning_floats_is_named_at_init(build: Any, name: str) -> None:
+    """It failed with an array's "ambiguous truth value" (or decayed silently: scale_by_prodigy)."""
+    tx = build()
+    with pytest.raises(adaopt.HyperparameterError, match=rf"^{name}\['b'\] must be a boolean .*shape \(4,\)"):
+        tx.init(PARAMS)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        adaopt.adam,
+        adaopt.scale_by_prodigy,
+        adaopt.scale_by_dadapt_adam,
+        adaopt.scale_by_dadapt_sgd,
+        adaopt.scale_by_shampoo,
+    ],
+)
+@pytest.mark.parametrize("mask", [0, 1, 2.5, "abc", True, np.bool_(False)])
+def test_a_mask_that_is_one_value_is_refused_when_built(factory: Any, mask: Any) -> None:
+    """0 was taken (as False), False refused; the scale_by_* blocks took any mask until init or the first step."""
+    with pytest.raises(adaopt.HyperparameterError, match=r"^weight_decay_mask must be None, a tree of booleans"):
+        factory(weight_decay=0.1, weight_decay_mask=mask)
+
+
+def test_a_mask_tree_unlike_the_parameters_is_named_at_shampoos_init() -> None:
+    tx = adaopt.scale_by_shampoo(weight_decay=0.1, weight_decay_mask={"a": True})
+    with pytest.raises(adaopt.TreeMismatchError, match=r"per-leaf options \(weight_decay_mask"):
+        tx.init(PARAMS)
+
+
+@pytest.mark.parametrize("factory", [adaopt.muon, adaopt.scion])
+def test_newton_schulz_coefficients_may_be_an_array(factory: Any) -> None:
+    def run(coefficients: Any) -> Any:
+        tx = factory(1e-2, ns_coefficients=coefficients)
+        updates, _ = tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+        return updates
+
+    want = run((3.4445, -4.775, 2.0315))
+    for coefficients in (np.array((3.4445, -4.775, 2.0315)), np.array([(3.4445, -4.775, 2.0315)] * 5)):
+        for a, b in zip(jax.tree.leaves(run(coefficients)), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(adaopt.HyperparameterError, match=r"^ns_coefficients must be a tuple of three"):
+        factory(1e-2, ns_coefficients=np.array([1.0, 2.0]))
+
+
+def test_string_options_take_numpy_strings_and_an_int_is_no_flag() -> None:
+    tx = adaopt.psgd_kron(precond_update_precision=np.str_("tensorfloat32"), precond_grads_precision=np.str_("high"))
+    tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+    for value in (1, 0):
+        with pytest.raises(adaopt.HyperparameterError, match=rf"^merge_dims must be one of .*got {value}\."):
+            adaopt.soap(merge_dims=value)
+        with pytest.raises(adaopt.HyperparameterError, match=r"^factored must be True or False"):
+            adaopt.adafactor(factored=value)
+    adaopt.soap(merge_dims=np.bool_(True))
+
+
+FLAG_WRAPPERS = {
+    "lookahead": lambda flag: adaopt.lookahead(adaopt.adam(1e-3), 2, 0.5, reset_state=flag),
+    "param_groups": lambda flag: adaopt.param_groups(
+        adaopt.adam, [adaopt.Group("b")], allow_empty_groups=flag, learning_rate=1e-3
+    ),
+    "sam_adaptive": lambda flag: adaopt.sam_value_and_grad(lambda p: jnp.sum(p**2), adaptive=flag),
+    "sam_has_aux": lambda flag: adaopt.sam_value_and_grad(lambda p: (jnp.sum(p**2), None), has_aux=flag),
+    "sam_perturbation": lambda flag: adaopt.sam_perturbation(jnp.ones(2), jnp.ones(2), adaptive=flag),
+}
+
+
+@pytest.mark.parametrize("name", FLAG_WRAPPERS)
+def test_a_wrappers_flag_takes_a_numpy_bool(name: str) -> None:
+    """Flags checked with isinstance(x, bool) refused np.True_ (read from an array of options)."""
+    FLAG_WRAPPERS[name](np.bool_(True))
+    FLAG_WRAPPERS[name](np.bool_(False))
+    with pytest.raises(adaopt.HyperparameterError, match=r"must be True or False, got 'no'"):
+        FLAG_WRAPPERS[name]("no")

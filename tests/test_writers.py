@@ -79,8 +79,49 @@ def test_csv_round_trip_and_plot(tmp_path: Path) -> None:
     np.testing.assert_array_equal(lines["grad_norm"].get_xdata(), [0, 10, 20])
     single = adaopt.plot_records(STEPS, "rate_rms")  # from the records themselves
     assert single.get_ylabel() == "rate_rms"
-    with pytest.raises(KeyError, match="No record is named 'nope'"):
+    with pytest.raises(ValueError, match=r"^names: no record is named 'nope'; the records are"):
         adaopt.plot_records(STEPS, "nope")
+
+
+def test_load_records_refuses_a_file_descriptor_and_leaves_it_open(tmp_path: Path) -> None:
+    """open() takes an int as a file descriptor, and closed it: load_records(1) closed the process's stdout."""
+    fd = os.dup(1)
+    try:
+        with pytest.raises(adaopt.HyperparameterError, match=r"^path must be a path \(a str or an os.PathLike"):
+            adaopt.load_records(fd)  # type: ignore[arg-type]
+        os.fstat(fd)  # still open
+    finally:
+        os.close(fd)
+    with adaopt.CsvWriter(str(tmp_path / "r.csv")) as writer:  # a str and a pathlib.Path both read back
+        writer.write(0, {"a": 1.0})
+    assert adaopt.load_records(str(tmp_path / "r.csv")) == adaopt.load_records(tmp_path / "r.csv") == [(0, {"a": 1.0})]
+
+
+def test_a_writer_names_its_path_argument() -> None:
+    with pytest.raises(adaopt.HyperparameterError, match=r"^path must be a path .*got None"):
+        adaopt.CsvWriter(None)  # type: ignore[arg-type]
+    with pytest.raises(adaopt.HyperparameterError, match=r"^logdir must be a path .*got None"):
+        adaopt.TensorBoardWriter(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("source", "kwargs", "match"),
+    [
+        (STEPS, {"names": [0.5]}, r"^names must be a record's name \(a str\) or a non-empty list of them, got \[0.5\]"),
+        (STEPS, {"names": None}, r"^names must be .*got None"),
+        (STEPS, {"names": []}, r"^names must be .*got \[\]"),
+        (STEPS, {"names": "rate_rms", "ax": "abc"}, r"^ax must be a matplotlib Axes .*got 'abc'"),
+        (STEPS, {"names": "rate_rms", "logy": "no"}, r"^logy must be True or False, got 'no'"),
+        ({"a": 1.0}, {"names": "a"}, r"^source must be .*got \{'a': 1.0\} of type dict \(one step's records"),
+        ([(0, 1.0)], {"names": "a"}, r"^source must be .*got \(0, 1.0\) among them"),
+        (3, {"names": "a"}, r"^source must be .*got 3 of type int"),
+    ],
+)
+def test_plot_records_names_a_bad_argument(source: Any, kwargs: dict[str, Any], match: str) -> None:
+    """Each failed with an AttributeError or an unpacking error, or (logy) was taken for its truth."""
+    with pytest.raises(adaopt.HyperparameterError, match=match):
+        adaopt.plot_records(source, **kwargs)
+    assert adaopt.plot_records(STEPS, "rate_rms", logy=np.bool_(True)).get_yscale() == "log"
 
 
 def _wandb_history(run_file: Path) -> dict[int, dict[str, float]]:

@@ -124,10 +124,49 @@ def check_decay(name: str, value: Any) -> None:
 
 
 def check_learning_rate(learning_rate: Any, name: str = "learning_rate") -> None:
-    """A non-negative number, or a schedule (a callable from the step count to a number)."""
+    """A non-negative number, or a schedule (a callable from the step count to a real scalar: :func:`check_schedule`)."""
     if callable(learning_rate):
+        check_schedule(name, learning_rate)
         return
     check_nonnegative(name, learning_rate)
+
+
+def check_schedule(name: str, schedule: Any, step_dtype: Any = jnp.int32) -> None:
+    """Raise ``HyperparameterError`` unless ``schedule`` maps the step count (an int32 scalar, optax's) to a real
+    scalar: a schedule's factory (``optax.cosine_decay_schedule`` for ``optax.cosine_decay_schedule(0.1, 1000)``),
+    an optimizer's, or a schedule of another shape would otherwise fail at the first step, or broadcast.
+
+    The schedule is traced once (``jax.eval_shape``: nothing is computed); one that reads the count's value in
+    Python (``0.1 if count < 10 else 0.01``) is called once on a count of 0 instead, as it runs without ``jit``.
+    ``step_dtype``: the dtype of the count it is given (a float for Schedule-Free's ``learning_rate_factor``).
+    """
+    expected = f"{name} must be a schedule: a function of the step count returning a real scalar"
+    if not callable(schedule):
+        raise HyperparameterError(f"{expected}, got {schedule!r} of type {type(schedule).__name__}.")
+    count = jnp.zeros([], step_dtype)
+    try:
+        try:
+            out: Any = jax.eval_shape(schedule, count)
+        except jax.errors.ConcretizationTypeError:
+            out = schedule(count)
+    except Exception as error:
+        named = getattr(schedule, "__qualname__", "")
+        hint = (
+            f" If {named} builds a schedule, pass the schedule it returns, built with its arguments "
+            "(optax.cosine_decay_schedule(0.1, 1000), not optax.cosine_decay_schedule); an optimizer is no schedule."
+            if named and "<lambda>" not in named
+            else ""
+        )
+        raise HyperparameterError(
+            f"{expected}; {schedule!r} fails on a step count: {type(error).__name__}: {error}.{hint}"
+        ) from error
+    if isinstance(out, (int, float)) and not isinstance(out, bool):
+        return
+    dtype = getattr(out, "dtype", None)
+    real = dtype is not None and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    if not real or np.shape(out) != ():
+        got = f"shape {np.shape(out)} and dtype {dtype}" if dtype is not None else f"{type(out).__name__} {out!r}"
+        raise HyperparameterError(f"{expected}; {schedule!r} returns {got} for a step count.")
 
 
 def check_dtype(name: str, dtype: Any) -> None:
@@ -171,8 +210,11 @@ def check_transformation(name: str, value: Any) -> None:
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    # An array is no choice (and `in` would compare it element by element).
-    if isinstance(value, (np.ndarray, jax.Array, list, dict, set)) or value not in choices:
+    # An array is no choice (and `in` would compare it element by element); nor is 1 the choice True (1 == True).
+    is_bool = lambda x: isinstance(x, (bool, np.bool_))
+    if isinstance(value, (np.ndarray, jax.Array, list, dict, set)) or not any(
+        value == choice and is_bool(value) == is_bool(choice) for choice in choices
+    ):
         raise HyperparameterError(f"{name} must be one of {choices}, got {value!r}.")
 
 
@@ -472,21 +514,47 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
 
 
 def check_mask(mask: Any, name: str = "weight_decay_mask") -> None:
-    """Refuse a mask that is one boolean: what ``optax.inject_hyperparams`` makes of a mask function.
+    """Refuse a mask that is one value rather than a tree or a function: a number or a string (``0`` decays as
+    ``False`` would), and one boolean, what ``optax.inject_hyperparams`` makes of a mask function.
 
-    It calls every callable argument as a schedule of the step count, so a function of the
+    optax calls every callable argument as a schedule of the step count, so a function of the
     parameters, given the count, returns one boolean: a mask that silently decays all leaves or none.
     """
-    if isinstance(mask, (bool, np.bool_)) or (
-        isinstance(mask, (np.ndarray, jax.Array)) and mask.ndim == 0 and mask.dtype == np.bool_
+    if mask is None or callable(mask) or not jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)):
+        return
+    expected = (
+        f"{name} must be None, a tree of booleans with the parameters' structure, or a function of the parameters "
+        "returning one"
+    )
+    if not (
+        isinstance(mask, (bool, np.bool_))
+        or (isinstance(mask, (np.ndarray, jax.Array)) and mask.ndim == 0 and mask.dtype == np.bool_)
     ):
-        raise HyperparameterError(
-            f"{name} must be None (every leaf), a tree of booleans with the parameters' structure, or a function of "
-            f"the parameters returning one; got the single value {mask!r}. optax.inject_hyperparams makes this of a "
-            "mask function, which it calls as a schedule of the step count: use adaopt.inject_hyperparams(factory), "
-            f"which keeps masks static, or optax.inject_hyperparams(factory, static_args=('{name}',)). "
-            "(To decay no leaf, pass weight_decay=0.)"
-        )
+        raise HyperparameterError(f"{expected}; got {mask!r} of type {type(mask).__name__}.")
+    raise HyperparameterError(
+        f"{expected}; got the single value {mask!r}. optax.inject_hyperparams makes this of a "
+        "mask function, which it calls as a schedule of the step count: use adaopt.inject_hyperparams(factory), "
+        f"which keeps masks static, or optax.inject_hyperparams(factory, static_args=('{name}',)). "
+        "(To decay no leaf, pass weight_decay=0.)"
+    )
+
+
+def check_mask_leaves(mask: Any, name: str = "weight_decay_mask") -> None:
+    """Raise ``HyperparameterError`` naming ``name`` and the leaf's path unless every leaf of ``mask`` (a tree, what
+    a mask function returned) is a boolean: a Python or NumPy bool, a 0-d boolean array, or 0 / 1 (optax reads the
+    truth). An array of floats would otherwise fail with its "ambiguous truth value" deep inside ``init``."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(mask, is_leaf=is_masked_node):
+        if is_masked_node(leaf):  # another group's leaf (optax.partition)
+            continue
+        scalar = isinstance(leaf, (np.ndarray, jax.Array)) and leaf.ndim == 0 and leaf.dtype == np.bool_
+        as_int = isinstance(leaf, (int, np.integer)) and leaf in (0, 1)
+        if not (isinstance(leaf, (bool, np.bool_)) or scalar or as_int):
+            shown = f"an array of shape {leaf.shape} and dtype {leaf.dtype}" if hasattr(leaf, "dtype") else repr(leaf)
+            raise HyperparameterError(
+                f"{name}{jax.tree_util.keystr(path)} must be a boolean (one per parameter leaf), got {shown}. "
+                "A mask function returns a tree of booleans, e.g. lambda params: jax.tree.map(lambda p: p.ndim > 1, "
+                "params)."
+            )
 
 
 def masked(
@@ -501,15 +569,7 @@ def masked(
 
     def resolved(tree: Any) -> Any:
         chosen = mask(tree) if callable(mask) else mask
-        for path, leaf in jax.tree_util.tree_leaves_with_path(chosen, is_leaf=held):
-            if held(leaf):
-                continue
-            scalar = isinstance(leaf, (np.ndarray, jax.Array)) and leaf.ndim == 0 and leaf.dtype == np.bool_
-            as_int = isinstance(leaf, (int, np.integer)) and leaf in (0, 1)  # optax reads the truth
-            if not (isinstance(leaf, (bool, np.bool_)) or scalar or as_int):
-                raise HyperparameterError(
-                    f"{name}{jax.tree_util.keystr(path)} must be a boolean (decay the leaf or not), got {leaf!r}."
-                )
+        check_mask_leaves(chosen, name)
         try:  # a prefix of the tree is a mask too (one value for a subtree), as optax.masked takes it
             jax.tree.map(lambda m, subtree: m, chosen, leafy(tree), is_leaf=held)
         except ValueError:

@@ -96,6 +96,9 @@ def as_real_imag(inner: optax.GradientTransformation) -> optax.GradientTransform
       >>> updates.round(4)  # one sign per real and imaginary part
       Array([1.+1.j, 1.-1.j], dtype=complex64)
     """
+    from adaopt._src import base  # imported here: base imports this module
+
+    base.check_transformation("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> Any:

@@ -278,8 +278,7 @@ def _onecycle(
     base.check_integer("total_steps", total_steps, 1)
     base.check_scalar("pct_start", pct_start, low=0.0, high=1.0)
     base.check_choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
-    if not isinstance(three_phase, bool):
-        raise HyperparameterError(f"three_phase must be a bool, got {three_phase!r}.")
+    base.check_flag("three_phase", three_phase)
     # Torch's phase ends: the step at which each phase reaches its end value.
     if three_phase:
         ends = [float(pct_start * total_steps) - 1, float(2 * pct_start * total_steps) - 2, total_steps - 1.0]

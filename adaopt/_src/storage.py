@@ -352,7 +352,8 @@ class Blockwise:
     chunk_size: int | None = DEFAULT_CHUNK_SIZE
 
     def __post_init__(self) -> None:
-        if self.format not in ("dynamic8", "dynamic4", "fp8"):
+        # A str: an array (of formats) would compare element by element.
+        if not isinstance(self.format, str) or self.format not in ("dynamic8", "dynamic4", "fp8"):
             raise HyperparameterError(f"format must be 'dynamic8', 'dynamic4' or 'fp8', got {self.format!r}.")
         if not _is_int(self.block_size) or not 0 < self.block_size <= MAX_BLOCK_SIZE:
             # A leaf is padded to a whole block: a block far larger than any leaf would allocate its padding.
@@ -374,7 +375,7 @@ class Blockwise:
             raise HyperparameterError(
                 f"chunk_size must be a positive integer (elements) or None (whole leaves), got {self.chunk_size!r}."
             )
-        _as_python(self, block_size=int, min_size=int, scale_floor=float, chunk_size=int)
+        _as_python(self, format=str, block_size=int, min_size=int, scale_floor=float, chunk_size=int)
 
     # The map of a signed or unsigned moment (None for FP8).
     def qmap(self, signed: bool) -> np.ndarray | None:
@@ -603,8 +604,9 @@ def _is_int(x: Any) -> bool:
 
 
 def _as_python(config: Any, **kinds: type) -> None:
-    """Store the fields ``kinds`` names of a frozen, checked ``config`` as Python numbers of those types (a NumPy
-    scalar read from a config array is one: the storage then hashes, prints and compares as it is written)."""
+    """Store the fields ``kinds`` names of a frozen, checked ``config`` as Python values of those types, numbers or a
+    str (a NumPy scalar read from a config array is one: the storage then hashes, prints and compares as it is
+    written)."""
     for name, kind in kinds.items():
         value = getattr(config, name)
         if value is not None:

@@ -90,8 +90,22 @@ class MatrixAxes:
         return batch + outputs + inputs, len(outputs), len(inputs)
 
 
+def plain_coefficients(ns_coefficients: Any) -> Any:
+    """``ns_coefficients`` with its arrays (NumPy's, concrete JAX ones) as tuples of Python floats: a ``(3,)`` array is
+    one triple, a ``(steps, 3)`` array one per iteration. Anything else is returned as it is, for the check."""
+    if isinstance(ns_coefficients, (np.ndarray, np.generic, jax.Array)) and not isinstance(
+        ns_coefficients, jax.core.Tracer
+    ):
+        ns_coefficients = np.asarray(ns_coefficients).tolist()
+    if isinstance(ns_coefficients, (tuple, list)):
+        return tuple(plain_coefficients(x) for x in ns_coefficients)
+    return ns_coefficients
+
+
 def check_ns_coefficients(ns_coefficients: Any, ns_steps: Any) -> None:
-    """``ns_coefficients``: one triple (a, b, c) of real numbers for every iteration, or one triple per iteration."""
+    """``ns_coefficients``: one triple (a, b, c) of real numbers for every iteration, or one triple per iteration;
+    arrays as :func:`plain_coefficients` reads them."""
+    ns_coefficients = plain_coefficients(ns_coefficients)
 
     def is_triple(x: Any) -> bool:
         return isinstance(x, (tuple, list)) and len(x) == 3 and not any(isinstance(v, (tuple, list)) for v in x)
@@ -118,6 +132,7 @@ def check_ns_coefficients(ns_coefficients: Any, ns_steps: Any) -> None:
 def _schedule(coefficients: Any, steps: int) -> list[Coefficients]:
     """Each of the ``steps`` iterations' (a, b, c), as floats (checked by :func:`check_ns_coefficients`)."""
     check_ns_coefficients(coefficients, steps)
+    coefficients = plain_coefficients(coefficients)
     if len(coefficients) == 3 and not isinstance(coefficients[0], (tuple, list)):
         return [tuple(float(x) for x in coefficients)] * steps  # type: ignore[list-item]
     return [tuple(float(x) for x in triple) for triple in coefficients]  # type: ignore[misc]
@@ -484,6 +499,8 @@ def _labels(muon_mask: base.MaskOrFn | None, weight_decay_mask: base.MaskOrFn | 
         matrices = default_muon_mask(tree) if matrices is None else matrices
         decayed = weight_decay_mask(tree) if callable(weight_decay_mask) else weight_decay_mask
         decayed = jax.tree.map(lambda _: True, tree) if decayed is None else decayed
+        base.check_mask_leaves(matrices, "muon_mask")
+        base.check_mask_leaves(decayed)
         base.check_tree_match(tree, matrices, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
         base.check_tree_match(tree, decayed, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
         return jax.tree.map(lambda m, d: ("muon" if m else "adam") + ("_decayed" if d else ""), matrices, decayed)

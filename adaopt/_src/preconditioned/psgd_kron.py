@@ -408,6 +408,10 @@ def scale_by_psgd_kron(
         b1, probability, max_size_triangular, min_ndim_triangular, memory_save_mode, preconditioner_lr,
         preconditioner_init_scale, mu_dtype, precond_dtype, precond_update_precision, precond_grads_precision, seed,
     )  # fmt: skip
+    # jax.default_matmul_precision takes the built-in str only, not a NumPy one (np.str_, from an array of options).
+    update_precision, grads_precision = (
+        str(p) if isinstance(p, str) else p for p in (precond_update_precision, precond_grads_precision)
+    )
 
     def plan(shape: tuple[int, ...]) -> _Plan:
         return _plan(shape, max_size_triangular, min_ndim_triangular, memory_save_mode)
@@ -498,7 +502,7 @@ def scale_by_psgd_kron(
             return moments.compute_dtype(momenta[i].dtype, factor_dtype(leaves[i]))
 
         def update_factors(key: jax.Array, all_qs: list[list[jax.Array]]) -> list[list[jax.Array]]:
-            with jax.default_matmul_precision(precond_update_precision):
+            with jax.default_matmul_precision(update_precision):
                 key, subkey = jax.random.split(key)
                 balance = jax.random.uniform(subkey) < _BALANCE_PROBABILITY
                 all_qs = jax.lax.cond(
@@ -531,7 +535,7 @@ def scale_by_psgd_kron(
         all_qs = jax.lax.cond(do_update, update_factors, lambda _, qs: qs, subkey, all_qs)
 
         steps = []
-        with jax.default_matmul_precision(precond_grads_precision):
+        with jax.default_matmul_precision(grads_precision):
             for i, (g, m_hat, qs, p_plan) in enumerate(zip(leaves, momenta, all_qs, plans, strict=True)):
                 if p_plan.preconditioned:
                     dtype = work_dtype(i)

@@ -30,6 +30,7 @@ from adaopt._src.preconditioned.muon import (
     check_ns_coefficients,
     matrix_axes,
     newton_schulz,
+    plain_coefficients,
 )
 from adaopt._src.preconditioned.muon import _is_auxiliary_path as _is_embedding_or_head_path
 
@@ -299,6 +300,7 @@ def scale_by_scion(
       Models with Norm-Constrained LMOs", ICML 2025, https://arxiv.org/abs/2502.07529.
     """
     _check_scion(momentum, radius, momentum_form, ns_steps, ns_coefficients, ns_eps, ns_dtype, mu_dtype)
+    ns_coefficients = plain_coefficients(ns_coefficients)
 
     def orthogonalise(x: jax.Array) -> jax.Array:
         return _on_whole_matrices(

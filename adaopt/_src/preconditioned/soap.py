@@ -247,8 +247,7 @@ def _check_soap(
     base.check_integer("precondition_frequency", precondition_frequency, 1)
     base.check_integer("max_precondition_dim", max_precondition_dim, 1)
     base.check_choice("data_format", data_format, ("channels_first", "channels_last"))
-    if not isinstance(merge_dims, bool):
-        base.check_choice("merge_dims", merge_dims, (False, True, "consecutive", "trailing"))
+    base.check_choice("merge_dims", merge_dims, (False, True, "consecutive", "trailing"))
     base.check_choice("eps_mode", eps_mode, ("add", "max"))
     base.check_choice("refresh_count", refresh_count, ("update", "call"))
 

@@ -146,10 +146,7 @@ class EarlyStopping:
         base.check_choice("mode", self.mode, ("min", "max"))
         if self.baseline is not None:
             base.check_scalar("baseline", self.baseline)
-        if not isinstance(self.restore_best_weights, bool):
-            raise base.HyperparameterError(
-                f"restore_best_weights must be True or False, got {self.restore_best_weights!r}."
-            )
+        base.check_flag("restore_best_weights", self.restore_best_weights)
         _check_count("start_from_epoch", self.start_from_epoch)
 
     def init(self, params: base.Params | None = None) -> EarlyStoppingState:

@@ -293,6 +293,24 @@ def _labels(groups: GroupsSpec, tree: Any) -> list[str]:
     return out
 
 
+def _check_groups(groups: Any) -> None:
+    """``monitor``'s ``groups``, or a :class:`HyperparameterError` naming it (and the group whose patterns are wrong)."""
+    # An array of names is none of these (and == "leaves" would compare it element by element).
+    if not (groups is None or (isinstance(groups, str) and groups == "leaves") or callable(groups)):
+        if not isinstance(groups, Mapping):
+            raise base.HyperparameterError(
+                f"groups must be 'leaves', a mapping of group names to path patterns, a function of the parameters "
+                f"returning a tree of group names, or None; got {groups!r}."
+            )
+        for label, patterns in groups.items():
+            several = isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns)
+            if not isinstance(label, str) or not (isinstance(patterns, str) or several):
+                raise base.HyperparameterError(
+                    f"groups must map each group's name (a str) to a path pattern (a str, such as 'layers/*') or a "
+                    f"list of them; got {label!r}: {patterns!r}."
+                )
+
+
 def _mirrors(value: Any, reference: Any) -> bool:
     """Whether a state field holds one entry per parameter leaf, of the parameter's shape (a moment; a complex
     parameter's may be its real view, ``complex_convention="real_imag"``)."""
@@ -596,11 +614,7 @@ def monitor(
     """
     base.check_transformation("optimizer", optimizer)
     base.check_integer("every", every, 1)
-    if not (groups is None or groups == "leaves" or callable(groups) or isinstance(groups, Mapping)):
-        raise base.HyperparameterError(
-            f"groups must be 'leaves', a mapping of group names to path patterns, a function of the parameters "
-            f"returning a tree of group names, or None; got {groups!r}."
-        )
+    _check_groups(groups)
     inner = optax.with_extra_args_support(optimizer)
 
     def init_fn(params: Params) -> MonitorState:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -175,6 +175,16 @@ def _validation_groups(val_batches: Any, val_loader: Iterable[Any] | None) -> Va
         return ((val_batches, np.ones(n)),), np.asarray(n, np.float64)
     if val_loader is None:
         return None
+    if isinstance(val_loader, (str, bytes, Mapping)) or not isinstance(val_loader, Iterable):
+        hint = (
+            " (stacked batches, one tree of arrays: pass them as val_batches)"
+            if isinstance(val_loader, Mapping)
+            else ""
+        )
+        raise base.HyperparameterError(
+            f"val_loader must be None or an iterable of validation batches (a list, a torch DataLoader, a generator), "
+            f"got {val_loader!r} of type {type(val_loader).__name__}{hint}."
+        )
     groups: dict[Any, tuple[list[Any], list[int]]] = {}
     for position, batch in enumerate(val_loader):
         batch = jax.tree.map(np.asarray, batch)
@@ -410,7 +420,7 @@ def range_test(
       :meth:`~RangeTestResult.suggest_lr` and :meth:`~RangeTestResult.plot`.
 
     Raises:
-      HyperparameterError: a setting is out of range.
+      HyperparameterError: a setting is out of range, or ``val_loader`` is not an iterable of batches.
       ValueError: ``batches``, ``val_batches`` or a batch of ``val_loader`` is not a pytree of
         arrays with one leading axis, ``val_loader`` is empty, or both validation arguments are given.
 

@@ -162,6 +162,13 @@ def grid_configs(space: Space, points: int | Mapping[str, int] | None = None) ->
     return {name: combos[:, i].copy() for i, name in enumerate(axes)}
 
 
+SEED_MAX = 2**32 - 1  # Optuna's samplers' too (NumPy's RandomState)
+
+
+def check_seed(seed: Any) -> None:
+    base.check_integer("seed", seed, 0, SEED_MAX)
+
+
 def random_configs(space: Space, n: int, seed: int = 0) -> Configs:
     """``n`` configurations drawn independently: the random search's.
 
@@ -172,13 +179,14 @@ def random_configs(space: Space, n: int, seed: int = 0) -> Configs:
     Args:
       space: name -> a list of numbers, or a :class:`~adaopt.Range`.
       n: the number of configurations, >= 1.
-      seed: the seed of the draws: the same seed, the same configurations.
+      seed: the seed of the draws, an integer in [0, 2**32 - 1]: the same seed, the same configurations.
 
     Returns:
       name -> a float64 array of ``n`` values.
 
     Raises:
-      HyperparameterError: a bad space (as :func:`grid_configs`) or ``n < 1``.
+      HyperparameterError: a bad space (as :func:`grid_configs`), ``n < 1``, or a ``seed`` that is not an integer
+        in [0, 2**32 - 1].
 
     Example:
       >>> import adaopt
@@ -190,6 +198,7 @@ def random_configs(space: Space, n: int, seed: int = 0) -> Configs:
     """
     checked = _check_space(space)
     base.check_integer("n", n, 1)
+    check_seed(seed)
     rng = np.random.default_rng(seed)
     out: Configs = {}
     for name, v in checked.items():
@@ -215,12 +224,25 @@ def search_space(spec: OptimizerSpec, learning_rate: Range | Sequence[float] | N
     Returns:
       A search space for :func:`grid_configs`, :func:`random_configs` or :meth:`Sweep.optuna`.
 
+    Raises:
+      HyperparameterError: ``spec`` is not a registry entry, or ``learning_rate`` is neither a Range nor a list of
+        numbers.
+
     Example:
       >>> import adaopt
       >>> sorted(adaopt.search_space(adaopt.REGISTRY["adam"], adaopt.Range(1e-4, 1e-2, log=True)))
       ['b1', 'b2', 'eps', 'learning_rate']
     """
+    if not isinstance(spec, OptimizerSpec):
+        name = getattr(spec, "__name__", None)
+        hint = f" For the factory {name}, pass adaopt.REGISTRY[{name!r}]." if callable(spec) and name else ""
+        raise base.HyperparameterError(
+            f"spec must be a registry entry (an OptimizerSpec, e.g. adaopt.REGISTRY['adamw']), got {spec!r} of type "
+            f"{type(spec).__name__}.{hint}"
+        )
     space: dict[str, Any] = {} if learning_rate is None else {"learning_rate": learning_rate}
+    if space:
+        _check_space(space)  # what the grid or the draws would refuse later
     return {**space, **spec.hyperparameters}
 
 
@@ -491,6 +513,16 @@ class Sweep:
         if eval_fn is not None and not callable(eval_fn):
             raise base.HyperparameterError(f"eval_fn must be a function of the parameters or None, got {eval_fn!r}.")
         base.check_choice("mode", mode, ("min", "max"))
+        if fixed is not None and not isinstance(fixed, Mapping):
+            raise base.HyperparameterError(
+                f"fixed must be a mapping of the factory's argument names to values (a dict) or None, got {fixed!r} "
+                f"of type {type(fixed).__name__}."
+            )
+        if schedule is not None and not callable(schedule):
+            raise base.HyperparameterError(
+                f"schedule must be a function of the learning rate returning a schedule (lambda lr: "
+                f"optax.cosine_decay_schedule(lr, steps)) or None, got {schedule!r} of type {type(schedule).__name__}."
+            )
         self.loss_fn, self.eval_fn, self.mode = loss_fn, eval_fn, mode
         self.fixed = dict(fixed or {})
         self.schedule = schedule
@@ -608,7 +640,7 @@ class Sweep:
         if self.eval_fn is None:
             metric = jnp.mean(losses)
         else:
-            metric = jnp.asarray(self.eval_fn(_evaluation_point(state, params), *extra))
+            metric = _scalar_metric(self.eval_fn(_evaluation_point(state, params), *extra))
         finite = jnp.isfinite(metric)
         for leaf in jax.tree.leaves(params):
             finite &= jnp.all(jnp.isfinite(leaf))
@@ -659,16 +691,18 @@ class Sweep:
             trials in one call, the width a power of two; an integer, blocks of that many lanes.
           data: passed to ``loss_fn`` and ``eval_fn`` as their last argument: an argument of the
             compiled program, not a constant compiled into it.
-          seed: the seed of the per-trial keys when ``params`` is a function.
+          seed: the seed of the per-trial keys when ``params`` is a function, an integer in [0, 2**32 - 1].
 
         Returns:
           A :class:`SweepResult`.
 
         Raises:
           HyperparameterError: bad configurations (unknown, non-numeric or static names, lengths that
-            differ), a bad number of steps, ``eval_every`` or ``halve_every``, ``keep`` outside (0, 1).
+            differ), a bad number of steps, ``eval_every`` or ``halve_every``, ``keep`` outside (0, 1), a bad
+            ``seed``, or an ``eval_fn`` that returns no real scalar.
         """
         start = time.perf_counter()
+        check_seed(seed)
         checked = self._configs(configs)
         n = len(next(iter(checked.values())))
         steps, chunks = _chunks(batches, steps, eval_every)
@@ -779,7 +813,7 @@ class Sweep:
 
         Raises:
           ImportError: Optuna is not installed (``pip install adaopt[tune]``).
-          HyperparameterError: a bad space, round or trial count, or a study of the other direction.
+          HyperparameterError: a bad space, round or trial count, seed, or a study of the other direction.
         """
         try:
             import optuna
@@ -789,6 +823,7 @@ class Sweep:
         self._check_names(checked, "space")
         base.check_integer("trials_per_round", trials_per_round, 1)
         base.check_integer("rounds", rounds, 1)
+        check_seed(seed)
         direction = optuna.study.StudyDirection.MINIMIZE if self.mode == "min" else optuna.study.StudyDirection.MAXIMIZE
         if study is None:
             study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=seed))
@@ -819,6 +854,26 @@ class Sweep:
                     study.tell(trial, worst if result.diverged[i] or not math.isfinite(value) else value)
             results.append(result)
         return _merge(results, study)
+
+
+def _scalar_metric(value: Any) -> jax.Array:
+    """What ``eval_fn`` returned, as the metric (a real scalar), or an error naming ``eval_fn``."""
+    try:
+        metric = jnp.asarray(value)
+    except (TypeError, ValueError):
+        metric = None
+    if (
+        metric is None
+        or metric.shape != ()
+        or not jnp.issubdtype(metric.dtype, jnp.number)
+        or (jnp.issubdtype(metric.dtype, jnp.complexfloating))
+    ):
+        shown = f"shape {metric.shape} and dtype {metric.dtype}" if metric is not None else f"{type(value).__name__}"
+        raise base.HyperparameterError(
+            f"eval_fn must return the metric, a real scalar (e.g. the mean loss on held-out data), but returned "
+            f"{shown}."
+        )
+    return metric
 
 
 def _evaluation_point(state: Any, params: Any) -> Any:

@@ -17,6 +17,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType, TracebackType
 from typing import Any
 
+from adaopt._src import base
+
+
+def _check_path(name: str, value: Any) -> str:
+    """``value`` as a ``str`` path, or a :class:`HyperparameterError` naming ``name``: a path is a ``str`` or an
+    ``os.PathLike`` (``open`` would take an int as a file descriptor, and close it)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise base.HyperparameterError(
+            f"{name} must be a path (a str or an os.PathLike such as pathlib.Path), got {value!r} of type "
+            f"{type(value).__name__}."
+        )
+    path = os.fspath(value)
+    if not isinstance(path, str):  # an os.PathLike of bytes
+        raise base.HyperparameterError(f"{name} must be a path of str, got {value!r}, a path of bytes.")
+    return path
+
 
 def _require(module: str, extra: str) -> ModuleType:
     """Import ``module``, or an ImportError that names the extra to install."""
@@ -64,8 +80,8 @@ class TensorBoardWriter(Writer):
     """
 
     def __init__(self, logdir: str | os.PathLike[str], **kwargs: Any) -> None:
+        self.logdir = _check_path("logdir", logdir)
         tensorboardx = _require("tensorboardX", "tensorboard")
-        self.logdir = os.fspath(logdir)
         self._writer: Any = tensorboardx.SummaryWriter(self.logdir, **kwargs)
 
     def write(self, step: int, records: Mapping[str, float]) -> None:
@@ -96,7 +112,7 @@ class CsvWriter(Writer):
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+        self.path = _check_path("path", path)
         self._file = open(self.path, "w", newline="")  # noqa: SIM115  # held open across writes; closed by close()
         self._writer: csv.DictWriter[str] | None = None
 
@@ -120,8 +136,12 @@ class CsvWriter(Writer):
 
 
 def load_records(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, float]]]:
-    """The rows of a :class:`CsvWriter`'s file: ``[(step, {name: value}), ...]``."""
-    with open(path, newline="") as file:
+    """The rows of a :class:`CsvWriter`'s file: ``[(step, {name: value}), ...]``.
+
+    Raises:
+      HyperparameterError: ``path`` is not a path (a ``str`` or an ``os.PathLike``).
+    """
+    with open(_check_path("path", path), newline="") as file:
         return [
             (int(row.pop("step")), {name: float(value) for name, value in row.items()}) for row in csv.DictReader(file)
         ]
@@ -158,6 +178,22 @@ class WandbWriter(Writer):
             self._wandb.teardown()
 
 
+def _rows(source: Any) -> list[tuple[Any, dict[str, float]]]:
+    """``plot_records``'s source as ``(step, records)`` pairs, or an error naming ``source``."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_records(source)
+    what = "source must be a CSV file's path or an iterable of (step, {name: value}) pairs"
+    if isinstance(source, Mapping) or not isinstance(source, Iterable):
+        hint = " (one step's records: pass [(step, records)])" if isinstance(source, Mapping) else ""
+        raise base.HyperparameterError(f"{what}, got {source!r} of type {type(source).__name__}{hint}.")
+    rows = []
+    for pair in source:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], Mapping)):
+            raise base.HyperparameterError(f"{what}, got {pair!r} among them.")
+        rows.append((pair[0], dict(pair[1])))
+    return rows
+
+
 def plot_records(
     source: str | os.PathLike[str] | Iterable[tuple[int, Mapping[str, float]]],
     names: str | Sequence[str],
@@ -179,20 +215,30 @@ def plot_records(
 
     Raises:
       ImportError: matplotlib is not installed.
-      KeyError: a name matches no record.
+      HyperparameterError: a name matches no record; or ``source``, ``names``, ``ax`` or ``logy`` is not what it
+        must be.
     """
+    rows = _rows(source)
+    wanted = [names] if isinstance(names, str) else names
+    if not isinstance(wanted, (list, tuple)) or not wanted or not all(isinstance(n, str) for n in wanted):
+        raise base.HyperparameterError(
+            f"names must be a record's name (a str) or a non-empty list of them, got {names!r}."
+        )
+    if ax is not None and not callable(getattr(ax, "plot", None)):
+        raise base.HyperparameterError(
+            f"ax must be a matplotlib Axes (or None: a new figure's), got {ax!r} of type {type(ax).__name__}."
+        )
+    base.check_flag("logy", logy)
     plt = _require("matplotlib.pyplot", "demo")
-    rows = load_records(source) if isinstance(source, (str, os.PathLike)) else [(s, dict(r)) for s, r in source]
     available = list(rows[0][1]) if rows else []
-    wanted = [names] if isinstance(names, str) else list(names)
-    chosen = []
+    chosen: list[str] = []
     for name in wanted:
         if name.endswith("*"):
             match = [n for n in available if n.startswith(name[:-1])]
         else:
             match = [name] if name in available else []
         if not match:
-            raise KeyError(f"No record is named {name!r}; the records are {available}.")
+            raise base.HyperparameterError(f"names: no record is named {name!r}; the records are {available}.")
         chosen += [n for n in match if n not in chosen]
     if ax is None:
         _, ax = plt.subplots()

@@ -109,7 +109,9 @@ def decay_mask(weight_decay_mask: base.MaskOrFn | None, params: base.Params) -> 
     """
     if weight_decay_mask is None:
         return jax.tree.map(lambda _: True, params)
-    return weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
+    mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
+    base.check_mask_leaves(mask)
+    return mask
 
 
 def decay_term(p: jax.Array, selected: Any, weight_decay: Any, dtype: Any) -> Any:
@@ -289,6 +291,7 @@ def scale_by_dadapt_adam(
     base.check_decay("b2", b2)
     base.check_scalar("eps", eps, low=0.0, low_open=True)
     base.check_nonnegative("weight_decay", weight_decay)
+    base.check_mask(weight_decay_mask)
     check_d0(d0)
     check_growth_rate(growth_rate)
     moments.check_storage("mu_dtype", mu_dtype)
@@ -299,6 +302,8 @@ def scale_by_dadapt_adam(
     decoupled = not base.is_zero(weight_decay)
 
     def init_fn(params: base.Params) -> DAdaptAdamState:
+        if decoupled:
+            decay_mask(weight_decay_mask, params)  # checked now, not at the first step
         dtype = moments.scalar_dtype(params)
         return DAdaptAdamState(
             count=moments.zero_count(),
@@ -580,11 +585,14 @@ def scale_by_dadapt_sgd(
     base.check_learning_rate(learning_rate)
     base.check_decay("momentum", momentum)
     base.check_nonnegative("weight_decay", weight_decay)
+    base.check_mask(weight_decay_mask)
     check_d0(d0)
     check_growth_rate(growth_rate)
     decayed = not base.is_zero(weight_decay)
 
     def init_fn(params: base.Params) -> DAdaptSGDState:
+        if decayed:
+            decay_mask(weight_decay_mask, params)  # checked now, not at the first step
         dtype = moments.scalar_dtype(params)
         return DAdaptSGDState(  # each field its own buffer: the state is donated whole
             count=moments.zero_count(),

@@ -163,6 +163,7 @@ def scale_by_prodigy(
     base.check_learning_rate(learning_rate)
     _check(b1, b2, b3, eps, d_coef, slice_p)
     base.check_nonnegative("weight_decay", weight_decay)
+    base.check_mask(weight_decay_mask)
     dadapt.check_d0(d0)
     dadapt.check_growth_rate(growth_rate)
     moments.check_storage("mu_dtype", mu_dtype)
@@ -174,6 +175,8 @@ def scale_by_prodigy(
         return x if stride == 1 else x.ravel()[::stride]
 
     def init_fn(params: base.Params) -> ProdigyState:
+        if decoupled:
+            dadapt.decay_mask(weight_decay_mask, params)  # checked now, not at the first step
         dtype = moments.scalar_dtype(params)
         kept = jax.tree.map(sliced, params)  # the parameters themselves when slice_p is None or 1
         return ProdigyState(

@@ -183,6 +183,8 @@ def scale_by_schedule_free(
     base.check_nonnegative("r", r)
     base.check_nonnegative("weight_lr_power", weight_lr_power)
     base.check_dtype("z_dtype", z_dtype)
+    if learning_rate_factor is not None:
+        base.check_schedule("learning_rate_factor", learning_rate_factor, jnp.float32)
 
     def init_fn(params: base.Params) -> ScheduleFreeState:
         dtype = moments.scalar_dtype(params)

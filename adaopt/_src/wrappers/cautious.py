@@ -74,6 +74,7 @@ def scale_by_cautious_mask(
       https://arxiv.org/abs/2411.16085 (the rescaling :math:`n / (1 + \sum\phi)` is
       pytorch-optimizer's ``apply_cautious``).
     """
+    base.check_transformation("inner", inner)
     base.check_choice("updates_are", updates_are, ("steps", "directions"))
     inner = optax.with_extra_args_support(inner)
     descent = updates_are == "steps"

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adaopt._src import base
@@ -86,6 +87,9 @@ def inject_hyperparams(
       ``optax.GradientTransformationExtraArgs`` with state ``optax.InjectHyperparamsState``.
 
     Raises:
+      HyperparameterError: ``factory`` is not a factory (a gradient transformation is named as one: pass
+        ``adaopt.adam``, not ``adaopt.adam(1e-3)``), ``static_args`` is not a name or an iterable of names, or
+        ``hyperparam_dtype`` is not a float dtype.
       ValueError: a name in ``static_args`` is not an argument of ``factory``.
 
     Example:
@@ -103,7 +107,8 @@ def inject_hyperparams(
       >>> updates["w"][0, 0] < 0, updates["b"][0] == 0  # a zero gradient: only w decays
       (Array(True, dtype=bool), Array(True, dtype=bool))
     """
-    requested = {static_args} if isinstance(static_args, str) else set(static_args)
+    _check_factory(factory)
+    requested = _static_names(static_args)
     parameters = inspect.signature(factory).parameters
     unknown = sorted(requested - set(parameters))
     if unknown:
@@ -112,8 +117,7 @@ def inject_hyperparams(
             f"name some of {list(parameters)}."
         )
     static = tuple(name for name in parameters if name in requested or is_static(parameters[name]))
-    if hyperparam_dtype is not None and not jnp.issubdtype(hyperparam_dtype, jnp.floating):
-        raise HyperparameterError(f"hyperparam_dtype must be a float dtype, got {hyperparam_dtype!r}.")
+    _check_hyperparam_dtype(hyperparam_dtype)
     # adaopt's factories compute in float32 at least (their states too): optax's hold half-precision states, which
     # float32 hyperparameters would promote.
     ours = getattr(factory, "__module__", "").startswith("adaopt.")
@@ -149,6 +153,46 @@ def inject_hyperparams(
         )
 
     return injected
+
+
+def _check_factory(factory: Any) -> None:
+    if callable(getattr(factory, "init", None)) and callable(getattr(factory, "update", None)):
+        raise HyperparameterError(
+            f"factory must be a function returning a gradient transformation, got the gradient transformation "
+            f"{factory!r}: pass the factory, adaopt.adam, not adaopt.adam(1e-3) (the hyperparameters are passed to "
+            "what inject_hyperparams returns)."
+        )
+    if not callable(factory):
+        raise HyperparameterError(
+            f"factory must be a function returning a gradient transformation (adaopt.adam), got {factory!r} of type "
+            f"{type(factory).__name__}."
+        )
+
+
+def _static_names(static_args: Any) -> set[str]:
+    """``static_args`` as a set of names: one str, or an iterable of them."""
+    if isinstance(static_args, str):
+        return {static_args}
+    names = list(static_args) if isinstance(static_args, Iterable) else None
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise HyperparameterError(
+            f"static_args must be an argument's name or an iterable of names (str), got {static_args!r}."
+        )
+    return set(names)
+
+
+def _check_hyperparam_dtype(hyperparam_dtype: Any) -> None:
+    if hyperparam_dtype is None:
+        return
+    message = f"hyperparam_dtype must be a float dtype (jnp.float32) or None, got {hyperparam_dtype!r}."
+    if isinstance(hyperparam_dtype, (jax.Array, np.ndarray, np.generic)):  # a value, not a dtype
+        raise HyperparameterError(f"{message} For an array's dtype, pass its .dtype.")
+    try:
+        dtype = jnp.dtype(hyperparam_dtype)
+    except (TypeError, ValueError):
+        raise HyperparameterError(message) from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise HyperparameterError(message)
 
 
 def _distinct_init(init: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -90,8 +90,7 @@ def lookahead(
     base.check_transformation("fast_optimizer", fast_optimizer)
     base.check_integer("sync_period", sync_period, 1)
     base.check_scalar("slow_step_size", slow_step_size, low=0.0, high=1.0)
-    if not isinstance(reset_state, bool):
-        raise base.HyperparameterError(f"reset_state must be True or False, got {reset_state!r}.")
+    base.check_flag("reset_state", reset_state)
     fast = optax.with_extra_args_support(fast_optimizer)
 
     def with_extra_args(extra_args: dict[str, Any]) -> optax.GradientTransformation:

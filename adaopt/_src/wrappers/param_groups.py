@@ -379,8 +379,7 @@ def param_groups(
     [f_1, ..., f_n])`` is ``learning_rate=lambda count: lr_i * f_i(count)`` in each group.
     Verified step for step in tests/test_param_groups.py (float64, 150 steps).
     """
-    if not isinstance(allow_empty_groups, bool):
-        raise base.HyperparameterError(f"allow_empty_groups must be True or False, got {allow_empty_groups!r}.")
+    base.check_flag("allow_empty_groups", allow_empty_groups)
     names = _names(groups)
     transforms: dict[str, optax.GradientTransformation] = {}
     if isinstance(default, optax.GradientTransformation):

@@ -74,8 +74,7 @@ def _check(rho: Any, adaptive: Any, eta: Any, eps: Any) -> None:
     base.check_nonnegative("rho", rho)
     base.check_nonnegative("eta", eta)
     base.check_nonnegative("eps", eps)
-    if not isinstance(adaptive, bool):
-        raise base.HyperparameterError(f"adaptive must be True or False, got {adaptive!r}.")
+    base.check_flag("adaptive", adaptive)
 
 
 @base.check_flags
@@ -163,8 +162,8 @@ def sam_value_and_grad(
       every leaf, and adds 1e-16 to the norm: the two differ in the biases' perturbation.
     """
     _check(rho, adaptive, eta, eps)
-    if not isinstance(has_aux, bool):
-        raise base.HyperparameterError(f"has_aux must be True or False, got {has_aux!r}.")
+    base.check_flag("has_aux", has_aux)
+    has_aux = bool(has_aux)  # a NumPy bool too, as jax.grad takes only Python's
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
     grad = jax.grad(loss_fn, has_aux=has_aux)
 
