@@ -40,3 +40,20 @@ def test_the_compiled_step_grows_linearly_with_the_leaves(spec: adaopt.Optimizer
     small, large = (_program_lines(spec.make(), n, needs_value) for n in (24, 96))
     # Four times the leaves: four times the program, and a constant; the chain in every kernel made it ~16x.
     assert large < 5 * small, (small, large)
+
+
+def test_a_total_under_vmap_on_a_mesh_with_explicit_axes() -> None:
+    """A mapped leaf's sum is placed along the mapped axis, an unmapped one's is not: stacking them raised JAX's
+    sharding error, where the chain of additions broadcast them. total() adds them one by one there."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from adaopt._src import numerics
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        x = jax.device_put(jnp.arange(16.0).reshape(16, 1), NamedSharding(mesh, P("data")))
+        total = jax.jit(jax.vmap(lambda a, b: numerics.tree_sum([a, b], jnp.float32), in_axes=(0, None)))
+        result = total(x, jnp.ones(3))
+    assert result.sharding.spec == P("data")
+    assert jnp.array_equal(result, jnp.arange(16.0) + 3)

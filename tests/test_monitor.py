@@ -421,4 +421,4 @@ def test_bad_groups_are_named_when_built(groups: Any, match: str) -> None:
     its ambiguous truth value."""
     with pytest.raises(adaopt.HyperparameterError, match=match):
         adaopt.monitor(adaopt.adam(1e-3), groups=groups)
-    adaopt.monitor(adaopt.adam(1e-3), groups={"g": "layers/*", "h": ("a", "b")})
+    adaopt.monitor(adaopt.adam(1e-3), groups={"g": "layers/*", "h": ("a", "b"), "s": {"c", "d"}})

@@ -17,6 +17,7 @@ from hypothesis import given
 
 import adaopt
 from adaopt import REGISTRY, Capability, OptimizerSpec
+from adaopt._src import base
 from benchmarks import learning_rates
 
 # Hyperparameters that are decay rates of a moving average: valid in [0, 1).
@@ -455,3 +456,42 @@ def test_a_wrappers_flag_takes_a_numpy_bool(name: str) -> None:
     FLAG_WRAPPERS[name](np.bool_(False))
     with pytest.raises(adaopt.HyperparameterError, match=r"must be True or False, got 'no'"):
         FLAG_WRAPPERS[name]("no")
+
+
+def test_a_schedule_that_reads_the_count_in_python_is_taken() -> None:
+    """Indexed by the count, or NumPy on it: tracing fails (not with a ConcretizationTypeError), so the schedule is
+    called once on a concrete 0 instead, as it runs without jit."""
+    rates = [0.1, 0.05, 0.01]
+    adaopt.adam(lambda count: rates[min(int(count), 2)])
+    adaopt.adam(lambda count: 0.1 * np.cos(count / 100))
+
+
+class _ClassFactory:
+    """A class used as a factory: its instances are the transformations; it has init and update as methods."""
+
+    def __init__(self, learning_rate: float = 0.1) -> None:
+        self.learning_rate = learning_rate
+
+    def init(self, params: Any) -> optax.EmptyState:
+        return optax.EmptyState()
+
+    def update(self, updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        return jax.tree.map(lambda g: -self.learning_rate * g, updates), state
+
+
+def test_a_class_is_a_factory_not_a_transformation() -> None:
+    injected = adaopt.inject_hyperparams(_ClassFactory)(learning_rate=0.5)
+    state = injected.init({"w": jnp.ones(2)})
+    updates, _ = injected.update({"w": jnp.ones(2)}, state)
+    np.testing.assert_allclose(updates["w"], -0.5)
+    with pytest.raises(adaopt.HyperparameterError, match="must be a gradient transformation"):
+        adaopt.monitor(_ClassFactory)  # type: ignore[arg-type]
+    adaopt.monitor(_ClassFactory())  # type: ignore[arg-type]
+
+
+def test_an_empty_mask_tree_is_a_tree() -> None:
+    """{} (for no parameters) and optax.MaskedNode are trees, not one value."""
+    base.check_mask({})
+    base.check_mask(optax.MaskedNode())
+    with pytest.raises(adaopt.HyperparameterError, match="got the single value True"):
+        base.check_mask(True)

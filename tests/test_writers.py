@@ -79,8 +79,10 @@ def test_csv_round_trip_and_plot(tmp_path: Path) -> None:
     np.testing.assert_array_equal(lines["grad_norm"].get_xdata(), [0, 10, 20])
     single = adaopt.plot_records(STEPS, "rate_rms")  # from the records themselves
     assert single.get_ylabel() == "rate_rms"
-    with pytest.raises(ValueError, match=r"^names: no record is named 'nope'; the records are"):
+    with pytest.raises(KeyError, match=r"No record is named 'nope'; the records are"):
         adaopt.plot_records(STEPS, "nope")
+    names = (name for name in ["grad_norm", "rate_rms"])  # any iterable of names
+    assert len(adaopt.plot_records(STEPS, names).get_lines()) == 2
 
 
 def test_load_records_refuses_a_file_descriptor_and_leaves_it_open(tmp_path: Path) -> None:

@@ -147,7 +147,11 @@ def check_schedule(name: str, schedule: Any, step_dtype: Any = jnp.int32) -> Non
     try:
         try:
             out: Any = jax.eval_shape(schedule, count)
-        except jax.errors.ConcretizationTypeError:
+        except (
+            jax.errors.ConcretizationTypeError,  # a branch on the count (TracerBoolConversionError too)
+            jax.errors.TracerIntegerConversionError,  # an index by it
+            jax.errors.TracerArrayConversionError,  # NumPy on it
+        ):
             out = schedule(count)
     except Exception as error:
         named = getattr(schedule, "__qualname__", "")
@@ -192,10 +196,19 @@ def check_nesterov(momentum: Any, nesterov: bool) -> None:
         raise HyperparameterError(f"nesterov=True requires a momentum > 0, got momentum={momentum!r}.")
 
 
+def is_transformation(value: Any) -> bool:
+    """Whether ``value`` is a gradient transformation: an object (not a class) with ``init`` and ``update`` methods."""
+    return (
+        not isinstance(value, type)
+        and callable(getattr(value, "init", None))
+        and callable(getattr(value, "update", None))
+    )
+
+
 def check_transformation(name: str, value: Any) -> None:
     """Raise ``HyperparameterError`` unless ``value`` is a gradient transformation (an object with ``init`` and
     ``update`` methods, as ``optax.GradientTransformation``); a factory passed in its place is named as one."""
-    if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+    if is_transformation(value):
         return
     hint = (
         f" {getattr(value, '__qualname__', 'It')} is a function: pass what it returns, built with its "
@@ -520,7 +533,8 @@ def check_mask(mask: Any, name: str = "weight_decay_mask") -> None:
     optax calls every callable argument as a schedule of the step count, so a function of the
     parameters, given the count, returns one boolean: a mask that silently decays all leaves or none.
     """
-    if mask is None or callable(mask) or not jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)):
+    leaves = jax.tree.leaves(mask)
+    if mask is None or callable(mask) or not (len(leaves) == 1 and leaves[0] is mask):  # a tree (an empty one too)
         return
     expected = (
         f"{name} must be None, a tree of booleans with the parameters' structure, or a function of the parameters "

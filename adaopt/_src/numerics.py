@@ -9,6 +9,8 @@ float64 tree in float64, then the leaves' sums as one reduction (:func:`total`).
 
 from __future__ import annotations
 
+import functools
+import operator
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -26,6 +28,11 @@ def learning_rate_at(learning_rate: Any, count: jax.Array, dtype: Any) -> jax.Ar
     return jnp.asarray(value).astype(dtype)
 
 
+try:  # what jnp.stack raises for operands placed apart on a mesh with explicit axes (JAX has no public name for it)
+    from jax._src.core import ShardingTypeError as _ShardingTypeError
+except ImportError:  # pragma: no cover
+    _ShardingTypeError = ()  # type: ignore[assignment,misc]
+
 # The width of the rows that total() reduces the scalars in.
 TOTAL_ROW = 128
 
@@ -42,7 +49,10 @@ def total(scalars: Sequence[jax.Array], dtype: Any) -> jax.Array:
     scalars = [jnp.asarray(x, dtype) for x in scalars]
     if len(scalars) <= 1:
         return scalars[0] if scalars else jnp.zeros([], dtype)
-    stacked = jnp.stack(scalars)
+    try:
+        stacked = jnp.stack(scalars)
+    except _ShardingTypeError:  # under vmap on a mesh with explicit axes, a mapped leaf's sum and another's
+        return functools.reduce(operator.add, scalars)  # are placed apart: added one by one, as they broadcast
     rows = jnp.pad(stacked, (0, -len(scalars) % TOTAL_ROW)).reshape(-1, TOTAL_ROW)
     return jnp.sum(jnp.sum(rows, axis=0))
 

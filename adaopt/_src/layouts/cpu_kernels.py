@@ -10,7 +10,7 @@ own intra-op threads, as an XLA FFI custom call.
 
 :func:`enable_cpu_kernels` builds it with the host's C++ compiler (``$CXX``, else ``c++``) and
 JAX's FFI headers, once per machine (the library is cached, keyed by its source, the compiler, the
-flags and jaxlib's version: ``$ADAOPT_CACHE_DIR``, else ``~/.cache/adaopt``) and registers it. From
+flags, the host's instruction sets and jaxlib's version: ``$ADAOPT_CACHE_DIR``, else ``~/.cache/adaopt``) and registers it. From
 then on, in this process, :func:`adaopt.scale_by_adam` (so ``adam`` and ``adamw``) and
 :func:`adaopt.scale_by_lion` (``lion``) take it for a leaf when all of these hold, and XLA's step
 otherwise:
@@ -97,8 +97,15 @@ def _library() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError(f"no C++ compiler: {os.environ.get('CXX', 'c++')!r} is not on PATH (set CXX to one)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    # What -march=native means on this host (its instruction sets, as the compiler's predefined macros): a library
+    # built on another CPU of the same architecture, in a shared cache, may use instructions this one lacks.
+    native = subprocess.run(
+        [compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, check=False
+    ).stdout
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), version, " ".join(FLAGS), jaxlib.__version__, platform.machine()]).encode()
+        "\n".join(
+            [SOURCE.read_text(), version, native, " ".join(FLAGS), jaxlib.__version__, platform.machine()]
+        ).encode()
     ).hexdigest()[:16]
     path = _cache_dir() / f"blockwise_adam-{key}.so"
     if not path.exists():

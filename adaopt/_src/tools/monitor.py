@@ -303,7 +303,7 @@ def _check_groups(groups: Any) -> None:
                 f"returning a tree of group names, or None; got {groups!r}."
             )
         for label, patterns in groups.items():
-            several = isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns)
+            several = isinstance(patterns, (list, tuple, set, frozenset)) and all(isinstance(p, str) for p in patterns)
             if not isinstance(label, str) or not (isinstance(patterns, str) or several):
                 raise base.HyperparameterError(
                     f"groups must map each group's name (a str) to a path pattern (a str, such as 'layers/*') or a "

@@ -215,12 +215,13 @@ def plot_records(
 
     Raises:
       ImportError: matplotlib is not installed.
-      HyperparameterError: a name matches no record; or ``source``, ``names``, ``ax`` or ``logy`` is not what it
-        must be.
+      KeyError: a name matches no record (the message lists the records).
+      HyperparameterError: ``source``, ``names``, ``ax`` or ``logy`` is not what it must be.
     """
     rows = _rows(source)
-    wanted = [names] if isinstance(names, str) else names
-    if not isinstance(wanted, (list, tuple)) or not wanted or not all(isinstance(n, str) for n in wanted):
+    is_names = isinstance(names, str) or (isinstance(names, Iterable) and not isinstance(names, Mapping))
+    wanted = [names] if isinstance(names, str) else list(names) if is_names else []
+    if not wanted or not all(isinstance(n, str) for n in wanted):
         raise base.HyperparameterError(
             f"names must be a record's name (a str) or a non-empty list of them, got {names!r}."
         )
@@ -238,7 +239,7 @@ def plot_records(
         else:
             match = [name] if name in available else []
         if not match:
-            raise base.HyperparameterError(f"names: no record is named {name!r}; the records are {available}.")
+            raise KeyError(f"No record is named {name!r}; the records are {available}.")
         chosen += [n for n in match if n not in chosen]
     if ax is None:
         _, ax = plt.subplots()

@@ -156,7 +156,7 @@ def inject_hyperparams(
 
 
 def _check_factory(factory: Any) -> None:
-    if callable(getattr(factory, "init", None)) and callable(getattr(factory, "update", None)):
+    if base.is_transformation(factory):
         raise HyperparameterError(
             f"factory must be a function returning a gradient transformation, got the gradient transformation "
             f"{factory!r}: pass the factory, adaopt.adam, not adaopt.adam(1e-3) (the hyperparameters are passed to "
