@@ -100,10 +100,29 @@ def check_scalar(
 INT32_MAX = int(np.iinfo(np.int32).max)
 
 
+def is_integer(x: Any) -> bool:
+    """A Python or NumPy integer (one read from a config array); ``True`` is not one."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def is_real(x: Any) -> bool:
+    """A Python or NumPy real number, an integer or a float; ``True`` is not one."""
+    return is_integer(x) or isinstance(x, (float, np.floating))
+
+
+def as_python(config: Any, **kinds: type) -> None:
+    """Store the fields ``kinds`` names of a frozen, checked ``config`` as Python values of those types, numbers or a
+    str (a NumPy scalar read from a config array is one: the configuration then hashes, prints and compares as it
+    is written); None stays None."""
+    for name, kind in kinds.items():
+        value = getattr(config, name)
+        if value is not None:
+            object.__setattr__(config, name, kind(value))
+
+
 def check_integer(name: str, value: Any, low: int, high: int = INT32_MAX) -> None:
     """Raise ``HyperparameterError`` unless ``value`` is an integer (not a bool) in [low, high]."""
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not is_int or not low <= value <= high:
+    if not is_integer(value) or not low <= value <= high:
         hint = (
             f" An array here is what optax.inject_hyperparams makes of an integer option: it sets shapes or loop "
             f"counts and must stay a Python int. Use adaopt.inject_hyperparams(factory), which keeps it static, or "
@@ -551,6 +570,16 @@ def check_mask(mask: Any, name: str = "weight_decay_mask") -> None:
         f"which keeps masks static, or optax.inject_hyperparams(factory, static_args=('{name}',)). "
         "(To decay no leaf, pass weight_decay=0.)"
     )
+
+
+def resolve_mask(mask: MaskOrFn | None, params: Any, name: str = "weight_decay_mask") -> Any:
+    """The tree of booleans ``mask`` gives for ``params`` (a tree, or a function of the parameters returning one),
+    checked: booleans (:func:`check_mask_leaves`) in the parameters' structure, leaf for leaf; None for None."""
+    chosen = mask(params) if callable(mask) else mask
+    if chosen is not None:
+        check_mask_leaves(chosen, name)
+        check_tree_match(params, chosen, PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+    return chosen
 
 
 def check_mask_leaves(mask: Any, name: str = "weight_decay_mask") -> None:

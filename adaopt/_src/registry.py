@@ -16,9 +16,16 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-
-from adaopt._src.base import Factory, HyperparameterError, MaskOrFn, ScalarOrSchedule, check_flag
+from adaopt._src.base import (
+    Factory,
+    HyperparameterError,
+    MaskOrFn,
+    ScalarOrSchedule,
+    as_python,
+    check_flag,
+    is_integer,
+    is_real,
+)
 from adaopt._src.factored import adafactor, adam_mini, came, sm3
 from adaopt._src.loss_driven import bold_driver, hypergradient, polyak
 from adaopt._src.optimizers import (
@@ -98,19 +105,12 @@ class Range:
     log: bool = False
 
     def __post_init__(self) -> None:
-        real = (int, float, np.integer, np.floating)  # a NumPy scalar too (read from an array): a Python number
-        finite = all(
-            isinstance(x, real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
-            for x in (self.low, self.high)
-        )
+        finite = all(is_real(x) and math.isfinite(x) for x in (self.low, self.high))  # a NumPy scalar too
         if not finite or not self.low < self.high:
             raise HyperparameterError(f"a Range needs finite low < high, got low={self.low!r}, high={self.high!r}.")
         check_flag("log", self.log)
-        for name in ("low", "high"):
-            value = getattr(self, name)
-            if isinstance(value, (np.integer, np.floating)):
-                object.__setattr__(self, name, int(value) if isinstance(value, np.integer) else float(value))
-        object.__setattr__(self, "log", bool(self.log))
+        kind = lambda x: int if is_integer(x) else float
+        as_python(self, low=kind(self.low), high=kind(self.high), log=bool)
         if self.log and self.low <= 0:
             raise HyperparameterError(f"a log-uniform Range needs low > 0, got low={self.low!r}.")
 

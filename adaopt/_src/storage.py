@@ -61,7 +61,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
-from adaopt._src.base import HyperparameterError, StoredLeaf, is_stored
+from adaopt._src.base import HyperparameterError, StoredLeaf, as_python, is_integer, is_real, is_stored
 from adaopt._src.placement import explicit_spec, sharded_like, whole
 
 # --------------------------------------------------------------------------- maps
@@ -355,7 +355,7 @@ class Blockwise:
         # A str: an array (of formats) would compare element by element.
         if not isinstance(self.format, str) or self.format not in ("dynamic8", "dynamic4", "fp8"):
             raise HyperparameterError(f"format must be 'dynamic8', 'dynamic4' or 'fp8', got {self.format!r}.")
-        if not _is_int(self.block_size) or not 0 < self.block_size <= MAX_BLOCK_SIZE:
+        if not is_integer(self.block_size) or not 0 < self.block_size <= MAX_BLOCK_SIZE:
             # A leaf is padded to a whole block: a block far larger than any leaf would allocate its padding.
             raise HyperparameterError(
                 f"block_size must be an integer in [1, {MAX_BLOCK_SIZE}], got {self.block_size!r}."
@@ -364,18 +364,15 @@ class Blockwise:
             raise HyperparameterError(
                 f"block_size must be even for 4-bit codes (two per byte, never across blocks), got {self.block_size}."
             )
-        if not _is_int(self.min_size) or self.min_size < 0:
+        if not is_integer(self.min_size) or self.min_size < 0:
             raise HyperparameterError(f"min_size must be a non-negative integer, got {self.min_size!r}.")
-        is_real = isinstance(self.scale_floor, (int, float, np.integer, np.floating)) and not isinstance(
-            self.scale_floor, (bool, np.bool_)
-        )
-        if not (is_real and 0 <= self.scale_floor < 1e-3):
+        if not (is_real(self.scale_floor) and 0 <= self.scale_floor < 1e-3):
             raise HyperparameterError(f"scale_floor must be a number in [0, 1e-3), got {self.scale_floor!r}.")
-        if self.chunk_size is not None and (not _is_int(self.chunk_size) or self.chunk_size <= 0):
+        if self.chunk_size is not None and (not is_integer(self.chunk_size) or self.chunk_size <= 0):
             raise HyperparameterError(
                 f"chunk_size must be a positive integer (elements) or None (whole leaves), got {self.chunk_size!r}."
             )
-        _as_python(self, format=str, block_size=int, min_size=int, scale_floor=float, chunk_size=int)
+        as_python(self, format=str, block_size=int, min_size=int, scale_floor=float, chunk_size=int)
 
     # The map of a signed or unsigned moment (None for FP8).
     def qmap(self, signed: bool) -> np.ndarray | None:
@@ -576,9 +573,9 @@ class StochasticBf16:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+        if not is_integer(self.seed) or not 0 <= self.seed < 2**32:
             raise HyperparameterError(f"seed must be an integer in [0, 2**32), got {self.seed!r}.")
-        _as_python(self, seed=int)
+        as_python(self, seed=int)
 
     def init(self, param: jax.Array, *, signed: bool, index: int = 0, moment: int = 0) -> Rounded:
         if jnp.issubdtype(jnp.result_type(param), jnp.complexfloating):
@@ -596,21 +593,6 @@ class StochasticBf16:
     def encode(self, value: jax.Array, leaf: Rounded) -> Rounded:
         bits = counter_bits(value.shape, leaf.salt, leaf.count)
         return Rounded(stochastic_round(value, bits), leaf.salt, leaf.count + jnp.uint32(1), self)
-
-
-def _is_int(x: Any) -> bool:
-    """An integer size or seed, a Python or NumPy one: ``True`` is not one."""
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _as_python(config: Any, **kinds: type) -> None:
-    """Store the fields ``kinds`` names of a frozen, checked ``config`` as Python values of those types, numbers or a
-    str (a NumPy scalar read from a config array is one: the storage then hashes, prints and compares as it is
-    written)."""
-    for name, kind in kinds.items():
-        value = getattr(config, name)
-        if value is not None:
-            object.__setattr__(config, name, kind(value))
 
 
 def _mix(x: int) -> int:

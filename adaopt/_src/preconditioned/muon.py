@@ -66,7 +66,7 @@ class MatrixAxes:
     outputs: int | tuple[int, ...]
 
     def __post_init__(self) -> None:
-        is_axis = lambda a: isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+        is_axis = base.is_integer
         for name in ("inputs", "outputs"):
             axes = getattr(self, name)
             axes = (axes,) if is_axis(axes) else axes
@@ -131,8 +131,8 @@ def check_ns_coefficients(ns_coefficients: Any, ns_steps: Any) -> None:
 
 def _schedule(coefficients: Any, steps: int) -> list[Coefficients]:
     """Each of the ``steps`` iterations' (a, b, c), as floats (checked by :func:`check_ns_coefficients`)."""
-    check_ns_coefficients(coefficients, steps)
     coefficients = plain_coefficients(coefficients)
+    check_ns_coefficients(coefficients, steps)
     if len(coefficients) == 3 and not isinstance(coefficients[0], (tuple, list)):
         return [tuple(float(x) for x in coefficients)] * steps  # type: ignore[list-item]
     return [tuple(float(x) for x in triple) for triple in coefficients]  # type: ignore[misc]
@@ -495,14 +495,10 @@ def _labels(muon_mask: base.MaskOrFn | None, weight_decay_mask: base.MaskOrFn | 
 
     def labels(tree: Any) -> Any:
         _check_real(tree)
-        matrices = muon_mask(tree) if callable(muon_mask) else muon_mask
+        matrices = base.resolve_mask(muon_mask, tree, "muon_mask")
         matrices = default_muon_mask(tree) if matrices is None else matrices
-        decayed = weight_decay_mask(tree) if callable(weight_decay_mask) else weight_decay_mask
+        decayed = base.resolve_mask(weight_decay_mask, tree)
         decayed = jax.tree.map(lambda _: True, tree) if decayed is None else decayed
-        base.check_mask_leaves(matrices, "muon_mask")
-        base.check_mask_leaves(decayed)
-        base.check_tree_match(tree, matrices, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
-        base.check_tree_match(tree, decayed, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
         return jax.tree.map(lambda m, d: ("muon" if m else "adam") + ("_decayed" if d else ""), matrices, decayed)
 
     return labels

@@ -353,14 +353,6 @@ def scale_by_shampoo(
     if learning_rate is not None:
         base.check_learning_rate(learning_rate)
 
-    def decay_mask(params: Any) -> Any:
-        """The user's mask of the decayed leaves (None: every leaf), checked against the parameters."""
-        mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
-        if mask is not None:
-            base.check_mask_leaves(mask)
-            base.check_tree_match(params, mask, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
-        return mask
-
     def plan(shape: tuple[int, ...]) -> _Plan:
         return _plan(
             shape, block_size=block_size, merge=shape_interpretation, axes=preconditioned_axes,
@@ -374,7 +366,7 @@ def scale_by_shampoo(
     def init_fn(params: base.Params) -> ShampooState:
         check_real(params, "Shampoo")
         if not base.is_zero(weight_decay):
-            decay_mask(params)
+            base.resolve_mask(weight_decay_mask, params)
 
         def matrices(p: jax.Array, fill: float) -> tuple[jax.Array, ...]:
             dtype = moments.compute_dtype(jnp.result_type(p))
@@ -400,7 +392,7 @@ def scale_by_shampoo(
             base.check_tree_match(updates, params, "parameters")
         leaves = jax.tree.leaves(updates)
         treedef: Any = jax.tree.structure(updates)  # flatten_up_to: the mask's and parameters' leaves
-        mask = decay_mask(params) if decayed else None
+        mask = base.resolve_mask(weight_decay_mask, params) if decayed else None
         masks = [True] * len(leaves) if mask is None else treedef.flatten_up_to(mask)
         param_leaves = treedef.flatten_up_to(params) if decayed else [None] * len(leaves)
         count = moments.safe_increment(state.count)

@@ -175,7 +175,7 @@ def cautious(
       is plain AdaFactor, where ``cautious(adafactor)`` with ``b1=None`` masks nothing (the step
       has the gradient's signs) but still rescales by :math:`n / (1 + n)`.
     """
-    if isinstance(optimizer, optax.GradientTransformation):
+    if base.is_transformation(optimizer):
         return scale_by_cautious_mask(optimizer, updates_are=updates_are)
     if not callable(optimizer):
         raise base.HyperparameterError(

@@ -221,9 +221,7 @@ def galore(
         if galore_mask is None:  # a tree: never called, though it may be (an Equinox module's class is callable)
             mask = default_galore_mask(params, rank, min_dim)
         else:
-            mask = galore_mask(params) if callable(galore_mask) else galore_mask
-            base.check_mask_leaves(mask, "galore_mask")
-        base.check_tree_match(params, mask, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+            mask = base.resolve_mask(galore_mask, params, "galore_mask")
         leaves = jax.tree_util.tree_leaves_with_path(params)
         # An empty matrix has no subspace to project on: it passes through, as every leaf the mask leaves out.
         chosen = [
