@@ -283,9 +283,11 @@ struct Vec {
   static F Greater(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static F Less(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
 
+  // Eight scalar loads: on Zen 3 a gather from the 1 KiB map took three times as long (the search table's gather,
+  // in Nearest, is as fast as scalar loads).
   static F Lookup(const float* map, const uint8_t* codes) {
-    const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
-    return _mm256_i32gather_ps(map, index, 4);
+    return _mm256_setr_ps(map[codes[0]], map[codes[1]], map[codes[2]], map[codes[3]], map[codes[4]], map[codes[5]],
+                          map[codes[6]], map[codes[7]]);
   }
   // The values of 8 float8_e4m3fn codes, by integer arithmetic (storage._from_e4m3's): a gather is slower here.
   static F FromE4m3(const uint8_t* codes) {
