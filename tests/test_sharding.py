@@ -275,3 +275,29 @@ def test_range_test_and_sweep_on_a_mesh_match_one_device() -> None:
         got = run(jax.device_put(host, shardings))
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_every_optimizer_inits_and_steps_eagerly_outside_a_mesh_context() -> None:
+    """Placed parameters, no ``jax.set_mesh``: ``init`` and a step run eagerly (the README's ZeRO example), the state
+    placed as a jitted ``init`` places it under the mesh (but for scalars). Factored statistics from ``jax.eval_shape`` are typed on an
+    abstract mesh there, and a reshard to a bare spec needs a mesh in context: both failed."""
+    mesh = _mesh()
+    params = jax.device_put(_host_params(), {name: NamedSharding(mesh, spec) for name, spec in SPECS.items()})
+    grads = jax.tree.map(lambda p: 0.1 * p, params)
+    failures = {}
+    for name, spec in adaopt.REGISTRY.items():
+        tx = spec.factory()
+        try:
+            state = tx.init(params)
+            tx.update(grads, state, params, value=jnp.float32(1.0))
+        except Exception as error:  # every optimizer's failure is reported at once
+            failures[name] = f"{type(error).__name__}: {str(error)[:120]}"
+            continue
+        with jax.set_mesh(mesh):
+            want = jax.tree.map(lambda x: x.sharding, jax.jit(tx.init)(params))
+        got = jax.tree.map(lambda x: x.sharding, state)
+        # Scalars (counts, step sizes) are made on one device eagerly, as optax's are, and replicated under jit.
+        same = jax.tree.map(lambda g, w, x: x.ndim == 0 or g.is_equivalent_to(w, x.ndim), got, want, state)
+        if not all(jax.tree.leaves(same)):
+            failures[name] = f"eager init placed the state as {got}, jitted init as {want}"
+    assert not failures, failures

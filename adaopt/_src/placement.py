@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.sharding import AxisType, NamedSharding
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 
 def explicit_sharding(x: Any) -> NamedSharding | None:
@@ -35,6 +36,43 @@ def explicit_spec(x: jax.Array) -> Any:
     return None if spec is None or all(axis is None for axis in spec) else spec
 
 
+def _concrete_mesh(x: Any) -> Mesh | None:
+    """The mesh of a placed array outside ``jit`` (a traced one has none): where a spec alone is placed outside a mesh
+    context (``jax.set_mesh``), which JAX's ``reshard`` and ``jax.eval_shape``'s abstract meshes need."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+        return None
+    mesh = getattr(x.sharding, "mesh", None)
+    return mesh if isinstance(mesh, Mesh) else None
+
+
+def reshard(x: jax.Array, spec: PartitionSpec, like: Any) -> jax.Array:
+    """``x`` resharded to ``spec``, on the concrete mesh of ``like`` where it has one (eagerly, outside a mesh context)."""
+    mesh = _concrete_mesh(like)
+    return jax.sharding.reshard(x, spec if mesh is None else NamedSharding(mesh, spec))
+
+
+def zeros(struct: Any, like: Any, dtype: Any = None) -> jax.Array:
+    """Zeros of the shape and sharding of ``struct``, ``jax.eval_shape``'s result of a function of ``like`` (a state's
+    statistic placed as the step computes it), in ``dtype`` (default: ``struct``'s).
+
+    Outside ``jit`` that result is typed on an abstract mesh, which arrays cannot be placed on outside a mesh context:
+    they are placed on ``like``'s mesh then, so that ``init`` runs eagerly as under ``jit``.
+    """
+    sharding = getattr(struct, "sharding", None)
+    mesh = _concrete_mesh(like)
+    if mesh is not None and isinstance(sharding, NamedSharding):
+        dtype = struct.dtype if dtype is None else dtype
+        return jnp.zeros(struct.shape, dtype, device=NamedSharding(mesh, sharding.spec))
+    return jnp.zeros_like(struct, dtype=dtype)
+
+
+def replicated(x: jax.Array, like: Any) -> jax.Array:
+    """``x`` replicated on the mesh of ``like``, a placed array, outside ``jit`` (under it a new array is replicated
+    already): a state's matrices made eagerly are placed as a jitted ``init`` places them, not on one device."""
+    mesh = _concrete_mesh(like)
+    return x if mesh is None else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+
+
 def whole(x: jax.Array) -> jax.Array:
     """``x`` gathered whole on every device when a mesh with explicit axes shards it, else ``x``.
 
@@ -42,14 +80,11 @@ def whole(x: jax.Array) -> jax.Array:
     ambiguous to JAX's explicit sharding: one all-gather per leaf and step, the work replicated.
     Under automatic sharding (no sharding in the types) XLA chooses the communication.
     """
-    return x if explicit_spec(x) is None else jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    return x if explicit_spec(x) is None else reshard(x, PartitionSpec(), x)
 
 
 def sharded_like(y: jax.Array, x: jax.Array) -> jax.Array:
-    """``y`` with the explicit sharding of ``x`` (a result placed as its input), or ``y`` as it is.
-
-    ``y`` already placed so (or ``x`` replicated) is returned as it is: no resharding, which needs a mesh
-    in context (``jax.set_mesh``) where a leaf is placed outside ``jit``.
-    """
+    """``y`` with the explicit sharding of ``x`` (a result placed as its input), or ``y`` as it is (already placed so,
+    or ``x`` replicated)."""
     spec = explicit_spec(x)
-    return y if spec is None or explicit_spec(y) == spec else jax.sharding.reshard(y, spec)
+    return y if spec is None or explicit_spec(y) == spec else reshard(y, spec, x)

@@ -33,7 +33,8 @@ shard of the last axis is a multiple of the block size; where one is not (a shar
 block), the last axis is gathered for the blocks, the leading axes stay split, the scales shard
 with them, and the codes are placed back as the parameter. Any other leaf is flattened in row-major
 order, its last block possibly partial, with one vector of scales; under an explicit sharding it
-is gathered for its blocks and its codes placed back as the parameter.
+is gathered for its blocks and its codes placed back as the parameter (8-bit and FP8 codes, of its
+shape; 4-bit codes, a flat vector of half its size, are replicated, as the scales).
 
 Memory of a step: a quantized state saves memory between steps only if the step does not
 dequantize every leaf at once. Under ``jit``, each leaf larger than ``chunk_size`` elements has
@@ -62,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaopt._src.base import HyperparameterError, StoredLeaf, as_python, is_integer, is_real, is_stored
-from adaopt._src.placement import explicit_spec, sharded_like, whole
+from adaopt._src.placement import explicit_spec, reshard, sharded_like, whole
 
 # --------------------------------------------------------------------------- maps
 
@@ -506,7 +507,7 @@ def _rows_whole(x: jax.Array, block_size: int) -> jax.Array:
     shards = math.prod(jax.typeof(x).sharding.mesh.shape[name] for name in names)
     if (x.shape[-1] // shards) % block_size == 0:
         return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec[:-1], None))
+    return reshard(x, jax.sharding.PartitionSpec(*spec[:-1], None), x)
 
 
 def _to_e4m3(x: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments, numerics, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 
@@ -113,8 +113,7 @@ def _step_size(rho: Any, param: jax.Array | None, scale_parameter: bool, eps_sca
 
 def _zeros_without(param: Any, axis: int, dtype: Any) -> jax.Array:
     """Zeros of ``param``'s shape less ``axis``, with the sharding a mean over that axis has (the step's)."""
-    reduced = jax.eval_shape(lambda p: jnp.mean(p, axis=axis), param)
-    return jnp.zeros_like(reduced, dtype=dtype)
+    return placement.zeros(jax.eval_shape(lambda p: jnp.mean(p, axis=axis), param), param, dtype)
 
 
 @base.check_flags

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments, numerics
+from adaopt._src import base, moments, numerics, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 
 
@@ -295,7 +295,7 @@ def _times_blocks(x: jax.Array, scale: jax.Array, blocks: Blocks) -> jax.Array:
 
 def _block_template(p: Any, blocks: Blocks) -> jax.Array:
     """Zeros of the block statistic's shape, in ``p``'s real dtype, with the sharding a reduction of ``p`` has."""
-    return jnp.zeros_like(jax.eval_shape(lambda q: _block_mean(moments.abs_sq(q), blocks), p))
+    return placement.zeros(jax.eval_shape(lambda q: _block_mean(moments.abs_sq(q), blocks), p), p)
 
 
 def scale_by_adam_mini(

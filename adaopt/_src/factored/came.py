@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 
@@ -62,8 +62,7 @@ def _is_factored(shape: tuple[int, ...]) -> bool:
 
 def _reduced_zeros(p: Any, axis: int, dtype: Any) -> jax.Array:
     """Zeros of ``p``'s shape without ``axis``, in ``dtype``, with the sharding a reduction over that axis has."""
-    target = jax.eval_shape(functools.partial(jnp.sum, axis=axis), p)
-    return jnp.zeros_like(target, dtype=dtype)
+    return placement.zeros(jax.eval_shape(functools.partial(jnp.sum, axis=axis), p), p, dtype)
 
 
 def _check_real(params: Any) -> None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 
@@ -99,7 +99,7 @@ def _init_accumulators(params: Any, dtype: Any) -> tuple[Any, ...]:
         if ndim == 0:
             return jnp.zeros_like(p, dtype=dtype_p)
         reduced = jax.eval_shape(functools.partial(jnp.sum, axis=_other_axes(ndim, axis)), p)
-        return jnp.zeros_like(reduced, dtype=dtype_p)
+        return placement.zeros(reduced, p, dtype_p)
 
     return tuple(jax.tree.map(functools.partial(zeros, axis=a), params) for a in range(max(most_axes, 1)))
 

@@ -153,8 +153,10 @@ def _split_state(state: Any, params: Any, axis: str, min_size: int) -> Any:
 def _check_mesh(params: Any, axis: str) -> None:
     """At init: the parameters are on a mesh with explicit axes that has ``axis`` (else a clear error)."""
     for path, leaf in jax.tree.leaves_with_path(params):
-        sharding = placement.explicit_sharding(leaf)
-        if sharding is None:
+        sharding: Any = placement.explicit_sharding(leaf)
+        if sharding is None and isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            sharding = leaf.sharding  # placed outside jit on a mesh of automatic axes: named below
+        if not isinstance(sharding, NamedSharding):
             continue
         if axis not in sharding.mesh.axis_names:
             raise MeshAxisError(

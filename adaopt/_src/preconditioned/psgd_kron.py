@@ -298,9 +298,9 @@ def _axis_sharded(x: jax.Array, like: jax.Array, axis: int) -> jax.Array:
     """A diagonal factor ``x`` of axis ``axis`` of ``like``, placed as that axis of ``like`` under an explicit mesh."""
     spec = placement.explicit_spec(like)
     if spec is None or x.ndim == 0:
-        return x
+        return placement.replicated(x, like) if x.ndim else x
     spec = (*spec, *(None,) * (like.ndim - len(spec)))
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(spec[axis]))
+    return placement.reshard(x, jax.sharding.PartitionSpec(spec[axis]), like)
 
 
 @base.check_flags
@@ -438,7 +438,7 @@ def scale_by_psgd_kron(
             scale = moments.scalar(preconditioner_init_scale, dtype)
             scale = scale ** (1 / ndim) if ndim else scale
             if triangular:
-                return scale * jnp.eye(p_plan.shape[axis], dtype=dtype)
+                return placement.replicated(scale * jnp.eye(p_plan.shape[axis], dtype=dtype), p)
             return _axis_sharded(scale * jnp.ones(p_plan.shape[axis] if ndim else (), dtype=dtype), p, axis)
 
         triangular = [

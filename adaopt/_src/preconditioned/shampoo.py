@@ -370,7 +370,8 @@ def scale_by_shampoo(
 
         def matrices(p: jax.Array, fill: float) -> tuple[jax.Array, ...]:
             dtype = moments.compute_dtype(jnp.result_type(p))
-            return tuple(fill * jnp.eye(n, dtype=dtype) for n in plan(jnp.shape(p)).factor_sizes())
+            factors = plan(jnp.shape(p)).factor_sizes()
+            return tuple(placement.replicated(fill * jnp.eye(n, dtype=dtype), p) for n in factors)
 
         return ShampooState(
             count=moments.zero_count(),

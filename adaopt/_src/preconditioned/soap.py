@@ -376,7 +376,7 @@ def scale_by_soap(
         def factors(p: jax.Array) -> tuple[jax.Array, ...]:
             p_plan = plan(jnp.shape(p))
             dtype = moments.compute_dtype(jnp.result_type(p))
-            return tuple(jnp.zeros((p_plan.view[i],) * 2, dtype) for i in p_plan.axes)
+            return tuple(placement.replicated(jnp.zeros((p_plan.view[i],) * 2, dtype), p) for i in p_plan.axes)
 
         statistics = tuple(factors(p) for p in jax.tree.leaves(params))
         return SoapState(
