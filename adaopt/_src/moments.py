@@ -274,6 +274,26 @@ def debias(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
     return 1 / bias_correction(decay, count, dtype)
 
 
+@jax.custom_jvp
+def root(x: jax.Array) -> jax.Array:
+    """``jnp.sqrt(x)``, the same values, with a zero derivative where ``x`` is 0 (not an infinite one).
+
+    A second moment is 0 where a coordinate's gradient has always been exactly 0 (a padded input, an unused
+    embedding row), and yet it is a function of the parameters and hyperparameters: ``jax.grad`` through the
+    step then multiplies the root's infinite derivative by the moment's zero one, NaN for a hypergradient
+    whose true value is finite. The zero derivative at 0 is the limit of the whole step's.
+    """
+    return jnp.sqrt(x)
+
+
+@root.defjvp
+def _root_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (t,) = primals, tangents
+    y = jnp.sqrt(x)
+    positive = x > 0
+    return y, jnp.where(positive, t / (2 * jnp.where(positive, y, 1)), jnp.zeros_like(t))
+
+
 def safe_sqrt(x: jax.Array) -> jax.Array:
     """``sqrt(x)`` for ``x >= 0``, with 0 and a zero (not infinite) derivative at ``x = 0``, so ``jax.grad`` stays finite."""
     positive = x > 0
@@ -303,7 +323,7 @@ def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add") 
     """``1 / (sqrt(nu + eps_root) + eps)`` (``eps_mode="add"``) or ``1 / max(sqrt(nu + eps_root), eps)`` (``"max"``),
     with 0 where that denominator is 0 (a zero gradient)."""
     inside = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root  # no "+ 0" per leaf
-    denominator = with_eps(jnp.sqrt(inside), eps, eps_mode)
+    denominator = with_eps(root(inside), eps, eps_mode)
     if isinstance(eps, (int, float)) and eps > 0:
         return 1 / denominator
     return safe_divide(1, denominator)

@@ -146,7 +146,7 @@ def scale_by_ademamix(
             v_new = moments.ema(moments.abs_sq(g_compute), v_compute, beta2)
             slow_new = moments.ema(g_compute, slow_compute, beta3)
             numerator = moments.times(m_new, debias1) + moments.times(slow_new, a)
-            denominator = moments.with_eps(jnp.sqrt(v_new) * inv_root_debias2, e, eps_mode)
+            denominator = moments.with_eps(moments.root(v_new) * inv_root_debias2, e, eps_mode)
             step = moments.times(numerator, moments.safe_divide(1, denominator))
             return (
                 step.astype(g.dtype),

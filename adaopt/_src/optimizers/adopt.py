@@ -143,7 +143,7 @@ def scale_by_adopt(
             dtype, g_compute, (m_compute, v_compute) = moments.to_compute(g, m, v)
             beta1, beta2, w1, w2, e, bound = scalars(dtype)
             g2 = moments.abs_sq(g_compute)
-            normed = moments.times(g_compute, moments.safe_divide(1, jnp.maximum(jnp.sqrt(v_compute), e)))
+            normed = moments.times(g_compute, moments.safe_divide(1, jnp.maximum(moments.root(v_compute), e)))
             if bound is not None:
                 normed = _clip(normed, bound)
             if debias:

@@ -185,7 +185,7 @@ def scale_by_mars(
             v_new = moments.ema(moments.abs_sq(x), v_compute, beta2)
             vmax_new = None if vmax_compute is None else jnp.maximum(vmax_compute, v_new)
             inside = v_new if vmax_new is None else vmax_new
-            scale = moments.safe_divide(debiased_root * factor, jnp.sqrt(inside + s["eps_root"]) + s["eps"])
+            scale = moments.safe_divide(debiased_root * factor, moments.root(inside + s["eps_root"]) + s["eps"])
             return moments.times(m_new, scale), v_new, vmax_new
 
         def leaf(g: jax.Array, m: jax.Array, v: jax.Array, last: jax.Array, *vmax: jax.Array) -> tuple[jax.Array, ...]:

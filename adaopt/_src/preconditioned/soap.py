@@ -416,7 +416,7 @@ def scale_by_soap(
             if eps_mode == "max":
                 m_rotated, v = m_rotated * d1, v * d2
             # 0 where the denominator is 0 (eps = 0 and a coordinate that never saw a gradient), as Adam's.
-            return moments.safe_divide(m_rotated, moments.with_eps(jnp.sqrt(v), e, eps_mode))
+            return moments.safe_divide(m_rotated, moments.with_eps(moments.root(v), e, eps_mode))
 
         def views(g: jax.Array, p_plan: AxisPlan) -> tuple[jnp.dtype, jax.Array]:
             dtype = moments.compute_dtype(g.dtype)

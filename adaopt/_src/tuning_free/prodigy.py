@@ -254,7 +254,7 @@ def scale_by_prodigy(
             cd, g32, (p32, v32, m32) = moments.to_compute(g, p, v, m)
             v_new, m_new = new_moments(g32, v32, m32, cd)
             dn, gamma = d_new.astype(cd), dlr.astype(cd)
-            denominator = jnp.sqrt(v_new) + dn * moments.scalar(eps, cd)
+            denominator = moments.root(v_new) + dn * moments.scalar(eps, cd)
             momentum_free = moments.times(moments.over(g32, denominator), gamma * dn)
             if base.is_zero(b1):
                 u = momentum_free

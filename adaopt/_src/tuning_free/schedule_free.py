@@ -216,11 +216,18 @@ def scale_by_schedule_free(
         # package's: log w_t = r log t + p log lr_max; a weight of 0 (p > 0 while every rate is 0) has c = 0.
         power = moments.scalar(weight_lr_power, dtype)
         any_rate = lr_max > 0
-        log_lr = jnp.where(any_rate, jnp.log(jnp.where(any_rate, lr_max, 1)), -jnp.inf)
+        # No -inf enters a product or logaddexp, whose derivatives are then NaN: where(-inf) only (jax.grad through
+        # steps at a rate of 0, a warmup from 0 or RAdam's SGD phase, with respect to r or weight_lr_power).
+        log_lr = jnp.log(jnp.where(any_rate, lr_max, 1))
         lr_term = jnp.where(jnp.asarray(power) == 0, 0, jnp.where(any_rate, power * log_lr, -jnp.inf))
         log_weight = (moments.scalar(r, dtype) * jnp.log(step) + lr_term).astype(dtype)
-        log_weight_sum = jnp.logaddexp(state.log_weight_sum, log_weight)
         weighed = log_weight > -jnp.inf
+        both = weighed & (state.log_weight_sum > -jnp.inf)
+        log_weight_sum = jnp.where(
+            both,
+            jnp.logaddexp(jnp.where(both, state.log_weight_sum, 0), jnp.where(both, log_weight, 0)),
+            jnp.where(weighed, log_weight, state.log_weight_sum),
+        )
         c = jnp.where(weighed, jnp.exp(jnp.where(weighed, log_weight - log_weight_sum, 0)), 0)
         beta1 = jnp.asarray(moments.scalar(b1, dtype)).astype(dtype)
         y_lr = lr * (beta1 * (1 - c) - 1)
