@@ -608,9 +608,8 @@ def test_reduces_the_loss_of_logistic_regression() -> None:
         assert float(final) < 0.15 < float(start) / 10, f"{name}: loss {float(start):.3f} -> {float(final):.3f}"
 
 
-@pytest.mark.parametrize("hyperparameter", ["weight_lr_power", "r"])
-def test_hypergradients_through_steps_at_a_learning_rate_of_0(hyperparameter: str) -> None:
-    """d(loss after some steps)/d(r or weight_lr_power) through steps taken at a rate of 0 (RAdam's silent phase, a
+def test_hypergradients_through_steps_at_a_learning_rate_of_0() -> None:
+    """d(loss after some steps)/d(weight_lr_power, r) through steps taken at a rate of 0 (RAdam's silent phase, a
     warmup from 0) agrees with finite differences: a -inf log weight in a product or in logaddexp made it NaN."""
 
     def loss(w: jax.Array) -> jax.Array:
@@ -618,8 +617,8 @@ def test_hypergradients_through_steps_at_a_learning_rate_of_0(hyperparameter: st
 
     warmup = optax.linear_schedule(0.0, 1e-2, 5)
     makers = {
-        "radam": (lambda v: adaopt.schedule_free_radam(1e-2, **{hyperparameter: v}), 8),
-        "adamw, warmup from 0": (lambda v: adaopt.schedule_free_adamw(warmup, **{hyperparameter: v}), 4),
+        "radam": (lambda power, r: adaopt.schedule_free_radam(1e-2, weight_lr_power=power, r=r), 8),
+        "adamw, warmup from 0": (lambda power, r: adaopt.schedule_free_adamw(warmup, weight_lr_power=power, r=r), 4),
     }
     with jax.enable_x64(True):
         w0 = jnp.asarray([[0.3, -0.2, 0.7], [0.1, 0.4, -0.6]], jnp.float64)
@@ -627,15 +626,15 @@ def test_hypergradients_through_steps_at_a_learning_rate_of_0(hyperparameter: st
 
             @jax.jit
             def loss_after(v: jax.Array, make: Any = make, steps: int = steps) -> jax.Array:
-                tx, w = make(v), w0
+                tx, w = make(v[0], v[1]), w0
                 state = tx.init(w)
                 for _ in range(steps):
                     updates, state = tx.update(jax.grad(loss)(w), state, w)
                     w = optax.apply_updates(w, updates)
                 return loss(w)
 
-            v, h = jnp.asarray(1.5, jnp.float64), 1e-6
-            grad = float(jax.grad(loss_after)(v))
-            numeric = float((loss_after(v + h) - loss_after(v - h)) / (2 * h))
-            assert np.isfinite(grad), name
-            np.testing.assert_allclose(grad, numeric, rtol=1e-5, err_msg=name)
+            v, h = jnp.asarray([2.0, 1.5], jnp.float64), 1e-6
+            grad = np.asarray(jax.grad(loss_after)(v))
+            numeric = [(loss_after(v + h * e) - loss_after(v - h * e)) / (2 * h) for e in np.eye(2)]
+            assert np.all(np.isfinite(grad)), name
+            np.testing.assert_allclose(grad, np.asarray(numeric, np.float64), rtol=1e-5, err_msg=name)

@@ -253,9 +253,14 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
     with pytest.raises(adaopt.MeshAxisError, match="axis 'data' is of type Auto"):
         adaopt.abstract_state(adaopt.shard_states(adaopt.adam(1e-2)), target)
     auto = jax.make_mesh((DATA * 2,), ("data",), axis_types=(AxisType.Auto,))
-    # Parameters placed on a mesh of automatic axes alone: named as such (the error said none was placed).
+    # Parameters placed on a mesh of automatic axes alone: named as such (the error said none was placed); beside a
+    # parameter on a mesh with explicit axes, that one decides.
+    on_auto = jax.device_put(jnp.zeros((8, 4)), NamedSharding(auto, P()))
     with pytest.raises(adaopt.MeshAxisError, match="axis 'data' is of type Auto"):
-        adaopt.shard_states(adaopt.adam(1e-2)).init({"w": jax.device_put(jnp.zeros((8, 4)), NamedSharding(auto, P()))})
+        adaopt.shard_states(adaopt.adam(1e-2)).init({"w": on_auto})
+    adaopt.shard_states(adaopt.adam(1e-2)).init(
+        {"a": on_auto, "w": jax.device_put(jnp.zeros((8, 4)), NamedSharding(mesh, P()))}
+    )
     target = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(auto, P()))}
     with pytest.raises(adaopt.MeshAxisError, match="no parameter is placed on a mesh with explicit axes"):
         adaopt.abstract_state(adaopt.shard_states(adaopt.adam(1e-2)), target)

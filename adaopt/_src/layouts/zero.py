@@ -151,33 +151,43 @@ def _split_state(state: Any, params: Any, axis: str, min_size: int) -> Any:
 
 
 def _check_mesh(params: Any, axis: str) -> None:
-    """At init: the parameters are on a mesh with explicit axes that has ``axis`` (else a clear error)."""
-    for path, leaf in jax.tree.leaves_with_path(params):
-        sharding: Any = placement.explicit_sharding(leaf)
-        if sharding is None and isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-            sharding = leaf.sharding  # placed outside jit on a mesh of automatic axes: named below
-        if not isinstance(sharding, NamedSharding):
-            continue
-        if axis not in sharding.mesh.axis_names:
-            raise MeshAxisError(
-                f"shard_states(axis={axis!r}): the parameter {jax.tree_util.keystr(path)} is on a mesh with axes "
-                f"{tuple(sharding.mesh.axis_names)}, which has no axis {axis!r}. Pass the name of the mesh's "
-                "data-parallel axis as `axis`."
-            )
-        kind = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))[axis]
-        if kind != jax.sharding.AxisType.Explicit:
-            raise MeshAxisError(
-                f"shard_states(axis={axis!r}): the mesh's axis {axis!r} is of type {kind.name}; the states are split "
-                "along an explicit axis only. Make it explicit: jax.make_mesh(..., axis_types=(AxisType.Explicit, "
-                "...)) (jax.make_mesh's default)."
-            )
-        return
-    raise MeshAxisError(
-        f"shard_states(axis={axis!r}) splits the optimizer state along a mesh axis, but no parameter is placed on "
-        "a mesh with explicit axes. Place the parameters first, e.g. mesh = jax.make_mesh((8,), "
-        f"({axis!r},)); params = jax.device_put(params, NamedSharding(mesh, PartitionSpec())), and call init "
-        "with them (or under jax.set_mesh(mesh))."
-    )
+    """At init: the parameters are on a mesh with explicit axes that has ``axis`` (else a clear error). The first leaf
+    on such a mesh decides; parameters placed (outside jit) on meshes of automatic axes alone are named as such."""
+    leaves = jax.tree.leaves_with_path(params)
+    explicit = [(path, s) for path, leaf in leaves if (s := placement.explicit_sharding(leaf)) is not None]
+    named = explicit or [(path, s) for path, leaf in leaves if (s := _auto_sharding(leaf)) is not None]
+    if not named:
+        raise MeshAxisError(
+            f"shard_states(axis={axis!r}) splits the optimizer state along a mesh axis, but no parameter is placed "
+            "on a mesh with explicit axes. Place the parameters first, e.g. mesh = jax.make_mesh((8,), "
+            f"({axis!r},)); params = jax.device_put(params, NamedSharding(mesh, PartitionSpec())), and call init "
+            "with them (or under jax.set_mesh(mesh))."
+        )
+    path, sharding = named[0]
+    if axis not in sharding.mesh.axis_names:
+        raise MeshAxisError(
+            f"shard_states(axis={axis!r}): the parameter {jax.tree_util.keystr(path)} is on a mesh with axes "
+            f"{tuple(sharding.mesh.axis_names)}, which has no axis {axis!r}. Pass the name of the mesh's "
+            "data-parallel axis as `axis`."
+        )
+    kind = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))[axis]
+    if kind != jax.sharding.AxisType.Explicit:
+        raise MeshAxisError(
+            f"shard_states(axis={axis!r}): the mesh's axis {axis!r} is of type {kind.name}; the states are split "
+            "along an explicit axis only. Make it explicit: jax.make_mesh(..., axis_types=(AxisType.Explicit, "
+            "...)) (jax.make_mesh's default)."
+        )
+
+
+def _auto_sharding(leaf: Any) -> NamedSharding | None:
+    """The sharding of an array placed outside jit on a mesh of automatic axes only (no sharding in its type)."""
+    if (
+        isinstance(leaf, jax.Array)
+        and not isinstance(leaf, jax.core.Tracer)
+        and isinstance(leaf.sharding, NamedSharding)
+    ):
+        return leaf.sharding
+    return None
 
 
 def zero_plan(params: Any, axis: str = "data", *, min_size: int = DEFAULT_MIN_SIZE) -> Any:
