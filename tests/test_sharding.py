@@ -304,3 +304,18 @@ def test_every_optimizer_inits_and_steps_eagerly_outside_a_mesh_context() -> Non
         if not all(jax.tree.leaves(same)):
             failures[name] = f"eager init placed the state as {got}, jitted init as {want}"
     assert not failures, failures
+
+
+def test_soap_steps_eagerly_under_a_mesh_context() -> None:
+    """SOAP's first call (its zero step) and the later ones are one ``lax.cond``: eagerly under ``jax.set_mesh`` the
+    zero steps had no sharding in their type, the later steps their gradients', and the cond refused the pair."""
+    mesh = _mesh()
+    with jax.set_mesh(mesh):
+        params = jax.device_put(_host_params(), {name: NamedSharding(mesh, spec) for name, spec in SPECS.items()})
+        tx = adaopt.soap(1e-2)
+        state = tx.init(params)
+        for _ in range(2):
+            updates, state = tx.update(jax.tree.map(lambda p: 0.1 * p, params), state, params)
+            params = optax.apply_updates(params, updates)
+    for name, spec in SPECS.items():
+        assert params[name].sharding.is_equivalent_to(NamedSharding(mesh, spec), params[name].ndim), name

@@ -434,7 +434,10 @@ def scale_by_soap(
                 statistic = updated_statistics(view, p_plan, old)
                 new_stats.append(tuple(statistic))
                 new_bases.append(tuple(eigenbasis(x) for x in statistic))
-            return [jnp.zeros_like(g) for g in leaves], list(mus), list(nus), new_stats, new_bases
+            # The zero steps placed as later_call's: zeros_like of a gradient closed over eagerly under jax.set_mesh (a
+            # constant in the cond) has no sharding in its type.
+            zeros = [placement.sharded_like(jnp.zeros_like(g), g) for g in leaves]
+            return zeros, list(mus), list(nus), new_stats, new_bases
 
         def later_call() -> tuple[Any, ...]:
             """Adam's moments in the eigenbases, the step, the factors, and the bases refreshed every k steps."""
