@@ -36,12 +36,18 @@ def explicit_spec(x: jax.Array) -> Any:
     return None if spec is None or all(axis is None for axis in spec) else spec
 
 
-def _concrete_mesh(x: Any) -> Mesh | None:
-    """The mesh of a placed array outside ``jit`` (a traced one has none): where a spec alone is placed outside a mesh
-    context (``jax.set_mesh``), which JAX's ``reshard`` and ``jax.eval_shape``'s abstract meshes need."""
+def concrete_sharding(x: Any) -> NamedSharding | None:
+    """The ``NamedSharding`` of an array placed on a mesh outside ``jit`` (a traced one has none, an array on one
+    device none either), whatever the mesh's axis types."""
     if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
         return None
-    mesh = getattr(x.sharding, "mesh", None)
+    return x.sharding if isinstance(x.sharding, NamedSharding) else None
+
+
+def _concrete_mesh(x: Any) -> Mesh | None:
+    """The mesh of a placed array outside ``jit``: where a spec alone is placed outside a mesh context
+    (``jax.set_mesh``), which JAX's ``reshard`` and ``jax.eval_shape``'s abstract meshes need."""
+    mesh = getattr(concrete_sharding(x), "mesh", None)
     return mesh if isinstance(mesh, Mesh) else None
 
 

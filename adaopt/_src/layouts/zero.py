@@ -155,7 +155,7 @@ def _check_mesh(params: Any, axis: str) -> None:
     on such a mesh decides; parameters placed (outside jit) on meshes of automatic axes alone are named as such."""
     leaves = jax.tree.leaves_with_path(params)
     explicit = [(path, s) for path, leaf in leaves if (s := placement.explicit_sharding(leaf)) is not None]
-    named = explicit or [(path, s) for path, leaf in leaves if (s := _auto_sharding(leaf)) is not None]
+    named = explicit or [(path, s) for path, leaf in leaves if (s := placement.concrete_sharding(leaf)) is not None]
     if not named:
         raise MeshAxisError(
             f"shard_states(axis={axis!r}) splits the optimizer state along a mesh axis, but no parameter is placed "
@@ -177,17 +177,6 @@ def _check_mesh(params: Any, axis: str) -> None:
             "along an explicit axis only. Make it explicit: jax.make_mesh(..., axis_types=(AxisType.Explicit, "
             "...)) (jax.make_mesh's default)."
         )
-
-
-def _auto_sharding(leaf: Any) -> NamedSharding | None:
-    """The sharding of an array placed outside jit on a mesh of automatic axes only (no sharding in its type)."""
-    if (
-        isinstance(leaf, jax.Array)
-        and not isinstance(leaf, jax.core.Tracer)
-        and isinstance(leaf.sharding, NamedSharding)
-    ):
-        return leaf.sharding
-    return None
 
 
 def zero_plan(params: Any, axis: str = "data", *, min_size: int = DEFAULT_MIN_SIZE) -> Any:
