@@ -174,11 +174,23 @@ def _add_tiny(x: jax.Array) -> jax.Array:
     return x + jnp.finfo(x.dtype).tiny
 
 
+def _largest(x: jax.Array) -> jax.Array:
+    """``jnp.max(x)``, the same value, differentiated through the one entry that ``jnp.argmax`` picks.
+
+    ``jnp.max``'s derivative finds the maximum by comparing the operand with the result: where XLA computes the
+    operand twice (in two fusions, one with a fused multiply-add, as XLA:CPU does at its optimization level 0) the
+    copies differ in the last bit, the derivative counts no maximum and divides by that 0, and a hypergradient
+    through the factors' normalisers is infinite or NaN.
+    """
+    flat = jnp.ravel(x)
+    return flat[jnp.argmax(flat)]
+
+
 def _norm_lower_bound(a: jax.Array) -> jax.Array:
     r"""A cheap lower bound of the spectral norm of a square matrix :math:`A`, within a factor of about
     :math:`\sqrt 2` of it (Li's): :math:`\|x^\top A\|` for :math:`x` the normalised product of :math:`A` with its
     column (or row) of largest norm, in units of :math:`\max |A_{ij}|`; 0 for a zero matrix."""
-    max_abs = jnp.max(jnp.abs(a))
+    max_abs = _largest(jnp.abs(a))
 
     def calc(a: jax.Array) -> jax.Array:
         a = a / max_abs
@@ -230,7 +242,7 @@ def _fit_factors(
         term1, term2 = jnp.einsum(expr, a, a), jnp.einsum(expr, b, b)
         step = (term1 - term2) * learning_rate
         if q.ndim < 2:
-            step = step * q / _add_tiny(jnp.max(jnp.abs(term1 + term2)))
+            step = step * q / _add_tiny(_largest(jnp.abs(term1 + term2)))
         else:
             step = jnp.triu(step) / _add_tiny(_norm_lower_bound(term1 + term2))
             step = step @ q
@@ -241,7 +253,7 @@ def _fit_factors(
 def _balanced(qs: Sequence[jax.Array]) -> list[jax.Array]:
     """The factors rescaled to equal largest entries, their Kronecker product unchanged (up to the float32 rounding of
     the scales, which the reference computes in float32 whatever the factors' dtype)."""
-    norms = jnp.array([jnp.max(jnp.abs(q)) for q in qs], dtype=jnp.float32)
+    norms = jnp.array([_largest(jnp.abs(q)) for q in qs], dtype=jnp.float32)
     geometric_mean = jnp.prod(norms) ** (1 / len(norms))
     scales = geometric_mean / norms
     return [q * scales[i].astype(q.dtype) for i, q in enumerate(qs)]
