@@ -33,6 +33,7 @@ import optax
 import pytest
 import torch
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import adaopt
 from tests import parity, test_sharding
@@ -291,19 +292,37 @@ def test_bad_options_are_refused_at_construction(kwargs: dict, match: str) -> No
         adaopt.galore_adamw(**kwargs)
 
 
-def test_sharded_matrices_are_projected_whole() -> None:
-    """On the (4, 2) mesh of tests/test_sharding.py: a matrix sharded by rows or by rows and columns is gathered for
-    its SVD and projections; its update takes its sharding back, and the steps are the unsharded ones."""
-    tx = adaopt.galore_adamw(1e-2, rank=4, update_proj_gap=2, weight_decay=0.1)
-    _, want, _ = test_sharding._train(tx, jax.device_put(test_sharding._host_params(), jax.devices()[0]))
+@pytest.mark.parametrize("proj_type", ["std", "left", "full"])
+def test_sharded_matrices_are_projected_where_their_shards_are(proj_type: str) -> None:
+    """On the (4, 2) mesh of tests/test_sharding.py (a matrix split by rows, one by rows and columns): the bases are
+    split as the matrix's rows (U) and columns (V^T), the projected gradient and the inner optimizer's moments as the
+    side that is not projected, so that only the SVD gathers a gradient whole. The steps are the unsharded ones, in
+    float64: in float32 the sums across shards round otherwise, and Adam's first steps make sign-sized steps of the
+    full projection's off-diagonal entries, rounding noise (1e-3 of the displacement apart; 4e-14 in float64)."""
+    tx = adaopt.galore_adamw(1e-2, rank=4, update_proj_gap=2, weight_decay=0.1, proj_type=proj_type)
+    host = {k: x.astype(np.float64) for k, x in test_sharding._host_params().items()}
     mesh = test_sharding._mesh()
-    with jax.set_mesh(mesh):
-        shardings = {k: NamedSharding(mesh, spec) for k, spec in test_sharding.SPECS.items()}
-        _, got, state = test_sharding._train(tx, jax.device_put(test_sharding._host_params(), shardings))
-        assert optax.tree.get(state, "nu")["w"].shape == (64, 4)  # projected
+    with jax.enable_x64(True):
+        _, want, _ = test_sharding._train(tx, jax.device_put(host, jax.devices()[0]))
+        with jax.set_mesh(mesh):
+            shardings = {k: NamedSharding(mesh, spec) for k, spec in test_sharding.SPECS.items()}
+            _, got, state = test_sharding._train(tx, jax.device_put(host, shardings))
+    on_left, on_right = {"std": (False, True), "left": (True, False), "full": (True, True)}[proj_type]  # tall ones
+    bases, moments = (optax.tree.get(state, "left"), optax.tree.get(state, "right")), optax.tree.get(state, "nu")
+    for k in ("w", "k"):
+        rows, cols = (*test_sharding.SPECS[k], None, None)[:2]
+        placed = {
+            "U": (bases[0][k], P(rows, None) if on_left else None),
+            "V^T": (bases[1][k], P(None, cols) if on_right else None),
+            "nu": (moments[k], P(None if on_left else rows, None if on_right else cols)),
+        }
+        for name, (x, spec) in placed.items():
+            assert (spec is None) == isinstance(x, optax.MaskedNode), (k, name)
+            if spec is not None:
+                assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), (k, name, x.sharding.spec)
     for k in want:
         assert got[k].sharding.is_equivalent_to(shardings[k], got[k].ndim)
-        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-10, atol=1e-12)
 
 
 def test_the_default_mask_of_an_equinox_module_is_not_called() -> None:

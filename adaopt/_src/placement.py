@@ -51,10 +51,15 @@ def _concrete_mesh(x: Any) -> Mesh | None:
     return mesh if isinstance(mesh, Mesh) else None
 
 
+def on_mesh_of(spec: PartitionSpec, like: Any) -> PartitionSpec | NamedSharding:
+    """``spec`` on the concrete mesh of ``like`` where it has one (eagerly, outside a mesh context), else ``spec``."""
+    mesh = _concrete_mesh(like)
+    return spec if mesh is None else NamedSharding(mesh, spec)
+
+
 def reshard(x: jax.Array, spec: PartitionSpec, like: Any) -> jax.Array:
     """``x`` resharded to ``spec``, on the concrete mesh of ``like`` where it has one (eagerly, outside a mesh context)."""
-    mesh = _concrete_mesh(like)
-    return jax.sharding.reshard(x, spec if mesh is None else NamedSharding(mesh, spec))
+    return jax.sharding.reshard(x, on_mesh_of(spec, like))
 
 
 def zeros(struct: Any, like: Any, dtype: Any = None) -> jax.Array:

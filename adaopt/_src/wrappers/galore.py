@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from adaopt._src import base, linalg, moments, placement
 from adaopt._src.base import Params, ScalarOrSchedule, Updates
@@ -42,6 +43,10 @@ class GaLoreState(NamedTuple):
       right: the same for the leaves projected from the right, their basis :math:`V^\top`
         (:math:`r \times n`: the inner optimizer sees :math:`G V`); a ``"full"`` projection has both.
       inner_state: the inner optimizer's state, for the projected shapes.
+
+    On a mesh with explicit axes, :math:`U` is split as its matrix's rows, :math:`V^\top` as its columns, and the
+    projected matrix (so the inner optimizer's moments) as the side that is not projected; the gradient is gathered
+    whole only for the SVD of a refresh.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
@@ -81,13 +86,34 @@ def _bases(g: jax.Array, rank: int, left: bool, right: bool) -> tuple[jax.Array 
     return u_r, vh_r
 
 
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+def _mesh_axes(x: Any) -> tuple[Any, Any]:
+    """The mesh axes that shard a matrix's rows and its columns under a mesh with explicit axes (None: not split)."""
+    rows, cols = (*(placement.explicit_spec(x) or ()), None, None)[:2]
+    return rows, cols
+
+
+def _placed(x: jax.Array, rows: Any, cols: Any, like: Any) -> jax.Array:
+    """``x`` split as ``rows`` and ``cols`` on the mesh of ``like``, a projected matrix (replicated there where ``like``
+    is not split; as it is off a mesh)."""
+    if placement.explicit_spec(like) is None:
+        return placement.replicated(x, like)
+    return placement.reshard(x, PartitionSpec(rows, cols), like)
+
+
+def _matmul(a: jax.Array, b: jax.Array, out: tuple[Any, Any] | None = None, like: Any = None) -> jax.Array:
+    """``a @ b``; ``out``: the product's mesh axes, which JAX asks for where the contracted axis is split (the sum
+    over the shards then runs as a reduction across devices)."""
+    sharding = None if out is None else placement.on_mesh_of(PartitionSpec(*out), like)
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, out_sharding=sharding)
 
 
 def _project(g: jax.Array, u: jax.Array | None, vh: jax.Array | None) -> jax.Array:
-    low = g if u is None else _matmul(u.T, g)
-    return low if vh is None else _matmul(low, vh.T)
+    """:math:`U^\\top G`, :math:`G V` or both, computed where ``g``'s shards are: the bases are split as its rows
+    (:math:`U`) and columns (:math:`V^\\top`), so the projection is ``g``'s shards' products, summed across devices."""
+    split = placement.explicit_spec(g) is not None
+    rows, cols = _mesh_axes(g)
+    low = g if u is None else _matmul(u.T, g, (None, cols) if split else None, g)
+    return low if vh is None else _matmul(low, vh.T, (rows if u is None else None, None) if split else None, g)
 
 
 def _project_back(low: jax.Array, u: jax.Array | None, vh: jax.Array | None) -> jax.Array:
@@ -246,9 +272,19 @@ def galore(
             r = min(rank, rows, cols)
             on_left, on_right = _sides((rows, cols), proj_type)
             dtype = moments.compute_dtype(jnp.result_type(p))
-            left.append(jnp.zeros((rows, r), dtype) if on_left else optax.MaskedNode())
-            right.append(jnp.zeros((r, cols), dtype) if on_right else optax.MaskedNode())
-            low.append(jnp.zeros((r if on_left else rows, r if on_right else cols), jnp.result_type(p)))
+            # On a mesh: U split as the rows, V^T as the columns, the projected matrix as its full side.
+            row_axis, col_axis = _mesh_axes(p)
+            left.append(_placed(jnp.zeros((rows, r), dtype), row_axis, None, p) if on_left else optax.MaskedNode())
+            right.append(_placed(jnp.zeros((r, cols), dtype), None, col_axis, p) if on_right else optax.MaskedNode())
+            projected_shape = (r if on_left else rows, r if on_right else cols)
+            low.append(
+                _placed(
+                    jnp.zeros(projected_shape, jnp.result_type(p)),
+                    None if on_left else row_axis,
+                    None if on_right else col_axis,
+                    p,
+                )
+            )
         unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
         return GaLoreState(moments.zero_count(), unflatten(left), unflatten(right), inner.init(unflatten(low)))
 
@@ -268,17 +304,25 @@ def galore(
                 low_grads.append(g)
                 low_params.append(p)
                 continue
-            g_compute = placement.whole(g.astype(moments.compute_dtype(g.dtype)))
+            g_compute = g.astype(moments.compute_dtype(g.dtype))
             r = (u if on_left else vh).shape[1 if on_left else 0]
             kept = (u if on_left else None, vh if on_right else None)
-            u_new, vh_new = jax.lax.cond(refresh, lambda g_=g_compute: _bases(g_, r, on_left, on_right), lambda: kept)
+
+            def refreshed(g_: jax.Array = g_compute, kept: Any = kept) -> Any:
+                """The new bases, from the gradient gathered whole for its SVD, then placed as the old ones."""
+                bases = _bases(placement.whole(g_), r, on_left, on_right)
+                return tuple(
+                    None if b is None else placement.sharded_like(b, k) for b, k in zip(bases, kept, strict=True)
+                )
+
+            u_new, vh_new = jax.lax.cond(refresh, refreshed, lambda: kept)
             new_left.append(u_new if on_left else u)
             new_right.append(vh_new if on_right else vh)
             low_grads.append(_project(g_compute, u_new, vh_new).astype(g.dtype))
             low_params.append(
                 None
                 if p is None
-                else _project(placement.whole(p.astype(g_compute.dtype)), u_new, vh_new).astype(p.dtype)
+                else _project(placement.sharded_like(p.astype(g_compute.dtype), g), u_new, vh_new).astype(p.dtype)
             )
         unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
         inner_params = None if params is None else unflatten(low_params)
