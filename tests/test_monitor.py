@@ -6,6 +6,7 @@ runs under jit, vmap, optax.chain, apply_if_finite, MultiSteps and Flax NNX's nn
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import jax
@@ -119,6 +120,27 @@ def test_update_ratio_and_moments_of_adam_match_a_hand_computation_from_its_stat
     np.testing.assert_allclose(records["state/nu/rms"], np.sqrt(np.mean(all_nu**2)), rtol=1e-5)
     np.testing.assert_allclose(records["state/nu/max"], np.max(np.abs(all_nu)), rtol=1e-6)
     assert records["update_ratio/empty"] == 0.0  # no parameters: 0, not NaN
+
+
+def test_the_moments_of_parameter_groups_and_masked_optimizers_are_recorded() -> None:
+    """A group's moment (``param_groups``, ``optax.masked``) holds ``optax.MaskedNode`` at the other groups' leaves:
+    it was not taken for a field that mirrors the parameters, and no moment was recorded. Each group's RMS and max are
+    over its own leaves."""
+    grouped = adaopt.param_groups(adaopt.adamw, [adaopt.Group("head", weight_decay=0.0)], learning_rate=LR)
+    _, state = _run(adaopt.monitor(grouped, every=1), 2)
+    records = adaopt.read_records(state)
+    for group in ("default", "group_0"):
+        adam = numerics.find_state(state.inner_state.inner_states[group], adaopt.AdamState, "")
+        leaves = [x for x in jax.tree.leaves(adam.mu) if not isinstance(x, optax.MaskedNode)]
+        mu = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves])
+        (prefix,) = {
+            k.removesuffix("/rms") for k in records if re.fullmatch(f"state/inner_states/{group}/.*/mu/rms", k)
+        }
+        np.testing.assert_allclose(records[f"{prefix}/rms"], np.sqrt(np.mean(mu**2)), rtol=1e-5)
+        np.testing.assert_allclose(records[f"{prefix}/max"], np.max(np.abs(mu)), rtol=1e-6)
+    mask = jax.tree.map(lambda p: p.ndim > 1, _params())
+    _, state = _run(adaopt.monitor(optax.masked(adaopt.adam(LR), mask), every=1), 1)
+    assert {"state/mu/rms", "state/mu/max", "state/nu/rms", "state/nu/max"} <= set(adaopt.read_records(state))
 
 
 def test_records_only_every_k_steps() -> None:
@@ -341,6 +363,10 @@ def test_under_vmap_each_configuration_has_its_records() -> None:
         assert adaopt.read_records(state, index=i)["effective_lr"] == pytest.approx(lr)
     with pytest.raises(ValueError, match="index="):
         adaopt.read_records(state)
+    with pytest.raises(ValueError, match=r"reads 2 batch axes, but the records have 1 \(batch shape \(3,\)\)"):
+        adaopt.read_records(state, index=(0, 1))
+    with pytest.raises(ValueError, match=r"have 0 \(batch shape \(\)\): drop index=, the state was not built"):
+        adaopt.read_records(jax.tree.map(lambda x: x[0], state), index=0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

@@ -311,16 +311,25 @@ def _check_groups(groups: Any) -> None:
                 )
 
 
-def _mirrors(value: Any, reference: Any) -> bool:
-    """Whether a state field holds one entry per parameter leaf, of the parameter's shape (a moment; a complex
-    parameter's may be its real view, ``complex_convention="real_imag"``)."""
-    leaves = jax.tree.leaves(value, is_leaf=base.is_stored)
-    if not leaves or not all(base.is_stored(v) or jnp.issubdtype(jnp.result_type(v), jnp.inexact) for v in leaves):
-        return False
-    structure: Any = jax.tree.structure(value, is_leaf=base.is_stored)
+def _field_leaf(x: Any) -> bool:
+    return base.is_stored(x) or base.is_masked_node(x)
+
+
+def _mirrored(value: Any, reference: Any) -> list[tuple[Any, Any]]:
+    """The pairs (state leaf, parameter leaf) of a state field that holds one entry per parameter leaf, of the
+    parameter's shape (a moment; a complex parameter's may be its real view, ``complex_convention="real_imag"``),
+    else none. A group's field (``param_groups``, ``optax.masked``) holds ``optax.MaskedNode`` at the other groups'
+    leaves: those are left out."""
+    structure: Any = jax.tree.structure(value, is_leaf=_field_leaf)
     if structure != jax.tree.structure(reference):
-        return False
-    return all(complex_params.mirrors(v, r) for v, r in zip(leaves, jax.tree.leaves(reference), strict=True))
+        return []
+    pairs = [
+        (v, r)
+        for v, r in zip(jax.tree.leaves(value, is_leaf=_field_leaf), jax.tree.leaves(reference), strict=True)
+        if not base.is_masked_node(v)
+    ]
+    inexact = all(base.is_stored(v) or jnp.issubdtype(jnp.result_type(v), jnp.inexact) for v, _ in pairs)
+    return pairs if inexact and all(complex_params.mirrors(v, r) for v, r in pairs) else []
 
 
 def _state_fields(inner_state: Any, reference: Any) -> dict[str, Any]:
@@ -329,7 +338,7 @@ def _state_fields(inner_state: Any, reference: Any) -> dict[str, Any]:
         for path, node in _nodes(inner_state)
         if isinstance(node, tuple) and hasattr(node, "_fields") and not isinstance(node, MonitorState)
         for field in node._fields
-        if _mirrors(getattr(node, field), reference)
+        if _mirrored(getattr(node, field), reference)
     ]
     return _qualified(found)
 
@@ -477,11 +486,10 @@ def _field_stats(value: Any, reference: Any, dtype: Any) -> jax.Array:
     the coordinates counted, and the magnitudes, are the parameter's (for a second moment, of (re^2, im^2) pairs).
     """
     # A stored leaf is decoded once, into an array both reductions read.
-    leaves = [moments.load(x, jnp.float32) for x in jax.tree.leaves(value, is_leaf=base.is_stored)]
-    leaves = [
-        complex_params.from_pairs(x, r) if complex_params.is_real_view(x, r) else x
-        for x, r in zip(leaves, jax.tree.leaves(reference), strict=True)
-    ]
+    leaves = []
+    for x, r in _mirrored(value, reference):
+        x = moments.load(x, jnp.float32)
+        leaves.append(complex_params.from_pairs(x, r) if complex_params.is_real_view(x, r) else x)
     size = sum(int(np.size(x)) for x in leaves)
     squared = lambda x: _squared(x, dtype)
     magnitude = lambda x: jnp.abs(moments.in_precision(jnp.asarray(x), dtype)).astype(dtype)
@@ -720,6 +728,12 @@ def read_records(state: Any, index: int | tuple[int, ...] | None = None) -> dict
     )
     values = np.asarray(jax.device_get(found.records.values))
     if index is not None:
+        axes, batch = len(index) if isinstance(index, tuple) else 1, values.shape[:-1]
+        if axes > len(batch):
+            raise ValueError(
+                f"index={index!r} reads {axes} batch axes, but the records have {len(batch)} (batch shape {batch})"
+                + (": drop index=, the state was not built under vmap." if not batch else ".")
+            )
         values = values[index]
     if values.ndim != 1:
         raise ValueError(
