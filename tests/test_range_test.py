@@ -224,6 +224,19 @@ def test_losses_are_the_ones_smoothed() -> None:
     np.testing.assert_array_equal(unsmoothed.smoothed_losses, unsmoothed.losses)
 
 
+def test_a_bfloat16_loss_is_smoothed_in_float32() -> None:
+    """A bfloat16 model's loss (here: the batch's value, 100 falling slowly) is smoothed as torch-lr-finder smooths
+    Python floats. In bfloat16 the smoothed loss stayed at 100 until a step of 5% (its half ulp over f), a staircase."""
+    falling = jnp.linspace(100.0, 80.0, 40).astype(jnp.bfloat16)
+    result = adaopt.range_test(
+        lambda p, b: (b + 0 * p).astype(jnp.bfloat16), jnp.zeros((), jnp.bfloat16), adaopt.sgd, falling, num_iter=40
+    )
+    smoothed = [float(falling[0])]
+    for loss in np.asarray(falling[1:], np.float64):
+        smoothed.append(0.05 * loss + 0.95 * smoothed[-1])
+    np.testing.assert_allclose(result.smoothed_losses, smoothed, rtol=1e-6)
+
+
 def _quadratic(params: jax.Array, batch: jax.Array) -> jax.Array:
     return jnp.sum(jnp.arange(1.0, 4.0) * (params - batch) ** 2)
 

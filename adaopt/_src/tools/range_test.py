@@ -269,7 +269,9 @@ def _run(
 
         return jax.lax.fori_loop(1, accumulation_steps, accumulate, (loss, grads))
 
-    loss_dtype = jax.eval_shape(lambda p: loss_of(p, batch(jnp.int32(0))), params).dtype
+    # The losses are smoothed, compared and recorded in float32 at least (torch-lr-finder: Python floats): a bfloat16
+    # model's loss, smoothed in bfloat16, moves only when f |loss - s| exceeds half its ulp, a staircase.
+    loss_dtype = jnp.promote_types(jax.eval_shape(lambda p: loss_of(p, batch(jnp.int32(0))), params).dtype, jnp.float32)
 
     def val_loss(p: Params) -> jax.Array:
         # torch-lr-finder's sum of each batch's loss times its size, over the number of examples
@@ -369,6 +371,11 @@ def range_test(
       learning rate (hypergradient descent, bold driver, Polyak, Prodigy, D-Adaptation,
       Schedule-Free, Mechanic), for lookahead, nor for an optax chain that applies the rate
       before a momentum (``optax.rmsprop(..., momentum=0.9)``): pass their factory.
+
+    With :func:`adaopt.param_groups`, the factory's ``learning_rate`` is the default group's: a group that sets its own
+    keeps it through the test (torch-lr-finder's ``start_lr`` sets every group's). To sweep every group, give each a
+    multiple of the swept rate: ``lambda learning_rate: adaopt.param_groups(adaopt.adamw, [adaopt.Group("embed/*",
+    learning_rate=lambda count: 0.1 * learning_rate(count))], learning_rate=learning_rate)``.
 
     ``update`` is called with ``value=`` the training loss, so the loss-driven optimizers run too.
 
