@@ -383,6 +383,16 @@ def test_bad_run_arguments_are_refused_with_the_fix(kwargs: dict, message: str) 
         adaopt.Sweep(adaopt.adam, loss_fn).run(args.pop("configs"), _params(), _batches(), **args)
 
 
+def test_steps_without_batches_and_a_numpy_halving_period() -> None:
+    """Without batches, ``steps`` is checked before it makes the step numbers (it was checked against the 0 steps it
+    made: "in [1, 0]"); ``halve_every`` takes a NumPy integer, as ``eval_every`` does."""
+    sweep = adaopt.Sweep(adaopt.sgd, lambda p, step: jnp.sum((p["w"] - 1.0) ** 2) + 0.0 * step)
+    with pytest.raises(adaopt.HyperparameterError, match=r"^steps must be an integer in \[1, 2147483647\], got 0"):
+        sweep.run({"learning_rate": [0.1]}, _params(), None, steps=0)
+    result = sweep.run({"learning_rate": [0.1, 0.01]}, _params(), None, steps=4, eval_every=2, halve_every=np.int64(2))
+    assert sorted(result.steps.tolist()) == [2, 4]  # one trial stopped at the halving
+
+
 def test_bad_ranges_are_refused_when_made() -> None:
     with pytest.raises(adaopt.HyperparameterError, match=r"a Range needs finite low < high, got low=0.1, high=0.1"):
         Range(0.1, 0.1)

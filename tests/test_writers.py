@@ -71,6 +71,9 @@ def test_csv_round_trip_and_plot(tmp_path: Path) -> None:
         writer.write(0, {"a": 1.0})
         with pytest.raises(ValueError, match=r"missing \['a'\], new \['b'\]"):
             writer.write(1, {"b": 1.0})
+    step_named = pytest.raises(ValueError, match=r"A record is named 'step', the name of the CSV's first column")
+    with adaopt.CsvWriter(tmp_path / "step.csv") as writer, step_named:  # record_norm("step") overwrote the steps
+        writer.write(7, {"step": 4.2})
 
     ax = adaopt.plot_records(path, ["effective_lr/*", "grad_norm"])
     lines = {line.get_label(): line for line in ax.get_lines()}

@@ -889,6 +889,7 @@ def _chunks(batches: Any, steps: int | None, eval_every: int | None) -> tuple[in
     if batches is None:
         if steps is None:
             raise base.HyperparameterError("without batches, give the number of steps: steps=...")
+        base.check_integer("steps", steps, 1)
         batches = jnp.arange(steps, dtype=jnp.int32)
     leaves = jax.tree.leaves(batches)
     if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
@@ -911,9 +912,10 @@ def _chunks(batches: Any, steps: int | None, eval_every: int | None) -> tuple[in
 def _rungs(halve_every: int | Sequence[int] | None, every: int, steps: int) -> set[int]:
     if halve_every is None:
         return set()
-    if isinstance(halve_every, int) and not isinstance(halve_every, bool):
+    if base.is_integer(halve_every):  # a NumPy integer too, as eval_every
         base.check_integer("halve_every", halve_every, 1, steps)
-        at = list(range(halve_every, steps, halve_every))
+        period = int(halve_every)  # type: ignore[arg-type]  # an integer: is_integer narrows nothing for mypy
+        at = list(range(period, steps, period))
     elif isinstance(halve_every, Sequence):
         at = list(halve_every)
         for s in at:

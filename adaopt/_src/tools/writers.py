@@ -99,7 +99,8 @@ class CsvWriter(Writer):
       path: the CSV file; created, or overwritten.
 
     Raises:
-      ValueError: a later write has other names than the first (the columns are fixed).
+      ValueError: a later write has other names than the first (the columns are fixed), or a record is named
+        ``"step"`` (the first column's name).
 
     Example:
       >>> import os, tempfile, adaopt
@@ -117,6 +118,11 @@ class CsvWriter(Writer):
         self._writer: csv.DictWriter[str] | None = None
 
     def write(self, step: int, records: Mapping[str, float]) -> None:
+        if "step" in records:
+            raise ValueError(
+                "A record is named 'step', the name of the CSV's first column (the step of each row): its values "
+                "would overwrite the steps. Give the record another name (record_norm('...'), a monitor group)."
+            )
         if self._writer is None:
             self._writer = csv.DictWriter(self._file, fieldnames=["step", *records])
             self._writer.writeheader()
