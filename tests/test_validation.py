@@ -242,6 +242,34 @@ def test_a_weight_decay_mask_may_be_a_prefix_of_the_parameters() -> None:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("weight_decay", [0.1, jnp.asarray(0.1)], ids=["number", "array"])
+@pytest.mark.parametrize("factory", [adaopt.adamw, adaopt.adam, adaopt.sgd])
+def test_weight_decay_without_the_parameters_says_so_in_adaopts_words(factory: Any, weight_decay: Any) -> None:
+    """Decoupled or coupled, a number (optax's block) or an array: the one text of every adaopt optimizer that needs
+    the parameters, not optax's own (which the number's block gave)."""
+    tx = factory(1e-2, weight_decay=weight_decay)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"^weight decay \(weight_decay > 0\) needs the parameters: call update"):
+        tx.update(params, tx.init(params))
+
+
+def test_a_state_that_is_not_the_optimizers_is_named() -> None:
+    """No state (init's result not kept), the arguments swapped, another optimizer's state: optax's chain said "no
+    len()", "has to be the same in chain", "'MomentumState' object has no attribute 'mu'"."""
+    params = {"w": jnp.ones(3)}
+    tx = adaopt.adam(1e-2)
+    cases = [
+        (None, "None as its state"),
+        (params, "a dict as its state"),
+        (adaopt.sgd(0.1, momentum=0.9).init(params), "a state holding MomentumState where this optimizer keeps"),
+    ]
+    for state, got in cases:
+        with pytest.raises(TypeError, match=rf"^update got {got}.*Pass the state its init made"):
+            tx.update(params, state, params)
+    with pytest.raises(adaopt.TreeMismatchError):  # wrong gradients keep their own error
+        tx.update({"v": jnp.ones(3)}, tx.init(params), params)
+
+
 FLAGS = [
     (spec, name)
     for spec in REGISTRY.values()

@@ -637,12 +637,17 @@ def add_decayed_weights(weight_decay: Any, mask: MaskOrFn | None = None) -> opta
     check_mask(mask)
     if not is_zero(weight_decay) and (callable(weight_decay) or isinstance(weight_decay, (int, float))):
         plain = optax.add_decayed_weights(weight_decay)
-        return plain if mask is None else masked(plain, mask)
+
+        def plain_update(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:
+            return plain.update(updates, state, require_params(params, "weight decay (weight_decay > 0)"))
+
+        tx = optax.GradientTransformation(plain.init, plain_update)
+        return tx if mask is None else masked(tx, mask)
 
     def update_fn(updates: Updates, state: Any, params: Params | None = None) -> tuple[Updates, Any]:
         if is_zero(weight_decay):
             return updates, state
-        require_params(params, "add_decayed_weights")
+        require_params(params, "weight decay (weight_decay > 0)")
         new = jax.tree.map(
             lambda g, p: None if g is None else g + _in_dtype_of(weight_decay, g) * p,
             updates,
@@ -717,7 +722,40 @@ def assemble(
     blocks += [*((decay,) if decoupled_weight_decay else ()), *after_decay]
     if learning_rate is not None:
         blocks.append(scale_by_learning_rate(learning_rate))
-    return complex_params.with_convention(optax.chain(*blocks), complex_convention)
+    chain = optax.chain(*blocks)
+
+    def not_this_optimizers(state: Any, updates: Updates) -> str | None:
+        """What makes ``state`` another's than this optimizer's (``opt.init``'s), or None."""
+        if not isinstance(state, (tuple, list)) or len(state) != len(blocks):
+            entries = f" of {len(state)} entries" if isinstance(state, (tuple, list)) else ""
+            return f"{'None' if state is None else f'a {type(state).__name__}{entries}'} as its state"
+        try:
+            kinds = [type(s) for s in jax.eval_shape(chain.init, updates)]
+        except Exception:  # the gradients themselves are wrong: the error they raised says so
+            return None
+        wrong = [(s, k) for s, k in zip(state, kinds, strict=True) if type(s) is not k]
+        return (
+            f"a state holding {type(wrong[0][0]).__name__} where this optimizer keeps {wrong[0][1].__name__}"
+            if wrong
+            else None
+        )
+
+    def update_fn(updates: Updates, state: Any, params: Params | None = None, **extra_args: Any) -> Any:
+        try:
+            return chain.update(updates, state, params, **extra_args)
+        except (AttributeError, TypeError, ValueError) as error:
+            # optax's chain takes len() of None (a state never made), or reads a field another optimizer's state lacks.
+            got = not_this_optimizers(state, updates)
+            if got is None:
+                raise
+            raise TypeError(
+                f"update got {got}: not this optimizer's state (a tuple of {len(blocks)} block states). Pass "
+                "the state its init made (state = opt.init(params)), then each update's new one, as update(grads, "
+                "state, params)."
+            ) from error
+
+    chained = optax.GradientTransformationExtraArgs(chain.init, update_fn)
+    return complex_params.with_convention(chained, complex_convention)
 
 
 def check_complex_convention(complex_convention: Any) -> None:
