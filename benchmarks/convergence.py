@@ -24,7 +24,9 @@ by itself (``CONSTANT_LEARNING_RATE``) get the constant learning rate, as their 
 ``--schedule constant`` gives every optimizer a constant learning rate.
 
 Every step calls ``tx.update(grads, state, params, value=loss)`` (the loss-driven methods use the
-loss). Optimizers with ``AVERAGED_ITERATES`` are evaluated at ``adaopt.schedule_free_eval_params``.
+loss); an optimizer with ``NEEDS_HESSIAN`` (Sophia) also gets ``hessian=``, Hutchinson's estimate of
+the minibatch loss's Hessian diagonal (Sophia-H's), which it computes every ``update_interval`` steps
+(its timed step includes that cost). Optimizers with ``AVERAGED_ITERATES`` are evaluated at ``adaopt.schedule_free_eval_params``.
 Optimizers with ``FULL_BATCH`` (they compare the loss between steps) see the whole training set
 every step on the workloads that have one, and are "n/a" on those that do not (the language model).
 The minibatch sequences are fixed (seeded) and the same for every optimizer and learning rate.
@@ -325,19 +327,22 @@ def _train_fn(spec: OptimizerSpec, workload: wl.Workload, steps: int, scheduled:
     def train(lr: Any, params: Any, data: Any, chunks: Any) -> tuple[jax.Array, jax.Array]:
         tx = _optimizer(spec, lr, steps, scheduled)
 
-        def step(carry: tuple[Any, Any], batch: Any) -> tuple[tuple[Any, Any], None]:
-            params, state = carry
+        def step(carry: tuple[Any, Any, Any], batch: Any) -> tuple[tuple[Any, Any, Any], None]:
+            params, state, key = carry
+            key, probe = jax.random.split(key)
             (_, value), grads = grad(params, data, batch)
-            updates, state = tx.update(grads, state, params, value=value)
-            return (optax.apply_updates(params, updates), state), None
+            extras = wl.update_extras(spec, lambda p: workload.loss(p, data, batch)[0], probe)
+            updates, state = tx.update(grads, state, params, value=value, **extras)
+            return (optax.apply_updates(params, updates), state, key), None
 
-        def chunk(carry: tuple[Any, Any], batches: Any) -> tuple[tuple[Any, Any], tuple[jax.Array, jax.Array]]:
+        def chunk(carry: tuple[Any, Any, Any], batches: Any) -> tuple[tuple[Any, Any, Any], tuple[jax.Array, ...]]:
             carry, _ = jax.lax.scan(step, carry, batches)
-            params, state = carry
+            params, state, _ = carry
             point = adaopt.schedule_free_eval_params(state, params) if averaged else params
             return carry, workload.evaluate(point, data)
 
-        _, (losses, accuracies) = jax.lax.scan(chunk, (params, tx.init(params)), chunks)
+        start = (params, tx.init(params), jax.random.key(wl.SEED))
+        _, (losses, accuracies) = jax.lax.scan(chunk, start, chunks)
         return losses, accuracies
 
     return train
@@ -375,16 +380,19 @@ def time_gradient(workload: wl.Workload, params: Any, data: Any, batches: Any) -
 
 
 def time_update(
-    spec: OptimizerSpec, lr: float, steps: int, scheduled: bool, params: Any, grads: Any, value: Any
-) -> tuple[float, float]:
-    """(seconds per step, compile seconds) of ``tx.update`` + ``optax.apply_updates`` at the learning rate ``lr``."""
+    spec: OptimizerSpec, lr: float, steps: int, scheduled: bool, params: Any, grads: Any, value: Any,
+    loss_of_params: Callable[[Any], jax.Array],
+) -> tuple[float, float]:  # fmt: skip
+    """(seconds per step, compile seconds) of ``tx.update`` + ``optax.apply_updates`` at the learning rate ``lr``
+    (with a Hessian estimate of ``loss_of_params`` every ``update_interval`` steps where ``spec`` takes one)."""
 
     def run(params: Any, grads: Any, value: Any) -> Any:
         tx = _optimizer(spec, lr, steps, scheduled)
+        extras = wl.update_extras(spec, loss_of_params, jax.random.key(wl.SEED))
 
         def step(carry: tuple[Any, Any], _: None) -> tuple[tuple[Any, Any], None]:
             p, s = carry
-            updates, s = tx.update(grads, s, p, value=value)
+            updates, s = tx.update(grads, s, p, value=value, **extras)
             return (optax.apply_updates(p, updates), s), None
 
         return jax.lax.scan(step, (params, tx.init(params)), None, length=UPDATE_TIMING_STEPS)[0][0]
@@ -461,9 +469,11 @@ def run_pair(spec: OptimizerSpec, prepared: Prepared, learning_rates: Sequence[f
     start = time.perf_counter()
     losses, accuracies = jax.block_until_ready(grid(rates, prepared.params, prepared.data, chunks))
     run_s = time.perf_counter() - start
+    first = jax.tree.map(lambda b: b[0], batches)
     update_s, update_compile_s = time_update(
-        spec, float(learning_rates[default_index]), steps, scheduled, prepared.params, grads, value
-    )
+        spec, float(learning_rates[default_index]), steps, scheduled, prepared.params, grads, value,
+        lambda p: workload.loss(p, prepared.data, first)[0],
+    )  # fmt: skip
 
     def curves(values: Any, first: float) -> list[list[float]]:
         values = np.asarray(values, np.float64)

@@ -9,7 +9,8 @@ Each optimizer is built with its defaults plus the learning rate tuned for these
 run at their defaults, untouched. Beside the registry, AdamW runs with memory-light moments
 (``STORAGE_VARIANTS``: 8-bit and 4-bit blocks, bfloat16 with stochastic rounding, for every leaf)
 at AdamW's learning rate; the table's state B/param column shows what each saves. Every step
-passes the minibatch loss as ``update(..., value=loss)`` (the loss-driven methods use it); a
+passes the minibatch loss as ``update(..., value=loss)`` (the loss-driven methods use it), and
+Sophia (``NEEDS_HESSIAN``) Hutchinson's estimate of its Hessian diagonal as ``hessian=``; a
 method that compares losses between steps (bold driver) gets the full training set each step;
 Schedule-Free is evaluated at its averaged parameters. Run as a script, it first turns on XLA:CPU's
 copy elision (:func:`adaopt.enable_cpu_copy_elision`), as a CPU training script should.
@@ -46,8 +47,8 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import adaopt
-from adaopt import Capability
-from benchmarks import learning_rates, light_states
+from adaopt import Capability, OptimizerSpec
+from benchmarks import learning_rates, light_states, workloads
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -148,20 +149,24 @@ def batch_indices(n_train: int, steps: int, batch_size: int, seed: int) -> np.nd
     return np.concatenate(perms).reshape(-1, batch_size)[:steps].astype(np.int32)
 
 
-def make_chunk_fn(opt: optax.GradientTransformation) -> jax.stages.Wrapped:
-    """A jitted function running ``len(idx)`` steps of ``opt`` with ``lax.scan``; returns the minibatch losses."""
+def make_chunk_fn(spec: OptimizerSpec, opt: optax.GradientTransformation) -> jax.stages.Wrapped:
+    """A jitted function running ``len(idx)`` steps of ``opt`` (``spec``'s) with ``lax.scan``; returns the minibatch
+    losses, and the key of the next chunk's Hessian estimates (Sophia's; unused by the others)."""
 
     def chunk(
-        params: Params, opt_state: Any, x: jax.Array, y: jax.Array, idx: jax.Array
-    ) -> tuple[Params, Any, jax.Array]:
-        def step(carry: tuple[Params, Any], batch: jax.Array) -> tuple[tuple[Params, Any], jax.Array]:
-            p, s = carry
+        params: Params, opt_state: Any, key: jax.Array, x: jax.Array, y: jax.Array, idx: jax.Array
+    ) -> tuple[Params, Any, jax.Array, jax.Array]:
+        def step(carry: tuple[Params, Any, jax.Array], batch: jax.Array) -> tuple[tuple[Params, Any, Any], jax.Array]:
+            p, s, key = carry
+            key, probe = jax.random.split(key)
             loss, grads = jax.value_and_grad(loss_fn)(p, x[batch], y[batch])
-            updates, s = opt.update(grads, s, p, value=loss)  # params: LAMB needs them; value: the loss-driven
-            return (adaopt.apply_updates(p, updates), s), loss
+            extras = workloads.update_extras(spec, lambda q: loss_fn(q, x[batch], y[batch]), probe)
+            # params: LAMB needs them; value: the loss-driven methods; hessian=: Sophia's estimates
+            updates, s = opt.update(grads, s, p, value=loss, **extras)
+            return (adaopt.apply_updates(p, updates), s, key), loss
 
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), idx)
-        return params, opt_state, losses
+        (params, opt_state, key), losses = jax.lax.scan(step, (params, opt_state, key), idx)
+        return params, opt_state, key, losses
 
     return jax.jit(chunk)
 
@@ -218,7 +223,10 @@ def run(
     seed: int = 0,
     progress: bool = True,
 ) -> list[Result]:
-    """Train the MLP with each named optimizer (all when ``names`` is None); one result per optimizer."""
+    """Train the MLP with each named optimizer (all when ``names`` is None); one result per optimizer.
+
+    Interrupted (Ctrl-C), it says so and returns the results of the optimizers that finished.
+    """
     if steps < 1 or chunk < 1:
         raise ValueError(f"steps and chunk must be positive, got steps={steps}, chunk={chunk}.")
     specs = select(names)
@@ -232,21 +240,24 @@ def run(
     eval_fn = jax.jit(evaluate).lower(params0, data).compile()  # shared by all optimizers
 
     results: list[Result] = []
-    bar = tqdm(total=len(specs) * len(sizes), disable=not progress, unit="chunk", dynamic_ncols=True)
+    # disable=None: no bar where stderr is no terminal (a CI log), where its redraws would be thousands of lines.
+    bar = tqdm(total=len(specs) * len(sizes), disable=None if progress else True, unit="chunk", dynamic_ncols=True)
     try:
         for spec in specs:
             bar.set_description(f"{spec.name:>9}")
+            bar.set_postfix_str("compiling")  # not the previous optimizer's loss
             rate = tuned_rate(spec)
             opt = spec.factory(learning_rate=rate)
             params, opt_state = params0, opt.init(params0)
             state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))
-            jitted = make_chunk_fn(opt)
+            jitted = make_chunk_fn(spec, opt)
+            key = jax.random.key(seed)
             idx = full_batches if Capability.FULL_BATCH in spec.capabilities else minibatches
             averaged = Capability.AVERAGED_ITERATES in spec.capabilities
 
             t0 = time.perf_counter()
             compiled = {
-                n: jitted.lower(params, opt_state, data["x_train"], data["y_train"], idx[:n]).compile()
+                n: jitted.lower(params, opt_state, key, data["x_train"], data["y_train"], idx[:n]).compile()
                 for n in sorted(set(sizes))
             }
             compile_s = time.perf_counter() - t0
@@ -255,8 +266,8 @@ def run(
             loss0, acc0 = eval_fn(evaluation_point(params, opt_state, averaged), data)
             train_loss, test_accuracy = [float(loss0)], [float(acc0)]
             for n, start in zip(sizes, bounds[:-1], strict=True):
-                params, opt_state, _ = compiled[n](
-                    params, opt_state, data["x_train"], data["y_train"], idx[start : start + n]
+                params, opt_state, key, _ = compiled[n](
+                    params, opt_state, key, data["x_train"], data["y_train"], idx[start : start + n]
                 )
                 loss, acc = eval_fn(evaluation_point(params, opt_state, averaged), data)
                 train_loss.append(float(loss))
@@ -283,6 +294,9 @@ def run(
                     state_bytes_per_param=state_bytes / sum(x.size for x in jax.tree.leaves(params0)),
                 )
             )
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\nInterrupted: {len(results)} of {len(specs)} optimizers finished.", file=sys.stderr)
     finally:
         bar.close()
     return results
@@ -329,7 +343,7 @@ def plot(results: Sequence[Result], path: Path, title: str) -> Path:
         kw: dict[str, Any] = {"color": cmap(i % 10), "linestyle": styles[(i // 10) % len(styles)], "lw": 1.6}
         ax_loss.plot(r["steps"], r["train_loss"], label=r["name"], **kw)
         ax_acc.plot(r["steps"], r["test_accuracy"], label=r["name"], **kw)
-    ax_loss.set_yscale("log")
+    ax_loss.set_yscale("log", nonpositive="mask")  # a loss of exactly 0 (float32) ends the line, not a drop
     ax_loss.set(xlabel="step", ylabel="training loss (full training split)", title="Training loss")
     ax_acc.axhline(TARGET_ACCURACY, color="grey", lw=0.8, ls=":")
     ax_acc.set(xlabel="step", ylabel="test accuracy", title="Test accuracy", ylim=(0.8, 1.0))
@@ -352,6 +366,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.chunk < 1:
         parser.error("--steps and --chunk must be positive")
+    try:  # now, not after the training
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / ".write-test").touch()
+        (args.out / ".write-test").unlink()
+    except OSError as error:
+        parser.error(f"--out {args.out}: cannot write the plots there ({error.strerror or error})")
     if args.optimizers is not None:
         args.optimizers = [n.strip() for n in args.optimizers.split(",") if n.strip()]
         known = [spec.name for spec in choices()]
@@ -365,9 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
     results = run(args.optimizers, args.steps, chunk=args.chunk, progress=not args.no_progress)
+    interrupted = len(results) < len(select(args.optimizers))
     tuned = [r for r in results if not r["tuning_free"]]
     free = [r for r in results if r["tuning_free"]]
-    model = f"digits MLP 64-64-10, {args.steps} steps of batch 128, on {jax.devices()[0].platform}"
+    model = f"digits MLP 64-64-10, {args.steps} steps of batch 128"
+    platform = f", on {jax.devices()[0].platform}"
     sections = [(tuned, f"{model}: tuned learning rates (benchmarks/learning_rates.py)", PLOT_NAME)] if tuned else []
     if free:
         baseline = [r for r in tuned if r["name"] == BASELINE]
@@ -375,9 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append((free + baseline, title, TUNING_FREE_PLOT_NAME))
     for rows, title, plot_name in sections:
         print()
-        print(f"{title}:")
+        print(f"{title.replace(model, model + platform)}:")
         print(format_table(rows))
-        path = plot(rows, args.out / plot_name, title.replace(f" on {jax.devices()[0].platform}", ""))
+        path = plot(rows, args.out / plot_name, title)
         print(f"Plot written to {path}")
     print()
     print(
@@ -390,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missed:
         print(f"Never reached {TARGET_ACCURACY:.0%} test accuracy: {', '.join(missed)}")
     print(f"Total wall time {time.perf_counter() - start:.1f} s (after imports)")
-    return 0
+    return 130 if interrupted else 0  # a shell's code for an interrupt
 
 
 if __name__ == "__main__":

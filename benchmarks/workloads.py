@@ -52,6 +52,8 @@ import numpy as np
 import optax
 import scipy.optimize
 
+import adaopt
+
 Params = Any
 Data = dict[str, Any]
 Batch = Any
@@ -109,6 +111,16 @@ class Workload:
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces.
+
+
+def update_extras(spec: adaopt.OptimizerSpec, loss_of_params: Callable[[Params], jax.Array], key: jax.Array) -> dict:
+    """``update``'s arguments beside ``value=`` that ``spec`` needs to be itself: for one that takes a Hessian estimate
+    (``Capability.NEEDS_HESSIAN``: Sophia, which without one steps by the sign of its momentum), ``hessian=``
+    Hutchinson's estimate of the diagonal of ``loss_of_params``'s Hessian (Sophia-H's) from ``key``, a function of the
+    parameters that the optimizer calls every ``update_interval`` steps; for the others, none."""
+    if adaopt.Capability.NEEDS_HESSIAN not in spec.capabilities:
+        return {}
+    return {"hessian": lambda p: adaopt.hutchinson_hessian_diagonal(loss_of_params, p, key)}
 
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -67,6 +68,38 @@ def test_storage_variants_run_beside_adamw(demo: ModuleType) -> None:
 def test_unknown_optimizer_is_rejected(demo: ModuleType) -> None:
     with pytest.raises(SystemExit):
         demo.main(["--optimizers", "adam,nosuch"])
+
+
+def test_an_unwritable_out_is_refused_before_training(
+    demo: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder under a file: refused at once (it failed after the whole training, losing the tables)."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: pytest.fail("trained before checking --out"))
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path / "a_file" / "out")])
+    assert "cannot write the plots there" in capsys.readouterr().err
+
+
+def test_an_interrupt_keeps_the_finished_results(
+    demo: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during the second optimizer: the first one's table and plot, and the shell's exit code for it."""
+    original = demo.make_chunk_fn
+    calls = []
+
+    def interrupted(spec: Any, opt: Any) -> Any:
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(spec, opt)
+
+    monkeypatch.setattr(demo, "make_chunk_fn", interrupted)
+    args = ["--steps", "20", "--chunk", "10", "--optimizers", "sgd,adam", "--out", str(tmp_path), "--no-progress"]
+    assert demo.main(args) == 130
+    captured = capsys.readouterr()
+    assert "Interrupted: 1 of 2 optimizers finished." in captured.err
+    assert (tmp_path / "digits_mlp.png").exists() and "\nsgd " in captured.out
 
 
 def test_tuning_free_section_beside_tuned_adam(

@@ -78,6 +78,11 @@ class Capability(enum.StrEnum):
     """Its first few updates are exactly zero (Schedule-Free RAdam's silent phase, ADOPT's first call)."""
     NEEDS_VALUE = "needs_value"
     """``update`` needs the loss: ``update(grads, state, params, value=loss)``."""
+    NEEDS_HESSIAN = "needs_hessian"
+    """``update`` takes a diagonal Hessian estimate, ``update(grads, state, params, hessian=...)``: a tree, or a
+    function of the parameters that it calls every ``update_interval`` steps (``lambda p:
+    adaopt.hutchinson_hessian_diagonal(loss, p, key)``). Without one its curvature stays 0 and every coordinate steps
+    by the clipped learning rate: the sign of the momentum (Sophia)."""
     TUNING_FREE = "tuning_free"
     """Meant to run at its defaults, with no learning rate to tune."""
     FULL_BATCH = "full_batch"
@@ -565,7 +570,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("sophia_opt.SophiaG", kwargs={"eps": 1e-15, "eps_mode": "add", "clip": 1.0}, note=_SOPHIA_G),
             Reference("pytorch_optimizer.SophiaH", kwargs={"gamma": 1.0}, note=_SOPHIA_H),
         ),
-        _ADAM_FAMILY | {Capability.REAL_ONLY},
+        _ADAM_FAMILY | {Capability.REAL_ONLY, Capability.NEEDS_HESSIAN},
         "clipped momentum over an EMA of a diagonal Hessian estimate (update(..., hessian=))",
     ),
     OptimizerSpec(
