@@ -14,7 +14,7 @@
 # %% [markdown]
 # # adaopt quickstart
 #
-# Three things in five cells: train a model with several adaopt optimizers, read the curves,
+# Three things in three code cells: train a model with several adaopt optimizers, read the curves,
 # and check one optimizer against its reference implementation step for step.
 
 # %%
@@ -43,7 +43,7 @@ init = {"w1": jax.random.normal(k1, (64, 32)) / 8, "w2": jax.random.normal(k2, (
 
 # %% [markdown]
 # Every optimizer is an optax transformation, so one training loop serves them all. The
-# registry holds each one's learning rate tuned on this data.
+# registry builds each one (`spec.make`) with the learning rate that suits this data, chosen below.
 
 
 # %%
