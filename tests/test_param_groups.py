@@ -425,6 +425,25 @@ def test_extra_arguments_reach_the_groups() -> None:
     assert float(updates["head"]["w"][0, 0]) < 0 and float(updates["embed"]["table"][0, 0]) == pytest.approx(-0.1)
 
 
+def test_a_transformation_of_another_class_is_an_optimizer() -> None:
+    """An object with init and update that is no optax type, as a group's optimizer and as the default: taken as one
+    (the wrappers tell it so), where it was refused as no gradient transformation."""
+    from tests.test_range_test import _OwnTransformation
+
+    params = _params()
+    grads = jax.tree.map(jnp.ones_like, params)
+    want = adaopt.param_groups(adaopt.sgd(0.1), [Group("head/*", optimizer=adaopt.sgd(0.5))])
+    got = adaopt.param_groups(
+        _OwnTransformation(adaopt.sgd(0.1)), [Group("head/*", optimizer=_OwnTransformation(adaopt.sgd(0.5)))]
+    )
+    for a, b in zip(
+        jax.tree.leaves(got.update(grads, got.init(params), params)[0]),
+        jax.tree.leaves(want.update(grads, want.init(params), params)[0]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- errors -------------------------------------------------------------------------------------------------
 
 

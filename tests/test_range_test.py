@@ -257,6 +257,25 @@ def test_built_optimizer_is_scaled_by_the_learning_rate(factory: Any, linear: bo
     assert np.allclose(built.smoothed_losses[:n], made.smoothed_losses[:n], rtol=1e-6) == linear
 
 
+class _OwnTransformation:
+    """A gradient transformation that is no optax type: an object with ``init`` and ``update``."""
+
+    def __init__(self, inner: optax.GradientTransformation) -> None:
+        self.inner = inner
+
+    def init(self, params: Any) -> Any:
+        return self.inner.init(params)
+
+    def update(self, updates: Any, state: Any, params: Any = None) -> Any:
+        return self.inner.update(updates, state, params)
+
+
+def test_a_transformation_of_another_class_is_scaled_as_a_built_one() -> None:
+    """Told from a factory by its init and update, as the wrappers tell it; it was refused as no factory."""
+    own = quadratic_run(_OwnTransformation(adaopt.adam(1.0)))
+    np.testing.assert_array_equal(own.smoothed_losses, quadratic_run(adaopt.adam(1.0)).smoothed_losses)
+
+
 def _sqrt_loss(params: jax.Array, batch: jax.Array) -> jax.Array:
     return jnp.sqrt(params) + 0.0 * batch  # NaN once a step takes the parameter below 0
 

@@ -240,7 +240,7 @@ def _run(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The whole test as one scan: per iteration the loss, the smoothed loss and whether it diverged."""
     loss_of = loss_fn.value
-    scale_updates = isinstance(optimizer.value, optax.GradientTransformation)
+    scale_updates = base.is_transformation(optimizer.value)
 
     def transformation(lr: jax.Array) -> optax.GradientTransformationExtraArgs:
         # A schedule that returns this iteration's rate whatever count the optimizer keeps: the rate
@@ -449,7 +449,7 @@ def range_test(
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be a function loss_fn(params, batch) -> scalar, got {loss_fn!r}.")
-    if not (isinstance(optimizer, optax.GradientTransformation) or callable(optimizer)):
+    if not (base.is_transformation(optimizer) or callable(optimizer)):
         raise TypeError(
             "optimizer must be a factory taking learning_rate (e.g. adaopt.adam) or an optax GradientTransformation "
             f"built with learning_rate=1.0, got {optimizer!r}."
@@ -466,7 +466,7 @@ def range_test(
             "Give the validation batches once: val_batches (stacked, of one size) or val_loader (one by one), not both."
         )
     val_groups = _validation_groups(val_batches, val_loader)
-    if not isinstance(optimizer, optax.GradientTransformation):
+    if not base.is_transformation(optimizer):
         _check_factory(optimizer, start_lr)
     losses, smoothed, diverged = _run(
         params,
@@ -503,7 +503,7 @@ def _check_factory(factory: Callable[..., Any], start_lr: float) -> None:
             f"optimizer(learning_rate=schedule) failed: {error}. Pass a factory such as adaopt.adam or "
             "functools.partial(adaopt.adamw, weight_decay=0.1), or an optimizer built with learning_rate=1.0."
         ) from error
-    if not isinstance(tx, optax.GradientTransformation):
+    if not base.is_transformation(tx):
         raise TypeError(
             f"optimizer(learning_rate=schedule) must return an optax GradientTransformation, got {type(tx).__name__}."
         )

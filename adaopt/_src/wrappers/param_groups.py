@@ -107,7 +107,7 @@ class Group:
         **hyperparameters: Any,
     ) -> None:
         _check_match(match)
-        if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+        if optimizer is not None and not base.is_transformation(optimizer):
             raise base.HyperparameterError(
                 f"Group({_describe(match)}): optimizer must be a gradient transformation such as adaopt.sgd(0.1), "
                 f"got {optimizer!r} of type {type(optimizer).__name__}. (To change hyperparameters of the default "
@@ -382,7 +382,7 @@ def param_groups(
     base.check_flag("allow_empty_groups", allow_empty_groups)
     names = _names(groups)
     transforms: dict[str, optax.GradientTransformation] = {}
-    if isinstance(default, optax.GradientTransformation):
+    if base.is_transformation(default):
         if hyperparameters:
             raise base.HyperparameterError(
                 f"param_groups got hyperparameters {sorted(hyperparameters)} with an optimizer as default: they are "
