@@ -366,18 +366,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.chunk < 1:
         parser.error("--steps and --chunk must be positive")
-    try:  # now, not after the training
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / ".write-test").touch()
-        (args.out / ".write-test").unlink()
-    except OSError as error:
-        parser.error(f"--out {args.out}: cannot write the plots there ({error.strerror or error})")
     if args.optimizers is not None:
         args.optimizers = [n.strip() for n in args.optimizers.split(",") if n.strip()]
         known = [spec.name for spec in choices()]
         unknown = [n for n in args.optimizers if n not in known]
         if unknown or not args.optimizers:
             parser.error(f"unknown optimizer(s) {unknown}; choose from {','.join(known)}")
+    try:  # now, not after the training
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / ".write-test").touch()
+        (args.out / ".write-test").unlink()
+    except OSError as error:
+        parser.error(f"--out {args.out}: cannot write the plots there ({error.strerror or error})")
     return args
 
 
