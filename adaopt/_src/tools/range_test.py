@@ -377,7 +377,8 @@ def range_test(
     multiple of the swept rate: ``lambda learning_rate: adaopt.param_groups(adaopt.adamw, [adaopt.Group("embed/*",
     learning_rate=lambda count: 0.1 * learning_rate(count))], learning_rate=learning_rate)``.
 
-    ``update`` is called with ``value=`` the training loss, so the loss-driven optimizers run too.
+    ``update`` is called with ``value=`` the training loss, so the loss-driven optimizers run too; an optimizer that
+    takes a Hessian estimate (``Capability.NEEDS_HESSIAN``: Sophia) gets none, and steps by the sign of its momentum.
 
     Reproduces torch-lr-finder 0.2.2, ``LRFinder(model, torch_optimizer,
     criterion).range_test(DataLoader(data, batch_size, shuffle=False), start_lr=..., end_lr=...,

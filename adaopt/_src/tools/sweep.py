@@ -474,7 +474,8 @@ class Sweep:
     (so loss-driven optimizers get the loss), with ``eval_fn(params)`` after every ``eval_every``
     steps: at ``schedule_free_eval_params(state, params)`` for an optimizer whose state holds a
     Schedule-Free state (``Capability.AVERAGED_ITERATES``). Without ``eval_fn`` the metric is the
-    mean training loss over the last ``eval_every`` steps.
+    mean training loss over the last ``eval_every`` steps. An optimizer that takes a Hessian estimate
+    (``Capability.NEEDS_HESSIAN``: Sophia) gets none here, and steps by the sign of its momentum.
 
     The programs are compiled on first use and kept: reuse one ``Sweep`` for another set of
     configurations of the same shapes (another seed, an Optuna round) and nothing recompiles.
