@@ -85,16 +85,16 @@ def test_an_interrupt_keeps_the_finished_results(
     demo: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C during the second optimizer: the first one's table and plot, and the shell's exit code for it."""
-    original = demo.make_chunk_fn
+    original = demo.tuned_rate
     calls = []
 
-    def interrupted(spec: Any, opt: Any) -> Any:
+    def interrupted(spec: Any) -> Any:
         calls.append(spec.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(spec, opt)
+        return original(spec)
 
-    monkeypatch.setattr(demo, "make_chunk_fn", interrupted)
+    monkeypatch.setattr(demo, "tuned_rate", interrupted)
     args = ["--steps", "20", "--chunk", "10", "--optimizers", "sgd,adam", "--out", str(tmp_path), "--no-progress"]
     assert demo.main(args) == 130
     captured = capsys.readouterr()

@@ -143,6 +143,18 @@ def test_the_moments_of_parameter_groups_and_masked_optimizers_are_recorded() ->
     assert {"state/mu/rms", "state/mu/max", "state/nu/rms", "state/nu/max"} <= set(adaopt.read_records(state))
 
 
+def test_a_statistic_kept_elsewhere_is_no_moment() -> None:
+    """``optax.MaskedNode`` outside a group, or beside a field that holds the statistic there, is no other group's
+    leaf: Adafactor's whole second moment holds only its unfactored leaves (the factored ones are in ``v_row`` and
+    ``v_col``), GaLore's bases only its projected matrices; neither is recorded as a moment of the parameters. In a
+    group of unfactored leaves only (the default group below), ``v`` is that group's whole second moment."""
+    moments = lambda tx: {n for n in adaopt.read_records(_run(adaopt.monitor(tx, every=1), 1)[1]) if "state/" in n}
+    assert not moments(adaopt.adafactor(LR))
+    assert not moments(adaopt.galore(adaopt.scale_by_adam(), rank=4, min_dim=2, proj_type="left"))
+    grouped = moments(adaopt.param_groups(adaopt.adafactor, [adaopt.Group("layers/*")], learning_rate=LR))
+    assert grouped == {"state/v/rms", "state/v/max"}  # the default group's: "layers/0/kernel" is factored
+
+
 def test_records_only_every_k_steps() -> None:
     tx = adaopt.monitor(adaopt.adam(LR), every=3)
     params = _params()

@@ -262,6 +262,7 @@ def test_a_state_that_is_not_the_optimizers_is_named() -> None:
         (None, "None as its state"),
         (params, "a dict as its state"),
         (adaopt.sgd(0.1, momentum=0.9).init(params), "a state holding MomentumState where this optimizer keeps"),
+        (adaopt.inject_hyperparams(adaopt.adam)(1e-2).init(params), "a Inject[A-Za-z]*HyperparamsState as its state"),
     ]
     for state, got in cases:
         with pytest.raises(TypeError, match=rf"^update got {got}.*Pass the state its init made"):

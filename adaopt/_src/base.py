@@ -726,8 +726,9 @@ def assemble(
 
     def not_this_optimizers(state: Any, updates: Updates) -> str | None:
         """What makes ``state`` another's than this optimizer's (``opt.init``'s), or None."""
-        if not isinstance(state, (tuple, list)) or len(state) != len(blocks):
-            entries = f" of {len(state)} entries" if isinstance(state, (tuple, list)) else ""
+        if hasattr(state, "_fields") or not isinstance(state, (tuple, list)) or len(state) != len(blocks):
+            # A chain's state is a plain tuple: a NamedTuple is a wrapper's (inject_hyperparams') or a block's.
+            entries = f" of {len(state)} entries" if type(state) in (tuple, list) else ""
             return f"{'None' if state is None else f'a {type(state).__name__}{entries}'} as its state"
         try:
             kinds = [type(s) for s in jax.eval_shape(chain.init, updates)]

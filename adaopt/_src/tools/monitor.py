@@ -315,31 +315,50 @@ def _field_leaf(x: Any) -> bool:
     return base.is_stored(x) or base.is_masked_node(x)
 
 
-def _mirrored(value: Any, reference: Any) -> list[tuple[Any, Any]]:
+def _mirrored(value: Any, reference: Any, grouped: bool) -> list[tuple[Any, Any]]:
     """The pairs (state leaf, parameter leaf) of a state field that holds one entry per parameter leaf, of the
     parameter's shape (a moment; a complex parameter's may be its real view, ``complex_convention="real_imag"``),
-    else none. A group's field (``param_groups``, ``optax.masked``) holds ``optax.MaskedNode`` at the other groups'
-    leaves: those are left out."""
-    structure: Any = jax.tree.structure(value, is_leaf=_field_leaf)
+    else none. In a group's state (``grouped``: under an ``optax.MaskedState``, as ``param_groups``' and
+    ``optax.masked``'s), ``optax.MaskedNode`` stands for the other groups' leaves: those are left out. Elsewhere it
+    stands for a statistic kept in another field (GaLore's bases, Adafactor's factored moments): no mirror."""
+    is_leaf = _field_leaf if grouped else base.is_stored
+    structure: Any = jax.tree.structure(value, is_leaf=is_leaf)
     if structure != jax.tree.structure(reference):
         return []
     pairs = [
         (v, r)
-        for v, r in zip(jax.tree.leaves(value, is_leaf=_field_leaf), jax.tree.leaves(reference), strict=True)
+        for v, r in zip(jax.tree.leaves(value, is_leaf=is_leaf), jax.tree.leaves(reference), strict=True)
         if not base.is_masked_node(v)
     ]
     inexact = all(base.is_stored(v) or jnp.issubdtype(jnp.result_type(v), jnp.inexact) for v, _ in pairs)
     return pairs if inexact and all(complex_params.mirrors(v, r) for v, r in pairs) else []
 
 
+def _kept_elsewhere(node: Any, field: str) -> bool:
+    """Whether another field of ``node`` holds a statistic where ``field`` holds ``optax.MaskedNode`` (Adafactor's
+    factored moments, where its whole one is masked): ``field`` is then part of a statistic, not a group's moment."""
+    treedef: Any = jax.tree.structure(getattr(node, field), is_leaf=_field_leaf)
+    masked = [base.is_masked_node(v) for v in jax.tree.leaves(getattr(node, field), is_leaf=_field_leaf)]
+    for other in node._fields:
+        value = getattr(node, other)
+        if other != field and jax.tree.structure(value, is_leaf=_field_leaf) == treedef:
+            leaves = jax.tree.leaves(value, is_leaf=_field_leaf)
+            if any(m and not base.is_masked_node(v) for m, v in zip(masked, leaves, strict=True)):
+                return True
+    return False
+
+
 def _state_fields(inner_state: Any, reference: Any) -> dict[str, Any]:
-    found = [
-        (path, field, getattr(node, field))
-        for path, node in _nodes(inner_state)
-        if isinstance(node, tuple) and hasattr(node, "_fields") and not isinstance(node, MonitorState)
-        for field in node._fields
-        if _mirrored(getattr(node, field), reference)
-    ]
+    nodes = list(_nodes(inner_state))
+    groups = [path for path, node in nodes if isinstance(node, optax.MaskedState)]
+    found = []
+    for path, node in nodes:
+        if not (isinstance(node, tuple) and hasattr(node, "_fields")) or isinstance(node, MonitorState):
+            continue
+        grouped = any(path[: len(group)] == group for group in groups)
+        for field in node._fields:
+            if _mirrored(getattr(node, field), reference, grouped) and not (grouped and _kept_elsewhere(node, field)):
+                found.append((path, field, getattr(node, field)))
     return _qualified(found)
 
 
@@ -487,7 +506,7 @@ def _field_stats(value: Any, reference: Any, dtype: Any) -> jax.Array:
     """
     # A stored leaf is decoded once, into an array both reductions read.
     leaves = []
-    for x, r in _mirrored(value, reference):
+    for x, r in _mirrored(value, reference, grouped=True):  # a field _state_fields found
         x = moments.load(x, jnp.float32)
         leaves.append(complex_params.from_pairs(x, r) if complex_params.is_real_view(x, r) else x)
     size = sum(int(np.size(x)) for x in leaves)
