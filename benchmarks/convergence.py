@@ -26,7 +26,8 @@ by itself (``CONSTANT_LEARNING_RATE``) get the constant learning rate, as their 
 Every step calls ``tx.update(grads, state, params, value=loss)`` (the loss-driven methods use the
 loss); an optimizer with ``NEEDS_HESSIAN`` (Sophia) also gets ``hessian=``, Hutchinson's estimate of
 the minibatch loss's Hessian diagonal (Sophia-H's), which it computes every ``update_interval`` steps
-(its timed step includes that cost). Optimizers with ``AVERAGED_ITERATES`` are evaluated at ``adaopt.schedule_free_eval_params``.
+(its timed step includes that cost). Optimizers with ``AVERAGED_ITERATES`` are evaluated at
+``adaopt.schedule_free_eval_params``.
 Optimizers with ``FULL_BATCH`` (they compare the loss between steps) see the whole training set
 every step on the workloads that have one, and are "n/a" on those that do not (the language model).
 The minibatch sequences are fixed (seeded) and the same for every optimizer and learning rate.
@@ -469,10 +470,10 @@ def run_pair(spec: OptimizerSpec, prepared: Prepared, learning_rates: Sequence[f
     start = time.perf_counter()
     losses, accuracies = jax.block_until_ready(grid(rates, prepared.params, prepared.data, chunks))
     run_s = time.perf_counter() - start
-    first = jax.tree.map(lambda b: b[0], batches)
+    first_batch = jax.tree.map(lambda b: b[0], batches)
     update_s, update_compile_s = time_update(
         spec, float(learning_rates[default_index]), steps, scheduled, prepared.params, grads, value,
-        lambda p: workload.loss(p, prepared.data, first)[0],
+        lambda p: workload.loss(p, prepared.data, first_batch)[0],
     )  # fmt: skip
 
     def curves(values: Any, first: float) -> list[list[float]]:
