@@ -281,7 +281,8 @@ def root(x: jax.Array) -> jax.Array:
     A second moment is 0 where a coordinate's gradient has always been exactly 0 (a padded input, an unused
     embedding row), and yet it is a function of the parameters and hyperparameters: ``jax.grad`` through the
     step then multiplies the root's infinite derivative by the moment's zero one, NaN for a hypergradient
-    whose true value is finite. The zero derivative at 0 is the limit of the whole step's.
+    whose true value is finite. The zero derivative at 0 is the limit of the whole step's. NaN stays NaN (a
+    norm of a NaN gradient must show it; :func:`safe_sqrt` maps it to 0).
     """
     return jnp.sqrt(x)
 

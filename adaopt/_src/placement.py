@@ -36,6 +36,13 @@ def explicit_spec(x: jax.Array) -> Any:
     return None if spec is None or all(axis is None for axis in spec) else spec
 
 
+def split_axes(x: Any) -> tuple[Any, ...]:
+    """The mesh axes that split each axis of ``x`` under a mesh with explicit axes, one entry per axis (None: not
+    split; all None for an array off such a mesh)."""
+    spec = tuple(explicit_spec(x) or ())
+    return (*spec, *(None,) * (jnp.ndim(x) - len(spec)))
+
+
 def concrete_sharding(x: Any) -> NamedSharding | None:
     """The ``NamedSharding`` of an array placed on a mesh outside ``jit`` (a traced one has none, an array on one
     device none either), whatever the mesh's axis types."""
@@ -75,6 +82,12 @@ def zeros(struct: Any, like: Any, dtype: Any = None) -> jax.Array:
         dtype = struct.dtype if dtype is None else dtype
         return jnp.zeros(struct.shape, dtype, device=NamedSharding(mesh, sharding.spec))
     return jnp.zeros_like(struct, dtype=dtype)
+
+
+def placed(x: jax.Array, spec: PartitionSpec, like: Any) -> jax.Array:
+    """``x`` placed as ``spec`` on the mesh of ``like`` (a statistic of ``like`` split as one of its axes), or replicated
+    there where ``like`` is not split (as a jitted ``init`` places a new array, eagerly too)."""
+    return replicated(x, like) if explicit_spec(like) is None else reshard(x, spec, like)
 
 
 def replicated(x: jax.Array, like: Any) -> jax.Array:

@@ -308,13 +308,9 @@ def _check_psgd_kron(
 
 def _axis_sharded(x: jax.Array, like: jax.Array, axis: int) -> jax.Array:
     """A diagonal factor ``x`` of axis ``axis`` of ``like``, placed as that axis of ``like`` under an explicit mesh."""
-    spec = placement.explicit_spec(like)
     if x.ndim == 0:
         return x
-    if spec is None:  # a replicated leaf's (placed eagerly as a jitted init places it)
-        return placement.replicated(x, like)
-    spec = (*spec, *(None,) * (like.ndim - len(spec)))
-    return placement.reshard(x, jax.sharding.PartitionSpec(spec[axis]), like)
+    return placement.placed(x, jax.sharding.PartitionSpec(placement.split_axes(like)[axis]), like)
 
 
 @base.check_flags

@@ -478,23 +478,16 @@ def _all_leaf_sums(gs: list[Any], us: list[Any], ps: list[Any], dtype: Any) -> t
     return sums, np.asarray(large + small, int)
 
 
-def _root(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` of a sum of squares, with a finite derivative at 0, and NaN kept: a NaN gradient must
-    show in its norm (``moments.safe_sqrt`` maps NaN to 0, for the optimizers' own use)."""
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), x)
-
-
 def _group_stats(sums: jax.Array) -> dict[str, jax.Array]:
     """The statistics of groups from their sums (a row of :data:`_SUMS` each): a vector per statistic."""
     g_sq, u_sq, p_sq, rate_sq, nonzero = (sums[:, i] for i in range(len(_SUMS)))
-    u_norm, g_norm = _root(u_sq), _root(g_sq)
+    u_norm, g_norm = moments.root(u_sq), moments.root(g_sq)
     return {
         "grad_norm": g_norm,
         "update_norm": u_norm,
         "effective_lr": moments.safe_divide(u_norm, g_norm),
-        "rate_rms": _root(moments.safe_divide(rate_sq, nonzero)),
-        "update_ratio": moments.safe_divide(u_norm, _root(p_sq)),
+        "rate_rms": moments.root(moments.safe_divide(rate_sq, nonzero)),
+        "update_ratio": moments.safe_divide(u_norm, moments.root(p_sq)),
     }
 
 
@@ -520,7 +513,7 @@ def _field_stats(value: Any, reference: Any, dtype: Any) -> jax.Array:
         total = total + _sum(lambda s: s, jnp.concatenate([jnp.ravel(squared(x)) for x in small]))
         maxima.append(_largest(lambda m: m, jnp.concatenate([jnp.ravel(magnitude(x)) for x in small])))
     largest = jnp.max(jnp.stack([jnp.zeros([], dtype), *maxima]))
-    return jnp.stack([_root(total / max(size, 1)), largest])
+    return jnp.stack([moments.root(total / max(size, 1)), largest])
 
 
 def _measure(

@@ -86,20 +86,6 @@ def _bases(g: jax.Array, rank: int, left: bool, right: bool) -> tuple[jax.Array 
     return u_r, vh_r
 
 
-def _mesh_axes(x: Any) -> tuple[Any, Any]:
-    """The mesh axes that shard a matrix's rows and its columns under a mesh with explicit axes (None: not split)."""
-    rows, cols = (*(placement.explicit_spec(x) or ()), None, None)[:2]
-    return rows, cols
-
-
-def _placed(x: jax.Array, rows: Any, cols: Any, like: Any) -> jax.Array:
-    """``x`` split as ``rows`` and ``cols`` on the mesh of ``like``, a projected matrix (replicated there where ``like``
-    is not split; as it is off a mesh)."""
-    if placement.explicit_spec(like) is None:
-        return placement.replicated(x, like)
-    return placement.reshard(x, PartitionSpec(rows, cols), like)
-
-
 def _matmul(a: jax.Array, b: jax.Array, out: tuple[Any, Any] | None = None, like: Any = None) -> jax.Array:
     """``a @ b``; ``out``: the product's mesh axes, which JAX asks for where the contracted axis is split (the sum
     over the shards then runs as a reduction across devices)."""
@@ -111,7 +97,7 @@ def _project(g: jax.Array, u: jax.Array | None, vh: jax.Array | None) -> jax.Arr
     """:math:`U^\\top G`, :math:`G V` or both, computed where ``g``'s shards are: the bases are split as its rows
     (:math:`U`) and columns (:math:`V^\\top`), so the projection is ``g``'s shards' products, summed across devices."""
     split = placement.explicit_spec(g) is not None
-    rows, cols = _mesh_axes(g)
+    rows, cols = placement.split_axes(g)
     low = g if u is None else _matmul(u.T, g, (None, cols) if split else None, g)
     return low if vh is None else _matmul(low, vh.T, (rows if u is None else None, None) if split else None, g)
 
@@ -273,18 +259,13 @@ def galore(
             on_left, on_right = _sides((rows, cols), proj_type)
             dtype = moments.compute_dtype(jnp.result_type(p))
             # On a mesh: U split as the rows, V^T as the columns, the projected matrix as its full side.
-            row_axis, col_axis = _mesh_axes(p)
-            left.append(_placed(jnp.zeros((rows, r), dtype), row_axis, None, p) if on_left else optax.MaskedNode())
-            right.append(_placed(jnp.zeros((r, cols), dtype), None, col_axis, p) if on_right else optax.MaskedNode())
+            row_axis, col_axis = placement.split_axes(p)
+            u_spec, vh_spec = PartitionSpec(row_axis, None), PartitionSpec(None, col_axis)
+            low_spec = PartitionSpec(None if on_left else row_axis, None if on_right else col_axis)
+            left.append(placement.placed(jnp.zeros((rows, r), dtype), u_spec, p) if on_left else optax.MaskedNode())
+            right.append(placement.placed(jnp.zeros((r, cols), dtype), vh_spec, p) if on_right else optax.MaskedNode())
             projected_shape = (r if on_left else rows, r if on_right else cols)
-            low.append(
-                _placed(
-                    jnp.zeros(projected_shape, jnp.result_type(p)),
-                    None if on_left else row_axis,
-                    None if on_right else col_axis,
-                    p,
-                )
-            )
+            low.append(placement.placed(jnp.zeros(projected_shape, jnp.result_type(p)), low_spec, p))
         unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
         return GaLoreState(moments.zero_count(), unflatten(left), unflatten(right), inner.init(unflatten(low)))
 
