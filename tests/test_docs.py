@@ -68,6 +68,12 @@ def test_docs_build(tmp_path: pathlib.Path) -> None:
     assert readme_tables
     assert (html / "index.html").read_text().count("<table") == readme_tables
 
+    # The benchmarks' README and results are pages, the results with their plots, linked from the front page.
+    plots = re.findall(r"^!\[", (ROOT / "benchmarks" / "RESULTS.md").read_text(), flags=re.MULTILINE)
+    assert plots and (html / "benchmarks" / "RESULTS.html").read_text().count('<img alt="') == len(plots)
+    assert (html / "benchmarks" / "README.html").exists()
+    assert 'href="benchmarks/RESULTS.html#' in (html / "index.html").read_text()
+
     # Each notebook is a page with its stored plots.
     for path in NOTEBOOKS:
         page = (html / "notebooks" / f"{path.stem}.html").read_text()
@@ -100,9 +106,16 @@ def test_readme_links_to_repository_files_fit_the_docs() -> None:
     spec.loader.exec_module(extension)
     readme = (
         "[the parity test](tests/test_parity.py), [quickstart](notebooks/quickstart.ipynb), "
-        "[below](#optimizers), [optax](https://github.com/google-deepmind/optax), ![plot](notebooks/speed.py)"
+        "[below](#optimizers), [optax](https://github.com/google-deepmind/optax), ![plot](notebooks/speed.py), "
+        "[results](benchmarks/RESULTS.md#summary)"
     )
     assert extension.readme_links(readme, ROOT, DOCS) == (
         "the parity test, [quickstart](notebooks/quickstart.ipynb), "
-        "[below](#optimizers), [optax](https://github.com/google-deepmind/optax), ![plot](../notebooks/speed.py)"
+        "[below](#optimizers), [optax](https://github.com/google-deepmind/optax), ![plot](../notebooks/speed.py), "
+        "[results](benchmarks/RESULTS.md#summary)"
+    )
+    # benchmarks/README.md, included by docs/benchmarks/README.md: its neighbour RESULTS.md is a page there too.
+    text = "[results](RESULTS.md), [the script](speed.py), ![curves](light_states.png)"
+    assert extension.readme_links(text, ROOT / "benchmarks", DOCS / "benchmarks") == (
+        "[results](RESULTS.md), the script, ![curves](../../benchmarks/light_states.png)"
     )

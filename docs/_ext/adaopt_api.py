@@ -266,12 +266,13 @@ _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 
 
 def readme_links(text: str, repo: pathlib.Path, docs: pathlib.Path) -> str:
-    """The README's Markdown, with its links to repository files fitted to the docs' front page.
+    """A README's Markdown (in ``repo``), with its links to repository files fitted to the page in ``docs`` that includes it.
 
-    A link or image relative to the repository (``tests/test_parity.py``, ``notebooks/x.ipynb``)
-    works on a code-hosting site but not from docs/index.md: a page of the docs
-    (``notebooks/x.ipynb`` through the docs/notebooks link) stays a link, an image is pointed at
-    the file, and any other file keeps its text without the link (the docs have no page for it).
+    A link or image relative to the README (``tests/test_parity.py``, ``notebooks/x.ipynb``)
+    works on a code-hosting site but not from the docs' page: a page of the docs at the same
+    relative path (``notebooks/x.ipynb`` through the docs/notebooks link, ``benchmarks/RESULTS.md``)
+    stays a link, an image is pointed at the file, and any other file keeps its text without the
+    link (the docs have no page for it).
     """
 
     def fit(match: re.Match[str]) -> str:
@@ -291,9 +292,11 @@ def readme_links(text: str, repo: pathlib.Path, docs: pathlib.Path) -> str:
 
 
 def _fit_readme(app: Sphinx, relative_path: pathlib.Path, parent_docname: str, content: list[str]) -> None:
-    if relative_path.name == "README.md":
+    if relative_path.name == "README.md":  # the front page's, and benchmarks/README.md's page
         srcdir = pathlib.Path(app.srcdir)
-        content[0] = readme_links(content[0], (srcdir / relative_path).resolve().parent, srcdir)
+        content[0] = readme_links(
+            content[0], (srcdir / relative_path).resolve().parent, (srcdir / parent_docname).parent
+        )
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
