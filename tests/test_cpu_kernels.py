@@ -311,3 +311,19 @@ def test_a_failed_build_warns_and_keeps_xlas_steps(monkeypatch: pytest.MonkeyPat
     with pytest.warns(adaopt.CpuKernelWarning, match="no C\\+\\+ compiler"):
         assert adaopt.enable_cpu_kernels() is False
     assert not adaopt.cpu_kernels_enabled()
+
+
+@pytest.mark.parametrize("moments", ["int8", "int4", "fp8"])
+def test_gradients_whose_squares_overflow_take_finite_steps(moments: str) -> None:
+    """(1 - b2) g g and sqrt(v) sqrt(debias2), as XLA's step (and torch's Adam): a gradient of 3e19 moves its
+    coordinate as an ordinary one, where g g and v debias2 overflowed (a step of 0)."""
+    params = {"w": jnp.zeros((4, 1024))}
+    grads = {"w": jnp.ones((4, 1024)).at[0, 0].set(3e19).at[3, 1023].set(-2e19)}
+    tx = adaopt.adamw(1e-3, mu_dtype=moments, nu_dtype=moments)
+    assert _uses_kernel(tx, params, grads) == 1
+    step, state, w = jax.jit(tx.update), tx.init(params), params
+    for _ in range(3):
+        updates, state = step(grads, state, w)
+        w = optax.apply_updates(w, updates)
+    assert bool(jnp.all(w["w"][:3] < 0)) and bool(jnp.all(jnp.isfinite(w["w"])))
+    assert float(w["w"][3, 1023]) > 2e-3

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 import adaopt
 from adaopt import REGISTRY, OptimizerSpec, Reference
@@ -142,3 +143,46 @@ def test_parity_detects_a_wrong_hyperparameter() -> None:
         ours = parity.run_adaopt(tx, params, grads)
     theirs = parity.run_torch(references.TORCH[ref.name], hp, lr, params, grads, case)
     assert parity.relative_error(ours, theirs) > 1e-6
+
+
+# Gradients whose float32 squares overflow (|g| > 1.8e19) but whose weighted squares do not: torch's addcmul
+# weights each square first, and its Adam takes the root before the bias correction, so every coordinate moves.
+HUGE = {
+    "adam": (lambda: adaopt.adam(1e-3), lambda p: torch.optim.Adam(p, lr=1e-3)),
+    "amsgrad": (lambda: adaopt.amsgrad(1e-3), lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True)),
+    "adamw": (lambda: adaopt.adamw(1e-3, weight_decay=0.1), lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1)),
+    "rmsprop": (lambda: adaopt.rmsprop(1e-2), lambda p: torch.optim.RMSprop(p, lr=1e-2)),
+    "adadelta": (lambda: adaopt.adadelta(1.0), lambda p: torch.optim.Adadelta(p, lr=1.0)),
+}
+
+
+@pytest.mark.parametrize("name", HUGE)
+def test_gradients_whose_squares_overflow_float32_take_torchs_steps(name: str) -> None:
+    ours_tx, theirs_opt = HUGE[name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    params = {"w": rng.normal(size=(6, 5)).astype(np.float32)}
+    grads = {"w": (np.clip(rng.normal(size=(10, 6, 5)), -3, 3) * 1e19).astype(np.float32)}
+    grads["w"][:, 0] = rng.normal(size=(10, 5))  # a row of ordinary gradients beside them
+    ours = parity.run_adaopt(ours_tx(), jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads))
+    tensor = torch.tensor(params["w"])
+    opt = theirs_opt([tensor])
+    for g in grads["w"]:
+        tensor.grad = torch.tensor(g)
+        opt.step()
+    theirs = tensor.numpy()
+    assert np.all(theirs != params["w"]), "the reference left a coordinate where it was"
+    np.testing.assert_allclose(ours["w"][-1], theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_huge_gradients_keep_quantized_moments_finite() -> None:
+    """An 8-bit block whose second moment held inf had a NaN scale: the whole block's steps were NaN after."""
+    g = jnp.ones((4, 1024)).at[0, 0].set(3e19)
+    for moments in ("int8", "fp8", "int4"):
+        tx = adaopt.adamw(1e-3, mu_dtype=moments, nu_dtype=moments)
+        w = jnp.zeros((4, 1024))
+        state = tx.init(w)
+        for _ in range(3):
+            u, state = tx.update(g, state, w)
+            w = optax.apply_updates(w, u)
+        assert bool(jnp.all(jnp.isfinite(w))), moments
+        assert bool(jnp.all(w < 0)), moments

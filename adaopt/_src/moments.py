@@ -18,7 +18,14 @@ import jax.numpy as jnp
 import optax
 
 from adaopt._src import storage
-from adaopt._src.base import PER_LEAF_OPTIONS, HyperparameterError, check_dtype, check_tree_match, is_masked_node
+from adaopt._src.base import (
+    PER_LEAF_OPTIONS,
+    HyperparameterError,
+    check_dtype,
+    check_floating,
+    check_tree_match,
+    is_masked_node,
+)
 from adaopt._src.complex_params import is_complex
 
 safe_increment = optax.safe_increment
@@ -127,18 +134,6 @@ def init_like(params: Any, dtype: Any = None, fill: Any = 0.0, *, real: bool = F
     )
 
 
-def check_floating(params: Any) -> None:
-    """A clear error for an integer or boolean parameter, which would take no step (or a truncated one)."""
-    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = jnp.dtype(p.dtype) if hasattr(p, "dtype") else jnp.result_type(p)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"The parameter at {jax.tree_util.keystr(path) or 'the root'} has dtype {dtype.name}: optimizers take "
-                "floating-point (or complex) parameters, and an integer one cannot take a fractional step. Cast it, "
-                "or keep it out of the optimized tree."
-            )
-
-
 def _init_stored(kind: storage.Storage, p: Any, fill: Any, *, signed: bool, index: int, moment: int) -> Any:
     leaf = kind.init(p, signed=signed, index=index, moment=moment)
     is_zero = isinstance(fill, (int, float)) and fill == 0
@@ -227,6 +222,21 @@ def over(x: jax.Array, divisor: Any) -> jax.Array:
 def ema(new: jax.Array, old: jax.Array, decay: Any) -> jax.Array:
     """Exponential moving average: ``decay * old + (1 - decay) * new``."""
     return times(old, decay) + times(new, 1 - decay)
+
+
+def ema_sq(x: jax.Array, old: jax.Array, decay: Any, scale: Any = 1) -> jax.Array:
+    """:func:`ema` of ``scale * |x|^2``, the weight applied before the square is complete: ``decay * old + ((scale *
+    (1 - decay)) * x) * x``, part by part for a complex ``x`` (torch's ``old.mul_(decay).addcmul_(x, x, value=scale *
+    (1 - decay))``).
+
+    Finite while the weighted square is: a float32 gradient of 1e19 has a square of inf, but ``(1e-3 * x) * x`` is
+    1e35, so a second moment follows torch's to the same gradients (rather than freezing the coordinate at inf).
+    """
+    weight = scale * (1 - decay)
+    if is_complex(x):
+        re, im = jnp.real(x), jnp.imag(x)
+        return times(old, decay) + ((weight * re) * re + (weight * im) * im)
+    return times(old, decay) + (weight * x) * x
 
 
 def log_decay(decay: Any, dtype: Any) -> Any:
@@ -320,11 +330,25 @@ def with_eps(root: Any, eps: Any, eps_mode: EpsMode) -> Any:
     return root + eps if eps_mode == "add" else jnp.maximum(root, eps)
 
 
-def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add") -> jax.Array:
+def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add", *, debias: Any = None) -> jax.Array:
     """``1 / (sqrt(nu + eps_root) + eps)`` (``eps_mode="add"``) or ``1 / max(sqrt(nu + eps_root), eps)`` (``"max"``),
-    with 0 where that denominator is 0 (a zero gradient)."""
+    with 0 where that denominator is 0 (a zero gradient).
+
+    ``debias`` (:math:`1 / (1 - \beta_2^t)`, if given) multiplies ``nu``. Where ``nu * debias`` overflows and
+    ``nu`` does not (a float32 gradient of 1e19 at the first steps), the root is taken first, ``sqrt(nu) *
+    sqrt(debias)``, as torch's Adam takes it (the step is then torch's, not 0); elsewhere the numbers are
+    those of the product (the same program whatever surrounds it: XLA rewrites a root taken first differently
+    in different programs, which would move the last bit between a step and the same step monitored).
+    """
+    raw = nu
+    if debias is not None:
+        nu = nu * debias
     inside = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root  # no "+ 0" per leaf
-    denominator = with_eps(root(inside), eps, eps_mode)
+    denominator = root(inside)
+    if debias is not None:
+        overflow = jnp.isinf(nu) & jnp.isfinite(raw)
+        denominator = jnp.where(overflow, root(raw) * jnp.sqrt(debias), denominator)
+    denominator = with_eps(denominator, eps, eps_mode)
     if isinstance(eps, (int, float)) and eps > 0:
         return 1 / denominator
     return safe_divide(1, denominator)

@@ -130,10 +130,13 @@ inline float Scale(float largest, const Job& j) {
   return j.scale_floor ? std::max(scale, j.s.scale_floor) : scale;
 }
 
+// Where v * debias2 overflows and v does not, the root is taken first (sqrt(v) sqrt(debias2), torch's order), as
+// moments.inv_root takes it.
 inline float Step(float m, float v, const Job& j) {
-  float inside = v * j.s.debias2;
-  if (j.eps_root) inside = inside + j.s.eps_root;
-  const float denominator = std::sqrt(inside) + j.s.eps;
+  const float product = v * j.s.debias2;
+  float root = std::sqrt(j.eps_root ? product + j.s.eps_root : product);
+  if (std::isinf(product) && std::isfinite(v)) root = std::sqrt(v) * std::sqrt(j.s.debias2);
+  const float denominator = root + j.s.eps;
   const float inverse = (j.safe_divide && denominator == 0.0f) ? 0.0f : 1.0f / denominator;
   return (m * j.s.debias1) * inverse;
 }
@@ -165,9 +168,9 @@ void BlockScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* 
     const float g = j.g[i];
     const float m_old = Value<F>(j.m, i) * m_scale, v_old = Value<F>(j.v, i) * v_scale;
     const float m_step = std::fma(g, j.s.one_minus_b1, m_old * j.s.b1);
-    const float v_step = std::fma(g * g, j.s.one_minus_b2, v_old * j.s.b2);
+    const float v_step = std::fma(g * j.s.one_minus_b2, g, v_old * j.s.b2);  // (1 - b2) g g: finite to |g| 1e20
     const float m = F == kFp8 ? m_step : std::fma(m_old, j.s.b1, g * j.s.one_minus_b1);
-    const float v = F == kFp8 ? v_step : std::fma(v_old, j.s.b2, (g * g) * j.s.one_minus_b2);
+    const float v = F == kFp8 ? v_step : std::fma(v_old, j.s.b2, (g * j.s.one_minus_b2) * g);
     m_new[k] = m;
     v_new[k] = v;
     m_largest = std::max(m_largest, std::fabs(m));  // a NaN compares false: left out
@@ -416,7 +419,8 @@ template <int F>
 void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_new) {
   const VF b1 = Vec::Set(j.s.b1), c1 = Vec::Set(j.s.one_minus_b1);
   const VF b2 = Vec::Set(j.s.b2), c2 = Vec::Set(j.s.one_minus_b2);
-  const VF d1 = Vec::Set(j.s.debias1), d2 = Vec::Set(j.s.debias2);
+  const VF d1 = Vec::Set(j.s.debias1), d2 = Vec::Set(j.s.debias2), r2 = Vec::Set(std::sqrt(j.s.debias2));
+  const VF inf = Vec::Set(std::numeric_limits<float>::infinity());
   const VF eps = Vec::Set(j.s.eps), eps_root = Vec::Set(j.s.eps_root);
   const VF one = Vec::Set(1.0f), zero = Vec::Set(0.0f);
   const VF m_scale = Vec::Set(j.m.scale[b]), v_scale = Vec::Set(j.v.scale[b]);
@@ -425,20 +429,23 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
   for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
     const int64_t i = start + k;
     const VF g = Vec::Load(j.g + i);
-    const VF g2 = Vec::Mul(g, g);
+    const VF gw = Vec::Mul(g, c2);  // (1 - b2) g, times g below: finite to |g| 1e20
     const VF m_old = Vec::Mul(Decode<F>(j.m, i, m_map), m_scale);
     const VF v_old = Vec::Mul(Decode<F>(j.v, i, v_map), v_scale);
     const VF m_step = Vec::Fma(g, c1, Vec::Mul(m_old, b1));
-    const VF v_step = Vec::Fma(g2, c2, Vec::Mul(v_old, b2));
+    const VF v_step = Vec::Fma(gw, g, Vec::Mul(v_old, b2));
     const VF m = F == kFp8 ? m_step : Vec::Fma(m_old, b1, Vec::Mul(g, c1));
-    const VF v = F == kFp8 ? v_step : Vec::Fma(v_old, b2, Vec::Mul(g2, c2));
+    const VF v = F == kFp8 ? v_step : Vec::Fma(v_old, b2, Vec::Mul(gw, g));
     Vec::Store(m_new + k, m);
     Vec::Store(v_new + k, v);
     m_largest = Vec::Max(Vec::Abs(m), m_largest);  // max gives its second operand for a NaN
     v_largest = Vec::Max(Vec::Abs(v), v_largest);
-    VF inside = Vec::Mul(v_step, d2);
-    if (j.eps_root) inside = Vec::Add(inside, eps_root);
-    const VF denominator = Vec::Add(Vec::Sqrt(inside), eps);
+    const VF product = Vec::Mul(v_step, d2);
+    VF root = Vec::Sqrt(j.eps_root ? Vec::Add(product, eps_root) : product);
+    // Where v * debias2 overflows and v does not, the root first (sqrt(v) sqrt(debias2), torch's order).
+    const VF root_first = Vec::Where(Vec::Equal(v_step, inf), Vec::Mul(Vec::Sqrt(v_step), r2), root);
+    root = Vec::Where(Vec::Equal(product, inf), root, root_first);
+    const VF denominator = Vec::Add(root, eps);
     VF inverse = Vec::Div(one, denominator);
     if (j.safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
     Vec::Store(j.step + i, Vec::Mul(Vec::Mul(m_step, d1), inverse));

@@ -235,9 +235,9 @@ def scale_by_adadelta(
         def leaf(g: jax.Array, e_g: jax.Array, e_x: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (eg32, ex32) = moments.to_compute(g, e_g, e_x)
             r, e = scalars(dtype)
-            eg_new = moments.ema(moments.abs_sq(g32), eg32, r)
+            eg_new = moments.ema_sq(g32, eg32, r)
             step = moments.times(g32, jax.numpy.sqrt(ex32 + e) * moments.inv_root(eg_new, 0.0, e))
-            ex_new = moments.ema(moments.abs_sq(step), ex32, r)
+            ex_new = moments.ema_sq(step, ex32, r)
             return step.astype(g.dtype), moments.store(eg_new, e_g), moments.store(ex_new, e_x)
 
         step, e_g, e_x = moments.leafwise(leaf, 3, updates, state.e_g, state.e_x)

@@ -165,23 +165,24 @@ def scale_by_adam(
             beta1, beta2, debias1, debias2, e, e_root, belief_root = scalars(dtype)
             m_new = moments.ema(g32, m32, beta1)
             if second_moment == "adam":
-                v_new = moments.ema(moments.abs_sq(g32), v32, beta2)
+                v_new = moments.ema_sq(g32, v32, beta2)
             elif second_moment == "belief":
-                v_new = moments.ema(moments.abs_sq(g32 - m_new), v32, beta2) + belief_root
+                v_new = moments.ema_sq(g32 - m_new, v32, beta2) + belief_root
             else:
                 g2 = moments.abs_sq(g32)
                 v_new = v32 - (1 - beta2) * jnp.sign(v32 - g2) * g2
             new_max: tuple[jax.Array, ...] = ()
             if amsgrad is None:
-                v_hat = v_new * debias2
+                v_hat, correction = v_new, debias2
             elif amsgrad == "raw":
                 running = jnp.maximum(v_max[0].astype(dtype), v_new)
-                v_hat = running * debias2
+                v_hat, correction = running, debias2
                 new_max = (moments.store(running, v),)
             else:
-                v_hat = jnp.maximum(v_max[0].astype(dtype), v_new * debias2)
+                v_hat, correction = jnp.maximum(v_max[0].astype(dtype), v_new * debias2), None
                 new_max = (moments.store(v_hat, v),)
-            step = moments.times(moments.times(m_new, debias1), moments.inv_root(v_hat, e, e_root, eps_mode))
+            scale = moments.inv_root(v_hat, e, e_root, eps_mode, debias=correction)
+            step = moments.times(moments.times(m_new, debias1), scale)
             return (step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v), *new_max)
 
         def native(g: jax.Array, m: Any, v: Any, *v_max: Any) -> tuple[Any, ...] | None:
@@ -822,7 +823,7 @@ def scale_by_nadam(
             dtype, g32, (m32, v32) = moments.to_compute(g, m, v)
             mu_t, mu_next, product, beta1, beta2, debias2, e, e_root = scalars(dtype)
             m_new = moments.ema(g32, m32, beta1)
-            v_new = moments.ema(moments.abs_sq(g32), v32, beta2)
+            v_new = moments.ema_sq(g32, v32, beta2)
             scale = moments.inv_root(v_new * debias2, e, e_root, eps_mode)
             step = moments.times(
                 moments.times(g32, (1 - mu_t) / (1 - product))
@@ -1079,7 +1080,7 @@ def scale_by_radam(
             dtype, g32, (m32, v32) = moments.to_compute(g, m, v)
             beta1, beta2, debias2, sqrt_bc2, debias1, rectify, r, e, e_root = scalars(dtype)
             m_new = moments.ema(g32, m32, beta1)
-            v_new = moments.ema(moments.abs_sq(g32), v32, beta2)
+            v_new = moments.ema_sq(g32, v32, beta2)
             m_hat = moments.times(m_new, debias1)
             if eps_before_debias:
                 adaptive = sqrt_bc2 * moments.inv_root(v_new, e, e_root)

@@ -129,7 +129,7 @@ def scale_by_adan(
             diff = jnp.where(first, jnp.zeros_like(g_compute), g_compute - prev_compute)
             m_new = moments.ema(g_compute, m_compute, beta1)
             n_new = moments.ema(diff, n_compute, beta2)
-            v_new = moments.ema(moments.abs_sq(g_compute + moments.times(diff, w)), v_compute, beta3)
+            v_new = moments.ema_sq(g_compute + moments.times(diff, w), v_compute, beta3)
             numerator = moments.times(m_new, debias1) + moments.times(n_new, w_debias2)
             step = moments.times(numerator, moments.inv_root(v_new * debias3, e, e_root))
             return (

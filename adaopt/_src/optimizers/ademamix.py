@@ -143,7 +143,7 @@ def scale_by_ademamix(
             dtype, g_compute, (m_compute, v_compute, slow_compute) = moments.to_compute(g, m, v, m_slow)
             beta1, beta2, beta3, a, debias1, inv_root_debias2, e = scalars(dtype)
             m_new = moments.ema(g_compute, m_compute, beta1)
-            v_new = moments.ema(moments.abs_sq(g_compute), v_compute, beta2)
+            v_new = moments.ema_sq(g_compute, v_compute, beta2)
             slow_new = moments.ema(g_compute, slow_compute, beta3)
             numerator = moments.times(m_new, debias1) + moments.times(slow_new, a)
             denominator = moments.with_eps(moments.root(v_new) * inv_root_debias2, e, eps_mode)

@@ -124,7 +124,7 @@ def scale_by_laprop(
         def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g_compute, (m_compute, v_compute) = moments.to_compute(g, m, v)
             beta1, beta2, root_bc2, lr, size, e, e_root = scalars(dtype)
-            v_new = moments.ema(moments.abs_sq(g_compute), v_compute, beta2)
+            v_new = moments.ema_sq(g_compute, v_compute, beta2)
             # (1 - b1) * lr * g / denominator, with the denominator's debiasing as a product.
             root = moments.safe_sqrt(v_new + e_root)
             if eps_mode == "add":

@@ -182,7 +182,7 @@ def scale_by_mars(
             path: str,
         ) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
             _, beta2, debiased_root, factor = s[path]
-            v_new = moments.ema(moments.abs_sq(x), v_compute, beta2)
+            v_new = moments.ema_sq(x, v_compute, beta2)
             vmax_new = None if vmax_compute is None else jnp.maximum(vmax_compute, v_new)
             inside = v_new if vmax_new is None else vmax_new
             scale = moments.safe_divide(debiased_root * factor, moments.root(inside + s["eps_root"]) + s["eps"])

@@ -99,7 +99,7 @@ def scale_by_debiased_rms(
 
         def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (v32,) = moments.to_compute(g, v)
-            v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, dtype))
+            v_new = moments.ema_sq(g32, v32, moments.scalar(b2, dtype))
             bc2 = moments.bias_correction(b2, count, dtype) if debias else 1
             step = moments.times(g32, moments.inv_root(v_new / bc2, moments.scalar(eps, dtype), 0, eps_mode))
             if rectify:
@@ -184,7 +184,7 @@ def scale_by_rms(
         def leaf(g: jax.Array, v: jax.Array, *m: jax.Array) -> tuple[jax.Array, ...]:
             dtype, g32, (v32, *m32) = moments.to_compute(g, v, *m)
             alpha, e, e_root = scalars(dtype)
-            v_new = moments.ema(moments.abs_sq(g32), v32, alpha)
+            v_new = moments.ema_sq(g32, v32, alpha)
             m_new = tuple(moments.ema(g32, x, alpha) for x in m32)
             variance = v_new - moments.abs_sq(m_new[0]) if centered else v_new
             step = moments.times(g32, moments.inv_root(variance, e, e_root, eps_mode))

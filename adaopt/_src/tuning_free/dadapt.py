@@ -334,7 +334,7 @@ def scale_by_dadapt_adam(
 
         def new_moments(g32: jax.Array, m32: jax.Array, v32: jax.Array, cd: Any, rho: Any) -> tuple[jax.Array, ...]:
             m_new = moments.ema(moments.times(g32, rho * dlr.astype(cd)), m32, moments.scalar(b1, cd))
-            v_new = moments.ema(moments.abs_sq(g32), v32, moments.scalar(b2, cd))
+            v_new = moments.ema_sq(g32, v32, moments.scalar(b2, cd))
             return gate(active, m_new, m32), gate(active, v_new, v32)
 
         def accumulate(g: jax.Array, m: jax.Array, v: jax.Array, s: jax.Array, *r: Any) -> tuple[jax.Array, ...]:

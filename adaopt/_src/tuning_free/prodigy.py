@@ -211,7 +211,7 @@ def scale_by_prodigy(
 
         def new_moments(g32: jax.Array, v32: jax.Array, m32: jax.Array, cd: Any) -> tuple[jax.Array, jax.Array]:
             dd = d.astype(cd)
-            v_new = moments.ema(dd * dd * moments.abs_sq(g32), v32, moments.scalar(b2, cd))
+            v_new = moments.ema_sq(g32, v32, moments.scalar(b2, cd), dd * dd)
             m_new = moments.ema(moments.times(g32, dd), m32, moments.scalar(b1, cd))
             return dadapt.gate(active, v_new, v32), dadapt.gate(active, m_new, m32)
 
@@ -312,6 +312,10 @@ def prodigy(
             \;[+\, \lambda \theta_{t-1} \text{ if decoupled, the default}] \Big)
 
     with :math:`m_k, v_k, d_k, c_k` as in :func:`scale_by_prodigy`.
+
+    Half-precision parameters: the first steps, of about ``d0`` (1e-6), are far under the spacing of
+    bfloat16 (float16) numbers, so alone they never move and :math:`d_k` never grows; wrap the
+    optimizer in :func:`master_weights` (a float32 copy that takes the steps).
 
     Args:
       learning_rate: multiplies the estimated step size; keep 1 unless the method is unstable
