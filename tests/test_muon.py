@@ -238,6 +238,27 @@ def test_the_default_rule_routes_each_kind_of_leaf() -> None:
     }  # fmt: skip
 
 
+def test_the_default_rule_reads_flat_dotted_names() -> None:
+    """A flat dictionary keyed by torch's named_parameters() (as the README's torch recipe builds) or Haiku's module
+    names routes its heads and embeddings as the nested tree does."""
+    params = {
+        "lm_head.weight": jnp.ones((50, 8)),
+        "head.weight": jnp.ones((5, 8)),
+        "classifier.weight": jnp.ones((5, 8)),
+        "transformer.wte.weight": jnp.ones((50, 8)),
+        "value_head.weight": jnp.ones((1, 8)),
+        "blocks.0.attn.c_attn.weight": jnp.ones((24, 8)),
+        "net/~/linear_0": {"w": jnp.ones((8, 8))},
+        "model/token_embed": {"embeddings": jnp.ones((50, 8))},
+        "overhead.weight": jnp.ones((8, 8)),
+    }
+    assert adaopt.default_muon_mask(params) == {
+        "lm_head.weight": False, "head.weight": False, "classifier.weight": False, "transformer.wte.weight": False,
+        "value_head.weight": False, "blocks.0.attn.c_attn.weight": True, "net/~/linear_0": {"w": True},
+        "model/token_embed": {"embeddings": False}, "overhead.weight": True,
+    }  # fmt: skip
+
+
 def test_auxiliary_leaves_take_exactly_adamw() -> None:
     """0-d, 1-d and embedding leaves: adaopt.adamw's steps, with Muon's matrices beside them."""
     params, grads = parity.random_problem({"embed": (30, 4), "b": (4,), "s": (), "w": (4, 4)}, 4, np.float32, steps=5)

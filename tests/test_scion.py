@@ -252,6 +252,20 @@ def test_the_default_rule_gives_each_kind_of_leaf_its_norm() -> None:
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
+def test_the_default_rule_reads_flat_dotted_names() -> None:
+    params = {
+        "lm_head.weight": jnp.ones((50, 8)),
+        "wte.weight": jnp.ones((50, 8)),
+        "h.0.mlp.c_fc.weight": jnp.ones((8, 8)),
+    }
+    norms = adaopt.default_scion_norms(params)
+    assert norms == {
+        "lm_head.weight": "sign",
+        "wte.weight": ScionNorm("col", transpose=True),
+        "h.0.mlp.c_fc.weight": "spectral",
+    }
+
+
 def test_a_3d_spectral_leaf_is_a_batch_of_matrices() -> None:
     params, grads = {"t": np.ones((3, 6, 4), np.float32)}, {"t": np.random.default_rng(5).normal(size=(4, 3, 6, 4))}
     grads = {"t": grads["t"].astype(np.float32)}

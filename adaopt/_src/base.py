@@ -426,19 +426,36 @@ def split_extra_args(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return arrays, {k: v for k, v in extra.items() if k not in arrays}
 
 
+def check_floating(params: Any) -> None:
+    """A clear error for an integer or boolean parameter, which would take no step (or a truncated one)."""
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.dtype(p.dtype) if hasattr(p, "dtype") else jnp.result_type(p)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"The parameter at {jax.tree_util.keystr(path) or 'the root'} has dtype {dtype.name}: optimizers take "
+                "floating-point (or complex) parameters, and an integer one cannot take a fractional step. Cast it, "
+                "or keep it out of the optimized tree."
+            )
+
+
 def check_gradient_tree() -> optax.GradientTransformation:
-    """A stateless first block: the gradients must have the parameters' tree structure.
+    """A stateless first block: the parameters must be floating point (checked by ``init``), the gradients of
+    their tree structure.
 
     Runs at trace time only, so it costs nothing in the compiled step; it gives stateless
-    optimizers (plain SGD) the same clear error as the others.
+    optimizers (plain SGD) the same clear errors as the others.
     """
+
+    def init_fn(params: Params) -> optax.EmptyState:
+        check_floating(params)
+        return optax.EmptyState()
 
     def update_fn(updates: Updates, state: optax.EmptyState, params: Params | None = None) -> tuple[Updates, Any]:
         if params is not None:
             check_tree_match(updates, params, "parameters")
         return updates, state
 
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def is_zero(value: Any) -> bool:

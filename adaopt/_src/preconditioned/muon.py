@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, cast
 
@@ -165,6 +166,13 @@ def _key_name(key: Any) -> str:
     return str(key).lower()
 
 
+def path_names(path: tuple[Any, ...]) -> list[str]:
+    """The names on a leaf's path, in lower case, each key split at ``"."`` and ``"/"``: a flat dictionary keyed
+    by torch's ``named_parameters()`` (``"lm_head.weight"``) or Haiku's modules (``"mlp/~/linear_0"``) names its
+    modules as a nested one does."""
+    return [part for key in path for part in re.split(r"[./]", _key_name(key)) if part]
+
+
 def matrix_axes(x: Any) -> int:
     """How many axes of ``x`` are longer than 1: a leaf is a matrix for the default rules when two are (Haiku keeps a
     norm's gain as ``(1, 1, 1, C)``: a vector)."""
@@ -172,7 +180,7 @@ def matrix_axes(x: Any) -> int:
 
 
 def _is_auxiliary_path(path: tuple[Any, ...]) -> bool:
-    names = [_key_name(k) for k in path]
+    names = path_names(path)
     return any(s in n for n in names for s in _AUX_SUBSTRINGS) or any(
         n in _AUX_KEYS or n.endswith("_head") for n in names
     )
@@ -184,7 +192,8 @@ def default_muon_mask(params: base.Params) -> Any:
     A leaf goes to Muon when it has two or more dimensions longer than 1 and no key on its path
     names an embedding or an output head: a key containing ``"embed"`` or ``"embd"``, or equal to
     ``"wte"``, ``"wpe"``, ``"head"``, ``"lm_head"`` or ``"classifier"``, or ending in ``"_head"``
-    (keys compared in lower case). Everything else goes to the auxiliary AdamW: 0-d and 1-d
+    (keys compared in lower case, each split at ``"."`` and ``"/"``: a flat ``{"lm_head.weight": ...}`` from
+    torch's ``named_parameters()`` is routed as a nested tree). Everything else goes to the auxiliary AdamW: 0-d and 1-d
     leaves (biases, norms, gains, scalars), leaves whose other dimensions are all 1 (Haiku's
     ``(1, 1, 1, C)`` batch-norm gains, a ``(d, 1)`` column), and embeddings and heads, whatever
     their size. The references route by ``ndim >= 2`` (torch's Muon takes 2-D parameters only);
@@ -570,7 +579,11 @@ def muon(
       eps_mode: see :func:`scale_by_muon`.
       adjust_lr: see :func:`scale_by_muon`.
       nesterov_form: see :func:`scale_by_muon`.
-      matrix_view: see :func:`scale_by_muon`.
+      matrix_view: see :func:`scale_by_muon`. Convolution kernels go to Muon by the default mask: give
+        them the view of a layer, ``"flatten"`` for torch's ``(out, in, h, w)`` (heavyball's, and the
+        author's intent), ``MatrixAxes(inputs=(0, 1, 2), outputs=3)`` for Flax's ``(h, w, in, out)``;
+        the default ``"batch"`` orthogonalises each ``h x w`` filter (torch's layout) or each
+        position's ``in x out`` matrix (Flax's) on its own.
       ns_dtype: see :func:`scale_by_muon`.
       mu_dtype: storage dtype of Muon's momentum and AdamW's first moment.
 

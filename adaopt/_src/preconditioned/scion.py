@@ -25,11 +25,11 @@ from adaopt._src.complex_params import is_complex
 from adaopt._src.preconditioned.muon import (
     NS_COEFFICIENTS,
     Coefficients,
-    _key_name,
     _on_whole_matrices,
     check_ns_coefficients,
     matrix_axes,
     newton_schulz,
+    path_names,
     plain_coefficients,
 )
 from adaopt._src.preconditioned.muon import _is_auxiliary_path as _is_embedding_or_head_path
@@ -113,7 +113,7 @@ def _as_norm(norm: Any) -> ScionNorm:
 
 
 def _is_embedding_path(path: tuple[Any, ...]) -> bool:
-    names = [_key_name(k) for k in path]
+    names = path_names(path)
     return any(s in n for n in names for s in _EMBEDDING_SUBSTRINGS) or any(n in _EMBEDDING_KEYS for n in names)
 
 
@@ -130,7 +130,7 @@ def default_scion_norms(params: base.Params) -> Any:
     - Every other leaf of two or more dimensions: ``"spectral"`` (three or more: a batch of
       matrices over the leading axes).
 
-    Keys are compared in lower case, as in :func:`default_muon_mask`. This follows the paper's
+    Keys are compared in lower case and split at ``"."`` and ``"/"``, as in :func:`default_muon_mask`. This follows the paper's
     recommendations for a transformer (with the radius of a head, 60 times the hidden one's in
     the authors' GPT runs, left to the user: ``ScionNorm("sign", scale=60.0)``).
 

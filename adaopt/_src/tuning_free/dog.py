@@ -233,6 +233,10 @@ def dog(
     (not multiplied by :math:`c_0`). The authors recommend evaluating the averaged iterates of
     :func:`polynomial_decay_averaging` (``gamma=8``), as DoG has no decaying schedule.
 
+    Half-precision parameters: a first step of ``reps_rel`` of their scale is far under the spacing
+    of bfloat16 (float16) numbers, so alone they never move and :math:`\bar r_t` never grows; wrap
+    the optimizer in :func:`master_weights` (a float32 copy that takes the steps).
+
     Args:
       learning_rate: :math:`c_t`, a multiplier of the step size (the paper's ``c``; 1 is
         recommended), a non-negative number or a schedule ``count -> value``.
