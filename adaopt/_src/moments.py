@@ -331,7 +331,7 @@ def with_eps(root: Any, eps: Any, eps_mode: EpsMode) -> Any:
 
 
 def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add", *, debias: Any = None) -> jax.Array:
-    """``1 / (sqrt(nu + eps_root) + eps)`` (``eps_mode="add"``) or ``1 / max(sqrt(nu + eps_root), eps)`` (``"max"``),
+    r"""``1 / (sqrt(nu + eps_root) + eps)`` (``eps_mode="add"``) or ``1 / max(sqrt(nu + eps_root), eps)`` (``"max"``),
     with 0 where that denominator is 0 (a zero gradient).
 
     ``debias`` (:math:`1 / (1 - \beta_2^t)`, if given) multiplies ``nu``. Where ``nu * debias`` overflows and
