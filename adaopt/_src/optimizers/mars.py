@@ -295,7 +295,9 @@ def mars(
       amsgrad: divide by the running maximum of the second moment (pytorch-optimizer's ``ams_bound``).
       ns_dtype: the dtype of "shampoo"'s Newton–Schulz iteration (see :func:`scale_by_mars`).
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
-        that selects the leaves to decay.
+        that selects the leaves to decay, by ``weight_decay`` or ``adam_weight_decay`` whichever
+        applies (a torch parameter group without decay is ``weight_decay=0, weight_decay_1d=0``:
+        pytorch-optimizer decays its 1-d leaves by ``weight_decay_1d``, 0.1 by default).
       mu_dtype: storage dtype of the first moment and the previous gradient (default: the
         parameter's, at least float32).
       nu_dtype: storage dtype of the second moment (default: the parameter's, at least float32).

@@ -250,7 +250,10 @@ def sophia(
       and the estimate :math:`B \hat g \odot \hat g` of :func:`gnb_hessian_diagonal` (its
       ``update_hessian()`` averages the square of ``p.grad``, :math:`\hat g`, and ``step(bs=B)``
       multiplies ``rho`` by :math:`B`); its ``update_hessian()`` after step :math:`t` is this
-      refresh at step :math:`t + 1`. ``pytorch_optimizer.SophiaH(lr, betas, weight_decay, p,
+      refresh at step :math:`t + 1`. The authors' training loop calls it after steps :math:`k - 1,
+      2k - 1, \dots`: refreshes at calls :math:`k, 2k, \dots`, not at call 0 (where a function
+      given as ``hessian`` is first evaluated): to reproduce it pass the estimate as a tree at
+      those calls and None at the others. ``pytorch_optimizer.SophiaH(lr, betas, weight_decay, p,
       update_period, num_samples, hessian_distribution, eps)`` is this with ``gamma=1, clip=p,
       update_interval=update_period`` and :func:`hutchinson_hessian_diagonal` (its default
       distribution is ``"gaussian"``). ``optax.contrib.sophia`` differs: it debiases the momentum
