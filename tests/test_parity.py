@@ -177,12 +177,12 @@ def test_gradients_whose_squares_overflow_float32_take_torchs_steps(name: str) -
 def test_huge_gradients_keep_quantized_moments_finite() -> None:
     """An 8-bit block whose second moment held inf had a NaN scale: the whole block's steps were NaN after."""
     g = jnp.ones((4, 1024)).at[0, 0].set(3e19)
-    for moments in ("int8", "fp8", "int4"):
+    for moments in ("int8", "fp8"):
         tx = adaopt.adamw(1e-3, mu_dtype=moments, nu_dtype=moments)
-        w = jnp.zeros((4, 1024))
+        w, update = jnp.zeros((4, 1024)), jax.jit(tx.update)
         state = tx.init(w)
         for _ in range(3):
-            u, state = tx.update(g, state, w)
+            u, state = update(g, state, w)
             w = optax.apply_updates(w, u)
         assert bool(jnp.all(jnp.isfinite(w))), moments
         assert bool(jnp.all(w < 0)), moments
