@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import pytorch_optimizer
 import torch
 
 import adaopt
@@ -146,13 +147,15 @@ def test_parity_detects_a_wrong_hyperparameter() -> None:
 
 
 # Gradients whose float32 squares overflow (|g| > 1.8e19) but whose weighted squares do not: torch's addcmul
-# weights each square first, and its Adam takes the root before the bias correction, so every coordinate moves.
+# weights each square first, and its Adam (as pytorch-optimizer's Adan) takes the root before the bias correction,
+# so every coordinate moves.
 HUGE = {
     "adam": (lambda: adaopt.adam(1e-3), lambda p: torch.optim.Adam(p, lr=1e-3)),
     "amsgrad": (lambda: adaopt.amsgrad(1e-3), lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True)),
     "adamw": (lambda: adaopt.adamw(1e-3, weight_decay=0.1), lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1)),
     "rmsprop": (lambda: adaopt.rmsprop(1e-2), lambda p: torch.optim.RMSprop(p, lr=1e-2)),
     "adadelta": (lambda: adaopt.adadelta(1.0), lambda p: torch.optim.Adadelta(p, lr=1.0)),
+    "adan": (lambda: adaopt.adan(1e-3), lambda p: pytorch_optimizer.Adan(p, lr=1e-3)),  # its root taken first too
 }
 
 

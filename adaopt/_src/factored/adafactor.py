@@ -257,7 +257,7 @@ def scale_by_adafactor(
 
     def init_fn(params: base.Params) -> AdafactorState:
         _check_real(params)
-        moments.check_floating(params)
+        base.check_floating(params)
 
         def leaf(p: Any) -> tuple[Any, Any, Any]:
             axes = plan(np.shape(p))

@@ -145,7 +145,7 @@ def scale_by_dog(
     def init_fn(params: Params) -> DoGState:
         estimate: DoGEstimate | tuple[DoGEstimate, ...]
         if layer_wise:
-            moments.check_floating(params)
+            base.check_floating(params)
             leaves = jax.tree.leaves(params)
             estimate = tuple(initial_estimate([p], moments.compute_dtype(jnp.result_type(p))) for p in leaves)
         else:
