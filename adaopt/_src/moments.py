@@ -330,25 +330,11 @@ def with_eps(root: Any, eps: Any, eps_mode: EpsMode) -> Any:
     return root + eps if eps_mode == "add" else jnp.maximum(root, eps)
 
 
-def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add", *, debias: Any = None) -> jax.Array:
-    r"""``1 / (sqrt(nu + eps_root) + eps)`` (``eps_mode="add"``) or ``1 / max(sqrt(nu + eps_root), eps)`` (``"max"``),
-    with 0 where that denominator is 0 (a zero gradient).
-
-    ``debias`` (:math:`1 / (1 - \beta_2^t)`, if given) multiplies ``nu``. Where ``nu * debias`` overflows and
-    ``nu`` does not (a float32 gradient of 1e19 at the first steps), the root is taken first, ``sqrt(nu) *
-    sqrt(debias)``, as torch's Adam takes it (the step is then torch's, not 0); elsewhere the numbers are
-    those of the product (the same program whatever surrounds it: XLA rewrites a root taken first differently
-    in different programs, which would move the last bit between a step and the same step monitored).
-    """
-    raw = nu
-    if debias is not None:
-        nu = nu * debias
+def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add") -> jax.Array:
+    """``1 / (sqrt(nu + eps_root) + eps)`` (``eps_mode="add"``) or ``1 / max(sqrt(nu + eps_root), eps)`` (``"max"``),
+    with 0 where that denominator is 0 (a zero gradient)."""
     inside = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root  # no "+ 0" per leaf
-    denominator = root(inside)
-    if debias is not None:
-        overflow = jnp.isinf(nu) & jnp.isfinite(raw)
-        denominator = jnp.where(overflow, root(raw) * jnp.sqrt(debias), denominator)
-    denominator = with_eps(denominator, eps, eps_mode)
+    denominator = with_eps(root(inside), eps, eps_mode)
     if isinstance(eps, (int, float)) and eps > 0:
         return 1 / denominator
     return safe_divide(1, denominator)

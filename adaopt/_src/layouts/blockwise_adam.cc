@@ -130,13 +130,10 @@ inline float Scale(float largest, const Job& j) {
   return j.scale_floor ? std::max(scale, j.s.scale_floor) : scale;
 }
 
-// Where v * debias2 overflows and v does not, the root is taken first (sqrt(v) sqrt(debias2), torch's order), as
-// moments.inv_root takes it.
 inline float Step(float m, float v, const Job& j) {
-  const float product = v * j.s.debias2;
-  float root = std::sqrt(j.eps_root ? product + j.s.eps_root : product);
-  if (std::isinf(product) && std::isfinite(v)) root = std::sqrt(v) * std::sqrt(j.s.debias2);
-  const float denominator = root + j.s.eps;
+  float inside = v * j.s.debias2;
+  if (j.eps_root) inside = inside + j.s.eps_root;
+  const float denominator = std::sqrt(inside) + j.s.eps;
   const float inverse = (j.safe_divide && denominator == 0.0f) ? 0.0f : 1.0f / denominator;
   return (m * j.s.debias1) * inverse;
 }
@@ -419,8 +416,7 @@ template <int F>
 void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_new) {
   const VF b1 = Vec::Set(j.s.b1), c1 = Vec::Set(j.s.one_minus_b1);
   const VF b2 = Vec::Set(j.s.b2), c2 = Vec::Set(j.s.one_minus_b2);
-  const VF d1 = Vec::Set(j.s.debias1), d2 = Vec::Set(j.s.debias2), r2 = Vec::Set(std::sqrt(j.s.debias2));
-  const VF inf = Vec::Set(std::numeric_limits<float>::infinity());
+  const VF d1 = Vec::Set(j.s.debias1), d2 = Vec::Set(j.s.debias2);
   const VF eps = Vec::Set(j.s.eps), eps_root = Vec::Set(j.s.eps_root);
   const VF one = Vec::Set(1.0f), zero = Vec::Set(0.0f);
   const VF m_scale = Vec::Set(j.m.scale[b]), v_scale = Vec::Set(j.v.scale[b]);
@@ -440,12 +436,9 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
     Vec::Store(v_new + k, v);
     m_largest = Vec::Max(Vec::Abs(m), m_largest);  // max gives its second operand for a NaN
     v_largest = Vec::Max(Vec::Abs(v), v_largest);
-    const VF product = Vec::Mul(v_step, d2);
-    VF root = Vec::Sqrt(j.eps_root ? Vec::Add(product, eps_root) : product);
-    // Where v * debias2 overflows and v does not, the root first (sqrt(v) sqrt(debias2), torch's order).
-    const VF root_first = Vec::Where(Vec::Equal(v_step, inf), Vec::Mul(Vec::Sqrt(v_step), r2), root);
-    root = Vec::Where(Vec::Equal(product, inf), root, root_first);
-    const VF denominator = Vec::Add(root, eps);
+    VF inside = Vec::Mul(v_step, d2);
+    if (j.eps_root) inside = Vec::Add(inside, eps_root);
+    const VF denominator = Vec::Add(Vec::Sqrt(inside), eps);
     VF inverse = Vec::Div(one, denominator);
     if (j.safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
     Vec::Store(j.step + i, Vec::Mul(Vec::Mul(m_step, d1), inverse));

@@ -173,16 +173,15 @@ def scale_by_adam(
                 v_new = v32 - (1 - beta2) * jnp.sign(v32 - g2) * g2
             new_max: tuple[jax.Array, ...] = ()
             if amsgrad is None:
-                v_hat, correction = v_new, debias2
+                v_hat = v_new * debias2
             elif amsgrad == "raw":
                 running = jnp.maximum(v_max[0].astype(dtype), v_new)
-                v_hat, correction = running, debias2
+                v_hat = running * debias2
                 new_max = (moments.store(running, v),)
             else:
-                v_hat, correction = jnp.maximum(v_max[0].astype(dtype), v_new * debias2), None
+                v_hat = jnp.maximum(v_max[0].astype(dtype), v_new * debias2)
                 new_max = (moments.store(v_hat, v),)
-            scale = moments.inv_root(v_hat, e, e_root, eps_mode, debias=correction)
-            step = moments.times(moments.times(m_new, debias1), scale)
+            step = moments.times(moments.times(m_new, debias1), moments.inv_root(v_hat, e, e_root, eps_mode))
             return (step.astype(g.dtype), moments.store(m_new, m), moments.store(v_new, v), *new_max)
 
         def native(g: jax.Array, m: Any, v: Any, *v_max: Any) -> tuple[Any, ...] | None:

@@ -131,7 +131,7 @@ def scale_by_adan(
             n_new = moments.ema(diff, n_compute, beta2)
             v_new = moments.ema_sq(g_compute + moments.times(diff, w), v_compute, beta3)
             numerator = moments.times(m_new, debias1) + moments.times(n_new, w_debias2)
-            step = moments.times(numerator, moments.inv_root(v_new, e, e_root, debias=debias3))
+            step = moments.times(numerator, moments.inv_root(v_new * debias3, e, e_root))
             return (
                 step.astype(g.dtype),
                 moments.store(m_new, m),
