@@ -76,6 +76,39 @@ def test_every_registry_optimizer_has_its_options_static(spec: OptimizerSpec) ->
     assert not any(k.endswith(("_mask", "_dtype")) for k in state.hyperparams)
 
 
+def _configurations(spec: OptimizerSpec) -> list[dict[str, Any]]:
+    """The hyperparameters' midpoints, each reference's arguments there, and each flag flipped there."""
+    middle = {name: r.sample(0.5) for name, r in spec.hyperparameters.items()}
+    flags = [n for n, p in inspect.signature(spec.factory).parameters.items() if isinstance(p.default, bool)]
+    return [
+        middle,
+        *(reference.adaopt_kwargs(middle) for reference in spec.references),
+        *({**middle, n: not inspect.signature(spec.factory).parameters[n].default} for n in flags),
+    ]
+
+
+@pytest.mark.parametrize("spec", adaopt.REGISTRY.values(), ids=lambda s: s.name)
+def test_what_the_factory_takes_it_takes_injected(spec: OptimizerSpec) -> None:
+    """Checks that refuse a nonzero option refused the injected zero (an array): sgd(nesterov=True) and sgd_hd's
+    "requires dampening=0", rmsprop(bias_correction=True)'s eps_root and initial_scale."""
+    taken = 0
+    for kwargs in _configurations(spec):
+        try:
+            spec.factory(**kwargs)
+        except adaopt.HyperparameterError:
+            continue  # a flag that needs another option
+        adaopt.inject_hyperparams(spec.factory)(**kwargs).init(_params())
+        taken += 1
+    assert taken >= 1
+
+
+def test_an_injected_nonzero_option_is_still_refused() -> None:
+    with pytest.raises(adaopt.HyperparameterError, match=r"requires dampening=0, got dampening=Array\(0.5"):
+        adaopt.inject_hyperparams(adaopt.sgd)(momentum=0.9, dampening=0.5, nesterov=True).init(_params())
+    with pytest.raises(adaopt.HyperparameterError, match=r"does not take \['eps_root'\]"):
+        adaopt.inject_hyperparams(adaopt.rmsprop)(bias_correction=True, eps_root=1e-8).init(_params())
+
+
 # The mask function's path through inject_hyperparams, in each kind of optimizer: per-coordinate,
 # with a global step size, needing the parameters, with a delayed start, routed by optax.partition.
 WEIGHT_DECAY_SPECS = [adaopt.REGISTRY[n] for n in ("adamw", "sgd", "prodigy", "schedule_free_adamw", "adopt", "muon")]

@@ -118,6 +118,34 @@ def test_stochastic_steps_are_unbiased_and_resume_from_a_checkpoint() -> None:
     np.testing.assert_array_equal(np.asarray(replay_a), np.asarray(replay_b))
 
 
+@pytest.mark.parametrize("float32_updates", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_an_infinite_weight_stays_where_apply_updates_keeps_it(dtype, float32_updates: bool) -> None:
+    """A parameter at +-inf took the update inf - inf = NaN from both wrappers, where optax.apply_updates keeps it
+    (p + finite u)."""
+    params = jnp.asarray([np.inf, -np.inf, 1.0, 0.0], dtype)
+    plain = optax.apply_updates(params, jnp.full_like(params, -1e-3))
+    for tx in (
+        adaopt.stochastic_rounding(optax.sgd(1e-3), float32_updates=float32_updates),
+        adaopt.master_weights(optax.sgd(1e-3), float32_updates=float32_updates),
+    ):
+        updates, _ = jax.jit(tx.update)(jnp.ones_like(params), tx.init(params), params)
+        landed = np.asarray(optax.apply_updates(params, updates), np.float32)
+        np.testing.assert_array_equal(landed[:2], np.asarray(plain, np.float32)[:2])
+        assert np.isfinite(landed[2:]).all()
+
+
+def test_a_numpy_seed_draws_as_its_python_value() -> None:
+    """seed=np.int32(5) passed the check and then overflowed (NumPy 2's scalar arithmetic) in the first update."""
+    params = jnp.ones(256, jnp.bfloat16)
+    steps = []
+    for seed in (5, np.int32(5), np.uint32(5)):
+        tx = adaopt.stochastic_rounding(optax.sgd(1e-3), seed=seed)
+        steps.append(np.asarray(tx.update(jnp.ones_like(params), tx.init(params), params)[0], np.float32))
+    np.testing.assert_array_equal(steps[1], steps[0])
+    np.testing.assert_array_equal(steps[2], steps[0])
+
+
 def test_need_the_parameters() -> None:
     for tx in (adaopt.stochastic_rounding(optax.sgd(0.1)), adaopt.master_weights(optax.sgd(0.1))):
         with pytest.raises(ValueError, match="needs the parameters"):

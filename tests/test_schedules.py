@@ -507,6 +507,57 @@ def test_past_the_horizon() -> None:
     assert np.flatnonzero(restarts == 1e-3).tolist() == [0, 10, 30, 70, 150, 310, 630, 1270]
 
 
+def test_counts_past_float32s_integers_are_exact() -> None:
+    """An int32 count past 2**24 was turned into float32 before the cycle's modulo and WSD's comparisons: the
+    cyclic schedule was off by up to 1.2e-2 of its amplitude at 2**31 - 1001, and WSD decayed one step early."""
+    up, down = 2000, 1000
+    cyclic = adaopt.cyclic_schedule(0.0, 1.0, up, down)
+    counts = np.array([2**24 + 1, 500_000_999, 2**31 - 1001, 2**31 - 1], np.int64)
+    place = counts % (up + down)
+    exact = np.where(place <= up, place / up, (up + down - place) / down)
+    got = jax.jit(jax.vmap(cyclic))(jnp.asarray(counts, jnp.int32))
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-7)
+    halving = adaopt.cyclic_schedule(0.0, 1.0, 2, mode="triangular2")  # its cycle from the exact count too
+    assert float(halving(jnp.int32(2**24 + 7))) == 0.5 * 2.0 ** -(2**22 + 1)
+    total = 2**24 + 1
+    wsd = adaopt.warmup_stable_decay_schedule(1.0, total, decay_fraction=1 / total)  # one step of decay
+    assert [float(wsd(jnp.int32(t))) for t in (total - 2, total - 1, total)] == [1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_narrow_integer_counts(name: str) -> None:
+    """An int16 or uint8 count gives the int32 count's value (a restart list in the count's dtype overflowed)."""
+    schedule = OURS[name]
+    counts = np.arange(0, 30_000, 997)
+    want = jax.vmap(schedule)(jnp.asarray(counts, jnp.int32))
+    np.testing.assert_array_equal(jax.vmap(schedule)(jnp.asarray(counts, jnp.int16)), want)
+    np.testing.assert_array_equal(jax.vmap(schedule)(jnp.asarray(counts[:1], jnp.uint8)), want[:1])
+
+
+@pytest.mark.parametrize("three_phase", [False, True])
+def test_a_phase_of_no_length_is_at_its_end(three_phase: bool) -> None:
+    """pct_start * total_steps = 1 ends the warmup at step 0 (torch: ZeroDivisionError): the peak there, then the
+    decay (its start value had been given, and the peak never reached)."""
+    values = np.asarray(
+        [adaopt.onecycle_schedule(10, 1.0, pct_start=0.1, anneal_strategy="linear", three_phase=three_phase)(t)
+         for t in range(10)]
+    )  # fmt: skip
+    assert values[0] == 1.0 and np.all(np.diff(values) < 0)
+    np.testing.assert_allclose(values[-1], 1.0 / 25 / 1e4, atol=1e-7)  # float32's (end - start) * pct + start
+    momentum = adaopt.onecycle_momentum_schedule(10, pct_start=0.1, anneal_strategy="linear")
+    assert float(momentum(0)) == pytest.approx(0.85)
+
+
+def test_gamma_is_checked_only_where_it_is_used() -> None:
+    """torch's CyclicLR ignores gamma outside exp_range; it was refused above 1 in every mode."""
+    for mode in ("triangular", "triangular2"):
+        want = adaopt.cyclic_schedule(0.1, 1.0, 3, mode=mode)
+        got = adaopt.cyclic_schedule(0.1, 1.0, 3, mode=mode, gamma=1.5)
+        np.testing.assert_array_equal([got(t) for t in range(12)], [want(t) for t in range(12)])
+    with pytest.raises(HyperparameterError, match=r"^gamma must be"):
+        adaopt.cyclic_schedule(0.1, 1.0, 3, mode="exp_range", gamma=1.5)
+
+
 INVALID = [
     (adaopt.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 0}, "t_max"),
     (adaopt.cosine_annealing_schedule, {"init_value": 1.0, "t_max": 10.0}, "t_max"),
@@ -519,8 +570,9 @@ INVALID = [
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_up": 0}, "step_size_up"),
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "step_size_down": -1}, "step_size_down"),
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "mode": "sawtooth"}, "mode"),
-    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "gamma": 0.0}, "gamma"),
-    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "gamma": 1.5}, "gamma"),  # grows to inf, NaN
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "mode": "exp_range", "gamma": 0.0}, "gamma"),
+    # grows to inf, NaN
+    (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "mode": "exp_range", "gamma": 1.5}, "gamma"),
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_mode": "epoch"}, "scale_mode"),
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": 1.0, "scale_fn": 0.5}, "scale_fn"),
     (adaopt.cyclic_schedule, {"base_value": 0.1, "max_value": math.inf}, "max_value"),

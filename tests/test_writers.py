@@ -39,26 +39,49 @@ def _steps() -> list[tuple[int, dict[str, float]]]:
 STEPS = _steps()
 
 
-def test_tensorboard_event_files_hold_the_records(tmp_path: Path) -> None:
+def _events(folder: Path) -> list[tuple[str, int, float]]:
+    """The scalars of the one event file in ``folder``: (tag, step, value), as written."""
     from tensorboardX.proto import event_pb2
 
-    with adaopt.TensorBoardWriter(tmp_path) as writer:
-        for step, records in STEPS:
-            writer.write(step, records)
-    (event_file,) = tmp_path.glob("events.out.tfevents.*")
-    found: dict[str, dict[int, float]] = {}
+    (event_file,) = folder.glob("events.out.tfevents.*")
+    found = []
     data = event_file.read_bytes()
     offset = 0
     while offset < len(data):  # TFRecord framing: length, its CRC, the event, its CRC
         (length,) = struct.unpack("<Q", data[offset : offset + 8])
         event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
         offset += 16 + length
-        for value in event.summary.value:
-            found.setdefault(value.tag, {})[event.step] = value.simple_value
+        found += [(value.tag, event.step, value.simple_value) for value in event.summary.value]
+    return found
+
+
+def test_tensorboard_event_files_hold_the_records(tmp_path: Path) -> None:
+    with adaopt.TensorBoardWriter(tmp_path) as writer:
+        for step, records in STEPS:
+            writer.write(step, records)
+    found: dict[str, dict[int, float]] = {}
+    for tag, step, value in _events(tmp_path):
+        found.setdefault(tag, {})[step] = value
     for step, records in STEPS:
         for name, value in records.items():
             assert found[name][step] == pytest.approx(value, rel=1e-6), (name, step)
     assert set(found) == set(STEPS[0][1])
+
+
+def test_names_tensorboard_would_merge_keep_tags_of_their_own(tmp_path: Path) -> None:
+    """tensorboardX replaces a tag's characters outside [-/\\w.] by "_": "emb table" and "emb_table" were written
+    as one tag, two values at one step, of which TensorBoard shows one."""
+    names = ["grad_norm/emb table", "grad_norm/emb_table", "grad_norm/emb~table", "/lead", "lead"]
+    with adaopt.TensorBoardWriter(tmp_path) as writer:
+        writer.write(0, {name: float(i) for i, name in enumerate(names)})
+        writer.write(1, {name: 10.0 + i for i, name in enumerate(reversed(names))})  # the tags stay
+        tags = [writer.tag(name) for name in names]
+    assert tags == ["grad_norm/emb_table", "grad_norm/emb_table_2", "grad_norm/emb_table_3", "lead", "lead_2"]
+    events = _events(tmp_path)
+    assert len({(tag, step) for tag, step, _ in events}) == len(events) == 2 * len(names)
+    values = {(tag, step): value for tag, step, value in events}
+    assert [values[tag, 0] for tag in tags] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [values[tag, 1] for tag in tags] == [14.0, 13.0, 12.0, 11.0, 10.0]
 
 
 def test_csv_round_trip_and_plot(tmp_path: Path) -> None:

@@ -467,6 +467,19 @@ def is_zero(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
+def known_nonzero(value: Any) -> bool:
+    """True where ``value`` is known not to be zero: a nonzero Python number, or a concrete array with a nonzero entry.
+
+    For the checks that refuse a nonzero option: ``inject_hyperparams`` passes a Python 0 to ``init`` as a concrete
+    array (refused by ``not is_zero``), and a tracer, whose value is not known, passes.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return False
+    if isinstance(value, (int, float, np.number, np.ndarray, jax.Array)):
+        return bool(np.any(np.asarray(value) != 0))
+    return value is not None and value is not False
+
+
 def _in_dtype_of(value: Any, update: jax.Array) -> Any:
     """A hyperparameter for multiplying ``update``: a Python number stays weakly typed, an array
     (from ``inject_hyperparams``, ``vmap``, ``grad`` or a schedule) takes the update's dtype."""

@@ -63,6 +63,19 @@ def _float(count: Any) -> jax.Array:
     return t.astype(jnp.result_type(float))
 
 
+def _count(count: Any) -> jax.Array:
+    """The count as an array, an integer one of fewer than 32 bits widened to int32: the schedules' step numbers (up
+    to ``2**31 - 1``) then hold in its arithmetic, which stays in integers (exact) where it can."""
+    t = jnp.asarray(count)
+    if jnp.issubdtype(t.dtype, jnp.integer) and t.dtype.itemsize < 4:
+        return t.astype(jnp.int32)
+    return t
+
+
+def _is_integer(t: jax.Array) -> bool:
+    return bool(jnp.issubdtype(t.dtype, jnp.integer))
+
+
 def cosine_annealing_schedule(init_value: Any, t_max: int, eta_min: Any = 0.0) -> Schedule:
     r"""Cosine annealing from ``init_value`` to ``eta_min`` over ``t_max`` steps, and back, periodically.
 
@@ -103,7 +116,7 @@ def cosine_annealing_schedule(init_value: Any, t_max: int, eta_min: Any = 0.0) -
     period = 2 * t_max
 
     def schedule(count: Any) -> jax.Array:
-        t = jnp.asarray(count)
+        t = _count(count)
         t = _float(jnp.mod(t, period) if period <= base.INT32_MAX else t)  # an int32 count never gets there
         return eta_min + (init_value - eta_min) * (1 + jnp.cos(jnp.pi * t / t_max)) / 2
 
@@ -155,7 +168,7 @@ def cosine_warm_restarts_schedule(init_value: Any, t_0: int, t_mult: int = 1, et
             periods.append(periods[-1] * t_mult)
 
     def schedule(count: Any) -> jax.Array:
-        t = jnp.asarray(count)
+        t = _count(count)
         if t_mult == 1:
             t_cur, t_i = _float(jnp.mod(t, t_0)), float(t_0)
         else:
@@ -203,7 +216,7 @@ def cyclic_schedule(
       step_size_down: steps from the top back to the bottom, >= 0; None: ``step_size_up``.
       mode: "triangular", "triangular2" (the amplitude halves each cycle) or "exp_range"
         (it decays by ``gamma`` each step); ignored when ``scale_fn`` is given.
-      gamma: the decay of "exp_range", in (0, 1].
+      gamma: the decay of "exp_range", in (0, 1] (the other modes ignore it).
       scale_fn: a custom amplitude, a jittable function of the cycle (a float, from 1) or of
         the step, whose values lie in [0, 1].
       scale_mode: what ``scale_fn`` takes: "cycle" or "iterations".
@@ -237,14 +250,18 @@ def cyclic_schedule(
     elif not callable(scale_fn):
         raise HyperparameterError(f"scale_fn must be None or a callable, got {scale_fn!r}.")
     base.check_choice("scale_mode", scale_mode, ("cycle", "iterations"))
-    # A gamma above 1 grows the amplitude without bound (torch allows it): inf * 0 is NaN within a million steps.
-    base.check_scalar("gamma", gamma, low=0.0, low_open=True, high=1.0)
-    # gamma ** t as exp(t log gamma), log gamma from the float64 gamma: in float32 this keeps
-    # the relative error near 1e-7 where rounding gamma to float32 first would give t * 3e-8.
-    log_gamma = jnp.log(gamma) if isinstance(gamma, jax.core.Tracer) else math.log(float(gamma))
+    log_gamma: Any = 0.0
+    if scale_fn is None and mode == "exp_range":  # the other modes ignore gamma, as torch's do
+        # A gamma above 1 grows the amplitude without bound (torch allows it): inf * 0 is NaN within a million steps.
+        base.check_scalar("gamma", gamma, low=0.0, low_open=True, high=1.0)
+        # gamma ** t as exp(t log gamma), log gamma from the float64 gamma: in float32 this keeps
+        # the relative error near 1e-7 where rounding gamma to float32 first would give t * 3e-8.
+        log_gamma = jnp.log(gamma) if isinstance(gamma, jax.core.Tracer) else math.log(float(gamma))
     up = float(step_size_up)
     down = float(step_size_down) if step_size_down is not None else up
     total = up + down
+    # A whole number of steps per cycle: an integer count's place in its cycle is found in integers.
+    period = int(total) if total.is_integer() and total <= base.INT32_MAX else None
 
     def amplitude(cycle: jax.Array, t: jax.Array) -> Any:
         if scale_fn is not None:
@@ -256,11 +273,17 @@ def cyclic_schedule(
         return jnp.exp(t * log_gamma)
 
     def schedule(count: Any) -> jax.Array:
-        t = _float(count)
-        # The step within the cycle, exactly (torch's 1 + t / (u + d) - c loses bits as t grows):
-        # x / r = pos / u and (x - 1) / (r - 1) = (u + d - pos) / d.
-        pos = jnp.mod(t, total)
-        cycle = (t - pos) / total + 1
+        c = _count(count)
+        t = _float(c)
+        # The step within the cycle, exactly for an integer count and a whole period (torch's 1 + t / (u + d) - c
+        # loses bits as t grows, and so would t mod (u + d) in float32 past 2**24): x / r = pos / u and
+        # (x - 1) / (r - 1) = (u + d - pos) / d.
+        if period is not None and _is_integer(c):
+            offset = jnp.mod(c, period)
+            pos, cycle = _float(offset), _float((c - offset) // period) + 1
+        else:
+            pos = jnp.mod(t, total)
+            cycle = (t - pos) / total + 1
         fraction = jnp.where(pos <= up, pos / up, (total - pos) / (down or 1.0))
         return base_value + (max_value - base_value) * fraction * amplitude(cycle, t)
 
@@ -296,9 +319,13 @@ def _onecycle(
         t = _float(jnp.clip(jnp.asarray(count), 0, total_steps - 1))
         value: jax.Array | None = None
         for start, end, (v0, v1) in reversed(list(zip(starts, ends, values, strict=True))):
-            # A phase of zero length (where torch divides by zero) gives its start value.
-            length = (end - start) or 1.0
-            phase = anneal(v0, v1, (t - start) / length)
+            # A phase of zero length (where torch divides by zero) is at its end: the step at which a phase reaches
+            # its end value is its end (torch's end_step), so a warmup of pct_start * total_steps = 1 gives the peak
+            # at step 0.
+            if end > start:
+                phase = anneal(v0, v1, (t - start) / (end - start))
+            else:
+                phase = jnp.broadcast_to(jnp.asarray(v1, t.dtype), t.shape)
             value = phase if value is None else jnp.where(t <= end, phase, value)
         assert value is not None
         return value
@@ -331,7 +358,8 @@ def onecycle_schedule(
     and with ``three_phase``: up over :math:`[0, e_1]`, back to :math:`\eta_{init}` over
     :math:`[e_1, e_2 = 2pT - 2]`, then down to :math:`\eta_{min}` over :math:`[e_2, T - 1]`.
     The value at :math:`T - 1` is held from there on (torch's ``OneCycleLR`` extrapolates its last
-    phase at ``T``, to a negative rate with ``"linear"``, and refuses to step past ``T``).
+    phase at ``T``, to a negative rate with ``"linear"``, and refuses to step past ``T``). A phase of
+    no length (:math:`pT = 1`, where torch divides by zero) is at its end value: the peak at step 0.
 
     Args:
       total_steps: the length of the cycle, an integer >= 1.
@@ -515,10 +543,10 @@ def warmup_stable_decay_schedule(
     decay_start = total_steps - decay_steps
 
     def schedule(count: Any) -> jax.Array:
-        t = _float(count)
-        x = t / max(warmup_steps, 1)
+        t = _count(count)  # compared as it is: an int32 count past 2**24 is exact there, not in float32
+        x = _float(t) / max(warmup_steps, 1)
         w = x if warmup_shape == "linear" else (1 - jnp.cos(jnp.pi * x)) / 2
-        p = jnp.clip((t - decay_start) / max(decay_steps, 1), 0.0, 1.0)
+        p = jnp.clip(_float(t - decay_start) / max(decay_steps, 1), 0.0, 1.0)
         if decay_shape == "linear":
             d = 1 - p
         elif decay_shape == "cosine":

@@ -280,7 +280,7 @@ def rmsprop(
     base.check_complex_convention(complex_convention)
     if bias_correction:
         others = {"centered": centered, "eps_root": eps_root, "initial_scale": initial_scale}
-        taken = [name for name, value in others.items() if value is not False and not base.is_zero(value)]
+        taken = [name for name, value in others.items() if base.known_nonzero(value)]
         if taken:
             raise base.HyperparameterError(
                 f"rmsprop(bias_correction=True) debiases an EMA started at 0 around 0: it does not take {taken} "

@@ -69,7 +69,7 @@ def scale_by_momentum(
     base.check_decay("momentum", momentum)
     base.check_scalar("dampening", dampening, low=0.0, high=1.0)
     moments.check_storage("accumulator_dtype", accumulator_dtype)
-    if nesterov and not base.is_zero(dampening):
+    if nesterov and base.known_nonzero(dampening):
         raise base.HyperparameterError(f"nesterov=True requires dampening=0, got dampening={dampening!r}.")
     # With no dampening, mu * 0 + g already gives the first step's buffer g, and g needs no
     # multiplication by 1 - 0 (a Python zero: one operation less per leaf to trace and compile).

@@ -610,7 +610,11 @@ def monitor(
     Args:
       optimizer: any ``optax.GradientTransformation`` (adaopt's, optax's, a chain); ``update``'s
         extra arguments (``value=loss``) are passed to it.
-      every: record every ``every``-th update, starting with the first; an integer >= 1.
+      every: record every ``every``-th update, starting with the first; an integer >= 1. The
+        updates counted are the monitor's own calls: around ``optax.MultiSteps(opt, k)`` they are
+        the micro-steps, all but the last of every ``k`` of which return a zero update (``every=k``
+        would record only those); put the monitor inside, ``optax.MultiSteps(adaopt.monitor(opt, every=m), k)``,
+        to record every ``m``-th accumulated step.
       groups: ``"leaves"`` (default: each leaf, named by its path, e.g. ``"layers/0/kernel"``);
         a mapping ``{group: pattern or patterns}`` of ``fnmatch`` patterns on those paths (a leaf
         goes to the first group it matches, else to ``"other"``); a function of the parameters

@@ -797,7 +797,9 @@ class Sweep:
         ``CategoricalDistribution``), trains them with :meth:`run` (the same compiled program every
         round), reports each evaluation (``trial.report``) and tells the study the final metric
         (``study.tell``): a diverged trial's value is ``inf`` (``-inf`` for ``mode="max"``), a
-        trial stopped by halving is told ``PRUNED``.
+        trial stopped by halving is told ``PRUNED``. The study's pruner is not consulted: the trials
+        of a round train together in one program, so none stops on its own; the early stopping is
+        the successive halving of :meth:`run` (``halve_every``).
 
         Args:
           space: name -> :class:`~adaopt.Range` or a list of numbers.

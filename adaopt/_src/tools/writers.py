@@ -13,11 +13,15 @@ import csv
 import importlib
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType, TracebackType
 from typing import Any
 
 from adaopt._src import base
+
+# What tensorboardX's summaries replace by "_" in a tag (its _INVALID_TAG_CHARACTERS).
+_INVALID_TAG = re.compile(r"[^-/\w.]")
 
 
 def _check_path(name: str, value: Any) -> str:
@@ -64,7 +68,11 @@ class Writer:
 class TensorBoardWriter(Writer):
     """Each record as a TensorBoard scalar (tag = its name), through ``tensorboardX.SummaryWriter``.
 
-    Names such as ``"effective_lr/layers/0/kernel"`` group in TensorBoard by their first part.
+    Names such as ``"effective_lr/layers/0/kernel"`` group in TensorBoard by their first part. A tag
+    takes letters, digits and ``_ - / .`` only: other characters (a space, Haiku's ``~``) become ``_``
+    and leading slashes go, as tensorboardX does, and names that would then share a tag (``"a b"``
+    and ``"a_b"``) are told apart by a suffix, ``_2``, ``_3``..., in the order first written, so
+    that no two records share one.
 
     Args:
       logdir: the directory of the event files (``tensorboard --logdir`` it).
@@ -83,10 +91,24 @@ class TensorBoardWriter(Writer):
         self.logdir = _check_path("logdir", logdir)
         tensorboardx = _require("tensorboardX", "tensorboard")
         self._writer: Any = tensorboardx.SummaryWriter(self.logdir, **kwargs)
+        self._tags: dict[str, str] = {}  # record name -> tag
+        self._taken: set[str] = set()  # the tags given
+
+    def tag(self, name: str) -> str:
+        """The TensorBoard tag of the record ``name`` (the same for the writer's life)."""
+        if name not in self._tags:
+            tag = _INVALID_TAG.sub("_", name).lstrip("/") or "_"
+            candidate, n = tag, 1
+            while candidate in self._taken:
+                n += 1
+                candidate = f"{tag}_{n}"
+            self._tags[name] = candidate
+            self._taken.add(candidate)
+        return self._tags[name]
 
     def write(self, step: int, records: Mapping[str, float]) -> None:
         for name, value in records.items():
-            self._writer.add_scalar(name, float(value), global_step=int(step))
+            self._writer.add_scalar(self.tag(name), float(value), global_step=int(step))
 
     def close(self) -> None:
         self._writer.close()

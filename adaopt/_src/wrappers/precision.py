@@ -55,6 +55,7 @@ def _landing(p: jax.Array, target: jax.Array, float32_updates: bool) -> jax.Arra
     to ``p``'s dtype, lands on ``target``.
     """
     difference = target.astype(jnp.float32) - p.astype(jnp.float32)
+    difference = jnp.where(target == p, jnp.zeros_like(difference), difference)  # an infinite p stays: not inf - inf
     return difference if float32_updates else difference.astype(p.dtype)
 
 
@@ -97,6 +98,7 @@ def stochastic_rounding(
     """
     base.check_transformation("inner", inner)
     base.check_integer("seed", seed, 0, 2**32 - 1)
+    seed = int(seed)  # a NumPy integer would overflow in the salt's arithmetic below
 
     def init_fn(params: Params) -> StochasticRoundingState:
         return StochasticRoundingState(inner.init(params), jnp.zeros([], jnp.uint32))
