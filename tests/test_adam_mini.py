@@ -225,6 +225,17 @@ def test_nnx_variables_are_named_by_their_attributes() -> None:
     assert blocks["mlp"]["bias"] == "coordinate"
 
 
+def test_haikus_biases_are_biases() -> None:
+    """Haiku names a bias "b": it took one second moment for the whole leaf and was decayed."""
+    params = {"mlp/~/linear_0": {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}, "layer_norm": {"scale": jnp.ones(4)}}
+    blocks = adaopt.default_adam_mini_blocks(params, output_axis=-1)
+    assert blocks["mlp/~/linear_0"] == {"w": AxisBlocks(-1), "b": "coordinate"}
+    assert adaopt.adam_mini_decay_mask(params) == {
+        "mlp/~/linear_0": {"w": True, "b": False},
+        "layer_norm": {"scale": False},
+    }
+
+
 def test_queries_without_the_head_size_are_an_error_naming_the_leaf() -> None:
     params = {"layer": {"q_proj": {"weight": jnp.zeros((8, 8))}}}
     with pytest.raises(ValueError, match=r"'layer\.q_proj\.weight'.*pass dim .* and n_heads"):

@@ -259,6 +259,54 @@ def test_the_default_rule_reads_flat_dotted_names() -> None:
     }  # fmt: skip
 
 
+STACKED = {  # a linen model scanned over 6 layers, with Flax's attention; Llama's head; BERT's hidden output layer
+    "ScanBlock_0": {
+        "LayerNorm_0": {"scale": jnp.ones((6, 16)), "bias": jnp.ones((6, 16))},
+        "Dense_0": {"kernel": jnp.ones((6, 16, 32)), "bias": jnp.ones((6, 32))},
+        "attn": {"query": {"kernel": jnp.ones((6, 16, 4, 4)), "bias": jnp.ones((6, 4, 4))}},
+    },
+    "h.0.ln_1.weight": jnp.ones((2, 16)),
+    "mlp/~/linear_0": {"w": jnp.ones((16, 16)), "b": jnp.ones((2, 16))},
+    "output.weight": jnp.ones((50, 16)),
+    "bert.encoder.layer.0.attention.output.dense.weight": jnp.ones((16, 16)),
+    "lnk": {"weight": jnp.ones((16, 16))},
+}
+STACKED_MUON = {
+    "ScanBlock_0": {
+        "LayerNorm_0": {"scale": False, "bias": False},
+        "Dense_0": {"kernel": True, "bias": False},
+        "attn": {"query": {"kernel": True, "bias": False}},
+    },
+    "h.0.ln_1.weight": False, "mlp/~/linear_0": {"w": True, "b": False}, "output.weight": False,
+    "bert.encoder.layer.0.attention.output.dense.weight": True, "lnk": {"weight": True},
+}  # fmt: skip
+
+
+def test_biases_and_norms_stay_vectors_whatever_their_shape() -> None:
+    """Stacked for a scan over layers, (layers, d), or Flax's (heads, head_dim) attention biases, biases and norms'
+    gains had two dimensions longer than 1 and went to Muon (each layer's bias orthogonalised against the others');
+    Llama's head, "output.weight", went there too."""
+    assert adaopt.default_muon_mask(STACKED) == STACKED_MUON
+
+
+def test_an_nnx_variable_is_named_by_its_attribute() -> None:
+    """An NNX state's leaf paths end in the variable's .value, which hid the leaf's name (its attention biases,
+    (heads, head_dim), went to Muon) and its module's (the head "output")."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Model(nnx.Module):
+        def __init__(self, rngs: Any) -> None:
+            self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=16, qkv_features=16, decode=False, rngs=rngs)
+            self.norm = nnx.LayerNorm(16, rngs=rngs)
+            self.output = nnx.Linear(16, 50, rngs=rngs)
+
+    mask = adaopt.default_muon_mask(nnx.state(Model(nnx.Rngs(0)), nnx.Param))
+    chosen = {jax.tree_util.keystr(path): bool(v) for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+    assert {k for k, v in chosen.items() if v} == {
+        f"['attn']['{m}']['kernel'].value" for m in ("query", "key", "value", "out")
+    }
+
+
 def test_auxiliary_leaves_take_exactly_adamw() -> None:
     """0-d, 1-d and embedding leaves: adaopt.adamw's steps, with Muon's matrices beside them."""
     params, grads = parity.random_problem({"embed": (30, 4), "b": (4,), "s": (), "w": (4, 4)}, 4, np.float32, steps=5)

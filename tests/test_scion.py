@@ -266,6 +266,38 @@ def test_the_default_rule_reads_flat_dotted_names() -> None:
     }
 
 
+def test_biases_and_norms_stay_vectors_whatever_their_shape() -> None:
+    """The leaves default_muon_mask leaves to AdamW by their names take "bias_rms" (stacked biases, norms' gains and
+    Flax's (heads, head_dim) attention biases were "spectral"); Llama's "output.weight" is a head."""
+    from tests.test_muon import STACKED, STACKED_MUON
+
+    norms = adaopt.default_scion_norms(STACKED)
+    expected = jax.tree.map(lambda muon: "spectral" if muon else "bias_rms", STACKED_MUON)
+    expected["output.weight"] = "sign"
+    assert norms == expected
+
+
+def test_in_out_kernels_take_torchs_steps_transposed() -> None:
+    """Flax's and Haiku's (in, out) kernels read as torch's (out, in) had their shape factor sqrt(A / B) inverted (4x
+    on a 16 -> 64 layer) and a head's sign step divided by the vocabulary instead of the inputs; with in_out=True
+    the steps are torch layout's, transposed."""
+    import functools
+
+    shapes = {"h.w": (64, 16), "h.b": (64,), "embed": (50, 16), "lm_head": (50, 64)}
+    params, grads = parity.random_problem(shapes, 7, np.float64)
+    flip = lambda tree: {k: np.swapaxes(v, -1, -2) if k in ("h.w", "lm_head") else v for k, v in tree.items()}
+    flax_norms = functools.partial(adaopt.default_scion_norms, in_out=True)
+    assert flax_norms(flip(params))["lm_head"] == ScionNorm("sign", transpose=True)
+    with jax.enable_x64(True):
+        torch_layout = parity.run_adaopt(adaopt.scion(0.02, weight_decay=0.1), params, grads)
+        flax_layout = parity.run_adaopt(
+            adaopt.scion(0.02, weight_decay=0.1, norms=flax_norms), flip(params), flip(grads)
+        )
+        unaware = parity.run_adaopt(adaopt.scion(0.02, weight_decay=0.1), flip(params), flip(grads))
+    assert parity.relative_error(flip(flax_layout), torch_layout) <= 1e-14
+    assert parity.relative_error(flip(unaware), torch_layout) > 1e-2
+
+
 def test_a_3d_spectral_leaf_is_a_batch_of_matrices() -> None:
     params, grads = {"t": np.ones((3, 6, 4), np.float32)}, {"t": np.random.default_rng(5).normal(size=(4, 3, 6, 4))}
     grads = {"t": grads["t"].astype(np.float32)}

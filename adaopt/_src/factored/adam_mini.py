@@ -95,9 +95,14 @@ def _has_any(name: str, substrings: tuple[str, ...]) -> bool:
     return any(s in name for s in substrings)
 
 
+def _is_bias(name: str) -> bool:
+    """The reference's ``"bias"`` substring, or Haiku's name of a bias, ``"b"``, as the leaf's own key."""
+    return _has_any(name, _PLAIN_ADAM) or name.rsplit(".", 1)[-1] == "b"
+
+
 def _default_blocks(name: str, leaf: Any, dim: int | None, n_heads: int | None, output_axis: int) -> Blocks:
     """The default rule for one leaf; ``name`` is lowercased."""
-    if _has_any(name, _PLAIN_ADAM):
+    if _is_bias(name):
         return "coordinate"
     if jnp.ndim(leaf) != 2:
         return "tensor"
@@ -126,7 +131,7 @@ def default_adam_mini_blocks(
     ``jax.tree_util.keystr(path, simple=True, separator=".")``) and matched against the reference's substrings, in this
     order:
 
-    1. ``"bias"``: ``"coordinate"``, plain Adam.
+    1. ``"bias"`` (and Haiku's ``"b"``, as the leaf's own key): ``"coordinate"``, plain Adam.
     2. A leaf that is not a matrix (0-d, 1-d: norms' gains, scalars; 3-d and more):
        ``"tensor"``, one second moment for the leaf.
     3. Queries and keys (``"q_proj"``, ``"k_proj"``, ``"wq"``, ``"wk"``, ``"query"``,
@@ -174,7 +179,8 @@ def default_adam_mini_blocks(
 
 
 def adam_mini_decay_mask(params: base.Params) -> Any:
-    """The reference's choice of the leaves to decay: all but those whose name holds ``"norm"``, ``"ln"`` or ``"bias"``.
+    """The reference's choice of the leaves to decay: all but those whose name holds ``"norm"``, ``"ln"`` or ``"bias"``
+    (or whose own key is Haiku's ``"b"``).
 
     Names as in :func:`default_adam_mini_blocks` (dotted, lowercased). Pass it as
     ``weight_decay_mask`` to :func:`adam_mini` to decay as ``adam_mini.Adam_mini`` does.
@@ -187,7 +193,9 @@ def adam_mini_decay_mask(params: base.Params) -> Any:
     """
     values, rewrap = numerics.unwrap_variables(params, "params")
     return rewrap(
-        jax.tree_util.tree_map_with_path(lambda path, _: not _has_any(_path_name(path).lower(), _NO_DECAY), values)
+        jax.tree_util.tree_map_with_path(
+            lambda path, _: not (_has_any(name := _path_name(path).lower(), _NO_DECAY) or _is_bias(name)), values
+        )
     )
 
 

@@ -139,9 +139,17 @@ def _schedule(coefficients: Any, steps: int) -> list[Coefficients]:
     return [tuple(float(x) for x in triple) for triple in coefficients]  # type: ignore[misc]
 
 
-# Path keys that name an embedding or an output head: leaves under them go to the auxiliary AdamW.
+# Path keys that name an embedding or an output head: leaves under them go to the auxiliary AdamW. "output" only as
+# the module that holds the leaf (Llama's and torchtitan's head, "output.weight"): BERT's "attention.output.dense"
+# holds hidden matrices.
 _AUX_SUBSTRINGS = ("embed", "embd")
 _AUX_KEYS = ("wte", "wpe", "head", "lm_head", "classifier")
+_AUX_HOLDERS = ("output",)
+# Leaves that are vectors whatever their shape: a bias or a norm's gain or shift by its own name (Flax's, Haiku's,
+# torch's), or anything under a norm's module (GPT-2's ln_1, Flax's LayerNorm_0, Llama's input_layernorm). Stacked
+# for a scan over layers they are (layers, d), and Flax's attention biases are (heads, head_dim).
+_VECTOR_NAMES = ("bias", "b", "scale", "offset")
+_NORM_KEY = re.compile(r"norm|ln($|[_\d])")
 _NO_COMPLEX = (
     "Muon does not take complex parameters: its Newton–Schulz iteration has no complex form here, and a real "
     "view would orthogonalise another matrix. Got a complex leaf at {path} ({dtype}). Train complex leaves with "
@@ -169,7 +177,10 @@ def _key_name(key: Any) -> str:
 def path_names(path: tuple[Any, ...]) -> list[str]:
     """The names on a leaf's path, in lower case, each key split at ``"."`` and ``"/"``: a flat dictionary keyed
     by torch's ``named_parameters()`` (``"lm_head.weight"``) or Haiku's modules (``"mlp/~/linear_0"``) names its
-    modules as a nested one does."""
+    modules as a nested one does. An NNX variable's ``.value``, the last key of its leaf, is left out: the leaf is
+    named by its attribute (``"bias"``)."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     return [part for key in path for part in re.split(r"[./]", _key_name(key)) if part]
 
 
@@ -180,10 +191,20 @@ def matrix_axes(x: Any) -> int:
 
 
 def _is_auxiliary_path(path: tuple[Any, ...]) -> bool:
+    """Whether a key on the path names an embedding or an output head."""
     names = path_names(path)
-    return any(s in n for n in names for s in _AUX_SUBSTRINGS) or any(
-        n in _AUX_KEYS or n.endswith("_head") for n in names
+    return (
+        any(s in n for n in names for s in _AUX_SUBSTRINGS)
+        or any(n in _AUX_KEYS or n.endswith("_head") for n in names)
+        or any(n in _AUX_HOLDERS for n in names[-2:])
     )
+
+
+def is_vector_path(path: tuple[Any, ...]) -> bool:
+    """Whether the path names a bias or a norm's parameter: ``"bias"``, ``"b"``, ``"scale"`` or ``"offset"`` as the
+    leaf's own key, or a key containing ``"norm"`` or starting ``"ln"`` and a digit, ``"_"`` or nothing (``"ln_f"``)."""
+    names = path_names(path)
+    return bool(names) and (names[-1] in _VECTOR_NAMES or any(_NORM_KEY.match(n) for n in names))
 
 
 def default_muon_mask(params: base.Params) -> Any:
@@ -191,13 +212,18 @@ def default_muon_mask(params: base.Params) -> Any:
 
     A leaf goes to Muon when it has two or more dimensions longer than 1 and no key on its path
     names an embedding or an output head: a key containing ``"embed"`` or ``"embd"``, or equal to
-    ``"wte"``, ``"wpe"``, ``"head"``, ``"lm_head"`` or ``"classifier"``, or ending in ``"_head"``
-    (keys compared in lower case, each split at ``"."`` and ``"/"``: a flat ``{"lm_head.weight": ...}`` from
-    torch's ``named_parameters()`` is routed as a nested tree). Everything else goes to the auxiliary AdamW: 0-d and 1-d
-    leaves (biases, norms, gains, scalars), leaves whose other dimensions are all 1 (Haiku's
-    ``(1, 1, 1, C)`` batch-norm gains, a ``(d, 1)`` column), and embeddings and heads, whatever
-    their size. The references route by ``ndim >= 2`` (torch's Muon takes 2-D parameters only);
-    pass a mask to send a ``(1, C)`` leaf to Muon.
+    ``"wte"``, ``"wpe"``, ``"head"``, ``"lm_head"`` or ``"classifier"``, or ending in ``"_head"``,
+    or ``"output"`` as the leaf's key or its module's (Llama's ``"output.weight"``); nor a bias or a
+    norm's parameter: ``"bias"``, ``"b"``, ``"scale"`` or ``"offset"`` as the leaf's own key, or a key
+    containing ``"norm"`` or starting ``"ln"`` and ``"_"``, a digit or nothing (``"ln_f"``), which
+    are vectors whatever their shape (stacked over layers for a scan, ``(layers, d)``; Flax's
+    attention biases, ``(heads, head_dim)``). Keys are compared in lower case, each split at ``"."``
+    and ``"/"``: a flat ``{"lm_head.weight": ...}`` from torch's ``named_parameters()`` is routed as
+    a nested tree. Everything else goes to the auxiliary AdamW: 0-d and 1-d leaves (biases, norms,
+    gains, scalars), leaves whose other dimensions are all 1 (Haiku's ``(1, 1, 1, C)`` batch-norm
+    gains, a ``(d, 1)`` column), and embeddings and heads, whatever their size. The references
+    route by ``ndim >= 2`` (torch's Muon takes 2-D parameters only); pass a mask to send a
+    ``(1, C)`` leaf to Muon.
 
     Args:
       params: the parameters (or gradients: only paths and shapes are read).
@@ -212,7 +238,7 @@ def default_muon_mask(params: base.Params) -> Any:
       {'embed': False, 'mlp': {'b': False, 'w': True}}
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: matrix_axes(x) >= 2 and not _is_auxiliary_path(path), params
+        lambda path, x: matrix_axes(x) >= 2 and not _is_auxiliary_path(path) and not is_vector_path(path), params
     )
 
 

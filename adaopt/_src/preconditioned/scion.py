@@ -27,6 +27,7 @@ from adaopt._src.preconditioned.muon import (
     Coefficients,
     _on_whole_matrices,
     check_ns_coefficients,
+    is_vector_path,
     matrix_axes,
     newton_schulz,
     path_names,
@@ -72,14 +73,18 @@ class ScionNorm:
     - ``"identity"``: :math:`d` itself (no norm: SGD with momentum).
 
     ``transpose`` swaps the two axes of a ``"col"`` or ``"row"`` leaf first: an embedding
-    stored ``(vocab, features)`` is the ``(features, vocab)`` map of a one-hot input.
+    stored ``(vocab, features)`` is the ``(features, vocab)`` map of a one-hot input. For a
+    ``"spectral"`` or ``"sign"`` leaf it reads the last two axes as ``(in, out)``, Flax's and
+    Haiku's kernels, where the kinds above read torch's ``(out, in)``: :math:`A` and :math:`B`
+    swap (the orthogonalised matrix is the same).
 
     Attributes:
       kind: one of the kinds above.
       scale: :math:`s`, this leaf's radius relative to the optimizer's ``radius``, > 0.
       normalize: the kind's normalisation; None: its default (True, except for ``"col"``).
       max_scale: for ``"spectral"``, bound the shape factor below by 1.
-      transpose: for ``"col"`` and ``"row"``, swap the axes first.
+      transpose: for ``"col"`` and ``"row"``, swap the axes first; for ``"spectral"`` and
+        ``"sign"``, an ``(in, out)`` matrix.
       eps: :math:`\epsilon` of ``"col"``, ``"row"`` and ``"bias_rms"``, >= 0.
 
     Example:
@@ -117,18 +122,25 @@ def _is_embedding_path(path: tuple[Any, ...]) -> bool:
     return any(s in n for n in names for s in _EMBEDDING_SUBSTRINGS) or any(n in _EMBEDDING_KEYS for n in names)
 
 
-def default_scion_norms(params: base.Params) -> Any:
+def default_scion_norms(params: base.Params, *, in_out: bool = False) -> Any:
     """The default rule of :func:`scion`: the norm of each leaf, by its path and shape.
 
-    - 0-d and 1-d leaves (biases, norms' gains, scalars): ``"bias_rms"``.
+    - 0-d and 1-d leaves (biases, norms' gains, scalars), and biases and norms' parameters by their
+      names whatever their shape (stacked over layers, Flax's ``(heads, head_dim)`` attention biases;
+      the names of :func:`default_muon_mask`): ``"bias_rms"``.
     - Embeddings (a key containing ``"embed"`` or ``"embd"``, or equal to ``"wte"`` or ``"wpe"``):
       ``ScionNorm("col", transpose=True)``, each token's vector over its RMS.
     - Output heads (a key equal to ``"head"``, ``"lm_head"`` or ``"classifier"``, or ending in
-      ``"_head"``): ``"sign"``.
+      ``"_head"``, or ``"output"`` as the leaf's key or its module's): ``"sign"``.
     - Other leaves with fewer than two dimensions longer than 1 (Haiku's ``(1, 1, 1, C)`` gains, a
       ``(d, 1)`` column): ``"bias_rms"``.
     - Every other leaf of two or more dimensions: ``"spectral"`` (three or more: a batch of
       matrices over the leading axes).
+
+    With ``in_out=True`` the matrices are Flax's and Haiku's ``(in, out)`` kernels: their
+    ``"spectral"`` and ``"sign"`` norms are ``ScionNorm(kind, transpose=True)`` (embeddings are
+    ``(vocab, features)`` in every framework), for ``scion(norms=functools.partial(
+    adaopt.default_scion_norms, in_out=True))``.
 
     Keys are compared in lower case and split at ``"."`` and ``"/"``, as in :func:`default_muon_mask`. This follows the paper's
     recommendations for a transformer (with the radius of a head, 60 times the hidden one's in
@@ -136,6 +148,7 @@ def default_scion_norms(params: base.Params) -> Any:
 
     Args:
       params: the parameters (or gradients: only paths and shapes are read).
+      in_out: the matrices are ``(in, out)``, not torch's ``(out, in)``.
 
     Returns:
       A tree with the structure of ``params`` whose leaves are norm kinds or :class:`ScionNorm`.
@@ -149,14 +162,17 @@ def default_scion_norms(params: base.Params) -> Any:
     """
 
     def rule(path: tuple[Any, ...], x: Any) -> Any:
-        if jnp.ndim(x) < 2:
+        if jnp.ndim(x) < 2 or is_vector_path(path):
             return "bias_rms"
         if _is_embedding_path(path) and jnp.ndim(x) == 2:
             return ScionNorm("col", transpose=True)
         if _is_embedding_or_head_path(path):
-            return "sign"
-        return "spectral" if matrix_axes(x) >= 2 else "bias_rms"
+            return ScionNorm("sign", transpose=True) if in_out else "sign"
+        if matrix_axes(x) < 2:
+            return "bias_rms"
+        return ScionNorm("spectral", transpose=True) if in_out else "spectral"
 
+    base.check_flag("in_out", in_out)
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
@@ -200,7 +216,8 @@ def _lmo(norm: ScionNorm, d: jax.Array, orthogonalise: Any) -> jax.Array:
     if kind == "identity":
         return d
     if kind == "sign":
-        return jnp.sign(d) / shape[1] if norm.normalized and shape[1] else jnp.sign(d)
+        inputs = shape[0] if norm.transpose else shape[1]
+        return jnp.sign(d) / inputs if norm.normalized and inputs else jnp.sign(d)
     if kind == "bias_rms":
         rms = jnp.abs(d) if d.ndim == 0 else jnp.sqrt(jnp.mean(d * d, axis=0, keepdims=True))
         return d / (rms + norm.eps)
@@ -218,7 +235,8 @@ def _lmo(norm: ScionNorm, d: jax.Array, orthogonalise: Any) -> jax.Array:
     if kind == "spectral_conv":
         flat = orthogonalise(d.reshape(shape[0], -1)).reshape(shape).astype(d.dtype)
         return flat * (math.sqrt(_ratio(shape[0], shape[1])) / math.prod(shape[2:]))
-    return orthogonalise(d).astype(d.dtype) * _spectral_factor(norm, shape[-2], shape[-1])
+    rows, cols = (shape[-1], shape[-2]) if norm.transpose else (shape[-2], shape[-1])
+    return orthogonalise(d).astype(d.dtype) * _spectral_factor(norm, rows, cols)
 
 
 class ScionState(NamedTuple):
