@@ -59,8 +59,12 @@ def _concrete_mesh(x: Any) -> Mesh | None:
 
 
 def on_mesh_of(spec: PartitionSpec, like: Any) -> PartitionSpec | NamedSharding:
-    """``spec`` on the concrete mesh of ``like`` where it has one (eagerly, outside a mesh context), else ``spec``."""
-    mesh = _concrete_mesh(like)
+    """``spec`` on the mesh of ``like``: its concrete mesh eagerly, the abstract mesh of its type under ``jit`` (a spec
+    alone needs a mesh context, ``jax.set_mesh``, which a jitted step need not be in), else ``spec``."""
+    mesh: Any = _concrete_mesh(like)
+    if mesh is None:
+        typed = getattr(getattr(jax.typeof(like), "sharding", None), "mesh", None)
+        mesh = typed if typed is not None and not typed.empty and AxisType.Explicit in typed.axis_types else None
     return spec if mesh is None else NamedSharding(mesh, spec)
 
 

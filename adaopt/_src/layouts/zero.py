@@ -107,8 +107,10 @@ def _mirrors(node: Any, params: Any) -> bool:
         return False
     pairs = [
         (s, p)
-        for s, p in zip(jax.tree.leaves(node, is_leaf=_is_held), jax.tree.leaves(params), strict=True)
-        if not base.is_masked_node(s)
+        for s, p in zip(
+            jax.tree.leaves(node, is_leaf=_is_held), jax.tree.leaves(params, is_leaf=base.is_masked_node), strict=True
+        )
+        if not (base.is_masked_node(s) or base.is_masked_node(p))
     ]
     return bool(pairs) and all(complex_params.mirrors(s, p) for s, p in pairs)
 
@@ -134,8 +136,8 @@ def _split_leaf(leaf: Any, param: Any, dim: int | None, axis: str) -> Any:
 
 def _split_state(state: Any, params: Any, axis: str, min_size: int) -> Any:
     """``state`` with its leaves that mirror ``params`` split along ``axis``, the others as they are."""
-    leaves = jax.tree.leaves(params)
-    dims = [_split_dim(p, axis, min_size) for p in leaves]
+    leaves = jax.tree.leaves(params, is_leaf=base.is_masked_node)  # optax.masked's MaskedNode too, as the state's
+    dims = [None if base.is_masked_node(p) else _split_dim(p, axis, min_size) for p in leaves]
 
     def mirrors(node: Any) -> bool:
         return _mirrors(node, params)
