@@ -102,6 +102,13 @@ def test_what_the_factory_takes_it_takes_injected(spec: OptimizerSpec) -> None:
     assert taken >= 1
 
 
+def test_a_hyperparameter_the_dtype_rounds_out_of_range_is_named_with_the_dtype() -> None:
+    """bfloat16 rounds Adam's default b2=0.999 to 1: the refusal named b2=1, which the user never gave."""
+    with pytest.raises(adaopt.HyperparameterError, match=r"hyperparam_dtype=bfloat16 .* b2=0.999 to 1.0\. .*\('b2',\)"):
+        adaopt.inject_hyperparams(adaopt.adam, hyperparam_dtype=jnp.bfloat16)(1e-3).init(_params())
+    adaopt.inject_hyperparams(adaopt.adam, hyperparam_dtype=jnp.bfloat16, static_args="b2")(1e-3).init(_params())
+
+
 def test_an_injected_nonzero_option_is_still_refused() -> None:
     with pytest.raises(adaopt.HyperparameterError, match=r"requires dampening=0, got dampening=Array\(0.5"):
         adaopt.inject_hyperparams(adaopt.sgd)(momentum=0.9, dampening=0.5, nesterov=True).init(_params())

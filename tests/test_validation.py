@@ -209,12 +209,12 @@ def test_prodigy_with_sliced_statistics_still_checks_the_shapes() -> None:
 @pytest.mark.parametrize(
     ("factory", "mask", "match"),
     [
-        (adaopt.adamw, {"w": True}, r"per-leaf options \(weight_decay_mask"),  # a leaf missing
-        (adaopt.adamw, lambda p: {"w": True, "b": True, "s": None}, r"per-leaf options \(weight_decay_mask"),
+        (adaopt.adamw, {"w": True}, r"per-leaf option weight_decay_mask:"),  # a leaf missing
+        (adaopt.adamw, lambda p: {"w": True, "b": True, "s": None}, r"per-leaf option weight_decay_mask:"),
         (adaopt.adamw, {"w": jnp.array([True, False]), "b": True, "s": True}, r"weight_decay_mask\['w'\] must be a"),
         (adaopt.lion, {"w": "yes", "b": "no", "s": True}, r"weight_decay_mask\['b'\] must be a boolean"),
         (adaopt.adan, "w", r"weight_decay_mask must be None, a tree of booleans.*got 'w'"),
-        (adaopt.adamw, {"w": True, "b": {"x": True}, "s": True}, r"per-leaf options \(weight_decay_mask"),
+        (adaopt.adamw, {"w": True, "b": {"x": True}, "s": True}, r"per-leaf option weight_decay_mask:"),
         (adaopt.adafactor, {"w": 1.0, "b": True, "s": True}, r"weight_decay_mask\['w'\] must be a boolean"),
     ],
 )
@@ -432,9 +432,64 @@ def test_a_mask_that_is_one_value_is_refused_when_built(factory: Any, mask: Any)
         factory(weight_decay=0.1, weight_decay_mask=mask)
 
 
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: adaopt.muon(1e-2, muon_mask={"a": True}), "muon_mask"),
+        (lambda: adaopt.muon(1e-2, matrix_view=lambda p: {"a": "flatten"}), "matrix_view"),
+        (lambda: adaopt.galore_adamw(1e-2, galore_mask={"a": True}), "galore_mask"),
+        (lambda: adaopt.scion(norms={"a": "spectral"}), "norms"),
+        (lambda: adaopt.dadapt_adam(layer_scale=0.5), "layer_scale"),
+    ],
+)
+def test_a_per_leaf_option_unlike_the_parameters_is_named(make: Any, name: str) -> None:
+    """Each was called "per-leaf options (weight_decay_mask, layer_scale)"; D-Adapt Adam's layer_scale failed only
+    at the first step."""
+    params = {"a": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    with pytest.raises(adaopt.TreeMismatchError, match=rf"per-leaf option {name}:"):
+        make().init(params)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: adaopt.radam_rectification(1.0), r"^b2 must be a finite number in \[0.0, 1.0\), got 1.0"),
+        (lambda: adaopt.radam_rectification(float("nan")), r"^b2 must be .*got nan"),  # a factor of 0 forever
+        (lambda: adaopt.newton_schulz(jnp.ones((3, 3)), steps=-1), r"^steps must be an integer in \[0, 99\]"),
+        (lambda: adaopt.newton_schulz(jnp.ones((3, 3)), eps=-1.0), r"^eps must be a finite number in \[0.0, inf\)"),
+        (lambda: adaopt.newton_schulz(jnp.ones((3, 3)), dtype=jnp.int32), r"^dtype must be a floating dtype"),
+        (lambda: adaopt.newton_schulz(jnp.ones(3)), r"x must have 2 or more dimensions, got shape \(3,\)"),
+        (
+            lambda: adaopt.scion(norms={"w": "spectrall", "b": "bias_rms"}).init(
+                {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+            ),
+            r"^norms\['w'\]: kind must be one of .*got 'spectrall'",
+        ),
+    ],
+)
+def test_public_helpers_name_a_bad_argument(call: Any, match: str) -> None:
+    """Each was taken: a ZeroDivisionError, NaN or zero factors, non-finite matrices, an IndexError, or a norm's
+    typo that did not say which leaf."""
+    with pytest.raises(adaopt.HyperparameterError, match=match):
+        call()
+
+
+def test_a_group_predicate_of_one_argument_is_named() -> None:
+    groups = [adaopt.Group(lambda path: path == "w", weight_decay=0.0)]
+    with pytest.raises(TypeError, match=r"must take two arguments, \(path, leaf\)"):
+        adaopt.param_groups(adaopt.adamw, groups, learning_rate=1e-3).init({"w": jnp.ones(3)})
+
+
+def test_a_layer_scale_function_is_checked_like_a_tree() -> None:
+    with pytest.raises(
+        adaopt.HyperparameterError, match=r"^layer_scale must be a finite number in \[0.0, inf\), got -1"
+    ):
+        adaopt.dadapt_adam(layer_scale=lambda p: jax.tree.map(lambda _: -1.0, p)).init(PARAMS)
+
+
 def test_a_mask_tree_unlike_the_parameters_is_named_at_shampoos_init() -> None:
     tx = adaopt.scale_by_shampoo(weight_decay=0.1, weight_decay_mask={"a": True})
-    with pytest.raises(adaopt.TreeMismatchError, match=r"per-leaf options \(weight_decay_mask"):
+    with pytest.raises(adaopt.TreeMismatchError, match=r"per-leaf option weight_decay_mask:"):
         tx.init(PARAMS)
 
 

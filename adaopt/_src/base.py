@@ -291,9 +291,16 @@ def check_flag(name: str, value: Any, *, optional: bool = False) -> None:
 PER_LEAF_OPTIONS = "per-leaf options (weight_decay_mask, layer_scale)"
 
 
+def per_leaf_option(name: str) -> str:
+    """What :func:`check_tree_match` calls the tree an argument ``name`` gave, one entry per parameter leaf."""
+    return f"per-leaf option {name}"
+
+
 def _fix_for(what: str, subject: str) -> str:
     if what == PER_LEAF_OPTIONS:
         return "Give each of them one entry per parameter leaf, in a tree of the parameters' structure."
+    if what.startswith("per-leaf option "):
+        return "Give it one entry per parameter leaf, in a tree of the parameters' structure (or a function of them)."
     if what == "parameters":
         return f"Pass the {subject} of the parameters given as `params`, with the same tree structure and shapes."
     if subject == "parameters":
@@ -608,7 +615,7 @@ def resolve_mask(mask: MaskOrFn | None, params: Any, name: str = "weight_decay_m
     chosen = mask(params) if callable(mask) else mask
     if chosen is not None:
         check_mask_leaves(chosen, name)
-        check_tree_match(params, chosen, PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+        check_tree_match(params, chosen, per_leaf_option(name), subject="parameters", shapes=False)
     return chosen
 
 
@@ -646,7 +653,7 @@ def masked(
         try:  # a prefix of the tree is a mask too (one value for a subtree), as optax.masked takes it
             jax.tree.map(lambda m, subtree: m, chosen, leafy(tree), is_leaf=held)
         except ValueError:
-            check_tree_match(leafy(tree), leafy(chosen), PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+            check_tree_match(leafy(tree), leafy(chosen), per_leaf_option(name), subject="parameters", shapes=False)
             raise
         return chosen
 

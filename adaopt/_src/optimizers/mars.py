@@ -235,7 +235,7 @@ def _route_mask(weight_decay_mask: base.MaskOrFn | None, optimize_1d: bool, mars
         if user is None:
             return route
         base.check_mask_leaves(user)
-        base.check_tree_match(tree, user, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+        base.check_tree_match(tree, user, base.per_leaf_option("weight_decay_mask"), subject="parameters", shapes=False)
         return jax.tree.map(lambda u, r: bool(u) and r, user, route)
 
     return mask

@@ -273,6 +273,14 @@ def newton_schulz(
     Returned in that dtype. ``coefficients``: one :math:`(a, b, c)` for every iteration, or one
     per iteration (``steps`` of them).
     """
+    base.check_integer("steps", steps, 0, 99)
+    base.check_nonnegative("eps", eps)
+    base.check_dtype("dtype", dtype)
+    if jnp.ndim(x) < 2:
+        raise base.HyperparameterError(
+            f"newton_schulz orthogonalises matrices (the last two axes of x): x must have 2 or more dimensions, got "
+            f"shape {jnp.shape(x)}."
+        )
     schedule = _schedule(coefficients, steps)
     dtype = moments.compute_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
     # Products accumulate in float32 at least and are rounded to ``dtype`` once per product-and-sum,
@@ -326,7 +334,7 @@ def _views(matrix_view: ViewSpec, tree: Any) -> Any:
     if isinstance(matrix_view, (MatrixAxes, str)):
         return jax.tree.map(lambda _: matrix_view, tree)
     views = matrix_view(tree)
-    base.check_tree_match(tree, views, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
+    base.check_tree_match(tree, views, base.per_leaf_option("matrix_view"), subject="parameters", shapes=False)
     for view in jax.tree.leaves(views):
         _check_view(view, per_leaf=True)
     return views

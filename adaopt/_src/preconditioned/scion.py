@@ -179,8 +179,15 @@ def default_scion_norms(params: base.Params, *, in_out: bool = False) -> Any:
 def _resolve_norms(norms: base.MaskOrFn | None, tree: Any) -> Any:
     chosen = norms(tree) if callable(norms) else norms
     chosen = default_scion_norms(tree) if chosen is None else chosen
-    base.check_tree_match(tree, chosen, base.PER_LEAF_OPTIONS, subject="parameters", shapes=False)
-    return jax.tree.map(_as_norm, chosen, is_leaf=lambda x: isinstance(x, ScionNorm))
+    base.check_tree_match(tree, chosen, base.per_leaf_option("norms"), subject="parameters", shapes=False)
+
+    def as_norm(path: Any, norm: Any) -> ScionNorm:
+        try:
+            return _as_norm(norm)
+        except base.HyperparameterError as error:
+            raise base.HyperparameterError(f"norms{jax.tree_util.keystr(path)}: {error}") from None
+
+    return jax.tree_util.tree_map_with_path(as_norm, chosen, is_leaf=lambda x: isinstance(x, ScionNorm))
 
 
 def _check_leaves(tree: Any, norms: Any) -> None:

@@ -304,6 +304,13 @@ def scale_by_dadapt_adam(
     def init_fn(params: base.Params) -> DAdaptAdamState:
         if decoupled:
             decay_mask(weight_decay_mask, params)  # checked now, not at the first step
+        if layer_scale is not None:  # a tree of the parameters' structure, a function's too, checked now
+            scales = layer_scale(params) if callable(layer_scale) else layer_scale
+            what = base.per_leaf_option("layer_scale")
+            base.check_tree_match(params, scales, what, subject="parameters", shapes=False)
+            for value in jax.tree.leaves(scales):
+                if not isinstance(value, jax.core.Tracer):
+                    base.check_nonnegative("layer_scale", value)
         dtype = moments.scalar_dtype(params)
         return DAdaptAdamState(
             count=moments.zero_count(),

@@ -101,6 +101,8 @@ def radam_rectification(b2: Any, *, silent_sgd_phase: bool = True) -> LearningRa
       Beyond", ICLR 2020, https://arxiv.org/abs/1908.03265.
     """
 
+    base.check_decay("b2", b2)
+
     def factor(step: jax.Array) -> jax.Array:
         dtype = step.dtype
         rho_inf, rho, _ = moments.radam_rho(b2, step, dtype)

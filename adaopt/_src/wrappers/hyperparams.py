@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -127,7 +128,17 @@ def inject_hyperparams(
         @functools.wraps(factory)
         def injected_by_optax(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
             tx = inject(*args, **kwargs)
-            return optax.GradientTransformationExtraArgs(_distinct_init(tx.init), tx.update)
+            init = _distinct_init(tx.init)
+            if hyperparam_dtype is None:
+                return optax.GradientTransformationExtraArgs(init, tx.update)
+
+            def init_fn(params: Any) -> Any:
+                try:
+                    return init(params)
+                except base.HyperparameterError as error:  # a value the dtype rounded (b2=0.999 is 1 in bfloat16)?
+                    raise _rounded(error, factory, args, kwargs, static, hyperparam_dtype) from None
+
+            return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
         return injected_by_optax
 
@@ -179,6 +190,32 @@ def _static_names(static_args: Any) -> set[str]:
             f"static_args must be an argument's name or an iterable of names (str), got {static_args!r}."
         )
     return set(names)
+
+
+def _rounded(
+    error: base.HyperparameterError, factory: Any, args: Any, kwargs: Any, static: Any, dtype: Any
+) -> base.HyperparameterError:
+    """``error`` with the float hyperparameters (given or default) that ``dtype`` changes named, where any does."""
+    try:
+        bound = inspect.signature(factory).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return error
+    bound.apply_defaults()
+    changed = {}
+    for name, value in bound.arguments.items():
+        if name not in static and isinstance(value, float) and math.isfinite(value):
+            rounded = float(np.asarray(value, dtype))
+            if rounded != value:
+                changed[name] = rounded
+    named = {name: value for name, value in changed.items() if re.search(rf"\b{name}\b", str(error))}
+    changed = named or changed  # the one the error is about, where it names it
+    if not changed:
+        return error
+    shown = ", ".join(f"{name}={bound.arguments[name]!r} to {value!r}" for name, value in changed.items())
+    return base.HyperparameterError(
+        f"{error} hyperparam_dtype={jnp.dtype(dtype).name} rounds the float hyperparameters, the defaults too: it took "
+        f"{shown}. Use a wider hyperparam_dtype (float32), or keep them static: static_args={tuple(changed)!r}."
+    )
 
 
 def _check_hyperparam_dtype(hyperparam_dtype: Any) -> None:

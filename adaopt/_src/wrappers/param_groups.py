@@ -132,6 +132,15 @@ class Group:
         if _is_pattern(match):
             return _pattern_matches(match, path)
         if callable(match):
+            try:
+                inspect.signature(match).bind(path, leaf)
+            except TypeError:
+                raise TypeError(
+                    f"The predicate of Group({_describe(match)}) must take two arguments, (path, leaf): the leaf's "
+                    f"path as a string ({path!r}) and the leaf, e.g. lambda path, leaf: leaf.ndim == 1."
+                ) from None
+            except ValueError:  # no signature to read (a builtin): the call itself will tell
+                pass
             chosen = match(path, leaf)
             if not isinstance(chosen, (bool, np.bool_)):
                 raise TypeError(
