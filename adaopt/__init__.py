@@ -1,15 +1,11 @@
 """adaopt: adaptive-learning-rate optimizers for JAX, verified step for step against their references."""
 
-# What users chain with, from optax (not re-written).
+# What users chain with, from optax (not re-written; chain, clip, clip_by_global_norm, apply_if_finite and
+# MultiSteps are optax's with their arguments checked: adaopt._src.wrappers.checked_optax).
 from optax import GradientTransformation as GradientTransformation
 from optax import GradientTransformationExtraArgs as GradientTransformationExtraArgs
-from optax import MultiSteps as MultiSteps
 from optax import add_decayed_weights as add_decayed_weights
-from optax import apply_if_finite as apply_if_finite
 from optax import apply_updates as apply_updates
-from optax import chain as chain
-from optax import clip as clip
-from optax import clip_by_global_norm as clip_by_global_norm
 from optax import partition as partition
 from optax import schedules as schedules
 from optax.schedules import constant_schedule as constant_schedule
@@ -240,6 +236,11 @@ from adaopt._src.wrappers.averaging import averaged_params as averaged_params
 from adaopt._src.wrappers.averaging import polynomial_decay_averaging as polynomial_decay_averaging
 from adaopt._src.wrappers.cautious import cautious as cautious
 from adaopt._src.wrappers.cautious import scale_by_cautious_mask as scale_by_cautious_mask
+from adaopt._src.wrappers.checked_optax import MultiSteps as MultiSteps
+from adaopt._src.wrappers.checked_optax import apply_if_finite as apply_if_finite
+from adaopt._src.wrappers.checked_optax import chain as chain
+from adaopt._src.wrappers.checked_optax import clip as clip
+from adaopt._src.wrappers.checked_optax import clip_by_global_norm as clip_by_global_norm
 from adaopt._src.wrappers.galore import GaLoreState as GaLoreState
 from adaopt._src.wrappers.galore import default_galore_mask as default_galore_mask
 from adaopt._src.wrappers.galore import galore as galore

@@ -576,3 +576,41 @@ def test_an_empty_mask_tree_is_a_tree() -> None:
     base.check_mask(optax.MaskedNode())
     with pytest.raises(adaopt.HyperparameterError, match="got the single value True"):
         base.check_mask(True)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: adaopt.clip_by_global_norm(0.0), r"^max_norm must be a finite number in \(0.0, inf\), got 0.0"),
+        (lambda: adaopt.clip_by_global_norm(-1.0), r"^max_norm must be"),  # reversed every update
+        (lambda: adaopt.clip(float("nan")), r"^max_delta must be"),  # NaN parameters
+        (lambda: adaopt.MultiSteps(adaopt.adam(1e-3), 0), r"^every_k_schedule must be an integer in \[1,"),
+        (lambda: adaopt.apply_if_finite(adaopt.adam(1e-3), None), r"^max_consecutive_errors must be an integer"),
+        (lambda: adaopt.chain(adaopt.clip(1.0), adaopt.adam), r"^chain's argument 1 must be a gradient .*adam"),
+    ],
+)
+def test_optaxs_building_blocks_check_their_arguments(call: Any, match: str) -> None:
+    """optax took each: zeroed, reversed or NaN updates, no step ever, a comparison with None in the step, an
+    AttributeError at init."""
+    with pytest.raises(adaopt.HyperparameterError, match=match):
+        call()
+
+
+def test_optaxs_building_blocks_are_optaxs() -> None:
+    """The same transformations and numbers; a NumPy integer is a number of steps, not a schedule."""
+    params, grads = {"w": jnp.arange(3.0)}, {"w": jnp.asarray([3.0, -4.0, 12.0])}
+    for ours, theirs in [
+        (adaopt.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)),
+        (adaopt.clip(2.0), optax.clip(2.0)),
+        (adaopt.chain(adaopt.clip(2.0), optax.sgd(0.1)), optax.chain(optax.clip(2.0), optax.sgd(0.1))),
+        (adaopt.apply_if_finite(optax.sgd(0.1), 2), optax.apply_if_finite(optax.sgd(0.1), 2)),
+    ]:
+        got, _ = ours.update(grads, ours.init(params), params)
+        want, _ = theirs.update(grads, theirs.init(params), params)
+        np.testing.assert_array_equal(got["w"], want["w"])
+    multi = adaopt.MultiSteps(optax.sgd(1.0), np.int64(2))
+    assert isinstance(multi, optax.MultiSteps)
+    state = multi.init(params)
+    first, state = multi.update(grads, state, params)
+    second, state = multi.update(grads, state, params)
+    assert not np.any(first["w"]) and np.array_equal(second["w"], -grads["w"])

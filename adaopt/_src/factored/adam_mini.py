@@ -96,8 +96,9 @@ def _has_any(name: str, substrings: tuple[str, ...]) -> bool:
 
 
 def _is_bias(name: str) -> bool:
-    """The reference's ``"bias"`` substring, or Haiku's name of a bias, ``"b"``, as the leaf's own key."""
-    return _has_any(name, _PLAIN_ADAM) or name.rsplit(".", 1)[-1] == "b"
+    """The reference's ``"bias"`` substring, or Haiku's name of a bias, ``"b"``, as a module's parameter (a leaf
+    named ``"b"`` at the root is the reference's: one block)."""
+    return _has_any(name, _PLAIN_ADAM) or name.endswith(".b")
 
 
 def _default_blocks(name: str, leaf: Any, dim: int | None, n_heads: int | None, output_axis: int) -> Blocks:
@@ -131,7 +132,7 @@ def default_adam_mini_blocks(
     ``jax.tree_util.keystr(path, simple=True, separator=".")``) and matched against the reference's substrings, in this
     order:
 
-    1. ``"bias"`` (and Haiku's ``"b"``, as the leaf's own key): ``"coordinate"``, plain Adam.
+    1. ``"bias"`` (and Haiku's ``"b"``, a module's parameter): ``"coordinate"``, plain Adam.
     2. A leaf that is not a matrix (0-d, 1-d: norms' gains, scalars; 3-d and more):
        ``"tensor"``, one second moment for the leaf.
     3. Queries and keys (``"q_proj"``, ``"k_proj"``, ``"wq"``, ``"wk"``, ``"query"``,
@@ -180,7 +181,7 @@ def default_adam_mini_blocks(
 
 def adam_mini_decay_mask(params: base.Params) -> Any:
     """The reference's choice of the leaves to decay: all but those whose name holds ``"norm"``, ``"ln"`` or ``"bias"``
-    (or whose own key is Haiku's ``"b"``).
+    (or that are Haiku's ``"b"``, a module's parameter).
 
     Names as in :func:`default_adam_mini_blocks` (dotted, lowercased). Pass it as
     ``weight_decay_mask`` to :func:`adam_mini` to decay as ``adam_mini.Adam_mini`` does.
