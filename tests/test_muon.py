@@ -266,6 +266,7 @@ STACKED = {  # a linen model scanned over 6 layers, with Flax's attention; Llama
         "attn": {"query": {"kernel": jnp.ones((6, 16, 4, 4)), "bias": jnp.ones((6, 4, 4))}},
     },
     "h.0.ln_1.weight": jnp.ones((2, 16)),
+    "model.layers.0.input_layernorm.weight": jnp.ones((2, 16)),  # stacked torch-style
     "mlp/~/linear_0": {"w": jnp.ones((16, 16)), "b": jnp.ones((2, 16))},
     "output.weight": jnp.ones((50, 16)),
     "bert.encoder.layer.0.attention.output.dense.weight": jnp.ones((16, 16)),
@@ -277,7 +278,8 @@ STACKED_MUON = {
         "Dense_0": {"kernel": True, "bias": False},
         "attn": {"query": {"kernel": True, "bias": False}},
     },
-    "h.0.ln_1.weight": False, "mlp/~/linear_0": {"w": True, "b": False}, "output.weight": False,
+    "h.0.ln_1.weight": False, "model.layers.0.input_layernorm.weight": False,
+    "mlp/~/linear_0": {"w": True, "b": False}, "output.weight": False,
     "bert.encoder.layer.0.attention.output.dense.weight": True, "lnk": {"weight": True},
 }  # fmt: skip
 

@@ -149,7 +149,7 @@ _AUX_HOLDERS = ("output",)
 # torch's), or anything under a norm's module (GPT-2's ln_1, Flax's LayerNorm_0, Llama's input_layernorm). Stacked
 # for a scan over layers they are (layers, d), and Flax's attention biases are (heads, head_dim).
 _VECTOR_NAMES = ("bias", "b", "scale", "offset")
-_NORM_KEY = re.compile(r"norm|ln($|[_\d])")
+_NORM_KEY = re.compile(r"norm|^ln($|[_\d])")
 _NO_COMPLEX = (
     "Muon does not take complex parameters: its Newton–Schulz iteration has no complex form here, and a real "
     "view would orthogonalise another matrix. Got a complex leaf at {path} ({dtype}). Train complex leaves with "
@@ -204,7 +204,7 @@ def is_vector_path(path: tuple[Any, ...]) -> bool:
     """Whether the path names a bias or a norm's parameter: ``"bias"``, ``"b"``, ``"scale"`` or ``"offset"`` as the
     leaf's own key, or a key containing ``"norm"`` or starting ``"ln"`` and a digit, ``"_"`` or nothing (``"ln_f"``)."""
     names = path_names(path)
-    return bool(names) and (names[-1] in _VECTOR_NAMES or any(_NORM_KEY.match(n) for n in names))
+    return bool(names) and (names[-1] in _VECTOR_NAMES or any(_NORM_KEY.search(n) for n in names))
 
 
 def default_muon_mask(params: base.Params) -> Any:
