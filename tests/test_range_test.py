@@ -368,3 +368,19 @@ def test_a_val_loader_that_is_no_iterable_of_batches_is_named(val_loader: Any) -
     loss_fn = lambda p, b: jnp.mean((p - b) ** 2)
     with pytest.raises(adaopt.HyperparameterError, match=r"^val_loader must be None or an iterable of validation"):
         adaopt.range_test(loss_fn, jnp.zeros(4), adaopt.sgd, jnp.ones((5, 4)), num_iter=5, val_loader=val_loader)
+
+
+def test_a_list_of_batches_is_stacked() -> None:
+    """[(x, y), ...] (a torch loader's list) was read as one pytree whose leading axis is the examples: the loss got
+    a list of tuples and failed. A list of arrays stays the stacked form; batches of two sizes are named."""
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=(4, 8, 3)).astype(np.float32), rng.normal(size=(4, 8)).astype(np.float32)
+    loss_fn = lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2)
+    params = {"w": jnp.zeros(3)}
+    listed = adaopt.range_test(loss_fn, params, adaopt.adam, list(zip(xs, ys, strict=True)), num_iter=12)
+    stacked = adaopt.range_test(loss_fn, params, adaopt.adam, (xs, ys), num_iter=12)
+    np.testing.assert_array_equal(np.asarray(listed.losses), np.asarray(stacked.losses))
+    as_list = adaopt.range_test(loss_fn, params, adaopt.adam, [xs, ys], num_iter=12)  # a list of stacked parts
+    np.testing.assert_array_equal(np.asarray(as_list.losses), np.asarray(stacked.losses))
+    with pytest.raises(ValueError, match=r"list of 2 batches of different shapes.*drop_last=True"):
+        adaopt.range_test(loss_fn, params, adaopt.adam, [(xs[0], ys[0]), (xs[1, :5], ys[1, :5])], num_iter=12)

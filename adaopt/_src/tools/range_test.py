@@ -157,6 +157,25 @@ def _leading_size(tree: Any, name: str, entry: str = "batch") -> int:
     return sizes.pop()
 
 
+def _stacked_list(batches: Any) -> Any:
+    """A list of batches, each a tree of arrays of one structure (``[(x, y), (x, y), ...]``, as a torch loader's
+    ``list(loader)``), stacked into one tree with a leading axis of batches; anything else as it is (a list of
+    arrays stays a pytree: its arrays are the stacked batches' parts)."""
+    if not isinstance(batches, list) or not batches:
+        return batches
+    structures = {jax.tree.structure(batch) for batch in batches}
+    if len(structures) != 1 or structures.pop().num_nodes == 1:  # one array per element: the stacked form
+        return batches
+    shapes = {tuple(np.shape(x) for x in jax.tree.leaves(batch)) for batch in batches}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"batches is a list of {len(batches)} batches of different shapes ({sorted(shapes)[:3]}...): they are "
+            "stacked into one array per part, so give batches of one size (a loader's drop_last=True), or pass a "
+            "function of the batch index."
+        )
+    return jax.tree.map(lambda *parts: np.stack([np.asarray(p) for p in parts]), *batches)
+
+
 ValidationGroups = tuple[tuple[tuple[Any, np.ndarray], ...], np.ndarray]
 
 
@@ -401,7 +420,8 @@ def range_test(
       optimizer: a factory taking ``learning_rate`` (preferred), or an optimizer built with
         ``learning_rate=1.0``.
       batches: the training batches in order: a pytree of arrays with a leading axis of one entry
-        per batch (cycled when the test needs more), or a function from the batch index
+        per batch (cycled when the test needs more), a list of batches of one size and structure
+        (``[(x, y), ...]``, stacked here), or a function from the batch index
         :math:`k` (a traced int32; iteration :math:`i` uses :math:`k = i a, \dots, i a + a - 1` for
         :math:`a` = ``accumulation_steps``) to a batch.
       start_lr: the first learning rate, > 0.
@@ -460,6 +480,7 @@ def range_test(
     base.check_scalar("smooth_f", smooth_f, low=0.0, high=1.0, high_open=True)
     base.check_scalar("diverge_th", diverge_th, low=1.0, low_open=True)
     base.check_integer("accumulation_steps", accumulation_steps, 1)
+    batches = _stacked_list(batches)
     batch_fn = _ByIdentity(batches) if callable(batches) else None
     num_batches = 0 if callable(batches) else _leading_size(batches, "batches")
     if val_batches is not None and val_loader is not None:
