@@ -614,3 +614,16 @@ def test_optaxs_building_blocks_are_optaxs() -> None:
     first, state = multi.update(grads, state, params)
     second, state = multi.update(grads, state, params)
     assert not np.any(first["w"]) and np.array_equal(second["w"], -grads["w"])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "shown"), [(lambda count: -1e-3, "-0.001"), (lambda count: jnp.nan, "nan")], ids=["negative", "nan"]
+)
+@pytest.mark.parametrize("factory", [adaopt.adam, adaopt.sgd, adaopt.prodigy])
+def test_a_schedule_that_starts_below_zero_or_non_finite_is_refused(factory: Any, schedule: Any, shown: str) -> None:
+    """Taken, it stepped uphill or made the parameters NaN from the first step (inject_hyperparams refused it)."""
+    with pytest.raises(
+        adaopt.HyperparameterError, match=rf"^learning_rate must be a schedule of finite values >= 0.* {shown}\."
+    ):
+        factory(learning_rate=schedule)
+    factory(learning_rate=lambda count: 1e-3 if count < 10 else 1e-4)  # read in Python: run once, eagerly

@@ -146,8 +146,22 @@ def check_learning_rate(learning_rate: Any, name: str = "learning_rate") -> None
     """A non-negative number, or a schedule (a callable from the step count to a real scalar: :func:`check_schedule`)."""
     if callable(learning_rate):
         check_schedule(name, learning_rate)
+        _check_schedule_start(name, learning_rate)
         return
     check_nonnegative(name, learning_rate)
+
+
+def _check_schedule_start(name: str, schedule: Any) -> None:
+    """Raise ``HyperparameterError`` where the schedule's value at step 0 is negative or not finite (a step uphill, or
+    NaN parameters, from the first update); one that fails when run eagerly is left to its first step."""
+    try:
+        value = concrete_scalar(schedule(jnp.zeros([], jnp.int32)))
+    except Exception:  # traced or failing eagerly: check_schedule has traced it already
+        return
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise HyperparameterError(
+            f"{name} must be a schedule of finite values >= 0, got one whose value at step 0 is {value!r}."
+        )
 
 
 def check_schedule(name: str, schedule: Any, step_dtype: Any = jnp.int32) -> None:

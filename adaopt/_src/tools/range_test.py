@@ -164,7 +164,7 @@ def _stacked_list(batches: Any) -> Any:
     if not isinstance(batches, list) or not batches:
         return batches
     structures = {jax.tree.structure(batch) for batch in batches}
-    if len(structures) != 1 or structures.pop().num_nodes == 1:  # one array per element: the stacked form
+    if len(structures) != 1 or jax.tree_util.treedef_is_leaf(structures.pop()):  # arrays: the stacked form
         return batches
     shapes = {tuple(np.shape(x) for x in jax.tree.leaves(batch)) for batch in batches}
     if len(shapes) != 1:
