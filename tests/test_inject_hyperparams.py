@@ -110,6 +110,7 @@ def test_a_hyperparameter_the_dtype_rounds_out_of_range_is_named_with_the_dtype(
 
 
 def test_an_injected_nonzero_option_is_still_refused() -> None:
+    adaopt.rmsprop(1e-3, bias_correction=True, centered=np.False_)  # a NumPy False is no option taken
     with pytest.raises(adaopt.HyperparameterError, match=r"requires dampening=0, got dampening=Array\(0.5"):
         adaopt.inject_hyperparams(adaopt.sgd)(momentum=0.9, dampening=0.5, nesterov=True).init(_params())
     with pytest.raises(adaopt.HyperparameterError, match=r"does not take \['eps_root'\]"):

@@ -496,7 +496,7 @@ def known_nonzero(value: Any) -> bool:
     """
     if isinstance(value, jax.core.Tracer):
         return False
-    if isinstance(value, (int, float, np.number, np.ndarray, jax.Array)):
+    if isinstance(value, (int, float, np.number, np.bool_, np.ndarray, jax.Array)):
         return bool(np.any(np.asarray(value) != 0))
     return value is not None and value is not False
 
