@@ -242,7 +242,7 @@ def test_the_default_rule_gives_each_kind_of_leaf_its_norm() -> None:
         "embed": {"embedding": column}, "wte": column,
         "blocks": [{"attn": {"kernel": "spectral"}, "norm": {"scale": "bias_rms"}}],
         "conv": "spectral", "bias": "bias_rms", "temperature": "bias_rms", "lm_head": {"kernel": "sign"},
-        "value_head": "sign", "column": "bias_rms", "bn": {"scale": "bias_rms"}, "frozen": None,
+        "value_head": "sign", "column": "bias_rms", "bn": {"scale": ScionNorm("bias_rms", axis=-1)}, "frozen": None,
     }  # fmt: skip
     # The whole model in one jitted step, None leaf included.
     opt = adaopt.scion(0.01)
@@ -267,14 +267,43 @@ def test_the_default_rule_reads_flat_dotted_names() -> None:
 
 
 def test_biases_and_norms_stay_vectors_whatever_their_shape() -> None:
-    """The leaves default_muon_mask leaves to AdamW by their names take "bias_rms" (stacked biases, norms' gains and
-    Flax's (heads, head_dim) attention biases were "spectral"); Llama's "output.weight" is a head."""
+    """The leaves default_muon_mask leaves to AdamW by their names take "bias_rms" over their last axis (stacked
+    biases, norms' gains and Flax's (heads, head_dim) attention biases were "spectral"); Llama's "output.weight" is
+    a head."""
     from tests.test_muon import STACKED, STACKED_MUON
 
     norms = adaopt.default_scion_norms(STACKED)
-    expected = jax.tree.map(lambda muon: "spectral" if muon else "bias_rms", STACKED_MUON)
+    expected = jax.tree.map(lambda muon: "spectral" if muon else ScionNorm("bias_rms", axis=-1), STACKED_MUON)
     expected["output.weight"] = "sign"
     assert norms == expected
+
+
+def test_stacked_biases_take_each_layers_step_on_its_own() -> None:
+    """A (layers, d) stack of biases by the default rule: each layer's step is that layer's bias_rms step (the RMS
+    over the first axis mixed the layers: each feature normalised across them); a Haiku (1, 1, 1, C) gain's step is
+    the (C,) gain's (it was sign(d): the RMS of one element)."""
+    rng = np.random.default_rng(3)
+    grads = {
+        "blocks": {"bias": rng.normal(size=(3, 8)) * np.array([[1.0], [10.0], [0.1]])},
+        "bn": {"scale": rng.normal(size=(1, 1, 1, 8))},
+    }
+    params = jax.tree.map(np.zeros_like, grads)
+    opt = adaopt.scion(0.1, momentum=0.0)
+    with jax.enable_x64(True):
+        updates, _ = opt.update(grads, opt.init(params), params)
+        for layer in range(3):
+            single = {"bias": grads["blocks"]["bias"][layer]}
+            want, _ = opt.update(single, opt.init(jax.tree.map(np.zeros_like, single)), single)
+            np.testing.assert_allclose(updates["blocks"]["bias"][layer], want["bias"], rtol=1e-14)
+        gain = {"scale": grads["bn"]["scale"].reshape(8)}
+        want, _ = opt.update(gain, opt.init(gain), gain)
+        np.testing.assert_allclose(updates["bn"]["scale"].reshape(8), want["scale"], rtol=1e-14)
+    with pytest.raises(
+        ValueError, match=r"'bias_rms' at \['b'\] takes its RMS over axis 1, but the leaf has shape \(4,\)"
+    ):
+        adaopt.scion(0.1, norms={"b": ScionNorm("bias_rms", axis=1)}).init({"b": jnp.ones(4)})
+    with pytest.raises(adaopt.HyperparameterError, match="axis is an option of the 'bias_rms' norm, not of 'sign'"):
+        ScionNorm("sign", axis=0)
 
 
 def test_in_out_kernels_take_torchs_steps_transposed() -> None:

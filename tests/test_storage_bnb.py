@@ -132,6 +132,15 @@ def test_maps_are_the_packages_up_to_float32_rounding() -> None:
         ulps = np.abs(ours.view(np.int32).astype(np.int64) - theirs.view(np.int32).astype(np.int64))
         assert ulps.max() <= 2, (signed, ulps.max())
         np.testing.assert_allclose(ours, theirs, rtol=3e-7, atol=0)
+    # Smaller maps, as the package builds them: signed with any exponent from 1 (0 fails there), unsigned with the
+    # one exponent that fills its codes (it refuses the others; ours pads them with zeros). It pads its maps with
+    # zeros to 256 entries before sorting them.
+    for total_bits in (2, 4, 6):
+        for signed, exponent in [(True, e) for e in range(1, total_bits)] + [(False, total_bits - 1)]:
+            theirs = bnb_functional.create_dynamic_map(signed, exponent, total_bits).numpy()
+            ours = adaopt.dynamic_map(signed, total_bits=total_bits, max_exponent_bits=exponent)
+            assert ours.shape == (2**total_bits,)
+            np.testing.assert_allclose(np.sort(np.pad(ours, (0, 256 - ours.size))), theirs, rtol=3e-7, atol=0)
 
 
 def test_nearest_index_is_the_nearest_entry() -> None:

@@ -627,3 +627,20 @@ def test_a_schedule_that_starts_below_zero_or_non_finite_is_refused(factory: Any
     ):
         factory(learning_rate=schedule)
     factory(learning_rate=lambda count: 1e-3 if count < 10 else 1e-4)  # read in Python: run once, eagerly
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: adaopt.dynamic_map(True, total_bits=0), r"^total_bits must be an integer in \[1, 16\], got 0"),
+        # An exponent of total_bits or more makes a map of more than 2**total_bits values.
+        (lambda: adaopt.dynamic_map(False, max_exponent_bits=8), r"^max_exponent_bits must be .* \[0, 7\], got 8"),
+        (lambda: adaopt.linear_map(0), r"^total_bits must be an integer in \[1, 16\], got 0"),
+        (lambda: adaopt.default_galore_mask({}, rank=0), r"^rank must be an integer in \[1,"),
+        (lambda: adaopt.default_galore_mask({}, rank=4, min_dim=0), r"^min_dim must be an integer in \[1,"),
+    ],
+)
+def test_maps_and_the_galore_mask_check_their_sizes(call: Any, match: str) -> None:
+    """Taken before: an empty linear map, a map of 257 values for 8-bit codes, every matrix projected at rank 0."""
+    with pytest.raises(adaopt.HyperparameterError, match=match):
+        call()

@@ -62,7 +62,15 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
-from adaopt._src.base import HyperparameterError, StoredLeaf, as_python, is_integer, is_real, is_stored
+from adaopt._src.base import (
+    HyperparameterError,
+    StoredLeaf,
+    as_python,
+    check_integer,
+    is_integer,
+    is_real,
+    is_stored,
+)
 from adaopt._src.placement import explicit_spec, reshard, sharded_like, whole
 
 # --------------------------------------------------------------------------- maps
@@ -86,6 +94,9 @@ def dynamic_map(signed: bool, *, total_bits: int = 8, max_exponent_bits: int = 7
       >>> m.shape, round(float(m.min()), 6), float(m.max()), int((m == 0).sum())
       ((256,), -0.992969, 1.0, 1)
     """
+    check_integer("total_bits", total_bits, 1, 16)
+    # A larger exponent overfills the map: more than 2**total_bits values.
+    check_integer("max_exponent_bits", max_exponent_bits, 0, total_bits - 1)
     sign_bits = total_bits - 1
     values: list[float] = []
     for i in range(max_exponent_bits):
@@ -105,6 +116,7 @@ def dynamic_map(signed: bool, *, total_bits: int = 8, max_exponent_bits: int = 7
 
 def linear_map(total_bits: int = 4) -> np.ndarray:
     """``2**total_bits`` evenly spaced values from ``1 / 2**total_bits`` to 1 (no zero): torchao's 4-bit map of the second moment."""
+    check_integer("total_bits", total_bits, 1, 16)
     n = 2**total_bits
     return (np.arange(1, n + 1, dtype=np.float64) / n).astype(np.float32)
 

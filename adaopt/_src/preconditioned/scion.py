@@ -69,7 +69,8 @@ class ScionNorm:
     - ``"row"``: each row over its norm, :math:`d_{i:} / (\|d_{i:}\|_2 \sqrt{B} + \epsilon)`
       (``normalize=False``: without :math:`\sqrt{B}`); 2-d only.
     - ``"bias_rms"``: :math:`d / (\mathrm{RMS}_0(d) + \epsilon)`, the RMS over the first axis
-      (a 0-d leaf: :math:`d / (|d| + \epsilon)`).
+      (a 0-d leaf: :math:`d / (|d| + \epsilon)`), or over ``axis``: ``axis=-1`` normalises each
+      row of a ``(layers, d)`` stack of biases, or a Haiku ``(1, 1, 1, C)`` gain, on its own.
     - ``"identity"``: :math:`d` itself (no norm: SGD with momentum).
 
     ``transpose`` swaps the two axes of a ``"col"`` or ``"row"`` leaf first: an embedding
@@ -86,11 +87,12 @@ class ScionNorm:
       transpose: for ``"col"`` and ``"row"``, swap the axes first; for ``"spectral"`` and
         ``"sign"``, an ``(in, out)`` matrix.
       eps: :math:`\epsilon` of ``"col"``, ``"row"`` and ``"bias_rms"``, >= 0.
+      axis: for ``"bias_rms"``, the axis of the RMS; None: the first (the reference's).
 
     Example:
       >>> import adaopt
       >>> adaopt.ScionNorm("sign", scale=60.0)  # an output head at 60 times the radius
-      ScionNorm(kind='sign', scale=60.0, normalize=None, max_scale=False, transpose=False, eps=1e-08)
+      ScionNorm(kind='sign', scale=60.0, normalize=None, max_scale=False, transpose=False, eps=1e-08, axis=None)
     """
 
     kind: NormKind
@@ -99,6 +101,7 @@ class ScionNorm:
     max_scale: bool = False
     transpose: bool = False
     eps: float = 1e-8
+    axis: int | None = None
 
     def __post_init__(self) -> None:
         base.check_choice("kind", self.kind, _KINDS)
@@ -107,6 +110,11 @@ class ScionNorm:
         base.check_flag("normalize", self.normalize, optional=True)
         base.check_flag("max_scale", self.max_scale)
         base.check_flag("transpose", self.transpose)
+        if self.axis is not None:
+            if self.kind != "bias_rms":
+                raise base.HyperparameterError(f"axis is an option of the 'bias_rms' norm, not of {self.kind!r}.")
+            base.check_integer("axis", self.axis, -64, 63)
+            base.as_python(self, axis=int)
 
     @property
     def normalized(self) -> bool:
@@ -122,18 +130,28 @@ def _is_embedding_path(path: tuple[Any, ...]) -> bool:
     return any(s in n for n in names for s in _EMBEDDING_SUBSTRINGS) or any(n in _EMBEDDING_KEYS for n in names)
 
 
+def _vector_norm(x: Any) -> Any:
+    """``"bias_rms"`` over a leaf's last axis when it has two or more and the last is longer than 1 (biases stacked
+    over layers or heads, Haiku's ``(1, 1, 1, C)`` gains: each row on its own), else over its first (a ``(d, 1)``
+    column, 0-d and 1-d leaves)."""
+    shape = jnp.shape(x)
+    return ScionNorm("bias_rms", axis=-1) if len(shape) >= 2 and shape[-1] > 1 else "bias_rms"
+
+
 def default_scion_norms(params: base.Params, *, in_out: bool = False) -> Any:
     """The default rule of :func:`scion`: the norm of each leaf, by its path and shape.
 
     - 0-d and 1-d leaves (biases, norms' gains, scalars), and biases and norms' parameters by their
       names whatever their shape (stacked over layers, Flax's ``(heads, head_dim)`` attention biases;
-      the names of :func:`default_muon_mask`): ``"bias_rms"``.
+      the names of :func:`default_muon_mask`): ``"bias_rms"``, over the last axis where there are two
+      or more and the last is longer than 1 (``ScionNorm("bias_rms", axis=-1)``: each layer's or
+      head's bias on its own).
     - Embeddings (a key containing ``"embed"`` or ``"embd"``, or equal to ``"wte"`` or ``"wpe"``):
       ``ScionNorm("col", transpose=True)``, each token's vector over its RMS.
     - Output heads (a key equal to ``"head"``, ``"lm_head"`` or ``"classifier"``, or ending in
       ``"_head"``, or ``"output"`` as the leaf's key or its module's): ``"sign"``.
     - Other leaves with fewer than two dimensions longer than 1 (Haiku's ``(1, 1, 1, C)`` gains, a
-      ``(d, 1)`` column): ``"bias_rms"``.
+      ``(d, 1)`` column): ``"bias_rms"`` over their long axis, as above.
     - Every other leaf of two or more dimensions: ``"spectral"`` (three or more: a batch of
       matrices over the leading axes).
 
@@ -163,13 +181,13 @@ def default_scion_norms(params: base.Params, *, in_out: bool = False) -> Any:
 
     def rule(path: tuple[Any, ...], x: Any) -> Any:
         if jnp.ndim(x) < 2 or is_vector_path(path):
-            return "bias_rms"
+            return _vector_norm(x)
         if _is_embedding_path(path) and jnp.ndim(x) == 2:
             return ScionNorm("col", transpose=True)
         if _is_embedding_or_head_path(path):
             return ScionNorm("sign", transpose=True) if in_out else "sign"
         if matrix_axes(x) < 2:
-            return "bias_rms"
+            return _vector_norm(x)
         return ScionNorm("spectral", transpose=True) if in_out else "spectral"
 
     base.check_flag("in_out", in_out)
@@ -198,6 +216,11 @@ def _check_leaves(tree: Any, norms: Any) -> None:
         ndim = jnp.ndim(leaf)
         low = 2 if norm.kind == "sign" and norm.normalized else _MIN_NDIM[norm.kind]
         high = _MAX_NDIM.get(norm.kind, ndim)
+        if norm.axis is not None and ndim and not -ndim <= norm.axis < ndim:
+            raise ValueError(
+                f"The Scion norm 'bias_rms' at {where} takes its RMS over axis {norm.axis}, but the leaf has shape "
+                f"{jnp.shape(leaf)}."
+            )
         if not low <= ndim <= high:
             wanted = f"{low}" if low == high else f"at least {low}"
             raise ValueError(
@@ -226,7 +249,8 @@ def _lmo(norm: ScionNorm, d: jax.Array, orthogonalise: Any) -> jax.Array:
         inputs = shape[0] if norm.transpose else shape[1]
         return jnp.sign(d) / inputs if norm.normalized and inputs else jnp.sign(d)
     if kind == "bias_rms":
-        rms = jnp.abs(d) if d.ndim == 0 else jnp.sqrt(jnp.mean(d * d, axis=0, keepdims=True))
+        axis = 0 if norm.axis is None else norm.axis
+        rms = jnp.abs(d) if d.ndim == 0 else jnp.sqrt(jnp.mean(d * d, axis=axis, keepdims=True))
         return d / (rms + norm.eps)
     if kind in ("col", "row"):
         x = d.T if norm.transpose else d

@@ -124,6 +124,12 @@ def _checked_bases(updates: Updates, state: GaLoreState) -> tuple[list[Any], lis
     return lefts, rights
 
 
+def _check_sizes(rank: Any, min_dim: Any) -> None:
+    base.check_integer("rank", rank, 1)
+    if min_dim is not None:
+        base.check_integer("min_dim", min_dim, 1)
+
+
 def default_galore_mask(params: Params, rank: int, min_dim: int | None = None) -> Any:
     """The leaves :func:`galore` projects by default: matrices whose smaller side is at least ``min_dim``.
 
@@ -137,6 +143,7 @@ def default_galore_mask(params: Params, rank: int, min_dim: int | None = None) -
       >>> adaopt.default_galore_mask(params, rank=8)
       {'b': False, 'head': False, 'w': True}
     """
+    _check_sizes(rank, min_dim)
     floor = rank + 1 if min_dim is None else min_dim
     return jax.tree.map(lambda p: jnp.ndim(p) == 2 and min(jnp.shape(p)) >= floor, params)
 
@@ -220,12 +227,10 @@ def galore(
       ``scale_parameter=False`` (above).
     """
     base.check_transformation("inner", inner)
-    base.check_integer("rank", rank, 1)
+    _check_sizes(rank, min_dim)
     base.check_integer("update_proj_gap", update_proj_gap, 1)
     base.check_scalar("scale", scale, low=0.0, low_open=True)
     base.check_choice("proj_type", proj_type, _TYPES)
-    if min_dim is not None:
-        base.check_integer("min_dim", min_dim, 1)
     base.check_mask(galore_mask, "galore_mask")
     inner = optax.with_extra_args_support(inner)
 
