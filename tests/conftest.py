@@ -18,6 +18,10 @@ os.environ.setdefault(
     " --xla_cpu_use_fusion_emitters=false",
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One thread for torch (and NumPy's BLAS): the references step small tensors, and xdist runs a worker per core,
+# so their default of a thread per core has each worker's threads contend with the other's (test_soap.py's
+# heavyball and pytorch-optimizer runs took 1.8x as long). Set before any test module imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import hypothesis
 import jax
