@@ -644,3 +644,20 @@ def test_maps_and_the_galore_mask_check_their_sizes(call: Any, match: str) -> No
     """Taken before: an empty linear map, a map of 257 values for 8-bit codes, every matrix projected at rank 0."""
     with pytest.raises(adaopt.HyperparameterError, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: adaopt.adam(learning_rate=2**40), "learning_rate"),
+        (lambda: adaopt.sgd(0.1, weight_decay=2**33), "weight_decay"),
+        (lambda: adaopt.adam(1e-3, eps=np.int64(2**31)), "eps"),
+    ],
+)
+def test_an_integer_beyond_int32_as_a_real_hyperparameter_is_named(call: Any, name: str) -> None:
+    """Taken, the first step failed in JAX with an OverflowError naming an argument "x" or "y"."""
+    with pytest.raises(adaopt.HyperparameterError, match=rf"^{name}=.* beyond int32.s range.* {name}=\d+\.0\.$"):
+        call()
+    params = {"w": jnp.ones(3)}
+    tx = adaopt.adam(learning_rate=float(2**40))  # as a float it steps
+    assert np.isfinite(np.asarray(tx.update(params, tx.init(params), params)[0]["w"])).all()

@@ -95,6 +95,12 @@ def check_scalar(
         ok = x < high if high_open else x <= high
     if not ok:
         raise HyperparameterError(f"{name} must be a finite number in {valid}, got {value!r}.")
+    if is_integer(value) and not -INT32_MAX - 1 <= value <= INT32_MAX:
+        # JAX takes a Python integer as int32 (without x64): the step would fail with an OverflowError.
+        raise HyperparameterError(
+            f"{name}={value!r} is an integer beyond int32's range, which JAX cannot take into a step: give it as "
+            f"a float, {name}={float(value)!r}."
+        )
 
 
 INT32_MAX = int(np.iinfo(np.int32).max)

@@ -455,8 +455,10 @@ def _regroup(
 
 
 def _number(value: float) -> int | float:
-    """A trial's value as the factory would be given it by hand: an integral one as an int (a count, a period)."""
-    return int(value) if float(value).is_integer() else float(value)
+    """A trial's value as the factory would be given it by hand: an integral one as an int (a count, a period) where
+    int32 holds it (a count must fit; a larger one is a real number)."""
+    integral = float(value).is_integer() and abs(value) <= base.INT32_MAX
+    return int(value) if integral else float(value)
 
 
 class Sweep:
