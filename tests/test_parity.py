@@ -150,6 +150,7 @@ def test_parity_detects_a_wrong_hyperparameter() -> None:
 HUGE = {
     "rmsprop": (lambda: adaopt.rmsprop(1e-2), lambda p: torch.optim.RMSprop(p, lr=1e-2)),
     "adadelta": (lambda: adaopt.adadelta(1.0), lambda p: torch.optim.Adadelta(p, lr=1.0)),
+    "adopt": (lambda: adaopt.adopt(1e-2), lambda p: references.torch_adopt.ADOPT(p, lr=1e-2)),
 }
 
 
@@ -158,6 +159,8 @@ def _huge_problem(name: str) -> tuple[dict, dict]:
     params = {"w": rng.normal(size=(6, 5)).astype(np.float32)}
     grads = {"w": (np.clip(rng.normal(size=(10, 6, 5)), -3, 3) * 1e19).astype(np.float32)}
     grads["w"][:, 0] = rng.normal(size=(10, 5))  # a row of ordinary gradients beside them
+    if name == "adopt":  # its first gradient's square is its v, unweighted (the reference's too): an ordinary one
+        grads["w"][0] = rng.normal(size=(6, 5))
     return params, grads
 
 

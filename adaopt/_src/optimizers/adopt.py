@@ -149,7 +149,8 @@ def scale_by_adopt(
             if debias:
                 m_later, v_later = m_compute + w1 * (normed - m_compute), v_compute + w2 * (g2 - v_compute)
             else:
-                m_later, v_later = moments.ema(normed, m_compute, beta1), moments.ema(g2, v_compute, beta2)
+                # Weighted before the square, as torch-adopt's addcmul: finite where the square overflows (1e19).
+                m_later, v_later = moments.ema(normed, m_compute, beta1), moments.ema_sq(g_compute, v_compute, beta2)
             m_new = jnp.where(first, m_compute, m_later)
             v_new = jnp.where(first, g2, v_later)
             step = jnp.where(first, jnp.zeros_like(m_new), m_new)
