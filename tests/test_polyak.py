@@ -147,6 +147,14 @@ def test_step_size_formula_and_state() -> None:
     updates, state = scale_by_polyak().update(zero, scale_by_polyak().init(params), params, value=1.0)
     assert float(state.step_size) == 0.0
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    # A NaN or infinite loss takes no step (it made the parameters NaN for good); +inf under a cap takes the cap.
+    for kwargs, value, gamma in [({}, math.nan, 0.0), ({}, -math.inf, 0.0), ({}, math.inf, 0.0),
+                                 ({"max_learning_rate": 0.5}, math.inf, 0.5)]:  # fmt: skip
+        tx = scale_by_polyak(**kwargs)
+        updates, state = tx.update(g, tx.init(params), params, value=value)
+        assert float(state.step_size) == gamma
+        for u, x in zip(jax.tree.leaves(updates), jax.tree.leaves(g), strict=True):
+            np.testing.assert_array_equal(np.asarray(u), gamma * np.asarray(x))
 
 
 def test_sps_converges_fast_without_tuning_where_the_loss_interpolates() -> None:

@@ -59,8 +59,8 @@ def scale_by_bold_driver(
         r_t &= [\text{compare} \wedge \neg(f_t \le f_{\text{prev}})] \qquad
             \text{(the loss rose; a non-finite loss counts as a rise)} \\
         m_t &= m_{t-1} \cdot \begin{cases}
-            \text{decrease} & r_t \\ \text{increase} & \text{compare} \wedge f_t \le f_{\text{prev}} \\
-            1 & \text{otherwise (the first step, the step after an undo)} \end{cases}
+            \text{decrease} & r_t \\ \text{increase} & \text{compare} \wedge f_t < f_{\text{prev}} \\
+            1 & \text{otherwise (a tie, the first step, the step after an undo)} \end{cases}
             \qquad (m_0 = 1) \\
         \text{update}_t &= \begin{cases}
             -\,\text{update}_{t-1} & r_t \wedge \text{undo} \quad\text{(back to } \theta_{t-2}) \\
@@ -70,7 +70,11 @@ def scale_by_bold_driver(
 
     A non-finite :math:`f_t` is never :math:`f_{\text{prev}}`: the last finite loss stays the one
     compared with (none before it: the next finite loss starts the comparisons), so a NaN or an
-    infinity is one rise, not a rise and then a fall.
+    infinity is one rise, not a rise and then a fall. A tie (a loss that stays exactly where it was:
+    zero at an exact fit, a plateau of a piecewise-constant loss) leaves the rate as it is, and an
+    increase that would make the rate :math:`\eta_t m_t` overflow is not taken: the rate stays
+    finite (it grew without bound while the loss stayed at 0, until :math:`\infty \cdot 0` made the
+    parameters NaN).
 
     With ``undo=True`` a rise costs a step: the step returns to the previous point (up to
     rounding) and the next one starts from there with the decreased rate, without comparing.
@@ -143,12 +147,13 @@ def scale_by_bold_driver(
         dtype = state.scale.dtype
         f = base.loss_value(value, dtype, "bold_driver")
         finite = jnp.isfinite(f)
-        lower = finite & (f <= state.previous_value)  # NaN and both infinities: a rise
-        fell = state.compare & lower
-        rose = state.compare & ~lower
+        fell = state.compare & finite & (f < state.previous_value)
+        rose = state.compare & ~(finite & (f <= state.previous_value))  # NaN and both infinities: a rise
         factor = jnp.where(rose, moments.scalar(decrease, dtype), jnp.where(fell, moments.scalar(increase, dtype), 1))
+        rate = numerics.learning_rate_at(learning_rate, state.count, dtype)
         scale = state.scale * factor.astype(dtype)
-        alpha = numerics.learning_rate_at(learning_rate, state.count, dtype) * scale
+        scale = jnp.where(jnp.isfinite(rate * scale), scale, state.scale)  # an increase past the float's range: none
+        alpha = rate * scale
         revert = rose if undo else jnp.zeros([], jnp.bool_)
 
         def leaf(d: jax.Array, *previous: jax.Array) -> tuple[jax.Array, ...]:

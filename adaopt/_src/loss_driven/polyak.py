@@ -55,7 +55,9 @@ def scale_by_polyak(
 
     with :math:`f_t` the loss at the current parameters (of the same batch as :math:`g_t`),
     :math:`\|g_t\|^2` summed over all leaves in the state's dtype (the parameters' widest float,
-    at least float32), and no cap when ``max_learning_rate`` is None.
+    at least float32), and no cap when ``max_learning_rate`` is None. A loss of NaN or
+    :math:`-\infty` (or :math:`+\infty` without a cap) gives :math:`\gamma_t = 0`, no step: one
+    such loss made the parameters NaN for good.
 
     Args:
       c: :math:`c > 0` (the paper's theory and experiments on convex problems: 1/2).
@@ -112,6 +114,7 @@ def scale_by_polyak(
         step_size = moments.safe_divide(gap, denominator).astype(dtype)
         if max_learning_rate is not None:
             step_size = jnp.minimum(step_size, moments.scalar(max_learning_rate, dtype))
+        step_size = jnp.where(jnp.isfinite(step_size), step_size, 0)  # a NaN or infinite loss: no step
         return jax.tree.map(lambda g: moments.scale_leaf(step_size, g), updates), PolyakState(step_size)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
