@@ -616,6 +616,27 @@ def test_optaxs_building_blocks_are_optaxs() -> None:
     assert not np.any(first["w"]) and np.array_equal(second["w"], -grads["w"])
 
 
+def test_multisteps_starts_each_cycle_afresh_and_passes_extra_arguments_on() -> None:
+    """optax's kept a NaN micro-gradient in its accumulator for every later cycle (0 * NaN); inside apply_if_finite or
+    chain it dropped value= (the loss-driven optimizers failed) and hessian= (Sophia's average stayed 0)."""
+    params = {"w": jnp.zeros(2)}
+    for use_grad_mean, want in [(True, [-3.0, -1.0]), (False, [-6.0, -2.0])]:
+        multi = adaopt.MultiSteps(optax.sgd(1.0), 2, use_grad_mean=use_grad_mean)
+        state = multi.init(params)
+        for g in ([jnp.nan, 1.0], [1.0, 1.0], [2.0, 1.0], [4.0, 1.0]):
+            updates, state = multi.update({"w": jnp.asarray(g)}, state, params)
+        np.testing.assert_array_equal(updates["w"], want)  # the second cycle's step, finite
+    grads, value = {"w": jnp.asarray([3.0, 4.0])}, jnp.asarray(5.0)
+    want, _ = adaopt.polyak_sgd().update(grads, adaopt.polyak_sgd().init(params), params, value=value)
+    for tx in (
+        adaopt.apply_if_finite(adaopt.MultiSteps(adaopt.polyak_sgd(), 1), 3),
+        adaopt.chain(adaopt.clip(10.0), adaopt.MultiSteps(adaopt.polyak_sgd(), 1)),
+        optax.apply_if_finite(adaopt.MultiSteps(adaopt.polyak_sgd(), 1).gradient_transformation(), 3),
+    ):
+        updates, _ = tx.update(grads, tx.init(params), params, value=value)
+        np.testing.assert_array_equal(updates["w"], want["w"])
+
+
 @pytest.mark.parametrize(
     ("schedule", "shown"), [(lambda count: -1e-3, "-0.001"), (lambda count: jnp.nan, "nan")], ids=["negative", "nan"]
 )

@@ -6,15 +6,29 @@ them; ``MultiSteps(opt, np.int64(4))`` takes the NumPy integer for a schedule an
 step ("not callable"); ``chain(clip, adaopt.adam)``, the factory in place of an optimizer, fails at
 ``init`` with an AttributeError. Each of these builds optax's own transformation (the same
 object, state and numbers), with its arguments checked as adaopt's factories check theirs.
+
+Two faults of optax's ``MultiSteps`` are mended here: a non-finite micro-gradient stayed in its
+accumulator for good (each new cycle restarted from ``0 * acc``: NaN), and, a class rather than an
+``optax.GradientTransformationExtraArgs``, it lost ``update``'s extra arguments (``value=``,
+``hessian=``) inside ``apply_if_finite`` or ``chain``, so the loss-driven optimizers failed and
+Sophia's Hessian average stayed 0.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 from adaopt._src import base
+
+
+def _with_extra_args(transformation: Any) -> Any:
+    """A ``MultiSteps`` (optax's or ours) as a transformation that passes ``update``'s extra arguments on."""
+    if isinstance(transformation, optax.MultiSteps):
+        return optax.GradientTransformationExtraArgs(transformation.init, transformation.update)
+    return transformation
 
 
 def chain(*transformations: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -33,7 +47,7 @@ def chain(*transformations: optax.GradientTransformation) -> optax.GradientTrans
     """
     for index, transformation in enumerate(transformations):
         base.check_transformation(f"chain's argument {index}", transformation)
-    return optax.chain(*transformations)
+    return optax.chain(*map(_with_extra_args, transformations))
 
 
 def clip(max_delta: Any) -> optax.GradientTransformation:
@@ -76,14 +90,17 @@ def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors:
     """
     base.check_transformation("inner", inner)
     base.check_integer("max_consecutive_errors", max_consecutive_errors, 0)
-    return optax.apply_if_finite(inner, int(max_consecutive_errors))
+    return optax.apply_if_finite(_with_extra_args(inner), int(max_consecutive_errors))
 
 
 class MultiSteps(optax.MultiSteps):
     """``optax.MultiSteps``: gradients accumulated over ``every_k_schedule`` calls, one step of ``opt`` on them.
 
     optax's class itself, its arguments checked: ``opt`` a gradient transformation, ``every_k_schedule`` an
-    integer >= 1 (a NumPy integer too) or a function of the step count.
+    integer >= 1 (a NumPy integer too) or a function of the step count. Each cycle's accumulation starts
+    afresh from its first micro-gradient (in optax's, a NaN one stayed in the accumulator for every later
+    cycle; the step of its own cycle is NaN in both: ``should_skip_update_fn=optax.skip_not_finite`` skips
+    it), and :meth:`gradient_transformation` passes ``update``'s extra arguments on.
 
     Example:
       >>> import adaopt
@@ -96,6 +113,11 @@ class MultiSteps(optax.MultiSteps):
             base.check_integer("every_k_schedule", every_k_schedule, 1)
             every_k_schedule = int(every_k_schedule)
         super().__init__(opt, every_k_schedule, *args, **kwargs)
+        accumulate = self._acc_update  # optax's: the running mean (or sum) of the cycle's micro-gradients
+        self._acc_update = lambda grad, acc, *, n_acc: jnp.where(n_acc == 0, grad, accumulate(grad, acc, n_acc=n_acc))
+
+    def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+        return optax.GradientTransformationExtraArgs(self.init, self.update)
 
 
 __all__ = ["MultiSteps", "apply_if_finite", "chain", "clip", "clip_by_global_norm"]
