@@ -16,6 +16,7 @@ Sophia's Hessian average stayed 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -113,7 +114,7 @@ class MultiSteps(optax.MultiSteps):
             base.check_integer("every_k_schedule", every_k_schedule, 1)
             every_k_schedule = int(every_k_schedule)
         super().__init__(opt, every_k_schedule, *args, **kwargs)
-        accumulate = self._acc_update  # optax's: the running mean (or sum) of the cycle's micro-gradients
+        accumulate: Callable[..., Any] = self._acc_update  # type: ignore[has-type]  # optax's running mean (or sum)
         self._acc_update = lambda grad, acc, *, n_acc: jnp.where(n_acc == 0, grad, accumulate(grad, acc, n_acc=n_acc))
 
     def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
