@@ -101,7 +101,7 @@ class MultiSteps(optax.MultiSteps):
     integer >= 1 (a NumPy integer too) or a function of the step count. Each cycle's accumulation starts
     afresh from its first micro-gradient (in optax's, a NaN one stayed in the accumulator for every later
     cycle; the step of its own cycle is NaN in both: ``should_skip_update_fn=optax.skip_not_finite`` skips
-    it), and :meth:`gradient_transformation` passes ``update``'s extra arguments on.
+    it), and ``gradient_transformation()`` passes ``update``'s extra arguments on.
 
     Example:
       >>> import adaopt
