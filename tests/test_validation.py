@@ -682,3 +682,16 @@ def test_an_integer_beyond_int32_as_a_real_hyperparameter_is_named(call: Any, na
     params = {"w": jnp.ones(3)}
     tx = adaopt.adam(learning_rate=float(2**40))  # as a float it steps
     assert np.isfinite(np.asarray(tx.update(params, tx.init(params), params)[0]["w"])).all()
+
+
+def test_a_multisteps_inside_adaopts_wrappers_gets_the_extra_arguments() -> None:
+    """Each wrapper took its inner optimizer through optax.with_extra_args_support, which dropped value= for a
+    MultiSteps (a class, not a GradientTransformationExtraArgs): Polyak inside it failed for want of the loss."""
+    params, grads, value = {"w": jnp.asarray([1.0, 2.0])}, {"w": jnp.asarray([3.0, 4.0])}, jnp.asarray(5.0)
+    for wrap in (
+        adaopt.cautious,
+        lambda inner: adaopt.galore(inner, rank=1),
+    ):
+        tx = wrap(adaopt.MultiSteps(adaopt.polyak_sgd(), 1))
+        updates, _ = tx.update(grads, tx.init(params), params, value=value)
+        assert np.all(np.isfinite(np.asarray(updates["w"]))) and np.any(np.asarray(updates["w"]) != 0)

@@ -244,6 +244,14 @@ def is_transformation(value: Any) -> bool:
     )
 
 
+def with_extra_args(transformation: Any) -> optax.GradientTransformationExtraArgs:
+    """``optax.with_extra_args_support``, which also passes ``update``'s extra arguments (``value=``, ``hessian=``) to an
+    ``optax.MultiSteps``: a class, not a ``GradientTransformationExtraArgs``, whose extra arguments optax drops."""
+    if isinstance(transformation, optax.MultiSteps):
+        return optax.GradientTransformationExtraArgs(transformation.init, transformation.update)
+    return optax.with_extra_args_support(transformation)
+
+
 def check_transformation(name: str, value: Any) -> None:
     """Raise ``HyperparameterError`` unless ``value`` is a gradient transformation (an object with ``init`` and
     ``update`` methods, as ``optax.GradientTransformation``); a factory passed in its place is named as one."""

@@ -99,7 +99,7 @@ def as_real_imag(inner: optax.GradientTransformation) -> optax.GradientTransform
     from adaopt._src import base  # imported here: base imports this module
 
     base.check_transformation("inner", inner)
-    inner = optax.with_extra_args_support(inner)
+    inner = base.with_extra_args(inner)
 
     def init_fn(params: Any) -> Any:
         return inner.init(to_pairs(params))

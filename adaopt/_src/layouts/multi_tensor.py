@@ -373,7 +373,7 @@ def multi_tensor(
     """
     base.check_transformation("tx", tx)
     base.check_integer("min_size", min_size, 1)
-    inner = optax.with_extra_args_support(tx)
+    inner = base.with_extra_args(tx)
     checked: set[Hashable] = set()
 
     def check(

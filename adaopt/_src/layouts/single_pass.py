@@ -290,7 +290,7 @@ def single_pass(
     """
     base.check_transformation("tx", tx)
     base.check_integer("min_size", min_size, 1)
-    inner = optax.with_extra_args_support(tx)
+    inner = base.with_extra_args(tx)
 
     def update_fn(
         updates: base.Updates, state: Any, params: base.Params | None = None, **extra: Any

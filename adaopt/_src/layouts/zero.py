@@ -243,7 +243,7 @@ def shard_states(
     base.check_integer("min_size", min_size, 1)
     if not isinstance(axis, str) or not axis:
         raise base.HyperparameterError(f"`axis` must be the name of a mesh axis (a non-empty str), got {axis!r}.")
-    inner = optax.with_extra_args_support(optimizer)
+    inner = base.with_extra_args(optimizer)
 
     def init_fn(params: base.Params) -> Any:
         _check_mesh(params, axis)

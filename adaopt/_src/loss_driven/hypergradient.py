@@ -133,7 +133,7 @@ def hypergradient(
             )
     else:
         base.check_nonnegative("hyper_lr", hyper_lr)
-    inner_tx = optax.with_extra_args_support(inner)
+    inner_tx = base.with_extra_args(inner)
 
     def init_fn(params: base.Params) -> HypergradientState:
         dtype = moments.scalar_dtype(params)

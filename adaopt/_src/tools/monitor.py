@@ -639,7 +639,7 @@ def monitor(
     base.check_transformation("optimizer", optimizer)
     base.check_integer("every", every, 1)
     _check_groups(groups)
-    inner = optax.with_extra_args_support(optimizer)
+    inner = base.with_extra_args(optimizer)
 
     def init_fn(params: Params) -> MonitorState:
         inner_state = inner.init(params)

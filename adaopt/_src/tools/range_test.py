@@ -265,7 +265,7 @@ def _run(
         # A schedule that returns this iteration's rate whatever count the optimizer keeps: the rate
         # torch-lr-finder writes into the parameter group before each step.
         tx = optimizer.value if scale_updates else optimizer.value(learning_rate=_constant(lr))
-        return optax.with_extra_args_support(tx)
+        return base.with_extra_args(tx)
 
     def batch(k: jax.Array) -> Any:
         if batch_fn is not None:

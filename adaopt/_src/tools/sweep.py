@@ -600,7 +600,7 @@ class Sweep:
         kwargs = {**self.fixed, **hyperparameters}
         if self.schedule is not None:
             kwargs["learning_rate"] = self.schedule(kwargs["learning_rate"])
-        return optax.with_extra_args_support(self.factory(**kwargs))
+        return base.with_extra_args(self.factory(**kwargs))
 
     def init_lane(self, hyperparameters: Mapping[str, Any], init: Any, key: jax.Array | None = None) -> tuple[Any, Any]:
         """One trial's ``(params, state)``: ``init`` is the parameters, or a function of ``key`` returning them."""

@@ -147,7 +147,7 @@ def mechanic(
         base.check_decay(f"betas[{i}]", beta)
     n = len(betas)
     pytorch = variant == "pytorch"
-    inner_tx = optax.with_extra_args_support(inner)
+    inner_tx = base.with_extra_args(inner)
 
     def init_fn(params: base.Params) -> MechanicState:
         dtype = moments.scalar_dtype(params)

@@ -72,7 +72,7 @@ def polynomial_decay_averaging(
     base.check_transformation("inner", inner)
     base.check_nonnegative("gamma", gamma)
     base.check_dtype("average_dtype", average_dtype)
-    wrapped = optax.with_extra_args_support(inner)
+    wrapped = base.with_extra_args(inner)
 
     def init_fn(params: Params) -> PolynomialAverageState:
         return PolynomialAverageState(

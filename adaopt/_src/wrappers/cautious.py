@@ -76,7 +76,7 @@ def scale_by_cautious_mask(
     """
     base.check_transformation("inner", inner)
     base.check_choice("updates_are", updates_are, ("steps", "directions"))
-    inner = optax.with_extra_args_support(inner)
+    inner = base.with_extra_args(inner)
     descent = updates_are == "steps"
 
     def update_fn(updates: Updates, state: Any, params: Params | None = None, **extra_args: Any) -> tuple[Updates, Any]:

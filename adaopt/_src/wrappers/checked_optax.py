@@ -25,13 +25,6 @@ import optax
 from adaopt._src import base
 
 
-def _with_extra_args(transformation: Any) -> Any:
-    """A ``MultiSteps`` (optax's or ours) as a transformation that passes ``update``'s extra arguments on."""
-    if isinstance(transformation, optax.MultiSteps):
-        return optax.GradientTransformationExtraArgs(transformation.init, transformation.update)
-    return transformation
-
-
 def chain(*transformations: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """``optax.chain(*transformations)``: apply them in order, each to the updates of the one before.
 
@@ -48,7 +41,7 @@ def chain(*transformations: optax.GradientTransformation) -> optax.GradientTrans
     """
     for index, transformation in enumerate(transformations):
         base.check_transformation(f"chain's argument {index}", transformation)
-    return optax.chain(*map(_with_extra_args, transformations))
+    return optax.chain(*map(base.with_extra_args, transformations))
 
 
 def clip(max_delta: Any) -> optax.GradientTransformation:
@@ -91,7 +84,7 @@ def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors:
     """
     base.check_transformation("inner", inner)
     base.check_integer("max_consecutive_errors", max_consecutive_errors, 0)
-    return optax.apply_if_finite(_with_extra_args(inner), int(max_consecutive_errors))
+    return optax.apply_if_finite(base.with_extra_args(inner), int(max_consecutive_errors))
 
 
 class MultiSteps(optax.MultiSteps):
@@ -118,7 +111,7 @@ class MultiSteps(optax.MultiSteps):
         self._acc_update = lambda grad, acc, *, n_acc: jnp.where(n_acc == 0, grad, accumulate(grad, acc, n_acc=n_acc))
 
     def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
-        return optax.GradientTransformationExtraArgs(self.init, self.update)
+        return base.with_extra_args(self)
 
 
 __all__ = ["MultiSteps", "apply_if_finite", "chain", "clip", "clip_by_global_norm"]

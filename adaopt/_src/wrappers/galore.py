@@ -232,7 +232,7 @@ def galore(
     base.check_scalar("scale", scale, low=0.0, low_open=True)
     base.check_choice("proj_type", proj_type, _TYPES)
     base.check_mask(galore_mask, "galore_mask")
-    inner = optax.with_extra_args_support(inner)
+    inner = base.with_extra_args(inner)
 
     def projected(params: Params) -> list[bool]:
         if galore_mask is None:  # a tree: never called, though it may be (an Equinox module's class is callable)

@@ -91,7 +91,7 @@ def lookahead(
     base.check_integer("sync_period", sync_period, 1)
     base.check_scalar("slow_step_size", slow_step_size, low=0.0, high=1.0)
     base.check_flag("reset_state", reset_state)
-    fast = optax.with_extra_args_support(fast_optimizer)
+    fast = base.with_extra_args(fast_optimizer)
 
     def with_extra_args(extra_args: dict[str, Any]) -> optax.GradientTransformation:
         """optax's lookahead around ``fast``, whose ``update`` is given ``extra_args``."""

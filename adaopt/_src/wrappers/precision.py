@@ -107,7 +107,7 @@ def stochastic_rounding(
         updates: Updates, state: StochasticRoundingState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, StochasticRoundingState]:
         params = base.require_params(params, "stochastic_rounding")
-        steps, inner_state = optax.with_extra_args_support(inner).update(updates, state.inner, params, **extra)
+        steps, inner_state = base.with_extra_args(inner).update(updates, state.inner, params, **extra)
         leaves, treedef = jax.tree.flatten(params)
         step_leaves = jax.tree.leaves(steps)
 
@@ -200,7 +200,7 @@ def master_weights(
         base.check_tree_match(updates, params, "parameters")
         view = master_view(state.master, params)
         grads = jax.tree.map(lambda g, p: g.astype(jnp.float32) if _is_half(p) else g, updates, params)
-        steps, inner_state = optax.with_extra_args_support(inner).update(grads, state.inner, view, **extra)
+        steps, inner_state = base.with_extra_args(inner).update(grads, state.inner, view, **extra)
         masked = base.is_masked_node
         master = jax.tree.map(
             lambda m, u: m if masked(m) else m + u.astype(jnp.float32), state.master, steps, is_leaf=masked
