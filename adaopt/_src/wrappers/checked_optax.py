@@ -7,11 +7,12 @@ step ("not callable"); ``chain(clip, adaopt.adam)``, the factory in place of an 
 ``init`` with an AttributeError. Each of these builds optax's own transformation (the same
 object, state and numbers), with its arguments checked as adaopt's factories check theirs.
 
-Two faults of optax's ``MultiSteps`` are mended here: a non-finite micro-gradient stayed in its
-accumulator for good (each new cycle restarted from ``0 * acc``: NaN), and, a class rather than an
-``optax.GradientTransformationExtraArgs``, it lost ``update``'s extra arguments (``value=``,
-``hessian=``) inside ``apply_if_finite`` or ``chain``, so the loss-driven optimizers failed and
-Sophia's Hessian average stayed 0.
+Two faults of optax's ``MultiSteps`` are mended: a non-finite micro-gradient stayed in its
+accumulator for good (each new cycle restarted from ``0 * acc``: NaN; mended in the class here),
+and, a class rather than an ``optax.GradientTransformationExtraArgs``, it lost ``update``'s extra
+arguments (``value=``, ``hessian=``) inside ``apply_if_finite``, ``chain`` or any wrapper, so the
+loss-driven optimizers failed and Sophia's Hessian average stayed 0 (mended in
+``base.with_extra_args``, through which every wrapper takes its inner optimizer).
 """
 
 from __future__ import annotations
