@@ -225,6 +225,22 @@ def test_nnx_variables_are_named_by_their_attributes() -> None:
     assert blocks["mlp"]["bias"] == "coordinate"
 
 
+def test_linen_boxes_are_named_by_their_attributes() -> None:
+    """A linen ``nn.Partitioned`` (or ``nn.LogicallyPartitioned``) leaf's path ends in the box's ``value``: every boxed
+    kernel was read as a "value" projection, one second moment per row where the unboxed kernel has one."""
+    import flax.linen as nn
+
+    kernel, bias = jnp.ones((6, 4)), jnp.ones(4)
+    boxed = {"Dense_0": {"kernel": nn.Partitioned(kernel, names=(None, "model")), "bias": nn.Partitioned(bias, ("m",))},
+             "Dense_1": {"kernel": nn.LogicallyPartitioned(kernel, names=("embed", "mlp"))}}  # fmt: skip
+    plain = nn.unbox(boxed)
+    assert nn.unbox(adaopt.default_adam_mini_blocks(boxed)) == adaopt.default_adam_mini_blocks(plain)
+    assert adaopt.default_adam_mini_blocks(plain)["Dense_0"] == {"kernel": "tensor", "bias": "coordinate"}
+    tx = adaopt.adam_mini(1e-2)
+    shapes = jax.tree.map(jnp.shape, optax.tree.get(tx.init(boxed), "nu"))
+    assert nn.unbox(shapes) == jax.tree.map(jnp.shape, optax.tree.get(tx.init(plain), "nu"))
+
+
 def test_haikus_biases_are_biases() -> None:
     """Haiku names a bias "b": it took one second moment for the whole leaf and was decayed."""
     params = {"mlp/~/linear_0": {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}, "layer_norm": {"scale": jnp.ones(4)}}

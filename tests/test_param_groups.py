@@ -416,6 +416,23 @@ def test_flax_nnx_paths_and_steps() -> None:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, pure)
 
 
+def test_flax_linen_boxes_are_grouped_by_their_attributes() -> None:
+    """A linen ``nn.Partitioned`` leaf's path is its attribute's, as unboxed: ``"*/bias"`` missed the boxed bias
+    (``Dense_0/bias/value``), which then trained at the default group's rate."""
+    import flax.linen as nn
+
+    params = {"Dense_0": {"bias": nn.Partitioned(jnp.zeros(4), names=("model",)), "kernel": jnp.zeros((3, 4))},
+              "Dense_1": {"bias": nn.LogicallyPartitioned(jnp.zeros(4), names=("mlp",))}}  # fmt: skip
+    groups = [Group("*/bias", name="bias", learning_rate=0.0)]
+    labels = nn.unbox(adaopt.group_labels(groups, params))
+    assert labels == {"Dense_0": {"bias": "bias", "kernel": "default"}, "Dense_1": {"bias": "bias"}}
+    tx = adaopt.param_groups(adaopt.sgd, groups, learning_rate=1.0)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    updates = nn.unbox(updates)
+    assert float(jnp.abs(updates["Dense_0"]["bias"]).max()) == 0.0 == float(jnp.abs(updates["Dense_1"]["bias"]).max())
+    assert float(updates["Dense_0"]["kernel"][0, 0]) == -1.0
+
+
 def test_extra_arguments_reach_the_groups() -> None:
     """polyak_sgd raises without value=: the group on it gets the loss."""
     tx = adaopt.param_groups(adaopt.sgd, [Group("head/*", optimizer=adaopt.polyak_sgd())], learning_rate=0.1)

@@ -417,6 +417,38 @@ def test_a_tree_estimate_refreshes_at_every_call_and_must_mirror_the_gradients()
         tx.update(g, state, hessian={"v": jnp.ones(2)})
 
 
+def test_an_equinox_module_of_estimates_is_a_tree_though_callable() -> None:
+    """Equinox parameters give an Equinox module of estimates (callable: the module's own ``__call__``): it refreshes
+    the EMA as the same estimates in a plain tree do, where it was once called as a function of the parameters; a
+    ``jax.tree_util.Partial`` holding arrays stays a function."""
+    import equinox as eqx
+
+    model = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    loss = lambda p: jnp.sum(eqx.combine(p, static)(jnp.ones(3)) ** 2)
+    grads = jax.grad(loss)(params)
+    estimate = adaopt.hutchinson_hessian_diagonal(loss, params, jax.random.key(1))
+    assert callable(estimate)
+    tx = adaopt.sophia(1e-2, b2=0.5)
+    updates, state = tx.update(grads, tx.init(params), params, hessian=estimate)
+    plain = {"weight": estimate.weight, "bias": estimate.bias}
+    plain_tx = adaopt.sophia(1e-2, b2=0.5)
+    plain_grads = {"weight": grads.weight, "bias": grads.bias}
+    plain_params = {"weight": params.weight, "bias": params.bias}
+    want, want_state = plain_tx.update(plain_grads, plain_tx.init(plain_params), plain_params, hessian=plain)
+    nu, want_nu = optax.tree.get(state, "nu"), optax.tree.get(want_state, "nu")
+    for name in ("weight", "bias"):
+        np.testing.assert_array_equal(getattr(nu, name), want_nu[name])
+        np.testing.assert_array_equal(getattr(updates, name), want[name])
+    assert float(jnp.sum(nu.weight)) != 0.0
+    # A function bound to arrays (a key) is still a function, called on the parameters.
+    as_function = jax.tree_util.Partial(
+        lambda key, p: adaopt.hutchinson_hessian_diagonal(loss, p, key), jax.random.key(1)
+    )
+    _, function_state = tx.update(grads, tx.init(params), params, hessian=as_function)
+    np.testing.assert_array_equal(optax.tree.get(function_state, "nu").weight, nu.weight)
+
+
 def test_complex_parameters_are_refused_at_init() -> None:
     with pytest.raises(TypeError, match=r"Sophia does not take complex parameters.*\['w'\]"):
         adaopt.sophia().init({"w": jnp.ones(3, jnp.complex64)})

@@ -96,6 +96,21 @@ T = TypeVar("T")
 S = TypeVar("S")
 
 
+def named_path(path: Sequence[Any]) -> tuple[Any, ...]:
+    """A leaf's key path without the ``value`` attribute of a box that holds it: Flax linen's ``nn.Partitioned`` and
+    ``nn.LogicallyPartitioned`` (``params["Dense_0"]["kernel"].value``), or an NNX variable in a tree not unwrapped.
+    The leaf is named by the key that holds the box (``Dense_0/kernel``), as in the unboxed tree (``nn.unbox``)."""
+    path = tuple(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        return path[:-1]
+    return path
+
+
+def path_string(path: Sequence[Any], separator: str = "/") -> str:
+    """A leaf's :func:`named_path` as a string, its keys joined by ``separator``: ``"encoder/layers/0/w"``."""
+    return jax.tree_util.keystr(named_path(path), simple=True, separator=separator)
+
+
 def _nnx_variable_types() -> tuple[type, ...]:
     """Flax NNX's variable classes, or none when the program has not imported ``flax.nnx`` (then
     no tree can hold one, and adaopt does not import Flax itself)."""

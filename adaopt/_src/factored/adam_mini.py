@@ -87,8 +87,9 @@ class AdamMiniState(NamedTuple):
 
 def _path_name(path: tuple[Any, ...]) -> str:
     """A leaf's path as the dotted name the rules read: ``{"layers": [{"q_proj": {"weight": w}}]}`` gives
-    ``"layers.0.q_proj.weight"``, torch's ``named_parameters`` name for the same module tree."""
-    return jax.tree_util.keystr(path, simple=True, separator=".")
+    ``"layers.0.q_proj.weight"``, torch's ``named_parameters`` name for the same module tree (a Flax box's ``.value``
+    left out: linen's ``nn.Partitioned`` kernel of ``Dense_0`` is ``"Dense_0.kernel"``, no value projection)."""
+    return numerics.path_string(path, ".")
 
 
 def _has_any(name: str, substrings: tuple[str, ...]) -> bool:
@@ -128,9 +129,8 @@ def default_adam_mini_blocks(
     """The default rule of :func:`adam_mini`: how each leaf is split into blocks, from its path and shape.
 
     Each leaf's path is read as a dotted, lowercased name (``{"layers": [{"q_proj": {"weight": w}}]}``
-    gives ``"layers.0.q_proj.weight"``, torch's name for the same module tree:
-    ``jax.tree_util.keystr(path, simple=True, separator=".")``) and matched against the reference's substrings, in this
-    order:
+    gives ``"layers.0.q_proj.weight"``, torch's name for the same module tree; a Flax box's ``value`` attribute is
+    left out) and matched against the reference's substrings, in this order:
 
     1. ``"bias"`` (and Haiku's ``"b"``, a module's parameter): ``"coordinate"``, plain Adam.
     2. A leaf that is not a matrix (0-d, 1-d: norms' gains, scalars; 3-d and more):

@@ -64,8 +64,8 @@ def scale_by_rprop(
     NaN update and leaves the step sizes as they were.
 
     Args:
-      learning_rate: :math:`\eta_t`, the initial step size, a positive number or a schedule
-        ``count -> value``.
+      learning_rate: :math:`\eta_t`, the initial step size, a non-negative number or a schedule
+        ``count -> value``; a rate of 0 moves nothing (it scales every step size).
       eta_minus: :math:`\eta_-`, the factor of a step size whose gradient flipped sign, in (0, 1).
       eta_plus: :math:`\eta_+`, the factor of one whose gradient kept its sign, > 1.
       min_step_size: :math:`s_{\min} \ge 0`, the smallest step size.
@@ -145,8 +145,9 @@ def rprop(
     parameters are two real coordinates each (torch's convention).
 
     Args:
-      learning_rate: the initial step size (torch's ``lr``), a positive number or a schedule that
-        scales every coordinate's step size over time.
+      learning_rate: the initial step size (torch's ``lr``), a non-negative number or a schedule that
+        scales every coordinate's step size over time; 0 moves nothing (torch's ``lr=0`` is an
+        initial step size its first step clamps up to ``min_step_size``, and moves).
       eta_minus: the factor of a step size whose gradient flipped sign, in (0, 1).
       eta_plus: the factor of one whose gradient kept its sign, > 1.
       min_step_size: the smallest step size, >= 0.
@@ -177,7 +178,7 @@ def rprop(
 
       Reference packages: ``torch.optim.Rprop(lr, etas=(eta_minus, eta_plus),
       step_sizes=(min_step_size, max_step_size))`` is this with the same numbers, at a constant
-      learning rate (torch reads it once, as the initial step size). ``optax.rprop`` (0.2.8)
+      positive learning rate (torch reads it once, as the initial step size). ``optax.rprop`` (0.2.8)
       differs: each call returns the previous call's step (zero at the first call, and zero
       where the sign flips), one call late.
     """

@@ -14,6 +14,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adaopt._src import base, moments
@@ -73,7 +74,7 @@ def scale_by_sophia(
         \;\text{("add")}
 
     The estimate is the extra argument ``hessian`` of ``update``: a tree mirroring the
-    parameters refreshes :math:`h` at that call; a function ``params -> tree`` is evaluated only
+    parameters (an Equinox module of arrays too, though callable) refreshes :math:`h` at that call; a function ``params -> tree`` is evaluated only
     at the calls whose count (from 0) is a multiple of ``update_interval`` (a ``lax.cond`` in the
     compiled step: the other calls never compute it); None (or no argument) keeps :math:`h`.
     Before any estimate, :math:`h = 0` and the update is :math:`c\,\mathrm{sign}(m_t)` (where
@@ -144,7 +145,7 @@ def scale_by_sophia(
         del extra_args
         base.check_tree_match(updates, state.nu, "state")
         nu = state.nu
-        if callable(hessian):
+        if callable(hessian) and not _is_estimate_tree(hessian, updates):
             params = base.require_params(params, "sophia's hessian= function")
             estimate_fn: Callable[[Any], Any] = hessian
             nu = jax.lax.cond(
@@ -280,6 +281,15 @@ def _random_vectors(key: jax.Array, params: Any, distribution: Distribution) -> 
     return optax.tree.random_like(
         key, params, lambda k, shape, dtype: jax.random.rademacher(k, shape, jnp.int32).astype(dtype)
     )
+
+
+def _is_estimate_tree(hessian: Any, updates: Updates) -> bool:
+    """Whether a callable ``hessian=`` is a tree of estimates, not a function of the parameters: an Equinox module of
+    arrays (what :func:`hutchinson_hessian_diagonal` returns for Equinox parameters) is callable, and a tree with the
+    gradients' structure whose leaves are all arrays (a ``jax.tree_util.Partial`` holding a key is not)."""
+    leaves, treedef = jax.tree.flatten(hessian)
+    gradients: Any = jax.tree.structure(updates)  # Any: the stubs give PyTreeDef no __eq__
+    return bool(gradients == treedef) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
 
 
 def hutchinson_hessian_diagonal(

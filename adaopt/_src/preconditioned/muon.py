@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaopt._src import base, moments, placement
+from adaopt._src import base, moments, numerics, placement
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 from adaopt._src.optimizers import adam
@@ -177,11 +177,9 @@ def _key_name(key: Any) -> str:
 def path_names(path: tuple[Any, ...]) -> list[str]:
     """The names on a leaf's path, in lower case, each key split at ``"."`` and ``"/"``: a flat dictionary keyed
     by torch's ``named_parameters()`` (``"lm_head.weight"``) or Haiku's modules (``"mlp/~/linear_0"``) names its
-    modules as a nested one does. An NNX variable's ``.value``, the last key of its leaf, is left out: the leaf is
-    named by its attribute (``"bias"``)."""
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    return [part for key in path for part in re.split(r"[./]", _key_name(key)) if part]
+    modules as a nested one does. A Flax box's ``.value`` (an NNX variable's, linen's ``nn.Partitioned``'s), the last
+    key of its leaf, is left out: the leaf is named by its attribute (``"bias"``)."""
+    return [part for key in numerics.named_path(path) for part in re.split(r"[./]", _key_name(key)) if part]
 
 
 def matrix_axes(x: Any) -> int:

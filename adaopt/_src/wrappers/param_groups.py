@@ -10,7 +10,8 @@ and optax works inside a group, and ``update``'s extra arguments (``value=``) re
 ``"encoder/w"``, a list index gives its number (``"layers/0/bias"``), an attribute its name
 (Equinox modules, dataclasses). A Flax NNX variable counts as the leaf, without its ``value``
 attribute: the ``kernel`` of ``model.hidden`` in ``nnx.state(model, nnx.Param)`` (what
-``nnx.Optimizer`` passes) is ``"hidden/kernel"``, as in the state's ``to_pure_dict()``.
+``nnx.Optimizer`` passes) is ``"hidden/kernel"``, as in the state's ``to_pure_dict()``. So does a
+Flax linen box (``nn.Partitioned``, ``nn.LogicallyPartitioned``): ``"Dense_0/kernel"``, as unboxed.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ _TORCH_NAMES = {"lr": "learning_rate", "betas": "b1 and b2", "initial_lr": "lear
 
 
 def path_string(path: Sequence[Any]) -> str:
-    """A key path as the "/"-joined string the groups' patterns and predicates see, e.g. ``"encoder/w"``."""
-    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+    """A key path as the "/"-joined string the groups' patterns and predicates see, e.g. ``"encoder/w"`` (a Flax
+    box's ``value`` left out: :func:`adaopt._src.numerics.named_path`)."""
+    return numerics.path_string(path)
 
 
 def _is_pattern(x: Any) -> bool:
