@@ -74,7 +74,8 @@ def scale_by_sophia(
         \;\text{("add")}
 
     The estimate is the extra argument ``hessian`` of ``update``: a tree mirroring the
-    parameters (an Equinox module of arrays too, though callable) refreshes :math:`h` at that call; a function ``params -> tree`` is evaluated only
+    parameters (an Equinox module of arrays too, though callable) refreshes :math:`h` at that
+    call; a function ``params -> tree`` is evaluated only
     at the calls whose count (from 0) is a multiple of ``update_interval`` (a ``lax.cond`` in the
     compiled step: the other calls never compute it); None (or no argument) keeps :math:`h`.
     Before any estimate, :math:`h = 0` and the update is :math:`c\,\mathrm{sign}(m_t)` (where
