@@ -105,3 +105,32 @@ def test_a_checkpoint_restores_across_hyperparameter_values_and_inject_hyperpara
         assert jax.tree.structure(restored) == jax.tree.structure(inner_target)
         updates, _ = tx.update(jax.grad(_loss)(params), wrap(restored), params, value=_loss(params))
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_equinox_serialisation_restores_float8_codes_with_the_readmes_filter(tmp_path: pathlib.Path) -> None:
+    """``eqx.tree_serialise_leaves`` writes float8 codes as raw bytes, which its default reader refuses; the
+    README's ``filter_spec`` reads them back bit for bit (int8 codes and scales through it too)."""
+    import equinox as eqx
+
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(64, 128)), jnp.float32)}
+    tx = adaopt.adamw(1e-2, mu_dtype="fp8", nu_dtype="int8")
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(params, state, params)
+        params = optax.apply_updates(params, updates)
+    assert {x.dtype for x in jax.tree.leaves(state)} >= {jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.uint8)}
+    path = tmp_path / "state.eqx"
+    eqx.tree_serialise_leaves(path, state)
+    with pytest.raises(RuntimeError, match="changed type"):
+        eqx.tree_deserialise_leaves(path, tx.init(params))
+
+    def spec(f: Any, x: Any) -> Any:
+        if isinstance(x, jax.Array):
+            return jnp.asarray(np.load(f).view(x.dtype))
+        return eqx.default_deserialise_filter_spec(f, x)
+
+    restored = eqx.tree_deserialise_leaves(path, tx.init(params), filter_spec=spec)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert got.dtype == want.dtype
+        assert (got.shape, np.asarray(got).tobytes()) == (want.shape, np.asarray(want).tobytes())
