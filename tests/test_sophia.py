@@ -431,11 +431,8 @@ def test_an_equinox_module_of_estimates_is_a_tree_though_callable() -> None:
     assert callable(estimate)
     tx = adaopt.sophia(1e-2, b2=0.5)
     updates, state = tx.update(grads, tx.init(params), params, hessian=estimate)
-    plain = {"weight": estimate.weight, "bias": estimate.bias}
-    plain_tx = adaopt.sophia(1e-2, b2=0.5)
-    plain_grads = {"weight": grads.weight, "bias": grads.bias}
-    plain_params = {"weight": params.weight, "bias": params.bias}
-    want, want_state = plain_tx.update(plain_grads, plain_tx.init(plain_params), plain_params, hessian=plain)
+    plain = lambda module: {"weight": module.weight, "bias": module.bias}
+    want, want_state = tx.update(plain(grads), tx.init(plain(params)), plain(params), hessian=plain(estimate))
     nu, want_nu = optax.tree.get(state, "nu"), optax.tree.get(want_state, "nu")
     for name in ("weight", "bias"):
         np.testing.assert_array_equal(getattr(nu, name), want_nu[name])
