@@ -329,3 +329,25 @@ def test_equinox() -> None:
         model, opt_state, _ = train_step(model, opt_state, batch)
     final_loss = float(_cross_entropy(evaluate(model, x), y))
     _check_trained(initial_loss, final_loss, _accuracy(evaluate(model, jnp.asarray(data.x_test)), data.y_test))
+
+
+def test_an_equinox_mask_is_a_tree_though_callable() -> None:
+    """A weight-decay mask built over Equinox parameters (``jax.tree.map`` of a module) is an Equinox module, which is
+    callable: it was called as a mask function and ran the model on the parameters. It decays as the same mask given
+    as a function does; a GaLore mask likewise."""
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    params = eqx.filter(model, eqx.is_inexact_array)
+    as_tree = jax.tree.map(lambda p: p.ndim > 1, params)
+    as_function = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+    assert callable(as_tree)
+    for make in (
+        lambda mask: adaopt.adamw(1e-2, weight_decay=0.1, weight_decay_mask=mask),
+        lambda mask: adaopt.galore(adaopt.adam(1e-2), rank=1, galore_mask=mask),
+    ):
+        steps = []
+        for mask in (as_tree, as_function):
+            tx = make(mask)
+            updates, _ = tx.update(params, tx.init(params), params)
+            steps.append(jax.tree.leaves(updates))
+        for got, want in zip(*steps, strict=True):
+            np.testing.assert_array_equal(got, want)

@@ -8,7 +8,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, Protocol, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -610,6 +610,18 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     return optax.GradientTransformation(optax.scale(1.0).init, update_fn)
 
 
+def is_function_of(value: Any, tree: Any) -> TypeGuard[Callable[..., Any]]:
+    """Whether ``value``, a function of ``tree`` or a tree mirroring it (a mask, Sophia's Hessian estimates), is the
+    function: callable, and not a tree of ``tree``'s structure with no callable leaf. An Equinox module is callable
+    (its ``__call__``): a mask or estimates built by ``jax.tree.map`` over Equinox parameters are such a module, and
+    calling one as a function of the parameters ran the model on them."""
+    if not callable(value):
+        return False
+    leaves, treedef = jax.tree.flatten(value)
+    mirrored: Any = jax.tree.structure(tree)  # Any: the stubs give PyTreeDef no __eq__
+    return not (bool(mirrored == treedef) and not any(callable(leaf) for leaf in leaves))
+
+
 def check_mask(mask: Any, name: str = "weight_decay_mask") -> None:
     """Refuse a mask that is one value rather than a tree or a function: a number or a string (``0`` decays as
     ``False`` would), and one boolean, what ``optax.inject_hyperparams`` makes of a mask function.
@@ -640,7 +652,7 @@ def check_mask(mask: Any, name: str = "weight_decay_mask") -> None:
 def resolve_mask(mask: MaskOrFn | None, params: Any, name: str = "weight_decay_mask") -> Any:
     """The tree of booleans ``mask`` gives for ``params`` (a tree, or a function of the parameters returning one),
     checked: booleans (:func:`check_mask_leaves`) in the parameters' structure, leaf for leaf; None for None."""
-    chosen = mask(params) if callable(mask) else mask
+    chosen = mask(params) if is_function_of(mask, params) else mask
     if chosen is not None:
         check_mask_leaves(chosen, name)
         check_tree_match(params, chosen, per_leaf_option(name), subject="parameters", shapes=False)
@@ -676,7 +688,7 @@ def masked(
     leafy = lambda tree: jax.tree.map(lambda x: 0 if held(x) else x, tree, is_leaf=held)
 
     def resolved(tree: Any) -> Any:
-        chosen = mask(tree) if callable(mask) else mask
+        chosen = mask(tree) if is_function_of(mask, tree) else mask
         check_mask_leaves(chosen, name)
         try:  # a prefix of the tree is a mask too (one value for a subtree), as optax.masked takes it
             jax.tree.map(lambda m, subtree: m, chosen, leafy(tree), is_leaf=held)

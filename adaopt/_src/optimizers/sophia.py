@@ -14,7 +14,6 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adaopt._src import base, moments
@@ -146,7 +145,7 @@ def scale_by_sophia(
         del extra_args
         base.check_tree_match(updates, state.nu, "state")
         nu = state.nu
-        if callable(hessian) and not _is_estimate_tree(hessian, updates):
+        if base.is_function_of(hessian, updates):
             params = base.require_params(params, "sophia's hessian= function")
             estimate_fn: Callable[[Any], Any] = hessian
             nu = jax.lax.cond(
@@ -282,15 +281,6 @@ def _random_vectors(key: jax.Array, params: Any, distribution: Distribution) -> 
     return optax.tree.random_like(
         key, params, lambda k, shape, dtype: jax.random.rademacher(k, shape, jnp.int32).astype(dtype)
     )
-
-
-def _is_estimate_tree(hessian: Any, updates: Updates) -> bool:
-    """Whether a callable ``hessian=`` is a tree of estimates, not a function of the parameters: an Equinox module of
-    arrays (what :func:`hutchinson_hessian_diagonal` returns for Equinox parameters) is callable, and a tree with the
-    gradients' structure whose leaves are all arrays (a ``jax.tree_util.Partial`` holding a key is not)."""
-    leaves, treedef = jax.tree.flatten(hessian)
-    gradients: Any = jax.tree.structure(updates)  # Any: the stubs give PyTreeDef no __eq__
-    return bool(gradients == treedef) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
 
 
 def hutchinson_hessian_diagonal(
