@@ -97,6 +97,7 @@ def stochastic_rounding(
       0.999
     """
     base.check_transformation("inner", inner)
+    inner = base.with_extra_args(inner)
     base.check_integer("seed", seed, 0, 2**32 - 1)
     seed = int(seed)  # a NumPy integer would overflow in the salt's arithmetic below
 
@@ -107,7 +108,7 @@ def stochastic_rounding(
         updates: Updates, state: StochasticRoundingState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, StochasticRoundingState]:
         params = base.require_params(params, "stochastic_rounding")
-        steps, inner_state = base.with_extra_args(inner).update(updates, state.inner, params, **extra)
+        steps, inner_state = inner.update(updates, state.inner, params, **extra)
         leaves, treedef = jax.tree.flatten(params)
         step_leaves = jax.tree.leaves(steps)
 
@@ -180,6 +181,7 @@ def master_weights(
       [0.995, 0.995, 0.995]
     """
     base.check_transformation("inner", inner)
+    inner = base.with_extra_args(inner)
 
     def master_view(master: Any, params: Params) -> Any:
         return jax.tree.map(
@@ -200,7 +202,7 @@ def master_weights(
         base.check_tree_match(updates, params, "parameters")
         view = master_view(state.master, params)
         grads = jax.tree.map(lambda g, p: g.astype(jnp.float32) if _is_half(p) else g, updates, params)
-        steps, inner_state = base.with_extra_args(inner).update(grads, state.inner, view, **extra)
+        steps, inner_state = inner.update(grads, state.inner, view, **extra)
         masked = base.is_masked_node
         master = jax.tree.map(
             lambda m, u: m if masked(m) else m + u.astype(jnp.float32), state.master, steps, is_leaf=masked
