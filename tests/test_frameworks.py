@@ -334,19 +334,22 @@ def test_equinox() -> None:
 def test_an_equinox_mask_is_a_tree_though_callable() -> None:
     """A weight-decay mask built over Equinox parameters (``jax.tree.map`` of a module) is an Equinox module, which is
     callable: it was called as a mask function and ran the model on the parameters. It decays as the same mask given
-    as a function does; a GaLore mask likewise."""
+    as a function does; a GaLore mask, Scion's norms and D-Adaptation's layer scales likewise."""
     model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
     params = eqx.filter(model, eqx.is_inexact_array)
-    as_tree = jax.tree.map(lambda p: p.ndim > 1, params)
-    as_function = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
-    assert callable(as_tree)
-    for make in (
-        lambda mask: adaopt.adamw(1e-2, weight_decay=0.1, weight_decay_mask=mask),
-        lambda mask: adaopt.galore(adaopt.adam(1e-2), rank=1, galore_mask=mask),
+    masks = jax.tree.map(lambda p: p.ndim > 1, params), lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+    norms = adaopt.default_scion_norms(params), adaopt.default_scion_norms
+    scales = jax.tree.map(lambda p: 0.5, params), lambda p: jax.tree.map(lambda x: 0.5, p)
+    assert callable(masks[0]) and callable(norms[0]) and callable(scales[0])
+    for make, pair in (
+        (lambda mask: adaopt.adamw(1e-2, weight_decay=0.1, weight_decay_mask=mask), masks),
+        (lambda mask: adaopt.galore(adaopt.adam(1e-2), rank=1, galore_mask=mask), masks),
+        (lambda given: adaopt.scion(1e-2, norms=given), norms),
+        (lambda given: adaopt.dadapt_adam(layer_scale=given), scales),
     ):
         steps = []
-        for mask in (as_tree, as_function):
-            tx = make(mask)
+        for given in pair:
+            tx = make(given)
             updates, _ = tx.update(params, tx.init(params), params)
             steps.append(jax.tree.leaves(updates))
         for got, want in zip(*steps, strict=True):

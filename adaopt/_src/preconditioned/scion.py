@@ -195,7 +195,7 @@ def default_scion_norms(params: base.Params, *, in_out: bool = False) -> Any:
 
 
 def _resolve_norms(norms: base.MaskOrFn | None, tree: Any) -> Any:
-    chosen = norms(tree) if callable(norms) else norms
+    chosen = norms(tree) if base.is_function_of(norms, tree) else norms
     chosen = default_scion_norms(tree) if chosen is None else chosen
     base.check_tree_match(tree, chosen, base.per_leaf_option("norms"), subject="parameters", shapes=False)
 

@@ -305,7 +305,7 @@ def scale_by_dadapt_adam(
         if decoupled:
             decay_mask(weight_decay_mask, params)  # checked now, not at the first step
         if layer_scale is not None:  # a tree of the parameters' structure, a function's too, checked now
-            scales = layer_scale(params) if callable(layer_scale) else layer_scale
+            scales = layer_scale(params) if base.is_function_of(layer_scale, params) else layer_scale
             what = base.per_leaf_option("layer_scale")
             base.check_tree_match(params, scales, what, subject="parameters", shapes=False)
             for value in jax.tree.leaves(scales):
@@ -337,7 +337,11 @@ def scale_by_dadapt_adam(
         d = state.d
         dlr = d * lr * bc
         sqrt_b2 = scalar_sqrt(b2, dtype)
-        scales = () if layer_scale is None else (layer_scale(params) if callable(layer_scale) else layer_scale,)
+        scales = (
+            ()
+            if layer_scale is None
+            else (layer_scale(params) if base.is_function_of(layer_scale, params) else layer_scale,)
+        )
 
         def new_moments(g32: jax.Array, m32: jax.Array, v32: jax.Array, cd: Any, rho: Any) -> tuple[jax.Array, ...]:
             m_new = moments.ema(moments.times(g32, rho * dlr.astype(cd)), m32, moments.scalar(b1, cd))
