@@ -382,11 +382,6 @@ def test_defaults_match_the_package() -> None:
         np.testing.assert_allclose(float(_core(state).d), theirs[1], rtol=1e-8)
 
 
-def _core(state: Any) -> Any:
-    """The D-Adaptation block's state inside an optimizer's chain state."""
-    return next(s for s in state if hasattr(s, "d"))
-
-
 # ---- Semantics, dtypes, jit, validation, convergence. ----
 
 
@@ -425,6 +420,35 @@ def test_a_zero_gradient_first_step_is_skipped() -> None:
         core = _core(state)
         assert np.float32(core.d) == np.float32(1e-6), name
         assert int(core.count) == 1 and int(getattr(core, "step", 0)) == 0, name
+
+
+@pytest.mark.parametrize(
+    "ours, package",
+    [
+        (lambda: dadapt_sgd(1.0), lambda params: dadaptation.DAdaptSGD(params, lr=1.0)),
+        (lambda: dadapt_adagrad(1.0), lambda params: dadaptation.DAdaptAdaGrad(params, lr=1.0)),
+    ],
+    ids=["sgd", "adagrad"],
+)
+def test_an_overflowing_estimate_leaves_d_as_the_package_does(ours: Callable, package: Callable) -> None:
+    """Two gradients of 1e200 overflow the estimate's sums (inf / inf: d_hat is NaN); the package's Python max keeps
+    d, and so does adaopt, where jnp.maximum made d, and every step after, NaN. float64, 8 steps."""
+    rng = np.random.default_rng(0)
+    start, grads = rng.normal(size=(4, 3)), rng.normal(size=(8, 4, 3))
+    grads[3:5] *= 1e200
+    tx = ours()
+    theirs = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    optimizer = package([theirs])
+    with jax.enable_x64(True):
+        params, state = jnp.asarray(start, jnp.float64), tx.init(jnp.asarray(start, jnp.float64))
+        for g in grads:
+            updates, state = tx.update(jnp.asarray(g), state, params)
+            params = params + updates
+            theirs.grad = torch.tensor(g)
+            optimizer.step()
+            np.testing.assert_allclose(np.asarray(params), theirs.detach().numpy(), rtol=1e-12, equal_nan=True)
+        d = float(_core(state).d)
+        assert np.isfinite(d) and d == optimizer.param_groups[0]["d"]
 
 
 def test_a_zero_learning_rate_is_a_skipped_step_for_adam_and_sgd() -> None:

@@ -241,6 +241,38 @@ def test_a_zero_gradient_first_step_and_a_zero_learning_rate_are_skipped() -> No
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # a zero learning rate touches nothing
 
 
+def test_an_overflowing_estimate_leaves_d_as_the_package_does() -> None:
+    """A noisy quadratic at 1e6 that the default Prodigy (decoupled decay on ``w``) drives to 1e297 in 117 steps: there
+    the estimate's sums overflow (inf / inf: d_hat is NaN) and the package's Python max keeps d; so does adaopt, where
+    jnp.maximum made d NaN three steps before the package's parameters overflowed. float64, 125 steps."""
+    steps, rng = 125, np.random.default_rng(91)
+    shapes = {"w": (8, 6), "b": (6,), "s": ()}
+    start = {k: rng.normal(size=v) * 1e6 for k, v in shapes.items()}
+    curvature = {k: rng.uniform(0.5, 2.0, size=v) for k, v in shapes.items()}
+    centre = {k: rng.normal(size=v) * 1e6 for k, v in shapes.items()}
+    noise = {k: rng.normal(size=(steps, *v)) * 1e6 for k, v in shapes.items()}
+    gradient = lambda k, x, t: curvature[k] * (x - centre[k]) + noise[k][t]
+    theirs = {k: torch.tensor(v, requires_grad=True) for k, v in start.items()}
+    decayed, plain = [theirs["w"]], [theirs["b"], theirs["s"]]
+    package = prodigyopt.Prodigy(
+        [{"params": decayed, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}], lr=1.0
+    )
+    tx = prodigy(1.0, weight_decay=0.1, weight_decay_mask={"w": True, "b": False, "s": False})
+    with jax.enable_x64(True):
+        params = {k: jnp.asarray(v) for k, v in start.items()}
+        step, state = jax.jit(tx.update), tx.init(params)
+        for t in range(steps):
+            updates, state = step({k: gradient(k, x, t) for k, x in params.items()}, state, params)
+            params = optax.apply_updates(params, updates)
+            for k, x in theirs.items():
+                x.grad = torch.tensor(gradient(k, x.detach().numpy(), t))
+            package.step()
+            assert float(_core(state).d) == pytest.approx(package.param_groups[0]["d"], rel=1e-12), f"step {t}"
+        for k, x in theirs.items():
+            np.testing.assert_allclose(np.asarray(params[k]), x.detach().numpy(), rtol=1e-12, equal_nan=True)
+        assert np.isnan(theirs["w"].detach().numpy()).any()  # the run diverged, on both sides
+
+
 def test_an_injected_zero_b1_takes_the_momentum_free_step() -> None:
     """b1 = 0 as an array (inject_hyperparams) follows the package's ``betas[0] == 0`` step, as a Python 0 does."""
     problem = quadratic(np.float32, 5)

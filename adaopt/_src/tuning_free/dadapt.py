@@ -51,6 +51,12 @@ def scalar_sqrt(x: Any, dtype: Any) -> Any:
     return jnp.sqrt(jnp.asarray(x).astype(dtype))
 
 
+def grown(d: jax.Array, candidate: jax.Array) -> jax.Array:
+    """The larger of the current estimate and a candidate, as the packages' Python ``max(d, candidate)``: a NaN
+    candidate (sums that overflowed, inf / inf) leaves ``d``, where ``jnp.maximum`` would make it NaN for good."""
+    return jnp.where(candidate > d, candidate, d)
+
+
 def capped(candidate: jax.Array, d: jax.Array, growth_rate: Any) -> jax.Array:
     """The candidate estimate, capped at ``growth_rate`` times the current one.
 
@@ -374,7 +380,7 @@ def scale_by_dadapt_adam(
         sk_l1 = numerics.tree_sum(l1s, dtype)
         taken = sk_l1 != 0
         d_hat = moments.safe_divide(numerator, (1 - sqrt_b2) * sk_l1)
-        d_new = jnp.maximum(d, capped(d_hat, d, growth_rate))
+        d_new = grown(d, capped(d_hat, d, growth_rate))
 
         decay_trees: tuple[Any, ...] = ()
         mask: tuple[Any, ...] = ()
@@ -644,7 +650,7 @@ def scale_by_dadapt_sgd(
         sk_sq = numerics.tree_sum(squares, dtype)
         taken = (sk_sq != 0) & (g0_norm != 0)
         d_hat = moments.safe_divide(2 * numerator, moments.safe_sqrt(sk_sq))
-        d_new = jnp.maximum(d, capped(d_hat, d, growth_rate))
+        d_new = grown(d, capped(d_hat, d, growth_rate))
         ck = 1 - moments.scalar(momentum, dtype)
 
         def step(g: jax.Array, p: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:
@@ -855,7 +861,7 @@ def scale_by_dadapt_adagrad(
         taken = skl1 != 0
         gsq_weighted = state.gsq_weighted + dlr * dlr * numerics.tree_sum(g_sqs, dtype)
         d_hat = moments.safe_divide(numerics.tree_sum(sk_sqs, dtype) - gsq_weighted, skl1)
-        d_new = jnp.where(lr > 0, jnp.maximum(d, capped(d_hat, d, growth_rate)), d)
+        d_new = jnp.where(lr > 0, grown(d, capped(d_hat, d, growth_rate)), d)
         ck = 1 - moments.scalar(momentum, dtype)
 
         def step(g: jax.Array, p: jax.Array, a: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:

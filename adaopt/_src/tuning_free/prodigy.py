@@ -244,8 +244,8 @@ def scale_by_prodigy(
         d_denom = numerics.tree_sum(l1s, dtype)
         taken = d_denom != 0
         d_hat = moments.scalar(d_coef, dtype) * moments.safe_divide(numerator, d_denom)
-        d_grown = jnp.where(d == first_d, jnp.maximum(d, d_hat), d)
-        d_max = jnp.maximum(state.d_max, d_hat)
+        d_grown = jnp.where(d == first_d, dadapt.grown(d, d_hat), d)
+        d_max = dadapt.grown(state.d_max, d_hat)
         d_new = dadapt.capped(d_max, d_grown, growth_rate)
         decay = (dadapt.decay_mask(weight_decay_mask, params),) if decoupled else ()
 
