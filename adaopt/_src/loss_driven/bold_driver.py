@@ -195,8 +195,8 @@ def bold_driver(
     r"""Bold driver: gradient descent whose learning rate grows while the loss falls and is cut when it rises.
 
     .. math::
-        m_t = m_{t-1} \cdot \begin{cases} \text{increase} & f_t \le f_{t-1} \\
-            \text{decrease} & \text{otherwise} \end{cases}, \qquad
+        m_t = m_{t-1} \cdot \begin{cases} \text{increase} & f_t < f_{t-1} \\
+            1 & f_t = f_{t-1} \\ \text{decrease} & \text{otherwise} \end{cases}, \qquad
         \theta_t = \theta_{t-1} - \eta_t m_t\, (g_t + \lambda \theta_{t-1})
         \quad\text{or, after a rise with undo,}\quad \theta_t = \theta_{t-2}
 
