@@ -182,6 +182,35 @@ def test_fp8_codes_round_ties_to_even_as_float8() -> None:
         np.testing.assert_array_equal(np.asarray(state.mu[k].codes).view(np.uint8), expected)
 
 
+@pytest.mark.parametrize("fmt", [INT8, "int4"])
+def test_codes_are_the_nearest_entries_at_and_beside_every_midpoint(fmt: str) -> None:
+    """As above for the maps: with b1 = 0 a block whose largest magnitude is 1 stores the gradient's nearest entries
+    of the signed map, here each midpoint between neighbouring entries (a tie: the lower entry), the floats on either
+    side of it, the entries themselves and a NaN, each as ``storage.nearest_index`` (XLA's step) finds it; in whole
+    blocks (the vector path: the 4-bit map searched in registers, the 8-bit map's search table) and a partial last
+    block (the scalar path)."""
+    blockwise = storage.ALIASES[fmt]
+    qmap = blockwise.qmap(True)
+    middles = ((qmap[:-1].astype(np.float64) + qmap[1:]) / 2).astype(np.float32)
+    values = np.concatenate(
+        [middles, np.nextafter(middles, -np.inf), np.nextafter(middles, np.inf), qmap, [np.nan, -0.0]]
+    ).astype(np.float32)
+    block = blockwise.block_size
+    values = np.pad(values, (0, -values.size % (block - 1))).reshape(-1, block - 1)
+    blocks = np.concatenate([np.ones((len(values), 1), np.float32), values], axis=1)
+    rows = np.resize(blocks, (max(blockwise.min_size // block, len(blocks)), block))  # quantized: min_size or more
+    flat = np.concatenate([rows.reshape(-1), blocks[0, :100]])
+    grads = {"rows": jnp.asarray(rows), "flat": jnp.asarray(flat)}
+    tx = adaopt.scale_by_adam(b1=0.0, mu_dtype=fmt, nu_dtype=fmt)
+    assert _uses_kernel(tx, grads, grads) == 2
+    _, state = jax.jit(tx.update)(grads, tx.init(grads), grads)
+    for k, g in grads.items():
+        stored = state.mu[k]
+        np.testing.assert_array_equal(np.asarray(stored.scale), 1.0)
+        expected = np.asarray(storage.nearest_index(g.reshape(-1), qmap)).astype(int)
+        np.testing.assert_array_equal(_codes(stored).reshape(-1)[: g.size], expected)
+
+
 @pytest.mark.parametrize("fmt", [INT8, "int4", "fp8"])
 def test_a_block_of_nan_stays_nan_as_in_xlas_step(fmt: str) -> None:
     """A gradient whose elements 256 to 511 (whole blocks) are NaN, then finite ones, each side on its own trajectory: XLA's reduction gives

@@ -19,6 +19,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -47,7 +48,9 @@ struct Scalars {
   float b1, one_minus_b1, b2, one_minus_b2, debias1, debias2, eps, eps_root, scale_floor;
 };
 
-// One moment of a leaf: its codes and scales, where the new ones go, its map and its map's search table.
+// One moment of a leaf: its codes and scales, where the new ones go, its map and its map's search table, and for a
+// 4-bit map its 15 midpoints rounded to float32 (storage._search_table's, by which a float32 x's code is the number
+// of them below x).
 struct Moment {
   const uint8_t* codes;
   const float* scale;
@@ -55,6 +58,7 @@ struct Moment {
   float* scale_out;
   const float* map;
   const uint32_t* search;
+  float midpoints[15];
 };
 
 struct Job {
@@ -185,7 +189,9 @@ void BlockScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* 
 struct Vec {
   static constexpr int64_t kLanes = 16;
   using F = __m512;
-  using Map16 = __m512;  // a 4-bit map's 16 entries
+  struct Map16 {
+    __m512 t;  // a 4-bit map's 16 entries
+  };
 
   static F Set(float x) { return _mm512_set1_ps(x); }
   static F Load(const float* p) { return _mm512_loadu_ps(p); }
@@ -205,18 +211,38 @@ struct Vec {
   static __mmask16 Greater(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static __mmask16 Less(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 
-  // The map's entries at the codes (a byte each) of 16 elements.
-  static F Lookup(const float* map, const uint8_t* codes) {
-    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-    return _mm512_i32gather_ps(index, map, 4);
+  // A map of 256 entries in 16 registers: a gather from it (about 12 ns for 16 lanes where the microcode
+  // mitigates "gather data sampling") took longer than the rest of an element's step.
+  struct Map256 {
+    __m512 t[16];
+  };
+  static Map256 LoadMap256(const float* map) {
+    Map256 m;
+    for (int k = 0; k < 16; ++k) m.t[k] = _mm512_loadu_ps(map + 16 * k);
+    return m;
   }
-  static Map16 LoadMap16(const float* map) { return _mm512_loadu_ps(map); }
+  // The map's entries at the codes (a byte each) of 16 elements: a two-register permute for each 32 entries (by the
+  // code's low five bits), then its bits 5, 6 and 7 choose among the eight.
+  static F Lookup(const Map256& map, const uint8_t* codes) {
+    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+    const __mmask16 bit5 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
+    const __mmask16 bit6 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(64));
+    const __mmask16 bit7 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(128));
+    __m512 part[4];
+    for (int k = 0; k < 4; ++k) {
+      part[k] = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(map.t[4 * k], index, map.t[4 * k + 1]),
+                                     _mm512_permutex2var_ps(map.t[4 * k + 2], index, map.t[4 * k + 3]));
+    }
+    return _mm512_mask_blend_ps(bit7, _mm512_mask_blend_ps(bit6, part[0], part[1]),
+                                _mm512_mask_blend_ps(bit6, part[2], part[3]));
+  }
+  static Map16 LoadMap16(const float* map) { return {_mm512_loadu_ps(map)}; }
   // The map's entries at the 4-bit codes of 16 elements, two a byte (the first in the high half): a register permute.
   static F Lookup4(const Map16& map, const uint8_t* bytes) {
     const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
     const __m128i nibble = _mm_set1_epi8(0x0F);
     const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble), low = _mm_and_si128(packed, nibble);
-    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), map);
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), map.t);
   }
   // storage.nearest_index of 16 elements, their codes a byte each: as the scalar Nearest.
   static __m128i Nearest(F x, const uint32_t* table) {
@@ -228,6 +254,30 @@ struct Vec {
         _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), reinterpret_cast<const int*>(table), 4);
     const __m512i y = _mm512_sub_epi32(entry, _mm512_slli_epi32(low, 8));
     const __m512i index = _mm512_add_epi32(_mm512_and_si512(y, _mm512_set1_epi32(0xFF)), _mm512_srli_epi32(y, 31));
+    return _mm512_cvtepi32_epi8(index);
+  }
+  // A 4-bit map's 15 midpoints as the four levels of a binary search, in registers (a gather from the search table
+  // costs as much as the rest of an element's step).
+  struct Search16 {
+    F m7, t4, t2, t1;
+  };
+  static Search16 LoadSearch16(const float* m) {
+    return {Set(m[7]), _mm512_setr_ps(m[3], m[11], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+            _mm512_setr_ps(m[1], m[5], m[9], m[13], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+            _mm512_setr_ps(m[0], m[2], m[4], m[6], m[8], m[10], m[12], m[14], 0, 0, 0, 0, 0, 0, 0, 0)};
+  }
+  // The scalar Nearest of 16 elements of a 4-bit map: the number of its midpoints below x, found by halving (its
+  // search table's answer for every float but NaN, whose code depends on its bits: a vector with a NaN takes Nearest).
+  static __m128i Nearest16(F x, const Search16& s, const uint32_t* table) {
+    if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)) return Nearest(x, table);
+    __m512i index = _mm512_maskz_mov_epi32(Less(s.m7, x), _mm512_set1_epi32(8));
+    const auto halve = [&](F candidates, int shift, int by) {
+      const F midpoint = _mm512_permutexvar_ps(_mm512_srli_epi32(index, shift), candidates);
+      index = _mm512_mask_add_epi32(index, Less(midpoint, x), index, _mm512_set1_epi32(by));
+    };
+    halve(s.t4, 3, 4);
+    halve(s.t2, 2, 2);
+    halve(s.t1, 1, 1);
     return _mm512_cvtepi32_epi8(index);
   }
   // The scalar E4m3 of 16 elements.
@@ -283,9 +333,14 @@ struct Vec {
   static F Greater(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static F Less(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
 
+  struct Map256 {
+    const float* map;
+  };
+  static Map256 LoadMap256(const float* map) { return {map}; }
   // Eight scalar loads: on Zen 3 a gather from the 1 KiB map took three times as long (the search table's gather,
   // in Nearest, is as fast as scalar loads).
-  static F Lookup(const float* map, const uint8_t* codes) {
+  static F Lookup(const Map256& m, const uint8_t* codes) {
+    const float* map = m.map;
     return _mm256_setr_ps(map[codes[0]], map[codes[1]], map[codes[2]], map[codes[3]], map[codes[4]], map[codes[5]],
                           map[codes[6]], map[codes[7]]);
   }
@@ -332,6 +387,28 @@ struct Vec {
     const __m256i y = _mm256_sub_epi32(entry, _mm256_slli_epi32(low, 8));
     return LowBytes(_mm256_add_epi32(_mm256_and_si256(y, _mm256_set1_epi32(0xFF)), _mm256_srli_epi32(y, 31)));
   }
+  struct Search16 {
+    F m7, t4, t2, t1;
+  };
+  static Search16 LoadSearch16(const float* m) {
+    return {Set(m[7]), _mm256_setr_ps(m[3], m[11], 0, 0, 0, 0, 0, 0), _mm256_setr_ps(m[1], m[5], m[9], m[13], 0, 0, 0, 0),
+            _mm256_setr_ps(m[0], m[2], m[4], m[6], m[8], m[10], m[12], m[14])};
+  }
+  // As AVX-512's, the permutes of eight entries.
+  static __m128i Nearest16(F x, const Search16& s, const uint32_t* table) {
+    if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) return Nearest(x, table);
+    const auto count = [&](F midpoint, int by) {
+      return _mm256_and_si256(_mm256_castps_si256(Less(midpoint, x)), _mm256_set1_epi32(by));
+    };
+    __m256i index = count(s.m7, 8);
+    const auto halve = [&](F candidates, int shift, int by) {
+      index = _mm256_add_epi32(index, count(_mm256_permutevar8x32_ps(candidates, _mm256_srli_epi32(index, shift)), by));
+    };
+    halve(s.t4, 3, 4);
+    halve(s.t2, 2, 2);
+    halve(s.t1, 1, 1);
+    return LowBytes(index);
+  }
   // As AVX-512's; the magnitudes are below 2**31, so signed comparisons order them as unsigned ones.
   static __m128i E4m3(F x) {
     const __m256i bits = _mm256_castps_si256(x);
@@ -360,38 +437,43 @@ struct Vec {
 #ifdef ADAOPT_VECTOR
 using VF = Vec::F;
 
+// A moment's map as Decode reads it: the 16 entries of a 4-bit map, or the 256 of the others (FP8's: its codes'
+// values).
+template <int F>
+using MapOf = std::conditional_t<F == kDynamic4, Vec::Map16, Vec::Map256>;
+
+template <int F>
+inline MapOf<F> LoadMap(const Moment& q) {
+  if constexpr (F == kDynamic4) {
+    return Vec::LoadMap16(q.map);
+  } else {
+    return Vec::LoadMap256(q.map);
+  }
+}
+
 // The values (before their scale) of elements [i, i + kLanes) of a moment.
 template <int F>
-inline VF Decode(const Moment& q, int64_t i, const Vec::Map16& map16) {
+inline VF Decode(const Moment& q, int64_t i, const MapOf<F>& map) {
   if constexpr (F == kDynamic4) {
-    return Vec::Lookup4(map16, q.codes + (i >> 1));
+    return Vec::Lookup4(map, q.codes + (i >> 1));
 #ifdef ADAOPT_AVX2
   } else if constexpr (F == kFp8) {
     return Vec::FromE4m3(q.codes + i);
 #endif
   } else {
-    return Vec::Lookup(q.map, q.codes + i);
-  }
-}
-
-// A 4-bit map's 16 entries in registers (unused by the other formats).
-template <int F>
-inline Vec::Map16 Map16Of(const Moment& q) {
-  if constexpr (F == kDynamic4) {
-    return Vec::LoadMap16(q.map);
-  } else {
-    return Vec::Map16{};
+    return Vec::Lookup(map, q.codes + i);
   }
 }
 
 // The codes (a byte each) of kLanes elements over their block's scale; NaN stays NaN in the clip, as in the scalar
 // Clip and jnp.clip (max and min return their second operand when either is NaN).
 template <int F>
-inline __m128i Encode(VF x, const uint32_t* search) {
+inline __m128i Encode(VF x, const uint32_t* search, const Vec::Search16& search16) {
   if constexpr (F == kFp8) {
     return Vec::E4m3(x);
   } else {
-    return Vec::Nearest(Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x)), search);
+    const VF clipped = Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x));
+    return F == kDynamic4 ? Vec::Nearest16(clipped, search16, search) : Vec::Nearest(clipped, search);
   }
 }
 
@@ -401,8 +483,9 @@ void StoreVector(const Job& j, const Moment& q, int64_t b, int64_t start, const 
   const float scale = Scale<F>(Vec::ReduceMax(largest), j);
   q.scale_out[b] = scale;
   const VF inverse = Vec::Set(1.0f / (scale > 0.0f ? scale : 1.0f));
+  const Vec::Search16 search16 = F == kDynamic4 ? Vec::LoadSearch16(q.midpoints) : Vec::Search16{};
   for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
-    const __m128i code = Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), q.search);
+    const __m128i code = Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), q.search, search16);
     if constexpr (F == kDynamic4) {
       Vec::StoreCodes4(q.codes_out + ((start + k) >> 1), code);
     } else {
@@ -420,7 +503,7 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
   const VF eps = Vec::Set(j.s.eps), eps_root = Vec::Set(j.s.eps_root);
   const VF one = Vec::Set(1.0f), zero = Vec::Set(0.0f);
   const VF m_scale = Vec::Set(j.m.scale[b]), v_scale = Vec::Set(j.v.scale[b]);
-  const Vec::Map16 m_map = Map16Of<F>(j.m), v_map = Map16Of<F>(j.v);
+  const MapOf<F> m_map = LoadMap<F>(j.m), v_map = LoadMap<F>(j.v);
   VF m_largest = Vec::Set(Lowest(j, j.block)), v_largest = m_largest;
   for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
     const int64_t i = start + k;
@@ -476,7 +559,7 @@ void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
   const VF b2 = Vec::Set(j.s.b2), c2 = Vec::Set(j.s.one_minus_b2);
   const VF one = Vec::Set(1.0f), minus_one = Vec::Set(-1.0f), zero = Vec::Set(0.0f);
   const VF m_scale = Vec::Set(j.m.scale[b]);
-  const Vec::Map16 m_map = Map16Of<F>(j.m);
+  const MapOf<F> m_map = LoadMap<F>(j.m);
   VF m_largest = Vec::Set(Lowest(j, j.block));
   for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
     const int64_t i = start + k;
@@ -569,7 +652,14 @@ bool MomentOf(int64_t n, int64_t block_size, int32_t format, const ffi::AnyBuffe
                     map.element_count() == (format == kDynamic4 ? 16u : 256u) &&
                     (format == kFp8 || search.element_count() == 65536);
   *moment = {static_cast<const uint8_t*>(codes.untyped_data()), scales.typed_data(), codes_out, scales_out,
-             map.typed_data(), search.typed_data()};
+             map.typed_data(), search.typed_data(), {}};
+  if (fits && format == kDynamic4) {
+    const float* m = map.typed_data();
+    // As storage._lookup: the sum of two float32 is exact in float64, its half rounded once to float32.
+    for (int k = 0; k < 15; ++k) {
+      moment->midpoints[k] = static_cast<float>((static_cast<double>(m[k]) + static_cast<double>(m[k + 1])) / 2);
+    }
+  }
   return fits;
 }
 
