@@ -12,7 +12,8 @@ Three tables:
   step (loss, gradients, update) of the convergence suite's char-level transformer.
 - **Step time** of AdamW on the GPT-2 tree with each storage, against adaopt's float32 AdamW and
   optax's ``adamw`` in the same run: medians of ``--reps`` timed steps (``update`` +
-  ``apply_updates``, jitted, parameters and state donated, as ``benchmarks/speed.py`` times them),
+  ``apply_updates``, jitted, parameters, state and gradients donated, as a training step's own gradients are; a
+  fresh copy of the gradients for each step, made untimed),
   and the bytes a step must move per parameter (read the parameter, the gradient and the state,
   write the parameter and the state: 12 + 2 x state bytes).
 
@@ -191,7 +192,7 @@ def timing_rows(shapes: Any, reps: int) -> list[list[str]]:
         with switched(label) as usable:
             if not ("adamw" in label or "lion" in label) or not usable:
                 continue
-            timing = speed.time_jax(make(), host_params, grads, reps)
+            timing = speed.time_jax(make(), host_params, grads, reps, donate_grads=True)
         medians[label] = statistics.median(timing.times)
         state_per_param[label] = timing.state_bytes / n
         speed._free()
@@ -270,10 +271,12 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
                 )
             ),
             "",
+            "Every step takes the gradients donated, as a training step's own temporaries are: each rep gets a fresh "
+            "copy of the same gradients, made before its timer starts.",
+            "",
             f"`{KERNEL.format('...')}`, `{LION_KERNEL}`: traced with `adaopt.enable_cpu_kernels()`, their quantized "
             "leaves' steps by adaopt's XLA:CPU kernels. Each writes the step over the gradient for the update pass to read (XLA's "
-            "own step fuses the two), so XLA first copies a gradient that the step must keep, as these fixed "
-            "gradients; a training step's own gradients are overwritten in place (the charlm peaks above).",
+            "own step fuses the two); a gradient the program must keep (not donated) would be copied first.",
         ]
     lines.append(END)
     return "\n".join(lines)

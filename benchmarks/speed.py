@@ -79,6 +79,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -392,14 +393,16 @@ def _torch_sync(device: str) -> None:
         _torch().cuda.synchronize()
 
 
-def _timed(call: Callable[[], None], reps: int) -> list[float]:
-    for _ in range(WARMUP):
-        call()
+def _timed(call: Callable[[], None], reps: int, prepare: Callable[[], None] | None = None) -> list[float]:
+    """``reps`` timed calls after ``WARMUP`` untimed ones; ``prepare`` runs untimed before each call."""
     times = []
-    for _ in range(reps):
+    for rep in range(WARMUP + reps):
+        if prepare is not None:
+            prepare()
         start = time.perf_counter()
         call()
-        times.append(time.perf_counter() - start)
+        if rep >= WARMUP:
+            times.append(time.perf_counter() - start)
     return times
 
 
@@ -457,11 +460,18 @@ def state_nbytes(state: Any) -> int:
 
 
 def time_jax(
-    optimizer: optax.GradientTransformation, host_params: Any, grads: Any, reps: int, flat: bool = False
+    optimizer: optax.GradientTransformation,
+    host_params: Any,
+    grads: Any,
+    reps: int,
+    flat: bool = False,
+    donate_grads: bool = False,
 ) -> Timing:
     """Compile time and step times of one optimizer, donating the parameters and the state.
 
     ``flat``: the parameters and the gradients in the layout of ``adaopt.flatten_params``.
+    ``donate_grads``: the gradients donated too, as a training step's own temporaries are (a kernel that
+    writes the step over them then needs no copy of them); each step gets a fresh copy, made untimed.
     """
 
     def fn(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
@@ -472,16 +482,24 @@ def time_jax(
         host_params, grads = flatten_params(host_params)[0], flatten_params(grads)[0]
     carry: dict[str, Any] = {"params": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
     carry["state"] = optimizer.init(carry["params"])
+    carry["grads"] = grads
     nbytes = state_nbytes(carry["state"])
-    step = jax.jit(fn, donate_argnums=(0, 1))
-    start = time.perf_counter()
-    step.lower(carry["params"], carry["state"], grads).compile()
-    compile_s = time.perf_counter() - start
+    step = jax.jit(fn, donate_argnums=(0, 1, 2) if donate_grads else (0, 1))
+
+    def fresh_grads() -> None:
+        carry["grads"] = jax.block_until_ready(jax.tree.map(lambda g: jnp.array(g, copy=True), grads))
 
     def call() -> None:
-        carry["params"], carry["state"] = jax.block_until_ready(step(carry["params"], carry["state"], grads))
+        carry["params"], carry["state"] = jax.block_until_ready(step(carry["params"], carry["state"], carry["grads"]))
 
-    return Timing("", "", _timed(call, reps), compile_s=compile_s, state_bytes=nbytes)
+    with warnings.catch_warnings():
+        # More gradient buffers than the outputs can reuse: JAX says so when it lowers the step.
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        start = time.perf_counter()
+        step.lower(carry["params"], carry["state"], grads).compile()
+        compile_s = time.perf_counter() - start
+        times = _timed(call, reps, fresh_grads if donate_grads else None)
+    return Timing("", "", times, compile_s=compile_s, state_bytes=nbytes)
 
 
 def time_torch(contender: Contender, impl: str, host_params: Any, host_grads: Any, reps: int, device: str) -> Timing:
