@@ -70,9 +70,10 @@ class Case:
 
 CASES = [
     # Triangular factors (a 3-d tensor's three, a matrix's second axis), an axis longer than max_size_triangular
-    # (5 > 4: diagonal), a 1-d leaf's diagonal factor, a 0-d leaf's scalar one, masked decay.
+    # (5 > 4: diagonal), a 1-d leaf's diagonal factor, a 0-d leaf's scalar one, masked decay; leaves of equal shapes
+    # (a model's repeated layers: their factors fitted in one loop, each with its own probe).
     Case(
-        "triangular", {"w": (5, 4), "b": (4,), "s": (), "t": (2, 3, 4)},
+        "triangular", {"w": (5, 4), "b": (4,), "s": (), "t": (2, 3, 4), "w2": (5, 4), "b2": (4,), "t2": (2, 3, 4)},
         {"max_size_triangular": 4, "precond_dtype": "float64", **PRECISE}, weight_decay=True,
     ),
     # one_diag (each leaf's longest axis diagonal), an axis of size 1, the probes fitted to the gradient, both

@@ -250,6 +250,20 @@ def _fit_factors(
     return new
 
 
+def _fitted(
+    plan: _Plan, dtype: jnp.dtype, learning_rate: Any, key: jax.Array, x: jax.Array, *qs: jax.Array
+) -> list[jax.Array]:  # fmt: skip
+    """One leaf's factors fitted to its input ``x`` (the momentum or the gradient) probed with noise drawn from ``key``:
+    :func:`_fit_factors` in ``dtype``, the new factors in the old ones' dtypes."""
+    v = jax.random.normal(key, x.shape, x.dtype)
+    damping = jnp.sqrt(jnp.finfo(jnp.float32).eps).astype(x.dtype)
+    h = x + damping * jnp.mean(jnp.abs(x)) * v
+    qs_work = [q.astype(dtype) for q in qs]
+    b = _probe_solve(qs_work, v.astype(dtype))
+    fitted = _fit_factors(qs_work, h.astype(dtype), b, plan, moments.scalar(learning_rate, dtype))
+    return [q_new.astype(q.dtype) for q_new, q in zip(fitted, qs, strict=True)]
+
+
 def _balanced(qs: Sequence[jax.Array]) -> list[jax.Array]:
     """The factors rescaled to equal largest entries, their Kronecker product unchanged (up to the float32 rounding of
     the scales, which the reference computes in float32 whatever the factors' dtype)."""
@@ -520,20 +534,27 @@ def scale_by_psgd_kron(
                 )
                 key, subkey = jax.random.split(key)
                 probe_keys = jax.random.split(subkey, len(leaves))
-                new = []
+                new: list[list[jax.Array]] = list(all_qs)
+                # Leaves of one plan and dtypes (a model's repeated layers) take one program, looped over them: the
+                # same operations as for each leaf alone, each with its own probe, compiled once instead of per leaf.
+                groups: dict[Any, list[int]] = {}
                 for i, (x, qs, p_plan) in enumerate(zip(inputs, all_qs, plans, strict=True)):
-                    if not p_plan.preconditioned:
-                        new.append(qs)
+                    if p_plan.preconditioned:
+                        kind = (p_plan, x.dtype, work_dtype(i), tuple((q.shape, q.dtype) for q in qs))
+                        groups.setdefault(kind, []).append(i)
+                for (p_plan, _, dtype, _), members in groups.items():
+                    fit = functools.partial(_fitted, p_plan, dtype, preconditioner_lr)
+                    if len(members) == 1:
+                        (i,) = members
+                        new[i] = fit(probe_keys[i], inputs[i], *all_qs[i])
                         continue
-                    v = jax.random.normal(probe_keys[i], x.shape, x.dtype)
-                    damping = jnp.sqrt(jnp.finfo(jnp.float32).eps).astype(x.dtype)
-                    h = x + damping * jnp.mean(jnp.abs(x)) * v
-                    dtype = work_dtype(i)
-                    qs_work = [q.astype(dtype) for q in qs]
-                    b = _probe_solve(qs_work, v.astype(dtype))
-                    lr = moments.scalar(preconditioner_lr, dtype)
-                    fitted = _fit_factors(qs_work, h.astype(dtype), b, p_plan, lr)
-                    new.append([q_new.astype(q.dtype) for q_new, q in zip(fitted, qs, strict=True)])
+                    stacked = [jnp.stack(arrays) for arrays in zip(*(all_qs[i] for i in members), strict=True)]
+                    xs = jnp.stack([inputs[i] for i in members])
+                    fitted = jax.lax.map(
+                        lambda args, fit=fit: fit(*args), (probe_keys[np.asarray(members)], xs, *stacked)
+                    )
+                    for position, i in enumerate(members):
+                        new[i] = [q[position] for q in fitted]
                 return new
 
         counter = moments.safe_increment(state.update_counter)
