@@ -97,6 +97,36 @@ def test_an_integer_parameter_is_refused_at_init_naming_it(spec: OptimizerSpec) 
         tx.init(params)
 
 
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
+def test_an_integer_gradient_is_refused_at_update_naming_it(spec: OptimizerSpec) -> None:
+    """An integer gradient of a float parameter: some optimizers computed in its dtype and returned integer updates,
+    truncated to 0 (Adagrad, Rprop, Schedule-Free, the hypergradient methods); every one now refuses it, naming it."""
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    grads = {"w": jnp.ones((4, 3)), "b": jnp.asarray([1, 2, 3], jnp.int32)}
+    tx = learning_rates.make(spec)
+    with pytest.raises(TypeError, match=r"gradient at \['b'\] has dtype int32"):
+        tx.update(grads, tx.init(params), params, value=jnp.asarray(1.0))
+
+
+EPS_NAMES = ("eps", "adam_eps", "trust_eps", "ns_eps", "eps1", "eps2", "diagonal_eps", "matrix_eps", "eps_scale")
+
+
+EPS_ARGUMENTS = [(s, n) for s in REGISTRY.values() for n in inspect.signature(s.factory).parameters if n in EPS_NAMES]
+
+
+@pytest.mark.parametrize("spec, name", EPS_ARGUMENTS, ids=[f"{s.name}-{n}" for s, n in EPS_ARGUMENTS])
+def test_an_eps_that_float32_flushes_to_zero_never_makes_a_nan(spec: OptimizerSpec, name: str) -> None:
+    """1e-40 is positive, so a range check passes it, but in float32 it is subnormal, which XLA:CPU flushes to 0 (and
+    1e-300 rounds to 0): a zero gradient then divided 0 by 0, and a tiny one (its square under float32's range)
+    stepped -inf. Each such eps steps as eps = 0 does, with 0 where the denominator is 0."""
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    tx = spec.factory(learning_rate=learning_rates.TUNED[spec.name], **{name: 1e-40})
+    state = tx.init(params)
+    for g in (0.0, 1e-25, 1e-25, 0.0):
+        updates, state = tx.update(jax.tree.map(lambda x: jnp.full_like(x, g), params), state, params, value=1.0)
+        assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates)), f"gradient {g}: {updates}"
+
+
 def test_moment_dtype_must_be_floating() -> None:
     with pytest.raises(ValueError, match="mu_dtype"):
         adaopt.adam(mu_dtype=jnp.int32)

@@ -219,6 +219,13 @@ def over(x: jax.Array, divisor: Any) -> jax.Array:
     return jax.lax.complex(jnp.real(x) / divisor, jnp.imag(x) / divisor)
 
 
+def over_nonzero(x: jax.Array, divisor: jax.Array) -> jax.Array:
+    """:func:`over`, with 0 where ``divisor`` is 0: ``sqrt(v) + eps`` when ``v`` is 0 and ``eps`` (times a small
+    estimate) is below the dtype's smallest normal number, so 0 there."""
+    nonzero = divisor != 0
+    return jnp.where(nonzero, over(x, jnp.where(nonzero, divisor, 1)), 0)
+
+
 def ema(new: jax.Array, old: jax.Array, decay: Any) -> jax.Array:
     """Exponential moving average: ``decay * old + (1 - decay) * new``."""
     return times(old, decay) + times(new, 1 - decay)
@@ -335,9 +342,15 @@ def inv_root(nu: jax.Array, eps: Any, eps_root: Any, eps_mode: EpsMode = "add") 
     with 0 where that denominator is 0 (a zero gradient)."""
     inside = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root  # no "+ 0" per leaf
     denominator = with_eps(root(inside), eps, eps_mode)
-    if isinstance(eps, (int, float)) and eps > 0:
+    if keeps_positive(eps, denominator.dtype):
         return 1 / denominator
     return safe_divide(1, denominator)
+
+
+def keeps_positive(eps: Any, dtype: Any) -> bool:
+    """Whether ``eps`` is a Python number that stays positive in ``dtype``: at least its smallest normal number (a
+    smaller one rounds to 0 there, or to a subnormal that XLA:CPU flushes to 0), so that ``x + eps`` is never 0."""
+    return isinstance(eps, (int, float)) and eps >= float(jnp.finfo(dtype).tiny)
 
 
 def radam_rho(b2: Any, count: jax.Array, dtype: Any) -> tuple[Any, jax.Array, jax.Array]:

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from adaopt._src import storage
+from adaopt._src import moments, storage
 from adaopt._src.placement import explicit_spec
 
 TARGET = "adaopt_blockwise_adam_cpu"
@@ -272,7 +272,7 @@ def adam_step(
         g,
         [m, v],
         _scalars(b1, b2, debias1, debias2, eps, eps_root, _floor(m.storage)),
-        safe_divide=np.int32(not (isinstance(eps, (int, float)) and eps > 0)),  # moments.inv_root's choice
+        safe_divide=np.int32(not moments.keeps_positive(eps, jnp.float32)),  # moments.inv_root's choice
         eps_root=np.int32(not (isinstance(eps_root, (int, float)) and eps_root == 0)),
     )
     return step, m_new, v_new

@@ -32,7 +32,7 @@ class AdemamixState(NamedTuple):
 def _check_warmup(warmup_steps: Any, b1: Any, b3: Any) -> None:
     if warmup_steps is None:
         return
-    base.check_scalar("warmup_steps", warmup_steps, low=0.0, low_open=True, high=base.INT32_MAX)
+    base.check_scalar("warmup_steps", warmup_steps, low=1.0, high=base.INT32_MAX)  # a number of steps
     # beta3's warmup interpolates log(b1) and log(b3): both must be finite.
     base.check_scalar("b1 (with warmup_steps)", b1, low=0.0, high=1.0, low_open=True, high_open=True)
     base.check_scalar("b3 (with warmup_steps)", b3, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -75,7 +75,7 @@ def scale_by_ademamix(
       b3: :math:`\beta_3`, the decay of the slow first moment, in [0, 1).
       alpha: :math:`\alpha` >= 0, the weight of the slow moment.
       eps: :math:`\epsilon`, added to the debiased root of the second moment, >= 0.
-      warmup_steps: :math:`T > 0`, the steps over which :math:`\alpha` and :math:`\beta_3` warm
+      warmup_steps: :math:`T \ge 1`, the steps over which :math:`\alpha` and :math:`\beta_3` warm
         up (the paper's :math:`T_{\alpha,\beta_3}`), or None for none; needs :math:`0 < \beta_1`
         and :math:`0 < \beta_3`.
       eps_mode: ``"add"`` (:math:`\epsilon` added to the debiased root) or ``"max"`` (that root

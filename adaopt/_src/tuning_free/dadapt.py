@@ -358,7 +358,7 @@ def scale_by_dadapt_adam(
             cd, g32, (m32, v32, s32) = moments.to_compute(g, m, v, s)
             rho = moments.scalar(r[0], cd) if r else 1
             gamma, e, sb2 = dlr.astype(cd), moments.scalar(eps, cd), moments.scalar(sqrt_b2, cd)
-            ratio = moments.over(s32, moments.root(v32) + e)
+            ratio = moments.over_nonzero(s32, moments.root(v32) + e)
             if isinstance(v, storage.Quantized):
                 # A coordinate stored as 0 is under its block's resolution, not unseen (its s is not 0): divided by
                 # eps it would add g s / eps, growing D with the square of the gradients' scale. It adds nothing.
@@ -395,7 +395,7 @@ def scale_by_dadapt_adam(
             p = left.pop(0) if decay_trees else None
             rho = moments.scalar(left.pop(0), cd) if scales else 1
             m_new, v_new = new_moments(g32, m32, v32, cd, rho)
-            u = moments.over(m_new, moments.root(v_new) + moments.scalar(eps, cd))
+            u = moments.over_nonzero(m_new, moments.root(v_new) + moments.scalar(eps, cd))
             if p is not None:
                 p32 = moments.in_precision(p, cd)
                 u = decay_then_step(p32, moments.times(decay_term(p32, left[0], weight_decay, cd), dlr.astype(cd)), u)
@@ -866,7 +866,7 @@ def scale_by_dadapt_adagrad(
 
         def step(g: jax.Array, p: jax.Array, a: jax.Array, s: jax.Array, x0: jax.Array) -> tuple[jax.Array]:
             cd, _, (p32, a32, s32, x032) = moments.to_compute(g, p, a, s, x0)
-            z = x032 - moments.over(s32, jnp.sqrt(a32) + moments.scalar(eps, cd))
+            z = x032 - moments.over_nonzero(s32, jnp.sqrt(a32) + moments.scalar(eps, cd))
             u = moments.times(p32 - z, moments.scalar(ck, cd))
             return (jnp.where(taken, u, 0).astype(g.dtype),)
 

@@ -255,11 +255,11 @@ def scale_by_prodigy(
             v_new, m_new = new_moments(g32, v32, m32, cd)
             dn, gamma = d_new.astype(cd), dlr.astype(cd)
             denominator = moments.root(v_new) + dn * moments.scalar(eps, cd)
-            momentum_free = moments.times(moments.over(g32, denominator), gamma * dn)
+            momentum_free = moments.times(moments.over_nonzero(g32, denominator), gamma * dn)
             if base.is_zero(b1):
                 u = momentum_free
             else:
-                u = moments.times(moments.over(m_new, denominator), gamma)
+                u = moments.times(moments.over_nonzero(m_new, denominator), gamma)
                 if not isinstance(b1, (int, float)):  # an injected b1 of 0 takes the package's momentum-free step
                     u = jnp.where(moments.scalar(b1, cd) > 0, u, momentum_free)
             if selected:
