@@ -418,6 +418,12 @@ def require_params(params: Params | None, who: str) -> Params:
     return params
 
 
+def fast(tree: Any) -> Any:
+    """The weights a gradient is taken at: ``tree.fast`` for ``optax.LookaheadParams`` (:func:`adaopt.lookahead`'s
+    parameters, and its updates), else ``tree``."""
+    return tree.fast if isinstance(tree, optax.LookaheadParams) else tree
+
+
 def _buffers(x: jax.Array) -> set[tuple[int, int]]:
     """Where ``x``'s data lives: its shards' devices and buffer addresses (its identity where they cannot be read)."""
     try:
@@ -461,21 +467,26 @@ def split_extra_args(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return arrays, {k: v for k, v in extra.items() if k not in arrays}
 
 
-def check_floating(params: Any) -> None:
-    """A clear error for an integer or boolean parameter, which would take no step (or a truncated one)."""
+def check_floating(params: Any, what: str = "parameter") -> None:
+    """A clear error for an integer or boolean parameter, which would take no step (or a truncated one), or (``what``
+    "gradient") an integer or boolean gradient, whose updates some optimizers computed in its integer dtype."""
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = jnp.dtype(p.dtype) if hasattr(p, "dtype") else jnp.result_type(p)
         if not jnp.issubdtype(dtype, jnp.inexact):
+            why = (
+                "an integer one cannot take a fractional step. Cast it, or keep it out of the optimized tree."
+                if what == "parameter"
+                else "an integer one would make integer, truncated updates. Cast it to its parameter's dtype."
+            )
             raise TypeError(
-                f"The parameter at {jax.tree_util.keystr(path) or 'the root'} has dtype {dtype.name}: optimizers take "
-                "floating-point (or complex) parameters, and an integer one cannot take a fractional step. Cast it, "
-                "or keep it out of the optimized tree."
+                f"The {what} at {jax.tree_util.keystr(path) or 'the root'} has dtype {dtype.name}: optimizers take "
+                f"floating-point (or complex) {what}s, and {why}"
             )
 
 
 def check_gradient_tree() -> optax.GradientTransformation:
-    """A stateless first block: the parameters must be floating point (checked by ``init``), the gradients of
-    their tree structure.
+    """A stateless first block: the parameters must be floating point (checked by ``init``), the gradients floating
+    point and of their tree structure.
 
     Runs at trace time only, so it costs nothing in the compiled step; it gives stateless
     optimizers (plain SGD) the same clear errors as the others.
@@ -486,6 +497,7 @@ def check_gradient_tree() -> optax.GradientTransformation:
         return optax.EmptyState()
 
     def update_fn(updates: Updates, state: optax.EmptyState, params: Params | None = None) -> tuple[Updates, Any]:
+        check_floating(updates, "gradient")
         if params is not None:
             check_tree_match(updates, params, "parameters")
         return updates, state
