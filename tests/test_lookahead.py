@@ -270,3 +270,42 @@ def test_the_lookahead_comparison_sees_alpha() -> None:
         fast, slow = _lookahead_adaopt("SGD", {**hp, "alpha": hp["alpha"] + 0.05}, params, grads)
     torch_fast, torch_slow = _lookahead_torch("SGD", hp, params, grads)
     assert _relative_error(slow, torch_slow) > 1e-3 and _relative_error(fast, torch_fast) > 1e-3
+
+
+def _lookahead_run(tx: optax.GradientTransformation, params: Any, steps: int) -> tuple[Any, Any, list]:
+    """``steps`` jitted steps of ``tx`` on lookahead parameters, the gradients taken at the fast weights."""
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    state, updates = tx.init(params), []
+    for t in range(steps):
+        grads = jax.tree.map(lambda x: (x + t).astype(x.dtype), jax.grad(_loss)(params.fast))
+        u, state = step(grads, state, params)
+        params = optax.apply_updates(params, u)
+        updates.append((grads, u))
+    return params, state, updates
+
+
+def test_monitor_and_master_weights_take_lookahead_parameters() -> None:
+    """Around lookahead the gradients are the fast weights' and the parameters a LookaheadParams: the monitor measured
+    them against each other (a tree mismatch at the first update) and master_weights cast the gradients by them. The
+    monitor now records the fast weights' updates, its updates lookahead's own; master_weights on bfloat16 keeps
+    float32 copies of both weights that follow lookahead on float32, and returns the parameters rounded from them."""
+    params = {"w": jnp.asarray([[0.5, -1.0], [2.0, 0.3]]), "v": jnp.asarray([1.0, -0.5])}
+    synced = optax.LookaheadParams.init_synced(params)
+    inner = lambda: adaopt.lookahead(adaopt.adamw(1e-2, weight_decay=0.1), SYNC, ALPHA)
+    plain, _, _ = _lookahead_run(inner(), synced, STEPS)
+
+    monitored, state, updates = _lookahead_run(adaopt.monitor(inner(), every=1), synced, STEPS)
+    grads, last = updates[-1]
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(monitored), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
+    records = adaopt.read_records(state)
+    np.testing.assert_allclose(records["grad_norm"], float(optax.tree.norm(grads)), rtol=1e-6)
+    np.testing.assert_allclose(records["update_norm"], float(optax.tree.norm(last.fast)), rtol=1e-6)
+
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), synced)
+    rounded, state, _ = _lookahead_run(adaopt.master_weights(inner()), half, STEPS)
+    for master, full, out in zip(
+        jax.tree.leaves(state.master), jax.tree.leaves(plain), jax.tree.leaves(rounded), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(master), np.asarray(full), rtol=2e-2)  # gradients at bfloat16 weights
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(master.astype(jnp.bfloat16)))

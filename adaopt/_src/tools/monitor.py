@@ -563,11 +563,13 @@ def monitor(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Record what the optimizer does every ``every`` steps, inside its state and without leaving ``jit``.
 
-    The updates are ``optimizer``'s, bit for bit; only the state grows (:class:`MonitorState`).
-    Within a larger jitted step, XLA may fuse ``apply_updates`` differently around them (for
-    example, the update rounded before it is added in one program, fused into a multiply-add in
-    the other), so the parameters can differ from the unmonitored program's in their last bit, in
-    the cond form and on recording steps; a step with ``record=False`` is the unmonitored program.
+    The updates are ``optimizer``'s; only the state grows (:class:`MonitorState`). A step with
+    ``record=False`` is the unmonitored program, bit for bit. A recording step compiles the
+    optimizer's step together with the statistics, and XLA may round it differently in the last
+    bit (a multiply-add fused in one program and not in the other; so may ``apply_updates`` in a
+    larger jitted step): on recording steps, and in the cond form, which compiles the step inside
+    its branches, also on eager calls, updates and parameters can differ from the unmonitored
+    ones by an ulp.
     At updates :math:`t = 0, k, 2k, \dots` (:math:`k` = ``every``) it records, from the
     gradient :math:`g` it was given, the update :math:`u` returned and the parameters :math:`p`,
     over the whole tree and over each group :math:`G` of leaves (named ``stat/group``):
@@ -646,7 +648,7 @@ def monitor(
         dtype = moments.scalar_dtype(params)
         found: list[str] = []
         # Named as in update, which sees arrays: an nnx.Optimizer initialises with its variables.
-        plain_params, _ = numerics.unwrap_variables(params, "params")
+        plain_params, _ = numerics.unwrap_variables(base.fast(params), "params")
         plain_state, _ = numerics.unwrap_variables(inner_state)
 
         def measure_at_init() -> jax.Array:
@@ -687,7 +689,8 @@ def monitor(
         def measure(updates: Updates, inner_state: Any) -> jax.Array:
             # The statistics read the finished updates and state: fused into their producers, XLA:CPU
             # recomputes the update inside each reduction, several times slower.
-            g, u, p, s = jax.lax.optimization_barrier((grads, updates, params, inner_state))
+            # Around lookahead, the fast weights' updates and parameters: those the gradients were taken at.
+            g, u, p, s = jax.lax.optimization_barrier((grads, base.fast(updates), base.fast(params), inner_state))
             names, values = _measure(g, u, p, s, groups, old.values.dtype)
             if tuple(names) != old.names:
                 raise ValueError(

@@ -199,9 +199,10 @@ def master_weights(
         updates: Updates, state: MasterWeightsState, params: Params | None = None, **extra: Any
     ) -> tuple[Updates, MasterWeightsState]:
         params = base.require_params(params, "master_weights")
-        base.check_tree_match(updates, params, "parameters")
+        at = base.fast(params)  # the weights the gradients were taken at (lookahead's fast ones)
+        base.check_tree_match(updates, at, "parameters")
         view = master_view(state.master, params)
-        grads = jax.tree.map(lambda g, p: g.astype(jnp.float32) if _is_half(p) else g, updates, params)
+        grads = jax.tree.map(lambda g, p: g.astype(jnp.float32) if _is_half(p) else g, updates, at)
         steps, inner_state = inner.update(grads, state.inner, view, **extra)
         masked = base.is_masked_node
         master = jax.tree.map(
