@@ -127,9 +127,11 @@ def test_an_eps_that_float32_flushes_to_zero_never_makes_a_nan(spec: OptimizerSp
         assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates)), f"gradient {g}: {updates}"
 
 
-def test_moment_dtype_must_be_floating() -> None:
-    with pytest.raises(ValueError, match="mu_dtype"):
-        adaopt.adam(mu_dtype=jnp.int32)
+@pytest.mark.parametrize("value", [jnp.int32, np.float32(0.5), jnp.asarray([1.0, 2.0]), 0.5])
+def test_moment_dtype_must_be_floating(value: Any) -> None:
+    """An integer dtype, or a value (whose dtype jnp.dtype reads: np.float32(0.5) was taken for float32)."""
+    with pytest.raises(ValueError, match="mu_dtype must be a floating dtype"):
+        adaopt.adam(mu_dtype=value)
 
 
 _NARROW = (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float4_e2m1fn)
@@ -617,6 +619,7 @@ def test_an_empty_mask_tree_is_a_tree() -> None:
         (lambda: adaopt.MultiSteps(adaopt.adam(1e-3), 0), r"^every_k_schedule must be an integer in \[1,"),
         (lambda: adaopt.apply_if_finite(adaopt.adam(1e-3), None), r"^max_consecutive_errors must be an integer"),
         (lambda: adaopt.chain(adaopt.clip(1.0), adaopt.adam), r"^chain's argument 1 must be a gradient .*adam"),
+        (lambda: adaopt.chain(), r"^chain needs at least one transformation"),  # optax's unpacking error
     ],
 )
 def test_optaxs_building_blocks_check_their_arguments(call: Any, match: str) -> None:

@@ -215,6 +215,9 @@ def check_schedule(name: str, schedule: Any, step_dtype: Any = jnp.int32) -> Non
 def check_dtype(name: str, dtype: Any) -> None:
     if dtype is None:
         return
+    # A value is not its dtype (jnp.dtype reads an array's or a NumPy scalar's): np.float32(0.5) was taken for float32.
+    if isinstance(dtype, (bool, int, float, complex, np.generic, np.ndarray, jax.Array)):
+        raise HyperparameterError(f"{name} must be a floating dtype or None, got the value {dtype!r}.")
     try:
         d = jnp.dtype(dtype)
     except TypeError:

@@ -40,6 +40,10 @@ def chain(*transformations: optax.GradientTransformation) -> optax.GradientTrans
       >>> import adaopt
       >>> tx = adaopt.chain(adaopt.clip_by_global_norm(1.0), adaopt.adamw(1e-3))
     """
+    if not transformations:
+        raise base.HyperparameterError(
+            "chain needs at least one transformation (optax.identity() is the one that does nothing)."
+        )
     for index, transformation in enumerate(transformations):
         base.check_transformation(f"chain's argument {index}", transformation)
     return optax.chain(*map(base.with_extra_args, transformations))
