@@ -628,3 +628,22 @@ def test_three_phase_takes_a_numpy_bool(factory: Callable[..., Any]) -> None:
         np.testing.assert_array_equal([got(t) for t in range(20)], [want(t) for t in range(20)])
     with pytest.raises(HyperparameterError, match=r"^three_phase must be True or False, got 'yes'"):
         factory(20, 0.1, three_phase="yes")
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda: adaopt.warmup_stable_decay_schedule(0.1, 10, end_value=-1.0), "end_value"),
+        (lambda: adaopt.warmup_stable_decay_schedule(0.1, 10, 2, init_value=-0.1), "init_value"),
+        (lambda: adaopt.cosine_annealing_schedule(0.1, 10, eta_min=-1.0), "eta_min"),
+        (lambda: adaopt.cosine_warm_restarts_schedule(0.1, 10, eta_min=-0.01), "eta_min"),
+        (lambda: adaopt.cyclic_schedule(-0.1, 0.1), "base_value"),
+        (lambda: adaopt.onecycle_schedule(100, -0.1), "peak_value"),
+        (lambda: adaopt.onecycle_momentum_schedule(100, base_momentum=-0.5), "base_momentum"),
+    ],
+)
+def test_a_negative_value_is_refused_when_the_schedule_is_built(build: Callable[[], Any], name: str) -> None:
+    """An optimizer checks a schedule at step 0 only: warmup_stable_decay_schedule(0.1, 10, end_value=-1.0) passed,
+    then stepped uphill from step 10 (w from 1.0 to 2.55 under a gradient of +1)."""
+    with pytest.raises(adaopt.HyperparameterError, match=rf"^{name} must be a finite number in \[0.0, inf\)"):
+        build()

@@ -35,6 +35,11 @@ optimizer built with ``lr=lr`` and ``scheduler.step()`` called after every ``opt
 
 ``gamma=0`` in ``StepLR`` / ``ExponentialLR`` is the one case optax's ``exponential_decay``
 treats differently (it returns a constant schedule).
+
+The values these schedules take (``init_value``, ``eta_min``, ``end_value``, the momenta ...) are
+learning rates and momenta: a negative one is refused when the schedule is built, where an optimizer,
+which checks a schedule's value at step 0 only, would have stepped uphill once the schedule crossed
+zero. optax's schedules are optax's: ``linear_schedule(1e-3, -1e-3, 10)`` goes negative unchecked.
 """
 
 from __future__ import annotations
@@ -109,9 +114,9 @@ def cosine_annealing_schedule(init_value: Any, t_max: int, eta_min: Any = 0.0) -
       ``optax.cosine_decay_schedule(init_value, t_max, alpha=eta_min / init_value)`` is the same
       up to ``t_max`` and then stays at ``eta_min``.
     """
-    base.check_scalar("init_value", init_value)
+    base.check_scalar("init_value", init_value, low=0.0)
     base.check_integer("t_max", t_max, 1)
-    base.check_scalar("eta_min", eta_min)
+    base.check_scalar("eta_min", eta_min, low=0.0)
 
     period = 2 * t_max
 
@@ -157,10 +162,10 @@ def cosine_warm_restarts_schedule(init_value: Any, t_0: int, t_mult: int = 1, et
       ``lr=init_value``, stepped once per update (its ``step(epoch)`` form with fractional epochs
       is not covered).
     """
-    base.check_scalar("init_value", init_value)
+    base.check_scalar("init_value", init_value, low=0.0)
     base.check_integer("t_0", t_0, 1)
     base.check_integer("t_mult", t_mult, 1)
-    base.check_scalar("eta_min", eta_min)
+    base.check_scalar("eta_min", eta_min, low=0.0)
     starts, periods = [0], [t_0]
     if t_mult > 1:
         while starts[-1] + periods[-1] <= base.INT32_MAX:
@@ -240,8 +245,8 @@ def cyclic_schedule(
       ``base_value=max_momentum`` and ``max_value=base_momentum``, e.g. as ``b1`` through
       ``optax.inject_hyperparams``.
     """
-    base.check_scalar("base_value", base_value)
-    base.check_scalar("max_value", max_value)
+    base.check_scalar("base_value", base_value, low=0.0)
+    base.check_scalar("max_value", max_value, low=0.0)
     base.check_scalar("step_size_up", step_size_up, low=0.0, low_open=True)
     if step_size_down is not None:
         base.check_scalar("step_size_down", step_size_down, low=0.0)
@@ -392,7 +397,7 @@ def onecycle_schedule(
       also fixes the second phase's end at ``pct_final``. With ``cycle_momentum=True`` (torch's
       default) torch also cycles the momentum: :func:`onecycle_momentum_schedule`.
     """
-    base.check_scalar("peak_value", peak_value)
+    base.check_scalar("peak_value", peak_value, low=0.0)
     base.check_scalar("div_factor", div_factor, low=0.0, low_open=True)
     base.check_scalar("final_div_factor", final_div_factor, low=0.0, low_open=True)
     initial = peak_value / div_factor
@@ -453,8 +458,8 @@ def onecycle_momentum_schedule(
       Reference package: the ``momentum`` (or ``betas[0]``) that torch's ``OneCycleLR(opt, ...,
       cycle_momentum=True, base_momentum, max_momentum)`` writes into the optimizer at each step.
     """
-    base.check_scalar("base_momentum", base_momentum)
-    base.check_scalar("max_momentum", max_momentum)
+    base.check_scalar("base_momentum", base_momentum, low=0.0)
+    base.check_scalar("max_momentum", max_momentum, low=0.0)
     values = [(max_momentum, base_momentum), (base_momentum, max_momentum)]
     if three_phase:
         values.append((max_momentum, max_momentum))
@@ -525,12 +530,12 @@ def warmup_stable_decay_schedule(
       ``CosineAnnealingLR(T_max=D, eta_min=end)`` ("cosine") or a ``LambdaLR`` ("1-sqrt") with
       milestones ``[W, T - D]`` is the same schedule up to ``T``.
     """
-    base.check_scalar("peak_value", peak_value)
+    base.check_scalar("peak_value", peak_value, low=0.0)
     base.check_integer("total_steps", total_steps, 1)
     base.check_integer("warmup_steps", warmup_steps, 0)
     base.check_scalar("decay_fraction", decay_fraction, low=0.0, high=1.0)
-    base.check_scalar("init_value", init_value)
-    base.check_scalar("end_value", end_value)
+    base.check_scalar("init_value", init_value, low=0.0)
+    base.check_scalar("end_value", end_value, low=0.0)
     base.check_choice("warmup_shape", warmup_shape, ("linear", "cosine"))
     base.check_choice("decay_shape", decay_shape, ("linear", "cosine", "1-sqrt"))
     decay_steps = round(float(decay_fraction) * total_steps)
