@@ -290,6 +290,18 @@ def test_stops_at_a_non_finite_loss() -> None:
     assert np.all(np.diff(result.smoothed_losses[:-1]) < 0)  # no stop by the threshold before
 
 
+def test_the_suggestion_leaves_a_non_finite_loss_out() -> None:
+    """With skip_end 0 the loss that stopped the test is in the suggestion's window: np.argmin of a gradient with a
+    NaN picks the NaN's neighbour (torch-lr-finder's choice with those losses), not the steepest descent."""
+    losses = np.asarray([1.0, 0.9, 0.5, 0.45, 0.44, 0.43, np.nan])
+    lrs = np.geomspace(1e-4, 1.0, len(losses))
+    result = adaopt.RangeTestResult(lrs, losses, losses, diverged_at=6, step_mode="exp")
+    assert result.suggest_lr(0, 0) == lrs[int(np.argmin(np.gradient(losses[:-1])))] == lrs[1]
+    result = adaopt.RangeTestResult(lrs[:2], losses[5:], losses[5:], diverged_at=1, step_mode="exp")
+    with pytest.raises(ValueError, match="too few finite losses"):
+        result.suggest_lr(0, 0)
+
+
 def test_passes_the_loss_to_the_optimizer() -> None:
     """A loss-driven optimizer (which needs update(..., value=loss)) runs, and finds the minimum."""
     quadratic = lambda p, b: jnp.sum((p - b) ** 2)

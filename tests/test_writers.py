@@ -111,6 +111,19 @@ def test_csv_round_trip_and_plot(tmp_path: Path) -> None:
     assert len(adaopt.plot_records(STEPS, names).get_lines()) == 2
 
 
+def test_csv_takes_the_names_in_any_order_and_plots_take_names_of_later_rows(tmp_path: Path) -> None:
+    """A dict's order is not a record's identity: the same names in another order were refused ("missing [], new
+    []"); a record first written at a later step (a validation loss every 10 steps) was "no record" to plot."""
+    path = tmp_path / "records.csv"
+    with adaopt.CsvWriter(path) as writer:
+        writer.write(0, {"loss": 1.0, "grad_norm": 2.0})
+        writer.write(1, {"grad_norm": 2.5, "loss": 0.5})
+    assert adaopt.load_records(path) == [(0, {"loss": 1.0, "grad_norm": 2.0}), (1, {"loss": 0.5, "grad_norm": 2.5})]
+    rows = [(0, {"loss": 1.0}), (10, {"loss": 0.5, "val_loss": 0.7}), (20, {"loss": 0.4, "val_loss": 0.6})]
+    (line,) = adaopt.plot_records(rows, "val_loss").get_lines()
+    np.testing.assert_array_equal(line.get_ydata(), [np.nan, 0.7, 0.6])
+
+
 def test_load_records_refuses_a_file_descriptor_and_leaves_it_open(tmp_path: Path) -> None:
     """open() takes an int as a file descriptor, and closed it: load_records(1) closed the process's stdout."""
     fd = os.dup(1)

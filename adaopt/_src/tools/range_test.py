@@ -61,7 +61,9 @@ class RangeTestResult:
 
         Without the first ``skip_start`` and the last ``skip_end`` iterations, the learning rate at
         the minimum of ``numpy.gradient`` of the smoothed losses (differences per iteration, central
-        inside, one-sided at the ends): the steepest descent along the sweep.
+        inside, one-sided at the ends): the steepest descent along the sweep. A non-finite loss (a test
+        stopped by a NaN, with ``skip_end=0``) and those after it are left out, where torch-lr-finder's
+        ``argmin`` would pick the learning rate beside it.
 
         Args:
           skip_start: iterations left out at the start (the loss is still settling there).
@@ -74,7 +76,14 @@ class RangeTestResult:
           ValueError: fewer than ``skip_start + skip_end + 2`` iterations were recorded.
         """
         lrs, losses = self._trimmed(skip_start, skip_end, for_suggestion=True)
-        return float(lrs[int(np.argmin(np.gradient(losses)))])
+        # A non-finite loss (the one that stopped the test, with skip_end 0) would make np.argmin pick its neighbour.
+        finite = int(np.argmin(np.isfinite(losses))) if not np.isfinite(losses).all() else len(losses)
+        if finite < 2:
+            raise ValueError(
+                f"The smoothed loss is not finite from iteration {skip_start + finite} on: too few finite losses to "
+                "suggest a learning rate. Raise skip_end, or run the test from a lower start_lr."
+            )
+        return float(lrs[int(np.argmin(np.gradient(losses[:finite])))])
 
     def plot(
         self,
@@ -421,7 +430,8 @@ def range_test(
         ``learning_rate=1.0``.
       batches: the training batches in order: a pytree of arrays with a leading axis of one entry
         per batch (cycled when the test needs more), a list of batches of one size and structure
-        (``[(x, y), ...]``, stacked here), or a function from the batch index
+        (``[(x, y), ...]``, stacked here; a list of plain arrays is itself such a pytree, its
+        arrays' leading axis the batches: ``jnp.stack`` them for one batch per array), or a function from the batch index
         :math:`k` (a traced int32; iteration :math:`i` uses :math:`k = i a, \dots, i a + a - 1` for
         :math:`a` = ``accumulation_steps``) to a batch.
       start_lr: the first learning rate, > 0.

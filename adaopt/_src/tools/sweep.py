@@ -801,7 +801,10 @@ class Sweep:
         (``study.tell``): a diverged trial's value is ``inf`` (``-inf`` for ``mode="max"``), a
         trial stopped by halving is told ``PRUNED``. The study's pruner is not consulted: the trials
         of a round train together in one program, so none stops on its own; the early stopping is
-        the successive halving of :meth:`run` (``halve_every``).
+        the successive halving of :meth:`run` (``halve_every``). So ``study.best_trial`` is the best
+        of the trials that trained to the end (Optuna's ``COMPLETE`` ones), a diverged one included
+        when all of those diverged, where the result's best ranks every trial by its last metric,
+        halved ones too: read the result's.
 
         Args:
           space: name -> :class:`~adaopt.Range` or a list of numbers.

@@ -149,7 +149,7 @@ class CsvWriter(Writer):
             self._writer = csv.DictWriter(self._file, fieldnames=["step", *records])
             self._writer.writeheader()
         columns = list(self._writer.fieldnames)[1:]
-        if list(records) != list(columns):
+        if set(records) != set(columns):  # in any order: the row is written in the columns' order
             raise ValueError(
                 f"The records of step {step} have other names than the CSV's columns: missing "
                 f"{sorted(set(columns) - set(records))}, new {sorted(set(records) - set(columns))}. Write the same "
@@ -184,6 +184,8 @@ class WandbWriter(Writer):
 
     ``close()`` finishes the run (``run.finish()``) and, when no other run of this process is
     active, stops wandb's background service (``wandb.teardown()``), so no process is left behind.
+    wandb keeps a run's steps increasing: it drops a write at a step below one already written (with
+    a warning of its own), where :class:`TensorBoardWriter` and :class:`CsvWriter` keep it.
 
     Raises:
       ImportError: wandb is not installed (``pip install adaopt[wandb]``).
@@ -259,7 +261,7 @@ def plot_records(
         )
     base.check_flag("logy", logy)
     plt = _require("matplotlib.pyplot", "demo")
-    available = list(rows[0][1]) if rows else []
+    available = list(dict.fromkeys(name for _, records in rows for name in records))  # every row's, in order
     chosen: list[str] = []
     for name in wanted:
         if name.endswith("*"):
