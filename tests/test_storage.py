@@ -6,6 +6,7 @@ tests/test_storage_torchao.py."""
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -237,6 +238,33 @@ def test_adafactor_first_moment_takes_a_storage() -> None:
     u_plain, _ = plain.update(grads[0], s_plain, params)
     u_light, _ = light.update(grads[0], s_light, params)
     np.testing.assert_allclose(np.asarray(u_light["w"]), np.asarray(u_plain["w"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adopt", "prodigy", "dadapt_adam"])
+def test_flat_stored_moments_step_beside_a_sharded_gradient(name: str) -> None:
+    """A (64, 320) leaf split by columns: 320 is no multiple of int4's block (128), so its codes are stored flat and
+    replicated, and decoded replicated; ADOPT's, Prodigy's and D-Adapt Adam's jnp.where between the decoded moment and
+    the sharded gradient's arrays was refused ("select cases must have the same shardings"). The decoded moment takes
+    the gradient's sharding; the steps equal the unsharded ones."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.normal(size=(64, 320)), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.normal(size=(64, 320)), jnp.float32)} for _ in range(3)]
+    tx = getattr(adaopt, name)(1e-2, mu_dtype="int4")
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p), compiler_options=problems.DEFAULT_EMITTERS)
+
+    def run(place: Any) -> Any:
+        params_now = place(params)
+        state = tx.init(params_now)
+        for g in grads:
+            updates, state = step(place(g), state, params_now)
+            params_now = optax.apply_updates(params_now, updates)
+        return params_now
+
+    plain = run(lambda tree: tree)
+    with jax.set_mesh(mesh):
+        sharded = run(lambda tree: {"w": jax.device_put(tree["w"], NamedSharding(mesh, P(None, "model")))})
+    np.testing.assert_allclose(np.asarray(sharded["w"]), np.asarray(plain["w"]), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

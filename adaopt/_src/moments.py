@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import storage
+from adaopt._src import placement, storage
 from adaopt._src.base import (
     PER_LEAF_OPTIONS,
     HyperparameterError,
@@ -436,11 +436,16 @@ def to_compute(g: jax.Array, *states: jax.Array) -> tuple[jnp.dtype, jax.Array, 
     """Upcast a gradient leaf and its state leaves to one compute precision; complex arrays stay complex.
 
     Returns the real compute dtype (for the step's scalars) and the cast arrays (a stored moment
-    is read back first: :func:`load`).
+    is read back first: :func:`load`, placed as the gradient: codes stored flat and replicated on a
+    mesh with explicit axes decode replicated, which a ``jnp.where`` with the sharded gradient's
+    arrays refuses).
     """
     dtype = compute_dtype(g.dtype, *(s.dtype for s in states))
     return (
         dtype,
         in_precision(g, dtype),
-        tuple(load(s, dtype) if storage.is_stored(s) else in_precision(s, dtype) for s in states),
+        tuple(
+            placement.placed_like(load(s, dtype), g) if storage.is_stored(s) else in_precision(s, dtype)
+            for s in states
+        ),
     )
