@@ -319,3 +319,22 @@ def test_soap_steps_eagerly_under_a_mesh_context() -> None:
             params = optax.apply_updates(params, updates)
     for name, spec in SPECS.items():
         assert params[name].sharding.is_equivalent_to(NamedSharding(mesh, spec), params[name].ndim), name
+
+
+def test_multi_tensor_packs_small_leaves_split_along_any_axis() -> None:
+    """A small leaf split along its last axis ((8, 8) by columns, (7, 8) too) cannot be raveled as it is placed:
+    multi_tensor raveled before gathering it, and init failed ("This reshape is not supported"). Gathered first, it
+    packs; the updates are Adam's and keep each leaf's sharding."""
+    mesh = _mesh()
+    rng = np.random.default_rng(3)
+    specs = {"a": P(None, "model"), "b": P(None, "model"), "c": P("data", "model"), "big": P()}
+    shapes = {"a": (8, 8), "b": (7, 8), "c": (4, 8), "big": (64, 64)}
+    host = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    packed, plain = adaopt.multi_tensor(adaopt.adam(1e-2), min_size=1024), adaopt.adam(1e-2)
+    want, _ = jax.jit(plain.update)(host, plain.init(host), host)
+    with jax.set_mesh(mesh):
+        params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
+        updates, _ = jax.jit(packed.update)(params, jax.jit(packed.init)(params), params)
+    for k in shapes:
+        np.testing.assert_allclose(np.asarray(updates[k]), np.asarray(want[k]), rtol=1e-6, err_msg=k)
+        assert updates[k].sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), 2), (k, updates[k].sharding)

@@ -121,7 +121,7 @@ class Layout:
                 continue
             dtypes.setdefault(slot.dtype, jnp.result_type(leaf))
             if slot.size:
-                parts[slot.dtype].append(_replicated(jnp.ravel(leaf)))
+                parts[slot.dtype].append(jnp.ravel(_replicated(leaf)))  # replicated first: a split axis may not ravel
         buffers = {}
         for dtype, size in self.sizes:
             if len(parts[dtype]) == 1:
