@@ -297,3 +297,29 @@ def test_a_complex_parameters_real_view_is_split_too() -> None:
     mu = optax.tree.get(state, "mu")
     assert mu["z"].shape == (8, 4, 2) and mu["z"].sharding.spec == P("data", None, None)
     assert mu["r"].sharding.spec == P("data", None)
+
+
+def test_a_split_lookahead_steps_as_a_whole_one() -> None:
+    """shard_states(lookahead(adam)): the gradients are the fast weights' and the parameters a LookaheadParams, which
+    shard_states mapped together (a tree mismatch at the first update); its updates, of both weights, go back to the
+    parameters' placement. The steps equal lookahead's unsplit ones."""
+    mesh = _mesh()
+    rng = np.random.default_rng(4)
+    host = {"w": rng.normal(size=(16, 8)).astype(np.float32), "b": rng.normal(size=(8,)).astype(np.float32)}
+    grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in host.items()} for _ in range(4)]
+
+    def run(tx: optax.GradientTransformation, params: Any) -> Any:
+        params = optax.LookaheadParams.init_synced(params)
+        state, step = tx.init(params), jax.jit(tx.update)
+        for g in grads:
+            updates, state = step(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    inner = lambda: adaopt.lookahead(adaopt.adam(1e-2), 2, 0.5)
+    want = run(inner(), host)
+    with jax.set_mesh(mesh):
+        placed = {k: jax.device_put(v, NamedSharding(mesh, P())) for k, v in host.items()}
+        got = run(adaopt.shard_states(inner()), placed)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)

@@ -445,7 +445,6 @@ def to_compute(g: jax.Array, *states: jax.Array) -> tuple[jnp.dtype, jax.Array, 
         dtype,
         in_precision(g, dtype),
         tuple(
-            placement.placed_like(load(s, dtype), g) if storage.is_stored(s) else in_precision(s, dtype)
-            for s in states
+            placement.placed_like(load(s, dtype), g) if storage.is_stored(s) else in_precision(s, dtype) for s in states
         ),
     )

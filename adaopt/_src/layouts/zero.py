@@ -252,7 +252,7 @@ def shard_states(
     def update_fn(
         updates: base.Updates, state: Any, params: base.Params | None = None, **extra: Any
     ) -> tuple[base.Updates, Any]:
-        reference = updates if params is None else params
+        reference = updates if params is None else base.fast(params)  # lookahead's gradients: its fast weights'
 
         def split(x: Any, like: Any) -> Any:  # x placed as like's slices, whatever its own placement
             dim = _split_dim(like, axis, min_size)
@@ -261,8 +261,10 @@ def shard_states(
         sliced = jax.tree.map(split, updates, reference)
         sliced_params = None if params is None else jax.tree.map(split, params, params)
         new_updates, new_state = inner.update(sliced, state, sliced_params, **extra)
-        # The updates go back to the gradients' placement (an all-gather), the state stays where init put it.
-        return jax.tree.map(placement.placed_like, new_updates, updates), jax.tree.map(
+        # The updates go back to the gradients' placement (an all-gather; lookahead's, of both weights, to the
+        # parameters'), the state stays where init put it.
+        back = params if isinstance(new_updates, optax.LookaheadParams) else updates
+        return jax.tree.map(placement.placed_like, new_updates, back), jax.tree.map(
             placement.placed_like, new_state, state
         )
 
