@@ -338,3 +338,25 @@ def test_multi_tensor_packs_small_leaves_split_along_any_axis() -> None:
     for k in shapes:
         np.testing.assert_allclose(np.asarray(updates[k]), np.asarray(want[k]), rtol=1e-6, err_msg=k)
         assert updates[k].sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), 2), (k, updates[k].sharding)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_population_split_across_the_mesh_steps_quantized_moments_under_vmap(kind: str) -> None:
+    """jit(vmap(step)) over two members placed on the "data" axis: inside the vmap a table lookup's indices leave
+    the mapped axis out of their type, and the gather had no placement ("Use .at[...].get(out_sharding=)"). Each
+    member's steps equal its own run's."""
+    mesh = _mesh()
+    tx = adaopt.adam(1e-2, mu_dtype=kind, nu_dtype=kind)
+
+    def run(p: jax.Array) -> jax.Array:
+        state = tx.init(p)
+        for _ in range(2):
+            updates, state = tx.update(p, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    members = np.random.default_rng(0).normal(size=(4, 64, 128)).astype(np.float32)  # 8192 elements: quantized
+    want = np.stack([np.asarray(jax.jit(run)(m)) for m in members])
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.vmap(run))(jax.device_put(members, NamedSharding(mesh, P("data", None, "model"))))
+    np.testing.assert_array_equal(np.asarray(got), want)

@@ -498,7 +498,7 @@ class Blockwise:
         return Quantized(codes, scale, self, leaf.signed, leaf.shape)
 
 
-def _take(table: jax.Array, index: jax.Array) -> jax.Array:
+def _take_placed(table: jax.Array, index: jax.Array) -> jax.Array:
     """``table[index]`` for a small replicated table, placed as ``index`` (which an explicit sharding needs said)."""
     # Every index is in range (codes, prefixes, the guesses): no clamping or fill.
     spec = explicit_spec(index)
@@ -506,6 +506,21 @@ def _take(table: jax.Array, index: jax.Array) -> jax.Array:
         return table.at[index].get(mode="promise_in_bounds")
     rows = jax.sharding.PartitionSpec(*spec, *(None,) * (table.ndim - 1))  # a table of rows: each whole
     return table.at[index].get(mode="promise_in_bounds", out_sharding=jax.typeof(index).sharding.update(spec=rows))
+
+
+@jax.custom_batching.custom_vmap
+def _take(table: jax.Array, index: jax.Array) -> jax.Array:
+    """:func:`_take_placed`, and under ``vmap`` the same lookup of the batched indices: inside a ``vmap`` the indices'
+    type leaves out the mapped axis, so a population split across a mesh's devices gave the gather no placement."""
+    return _take_placed(table, index)
+
+
+@_take.def_vmap
+def _take_batched(axis_size: int, in_batched: list[bool], table: jax.Array, index: jax.Array) -> tuple[jax.Array, bool]:
+    del axis_size
+    if in_batched[0]:  # a table per member: not one of the storages'
+        return jax.vmap(_take_placed, in_axes=(0, 0 if in_batched[1] else None))(table, index), True
+    return _take(table, index), in_batched[1]  # elementwise in the indices: the batched ones, mapped axis and all
 
 
 def _rows_whole(x: jax.Array, block_size: int) -> jax.Array:
