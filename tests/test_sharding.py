@@ -360,3 +360,24 @@ def test_a_population_split_across_the_mesh_steps_quantized_moments_under_vmap(k
     with jax.set_mesh(mesh):
         got = jax.jit(jax.vmap(run))(jax.device_put(members, NamedSharding(mesh, P("data", None, "model"))))
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_a_population_split_across_the_mesh_steps_psgd_kron_under_vmap() -> None:
+    """PSGD Kron's triangular solves one at a time (linalg.one_at_a_time) under jit(vmap) of a population placed on
+    the "data" axis: lax.map refused a split leading axis, and the batched kernel a shared factor broadcast without
+    the population's placement. Each member's steps equal its own run's."""
+    mesh = _mesh()
+    tx = adaopt.psgd_kron(1e-2, preconditioner_update_probability=1.0)
+
+    def run(p: jax.Array) -> jax.Array:
+        state = tx.init(p)
+        for _ in range(2):
+            updates, state = tx.update(p, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    members = np.random.default_rng(1).normal(size=(4, 8, 6)).astype(np.float32)
+    want = np.stack([np.asarray(jax.jit(run)(m)) for m in members])
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.vmap(run))(jax.device_put(members, NamedSharding(mesh, P("data", None, "model"))))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from adaopt._src import placement
+
 
 def one_at_a_time(fn: Callable[..., Any], cores: Sequence[int]) -> Callable[..., Any]:
     """``fn`` (one problem's LAPACK call) computed for every problem of a batch in turn on the CPU.
@@ -36,6 +38,9 @@ def one_at_a_time(fn: Callable[..., Any], cores: Sequence[int]) -> Callable[...,
     cores = tuple(cores)
 
     def serial(*args: Any) -> Any:
+        # Whole on every device: lax.map takes its leading axis whole, and the batched kernels the same placement of
+        # every argument's batch, where a population split across a mesh meets a shared argument broadcast to it.
+        args = tuple(placement.whole(a) for a in args)
         leads = [a.shape[: a.ndim - c] for a, c in zip(args, cores, strict=True)]
         batch = max(leads, key=len)
         if not batch:
