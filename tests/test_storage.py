@@ -240,6 +240,29 @@ def test_adafactor_first_moment_takes_a_storage() -> None:
     np.testing.assert_allclose(np.asarray(u_light["w"]), np.asarray(u_plain["w"]), rtol=1e-6)
 
 
+@pytest.mark.parametrize(("shape", "spec"), [((12,), P("model")), ((4, 12), P(None, "model"))])
+def test_4_bit_codes_of_shards_of_odd_length_are_packed_gathered(shape: tuple[int, ...], spec: Any) -> None:
+    """Blocks of 4 along an axis of 12 split in 4 (3 elements a shard): the blocks are gathered, and the codes, two a
+    byte, could not be packed as the parameter is placed (init failed: "This reshape is not supported"): gathered
+    along that axis too. The steps equal the unsharded ones."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+    params = {"t": jnp.linspace(-1.0, 1.0, int(np.prod(shape)), dtype=jnp.float32).reshape(shape)}
+    tx = adaopt.adam(1e-2, mu_dtype=adaopt.Blockwise("dynamic4", block_size=4, min_size=0))
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p), compiler_options=problems.DEFAULT_EMITTERS)
+
+    def run(params: Any) -> Any:
+        state = jax.jit(tx.init)(params)
+        for _ in range(3):
+            updates, state = step(params, state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    plain = run(params)
+    with jax.set_mesh(mesh):
+        sharded = run({"t": jax.device_put(params["t"], NamedSharding(mesh, spec))})
+    np.testing.assert_allclose(np.asarray(sharded["t"]), np.asarray(plain["t"]), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", ["adopt", "prodigy", "dadapt_adam"])
 def test_flat_stored_moments_step_beside_a_sharded_gradient(name: str) -> None:
     """A (64, 320) leaf split by columns: 320 is no multiple of int4's block (128), so its codes are stored flat and

@@ -432,8 +432,8 @@ class Blockwise:
         codes = jnp.zeros_like(param, dtype=jnp.uint8)  # the parameter's sharding
         if self.by_rows(shape):
             scale = self._blocks(codes, shape)[..., 0].astype(jnp.float32)  # sharded as the leading axes
-            if self.format == "dynamic4":
-                codes = codes.reshape(*shape[:-1], shape[-1] // 2, 2)[..., 0]
+            if self.format == "dynamic4":  # a byte for two: a shard of odd length is gathered (as for blocks)
+                codes = _rows_whole(codes, 2).reshape(*shape[:-1], shape[-1] // 2, 2)[..., 0]
         else:
             scale = jnp.zeros((-(-int(np.size(param)) // self.block_size),), jnp.float32)
             if self.format == "dynamic4":
