@@ -381,3 +381,18 @@ def test_a_population_split_across_the_mesh_steps_psgd_kron_under_vmap() -> None
     with jax.set_mesh(mesh):
         got = jax.jit(jax.vmap(run))(jax.device_put(members, NamedSharding(mesh, P("data", None, "model"))))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_under_automatic_sharding_abstract_state_places_a_jitted_init() -> None:
+    """README's recipe: on a mesh of Auto axes, jit(init) leaves the state where XLA chooses (one device, as optax's
+    does); with out_shardings from abstract_state, each moment is placed as its parameter, int8 codes included."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+    sharding = NamedSharding(mesh, P("data", "model"))
+    params = {"w": jax.device_put(np.ones((64, 128), np.float32), sharding)}  # 8192 elements: quantized
+    tx = adaopt.adam(1e-3, mu_dtype="int8")
+    target = jax.tree.map(lambda s: s.sharding, adaopt.abstract_state(tx, params))
+    state = jax.jit(tx.init, out_shardings=target)(params)
+    mu = optax.tree.get(state, "AdamState").mu["w"]
+    assert mu.codes.sharding.is_equivalent_to(sharding, 2), mu.codes.sharding
+    nu = optax.tree.get(state, "AdamState").nu["w"]
+    assert nu.sharding.is_equivalent_to(sharding, 2), nu.sharding
