@@ -340,13 +340,8 @@ def test_multi_tensor_packs_small_leaves_split_along_any_axis() -> None:
         assert updates[k].sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), 2), (k, updates[k].sharding)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_a_population_split_across_the_mesh_steps_quantized_moments_under_vmap(kind: str) -> None:
-    """jit(vmap(step)) over two members placed on the "data" axis: inside the vmap a table lookup's indices leave
-    the mapped axis out of their type, and the gather had no placement ("Use .at[...].get(out_sharding=)"). Each
-    member's steps equal its own run's."""
-    mesh = _mesh()
-    tx = adaopt.adam(1e-2, mu_dtype=kind, nu_dtype=kind)
+def _two_steps(tx: optax.GradientTransformation) -> Any:
+    """Two steps of ``tx`` from a parameter, its own gradient (a population member's run)."""
 
     def run(p: jax.Array) -> jax.Array:
         state = tx.init(p)
@@ -354,6 +349,19 @@ def test_a_population_split_across_the_mesh_steps_quantized_moments_under_vmap(k
             updates, state = tx.update(p, state, p)
             p = optax.apply_updates(p, updates)
         return p
+
+    return run
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_population_split_across_the_mesh_steps_quantized_moments_under_vmap(kind: str) -> None:
+    """jit(vmap(step)) over four members placed on the "data" axis: inside the vmap a table lookup's indices leave
+    the mapped axis out of their type, and the gather had no placement ("Use .at[...].get(out_sharding=)"). Each
+    member's steps equal its own run's."""
+    mesh = _mesh()
+    tx = adaopt.adam(1e-2, mu_dtype=kind, nu_dtype=kind)
+
+    run = _two_steps(tx)
 
     members = np.random.default_rng(0).normal(size=(4, 64, 128)).astype(np.float32)  # 8192 elements: quantized
     want = np.stack([np.asarray(jax.jit(run)(m)) for m in members])
@@ -369,12 +377,7 @@ def test_a_population_split_across_the_mesh_steps_psgd_kron_under_vmap() -> None
     mesh = _mesh()
     tx = adaopt.psgd_kron(1e-2, preconditioner_update_probability=1.0)
 
-    def run(p: jax.Array) -> jax.Array:
-        state = tx.init(p)
-        for _ in range(2):
-            updates, state = tx.update(p, state, p)
-            p = optax.apply_updates(p, updates)
-        return p
+    run = _two_steps(tx)
 
     members = np.random.default_rng(1).normal(size=(4, 8, 6)).astype(np.float32)
     want = np.stack([np.asarray(jax.jit(run)(m)) for m in members])
