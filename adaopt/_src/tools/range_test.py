@@ -77,7 +77,8 @@ class RangeTestResult:
         """
         lrs, losses = self._trimmed(skip_start, skip_end, for_suggestion=True)
         # A non-finite loss (the one that stopped the test, with skip_end 0) would make np.argmin pick its neighbour.
-        finite = int(np.argmin(np.isfinite(losses))) if not np.isfinite(losses).all() else len(losses)
+        is_finite = np.isfinite(losses)
+        finite = len(losses) if is_finite.all() else int(np.argmin(is_finite))
         if finite < 2:
             raise ValueError(
                 f"The smoothed loss is not finite from iteration {skip_start + finite} on: too few finite losses to "
