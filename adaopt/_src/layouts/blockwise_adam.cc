@@ -59,6 +59,7 @@ struct Moment {
   const float* map;
   const uint32_t* search;
   float midpoints[15];
+  float levels[4][16];  // the midpoint each level of the vector search compares, by the count so far (SetSearch)
 };
 
 struct Job {
@@ -205,6 +206,7 @@ struct Vec {
   static F Max(F a, F b) { return _mm512_max_ps(a, b); }  // b where either is NaN
   static F Min(F a, F b) { return _mm512_min_ps(a, b); }
   static float ReduceMax(F a) { return _mm512_reduce_max_ps(a); }  // of lanes without NaN
+  static bool AnyNan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0; }
   // `x` where `where` is false, `y` where it is true.
   static F Where(__mmask16 where, F x, F y) { return _mm512_mask_mov_ps(x, where, y); }
   static __mmask16 Equal(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
@@ -236,16 +238,40 @@ struct Vec {
     return _mm512_mask_blend_ps(bit7, _mm512_mask_blend_ps(bit6, part[0], part[1]),
                                 _mm512_mask_blend_ps(bit6, part[2], part[3]));
   }
-  static Map16 LoadMap16(const float* map) { return {_mm512_loadu_ps(map)}; }
-  // The map's entries at the 4-bit codes of 16 elements, two a byte (the first in the high half): a register permute.
-  static F Lookup4(const Map16& map, const uint8_t* bytes) {
-    const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
-    const __m128i nibble = _mm_set1_epi8(0x0F);
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble), low = _mm_and_si128(packed, nibble);
-    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), map.t);
+  // The values of 16 float8_e4m3fn codes (storage._from_e4m3's): each code's bits moved into a binary16's (the sign on
+  // top, the 4 exponent bits the low 4 of its 5, the 3 mantissa bits the top of its 10), converted exactly, times 2**8
+  // (the exponent bias 15 for 7); the code 0x7F, then 480, as XLA's quiet NaN with its sign (permutes of the 256
+  // values took twice as long).
+  static F FromE4m3(const uint8_t* codes) {
+    const __m256i shifted =
+        _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))), 7);
+    // The sign from bit 14 to bit 15.
+    const __m256i half = _mm256_add_epi16(shifted, _mm256_and_si256(shifted, _mm256_set1_epi16(0x4000)));
+    const F value = Mul(_mm512_cvtph_ps(half), Set(256.0f));
+    const __m512i nan = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(value), _mm512_set1_epi32(0x80000000)),
+                                        _mm512_set1_epi32(0x7FC00000));
+    return _mm512_mask_mov_ps(value, _mm512_cmp_ps_mask(Abs(value), Set(480.0f), _CMP_EQ_OQ), _mm512_castsi512_ps(nan));
   }
-  // storage.nearest_index of 16 elements, their codes a byte each: as the scalar Nearest.
-  static __m128i Nearest(F x, const uint32_t* table) {
+  static Map16 LoadMap16(const float* map) { return {_mm512_loadu_ps(map)}; }
+  // The map's entries at the 4-bit codes of 16 elements, two a byte (the first in the high half): a register permute,
+  // which reads the low four bits of each 32-bit lane. 64-bit lane k takes byte k's high half into its low 32 bits and
+  // its low half into the high 32 bits (by AVX512-VBMI's bit-field select, else by shifts).
+  static F Lookup4(const Map16& map, const uint8_t* bytes) {
+#if defined(__AVX512VBMI__)
+    // Lane k's byte 0 from bit 8k + 4 of the word, its byte 4 from bit 8k.
+    const __m512i select = _mm512_set_epi64(0x380000003C, 0x3000000034, 0x280000002C, 0x2000000024, 0x180000001C,
+                                            0x1000000014, 0x080000000C, 0x0000000004);
+    int64_t word;
+    std::memcpy(&word, bytes, 8);
+    const __m512i index = _mm512_multishift_epi64_epi8(select, _mm512_set1_epi64(word));
+#else
+    const __m512i wide = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+    const __m512i index = _mm512_or_si512(_mm512_srli_epi64(wide, 4), _mm512_slli_epi64(wide, 32));
+#endif
+    return _mm512_permutexvar_ps(index, map.t);
+  }
+  // storage.nearest_index of 16 elements, their codes a 32-bit lane each (Nearest: a byte each): as the scalar Nearest.
+  static __m512i NearestIndex(F x, const uint32_t* table) {
     const __m512i bits = _mm512_castps_si512(x);
     const __m512i ffff = _mm512_set1_epi32(0xFFFF);
     const __m512i negative = _mm512_srai_epi32(bits, 31);  // all ones for a negative float
@@ -253,32 +279,35 @@ struct Vec {
     const __m512i entry =
         _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), reinterpret_cast<const int*>(table), 4);
     const __m512i y = _mm512_sub_epi32(entry, _mm512_slli_epi32(low, 8));
-    const __m512i index = _mm512_add_epi32(_mm512_and_si512(y, _mm512_set1_epi32(0xFF)), _mm512_srli_epi32(y, 31));
-    return _mm512_cvtepi32_epi8(index);
+    return _mm512_add_epi32(_mm512_and_si512(y, _mm512_set1_epi32(0xFF)), _mm512_srli_epi32(y, 31));
   }
+  static __m128i Nearest(F x, const uint32_t* table) { return _mm512_cvtepi32_epi8(NearestIndex(x, table)); }
   // A 4-bit map's 15 midpoints as the four levels of a binary search, in registers (a gather from the search table
-  // costs as much as the rest of an element's step).
+  // costs as much as the rest of an element's step): Moment.levels.
   struct Search16 {
-    F m7, t4, t2, t1;
+    F level[4];
   };
-  static Search16 LoadSearch16(const float* m) {
-    return {Set(m[7]), _mm512_setr_ps(m[3], m[11], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-            _mm512_setr_ps(m[1], m[5], m[9], m[13], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-            _mm512_setr_ps(m[0], m[2], m[4], m[6], m[8], m[10], m[12], m[14], 0, 0, 0, 0, 0, 0, 0, 0)};
+  static Search16 LoadSearch16(const Moment& q) {
+    return {{Load(q.levels[0]), Load(q.levels[1]), Load(q.levels[2]), Load(q.levels[3])}};
   }
-  // The scalar Nearest of 16 elements of a 4-bit map: the number of its midpoints below x, found by halving (its
-  // search table's answer for every float but NaN, whose code depends on its bits: a vector with a NaN takes Nearest).
-  static __m128i Nearest16(F x, const Search16& s, const uint32_t* table) {
-    if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)) return Nearest(x, table);
-    __m512i index = _mm512_maskz_mov_epi32(Less(s.m7, x), _mm512_set1_epi32(8));
-    const auto halve = [&](F candidates, int shift, int by) {
-      const F midpoint = _mm512_permutexvar_ps(_mm512_srli_epi32(index, shift), candidates);
-      index = _mm512_mask_add_epi32(index, Less(midpoint, x), index, _mm512_set1_epi32(by));
-    };
-    halve(s.t4, 3, 4);
-    halve(s.t2, 2, 2);
-    halve(s.t1, 1, 1);
-    return _mm512_cvtepi32_epi8(index);
+  // The scalar Nearest of 16 elements of a 4-bit map, their 4-bit codes stored two a byte: the number of its midpoints
+  // below x, found by halving, each level's midpoint chosen by the count so far. It is the search table's answer for
+  // every float but NaN, whose code depends on its bits: unless the caller knows x holds no NaN (`finite`), a vector
+  // with a NaN takes Nearest.
+  static void Codes4(uint8_t* p, F x, const Search16& s, const uint32_t* table, bool finite) {
+    __m512i index;
+    if (!finite && _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)) {
+      index = NearestIndex(Min(Set(1.0f), Max(Set(-1.0f), x)), table);
+    } else {
+      index = _mm512_maskz_mov_epi32(Less(s.level[0], x), _mm512_set1_epi32(8));
+      for (int k = 1; k < 4; ++k) {
+        const F midpoint = _mm512_permutexvar_ps(index, s.level[k]);
+        index = _mm512_mask_add_epi32(index, Less(midpoint, x), index, _mm512_set1_epi32(8 >> k));
+      }
+    }
+    // Each 64-bit lane holds the codes of elements 2k (low half) and 2k + 1: their byte is (first << 4) | second.
+    const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(index, 4), _mm512_srli_epi64(index, 32));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm512_cvtepi64_epi8(pairs));
   }
   // The scalar E4m3 of 16 elements.
   static __m128i E4m3(F x) {
@@ -297,12 +326,6 @@ struct Vec {
     return _mm512_cvtepi32_epi8(code);
   }
   static void StoreCodes(uint8_t* p, __m128i codes) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), codes); }
-  // 16 codes of 4 bits into 8 bytes: 16-bit lane k holds codes 2k and 2k + 1, stored as (first << 4) | second.
-  static void StoreCodes4(uint8_t* p, __m128i codes) {
-    const __m128i first = _mm_and_si128(codes, _mm_set1_epi16(0x00FF)), second = _mm_srli_epi16(codes, 8);
-    const __m128i pairs = _mm_or_si128(_mm_slli_epi16(first, 4), second);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(pairs, pairs));
-  }
 };
 #elif defined(ADAOPT_AVX2)
 struct Vec {
@@ -328,6 +351,7 @@ struct Vec {
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
   }
+  static bool AnyNan(F a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0; }
   static F Where(F where, F x, F y) { return _mm256_blendv_ps(x, y, where); }
   static F Equal(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static F Greater(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
@@ -390,13 +414,17 @@ struct Vec {
   struct Search16 {
     F m7, t4, t2, t1;
   };
-  static Search16 LoadSearch16(const float* m) {
+  static Search16 LoadSearch16(const Moment& q) {
+    const float* m = q.midpoints;
     return {Set(m[7]), _mm256_setr_ps(m[3], m[11], 0, 0, 0, 0, 0, 0), _mm256_setr_ps(m[1], m[5], m[9], m[13], 0, 0, 0, 0),
             _mm256_setr_ps(m[0], m[2], m[4], m[6], m[8], m[10], m[12], m[14])};
   }
-  // As AVX-512's, the permutes of eight entries.
-  static __m128i Nearest16(F x, const Search16& s, const uint32_t* table) {
-    if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) return Nearest(x, table);
+  // As AVX-512's, by permutes of eight entries.
+  static void Codes4(uint8_t* p, F x, const Search16& s, const uint32_t* table, bool finite) {
+    if (!finite && _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) {
+      StoreCodes4(p, Nearest(Min(Set(1.0f), Max(Set(-1.0f), x)), table));
+      return;
+    }
     const auto count = [&](F midpoint, int by) {
       return _mm256_and_si256(_mm256_castps_si256(Less(midpoint, x)), _mm256_set1_epi32(by));
     };
@@ -407,7 +435,7 @@ struct Vec {
     halve(s.t4, 3, 4);
     halve(s.t2, 2, 2);
     halve(s.t1, 1, 1);
-    return LowBytes(index);
+    StoreCodes4(p, LowBytes(index));
   }
   // As AVX-512's; the magnitudes are below 2**31, so signed comparisons order them as unsigned ones.
   static __m128i E4m3(F x) {
@@ -437,15 +465,18 @@ struct Vec {
 #ifdef ADAOPT_VECTOR
 using VF = Vec::F;
 
-// A moment's map as Decode reads it: the 16 entries of a 4-bit map, or the 256 of the others (FP8's: its codes'
-// values).
+// A moment's map as Decode reads it: the 16 entries of a 4-bit map or the 256 of an 8-bit one (FP8 codes are converted
+// by arithmetic).
+struct NoMap {};
 template <int F>
-using MapOf = std::conditional_t<F == kDynamic4, Vec::Map16, Vec::Map256>;
+using MapOf = std::conditional_t<F == kDynamic4, Vec::Map16, std::conditional_t<F == kFp8, NoMap, Vec::Map256>>;
 
 template <int F>
 inline MapOf<F> LoadMap(const Moment& q) {
   if constexpr (F == kDynamic4) {
     return Vec::LoadMap16(q.map);
+  } else if constexpr (F == kFp8) {
+    return {};
   } else {
     return Vec::LoadMap256(q.map);
   }
@@ -456,40 +487,45 @@ template <int F>
 inline VF Decode(const Moment& q, int64_t i, const MapOf<F>& map) {
   if constexpr (F == kDynamic4) {
     return Vec::Lookup4(map, q.codes + (i >> 1));
-#ifdef ADAOPT_AVX2
   } else if constexpr (F == kFp8) {
     return Vec::FromE4m3(q.codes + i);
-#endif
   } else {
     return Vec::Lookup(map, q.codes + i);
   }
 }
 
-// The codes (a byte each) of kLanes elements over their block's scale; NaN stays NaN in the clip, as in the scalar
-// Clip and jnp.clip (max and min return their second operand when either is NaN).
+// The codes (a byte each) of kLanes elements over their block's scale, for 8-bit codes and FP8; NaN stays NaN in the
+// clip, as in the scalar Clip and jnp.clip (max and min return their second operand when either is NaN).
 template <int F>
-inline __m128i Encode(VF x, const uint32_t* search, const Vec::Search16& search16) {
+inline __m128i Encode(VF x, const uint32_t* search) {
   if constexpr (F == kFp8) {
     return Vec::E4m3(x);
   } else {
-    const VF clipped = Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x));
-    return F == kDynamic4 ? Vec::Nearest16(clipped, search16, search) : Vec::Nearest(clipped, search);
+    return Vec::Nearest(Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x)), search);
   }
 }
 
 // StoreScalar for a whole block whose size is a multiple of kLanes, its largest magnitude still a vector's lanes.
+// `finite` is a vector whose lanes are all finite when the block's values are (the values times 0, summed).
 template <int F>
-void StoreVector(const Job& j, const Moment& q, int64_t b, int64_t start, const float* values, VF largest) {
+void StoreVector(const Job& j, const Moment& q, int64_t b, int64_t start, const float* values, VF largest,
+                 VF finite) {
   const float scale = Scale<F>(Vec::ReduceMax(largest), j);
   q.scale_out[b] = scale;
-  const VF inverse = Vec::Set(1.0f / (scale > 0.0f ? scale : 1.0f));
-  const Vec::Search16 search16 = F == kDynamic4 ? Vec::LoadSearch16(q.midpoints) : Vec::Search16{};
-  for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
-    const __m128i code = Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), q.search, search16);
-    if constexpr (F == kDynamic4) {
-      Vec::StoreCodes4(q.codes_out + ((start + k) >> 1), code);
-    } else {
-      Vec::StoreCodes(q.codes_out + start + k, code);
+  const float reciprocal = 1.0f / (scale > 0.0f ? scale : 1.0f);
+  const VF inverse = Vec::Set(reciprocal);
+  if constexpr (F == kDynamic4) {
+    // A 4-bit code needs no clip: the midpoints of a map in [-1, 1] lie in it, so as many are below an x beyond it as
+    // below -1 or 1. The products hold no NaN when the values and the reciprocal are finite.
+    const bool no_nan = !Vec::AnyNan(finite) && std::isfinite(reciprocal);
+    const Vec::Search16 search16 = Vec::LoadSearch16(q);
+    for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
+      Vec::Codes4(q.codes_out + ((start + k) >> 1), Vec::Mul(Vec::Load(values + k), inverse), search16, q.search,
+                  no_nan);
+    }
+  } else {
+    for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
+      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), q.search));
     }
   }
 }
@@ -505,6 +541,7 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
   const VF m_scale = Vec::Set(j.m.scale[b]), v_scale = Vec::Set(j.v.scale[b]);
   const MapOf<F> m_map = LoadMap<F>(j.m), v_map = LoadMap<F>(j.v);
   VF m_largest = Vec::Set(Lowest(j, j.block)), v_largest = m_largest;
+  VF m_finite = zero, v_finite = zero;  // NaN in a lane once a value of it is not finite (4-bit codes only)
   for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
     const int64_t i = start + k;
     const VF g = Vec::Load(j.g + i);
@@ -519,6 +556,10 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
     Vec::Store(v_new + k, v);
     m_largest = Vec::Max(Vec::Abs(m), m_largest);  // max gives its second operand for a NaN
     v_largest = Vec::Max(Vec::Abs(v), v_largest);
+    if constexpr (F == kDynamic4) {
+      m_finite = Vec::Fma(m, zero, m_finite);
+      v_finite = Vec::Fma(v, zero, v_finite);
+    }
     VF inside = Vec::Mul(v_step, d2);
     if (j.eps_root) inside = Vec::Add(inside, eps_root);
     const VF denominator = Vec::Add(Vec::Sqrt(inside), eps);
@@ -526,8 +567,8 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
     if (j.safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
     Vec::Store(j.step + i, Vec::Mul(Vec::Mul(m_step, d1), inverse));
   }
-  StoreVector<F>(j, j.m, b, start, m_new, m_largest);
-  StoreVector<F>(j, j.v, b, start, v_new, v_largest);
+  StoreVector<F>(j, j.m, b, start, m_new, m_largest, m_finite);
+  StoreVector<F>(j, j.v, b, start, v_new, v_largest, v_finite);
 }
 #endif
 
@@ -560,7 +601,7 @@ void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
   const VF one = Vec::Set(1.0f), minus_one = Vec::Set(-1.0f), zero = Vec::Set(0.0f);
   const VF m_scale = Vec::Set(j.m.scale[b]);
   const MapOf<F> m_map = LoadMap<F>(j.m);
-  VF m_largest = Vec::Set(Lowest(j, j.block));
+  VF m_largest = Vec::Set(Lowest(j, j.block)), m_finite = zero;
   for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
     const int64_t i = start + k;
     const VF g = Vec::Load(j.g + i);
@@ -568,12 +609,13 @@ void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
     const VF m = F == kFp8 ? Vec::Fma(g, c2, Vec::Mul(m_old, b2)) : Vec::Fma(m_old, b2, Vec::Mul(g, c2));
     Vec::Store(m_new + k, m);
     m_largest = Vec::Max(Vec::Abs(m), m_largest);
+    if constexpr (F == kDynamic4) m_finite = Vec::Fma(m, zero, m_finite);
     const VF x = Vec::Fma(g, c1, Vec::Mul(m_old, b1));
     VF sign = Vec::Where(Vec::Greater(x, zero), x, one);
     sign = Vec::Where(Vec::Less(x, zero), sign, minus_one);
     Vec::Store(j.step + i, sign);
   }
-  StoreVector<F>(j, j.m, b, start, m_new, m_largest);
+  StoreVector<F>(j, j.m, b, start, m_new, m_largest, m_finite);
 }
 #endif
 
@@ -637,6 +679,20 @@ void Launch(ffi::ThreadPool& pool, const Job& job, BlocksFn blocks_fn) {
   while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
 }
 
+// A 4-bit map's midpoints, as storage._lookup rounds them (the sum of two float32 is exact in float64, its half rounded
+// once to float32), and the levels of a binary search over them: a count c of the midpoints below x, a multiple of
+// 8 >> k before level k, grows by 8 >> k where x exceeds levels[k][c], the midpoint c + (8 >> k) - 1.
+void SetSearch(Moment* moment) {
+  const float* m = moment->map;
+  for (int k = 0; k < 15; ++k) {
+    moment->midpoints[k] = static_cast<float>((static_cast<double>(m[k]) + static_cast<double>(m[k + 1])) / 2);
+  }
+  for (int level = 0; level < 4; ++level) {
+    const int step = 16 >> level;  // the counts before this level are multiples of step
+    for (int c = 0; c < 16; ++c) moment->levels[level][c] = moment->midpoints[c / step * step + step / 2 - 1];
+  }
+}
+
 // A moment's arrays, checked to fit a leaf of n elements in blocks of block_size stored in `format`: as many codes
 // as elements (4-bit: a byte for two elements of every block, a partial last one's whole), a scale per block, the
 // format's map and (but for FP8) its search table.
@@ -653,13 +709,7 @@ bool MomentOf(int64_t n, int64_t block_size, int32_t format, const ffi::AnyBuffe
                     (format == kFp8 || search.element_count() == 65536);
   *moment = {static_cast<const uint8_t*>(codes.untyped_data()), scales.typed_data(), codes_out, scales_out,
              map.typed_data(), search.typed_data(), {}};
-  if (fits && format == kDynamic4) {
-    const float* m = map.typed_data();
-    // As storage._lookup: the sum of two float32 is exact in float64, its half rounded once to float32.
-    for (int k = 0; k < 15; ++k) {
-      moment->midpoints[k] = static_cast<float>((static_cast<double>(m[k]) + static_cast<double>(m[k + 1])) / 2);
-    }
-  }
+  if (fits && format == kDynamic4) SetSearch(moment);
   return fits;
 }
 
