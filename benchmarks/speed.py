@@ -79,7 +79,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -465,13 +464,17 @@ def time_jax(
     grads: Any,
     reps: int,
     flat: bool = False,
-    donate_grads: bool = False,
+    in_place: bool = False,
 ) -> Timing:
     """Compile time and step times of one optimizer, donating the parameters and the state.
 
     ``flat``: the parameters and the gradients in the layout of ``adaopt.flatten_params``.
-    ``donate_grads``: the gradients donated too, as a training step's own temporaries are (a kernel that
-    writes the step over them then needs no copy of them); each step gets a fresh copy, made untimed.
+    ``in_place``: the updates written over the gradients, as a training step's gradients (its own temporaries) let
+    an update be, timed as two programs: ``update`` with the gradients donated (the updates take their buffers) and
+    ``apply_updates`` with the parameters donated, each step on a fresh copy of the gradients made untimed. A program
+    whose gradients are its arguments cannot reuse them (JAX lets a donated argument become an output of its shape
+    only, and the step's outputs are the parameters and the state): a kernel that writes over them makes XLA copy
+    them first, a copy no training step makes.
     """
 
     def fn(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
@@ -484,7 +487,9 @@ def time_jax(
     carry["state"] = optimizer.init(carry["params"])
     carry["grads"] = grads
     nbytes = state_nbytes(carry["state"])
-    step = jax.jit(fn, donate_argnums=(0, 1, 2) if donate_grads else (0, 1))
+    step = jax.jit(fn, donate_argnums=(0, 1))
+    update = jax.jit(optimizer.update, donate_argnums=(0, 1))
+    apply = jax.jit(optax.apply_updates, donate_argnums=0)
 
     def fresh_grads() -> None:
         carry["grads"] = jax.block_until_ready(jax.tree.map(lambda g: jnp.array(g, copy=True), grads))
@@ -492,13 +497,19 @@ def time_jax(
     def call() -> None:
         carry["params"], carry["state"] = jax.block_until_ready(step(carry["params"], carry["state"], carry["grads"]))
 
-    with warnings.catch_warnings():
-        # More gradient buffers than the outputs can reuse: JAX says so when it lowers the step.
-        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        start = time.perf_counter()
+    def call_in_place() -> None:
+        updates, carry["state"] = update(carry["grads"], carry["state"], carry["params"])
+        carry["params"] = jax.block_until_ready(apply(carry["params"], updates))
+
+    start = time.perf_counter()
+    if in_place:
+        updates = jax.eval_shape(optimizer.update, grads, carry["state"], carry["params"])[0]
+        update.lower(grads, carry["state"], carry["params"]).compile()
+        apply.lower(carry["params"], updates).compile()
+    else:
         step.lower(carry["params"], carry["state"], grads).compile()
-        compile_s = time.perf_counter() - start
-        times = _timed(call, reps, fresh_grads if donate_grads else None)
+    compile_s = time.perf_counter() - start
+    times = _timed(call_in_place, reps, fresh_grads) if in_place else _timed(call, reps)
     return Timing("", "", times, compile_s=compile_s, state_bytes=nbytes)
 
 
