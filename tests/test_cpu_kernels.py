@@ -211,6 +211,34 @@ def test_codes_are_the_nearest_entries_at_and_beside_every_midpoint(fmt: str) ->
         np.testing.assert_array_equal(_codes(stored).reshape(-1)[: g.size], expected)
 
 
+def test_second_moments_of_the_linear_map_take_the_nearest_entry_at_its_midpoints() -> None:
+    """The 4-bit second moment's map of sixteenths, whose codes the AVX-512 kernel computes as ceil(16 x - 1.5)
+    rather than by a search: with b2 = 0 a block whose largest gradient is 1 stores g * g over a scale of 1, here each
+    midpoint and each float beside one that is a float32 square, each as ``storage.nearest_index`` finds it (a tie: the
+    lower entry)."""
+    qmap = storage.linear_map(4)
+    middles = ((qmap[:-1].astype(np.float64) + qmap[1:]) / 2).astype(np.float32)
+    targets = np.concatenate([middles, np.nextafter(middles, -np.inf), np.nextafter(middles, np.inf)])
+    # For each target, the float32 g nearest its square root and their neighbours whose square rounds to it.
+    near = np.sqrt(targets.astype(np.float64)).astype(np.float32)[:, None]
+    steps = np.arange(-6, 7, dtype=np.int32)
+    candidates = (near.view(np.int32) + steps).view(np.float32)
+    roots = candidates[(candidates * candidates) == targets[:, None]]
+    assert len(np.intersect1d(roots * roots, middles)) >= 5  # ties, not only their neighbours
+    block = storage.ALIASES["int4"].block_size
+    values = np.pad(roots, (0, -roots.size % (block - 1))).reshape(-1, block - 1)
+    blocks = np.concatenate([np.ones((len(values), 1), np.float32), values], axis=1)
+    g = {"rows": jnp.asarray(np.resize(blocks, (4096 // block, block)))}
+    tx = adaopt.scale_by_adam(b1=0.0, b2=0.0, mu_dtype="int4", nu_dtype="int4")
+    assert _uses_kernel(tx, g, g) == 1
+    _, state = jax.jit(tx.update)(g, tx.init(g), g)
+    stored = state.nu["rows"]
+    np.testing.assert_array_equal(np.asarray(stored.scale), 1.0)
+    squares = np.asarray(g["rows"]) * np.asarray(g["rows"])
+    expected = np.asarray(storage.nearest_index(jnp.asarray(squares.reshape(-1)), qmap)).astype(int)
+    np.testing.assert_array_equal(_codes(stored).reshape(-1), expected)
+
+
 @pytest.mark.parametrize("fmt", [INT8, "int4", "fp8"])
 def test_a_block_of_nan_stays_nan_as_in_xlas_step(fmt: str) -> None:
     """A gradient whose elements 256 to 511 (whole blocks) are NaN, then finite ones, each side on its own trajectory: XLA's reduction gives

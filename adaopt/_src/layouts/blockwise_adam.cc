@@ -60,6 +60,7 @@ struct Moment {
   const uint32_t* search;
   float midpoints[15];
   float levels[4][16];  // the midpoint each level of the vector search compares, by the count so far (SetSearch)
+  bool sixteenths;       // a 4-bit map of k / 16, k = 1..16 (storage.linear_map), whose codes need no search
 };
 
 struct Job {
@@ -286,9 +287,10 @@ struct Vec {
   // costs as much as the rest of an element's step): Moment.levels.
   struct Search16 {
     F level[4];
+    bool sixteenths;
   };
   static Search16 LoadSearch16(const Moment& q) {
-    return {{Load(q.levels[0]), Load(q.levels[1]), Load(q.levels[2]), Load(q.levels[3])}};
+    return {{Load(q.levels[0]), Load(q.levels[1]), Load(q.levels[2]), Load(q.levels[3])}, q.sixteenths};
   }
   // The scalar Nearest of 16 elements of a 4-bit map, their 4-bit codes stored two a byte: the number of its midpoints
   // below x, found by halving, each level's midpoint chosen by the count so far. It is the search table's answer for
@@ -298,6 +300,13 @@ struct Vec {
     __m512i index;
     if (!finite && _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)) {
       index = NearestIndex(Min(Set(1.0f), Max(Set(-1.0f), x)), table);
+    } else if (finite && s.sixteenths) {
+      // The midpoints of the map of k / 16 are (j + 1.5) / 16, j = 0..14, below x for j < 16 x - 1.5: ceil(16 x - 1.5)
+      // of them, at most 15. 16 x - 1.5 is exact from 16 x = 0.75 on, and below it no midpoint is below x. The
+      // finite x of a block is at most its scale's 1 (rounded), where the conversion cannot overflow.
+      const __m512i above =
+          _mm512_cvt_roundps_epi32(Fma(x, Set(16.0f), Set(-1.5f)), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+      index = _mm512_min_epi32(_mm512_max_epi32(above, _mm512_setzero_si512()), _mm512_set1_epi32(15));
     } else {
       index = _mm512_maskz_mov_epi32(Less(s.level[0], x), _mm512_set1_epi32(8));
       for (int k = 1; k < 4; ++k) {
@@ -691,6 +700,8 @@ void SetSearch(Moment* moment) {
     const int step = 16 >> level;  // the counts before this level are multiples of step
     for (int c = 0; c < 16; ++c) moment->levels[level][c] = moment->midpoints[c / step * step + step / 2 - 1];
   }
+  moment->sixteenths = true;
+  for (int k = 0; k < 16; ++k) moment->sixteenths &= m[k] == static_cast<float>(k + 1) / 16;
 }
 
 // A moment's arrays, checked to fit a leaf of n elements in blocks of block_size stored in `format`: as many codes
