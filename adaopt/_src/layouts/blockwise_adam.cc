@@ -493,13 +493,13 @@ inline MapOf<F> LoadMap(const Moment& q) {
 
 // The values (before their scale) of elements [i, i + kLanes) of a moment.
 template <int F>
-inline VF Decode(const Moment& q, int64_t i, const MapOf<F>& map) {
+inline VF Decode(const uint8_t* codes, int64_t i, const MapOf<F>& map) {
   if constexpr (F == kDynamic4) {
-    return Vec::Lookup4(map, q.codes + (i >> 1));
+    return Vec::Lookup4(map, codes + (i >> 1));
   } else if constexpr (F == kFp8) {
-    return Vec::FromE4m3(q.codes + i);
+    return Vec::FromE4m3(codes + i);
   } else {
-    return Vec::Lookup(map, q.codes + i);
+    return Vec::Lookup(map, codes + i);
   }
 }
 
@@ -523,18 +523,21 @@ void StoreVector(const Job& j, const Moment& q, int64_t b, int64_t start, const 
   q.scale_out[b] = scale;
   const float reciprocal = 1.0f / (scale > 0.0f ? scale : 1.0f);
   const VF inverse = Vec::Set(reciprocal);
+  // Locals: a store of codes may alias any field of the job's, which the loop would otherwise load again.
+  uint8_t* const out = q.codes_out;
+  const uint32_t* const search = q.search;
+  const int64_t block = j.block;
   if constexpr (F == kDynamic4) {
     // A 4-bit code needs no clip: the midpoints of a map in [-1, 1] lie in it, so as many are below an x beyond it as
     // below -1 or 1. The products hold no NaN when the values and the reciprocal are finite.
     const bool no_nan = !Vec::AnyNan(finite) && std::isfinite(reciprocal);
     const Vec::Search16 search16 = Vec::LoadSearch16(q);
-    for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
-      Vec::Codes4(q.codes_out + ((start + k) >> 1), Vec::Mul(Vec::Load(values + k), inverse), search16, q.search,
-                  no_nan);
+    for (int64_t k = 0; k < block; k += Vec::kLanes) {
+      Vec::Codes4(out + ((start + k) >> 1), Vec::Mul(Vec::Load(values + k), inverse), search16, search, no_nan);
     }
   } else {
-    for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
-      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), q.search));
+    for (int64_t k = 0; k < block; k += Vec::kLanes) {
+      Vec::StoreCodes(out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), search));
     }
   }
 }
@@ -551,12 +554,18 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
   const MapOf<F> m_map = LoadMap<F>(j.m), v_map = LoadMap<F>(j.v);
   VF m_largest = Vec::Set(Lowest(j, j.block)), v_largest = m_largest;
   VF m_finite = zero, v_finite = zero;  // NaN in a lane once a value of it is not finite (4-bit codes only)
-  for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
+  const float* const grad = j.g;  // locals, as StoreVector's
+  float* const step = j.step;
+  const uint8_t* const m_codes = j.m.codes;
+  const uint8_t* const v_codes = j.v.codes;
+  const int64_t block = j.block;
+  const bool add_eps_root = j.eps_root, safe_divide = j.safe_divide;
+  for (int64_t k = 0; k < block; k += Vec::kLanes) {
     const int64_t i = start + k;
-    const VF g = Vec::Load(j.g + i);
+    const VF g = Vec::Load(grad + i);
     const VF gw = Vec::Mul(g, c2);  // (1 - b2) g, times g below: finite to |g| 1e20
-    const VF m_old = Vec::Mul(Decode<F>(j.m, i, m_map), m_scale);
-    const VF v_old = Vec::Mul(Decode<F>(j.v, i, v_map), v_scale);
+    const VF m_old = Vec::Mul(Decode<F>(m_codes, i, m_map), m_scale);
+    const VF v_old = Vec::Mul(Decode<F>(v_codes, i, v_map), v_scale);
     const VF m_step = Vec::Fma(g, c1, Vec::Mul(m_old, b1));
     const VF v_step = Vec::Fma(gw, g, Vec::Mul(v_old, b2));
     const VF m = F == kFp8 ? m_step : Vec::Fma(m_old, b1, Vec::Mul(g, c1));
@@ -570,11 +579,11 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
       v_finite = Vec::Fma(v, zero, v_finite);
     }
     VF inside = Vec::Mul(v_step, d2);
-    if (j.eps_root) inside = Vec::Add(inside, eps_root);
+    if (add_eps_root) inside = Vec::Add(inside, eps_root);
     const VF denominator = Vec::Add(Vec::Sqrt(inside), eps);
     VF inverse = Vec::Div(one, denominator);
-    if (j.safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
-    Vec::Store(j.step + i, Vec::Mul(Vec::Mul(m_step, d1), inverse));
+    if (safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
+    Vec::Store(step + i, Vec::Mul(Vec::Mul(m_step, d1), inverse));
   }
   StoreVector<F>(j, j.m, b, start, m_new, m_largest, m_finite);
   StoreVector<F>(j, j.v, b, start, v_new, v_largest, v_finite);
@@ -611,10 +620,14 @@ void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
   const VF m_scale = Vec::Set(j.m.scale[b]);
   const MapOf<F> m_map = LoadMap<F>(j.m);
   VF m_largest = Vec::Set(Lowest(j, j.block)), m_finite = zero;
-  for (int64_t k = 0; k < j.block; k += Vec::kLanes) {
+  const float* const grad = j.g;  // locals, as StoreVector's
+  float* const step = j.step;
+  const uint8_t* const m_codes = j.m.codes;
+  const int64_t block = j.block;
+  for (int64_t k = 0; k < block; k += Vec::kLanes) {
     const int64_t i = start + k;
-    const VF g = Vec::Load(j.g + i);
-    const VF m_old = Vec::Mul(Decode<F>(j.m, i, m_map), m_scale);
+    const VF g = Vec::Load(grad + i);
+    const VF m_old = Vec::Mul(Decode<F>(m_codes, i, m_map), m_scale);
     const VF m = F == kFp8 ? Vec::Fma(g, c2, Vec::Mul(m_old, b2)) : Vec::Fma(m_old, b2, Vec::Mul(g, c2));
     Vec::Store(m_new + k, m);
     m_largest = Vec::Max(Vec::Abs(m), m_largest);
@@ -622,7 +635,7 @@ void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
     const VF x = Vec::Fma(g, c1, Vec::Mul(m_old, b1));
     VF sign = Vec::Where(Vec::Greater(x, zero), x, one);
     sign = Vec::Where(Vec::Less(x, zero), sign, minus_one);
-    Vec::Store(j.step + i, sign);
+    Vec::Store(step + i, sign);
   }
   StoreVector<F>(j, j.m, b, start, m_new, m_largest, m_finite);
 }
