@@ -514,62 +514,87 @@ inline __m128i Encode(VF x, const uint32_t* search) {
   }
 }
 
-// StoreScalar for a whole block whose size is a multiple of kLanes, its largest magnitude still a vector's lanes.
-// `finite` is a vector whose lanes are all finite when the block's values are (the values times 0, summed).
+// What the vector loops read of a moment, loaded once for a run of blocks into locals: the job's fields would be
+// loaded again after each store of codes, which may alias them.
 template <int F>
-void StoreVector(const Job& j, const Moment& q, int64_t b, int64_t start, const float* values, VF largest,
-                 VF finite) {
+struct MomentVec {
+  const uint8_t* codes;
+  uint8_t* codes_out;
+  const float* scale;
+  float* scale_out;
+  const uint32_t* search;
+  MapOf<F> map;
+  Vec::Search16 search16;
+};
+
+template <int F>
+MomentVec<F> VectorsOf(const Moment& q) {
+  return {q.codes, q.codes_out, q.scale, q.scale_out, q.search, LoadMap<F>(q),
+          F == kDynamic4 ? Vec::LoadSearch16(q) : Vec::Search16{}};
+}
+
+// And of the step: its scalars as vectors, the gradient and the step, the moments (Lion's step has no v).
+template <int F>
+struct StepVec {
+  VF b1, c1, b2, c2, d1, d2, eps, eps_root;
+  const float* g;
+  float* step;
+  int64_t block;
+  bool add_eps_root, safe_divide;
+  MomentVec<F> m, v;
+};
+
+template <int F>
+StepVec<F> VectorsOf(const Job& j, bool lion) {
+  const Scalars& s = j.s;
+  return {Vec::Set(s.b1), Vec::Set(s.one_minus_b1), Vec::Set(s.b2), Vec::Set(s.one_minus_b2), Vec::Set(s.debias1),
+          Vec::Set(s.debias2), Vec::Set(s.eps), Vec::Set(s.eps_root), j.g, j.step, j.block, j.eps_root,
+          j.safe_divide, VectorsOf<F>(j.m), lion ? MomentVec<F>{} : VectorsOf<F>(j.v)};
+}
+
+// StoreScalar for a whole block whose size is a multiple of kLanes, its largest magnitude still a vector's lanes.
+// `finite` is a vector whose lanes are all finite when the block's values are (the values times 0, summed). Inlined
+// into the loop over blocks, as the block steps below, which then keeps the vectors of StepVec in registers.
+template <int F>
+[[gnu::always_inline]] inline void StoreVector(const Job& j, int64_t block, const MomentVec<F>& q, int64_t b,
+                                                int64_t start, const float* values, VF largest, VF finite) {
   const float scale = Scale<F>(Vec::ReduceMax(largest), j);
   q.scale_out[b] = scale;
   const float reciprocal = 1.0f / (scale > 0.0f ? scale : 1.0f);
   const VF inverse = Vec::Set(reciprocal);
-  // Locals: a store of codes may alias any field of the job's, which the loop would otherwise load again.
-  uint8_t* const out = q.codes_out;
-  const uint32_t* const search = q.search;
-  const int64_t block = j.block;
   if constexpr (F == kDynamic4) {
     // A 4-bit code needs no clip: the midpoints of a map in [-1, 1] lie in it, so as many are below an x beyond it as
     // below -1 or 1. The products hold no NaN when the values and the reciprocal are finite.
     const bool no_nan = !Vec::AnyNan(finite) && std::isfinite(reciprocal);
-    const Vec::Search16 search16 = Vec::LoadSearch16(q);
     for (int64_t k = 0; k < block; k += Vec::kLanes) {
-      Vec::Codes4(out + ((start + k) >> 1), Vec::Mul(Vec::Load(values + k), inverse), search16, search, no_nan);
+      Vec::Codes4(q.codes_out + ((start + k) >> 1), Vec::Mul(Vec::Load(values + k), inverse), q.search16, q.search,
+                  no_nan);
     }
   } else {
     for (int64_t k = 0; k < block; k += Vec::kLanes) {
-      Vec::StoreCodes(out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), search));
+      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), q.search));
     }
   }
 }
 
 // A whole block whose size is a multiple of kLanes.
 template <int F>
-void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_new) {
-  const VF b1 = Vec::Set(j.s.b1), c1 = Vec::Set(j.s.one_minus_b1);
-  const VF b2 = Vec::Set(j.s.b2), c2 = Vec::Set(j.s.one_minus_b2);
-  const VF d1 = Vec::Set(j.s.debias1), d2 = Vec::Set(j.s.debias2);
-  const VF eps = Vec::Set(j.s.eps), eps_root = Vec::Set(j.s.eps_root);
+[[gnu::always_inline]] inline void BlockVector(const Job& j, const StepVec<F>& p, int64_t b, int64_t start,
+                                                float* m_new, float* v_new) {
   const VF one = Vec::Set(1.0f), zero = Vec::Set(0.0f);
-  const VF m_scale = Vec::Set(j.m.scale[b]), v_scale = Vec::Set(j.v.scale[b]);
-  const MapOf<F> m_map = LoadMap<F>(j.m), v_map = LoadMap<F>(j.v);
-  VF m_largest = Vec::Set(Lowest(j, j.block)), v_largest = m_largest;
+  const VF m_scale = Vec::Set(p.m.scale[b]), v_scale = Vec::Set(p.v.scale[b]);
+  VF m_largest = Vec::Set(Lowest(j, p.block)), v_largest = m_largest;
   VF m_finite = zero, v_finite = zero;  // NaN in a lane once a value of it is not finite (4-bit codes only)
-  const float* const grad = j.g;  // locals, as StoreVector's
-  float* const step = j.step;
-  const uint8_t* const m_codes = j.m.codes;
-  const uint8_t* const v_codes = j.v.codes;
-  const int64_t block = j.block;
-  const bool add_eps_root = j.eps_root, safe_divide = j.safe_divide;
-  for (int64_t k = 0; k < block; k += Vec::kLanes) {
+  for (int64_t k = 0; k < p.block; k += Vec::kLanes) {
     const int64_t i = start + k;
-    const VF g = Vec::Load(grad + i);
-    const VF gw = Vec::Mul(g, c2);  // (1 - b2) g, times g below: finite to |g| 1e20
-    const VF m_old = Vec::Mul(Decode<F>(m_codes, i, m_map), m_scale);
-    const VF v_old = Vec::Mul(Decode<F>(v_codes, i, v_map), v_scale);
-    const VF m_step = Vec::Fma(g, c1, Vec::Mul(m_old, b1));
-    const VF v_step = Vec::Fma(gw, g, Vec::Mul(v_old, b2));
-    const VF m = F == kFp8 ? m_step : Vec::Fma(m_old, b1, Vec::Mul(g, c1));
-    const VF v = F == kFp8 ? v_step : Vec::Fma(v_old, b2, Vec::Mul(gw, g));
+    const VF g = Vec::Load(p.g + i);
+    const VF gw = Vec::Mul(g, p.c2);  // (1 - b2) g, times g below: finite to |g| 1e20
+    const VF m_old = Vec::Mul(Decode<F>(p.m.codes, i, p.m.map), m_scale);
+    const VF v_old = Vec::Mul(Decode<F>(p.v.codes, i, p.v.map), v_scale);
+    const VF m_step = Vec::Fma(g, p.c1, Vec::Mul(m_old, p.b1));
+    const VF v_step = Vec::Fma(gw, g, Vec::Mul(v_old, p.b2));
+    const VF m = F == kFp8 ? m_step : Vec::Fma(m_old, p.b1, Vec::Mul(g, p.c1));
+    const VF v = F == kFp8 ? v_step : Vec::Fma(v_old, p.b2, Vec::Mul(gw, g));
     Vec::Store(m_new + k, m);
     Vec::Store(v_new + k, v);
     m_largest = Vec::Max(Vec::Abs(m), m_largest);  // max gives its second operand for a NaN
@@ -578,15 +603,15 @@ void BlockVector(const Job& j, int64_t b, int64_t start, float* m_new, float* v_
       m_finite = Vec::Fma(m, zero, m_finite);
       v_finite = Vec::Fma(v, zero, v_finite);
     }
-    VF inside = Vec::Mul(v_step, d2);
-    if (add_eps_root) inside = Vec::Add(inside, eps_root);
-    const VF denominator = Vec::Add(Vec::Sqrt(inside), eps);
+    VF inside = Vec::Mul(v_step, p.d2);
+    if (p.add_eps_root) inside = Vec::Add(inside, p.eps_root);
+    const VF denominator = Vec::Add(Vec::Sqrt(inside), p.eps);
     VF inverse = Vec::Div(one, denominator);
-    if (safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
-    Vec::Store(step + i, Vec::Mul(Vec::Mul(m_step, d1), inverse));
+    if (p.safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
+    Vec::Store(p.step + i, Vec::Mul(Vec::Mul(m_step, p.d1), inverse));
   }
-  StoreVector<F>(j, j.m, b, start, m_new, m_largest, m_finite);
-  StoreVector<F>(j, j.v, b, start, v_new, v_largest, v_finite);
+  StoreVector<F>(j, p.block, p.m, b, start, m_new, m_largest, m_finite);
+  StoreVector<F>(j, p.block, p.v, b, start, v_new, v_largest, v_finite);
 }
 #endif
 
@@ -613,31 +638,25 @@ void LionScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m
 
 #ifdef ADAOPT_VECTOR
 template <int F>
-void LionVector(const Job& j, int64_t b, int64_t start, float* m_new) {
-  const VF b1 = Vec::Set(j.s.b1), c1 = Vec::Set(j.s.one_minus_b1);
-  const VF b2 = Vec::Set(j.s.b2), c2 = Vec::Set(j.s.one_minus_b2);
+[[gnu::always_inline]] inline void LionVector(const Job& j, const StepVec<F>& p, int64_t b, int64_t start,
+                                               float* m_new) {
   const VF one = Vec::Set(1.0f), minus_one = Vec::Set(-1.0f), zero = Vec::Set(0.0f);
-  const VF m_scale = Vec::Set(j.m.scale[b]);
-  const MapOf<F> m_map = LoadMap<F>(j.m);
-  VF m_largest = Vec::Set(Lowest(j, j.block)), m_finite = zero;
-  const float* const grad = j.g;  // locals, as StoreVector's
-  float* const step = j.step;
-  const uint8_t* const m_codes = j.m.codes;
-  const int64_t block = j.block;
-  for (int64_t k = 0; k < block; k += Vec::kLanes) {
+  const VF m_scale = Vec::Set(p.m.scale[b]);
+  VF m_largest = Vec::Set(Lowest(j, p.block)), m_finite = zero;
+  for (int64_t k = 0; k < p.block; k += Vec::kLanes) {
     const int64_t i = start + k;
-    const VF g = Vec::Load(grad + i);
-    const VF m_old = Vec::Mul(Decode<F>(m_codes, i, m_map), m_scale);
-    const VF m = F == kFp8 ? Vec::Fma(g, c2, Vec::Mul(m_old, b2)) : Vec::Fma(m_old, b2, Vec::Mul(g, c2));
+    const VF g = Vec::Load(p.g + i);
+    const VF m_old = Vec::Mul(Decode<F>(p.m.codes, i, p.m.map), m_scale);
+    const VF m = F == kFp8 ? Vec::Fma(g, p.c2, Vec::Mul(m_old, p.b2)) : Vec::Fma(m_old, p.b2, Vec::Mul(g, p.c2));
     Vec::Store(m_new + k, m);
     m_largest = Vec::Max(Vec::Abs(m), m_largest);
     if constexpr (F == kDynamic4) m_finite = Vec::Fma(m, zero, m_finite);
-    const VF x = Vec::Fma(g, c1, Vec::Mul(m_old, b1));
+    const VF x = Vec::Fma(g, p.c1, Vec::Mul(m_old, p.b1));
     VF sign = Vec::Where(Vec::Greater(x, zero), x, one);
     sign = Vec::Where(Vec::Less(x, zero), sign, minus_one);
-    Vec::Store(step + i, sign);
+    Vec::Store(p.step + i, sign);
   }
-  StoreVector<F>(j, j.m, b, start, m_new, m_largest, m_finite);
+  StoreVector<F>(j, p.block, p.m, b, start, m_new, m_largest, m_finite);
 }
 #endif
 
@@ -650,11 +669,14 @@ void Blocks(const Job& j, int64_t first, int64_t last) {
       static_cast<float*>(std::aligned_alloc(64, 2 * capacity * sizeof(float))), std::free);
   float* m_new = buffer.get();
   float* v_new = buffer.get() + capacity;
+#ifdef ADAOPT_VECTOR
+  const StepVec<F> vectors = VectorsOf<F>(j, Lion);
+#endif
   for (int64_t b = first; b < last; ++b) {
     const int64_t start = b * j.block, length = std::min(j.block, j.n - start);
 #ifdef ADAOPT_VECTOR
     if (length == j.block && j.block % Vec::kLanes == 0) {
-      Lion ? LionVector<F>(j, b, start, m_new) : BlockVector<F>(j, b, start, m_new, v_new);
+      Lion ? LionVector<F>(j, vectors, b, start, m_new) : BlockVector<F>(j, vectors, b, start, m_new, v_new);
       continue;
     }
 #endif
