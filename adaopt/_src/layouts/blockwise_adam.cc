@@ -552,34 +552,58 @@ StepVec<F> VectorsOf(const Job& j, bool lion) {
           j.safe_divide, VectorsOf<F>(j.m), lion ? MomentVec<F>{} : VectorsOf<F>(j.v)};
 }
 
-// StoreScalar for a whole block whose size is a multiple of kLanes, its largest magnitude still a vector's lanes.
-// `finite` is a vector whose lanes are all finite when the block's values are (the values times 0, summed). Inlined
-// into the loop over blocks, as the block steps below, which then keeps the vectors of StepVec in registers.
+// A block's scale, stored, from its largest magnitude still a vector's lanes: what StoreVector quantizes by.
+// `finite` is a vector whose lanes are all finite when the block's values are (the values times 0, summed).
+struct Scaled {
+  VF inverse;   // the scale's reciprocal, in every lane
+  bool no_nan;  // the values over the scale hold no NaN (4-bit codes only)
+};
+
 template <int F>
-[[gnu::always_inline]] inline void StoreVector(const Job& j, int64_t block, const MomentVec<F>& q, int64_t b,
-                                                int64_t start, const float* values, VF largest, VF finite) {
+[[gnu::always_inline]] inline Scaled ScaleVector(const Job& j, const MomentVec<F>& q, int64_t b, VF largest,
+                                                 VF finite) {
   const float scale = Scale<F>(Vec::ReduceMax(largest), j);
   q.scale_out[b] = scale;
   const float reciprocal = 1.0f / (scale > 0.0f ? scale : 1.0f);
-  const VF inverse = Vec::Set(reciprocal);
+  return {Vec::Set(reciprocal), F == kDynamic4 && !Vec::AnyNan(finite) && std::isfinite(reciprocal)};
+}
+
+// StoreScalar's codes for a whole block whose size is a multiple of kLanes. Inlined into the loop over blocks, as
+// the block steps below, which then keeps the vectors of StepVec in registers.
+template <int F>
+[[gnu::always_inline]] inline void StoreVector(int64_t block, const MomentVec<F>& q, int64_t start,
+                                                const float* values, Scaled scaled) {
   if constexpr (F == kDynamic4) {
     // A 4-bit code needs no clip: the midpoints of a map in [-1, 1] lie in it, so as many are below an x beyond it as
     // below -1 or 1. The products hold no NaN when the values and the reciprocal are finite.
-    const bool no_nan = !Vec::AnyNan(finite) && std::isfinite(reciprocal);
     for (int64_t k = 0; k < block; k += Vec::kLanes) {
-      Vec::Codes4(q.codes_out + ((start + k) >> 1), Vec::Mul(Vec::Load(values + k), inverse), q.search16, q.search,
-                  no_nan);
+      Vec::Codes4(q.codes_out + ((start + k) >> 1), Vec::Mul(Vec::Load(values + k), scaled.inverse), q.search16,
+                  q.search, scaled.no_nan);
     }
   } else {
     for (int64_t k = 0; k < block; k += Vec::kLanes) {
-      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), inverse), q.search));
+      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), scaled.inverse), q.search));
     }
   }
 }
 
-// A whole block whose size is a multiple of kLanes.
+// A block whose new moments and scales are computed, its codes not yet stored (Blocks stores them after the next
+// block's moments, so that its scales' latency, a reduction and a division, overlaps that work).
+struct Pending {
+  int64_t start;
+  const float *m_new, *v_new;
+  Scaled m, v;
+};
+
+template <int F, bool Lion>
+[[gnu::always_inline]] inline void StoreCodes(const StepVec<F>& p, const Pending& pending) {
+  StoreVector<F>(p.block, p.m, pending.start, pending.m_new, pending.m);
+  if constexpr (!Lion) StoreVector<F>(p.block, p.v, pending.start, pending.v_new, pending.v);
+}
+
+// A whole block whose size is a multiple of kLanes: its step and new moments.
 template <int F>
-[[gnu::always_inline]] inline void BlockVector(const Job& j, const StepVec<F>& p, int64_t b, int64_t start,
+[[gnu::always_inline]] inline Pending BlockVector(const Job& j, const StepVec<F>& p, int64_t b, int64_t start,
                                                 float* m_new, float* v_new) {
   const VF one = Vec::Set(1.0f), zero = Vec::Set(0.0f);
   const VF m_scale = Vec::Set(p.m.scale[b]), v_scale = Vec::Set(p.v.scale[b]);
@@ -610,8 +634,8 @@ template <int F>
     if (p.safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
     Vec::Store(p.step + i, Vec::Mul(Vec::Mul(m_step, p.d1), inverse));
   }
-  StoreVector<F>(j, p.block, p.m, b, start, m_new, m_largest, m_finite);
-  StoreVector<F>(j, p.block, p.v, b, start, v_new, v_largest, v_finite);
+  return {start, m_new, v_new, ScaleVector<F>(j, p.m, b, m_largest, m_finite),
+          ScaleVector<F>(j, p.v, b, v_largest, v_finite)};
 }
 #endif
 
@@ -638,7 +662,7 @@ void LionScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m
 
 #ifdef ADAOPT_VECTOR
 template <int F>
-[[gnu::always_inline]] inline void LionVector(const Job& j, const StepVec<F>& p, int64_t b, int64_t start,
+[[gnu::always_inline]] inline Pending LionVector(const Job& j, const StepVec<F>& p, int64_t b, int64_t start,
                                                float* m_new) {
   const VF one = Vec::Set(1.0f), minus_one = Vec::Set(-1.0f), zero = Vec::Set(0.0f);
   const VF m_scale = Vec::Set(p.m.scale[b]);
@@ -656,31 +680,38 @@ template <int F>
     sign = Vec::Where(Vec::Less(x, zero), sign, minus_one);
     Vec::Store(p.step + i, sign);
   }
-  StoreVector<F>(j, p.block, p.m, b, start, m_new, m_largest, m_finite);
+  return {start, m_new, nullptr, ScaleVector<F>(j, p.m, b, m_largest, m_finite), Scaled{}};
 }
 #endif
 
 // Blocks [first, last) of the leaf, Lion's step or Adam's.
 template <int F, bool Lion>
 void Blocks(const Job& j, int64_t first, int64_t last) {
-  // The new moments of one block, kept between computing its scale and quantizing it.
+  // The new moments of two blocks, kept between computing their scales and quantizing them.
   const int64_t capacity = (j.block + 15) / 16 * 16;
   std::unique_ptr<float[], void (*)(void*)> buffer(
-      static_cast<float*>(std::aligned_alloc(64, 2 * capacity * sizeof(float))), std::free);
-  float* m_new = buffer.get();
-  float* v_new = buffer.get() + capacity;
+      static_cast<float*>(std::aligned_alloc(64, 4 * capacity * sizeof(float))), std::free);
+  int64_t b = first;
 #ifdef ADAOPT_VECTOR
-  const StepVec<F> vectors = VectorsOf<F>(j, Lion);
-#endif
-  for (int64_t b = first; b < last; ++b) {
-    const int64_t start = b * j.block, length = std::min(j.block, j.n - start);
-#ifdef ADAOPT_VECTOR
-    if (length == j.block && j.block % Vec::kLanes == 0) {
-      Lion ? LionVector<F>(j, vectors, b, start, m_new) : BlockVector<F>(j, vectors, b, start, m_new, v_new);
-      continue;
+  if (j.block % Vec::kLanes == 0) {
+    // The whole blocks, each one's codes stored after the next one's moments.
+    const StepVec<F> vectors = VectorsOf<F>(j, Lion);
+    const int64_t whole = std::max(first, std::min(last, j.n / j.block));
+    Pending pending{};
+    for (; b < whole; ++b) {
+      float* m_new = buffer.get() + (b & 1) * 2 * capacity;
+      const Pending next = Lion ? LionVector<F>(j, vectors, b, b * j.block, m_new)
+                                : BlockVector<F>(j, vectors, b, b * j.block, m_new, m_new + capacity);
+      if (b > first) StoreCodes<F, Lion>(vectors, pending);
+      pending = next;
     }
+    if (whole > first) StoreCodes<F, Lion>(vectors, pending);
+  }
 #endif
-    Lion ? LionScalar<F>(j, b, start, length, m_new) : BlockScalar<F>(j, b, start, length, m_new, v_new);
+  for (; b < last; ++b) {
+    const int64_t start = b * j.block, length = std::min(j.block, j.n - start);
+    Lion ? LionScalar<F>(j, b, start, length, buffer.get()) :
+           BlockScalar<F>(j, b, start, length, buffer.get(), buffer.get() + capacity);
   }
 }
 
