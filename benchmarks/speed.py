@@ -464,17 +464,10 @@ def time_jax(
     grads: Any,
     reps: int,
     flat: bool = False,
-    in_place: bool = False,
 ) -> Timing:
     """Compile time and step times of one optimizer, donating the parameters and the state.
 
     ``flat``: the parameters and the gradients in the layout of ``adaopt.flatten_params``.
-    ``in_place``: the updates written over the gradients, as a training step's gradients (its own temporaries) let
-    an update be, timed as two programs: ``update`` with the gradients donated (the updates take their buffers) and
-    ``apply_updates`` with the parameters donated, each step on a fresh copy of the gradients made untimed. A program
-    whose gradients are its arguments cannot reuse them (JAX lets a donated argument become an output of its shape
-    only, and the step's outputs are the parameters and the state): a kernel that writes over them makes XLA copy
-    them first, a copy no training step makes.
     """
 
     def fn(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
@@ -485,31 +478,55 @@ def time_jax(
         host_params, grads = flatten_params(host_params)[0], flatten_params(grads)[0]
     carry: dict[str, Any] = {"params": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
     carry["state"] = optimizer.init(carry["params"])
-    carry["grads"] = grads
     nbytes = state_nbytes(carry["state"])
     step = jax.jit(fn, donate_argnums=(0, 1))
-    update = jax.jit(optimizer.update, donate_argnums=(0, 1))
-    apply = jax.jit(optax.apply_updates, donate_argnums=0)
+
+    def call() -> None:
+        carry["params"], carry["state"] = jax.block_until_ready(step(carry["params"], carry["state"], grads))
+
+    start = time.perf_counter()
+    step.lower(carry["params"], carry["state"], grads).compile()
+    compile_s = time.perf_counter() - start
+    times = _timed(call, reps)
+    return Timing("", "", times, compile_s=compile_s, state_bytes=nbytes)
+
+
+def time_jax_split(
+    kernel: optax.GradientTransformation, tail: optax.GradientTransformation, host_params: Any, grads: Any, reps: int
+) -> Timing:
+    """Step times of ``optax.chain(kernel, tail)`` whose ``kernel`` writes its output over the gradients, as a training
+    step's gradients (its own temporaries) let it: ``kernel`` jitted with the gradients donated (its updates take
+    their buffers), then ``tail`` and ``apply_updates`` jitted together (one pass over the updates and the
+    parameters, as one program fuses them), each step on a fresh copy of the gradients made untimed.
+
+    One program whose gradients are its arguments cannot reuse them (JAX reuses a donated argument only for an
+    output of its shape, and the step's outputs are the parameters and the state): XLA copies each gradient before
+    the kernel writes over it, a copy no training step makes.
+    """
+    carry: dict[str, Any] = {"params": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
+    carry["kernel"], carry["tail"] = kernel.init(carry["params"]), tail.init(carry["params"])
+    carry["grads"] = grads
+    nbytes = state_nbytes((carry["kernel"], carry["tail"]))
+
+    def finish(params: Any, state: Any, updates: Any) -> tuple[Any, Any]:
+        updates, state = tail.update(updates, state, params)
+        return optax.apply_updates(params, updates), state
+
+    first = jax.jit(kernel.update, donate_argnums=(0, 1))
+    second = jax.jit(finish, donate_argnums=(0, 1))
 
     def fresh_grads() -> None:
         carry["grads"] = jax.block_until_ready(jax.tree.map(lambda g: jnp.array(g, copy=True), grads))
 
     def call() -> None:
-        carry["params"], carry["state"] = jax.block_until_ready(step(carry["params"], carry["state"], carry["grads"]))
-
-    def call_in_place() -> None:
-        updates, carry["state"] = update(carry["grads"], carry["state"], carry["params"])
-        carry["params"] = jax.block_until_ready(apply(carry["params"], updates))
+        updates, carry["kernel"] = first(carry["grads"], carry["kernel"], carry["params"])
+        carry["params"], carry["tail"] = jax.block_until_ready(second(carry["params"], carry["tail"], updates))
 
     start = time.perf_counter()
-    if in_place:
-        updates = jax.eval_shape(optimizer.update, grads, carry["state"], carry["params"])[0]
-        update.lower(grads, carry["state"], carry["params"]).compile()
-        apply.lower(carry["params"], updates).compile()
-    else:
-        step.lower(carry["params"], carry["state"], grads).compile()
+    first.lower(grads, carry["kernel"], carry["params"]).compile()
+    second.lower(carry["params"], carry["tail"], grads).compile()
     compile_s = time.perf_counter() - start
-    times = _timed(call_in_place, reps, fresh_grads) if in_place else _timed(call, reps)
+    times = _timed(call, reps, fresh_grads)
     return Timing("", "", times, compile_s=compile_s, state_bytes=nbytes)
 
 
