@@ -57,8 +57,8 @@ def test_wrong_type_is_also_a_type_error() -> None:
 
 @pytest.mark.parametrize("spec", REGISTRY.values(), ids=lambda s: s.name)
 @given(value=st.floats(allow_nan=True, allow_infinity=True, width=64))
-def test_learning_rate_valid_exactly_when_finite_and_nonnegative(spec: OptimizerSpec, value: float) -> None:
-    if math.isfinite(value) and value >= 0:
+def test_learning_rate_valid_exactly_when_nonnegative_and_finite_in_float32(spec: OptimizerSpec, value: float) -> None:
+    if 0 <= value < 2.0**128 - 2.0**103:  # the float64 numbers that float32 rounds to a finite number
         spec.make(learning_rate=value)
     else:
         with pytest.raises(adaopt.HyperparameterError, match="learning_rate"):
@@ -125,6 +125,24 @@ def test_an_eps_that_float32_flushes_to_zero_never_makes_a_nan(spec: OptimizerSp
     for g in (0.0, 1e-25, 1e-25, 0.0):
         updates, state = tx.update(jax.tree.map(lambda x: jnp.full_like(x, g), params), state, params, value=1.0)
         assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates)), f"gradient {g}: {updates}"
+
+
+_LEARNING_RATES = [spec for spec in REGISTRY.values() if "learning_rate" in inspect.signature(spec.factory).parameters]
+
+
+@pytest.mark.parametrize("spec", _LEARNING_RATES, ids=[spec.name for spec in _LEARNING_RATES])
+def test_a_learning_rate_beyond_float32s_range_is_refused(spec: OptimizerSpec) -> None:
+    """1e39 is a finite float, so a range check passed it, and every float32 step then took it as inf: the parameters
+    went to inf or NaN at the first update. The largest float64 that float32 rounds to its largest number is accepted,
+    the next one (which it rounds to inf) refused."""
+    with pytest.raises(adaopt.HyperparameterError, match="learning_rate=1e\\+39 is beyond float32's range"):
+        spec.factory(learning_rate=1e39)
+    overflow = 2.0**128 - 2.0**103
+    with np.errstate(over="ignore"):  # the cast to float32 says it overflows
+        assert np.isinf(np.float32(overflow)) and np.isfinite(np.float32(np.nextafter(overflow, 0)))
+    spec.factory(learning_rate=np.nextafter(overflow, 0))
+    with pytest.raises(adaopt.HyperparameterError, match="beyond float32's range"):
+        spec.factory(learning_rate=overflow)
 
 
 @pytest.mark.parametrize("value", [jnp.int32, np.float32(0.5), jnp.asarray([1.0, 2.0]), 0.5])

@@ -74,7 +74,8 @@ def check_scalar(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    """Raise ``HyperparameterError`` unless ``value`` is a finite real number in the given interval.
+    """Raise ``HyperparameterError`` unless ``value`` is a finite real number in the given interval, and finite in
+    float32 (the steps of float32 and bfloat16 parameters take it in float32).
 
     Traced values (under ``inject_hyperparams``, ``vmap`` or ``grad``) are not checked: they
     were checked, as concrete numbers, when the optimizer was first built.
@@ -95,6 +96,12 @@ def check_scalar(
         ok = x < high if high_open else x <= high
     if not ok:
         raise HyperparameterError(f"{name} must be a finite number in {valid}, got {value!r}.")
+    if abs(x) >= FLOAT32_OVERFLOW:
+        # Checked here, where the parameters' dtype is not known yet: in a float32 (or bfloat16) step it is inf.
+        raise HyperparameterError(
+            f"{name}={value!r} is beyond float32's range (it rounds to inf in float32, whose largest number is "
+            f"{float(np.finfo(np.float32).max):.6g}): a float32 or bfloat16 step would take it as inf."
+        )
     if is_integer(value) and not -INT32_MAX - 1 <= value <= INT32_MAX:
         # JAX takes a Python integer as int32 (without x64): the step would fail with an OverflowError.
         raise HyperparameterError(
@@ -104,6 +111,8 @@ def check_scalar(
 
 
 INT32_MAX = int(np.iinfo(np.int32).max)
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+"""The smallest magnitude that rounds to inf in float32 (its largest number, 2**128 - 2**104, plus half a step)."""
 
 
 def is_integer(x: Any) -> bool:
