@@ -117,6 +117,9 @@ ADAM_CASES = {
         mu_dtype=adaopt.Blockwise(storage.ALIASES[q].format, block_size=64, scale_floor=1e-12),
         nu_dtype=adaopt.Blockwise(storage.ALIASES[q].format, block_size=64, scale_floor=1e-12),
     ),
+    "blocks of 48 (AVX-512's 8-bit codes looked up 16 at a time, not 64)": lambda q: adaopt.adam(
+        1e-3, mu_dtype=adaopt.Blockwise(block_size=48), nu_dtype=adaopt.Blockwise(block_size=48)
+    ),
     "blocks of 24 (AVX2's vector path, AVX-512's scalar one)": lambda q: adaopt.adam(
         1e-3, mu_dtype=adaopt.Blockwise(block_size=24), nu_dtype=adaopt.Blockwise(block_size=24)
     ),

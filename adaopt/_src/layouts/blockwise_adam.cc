@@ -27,6 +27,9 @@
 #include <immintrin.h>
 #define ADAOPT_AVX512 1
 #define ADAOPT_VECTOR 1
+#if defined(__AVX512VBMI__)
+#define ADAOPT_LOOKUP64 1  // 8-bit codes looked up 64 at a time (Vec::Lookup64)
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define ADAOPT_AVX2 1
@@ -61,6 +64,7 @@ struct Moment {
   float midpoints[15];
   float levels[4][16];  // the midpoint each level of the vector search compares, by the count so far (SetSearch)
   bool sixteenths;       // a 4-bit map of k / 16, k = 1..16 (storage.linear_map), whose codes need no search
+  uint8_t planes[4][256];  // an 8-bit map's entries as their bytes, byte k of each in planes[k] (SetPlanes)
 };
 
 struct Job {
@@ -214,14 +218,68 @@ struct Vec {
   static __mmask16 Greater(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static __mmask16 Less(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 
+#if defined(ADAOPT_LOOKUP64)
+  // A map of 256 entries as four planes of bytes in 16 registers (Moment.planes, 64 entries a register): a code's four
+  // bytes are found by AVX512-VBMI's two-register byte permutes, 64 codes at a time. A gather from the map (about 12
+  // ns for 16 lanes where the microcode mitigates "gather data sampling") took longer than the rest of an element's
+  // step, and permutes of its floats, 16 at a time, took three times as long as these.
+  struct Map256 {
+    __m512i plane[4][4];
+  };
+  static Map256 LoadMap256(const Moment& q) {
+    Map256 m;
+    for (int k = 0; k < 4; ++k) {
+      for (int r = 0; r < 4; ++r) m.plane[k][r] = _mm512_loadu_si512(q.planes[k] + 64 * r);
+    }
+    return m;
+  }
+  // Byte k of the map's entries at 64 codes: a permute of 128 entries by the codes' low 7 bits, their top bit choosing.
+  static __m512i Plane(const Map256& map, int k, __m512i codes, __mmask64 top) {
+    return _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(map.plane[k][0], codes, map.plane[k][1]),
+                                  _mm512_permutex2var_epi8(map.plane[k][2], codes, map.plane[k][3]));
+  }
+  // The map's entries at 64 codes, written to out[0..64). The bytes of each entry are interleaved by unpacks, which
+  // work within 128-bit lanes: the codes are first put in the order that makes each output register 16 consecutive
+  // entries (byte 16 L + 4 q + d of the reordered codes is code 16 q + 4 L + d).
+  static void Lookup64(const Map256& map, const uint8_t* codes, float* out) {
+    alignas(64) static constexpr uint8_t kOrder[64] = {
+        0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4,  5,  6,  7,  20, 21,
+        22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43,
+        56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+    const __m512i ordered = _mm512_permutexvar_epi8(_mm512_load_si512(kOrder), _mm512_loadu_si512(codes));
+    const __mmask64 top = _mm512_movepi8_mask(ordered);
+    const __m512i b0 = Plane(map, 0, ordered, top), b1 = Plane(map, 1, ordered, top);
+    const __m512i b2 = Plane(map, 2, ordered, top), b3 = Plane(map, 3, ordered, top);
+    const __m512i low01 = _mm512_unpacklo_epi8(b0, b1), high01 = _mm512_unpackhi_epi8(b0, b1);
+    const __m512i low23 = _mm512_unpacklo_epi8(b2, b3), high23 = _mm512_unpackhi_epi8(b2, b3);
+    _mm512_storeu_si512(out, _mm512_unpacklo_epi16(low01, low23));
+    _mm512_storeu_si512(out + 16, _mm512_unpackhi_epi16(low01, low23));
+    _mm512_storeu_si512(out + 32, _mm512_unpacklo_epi16(high01, high23));
+    _mm512_storeu_si512(out + 48, _mm512_unpackhi_epi16(high01, high23));
+  }
+  // The map's entries at the codes (a byte each) of 16 elements (blocks not a multiple of 64): as Lookup64, the codes
+  // ordered so that the first output register holds them.
+  static F Lookup(const Map256& map, const uint8_t* codes) {
+    alignas(64) static constexpr uint8_t kOrder[64] = {0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                       4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                       8, 9, 10, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                       12, 13, 14, 15, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    const __m512i loaded = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+    const __m512i ordered = _mm512_permutexvar_epi8(_mm512_load_si512(kOrder), loaded);
+    const __mmask64 top = _mm512_movepi8_mask(ordered);
+    const __m512i low01 = _mm512_unpacklo_epi8(Plane(map, 0, ordered, top), Plane(map, 1, ordered, top));
+    const __m512i low23 = _mm512_unpacklo_epi8(Plane(map, 2, ordered, top), Plane(map, 3, ordered, top));
+    return _mm512_castsi512_ps(_mm512_unpacklo_epi16(low01, low23));
+  }
+#else
   // A map of 256 entries in 16 registers: a gather from it (about 12 ns for 16 lanes where the microcode
   // mitigates "gather data sampling") took longer than the rest of an element's step.
   struct Map256 {
     __m512 t[16];
   };
-  static Map256 LoadMap256(const float* map) {
+  static Map256 LoadMap256(const Moment& q) {
     Map256 m;
-    for (int k = 0; k < 16; ++k) m.t[k] = _mm512_loadu_ps(map + 16 * k);
+    for (int k = 0; k < 16; ++k) m.t[k] = _mm512_loadu_ps(q.map + 16 * k);
     return m;
   }
   // The map's entries at the codes (a byte each) of 16 elements: a two-register permute for each 32 entries (by the
@@ -239,6 +297,7 @@ struct Vec {
     return _mm512_mask_blend_ps(bit7, _mm512_mask_blend_ps(bit6, part[0], part[1]),
                                 _mm512_mask_blend_ps(bit6, part[2], part[3]));
   }
+#endif
   // The values of 16 float8_e4m3fn codes (storage._from_e4m3's): each code's bits moved into a binary16's (the sign on
   // top, the 4 exponent bits the low 4 of its 5, the 3 mantissa bits the top of its 10), converted exactly, times 2**8
   // (the exponent bias 15 for 7); the code 0x7F, then 480, as XLA's quiet NaN with its sign (permutes of the 256
@@ -369,7 +428,7 @@ struct Vec {
   struct Map256 {
     const float* map;
   };
-  static Map256 LoadMap256(const float* map) { return {map}; }
+  static Map256 LoadMap256(const Moment& q) { return {q.map}; }
   // Eight scalar loads: on Zen 3 a gather from the 1 KiB map took three times as long (the search table's gather,
   // in Nearest, is as fast as scalar loads).
   static F Lookup(const Map256& m, const uint8_t* codes) {
@@ -487,7 +546,7 @@ inline MapOf<F> LoadMap(const Moment& q) {
   } else if constexpr (F == kFp8) {
     return {};
   } else {
-    return Vec::LoadMap256(q.map);
+    return Vec::LoadMap256(q);
   }
 }
 
@@ -587,6 +646,22 @@ template <int F>
   }
 }
 
+// A whole block's values (before their scale) of a moment, written to `values`, where its 8-bit codes can be looked up
+// 64 at a time (Vec::Lookup64); false where the block step decodes 16 at a time instead.
+template <int F>
+[[gnu::always_inline]] inline bool DecodeBlock([[maybe_unused]] const StepVec<F>& p,
+                                               [[maybe_unused]] const MomentVec<F>& q, [[maybe_unused]] int64_t start,
+                                               [[maybe_unused]] float* values) {
+#if defined(ADAOPT_LOOKUP64)
+  if constexpr (F == kDynamic8) {
+    if (p.block % 64 != 0) return false;
+    for (int64_t k = 0; k < p.block; k += 64) Vec::Lookup64(q.map, q.codes + start + k, values + k);
+    return true;
+  }
+#endif
+  return false;
+}
+
 // A block whose new moments and scales are computed, its codes not yet stored (Blocks stores them after the next
 // block's moments, so that its scales' latency, a reduction and a division, overlaps that work).
 struct Pending {
@@ -604,17 +679,20 @@ template <int F, bool Lion>
 // A whole block whose size is a multiple of kLanes: its step and new moments.
 template <int F>
 [[gnu::always_inline]] inline Pending BlockVector(const Job& j, const StepVec<F>& p, int64_t b, int64_t start,
-                                                float* m_new, float* v_new) {
+                                                float* m_new, float* v_new, float* m_old_values,
+                                                float* v_old_values) {
   const VF one = Vec::Set(1.0f), zero = Vec::Set(0.0f);
   const VF m_scale = Vec::Set(p.m.scale[b]), v_scale = Vec::Set(p.v.scale[b]);
   VF m_largest = Vec::Set(Lowest(j, p.block)), v_largest = m_largest;
   VF m_finite = zero, v_finite = zero;  // NaN in a lane once a value of it is not finite (4-bit codes only)
+  const bool decoded = DecodeBlock<F>(p, p.m, start, m_old_values);
+  DecodeBlock<F>(p, p.v, start, v_old_values);
   for (int64_t k = 0; k < p.block; k += Vec::kLanes) {
     const int64_t i = start + k;
     const VF g = Vec::Load(p.g + i);
     const VF gw = Vec::Mul(g, p.c2);  // (1 - b2) g, times g below: finite to |g| 1e20
-    const VF m_old = Vec::Mul(Decode<F>(p.m.codes, i, p.m.map), m_scale);
-    const VF v_old = Vec::Mul(Decode<F>(p.v.codes, i, p.v.map), v_scale);
+    const VF m_old = Vec::Mul(decoded ? Vec::Load(m_old_values + k) : Decode<F>(p.m.codes, i, p.m.map), m_scale);
+    const VF v_old = Vec::Mul(decoded ? Vec::Load(v_old_values + k) : Decode<F>(p.v.codes, i, p.v.map), v_scale);
     const VF m_step = Vec::Fma(g, p.c1, Vec::Mul(m_old, p.b1));
     const VF v_step = Vec::Fma(gw, g, Vec::Mul(v_old, p.b2));
     const VF m = F == kFp8 ? m_step : Vec::Fma(m_old, p.b1, Vec::Mul(g, p.c1));
@@ -663,14 +741,15 @@ void LionScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* m
 #ifdef ADAOPT_VECTOR
 template <int F>
 [[gnu::always_inline]] inline Pending LionVector(const Job& j, const StepVec<F>& p, int64_t b, int64_t start,
-                                               float* m_new) {
+                                               float* m_new, float* m_old_values) {
   const VF one = Vec::Set(1.0f), minus_one = Vec::Set(-1.0f), zero = Vec::Set(0.0f);
   const VF m_scale = Vec::Set(p.m.scale[b]);
   VF m_largest = Vec::Set(Lowest(j, p.block)), m_finite = zero;
+  const bool decoded = DecodeBlock<F>(p, p.m, start, m_old_values);
   for (int64_t k = 0; k < p.block; k += Vec::kLanes) {
     const int64_t i = start + k;
     const VF g = Vec::Load(p.g + i);
-    const VF m_old = Vec::Mul(Decode<F>(p.m.codes, i, p.m.map), m_scale);
+    const VF m_old = Vec::Mul(decoded ? Vec::Load(m_old_values + k) : Decode<F>(p.m.codes, i, p.m.map), m_scale);
     const VF m = F == kFp8 ? Vec::Fma(g, p.c2, Vec::Mul(m_old, p.b2)) : Vec::Fma(m_old, p.b2, Vec::Mul(g, p.c2));
     Vec::Store(m_new + k, m);
     m_largest = Vec::Max(Vec::Abs(m), m_largest);
@@ -687,10 +766,12 @@ template <int F>
 // Blocks [first, last) of the leaf, Lion's step or Adam's.
 template <int F, bool Lion>
 void Blocks(const Job& j, int64_t first, int64_t last) {
-  // The new moments of two blocks, kept between computing their scales and quantizing them.
+  // The new moments of two blocks, kept between computing their scales and quantizing them, and the old moments of
+  // one, where DecodeBlock writes them.
   const int64_t capacity = (j.block + 15) / 16 * 16;
   std::unique_ptr<float[], void (*)(void*)> buffer(
-      static_cast<float*>(std::aligned_alloc(64, 4 * capacity * sizeof(float))), std::free);
+      static_cast<float*>(std::aligned_alloc(64, 6 * capacity * sizeof(float))), std::free);
+  float* const old = buffer.get() + 4 * capacity;
   int64_t b = first;
 #ifdef ADAOPT_VECTOR
   if (j.block % Vec::kLanes == 0) {
@@ -700,8 +781,9 @@ void Blocks(const Job& j, int64_t first, int64_t last) {
     Pending pending{};
     for (; b < whole; ++b) {
       float* m_new = buffer.get() + (b & 1) * 2 * capacity;
-      const Pending next = Lion ? LionVector<F>(j, vectors, b, b * j.block, m_new)
-                                : BlockVector<F>(j, vectors, b, b * j.block, m_new, m_new + capacity);
+      const Pending next = Lion ? LionVector<F>(j, vectors, b, b * j.block, m_new, old)
+                                : BlockVector<F>(j, vectors, b, b * j.block, m_new, m_new + capacity, old,
+                                                 old + capacity);
       if (b > first) StoreCodes<F, Lion>(vectors, pending);
       pending = next;
     }
@@ -770,6 +852,15 @@ void SetSearch(Moment* moment) {
   for (int k = 0; k < 16; ++k) moment->sixteenths &= m[k] == static_cast<float>(k + 1) / 16;
 }
 
+// An 8-bit map's entries as four planes of bytes (Moment.planes), byte k of entry e at planes[k][e].
+void SetPlanes(Moment* moment) {
+  for (int e = 0; e < 256; ++e) {
+    uint32_t bits;
+    std::memcpy(&bits, moment->map + e, 4);
+    for (int k = 0; k < 4; ++k) moment->planes[k][e] = static_cast<uint8_t>(bits >> (8 * k));
+  }
+}
+
 // A moment's arrays, checked to fit a leaf of n elements in blocks of block_size stored in `format`: as many codes
 // as elements (4-bit: a byte for two elements of every block, a partial last one's whole), a scale per block, the
 // format's map and (but for FP8) its search table.
@@ -787,6 +878,7 @@ bool MomentOf(int64_t n, int64_t block_size, int32_t format, const ffi::AnyBuffe
   *moment = {static_cast<const uint8_t*>(codes.untyped_data()), scales.typed_data(), codes_out, scales_out,
              map.typed_data(), search.typed_data(), {}};
   if (fits && format == kDynamic4) SetSearch(moment);
+  if (fits && format == kDynamic8) SetPlanes(moment);
   return fits;
 }
 
