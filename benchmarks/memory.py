@@ -148,14 +148,10 @@ def split_step_peak(label: str, shapes: Any) -> tuple[int, int]:
     each peak with the arrays that stay alive outside that program (the parameters while the kernel runs, which it
     does not read; the kernel's state while the rest runs)."""
     kernel, tail = kernel_split(label)
-
-    def finish(params: Any, state: Any, updates: Any) -> tuple[Any, Any]:
-        updates, state = tail.update(updates, state, params)
-        return optax.apply_updates(params, updates), state
-
+    update, finish = speed.split_programs(kernel, tail)
     kernel_state, tail_state = jax.eval_shape(kernel.init, shapes), jax.eval_shape(tail.init, shapes)
-    first = _peak(jax.jit(kernel.update, donate_argnums=(0, 1)).lower(shapes, kernel_state, shapes).compile())
-    second = _peak(jax.jit(finish, donate_argnums=(0, 1)).lower(shapes, tail_state, shapes).compile())
+    first = _peak(update.lower(shapes, kernel_state, shapes).compile())
+    second = _peak(finish.lower(shapes, tail_state, shapes).compile())
     aside = (state_bytes(tail, shapes) + _nbytes(shapes), state_bytes(kernel, shapes))
     return max((first[0] + aside[0], first[1]), (second[0] + aside[1], second[1]))
 

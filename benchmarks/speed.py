@@ -491,6 +491,17 @@ def time_jax(
     return Timing("", "", times, compile_s=compile_s, state_bytes=nbytes)
 
 
+def split_programs(kernel: optax.GradientTransformation, tail: optax.GradientTransformation) -> tuple[Any, Any]:
+    """The two jitted programs of :func:`time_jax_split`: ``kernel.update`` (gradients and state donated), then
+    ``tail`` and ``apply_updates`` (parameters and state donated)."""
+
+    def finish(params: Any, state: Any, updates: Any) -> tuple[Any, Any]:
+        updates, state = tail.update(updates, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(kernel.update, donate_argnums=(0, 1)), jax.jit(finish, donate_argnums=(0, 1))
+
+
 def time_jax_split(
     kernel: optax.GradientTransformation, tail: optax.GradientTransformation, host_params: Any, grads: Any, reps: int
 ) -> Timing:
@@ -507,13 +518,7 @@ def time_jax_split(
     carry["kernel"], carry["tail"] = kernel.init(carry["params"]), tail.init(carry["params"])
     carry["grads"] = grads
     nbytes = state_nbytes((carry["kernel"], carry["tail"]))
-
-    def finish(params: Any, state: Any, updates: Any) -> tuple[Any, Any]:
-        updates, state = tail.update(updates, state, params)
-        return optax.apply_updates(params, updates), state
-
-    first = jax.jit(kernel.update, donate_argnums=(0, 1))
-    second = jax.jit(finish, donate_argnums=(0, 1))
+    first, second = split_programs(kernel, tail)
 
     def fresh_grads() -> None:
         carry["grads"] = jax.block_until_ready(jax.tree.map(lambda g: jnp.array(g, copy=True), grads))
