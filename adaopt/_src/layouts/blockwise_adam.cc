@@ -222,7 +222,7 @@ struct Vec {
   // A map of 256 entries as four planes of bytes in 16 registers (Moment.planes, 64 entries a register): a code's four
   // bytes are found by AVX512-VBMI's two-register byte permutes, 64 codes at a time. A gather from the map (about 12
   // ns for 16 lanes where the microcode mitigates "gather data sampling") took longer than the rest of an element's
-  // step, and permutes of its floats, 16 at a time, took three times as long as these.
+  // step, and permutes of its floats, 16 at a time, more than twice as long as these.
   struct Map256 {
     __m512i plane[4][4];
   };
