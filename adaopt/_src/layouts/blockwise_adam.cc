@@ -852,6 +852,7 @@ void SetSearch(Moment* moment) {
   for (int k = 0; k < 16; ++k) moment->sixteenths &= m[k] == static_cast<float>(k + 1) / 16;
 }
 
+#if defined(ADAOPT_LOOKUP64)
 // An 8-bit map's entries as four planes of bytes (Moment.planes), byte k of entry e at planes[k][e].
 void SetPlanes(Moment* moment) {
   for (int e = 0; e < 256; ++e) {
@@ -860,6 +861,7 @@ void SetPlanes(Moment* moment) {
     for (int k = 0; k < 4; ++k) moment->planes[k][e] = static_cast<uint8_t>(bits >> (8 * k));
   }
 }
+#endif
 
 // A moment's arrays, checked to fit a leaf of n elements in blocks of block_size stored in `format`: as many codes
 // as elements (4-bit: a byte for two elements of every block, a partial last one's whole), a scale per block, the
@@ -878,7 +880,9 @@ bool MomentOf(int64_t n, int64_t block_size, int32_t format, const ffi::AnyBuffe
   *moment = {static_cast<const uint8_t*>(codes.untyped_data()), scales.typed_data(), codes_out, scales_out,
              map.typed_data(), search.typed_data(), {}};
   if (fits && format == kDynamic4) SetSearch(moment);
-  if (fits && format == kDynamic8) SetPlanes(moment);
+#if defined(ADAOPT_LOOKUP64)
+  if (fits && format == kDynamic8) SetPlanes(moment);  // read by Vec::Lookup64 and the planes' Lookup only
+#endif
   return fits;
 }
 
