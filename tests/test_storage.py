@@ -179,6 +179,35 @@ def test_stochastic_rounding_is_unbiased() -> None:
     assert np.all(np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))[:2] != exact[:2])
 
 
+def test_stochastic_rounding_takes_a_neighbour_and_keeps_special_values() -> None:
+    """Each float32 becomes the bfloat16 toward zero from it or the next one away from zero (the largest finite
+    values may go to infinity), away exactly when its 16 dropped bits exceed the draw's low 16; bfloat16 values
+    and infinities stay; a NaN stays NaN with its sign, a payload in the dropped bits alone included."""
+    rng = np.random.default_rng(0)
+    big = np.finfo(np.float32).max
+    scale = np.float32(10.0) ** rng.integers(-44, 38, 4000).astype(np.float32)
+    x = np.concatenate(
+        [rng.standard_normal(4000).astype(np.float32) * scale, np.float32([0.0, -0.0, 1.0, -2.5, 1e-40, -1e-45])]
+    )
+    x = np.concatenate([x, np.float32([big, -big, np.nextafter(big, 0), 1.0 + 2**-20])])
+    raw = x.view(np.uint32)
+    for bits in (rng.integers(0, 2**32, x.size, dtype=np.uint32), np.zeros(x.size, np.uint32)):
+        got = np.asarray(storage.stochastic_round(jnp.asarray(x), jnp.asarray(bits)))
+        toward = (raw & np.uint32(0xFFFF0000)).view(np.float32).astype(jnp.bfloat16)  # exact: no dropped bits
+        away = np.nextafter(toward, np.copysign(np.inf, x).astype(jnp.bfloat16))
+        want = np.where((bits & 0xFFFF) < (raw & 0xFFFF), away, toward)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert np.isinf(got[-4:-2]).all()  # bits 0: every inexact value rounds away, the largest to infinity
+    same = np.asarray(rng.standard_normal(100), jnp.bfloat16)
+    draws = jnp.asarray(rng.integers(0, 2**32, 100, dtype=np.uint32))
+    np.testing.assert_array_equal(np.asarray(storage.stochastic_round(jnp.asarray(same), draws)), same)
+    special = np.uint32([0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0xFF80FFFF, 0x7FFFFFFF])
+    got = np.asarray(storage.stochastic_round(jnp.asarray(special.view(np.float32)), jnp.zeros(7, jnp.uint32)))
+    got = got.astype(np.float32)
+    assert list(got[:2]) == [np.inf, -np.inf] and np.isnan(got[2:]).all()
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(special.view(np.float32)))
+
+
 def test_each_moment_of_each_leaf_draws_its_own_bits() -> None:
     """Adam's two moments of three leaves, stored in bfloat16 with stochastic rounding: six distinct salts, so a
     leaf's first and second moments do not round up together (they shared their draws)."""

@@ -1190,6 +1190,11 @@ def stochastic_round(x: jax.Array, bits: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     raw = jax.lax.bitcast_convert_type(x32, jnp.uint32)
     up = (bits.astype(jnp.uint32) & jnp.uint32(0xFFFF)) < (raw & jnp.uint32(0xFFFF))
-    rounded = (raw & jnp.uint32(0xFFFF0000)) + jnp.where(up, jnp.uint32(0x10000), jnp.uint32(0))
-    out = jnp.where(jnp.isfinite(x32), jax.lax.bitcast_convert_type(rounded, jnp.float32), x32)
-    return out.astype(jnp.bfloat16)
+    # The top 16 bits are the bfloat16 value: taken as they are, not through a float conversion, whose rounding
+    # (integer arithmetic on a CPU without bfloat16 instructions) cost more than the rest of the step. Adding one
+    # carries into the exponent where it must (the largest finite values round up to infinity, as a float32 sum
+    # would); an infinity has no dropped bits and stays; a NaN keeps its sign and is made quiet, so that a payload
+    # in the dropped bits alone does not leave an infinity.
+    top = (raw >> 16) + up.astype(jnp.uint32)
+    top = jnp.where(jnp.isnan(x32), (raw >> 16) | jnp.uint32(0x40), top)
+    return jax.lax.bitcast_convert_type(top.astype(jnp.uint16), jnp.bfloat16)
