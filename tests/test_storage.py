@@ -179,6 +179,27 @@ def test_stochastic_rounding_is_unbiased() -> None:
     assert np.all(np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))[:2] != exact[:2])
 
 
+def test_counter_bits_are_uniform_and_uncorrelated_across_elements_steps_and_salts() -> None:
+    """The 16 bits that round a value, as a fraction in [0, 1): mean 1/2, and no correlation between neighbouring
+    elements, successive counts, two salts (two moments of one leaf) or the two halves of one word, each within
+    four standard errors. An unmixed counter (position plus offset) fails the first two, a shared salt the third."""
+    counts, size = 64, 4096
+    draws = jax.vmap(lambda c, s: adaopt.counter_bits((size,), s, c), in_axes=(0, None))
+    words = np.stack([np.asarray(draws(jnp.arange(counts, dtype=jnp.uint32), jnp.uint32(s))) for s in (11, 12)])
+    u = (words & 0xFFFF) / 2.0**16
+    bound = 4 / np.sqrt(u[0].size)
+    assert abs(u.mean() - 0.5) < 4 * np.sqrt(1 / 12 / u.size)
+    pairs = {
+        "elements": (u[:, :, :-1], u[:, :, 1:]),
+        "counts": (u[:, :-1], u[:, 1:]),
+        "salts": (u[0], u[1]),
+        "halves": (u, (words >> 16) / 2.0**16),
+    }
+    for name, (a, b) in pairs.items():
+        r = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+        assert abs(r) < bound, (name, r)
+
+
 def test_stochastic_rounding_takes_a_neighbour_and_keeps_special_values() -> None:
     """Each float32 becomes the bfloat16 toward zero from it or the next one away from zero (the largest finite
     values may go to infinity), away exactly when its 16 dropped bits exceed the draw's low 16; bfloat16 values

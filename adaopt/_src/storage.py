@@ -624,13 +624,17 @@ class StochasticBf16:
 
 
 def _mix(x: int) -> int:
-    """A 32-bit integer hash (the lowbias32 finaliser), in Python: distinct salts for nearby seeds and indices."""
-    x &= 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+    """A 32-bit integer hash of a Python integer (:func:`_lowbias32`): distinct salts for nearby seeds and indices."""
+    return int(_lowbias32(np.asarray([x & 0xFFFFFFFF], np.uint32))[0])
+
+
+def _lowbias32(h: Any) -> Any:
+    """The lowbias32 integer hash of uint32 ``h`` (a NumPy or JAX array), elementwise: a bijection of 32-bit words."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * np.uint32(0x846CA68B)
+    return h ^ (h >> 16)
 
 
 Storage = Blockwise | StochasticBf16
@@ -1149,10 +1153,12 @@ def _divisor_at_most(n: int, cap: int) -> int:
 def counter_bits(shape: tuple[int, ...], salt: Any, count: Any) -> jax.Array:
     """Uniform uint32 bits of ``shape``, a pure function of (element, ``salt``, ``count``): counter-based randomness.
 
-    Each element's position, the salt and the count are combined and passed through a 32-bit
-    integer hash (lowbias32: two multiply-xorshift rounds), which is a few vectorised integer
-    operations per element, against a hundred for a threefry draw on a CPU. Not for
-    cryptography; its bits are uniform and independent enough to round numbers.
+    The salt and the count are hashed into one offset (a scalar, once), which is added to each
+    element's position in the flattened array, and the sum passes through a 32-bit integer hash
+    (lowbias32: two multiply-xorshift rounds). Two multiplies and a few shifts per element,
+    against a hundred operations for a threefry draw on a CPU; the hash is a bijection, so the
+    elements of one draw never share their bits. Not for cryptography; its bits are uniform and
+    independent enough to round numbers.
 
     Example:
       >>> import jax.numpy as jnp, adaopt
@@ -1161,14 +1167,8 @@ def counter_bits(shape: tuple[int, ...], salt: Any, count: Any) -> jax.Array:
       (dtype('uint32'), True)
     """
     size = int(np.prod(shape))
-    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    base = jnp.asarray(count, jnp.uint32) * jnp.uint32(0x85EBCA6B) + jnp.asarray(salt, jnp.uint32)
-    h = index * jnp.uint32(0x9E3779B9) + base
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
-    return h ^ (h >> 16)
+    offset = _lowbias32(_lowbias32(jnp.asarray(count, jnp.uint32)) ^ jnp.asarray(salt, jnp.uint32))
+    return _lowbias32(jax.lax.iota(jnp.uint32, size).reshape(shape) + offset)
 
 
 def stochastic_round(x: jax.Array, bits: jax.Array) -> jax.Array:
