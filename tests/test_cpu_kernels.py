@@ -13,6 +13,8 @@ tests/test_storage_torchao.py (torchao's AdamW8bit, AdamW4bit and AdamWFp8).
 
 from __future__ import annotations
 
+import ctypes
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -190,8 +192,8 @@ def test_codes_are_the_nearest_entries_at_and_beside_every_midpoint(fmt: str) ->
     """As above for the maps: with b1 = 0 a block whose largest magnitude is 1 stores the gradient's nearest entries
     of the signed map, here each midpoint between neighbouring entries (a tie: the lower entry), the floats on either
     side of it, the entries themselves and a NaN, each as ``storage.nearest_index`` (XLA's step) finds it; in whole
-    blocks (the vector path: the 4-bit map searched in registers, the 8-bit map's search table) and a partial last
-    block (the scalar path)."""
+    blocks (the vector path: the 4-bit map searched in registers, the 8-bit map by arithmetic with AVX-512, its search
+    table near a midpoint) and a partial last block (the scalar path: the search table)."""
     blockwise = storage.ALIASES[fmt]
     qmap = blockwise.qmap(True)
     middles = ((qmap[:-1].astype(np.float64) + qmap[1:]) / 2).astype(np.float32)
@@ -212,6 +214,22 @@ def test_codes_are_the_nearest_entries_at_and_beside_every_midpoint(fmt: str) ->
         np.testing.assert_array_equal(np.asarray(stored.scale), 1.0)
         expected = np.asarray(storage.nearest_index(g.reshape(-1), qmap)).astype(int)
         np.testing.assert_array_equal(_codes(stored).reshape(-1)[: g.size], expected)
+
+
+def test_8bit_codes_found_by_arithmetic_are_the_search_tables_for_every_float() -> None:
+    """With AVX-512 the kernel codes an 8-bit moment by arithmetic on its map's runs of equally spaced entries (Search8
+    in blockwise_adam.cc), and by the search table only where a float lies too near a midpoint: for either map, every
+    float32 in [-1, 1] and every NaN (over 2**31 floats) gets the table's code. A build without AVX-512 has only the
+    table, and says so (-1)."""
+    count = kernels._library().AdaoptCodes8Mismatches
+    count.restype = ctypes.c_int64
+    count.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    macros = kernels.native_macros()
+    avx512 = "__AVX512F__" in macros and "__AVX512BW__" in macros
+    maps, tables = kernels._tables("dynamic8")
+    for qmap, table in zip(maps, tables, strict=True):
+        qmap, table = np.ascontiguousarray(qmap, np.float32), np.ascontiguousarray(table, np.uint32)
+        assert count(qmap.ctypes.data, table.ctypes.data) == (0 if avx512 else -1)
 
 
 def test_second_moments_of_the_linear_map_take_the_nearest_entry_at_its_midpoints() -> None:

@@ -20,6 +20,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -51,6 +52,28 @@ struct Scalars {
   float b1, one_minus_b1, b2, one_minus_b2, debias1, debias2, eps, eps_root, scale_floor;
 };
 
+// An 8-bit map searched by arithmetic (Vec::Codes8) instead of the 64K-entry search table, whose gather took half an
+// 8-bit step's time. The code of x is the number of the map's float32 midpoints below x (storage.nearest_index).
+// bitsandbytes' dynamic maps are runs of equally spaced entries (one a decade), mirrored about their 0 entry (`zero`),
+// the signed one with 1 on top. For y = |x|, or the float above |x| where x is negative (as many midpoints are then
+// at most |x| as are below y: a tie goes to the entry further from 0, the lower code), the run is found from y's
+// binade i (exponent 96 + i, i = 0..31, every smaller y in the first), which holds at most one run's lowest midpoint
+// (`bound[i]`, else inf) above the `below[i]` runs that start under it; and within run r (counted from 1, 0 for the
+// zero entry alone) the count is floor(y * slope[r] + offset[r]), at most last[r]. The run's midpoints, where the
+// count grows, lie within kBand / 2 of the integers of that line (checked when it is prepared) and the line grows with
+// y: so the floor is exact wherever y * slope + offset is further than kBand from an integer. Nearer, and for NaN, the
+// vector's codes come from the search table (about 1% of vectors of 16).
+constexpr float kBand = 1.0f / 4096;
+
+struct Search8 {
+  bool ok;  // the map has this form (Prepare8); else the vector steps take the search table
+  int32_t zero;
+  float bound[32];
+  int32_t below[32];
+  float slope[16], offset[16];
+  int32_t last[16];
+};
+
 // One moment of a leaf: its codes and scales, where the new ones go, its map and its map's search table, and for a
 // 4-bit map its 15 midpoints rounded to float32 (storage._search_table's, by which a float32 x's code is the number
 // of them below x).
@@ -64,7 +87,8 @@ struct Moment {
   float midpoints[15];
   float levels[4][16];  // the midpoint each level of the vector search compares, by the count so far (SetSearch)
   bool sixteenths;       // a 4-bit map of k / 16, k = 1..16 (storage.linear_map), whose codes need no search
-  uint8_t planes[4][256];  // an 8-bit map's entries as their bytes, byte k of each in planes[k] (SetPlanes)
+  uint8_t planes[4][256];  // an 8-bit map's entries as their bytes, byte k of each in planes[k]
+  Search8 search8;         // an 8-bit map's arithmetic search
 };
 
 struct Job {
@@ -342,6 +366,44 @@ struct Vec {
     return _mm512_add_epi32(_mm512_and_si512(y, _mm512_set1_epi32(0xFF)), _mm512_srli_epi32(y, 31));
   }
   static __m128i Nearest(F x, const uint32_t* table) { return _mm512_cvtepi32_epi8(NearestIndex(x, table)); }
+  // Search8 in registers.
+  struct Search8v {
+    __m512 bound_low, bound_high, slope, offset;
+    __m512i below_low, below_high, last, zero;
+    bool ok;
+  };
+  static Search8v LoadSearch8(const Moment& q) {
+    const Search8& s = q.search8;
+    return {Load(s.bound),         Load(s.bound + 16),
+            Load(s.slope),         Load(s.offset),
+            _mm512_loadu_si512(s.below), _mm512_loadu_si512(s.below + 16),
+            _mm512_loadu_si512(s.last),  _mm512_set1_epi32(s.zero),
+            s.ok};
+  }
+  // Nearest of 16 elements of an 8-bit map, x in [-1, 1] or NaN: by Search8 where its map has that form.
+  static __m128i Codes8(F x, const Search8v& s, const uint32_t* table) {
+    if (!s.ok) return Nearest(x, table);
+    const __m512i bits = _mm512_castps_si512(x);
+    const __mmask16 negative = _mm512_movepi32_mask(bits);
+    const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i y = _mm512_mask_add_epi32(magnitude, negative, magnitude, _mm512_set1_epi32(1));
+    const __m512i binade =
+        _mm512_max_epi32(_mm512_sub_epi32(_mm512_srli_epi32(y, 23), _mm512_set1_epi32(96)), _mm512_setzero_si512());
+    const __m512 bound = _mm512_permutex2var_ps(s.bound_low, binade, s.bound_high);
+    const __m512i below = _mm512_permutex2var_epi32(s.below_low, binade, s.below_high);
+    const __m512i run = _mm512_mask_add_epi32(below, Less(bound, _mm512_castsi512_ps(y)), below, _mm512_set1_epi32(1));
+    const F line = Fma(_mm512_castsi512_ps(y), _mm512_permutexvar_ps(run, s.slope), _mm512_permutexvar_ps(run, s.offset));
+    const F floor = _mm512_roundscale_ps(line, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const F fraction = _mm512_sub_ps(line, floor);
+    __mmask16 clear = _mm512_cmp_ps_mask(fraction, Set(kBand), _CMP_GE_OQ);
+    clear = _mm512_mask_cmp_ps_mask(clear, fraction, Set(1.0f - kBand), _CMP_LE_OQ);
+    clear = _mm512_mask_cmp_ps_mask(clear, x, x, _CMP_ORD_Q);  // a NaN's y may be a number
+    if (__builtin_expect(clear != 0xFFFF, 0)) return Nearest(x, table);
+    const __m512i count = _mm512_min_epi32(_mm512_cvttps_epi32(floor), _mm512_permutexvar_epi32(run, s.last));
+    // zero + count above 0, zero - count below (at least 0: the float above -1 may count the midpoint below 1)
+    const __m512i code = _mm512_mask_sub_epi32(_mm512_add_epi32(s.zero, count), negative, s.zero, count);
+    return _mm512_cvtepi32_epi8(_mm512_max_epi32(code, _mm512_setzero_si512()));
+  }
   // A 4-bit map's 15 midpoints as the four levels of a binary search, in registers (a gather from the search table
   // costs as much as the rest of an element's step): Moment.levels.
   struct Search16 {
@@ -478,7 +540,11 @@ struct Vec {
         _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), _mm256_srli_epi32(bits, 16), 4);
     const __m256i y = _mm256_sub_epi32(entry, _mm256_slli_epi32(low, 8));
     return LowBytes(_mm256_add_epi32(_mm256_and_si256(y, _mm256_set1_epi32(0xFF)), _mm256_srli_epi32(y, 31)));
-  }
+  }  // The arithmetic search of AVX-512's Codes8 needs its mask registers: the search table here.
+  struct Search8v {};
+  static Search8v LoadSearch8(const Moment&) { return {}; }
+  static __m128i Codes8(F x, const Search8v&, const uint32_t* table) { return Nearest(x, table); }
+
   struct Search16 {
     F m7, t4, t2, t1;
   };
@@ -565,11 +631,11 @@ inline VF Decode(const uint8_t* codes, int64_t i, const MapOf<F>& map) {
 // The codes (a byte each) of kLanes elements over their block's scale, for 8-bit codes and FP8; NaN stays NaN in the
 // clip, as in the scalar Clip and jnp.clip (max and min return their second operand when either is NaN).
 template <int F>
-inline __m128i Encode(VF x, const uint32_t* search) {
+inline __m128i Encode(VF x, const uint32_t* search, const Vec::Search8v& search8) {
   if constexpr (F == kFp8) {
     return Vec::E4m3(x);
   } else {
-    return Vec::Nearest(Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x)), search);
+    return Vec::Codes8(Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x)), search8, search);
   }
 }
 
@@ -584,12 +650,14 @@ struct MomentVec {
   const uint32_t* search;
   MapOf<F> map;
   Vec::Search16 search16;
+  Vec::Search8v search8;
 };
 
 template <int F>
 MomentVec<F> VectorsOf(const Moment& q) {
   return {q.codes, q.codes_out, q.scale, q.scale_out, q.search, LoadMap<F>(q),
-          F == kDynamic4 ? Vec::LoadSearch16(q) : Vec::Search16{}};
+          F == kDynamic4 ? Vec::LoadSearch16(q) : Vec::Search16{},
+          F == kDynamic8 ? Vec::LoadSearch8(q) : Vec::Search8v{}};
 }
 
 // And of the step: its scalars as vectors, the gradient and the step, the moments (Lion's step has no v).
@@ -641,7 +709,7 @@ template <int F>
     }
   } else {
     for (int64_t k = 0; k < block; k += Vec::kLanes) {
-      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), scaled.inverse), q.search));
+      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), scaled.inverse), q.search, q.search8));
     }
   }
 }
@@ -852,16 +920,109 @@ void SetSearch(Moment* moment) {
   for (int k = 0; k < 16; ++k) moment->sixteenths &= m[k] == static_cast<float>(k + 1) / 16;
 }
 
-#if defined(ADAOPT_LOOKUP64)
-// An 8-bit map's entries as four planes of bytes (Moment.planes), byte k of entry e at planes[k][e].
-void SetPlanes(Moment* moment) {
-  for (int e = 0; e < 256; ++e) {
-    uint32_t bits;
-    std::memcpy(&bits, moment->map + e, 4);
-    for (int k = 0; k < 4; ++k) moment->planes[k][e] = static_cast<uint8_t>(bits >> (8 * k));
+// An 8-bit map's Search8 (not ok where the map is not of its form). Its runs: from each entry above 0 not yet in one,
+// the entries after it at the same spacing (to a thousandth of it).
+Search8 Search8Of(const float* map) {
+  Search8 s{};
+  int zero = -1;
+  for (int k = 0; k < 256; ++k) {
+    if (k < 255 && !(map[k] < map[k + 1])) return s;  // sorted, without NaN
+    if (map[k] == 0.0f) zero = k;
   }
+  if (zero < 0) return s;
+  for (int k = 1; k <= zero; ++k) {
+    if (zero + k > 255 || map[zero - k] != -map[zero + k]) return s;
+  }
+  // The entries above 0, and the midpoint below each (from 0 for the first), as storage._lookup rounds them.
+  const float* entry = map + zero + 1;
+  const int above = 255 - zero;
+  float midpoint[255];
+  for (int i = 0; i < above; ++i) {
+    midpoint[i] = static_cast<float>(((i ? static_cast<double>(entry[i - 1]) : 0.0) + entry[i]) / 2);
+  }
+  int first[16], runs = 0;  // the first entry of each run, then the end
+  for (int start = 0; start < above; start = first[++runs]) {
+    if (runs == 15) return s;
+    int n = 1;
+    if (start + 1 < above) {
+      const double spacing = static_cast<double>(entry[start + 1]) - entry[start];
+      for (n = 2; start + n < above; ++n) {
+        if (std::fabs(static_cast<double>(entry[start + n]) - entry[start + n - 1] - spacing) > 1e-3 * spacing) break;
+      }
+    }
+    first[runs] = start;
+    first[runs + 1] = start + n;
+  }
+  // Run 0, where y is at most the first midpoint: the count 0. Above the first midpoint of run r, the a + 1
+  // midpoints up to it (a its first entry), and one more past each of the run's n - 1 midpoints inside.
+  for (int r = 0; r < 16; ++r) s.offset[r] = 0.5f;
+  for (int r = 1; r <= runs; ++r) {
+    const int a = first[r - 1], n = first[r] - a;
+    double slope = 0.0, offset = a + 1.5;
+    if (n > 1) {
+      const double spacing = (static_cast<double>(entry[a + n - 1]) - entry[a]) / (n - 1);
+      slope = 1.0 / spacing;
+      offset = a + 1.5 - entry[a] / spacing;
+    }
+    s.slope[r] = static_cast<float>(slope);
+    s.offset[r] = static_cast<float>(offset);
+    s.last[r] = a + n;
+    for (int j = 1; j < n; ++j) {
+      if (!(std::fabs(std::fma(midpoint[a + j], s.slope[r], s.offset[r]) - (a + 1 + j)) <= kBand / 2)) return s;
+    }
+    if (std::floor(std::fma(std::nextafter(midpoint[a], 2.0f), s.slope[r], s.offset[r])) < a + 1) return s;
+  }
+  for (int i = 0; i < 32; ++i) {
+    const float low = i == 0 ? 0.0f : std::ldexp(1.0f, i - 31), high = std::ldexp(1.0f, i - 30);
+    s.bound[i] = std::numeric_limits<float>::infinity();
+    int inside = 0;
+    for (int r = 1; r <= runs; ++r) {
+      const float lowest = midpoint[first[r - 1]];
+      if (lowest < low) {
+        s.below[i] = r;
+      } else if (lowest < high) {
+        s.bound[i] = lowest;
+        ++inside;
+      }
+    }
+    if (inside > 1) return s;
+  }
+  s.zero = zero;
+  s.ok = true;
+  return s;
 }
-#endif
+
+// An 8-bit map's Moment.planes (byte k of entry e at planes[k][e]) and Moment.search8, prepared once a thread for each
+// of the last two maps it saw (a step's first and second moments'), not on every call of the kernel (one a leaf):
+// about two microseconds a map.
+void Prepare8(Moment* moment) {
+  struct Prepared {
+    float map[256];
+    uint8_t planes[4][256];
+    Search8 search;
+    bool filled;
+  };
+  thread_local Prepared cache[2];
+  thread_local int next = 0;
+  Prepared* prepared = nullptr;
+  for (Prepared& c : cache) {
+    if (c.filled && std::memcmp(c.map, moment->map, sizeof c.map) == 0) prepared = &c;
+  }
+  if (prepared == nullptr) {
+    prepared = &cache[next];
+    next ^= 1;
+    std::memcpy(prepared->map, moment->map, sizeof prepared->map);
+    for (int e = 0; e < 256; ++e) {
+      uint32_t bits;
+      std::memcpy(&bits, moment->map + e, 4);
+      for (int k = 0; k < 4; ++k) prepared->planes[k][e] = static_cast<uint8_t>(bits >> (8 * k));
+    }
+    prepared->search = Search8Of(moment->map);
+    prepared->filled = true;
+  }
+  std::memcpy(moment->planes, prepared->planes, sizeof moment->planes);
+  moment->search8 = prepared->search;
+}
 
 // A moment's arrays, checked to fit a leaf of n elements in blocks of block_size stored in `format`: as many codes
 // as elements (4-bit: a byte for two elements of every block, a partial last one's whole), a scale per block, the
@@ -880,9 +1041,7 @@ bool MomentOf(int64_t n, int64_t block_size, int32_t format, const ffi::AnyBuffe
   *moment = {static_cast<const uint8_t*>(codes.untyped_data()), scales.typed_data(), codes_out, scales_out,
              map.typed_data(), search.typed_data(), {}};
   if (fits && format == kDynamic4) SetSearch(moment);
-#if defined(ADAOPT_LOOKUP64)
-  if (fits && format == kDynamic8) SetPlanes(moment);  // read by Vec::Lookup64 and the planes' Lookup only
-#endif
+  if (fits && format == kDynamic8) Prepare8(moment);
   return fits;
 }
 
@@ -976,3 +1135,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseLion, BlockwiseLion,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // the step
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// For the tests (tests/test_cpu_kernels.py): how many float32 x in [-1, 1], and NaN, the vector steps code otherwise
+// than the search table does, for an 8-bit `map` and its `table` (storage._search_table), every such float tried;
+// -1 where they take the table (the map has no Search8, or the build no AVX-512).
+extern "C" int64_t AdaoptCodes8Mismatches(const float* map, const uint32_t* table) {
+#if defined(ADAOPT_AVX512)
+  Moment moment{};
+  moment.map = map;
+  Prepare8(&moment);
+  if (!moment.search8.ok) return -1;
+  const Vec::Search8v search = Vec::LoadSearch8(moment);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t mismatches = 0;
+  for (const uint32_t sign : {0u, 0x80000000u}) {
+    // |x| from 0 to 1 (0x3F800000), then the NaNs above the infinity (0x7F800000)
+    for (const auto [from, to] : {std::pair<uint64_t, uint64_t>{0, 0x3F800001}, {0x7F800001, 0x80000000}}) {
+      for (uint64_t start = from; start < to; start += 16) {
+        const __m512i bits = _mm512_or_si512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start)), lane),
+                                             _mm512_set1_epi32(static_cast<int32_t>(sign)));
+        const __mmask16 inside = static_cast<__mmask16>(to - start >= 16 ? 0xFFFF : (1u << (to - start)) - 1);
+        const __m512 x = _mm512_castsi512_ps(bits);
+        const __m128i equal = _mm_cmpeq_epi8(Vec::Codes8(x, search, table), Vec::Nearest(x, table));
+        mismatches += __builtin_popcount(~_mm_movemask_epi8(equal) & inside);
+      }
+    }
+  }
+  return mismatches;
+#else
+  (void)map;
+  (void)table;
+  return -1;
+#endif
+}

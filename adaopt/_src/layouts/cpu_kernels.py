@@ -91,17 +91,26 @@ def _compiler() -> str | None:
 
 
 @functools.cache
+def native_macros() -> str:
+    """The C++ compiler's predefined macros at ``-march=native`` (this host's instruction sets: ``__AVX512F__``, ...),
+    with which the kernels are built; empty without a compiler."""
+    compiler = _compiler()
+    if compiler is None:
+        return ""
+    command = [compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull]
+    return subprocess.run(command, capture_output=True, text=True, check=False).stdout
+
+
+@functools.cache
 def _library() -> ctypes.CDLL:
     """The kernel's shared library: built into the cache unless it is there, then loaded (once per process)."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError(f"no C++ compiler: {os.environ.get('CXX', 'c++')!r} is not on PATH (set CXX to one)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    # What -march=native means on this host (its instruction sets, as the compiler's predefined macros): a library
-    # built on another CPU of the same architecture, in a shared cache, may use instructions this one lacks.
-    native = subprocess.run(
-        [compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, check=False
-    ).stdout
+    # What -march=native means on this host (its instruction sets): a library built on another CPU of the same
+    # architecture, in a shared cache, may use instructions this one lacks.
+    native = native_macros()
     key = hashlib.sha256(
         "\n".join(
             [SOURCE.read_text(), version, native, " ".join(FLAGS), jaxlib.__version__, platform.machine()]
