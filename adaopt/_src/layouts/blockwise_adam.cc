@@ -66,7 +66,7 @@ struct Scalars {
 constexpr float kBand = 1.0f / 4096;
 
 struct Search8 {
-  bool ok;  // the map has this form (Prepare8); else the vector steps take the search table
+  bool ok;  // the map has this form (Search8Of); else the vector steps take the search table
   int32_t zero;
   float bound[32];
   int32_t below[32];
@@ -374,10 +374,14 @@ struct Vec {
   };
   static Search8v LoadSearch8(const Moment& q) {
     const Search8& s = q.search8;
-    return {Load(s.bound),         Load(s.bound + 16),
-            Load(s.slope),         Load(s.offset),
-            _mm512_loadu_si512(s.below), _mm512_loadu_si512(s.below + 16),
-            _mm512_loadu_si512(s.last),  _mm512_set1_epi32(s.zero),
+    return {Load(s.bound),
+            Load(s.bound + 16),
+            Load(s.slope),
+            Load(s.offset),
+            _mm512_loadu_si512(s.below),
+            _mm512_loadu_si512(s.below + 16),
+            _mm512_loadu_si512(s.last),
+            _mm512_set1_epi32(s.zero),
             s.ok};
   }
   // Nearest of 16 elements of an 8-bit map, x in [-1, 1] or NaN: by Search8 where its map has that form.
@@ -392,7 +396,8 @@ struct Vec {
     const __m512 bound = _mm512_permutex2var_ps(s.bound_low, binade, s.bound_high);
     const __m512i below = _mm512_permutex2var_epi32(s.below_low, binade, s.below_high);
     const __m512i run = _mm512_mask_add_epi32(below, Less(bound, _mm512_castsi512_ps(y)), below, _mm512_set1_epi32(1));
-    const F line = Fma(_mm512_castsi512_ps(y), _mm512_permutexvar_ps(run, s.slope), _mm512_permutexvar_ps(run, s.offset));
+    const F line =
+        Fma(_mm512_castsi512_ps(y), _mm512_permutexvar_ps(run, s.slope), _mm512_permutexvar_ps(run, s.offset));
     const F floor = _mm512_roundscale_ps(line, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const F fraction = _mm512_sub_ps(line, floor);
     __mmask16 clear = _mm512_cmp_ps_mask(fraction, Set(kBand), _CMP_GE_OQ);
@@ -540,11 +545,11 @@ struct Vec {
         _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), _mm256_srli_epi32(bits, 16), 4);
     const __m256i y = _mm256_sub_epi32(entry, _mm256_slli_epi32(low, 8));
     return LowBytes(_mm256_add_epi32(_mm256_and_si256(y, _mm256_set1_epi32(0xFF)), _mm256_srli_epi32(y, 31)));
-  }  // The arithmetic search of AVX-512's Codes8 needs its mask registers: the search table here.
+  }
+  // The arithmetic search of AVX-512's Codes8 needs its mask registers: the search table here.
   struct Search8v {};
   static Search8v LoadSearch8(const Moment&) { return {}; }
   static __m128i Codes8(F x, const Search8v&, const uint32_t* table) { return Nearest(x, table); }
-
   struct Search16 {
     F m7, t4, t2, t1;
   };
@@ -709,7 +714,8 @@ template <int F>
     }
   } else {
     for (int64_t k = 0; k < block; k += Vec::kLanes) {
-      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(Vec::Mul(Vec::Load(values + k), scaled.inverse), q.search, q.search8));
+      const VF x = Vec::Mul(Vec::Load(values + k), scaled.inverse);
+      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(x, q.search, q.search8));
     }
   }
 }
