@@ -1156,7 +1156,7 @@ extern "C" int64_t AdaoptCodes8Mismatches(const float* map, const uint32_t* tabl
   int64_t mismatches = 0;
   for (const uint32_t sign : {0u, 0x80000000u}) {
     // |x| from 0 to 1 (0x3F800000), then the NaNs above the infinity (0x7F800000)
-    for (const auto [from, to] : {std::pair<uint64_t, uint64_t>{0, 0x3F800001}, {0x7F800001, 0x80000000}}) {
+    for (const auto& [from, to] : {std::pair<uint64_t, uint64_t>{0, 0x3F800001}, {0x7F800001, 0x80000000}}) {
       for (uint64_t start = from; start < to; start += 16) {
         const __m512i bits = _mm512_or_si512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start)), lane),
                                              _mm512_set1_epi32(static_cast<int32_t>(sign)));
