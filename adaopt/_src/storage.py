@@ -1190,8 +1190,8 @@ def stochastic_round(x: jax.Array, bits: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     raw = jax.lax.bitcast_convert_type(x32, jnp.uint32)
     up = (bits.astype(jnp.uint32) & jnp.uint32(0xFFFF)) < (raw & jnp.uint32(0xFFFF))
-    # The top 16 bits are the bfloat16 value: taken as they are, not through a float conversion, whose rounding
-    # (integer arithmetic on a CPU without bfloat16 instructions) cost more than the rest of the step. Adding one
+    # The top 16 bits are the bfloat16 value: taken as they are, not through XLA's conversion to bfloat16 (a second
+    # rounding, of bits already rounded), which on XLA:CPU took more time than the rest of the step. Adding one
     # carries into the exponent where it must (the largest finite values round up to infinity, as a float32 sum
     # would); an infinity has no dropped bits and stays; a NaN keeps its sign and is made quiet, so that a payload
     # in the dropped bits alone does not leave an infinity.
