@@ -386,6 +386,21 @@ def test_a_population_split_across_the_mesh_steps_psgd_kron_under_vmap() -> None
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["soap", "shampoo", "adafactor"])
+def test_a_population_split_across_the_mesh_steps_matrix_and_factored_optimizers_under_vmap(name: str) -> None:
+    """jit(vmap(step)) and an eager vmap, under jax.set_mesh, over four members placed on the "data" axis: SOAP's
+    first call (its eigenbases) and later ones, Shampoo's and Adafactor's statistics of each axis. Each member's steps
+    equal its own run's."""
+    mesh = _mesh()
+    run = _two_steps(getattr(adaopt, name)(1e-2))
+    members = np.random.default_rng(2).normal(size=(4, 8, 6)).astype(np.float32)
+    want = np.stack([np.asarray(jax.jit(run)(m)) for m in members])
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(members, NamedSharding(mesh, P("data", None, "model")))
+        for got in (jax.jit(jax.vmap(run))(placed), jax.vmap(run)(placed)):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
 def test_under_automatic_sharding_abstract_state_places_a_jitted_init() -> None:
     """README's recipe: on a mesh of Auto axes, jit(init) leaves the state where XLA chooses (one device, as optax's
     does); with out_shardings from abstract_state, each moment is placed as its parameter, int8 codes included."""
