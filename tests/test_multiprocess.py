@@ -144,7 +144,7 @@ def test_cases_cover_every_capability_class() -> None:
     labels = {case.split(":")[0] for case in worker.cases()}
     assert labels == {
         "elementwise", "clipped", "trust_ratio", "per_leaf", "global_estimate", "loss_driven", "quantized",
-        "matrix_state", "orthogonalized",
+        "matrix_state", "orthogonalized", "factored",
     }  # fmt: skip
 
 
