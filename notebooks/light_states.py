@@ -138,7 +138,7 @@ plt.show()
 # ## bfloat16 parameters: the small-update trap
 #
 # A bfloat16 number has 8 significant bits: an update smaller than half the spacing around a
-# weight (2^-9 of its value) rounds back to the weight itself. With a small learning rate, plain
+# weight (2^-9 to 2^-8 of its value) rounds back to the weight itself. With a small learning rate, plain
 # bfloat16 parameters stop moving. Two remedies wrap the optimizer:
 #
 # - `adaopt.stochastic_rounding(opt)` rounds each new parameter up or down at random, with the
