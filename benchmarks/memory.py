@@ -66,8 +66,12 @@ STORAGES: dict[str, Any] = {
 }
 
 
+ADAMW_LR, ADAMW_DECAY, LION_LR = 1e-3, 1e-2, 1e-4
+"""The rows' hyperparameters (Lion's decay: none), which the CPU kernels' rows split in two (:func:`kernel_split`)."""
+
+
 def _adamw(storage: Any) -> optax.GradientTransformation:
-    return adaopt.adamw(1e-3, mu_dtype=storage, nu_dtype=storage)
+    return adaopt.adamw(ADAMW_LR, weight_decay=ADAMW_DECAY, mu_dtype=storage, nu_dtype=storage)
 
 
 QUANTIZED = ("int8", "int4", "fp8")
@@ -80,12 +84,12 @@ int8 moments."""
 
 def kernel_split(label: str) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """A kernel row's optimizer as the transformation that takes the kernel and the rest (decoupled weight decay and
-    the learning rate, the defaults of ``adaopt.adamw`` and ``adaopt.lion``): ``speed.time_jax_split``'s two parts."""
+    the learning rate, as in the row's ``adaopt.adamw`` or ``adaopt.lion``): ``speed.time_jax_split``'s two parts."""
     if label == LION_KERNEL:
-        return adaopt.scale_by_lion(mu_dtype="int8"), optax.scale(-1e-4)
+        return adaopt.scale_by_lion(mu_dtype="int8"), optax.scale(-LION_LR)
     storage = label.split("(")[1].split(",")[0]
     kernel = adaopt.scale_by_adam(mu_dtype=storage, nu_dtype=storage)
-    return kernel, optax.chain(optax.add_decayed_weights(1e-2), optax.scale(-1e-3))
+    return kernel, optax.chain(optax.add_decayed_weights(ADAMW_DECAY), optax.scale(-ADAMW_LR))
 
 
 def contenders() -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -95,13 +99,13 @@ def contenders() -> dict[str, Callable[[], optax.GradientTransformation]]:
         rows[f"adaopt adamw ({name})"] = lambda s=storage: _adamw(s)
         if name in QUANTIZED:
             rows[KERNEL.format(name)] = lambda s=storage: _adamw(s)
-    rows["adaopt lion (float32)"] = lambda: adaopt.lion(1e-4)
-    rows["adaopt lion (int8)"] = lambda: adaopt.lion(1e-4, mu_dtype="int8")
-    rows[LION_KERNEL] = lambda: adaopt.lion(1e-4, mu_dtype="int8")
+    rows["adaopt lion (float32)"] = lambda: adaopt.lion(LION_LR)
+    rows["adaopt lion (int8)"] = lambda: adaopt.lion(LION_LR, mu_dtype="int8")
+    rows[LION_KERNEL] = lambda: adaopt.lion(LION_LR, mu_dtype="int8")
     rows["adaopt adafactor"] = lambda: adaopt.adafactor()
     rows["adaopt came"] = lambda: adaopt.came(2e-4)
     rows["adaopt adam_mini"] = lambda: adaopt.adam_mini(1e-3)
-    rows["optax adamw"] = lambda: optax.adamw(1e-3)
+    rows["optax adamw"] = lambda: optax.adamw(ADAMW_LR)
     rows["optax adafactor"] = lambda: optax.adafactor(1e-2)
     return rows
 

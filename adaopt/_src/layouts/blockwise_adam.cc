@@ -910,13 +910,18 @@ void Launch(ffi::ThreadPool& pool, const Job& job, BlocksFn blocks_fn) {
   while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
 }
 
-// A 4-bit map's midpoints, as storage._lookup rounds them (the sum of two float32 is exact in float64, its half rounded
-// once to float32), and the levels of a binary search over them: a count c of the midpoints below x, a multiple of
-// 8 >> k before level k, grows by 8 >> k where x exceeds levels[k][c], the midpoint c + (8 >> k) - 1.
+// The midpoint of two entries of a map as storage._lookup rounds it: their sum is exact in float64, its half rounded
+// once to float32.
+inline float Midpoint(float low, float high) {
+  return static_cast<float>((static_cast<double>(low) + static_cast<double>(high)) / 2);
+}
+
+// A 4-bit map's midpoints (Midpoint), and the levels of a binary search over them: a count c of the midpoints below x,
+// a multiple of 8 >> k before level k, grows by 8 >> k where x exceeds levels[k][c], the midpoint c + (8 >> k) - 1.
 void SetSearch(Moment* moment) {
   const float* m = moment->map;
   for (int k = 0; k < 15; ++k) {
-    moment->midpoints[k] = static_cast<float>((static_cast<double>(m[k]) + static_cast<double>(m[k + 1])) / 2);
+    moment->midpoints[k] = Midpoint(m[k], m[k + 1]);
   }
   for (int level = 0; level < 4; ++level) {
     const int step = 16 >> level;  // the counts before this level are multiples of step
@@ -939,13 +944,11 @@ Search8 Search8Of(const float* map) {
   for (int k = 1; k <= zero; ++k) {
     if (zero + k > 255 || map[zero - k] != -map[zero + k]) return s;
   }
-  // The entries above 0, and the midpoint below each (from 0 for the first), as storage._lookup rounds them.
+  // The entries above 0, and the midpoint below each (from the 0 entry for the first).
   const float* entry = map + zero + 1;
   const int above = 255 - zero;
   float midpoint[255];
-  for (int i = 0; i < above; ++i) {
-    midpoint[i] = static_cast<float>(((i ? static_cast<double>(entry[i - 1]) : 0.0) + entry[i]) / 2);
-  }
+  for (int i = 0; i < above; ++i) midpoint[i] = Midpoint(entry[i - 1], entry[i]);  // entry[-1] is the 0 entry
   int first[16], runs = 0;  // the first entry of each run, then the end
   for (int start = 0; start < above; start = first[++runs]) {
     if (runs == 15) return s;
