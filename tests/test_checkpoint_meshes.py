@@ -49,7 +49,7 @@ from tests import problems
 
 # 8-bit blocks of 32 elements for leaves of 1024 and more (bitsandbytes' are 256 and 4096: the same code on a
 # model small enough to compile and step fast). w1's rows of 64 are cut into two blocks, split in two at most (a
-# block must not straddle two shards); w2's last axis is not a multiple of the block size: it is blocked flat. The
+# block must not straddle two shards); w2's rows of 48 hold no whole block: it is blocked along both axes merged. The
 # matrices are near square, so that Shampoo's Kronecker factors have full rank within two steps (the inverse root of
 # a rank-deficient factor turns rounding into steps: tests/multiprocess_worker.py's note on SOAP).
 SHAPES = {"w1": (64, 64), "w2": (40, 48), "b": (64,)}

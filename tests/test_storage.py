@@ -340,20 +340,47 @@ def test_flat_stored_moments_step_beside_a_sharded_gradient(name: str) -> None:
     np.testing.assert_allclose(np.asarray(sharded["w"]), np.asarray(plain["w"]), rtol=1e-6, atol=1e-7)
 
 
+# Leaves on a 4 x 2 mesh, their sharding, and per storage the shape and sharding of their scales: w's rows of 512
+# are split in halves of whole blocks; v's last block is partial (flattened, gathered); u's rows are shorter than a
+# block, so it is blocked along both axes merged, each shard of its rows holding whole blocks; t's last axis is split
+# in halves shorter than an 8-bit block (gathered for its blocks) but of one 4-bit block; c, a convolution kernel,
+# is blocked along its last two axes for 8-bit blocks (its last alone for 4-bit ones), its third split in shards of
+# whole blocks; a, an attention kernel (model dimension, heads, head dimension), is blocked along its last two, its
+# heads split in shards of 6 x 64 elements: one and a half 8-bit blocks (gathered), three 4-bit ones.
+LAYOUTS = {
+    "w": (
+        (64, 512),
+        P("data", "model"),
+        {"int8": ((64, 2), P("data", "model")), "int4": ((64, 4), P("data", "model"))},
+    ),
+    "v": ((4100,), P(), {"int8": ((17,), P()), "int4": ((33,), P())}),
+    "u": ((64, 64), P("data", None), {"int8": ((16,), P("data")), "int4": ((32,), P("data"))}),
+    "t": ((16, 256), P(None, "model"), {"int8": ((16, 1), P()), "int4": ((16, 2), P(None, "model"))}),
+    "c": (
+        (3, 3, 64, 128),
+        P(None, None, "data", None),
+        {"int8": ((3, 3, 32), P(None, None, "data")), "int4": ((3, 3, 64, 1), P(None, None, "data"))},
+    ),
+    "a": (
+        (48, 12, 64),
+        P("data", "model", None),
+        {"int8": ((48, 3), P("data", None)), "int4": ((48, 6), P("data", "model"))},
+    ),
+}
+ALIGNED = {"int8": ("w", "u", "c"), "int4": ("w", "u", "t", "c", "a")}  # every block within one shard
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
-    """On a 4 x 2 mesh with explicit axes, a matrix sharded on both: its codes and scales take its sharding (each
-    shard holds 16 rows of 256: whole blocks, none straddles two shards), a vector of 4100 elements (a partial
-    last block: blocked in row-major order, gathered) stays replicated, a (64, 64) matrix sharded by rows is
-    blocked in row-major order too (its rows are shorter than a block), a (16, 256) matrix whose last axis is
-    split in halves shorter than int8's block is gathered for its blocks, its codes placed back as the matrix,
-    and the steps equal the unsharded ones."""
+    """On a 4 x 2 mesh with explicit axes (:data:`LAYOUTS`): the codes take each leaf's sharding, the scales (and
+    4-bit codes) its leading axes' and its first trailing axis's where its shards hold whole blocks, none straddling
+    two shards; the step of the leaves whose blocks lie within shards gathers nothing; a moment filled with a value
+    other than 0 is placed so too; and the steps equal the unsharded ones bit for bit."""
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
     rng = np.random.default_rng(2)
-    shapes = {"w": (64, 512), "v": (4100,), "u": (64, 64), "t": (16, 256)}
-    specs = {"w": P("data", "model"), "v": P(), "u": P("data", None), "t": P(None, "model")}
-    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
-    grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()} for _ in range(3)]
+    specs = {k: spec for k, (_, spec, _) in LAYOUTS.items()}
+    params = {k: jnp.asarray(rng.normal(size=shape), jnp.float32) for k, (shape, _, _) in LAYOUTS.items()}
+    grads = [{k: jnp.asarray(rng.normal(size=x.shape), jnp.float32) for k, x in params.items()} for _ in range(3)]
     tx = adaopt.adamw(1e-2, mu_dtype=kind, nu_dtype=kind)
     step = jax.jit(lambda g, s, p: tx.update(g, s, p), compiler_options=problems.DEFAULT_EMITTERS)
 
@@ -374,15 +401,22 @@ def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
         # A moment that starts at a value other than 0 (AdaGrad's accumulator) is encoded from a fill that keeps
         # the parameter's sharding too.
         adagrad = adaopt.adagrad(1e-2, initial_accumulator_value=0.1, accumulator_dtype=kind)
-        filled = optax.tree.get(adagrad.init(place(params)), "AdagradState").sum_of_squares["w"]
-    assert filled.codes.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)
-    np.testing.assert_allclose(np.asarray(filled.load()), 0.1, rtol=1e-6)
-    mu = optax.tree.get(sharded_state, "AdamState").mu
-    assert mu["w"].codes.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)
-    assert mu["w"].scale.sharding.is_equivalent_to(NamedSharding(mesh, specs["w"]), 2)
-    assert mu["w"].scale.shape == (64, 512 // mu["w"].storage.block_size)
-    assert mu["t"].codes.sharding.is_equivalent_to(NamedSharding(mesh, specs["t"]), 2)
-    assert mu["t"].scale.shape == (16, 256 // mu["t"].storage.block_size)
+        filled = optax.tree.get(adagrad.init(place(params)), "AdagradState").sum_of_squares
+        # The leaves whose blocks lie within shards: a step without collectives.
+        aligned = place({k: params[k] for k in ALIGNED[kind]})
+        hlo = jax.jit(tx.update).lower(aligned, tx.init(aligned), aligned).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo, sorted(aligned)
+    for k, (shape, spec, layouts) in LAYOUTS.items():
+        scale_shape, scale_spec = layouts[kind]
+        for moment in (optax.tree.get(sharded_state, "AdamState").mu[k], filled[k]):
+            if kind == "int8":
+                assert moment.codes.sharding.is_equivalent_to(NamedSharding(mesh, spec), len(shape)), k
+            assert moment.scale.shape == scale_shape, k
+            assert moment.scale.sharding.is_equivalent_to(NamedSharding(mesh, scale_spec), len(scale_shape)), k
+            if kind == "int4":  # two codes a byte: the scales' axes, the last one's blocks halved
+                assert moment.codes.shape == (*scale_shape[:-1], scale_shape[-1] * 64), k
+                assert moment.codes.sharding.is_equivalent_to(NamedSharding(mesh, scale_spec), len(scale_shape)), k
+    np.testing.assert_allclose(np.asarray(filled["w"].load()), 0.1, rtol=1e-6)
     sharded, plain = jax.tree.leaves((sharded_params, sharded_state)), jax.tree.leaves((plain_params, plain_state))
     for a, b in zip(sharded, plain, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -116,8 +116,9 @@ def _split_spec(param_spec: P, ndim: int, dim: int | None) -> P:
     return P(*entries)
 
 
-def _check_split(state: Any, params: Any, mesh: Mesh, when: str) -> None:
-    """Every leaf mirroring a parameter is placed by the plan; a stored moment's codes and per-row scales too."""
+def _check_split(state: Any, unsplit: Any, params: Any, mesh: Mesh, when: str) -> None:
+    """Every leaf mirroring a parameter is placed as in the optimizer's own state, ``unsplit``, with the data axis
+    added by the plan; a stored moment's codes and scales too."""
 
     def held(x: Any) -> bool:
         return isinstance(x, (adaopt.StoredLeaf, optax.MaskedNode))
@@ -125,30 +126,40 @@ def _check_split(state: Any, params: Any, mesh: Mesh, when: str) -> None:
     def mirrors(x: Any) -> bool:
         return jax.tree.structure(x, is_leaf=held) == jax.tree.structure(params)
 
-    mirroring = [node for node in jax.tree.leaves(state, is_leaf=mirrors) if mirrors(node)]
-    assert mirroring, f"{when}: no state mirrors the parameters"
-    for subtree in mirroring:
+    def split_on(leaf: Any, x: jax.Array, shape: tuple[int, ...], dim: int | None) -> int | None:
+        """The dimension of ``x``, an array of a state leaf of the parameter's ``shape``, that takes the data axis."""
+        if dim is None:
+            return None
+        if isinstance(leaf, adaopt.Quantized) and x.shape != shape:
+            # Scales and 4-bit codes: the leading axes, then one axis of the blocks of the trailing ones, split
+            # where that axis's slices hold whole blocks; a flattened leaf's (no whole blocks) whole.
+            lead = leaf.storage.lead_axes(shape)
+            return dim if lead is not None and (dim < lead or (dim == lead and x.shape[lead] % DATA == 0)) else None
+        return dim if x.shape == shape else None
+
+    nodes = [node for node in jax.tree.leaves(state, is_leaf=mirrors) if mirrors(node)]
+    unsplit_nodes = [node for node in jax.tree.leaves(unsplit, is_leaf=mirrors) if mirrors(node)]
+    assert nodes and len(nodes) == len(unsplit_nodes), f"{when}: no state mirrors the parameters"
+    for subtree, unsplit_subtree in zip(nodes, unsplit_nodes, strict=True):
         for name, leaf in subtree.items():
             if isinstance(leaf, optax.MaskedNode):
                 continue
             shape, dim = SHAPES[name], PLAN[name]
-            for x in jax.tree.leaves(leaf):
-                if x.shape[:1] != shape[:1]:
-                    continue  # a flat vector of scales (a leaf blocked in row-major order): replicated
-                # Codes have the parameter's shape, per-row scales its leading dimensions: split where they
-                # share the parameter's dimensions up to the split one.
-                shares = dim is not None and x.ndim == len(shape) and x.shape[: dim + 1] == shape[: dim + 1]
-                want = _split_spec(SPECS[name], len(shape), dim if shares else None)
-                x_want = NamedSharding(mesh, P(*want[: x.ndim]))
-                assert x.sharding.is_equivalent_to(x_want, x.ndim), f"{when}: {name}: {x.sharding.spec} != {want}"
+            for x, y in zip(jax.tree.leaves(leaf), jax.tree.leaves(unsplit_subtree[name]), strict=True):
+                want = _split_spec(y.sharding.spec, x.ndim, split_on(leaf, x, shape, dim))
+                assert x.sharding.is_equivalent_to(NamedSharding(mesh, want), x.ndim), (
+                    f"{when}: {name}: {x.sharding.spec} != {want}"
+                )
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_split_states_give_the_steps_of_whole_ones(name: str) -> None:
     mesh = _mesh()
     init_state, got, state = _train(adaopt.shard_states(OPTIMIZERS[name]()), mesh)
-    _check_split(init_state, got, mesh, "after init")
-    _check_split(state, got, mesh, f"after {N_STEPS} steps")
+    with jax.set_mesh(mesh):
+        unsplit = OPTIMIZERS[name]().init(_placed(mesh))
+    _check_split(init_state, unsplit, got, mesh, "after init")
+    _check_split(state, unsplit, got, mesh, f"after {N_STEPS} steps")
     _assert_same_steps(got, _plain(name), mesh)
 
 

@@ -24,17 +24,20 @@ storage            maps (signed / unsigned), block         reference
 ``"bfloat16_sr"``  bfloat16, stochastically rounded        ``torchao.optim._AdamW(bf16_stochastic_round)``
 =================  ======================================  ==========================================
 
-Layout and sharding: a leaf whose last axis is a multiple of the block size is blocked along that
-axis (the same blocks as in row-major order): its codes (8-bit, FP8) have its shape, 4-bit codes
-its shape with the last axis halved, and its scales its leading axes and one entry per block
-along the last, so all of them shard with the parameter (created with its sharding, and kept
-there step after step). On a mesh, a block then never straddles two shards as long as each
-shard of the last axis is a multiple of the block size; where one is not (a shard shorter than a
-block), the last axis is gathered for the blocks, the leading axes stay split, the scales shard
-with them, and the codes are placed back as the parameter. Any other leaf is flattened in row-major
-order, its last block possibly partial, with one vector of scales; under an explicit sharding it
-is gathered for its blocks and its codes placed back as the parameter (8-bit and FP8 codes, of its
-shape; 4-bit codes, a flat vector of half its size, are replicated, as the scales).
+Layout and sharding: a leaf is blocked in row-major order, and along its trailing axes where they hold
+whole blocks (:meth:`Blockwise.lead_axes`): a leaf whose last axis is a multiple of the block size is
+blocked along that axis, a (768, 12, 64) attention kernel along its last two merged (three blocks of
+256 in each of its 768 rows), a (3, 3, 64, 128) convolution's along its last two likewise. Its codes (8-bit, FP8) have its
+shape, 4-bit codes its leading axes and the trailing ones merged and halved, and its scales its leading
+axes and one entry per block of the trailing ones, so all of them shard with the parameter's leading axes
+(created with its sharding, and kept there step after step), and with the first trailing axis where each
+of its shards holds whole blocks: a block never straddles two shards. Where a shard would split blocks (a
+later axis sharded, or shards of the first trailing axis shorter than a block or no multiple of it), the
+trailing axes are gathered for the blocks, the leading axes stay split, the scales shard with them, and the
+codes are placed back as the parameter. A leaf whose size is no multiple of the block size is flattened,
+its last block partial, with one vector of scales; under an explicit sharding it is gathered for its
+blocks and its codes placed back as the parameter (8-bit and FP8 codes, of its shape; 4-bit codes, a flat
+vector of half its size, are replicated, as the scales).
 
 Memory of a step: a quantized state saves memory between steps only if the step does not
 dequantize every leaf at once. Under ``jit``, each leaf larger than ``chunk_size`` elements has
@@ -71,7 +74,7 @@ from adaopt._src.base import (
     is_real,
     is_stored,
 )
-from adaopt._src.placement import explicit_spec, reshard, sharded_like, whole
+from adaopt._src.placement import explicit_spec, reshard, sharded_like, split_axes, whole
 
 # --------------------------------------------------------------------------- maps
 
@@ -204,10 +207,10 @@ class Quantized(StoredLeaf):
     dequantizes and casts, so an optimizer's step reads it like any moment.
 
     Attributes:
-      codes: uint8 indices into the map (8-bit: the leaf's shape; 4-bit: two per byte, the last
-        axis halved, or flat), or the float8 values (FP8, the leaf's shape).
+      codes: uint8 indices into the map (8-bit: the leaf's shape; 4-bit: two per byte, the leading
+        axes and the trailing ones merged and halved, or flat), or the float8 values (FP8, the leaf's shape).
       scale: float32 per block: its largest magnitude (FP8: that divided by 448); the leading
-        axes and one per block along the last, or one vector (:meth:`Blockwise.by_rows`).
+        axes and one per block of the trailing ones, or one vector (:meth:`Blockwise.lead_axes`).
       storage: the :class:`Blockwise` storage that wrote it.
       signed: whether the signed map is used (first moments) or the unsigned one.
       shape: the leaf's shape.
@@ -404,14 +407,25 @@ class Blockwise:
         """Whether a leaf like ``param`` is stored quantized (else float32)."""
         return int(np.size(param)) >= max(self.min_size, 1)
 
-    def by_rows(self, shape: tuple[int, ...]) -> bool:
-        """Whether a leaf of ``shape`` is blocked along its last axis, a multiple of the block size.
+    def lead_axes(self, shape: tuple[int, ...]) -> int | None:
+        """The leading axes that a leaf of ``shape`` keeps in its blocks' layout, or None where it is flattened.
 
-        Its blocks are then the same elements as in row-major order, and its scales keep the
-        leading axes (``(*shape[:-1], shape[-1] // block_size)``), so they shard with them.
-        Otherwise the leaf is flattened in row-major order (the last block may be partial) and
-        its scales are one vector.
+        The blocks are the leaf's elements in row-major order, ``block_size`` at a time. Where the trailing axes
+        ``shape[k:]`` hold a multiple of the block size, every block lies in one entry of the leading axes
+        ``shape[:k]``: the leaf is blocked along its trailing axes, merged, for the largest such ``k`` (the last
+        axis alone where it is a multiple of the block size), its scales have the shape ``(*shape[:k], w //
+        block_size)`` and its 4-bit codes ``(*shape[:k], w // 2)``, ``w`` the trailing axes' size, so that they
+        shard with the leading axes, and with axis ``k`` where each of its shards holds whole blocks. Where no
+        ``k`` does (the leaf's size is no multiple of the block size: its last block is partial), the leaf is
+        flattened and padded, its scales and 4-bit codes vectors.
         """
+        n = math.prod(shape)
+        if n % self.block_size:
+            return None
+        return next((k for k in range(len(shape) - 1, -1, -1) if math.prod(shape[k:]) % self.block_size == 0), None)
+
+    def by_rows(self, shape: tuple[int, ...]) -> bool:
+        """Whether a leaf of ``shape`` is blocked along its last axis alone, a multiple of the block size."""
         return len(shape) >= 1 and shape[-1] % self.block_size == 0
 
     def init(self, param: jax.Array, *, signed: bool, index: int = 0, moment: int = 0) -> jax.Array | Quantized:
@@ -430,10 +444,11 @@ class Blockwise:
             return jnp.zeros_like(param, dtype=jnp.promote_types(jnp.result_type(param), jnp.float32))
         shape = tuple(np.shape(param))
         codes = jnp.zeros_like(param, dtype=jnp.uint8)  # the parameter's sharding
-        if self.by_rows(shape):
+        lead = self.lead_axes(shape)
+        if lead is not None:
             scale = self._blocks(codes, shape)[..., 0].astype(jnp.float32)  # sharded as the leading axes
             if self.format == "dynamic4":  # a byte for two: a shard of odd length is gathered (as for blocks)
-                codes = _rows_whole(codes, 2).reshape(*shape[:-1], shape[-1] // 2, 2)[..., 0]
+                codes = _trailing(codes, lead, 2).reshape(*shape[:lead], -1).reshape(*shape[:lead], -1, 2)[..., 0]
         else:
             scale = jnp.zeros((-(-int(np.size(param)) // self.block_size),), jnp.float32)
             if self.format == "dynamic4":
@@ -443,19 +458,21 @@ class Blockwise:
         return Quantized(codes, scale, self, signed, shape)
 
     def _blocks(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        """``x`` (of ``shape``, or flat) as blocks along a new last axis: by rows, or flattened and padded."""
-        if self.by_rows(shape):
-            x = _rows_whole(x, self.block_size)
-            return x.reshape(*shape[:-1], shape[-1] // self.block_size, self.block_size)
+        """``x`` (of ``shape``, of its leading axes and its trailing ones merged, or flat) as blocks along a new last
+        axis: along the trailing axes (:meth:`lead_axes`), or flattened and padded."""
+        lead = self.lead_axes(shape)
+        if lead is not None:
+            merged = _trailing(x, lead, self.block_size).reshape(*shape[:lead], -1)
+            return merged.reshape(*shape[:lead], -1, self.block_size)  # in two steps, for a sharded merged axis
         flat = whole(x).reshape(-1)  # flattened: no sharding to keep
         pad = -flat.size % self.block_size
         return (jnp.pad(flat, (0, pad)) if pad else flat).reshape(-1, self.block_size)
 
     def _unblocked(self, blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        n = int(np.prod(shape))
-        flat = blocks.reshape(-1) if not self.by_rows(shape) else blocks
-        if not self.by_rows(shape) and flat.size != n:
-            flat = flat[:n]
+        lead = self.lead_axes(shape)
+        flat = blocks.reshape(*blocks.shape[:-2], -1)  # the trailing axes merged, or the padded leaf
+        if lead is None:
+            flat = flat[: math.prod(shape)]
         return flat.reshape(shape)
 
     def decode(self, leaf: Quantized, dtype: Any = jnp.float32) -> jax.Array:
@@ -523,18 +540,20 @@ def _take_batched(axis_size: int, in_batched: list[bool], table: jax.Array, inde
     return _take(table, index), in_batched[1]  # elementwise in the indices: the batched ones, mapped axis and all
 
 
-def _rows_whole(x: jax.Array, block_size: int) -> jax.Array:
-    """``x`` with its last axis gathered if its shards would split blocks of ``block_size`` (a shard of the last axis
-    shorter than a block, or not a multiple of it), its leading axes kept as they are: the blocks, their scales and so
-    the state's shapes are those of one device on any mesh, and the codes are placed back as the parameter."""
-    spec = explicit_spec(x)
-    if spec is None or len(spec) < x.ndim or spec[-1] is None:
+def _trailing(x: jax.Array, lead: int, block_size: int) -> jax.Array:
+    """``x`` with its axes from ``lead`` on gathered if their shards would split blocks of ``block_size`` in row-major
+    order (a shard of an axis after ``lead``, or shards of axis ``lead`` that hold no whole number of blocks), its
+    leading axes as they are: the blocks, their scales and so the state's shapes are those of one device on any mesh,
+    and the codes are placed back as the parameter."""
+    axes = split_axes(x)
+    if all(a is None for a in axes[lead:]):
         return x
-    names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
-    shards = math.prod(jax.typeof(x).sharding.mesh.shape[name] for name in names)
-    if (x.shape[-1] // shards) % block_size == 0:
-        return x
-    return reshard(x, jax.sharding.PartitionSpec(*spec[:-1], None), x)
+    if all(a is None for a in axes[lead + 1 :]):
+        names = axes[lead] if isinstance(axes[lead], tuple) else (axes[lead],)
+        shards = math.prod(jax.typeof(x).sharding.mesh.shape[name] for name in names)
+        if x.shape[lead] % shards == 0 and x.shape[lead] // shards * math.prod(x.shape[lead + 1 :]) % block_size == 0:
+            return x
+    return reshard(x, jax.sharding.PartitionSpec(*axes[:lead], *(None,) * (x.ndim - lead)), x)
 
 
 def _to_e4m3(x: jax.Array) -> jax.Array:

@@ -9,12 +9,14 @@ updates :math:`1/n` of it, and the updated slices are gathered back into whole u
 "sharding in types", the default of ``jax.make_mesh``):
 
 - every state leaf that mirrors a parameter (moments, accumulators, momentum, averaged or slow
-  weights, 8-bit codes and their per-row scales) gets the parameter's sharding with the data axis
+  weights, 8-bit and FP8 codes) gets the parameter's sharding with the data axis
   added on the parameter's first dimension that no other axis shards and that it divides (a
   (50257, 768) embedding on 8 devices: the second; a row-parallel (3072, 768) weight sharded
   ``P("model", None)``: the second). A dimension another axis shards (tensor parallelism) is not
-  split further: the state that does not mirror the parameter (per-block scales, 4-bit codes,
-  factored statistics) keeps that axis alone there, which the gradient's slices would not match;
+  split further: the state that does not mirror the parameter (factored statistics) keeps that axis
+  alone there, which the gradient's slices would not match. A quantized moment's scales and 4-bit codes
+  (its leading axes, then one axis of the blocks of its trailing ones) are split on the same
+  dimension where it is a leading one, or the first trailing one with whole blocks in each slice;
 - the gradients (and the parameters) are resharded to those slices as the step starts, whatever
   their own placement (gradients reduce-scattered already included), so each
   device computes the update of its slice only; inside one jitted training step, this is where
@@ -45,7 +47,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adaopt._src import base, complex_params, placement
+from adaopt._src import base, complex_params, placement, storage
 
 DEFAULT_MIN_SIZE = 1
 """By default every leaf with a dimension the axis divides is split: the scalars of the state are the only
@@ -68,6 +70,10 @@ def _spec(sharding: NamedSharding, ndim: int) -> list[tuple[str, ...]]:
     return [_axes(entry) for entry in (*spec, *(None,) * (ndim - len(spec)))]
 
 
+def _axis_size(sharding: Any, axis: str) -> int:
+    return int(dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes, strict=True))[axis])
+
+
 def _split_dim(x: Any, axis: str, min_size: int) -> int | None:
     """The dimension of ``x`` (a parameter or a gradient) whose state slices take ``axis``, or None (kept as is)."""
     sharding = placement.explicit_sharding(x)
@@ -76,7 +82,7 @@ def _split_dim(x: Any, axis: str, min_size: int) -> int | None:
     spec = _spec(sharding, x.ndim)
     if any(axis in entry for entry in spec):
         return None  # already split along the axis (fully sharded parameters)
-    size = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes, strict=True))[axis]
+    size = _axis_size(sharding, axis)
     for dim, entry in enumerate(spec):
         if not entry and x.shape[dim] % size == 0:
             return dim
@@ -116,18 +122,27 @@ def _mirrors(node: Any, params: Any) -> bool:
 
 
 def _split_leaf(leaf: Any, param: Any, dim: int | None, axis: str) -> Any:
-    """A state leaf mirroring ``param`` with ``axis`` added on ``dim``; a stored leaf's arrays that share the
-    parameter's leading dimensions up to ``dim`` (codes, per-row scales) likewise, the others as they are."""
+    """A state leaf mirroring ``param`` with ``axis`` added on ``dim``; a stored leaf's arrays likewise where they
+    share the parameter's leading dimensions up to ``dim`` (codes, scales per block of trailing axes), the others
+    as they are."""
     if dim is None or base.is_masked_node(leaf):
         return leaf
+    size = _axis_size(placement.explicit_sharding(param), axis)
 
     def split(x: Any) -> Any:
-        # A complex parameter's real view (complex_convention="real_imag") is split as the parameter.
-        # (a stored view's arrays too: its codes s + (2,), its per-row scales s[:-1] + (1, blocks)).
+        if placement.explicit_sharding(x) is None:
+            return x
+        if isinstance(leaf, storage.Quantized) and np.shape(x) != leaf.shape:
+            # Scales (and 4-bit codes): the leaf's leading axes, then one axis of its trailing ones' blocks, split
+            # where each slice holds whole blocks (storage.Blockwise.lead_axes); a flattened leaf's stay whole.
+            lead = leaf.storage.lead_axes(leaf.shape)
+            if lead is None or dim > lead or (dim == lead and np.shape(x)[lead] % size):
+                return x
+            return _with_axis(x, dim, axis)
+        # A complex parameter's real view (complex_convention="real_imag") is split as the parameter
+        # (a stored view's codes too, of its shape s + (2,)).
         pairs = complex_params.is_complex(param) and not complex_params.is_complex(x) and np.ndim(x) == param.ndim + 1
         if (np.ndim(x) != param.ndim and not pairs) or np.shape(x)[: dim + 1] != param.shape[: dim + 1]:
-            return x
-        if placement.explicit_sharding(x) is None:
             return x
         return _with_axis(x, dim, axis)
 
