@@ -433,6 +433,12 @@ def test_bad_storages_are_refused_at_construction() -> None:
         adaopt.Blockwise("int3")  # type: ignore[arg-type]
     with pytest.raises(adaopt.HyperparameterError, match="scale_floor"):
         adaopt.Blockwise(scale_floor=-1.0)
+    with pytest.raises(
+        adaopt.HyperparameterError, match="nonnegative_map must be 'unsigned' or 'signed', got 'linear'"
+    ):
+        adaopt.Blockwise(nonnegative_map="linear")  # type: ignore[arg-type]
+    with pytest.raises(adaopt.HyperparameterError, match="FP8 stores values, with no map"):
+        adaopt.Blockwise("fp8", nonnegative_map="signed")
     with pytest.raises(adaopt.HyperparameterError, match="seed"):
         adaopt.StochasticBf16(seed=-1)
     for field in ("block_size", "min_size", "chunk_size"):  # True is not a size

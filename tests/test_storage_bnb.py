@@ -31,6 +31,9 @@ STEPS = 200
 # Two quantized leaves (one with a partial last block), one kept in float32 (under 4096 elements).
 SHAPES = {"a": (50, 100), "b": (96,), "e": (32, 256)}
 INT8 = adaopt.Blockwise("dynamic8", block_size=256, min_size=4096)
+# bitsandbytes' optimizers of one state (RMSprop8bit, Adagrad8bit, SGD8bit) store it with the signed map, their
+# accumulators too.
+SIGNED8 = adaopt.Blockwise("dynamic8", block_size=256, min_size=4096, nonnegative_map="signed")
 BIN = 2 / 65535  # the CPU kernel's lookup resolution, in units of the block's absmax
 
 
@@ -89,6 +92,17 @@ def _update_8bit_in_float64(
     the same dequantize, update and nearest-code quantize, with every product and sum in float64."""
     assert gnorm_scale == 1.0 and not skip_zeros
     grad, param = g.double(), p.double()
+    if optimizer_name in ("momentum", "rmsprop", "adagrad"):  # one state, its weight decay added to the gradient
+        state = _dequantize64(state1, absmax1, qmap1)
+        grad = grad + weight_decay * param
+        if optimizer_name == "momentum":
+            state = grad if step == 1 else state * beta1 + grad
+            p.copy_(param - lr * state)
+        else:
+            state = state * beta1 + grad * grad * (1 - beta1) if optimizer_name == "rmsprop" else state + grad * grad
+            p.copy_(param - lr * grad / (state.sqrt() + eps))
+        _quantize64(state, qmap1, absmax1, state1)
+        return
     c1, c2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
     if optimizer_name == "ademamix":
         m1, m2 = (_dequantize64(state1[i], absmax1[i], qmap1) for i in range(2))
@@ -239,6 +253,20 @@ CASES = {
             hp["lr"], hp["b1"], hp["b2"], hp["b3"], hp["alpha"], hp["eps"], weight_decay=hp["wd"],
             decoupled_weight_decay=True, mu_dtype=INT8, nu_dtype=INT8,
         ),
+    ),
+    "RMSprop8bit": (
+        lambda hp: lambda ps: bitsandbytes.optim.RMSprop8bit(
+            ps, lr=hp["lr"], alpha=hp["b2"], eps=hp["eps"], weight_decay=hp["wd"]
+        ),
+        lambda hp: adaopt.rmsprop(hp["lr"], hp["b2"], hp["eps"], weight_decay=hp["wd"], nu_dtype=SIGNED8),
+    ),
+    "Adagrad8bit": (
+        lambda hp: lambda ps: bitsandbytes.optim.Adagrad8bit(ps, lr=hp["lr"], eps=hp["eps"], weight_decay=hp["wd"]),
+        lambda hp: adaopt.adagrad(hp["lr"], eps=hp["eps"], weight_decay=hp["wd"], accumulator_dtype=SIGNED8),
+    ),
+    "SGD8bit": (  # its CPU kernel has no dampening and no Nesterov momentum
+        lambda hp: lambda ps: bitsandbytes.optim.SGD8bit(ps, lr=hp["lr"], momentum=hp["b1"], weight_decay=hp["wd"]),
+        lambda hp: adaopt.sgd(hp["lr"], momentum=hp["b1"], weight_decay=hp["wd"], accumulator_dtype=INT8),
     ),
 }  # fmt: skip
 

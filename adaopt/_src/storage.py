@@ -25,7 +25,7 @@ storage            maps (signed / unsigned), block         reference
 =================  ======================================  ==========================================
 
 Layout and sharding: a leaf is blocked in row-major order, and along its trailing axes where they hold
-whole blocks (:meth:`Blockwise.lead_axes`): a leaf whose last axis is a multiple of the block size is
+whole blocks (:meth:`adaopt.Blockwise.lead_axes`): a leaf whose last axis is a multiple of the block size is
 blocked along that axis, a (768, 12, 64) attention kernel along its last two merged (three blocks of
 256 in each of its 768 rows), a (3, 3, 64, 128) convolution's along its last two likewise. Its codes (8-bit, FP8) have its
 shape, 4-bit codes its leading axes and the trailing ones merged and halved, and its scales its leading
@@ -346,6 +346,11 @@ class Blockwise:
         chunks rather than whole leaves (``adaopt._src.storage.step_leaf``); None computes each leaf whole. The
         operations, and so the numbers, do not depend on it (up to where XLA:CPU contracts
         ``a * b + c`` into fused multiply-adds, which depends on its kernels).
+      nonnegative_map: the map of the moments that are never negative (second moments, accumulators, running
+        maxima) for 8-bit and 4-bit codes: ``"unsigned"`` (the unsigned dynamic map, or the linear one for 4-bit:
+        bitsandbytes' two-moment optimizers, torchao's) or ``"signed"``, the map of the first moments, half of whose
+        codes such a moment leaves unused (bitsandbytes' ``RMSprop8bit`` and ``Adagrad8bit`` store their
+        accumulator so). FP8 values have no map.
 
     As in bitsandbytes and torchao, a coordinate of a second moment far below its block's
     largest (a gradient that shrank, or one leaf's quiet coordinates) is stored as 0: its next
@@ -366,6 +371,7 @@ class Blockwise:
     min_size: int = 4096
     scale_floor: float = 0.0
     chunk_size: int | None = DEFAULT_CHUNK_SIZE
+    nonnegative_map: Literal["unsigned", "signed"] = "unsigned"
 
     def __post_init__(self) -> None:
         # A str: an array (of formats) would compare element by element.
@@ -387,6 +393,13 @@ class Blockwise:
         if self.chunk_size is not None and (not is_integer(self.chunk_size) or self.chunk_size <= 0):
             raise HyperparameterError(
                 f"chunk_size must be a positive integer (elements) or None (whole leaves), got {self.chunk_size!r}."
+            )
+        if not isinstance(self.nonnegative_map, str) or self.nonnegative_map not in ("unsigned", "signed"):
+            raise HyperparameterError(f"nonnegative_map must be 'unsigned' or 'signed', got {self.nonnegative_map!r}.")
+        if self.format == "fp8" and self.nonnegative_map != "unsigned":
+            raise HyperparameterError(
+                "nonnegative_map chooses among the maps of 8-bit and 4-bit codes; FP8 stores values, with no map: "
+                "leave it 'unsigned'."
             )
         as_python(self, format=str, block_size=int, min_size=int, scale_floor=float, chunk_size=int)
 
@@ -431,7 +444,8 @@ class Blockwise:
     def init(self, param: jax.Array, *, signed: bool, index: int = 0, moment: int = 0) -> jax.Array | Quantized:
         """A zero moment for ``param``: quantized if it is large enough, else zeros in its dtype (at least float32).
 
-        ``index`` (the leaf's position in the tree) and ``moment`` (which of an optimizer's moments of one kind) are
+        ``signed``: whether the moment may be negative (then stored with the signed map; else with the map
+        ``nonnegative_map`` names). ``index`` (the leaf's position in the tree) and ``moment`` (which of an optimizer's moments of one kind) are
         for the storages that draw random numbers; unused here.
         """
         del index, moment
@@ -443,6 +457,7 @@ class Blockwise:
         if not self.quantizes(param):
             return jnp.zeros_like(param, dtype=jnp.promote_types(jnp.result_type(param), jnp.float32))
         shape = tuple(np.shape(param))
+        signed = signed or self.nonnegative_map == "signed"
         codes = jnp.zeros_like(param, dtype=jnp.uint8)  # the parameter's sharding
         lead = self.lead_axes(shape)
         if lead is not None:
