@@ -439,6 +439,8 @@ def test_bad_storages_are_refused_at_construction() -> None:
         adaopt.Blockwise(nonnegative_map="linear")  # type: ignore[arg-type]
     with pytest.raises(adaopt.HyperparameterError, match="FP8 stores values, with no map"):
         adaopt.Blockwise("fp8", nonnegative_map="signed")
+    with pytest.raises(adaopt.HyperparameterError, match="partial_blocks must be True or False, got 'no'"):
+        adaopt.Blockwise(partial_blocks="no")  # type: ignore[arg-type]
     with pytest.raises(adaopt.HyperparameterError, match="seed"):
         adaopt.StochasticBf16(seed=-1)
     for field in ("block_size", "min_size", "chunk_size"):  # True is not a size

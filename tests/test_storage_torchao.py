@@ -1,11 +1,12 @@
-"""8-bit, 4-bit and FP8 states against torchao's AdamW8bit, AdamW4bit and AdamWFp8, and its stochastic rounding.
+"""8-bit, 4-bit and FP8 states against torchao's AdamW8bit, AdamW4bit, AdamWFp8 and their Adam forms (weight decay
+added to the gradient), and its stochastic rounding.
 
 torchao computes in float32 and calls ``torch.compile`` on each step; with ``TORCHDYNAMO_DISABLE=1`` (set
 here, before torch is imported) the same code runs eagerly with the same numbers. Its trajectories are
 compared twice: unpatched at float32's precision, and with its step (``single_param_adam``) restated in
 float64 in this file, on our maps, where the two agree to float64's precision. It quantizes only the
 tensors of at least 4096 elements whose size is a multiple of the block, and clips each block's scale at
-1e-12: ``Blockwise(..., scale_floor=1e-12)`` is that.
+1e-12: ``Blockwise(..., scale_floor=1e-12, partial_blocks=False)`` is that.
 """
 
 from __future__ import annotations
@@ -33,11 +34,16 @@ from adaopt._src import storage
 from tests import parity
 
 STEPS = 200
-SHAPES = {"a": (32, 128), "b": (96,)}  # one quantized leaf (4096 elements), one kept in float32
+# One quantized leaf (4096 elements); two kept in float32: one under 4096 elements, one of 5000 (no multiple of a
+# block).
+SHAPES = {"a": (32, 128), "b": (96,), "c": (50, 100)}
 STORAGES = {
-    "AdamW8bit": (torchao_optim.AdamW8bit, adaopt.Blockwise("dynamic8", block_size=256, scale_floor=1e-12)),
-    "AdamW4bit": (torchao_optim.AdamW4bit, adaopt.Blockwise("dynamic4", block_size=128, scale_floor=1e-12)),
-    "AdamWFp8": (torchao_optim.AdamWFp8, adaopt.Blockwise("fp8", block_size=256, scale_floor=1e-12)),
+    f"Adam{decay}{bits}": (
+        getattr(torchao_optim, f"Adam{decay}{bits}"),
+        adaopt.Blockwise(format, block_size=block, scale_floor=1e-12, partial_blocks=False),
+    )
+    for decay in ("", "W")
+    for bits, format, block in (("8bit", "dynamic8", 256), ("4bit", "dynamic4", 128), ("Fp8", "fp8", 256))
 }
 
 
@@ -94,11 +100,14 @@ def _adam_in_float64(
     p, grad, step, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2, weight_decay, eps, IS_ADAMW, BF16_SR
 ):  # fmt: skip
     """torchao's ``single_param_adam`` restated in float64 (its quantized states read and written at that
-    precision, with nearest rounding), for the AdamW path without amsgrad that the tests run."""
-    assert IS_ADAMW and max_exp_avg_sq is None and not BF16_SR
+    precision, with nearest rounding), without amsgrad (which fails there uncompiled) as the tests run it."""
+    assert max_exp_avg_sq is None and not BF16_SR
     lr, t = float(lr), float(step)
     param, g = p.double(), grad.double()
-    param = param - lr * weight_decay * param
+    if IS_ADAMW:
+        param = param - lr * weight_decay * param
+    else:
+        g = g + weight_decay * param
     # torchao's lerp(m, g, 1 - b1), written as the same EMA in adaopt's order of operations: in float64 the two
     # differ in the last bit, which FP8's coarse grid turns into a different value once in a few million.
     m = beta1 * _load64(exp_avg) + (1 - beta1) * g
@@ -140,7 +149,8 @@ def _trajectories(name: str, dtype: type) -> tuple[dict, dict]:
     for group in opt.param_groups:
         group["lr"] = torch.tensor(hp["lr"])  # torchao's own form: a tensor, which the trajectory loop refills
     theirs = _torchao_trajectory(opt, tensors, grads)
-    tx = adaopt.adamw(hp["lr"], hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["wd"], mu_dtype=kind, nu_dtype=kind)
+    factory = adaopt.adamw if name.startswith("AdamW") else adaopt.adam  # adam: the decay added to the gradient
+    tx = factory(hp["lr"], hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["wd"], mu_dtype=kind, nu_dtype=kind)
     with jax.enable_x64(dtype == np.float64):
         ours = parity.run_adaopt(tx, params, grads)
     return ours, theirs
@@ -179,7 +189,7 @@ def test_trajectory_follows_torchao(name: str) -> None:
     of the map for as long as it remembers it, so the runs drift apart by a few 1e-4 (4-bit: its coarser map's
     entries are 10 times as far apart)."""
     ours, theirs = _trajectories(name, np.float32)
-    tolerance = 2e-2 if name == "AdamW4bit" else 2e-3
+    tolerance = 2e-2 if name.endswith("4bit") else 2e-3
     assert parity.relative_error(ours, theirs) < tolerance, parity.relative_error(ours, theirs)
 
 

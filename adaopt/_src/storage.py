@@ -336,9 +336,9 @@ class Blockwise:
         torchao's ``AdamW4bit``) or ``"fp8"`` (float8_e4m3fn values of the element divided by
         absmax / 448, torchao's ``AdamWFp8``).
       block_size: elements per block, in [1, 2**24] (even for 4-bit codes).
-      min_size: leaves with fewer elements stay in float32 (both packages: 4096). torchao also
-        keeps in float32 a leaf whose size is not a multiple of the block; here, as in
-        bitsandbytes, its last block is partial.
+      min_size: leaves with fewer elements stay in float32 (both packages: 4096).
+      partial_blocks: whether a leaf whose size is no multiple of the block size is quantized, its last
+        block partial (bitsandbytes'), or kept in float32 (False: torchao's).
       scale_floor: the scale is at least this (torchao clips its scales at 1e-12; bitsandbytes
         does not clip, and a block of zeros is stored as zeros either way).
       chunk_size: under ``jit``, a larger leaf's new moments are computed and quantized this many
@@ -372,6 +372,7 @@ class Blockwise:
     scale_floor: float = 0.0
     chunk_size: int | None = DEFAULT_CHUNK_SIZE
     nonnegative_map: Literal["unsigned", "signed"] = "unsigned"
+    partial_blocks: bool = True
 
     def __post_init__(self) -> None:
         # A str: an array (of formats) would compare element by element.
@@ -396,12 +397,16 @@ class Blockwise:
             )
         if not isinstance(self.nonnegative_map, str) or self.nonnegative_map not in ("unsigned", "signed"):
             raise HyperparameterError(f"nonnegative_map must be 'unsigned' or 'signed', got {self.nonnegative_map!r}.")
+        if not isinstance(self.partial_blocks, (bool, np.bool_)):
+            raise HyperparameterError(f"partial_blocks must be True or False, got {self.partial_blocks!r}.")
         if self.format == "fp8" and self.nonnegative_map != "unsigned":
             raise HyperparameterError(
                 "nonnegative_map chooses among the maps of 8-bit and 4-bit codes; FP8 stores values, with no map: "
                 "leave it 'unsigned'."
             )
-        as_python(self, format=str, block_size=int, min_size=int, scale_floor=float, chunk_size=int)
+        as_python(
+            self, format=str, block_size=int, min_size=int, scale_floor=float, chunk_size=int, partial_blocks=bool
+        )
 
     # The map of a signed or unsigned moment (None for FP8).
     def qmap(self, signed: bool) -> np.ndarray | None:
@@ -418,7 +423,8 @@ class Blockwise:
 
     def quantizes(self, param: Any) -> bool:
         """Whether a leaf like ``param`` is stored quantized (else float32)."""
-        return int(np.size(param)) >= max(self.min_size, 1)
+        size = int(np.size(param))
+        return size >= max(self.min_size, 1) and (self.partial_blocks or size % self.block_size == 0)
 
     def lead_axes(self, shape: tuple[int, ...]) -> int | None:
         """The leading axes that a leaf of ``shape`` keeps in its blocks' layout, or None where it is flattened.
