@@ -28,8 +28,11 @@ from adaopt._src import storage
 from tests import parity
 
 STEPS = 200
-# Two quantized leaves (one with a partial last block), one kept in float32 (under 4096 elements).
+# Two quantized leaves (one with a partial last block, flattened; one blocked by rows), one kept in float32 (under
+# 4096 elements); in float64 also one blocked along its last two axes (rows of 768, three blocks each), whose blocks
+# are the package's row-major ones.
 SHAPES = {"a": (50, 100), "b": (96,), "e": (32, 256)}
+SHAPES64 = {"a": (50, 100), "d": (8, 6, 128), "e": (32, 256)}
 INT8 = adaopt.Blockwise("dynamic8", block_size=256, min_size=4096)
 # bitsandbytes' optimizers of one state (RMSprop8bit, Adagrad8bit, SGD8bit) store it with the signed map, their
 # accumulators too.
@@ -281,7 +284,7 @@ def test_trajectory_follows_bitsandbytes_restated_in_float64(name: str, monkeypa
     )
     hp = _hyperparameters(name)
     theirs_factory, ours_factory = CASES[name]
-    params, grads = _draw(len(name), np.float64, {k: s for k, s in SHAPES.items() if np.prod(s) >= 4096})
+    params, grads = _draw(len(name), np.float64, SHAPES64)
     theirs, _ = _bnb_trajectory(theirs_factory(hp), params, grads, hp["lr"])
     with jax.enable_x64(True):
         ours, _ = _run_ours(ours_factory(hp), params, grads)
