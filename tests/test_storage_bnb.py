@@ -257,6 +257,16 @@ CASES = {
             decoupled_weight_decay=True, mu_dtype=INT8, nu_dtype=INT8,
         ),
     ),
+    "AdEMAMix8bit warmups": (  # alpha and beta3 warmed up over their own numbers of steps (within the 200)
+        lambda hp: lambda ps: bitsandbytes.optim.AdEMAMix8bit(
+            ps, lr=hp["lr"], betas=(hp["b1"], hp["b2"], hp["b3"]), alpha=hp["alpha"], eps=hp["eps"],
+            weight_decay=hp["wd"], t_alpha=60, t_beta3=150,
+        ),
+        lambda hp: adaopt.ademamix(
+            hp["lr"], hp["b1"], hp["b2"], hp["b3"], hp["alpha"], hp["eps"], weight_decay=hp["wd"],
+            alpha_warmup_steps=60, b3_warmup_steps=150, decoupled_weight_decay=True, mu_dtype=INT8, nu_dtype=INT8,
+        ),
+    ),
     "RMSprop8bit": (
         lambda hp: lambda ps: bitsandbytes.optim.RMSprop8bit(
             ps, lr=hp["lr"], alpha=hp["b2"], eps=hp["eps"], weight_decay=hp["wd"]
@@ -313,7 +323,7 @@ def test_trajectory_follows_bitsandbytes(name: str, nearest_quantizer: None) -> 
     assert not torch.is_tensor(their_state["b"].get("absmax1"))  # under 4096 elements: float32 on both sides
     for k, ms in moments.items():
         st = their_state[k]
-        if name == "AdEMAMix8bit":  # ours: the fast moment, the second moment, the slow moment
+        if name.startswith("AdEMAMix8bit"):  # ours: the fast moment, the second moment, the slow moment
             stacked = [st["state1"][0], st["state2"], st["state1"][1]]
             scales = [st["absmax1"][0], st["absmax2"], st["absmax1"][1]]
         else:

@@ -340,6 +340,8 @@ def test_a_flag_is_a_boolean(spec: OptimizerSpec, name: str) -> None:
         (adaopt.adafactor, "decay_offset"),
         (adaopt.schedule_free_sgd, "warmup_steps"),
         (adaopt.ademamix, "warmup_steps"),
+        (adaopt.ademamix, "alpha_warmup_steps"),
+        (adaopt.ademamix, "b3_warmup_steps"),
         (adaopt.precond_update_prob_schedule, "flat_start"),
     ],
 )

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adaopt._src import base, moments
@@ -29,13 +30,30 @@ class AdemamixState(NamedTuple):
     mu_slow: Updates
 
 
-def _check_warmup(warmup_steps: Any, b1: Any, b3: Any) -> None:
-    if warmup_steps is None:
-        return
-    base.check_scalar("warmup_steps", warmup_steps, low=1.0, high=base.INT32_MAX)  # a number of steps
-    # beta3's warmup interpolates log(b1) and log(b3): both must be finite.
-    base.check_scalar("b1 (with warmup_steps)", b1, low=0.0, high=1.0, low_open=True, high_open=True)
-    base.check_scalar("b3 (with warmup_steps)", b3, low=0.0, high=1.0, low_open=True, high_open=True)
+def _warmups(warmup_steps: Any, alpha_warmup_steps: Any, b3_warmup_steps: Any, b1: Any, b3: Any) -> tuple[Any, Any]:
+    """The checked warmup lengths of alpha and beta3 (each its own, else ``warmup_steps``; None for none)."""
+    for name, steps in (
+        ("warmup_steps", warmup_steps),
+        ("alpha_warmup_steps", alpha_warmup_steps),
+        ("b3_warmup_steps", b3_warmup_steps),
+    ):
+        if steps is not None:
+            base.check_scalar(name, steps, low=1.0, high=base.INT32_MAX)  # a number of steps
+    alpha_steps = warmup_steps if alpha_warmup_steps is None else alpha_warmup_steps
+    b3_steps = warmup_steps if b3_warmup_steps is None else b3_warmup_steps
+    if b3_steps is not None:
+        # beta3's warmup interpolates log(b1) and log(b3): both must be finite.
+        base.check_scalar("b1 (with a warmup of b3)", b1, low=0.0, high=1.0, low_open=True, high_open=True)
+        base.check_scalar("b3 (with a warmup of b3)", b3, low=0.0, high=1.0, low_open=True, high_open=True)
+    return alpha_steps, b3_steps
+
+
+def _log(b: Any, dtype: Any) -> Any:
+    """ln(b): of a Python number in float64, then rounded (in float32, ln(0.9999) computed from 0.9999 rounded to
+    float32 is off by 3e-4 of itself: the references compute it in float64), else in ``dtype``."""
+    if isinstance(b, (int, float)):
+        return moments.scalar(float(np.log(b)), dtype)
+    return jnp.log(jnp.asarray(b, dtype))
 
 
 def scale_by_ademamix(
@@ -46,6 +64,8 @@ def scale_by_ademamix(
     eps: Any = 1e-8,
     *,
     warmup_steps: Any = None,
+    alpha_warmup_steps: Any = None,
+    b3_warmup_steps: Any = None,
     eps_mode: moments.EpsMode = "add",
     mu_dtype: Any = None,
     nu_dtype: Any = None,
@@ -58,13 +78,14 @@ def scale_by_ademamix(
         m_{2,t} = \beta_{3,t} m_{2,t-1} + (1 - \beta_{3,t}) g_t \\
         u_t &= \frac{m_{1,t} / (1 - \beta_1^t) + \alpha_t m_{2,t}}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
 
-    Without ``warmup_steps``, :math:`\alpha_t = \alpha` and :math:`\beta_{3,t} = \beta_3`; with
-    :math:`T` = ``warmup_steps``, both warm up as in the paper:
+    Without warmups, :math:`\alpha_t = \alpha` and :math:`\beta_{3,t} = \beta_3`; with
+    :math:`T_\alpha` = ``alpha_warmup_steps`` and :math:`T_{\beta_3}` = ``b3_warmup_steps`` (each
+    ``warmup_steps`` unless given), they warm up as in the paper:
 
     .. math::
-        \alpha_t = \min(t \alpha / T, \alpha), \qquad
+        \alpha_t = \min(t \alpha / T_\alpha, \alpha), \qquad
         \beta_{3,t} = \min\Big(\exp\Big(\frac{\ln\beta_1 \ln\beta_3}
-            {(1 - t/T) \ln\beta_3 + (t/T) \ln\beta_1}\Big), \beta_3\Big)
+            {(1 - t/T_{\beta_3}) \ln\beta_3 + (t/T_{\beta_3}) \ln\beta_1}\Big), \beta_3\Big)
 
     (the half-life of :math:`\beta_{3,t}` grows linearly from :math:`\beta_1`'s to :math:`\beta_3`'s).
     The slow moment is not debiased. For a complex coordinate, :math:`g_t^2` is :math:`|g_t|^2`.
@@ -76,8 +97,12 @@ def scale_by_ademamix(
       alpha: :math:`\alpha` >= 0, the weight of the slow moment.
       eps: :math:`\epsilon`, added to the debiased root of the second moment, >= 0.
       warmup_steps: :math:`T \ge 1`, the steps over which :math:`\alpha` and :math:`\beta_3` warm
-        up (the paper's :math:`T_{\alpha,\beta_3}`), or None for none; needs :math:`0 < \beta_1`
-        and :math:`0 < \beta_3`.
+        up (the paper's :math:`T_{\alpha,\beta_3}`), or None for none; a warmup of :math:`\beta_3`
+        needs :math:`0 < \beta_1` and :math:`0 < \beta_3`.
+      alpha_warmup_steps: :math:`T_\alpha \ge 1`, the steps of :math:`\alpha`'s warmup alone, in
+        place of ``warmup_steps`` (the paper's code's ``alpha_warmup``, bitsandbytes' ``t_alpha``).
+      b3_warmup_steps: :math:`T_{\beta_3} \ge 1`, the steps of :math:`\beta_3`'s warmup alone, in
+        place of ``warmup_steps`` (``beta3_warmup``, bitsandbytes' ``t_beta3``).
       eps_mode: ``"add"`` (:math:`\epsilon` added to the debiased root) or ``"max"`` (that root
         floored at :math:`\epsilon`, heavyball's form).
       mu_dtype: storage dtype of both first moments (default: the parameter's, at least float32).
@@ -103,7 +128,7 @@ def scale_by_ademamix(
     check_moments(b1, b2, eps, 0.0, mu_dtype, nu_dtype)
     base.check_decay("b3", b3)
     base.check_nonnegative("alpha", alpha)
-    _check_warmup(warmup_steps, b1, b3)
+    alpha_steps, b3_steps = _warmups(warmup_steps, alpha_warmup_steps, b3_warmup_steps, b1, b3)
     base.check_choice("eps_mode", eps_mode, ("add", "max"))
 
     def init_fn(params: base.Params) -> AdemamixState:
@@ -123,10 +148,11 @@ def scale_by_ademamix(
         @moments.per_dtype
         def scalars(dtype: jnp.dtype) -> tuple[Any, ...]:
             beta1, beta3, a = moments.scalar(b1, dtype), moments.scalar(b3, dtype), moments.scalar(alpha, dtype)
-            if warmup_steps is not None:
-                progress = count.astype(dtype) / moments.scalar(warmup_steps, dtype)
-                a = jnp.minimum(progress * a, a)
-                log1, log3 = jnp.log(jnp.asarray(beta1, dtype)), jnp.log(jnp.asarray(beta3, dtype))
+            if alpha_steps is not None:
+                a = jnp.minimum(count.astype(dtype) / moments.scalar(alpha_steps, dtype) * a, a)
+            if b3_steps is not None:
+                progress = count.astype(dtype) / moments.scalar(b3_steps, dtype)
+                log1, log3 = _log(b1, dtype), _log(b3, dtype)
                 beta3 = jnp.minimum(jnp.exp(log1 * log3 / ((1 - progress) * log3 + progress * log1)), beta3)
             inv_root_debias2 = jnp.sqrt(moments.debias(b2, count, dtype))
             return (
@@ -172,6 +198,8 @@ def ademamix(
     weight_decay: Any = 0.0,
     *,
     warmup_steps: Any = None,
+    alpha_warmup_steps: Any = None,
+    b3_warmup_steps: Any = None,
     weight_decay_mask: base.MaskOrFn | None = None,
     decoupled_weight_decay: bool = False,
     eps_mode: moments.EpsMode = "add",
@@ -198,6 +226,8 @@ def ademamix(
       eps: :math:`\epsilon`, added to the debiased root of the second moment, >= 0.
       weight_decay: coefficient of the weight decay :math:`\lambda`, >= 0.
       warmup_steps: the steps over which :math:`\alpha` and :math:`\beta_3` warm up, or None.
+      alpha_warmup_steps: the steps of :math:`\alpha`'s warmup alone, in place of ``warmup_steps``.
+      b3_warmup_steps: the steps of :math:`\beta_3`'s warmup alone, in place of ``warmup_steps``.
       weight_decay_mask: a tree of booleans (or a function of the parameters returning one)
         that selects the leaves to decay.
       decoupled_weight_decay: add the decay to the step instead of to the gradient.
@@ -225,7 +255,9 @@ def ademamix(
 
       Reference packages: ``pytorch_optimizer.AdEMAMix(lr, betas=(b1, b2, b3), alpha,
       t_alpha_beta3=warmup_steps, eps, weight_decay, weight_decouple=decoupled_weight_decay)``
-      is this with the same numbers (its ``fixed_decay`` is not reproduced). ``heavyball.AdEMAMix(lr, betas=(b1, b2, b3), alpha, eps,
+      is this with the same numbers (its ``fixed_decay`` is not reproduced); ``bitsandbytes.optim.AdEMAMix(lr,
+      betas=(b1, b2, b3), alpha, t_alpha=alpha_warmup_steps, t_beta3=b3_warmup_steps, eps, weight_decay)`` and its
+      ``AdEMAMix8bit`` (``mu_dtype="int8", nu_dtype="int8"``) are this with ``decoupled_weight_decay=True``. ``heavyball.AdEMAMix(lr, betas=(b1, b2, b3), alpha, eps,
       weight_decay)`` (its decay decoupled) is this with ``eps_mode="max"``,
       ``decoupled_weight_decay=True`` and no warmup; its warmups compute :math:`\ln(\beta + 10^{-8})`,
       which moves the trajectory by about 1e-7.
@@ -233,7 +265,17 @@ def ademamix(
     base.check_common(learning_rate, weight_decay)
     base.check_complex_convention(complex_convention)
     core = scale_by_ademamix(
-        b1, b2, b3, alpha, eps, warmup_steps=warmup_steps, eps_mode=eps_mode, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+        b1,
+        b2,
+        b3,
+        alpha,
+        eps,
+        warmup_steps=warmup_steps,
+        alpha_warmup_steps=alpha_warmup_steps,
+        b3_warmup_steps=b3_warmup_steps,
+        eps_mode=eps_mode,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
     )
     return base.assemble(
         core,
