@@ -25,19 +25,19 @@ storage            maps (signed / unsigned), block         reference
 =================  ======================================  ==========================================
 
 Layout and sharding: a leaf is blocked in row-major order, and along its trailing axes where they hold
-whole blocks (:meth:`adaopt.Blockwise.lead_axes`): a leaf whose last axis is a multiple of the block size is
-blocked along that axis, a (768, 12, 64) attention kernel along its last two merged (three blocks of
-256 in each of its 768 rows), a (3, 3, 64, 128) convolution's along its last two likewise. Its codes (8-bit, FP8) have its
-shape, 4-bit codes its leading axes and the trailing ones merged and halved, and its scales its leading
-axes and one entry per block of the trailing ones, so all of them shard with the parameter's leading axes
-(created with its sharding, and kept there step after step), and with the first trailing axis where each
-of its shards holds whole blocks: a block never straddles two shards. Where a shard would split blocks (a
-later axis sharded, or shards of the first trailing axis shorter than a block or no multiple of it), the
-trailing axes are gathered for the blocks, the leading axes stay split, the scales shard with them, and the
-codes are placed back as the parameter. A leaf whose size is no multiple of the block size is flattened,
-its last block partial, with one vector of scales; under an explicit sharding it is gathered for its
-blocks and its codes placed back as the parameter (8-bit and FP8 codes, of its shape; 4-bit codes, a flat
-vector of half its size, are replicated, as the scales).
+whole blocks (:meth:`adaopt.Blockwise.lead_axes`): a leaf whose last axis is a multiple of the block
+size is blocked along that axis, a (768, 12, 64) attention kernel along its last two merged (three
+blocks of 256 in each of its 768 rows), a (3, 3, 64, 128) convolution's along its last two likewise. Its
+codes (8-bit, FP8) have its shape, 4-bit codes its leading axes and the trailing ones merged and halved,
+and its scales its leading axes and one entry per block of the trailing ones, so all of them shard with
+the parameter's leading axes (created with its sharding, and kept there step after step), and with the
+first trailing axis where each of its shards holds whole blocks: a block never straddles two shards.
+Where a shard would split blocks (a later axis sharded, or shards of the first trailing axis shorter
+than a block or no multiple of it), the trailing axes are gathered for the blocks, the leading axes stay
+split, the scales shard with them, and the codes are placed back as the parameter. A leaf whose size is
+no multiple of the block size is flattened, its last block partial, with one vector of scales; under an
+explicit sharding it is gathered for its blocks and its codes placed back as the parameter (8-bit and
+FP8 codes, of its shape; 4-bit codes, a flat vector of half its size, are replicated, as the scales).
 
 Memory of a step: a quantized state saves memory between steps only if the step does not
 dequantize every leaf at once. Under ``jit``, each leaf larger than ``chunk_size`` elements has
@@ -451,8 +451,8 @@ class Blockwise:
         """A zero moment for ``param``: quantized if it is large enough, else zeros in its dtype (at least float32).
 
         ``signed``: whether the moment may be negative (then stored with the signed map; else with the map
-        ``nonnegative_map`` names). ``index`` (the leaf's position in the tree) and ``moment`` (which of an optimizer's moments of one kind) are
-        for the storages that draw random numbers; unused here.
+        ``nonnegative_map`` names). ``index`` (the leaf's position in the tree) and ``moment`` (which of an
+        optimizer's moments of one kind) are for the storages that draw random numbers; unused here.
         """
         del index, moment
         if jnp.issubdtype(jnp.result_type(param), jnp.complexfloating):
@@ -469,7 +469,8 @@ class Blockwise:
         if lead is not None:
             scale = self._blocks(codes, shape)[..., 0].astype(jnp.float32)  # sharded as the leading axes
             if self.format == "dynamic4":  # a byte for two: a shard of odd length is gathered (as for blocks)
-                codes = _trailing(codes, lead, 2).reshape(*shape[:lead], -1).reshape(*shape[:lead], -1, 2)[..., 0]
+                merged = _trailing(codes, lead, 2).reshape(*shape[:lead], -1)
+                codes = merged.reshape(*shape[:lead], -1, 2)[..., 0]  # in two steps, for a sharded merged axis
         else:
             scale = jnp.zeros((-(-int(np.size(param)) // self.block_size),), jnp.float32)
             if self.format == "dynamic4":

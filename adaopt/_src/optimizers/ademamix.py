@@ -253,14 +253,14 @@ def ademamix(
       Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster, Older", ICLR 2025,
       https://arxiv.org/abs/2409.03137.
 
-      Reference packages: ``pytorch_optimizer.AdEMAMix(lr, betas=(b1, b2, b3), alpha,
-      t_alpha_beta3=warmup_steps, eps, weight_decay, weight_decouple=decoupled_weight_decay)``
-      is this with the same numbers (its ``fixed_decay`` is not reproduced); ``bitsandbytes.optim.AdEMAMix(lr,
-      betas=(b1, b2, b3), alpha, t_alpha=alpha_warmup_steps, t_beta3=b3_warmup_steps, eps, weight_decay)`` and its
-      ``AdEMAMix8bit`` (``mu_dtype="int8", nu_dtype="int8"``) are this with ``decoupled_weight_decay=True``. ``heavyball.AdEMAMix(lr, betas=(b1, b2, b3), alpha, eps,
-      weight_decay)`` (its decay decoupled) is this with ``eps_mode="max"``,
-      ``decoupled_weight_decay=True`` and no warmup; its warmups compute :math:`\ln(\beta + 10^{-8})`,
-      which moves the trajectory by about 1e-7.
+      Reference packages: ``pytorch_optimizer.AdEMAMix(lr, betas=(b1, b2, b3), alpha, t_alpha_beta3=warmup_steps,
+      eps, weight_decay, weight_decouple=decoupled_weight_decay)`` is this with the same numbers (its
+      ``fixed_decay`` is not reproduced); ``bitsandbytes.optim.AdEMAMix(lr, betas=(b1, b2, b3), alpha,
+      t_alpha=alpha_warmup_steps, t_beta3=b3_warmup_steps, eps, weight_decay)`` and its ``AdEMAMix8bit``
+      (``mu_dtype="int8", nu_dtype="int8"``) are this with ``decoupled_weight_decay=True``.
+      ``heavyball.AdEMAMix(lr, betas=(b1, b2, b3), alpha, eps, weight_decay)`` (its decay decoupled) is this with
+      ``eps_mode="max"``, ``decoupled_weight_decay=True`` and no warmup; its warmups compute
+      :math:`\ln(\beta + 10^{-8})`, which moves the trajectory by about 1e-7.
     """
     base.check_common(learning_rate, weight_decay)
     base.check_complex_convention(complex_convention)
