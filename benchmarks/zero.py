@@ -1,6 +1,7 @@
 """Optimizer state bytes per device with and without ``adaopt.shard_states`` (ZeRO), on a data-parallel mesh.
 
-The GPT-2 tree of ``benchmarks/speed.py``, its parameters replicated over a mesh of ``--devices``
+The GPT-2 tree of ``benchmarks/speed.py`` (or another of its trees, ``--tree``: the ResNet-50 tree's
+convolution kernels are quantized along their last two axes), its parameters replicated over a mesh of ``--devices``
 devices (one ``data`` axis; on a CPU, XLA's host platform split into that many devices), and each
 optimizer's state built by ``init`` on it, plain and wrapped in ``adaopt.shard_states``. For each:
 
@@ -15,7 +16,7 @@ optimizer's state built by ``init`` on it, plain and wrapped in ``adaopt.shard_s
 
 Usage::
 
-    python -m benchmarks.zero [--devices 8] [--reps 5] [--out benchmarks/RESULTS.md]
+    python -m benchmarks.zero [--devices 8] [--reps 5] [--tree gpt2] [--out benchmarks/RESULTS.md]
 
 On a CPU the script restarts itself with ``--xla_force_host_platform_device_count`` when JAX has
 fewer devices than asked.
@@ -44,15 +45,15 @@ import adaopt
 from benchmarks import report, speed
 from benchmarks.report import load_average, machine, markdown_table, write_section
 
-BEGIN = "<!-- zero:begin -->"
-END = "<!-- zero:end -->"
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 MIB = 2**20
+TREE_NAMES = {"gpt2": "GPT-2", "resnet": "ResNet-50"}
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "adamw": lambda: adaopt.adamw(1e-3),
     "adamw_int8": lambda: adaopt.adamw(1e-3, mu_dtype="int8", nu_dtype="int8"),
+    "adamw_int4": lambda: adaopt.adamw(1e-3, mu_dtype="int4", nu_dtype="int4"),
     "lion": lambda: adaopt.lion(1e-4),
     "adafactor": lambda: adaopt.adafactor(1e-3),
 }
@@ -117,11 +118,20 @@ def measure(
     return rows
 
 
+def markers(tree: str) -> tuple[str, str]:
+    """The results file's section of a tree's run (the GPT-2 tree's: "zero")."""
+    name = "zero" if tree == "gpt2" else f"zero-{tree}"
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 def render(args: argparse.Namespace, rows: list[list[str]], n_leaves: int, n_params: int) -> str:
+    begin, end = markers(args.tree)
     return "\n".join(
         [
-            BEGIN,
-            "## Optimizer states split across devices (`benchmarks/zero.py`)",
+            begin,
+            "## Optimizer states split across devices (`benchmarks/zero.py`)"
+            if args.tree == "gpt2"
+            else f"### The same on the {TREE_NAMES.get(args.tree, args.tree)} tree",
             "",
             f"`{report.invocation('benchmarks.zero')}`, "
             f"{datetime.date.today().isoformat()}; load average {load_average()}; "
@@ -129,7 +139,8 @@ def render(args: argparse.Namespace, rows: list[list[str]], n_leaves: int, n_par
             "",
             markdown_table(["", ""], [[k, v] for k, v in machine().items()]),
             "",
-            f"The GPT-2 tree ({n_leaves} leaves, {n_params / 1e6:.1f} M parameters), parameters replicated. "
+            f"The {TREE_NAMES.get(args.tree, args.tree)} tree ({n_leaves} leaves, {n_params / 1e6:.1f} M parameters), "
+            "parameters replicated. "
             "**held** = the state bytes on the device that holds the most; **/ ideal** = that over the whole "
             "state divided by the number of devices (the goal: at most 1.05 with `shard_states`). The step: "
             f"`update` + `apply_updates` with replicated gradients, median of {args.reps}.",
@@ -147,7 +158,7 @@ def render(args: argparse.Namespace, rows: list[list[str]], n_leaves: int, n_par
                 ],
                 rows,
             ),
-            END,
+            end,
         ]
     )
 
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated names of OPTIMIZERS")
+    parser.add_argument("--tree", default="gpt2", choices=sorted(speed.TREES), help="benchmarks/speed.py's tree")
     parser.add_argument("--out", type=Path, default=None, help="a Markdown file to write the section into")
     args = parser.parse_args(argv)
     if jax.device_count() < args.devices:
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(subprocess.call([sys.executable, "-m", "benchmarks.zero", *sys.argv[1:]], env=env))
 
     mesh = jax.make_mesh((args.devices,), ("data",), devices=jax.devices()[: args.devices])
-    shapes = speed.gpt2_tree()
+    shapes = speed.TREES[args.tree]()
     replicated = NamedSharding(mesh, P())
     with jax.set_mesh(mesh):
         params = jax.device_put(speed.host_arrays(shapes, seed=0, scale=0.02), replicated)
@@ -180,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     n_leaves, n_params = speed.count(shapes)
     section = render(args, rows, n_leaves, n_params)
     if args.out is not None:
-        write_section(args.out, section, BEGIN, END)
+        write_section(args.out, section, *markers(args.tree), after=markers("gpt2")[1])
     print(section)
 
 
