@@ -30,8 +30,12 @@ pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 INT8 = "int8"
 # By rows, chunked (64 x 4096 is above a chunk); by rows, whole (below it); flat with a partial last block,
-# chunked; flat, whole; 3-d by rows; a leaf too small to quantize.
-SHAPES = {"loop": (64, 4096), "rows": (40, 512), "flat": (4096 * 40 + 77,), "short": (5000,), "cube": (3, 8, 512)}
+# chunked; flat, whole; 3-d by rows; 3-d along its last two axes (rows of 768 for blocks of 256; by rows for 128);
+# a leaf too small to quantize.
+SHAPES = {
+    "loop": (64, 4096), "rows": (40, 512), "flat": (4096 * 40 + 77,), "short": (5000,), "cube": (3, 8, 512),
+    "heads": (8, 6, 128),
+}  # fmt: skip
 SMALL = {"tiny": (7, 3)}
 
 
