@@ -414,7 +414,7 @@ def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
             assert moment.scale.shape == scale_shape, k
             assert moment.scale.sharding.is_equivalent_to(NamedSharding(mesh, scale_spec), len(scale_shape)), k
             if kind == "int4":  # two codes a byte: the scales' axes, the last one's blocks halved
-                assert moment.codes.shape == (*scale_shape[:-1], scale_shape[-1] * 64), k
+                assert moment.codes.shape == (*scale_shape[:-1], scale_shape[-1] * moment.storage.block_size // 2), k
                 assert moment.codes.sharding.is_equivalent_to(NamedSharding(mesh, scale_spec), len(scale_shape)), k
     np.testing.assert_allclose(np.asarray(filled["w"].load()), 0.1, rtol=1e-6)
     sharded, plain = jax.tree.leaves((sharded_params, sharded_state)), jax.tree.leaves((plain_params, plain_state))
