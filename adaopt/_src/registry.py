@@ -626,7 +626,12 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("pytorch_optimizer.SOAP", note=_SOAP_QR),
             Reference("heavyball.SOAP", kwargs=_HEAVYBALL_SOAP, note=_SOAP_HEAVYBALL),
         ),
-        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY, Capability.DELAYED_START, Capability.MATRIX_STATE}),
+        frozenset(
+            {
+                Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.REAL_ONLY, Capability.DELAYED_START,
+                Capability.MATRIX_STATE,
+            }
+        ),
         "Adam in the eigenbasis of each leaf's Kronecker factors (Shampoo's), refreshed every k steps",
     ),
     OptimizerSpec(

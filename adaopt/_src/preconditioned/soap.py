@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, linalg, moments, placement
+from adaopt._src import base, linalg, moments, placement, storage
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.complex_params import is_complex
 from adaopt._src.decay import DecayForm, decoupled_decay
@@ -269,6 +269,8 @@ def scale_by_soap(
     eps_mode: moments.EpsMode = "add",
     refresh_count: RefreshCount = "update",
     shift_power_iteration: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""SOAP's block: Adam's moments in the eigenbasis of each leaf's Kronecker factors.
 
@@ -332,6 +334,12 @@ def scale_by_soap(
       shift_power_iteration: take the refresh's power-iteration step with :math:`L_i + c I`,
         :math:`c` a small multiple of its largest estimated eigenvalue (heavyball's safeguard for a
         rank-deficient :math:`L_i`; same eigenvectors, a slightly different step).
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32), or
+        ``"bfloat16_sr"``; blockwise codes are refused (rotated into the eigenbasis, their roundings
+        land on directions of tiny second moment).
+      nu_dtype: storage of the rotated second moment: a dtype or any storage (``"int8"``,
+        ``"bfloat16_sr"``, an :class:`adaopt.Blockwise`, ...; its blocks are of the rotated
+        coordinates, which a refresh permutes before they are stored again).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`SoapState`. Complex parameters are
@@ -362,6 +370,15 @@ def scale_by_soap(
         b1, b2, shampoo_beta, eps, precondition_frequency, max_precondition_dim, data_format, merge_dims, eps_mode,
         refresh_count,
     )  # fmt: skip
+    moments.check_storage("mu_dtype", mu_dtype)
+    moments.check_storage("nu_dtype", nu_dtype)
+    if isinstance(storage.resolve(mu_dtype), storage.Blockwise):
+        raise base.HyperparameterError(
+            f"mu_dtype={mu_dtype!r}: SOAP keeps its first moment in the parameters' coordinates and rotates it into "
+            "the eigenbasis for each step, where a block's rounding (about 1% of its largest value) lands on "
+            "directions whose second moment is tiny and is divided by its root: the steps blow up. Store it as "
+            "bfloat16 or 'bfloat16_sr' (relative roundings); nu_dtype, the rotated second moment, takes any storage."
+        )
     beta_s = b2 if shampoo_beta is None else shampoo_beta
 
     def plan(shape: tuple[int, ...]) -> AxisPlan:
@@ -381,8 +398,8 @@ def scale_by_soap(
         statistics = tuple(factors(p) for p in jax.tree.leaves(params))
         return SoapState(
             count=moments.zero_count(),
-            mu=moments.init_like(params),
-            nu=moments.init_like(params),
+            mu=moments.init_like(params, mu_dtype),
+            nu=moments.init_like(params, nu_dtype, real=True),
             statistics=statistics,
             bases=jax.tree.map(jnp.zeros_like, statistics),
         )
@@ -445,8 +462,8 @@ def scale_by_soap(
             for g, m, v, p_plan, old, basis in zip(leaves, mus, nus, plans, stats, bases, strict=True):
                 dtype, view = views(g, p_plan)
                 beta1, beta2, e, d1, d2, size = scalars(dtype)
-                m_view = p_plan.to_view(placement.whole(m).astype(dtype))
-                v_view = p_plan.to_view(placement.whole(v).astype(dtype))
+                m_view = p_plan.to_view(placement.whole(moments.load(m, dtype)).astype(dtype))
+                v_view = p_plan.to_view(placement.whole(moments.load(v, dtype)).astype(dtype))
                 rotated = rotate(view, basis, p_plan.axes)
                 m_view = moments.ema(view, m_view, beta1)
                 v_view = moments.ema(rotated * rotated, v_view, beta2)
@@ -469,12 +486,12 @@ def scale_by_soap(
                 for (step, _), p_plan, g in zip(steps, plans, leaves, strict=True)
             ]
             out_mus = [
-                placement.sharded_like(p_plan.from_view(m_view).astype(m.dtype), m)
-                for (_, m_view), p_plan, m in zip(steps, plans, mus, strict=True)
+                _stored(p_plan.from_view(m_view), m, g)
+                for (_, m_view), p_plan, m, g in zip(steps, plans, mus, leaves, strict=True)
             ]
             out_nus = [
-                placement.sharded_like(p_plan.from_view(v_view).astype(v.dtype), v)
-                for v_view, p_plan, v in zip(new_nus, plans, nus, strict=True)
+                _stored(p_plan.from_view(v_view), v, g)
+                for v_view, p_plan, v, g in zip(new_nus, plans, nus, leaves, strict=True)
             ]
             return out_steps, out_mus, out_nus, [tuple(x) for x in new_stats], new_bases
 
@@ -502,6 +519,14 @@ def scale_by_soap(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _stored(value: jax.Array, like: Any, g: jax.Array) -> Any:
+    """A moment's new ``value`` (computed whole) stored as ``like`` was: placed as it, in its dtype, or through its
+    storage from the value placed as the gradient ``g`` (the moments mirror the parameters, as ``g``)."""
+    if base.is_stored(like):
+        return moments.store(placement.sharded_like(value, g), like)
+    return placement.sharded_like(value.astype(like.dtype), like)
+
+
 @base.check_flags
 def soap(
     learning_rate: ScalarOrSchedule = 3e-3,
@@ -523,6 +548,8 @@ def soap(
     refresh_count: RefreshCount = "update",
     shift_power_iteration: bool = False,
     weight_decay_mode: DecayForm = "stepped",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with decoupled weight decay.
 
@@ -557,6 +584,9 @@ def soap(
       weight_decay_mode: ``"stepped"`` (the stepped parameters decayed: the authors',
         pytorch-optimizer) or ``"decoupled"`` (the previous parameters decayed, as AdamW does:
         heavyball).
+      mu_dtype: storage dtype of the first moment (default: the parameter's, at least float32), or
+        ``"bfloat16_sr"`` (see :func:`scale_by_soap`).
+      nu_dtype: storage of the rotated second moment: a dtype or any storage (``"int8"``, ...).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Complex parameters are refused at ``init``.
@@ -609,6 +639,7 @@ def soap(
         max_precondition_dim=max_precondition_dim, merge_dims=merge_dims, precondition_1d=precondition_1d,
         correct_bias=correct_bias, normalize_gradient=normalize_gradient, data_format=data_format,
         eps_mode=eps_mode, refresh_count=refresh_count, shift_power_iteration=shift_power_iteration,
+        mu_dtype=mu_dtype, nu_dtype=nu_dtype,
     )  # fmt: skip
     decay = decoupled_decay(
         learning_rate, weight_decay, weight_decay_mode, mask=weight_decay_mask, from_second_call=True,
