@@ -85,3 +85,25 @@ def train(tx: optax.GradientTransformation, loss: Callable[[Any], jax.Array], st
         return jax.lax.scan(step, (p, tx.init(p)), None, length=steps)[0][0]
 
     return run(start)
+
+
+def least_squares_run(tx: optax.GradientTransformation, steps: int = 100) -> tuple[jax.Array, Any]:
+    """An ill-conditioned least-squares problem (a 48 x 32 matrix and a long vector) trained by ``tx``: the losses
+    and the final state."""
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+    loss = lambda p: jnp.mean((a @ p["w"] - b) ** 2) + jnp.mean(p["v"] ** 2)
+
+    @jax.jit
+    def run(params: Any) -> tuple[jax.Array, Any]:
+        def step(carry: tuple, _: Any) -> tuple[tuple, jax.Array]:
+            p, s = carry
+            value, g = jax.value_and_grad(loss)(p)
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), value
+
+        (_, state), losses = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+        return losses, state
+
+    return run({"w": jnp.zeros((48, 32)), "v": jnp.ones(5000)})

@@ -10,6 +10,7 @@ eigenvectors, so repeated eigenvalues need no care here (unlike SOAP's eigenbase
 
 from __future__ import annotations
 
+import functools
 import inspect
 import zlib
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from pytorch_optimizer.optimizer.utils.partition import PreConditionerType
 
 import adaopt
 from adaopt._src.preconditioned import shampoo as shampoo_module
-from tests import parity
+from tests import parity, problems
 
 SPEC = adaopt.REGISTRY["shampoo"]
 TOLERANCE = {np.float64: 1e-10, np.float32: 1e-4}
@@ -280,3 +281,19 @@ def test_validation_names_the_option() -> None:
     for kwargs, name in cases:
         with pytest.raises(adaopt.HyperparameterError, match=name):
             adaopt.shampoo(**kwargs)
+
+
+@pytest.mark.parametrize("graft", ["rmsprop", "adagrad"])
+def test_stored_momenta_and_grafting_accumulator_train_as_float32(graft: str) -> None:
+    """Both momenta and the grafting's accumulator in 8-bit blocks (small ones, so that the matrix's are quantized
+    too) end within 1% of float32's loss, through the roots' recomputations, and the state holds them stored."""
+    blocks = adaopt.Blockwise("dynamic8", block_size=64, min_size=64)
+    make = functools.partial(
+        adaopt.shampoo, 3e-2, graft=graft, start_preconditioning_step=5, preconditioning_compute_steps=5
+    )
+    plain, _ = problems.least_squares_run(make())
+    light, state = problems.least_squares_run(make(mu_dtype=blocks, nu_dtype=blocks))
+    stored = [x for x in jax.tree.leaves(state, is_leaf=adaopt.is_stored) if isinstance(x, adaopt.Quantized)]
+    assert len(stored) == 6  # two leaves, three moments each
+    assert float(plain[-1]) < 0.2 * float(plain[0])
+    assert abs(float(light[-1]) / float(plain[-1]) - 1) < 0.01, (float(light[-1]), float(plain[-1]))

@@ -36,7 +36,7 @@ from pytorch_optimizer.optimizer import soap as soap_module
 
 import adaopt
 from adaopt._src.preconditioned.soap import _refresh_basis, merge_small_dims, merge_trailing_dims
-from tests import parity, references  # references: heavyball runs eager
+from tests import parity, problems, references  # references: heavyball runs eager
 
 SPEC = adaopt.REGISTRY["soap"]
 TOLERANCE = {np.float64: 1e-10, np.float32: 1e-4}
@@ -395,28 +395,6 @@ def test_validation_names_the_option() -> None:
             adaopt.soap(**kwargs)
 
 
-def _least_squares(tx: optax.GradientTransformation, steps: int = 100) -> tuple[jax.Array, Any]:
-    """An ill-conditioned least-squares problem (a 48 x 32 matrix and a long vector) trained by ``tx``: the losses
-    and the final state."""
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
-    loss = lambda p: jnp.mean((a @ p["w"] - b) ** 2) + jnp.mean(p["v"] ** 2)
-
-    @jax.jit
-    def run(params: Any) -> tuple[jax.Array, Any]:
-        def step(carry: tuple, _: Any) -> tuple[tuple, jax.Array]:
-            p, s = carry
-            value, g = jax.value_and_grad(loss)(p)
-            u, s = tx.update(g, s, p)
-            return (optax.apply_updates(p, u), s), value
-
-        (_, state), losses = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-        return losses, state
-
-    return run({"w": jnp.zeros((48, 32)), "v": jnp.ones(5000)})
-
-
 def test_a_stored_rotated_second_moment_trains_as_float32_and_blockwise_first_moments_are_refused() -> None:
     """The rotated second moment in 8-bit blocks (small ones, so that the matrix's is quantized too) and the
     first moment in stochastically rounded bfloat16 end within 2% of float32's loss (1.1% here), through ten
@@ -424,8 +402,10 @@ def test_a_stored_rotated_second_moment_trains_as_float32_and_blockwise_first_mo
     refused: rotated into the eigenbasis, their roundings reach directions of tiny second moment (in 8-bit
     blocks of 64 this problem ends at 26 times float32's loss)."""
     blocks = adaopt.Blockwise("dynamic8", block_size=64, min_size=64)
-    plain, _ = _least_squares(adaopt.soap(3e-2, precondition_frequency=5))
-    light, state = _least_squares(adaopt.soap(3e-2, precondition_frequency=5, mu_dtype="bfloat16_sr", nu_dtype=blocks))
+    plain, _ = problems.least_squares_run(adaopt.soap(3e-2, precondition_frequency=5))
+    light, state = problems.least_squares_run(
+        adaopt.soap(3e-2, precondition_frequency=5, mu_dtype="bfloat16_sr", nu_dtype=blocks)
+    )
     stored = [x for x in jax.tree.leaves(state, is_leaf=adaopt.is_stored) if adaopt.is_stored(x)]
     assert sorted(type(x).__name__ for x in stored) == ["Quantized", "Quantized", "Rounded", "Rounded"]
     assert float(plain[-1]) < 0.2 * float(plain[0])

@@ -641,7 +641,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
             Reference("pytorch_optimizer.ScalableShampoo", note=_SHAMPOO_POWER),
             Reference("pytorch_optimizer.Shampoo", kwargs=_ORIGINAL_SHAMPOO, weight_decay=False, note=_SHAMPOO_ORIGINAL),
         ),
-        frozenset({Capability.WEIGHT_DECAY, Capability.REAL_ONLY, Capability.MATRIX_STATE}),
+        frozenset({Capability.WEIGHT_DECAY, Capability.MOMENT_DTYPES, Capability.REAL_ONLY, Capability.MATRIX_STATE}),
         "Kronecker-factored preconditioner per block, grafted onto SGD's, AdaGrad's or RMSProp's step size",
     ),
     OptimizerSpec(

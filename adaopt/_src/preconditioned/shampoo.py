@@ -243,6 +243,8 @@ def scale_by_shampoo(
     diagonal_eps: Any = 1e-10,
     matrix_eps: Any = 1e-6,
     root_method: RootMethod = "newton",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Shampoo's block: blockwise Kronecker-factored preconditioning, grafting, momentum.
 
@@ -312,6 +314,9 @@ def scale_by_shampoo(
       root_method: ``"newton"`` (the coupled Newton iteration of Guo & Higham, stopped at a
         residual of 1e-3, with a ridge of :math:`\epsilon_m` times the largest eigenvalue found by
         100 steps of power iteration) or ``"eigh"`` (an eigendecomposition, no ridge).
+      mu_dtype: storage of the two momenta (default: the parameter's dtype, at least float32), a dtype
+        or a storage (``"int8"``, ``"bfloat16_sr"``, an :class:`adaopt.Blockwise`, ...).
+      nu_dtype: storage of the grafting's accumulator of squared gradients, likewise.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ShampooState`. Complex parameters
@@ -348,6 +353,8 @@ def scale_by_shampoo(
         "inverse_exponent_override": (inverse_exponent_override, 0),
     }
     _check_shampoo(b1, b2, diagonal_eps, matrix_eps, graft, preconditioned_axes, root_method, integers)
+    moments.check_storage("mu_dtype", mu_dtype)
+    moments.check_storage("nu_dtype", nu_dtype)
     base.check_nonnegative("weight_decay", weight_decay)
     base.check_mask(weight_decay_mask)
     if learning_rate is not None:
@@ -375,9 +382,9 @@ def scale_by_shampoo(
 
         return ShampooState(
             count=moments.zero_count(),
-            momentum=moments.init_like(params),
-            graft_momentum=moments.init_like(params),
-            graft_nu=moments.init_like(params),
+            momentum=moments.init_like(params, mu_dtype),
+            graft_momentum=moments.init_like(params, mu_dtype, moment=1),
+            graft_nu=moments.init_like(params, nu_dtype, real=True),
             statistics=tuple(matrices(p, matrix_eps) for p in jax.tree.leaves(params)),
             roots=tuple(matrices(p, 1.0) for p in jax.tree.leaves(params)),
         )
@@ -465,10 +472,8 @@ def scale_by_shampoo(
             masks,
             strict=True,
         ):
-            dtype = moments.compute_dtype(g.dtype)
+            dtype, g_c, (m_c, gm_c, nu_c) = moments.to_compute(g, m, gm, nu)
             beta1, beta2, w, e_d, wd = scalars(dtype)
-            g_c = g.astype(dtype)
-            m_c, gm_c, nu_c = m.astype(dtype), gm.astype(dtype), nu.astype(dtype)
             if graft == "adagrad":
                 nu_c = nu_c + g_c * g_c
             elif graft == "rmsprop":
@@ -502,7 +507,7 @@ def scale_by_shampoo(
             if nesterov:
                 current = jnp.where(preconditioning, direction, graft_direction)
                 step = _lerp(step, current, w) if moving_average_for_momentum else step * beta1 + current
-            outs.append((step.astype(g.dtype), m_c.astype(m.dtype), gm_c.astype(gm.dtype), nu_c.astype(nu.dtype)))
+            outs.append((step.astype(g.dtype), moments.store(m_c, m), moments.store(gm_c, gm), moments.store(nu_c, nu)))
 
         def tree(items: list[Any]) -> Any:
             return jax.tree.unflatten(treedef, items)
@@ -566,6 +571,8 @@ def shampoo(
     diagonal_eps: Any = 1e-10,
     matrix_eps: Any = 1e-6,
     root_method: RootMethod = "newton",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo (scalable form): blockwise Kronecker-factored preconditioning grafted onto SGD's, AdaGrad's or
     RMSProp's step size.
@@ -606,6 +613,8 @@ def shampoo(
       diagonal_eps: see :func:`scale_by_shampoo`.
       matrix_eps: see :func:`scale_by_shampoo`.
       root_method: see :func:`scale_by_shampoo`.
+      mu_dtype: see :func:`scale_by_shampoo`.
+      nu_dtype: see :func:`scale_by_shampoo`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Complex parameters are refused at ``init``.
@@ -661,7 +670,7 @@ def shampoo(
         shape_interpretation=shape_interpretation, preconditioned_axes=preconditioned_axes,
         sum_statistics=sum_statistics, precondition_1d=precondition_1d,
         inverse_exponent_override=inverse_exponent_override, diagonal_eps=diagonal_eps, matrix_eps=matrix_eps,
-        root_method=root_method,
+        root_method=root_method, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
     )  # fmt: skip
     if not decoupled_learning_rate:
         # The rate is inside the core; the decoupled decay is eta_t * lambda * theta, and the sign is flipped last.
