@@ -44,6 +44,11 @@ STORAGES = {
     )
     for decay in ("", "W")
     for bits, format, block in (("8bit", "dynamic8", 256), ("4bit", "dynamic4", 128), ("Fp8", "fp8", 256))
+} | {  # and one of its other block sizes
+    "AdamW8bit(block_size=64)": (
+        torchao_optim.AdamW8bit,
+        adaopt.Blockwise("dynamic8", block_size=64, scale_floor=1e-12, partial_blocks=False),
+    )
 }
 
 
@@ -144,7 +149,7 @@ def _trajectories(name: str, dtype: type) -> tuple[dict, dict]:
     tensors = {k: torch.tensor(v) for k, v in params.items()}
     opt = make_theirs(
         [tensors[k] for k in sorted(tensors)], lr=hp["lr"], betas=(hp["b1"], hp["b2"]), eps=hp["eps"],
-        weight_decay=hp["wd"],
+        weight_decay=hp["wd"], block_size=kind.block_size,
     )  # fmt: skip
     for group in opt.param_groups:
         group["lr"] = torch.tensor(hp["lr"])  # torchao's own form: a tensor, which the trajectory loop refills
