@@ -25,6 +25,7 @@ import pytest
 import adaopt
 from adaopt._src import storage
 from adaopt._src.layouts import cpu_kernels as kernels
+from tests import problems
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -37,6 +38,8 @@ SHAPES = {
     "heads": (8, 6, 128),
 }  # fmt: skip
 SMALL = {"tiny": (7, 3)}
+# XLA:CPU's defaults, which tests/conftest.py lowers for speed.
+DEFAULT_OPTIONS = {"xla_backend_optimization_level": 3, **problems.DEFAULT_EMITTERS}
 
 
 def _problem(shapes: dict, seed: int, steps: int) -> tuple[dict, list[dict]]:
@@ -57,12 +60,12 @@ def _uses_kernel(tx: optax.GradientTransformation, params: dict, grads: dict, ta
     return text.count(target)
 
 
-def _compiled(make, params: dict, grads: dict, *, kernel: bool, target: str = kernels.TARGET):
+def _compiled(make, params: dict, grads: dict, *, kernel: bool, target: str = kernels.TARGET, options=None):
     """A new optimizer's ``update`` compiled with the kernels on or off, then left on. The switch is read when a
     step is traced, and JAX reuses a function's trace: each side needs a function of its own."""
     (adaopt.enable_cpu_kernels if kernel else adaopt.disable_cpu_kernels)()
     tx = make()
-    compiled = jax.jit(tx.update).lower(grads, tx.init(params), params).compile()
+    compiled = jax.jit(tx.update).lower(grads, tx.init(params), params).compile(compiler_options=options)
     adaopt.enable_cpu_kernels()
     assert (target in compiled.as_text()) == kernel
     return compiled
@@ -167,6 +170,27 @@ def test_each_lion_step_equals_xlas_from_the_same_state(name: str, make) -> None
     # The step is a sign: a last-bit difference of an interpolation at zero could flip one, which none did here.
     assert worst["update"] == 0 and worst["scale"] < 1e-6, worst
     assert worst["codes"] < 1e-3 and worst["codes by more than one"] == 0, worst
+
+
+@pytest.mark.parametrize("fmt", [INT8, "int4", "fp8"])
+def test_bit_for_bit_with_xlas_step_at_its_default_options_on_leaves_chunked_by_rows(fmt: str) -> None:
+    """At XLA:CPU's default optimisation level (this suite compiles at 0), whose fused multiply-adds the kernel
+    makes, Adam's and Lion's steps of a leaf chunked by rows equal XLA's byte for byte: the steps, codes and scales.
+    (The kernel's Adam moments of 8-bit and 4-bit codes had the other form: a last bit of a quarter of the scales.)"""
+    params, grads = _problem({"loop": SHAPES["loop"]}, seed=9, steps=3)
+    for make, target in [
+        (lambda: adaopt.scale_by_adam(mu_dtype=fmt, nu_dtype=fmt), kernels.TARGET),
+        (lambda: adaopt.scale_by_lion(mu_dtype=fmt), kernels.LION_TARGET),
+    ]:
+        xla, native = (
+            _compiled(make, params, grads[0], kernel=on, target=target, options=DEFAULT_OPTIONS) for on in (False, True)
+        )
+        state = make().init(params)
+        for g in grads:
+            ours, theirs = native(g, state, params), xla(g, state, params)
+            for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+                np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
+            state = theirs[1]
 
 
 def test_fp8_codes_round_ties_to_even_as_float8() -> None:
@@ -395,16 +419,23 @@ def test_a_failed_build_warns_and_keeps_xlas_steps(monkeypatch: pytest.MonkeyPat
     assert not adaopt.cpu_kernels_enabled()
 
 
+@pytest.mark.parametrize("spike", [3e19, 4.5e20])
 @pytest.mark.parametrize("moments", ["int8", "int4", "fp8"])
-def test_gradients_whose_squares_overflow_keep_their_blocks_finite(moments: str) -> None:
+def test_gradients_whose_squares_overflow_keep_their_blocks_finite(moments: str, spike: float) -> None:
     """(1 - b2) g g, as XLA's step (and torch's Adam): a gradient of 3e19 leaves its block's second moment finite,
-    where g g made its scale inf and the block's steps NaN."""
+    where g g made its scale inf and the block's steps NaN. One of 4.5e20 makes it 2e38, above 2**126, whose
+    reciprocal is subnormal: 8-bit and 4-bit blocks were stored as zeros, and the next step at that coordinate
+    divided its first moment by the root of the next gradient's square alone (a step of 5e17 after gradients of 1)."""
     params = {"w": jnp.zeros((4, 1024))}
-    grads = {"w": jnp.ones((4, 1024)).at[0, 0].set(3e19)}
+    ones = jnp.ones((4, 1024))
+    grads = [{"w": ones.at[0, 0].set(spike)}, {"w": ones}, {"w": ones}]
     tx = adaopt.adamw(1e-3, mu_dtype=moments, nu_dtype=moments)
-    assert _uses_kernel(tx, params, grads) == 1
+    assert _uses_kernel(tx, params, grads[0]) == 1
     step, state, w = jax.jit(tx.update), tx.init(params), params
-    for _ in range(3):
-        updates, state = step(grads, state, w)
+    for g in grads:
+        updates, state = step(g, state, w)
         w = optax.apply_updates(w, updates)
     assert bool(jnp.all(jnp.isfinite(w["w"]))) and bool(jnp.all(w["w"].ravel()[1:] < 0))
+    assert float(jnp.max(jnp.abs(w["w"]))) < 0.1  # Adam's steps are at most about lr / sqrt(1 - b2) each
+    stored = float(optax.tree.get(state, "AdamState").nu["w"].load()[0, 0])
+    assert stored == pytest.approx(0.001 * spike**2 * 0.999**2, rel=0.15)

@@ -358,6 +358,11 @@ class Blockwise:
     times float32's step while its first moment is not 0. Smaller blocks, or ``min_size`` above
     the leaves that see such gradients, bound it.
 
+    A NaN (from a NaN gradient) is not kept as float32 moments keep it: XLA's vectorised maximum of a block may
+    leave it out, and its code is then that of a number (the block's other values stored as usual), or keep it,
+    and the whole block is NaN. The step that met it is NaN either way. Skip such steps with
+    ``optax.apply_if_finite``, which keeps a stored state as it was, bit for bit.
+
     Example:
       >>> import jax.numpy as jnp, adaopt
       >>> storage = adaopt.Blockwise("dynamic8", min_size=0)
@@ -521,7 +526,7 @@ class Blockwise:
             scale = jnp.maximum(
                 scale, np.float32(self.scale_floor / FP8_MAX if self.format == "fp8" else self.scale_floor)
             )
-        normed = blocks / jnp.where(scale > 0, scale, 1).astype(dtype)[..., None]
+        normed = _over(blocks, jnp.where(scale > 0, scale, 1).astype(dtype))
         if self.format == "fp8":
             codes = sharded_like(self._unblocked(_to_e4m3(normed), leaf.shape), leaf.codes)
             return Quantized(codes, scale, self, leaf.signed, leaf.shape)
@@ -535,6 +540,21 @@ class Blockwise:
         else:
             codes = sharded_like(self._unblocked(index, leaf.shape), leaf.codes)
         return Quantized(codes, scale, self, leaf.signed, leaf.shape)
+
+
+def _over(blocks: jax.Array, divisor: jax.Array) -> jax.Array:
+    """``blocks`` divided by their blocks' ``divisor``, also where its reciprocal is subnormal.
+
+    XLA divides by a broadcast as a product by the divisor's reciprocal (the CPU kernels too), and XLA:CPU flushes a
+    subnormal one to 0: a block whose largest value was above ``2**126`` (a float32 second moment of a gradient
+    above 1e20) came out as zeros. There both are divided by 4 first (exactly: the block's values below
+    ``2**-124``, which flush, have the code of 0 either way)."""
+    dtype = divisor.dtype
+    large = divisor > np.asarray(1 / np.finfo(dtype).smallest_normal, dtype)
+    # The quarter as a value, not a constant: XLA would cancel a constant's two products.
+    quarter = jnp.where(large, np.asarray(0.25, dtype), np.asarray(1, dtype))
+    quartered = (blocks * quarter[..., None]) / (divisor * quarter)[..., None]
+    return jnp.where(large[..., None], quartered, blocks / divisor[..., None])  # as before, where no block is large
 
 
 def _take_placed(table: jax.Array, index: jax.Array) -> jax.Array:
@@ -573,7 +593,10 @@ def _trailing(x: jax.Array, lead: int, block_size: int) -> jax.Array:
     if all(a is None for a in axes[lead + 1 :]):
         names = axes[lead] if isinstance(axes[lead], tuple) else (axes[lead],)
         shards = math.prod(jax.typeof(x).sharding.mesh.shape[name] for name in names)
-        if x.shape[lead] % shards == 0 and x.shape[lead] // shards * math.prod(x.shape[lead + 1 :]) % block_size == 0:
+        # A mesh axis of one device is dropped (for free): JAX would place it on the axis of the blocks' elements
+        # where the trailing axes hold one block.
+        per_shard, rest = x.shape[lead] // shards, math.prod(x.shape[lead + 1 :])
+        if shards > 1 and x.shape[lead] % shards == 0 and per_shard * rest % block_size == 0:
             return x
     return reshard(x, jax.sharding.PartitionSpec(*axes[:lead], *(None,) * (x.ndim - lead)), x)
 

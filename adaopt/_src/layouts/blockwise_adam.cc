@@ -5,9 +5,10 @@
 // light states' steps spend their time"); this kernel does the whole step of a leaf in one pass over its
 // blocks: dequantize both moments, update them, write the step, and quantize them again in place. The
 // arithmetic is that of adaopt's traced step (storage.Blockwise and optimizers/adam.py), operation for
-// operation in float32, with the fused multiply-adds that XLA:CPU makes in its chunked step (the moments to
-// quantize as fma(old, b, g * (1 - b)), the step's as fma(g, 1 - b, old * b)) and its division by a block's
-// scale as a product by the reciprocal: the same numbers as that step.
+// operation in float32, with the fused multiply-adds that XLA:CPU makes in its chunked step (Adam's moments as
+// fma(g, 1 - b, old * b); Lion's moment to quantize as fma(old, b, g * (1 - b)) for 8-bit and 4-bit codes, the
+// other form for FP8 and for its step) and its division by a block's scale as a product by the reciprocal: the
+// same numbers as that step (tests/test_cpu_kernels.py checks it at XLA's default options).
 //
 // Built on first use by adaopt/_src/layouts/cpu_kernels.py, with the host's C++ compiler and JAX's FFI headers.
 
@@ -164,6 +165,19 @@ inline float Scale(float largest, const Job& j) {
   return j.scale_floor ? std::max(scale, j.s.scale_floor) : scale;
 }
 
+// How a block's values are divided by its scale, as XLA:CPU computes it: times the scale's reciprocal (1 for a
+// scale of 0), the values first times `pre`, 1/4 where the reciprocal would be subnormal (a scale above 2**126),
+// which XLA:CPU flushes to 0 (storage._over).
+struct Divisor {
+  float pre, inverse;
+};
+
+inline Divisor DivisorOf(float scale) {
+  const float divisor = scale > 0.0f ? scale : 1.0f;
+  const float pre = divisor > 0x1p126f ? 0.25f : 1.0f;
+  return {pre, 1.0f / (divisor * pre)};
+}
+
 inline float Step(float m, float v, const Job& j) {
   float inside = v * j.s.debias2;
   if (j.eps_root) inside = inside + j.s.eps_root;
@@ -180,12 +194,12 @@ void StoreScalar(const Job& j, const Moment& q, int64_t b, int64_t start, int64_
                  float largest) {
   const float scale = Scale<F>(largest, j);
   q.scale_out[b] = scale;
-  const float inverse = 1.0f / (scale > 0.0f ? scale : 1.0f);
+  const Divisor d = DivisorOf(scale);
   if constexpr (F == kDynamic4) {
-    const auto code = [&](int64_t k) { return Code<F>(k < length ? values[k] * inverse : 0.0f, q.search); };
+    const auto code = [&](int64_t k) { return Code<F>(k < length ? values[k] * d.pre * d.inverse : 0.0f, q.search); };
     for (int64_t k = 0; k < j.block; k += 2) q.codes_out[(start + k) >> 1] = (code(k) << 4) | code(k + 1);
   } else {
-    for (int64_t k = 0; k < length; ++k) q.codes_out[start + k] = Code<F>(values[k] * inverse, q.search);
+    for (int64_t k = 0; k < length; ++k) q.codes_out[start + k] = Code<F>(values[k] * d.pre * d.inverse, q.search);
   }
 }
 
@@ -198,15 +212,13 @@ void BlockScalar(const Job& j, int64_t b, int64_t start, int64_t length, float* 
     const int64_t i = start + k;
     const float g = j.g[i];
     const float m_old = Value<F>(j.m, i) * m_scale, v_old = Value<F>(j.v, i) * v_scale;
-    const float m_step = std::fma(g, j.s.one_minus_b1, m_old * j.s.b1);
-    const float v_step = std::fma(g * j.s.one_minus_b2, g, v_old * j.s.b2);  // (1 - b2) g g: finite to |g| 1e20
-    const float m = F == kFp8 ? m_step : std::fma(m_old, j.s.b1, g * j.s.one_minus_b1);
-    const float v = F == kFp8 ? v_step : std::fma(v_old, j.s.b2, (g * j.s.one_minus_b2) * g);
+    const float m = std::fma(g, j.s.one_minus_b1, m_old * j.s.b1);
+    const float v = std::fma(g * j.s.one_minus_b2, g, v_old * j.s.b2);  // (1 - b2) g g: finite to |g| 1e20
     m_new[k] = m;
     v_new[k] = v;
     m_largest = std::max(m_largest, std::fabs(m));  // a NaN compares false: left out
     v_largest = std::max(v_largest, std::fabs(v));
-    j.step[i] = Step(m_step, v_step, j);
+    j.step[i] = Step(m, v, j);
   }
   StoreScalar<F>(j, j.m, b, start, length, m_new, m_largest);
   StoreScalar<F>(j, j.v, b, start, length, v_new, v_largest);
@@ -687,8 +699,9 @@ StepVec<F> VectorsOf(const Job& j, bool lion) {
 // A block's scale, stored, from its largest magnitude still a vector's lanes: what StoreVector quantizes by.
 // `finite` is a vector whose lanes are all finite when the block's values are (the values times 0, summed).
 struct Scaled {
-  VF inverse;   // the scale's reciprocal, in every lane
+  VF inverse;   // Divisor::inverse, in every lane
   bool no_nan;  // the values over the scale hold no NaN (4-bit codes only)
+  bool large;   // Divisor::pre is 1/4
 };
 
 template <int F>
@@ -696,8 +709,8 @@ template <int F>
                                                  VF finite) {
   const float scale = Scale<F>(Vec::ReduceMax(largest), j);
   q.scale_out[b] = scale;
-  const float reciprocal = 1.0f / (scale > 0.0f ? scale : 1.0f);
-  return {Vec::Set(reciprocal), F == kDynamic4 && !Vec::AnyNan(finite) && std::isfinite(reciprocal)};
+  const Divisor d = DivisorOf(scale);
+  return {Vec::Set(d.inverse), F == kDynamic4 && !Vec::AnyNan(finite) && std::isfinite(d.inverse), d.pre != 1.0f};
 }
 
 // StoreScalar's codes for a whole block whose size is a multiple of kLanes. Inlined into the loop over blocks, as
@@ -705,17 +718,19 @@ template <int F>
 template <int F>
 [[gnu::always_inline]] inline void StoreVector(int64_t block, const MomentVec<F>& q, int64_t start,
                                                 const float* values, Scaled scaled) {
+  const auto over = [&](int64_t k) {
+    const VF x = Vec::Load(values + k);
+    return Vec::Mul(__builtin_expect(scaled.large, 0) ? Vec::Mul(x, Vec::Set(0.25f)) : x, scaled.inverse);
+  };
   if constexpr (F == kDynamic4) {
     // A 4-bit code needs no clip: the midpoints of a map in [-1, 1] lie in it, so as many are below an x beyond it as
     // below -1 or 1. The products hold no NaN when the values and the reciprocal are finite.
     for (int64_t k = 0; k < block; k += Vec::kLanes) {
-      Vec::Codes4(q.codes_out + ((start + k) >> 1), Vec::Mul(Vec::Load(values + k), scaled.inverse), q.search16,
-                  q.search, scaled.no_nan);
+      Vec::Codes4(q.codes_out + ((start + k) >> 1), over(k), q.search16, q.search, scaled.no_nan);
     }
   } else {
     for (int64_t k = 0; k < block; k += Vec::kLanes) {
-      const VF x = Vec::Mul(Vec::Load(values + k), scaled.inverse);
-      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(x, q.search, q.search8));
+      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(over(k), q.search, q.search8));
     }
   }
 }
@@ -767,10 +782,8 @@ template <int F>
     const VF gw = Vec::Mul(g, p.c2);  // (1 - b2) g, times g below: finite to |g| 1e20
     const VF m_old = Vec::Mul(decoded ? Vec::Load(m_old_values + k) : Decode<F>(p.m.codes, i, p.m.map), m_scale);
     const VF v_old = Vec::Mul(decoded ? Vec::Load(v_old_values + k) : Decode<F>(p.v.codes, i, p.v.map), v_scale);
-    const VF m_step = Vec::Fma(g, p.c1, Vec::Mul(m_old, p.b1));
-    const VF v_step = Vec::Fma(gw, g, Vec::Mul(v_old, p.b2));
-    const VF m = F == kFp8 ? m_step : Vec::Fma(m_old, p.b1, Vec::Mul(g, p.c1));
-    const VF v = F == kFp8 ? v_step : Vec::Fma(v_old, p.b2, Vec::Mul(gw, g));
+    const VF m = Vec::Fma(g, p.c1, Vec::Mul(m_old, p.b1));
+    const VF v = Vec::Fma(gw, g, Vec::Mul(v_old, p.b2));
     Vec::Store(m_new + k, m);
     Vec::Store(v_new + k, v);
     m_largest = Vec::Max(Vec::Abs(m), m_largest);  // max gives its second operand for a NaN
@@ -779,12 +792,12 @@ template <int F>
       m_finite = Vec::Fma(m, zero, m_finite);
       v_finite = Vec::Fma(v, zero, v_finite);
     }
-    VF inside = Vec::Mul(v_step, p.d2);
+    VF inside = Vec::Mul(v, p.d2);
     if (p.add_eps_root) inside = Vec::Add(inside, p.eps_root);
     const VF denominator = Vec::Add(Vec::Sqrt(inside), p.eps);
     VF inverse = Vec::Div(one, denominator);
     if (p.safe_divide) inverse = Vec::Where(Vec::Equal(denominator, zero), inverse, zero);
-    Vec::Store(p.step + i, Vec::Mul(Vec::Mul(m_step, p.d1), inverse));
+    Vec::Store(p.step + i, Vec::Mul(Vec::Mul(m, p.d1), inverse));
   }
   return {start, m_new, v_new, ScaleVector<F>(j, p.m, b, m_largest, m_finite),
           ScaleVector<F>(j, p.v, b, v_largest, v_finite)};

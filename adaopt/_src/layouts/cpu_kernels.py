@@ -26,8 +26,8 @@ otherwise:
   device, the same numbers in more memory. Keep the kernels off in programs sharded that way.
 
 The numbers are XLA's step's: the same float32 operations, with the fused multiply-adds XLA:CPU's
-chunked step makes (for 8-bit and 4-bit codes one form for the moments it quantizes, the other for the
-moments the step reads; for FP8 the second form for both) and its divisions by a block's scale and by
+chunked step makes (Adam's moments as ``fma(g, 1 - b, old * b)``; Lion's moment to quantize the other form
+for 8-bit and 4-bit codes) and its divisions by a block's scale and by
 448 as products by their reciprocals. A block's largest magnitude leaves NaN out, starting from -inf as
 XLA:CPU's reduction does, so a block of NaN alone has the scale -inf and steps NaN from then on, as in
 XLA's step. In a block that mixes NaN with numbers, XLA's vectorised reduction drops the numbers before
