@@ -524,6 +524,47 @@ def test_bad_storages_are_refused_at_construction() -> None:
         adaopt.adamw(nu_dtype="int2")
 
 
+def test_centered_rmsprop_refuses_blockwise_codes_and_keeps_a_rounded_variance_finite() -> None:
+    """Centered RMSProp divides by the root of v - m^2, two EMAs stored apart: 8-bit blocks made it NaN within 8 steps
+    of a steady gradient, and bfloat16 with stochastic rounding within about 200, where the roundings took the
+    variance below 0. Blockwise codes are refused; a variance below 0 is taken as 0."""
+    with pytest.raises(adaopt.HyperparameterError, match="nu_dtype='int8' with centered=True"):
+        adaopt.rmsprop(1e-3, centered=True, nu_dtype="int8")
+    adaopt.rmsprop(1e-3, nu_dtype="int8")
+    params = {"w": jnp.zeros((64, 128))}
+    g = {"w": jax.random.normal(jax.random.key(0), (64, 128))}
+    tx = adaopt.rmsprop(1e-3, centered=True, nu_dtype="bfloat16_sr")
+
+    def run(state: Any, params: Any) -> tuple:
+        def body(carry: tuple, _: None) -> tuple:
+            state, params = carry
+            updates, state = tx.update(g, state, params)
+            return (state, optax.apply_updates(params, updates)), None
+
+        return jax.lax.scan(body, (state, params), length=300)[0]
+
+    _, final = jax.jit(run)(tx.init(params), params)
+    assert bool(jnp.all(jnp.isfinite(final["w"])))
+
+
+def test_float16_is_refused_for_squared_gradients_only() -> None:
+    """float16's smallest normal number is 6.1e-5, the square of 7.8e-3: a second moment (every ``nu_dtype``,
+    AdaGrad's, Adadelta's and SM3's accumulators) of smaller gradients underflows, and AdamW's step with one grew 30
+    times too large. Refused there, with bfloat16 named; kept for first moments and momentum buffers."""
+    squares = {name: ("nu_dtype",) for name, spec in adaopt.REGISTRY.items()
+               if "nu_dtype" in inspect.signature(spec.factory).parameters}  # fmt: skip
+    squares |= {"adagrad": ("accumulator_dtype",), "adadelta": ("accumulator_dtype",), "sm3": ("accumulator_dtype",)}
+    assert len(squares) > 20
+    for name, arguments in squares.items():
+        for argument in arguments:
+            with pytest.raises(adaopt.HyperparameterError, match=f"{argument} cannot be float16.*bfloat16"):
+                adaopt.REGISTRY[name].make(**{argument: jnp.float16})
+            adaopt.REGISTRY[name].make(**{argument: jnp.bfloat16})
+    adaopt.adam(mu_dtype=jnp.float16)
+    adaopt.sgd(0.1, momentum=0.9, accumulator_dtype=jnp.float16)
+    adaopt.rmsprop(0.1, momentum=0.9, accumulator_dtype=jnp.float16)
+
+
 @pytest.mark.parametrize("kind", ["int8", "bfloat16_sr"])
 def test_complex_parameters_cannot_be_stored_in_a_storage(kind: str) -> None:
     params = {"z": jnp.ones((64, 64), jnp.complex64)}

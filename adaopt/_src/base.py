@@ -221,7 +221,8 @@ def check_schedule(name: str, schedule: Any, step_dtype: Any = jnp.int32) -> Non
         raise HyperparameterError(f"{expected}; {schedule!r} returns {got} for a step count.")
 
 
-def check_dtype(name: str, dtype: Any) -> None:
+def check_dtype(name: str, dtype: Any, *, squares: bool = False) -> None:
+    """A floating dtype of at least 16 bits, or None; not float16 for a state of squared gradients (``squares``)."""
     if dtype is None:
         return
     # A value is not its dtype (jnp.dtype reads an array's or a NumPy scalar's): np.float32(0.5) was taken for float32.
@@ -236,8 +237,14 @@ def check_dtype(name: str, dtype: Any) -> None:
     if d.itemsize < 2:
         raise HyperparameterError(
             f"{name} cannot be {d.name}: an 8-bit float has too few mantissa bits (and, for e4m3, too small a range) "
-            "to hold a moment, which then turns the step into NaN or noise. Use bfloat16 or float16 for half the "
-            "memory of float32, or None (the parameter's dtype, at least float32)."
+            "to hold a moment, which then turns the step into NaN or noise. Use bfloat16 for half the memory of "
+            "float32, or None (the parameter's dtype, at least float32)."
+        )
+    if squares and d == jnp.float16:
+        raise HyperparameterError(
+            f"{name} cannot be float16: it holds squared gradients, and float16's smallest normal number (6.1e-5) is "
+            "the square of 7.8e-3: smaller gradients' squares lose their digits or become 0, and the step that "
+            "divides by their root blows up. Use bfloat16 (float32's range) for half the memory of float32, or None."
         )
 
 

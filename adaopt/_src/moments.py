@@ -84,12 +84,13 @@ def state_dtype(param_dtype: Any, requested: Any = None, *, real: bool = False) 
     return complex_of(dtype)
 
 
-def check_storage(name: str, spec: Any) -> None:
-    """A moment's ``*_dtype`` argument: None, a floating dtype of at least 16 bits, or a storage (:func:`init_like`)."""
+def check_storage(name: str, spec: Any, *, squares: bool | None = None) -> None:
+    """A moment's ``*_dtype`` argument: None, a floating dtype of at least 16 bits, or a storage (:func:`init_like`).
+    A state of squared gradients (``squares``; by default ``nu_dtype``'s) cannot be float16 (:func:`state_dtype`)."""
     if storage.resolve(spec) is not None:
         return
     try:
-        check_dtype(name, spec)
+        check_dtype(name, spec, squares=name == "nu_dtype" if squares is None else squares)
     except HyperparameterError as error:
         raise HyperparameterError(
             f"{error} It may also name a storage: {', '.join(map(repr, storage.ALIASES))}, or be an "

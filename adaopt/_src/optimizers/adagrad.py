@@ -63,7 +63,7 @@ def scale_by_adagrad(
     base.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
     base.check_nonnegative("eps", eps)
     base.check_nonnegative("eps_root", eps_root)
-    moments.check_storage("accumulator_dtype", accumulator_dtype)
+    moments.check_storage("accumulator_dtype", accumulator_dtype, squares=True)
 
     def init_fn(params: base.Params) -> AdagradState:
         return AdagradState(moments.init_like(params, accumulator_dtype, initial_accumulator_value, real=True))
@@ -215,7 +215,7 @@ def scale_by_adadelta(
     """
     base.check_decay("rho", rho)
     base.check_nonnegative("eps", eps)
-    moments.check_storage("accumulator_dtype", accumulator_dtype)
+    moments.check_storage("accumulator_dtype", accumulator_dtype, squares=True)
 
     def init_fn(params: base.Params) -> AdadeltaState:
         return AdadeltaState(

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaopt._src import base, moments
+from adaopt._src import base, moments, storage
 from adaopt._src.base import ScalarOrSchedule, Updates
 from adaopt._src.optimizers.sgd import scale_by_momentum
 
@@ -141,7 +141,12 @@ def scale_by_rms(
       initial_scale: :math:`v_0` >= 0.
       eps_mode: ``"add"`` (:math:`\epsilon` added to the root) or ``"max"`` (the root floored at
         :math:`\epsilon`).
-      nu_dtype: storage dtype of both EMAs (default: the parameter's, at least float32).
+      nu_dtype: storage dtype of both EMAs (default: the parameter's, at least float32): a dtype, ``"bfloat16_sr"``
+        or an :class:`adaopt.Blockwise`. Centered, not blockwise codes: their rounding, about 1% of a block's
+        largest value, exceeds a coordinate's variance, the difference of the two EMAs, wherever the gradients
+        are steady. A variance rounded below 0 is taken as 0; in bfloat16 (a rounding of 2**-8 of each EMA) that
+        happens where it is below about 1% of the second moment, and the step is then ``g / eps``: keep
+        float32 moments for centered RMSProp on such gradients.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`RmsState`.
@@ -169,6 +174,13 @@ def scale_by_rms(
     base.check_nonnegative("initial_scale", initial_scale)
     base.check_choice("eps_mode", eps_mode, ("add", "max"))
     moments.check_storage("nu_dtype", nu_dtype)
+    if centered and isinstance(storage.resolve(nu_dtype), storage.Blockwise):
+        raise base.HyperparameterError(
+            f"nu_dtype={nu_dtype!r} with centered=True: the centered step divides by the root of the variance "
+            "v - m^2, the difference of the two EMAs, which a block's rounding (about 1% of its largest value) "
+            "exceeds where the gradients are steady: the steps blow up or turn NaN. Store them as float32, bfloat16 "
+            "or 'bfloat16_sr' (relative roundings), or use centered=False."
+        )
 
     def init_fn(params: base.Params) -> RmsState:
         mu = moments.init_like(params, nu_dtype) if centered else None
@@ -186,7 +198,8 @@ def scale_by_rms(
             alpha, e, e_root = scalars(dtype)
             v_new = moments.ema_sq(g32, v32, alpha)
             m_new = tuple(moments.ema(g32, x, alpha) for x in m32)
-            variance = v_new - moments.abs_sq(m_new[0]) if centered else v_new
+            # At least 0: v >= m^2 holds exactly, not always after their roundings (a stored moment's, float32's).
+            variance = jnp.maximum(v_new - moments.abs_sq(m_new[0]), 0) if centered else v_new
             step = moments.times(g32, moments.inv_root(variance, e, e_root, eps_mode))
             return (step.astype(g.dtype), moments.store(v_new, v), *(moments.store(x, m[0]) for x in m_new))
 
