@@ -63,6 +63,30 @@ def test_master_weights_train_the_float32_trajectory_exactly() -> None:
         np.testing.assert_array_equal(np.asarray(p16[k]), np.asarray(p32[k].astype(jnp.bfloat16)))
 
 
+def test_lookahead_goes_inside_the_master_copy() -> None:
+    """master_weights(lookahead(...)) keeps both the fast and the slow weights in float32: their float32 trajectory
+    bit for bit. lookahead(master_weights(...)) let the next step undo each synchronisation (the fast weights went
+    back to the master copy, not to the slow weights): refused."""
+    start = jnp.asarray(np.random.default_rng(1).normal(size=(6,)), jnp.bfloat16)
+    inner = adaopt.lookahead(adaopt.sgd(0.25, momentum=0.5), sync_period=3, slow_step_size=0.5)
+    p32 = optax.LookaheadParams.init_synced(start.astype(jnp.float32))
+    p16 = optax.LookaheadParams.init_synced(start)
+    tx = adaopt.master_weights(inner)
+    s32, s16 = inner.init(p32), tx.init(p16)
+    for _ in range(10):
+        g = (p32.fast - 3.0).astype(jnp.bfloat16)  # a quadratic's gradient, at the float32 fast weights
+        u32, s32 = inner.update(g.astype(jnp.float32), s32, p32)
+        p32 = optax.apply_updates(p32, u32)
+        u16, s16 = tx.update(g, s16, p16)
+        p16 = optax.apply_updates(p16, u16)
+    for ours, theirs in zip(jax.tree.leaves(s16.master), jax.tree.leaves(p32), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    np.testing.assert_array_equal(np.asarray(p16.slow), np.asarray(p32.slow.astype(jnp.bfloat16)))
+    wrong = adaopt.lookahead(adaopt.master_weights(adaopt.sgd(0.25)), sync_period=3, slow_step_size=0.5)
+    with pytest.raises(adaopt.HyperparameterError, match=r"master_weights\(lookahead\(\.\.\.\)\)"):
+        wrong.init(p16)
+
+
 def test_float32_leaves_pass_through() -> None:
     params = {"w": jnp.ones(3), "h": jnp.ones(3, jnp.bfloat16)}
     g = jax.tree.map(jnp.ones_like, params)

@@ -297,6 +297,11 @@ def test_the_suggestion_leaves_a_non_finite_loss_out() -> None:
     lrs = np.geomspace(1e-4, 1.0, len(losses))
     result = adaopt.RangeTestResult(lrs, losses, losses, diverged_at=6, step_mode="exp")
     assert result.suggest_lr(0, 0) == lrs[int(np.argmin(np.gradient(losses[:-1])))] == lrs[1]
+    ax = result.plot(skip_start=0, skip_end=0)  # and the plot marks it (it marked the NaN's neighbour)
+    try:
+        assert ax.collections[0].get_offsets()[0][0] == lrs[1]
+    finally:
+        plt.close(ax.figure)
     result = adaopt.RangeTestResult(lrs[:2], losses[5:], losses[5:], diverged_at=1, step_mode="exp")
     with pytest.raises(ValueError, match="too few finite losses"):
         result.suggest_lr(0, 0)
@@ -380,6 +385,33 @@ def test_a_val_loader_that_is_no_iterable_of_batches_is_named(val_loader: Any) -
     loss_fn = lambda p, b: jnp.mean((p - b) ** 2)
     with pytest.raises(adaopt.HyperparameterError, match=r"^val_loader must be None or an iterable of validation"):
         adaopt.range_test(loss_fn, jnp.zeros(4), adaopt.sgd, jnp.ones((5, 4)), num_iter=5, val_loader=val_loader)
+
+
+def test_an_iterable_of_batches_is_read_as_far_as_the_test_needs() -> None:
+    """A generator of batches (a torch loader's form) was taken for one pytree leaf ("leaves of shapes [()]"): its
+    first num_iter * accumulation_steps batches are read, cycled when it ends sooner, as the stacked batches."""
+    rng = np.random.default_rng(1)
+    xs, ys = rng.normal(size=(30, 8, 3)).astype(np.float32), rng.normal(size=(30, 8)).astype(np.float32)
+    loss_fn = lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2)
+    params = {"w": jnp.zeros(3)}
+    read = []
+
+    def loader(n: int):
+        for i in range(n):
+            read.append(i)
+            yield xs[i], ys[i]
+
+    for n, accumulation in ((30, 2), (5, 1)):
+        ours = adaopt.range_test(loss_fn, params, adaopt.adam, loader(n), num_iter=12, accumulation_steps=accumulation)
+        stacked = adaopt.range_test(
+            loss_fn, params, adaopt.adam, (xs[: min(n, 24)], ys[: min(n, 24)]), num_iter=12,
+            accumulation_steps=accumulation,
+        )  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(ours.losses), np.asarray(stacked.losses))
+        assert len(read) == min(n, 12 * accumulation)
+        read.clear()
+    with pytest.raises(ValueError, match="batches yielded no batch"):
+        adaopt.range_test(loss_fn, params, adaopt.adam, loader(0), num_iter=12)
 
 
 def test_a_list_of_batches_is_stacked() -> None:

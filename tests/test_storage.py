@@ -547,6 +547,18 @@ def test_centered_rmsprop_refuses_blockwise_codes_and_keeps_a_rounded_variance_f
     assert bool(jnp.all(jnp.isfinite(final["w"])))
 
 
+@pytest.mark.parametrize(
+    ("name", "argument"), [("adafactor", "nu_dtype"), ("came", "nu_dtype"), ("sm3", "accumulator_dtype")]
+)
+@pytest.mark.parametrize("kind", ["int8", "bfloat16_sr"])
+def test_factored_statistics_refuse_a_storage_and_say_why(name: str, argument: str, kind: str) -> None:
+    """A storage for the factored statistics was refused as "must be a floating dtype or None", with no reason; the
+    error now says that they stay floats and that mu_dtype takes any storage (which it does)."""
+    with pytest.raises(adaopt.HyperparameterError, match=f"{argument}='{kind}': the factored statistics.*mu_dtype"):
+        adaopt.REGISTRY[name].make(**{argument: kind})
+    adaopt.REGISTRY[name].make(**{argument: jnp.bfloat16, "mu_dtype": kind})
+
+
 def test_float16_is_refused_for_squared_gradients_only() -> None:
     """float16's smallest normal number is 6.1e-5, the square of 7.8e-3: a second moment (every ``nu_dtype``,
     AdaGrad's, Adadelta's and SM3's accumulators) of smaller gradients underflows, and AdamW's step with one grew 30

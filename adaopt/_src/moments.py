@@ -98,6 +98,18 @@ def check_storage(name: str, spec: Any, *, squares: bool | None = None) -> None:
         ) from None
 
 
+def check_statistics_dtype(name: str, dtype: Any) -> None:
+    """The dtype of a factored optimizer's statistics of squared gradients (Adafactor's and CAME's row and column
+    means, SM3's accumulators of its covers): a float of at least bfloat16's range, or None; no storage."""
+    if storage.resolve(dtype) is not None:
+        raise HyperparameterError(
+            f"{name}={dtype!r}: the factored statistics (a matrix's row and column statistics, a small leaf's "
+            "whole one) are few, and stay floats: pass bfloat16, float32 or None. The momentum, mu_dtype, takes "
+            "any storage."
+        )
+    check_dtype(name, dtype, squares=True)
+
+
 def scalar_dtype(params: Any) -> jnp.dtype:
     """The dtype of a state's scalars (step-size estimates, products): the parameters' widest float, at least float32."""
     check_floating(params)

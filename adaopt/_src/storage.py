@@ -553,8 +553,7 @@ def _over(blocks: jax.Array, divisor: jax.Array) -> jax.Array:
     large = divisor > np.asarray(1 / np.finfo(dtype).smallest_normal, dtype)
     # The quarter as a value, not a constant: XLA would cancel a constant's two products.
     quarter = jnp.where(large, np.asarray(0.25, dtype), np.asarray(1, dtype))
-    quartered = (blocks * quarter[..., None]) / (divisor * quarter)[..., None]
-    return jnp.where(large[..., None], quartered, blocks / divisor[..., None])  # as before, where no block is large
+    return (blocks * quarter[..., None]) / (divisor * quarter)[..., None]
 
 
 def _take_placed(table: jax.Array, index: jax.Array) -> jax.Array:

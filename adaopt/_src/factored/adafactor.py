@@ -245,7 +245,7 @@ def scale_by_adafactor(
     base.check_choice("factored_axes", factored_axes, ("last_two", "largest_two"))
     base.check_integer("min_dim_size_to_factor", min_dim_size_to_factor, 1)
     moments.check_storage("mu_dtype", mu_dtype)
-    base.check_dtype("nu_dtype", nu_dtype, squares=True)
+    moments.check_statistics_dtype("nu_dtype", nu_dtype)
 
     # With eps None (a machine epsilon) or a Python number whose floor (eps, or eps^2 for "max") float32 holds, no
     # statistic, row mean or floored estimate is ever 0: no guard against dividing by 0 is needed.

@@ -166,7 +166,7 @@ def scale_by_came(
     base.check_nonnegative("eps2", eps2)
     base.check_scalar("clip_threshold", clip_threshold, low=0.0, low_open=True)
     moments.check_storage("mu_dtype", mu_dtype)
-    base.check_dtype("nu_dtype", nu_dtype, squares=True)
+    moments.check_statistics_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: base.Params) -> CameState:
         _check_real(params)

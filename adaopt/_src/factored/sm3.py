@@ -174,7 +174,7 @@ def scale_by_sm3(
     if b2 is not None:
         base.check_decay("b2", b2)
     base.check_nonnegative("eps", eps)
-    base.check_dtype("accumulator_dtype", accumulator_dtype, squares=True)
+    moments.check_statistics_dtype("accumulator_dtype", accumulator_dtype)
     moments.check_storage("mu_dtype", mu_dtype)  # the momentum mirrors the parameters: any storage
     keep_max = monotone_accumulators and b2 is not None  # sums never decrease: the maximum would change nothing
 

@@ -74,7 +74,8 @@ class EarlyStopping:
             \text{wait} \leftarrow 0 \text{ if baseline is None or better}(v, \text{baseline}) \\
         \text{else if wait} \ge \text{patience} &: \quad \text{stop at epoch } e
 
-    So the first monitored epoch is always the best so far; training stops at the first epoch
+    So the first monitored epoch is always the best so far (a NaN or infinite value too, as in Keras 3, whose
+    first reference is None); training stops at the first epoch
     that does not improve on the best when ``patience`` epochs (counting it) have passed since
     the wait was last reset (``patience`` 0 and 1 both stop at the first epoch without
     improvement); an epoch that improves never stops training. ``baseline`` only decides whether

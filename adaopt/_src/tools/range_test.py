@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -76,15 +77,7 @@ class RangeTestResult:
           ValueError: fewer than ``skip_start + skip_end + 2`` iterations were recorded.
         """
         lrs, losses = self._trimmed(skip_start, skip_end, for_suggestion=True)
-        # A non-finite loss (the one that stopped the test, with skip_end 0) would make np.argmin pick its neighbour.
-        is_finite = np.isfinite(losses)
-        finite = len(losses) if is_finite.all() else int(np.argmin(is_finite))
-        if finite < 2:
-            raise ValueError(
-                f"The smoothed loss is not finite from iteration {skip_start + finite} on: too few finite losses to "
-                "suggest a learning rate. Raise skip_end, or run the test from a lower start_lr."
-            )
-        return float(lrs[int(np.argmin(np.gradient(losses[:finite])))])
+        return float(lrs[_steepest(losses, skip_start)])
 
     def plot(
         self,
@@ -119,7 +112,7 @@ class RangeTestResult:
             _, ax = plt.subplots()
         ax.plot(lrs, losses)
         if suggest:
-            index = int(np.argmin(np.gradient(losses)))
+            index = _steepest(losses, skip_start)
             label = f"steepest descent: {lrs[index]:.2e}"
             ax.scatter(lrs[index], losses[index], s=75, marker="o", color="red", zorder=3, label=label)
             ax.legend()
@@ -128,6 +121,20 @@ class RangeTestResult:
         ax.set_xlabel("Learning rate")
         ax.set_ylabel("Smoothed loss")
         return ax
+
+
+def _steepest(losses: np.ndarray, skip_start: int) -> int:
+    """The index of the steepest descent of the smoothed ``losses`` (trimmed, from iteration ``skip_start``): the
+    minimum of ``numpy.gradient`` over those before the first non-finite one (the loss that stopped the test, with
+    ``skip_end`` 0, would make ``np.argmin`` pick its neighbour)."""
+    is_finite = np.isfinite(losses)
+    finite = len(losses) if is_finite.all() else int(np.argmin(is_finite))
+    if finite < 2:
+        raise ValueError(
+            f"The smoothed loss is not finite from iteration {skip_start + finite} on: too few finite losses to "
+            "suggest a learning rate. Raise skip_end, or run the test from a lower start_lr."
+        )
+    return int(np.argmin(np.gradient(losses[:finite])))
 
 
 def _learning_rates(start_lr: float, end_lr: float, num_iter: int, step_mode: str) -> np.ndarray:
@@ -165,6 +172,15 @@ def _leading_size(tree: Any, name: str, entry: str = "batch") -> int:
             f"{alternative}; got leaves of shapes {shapes}."
         )
     return sizes.pop()
+
+
+def _is_loader(batches: Any) -> bool:
+    """Whether ``batches`` yields batches one by one (a generator, a torch DataLoader): an iterable that is no pytree
+    of arrays (JAX takes it for one leaf) and no array."""
+    if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes)) or hasattr(batches, "shape"):
+        return False
+    leaves = jax.tree.leaves(batches)
+    return len(leaves) == 1 and leaves[0] is batches
 
 
 def _stacked_list(batches: Any) -> Any:
@@ -432,7 +448,9 @@ def range_test(
       batches: the training batches in order: a pytree of arrays with a leading axis of one entry
         per batch (cycled when the test needs more), a list of batches of one size and structure
         (``[(x, y), ...]``, stacked here; a list of plain arrays is itself such a pytree, its
-        arrays' leading axis the batches: ``jnp.stack`` them for one batch per array), or a function from the batch index
+        arrays' leading axis the batches: ``jnp.stack`` them for one batch per array), an iterable of such batches
+        (a generator, a torch ``DataLoader``: the ``num_iter * accumulation_steps`` batches the test takes are read
+        into such a list, cycled if it ends sooner), or a function from the batch index
         :math:`k` (a traced int32; iteration :math:`i` uses :math:`k = i a, \dots, i a + a - 1` for
         :math:`a` = ``accumulation_steps``) to a batch.
       start_lr: the first learning rate, > 0.
@@ -491,6 +509,10 @@ def range_test(
     base.check_scalar("smooth_f", smooth_f, low=0.0, high=1.0, high_open=True)
     base.check_scalar("diverge_th", diverge_th, low=1.0, low_open=True)
     base.check_integer("accumulation_steps", accumulation_steps, 1)
+    if _is_loader(batches):  # read as far as the test needs, as torch-lr-finder reads its loader
+        batches = list(itertools.islice(iter(batches), num_iter * accumulation_steps))
+        if not batches:
+            raise ValueError("batches yielded no batch: give the range test at least one training batch.")
     batches = _stacked_list(batches)
     batch_fn = _ByIdentity(batches) if callable(batches) else None
     num_batches = 0 if callable(batches) else _leading_size(batches, "batches")

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 from adaopt._src import base
 from adaopt._src.base import Params, Updates
+from adaopt._src.wrappers.precision import MasterWeightsState
 
 
 def lookahead(
@@ -104,7 +106,15 @@ def lookahead(
         )
 
     def init_fn(params: Params) -> optax.LookaheadState:
-        return with_extra_args({}).init(_lookahead_params(params))
+        state = with_extra_args({}).init(_lookahead_params(params))
+        masters = jax.tree.leaves(state.fast_state, is_leaf=lambda x: isinstance(x, MasterWeightsState))
+        if any(isinstance(x, MasterWeightsState) for x in masters):
+            raise base.HyperparameterError(
+                "lookahead(master_weights(...)): a synchronisation moves the fast weights outside the float32 master "
+                "copy, whose next step would put them back where they were. Keep the master copy of the weights "
+                "lookahead leaves: master_weights(lookahead(...))."
+            )
+        return state
 
     def update_fn(
         updates: Updates, state: optax.LookaheadState, params: Params | None = None, **extra_args: Any

@@ -157,7 +157,9 @@ def master_weights(
     the copy in float32; the update returned takes the half-precision parameter to the new copy
     rounded to nearest (one rounding away where a weight crosses zero in one step, unless
     ``float32_updates``). The copy is part of the state, so it is checkpointed and restored with it.
-    ``update`` needs the parameters and passes its extra arguments on.
+    ``update`` needs the parameters and passes its extra arguments on. The parameters must move by its updates
+    alone: a wrapper that moves them itself goes outside it (``master_weights(lookahead(...))``; the other order
+    is refused, since the next step would undo each synchronisation).
 
     Args:
       inner: the optimizer that trains the float32 copy.
