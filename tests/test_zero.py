@@ -52,6 +52,9 @@ OPTIMIZERS = {
     "prodigy": lambda: adaopt.prodigy(1.0),  # a global estimate summed over every slice
     "adafactor": lambda: adaopt.adafactor(1e-2),  # factored statistics keep their own sharding
     "shampoo": lambda: adaopt.shampoo(1e-2, start_preconditioning_step=1),  # whole-matrix statistics
+    # Moments of the matrices' projections (kept as they are) beside those of the vectors, split (they were kept
+    # whole with them, their tree not mirroring the parameters as a whole).
+    "galore": lambda: adaopt.galore_adamw(1e-2, rank=2, update_proj_gap=2),
     "groups": lambda: adaopt.param_groups(
         adaopt.adam, [adaopt.Group("k", optimizer=optax.sgd(1e-2, momentum=0.9))], learning_rate=1e-2
     ),  # one group's state has MaskedNode in place of the other's leaves

@@ -106,19 +106,20 @@ def _is_held(x: Any) -> bool:
     return base.is_stored(x) or base.is_masked_node(x)
 
 
-def _mirrors(node: Any, params: Any) -> bool:
-    """Whether ``node`` holds one leaf per parameter, of the parameter's shape (``MaskedNode`` for another group's)."""
+def _per_parameter(node: Any, params: Any) -> bool:
+    """Whether ``node`` holds one leaf per parameter (``MaskedNode`` for another group's), one of them at least of its
+    parameter's shape (:func:`_mirrors`): a moment tree, whose other leaves (GaLore's projected moments, factored
+    statistics) keep their placement."""
     structure: Any = jax.tree.structure(node, is_leaf=_is_held)
     if structure != jax.tree.structure(params, is_leaf=base.is_masked_node):
         return False
-    pairs = [
-        (s, p)
-        for s, p in zip(
-            jax.tree.leaves(node, is_leaf=_is_held), jax.tree.leaves(params, is_leaf=base.is_masked_node), strict=True
-        )
-        if not (base.is_masked_node(s) or base.is_masked_node(p))
-    ]
-    return bool(pairs) and all(complex_params.mirrors(s, p) for s, p in pairs)
+    pairs = zip(jax.tree.leaves(node, is_leaf=_is_held), jax.tree.leaves(params, is_leaf=base.is_masked_node))
+    return any(_mirrors(s, p) for s, p in pairs)
+
+
+def _mirrors(leaf: Any, param: Any) -> bool:
+    """Whether a state leaf mirrors ``param``: of its shape (a stored moment's, a complex parameter's real view)."""
+    return not (base.is_masked_node(leaf) or base.is_masked_node(param)) and complex_params.mirrors(leaf, param)
 
 
 def _split_leaf(leaf: Any, param: Any, dim: int | None, axis: str) -> Any:
@@ -154,17 +155,19 @@ def _split_state(state: Any, params: Any, axis: str, min_size: int) -> Any:
     leaves = jax.tree.leaves(params, is_leaf=base.is_masked_node)  # optax.masked's MaskedNode too, as the state's
     dims = [None if base.is_masked_node(p) else _split_dim(p, axis, min_size) for p in leaves]
 
-    def mirrors(node: Any) -> bool:
-        return _mirrors(node, params)
+    def per_parameter(node: Any) -> bool:
+        return _per_parameter(node, params)
 
     def place(node: Any) -> Any:
-        if not mirrors(node):
+        if not per_parameter(node):
             return node
         held = jax.tree.leaves(node, is_leaf=_is_held)
-        split = [_split_leaf(s, p, d, axis) for s, p, d in zip(held, leaves, dims, strict=True)]
+        split = [
+            _split_leaf(s, p, d, axis) if _mirrors(s, p) else s for s, p, d in zip(held, leaves, dims, strict=True)
+        ]
         return jax.tree.unflatten(jax.tree.structure(node, is_leaf=_is_held), split)
 
-    return jax.tree.map(place, state, is_leaf=mirrors)
+    return jax.tree.map(place, state, is_leaf=per_parameter)
 
 
 def _check_mesh(params: Any, axis: str) -> None:
