@@ -113,8 +113,8 @@ def _per_parameter(node: Any, params: Any) -> bool:
     structure: Any = jax.tree.structure(node, is_leaf=_is_held)
     if structure != jax.tree.structure(params, is_leaf=base.is_masked_node):
         return False
-    pairs = zip(jax.tree.leaves(node, is_leaf=_is_held), jax.tree.leaves(params, is_leaf=base.is_masked_node))
-    return any(_mirrors(s, p) for s, p in pairs)
+    held, leaves = jax.tree.leaves(node, is_leaf=_is_held), jax.tree.leaves(params, is_leaf=base.is_masked_node)
+    return any(_mirrors(s, p) for s, p in zip(held, leaves, strict=True))
 
 
 def _mirrors(leaf: Any, param: Any) -> bool:
