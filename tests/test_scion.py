@@ -355,6 +355,20 @@ def test_a_norm_that_does_not_fit_the_leaf_is_refused_at_init() -> None:
     adaopt.scion(norms={"w": "spectral", "b": ScionNorm("sign", normalize=False)}).init(params)
 
 
+def test_an_unnormalised_sign_steps_vectors_and_scalars() -> None:
+    """ScionNorm("sign", normalize=False) takes any shape, as its check says: its step read the leaf's second
+    dimension first (an IndexError on a vector or a scalar)."""
+    params = {"b": jnp.zeros(3), "s": jnp.zeros(())}
+    grads = {"b": jnp.asarray([0.5, -2.0, 1.0]), "s": jnp.asarray(-3.0)}
+    tx = adaopt.scion(0.1, norms={"b": ScionNorm("sign", normalize=False), "s": ScionNorm("sign", normalize=False)})
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for k in params:  # one magnitude, against the gradient's signs
+        u = np.atleast_1d(np.asarray(updates[k]))
+        np.testing.assert_array_equal(np.sign(u), -np.sign(np.atleast_1d(np.asarray(grads[k]))))
+        np.testing.assert_allclose(np.abs(u), np.abs(u[0]), rtol=1e-6)
+        assert abs(u[0]) > 0
+
+
 def test_complex_parameters_are_refused_at_init() -> None:
     with pytest.raises(TypeError, match=r"Scion does not take complex parameters.*\['w'\]"):
         adaopt.scion().init({"w": jnp.ones((3, 3), jnp.complex64)})

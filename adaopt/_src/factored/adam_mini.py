@@ -132,7 +132,8 @@ def default_adam_mini_blocks(
     gives ``"layers.0.q_proj.weight"``, torch's name for the same module tree; a Flax box's ``value`` attribute is
     left out) and matched against the reference's substrings, in this order:
 
-    1. ``"bias"`` (and Haiku's ``"b"``, a module's parameter): ``"coordinate"``, plain Adam.
+    1. ``"bias"`` (and Haiku's ``"b"``, a module's parameter): ``"coordinate"``, plain Adam. (The reference reads
+       ``"bias"`` alone: for a torch module whose parameter ``b`` is no bias, pass ``blocks={".b": "tensor"}``.)
     2. A leaf that is not a matrix (0-d, 1-d: norms' gains, scalars; 3-d and more):
        ``"tensor"``, one second moment for the leaf.
     3. Queries and keys (``"q_proj"``, ``"k_proj"``, ``"wq"``, ``"wk"``, ``"query"``,

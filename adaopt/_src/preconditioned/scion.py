@@ -246,8 +246,10 @@ def _lmo(norm: ScionNorm, d: jax.Array, orthogonalise: Any) -> jax.Array:
     if kind == "identity":
         return d
     if kind == "sign":
+        if not norm.normalized:  # any shape (a vector's, a scalar's: no input dimension to read)
+            return jnp.sign(d)
         inputs = shape[0] if norm.transpose else shape[1]
-        return jnp.sign(d) / inputs if norm.normalized and inputs else jnp.sign(d)
+        return jnp.sign(d) / inputs if inputs else jnp.sign(d)
     if kind == "bias_rms":
         axis = 0 if norm.axis is None else norm.axis
         rms = jnp.abs(d) if d.ndim == 0 else jnp.sqrt(jnp.mean(d * d, axis=axis, keepdims=True))
