@@ -222,6 +222,25 @@ def test_optaxs_factories_keep_optaxs_dtype() -> None:
     assert [x.dtype for x in jax.tree.leaves(new_state)] == [x.dtype for x in jax.tree.leaves(state)]
 
 
+@pytest.mark.parametrize("factory", [adaopt.sgd, optax.sgd])
+def test_hyperparameters_given_as_integers_are_injected_as_floats(factory: Any) -> None:
+    """learning_rate=1, momentum=0 were injected as integer arrays: setting 0.5 later changed their dtype (a step
+    compiled again; a lax.scan's carry refused). Floats of the hyperparameters' dtype; the options stay as given."""
+    params = {"w": jnp.ones(3)}
+    opt = adaopt.inject_hyperparams(factory)(learning_rate=1, momentum=0)
+    state = opt.init(params)
+    assert {"learning_rate", "momentum"} <= set(state.hyperparams)
+    assert all(v.dtype == jnp.float32 for v in state.hyperparams.values()), state.hyperparams
+
+    def body(state: Any, lr: jax.Array) -> tuple[Any, jax.Array]:
+        state.hyperparams["learning_rate"] = lr
+        updates, state = opt.update(params, state, params)
+        return state, updates["w"][0]
+
+    _, steps = jax.lax.scan(body, state, jnp.asarray([0.5, 0.25]))
+    np.testing.assert_allclose(np.asarray(steps), [-0.5, -0.25])
+
+
 def test_an_integer_hyperparameter_dtype_is_refused() -> None:
     with pytest.raises(adaopt.HyperparameterError, match="hyperparam_dtype must be a float dtype"):
         adaopt.inject_hyperparams(adaopt.adamw, hyperparam_dtype=jnp.int32)

@@ -119,6 +119,7 @@ def inject_hyperparams(
         )
     static = tuple(name for name in parameters if name in requested or is_static(parameters[name]))
     _check_hyperparam_dtype(hyperparam_dtype)
+    signature = inspect.signature(factory)
     # adaopt's factories compute in float32 at least (their states too): optax's hold half-precision states, which
     # float32 hyperparameters would promote.
     ours = getattr(factory, "__module__", "").startswith("adaopt.")
@@ -127,6 +128,7 @@ def inject_hyperparams(
 
         @functools.wraps(factory)
         def injected_by_optax(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+            args, kwargs = _floats(signature, static, args, kwargs)
             tx = inject(*args, **kwargs)
             init = _distinct_init(tx.init)
             if hyperparam_dtype is None:
@@ -144,6 +146,8 @@ def inject_hyperparams(
 
     @functools.wraps(factory)
     def injected(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        args, kwargs = _floats(signature, static, args, kwargs)
+
         def build_in(dtype: Any) -> optax.GradientTransformationExtraArgs:
             return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=dtype)(*args, **kwargs)
 
@@ -164,6 +168,23 @@ def inject_hyperparams(
         )
 
     return injected
+
+
+def _floats(signature: inspect.Signature, static: tuple[str, ...], args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """``args`` and ``kwargs`` with the hyperparameters given as integers (``b1=0``, ``learning_rate=1``) as floats:
+    optax injects an integer array, whose dtype a float set later (``state.hyperparams["b1"] = 0.5``) changes,
+    compiling the step again (and failing as a ``lax.scan`` carry). The options stay as given."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return args, kwargs  # optax and the factory name the mistake
+
+    def as_float(name: str, value: Any) -> Any:
+        integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+        return float(value) if integer and name not in static else value
+
+    bound.arguments.update({name: as_float(name, value) for name, value in bound.arguments.items()})
+    return bound.args, bound.kwargs
 
 
 def _check_factory(factory: Any) -> None:
