@@ -125,8 +125,16 @@ def _torch_trajectory(opt: torch.optim.Optimizer, tensors: dict, lr: Any, grads:
 
 
 def relative_error(ours: dict, theirs: dict) -> float:
+    """The largest difference over the leaves, relative to each reference leaf's largest magnitude; inf where either
+    side is not finite where the other is (``max`` with a NaN keeps its first argument: NaN passed as 0)."""
     worst = 0.0
     for k in theirs:
-        scale = max(float(np.max(np.abs(theirs[k]))), 1e-30)
-        worst = max(worst, float(np.max(np.abs(ours[k] - theirs[k]))) / scale)
+        a, b = np.asarray(ours[k]), np.asarray(theirs[k])
+        if not np.array_equal(np.isfinite(a), np.isfinite(b)) or not np.array_equal(
+            a[~np.isfinite(a)], b[~np.isfinite(b)], equal_nan=True
+        ):
+            return float("inf")
+        finite = np.isfinite(b)
+        scale = max(float(np.max(np.abs(b[finite]), initial=0.0)), 1e-30)
+        worst = max(worst, float(np.max(np.abs(a[finite] - b[finite]), initial=0.0)) / scale)
     return worst

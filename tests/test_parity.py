@@ -145,6 +145,17 @@ def test_parity_detects_a_wrong_hyperparameter() -> None:
     assert parity.relative_error(ours, theirs) > 1e-6
 
 
+def test_a_trajectory_that_is_not_finite_where_the_references_is_fails() -> None:
+    """max(worst, nan) keeps worst: a NaN in adaopt's trajectory passed the comparison as an error of 0."""
+    theirs = {"w": np.ones((3, 2)), "b": np.zeros(2)}
+    assert parity.relative_error({"w": np.ones((3, 2)), "b": np.zeros(2)}, theirs) == 0.0
+    for bad in (np.nan, np.inf):
+        ours = {"w": np.ones((3, 2)), "b": np.asarray([0.0, bad])}
+        assert parity.relative_error(ours, theirs) == np.inf
+        assert parity.relative_error(theirs, ours) == np.inf
+    assert parity.relative_error({"w": np.asarray([np.nan, 1.5])}, {"w": np.asarray([np.nan, 1.0])}) == 0.5
+
+
 # Gradients whose float32 squares overflow (|g| > 1.8e19) but whose weighted squares do not: torch's addcmul
 # weights each square first, so RMSprop's and Adadelta's every coordinate moves, and Adam's second moment is finite.
 HUGE = {

@@ -335,6 +335,17 @@ def test_4_bit_codes_of_shards_of_odd_length_are_packed_gathered(shape: tuple[in
     np.testing.assert_allclose(np.asarray(sharded["t"]), np.asarray(plain["t"]), rtol=1e-6, atol=1e-7)
 
 
+def _placed_run(tx: optax.GradientTransformation, params: Any, grads: list, place: Any) -> tuple[Any, Any]:
+    """``tx``'s jitted steps from ``place(params)``, each gradient placed alike: the last parameters and state."""
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p), compiler_options=problems.DEFAULT_EMITTERS)
+    params = place(params)
+    state = tx.init(params)
+    for g in grads:
+        updates, state = step(place(g), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
 @pytest.mark.parametrize("name", ["adopt", "prodigy", "dadapt_adam"])
 def test_flat_stored_moments_step_beside_a_sharded_gradient(name: str) -> None:
     """A (64, 320) leaf split by columns: 320 is no multiple of int4's block (128), so its codes are stored flat and
@@ -346,19 +357,10 @@ def test_flat_stored_moments_step_beside_a_sharded_gradient(name: str) -> None:
     params = {"w": jnp.asarray(rng.normal(size=(64, 320)), jnp.float32)}
     grads = [{"w": jnp.asarray(rng.normal(size=(64, 320)), jnp.float32)} for _ in range(3)]
     tx = getattr(adaopt, name)(1e-2, mu_dtype="int4")
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p), compiler_options=problems.DEFAULT_EMITTERS)
-
-    def run(place: Any) -> Any:
-        params_now = place(params)
-        state = tx.init(params_now)
-        for g in grads:
-            updates, state = step(place(g), state, params_now)
-            params_now = optax.apply_updates(params_now, updates)
-        return params_now
-
-    plain = run(lambda tree: tree)
+    plain, _ = _placed_run(tx, params, grads, lambda tree: tree)
     with jax.set_mesh(mesh):
-        sharded = run(lambda tree: {"w": jax.device_put(tree["w"], NamedSharding(mesh, P(None, "model")))})
+        place = lambda tree: {"w": jax.device_put(tree["w"], NamedSharding(mesh, P(None, "model")))}
+        sharded, _ = _placed_run(tx, params, grads, place)
     np.testing.assert_allclose(np.asarray(sharded["w"]), np.asarray(plain["w"]), rtol=1e-6, atol=1e-7)
 
 
@@ -408,19 +410,10 @@ def test_a_mesh_axis_of_one_device_on_a_leafs_blocks(kind: str) -> None:
     }
     grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(3)]
     tx = adaopt.adamw(1e-2, mu_dtype=kind, nu_dtype=kind)
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p), compiler_options=problems.DEFAULT_EMITTERS)
-
-    def run(place: Any) -> list:
-        p = place(params)
-        state = tx.init(p)
-        for g in grads:
-            updates, state = step(place(g), state, p)
-            p = optax.apply_updates(p, updates)
-        return jax.tree.leaves((p, state))
-
-    plain = run(lambda tree: tree)
+    plain = jax.tree.leaves(_placed_run(tx, params, grads, lambda tree: tree))
     with jax.set_mesh(mesh):
-        sharded = run(lambda tree: {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()})
+        place = lambda tree: {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
+        sharded = jax.tree.leaves(_placed_run(tx, params, grads, place))
     for a, b in zip(sharded, plain, strict=True):
         if kind == "fp8" and a.dtype == jnp.float32:
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
