@@ -6,6 +6,7 @@ tests/test_storage_torchao.py."""
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import jax
@@ -419,6 +420,19 @@ def test_a_mesh_axis_of_one_device_on_a_leafs_blocks(kind: str) -> None:
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
         else:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_step_gathers_the_codes_of_blocks_that_its_shards_split() -> None:
+    """Rows of 256 split in halves over the model axis: each 8-bit block straddles two shards, and the step gathers
+    the moments' blocks to read them: their codes (a byte an element) since this change, where it gathered the
+    decoded values (four bytes). Writing the new moments gathers their values, whose blocks' maxima it needs."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
+    tx = adaopt.adamw(1e-2, mu_dtype="int8", nu_dtype="int8")
+    with jax.set_mesh(mesh):
+        params = {"t": jax.device_put(jnp.ones((16, 256)), NamedSharding(mesh, P(None, "model")))}
+        hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+    gathered = re.findall(r"= (\w+)\[[\d,]*\]\S* all-gather\(", hlo)
+    assert sorted(gathered) == ["f32", "f32", "u8", "u8"], gathered
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

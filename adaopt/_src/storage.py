@@ -504,7 +504,13 @@ class Blockwise:
 
     def decode(self, leaf: Quantized, dtype: Any = jnp.float32) -> jax.Array:
         """The values of ``leaf`` in ``dtype``: each entry (or FP8 value) times its block's scale."""
-        codes = leaf.codes
+        # Where a shard would split blocks, the codes are gathered (a byte, or half a byte, an element), not the
+        # values their blocks need (four bytes and more).
+        lead = self.lead_axes(leaf.shape)
+        if lead is None:
+            codes = whole(leaf.codes)
+        else:
+            codes = _trailing(leaf.codes, lead, self.block_size // 2 if self.format == "dynamic4" else self.block_size)
         qmap = self.qmap(leaf.signed)
         if qmap is None:
             values = _from_e4m3(codes).astype(dtype)
