@@ -424,8 +424,8 @@ def test_a_mesh_axis_of_one_device_on_a_leafs_blocks(kind: str) -> None:
 
 def test_a_step_gathers_the_codes_of_blocks_that_its_shards_split() -> None:
     """Rows of 256 split in halves over the model axis: each 8-bit block straddles two shards, and the step gathers
-    the moments' blocks to read them: their codes (a byte an element) since this change, where it gathered the
-    decoded values (four bytes). Writing the new moments gathers their values, whose blocks' maxima it needs."""
+    the moments' blocks to read them: their codes (a byte an element; it gathered the decoded values, four bytes).
+    Writing the new moments gathers their values, whose blocks' maxima it needs."""
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
     tx = adaopt.adamw(1e-2, mu_dtype="int8", nu_dtype="int8")
     with jax.set_mesh(mesh):
