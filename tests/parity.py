@@ -130,11 +130,9 @@ def relative_error(ours: dict, theirs: dict) -> float:
     worst = 0.0
     for k in theirs:
         a, b = np.asarray(ours[k]), np.asarray(theirs[k])
-        if not np.array_equal(np.isfinite(a), np.isfinite(b)) or not np.array_equal(
-            a[~np.isfinite(a)], b[~np.isfinite(b)], equal_nan=True
-        ):
-            return float("inf")
         finite = np.isfinite(b)
+        if not np.array_equal(np.isfinite(a), finite) or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
+            return float("inf")
         scale = max(float(np.max(np.abs(b[finite]), initial=0.0)), 1e-30)
         worst = max(worst, float(np.max(np.abs(a[finite] - b[finite]), initial=0.0)) / scale)
     return worst

@@ -447,22 +447,13 @@ def test_quantized_state_shards_like_the_parameters(kind: str) -> None:
     params = {k: jnp.asarray(rng.normal(size=shape), jnp.float32) for k, (shape, _, _) in LAYOUTS.items()}
     grads = [{k: jnp.asarray(rng.normal(size=x.shape), jnp.float32) for k, x in params.items()} for _ in range(3)]
     tx = adaopt.adamw(1e-2, mu_dtype=kind, nu_dtype=kind)
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p), compiler_options=problems.DEFAULT_EMITTERS)
-
-    def run(params: dict, grads: list) -> tuple:
-        state = tx.init(params)
-        for g in grads:
-            updates, state = step(g, state, params)
-            params = optax.apply_updates(params, updates)
-        return params, state
-
-    plain_params, plain_state = run(params, grads)
+    plain_params, plain_state = _placed_run(tx, params, grads, lambda tree: tree)
     with jax.set_mesh(mesh):
 
         def place(tree: dict) -> dict:
             return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
 
-        sharded_params, sharded_state = run(place(params), [place(g) for g in grads])
+        sharded_params, sharded_state = _placed_run(tx, params, grads, place)
         # A moment that starts at a value other than 0 (AdaGrad's accumulator) is encoded from a fill that keeps
         # the parameter's sharding too.
         adagrad = adaopt.adagrad(1e-2, initial_accumulator_value=0.1, accumulator_dtype=kind)

@@ -484,14 +484,22 @@ class Blockwise:
             codes = codes.astype(jnp.float8_e4m3fn)
         return Quantized(codes, scale, self, signed, shape)
 
+    def _gathered(self, x: jax.Array, shape: tuple[int, ...], per_element: int = 1) -> jax.Array:
+        """``x`` (of ``shape``, or of its leading axes and its trailing ones merged, ``per_element`` elements an entry
+        of the merged axis: 2 for 4-bit codes) with what its blocks need gathered: the trailing axes where a shard
+        would split blocks (:func:`_trailing`), or the whole of a flattened leaf."""
+        lead = self.lead_axes(shape)
+        return whole(x) if lead is None else _trailing(x, lead, self.block_size // per_element)
+
     def _blocks(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """``x`` (of ``shape``, of its leading axes and its trailing ones merged, or flat) as blocks along a new last
         axis: along the trailing axes (:meth:`lead_axes`), or flattened and padded."""
         lead = self.lead_axes(shape)
+        x = self._gathered(x, shape)
         if lead is not None:
-            merged = _trailing(x, lead, self.block_size).reshape(*shape[:lead], -1)
+            merged = x.reshape(*shape[:lead], -1)
             return merged.reshape(*shape[:lead], -1, self.block_size)  # in two steps, for a sharded merged axis
-        flat = whole(x).reshape(-1)  # flattened: no sharding to keep
+        flat = x.reshape(-1)  # flattened: no sharding to keep
         pad = -flat.size % self.block_size
         return (jnp.pad(flat, (0, pad)) if pad else flat).reshape(-1, self.block_size)
 
@@ -506,11 +514,7 @@ class Blockwise:
         """The values of ``leaf`` in ``dtype``: each entry (or FP8 value) times its block's scale."""
         # Where a shard would split blocks, the codes are gathered (a byte, or half a byte, an element), not the
         # values their blocks need (four bytes and more).
-        lead = self.lead_axes(leaf.shape)
-        if lead is None:
-            codes = whole(leaf.codes)
-        else:
-            codes = _trailing(leaf.codes, lead, self.block_size // 2 if self.format == "dynamic4" else self.block_size)
+        codes = self._gathered(leaf.codes, leaf.shape, 2 if self.format == "dynamic4" else 1)
         qmap = self.qmap(leaf.signed)
         if qmap is None:
             values = _from_e4m3(codes).astype(dtype)
