@@ -254,8 +254,9 @@ def test_codes_are_the_nearest_entries_at_and_beside_every_midpoint(fmt: str) ->
 def test_8bit_codes_found_by_arithmetic_are_the_search_tables_for_every_float() -> None:
     """With AVX-512 the kernel codes an 8-bit moment by arithmetic on its map's runs of equally spaced entries (Search8
     in blockwise_adam.cc), and by the search table only where a float lies too near a midpoint: for either map, every
-    float32 in [-1, 1] and every NaN (over 2**31 floats) gets the table's code. A build without AVX-512 has only the
-    table, and says so (-1)."""
+    float32 in [-4, 4], the largest ones, the infinities and every NaN (over 2**31 floats) gets the table's code of
+    the float clipped to [-1, 1], and for the unsigned map (the second moment's, from 0 up) so does the search's
+    unsigned form. A build without AVX-512 has only the table, and says so (-1)."""
     count = kernels._library().AdaoptCodes8Mismatches
     count.restype = ctypes.c_int64
     count.argtypes = [ctypes.c_void_p, ctypes.c_void_p]

@@ -69,6 +69,7 @@ constexpr float kBand = 1.0f / 4096;
 struct Search8 {
   bool ok;  // the map has this form (Search8Of); else the vector steps take the search table
   int32_t zero;
+  bool nonnegative;  // its lowest entry is 0 (zero is 0)
   float bound[32];
   int32_t below[32];
   float slope[16], offset[16];
@@ -382,7 +383,7 @@ struct Vec {
   struct Search8v {
     __m512 bound_low, bound_high, slope, offset;
     __m512i below_low, below_high, last, zero;
-    bool ok;
+    bool ok, nonnegative;
   };
   static Search8v LoadSearch8(const Moment& q) {
     const Search8& s = q.search8;
@@ -394,32 +395,55 @@ struct Vec {
             _mm512_loadu_si512(s.below + 16),
             _mm512_loadu_si512(s.last),
             _mm512_set1_epi32(s.zero),
-            s.ok};
+            s.ok,
+            s.ok && s.nonnegative};
   }
-  // Nearest of 16 elements of an 8-bit map, x in [-1, 1] or NaN: by Search8 where its map has that form.
+  // Nearest of 16 elements of an 8-bit map, x clipped to [-1, 1] first (a NaN kept): by Search8 where its map has that
+  // form. `Signed` false only for a map whose lowest entry is 0 (Search8::nonnegative), whose codes of x < 0 are 0.
+  template <bool Signed>
   static __m128i Codes8(F x, const Search8v& s, const uint32_t* table) {
-    if (!s.ok) return Nearest(x, table);
+    return _mm512_cvtepi32_epi8(Codes8Index<Signed>(x, s, table));
+  }
+  // Codes8 a 32-bit lane each.
+  template <bool Signed>
+  static __m512i Codes8Index(F x, const Search8v& s, const uint32_t* table) {
+    // NaN stays NaN in the clip, as in the scalar Clip and jnp.clip (max and min return their second operand when
+    // either is NaN)
+    const auto nearest = [&] { return NearestIndex(Min(Set(1.0f), Max(Set(-1.0f), x)), table); };
+    if (!s.ok) return nearest();
     const __m512i bits = _mm512_castps_si512(x);
-    const __mmask16 negative = _mm512_movepi32_mask(bits);
-    const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
-    const __m512i y = _mm512_mask_add_epi32(magnitude, negative, magnitude, _mm512_set1_epi32(1));
-    const __m512i binade =
-        _mm512_max_epi32(_mm512_sub_epi32(_mm512_srli_epi32(y, 23), _mm512_set1_epi32(96)), _mm512_setzero_si512());
+    const __m512i one = _mm512_set1_epi32(0x3F800000);
+    __mmask16 negative = 0;
+    __m512i y;
+    if constexpr (Signed) {
+      // |x| at most 1 (a NaN's 1: the vector takes the table below), then for x < 0 the float above it
+      negative = _mm512_movepi32_mask(bits);
+      y = _mm512_min_epu32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), one);
+      y = _mm512_mask_add_epi32(y, negative, y, _mm512_set1_epi32(1));
+    } else {
+      y = _mm512_min_epi32(_mm512_max_epi32(bits, _mm512_setzero_si512()), one);  // x < 0 as 0
+    }
+    // max(exponent - 96, 0), the exponent at most 127 (as 16-bit lanes: the top one's 0 - 96 saturates to 0)
+    const __m512i binade = _mm512_subs_epu16(_mm512_srli_epi32(y, 23), _mm512_set1_epi32(96));
     const __m512 bound = _mm512_permutex2var_ps(s.bound_low, binade, s.bound_high);
     const __m512i below = _mm512_permutex2var_epi32(s.below_low, binade, s.below_high);
     const __m512i run = _mm512_mask_add_epi32(below, Less(bound, _mm512_castsi512_ps(y)), below, _mm512_set1_epi32(1));
     const F line =
         Fma(_mm512_castsi512_ps(y), _mm512_permutexvar_ps(run, s.slope), _mm512_permutexvar_ps(run, s.offset));
-    const F floor = _mm512_roundscale_ps(line, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const F fraction = _mm512_sub_ps(line, floor);
+    const F fraction = _mm512_reduce_ps(line, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // line - floor(line)
     __mmask16 clear = _mm512_cmp_ps_mask(fraction, Set(kBand), _CMP_GE_OQ);
     clear = _mm512_mask_cmp_ps_mask(clear, fraction, Set(1.0f - kBand), _CMP_LE_OQ);
-    clear = _mm512_mask_cmp_ps_mask(clear, x, x, _CMP_ORD_Q);  // a NaN's y may be a number
-    if (__builtin_expect(clear != 0xFFFF, 0)) return Nearest(x, table);
-    const __m512i count = _mm512_min_epi32(_mm512_cvttps_epi32(floor), _mm512_permutexvar_epi32(run, s.last));
-    // zero + count above 0, zero - count below (at least 0: the float above -1 may count the midpoint below 1)
-    const __m512i code = _mm512_mask_sub_epi32(_mm512_add_epi32(s.zero, count), negative, s.zero, count);
-    return _mm512_cvtepi32_epi8(_mm512_max_epi32(code, _mm512_setzero_si512()));
+    clear = _mm512_mask_cmp_ps_mask(clear, x, x, _CMP_ORD_Q);
+    if (__builtin_expect(clear != 0xFFFF, 0)) return nearest();
+    const __m512i count = _mm512_min_epi32(_mm512_cvt_roundps_epi32(line, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                           _mm512_permutexvar_epi32(run, s.last));
+    if constexpr (Signed) {
+      // zero + count above 0, zero - count below (at least 0: the float above -1 may count the midpoint below 1)
+      const __m512i code = _mm512_mask_sub_epi32(_mm512_add_epi32(s.zero, count), negative, s.zero, count);
+      return _mm512_max_epi32(code, _mm512_setzero_si512());
+    } else {
+      return count;
+    }
   }
   // A 4-bit map's 15 midpoints as the four levels of a binary search, in registers (a gather from the search table
   // costs as much as the rest of an element's step): Moment.levels.
@@ -473,6 +497,18 @@ struct Vec {
     return _mm512_cvtepi32_epi8(code);
   }
   static void StoreCodes(uint8_t* p, __m128i codes) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), codes); }
+#if defined(ADAOPT_LOOKUP64)
+  // The low bytes of the 64 lanes of four vectors of codes, stored: two byte permutes of two vectors each and one
+  // insert, where narrowing each vector (vpmovdb) takes two micro-operations (8-bit codes: 2% of their step; FP8's
+  // no faster).
+  static void StoreCodes64(uint8_t* p, const __m512i (&codes)[4]) {
+    const __m512i low = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x7C787470, 0x6C686460, 0x5C585450, 0x4C484440,
+                                         0x3C383430, 0x2C282420, 0x1C181410, 0x0C080400);
+    const __m512i first = _mm512_permutex2var_epi8(codes[0], low, codes[1]);
+    const __m512i second = _mm512_permutex2var_epi8(codes[2], low, codes[3]);
+    _mm512_storeu_si512(p, _mm512_inserti64x4(first, _mm512_castsi512_si256(second), 1));
+  }
+#endif
 };
 #elif defined(ADAOPT_AVX2)
 struct Vec {
@@ -559,9 +595,14 @@ struct Vec {
     return LowBytes(_mm256_add_epi32(_mm256_and_si256(y, _mm256_set1_epi32(0xFF)), _mm256_srli_epi32(y, 31)));
   }
   // The arithmetic search of AVX-512's Codes8 needs its mask registers: the search table here.
-  struct Search8v {};
+  struct Search8v {
+    bool nonnegative = false;
+  };
   static Search8v LoadSearch8(const Moment&) { return {}; }
-  static __m128i Codes8(F x, const Search8v&, const uint32_t* table) { return Nearest(x, table); }
+  template <bool Signed>
+  static __m128i Codes8(F x, const Search8v&, const uint32_t* table) {
+    return Nearest(Min(Set(1.0f), Max(Set(-1.0f), x)), table);
+  }
   struct Search16 {
     F m7, t4, t2, t1;
   };
@@ -645,16 +686,16 @@ inline VF Decode(const uint8_t* codes, int64_t i, const MapOf<F>& map) {
   }
 }
 
-// The codes (a byte each) of kLanes elements over their block's scale, for 8-bit codes and FP8; NaN stays NaN in the
-// clip, as in the scalar Clip and jnp.clip (max and min return their second operand when either is NaN).
-template <int F>
+// The codes (a byte each) of kLanes elements over their block's scale, for 8-bit codes (`Signed`: Codes8's) and FP8.
+template <int F, bool Signed>
 inline __m128i Encode(VF x, const uint32_t* search, const Vec::Search8v& search8) {
   if constexpr (F == kFp8) {
     return Vec::E4m3(x);
   } else {
-    return Vec::Codes8(Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x)), search8, search);
+    return Vec::Codes8<Signed>(x, search8, search);
   }
 }
+
 
 // What the vector loops read of a moment, loaded once for a run of blocks into locals: the job's fields would be
 // loaded again after each store of codes, which may alias them.
@@ -714,8 +755,8 @@ template <int F>
 }
 
 // StoreScalar's codes for a whole block whose size is a multiple of kLanes. Inlined into the loop over blocks, as
-// the block steps below, which then keeps the vectors of StepVec in registers.
-template <int F>
+// the block steps below, which then keeps the vectors of StepVec in registers. `Signed`: Codes8's (8-bit codes only).
+template <int F, bool Signed = true>
 [[gnu::always_inline]] inline void StoreVector(int64_t block, const MomentVec<F>& q, int64_t start,
                                                 const float* values, Scaled scaled) {
   const auto over = [&](int64_t k) {
@@ -729,8 +770,20 @@ template <int F>
       Vec::Codes4(q.codes_out + ((start + k) >> 1), over(k), q.search16, q.search, scaled.no_nan);
     }
   } else {
+#if defined(ADAOPT_LOOKUP64)
+    if constexpr (F == kDynamic8) {
+      if (block % 64 == 0) {
+        for (int64_t k = 0; k < block; k += 64) {
+          __m512i codes[4];
+          for (int r = 0; r < 4; ++r) codes[r] = Vec::Codes8Index<Signed>(over(k + 16 * r), q.search8, q.search);
+          Vec::StoreCodes64(q.codes_out + start + k, codes);
+        }
+        return;
+      }
+    }
+#endif
     for (int64_t k = 0; k < block; k += Vec::kLanes) {
-      Vec::StoreCodes(q.codes_out + start + k, Encode<F>(over(k), q.search, q.search8));
+      Vec::StoreCodes(q.codes_out + start + k, Encode<F, Signed>(over(k), q.search, q.search8));
     }
   }
 }
@@ -762,7 +815,14 @@ struct Pending {
 template <int F, bool Lion>
 [[gnu::always_inline]] inline void StoreCodes(const StepVec<F>& p, const Pending& pending) {
   StoreVector<F>(p.block, p.m, pending.start, pending.m_new, pending.m);
-  if constexpr (!Lion) StoreVector<F>(p.block, p.v, pending.start, pending.v_new, pending.v);
+  if constexpr (!Lion) {
+    // The second moment is at least 0 (or NaN): its codes into a map from 0 up need no sign.
+    if (p.v.search8.nonnegative) {
+      StoreVector<F, false>(p.block, p.v, pending.start, pending.v_new, pending.v);
+    } else {
+      StoreVector<F>(p.block, p.v, pending.start, pending.v_new, pending.v);
+    }
+  }
 }
 
 // A whole block whose size is a multiple of kLanes: its step and new moments.
@@ -1010,6 +1070,7 @@ Search8 Search8Of(const float* map) {
     if (inside > 1) return s;
   }
   s.zero = zero;
+  s.nonnegative = zero == 0;
   s.ok = true;
   return s;
 }
@@ -1158,9 +1219,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdaoptBlockwiseLion, BlockwiseLion,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// For the tests (tests/test_cpu_kernels.py): how many float32 x in [-1, 1], and NaN, the vector steps code otherwise
-// than the search table does, for an 8-bit `map` and its `table` (storage._search_table), every such float tried;
-// -1 where they take the table (the map has no Search8, or the build no AVX-512).
+// For the tests (tests/test_cpu_kernels.py): how many float32 x in [-4, 4], beyond the largest finite float, and NaN,
+// the vector steps code otherwise than the search table codes x clipped to [-1, 1], for an 8-bit `map` and its `table`
+// (storage._search_table), every such float tried, by Codes8 and, for a map from 0 up, by its unsigned form too; -1
+// where they take the table (the map has no Search8, or the build no AVX-512).
 extern "C" int64_t AdaoptCodes8Mismatches(const float* map, const uint32_t* table) {
 #if defined(ADAOPT_AVX512)
   Moment moment{};
@@ -1171,15 +1233,20 @@ extern "C" int64_t AdaoptCodes8Mismatches(const float* map, const uint32_t* tabl
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t mismatches = 0;
   for (const uint32_t sign : {0u, 0x80000000u}) {
-    // |x| from 0 to 1 (0x3F800000), then the NaNs above the infinity (0x7F800000)
-    for (const auto& [from, to] : {std::pair<uint64_t, uint64_t>{0, 0x3F800001}, {0x7F800001, 0x80000000}}) {
+    // |x| from 0 to 4 (0x40800000), then the largest floats, the infinity (0x7F800000) and the NaNs above it
+    for (const auto& [from, to] : {std::pair<uint64_t, uint64_t>{0, 0x40800001}, {0x7F7FFFF0, 0x80000000}}) {
       for (uint64_t start = from; start < to; start += 16) {
         const __m512i bits = _mm512_or_si512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(start)), lane),
                                              _mm512_set1_epi32(static_cast<int32_t>(sign)));
         const __mmask16 inside = static_cast<__mmask16>(to - start >= 16 ? 0xFFFF : (1u << (to - start)) - 1);
         const __m512 x = _mm512_castsi512_ps(bits);
-        const __m128i equal = _mm_cmpeq_epi8(Vec::Codes8(x, search, table), Vec::Nearest(x, table));
+        const __m128i expected = Vec::Nearest(Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x)), table);
+        const __m128i equal = _mm_cmpeq_epi8(Vec::Codes8<true>(x, search, table), expected);
         mismatches += __builtin_popcount(~_mm_movemask_epi8(equal) & inside);
+        if (search.nonnegative) {
+          const __m128i same = _mm_cmpeq_epi8(Vec::Codes8<false>(x, search, table), expected);
+          mismatches += __builtin_popcount(~_mm_movemask_epi8(same) & inside);
+        }
       }
     }
   }
