@@ -11,7 +11,8 @@ Three tables:
   parameters and the state donated): the optimizer step of the GPT-2 tree, and a whole training
   step (loss, gradients, update) of the convergence suite's char-level transformer.
 - **Step time** of AdamW on the GPT-2 tree with each storage, against adaopt's float32 AdamW and
-  optax's ``adamw`` in the same run: medians of ``--reps`` timed steps (``update`` +
+  optax's ``adamw`` in the same run: medians of ``--reps`` timed steps, taken in rounds that step every row
+  once (``speed.time_interleaved``: a drift of the machine's speed reaches all rows alike; ``update`` +
   ``apply_updates``, jitted, parameters and state donated; the CPU kernels' rows as a training step runs them,
   the kernel writing over the gradients, then one pass for the rest and the update: ``speed.time_jax_split``),
   and the bytes a step must move per parameter (read the parameter, the gradient and the state,
@@ -218,19 +219,21 @@ def timing_rows(shapes: Any, reps: int) -> list[list[str]]:
     n = speed.count(shapes)[1]
     host_params = speed.host_arrays(shapes, seed=0, scale=0.02)
     grads = jax.tree.map(jnp.asarray, speed.host_arrays(shapes, seed=1, scale=1e-3))
-    medians: dict[str, float] = {}
-    state_per_param: dict[str, float] = {}
+    # Every row compiled first (the kernel rows traced with the kernels on), then timed in interleaved rounds.
+    steppers: dict[str, speed.Stepper] = {}
     for label, make in contenders().items():
         with switched(label) as usable:
             if not ("adamw" in label or "lion" in label) or not usable:
                 continue
             if label in KERNEL_ROWS:
-                timing = speed.time_jax_split(*kernel_split(label), host_params, grads, reps)
+                steppers[label] = speed.jax_split_stepper(*kernel_split(label), host_params, grads)
             else:
-                timing = speed.time_jax(make(), host_params, grads, reps)
-        medians[label] = statistics.median(timing.times)
-        state_per_param[label] = timing.state_bytes / n
-        speed._free()
+                steppers[label] = speed.jax_stepper(make(), host_params, grads)
+    times = speed.time_interleaved([stepper.step for stepper in steppers.values()], reps)
+    medians = {label: statistics.median(t) for label, t in zip(steppers, times, strict=True)}
+    state_per_param = {label: stepper.state_bytes / n for label, stepper in steppers.items()}
+    del steppers
+    speed._free()
     rows = []
     for label, median in medians.items():
         # Over the same optimizer's float32 step (adaopt's AdamW for optax's).
@@ -296,7 +299,8 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
             f"### The step of AdamW (and Lion) with each storage on the GPT-2 tree (median of {args.reps})",
             "",
             "`/ adaopt float32`: over the same optimizer's float32 step (adaopt's AdamW for optax's) measured the same "
-            "way, in the same process.",
+            "way, in the same process. The rows' steps are timed in rounds that step every row once (each round "
+            "starting one row later), so that a change of the machine's speed during the run reaches all rows alike.",
             "",
             markdown_table(
                 *report.side_by_side(
@@ -312,7 +316,7 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
             "read (XLA's own step fuses the two), as a training step's gradients, its own temporaries, let it. Their "
             "rows time two programs one after the other: the transformation that takes the kernel (`scale_by_adam`, "
             "`scale_by_lion`) with the gradients donated (a fresh copy of them for each rep, made before its timer "
-            "starts), and the rest of the optimizer (decoupled weight decay, the learning rate) with `apply_updates`, "
+            "starts, and freed after it stops, as the other rows' gradients are never allocated or freed), and the rest of the optimizer (decoupled weight decay, the learning rate) with `apply_updates`, "
             "one pass, as a training step runs them. In one program whose gradients are its arguments XLA copies "
             "each gradient before the kernel writes over it (JAX reuses a donated argument only for an output of its "
             "shape), a copy a training step does not make. The other rows time one program.",

@@ -392,16 +392,29 @@ def _torch_sync(device: str) -> None:
         _torch().cuda.synchronize()
 
 
-def _timed(call: Callable[[], None], reps: int, prepare: Callable[[], None] | None = None) -> list[float]:
-    """``reps`` timed calls after ``WARMUP`` untimed ones; ``prepare`` runs untimed before each call."""
-    times = []
-    for rep in range(WARMUP + reps):
-        if prepare is not None:
-            prepare()
-        start = time.perf_counter()
-        call()
-        if rep >= WARMUP:
-            times.append(time.perf_counter() - start)
+def _timed(call: Callable[[], None], reps: int) -> list[float]:
+    """``reps`` timed calls after ``WARMUP`` untimed ones."""
+    return time_interleaved([(call, None)], reps)[0]
+
+
+Step = tuple[Callable[[], None], Callable[[], None] | None]  # a call to time, and what must run (untimed) before it
+
+
+def time_interleaved(steps: Sequence[Step], reps: int) -> list[list[float]]:
+    """``reps`` timed calls of each step after ``WARMUP`` untimed ones, in rounds that call each once (each round
+    starting one step later): a drift of the machine's speed during the run, or a neighbour's load, reaches every
+    step alike, so their ratios compare where back-to-back blocks of calls would not."""
+    times: list[list[float]] = [[] for _ in steps]
+    for round_ in range(WARMUP + reps):
+        for k in range(len(steps)):
+            index = (round_ + k) % len(steps)
+            call, prepare = steps[index]
+            if prepare is not None:
+                prepare()
+            start = time.perf_counter()
+            call()
+            if round_ >= WARMUP:
+                times[index].append(time.perf_counter() - start)
     return times
 
 
@@ -458,6 +471,24 @@ def state_nbytes(state: Any) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(state))
 
 
+@dataclasses.dataclass
+class Stepper:
+    """One optimizer's compiled step on a tree, ready to time: ``call`` runs a step, ``prepare`` (untimed) what must
+    come before each (:func:`time_interleaved`'s ``step``)."""
+
+    call: Callable[[], None]
+    prepare: Callable[[], None] | None
+    compile_s: float | None
+    state_bytes: int
+
+    @property
+    def step(self) -> Step:
+        return self.call, self.prepare
+
+    def timing(self, times: list[float]) -> Timing:
+        return Timing("", "", times, compile_s=self.compile_s, state_bytes=self.state_bytes)
+
+
 def time_jax(
     optimizer: optax.GradientTransformation,
     host_params: Any,
@@ -469,6 +500,12 @@ def time_jax(
 
     ``flat``: the parameters and the gradients in the layout of ``adaopt.flatten_params``.
     """
+    stepper = jax_stepper(optimizer, host_params, grads, flat)
+    return stepper.timing(time_interleaved([stepper.step], reps)[0])
+
+
+def jax_stepper(optimizer: optax.GradientTransformation, host_params: Any, grads: Any, flat: bool = False) -> Stepper:
+    """:func:`time_jax`'s compiled step."""
 
     def fn(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
         updates, state = optimizer.update(grads, state, params)
@@ -486,9 +523,7 @@ def time_jax(
 
     start = time.perf_counter()
     step.lower(carry["params"], carry["state"], grads).compile()
-    compile_s = time.perf_counter() - start
-    times = _timed(call, reps)
-    return Timing("", "", times, compile_s=compile_s, state_bytes=nbytes)
+    return Stepper(call, None, time.perf_counter() - start, nbytes)
 
 
 def split_programs(kernel: optax.GradientTransformation, tail: optax.GradientTransformation) -> tuple[Any, Any]:
@@ -508,12 +543,24 @@ def time_jax_split(
     """Step times of ``optax.chain(kernel, tail)`` whose ``kernel`` writes its output over the gradients, as a training
     step's gradients (its own temporaries) let it: ``kernel`` jitted with the gradients donated (its updates take
     their buffers), then ``tail`` and ``apply_updates`` jitted together (one pass over the updates and the
-    parameters, as one program fuses them), each step on a fresh copy of the gradients made untimed.
+    parameters, as one program fuses them), each step on a fresh copy of the gradients made untimed, and the spent
+    copy (the updates) freed untimed too: the rows that read the same gradients each step neither allocate nor free
+    them, and freeing the copy's 219 MB of the GPT-2 tree (their pages given back to the system) took 5-6 ms of a
+    32 ms step.
 
     One program whose gradients are its arguments cannot reuse them (JAX reuses a donated argument only for an
     output of its shape, and the step's outputs are the parameters and the state): XLA copies each gradient before
     the kernel writes over it, a copy no training step makes.
     """
+    stepper = jax_split_stepper(kernel, tail, host_params, grads)
+    return stepper.timing(time_interleaved([stepper.step], reps)[0])
+
+
+def jax_split_stepper(
+    kernel: optax.GradientTransformation, tail: optax.GradientTransformation, host_params: Any, grads: Any
+) -> Stepper:
+    """:func:`time_jax_split`'s two compiled programs, their gradients copied afresh (and the last step's updates
+    freed) by ``prepare``."""
     carry: dict[str, Any] = {"params": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
     carry["kernel"], carry["tail"] = kernel.init(carry["params"]), tail.init(carry["params"])
     carry["grads"] = grads
@@ -521,22 +568,31 @@ def time_jax_split(
     first, second = split_programs(kernel, tail)
 
     def fresh_grads() -> None:
+        carry.pop("spent", None)
         carry["grads"] = jax.block_until_ready(jax.tree.map(lambda g: jnp.array(g, copy=True), grads))
 
     def call() -> None:
-        updates, carry["kernel"] = first(carry["grads"], carry["kernel"], carry["params"])
-        carry["params"], carry["tail"] = jax.block_until_ready(second(carry["params"], carry["tail"], updates))
+        # The updates (in the gradients' buffers) kept until the next prepare: freed after the timer stops.
+        carry["spent"], carry["kernel"] = first(carry["grads"], carry["kernel"], carry["params"])
+        carry["params"], carry["tail"] = jax.block_until_ready(second(carry["params"], carry["tail"], carry["spent"]))
 
     start = time.perf_counter()
     first.lower(grads, carry["kernel"], carry["params"]).compile()
     second.lower(carry["params"], carry["tail"], grads).compile()
-    compile_s = time.perf_counter() - start
-    times = _timed(call, reps, fresh_grads)
-    return Timing("", "", times, compile_s=compile_s, state_bytes=nbytes)
+    return Stepper(call, fresh_grads, time.perf_counter() - start, nbytes)
 
 
 def time_torch(contender: Contender, impl: str, host_params: Any, host_grads: Any, reps: int, device: str) -> Timing:
     """Step times of ``torch.optim`` with ``fused=True`` or ``foreach=True`` (``impl``)."""
+    stepper = torch_stepper(contender, impl, host_params, host_grads, device)
+    if isinstance(stepper, Timing):
+        return stepper
+    return stepper.timing(time_interleaved([stepper.step], reps)[0])
+
+
+def torch_stepper(contender: Contender, impl: str, host_params: Any, host_grads: Any, device: str) -> Stepper | Timing:
+    """:func:`time_torch`'s optimizer, its first step taken; an empty :class:`Timing` with the reason where torch
+    refuses it."""
     torch = _torch()
     params = [torch.from_numpy(x).to(device, copy=True) for x in jax.tree.leaves(host_params)]
     for p, g in zip(params, jax.tree.leaves(host_grads), strict=True):
@@ -551,9 +607,8 @@ def time_torch(contender: Contender, impl: str, host_params: Any, host_grads: An
         opt.step()
         _torch_sync(device)
 
-    times = _timed(call, reps)
     nbytes = sum(int(t.nbytes) for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    return Timing("", "", times, state_bytes=nbytes)
+    return Stepper(call, None, None, nbytes)
 
 
 def run(
@@ -588,24 +643,30 @@ def run(
         time_jax(optax.sgd(0.0), host_params, grads, reps=1)
         timings = []
         for opt_name in optimizers:
+            # The optimizer's implementations compiled (or built) first, then timed in interleaved rounds.
             contender = CONTENDERS[opt_name]
+            built: dict[str, Stepper | Timing] = {}
             for impl in (*IMPLS, *layouts):
                 if impl.startswith("torch"):
                     if device is None:
                         continue
                     flag = impl.removeprefix("torch ")
-                    timing = time_torch(contender, flag, host_params, host_grads, reps, device)
+                    built[impl] = torch_stepper(contender, flag, host_params, host_grads, device)
                 elif impl in LAYOUTS:
                     layout = LAYOUTS[impl]
-                    timing = time_jax(layout.wrap(contender.adaopt()), host_params, grads, reps, flat=layout.flat)
-                    impl = layout.impl
+                    built[layout.impl] = jax_stepper(layout.wrap(contender.adaopt()), host_params, grads, layout.flat)
                 else:
                     factory = contender.adaopt if impl == "adaopt" else contender.optax
-                    timing = time_jax(factory(), host_params, grads, reps)
-                _free()  # the step's parameters and state are gone with the timing function's frame
+                    built[impl] = jax_stepper(factory(), host_params, grads)
+            steppers = {impl: s for impl, s in built.items() if isinstance(s, Stepper)}
+            times = dict(zip(steppers, time_interleaved([s.step for s in steppers.values()], reps), strict=True))
+            for impl, made in built.items():
+                timing = made.timing(times[impl]) if isinstance(made, Stepper) else made
                 timing.optimizer, timing.impl = opt_name, impl
                 timings.append(timing)
                 log(f"[{tree_name}] {opt_name:8s} {impl:13s} {_describe(timing, n)}")
+            del built, steppers
+            _free()  # the steps' parameters and states are gone with the steppers
         del host_params, host_grads, grads
         jax.clear_caches()
         _free()
@@ -764,7 +825,9 @@ def render(report: Report, command: str, elapsed_s: float, section: str = "speed
     ]
     parts += [
         "One step is `update` + `optax.apply_updates`, jitted with the parameters and the state donated;",
-        "torch times `opt.step()`. Times are over the timed calls after 2 warm-up calls; compile is the",
+        "torch times `opt.step()`. Times are over the timed calls after 2 warm-up calls, the implementations of one",
+        "optimizer on one tree called in turn, round after round (a drift of the machine's speed reaches them alike,",
+        "so their ratios compare); compile is the",
         "wall time of the first `step.lower(...).compile()` (each tree first compiles one untimed step, so that",
         'no row pays for filling JAX\'s caches). "bytes moved" is the least a step must move',
         "(parameters read and written, gradients read, each state buffer read and written, 4 bytes each);",

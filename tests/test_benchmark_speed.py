@@ -131,3 +131,33 @@ def test_targets_name_the_fastest_adaopt_row_and_what_it_misses(speed: ModuleTyp
     assert rows["`small`", "adam"][2] == "adaopt (flat params)"
     assert rows["`small`", "adam"][-1] == "no: torch fused only 4.0x"
     assert "### The targets" in speed.render(report, "python -m benchmarks.speed", 1.0)
+
+
+def test_interleaved_rounds_call_every_step_once_each_starting_one_later(
+    speed: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows of a comparison are timed in rounds that call each once, each round starting one row later; a
+    step's ``prepare`` runs before each of its calls, outside the timer (a fake clock: a call takes 1 + its index,
+    a prepare 100)."""
+    clock = [0.0]
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    log: list[tuple[str, int]] = []
+
+    def step(k: int) -> tuple:
+        def call() -> None:
+            log.append(("call", k))
+            clock[0] += 1 + k
+
+        def prepare() -> None:
+            log.append(("prepare", k))
+            clock[0] += 100
+
+        return call, prepare if k == 1 else None
+
+    times = speed.time_interleaved([step(k) for k in range(3)], reps=2)
+    assert times == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
+    calls = [k for kind, k in log if kind == "call"]
+    rounds = [0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]  # two untimed rounds, then the timed ones
+    assert speed.WARMUP == 2 and calls == [k for round_ in rounds for k in round_]
+    assert all(log[i - 1] == ("prepare", 1) for i, entry in enumerate(log) if entry == ("call", 1))
+    assert log.count(("prepare", 1)) == 4
