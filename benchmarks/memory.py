@@ -14,7 +14,7 @@ Three tables:
   optax's ``adamw`` in the same run: medians of ``--reps`` timed steps, taken in rounds that step every row
   once (``speed.time_interleaved``: a drift of the machine's speed reaches all rows alike; ``update`` +
   ``apply_updates``, jitted, parameters and state donated; the CPU kernels' rows as a training step runs them,
-  the kernel writing over the gradients, then one pass for the rest and the update: ``speed.time_jax_split``),
+  the kernel writing over the gradients, then one pass for the rest and the update: ``speed.jax_split_stepper``),
   and the bytes a step must move per parameter (read the parameter, the gradient and the state,
   write the parameter and the state: 12 + 2 x state bytes).
 
@@ -85,7 +85,7 @@ int8 moments."""
 
 def kernel_split(label: str) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """A kernel row's optimizer as the transformation that takes the kernel and the rest (decoupled weight decay and
-    the learning rate, as in the row's ``adaopt.adamw`` or ``adaopt.lion``): ``speed.time_jax_split``'s two parts."""
+    the learning rate, as in the row's ``adaopt.adamw`` or ``adaopt.lion``): ``speed.jax_split_stepper``'s two parts."""
     if label == LION_KERNEL:
         return adaopt.scale_by_lion(mu_dtype="int8"), optax.scale(-LION_LR)
     storage = label.split("(")[1].split(",")[0]
@@ -149,7 +149,7 @@ def optimizer_step_peak(tx: optax.GradientTransformation, shapes: Any) -> tuple[
 
 
 def split_step_peak(label: str, shapes: Any) -> tuple[int, int]:
-    """A kernel row's step as ``speed.time_jax_split`` runs it: the larger of its two programs' (peak, temporaries),
+    """A kernel row's step as ``speed.jax_split_stepper`` runs it: the larger of its two programs' (peak, temporaries),
     each peak with the arrays that stay alive outside that program (the parameters while the kernel runs, which it
     does not read; the kernel's state while the rest runs)."""
     kernel, tail = kernel_split(label)

@@ -527,7 +527,7 @@ def jax_stepper(optimizer: optax.GradientTransformation, host_params: Any, grads
 
 
 def split_programs(kernel: optax.GradientTransformation, tail: optax.GradientTransformation) -> tuple[Any, Any]:
-    """The two jitted programs of :func:`time_jax_split`: ``kernel.update`` (gradients and state donated), then
+    """The two jitted programs of :func:`jax_split_stepper`: ``kernel.update`` (gradients and state donated), then
     ``tail`` and ``apply_updates`` (parameters and state donated)."""
 
     def finish(params: Any, state: Any, updates: Any) -> tuple[Any, Any]:
@@ -537,30 +537,21 @@ def split_programs(kernel: optax.GradientTransformation, tail: optax.GradientTra
     return jax.jit(kernel.update, donate_argnums=(0, 1)), jax.jit(finish, donate_argnums=(0, 1))
 
 
-def time_jax_split(
-    kernel: optax.GradientTransformation, tail: optax.GradientTransformation, host_params: Any, grads: Any, reps: int
-) -> Timing:
-    """Step times of ``optax.chain(kernel, tail)`` whose ``kernel`` writes its output over the gradients, as a training
+def jax_split_stepper(
+    kernel: optax.GradientTransformation, tail: optax.GradientTransformation, host_params: Any, grads: Any
+) -> Stepper:
+    """The steps of ``optax.chain(kernel, tail)`` whose ``kernel`` writes its output over the gradients, as a training
     step's gradients (its own temporaries) let it: ``kernel`` jitted with the gradients donated (its updates take
     their buffers), then ``tail`` and ``apply_updates`` jitted together (one pass over the updates and the
-    parameters, as one program fuses them), each step on a fresh copy of the gradients made untimed, and the spent
-    copy (the updates) freed untimed too: the rows that read the same gradients each step neither allocate nor free
-    them, and freeing the copy's 219 MB of the GPT-2 tree (their pages given back to the system) took 5-6 ms of a
-    32 ms step.
+    parameters, as one program fuses them), each step on a fresh copy of the gradients made by ``prepare``
+    (untimed), which also frees the last step's spent copy (the updates): the rows that read the same gradients
+    each step neither allocate nor free them, and freeing the copy's 219 MB of the GPT-2 tree (their pages given
+    back to the system) took 5-6 ms of a 32 ms step.
 
     One program whose gradients are its arguments cannot reuse them (JAX reuses a donated argument only for an
     output of its shape, and the step's outputs are the parameters and the state): XLA copies each gradient before
     the kernel writes over it, a copy no training step makes.
     """
-    stepper = jax_split_stepper(kernel, tail, host_params, grads)
-    return stepper.timing(time_interleaved([stepper.step], reps)[0])
-
-
-def jax_split_stepper(
-    kernel: optax.GradientTransformation, tail: optax.GradientTransformation, host_params: Any, grads: Any
-) -> Stepper:
-    """:func:`time_jax_split`'s two compiled programs, their gradients copied afresh (and the last step's updates
-    freed) by ``prepare``."""
     carry: dict[str, Any] = {"params": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
     carry["kernel"], carry["tail"] = kernel.init(carry["params"]), tail.init(carry["params"])
     carry["grads"] = grads
@@ -582,17 +573,9 @@ def jax_split_stepper(
     return Stepper(call, fresh_grads, time.perf_counter() - start, nbytes)
 
 
-def time_torch(contender: Contender, impl: str, host_params: Any, host_grads: Any, reps: int, device: str) -> Timing:
-    """Step times of ``torch.optim`` with ``fused=True`` or ``foreach=True`` (``impl``)."""
-    stepper = torch_stepper(contender, impl, host_params, host_grads, device)
-    if isinstance(stepper, Timing):
-        return stepper
-    return stepper.timing(time_interleaved([stepper.step], reps)[0])
-
-
 def torch_stepper(contender: Contender, impl: str, host_params: Any, host_grads: Any, device: str) -> Stepper | Timing:
-    """:func:`time_torch`'s optimizer, its first step taken; an empty :class:`Timing` with the reason where torch
-    refuses it."""
+    """``torch.optim``'s step with ``fused=True`` or ``foreach=True`` (``impl``), its first step taken; an empty
+    :class:`Timing` with the reason where torch refuses it."""
     torch = _torch()
     params = [torch.from_numpy(x).to(device, copy=True) for x in jax.tree.leaves(host_params)]
     for p, g in zip(params, jax.tree.leaves(host_grads), strict=True):
