@@ -816,7 +816,7 @@ template <int F, bool Lion>
 [[gnu::always_inline]] inline void StoreCodes(const StepVec<F>& p, const Pending& pending) {
   StoreVector<F>(p.block, p.m, pending.start, pending.m_new, pending.m);
   if constexpr (!Lion) {
-    // The second moment is at least 0 (or NaN): its codes into a map from 0 up need no sign.
+    // Codes into a map from 0 up (the second moment's) need no sign: those of x < 0 are all 0.
     if (p.v.search8.nonnegative) {
       StoreVector<F, false>(p.block, p.v, pending.start, pending.v_new, pending.v);
     } else {
