@@ -39,6 +39,7 @@ import contextlib
 import datetime
 import json
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -246,8 +247,73 @@ def timing_rows(shapes: Any, reps: int) -> list[list[str]]:
     return rows
 
 
+TRAINING_ROWS = (
+    "adaopt adamw (float32)",
+    "adaopt adamw (bfloat16)",
+    "adaopt adamw (bfloat16_sr)",
+    *(KERNEL.format(name) for name in QUANTIZED),
+    "adaopt lion (float32)",
+    LION_KERNEL,
+)
+"""The rows of the training-step table: the light states with what makes them fast (the copy elision's column for
+bfloat16, the kernels for the quantized ones), beside float32."""
+
+
+def least_squares(params: Any, inputs: Any) -> jax.Array:
+    """A loss over the GPT-2 tree whose matrices' gradients come out of dot products, as a model's do (so that no
+    optimizer can fuse their computation into its own pass), for little compute: ``0.5 |x W^T|^2`` summed over the
+    matrices ``W`` with ``x`` four rows of the leaf's input, ``0.5 |b - x|^2`` over the vectors."""
+    total = jnp.float32(0.0)
+    for w, x in zip(jax.tree.leaves(params), jax.tree.leaves(inputs), strict=True):
+        total += 0.5 * jnp.sum((x[:4] @ w.T) ** 2) if w.ndim == 2 else 0.5 * jnp.sum((w - x) ** 2)
+    return total
+
+
+def training_stepper(tx: optax.GradientTransformation, host_params: Any, inputs: Any) -> speed.Stepper:
+    """A whole training step on :func:`least_squares` (gradients, update, apply), parameters and state donated."""
+
+    def step(params: Any, state: Any, inputs: Any) -> tuple[Any, Any]:
+        grads = jax.grad(least_squares)(params, inputs)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    carry: dict[str, Any] = {"params": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
+    carry["state"] = tx.init(carry["params"])
+    compiled = jax.jit(step, donate_argnums=(0, 1))
+
+    def call() -> None:
+        carry["params"], carry["state"] = jax.block_until_ready(compiled(carry["params"], carry["state"], inputs))
+
+    start = time.perf_counter()
+    compiled.lower(carry["params"], carry["state"], inputs).compile()
+    return speed.Stepper(call, None, time.perf_counter() - start, speed.state_nbytes(carry["state"]))
+
+
+def training_rows(shapes: Any, reps: int) -> list[list[str]]:
+    """:data:`TRAINING_ROWS`' training steps on the GPT-2 tree, timed in interleaved rounds: the median and the ratio
+    over the same optimizer's float32 step."""
+    host_params = speed.host_arrays(shapes, seed=0, scale=0.02)
+    inputs = jax.tree.map(jnp.asarray, speed.host_arrays(shapes, seed=1, scale=0.02))
+    makers = contenders()
+    steppers: dict[str, speed.Stepper] = {}
+    for label in TRAINING_ROWS:
+        with switched(label) as usable:
+            if usable:
+                steppers[label] = training_stepper(makers[label](), host_params, inputs)
+    times = speed.time_interleaved([stepper.step for stepper in steppers.values()], reps)
+    medians = {label: statistics.median(t) for label, t in zip(steppers, times, strict=True)}
+    del steppers
+    speed._free()
+    rows = []
+    for label, median in medians.items():
+        base = medians[label.split(" (")[0] + " (float32)"]
+        rows.append([label, f"{median * 1e3:.1f}", f"{median / base:.2f}"])
+    return rows
+
+
 PEAK_HEADER = ["GPT-2 step peak (MiB)", "its temporaries (MiB)", "charlm step peak (KiB)", "its temporaries (KiB)"]
 TIMING_HEADER = ["median (ms)", "/ adaopt float32", "state bytes / param", "bytes moved / param", "achieved GB/s"]
+TRAINING_HEADER = ["training step, median (ms)", "/ float32"]
 
 
 def measure(args: argparse.Namespace, shapes: Any) -> dict[str, list[list[str]]]:
@@ -255,6 +321,7 @@ def measure(args: argparse.Namespace, shapes: Any) -> dict[str, list[list[str]]]
     rows = {"peaks": peak_rows(shapes)}
     if not args.no_timing:
         rows["timing"] = timing_rows(shapes, args.reps)
+        rows["training"] = training_rows(shapes, args.reps)
     return rows
 
 
@@ -320,6 +387,23 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
             "one pass, as a training step runs them. In one program whose gradients are its arguments XLA copies "
             "each gradient before the kernel writes over it (JAX reuses a donated argument only for an output of its "
             "shape), a copy a training step does not make. The other rows time one program.",
+            "",
+            f"### A whole training step on the GPT-2 tree (median of {args.reps})",
+            "",
+            "The gradients of a least-squares loss (`least_squares`: four rows of input through each matrix, so that "
+            "each matrix's gradient comes out of a dot product, as a model's does, and no optimizer can fuse its "
+            "computation into its own pass), the update and `apply_updates` in one program, parameters and state "
+            "donated; the rows timed in interleaved rounds. The kernels' rows write their steps over the gradients, "
+            "the step's own temporaries. `/ float32`: over the same optimizer's float32 training step.",
+            "",
+            markdown_table(
+                *report.side_by_side(
+                    [row[0] for row in runs[0][1]["training"]],
+                    TRAINING_HEADER,
+                    [(suffix, rows["training"]) for suffix, rows in runs],
+                    TRAINING_HEADER,
+                )
+            ),
         ]
     lines.append(END)
     return "\n".join(lines)

@@ -47,3 +47,18 @@ def test_the_kernel_row_is_traced_with_the_cpu_kernels_on_and_only_it() -> None:
     for name in memory.QUANTIZED:
         assert "adaopt_blockwise_adam_cpu" in lowered(memory.KERNEL.format(name))
     assert "adaopt_blockwise_adam_cpu" not in lowered("adaopt adamw (int8)") and not adaopt.cpu_kernels_enabled()
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_training_steps_take_the_matrices_gradients_from_dot_products_and_time_every_row() -> None:
+    shapes = {"w": jax.ShapeDtypeStruct((64, 4096), jnp.float32), "b": jax.ShapeDtypeStruct((4096,), jnp.float32)}
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+    grad = jax.make_jaxpr(jax.grad(memory.least_squares))(params, params)
+    # the matrix's gradient is a dot product's output (which no optimizer's pass can take in), the vector's not
+    dots = [eqn for eqn in grad.eqns if eqn.primitive.name == "dot_general"]
+    assert {tuple(eqn.outvars[0].aval.shape) for eqn in dots} >= {(64, 4096)}
+    rows = memory.training_rows(shapes, reps=1)
+    assert [row[0] for row in rows] == list(memory.TRAINING_ROWS)
+    ratios = {row[0]: row[2] for row in rows}
+    assert ratios["adaopt adamw (float32)"] == ratios["adaopt lion (float32)"] == "1.00"
+    assert not adaopt.cpu_kernels_enabled()  # on only while the kernel rows were traced
