@@ -36,7 +36,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 if [ "${SMOKE:-0}" = 1 ]; then
     TREE=single REPS=2 LIMIT_SCALE=4 CONVERGENCE=(--steps-scale 0.02) MEMORY=(--no-timing)
 else
-    TREE=gpt2 REPS=20 LIMIT_SCALE=1 CONVERGENCE=(--quick) MEMORY=(--reps 5)
+    TREE=gpt2 REPS=20 LIMIT_SCALE=1 CONVERGENCE=(--quick) MEMORY=(--reps 5 --no-training)
 fi
 
 # step NAME LIMIT_SECONDS MODULE ARGS...: one benchmark, its output and status in the log.

@@ -28,7 +28,8 @@ its time, XLA's kernels by name with their milliseconds and launches per step, f
 
 Usage::
 
-    python -m benchmarks.memory [--reps 5] [--out benchmarks/RESULTS.md] [--no-timing] [--copy-elision both]
+    python -m benchmarks.memory [--reps 5] [--out benchmarks/RESULTS.md] [--no-timing | --no-training]
+                                [--copy-elision both]
     python -m benchmarks.memory --kernels [float32,int8] [--top 12]
 """
 
@@ -317,18 +318,23 @@ TRAINING_HEADER = ["training step, median (ms)", "/ float32"]
 
 
 def measure(args: argparse.Namespace, shapes: Any) -> dict[str, list[list[str]]]:
-    """The rows of the peaks and (unless ``--no-timing``) the step times, in this process."""
+    """The rows of the peaks and (unless ``--no-timing``) the step times (unless ``--no-training`` too the training
+    steps'), in this process."""
     rows = {"peaks": peak_rows(shapes)}
     if not args.no_timing:
         rows["timing"] = timing_rows(shapes, args.reps)
-        rows["training"] = training_rows(shapes, args.reps)
+        if not args.no_training:
+            rows["training"] = training_rows(shapes, args.reps)
     return rows
 
 
 def measure_elided(args: argparse.Namespace) -> dict[str, list[list[str]]]:
     """:func:`measure` in a child process that turns the copy elision on before JAX starts."""
     rows: dict[str, list[list[str]]] = report.measured_in_child(
-        "benchmarks.memory", ["--reps", str(args.reps)] + (["--no-timing"] if args.no_timing else [])
+        "benchmarks.memory",
+        ["--reps", str(args.reps)]
+        + (["--no-timing"] if args.no_timing else [])
+        + (["--no-training"] if args.no_training else []),
     )
     return rows
 
@@ -387,6 +393,9 @@ def render(args: argparse.Namespace, shapes: Any) -> str:
             "one pass, as a training step runs them. In one program whose gradients are its arguments XLA copies "
             "each gradient before the kernel writes over it (JAX reuses a donated argument only for an output of its "
             "shape), a copy a training step does not make. The other rows time one program.",
+        ]
+    if not args.no_timing and not args.no_training:
+        lines += [
             "",
             f"### A whole training step on the GPT-2 tree (median of {args.reps})",
             "",
@@ -433,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-timing", action="store_true", help="only the byte counts and the compiled peaks")
+    parser.add_argument(
+        "--no-training", action="store_true", help="time the optimizer's steps only, not the whole training steps"
+    )
     parser.add_argument(
         "--kernels",
         nargs="?",
