@@ -1,6 +1,6 @@
 """Memory of the optimizer states and the speed of the light ones, in one run, written to a Markdown report.
 
-Three tables:
+Four tables:
 
 - **State bytes per parameter** of every registry optimizer at its defaults and of AdamW with each
   storage of its moments (``mu_dtype`` / ``nu_dtype``: float32, bfloat16, ``"bfloat16_sr"``,
@@ -17,6 +17,10 @@ Three tables:
   the kernel writing over the gradients, then one pass for the rest and the update: ``speed.jax_split_stepper``),
   and the bytes a step must move per parameter (read the parameter, the gradient and the state,
   write the parameter and the state: 12 + 2 x state bytes).
+- **A whole training step** on the GPT-2 tree (``least_squares``' gradients, which come out of dot
+  products as a model's do, the update and ``apply_updates`` in one program) with the light states,
+  each with what makes it fast (the kernels, the copy elision's column), against float32's, timed the
+  same way (``--no-training`` leaves it out).
 
 The peaks and the step times are measured twice, with XLA's defaults and with XLA:CPU's copy
 elision (:func:`adaopt.enable_cpu_copy_elision`, an option read when JAX starts: a child process
