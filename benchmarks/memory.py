@@ -44,7 +44,6 @@ import contextlib
 import datetime
 import json
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -274,29 +273,10 @@ def least_squares(params: Any, inputs: Any) -> jax.Array:
     return total
 
 
-def training_stepper(tx: optax.GradientTransformation, host_params: Any, inputs: Any) -> speed.Stepper:
-    """A whole training step on :func:`least_squares` (gradients, update, apply), parameters and state donated."""
-
-    def step(params: Any, state: Any, inputs: Any) -> tuple[Any, Any]:
-        grads = jax.grad(least_squares)(params, inputs)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    carry: dict[str, Any] = {"params": jax.tree.map(lambda x: jnp.array(x, copy=True), host_params)}
-    carry["state"] = tx.init(carry["params"])
-    compiled = jax.jit(step, donate_argnums=(0, 1))
-
-    def call() -> None:
-        carry["params"], carry["state"] = jax.block_until_ready(compiled(carry["params"], carry["state"], inputs))
-
-    start = time.perf_counter()
-    compiled.lower(carry["params"], carry["state"], inputs).compile()
-    return speed.Stepper(call, None, time.perf_counter() - start, speed.state_nbytes(carry["state"]))
-
-
 def training_rows(shapes: Any, reps: int) -> list[list[str]]:
-    """:data:`TRAINING_ROWS`' training steps on the GPT-2 tree, timed in interleaved rounds: the median and the ratio
-    over the same optimizer's float32 step."""
+    """:data:`TRAINING_ROWS`' training steps on the GPT-2 tree (:func:`least_squares`' gradients, the update and
+    ``apply_updates`` in one program, parameters and state donated), timed in interleaved rounds: the median and the
+    ratio over the same optimizer's float32 step."""
     host_params = speed.host_arrays(shapes, seed=0, scale=0.02)
     inputs = jax.tree.map(jnp.asarray, speed.host_arrays(shapes, seed=1, scale=0.02))
     makers = contenders()
@@ -304,7 +284,7 @@ def training_rows(shapes: Any, reps: int) -> list[list[str]]:
     for label in TRAINING_ROWS:
         with switched(label) as usable:
             if usable:
-                steppers[label] = training_stepper(makers[label](), host_params, inputs)
+                steppers[label] = speed.jax_stepper(makers[label](), host_params, inputs, loss=least_squares)
     times = speed.time_interleaved([stepper.step for stepper in steppers.values()], reps)
     medians = {label: statistics.median(t) for label, t in zip(steppers, times, strict=True)}
     del steppers

@@ -504,10 +504,19 @@ def time_jax(
     return stepper.timing(time_interleaved([stepper.step], reps)[0])
 
 
-def jax_stepper(optimizer: optax.GradientTransformation, host_params: Any, grads: Any, flat: bool = False) -> Stepper:
-    """:func:`time_jax`'s compiled step."""
+def jax_stepper(
+    optimizer: optax.GradientTransformation,
+    host_params: Any,
+    grads: Any,
+    flat: bool = False,
+    loss: Callable[[Any, Any], jax.Array] | None = None,
+) -> Stepper:
+    """:func:`time_jax`'s compiled step; with a ``loss``, a whole training step: ``grads`` are then the loss's
+    inputs (``loss(params, grads)``), and the gradients are computed in the step."""
 
     def fn(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+        if loss is not None:
+            grads = jax.grad(loss)(params, grads)
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
