@@ -69,7 +69,7 @@ constexpr float kBand = 1.0f / 4096;
 struct Search8 {
   bool ok;  // the map has this form (Search8Of); else the vector steps take the search table
   int32_t zero;
-  bool nonnegative;  // its lowest entry is 0 (zero is 0)
+  bool nonnegative;  // ok, and its lowest entry is 0 (zero is 0)
   float bound[32];
   int32_t below[32];
   float slope[16], offset[16];
@@ -254,6 +254,9 @@ struct Vec {
   static __mmask16 Equal(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static __mmask16 Greater(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static __mmask16 Less(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  // x clipped to [-1, 1], NaN kept, as the scalar Clip and jnp.clip (max and min return their second operand when
+  // either is NaN): what the search table codes.
+  static F Clip(F x) { return Min(Set(1.0f), Max(Set(-1.0f), x)); }
 
 #if defined(ADAOPT_LOOKUP64)
   // A map of 256 entries as four planes of bytes in 16 registers (Moment.planes, 64 entries a register): a code's four
@@ -396,7 +399,7 @@ struct Vec {
             _mm512_loadu_si512(s.last),
             _mm512_set1_epi32(s.zero),
             s.ok,
-            s.ok && s.nonnegative};
+            s.nonnegative};
   }
   // Nearest of 16 elements of an 8-bit map, x clipped to [-1, 1] first (a NaN kept): by Search8 where its map has that
   // form. `Signed` false only for a map whose lowest entry is 0 (Search8::nonnegative), whose codes of x < 0 are 0.
@@ -407,9 +410,7 @@ struct Vec {
   // Codes8 a 32-bit lane each.
   template <bool Signed>
   static __m512i Codes8Index(F x, const Search8v& s, const uint32_t* table) {
-    // NaN stays NaN in the clip, as in the scalar Clip and jnp.clip (max and min return their second operand when
-    // either is NaN)
-    const auto nearest = [&] { return NearestIndex(Min(Set(1.0f), Max(Set(-1.0f), x)), table); };
+    const auto nearest = [&] { return NearestIndex(Clip(x), table); };
     if (!s.ok) return nearest();
     const __m512i bits = _mm512_castps_si512(x);
     const __m512i one = _mm512_set1_epi32(0x3F800000);
@@ -461,7 +462,7 @@ struct Vec {
   static void Codes4(uint8_t* p, F x, const Search16& s, const uint32_t* table, bool finite) {
     __m512i index;
     if (!finite && _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)) {
-      index = NearestIndex(Min(Set(1.0f), Max(Set(-1.0f), x)), table);
+      index = NearestIndex(Clip(x), table);
     } else if (finite && s.sixteenths) {
       // The midpoints of the map of k / 16 are (j + 1.5) / 16, j = 0..14, below x for j < 16 x - 1.5: ceil(16 x - 1.5)
       // of them, at most 15. 16 x - 1.5 is exact from 16 x = 0.75 on, and below it no midpoint is below x. The
@@ -539,6 +540,7 @@ struct Vec {
   static F Equal(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static F Greater(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static F Less(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static F Clip(F x) { return Min(Set(1.0f), Max(Set(-1.0f), x)); }  // as AVX-512's
 
   struct Map256 {
     const float* map;
@@ -601,7 +603,7 @@ struct Vec {
   static Search8v LoadSearch8(const Moment&) { return {}; }
   template <bool Signed>
   static __m128i Codes8(F x, const Search8v&, const uint32_t* table) {
-    return Nearest(Min(Set(1.0f), Max(Set(-1.0f), x)), table);
+    return Nearest(Clip(x), table);
   }
   struct Search16 {
     F m7, t4, t2, t1;
@@ -614,7 +616,7 @@ struct Vec {
   // As AVX-512's, by permutes of eight entries.
   static void Codes4(uint8_t* p, F x, const Search16& s, const uint32_t* table, bool finite) {
     if (!finite && _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) {
-      StoreCodes4(p, Nearest(Min(Set(1.0f), Max(Set(-1.0f), x)), table));
+      StoreCodes4(p, Nearest(Clip(x), table));
       return;
     }
     const auto count = [&](F midpoint, int by) {
@@ -695,7 +697,6 @@ inline __m128i Encode(VF x, const uint32_t* search, const Vec::Search8v& search8
     return Vec::Codes8<Signed>(x, search8, search);
   }
 }
-
 
 // What the vector loops read of a moment, loaded once for a run of blocks into locals: the job's fields would be
 // loaded again after each store of codes, which may alias them.
@@ -1240,7 +1241,7 @@ extern "C" int64_t AdaoptCodes8Mismatches(const float* map, const uint32_t* tabl
                                              _mm512_set1_epi32(static_cast<int32_t>(sign)));
         const __mmask16 inside = static_cast<__mmask16>(to - start >= 16 ? 0xFFFF : (1u << (to - start)) - 1);
         const __m512 x = _mm512_castsi512_ps(bits);
-        const __m128i expected = Vec::Nearest(Vec::Min(Vec::Set(1.0f), Vec::Max(Vec::Set(-1.0f), x)), table);
+        const __m128i expected = Vec::Nearest(Vec::Clip(x), table);
         const __m128i equal = _mm_cmpeq_epi8(Vec::Codes8<true>(x, search, table), expected);
         mismatches += __builtin_popcount(~_mm_movemask_epi8(equal) & inside);
         if (search.nonnegative) {
