@@ -220,6 +220,17 @@ def peak_rows(shapes: Any) -> list[list[str]]:
     return rows
 
 
+def _medians(steppers: dict[str, speed.Stepper], reps: int) -> dict[str, float]:
+    """Each stepper's median step, the steppers timed in interleaved rounds (:func:`speed.time_interleaved`)."""
+    times = speed.time_interleaved([stepper.step for stepper in steppers.values()], reps)
+    return {label: statistics.median(t) for label, t in zip(steppers, times, strict=True)}
+
+
+def _float32_base(label: str, medians: dict[str, float]) -> float:
+    """The median of the same optimizer's float32 row (adaopt's AdamW for optax's)."""
+    return medians.get(label.split(" (")[0] + " (float32)", medians["adaopt adamw (float32)"])
+
+
 def timing_rows(shapes: Any, reps: int) -> list[list[str]]:
     n = speed.count(shapes)[1]
     host_params = speed.host_arrays(shapes, seed=0, scale=0.02)
@@ -234,15 +245,13 @@ def timing_rows(shapes: Any, reps: int) -> list[list[str]]:
                 steppers[label] = speed.jax_split_stepper(*kernel_split(label), host_params, grads)
             else:
                 steppers[label] = speed.jax_stepper(make(), host_params, grads)
-    times = speed.time_interleaved([stepper.step for stepper in steppers.values()], reps)
-    medians = {label: statistics.median(t) for label, t in zip(steppers, times, strict=True)}
+    medians = _medians(steppers, reps)
     state_per_param = {label: stepper.state_bytes / n for label, stepper in steppers.items()}
     del steppers
     speed._free()
     rows = []
     for label, median in medians.items():
-        # Over the same optimizer's float32 step (adaopt's AdamW for optax's).
-        base = medians.get(label.split(" (")[0] + " (float32)", medians["adaopt adamw (float32)"])
+        base = _float32_base(label, medians)
         moved = 12 + 2 * state_per_param[label]
         rows.append(
             [label, f"{median * 1e3:.1f}", f"{median / base:.2f}", f"{state_per_param[label]:.3f}", f"{moved:.1f}",
@@ -285,15 +294,13 @@ def training_rows(shapes: Any, reps: int) -> list[list[str]]:
         with switched(label) as usable:
             if usable:
                 steppers[label] = speed.jax_stepper(makers[label](), host_params, inputs, loss=least_squares)
-    times = speed.time_interleaved([stepper.step for stepper in steppers.values()], reps)
-    medians = {label: statistics.median(t) for label, t in zip(steppers, times, strict=True)}
+    medians = _medians(steppers, reps)
     del steppers
     speed._free()
-    rows = []
-    for label, median in medians.items():
-        base = medians[label.split(" (")[0] + " (float32)"]
-        rows.append([label, f"{median * 1e3:.1f}", f"{median / base:.2f}"])
-    return rows
+    return [
+        [label, f"{median * 1e3:.1f}", f"{median / _float32_base(label, medians):.2f}"]
+        for label, median in medians.items()
+    ]
 
 
 PEAK_HEADER = ["GPT-2 step peak (MiB)", "its temporaries (MiB)", "charlm step peak (KiB)", "its temporaries (KiB)"]
